@@ -1,0 +1,553 @@
+//! The mesh actor: keeps this node connected to its peers.
+//!
+//! It owns the QUIC endpoint and the [`PeerTable`]; it feeds the table real time,
+//! handshake results and topology updates, and carries out what the table asks
+//! (dial, close). Each live connection has a small task that speaks the control
+//! stream (hello, ping) and reports back to the actor when the connection ends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use drmesh_topology::{NodeId, Topology};
+use drmesh_transport::endpoint::{self, peer_id, MessageReader, CLOSE_PROTOCOL};
+use drmesh_transport::wire::{Hello, Message, PROTOCOL_VERSION};
+use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint, TransportError};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::proto::peers::{ConnId, Direction, LinkState, PeerAction, PeerSpec, PeerTable};
+
+/// How often the actor polls the peer table for due dials.
+const TICK: Duration = Duration::from_millis(100);
+/// Messages queued per connection before the sender waits (bounded memory).
+const CONTROL_QUEUE: usize = 16;
+/// Longest wait for peers to receive our close on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The software version sent in hellos.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the mesh actor could not start or take a topology; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// This node's id is not listed in the topology.
+    #[error("this node's id {id} is not in topology {path}; add the [[node]] block printed by `drmesh init`, or run with the state dir that matches")]
+    NotInTopology {
+        /// This node's id.
+        id: NodeId,
+        /// The topology file.
+        path: String,
+    },
+    /// The endpoint could not be opened.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+struct Connection {
+    conn: quinn::Connection,
+    peer: NodeId,
+    outbox: mpsc::Sender<Message>,
+}
+
+/// The mesh actor.
+pub struct MeshActor {
+    identity: Arc<Identity>,
+    topology: Arc<Topology>,
+    allowed: AllowedPeers,
+    endpoint: Arc<MeshEndpoint>,
+    table: PeerTable,
+    connections: HashMap<ConnId, Connection>,
+    hellos: HashMap<NodeId, Hello>,
+    next_conn: ConnId,
+    started: Instant,
+}
+
+fn peer_specs(local: NodeId, topology: &Topology) -> Vec<PeerSpec> {
+    let local_has_addresses = topology.node_by_id(&local).is_some_and(|n| !n.addresses.is_empty());
+    topology
+        .nodes
+        .iter()
+        .filter(|n| n.id != local)
+        .map(|n| PeerSpec {
+            id: n.id,
+            name: n.name.clone(),
+            addresses: n.addresses.clone(),
+            dial: PeerSpec::dial_rule(local, local_has_addresses, n.id, !n.addresses.is_empty()),
+        })
+        .collect()
+}
+
+fn check_listed(identity: &Identity, topology: &Topology) -> Result<SocketAddr, MeshError> {
+    topology.node_by_id(&identity.node_id()).map(|n| n.listen).ok_or_else(|| MeshError::NotInTopology {
+        id: identity.node_id(),
+        path: topology.path().display().to_string(),
+    })
+}
+
+impl MeshActor {
+    /// Binds the endpoint on this node's `listen` address and starts the actor.
+    /// Must be called inside a running actix system.
+    pub fn start_with(identity: Arc<Identity>, topology: Arc<Topology>) -> Result<Addr<MeshActor>, MeshError> {
+        let listen = check_listed(&identity, &topology)?;
+        let allowed = AllowedPeers::new(topology.nodes.iter().map(|n| n.id));
+        let endpoint = Arc::new(MeshEndpoint::bind(identity.clone(), listen, allowed.clone())?);
+        tracing::info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "QUIC endpoint open");
+        let table = PeerTable::new(identity.node_id());
+        Ok(MeshActor {
+            identity,
+            topology,
+            allowed,
+            endpoint,
+            table,
+            connections: HashMap::new(),
+            hellos: HashMap::new(),
+            next_conn: 1,
+            started: Instant::now(),
+        }
+        .start())
+    }
+
+    fn local_name(&self) -> String {
+        self.topology.node_by_id(&self.identity.node_id()).map(|n| n.name.clone()).unwrap_or_default()
+    }
+
+    fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.to_string(),
+            node_name: self.local_name(),
+            topology_version: self.topology.mesh.version,
+            topology_hash: self.topology.hash(),
+        })
+    }
+
+    fn peer_name(&self, id: &NodeId) -> String {
+        self.table.get(id).map(|e| e.spec.name.clone()).unwrap_or_else(|| id.short())
+    }
+
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        while let Some(action) = self.table.poll_action(now) {
+            match action {
+                PeerAction::Dial { id, addresses } => self.dial(ctx, id, addresses),
+                PeerAction::Close { id, conn, reason } => {
+                    if let Some(c) = self.connections.get(&conn) {
+                        tracing::info!(peer = %self.peer_name(&id), %reason, "closing connection");
+                        c.conn.close(endpoint::CLOSE_DUPLICATE.into(), reason.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    fn dial(&mut self, ctx: &mut Context<Self>, id: NodeId, addresses: Vec<String>) {
+        let endpoint = self.endpoint.clone();
+        let me = ctx.address();
+        tracing::debug!(peer = %self.peer_name(&id), ?addresses, "dialing");
+        actix_rt::spawn(async move {
+            let mut errors = Vec::new();
+            for address in &addresses {
+                let resolved = match tokio::net::lookup_host(address.as_str()).await {
+                    Ok(mut addrs) => addrs.next(),
+                    Err(e) => {
+                        errors.push(format!("{address}: cannot resolve: {e}"));
+                        continue;
+                    }
+                };
+                let Some(addr) = resolved else {
+                    errors.push(format!("{address}: no address found"));
+                    continue;
+                };
+                match endpoint.connect(addr, id).await {
+                    Ok(conn) => {
+                        me.do_send(Established { conn, direction: Direction::Outbound, expected: Some(id) });
+                        return;
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if addresses.is_empty() {
+                errors.push("no addresses to dial".into());
+            }
+            me.do_send(DialFailed { id, error: errors.join("; ") });
+        });
+    }
+
+    fn spawn_connection(&mut self, ctx: &mut Context<Self>, conn_id: ConnId, conn: quinn::Connection, peer: NodeId, direction: Direction) {
+        let (outbox, inbox) = mpsc::channel(CONTROL_QUEUE);
+        self.connections.insert(conn_id, Connection { conn: conn.clone(), peer, outbox });
+        let me = ctx.address();
+        let hello = self.hello();
+        let name = self.peer_name(&peer);
+        actix_rt::spawn(async move {
+            tokio::select! {
+                result = control_stream(&conn, direction, hello, inbox, &me, peer, conn_id) => {
+                    if let Err(reason) = result {
+                        tracing::warn!(peer = %name, %reason, "closing connection: peer broke the protocol");
+                        conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                    }
+                }
+                _ = conn.closed() => {}
+            }
+            let reason = conn.closed().await;
+            me.do_send(Closed { peer, conn_id, reason: reason.to_string() });
+        });
+    }
+}
+
+/// Runs the control stream of one connection until it ends; `Err` is a protocol violation.
+async fn control_stream(
+    conn: &quinn::Connection,
+    direction: Direction,
+    hello: Message,
+    mut inbox: mpsc::Receiver<Message>,
+    me: &Addr<MeshActor>,
+    peer: NodeId,
+    conn_id: ConnId,
+) -> Result<(), String> {
+    let (mut send, recv) = match direction {
+        Direction::Outbound => conn.open_bi().await,
+        Direction::Inbound => conn.accept_bi().await,
+    }
+    .map_err(|e| format!("control stream: {e}"))?;
+    endpoint::send_message(&mut send, &hello).await.map_err(|e| e.to_string())?;
+    let mut reader = MessageReader::new(recv);
+    loop {
+        tokio::select! {
+            received = reader.next() => match received.map_err(|e| e.to_string())? {
+                Some(Message::Hello(hello)) => {
+                    if hello.protocol_version != PROTOCOL_VERSION {
+                        return Err(format!(
+                            "peer speaks protocol version {}, this node speaks {PROTOCOL_VERSION}; upgrade the older node",
+                            hello.protocol_version
+                        ));
+                    }
+                    me.do_send(PeerHello { peer, conn_id, hello });
+                }
+                Some(Message::Ping { nonce }) => {
+                    endpoint::send_message(&mut send, &Message::Pong { nonce }).await.map_err(|e| e.to_string())?;
+                }
+                Some(Message::Pong { .. }) => {}
+                Some(Message::Goodbye { reason }) => {
+                    tracing::info!(%reason, "peer said goodbye");
+                    return Ok(());
+                }
+                None => return Ok(()),
+            },
+            outgoing = inbox.recv() => match outgoing {
+                Some(message) => endpoint::send_message(&mut send, &message).await.map_err(|e| e.to_string())?,
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+impl Actor for MeshActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let specs = peer_specs(self.identity.node_id(), &self.topology);
+        self.table.handle_topology(Instant::now(), specs);
+        let endpoint = self.endpoint.quinn();
+        let me = ctx.address();
+        actix_rt::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let me = me.clone();
+                let remote = incoming.remote_address();
+                actix_rt::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => me.do_send(Established { conn, direction: Direction::Inbound, expected: None }),
+                        Err(e) => tracing::warn!(%remote, reason = %e, "refused incoming connection"),
+                    }
+                });
+            }
+        });
+        ctx.run_interval(TICK, |act, ctx| act.drive(ctx));
+        self.drive(ctx);
+    }
+}
+
+/// A handshake finished (either direction).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Established {
+    conn: quinn::Connection,
+    direction: Direction,
+    expected: Option<NodeId>,
+}
+
+impl Handler<Established> for MeshActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Established, ctx: &mut Context<Self>) {
+        let Some(peer) = peer_id(&msg.conn) else {
+            msg.conn.close(CLOSE_PROTOCOL.into(), b"no peer certificate");
+            return;
+        };
+        debug_assert!(msg.expected.is_none_or(|e| e == peer), "TLS pinning let in another node");
+        let conn_id = self.next_conn;
+        self.next_conn += 1;
+        // Register before the table may ask to close it as a duplicate.
+        if self.table.handle_connected(Instant::now(), peer, conn_id, msg.direction) {
+            tracing::info!(peer = %self.peer_name(&peer), remote = %msg.conn.remote_address(), direction = ?msg.direction, "peer connected");
+            self.spawn_connection(ctx, conn_id, msg.conn, peer, msg.direction);
+        } else {
+            self.connections.insert(conn_id, Connection { conn: msg.conn, peer, outbox: mpsc::channel(1).0 });
+        }
+        self.drive(ctx);
+    }
+}
+
+/// A dial failed on every address.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct DialFailed {
+    id: NodeId,
+    error: String,
+}
+
+impl Handler<DialFailed> for MeshActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DialFailed, _ctx: &mut Context<Self>) {
+        tracing::debug!(peer = %self.peer_name(&msg.id), error = %msg.error, "dial failed");
+        self.table.handle_dial_failed(Instant::now(), msg.id, msg.error);
+    }
+}
+
+/// A connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Closed {
+    peer: NodeId,
+    conn_id: ConnId,
+    reason: String,
+}
+
+impl Handler<Closed> for MeshActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Closed, ctx: &mut Context<Self>) {
+        self.connections.remove(&msg.conn_id);
+        let current = matches!(self.table.get(&msg.peer).map(|e| &e.state), Some(LinkState::Connected { conn, .. }) if *conn == msg.conn_id);
+        if current {
+            tracing::info!(peer = %self.peer_name(&msg.peer), reason = %msg.reason, "peer disconnected");
+            self.hellos.remove(&msg.peer);
+        }
+        self.table.handle_closed(Instant::now(), msg.peer, msg.conn_id, msg.reason);
+        self.drive(ctx);
+    }
+}
+
+/// A peer introduced itself.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PeerHello {
+    peer: NodeId,
+    conn_id: ConnId,
+    hello: Hello,
+}
+
+impl Handler<PeerHello> for MeshActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PeerHello, _ctx: &mut Context<Self>) {
+        if msg.hello.topology_hash != self.topology.hash() {
+            tracing::warn!(
+                peer = %self.peer_name(&msg.peer),
+                peer_topology_version = msg.hello.topology_version,
+                local_topology_version = self.topology.mesh.version,
+                "peer runs a different topology file"
+            );
+        }
+        if self.connections.contains_key(&msg.conn_id) {
+            self.hellos.insert(msg.peer, msg.hello);
+        }
+    }
+}
+
+/// Replace the topology in force. The caller has validated the file; this
+/// refuses only a topology that no longer lists this node, and then keeps the old one.
+#[derive(Message)]
+#[rtype(result = "Result<(), MeshError>")]
+pub struct ApplyTopology(pub Arc<Topology>);
+
+impl Handler<ApplyTopology> for MeshActor {
+    type Result = Result<(), MeshError>;
+
+    fn handle(&mut self, msg: ApplyTopology, ctx: &mut Context<Self>) -> Self::Result {
+        let listen = check_listed(&self.identity, &msg.0)?;
+        let old_listen = check_listed(&self.identity, &self.topology).ok();
+        if old_listen != Some(listen) {
+            tracing::warn!(%listen, "this node's listen address changed; it takes effect at the next restart");
+        }
+        self.topology = msg.0;
+        self.allowed.replace(self.topology.nodes.iter().map(|n| n.id));
+        let specs = peer_specs(self.identity.node_id(), &self.topology);
+        self.table.handle_topology(Instant::now(), specs);
+        // Tell connected peers which topology we now run.
+        let hello = self.hello();
+        for c in self.connections.values() {
+            let _ = c.outbox.try_send(hello.clone());
+        }
+        self.drive(ctx);
+        Ok(())
+    }
+}
+
+/// One peer as shown by `drmesh ctl peers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Topology name.
+    pub name: String,
+    /// Full node id.
+    pub id: String,
+    /// `connected`, `dialing`, `backoff` or `waiting`.
+    pub state: &'static str,
+    /// `outbound` or `inbound` when connected.
+    pub direction: Option<&'static str>,
+    /// Remote socket address when connected.
+    pub remote: Option<String>,
+    /// Smoothed round-trip time in milliseconds when connected.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since the connection was established.
+    pub connected_secs: Option<u64>,
+    /// Seconds until the next dial, in backoff.
+    pub retry_in_secs: Option<f64>,
+    /// Connections established so far.
+    pub connect_count: u64,
+    /// Last dial or connection error.
+    pub last_error: Option<String>,
+    /// The peer's drmesh version, from its hello.
+    pub software_version: Option<String>,
+    /// The peer's `[mesh] version`.
+    pub topology_version: Option<u64>,
+    /// Short hash of the peer's topology file.
+    pub topology_hash: Option<String>,
+    /// Whether the peer runs the same topology file as this node.
+    pub topology_matches: Option<bool>,
+}
+
+/// What `drmesh ctl status` shows about the mesh side of this node.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshStatus {
+    /// This node's id.
+    pub node_id: String,
+    /// This node's name.
+    pub name: String,
+    /// drmesh version.
+    pub software_version: &'static str,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Bound QUIC address.
+    pub listen: Option<String>,
+    /// `[mesh] name`.
+    pub mesh: String,
+    /// `[mesh] version` in force.
+    pub topology_version: u64,
+    /// Short hash of the topology file in force.
+    pub topology_hash: String,
+    /// Path of the topology file.
+    pub topology_path: String,
+    /// Every peer of the topology.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Asks for a [`MeshStatus`].
+#[derive(Message)]
+#[rtype(result = "MeshStatus")]
+pub struct GetStatus;
+
+fn hex_short(hash: &[u8; 32]) -> String {
+    hash.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Handler<GetStatus> for MeshActor {
+    type Result = MessageResult<GetStatus>;
+
+    fn handle(&mut self, _msg: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        let peers = self
+            .table
+            .peers()
+            .map(|entry| {
+                let hello = self.hellos.get(&entry.spec.id);
+                let mut status = PeerStatus {
+                    name: entry.spec.name.clone(),
+                    id: entry.spec.id.to_string(),
+                    state: "waiting",
+                    direction: None,
+                    remote: None,
+                    rtt_ms: None,
+                    connected_secs: None,
+                    retry_in_secs: None,
+                    connect_count: entry.connect_count,
+                    last_error: entry.last_error.clone(),
+                    software_version: hello.map(|h| h.software_version.clone()),
+                    topology_version: hello.map(|h| h.topology_version),
+                    topology_hash: hello.map(|h| hex_short(&h.topology_hash)),
+                    topology_matches: hello.map(|h| h.topology_hash == self.topology.hash()),
+                };
+                match &entry.state {
+                    LinkState::Waiting => {}
+                    LinkState::Dialing { .. } => status.state = "dialing",
+                    LinkState::Backoff { until, .. } => {
+                        status.state = "backoff";
+                        status.retry_in_secs = Some(until.saturating_duration_since(now).as_secs_f64());
+                    }
+                    LinkState::Connected { conn, direction, since } => {
+                        status.state = "connected";
+                        status.direction = Some(match direction {
+                            Direction::Outbound => "outbound",
+                            Direction::Inbound => "inbound",
+                        });
+                        status.connected_secs = Some(now.saturating_duration_since(*since).as_secs());
+                        if let Some(c) = self.connections.get(conn) {
+                            status.rtt_ms = Some(c.conn.rtt().as_secs_f64() * 1000.0);
+                            status.remote = Some(c.conn.remote_address().to_string());
+                            debug_assert_eq!(c.peer, entry.spec.id);
+                        }
+                    }
+                }
+                status
+            })
+            .collect();
+        MessageResult(MeshStatus {
+            node_id: self.identity.node_id().to_string(),
+            name: self.local_name(),
+            software_version: SOFTWARE_VERSION,
+            uptime_secs: now.saturating_duration_since(self.started).as_secs(),
+            listen: self.endpoint.local_addr().map(|a| a.to_string()),
+            mesh: self.topology.mesh.name.clone(),
+            topology_version: self.topology.mesh.version,
+            topology_hash: hex_short(&self.topology.hash()),
+            topology_path: self.topology.path().display().to_string(),
+            peers,
+        })
+    }
+}
+
+/// Closes every connection (peers see an orderly close) and stops the actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for MeshActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!("closing all peer connections");
+        for c in self.connections.values() {
+            let _ = c.outbox.try_send(Message::Goodbye { reason: "node shutting down".into() });
+        }
+        self.endpoint.close("node shutting down");
+        ctx.stop();
+        let endpoint = self.endpoint.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! Sans-IO protocol cores. Nothing in here reads a clock or does I/O.
+
+pub mod peers;

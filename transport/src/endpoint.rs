@@ -1,0 +1,149 @@
+//! The node's QUIC endpoint: one UDP socket that both accepts peers and dials them.
+//!
+//! Dialing out from the same socket that accepts means a node behind NAT opens a
+//! connection that then carries traffic both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use crate::error::TransportError;
+use crate::identity::Identity;
+use crate::tls::{self, node_id_of_cert, AllowedPeers};
+use crate::wire::{self, FrameDecoder, Message, WireError};
+use crate::NodeId;
+
+/// How often an idle connection is probed, so NAT bindings stay open and dead peers are noticed.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A connection silent for this long is considered dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Application close code: orderly shutdown or topology change.
+pub const CLOSE_NORMAL: u32 = 0;
+/// Application close code: the peer broke the wire protocol.
+pub const CLOSE_PROTOCOL: u32 = 1;
+/// Application close code: an equivalent connection already exists.
+pub const CLOSE_DUPLICATE: u32 = 2;
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = quinn::TransportConfig::default();
+    config.keep_alive_interval(Some(KEEP_ALIVE));
+    // IDLE_TIMEOUT is far below the varint limit, so the conversion cannot fail.
+    config.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits a QUIC varint")));
+    Arc::new(config)
+}
+
+/// A bound QUIC endpoint speaking the drmesh protocol with pinned mutual TLS.
+pub struct MeshEndpoint {
+    endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+}
+
+impl MeshEndpoint {
+    /// Binds `listen`; only nodes in `allowed` can complete a handshake with it.
+    /// Must run inside a tokio runtime with IO and time (an actix arbiter is one).
+    pub fn bind(identity: Arc<Identity>, listen: SocketAddr, allowed: AllowedPeers) -> Result<Self, TransportError> {
+        let tls = tls::server_config(&identity, allowed)?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| TransportError::BadCertificate {
+            what: "server TLS configuration".into(),
+            reason: e.to_string(),
+        })?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        let endpoint = quinn::Endpoint::server(server, listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+        Ok(MeshEndpoint { endpoint, identity })
+    }
+
+    /// The address actually bound (useful when port 0 was asked for).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// A clone of the quinn endpoint, for accept loops.
+    pub fn quinn(&self) -> quinn::Endpoint {
+        self.endpoint.clone()
+    }
+
+    /// Dials `addr`, accepting only the node `expected` on the other end.
+    pub async fn connect(&self, addr: SocketAddr, expected: NodeId) -> Result<quinn::Connection, TransportError> {
+        let tls = tls::client_config(&self.identity, expected)?;
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::BadCertificate {
+            what: "client TLS configuration".into(),
+            reason: e.to_string(),
+        })?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport_config());
+        let connecting = self
+            .endpoint
+            .connect_with(client, addr, "drmesh")
+            .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
+        connecting.await.map_err(|e| TransportError::Connect { addr, reason: e.to_string() })
+    }
+
+    /// Closes every connection with `reason` and stops accepting.
+    pub fn close(&self, reason: &str) {
+        self.endpoint.close(CLOSE_NORMAL.into(), reason.as_bytes());
+    }
+
+    /// Waits until closed connections have told their peers (bounded by quinn's own timers).
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// The node id of the peer of an established connection.
+pub fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
+    let identity = connection.peer_identity()?;
+    let certs = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    node_id_of_cert(certs.first()?).ok()
+}
+
+/// Why the control stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The peer sent bytes that are not a valid frame.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The QUIC stream or connection failed.
+    #[error("stream failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Writing failed.
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// Reads framed [`Message`]s from a QUIC receive stream.
+pub struct MessageReader {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl MessageReader {
+    /// Wraps a receive stream.
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        MessageReader { recv, decoder: FrameDecoder::new() }
+    }
+
+    /// The next message, `Ok(None)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Message>, StreamError> {
+        loop {
+            if let Some(message) = self.decoder.poll_message()? {
+                return Ok(Some(message));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.decoder.handle_bytes(&chunk.bytes),
+                None => {
+                    self.decoder.handle_end()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one framed message.
+pub async fn send_message(send: &mut quinn::SendStream, message: &Message) -> Result<(), StreamError> {
+    send.write_all(&wire::encode(message)).await?;
+    Ok(())
+}
