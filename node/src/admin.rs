@@ -1,0 +1,179 @@
+//! The admin socket: `<state-dir>/admin.sock`, a Unix socket of mode 0600 that
+//! speaks JSON lines. Each request line `{"cmd": "..."}` gets one response line
+//! `{"ok": true, "data": ...}` or `{"ok": false, "error": "...", "details": [...]}`.
+//! docs/admin-socket.md documents every command.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use actix::Addr;
+use anyhow::{bail, Context as _};
+use drmesh_actors::actor::mesh::{GetStatus, MeshActor};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::reload::{Reload, ReloadTrigger, Reloader, LastReload, GetLastReload};
+
+/// File name of the admin socket inside the state directory.
+pub const SOCKET_FILE: &str = "admin.sock";
+/// Longest request line accepted, in bytes; longer lines close the connection.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Node, topology and peers.
+    Status,
+    /// Peers only.
+    Peers,
+    /// Re-read the topology file now.
+    Reload,
+}
+
+/// A response line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// The command's result when `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// What went wrong when not `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Further lines (e.g. every topology error with file:line:column).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+impl Response {
+    fn data(value: impl Serialize) -> Response {
+        match serde_json::to_value(value) {
+            Ok(v) => Response { ok: true, data: Some(v), error: None, details: vec![] },
+            Err(e) => Response::error(format!("cannot encode the answer: {e}"), vec![]),
+        }
+    }
+
+    fn error(error: String, details: Vec<String>) -> Response {
+        Response { ok: false, data: None, error: Some(error), details }
+    }
+}
+
+/// Everything the admin server talks to.
+#[derive(Clone)]
+pub struct AdminContext {
+    /// The mesh actor.
+    pub mesh: Addr<MeshActor>,
+    /// The topology reloader.
+    pub reloader: Addr<Reloader>,
+}
+
+/// Binds the admin socket in `state_dir`, refusing to take over the socket of a
+/// node that is still running and removing a stale one left by a crash.
+pub fn bind(state_dir: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
+    let path = state_dir.join(SOCKET_FILE);
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => bail!("another drmesh node is already running with state dir {} (its admin socket {} answers)", state_dir.display(), path.display()),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound => {
+                tracing::info!(socket = %path.display(), "removing stale admin socket left by an earlier run");
+                std::fs::remove_file(&path).with_context(|| format!("removing stale admin socket {}", path.display()))?;
+            }
+            Err(e) => bail!("cannot check existing admin socket {}: {e}", path.display()),
+        }
+    }
+    let listener = UnixListener::bind(&path).with_context(|| format!("binding admin socket {}", path.display()))?;
+    // The state dir is 0700 already, so nobody else can reach the socket before this.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    Ok((listener, path))
+}
+
+/// Serves admin connections until the listener is dropped.
+pub async fn serve(listener: UnixListener, ctx: AdminContext) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let ctx = ctx.clone();
+                actix_rt::spawn(async move {
+                    if let Err(e) = serve_connection(stream, ctx).await {
+                        tracing::debug!(error = %e, "admin connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1).read_line(&mut line).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let response = if n > MAX_REQUEST_BYTES {
+            let r = Response::error(format!("request longer than {MAX_REQUEST_BYTES} bytes"), vec![]);
+            write.write_all(encode(&r).as_bytes()).await?;
+            return Ok(());
+        } else if line.trim().is_empty() {
+            continue;
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => handle(request, &ctx).await,
+                Err(e) => Response::error(
+                    format!("bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} (commands: status, peers, reload)"),
+                    vec![],
+                ),
+            }
+        };
+        write.write_all(encode(&response).as_bytes()).await?;
+    }
+}
+
+fn encode(response: &Response) -> String {
+    let mut text = serde_json::to_string(response).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"encoding: {e}\"}}"));
+    text.push('\n');
+    text
+}
+
+/// The `status` answer: the mesh status plus the last reload's outcome.
+#[derive(Serialize)]
+struct Status {
+    #[serde(flatten)]
+    mesh: drmesh_actors::actor::mesh::MeshStatus,
+    last_reload: Option<LastReload>,
+}
+
+async fn handle(request: Request, ctx: &AdminContext) -> Response {
+    let gone = |e: actix::MailboxError| Response::error(format!("node is shutting down: {e}"), vec![]);
+    match request {
+        Request::Status => {
+            let mesh = match ctx.mesh.send(GetStatus).await {
+                Ok(s) => s,
+                Err(e) => return gone(e),
+            };
+            let last_reload = ctx.reloader.send(GetLastReload).await.ok().flatten();
+            Response::data(Status { mesh, last_reload })
+        }
+        Request::Peers => match ctx.mesh.send(GetStatus).await {
+            Ok(s) => Response::data(s.peers),
+            Err(e) => gone(e),
+        },
+        Request::Reload => match ctx.reloader.send(Reload(ReloadTrigger::Admin)).await {
+            Ok(Ok(outcome)) => Response::data(outcome),
+            Ok(Err(failure)) => Response::error(failure.error, failure.details),
+            Err(e) => gone(e),
+        },
+    }
+}

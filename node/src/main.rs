@@ -1,0 +1,103 @@
+//! `drmesh`: the one binary every node of the mesh runs.
+//!
+//! It owns the command line (clap), node start-up, the admin socket and its
+//! `drmesh ctl` client, topology checking and hot reload, logging and the demo.
+
+mod admin;
+mod ctl;
+mod demo;
+mod init;
+mod logging;
+mod reload;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// drmesh: disaster-recovery block replication between the sites of a mesh.
+#[derive(Parser, Debug)]
+#[command(name = "drmesh", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. "info", "drmesh_actors=debug"); RUST_LOG wins if set.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create this node's identity (key pair and certificate) and print its [[node]] block.
+    Init(init::InitArgs),
+    /// Run the node: join the mesh described by the topology file.
+    Run(run::RunArgs),
+    /// Talk to a running node through its admin socket.
+    Ctl(ctl::CtlArgs),
+    /// Topology file tools.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+    /// Start two nodes on loopback in a temporary directory and show them connected.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCommand {
+    /// Validate a topology file and list every error with file:line:column.
+    Check {
+        /// The topology file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `ctl` and `topology check` print for people; only the node and demo log by default.
+    logging::init(cli.log_format, &cli.log);
+    let result = match cli.command {
+        Command::Init(args) => init::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Ctl(args) => ctl::run(args),
+        Command::Topology { command: TopologyCommand::Check { file } } => check_topology(&file),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match drmesh_topology::Topology::load(file) {
+        Ok(t) => {
+            println!(
+                "{}: ok (mesh {:?} version {}, {} nodes, {} volumes, {} policies, hash {})",
+                file.display(),
+                t.mesh.name,
+                t.mesh.version,
+                t.nodes.len(),
+                t.volumes.len(),
+                t.policies.len(),
+                t.hash_short()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(diagnostics) => {
+            for d in diagnostics.iter() {
+                println!("{d}");
+            }
+            let n = diagnostics.len();
+            eprintln!("{}: {n} error{}", file.display(), if n == 1 { "" } else { "s" });
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Topology hot reload: on a change of the file (notify) or `drmesh ctl reload`,
+//! the file is read and validated in full before any of it is applied. A bad
+//! edit is rejected with every error logged and kept for the admin socket, and
+//! the node keeps running on the last good topology.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use drmesh_actors::actor::mesh::{ApplyTopology, MeshActor};
+use drmesh_topology::{NodeId, Topology, TopologyDiff};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use serde::Serialize;
+
+/// Editors write a file in several steps; wait this long after the last event.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadTrigger {
+    /// The file changed on disk.
+    File,
+    /// `drmesh ctl reload`.
+    Admin,
+}
+
+/// A successful reload (or a check that found the file unchanged).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    /// Whether a new topology was applied.
+    pub changed: bool,
+    /// `[mesh] version` now in force.
+    pub topology_version: u64,
+    /// Short hash of the file now in force.
+    pub topology_hash: String,
+    /// What changed, one line per item.
+    pub summary: Vec<String>,
+}
+
+/// A rejected reload; the previous topology stays in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadFailure {
+    /// One-line reason.
+    pub error: String,
+    /// Every error, `file:line:column: message`.
+    pub details: Vec<String>,
+}
+
+/// The last reload attempt, as shown by `drmesh ctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastReload {
+    /// When, in seconds since the Unix epoch.
+    pub at_unix_secs: u64,
+    /// What asked for it.
+    pub trigger: ReloadTrigger,
+    /// Whether it was applied (or the file was unchanged).
+    pub ok: bool,
+    /// One-line outcome.
+    pub message: String,
+    /// Errors or changes, one per line.
+    pub details: Vec<String>,
+}
+
+/// Keeps the topology in force and reloads it.
+pub struct Reloader {
+    path: PathBuf,
+    local: NodeId,
+    current: Arc<Topology>,
+    mesh: Addr<MeshActor>,
+    last: Option<LastReload>,
+    debounce_pending: bool,
+    watcher: Option<RecommendedWatcher>,
+}
+
+impl Reloader {
+    /// A reloader for `current`, read from `path`, applying to `mesh`.
+    pub fn new(path: PathBuf, local: NodeId, current: Arc<Topology>, mesh: Addr<MeshActor>) -> Self {
+        Reloader { path, local, current, mesh, last: None, debounce_pending: false, watcher: None }
+    }
+
+    fn reload(&mut self, trigger: ReloadTrigger) -> Result<ReloadOutcome, ReloadFailure> {
+        let result = self.try_reload();
+        let at_unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        match &result {
+            Ok(outcome) if outcome.changed => {
+                tracing::info!(version = outcome.topology_version, hash = %outcome.topology_hash, changes = ?outcome.summary, "topology reloaded");
+            }
+            Ok(_) => tracing::debug!("topology file unchanged"),
+            Err(failure) => {
+                tracing::error!(error = %failure.error, "topology edit rejected; keeping the last good topology");
+                for line in &failure.details {
+                    tracing::error!("{line}");
+                }
+            }
+        }
+        // An unchanged file after a file event is noise; keep the previous record.
+        if !matches!((&result, trigger), (Ok(o), ReloadTrigger::File) if !o.changed) {
+            self.last = Some(match &result {
+                Ok(o) => LastReload {
+                    at_unix_secs,
+                    trigger,
+                    ok: true,
+                    message: if o.changed { format!("applied version {}", o.topology_version) } else { "unchanged".into() },
+                    details: o.summary.clone(),
+                },
+                Err(f) => LastReload { at_unix_secs, trigger, ok: false, message: f.error.clone(), details: f.details.clone() },
+            });
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<ReloadOutcome, ReloadFailure> {
+        let new = Topology::load(&self.path).map_err(|diagnostics| ReloadFailure {
+            error: format!(
+                "{} has {} error(s); the node keeps running on version {} (hash {})",
+                self.path.display(),
+                diagnostics.len(),
+                self.current.mesh.version,
+                self.current.hash_short()
+            ),
+            details: diagnostics.iter().map(|d| d.to_string()).collect(),
+        })?;
+        if new.hash() == self.current.hash() {
+            return Ok(ReloadOutcome {
+                changed: false,
+                topology_version: new.mesh.version,
+                topology_hash: new.hash_short(),
+                summary: vec![],
+            });
+        }
+        if new.node_by_id(&self.local).is_none() {
+            return Err(ReloadFailure {
+                error: format!("the new topology does not list this node ({}); keeping version {}", self.local, self.current.mesh.version),
+                details: vec![],
+            });
+        }
+        let diff = TopologyDiff::between(&self.current, &new);
+        let mut summary = describe(&diff, &self.current, &new);
+        if new.mesh.version <= self.current.mesh.version {
+            summary.push(format!(
+                "warning: [mesh] version is {} but was {}; bump it on every edit so nodes can tell files apart",
+                new.mesh.version, self.current.mesh.version
+            ));
+        }
+        let new = Arc::new(new);
+        self.mesh.do_send(ApplyTopology(new.clone()));
+        self.current = new;
+        Ok(ReloadOutcome {
+            changed: true,
+            topology_version: self.current.mesh.version,
+            topology_hash: self.current.hash_short(),
+            summary,
+        })
+    }
+
+    fn watch(&mut self, ctx: &mut Context<Self>) -> notify::Result<()> {
+        // Watch the directory: editors often replace the file by renaming a new one over it.
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = self.path.file_name().map(|n| n.to_os_string());
+        let me = ctx.address();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if event.kind.is_access() {
+                return;
+            }
+            if event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name) {
+                me.do_send(FileEvent);
+            }
+        })?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        self.watcher = Some(watcher);
+        Ok(())
+    }
+}
+
+fn describe(diff: &TopologyDiff, old: &Topology, new: &Topology) -> Vec<String> {
+    let name = |t: &Topology, id: &NodeId| t.node_by_id(id).map(|n| n.name.clone()).unwrap_or_else(|| id.short());
+    let mut lines = Vec::new();
+    for id in &diff.added_nodes {
+        lines.push(format!("node added: {}", name(new, id)));
+    }
+    for id in &diff.removed_nodes {
+        lines.push(format!("node removed: {}", name(old, id)));
+    }
+    for id in &diff.changed_nodes {
+        lines.push(format!("node changed: {}", name(new, id)));
+    }
+    for v in &diff.added_volumes {
+        lines.push(format!("volume added: {v}"));
+    }
+    for v in &diff.removed_volumes {
+        lines.push(format!("volume removed: {v}"));
+    }
+    for v in &diff.changed_volumes {
+        lines.push(format!("volume changed: {v}"));
+    }
+    for p in &diff.changed_policies {
+        lines.push(format!("policy changed: {p}"));
+    }
+    if old.mesh.version != new.mesh.version {
+        lines.push(format!("mesh version {} -> {}", old.mesh.version, new.mesh.version));
+    }
+    lines
+}
+
+impl Actor for Reloader {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Err(e) = self.watch(ctx) {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot watch the topology file; use `drmesh ctl reload` after edits");
+        }
+    }
+}
+
+/// Re-read the topology now.
+#[derive(Message)]
+#[rtype(result = "Result<ReloadOutcome, ReloadFailure>")]
+pub struct Reload(pub ReloadTrigger);
+
+impl Handler<Reload> for Reloader {
+    type Result = Result<ReloadOutcome, ReloadFailure>;
+
+    fn handle(&mut self, msg: Reload, _ctx: &mut Context<Self>) -> Self::Result {
+        self.reload(msg.0)
+    }
+}
+
+/// The file changed on disk (sent by the watcher thread).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FileEvent;
+
+impl Handler<FileEvent> for Reloader {
+    type Result = ();
+
+    fn handle(&mut self, _msg: FileEvent, ctx: &mut Context<Self>) {
+        if self.debounce_pending {
+            return;
+        }
+        self.debounce_pending = true;
+        ctx.run_later(DEBOUNCE, |act, _ctx| {
+            act.debounce_pending = false;
+            let _ = act.reload(ReloadTrigger::File);
+        });
+    }
+}
+
+/// Asks for the last reload's outcome.
+#[derive(Message)]
+#[rtype(result = "Option<LastReload>")]
+pub struct GetLastReload;
+
+impl Handler<GetLastReload> for Reloader {
+    type Result = Option<LastReload>;
+
+    fn handle(&mut self, _msg: GetLastReload, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last.clone()
+    }
+}
+
+/// The path as given, made absolute so the watcher and messages agree after a `cd`.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}

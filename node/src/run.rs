@@ -1,0 +1,75 @@
+//! `drmesh run`: start the node and keep it running until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use actix::Actor;
+use anyhow::{anyhow, Context as _};
+use drmesh_actors::actor::mesh::{MeshActor, Shutdown};
+use drmesh_topology::Topology;
+use drmesh_transport::identity::ensure_private_dir;
+use drmesh_transport::Identity;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin::{self, AdminContext};
+use crate::reload::{absolute, Reloader};
+
+/// Arguments of `drmesh run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The node's state directory, made by `drmesh init`.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The topology file (the same file on every node).
+    #[arg(long)]
+    topology: PathBuf,
+}
+
+/// Runs `drmesh run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let identity = Arc::new(Identity::load(&args.state_dir)?);
+    ensure_private_dir(&args.state_dir)?;
+    let topology_path = absolute(&args.topology);
+    let topology = Topology::load(&topology_path).map_err(|diagnostics| {
+        let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+        anyhow!("topology file {} is not valid:\n{}", topology_path.display(), lines.join("\n"))
+    })?;
+    let topology = Arc::new(topology);
+    let name = topology.node_by_id(&identity.node_id()).map(|n| n.name.clone());
+    tracing::info!(
+        node = name.as_deref().unwrap_or("?"),
+        id = %identity.node_id(),
+        topology = %topology_path.display(),
+        version = topology.mesh.version,
+        "starting drmesh node"
+    );
+
+    let system = actix::System::new();
+    let socket_path = system.block_on(async {
+        let mesh = MeshActor::start_with(identity.clone(), topology.clone())?;
+        let (listener, socket_path) = admin::bind(&args.state_dir)?;
+        let reloader = Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone()).start();
+        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader }));
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        actix_rt::spawn(async move {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = which, "stopping");
+            let _ = mesh.send(Shutdown).await;
+            actix::System::current().stop();
+        });
+        tracing::info!(socket = %socket_path.display(), "admin socket ready");
+        anyhow::Ok(socket_path)
+    })?;
+    let result = system.run();
+    if let Err(e) = std::fs::remove_file(&socket_path) {
+        tracing::warn!(socket = %socket_path.display(), error = %e, "cannot remove admin socket");
+    }
+    result.context("actor system failed")?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
