@@ -1,0 +1,86 @@
+//! What changed between two topologies, for hot reload.
+//!
+//! Nodes are matched by id (a renamed node is the same node, changed), volumes
+//! and policies by name. The lists are sorted, so equal diffs compare equal.
+
+use std::collections::BTreeMap;
+
+use crate::node_id::NodeId;
+use crate::schema::Node;
+use crate::Topology;
+
+/// Differences between an old and a new topology.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopologyDiff {
+    /// Ids in the new topology only.
+    pub added_nodes: Vec<NodeId>,
+    /// Ids in the old topology only.
+    pub removed_nodes: Vec<NodeId>,
+    /// Ids in both whose name, addresses, listen address, site or labels changed.
+    pub changed_nodes: Vec<NodeId>,
+    /// Volume names in the new topology only.
+    pub added_volumes: Vec<String>,
+    /// Volume names in the old topology only.
+    pub removed_volumes: Vec<String>,
+    /// Volume names in both whose source, kind, settings, targets or policy name changed.
+    pub changed_volumes: Vec<String>,
+    /// Policy names added, removed or changed (any setting). Volumes using a
+    /// changed policy are not listed in `changed_volumes` for that reason alone.
+    pub changed_policies: Vec<String>,
+}
+
+impl TopologyDiff {
+    /// Computes what changed from `old` to `new`.
+    pub fn between(old: &Topology, new: &Topology) -> TopologyDiff {
+        let old_nodes: BTreeMap<NodeId, &Node> = old.nodes.iter().map(|n| (n.id, n)).collect();
+        let new_nodes: BTreeMap<NodeId, &Node> = new.nodes.iter().map(|n| (n.id, n)).collect();
+        let mut diff = TopologyDiff::default();
+        for (id, node) in &new_nodes {
+            match old_nodes.get(id) {
+                None => diff.added_nodes.push(*id),
+                Some(before) if before != node => diff.changed_nodes.push(*id),
+                Some(_) => {}
+            }
+        }
+        diff.removed_nodes = old_nodes.keys().filter(|id| !new_nodes.contains_key(id)).copied().collect();
+
+        let old_volumes: BTreeMap<&str, _> = old.volumes.iter().map(|v| (v.name.as_str(), v)).collect();
+        let new_volumes: BTreeMap<&str, _> = new.volumes.iter().map(|v| (v.name.as_str(), v)).collect();
+        for (name, volume) in &new_volumes {
+            match old_volumes.get(name) {
+                None => diff.added_volumes.push(name.to_string()),
+                Some(before) if before != volume => diff.changed_volumes.push(name.to_string()),
+                Some(_) => {}
+            }
+        }
+        diff.removed_volumes =
+            old_volumes.keys().filter(|name| !new_volumes.contains_key(*name)).map(|n| n.to_string()).collect();
+
+        let mut policies: Vec<String> = Vec::new();
+        for (name, policy) in &new.policies {
+            if old.policies.get(name) != Some(policy) {
+                policies.push(name.clone());
+            }
+        }
+        for name in old.policies.keys() {
+            if !new.policies.contains_key(name) {
+                policies.push(name.clone());
+            }
+        }
+        policies.sort();
+        diff.changed_policies = policies;
+        diff
+    }
+
+    /// Whether nothing that nodes act on changed (the `[mesh]` version and
+    /// `[[site]]` tables are not compared).
+    pub fn is_empty(&self) -> bool {
+        self.added_nodes.is_empty()
+            && self.removed_nodes.is_empty()
+            && self.changed_nodes.is_empty()
+            && self.added_volumes.is_empty()
+            && self.removed_volumes.is_empty()
+            && self.changed_volumes.is_empty()
+            && self.changed_policies.is_empty()
+    }
+}

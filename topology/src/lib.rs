@@ -1,0 +1,146 @@
+//! Topology files: the one TOML file every drmesh node reads to learn the mesh.
+//!
+//! This crate owns the schema (`[mesh]`, `[[site]]`, `[[node]]`, `[[volume]]`,
+//! `[policy.NAME]`), parsing with source spans, validation that reports every
+//! error with `file:line:column`, and diffing two topologies for hot reload. It
+//! also owns [`NodeId`], the form in which node ids are written in topology files.
+//!
+//! ```no_run
+//! use drmesh_topology::{Topology, TopologyDiff};
+//! # fn run(old: &Topology) -> Result<(), drmesh_topology::Diagnostics> {
+//! let new = Topology::load(std::path::Path::new("/etc/drmesh/topology.toml"))?;
+//! let diff = TopologyDiff::between(old, &new);
+//! println!("topology {} v{}: {} nodes added", new.hash_short(), new.mesh.version, diff.added_nodes.len());
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`schema`] (the typed result), [`units`] (durations, sizes, rates),
+//! `parse` (TOML to sections, per-field checks), `validate` (cross-section
+//! checks), [`diagnostic`] (error positions), [`keyfile`], [`diff`].
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod diagnostic;
+pub mod diff;
+pub mod keyfile;
+pub mod node_id;
+mod parse;
+pub mod schema;
+pub mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use diagnostic::{Diagnostic, Diagnostics};
+pub use diff::TopologyDiff;
+pub use keyfile::{read_key_file, EncryptionKey};
+pub use node_id::{NodeId, NodeIdError};
+pub use schema::{
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillCheck, DrillSchedule, Mesh, NbdAddress, Node, Policy,
+    Retention, Site, SourceKind, TimeOfDay, Volume, Weekday,
+};
+
+use diagnostic::Sink;
+
+/// A checked topology file. Only [`Topology::load`] and [`Topology::parse`] make
+/// one, so every value in it has passed validation.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// The `[mesh]` table.
+    pub mesh: Mesh,
+    /// The `[[site]]` tables, in file order.
+    pub sites: Vec<Site>,
+    /// The `[[node]]` tables, in file order.
+    pub nodes: Vec<Node>,
+    /// The `[[volume]]` tables, in file order.
+    pub volumes: Vec<Volume>,
+    /// The `[policy.NAME]` tables by name.
+    pub policies: BTreeMap<String, Policy>,
+    path: PathBuf,
+    hash: [u8; 32],
+}
+
+impl Topology {
+    /// Reads and validates the file; relative key paths resolve against its directory.
+    pub fn load(path: &Path) -> Result<Topology, Diagnostics> {
+        let bytes = std::fs::read(path).map_err(|e| single(path, format!("cannot read topology file: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let at = e.utf8_error().valid_up_to();
+            let mut sink = Sink::new(&text, path);
+            sink.error(at..at, "the file is not valid UTF-8 here; expected UTF-8 text");
+            sink.finish()
+        })?;
+        Topology::parse(&text, path)
+    }
+
+    /// Validates text as if read from `origin` (used for messages and relative paths).
+    pub fn parse(text: &str, origin: &Path) -> Result<Topology, Diagnostics> {
+        let mut sink = Sink::new(text, origin);
+        let (root, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax_errors.is_empty() {
+            for e in syntax_errors {
+                let span = e.span().unwrap_or(0..0);
+                let message = e.message().trim().replace('\n', "; ");
+                sink.error(span, format!("TOML syntax error: {message}"));
+            }
+            return Err(sink.finish());
+        }
+        let draft = parse::read_document(root.get_ref(), origin, &mut sink);
+        let checked = validate::check(draft, &mut sink);
+        match checked {
+            Some(c) if !sink.has_errors() => Ok(Topology {
+                mesh: c.mesh,
+                sites: c.sites,
+                nodes: c.nodes,
+                volumes: c.volumes,
+                policies: c.policies,
+                path: origin.to_path_buf(),
+                hash: *blake3::hash(text.as_bytes()).as_bytes(),
+            }),
+            _ => {
+                if !sink.has_errors() {
+                    // Every path that drops a section reports why; this is a guard, not a case.
+                    sink.error(0..0, "internal error: the file was rejected without a reason (please report)");
+                }
+                Err(sink.finish())
+            }
+        }
+    }
+
+    /// The node with id `id`.
+    pub fn node_by_id(&self, id: &NodeId) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.id == *id)
+    }
+
+    /// The node named `name`.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The volume named `name`.
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    /// blake3 of the file bytes, so identical files on different nodes compare equal.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    /// Short hex form of the hash (first 12 hex chars) for status output.
+    pub fn hash_short(&self) -> String {
+        self.hash[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The path the topology was read from (or the `origin` given to [`Topology::parse`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn single(path: &Path, message: String) -> Diagnostics {
+    Diagnostics(vec![Diagnostic { file: path.to_path_buf(), line: 1, column: 1, message }])
+}

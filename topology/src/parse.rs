@@ -1,0 +1,985 @@
+//! From TOML text to checked sections, with a span for everything that later
+//! checks point at.
+//!
+//! The `toml` crate parses the text into spanned values ([`DeTable`]); this
+//! module walks them table by table, checking keys, types and per-field rules
+//! and recording every problem in the [`Sink`] before moving on. Checks that
+//! relate several sections (unique names, references) are in [`crate::validate`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::diagnostic::Sink;
+use crate::keyfile::read_key_file;
+use crate::node_id::NodeId;
+use crate::schema::*;
+use crate::units::{self, DURATION_EXAMPLES, SIZE_EXAMPLES};
+
+/// Byte range in the text.
+pub(crate) type Span = Range<usize>;
+
+/// A value and where it was written.
+#[derive(Debug, Clone)]
+pub(crate) struct Sp<T> {
+    pub(crate) value: T,
+    pub(crate) span: Span,
+}
+
+/// A `[[site]]` table as read.
+pub(crate) struct SiteDraft {
+    pub(crate) name: Option<Sp<String>>,
+    pub(crate) site: Option<Site>,
+}
+
+/// A `[[node]]` table as read.
+pub(crate) struct NodeDraft {
+    pub(crate) name: Option<Sp<String>>,
+    pub(crate) id: Option<Sp<NodeId>>,
+    /// Valid addresses with their normalized form.
+    pub(crate) addresses: Vec<(Sp<String>, String)>,
+    pub(crate) site: Option<Sp<String>>,
+    /// The node, when every field of its own table was valid.
+    pub(crate) node: Option<Node>,
+}
+
+/// A `[[volume]]` table as read.
+pub(crate) struct VolumeDraft {
+    pub(crate) name: Option<Sp<String>>,
+    pub(crate) source: Option<Sp<String>>,
+    pub(crate) targets: Vec<Sp<String>>,
+    pub(crate) policy: Option<Sp<String>>,
+    /// The volume, when every field of its own table was valid.
+    pub(crate) volume: Option<Volume>,
+}
+
+/// The whole file as read, before cross-section checks.
+#[derive(Default)]
+pub(crate) struct Draft {
+    pub(crate) mesh: Option<Mesh>,
+    pub(crate) sites: Vec<SiteDraft>,
+    pub(crate) nodes: Vec<NodeDraft>,
+    pub(crate) volumes: Vec<VolumeDraft>,
+    /// Policies by name; `None` when the policy's table had errors.
+    pub(crate) policies: BTreeMap<String, Option<Policy>>,
+}
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// A list of strings: the span of the whole list and each entry.
+type StringList = (Span, Vec<Sp<String>>);
+
+/// The keys of one TOML table, with a name for messages and the span of its header.
+struct Fields<'t, 'i> {
+    what: String,
+    header: Span,
+    map: &'t DeTable<'i>,
+}
+
+impl<'t, 'i> Fields<'t, 'i> {
+    fn new(what: impl Into<String>, header: Span, map: &'t DeTable<'i>) -> Self {
+        Fields { what: what.into(), header, map }
+    }
+
+    /// Reports every key not in `allowed` (or in `also`, keys handled elsewhere).
+    fn check_keys(&self, sink: &mut Sink<'_>, allowed: &[&str], also: &[&str]) {
+        for (key, _) in self.map.iter() {
+            let key_str: &str = key.get_ref();
+            if !allowed.contains(&key_str) && !also.contains(&key_str) {
+                let list: Vec<&str> = allowed.iter().chain(also).copied().collect();
+                sink.error(
+                    key.span(),
+                    format!("unknown key `{key_str}` in {}; allowed keys: {}", self.what, list.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'t Value<'i>> {
+        self.map.get(key)
+    }
+
+    fn key_span(&self, key: &str) -> Option<Span> {
+        self.map.get_key_value(key).map(|(k, _)| k.span())
+    }
+
+    fn missing(&self, sink: &mut Sink<'_>, key: &str, expected: &str) {
+        sink.error(self.header.clone(), format!("missing required key `{key}` in {}; expected {expected}", self.what));
+    }
+
+    fn wrong_type(&self, sink: &mut Sink<'_>, key: &str, value: &Value<'_>, expected: &str) {
+        sink.error(
+            value.span(),
+            format!("`{key}` in {} must be {expected}, found {}", self.what, describe(value.get_ref())),
+        );
+    }
+
+    fn string(&self, sink: &mut Sink<'_>, key: &str, required: bool) -> Option<Sp<String>> {
+        let Some(value) = self.get(key) else {
+            if required {
+                self.missing(sink, key, "a string");
+            }
+            return None;
+        };
+        match value.get_ref().as_str() {
+            Some(s) => Some(Sp { value: s.to_string(), span: value.span() }),
+            None => {
+                self.wrong_type(sink, key, value, "a string");
+                None
+            }
+        }
+    }
+
+    /// A string that must not be empty.
+    fn text(&self, sink: &mut Sink<'_>, key: &str, required: bool) -> Option<Sp<String>> {
+        let s = self.string(sink, key, required)?;
+        if s.value.trim().is_empty() {
+            sink.error(s.span.clone(), format!("`{key}` in {} is empty; expected a non-empty string", self.what));
+            return None;
+        }
+        Some(s)
+    }
+
+    fn integer(&self, sink: &mut Sink<'_>, key: &str, required: bool) -> Option<Sp<i128>> {
+        let Some(value) = self.get(key) else {
+            if required {
+                self.missing(sink, key, "an integer");
+            }
+            return None;
+        };
+        match value.get_ref().as_integer().and_then(|i| i128::from_str_radix(i.as_str(), i.radix()).ok()) {
+            Some(i) => Some(Sp { value: i, span: value.span() }),
+            None => {
+                self.wrong_type(sink, key, value, "an integer");
+                None
+            }
+        }
+    }
+
+    /// An integer in `min..=max`.
+    fn ranged(&self, sink: &mut Sink<'_>, key: &str, required: bool, min: i128, max: i128) -> Option<i128> {
+        let i = self.integer(sink, key, required)?;
+        if i.value < min || i.value > max {
+            let expected = if max == i128::from(u32::MAX) || max == i128::from(u64::MAX) {
+                format!("at least {min}")
+            } else {
+                format!("from {min} to {max}")
+            };
+            sink.error(i.span, format!("`{key}` in {} must be {expected}, found {}", self.what, i.value));
+            return None;
+        }
+        Some(i.value)
+    }
+
+    fn table(&self, sink: &mut Sink<'_>, key: &str) -> Option<Fields<'t, 'i>> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Table(map) => Some(Fields::new(format!("`{key}` of {}", self.what), value.span(), map)),
+            _ => {
+                self.wrong_type(sink, key, value, "a table");
+                None
+            }
+        }
+    }
+
+    /// A list of strings (`None` when absent). `Err(())` when the value was reported as wrong.
+    fn string_list(&self, sink: &mut Sink<'_>, key: &str) -> Option<Result<StringList, ()>> {
+        let value = self.get(key)?;
+        let DeValue::Array(items) = value.get_ref() else {
+            self.wrong_type(sink, key, value, "a list of strings");
+            return Some(Err(()));
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for item in items.iter() {
+            match item.get_ref().as_str() {
+                Some(s) => out.push(Sp { value: s.to_string(), span: item.span() }),
+                None => {
+                    sink.error(
+                        item.span(),
+                        format!(
+                            "entries of `{key}` in {} must be strings, found {}",
+                            self.what,
+                            describe(item.get_ref())
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        Some(if ok { Ok((value.span(), out)) } else { Err(()) })
+    }
+}
+
+/// "a string (\"x\")", "an integer (3)", "a table", … for messages.
+fn describe(value: &DeValue<'_>) -> String {
+    match value {
+        DeValue::String(s) => format!("a string ({s:?})"),
+        DeValue::Integer(i) => format!("an integer ({i})"),
+        DeValue::Float(f) => format!("a float ({f})"),
+        DeValue::Boolean(b) => format!("a boolean ({b})"),
+        DeValue::Datetime(d) => format!("a date-time ({d})"),
+        DeValue::Array(_) => "an array".to_string(),
+        DeValue::Table(_) => "a table".to_string(),
+    }
+}
+
+/// Node, volume and policy names: `[a-z0-9][a-z0-9-_.]*`.
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if first_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad {kind} name {name:?}; expected lower-case letters, digits, '-', '_' and '.', starting with a letter or digit"
+        ))
+    }
+}
+
+/// Checks `host:port` and returns its normalized form (lower-case host, canonical IP).
+pub(crate) fn parse_host_port(text: &str) -> Result<String, String> {
+    let expected = "expected \"host:port\" (IPv4, DNS name, or [IPv6] in brackets, e.g. \"[::1]:7400\")";
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (ip, port) =
+            rest.split_once("]:").ok_or_else(|| format!("bad address {text:?}: missing \"]:port\"; {expected}"))?;
+        let ip: Ipv6Addr =
+            ip.parse().map_err(|_| format!("bad address {text:?}: {ip:?} is not an IPv6 address; {expected}"))?;
+        (format!("[{ip}]"), port)
+    } else {
+        let (host, port) =
+            text.rsplit_once(':').ok_or_else(|| format!("bad address {text:?}: missing port; {expected}"))?;
+        if host.contains(':') {
+            return Err(format!("bad address {text:?}: IPv6 addresses must be in brackets; {expected}"));
+        }
+        if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            (ip.to_string(), port)
+        } else {
+            let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            };
+            if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+                return Err(format!(
+                    "bad address {text:?}: {host:?} is neither an IP address nor a DNS name; {expected}"
+                ));
+            }
+            (name, port)
+        }
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(format!("{host}:{p}")),
+        _ => Err(format!("bad address {text:?}: port {port:?} is not a number from 1 to 65535; {expected}")),
+    }
+}
+
+/// Reads the whole document. `origin` names the file for relative key paths.
+pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'_>) -> Draft {
+    let top = Fields::new("the top level", 0..0, root);
+    top.check_keys(sink, &["mesh", "site", "node", "volume", "policy"], &[]);
+    let base_dir = match origin.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut draft = Draft::default();
+
+    match top.get("mesh") {
+        None => sink.error(0..0, "missing [mesh] table; expected `[mesh]` with `name` and `version`"),
+        Some(value) => match value.get_ref() {
+            DeValue::Table(map) => draft.mesh = read_mesh(&Fields::new("[mesh]", value.span(), map), sink),
+            other => sink.error(value.span(), format!("`mesh` must be a table ([mesh]), found {}", describe(other))),
+        },
+    }
+    for (header, map) in array_of_tables(&top, "site", sink) {
+        draft.sites.push(read_site(&Fields::new("[[site]]", header, map), sink));
+    }
+    for (header, map) in array_of_tables(&top, "node", sink) {
+        draft.nodes.push(read_node(&Fields::new("[[node]]", header, map), sink));
+    }
+    if top.get("node").is_none() {
+        sink.error(0..0, "no [[node]] tables; expected at least one node");
+    }
+    for (header, map) in array_of_tables(&top, "volume", sink) {
+        draft.volumes.push(read_volume(&Fields::new("[[volume]]", header, map), sink));
+    }
+    if let Some(value) = top.get("policy") {
+        match value.get_ref() {
+            DeValue::Table(map) => {
+                for (key, entry) in map.iter() {
+                    let name: &str = key.get_ref();
+                    if let Err(e) = check_name("policy", name) {
+                        sink.error(key.span(), e);
+                    }
+                    let policy = match entry.get_ref() {
+                        DeValue::Table(fields) => {
+                            let what = format!("[policy.{name}]");
+                            read_policy(name, &Fields::new(what, entry.span(), fields), &base_dir, sink)
+                        }
+                        other => {
+                            sink.error(
+                                entry.span(),
+                                format!("`policy.{name}` must be a table ([policy.{name}]), found {}", describe(other)),
+                            );
+                            None
+                        }
+                    };
+                    draft.policies.insert(name.to_string(), policy);
+                }
+            }
+            other => sink.error(
+                value.span(),
+                format!("`policy` must be tables named like [policy.NAME], found {}", describe(other)),
+            ),
+        }
+    }
+    draft
+}
+
+/// The tables of `[[key]]`, reporting a value of the wrong shape.
+fn array_of_tables<'t, 'i>(top: &Fields<'t, 'i>, key: &str, sink: &mut Sink<'_>) -> Vec<(Span, &'t DeTable<'i>)> {
+    let Some(value) = top.get(key) else { return Vec::new() };
+    let DeValue::Array(items) = value.get_ref() else {
+        sink.error(
+            value.span(),
+            format!("`{key}` must be an array of tables ([[{key}]]), found {}", describe(value.get_ref())),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items.iter() {
+        match item.get_ref() {
+            DeValue::Table(map) => out.push((item.span(), map)),
+            other => sink.error(item.span(), format!("entries of `{key}` must be tables, found {}", describe(other))),
+        }
+    }
+    out
+}
+
+fn read_mesh(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Mesh> {
+    f.check_keys(sink, &["name", "version"], &[]);
+    let name = f.text(sink, "name", true);
+    let version = f.ranged(sink, "version", true, 1, i128::from(u64::MAX));
+    Some(Mesh { name: name?.value, version: u64::try_from(version?).ok()? })
+}
+
+fn read_rate(
+    f: &Fields<'_, '_>,
+    sink: &mut Sink<'_>,
+    key: &str,
+    required: bool,
+    unlimited_ok: bool,
+) -> Option<Option<u64>> {
+    let s = f.string(sink, key, required)?;
+    if unlimited_ok && s.value.trim() == "unlimited" {
+        return Some(None);
+    }
+    match units::parse_rate(&s.value) {
+        Ok(bps) => Some(Some(bps)),
+        Err(e) => {
+            sink.error(s.span, format!("`{key}` in {}: {e}", f.what));
+            None
+        }
+    }
+}
+
+fn read_site(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> SiteDraft {
+    f.check_keys(sink, &["name", "uplink"], &[]);
+    let name = f.text(sink, "name", true);
+    let uplink_ok = f.get("uplink").is_none();
+    let uplink = read_rate(f, sink, "uplink", false, false);
+    let site = match (&name, uplink, uplink_ok) {
+        (Some(n), Some(bps), _) => Some(Site { name: n.value.clone(), uplink_bps: bps }),
+        (Some(n), None, true) => Some(Site { name: n.value.clone(), uplink_bps: None }),
+        _ => None,
+    };
+    SiteDraft { name, site }
+}
+
+fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
+    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels"], &[]);
+    let mut ok = true;
+    let name = f.text(sink, "name", true);
+    if let Some(n) = &name {
+        if let Err(e) = check_name("node", &n.value) {
+            sink.error(n.span.clone(), e);
+            ok = false;
+        }
+    }
+    let id = f.string(sink, "id", true).and_then(|s| match s.value.parse::<NodeId>() {
+        Ok(id) => Some(Sp { value: id, span: s.span }),
+        Err(e) => {
+            sink.error(s.span, format!("bad node `id`: {e}"));
+            None
+        }
+    });
+    let mut addresses = Vec::new();
+    match f.string_list(sink, "addresses") {
+        None => {}
+        Some(Err(())) => ok = false,
+        Some(Ok((_, list))) => {
+            for a in list {
+                let text = a.value.trim().to_string();
+                match parse_host_port(&text) {
+                    Ok(norm) => addresses.push((Sp { value: text, span: a.span }, norm)),
+                    Err(e) => {
+                        sink.error(a.span, format!("in `addresses` of [[node]]: {e}"));
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+    let listen = match f.string(sink, "listen", false) {
+        Some(s) => match s.value.trim().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                sink.error(
+                    s.span,
+                    format!(
+                        "bad `listen` {:?}: expected an IP socket address like \"0.0.0.0:7400\" or \"[::]:7400\"",
+                        s.value
+                    ),
+                );
+                ok = false;
+                None
+            }
+        },
+        None => {
+            ok &= f.get("listen").is_none();
+            addresses.first().map(|(first, _): &(Sp<String>, String)| default_listen(&first.value))
+        }
+    };
+    let listen = listen.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+    let site = f.text(sink, "site", true);
+    let mut labels = BTreeMap::new();
+    if let Some(table) = f.table(sink, "labels") {
+        for (key, value) in table.map.iter() {
+            match value.get_ref().as_str() {
+                Some(s) => {
+                    labels.insert(key.get_ref().to_string(), s.to_string());
+                }
+                None => {
+                    sink.error(
+                        value.span(),
+                        format!("label `{}` must be a string, found {}", key.get_ref(), describe(value.get_ref())),
+                    );
+                    ok = false;
+                }
+            }
+        }
+    } else if f.get("labels").is_some() {
+        ok = false;
+    }
+    let node = match (&name, &id, &site, ok) {
+        (Some(n), Some(i), Some(s), true) => Some(Node {
+            name: n.value.clone(),
+            id: i.value,
+            addresses: addresses.iter().map(|(a, _)| a.value.clone()).collect(),
+            listen,
+            site: s.value.clone(),
+            labels,
+        }),
+        _ => None,
+    };
+    NodeDraft { name, id, addresses, site, node }
+}
+
+/// Default `listen` for a node whose first address is `first` (already checked).
+fn default_listen(first: &str) -> SocketAddr {
+    if let Ok(addr) = first.parse::<SocketAddr>() {
+        return addr;
+    }
+    let port = first.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(0);
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+}
+
+/// Settings of each source kind, in the order documented.
+const KIND_SETTINGS: &[(&str, &[&str])] = &[
+    ("file", &["path"]),
+    ("kmod", &["device"]),
+    ("qemu", &["nbd", "export", "bitmap"]),
+    ("ebs", &["volume_id", "region", "endpoint"]),
+];
+
+fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
+    let all_settings: Vec<&str> = KIND_SETTINGS.iter().flat_map(|(_, s)| s.iter().copied()).collect();
+    f.check_keys(sink, &["name", "source", "kind", "targets", "policy"], &all_settings);
+    let mut ok = true;
+    let name = f.text(sink, "name", true);
+    if let Some(n) = &name {
+        if let Err(e) = check_name("volume", &n.value) {
+            sink.error(n.span.clone(), e);
+            ok = false;
+        }
+    }
+    let source = f.text(sink, "source", true);
+    let policy = f.text(sink, "policy", true);
+    let mut targets = Vec::new();
+    match f.string_list(sink, "targets") {
+        None => {
+            f.missing(sink, "targets", "a non-empty list of node names");
+            ok = false;
+        }
+        Some(Err(())) => ok = false,
+        Some(Ok((span, list))) => {
+            if list.is_empty() {
+                sink.error(span, "`targets` in [[volume]] is empty; expected at least one target node name");
+                ok = false;
+            }
+            targets = list;
+        }
+    }
+    let kind = f.string(sink, "kind", true).and_then(|k| {
+        let known = KIND_SETTINGS.iter().find(|(name, _)| *name == k.value);
+        if known.is_none() {
+            sink.error(
+                k.span.clone(),
+                format!("unknown volume kind {:?}; expected one of \"file\", \"kmod\", \"qemu\", \"ebs\"", k.value),
+            );
+        }
+        known.map(|(name, _)| *name)
+    });
+    let kind = kind.and_then(|kind| {
+        let mut wrong = false;
+        for (other, settings) in KIND_SETTINGS.iter().filter(|(k, _)| *k != kind) {
+            for setting in settings.iter() {
+                if let Some(span) = f.key_span(setting) {
+                    sink.error(span, format!("`{setting}` is a setting of kind {other:?}, not {kind:?}"));
+                    wrong = true;
+                }
+            }
+        }
+        let settings = read_kind_settings(kind, f, sink);
+        if wrong {
+            None
+        } else {
+            settings
+        }
+    });
+    let volume = match (&name, &source, &policy, kind, ok) {
+        (Some(n), Some(s), Some(p), Some(kind), true) => Some(Volume {
+            name: n.value.clone(),
+            source: s.value.clone(),
+            kind,
+            targets: targets.iter().map(|t| t.value.clone()).collect(),
+            policy: p.value.clone(),
+        }),
+        _ => None,
+    };
+    VolumeDraft { name, source, targets, policy, volume }
+}
+
+/// An absolute path setting; `dev` requires it to be under `/dev/`.
+fn read_abs_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, dev: bool) -> Option<PathBuf> {
+    let s = f.text(sink, key, true)?;
+    let path = PathBuf::from(s.value.trim());
+    if !path.is_absolute() {
+        sink.error(s.span, format!("`{key}` in {} must be an absolute path, found {:?}", f.what, s.value));
+        return None;
+    }
+    if dev && !path.starts_with("/dev") {
+        sink.error(s.span, format!("`{key}` in {} must be a /dev/... device path, found {:?}", f.what, s.value));
+        return None;
+    }
+    Some(path)
+}
+
+fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<SourceKind> {
+    match kind {
+        "file" => read_abs_path(f, sink, "path", false).map(|path| SourceKind::File { path }),
+        "kmod" => read_abs_path(f, sink, "device", true).map(|device| SourceKind::Kmod { device }),
+        "qemu" => {
+            let nbd = f.text(sink, "nbd", true).and_then(|s| {
+                let text = s.value.trim();
+                if let Some(path) = text.strip_prefix("unix:") {
+                    if Path::new(path).is_absolute() {
+                        return Some(NbdAddress::Unix(PathBuf::from(path)));
+                    }
+                    sink.error(
+                        s.span,
+                        format!("`nbd` {text:?}: the socket path must be absolute, like \"unix:/run/qemu/vm1.nbd\""),
+                    );
+                    return None;
+                }
+                match parse_host_port(text) {
+                    Ok(_) => Some(NbdAddress::Tcp(text.to_string())),
+                    Err(e) => {
+                        sink.error(s.span, format!("`nbd`: {e}, or \"unix:/path/to/socket\""));
+                        None
+                    }
+                }
+            });
+            let export_ok = f.get("export").is_none();
+            let export = f.string(sink, "export", false);
+            let bitmap_ok = f.get("bitmap").is_none();
+            let bitmap = f.text(sink, "bitmap", false);
+            if (export.is_none() && !export_ok) || (bitmap.is_none() && !bitmap_ok) {
+                return None;
+            }
+            Some(SourceKind::Qemu {
+                nbd: nbd?,
+                export: export.map(|e| e.value),
+                bitmap: bitmap.map_or_else(|| "drmesh".to_string(), |b| b.value),
+            })
+        }
+        "ebs" => {
+            let volume_id = f.text(sink, "volume_id", true).and_then(|s| {
+                let ok = s.value.strip_prefix("vol-").is_some_and(|hex| {
+                    !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+                });
+                if ok {
+                    Some(s.value)
+                } else {
+                    sink.error(
+                        s.span,
+                        format!(
+                            "bad `volume_id` {:?}; expected an EBS volume id like \"vol-0123456789abcdef0\"",
+                            s.value
+                        ),
+                    );
+                    None
+                }
+            });
+            let region = f.text(sink, "region", true).and_then(|s| {
+                if s.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+                    Some(s.value)
+                } else {
+                    sink.error(
+                        s.span,
+                        format!("bad `region` {:?}; expected an AWS region like \"eu-west-1\"", s.value),
+                    );
+                    None
+                }
+            });
+            let endpoint_ok = f.get("endpoint").is_none();
+            let endpoint = f.text(sink, "endpoint", false).and_then(|s| {
+                if s.value.starts_with("https://") || s.value.starts_with("http://") {
+                    Some(s.value)
+                } else {
+                    sink.error(s.span, format!("bad `endpoint` {:?}; expected an http:// or https:// URL", s.value));
+                    None
+                }
+            });
+            if endpoint.is_none() && !endpoint_ok {
+                return None;
+            }
+            Some(SourceKind::Ebs { volume_id: volume_id?, region: region?, endpoint })
+        }
+        _ => None,
+    }
+}
+
+fn read_policy(name: &str, f: &Fields<'_, '_>, base_dir: &Path, sink: &mut Sink<'_>) -> Option<Policy> {
+    f.check_keys(
+        sink,
+        &["rpo", "retention", "block_size", "compression", "encryption_key_file", "bandwidth", "drill"],
+        &[],
+    );
+    let mut ok = true;
+    let rpo = f.string(sink, "rpo", true).and_then(|s| match units::parse_duration(&s.value) {
+        Ok(d) if d.is_zero() => {
+            sink.error(s.span, format!("`rpo` in {} is zero; expected {DURATION_EXAMPLES}", f.what));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            sink.error(s.span, format!("`rpo` in {}: {e}", f.what));
+            None
+        }
+    });
+
+    let mut retention = Retention::default();
+    if let Some(t) = f.table(sink, "retention") {
+        t.check_keys(sink, &["keep_last", "hourly", "daily", "weekly"], &[]);
+        let max = i128::from(u32::MAX);
+        let mut field = |key: &str, min: i128, slot: &mut u32| {
+            if t.get(key).is_some() {
+                match t.ranged(sink, key, false, min, max).and_then(|v| u32::try_from(v).ok()) {
+                    Some(v) => *slot = v,
+                    None => ok = false,
+                }
+            }
+        };
+        field("keep_last", 1, &mut retention.keep_last);
+        field("hourly", 0, &mut retention.hourly);
+        field("daily", 0, &mut retention.daily);
+        field("weekly", 0, &mut retention.weekly);
+    } else if f.get("retention").is_some() {
+        ok = false;
+    }
+
+    let mut block_bytes = DEFAULT_BLOCK_BYTES;
+    if let Some(value) = f.get("block_size") {
+        let parsed = match value.get_ref() {
+            DeValue::String(s) => units::parse_size(s),
+            DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .and_then(|v| u64::try_from(v).ok())
+                .ok_or_else(|| format!("bad size {i}; expected {SIZE_EXAMPLES}")),
+            other => Err(format!("expected {SIZE_EXAMPLES}, found {}", describe(other))),
+        };
+        match parsed {
+            Ok(bytes) if bytes.is_power_of_two() && (MIN_BLOCK_BYTES..=MAX_BLOCK_BYTES).contains(&bytes) => {
+                block_bytes = bytes;
+            }
+            Ok(bytes) => {
+                let why = if bytes.is_power_of_two() { "is out of range" } else { "is not a power of two" };
+                sink.error(
+                    value.span(),
+                    format!(
+                        "`block_size` in {}: {bytes} bytes {why}; expected a power of two from 64KiB to 16MiB",
+                        f.what
+                    ),
+                );
+                ok = false;
+            }
+            Err(e) => {
+                sink.error(value.span(), format!("`block_size` in {}: {e}", f.what));
+                ok = false;
+            }
+        }
+    }
+
+    let mut compression = Compression::default();
+    if let Some(s) = f.string(sink, "compression", false) {
+        match parse_compression(&s.value) {
+            Ok(c) => compression = c,
+            Err(e) => {
+                sink.error(s.span, format!("`compression` in {}: {e}", f.what));
+                ok = false;
+            }
+        }
+    } else if f.get("compression").is_some() {
+        ok = false;
+    }
+
+    let mut encryption_key_file = None;
+    if let Some(s) = f.text(sink, "encryption_key_file", false) {
+        let path = base_dir.join(s.value.trim());
+        match read_key_file(&path) {
+            Ok(_) => encryption_key_file = Some(path),
+            Err(e) => {
+                sink.error(s.span, e);
+                ok = false;
+            }
+        }
+    } else if f.get("encryption_key_file").is_some() {
+        ok = false;
+    }
+
+    let mut bandwidth = None;
+    if let Some(t) = f.table(sink, "bandwidth") {
+        bandwidth = read_bandwidth(&t, sink);
+        ok &= bandwidth.is_some();
+    } else if f.get("bandwidth").is_some() {
+        ok = false;
+    }
+
+    let mut drill = None;
+    if let Some(t) = f.table(sink, "drill") {
+        drill = read_drill(&t, sink);
+        ok &= drill.is_some();
+    } else if f.get("drill").is_some() {
+        ok = false;
+    }
+
+    if !ok {
+        return None;
+    }
+    Some(Policy {
+        name: name.to_string(),
+        rpo: rpo?,
+        retention,
+        block_bytes,
+        compression,
+        encryption_key_file,
+        bandwidth,
+        drill,
+    })
+}
+
+/// `"zstd"`, `"zstd:N"` or `"off"`.
+pub(crate) fn parse_compression(text: &str) -> Result<Compression, String> {
+    let expected = "expected \"off\", \"zstd\" or \"zstd:N\" with N from -7 to 19";
+    match text.trim() {
+        "off" => Ok(Compression::Off),
+        "zstd" => Ok(Compression::Zstd { level: ZSTD_LEVEL_DEFAULT }),
+        other => {
+            let level =
+                other.strip_prefix("zstd:").ok_or_else(|| format!("unknown compression {text:?}; {expected}"))?;
+            let level: i32 = level.trim().parse().map_err(|_| format!("bad zstd level in {text:?}; {expected}"))?;
+            if !(ZSTD_LEVEL_MIN..=ZSTD_LEVEL_MAX).contains(&level) {
+                return Err(format!("zstd level {level} is out of range; {expected}"));
+            }
+            Ok(Compression::Zstd { level })
+        }
+    }
+}
+
+fn read_bandwidth(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Bandwidth> {
+    f.check_keys(sink, &["limit", "windows"], &[]);
+    let mut ok = true;
+    let limit_bps = match read_rate(f, sink, "limit", false, true) {
+        Some(limit) => limit,
+        None => {
+            ok &= f.get("limit").is_none();
+            None
+        }
+    };
+    let mut windows = Vec::new();
+    if let Some(value) = f.get("windows") {
+        match value.get_ref() {
+            DeValue::Array(items) => {
+                for item in items.iter() {
+                    match item.get_ref() {
+                        DeValue::Table(map) => {
+                            let w = Fields::new("a bandwidth window", item.span(), map);
+                            match read_window(&w, sink) {
+                                Some(window) => windows.push(window),
+                                None => ok = false,
+                            }
+                        }
+                        other => {
+                            sink.error(
+                                item.span(),
+                                format!(
+                                    "entries of `windows` must be tables like {{ days = \"mon-fri\", from = \"08:00\", to = \"18:00\", limit = \"50Mbit\" }}, found {}",
+                                    describe(other)
+                                ),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+            }
+            _ => {
+                f.wrong_type(sink, "windows", value, "an array of tables");
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(Bandwidth { limit_bps, windows })
+}
+
+fn read_time(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, allow_24: bool) -> Option<TimeOfDay> {
+    let s = f.string(sink, key, true)?;
+    match units::parse_time_of_day(&s.value, allow_24) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            sink.error(s.span, format!("`{key}` in {}: {e}", f.what));
+            None
+        }
+    }
+}
+
+fn read_window(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<BandwidthWindow> {
+    f.check_keys(sink, &["days", "from", "to", "limit"], &[]);
+    let days = match f.string(sink, "days", false) {
+        Some(s) => match units::parse_days(&s.value) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                sink.error(s.span, format!("`days` in {}: {e}", f.what));
+                None
+            }
+        },
+        None if f.get("days").is_some() => None,
+        None => units::parse_days("daily").ok(),
+    };
+    let from = read_time(f, sink, "from", false);
+    let to = read_time(f, sink, "to", true);
+    if let (Some(a), Some(b)) = (from, to) {
+        if a == b {
+            if let Some(span) = f.get("to").map(|v| v.span()) {
+                sink.error(span, format!("window from {a} to {b} is empty; expected `to` different from `from`"));
+            }
+            return None;
+        }
+    }
+    let limit = read_rate(f, sink, "limit", true, true);
+    Some(BandwidthWindow { days: days?, from: from?, to: to?, limit_bps: limit? })
+}
+
+fn read_drill(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Drill> {
+    f.check_keys(sink, &["schedule", "checks"], &[]);
+    let schedule = f.string(sink, "schedule", true).and_then(|s| match parse_schedule(&s.value) {
+        Ok(schedule) => Some(schedule),
+        Err(e) => {
+            sink.error(s.span, format!("`schedule` in {}: {e}", f.what));
+            None
+        }
+    });
+    let mut checks = vec![DrillCheck::Fsck];
+    let mut ok = true;
+    match f.string_list(sink, "checks") {
+        None => {}
+        Some(Err(())) => ok = false,
+        Some(Ok((span, list))) => {
+            checks.clear();
+            if list.is_empty() {
+                sink.error(
+                    span,
+                    "`checks` in the drill table is empty; expected some of \"fsck\", \"boot\", \"postgres\"",
+                );
+                ok = false;
+            }
+            for item in list {
+                let check = match item.value.as_str() {
+                    "fsck" => DrillCheck::Fsck,
+                    "boot" => DrillCheck::Boot,
+                    "postgres" => DrillCheck::Postgres,
+                    other => {
+                        sink.error(
+                            item.span,
+                            format!("unknown drill check {other:?}; expected one of \"fsck\", \"boot\", \"postgres\""),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                };
+                if checks.contains(&check) {
+                    sink.error(item.span, format!("drill check {:?} is listed twice", check.name()));
+                    ok = false;
+                }
+                checks.push(check);
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(Drill { schedule: schedule?, checks })
+}
+
+/// `"daily HH:MM"`, `"weekly DAY HH:MM"` or `"every DURATION"`.
+pub(crate) fn parse_schedule(text: &str) -> Result<DrillSchedule, String> {
+    let expected = "expected \"daily HH:MM\", \"weekly DAY HH:MM\" or \"every DURATION\"";
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match words.as_slice() {
+        ["daily", at] => {
+            let at = units::parse_time_of_day(at, false).map_err(|e| format!("{e} in schedule {text:?}"))?;
+            Ok(DrillSchedule::Daily { at })
+        }
+        ["weekly", day, at] => {
+            let day = units::parse_weekday(day).map_err(|e| format!("{e} in schedule {text:?}"))?;
+            let at = units::parse_time_of_day(at, false).map_err(|e| format!("{e} in schedule {text:?}"))?;
+            Ok(DrillSchedule::Weekly { day, at })
+        }
+        ["every", rest @ ..] if !rest.is_empty() => {
+            let d = units::parse_duration(&rest.join(" ")).map_err(|e| format!("{e} in schedule {text:?}"))?;
+            if d < std::time::Duration::from_secs(60) {
+                return Err(format!("drills every {} are too frequent; expected at least 1m", rest.join(" ")));
+            }
+            Ok(DrillSchedule::Every(d))
+        }
+        _ => Err(format!("bad schedule {text:?}; {expected}")),
+    }
+}

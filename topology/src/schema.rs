@@ -1,0 +1,349 @@
+//! The typed topology: what a valid file means, with units resolved.
+//!
+//! Every value here has passed validation: names are unique, references
+//! resolve, sizes are in bytes, durations are [`Duration`]s and rates are in
+//! bits per second. The parser ([`crate::parse`]) and the checks
+//! ([`crate::validate`]) are the only producers of these types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::node_id::NodeId;
+
+/// The `[mesh]` table: which mesh this file describes and which edit it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    /// Human name of the mesh, shown in status output.
+    pub name: String,
+    /// Edit number, at least 1; ops bump it on every edit so nodes can tell
+    /// which of two files is newer.
+    pub version: u64,
+}
+
+/// A `[[site]]` table: a place (office, data centre, cloud region).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// Unique site name that nodes refer to.
+    pub name: String,
+    /// Bandwidth of the site's WAN uplink in bits per second, if given.
+    pub uplink_bps: Option<u64>,
+}
+
+/// A `[[node]]` table: one `drmesh` process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Unique name, `[a-z0-9][a-z0-9-_.]*`.
+    pub name: String,
+    /// The node's identity (hash of its public key).
+    pub id: NodeId,
+    /// `host:port` strings others dial, as written (trimmed). Empty: the node
+    /// is behind NAT and only dials out.
+    pub addresses: Vec<String>,
+    /// Socket address the node binds.
+    pub listen: SocketAddr,
+    /// Name of the site the node is in.
+    pub site: String,
+    /// Free-form labels for ops and placement.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A `[[volume]]` table: one protected disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// Unique volume name; recovery points are named `NAME@SEQ`.
+    pub name: String,
+    /// Name of the node that reads the volume.
+    pub source: String,
+    /// How blocks and changes are read, with the kind's settings.
+    pub kind: SourceKind,
+    /// Names of the nodes that keep recovery points; never empty, never the source.
+    pub targets: Vec<String>,
+    /// Name of the policy in `[policy.NAME]`.
+    pub policy: String,
+}
+
+/// How a volume's blocks and changes are read (the `kind` key and its settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `kind = "file"`: an image file or block device, full scan + hash compare.
+    File {
+        /// Absolute path of the image file or block device.
+        path: PathBuf,
+    },
+    /// `kind = "kmod"`: the drmesh kernel module's change tracking and snapshots.
+    Kmod {
+        /// Absolute `/dev/...` path of the block device.
+        device: PathBuf,
+    },
+    /// `kind = "qemu"`: dirty bitmaps over NBD.
+    Qemu {
+        /// Where qemu's NBD server listens.
+        nbd: NbdAddress,
+        /// NBD export name; `None` uses the server's default export.
+        export: Option<String>,
+        /// Name of the dirty bitmap drmesh manages; default `"drmesh"`.
+        bitmap: String,
+    },
+    /// `kind = "ebs"`: AWS EBS direct APIs.
+    Ebs {
+        /// EBS volume id, `vol-` followed by hex digits.
+        volume_id: String,
+        /// AWS region, e.g. `eu-west-1`.
+        region: String,
+        /// Endpoint URL override (for S3/EBS-compatible test services).
+        endpoint: Option<String>,
+    },
+}
+
+impl SourceKind {
+    /// The `kind` string of this source kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceKind::File { .. } => "file",
+            SourceKind::Kmod { .. } => "kmod",
+            SourceKind::Qemu { .. } => "qemu",
+            SourceKind::Ebs { .. } => "ebs",
+        }
+    }
+}
+
+/// Address of an NBD server (`nbd` setting of kind `qemu`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddress {
+    /// `unix:/path/to/socket`.
+    Unix(PathBuf),
+    /// `host:port`, as written.
+    Tcp(String),
+}
+
+/// A `[policy.NAME]` table: how often, how long and how a volume is copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The NAME in `[policy.NAME]`.
+    pub name: String,
+    /// Recovery point objective: the longest acceptable gap between recovery points.
+    pub rpo: Duration,
+    /// Which recovery points are kept.
+    pub retention: Retention,
+    /// Block size in bytes: a power of two from 64 KiB to 16 MiB (default 1 MiB).
+    pub block_bytes: u64,
+    /// Compression of blocks on the wire and in the store.
+    pub compression: Compression,
+    /// Absolute path of the 32-byte key file; `None`: blocks are not encrypted.
+    /// Read the key with [`crate::keyfile::read_key_file`].
+    pub encryption_key_file: Option<PathBuf>,
+    /// Bandwidth limits for this policy's transfers.
+    pub bandwidth: Option<Bandwidth>,
+    /// Scheduled disaster-recovery drills.
+    pub drill: Option<Drill>,
+}
+
+/// Default `block_size`: 1 MiB.
+pub const DEFAULT_BLOCK_BYTES: u64 = 1 << 20;
+/// Smallest allowed `block_size`: 64 KiB.
+pub const MIN_BLOCK_BYTES: u64 = 64 << 10;
+/// Largest allowed `block_size`: 16 MiB.
+pub const MAX_BLOCK_BYTES: u64 = 16 << 20;
+/// Default `retention.keep_last`.
+pub const DEFAULT_KEEP_LAST: u32 = 24;
+
+/// The `retention` table of a policy. A recovery point is kept if any rule keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep the newest N recovery points (at least 1, default 24).
+    pub keep_last: u32,
+    /// Keep the newest point of each of the last N hours.
+    pub hourly: u32,
+    /// Keep the newest point of each of the last N days.
+    pub daily: u32,
+    /// Keep the newest point of each of the last N weeks.
+    pub weekly: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { keep_last: DEFAULT_KEEP_LAST, hourly: 0, daily: 0, weekly: 0 }
+    }
+}
+
+/// Block compression (`compression` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// `"off"`: blocks are sent and stored raw.
+    Off,
+    /// `"zstd"` (level 3) or `"zstd:N"` with N in -7..=19.
+    Zstd {
+        /// zstd level; negative levels are faster, higher levels compress more.
+        level: i32,
+    },
+}
+
+/// Lowest accepted zstd level.
+pub const ZSTD_LEVEL_MIN: i32 = -7;
+/// Highest accepted zstd level.
+pub const ZSTD_LEVEL_MAX: i32 = 19;
+/// Level used for plain `"zstd"` (zstd's own default).
+pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::Zstd { level: 1 }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
+/// The `bandwidth` table of a policy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Bandwidth {
+    /// Limit outside any window, in bits per second; `None`: unlimited.
+    pub limit_bps: Option<u64>,
+    /// Time windows with their own limit; the first matching window wins.
+    pub windows: Vec<BandwidthWindow>,
+}
+
+/// One entry of `bandwidth.windows`: a limit that applies on some days at some hours
+/// (node local time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BandwidthWindow {
+    /// Days the window starts on.
+    pub days: DaySet,
+    /// Start of the window.
+    pub from: TimeOfDay,
+    /// End of the window; if not after `from`, the window runs past midnight.
+    pub to: TimeOfDay,
+    /// Limit in bits per second while the window is open; `None`: unlimited.
+    pub limit_bps: Option<u64>,
+}
+
+/// A time of day, minute precision, `00:00` to `24:00`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimeOfDay {
+    /// Minutes since midnight, 0..=1440.
+    pub minutes: u16,
+}
+
+impl TimeOfDay {
+    /// The hour, 0..=24.
+    pub fn hour(&self) -> u16 {
+        self.minutes / 60
+    }
+    /// The minute, 0..=59.
+    pub fn minute(&self) -> u16 {
+        self.minutes % 60
+    }
+}
+
+impl fmt::Display for TimeOfDay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02}:{:02}", self.hour(), self.minute())
+    }
+}
+
+/// A day of the week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Weekday {
+    /// Monday.
+    Mon,
+    /// Tuesday.
+    Tue,
+    /// Wednesday.
+    Wed,
+    /// Thursday.
+    Thu,
+    /// Friday.
+    Fri,
+    /// Saturday.
+    Sat,
+    /// Sunday.
+    Sun,
+}
+
+impl Weekday {
+    /// All days, Monday first.
+    pub const ALL: [Weekday; 7] =
+        [Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu, Weekday::Fri, Weekday::Sat, Weekday::Sun];
+
+    /// Three-letter lower-case name, as written in topology files.
+    pub fn name(self) -> &'static str {
+        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][self as usize]
+    }
+}
+
+/// A set of weekdays (`days = "mon-fri"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DaySet {
+    /// Bit `d` set when `Weekday as usize == d` is in the set.
+    pub bits: u8,
+}
+
+impl DaySet {
+    /// Whether `day` is in the set.
+    pub fn contains(&self, day: Weekday) -> bool {
+        self.bits & (1 << day as u8) != 0
+    }
+    /// Adds `day` to the set.
+    pub fn insert(&mut self, day: Weekday) {
+        self.bits |= 1 << day as u8;
+    }
+}
+
+/// The `drill` table of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drill {
+    /// When drills run.
+    pub schedule: DrillSchedule,
+    /// What a drill checks on the restored volume (default: `["fsck"]`).
+    pub checks: Vec<DrillCheck>,
+}
+
+/// When drills run (`drill.schedule`), in node local time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrillSchedule {
+    /// `"daily HH:MM"`.
+    Daily {
+        /// Time of day.
+        at: TimeOfDay,
+    },
+    /// `"weekly DAY HH:MM"`.
+    Weekly {
+        /// Day of the week.
+        day: Weekday,
+        /// Time of day.
+        at: TimeOfDay,
+    },
+    /// `"every DURATION"`, counted from the node's start.
+    Every(Duration),
+}
+
+/// One drill check (`drill.checks` entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DrillCheck {
+    /// `"fsck"`: filesystem check of the restored image.
+    Fsck,
+    /// `"boot"`: boot the image in qemu and wait for the marker.
+    Boot,
+    /// `"postgres"`: start PostgreSQL on the restored data and query it.
+    Postgres,
+}
+
+impl DrillCheck {
+    /// The name as written in topology files.
+    pub fn name(self) -> &'static str {
+        match self {
+            DrillCheck::Fsck => "fsck",
+            DrillCheck::Boot => "boot",
+            DrillCheck::Postgres => "postgres",
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Checks that relate sections to each other: unique names, ids and addresses,
+//! and references from volumes to nodes and policies, and from nodes to sites.
+//! Every problem is reported; the topology is assembled only when there is none.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::diagnostic::Sink;
+use crate::node_id::NodeId;
+use crate::parse::{Draft, Span};
+use crate::schema::{Mesh, Node, Policy, Site, Volume};
+
+/// The checked sections of a file.
+pub(crate) struct Checked {
+    pub(crate) mesh: Mesh,
+    pub(crate) sites: Vec<Site>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) volumes: Vec<Volume>,
+    pub(crate) policies: BTreeMap<String, Policy>,
+}
+
+/// Remembers the first place each key was seen and reports later ones.
+struct Seen<K> {
+    first: HashMap<K, Span>,
+}
+
+impl<K: std::hash::Hash + Eq> Seen<K> {
+    fn new() -> Self {
+        Seen { first: HashMap::new() }
+    }
+
+    /// Records `key` at `span`; returns the first span if it was seen before.
+    fn check(&mut self, key: K, span: &Span) -> Option<Span> {
+        match self.first.get(&key) {
+            Some(first) => Some(first.clone()),
+            None => {
+                self.first.insert(key, span.clone());
+                None
+            }
+        }
+    }
+}
+
+/// Runs the cross-section checks and assembles the result when there was no error at all.
+pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
+    let mut site_names = Seen::new();
+    for site in &draft.sites {
+        if let Some(name) = &site.name {
+            if let Some(first) = site_names.check(name.value.clone(), &name.span) {
+                let (line, _) = sink.position(first.start);
+                sink.error(
+                    name.span.clone(),
+                    format!("duplicate site name {:?} (first defined on line {line})", name.value),
+                );
+            }
+        }
+    }
+
+    let mut node_names: Seen<String> = Seen::new();
+    let mut node_ids: Seen<NodeId> = Seen::new();
+    let mut addresses: Seen<String> = Seen::new();
+    for node in &draft.nodes {
+        if let Some(name) = &node.name {
+            if let Some(first) = node_names.check(name.value.clone(), &name.span) {
+                let (line, _) = sink.position(first.start);
+                sink.error(
+                    name.span.clone(),
+                    format!("duplicate node name {:?} (first defined on line {line})", name.value),
+                );
+            }
+        }
+        if let Some(id) = &node.id {
+            if let Some(first) = node_ids.check(id.value, &id.span) {
+                let (line, _) = sink.position(first.start);
+                sink.error(
+                    id.span.clone(),
+                    format!(
+                        "duplicate node id {} (already used on line {line}); every node needs its own key",
+                        id.value.short()
+                    ),
+                );
+            }
+        }
+        for (address, normalized) in &node.addresses {
+            if let Some(first) = addresses.check(normalized.clone(), &address.span) {
+                let (line, _) = sink.position(first.start);
+                sink.error(
+                    address.span.clone(),
+                    format!(
+                        "duplicate address {:?} (already listed on line {line}); each address belongs to one node",
+                        address.value
+                    ),
+                );
+            }
+        }
+        if let Some(site) = &node.site {
+            if !site_names.first.is_empty() && !site_names.first.contains_key(&site.value) {
+                let mut known: Vec<&String> = site_names.first.keys().collect();
+                known.sort();
+                let known: Vec<String> = known.iter().map(|s| format!("{s:?}")).collect();
+                sink.error(
+                    site.span.clone(),
+                    format!("unknown site {:?}; expected one of the [[site]] names: {}", site.value, known.join(", ")),
+                );
+            }
+        }
+    }
+
+    let mut volume_names: Seen<String> = Seen::new();
+    for volume in &draft.volumes {
+        if let Some(name) = &volume.name {
+            if let Some(first) = volume_names.check(name.value.clone(), &name.span) {
+                let (line, _) = sink.position(first.start);
+                sink.error(
+                    name.span.clone(),
+                    format!("duplicate volume name {:?} (first defined on line {line})", name.value),
+                );
+            }
+        }
+        if let Some(source) = &volume.source {
+            if !node_names.first.contains_key(&source.value) {
+                sink.error(source.span.clone(), format!("volume source {:?} is not a [[node]] name", source.value));
+            }
+        }
+        let mut targets: Seen<String> = Seen::new();
+        for target in &volume.targets {
+            if !node_names.first.contains_key(&target.value) {
+                sink.error(target.span.clone(), format!("target {:?} is not a [[node]] name", target.value));
+            } else if volume.source.as_ref().is_some_and(|s| s.value == target.value) {
+                sink.error(
+                    target.span.clone(),
+                    format!(
+                        "target {:?} is the volume's source; expected other nodes to hold its recovery points",
+                        target.value
+                    ),
+                );
+            }
+            if targets.check(target.value.clone(), &target.span).is_some() {
+                sink.error(target.span.clone(), format!("target {:?} is listed twice", target.value));
+            }
+        }
+        if let Some(policy) = &volume.policy {
+            if !draft.policies.contains_key(&policy.value) {
+                let known: Vec<String> = draft.policies.keys().map(|k| format!("{k:?}")).collect();
+                let expected = if known.is_empty() {
+                    "no [policy.NAME] table is defined".to_string()
+                } else {
+                    format!("expected one of {}", known.join(", "))
+                };
+                sink.error(policy.span.clone(), format!("undefined policy {:?}; {expected}", policy.value));
+            }
+        }
+    }
+
+    if sink.has_errors() {
+        return None;
+    }
+    let mut policies = BTreeMap::new();
+    for (name, policy) in draft.policies {
+        policies.insert(name, policy?);
+    }
+    Some(Checked {
+        mesh: draft.mesh?,
+        sites: draft.sites.into_iter().map(|s| s.site).collect::<Option<_>>()?,
+        nodes: draft.nodes.into_iter().map(|n| n.node).collect::<Option<_>>()?,
+        volumes: draft.volumes.into_iter().map(|v| v.volume).collect::<Option<_>>()?,
+        policies,
+    })
+}

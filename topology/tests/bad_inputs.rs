@@ -1,0 +1,663 @@
+//! Bad topology files: every error is reported with the exact line and column
+//! (1-based, column in characters) and a message saying what was wrong.
+//!
+//! Texts start on the line after `r#"`; `ID1`..`ID9` are replaced with real
+//! node ids (`NodeId::from_public_key(&[n; 32])`).
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use drmesh_topology::{NodeId, Topology};
+
+fn id(n: u8) -> String {
+    NodeId::from_public_key(&[n; 32]).to_string()
+}
+
+fn expand(text: &str) -> String {
+    let mut text = text.strip_prefix('\n').unwrap_or(text).to_string();
+    for n in 1..=9u8 {
+        text = text.replace(&format!("ID{n}"), &id(n));
+    }
+    text
+}
+
+/// Errors of `text` (as if read from `origin`) as (line, column, message).
+fn errors_at(text: &str, origin: &Path) -> Vec<(usize, usize, String)> {
+    match Topology::parse(&expand(text), origin) {
+        Ok(_) => panic!("accepted:\n{}", expand(text)),
+        Err(diags) => {
+            for d in diags.iter() {
+                assert_eq!(d.file, origin);
+            }
+            diags.into_iter().map(|d| (d.line, d.column, d.message)).collect()
+        }
+    }
+}
+
+fn errors(text: &str) -> Vec<(usize, usize, String)> {
+    errors_at(text, Path::new("/etc/drmesh/topology.toml"))
+}
+
+/// Asserts exactly one error, at `line`:`column`, whose message contains `fragment`.
+#[track_caller]
+fn assert_one(text: &str, line: usize, column: usize, fragment: &str) {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
+    assert_error(&errs[0], line, column, fragment);
+}
+
+#[track_caller]
+fn assert_error(err: &(usize, usize, String), line: usize, column: usize, fragment: &str) {
+    assert_eq!((err.0, err.1), (line, column), "position of {:?}", err.2);
+    assert!(err.2.contains(fragment), "message {:?} lacks {fragment:?}", err.2);
+}
+
+/// A valid file; tests below start from it (lines 1-26).
+const GOOD: &str = r#"
+[mesh]
+name = "m"
+version = 1
+
+[[node]]
+name = "a"
+id = "ID1"
+addresses = ["10.0.0.1:7400"]
+site = "s"
+
+[[node]]
+name = "b"
+id = "ID2"
+addresses = ["10.0.0.2:7400"]
+site = "s"
+
+[[volume]]
+name = "v"
+source = "a"
+kind = "file"
+path = "/img"
+targets = ["b"]
+policy = "p"
+
+[policy.p]
+rpo = "15m"
+"#;
+
+/// `GOOD` with line `line` (1-based) replaced by `with` (which may span several lines).
+fn edit(line: usize, with: &str) -> String {
+    let text = expand(GOOD);
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[line - 1] = with;
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn the_base_file_is_good() {
+    Topology::parse(&expand(GOOD), Path::new("t.toml")).unwrap();
+}
+
+// ---- syntax -------------------------------------------------------------
+
+#[test]
+fn syntax_error_unterminated_string() {
+    // toml reports the missing quote where the line ends.
+    let errs = errors(&edit(3, "version = \"1"));
+    assert!(!errs.is_empty());
+    assert_error(&errs[0], 3, 13, "TOML syntax error: invalid basic string");
+}
+
+#[test]
+fn syntax_error_missing_value() {
+    assert_one(&edit(2, "name ="), 2, 7, "TOML syntax error");
+}
+
+#[test]
+fn syntax_error_duplicate_key() {
+    assert_one(&edit(3, "version = 1\nversion = 2"), 4, 1, "duplicate key");
+}
+
+// ---- unknown keys at each level ----------------------------------------
+
+#[test]
+fn unknown_top_level_key() {
+    let errs = errors(&edit(25, "[policies.p]"));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_error(&errs[0], 23, 10, "undefined policy \"p\"; no [policy.NAME] table is defined");
+    assert_error(
+        &errs[1],
+        25,
+        2,
+        "unknown key `policies` in the top level; allowed keys: mesh, site, node, volume, policy",
+    );
+}
+
+#[test]
+fn unknown_key_in_mesh() {
+    assert_one(
+        &edit(3, "version = 1\nowner = \"ops\""),
+        4,
+        1,
+        "unknown key `owner` in [mesh]; allowed keys: name, version",
+    );
+}
+
+#[test]
+fn unknown_key_in_node() {
+    assert_one(
+        &edit(9, "site = \"s\"\nport = 7400"),
+        10,
+        1,
+        "unknown key `port` in [[node]]; allowed keys: name, id, addresses, listen, site, labels",
+    );
+}
+
+#[test]
+fn unknown_key_in_volume() {
+    assert_one(
+        &edit(23, "policy = \"p\"\nschedule = \"x\""),
+        24,
+        1,
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, path, device, nbd",
+    );
+}
+
+#[test]
+fn unknown_key_in_policy() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\nrto = \"1h\""),
+        27,
+        1,
+        "unknown key `rto` in [policy.p]; allowed keys: rpo, retention, block_size",
+    );
+}
+
+#[test]
+fn unknown_key_in_retention() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\nretention = { keep_last = 3, monthly = 2 }"),
+        27,
+        30,
+        "unknown key `monthly` in `retention` of [policy.p]; allowed keys: keep_last, hourly, daily, weekly",
+    );
+}
+
+#[test]
+fn unknown_key_in_bandwidth_window() {
+    let text = edit(
+        26,
+        "rpo = \"15m\"\n[policy.p.bandwidth]\nwindows = [{ days = \"mon\", from = \"08:00\", to = \"09:00\", limit = \"1Mbit\", until = \"x\" }]",
+    );
+    assert_one(&text, 28, 75, "unknown key `until` in a bandwidth window; allowed keys: days, from, to, limit");
+}
+
+#[test]
+fn unknown_key_in_drill() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\ndrill = { schedule = \"daily 02:00\", check = [\"fsck\"] }"),
+        27,
+        37,
+        "unknown key `check` in `drill` of [policy.p]; allowed keys: schedule, checks",
+    );
+}
+
+// ---- types and values ---------------------------------------------------
+
+#[test]
+fn version_as_string_is_a_type_error() {
+    assert_one(&edit(3, "version = \"1\""), 3, 11, "`version` in [mesh] must be an integer, found a string (\"1\")");
+}
+
+#[test]
+fn mesh_version_zero() {
+    assert_one(&edit(3, "version = 0"), 3, 11, "`version` in [mesh] must be at least 1, found 0");
+}
+
+#[test]
+fn addresses_as_string_is_a_type_error() {
+    assert_one(
+        &edit(8, "addresses = \"10.0.0.1:7400\""),
+        8,
+        13,
+        "`addresses` in [[node]] must be a list of strings, found a string",
+    );
+}
+
+#[test]
+fn targets_with_a_number() {
+    assert_one(
+        &edit(22, "targets = [\"b\", 2]"),
+        22,
+        17,
+        "entries of `targets` in [[volume]] must be strings, found an integer (2)",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_one(&edit(26, "rpo = \"15x\""), 26, 7, "`rpo` in [policy.p]: bad duration \"15x\"");
+}
+
+#[test]
+fn duration_without_unit() {
+    assert_one(&edit(26, "rpo = \"15\""), 26, 7, "duration \"15\" has no unit");
+}
+
+#[test]
+fn bad_size() {
+    assert_one(&edit(26, "rpo = \"15m\"\nblock_size = \"1 megabyte\""), 27, 14, "unknown unit \"megabyte\"");
+}
+
+#[test]
+fn block_size_not_a_power_of_two() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\nblock_size = \"100KiB\""),
+        27,
+        14,
+        "102400 bytes is not a power of two; expected a power of two from 64KiB to 16MiB",
+    );
+}
+
+#[test]
+fn block_size_out_of_range() {
+    assert_one(&edit(26, "rpo = \"15m\"\nblock_size = 32768"), 27, 14, "32768 bytes is out of range");
+}
+
+#[test]
+fn bad_rate() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\nbandwidth = { limit = \"100Mbyte\" }"),
+        27,
+        23,
+        "bad rate \"100Mbyte\": unknown unit \"Mbyte\"",
+    );
+}
+
+#[test]
+fn bad_window_time() {
+    let text = edit(26, "rpo = \"15m\"\nbandwidth = { windows = [{ days = \"mon-fri\", from = \"8am\", to = \"18:00\", limit = \"unlimited\" }] }");
+    assert_one(&text, 27, 53, "`from` in a bandwidth window: bad time \"8am\"; expected a time \"HH:MM\"");
+}
+
+#[test]
+fn bad_window_days() {
+    let text = edit(26, "rpo = \"15m\"\n[[policy.p.bandwidth.windows]]\ndays = \"mon-fry\"\nfrom = \"08:00\"\nto = \"18:00\"\nlimit = \"5Mbit\"");
+    assert_one(&text, 28, 8, "bad day \"fry\"");
+}
+
+#[test]
+fn bad_compression_level() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\ncompression = \"zstd:20\""),
+        27,
+        15,
+        "zstd level 20 is out of range; expected \"off\", \"zstd\" or \"zstd:N\" with N from -7 to 19",
+    );
+}
+
+#[test]
+fn unknown_compression() {
+    assert_one(&edit(26, "rpo = \"15m\"\ncompression = \"lz4\""), 27, 15, "unknown compression \"lz4\"");
+}
+
+#[test]
+fn retention_keep_last_zero() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\n[policy.p.retention]\nkeep_last = 0"),
+        28,
+        13,
+        "`keep_last` in `retention` of [policy.p] must be at least 1, found 0",
+    );
+}
+
+#[test]
+fn bad_drill_schedule() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\n[policy.p.drill]\nschedule = \"monthly 1st\""),
+        28,
+        12,
+        "bad schedule \"monthly 1st\"; expected \"daily HH:MM\"",
+    );
+}
+
+#[test]
+fn unknown_drill_check() {
+    assert_one(
+        &edit(26, "rpo = \"15m\"\ndrill = { schedule = \"every 6h\", checks = [\"fsck\", \"mysql\"] }"),
+        27,
+        52,
+        "unknown drill check \"mysql\"",
+    );
+}
+
+// ---- nodes --------------------------------------------------------------
+
+#[test]
+fn duplicate_node_name() {
+    let errs = errors(&edit(12, "name = \"a\""));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_error(&errs[0], 12, 8, "duplicate node name \"a\" (first defined on line 6)");
+    assert_error(&errs[1], 22, 12, "target \"b\" is not a [[node]] name");
+}
+
+#[test]
+fn duplicate_node_id() {
+    assert_one(&edit(13, "id = \"ID1\""), 13, 6, "duplicate node id");
+}
+
+#[test]
+fn duplicate_address() {
+    assert_one(
+        &edit(14, "addresses = [\"10.0.0.3:7400\", \"10.0.0.1:7400\"]"),
+        14,
+        31,
+        "duplicate address \"10.0.0.1:7400\" (already listed on line 8)",
+    );
+}
+
+#[test]
+fn duplicate_address_after_normalization() {
+    let text = edit(8, "addresses = [\"[::1]:7400\", \"GW.example.com:7400\"]");
+    let text = text.replace("\"10.0.0.2:7400\"", "\"[0::0001]:7400\", \"gw.example.com.:7400\"");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_error(&errs[0], 14, 14, "duplicate address \"[0::0001]:7400\"");
+    assert_error(&errs[1], 14, 32, "duplicate address \"gw.example.com.:7400\"");
+}
+
+#[test]
+fn bad_node_id_check_character() {
+    let good = id(2);
+    // A typo in the third group: change one character to another letter.
+    let mut typo: Vec<char> = good.chars().collect();
+    typo[17] = if typo[17] == 'A' { 'B' } else { 'A' };
+    let typo: String = typo.into_iter().collect();
+    assert_one(
+        &edit(13, &format!("id = \"{typo}\"")),
+        13,
+        6,
+        "bad node `id`: node id check character 2 of 4 does not match",
+    );
+}
+
+#[test]
+fn bad_node_id_length() {
+    let short = &id(2)[..55];
+    assert_one(&edit(13, &format!("id = \"{short}\"")), 13, 6, "node id has 49 characters, expected 56");
+}
+
+#[test]
+fn bad_node_id_character() {
+    assert_one(&edit(13, &format!("id = \"1{}\"", &id(2)[1..])), 13, 6, "node id has '1' at character 1");
+}
+
+#[test]
+fn bad_node_name() {
+    let errs = errors(&edit(12, "name = \"Web 1\""));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_error(&errs[0], 12, 8, "bad node name \"Web 1\"; expected lower-case letters, digits");
+    // The volume's target "b" is gone with the rename: reported too.
+    assert_error(&errs[1], 22, 12, "target \"b\" is not a [[node]] name");
+}
+
+#[test]
+fn ipv6_address_without_brackets() {
+    assert_one(&edit(14, "addresses = [\"::1:7400\"]"), 14, 14, "IPv6 addresses must be in brackets");
+}
+
+#[test]
+fn address_without_port() {
+    assert_one(&edit(14, "addresses = [\"gw.example.com\"]"), 14, 14, "bad address \"gw.example.com\": missing port");
+}
+
+#[test]
+fn bad_listen() {
+    assert_one(
+        &edit(9, "site = \"s\"\nlisten = \"localhost:7400\""),
+        10,
+        10,
+        "bad `listen` \"localhost:7400\": expected an IP socket address",
+    );
+}
+
+#[test]
+fn missing_node_site_points_at_the_header() {
+    assert_one(&edit(15, ""), 11, 1, "missing required key `site` in [[node]]; expected a string");
+}
+
+#[test]
+fn unknown_site() {
+    let text = edit(3, "version = 1\n[[site]]\nname = \"s\"\n[[site]]\nname = \"t\"");
+    let text = text.replacen("site = \"s\"", "site = \"x\"", 1);
+    assert_one(&text, 13, 8, "unknown site \"x\"; expected one of the [[site]] names: \"s\", \"t\"");
+}
+
+#[test]
+fn site_written_as_a_single_table() {
+    assert_one(
+        &edit(3, "version = 1\n[site]\nname = \"s\""),
+        4,
+        1,
+        "`site` must be an array of tables ([[site]]), found a table",
+    );
+}
+
+#[test]
+fn label_values_must_be_strings_and_columns_count_characters() {
+    assert_one(
+        &edit(9, "site = \"s\"\nlabels = { \"é\" = \"ü\", rack = 12 }"),
+        10,
+        30,
+        "label `rack` must be a string, found an integer (12)",
+    );
+}
+
+#[test]
+fn missing_mesh() {
+    let text = expand(GOOD).replacen("[mesh]\nname = \"m\"\nversion = 1\n", "", 1);
+    assert_one(&text, 1, 1, "missing [mesh] table");
+}
+
+// ---- volumes ------------------------------------------------------------
+
+#[test]
+fn undefined_source_node() {
+    assert_one(&edit(19, "source = \"c\""), 19, 10, "volume source \"c\" is not a [[node]] name");
+}
+
+#[test]
+fn undefined_target_node() {
+    assert_one(&edit(22, "targets = [\"b\", \"zz\"]"), 22, 17, "target \"zz\" is not a [[node]] name");
+}
+
+#[test]
+fn undefined_policy() {
+    assert_one(&edit(23, "policy = \"gold\""), 23, 10, "undefined policy \"gold\"; expected one of \"p\"");
+}
+
+#[test]
+fn target_is_the_source() {
+    assert_one(&edit(22, "targets = [\"b\", \"a\"]"), 22, 17, "target \"a\" is the volume's source");
+}
+
+#[test]
+fn duplicate_targets() {
+    assert_one(&edit(22, "targets = [\"b\", \"b\"]"), 22, 17, "target \"b\" is listed twice");
+}
+
+#[test]
+fn empty_targets() {
+    assert_one(&edit(22, "targets = []"), 22, 11, "`targets` in [[volume]] is empty");
+}
+
+#[test]
+fn missing_volume_fields_point_at_the_header() {
+    let errs = errors(&edit(23, "").replace("source = \"a\"\n", ""));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_error(&errs[0], 17, 1, "missing required key `source` in [[volume]]");
+    assert_error(&errs[1], 17, 1, "missing required key `policy` in [[volume]]");
+}
+
+#[test]
+fn bad_kind() {
+    assert_one(
+        &edit(20, "kind = \"iscsi\""),
+        20,
+        8,
+        "unknown volume kind \"iscsi\"; expected one of \"file\", \"kmod\", \"qemu\", \"ebs\"",
+    );
+}
+
+#[test]
+fn setting_of_the_wrong_kind() {
+    assert_one(
+        &edit(21, "path = \"/img\"\ndevice = \"/dev/sdb\""),
+        22,
+        1,
+        "`device` is a setting of kind \"kmod\", not \"file\"",
+    );
+}
+
+#[test]
+fn kmod_device_outside_dev() {
+    assert_one(
+        &edit(20, "kind = \"kmod\"").replace("path = \"/img\"", "device = \"/img\""),
+        21,
+        10,
+        "must be a /dev/... device path",
+    );
+}
+
+#[test]
+fn relative_file_path() {
+    assert_one(&edit(21, "path = \"img\""), 21, 8, "`path` in [[volume]] must be an absolute path");
+}
+
+#[test]
+fn qemu_needs_nbd_and_ebs_checks_volume_id() {
+    let qemu = edit(20, "kind = \"qemu\"").replace("path = \"/img\"", "export = \"disk0\"");
+    assert_one(&qemu, 17, 1, "missing required key `nbd` in [[volume]]");
+    let ebs = edit(20, "kind = \"ebs\"").replace("path = \"/img\"", "volume_id = \"i-123\"\nregion = \"eu-west-1\"");
+    assert_one(&ebs, 21, 13, "bad `volume_id` \"i-123\"; expected an EBS volume id");
+}
+
+// ---- key files ----------------------------------------------------------
+
+fn key_errors(contents: &[u8], mode: u32) -> Vec<(usize, usize, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("keys")).unwrap();
+    let key = dir.path().join("keys/k.key");
+    fs::write(&key, contents).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(mode)).unwrap();
+    let text = edit(26, "rpo = \"15m\"\nencryption_key_file = \"keys/k.key\"");
+    errors_at(&text, &dir.path().join("topology.toml"))
+}
+
+#[test]
+fn key_file_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = edit(26, "rpo = \"15m\"\nencryption_key_file = \"keys/none.key\"");
+    let errs = errors_at(&text, &dir.path().join("topology.toml"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 27, 23, "keys/none.key does not exist");
+}
+
+#[test]
+fn key_file_open_to_others() {
+    let errs = key_errors(&[1; 32], 0o644);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 27, 23, "has mode 0644, open to group or others; expected 0600");
+}
+
+#[test]
+fn key_file_wrong_length() {
+    let errs = key_errors(&[1; 31], 0o600);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 27, 23, "has 31 bytes; expected exactly 32 raw bytes or 64 hex characters");
+}
+
+#[test]
+fn good_key_files_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    fs::write(&key, "ab".repeat(32) + "\n").unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let text = edit(26, &format!("rpo = \"15m\"\nencryption_key_file = \"{}\"", key.display()));
+    let topo = Topology::parse(&text, Path::new("/elsewhere/t.toml")).unwrap();
+    assert_eq!(topo.policies["p"].encryption_key_file.as_deref(), Some(key.as_path()));
+}
+
+// ---- many errors at once -------------------------------------------------
+
+#[test]
+fn every_error_of_a_file_is_reported_in_file_order() {
+    let text = r#"
+[mesh]
+name = "m"
+version = 0
+
+[[node]]
+name = "a"
+id = "ID1"
+addresses = ["10.0.0.1:7400"]
+site = "s"
+colour = "blue"
+
+[[node]]
+name = "a"
+id = "ID1"
+addresses = ["10.0.0.1:7400"]
+
+[[volume]]
+name = "v"
+source = "nobody"
+kind = "file"
+device = "/dev/sda"
+path = "/img"
+targets = []
+policy = "gold"
+
+[policy.p]
+rpo = "soon"
+block_size = "3MiB"
+compression = "zstd:99"
+"#;
+    let errs = errors(text);
+    let positions: Vec<(usize, usize)> = errs.iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(
+        positions,
+        [
+            (3, 11),
+            (10, 1),
+            (12, 1),
+            (13, 8),
+            (14, 6),
+            (15, 14),
+            (19, 10),
+            (21, 1),
+            (23, 11),
+            (24, 10),
+            (27, 7),
+            (28, 14),
+            (29, 15)
+        ],
+        "{errs:#?}"
+    );
+    assert!(errs[0].2.contains("at least 1"));
+    assert!(errs[1].2.contains("unknown key `colour`"));
+    assert!(errs[2].2.contains("missing required key `site`"));
+    assert!(errs[3].2.contains("duplicate node name"));
+    assert!(errs[4].2.contains("duplicate node id"));
+    assert!(errs[5].2.contains("duplicate address"));
+    assert!(errs[6].2.contains("volume source \"nobody\""));
+    assert!(errs[7].2.contains("`device` is a setting of kind \"kmod\""));
+    assert!(errs[8].2.contains("`targets` in [[volume]] is empty"));
+    assert!(errs[9].2.contains("undefined policy \"gold\""));
+    assert!(errs[10].2.contains("bad duration \"soon\""));
+    assert!(errs[11].2.contains("not a power of two"));
+    assert!(errs[12].2.contains("zstd level 99"));
+    let shown = Topology::parse(&expand(text), Path::new("conf/t.toml")).unwrap_err().to_string();
+    assert_eq!(shown.lines().count(), errs.len());
+    assert!(shown.lines().next().unwrap().starts_with("conf/t.toml:3:11: "), "{shown}");
+}
