@@ -47,8 +47,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let system = actix::System::new();
     let socket_path = system.block_on(async {
-        let mesh = MeshActor::start_with(identity.clone(), topology.clone())?;
+        // The admin socket first: it is how a second node on this state dir is caught.
         let (listener, socket_path) = admin::bind(&args.state_dir)?;
+        let mesh = match MeshActor::start_with(identity.clone(), topology.clone()) {
+            Ok(mesh) => mesh,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket_path);
+                return Err(e.into());
+            }
+        };
         let reloader = Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone()).start();
         actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader }));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

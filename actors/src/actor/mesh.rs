@@ -150,23 +150,25 @@ impl MeshActor {
         actix_rt::spawn(async move {
             let mut errors = Vec::new();
             for address in &addresses {
-                let resolved = match tokio::net::lookup_host(address.as_str()).await {
-                    Ok(mut addrs) => addrs.next(),
+                let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(address.as_str()).await {
+                    Ok(addrs) => addrs.collect(),
                     Err(e) => {
                         errors.push(format!("{address}: cannot resolve: {e}"));
                         continue;
                     }
                 };
-                let Some(addr) = resolved else {
+                if resolved.is_empty() {
                     errors.push(format!("{address}: no address found"));
-                    continue;
-                };
-                match endpoint.connect(addr, id).await {
-                    Ok(conn) => {
-                        me.do_send(Established { conn, direction: Direction::Outbound, expected: Some(id) });
-                        return;
+                }
+                // A name may resolve to several addresses (IPv6 and IPv4); try each.
+                for addr in resolved {
+                    match endpoint.connect(addr, id).await {
+                        Ok(conn) => {
+                            me.do_send(Established { conn, direction: Direction::Outbound, expected: Some(id) });
+                            return;
+                        }
+                        Err(e) => errors.push(e.to_string()),
                     }
-                    Err(e) => errors.push(e.to_string()),
                 }
             }
             if addresses.is_empty() {

@@ -1,0 +1,150 @@
+//! Story: an operator makes the usual mistakes and gets clear errors that say
+//! what and where, and nothing already set up is lost.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use drmesh_tests::{drmesh, drmesh_bin, wait_until, TestMesh};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn init_makes_private_files_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("node");
+    let s = state.to_str().unwrap();
+    let out = drmesh(&["init", "--state-dir", s, "--name", "branch-1", "--address", "10.1.2.3:7400", "--site", "branch"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = stdout.lines().find_map(|l| l.strip_prefix("node id: ")).unwrap().to_string();
+    // The printed block is valid topology as it stands.
+    let block = &stdout[stdout.find("[[node]]").unwrap()..];
+    assert!(block.contains(&format!("id = \"{id}\"")) && block.contains("addresses = [\"10.1.2.3:7400\"]"), "{block}");
+    let topology = dir.path().join("t.toml");
+    std::fs::write(&topology, format!("[mesh]\nname = \"m\"\nversion = 1\n\n{block}")).unwrap();
+    let check = drmesh(&["topology", "check", topology.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+
+    for f in ["node.key", "node.crt"] {
+        assert_eq!(std::fs::metadata(state.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let key_before = std::fs::read(state.join("node.key")).unwrap();
+    let again = drmesh(&["init", "--state-dir", s, "--name", "branch-1"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already exists") && stderr(&again).contains(&id), "{}", stderr(&again));
+    assert_eq!(std::fs::read(state.join("node.key")).unwrap(), key_before, "refused init changed the key");
+    // The key never appears in output.
+    let key_text = String::from_utf8_lossy(&key_before).into_owned();
+    let body = key_text.lines().nth(1).unwrap();
+    assert!(!stdout.contains(body) && !stderr(&again).contains(body));
+
+    let forced = drmesh(&["init", "--state-dir", s, "--name", "branch-1", "--force"]);
+    assert!(forced.status.success());
+    assert!(!String::from_utf8_lossy(&forced.stdout).contains(&id), "--force must make a new id");
+}
+
+#[test]
+fn run_refuses_bad_setups_with_clear_errors() {
+    let mut mesh = TestMesh::new(&["a", "b", "outsider"]);
+    mesh.write_file("topology.toml", &mesh.standard_topology(1, &["a", "b"]));
+    let topology = mesh.dir.path().join("topology.toml");
+    let t = topology.to_str().unwrap();
+
+    // A node that is not in the topology.
+    let outsider = mesh.node("outsider").state_dir.clone();
+    let out = drmesh(&["run", "--state-dir", outsider.to_str().unwrap(), "--topology", t]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not in topology") && stderr(&out).contains(&mesh.node("outsider").id), "{}", stderr(&out));
+
+    // A state dir without identity.
+    let empty = mesh.dir.path().join("empty");
+    let out = drmesh(&["run", "--state-dir", empty.to_str().unwrap(), "--topology", t]);
+    assert!(stderr(&out).contains("no node identity") && stderr(&out).contains("drmesh init"), "{}", stderr(&out));
+
+    // A key file others can read.
+    let b_dir = mesh.node("b").state_dir.clone();
+    std::fs::set_permissions(b_dir.join("node.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = drmesh(&["run", "--state-dir", b_dir.to_str().unwrap(), "--topology", t]);
+    assert!(stderr(&out).contains("mode 644") && stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    std::fs::set_permissions(b_dir.join("node.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A broken topology file: every error with file:line:column, nothing started.
+    let broken = mesh.write_file("broken.toml", &mesh.standard_topology(1, &["a", "b"]).replace("site = \"lab\"", "site = 7"));
+    let out = drmesh(&["run", "--state-dir", b_dir.to_str().unwrap(), "--topology", broken.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).matches(&format!("{}:", broken.display())).count(), 2, "{}", stderr(&out));
+
+    // A second node on the same state dir.
+    mesh.start("a", "topology.toml");
+    let a_dir = mesh.node("a").state_dir.clone();
+    let out = drmesh(&["run", "--state-dir", a_dir.to_str().unwrap(), "--topology", t]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+    assert!(mesh.ctl_json("a", "status").is_some(), "the running node lost its socket");
+}
+
+#[test]
+fn ctl_says_when_no_node_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = drmesh(&["ctl", "--state-dir", dir.path().to_str().unwrap(), "status"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no drmesh node is running"), "{}", stderr(&out));
+
+    // A socket file nobody listens on (left by a crash).
+    let socket = dir.path().join("admin.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let out = drmesh(&["ctl", "--socket", socket.to_str().unwrap(), "peers"]);
+    assert!(stderr(&out).contains("stale"), "{}", stderr(&out));
+}
+
+#[test]
+fn topology_check_lists_every_error_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[mesh]\nname = \"m\"\nversion = 0\n\n[[node]]\nname = \"a\"\nid = \"NOT-AN-ID\"\nsite = \"x\"\ncolour = \"red\"\n").unwrap();
+    let out = drmesh(&["topology", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let f = file.display().to_string();
+    for (pos, what) in [("3:11", "version"), ("7:6", "node id"), ("9:1", "colour")] {
+        let line = stdout.lines().find(|l| l.starts_with(&format!("{f}:{pos}:"))).unwrap_or_else(|| panic!("no error at {pos}:\n{stdout}"));
+        assert!(line.contains(what), "{line}");
+    }
+    assert!(stderr(&out).contains("3 errors"), "{}", stderr(&out));
+
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-nodes.toml");
+    let out = drmesh(&["topology", "check", example.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut mesh = TestMesh::new(&["a", "b"]);
+    mesh.write_file("topology.toml", &mesh.standard_topology(1, &["a", "b"]));
+    let node = mesh.node("a");
+    let child = Command::new(drmesh_bin())
+        .args(["--log-format", "json", "run", "--state-dir"])
+        .arg(&node.state_dir)
+        .arg("--topology")
+        .arg(mesh.dir.path().join("topology.toml"))
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = node.socket();
+    wait_until("a is up", Duration::from_secs(20), || socket.exists());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "{text}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    let _ = mesh.node_mut("a").is_running();
+}
