@@ -1,5 +1,6 @@
 //! Handshakes between real QUIC endpoints on loopback: listed peers get in,
 //! unlisted ones and impostors are refused during the handshake.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::sync::Arc;
 
