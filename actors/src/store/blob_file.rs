@@ -1,0 +1,203 @@
+//! The on-disk blob file: a fixed 256-byte header followed by the opaque payload.
+//!
+//! Header layout (little-endian), version 1:
+//!
+//! | offset | bytes | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic `DRMBLOB\0` |
+//! | 8 | 2 | format version (1) |
+//! | 10 | 1 | flags ([`BlobFlags`]) |
+//! | 11 | 1 | depth (0 = full block) |
+//! | 12 | 4 | plain_len (bytes of the block the blob produces) |
+//! | 16 | 8 | payload length |
+//! | 24 | 32 | blob id |
+//! | 56 | 32 | content id |
+//! | 88 | 32 | base blob id (zeros for a full block) |
+//! | 120 | 32 | blake3 of the payload bytes |
+//! | 152 | 16 | blake3 of bytes 0..152 (first 16 bytes), so a damaged header is caught |
+//! | 168 | 88 | zero padding |
+//!
+//! Files live at `blobs/ab/cd/<64 hex>`; temp files are `blobs/ab/cd/.tmp-<hex>-<pid>-<counter>`.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::error::{io_error, StoreError};
+use super::{BlobFlags, EncodedBlob};
+use crate::content::{BlobId, ContentId};
+
+/// Magic at the start of every blob file.
+pub const MAGIC: [u8; 8] = *b"DRMBLOB\0";
+/// Current format version.
+pub const VERSION: u16 = 1;
+/// Size of the fixed header.
+pub const HEADER_BYTES: usize = 256;
+const FIELDS_END: usize = 152;
+const HEADER_CHECK_END: usize = FIELDS_END + 16;
+// The fields and the header check must fit in the padded header.
+const _: () = assert!(HEADER_CHECK_END <= HEADER_BYTES);
+const _: () = assert!(HEADER_BYTES == 256);
+
+/// Prefix of temp file names (hidden, never a valid hex id).
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The fan-out path of a blob under `blobs_dir`.
+pub fn blob_path(blobs_dir: &Path, id: &BlobId) -> PathBuf {
+    let hex = id.to_hex();
+    blobs_dir.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+}
+
+/// Encodes the header of `blob`.
+pub fn encode_header(blob: &EncodedBlob) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    h[10] = blob.flags.0;
+    h[11] = blob.depth;
+    h[12..16].copy_from_slice(&blob.plain_len.to_le_bytes());
+    h[16..24].copy_from_slice(&(blob.payload.len() as u64).to_le_bytes());
+    h[24..56].copy_from_slice(&blob.id.0);
+    h[56..88].copy_from_slice(&blob.content.0);
+    h[88..120].copy_from_slice(&blob.base.unwrap_or(ContentId::ZERO).0);
+    h[120..152].copy_from_slice(blake3::hash(&blob.payload).as_bytes());
+    let check = blake3::hash(&h[0..FIELDS_END]);
+    h[FIELDS_END..HEADER_CHECK_END].copy_from_slice(&check.as_bytes()[0..16]);
+    h
+}
+
+fn id_at(h: &[u8; HEADER_BYTES], at: usize) -> ContentId {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&h[at..at + 32]);
+    ContentId(id)
+}
+
+/// Reads and fully verifies the blob file of `id`.
+pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
+    let path = blob_path(blobs_dir, id);
+    let corrupt = |cause: String| StoreError::BlobCorrupt {
+        blob: id.to_hex(),
+        path: path.clone(),
+        cause,
+    };
+    let mut file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::BlobMissing {
+                blob: id.to_hex(),
+                path,
+            });
+        }
+        Err(e) => return Err(io_error("open blob", &path, e)),
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| io_error("read blob", &path, e))?;
+    if bytes.len() < HEADER_BYTES {
+        return Err(corrupt(format!(
+            "file is {} bytes, shorter than the {HEADER_BYTES}-byte header",
+            bytes.len()
+        )));
+    }
+    let mut h = [0u8; HEADER_BYTES];
+    h.copy_from_slice(&bytes[..HEADER_BYTES]);
+    if h[0..8] != MAGIC {
+        return Err(corrupt("bad magic".into()));
+    }
+    let version = u16::from_le_bytes([h[8], h[9]]);
+    if version != VERSION {
+        return Err(corrupt(format!("unknown format version {version}")));
+    }
+    if blake3::hash(&h[0..FIELDS_END]).as_bytes()[0..16] != h[FIELDS_END..HEADER_CHECK_END] {
+        return Err(corrupt("header checksum mismatch".into()));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&h[16..24]);
+    let payload_len = u64::from_le_bytes(len8);
+    let actual = (bytes.len() - HEADER_BYTES) as u64;
+    if actual != payload_len {
+        return Err(corrupt(format!("payload is {actual} bytes, header says {payload_len}")));
+    }
+    if id_at(&h, 24) != *id {
+        return Err(corrupt(format!("header names blob {}", id_at(&h, 24).to_hex())));
+    }
+    let payload = bytes.split_off(HEADER_BYTES);
+    if blake3::hash(&payload).as_bytes()[..] != h[120..152] {
+        return Err(corrupt("payload checksum mismatch".into()));
+    }
+    let base = id_at(&h, 88);
+    Ok(EncodedBlob {
+        id: *id,
+        content: id_at(&h, 56),
+        flags: BlobFlags(h[10]),
+        plain_len: u32::from_le_bytes([h[12], h[13], h[14], h[15]]),
+        base: if base.is_zero() { None } else { Some(base) },
+        depth: h[11],
+        payload,
+    })
+}
+
+/// Writes `blob` to a unique temp file in its fan-out folder and renames it into place.
+/// Does not fsync: the caller syncs the whole batch once. Returns the bytes written.
+pub fn write(blobs_dir: &Path, blob: &EncodedBlob) -> Result<u64, StoreError> {
+    let path = blob_path(blobs_dir, &blob.id);
+    let dir = path.parent().unwrap_or(blobs_dir);
+    fs::create_dir_all(dir).map_err(|e| io_error("create blob folder", dir, e))?;
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let temp = dir.join(format!("{TEMP_PREFIX}{}-{}-{n}", blob.id.to_hex(), std::process::id()));
+    let result = (|| {
+        let mut file = File::create(&temp).map_err(|e| io_error("create blob temp file", &temp, e))?;
+        file.write_all(&encode_header(blob))
+            .map_err(|e| io_error("write blob", &temp, e))?;
+        file.write_all(&blob.payload)
+            .map_err(|e| io_error("write blob", &temp, e))?;
+        drop(file);
+        fs::rename(&temp, &path).map_err(|e| io_error("rename blob into place", &path, e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result.map(|()| (HEADER_BYTES + blob.payload.len()) as u64)
+}
+
+/// Removes temp files left by writers interrupted by a crash. Returns how many were removed.
+pub fn remove_temp_files(blobs_dir: &Path) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    for_each_file(blobs_dir, &mut |path, name| {
+        if name.starts_with(TEMP_PREFIX) {
+            fs::remove_file(path).map_err(|e| io_error("remove temp file", path, e))?;
+            removed += 1;
+        }
+        Ok(())
+    })?;
+    Ok(removed)
+}
+
+/// Calls `f(path, file_name)` for every file in the two fan-out levels under `blobs_dir`.
+pub fn for_each_file(
+    blobs_dir: &Path,
+    f: &mut dyn FnMut(&Path, &str) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let read_dir = |dir: &Path| fs::read_dir(dir).map_err(|e| io_error("list blob folder", dir, e));
+    for level1 in read_dir(blobs_dir)? {
+        let level1 = level1.map_err(|e| io_error("list blob folder", blobs_dir, e))?.path();
+        if !level1.is_dir() {
+            continue;
+        }
+        for level2 in read_dir(&level1)? {
+            let level2 = level2.map_err(|e| io_error("list blob folder", &level1, e))?.path();
+            if !level2.is_dir() {
+                continue;
+            }
+            for entry in read_dir(&level2)? {
+                let path = entry.map_err(|e| io_error("list blob folder", &level2, e))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+                f(&path, &name)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The store's error type and the mapping of I/O and catalog errors onto it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What went wrong in the store, on which object, and why.
+///
+/// Unless a variant says otherwise, a failed call changed nothing that a later
+/// call can observe: blob files written before a failure are either complete
+/// and checksummed or temp files that [`super::Store::open`] removes, and catalog
+/// changes are all-or-nothing redb transactions.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file system holding `path` is full (ENOSPC/EDQUOT). The operation was
+    /// abandoned; the catalog still holds its previous state.
+    #[error("target disk full while writing {path}")]
+    DiskFull {
+        /// The file or folder being written.
+        path: PathBuf,
+    },
+    /// A file-system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What the store was doing ("write blob", "rename", "syncfs", ...).
+        op: &'static str,
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The redb catalog failed.
+    #[error("catalog {path}: {op}: {source}")]
+    Catalog {
+        /// What the store was doing.
+        op: String,
+        /// The catalog file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// A blob file is missing (the catalog is left as it was).
+    #[error("blob {blob} missing: {path}")]
+    BlobMissing {
+        /// Hex id of the blob.
+        blob: String,
+        /// Where the file should be.
+        path: PathBuf,
+    },
+    /// A blob file exists but is damaged: bad header, short, or checksum mismatch.
+    #[error("blob {blob} corrupt ({path}): {cause}")]
+    BlobCorrupt {
+        /// Hex id of the blob.
+        blob: String,
+        /// The file.
+        path: PathBuf,
+        /// What check failed.
+        cause: String,
+    },
+    /// A blob handed to `put_blobs` is inconsistent (ids, flags, base or depth);
+    /// nothing of that batch was recorded in the catalog.
+    #[error("invalid blob {blob}: {cause}")]
+    InvalidBlob {
+        /// Hex id of the blob.
+        blob: String,
+        /// What is wrong.
+        cause: String,
+    },
+    /// A delta's base blob is not in the store nor in the same batch.
+    #[error("blob {blob}: base blob {base} is not in the store")]
+    MissingBase {
+        /// Hex id of the delta.
+        blob: String,
+        /// Hex id of its missing base.
+        base: String,
+    },
+    /// `commit_rp` refused: a staged block's content is not materializable. Nothing was committed;
+    /// the session's staged rows are kept so it can send the missing blob and retry.
+    #[error("cannot commit {rp}: block {index} content {content} is not in the store")]
+    MissingContent {
+        /// `volume@seq`.
+        rp: String,
+        /// The block index.
+        index: u64,
+        /// Hex content id.
+        content: String,
+    },
+    /// `commit_rp` refused: `volume@seq` already exists. Nothing changed.
+    #[error("cannot commit {rp}: it already exists")]
+    RpExists {
+        /// `volume@seq`.
+        rp: String,
+    },
+    /// `commit_rp` refused: the volume already has a newer or equal RP. Nothing changed.
+    #[error("cannot commit {rp}: seq is not newer than the volume's newest RP {newest}")]
+    SeqNotNewer {
+        /// `volume@seq`.
+        rp: String,
+        /// The volume's newest seq.
+        newest: u64,
+    },
+    /// An RP's metadata is inconsistent (e.g. a staged block index beyond `block_count`). Nothing changed.
+    #[error("invalid RP {rp}: {cause}")]
+    InvalidRp {
+        /// `volume@seq`.
+        rp: String,
+        /// What is wrong.
+        cause: String,
+    },
+    /// No such RP.
+    #[error("no RP {rp}")]
+    RpNotFound {
+        /// `volume@seq`.
+        rp: String,
+    },
+    /// A catalog row could not be decoded (the catalog is damaged or from a newer version).
+    #[error("catalog {what} is undecodable")]
+    CorruptRow {
+        /// Which row.
+        what: String,
+    },
+}
+
+impl StoreError {
+    /// Whether this error means the target's disk is full (so the node can say so).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::DiskFull { .. })
+    }
+}
+
+/// Whether an I/O error means "no space left" (ENOSPC, or EDQUOT which ops see the same way).
+pub fn is_no_space(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::StorageFull
+        || matches!(err.raw_os_error(), Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT)
+}
+
+/// Maps an I/O error on `path` to [`StoreError::DiskFull`] when the disk is full, else [`StoreError::Io`].
+pub fn io_error(op: &'static str, path: &Path, source: io::Error) -> StoreError {
+    if is_no_space(&source) {
+        StoreError::DiskFull {
+            path: path.to_path_buf(),
+        }
+    } else {
+        StoreError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Whether a redb error was caused by a full disk (an `io::Error` anywhere in its source chain).
+fn redb_is_no_space(err: &redb::Error) -> bool {
+    if let redb::Error::Io(io) = err {
+        return is_no_space(io);
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            if is_no_space(io) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Maps a redb error on the catalog at `path` to [`StoreError::DiskFull`] or [`StoreError::Catalog`].
+pub fn catalog_error(op: impl Into<String>, path: &Path, source: impl Into<redb::Error>) -> StoreError {
+    let source = source.into();
+    if redb_is_no_space(&source) {
+        StoreError::DiskFull {
+            path: path.to_path_buf(),
+        }
+    } else {
+        StoreError::Catalog {
+            op: op.into(),
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_stay_small() {
+        // Callers pass StoreError through closures and channels; keep it cheap to move.
+        assert!(std::mem::size_of::<StoreError>() <= 96, "{}", std::mem::size_of::<StoreError>());
+    }
+
+    #[test]
+    fn enospc_maps_to_disk_full() {
+        let path = Path::new("/srv/drmesh/blobs/ab/cd/x");
+        let err = io_error("write blob", path, io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        assert!(err.is_disk_full(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "target disk full while writing /srv/drmesh/blobs/ab/cd/x"
+        );
+        let err = io_error("write blob", path, io::Error::from_raw_os_error(nix::libc::EDQUOT));
+        assert!(err.is_disk_full());
+        let err = io_error("write blob", path, io::Error::from_raw_os_error(nix::libc::EACCES));
+        assert!(!err.is_disk_full());
+        assert!(
+            err.to_string().contains("write blob /srv/drmesh/blobs/ab/cd/x"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn catalog_enospc_maps_to_disk_full() {
+        let path = Path::new("/srv/drmesh/catalog.redb");
+        let err = catalog_error(
+            "commit",
+            path,
+            redb::Error::Io(io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+        );
+        assert!(err.is_disk_full(), "{err}");
+        let storage = redb::StorageError::from(redb::BackendError::Io(io::Error::from_raw_os_error(nix::libc::ENOSPC)));
+        let err = catalog_error("commit", path, storage);
+        assert!(err.is_disk_full(), "{err}");
+        let err = catalog_error("commit", path, redb::Error::Corrupted("x".into()));
+        assert!(!err.is_disk_full());
+        assert!(
+            err.to_string().contains("catalog /srv/drmesh/catalog.redb: commit"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! Retention (prune) and mark-and-sweep GC. The safety argument is in the module doc of
+//! [`super`].
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use redb::{ReadableDatabase, ReadableTable};
+
+use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANGES, VOLUMES};
+use super::error::{io_error, StoreError};
+use super::retention::{select_keep, Retention};
+use super::{blob_file, lock, now_unix_ms, GcReport, Store};
+use crate::content::{BlobId, ContentId};
+
+/// Resets the GC flag and its extra pins however the run ends.
+struct GcRunning<'a>(&'a Store);
+
+impl Drop for GcRunning<'_> {
+    fn drop(&mut self) {
+        let mut pins = lock(&self.0.pins);
+        pins.gc_running = false;
+        pins.gc_extra.clear();
+    }
+}
+
+/// Adds to `set` the base chains (via catalog rows) of every id in `roots`.
+fn close_over_bases(
+    blobs: &impl ReadableTable<[u8; 32], &'static [u8]>,
+    roots: impl IntoIterator<Item = BlobId>,
+    set: &mut HashSet<BlobId>,
+) -> Result<(), redb::Error> {
+    for root in roots {
+        let mut cur = root;
+        // `insert` returning false means the rest of the chain is already in the set.
+        while set.insert(cur) {
+            let Some(row) = blobs.get(cur.0)? else { break };
+            match BlobMeta::decode(row.value()).and_then(|m| m.base) {
+                Some(base) => cur = base,
+                None => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Candidate {
+    path: PathBuf,
+    file_bytes: Option<u64>,
+    age: Option<Duration>,
+}
+
+impl Store {
+    /// Applies `retention` to `volume`'s RPs at `now_unix_ms` and returns the deleted seqs
+    /// (ascending). Always keeps the newest RP (see [`select_keep`] for the selection).
+    /// One durable transaction; O(changed blocks of the deleted RPs). The block-map rule is
+    /// in the module doc of [`super`]. Blobs are freed later by [`Store::gc`].
+    pub fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
+        let _w = lock(&self.writer);
+        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let mut deleted = Vec::new();
+        {
+            let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+            let Some(vid) = vols
+                .get(volume)
+                .map_err(|e| self.ce("read volumes", e))?
+                .map(|g| g.value())
+            else {
+                return Ok(Vec::new());
+            };
+            let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+            let mut all = Vec::new();
+            for row in rps
+                .range((vid, 0u64)..=(vid, u64::MAX))
+                .map_err(|e| self.ce("read rps", e))?
+            {
+                let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+                let seq = k.value().1;
+                let meta = self.decode_rp_row(volume, seq, v.value())?;
+                all.push((seq, meta.time_unix_ms));
+            }
+            let keep = select_keep(&all, retention, now_unix_ms);
+            let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+            let mut changes = tx
+                .open_table(RP_CHANGES)
+                .map_err(|e| self.ce("open table rp_changes", e))?;
+            for &(d, _) in all.iter().filter(|(s, _)| !keep.contains(s)) {
+                let next = keep.range(d + 1..).next().copied();
+                let mut indexes = Vec::new();
+                for row in changes
+                    .range((vid, d, 0u64)..=(vid, d, u64::MAX))
+                    .map_err(|e| self.ce("read rp_changes", e))?
+                {
+                    indexes.push(row.map_err(|e| self.ce("read rp_changes", e))?.0.value().2);
+                }
+                for i in indexes {
+                    changes
+                        .remove((vid, d, i))
+                        .map_err(|e| self.ce("prune rp_changes", e))?;
+                    let Some(content) = blocks
+                        .remove((vid, i, d))
+                        .map_err(|e| self.ce("prune block map", e))?
+                        .map(|g| g.value())
+                    else {
+                        continue;
+                    };
+                    let Some(n) = next else { continue };
+                    let shadowed = blocks
+                        .range((vid, i, d + 1)..=(vid, i, n))
+                        .map_err(|e| self.ce("read block map", e))?
+                        .next()
+                        .is_some();
+                    if shadowed {
+                        continue;
+                    }
+                    let previous = match blocks
+                        .range((vid, i, 0u64)..(vid, i, d))
+                        .map_err(|e| self.ce("read block map", e))?
+                        .next_back()
+                    {
+                        Some(row) => row.map_err(|e| self.ce("read block map", e))?.1.value(),
+                        None => ContentId::ZERO.0,
+                    };
+                    if previous == content {
+                        continue;
+                    }
+                    blocks
+                        .insert((vid, i, n), content)
+                        .map_err(|e| self.ce("re-key block map", e))?;
+                    changes
+                        .insert((vid, n, i), ())
+                        .map_err(|e| self.ce("re-key block map", e))?;
+                }
+                rps.remove((vid, d)).map_err(|e| self.ce("delete rp", e))?;
+                deleted.push(d);
+            }
+        }
+        tx.commit()
+            .map_err(|e| self.ce(&format!("commit prune of {volume}"), e))?;
+        if !deleted.is_empty() {
+            tracing::info!(volume, deleted = ?deleted, "store: pruned RPs");
+        }
+        Ok(deleted)
+    }
+
+    /// Mark-and-sweep GC: deletes blobs not reachable from any retained RP's block map
+    /// (base chains of deltas included), keeping blobs pinned by sessions (and their base
+    /// chains) and blobs younger than `grace`. Safe while sessions run; see the module doc.
+    /// The mark set is held in memory (32 bytes per live blob).
+    pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
+        let started = Instant::now();
+        let _one = lock(&self.gc_lock);
+        let mut report = GcReport::default();
+
+        // Mark, from a snapshot taken under the writer lock together with raising the flag.
+        let (_running, snapshot) = {
+            let _w = lock(&self.writer);
+            {
+                let mut pins = lock(&self.pins);
+                pins.gc_running = true;
+                pins.gc_extra.clear();
+            }
+            let running = GcRunning(self);
+            (running, self.db.begin_read().map_err(|e| self.ce("begin read", e))?)
+        };
+        let mut marked: HashSet<BlobId> = HashSet::new();
+        {
+            let blocks = snapshot
+                .open_table(BLOCKS)
+                .map_err(|e| self.ce("open table blocks", e))?;
+            let ctab = snapshot
+                .open_table(CONTENTS)
+                .map_err(|e| self.ce("open table contents", e))?;
+            let btab = snapshot.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let mut contents: HashSet<ContentId> = HashSet::new();
+            for row in blocks.iter().map_err(|e| self.ce("read block map", e))? {
+                let content = ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value());
+                if !content.is_zero() {
+                    contents.insert(content);
+                }
+            }
+            for content in contents {
+                if let Some(blob) = ctab.get(content.0).map_err(|e| self.ce("read contents", e))? {
+                    close_over_bases(&btab, [ContentId(blob.value())], &mut marked)
+                        .map_err(|e| self.ce("read blobs", e))?;
+                }
+            }
+        }
+        drop(snapshot);
+
+        // Candidates: every blob file and every blob row that is not marked.
+        let now = SystemTime::now();
+        let mut candidates: HashMap<BlobId, Candidate> = HashMap::new();
+        let mut scanned: HashSet<BlobId> = HashSet::new();
+        blob_file::for_each_file(&self.blobs_dir, &mut |path, name| {
+            let Some(id) = ContentId::from_hex(name) else {
+                return Ok(());
+            };
+            scanned.insert(id);
+            if marked.contains(&id) {
+                return Ok(());
+            }
+            let meta = fs::metadata(path).map_err(|e| io_error("stat blob", path, e))?;
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or(Duration::ZERO);
+            candidates.insert(
+                id,
+                Candidate {
+                    path: path.to_path_buf(),
+                    file_bytes: Some(meta.len()),
+                    age: Some(age),
+                },
+            );
+            Ok(())
+        })?;
+        {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            for row in btab.iter().map_err(|e| self.ce("read blobs", e))? {
+                let id = ContentId(row.map_err(|e| self.ce("read blobs", e))?.0.value());
+                scanned.insert(id);
+                if !marked.contains(&id) {
+                    candidates.entry(id).or_insert_with(|| Candidate {
+                        path: blob_file::blob_path(&self.blobs_dir, &id),
+                        file_bytes: None,
+                        age: None,
+                    });
+                }
+            }
+        }
+        report.blobs_scanned = scanned.len() as u64;
+        drop(scanned);
+
+        // Sweep under the writer lock and the pin lock, held until files are gone.
+        let _w = lock(&self.writer);
+        let pins = lock(&self.pins);
+        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let mut doomed = Vec::new();
+        {
+            let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+            let roots = pins.gc_extra.iter().chain(pins.sessions.values().flatten()).copied();
+            let mut pinned = HashSet::new();
+            close_over_bases(&btab, roots, &mut pinned).map_err(|e| self.ce("read blobs", e))?;
+            let now_ms = now_unix_ms();
+            let mut young = Vec::new();
+            for (id, c) in &candidates {
+                if pinned.contains(id) {
+                    continue;
+                }
+                let row_age = btab
+                    .get(id.0)
+                    .map_err(|e| self.ce("read blobs", e))?
+                    .and_then(|r| BlobMeta::decode(r.value()))
+                    .map(|m| Duration::from_millis(now_ms.saturating_sub(m.stored_unix_ms)));
+                let age = match (c.age, row_age) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b).unwrap_or(Duration::ZERO),
+                };
+                if age < grace {
+                    young.push(*id);
+                }
+            }
+            let mut graced = HashSet::new();
+            close_over_bases(&btab, young, &mut graced).map_err(|e| self.ce("read blobs", e))?;
+            for (id, c) in candidates {
+                if pinned.contains(&id) {
+                    report.blobs_kept_pinned += 1;
+                    continue;
+                }
+                if graced.contains(&id) {
+                    report.blobs_kept_grace += 1;
+                    continue;
+                }
+                let meta = btab
+                    .remove(id.0)
+                    .map_err(|e| self.ce("delete blob row", e))?
+                    .and_then(|r| BlobMeta::decode(r.value()));
+                if let Some(meta) = meta {
+                    let points_here = ctab
+                        .get(meta.content.0)
+                        .map_err(|e| self.ce("read contents", e))?
+                        .is_some_and(|g| g.value() == id.0);
+                    if points_here {
+                        ctab.remove(meta.content.0)
+                            .map_err(|e| self.ce("delete content row", e))?;
+                    }
+                }
+                doomed.push(c);
+            }
+        }
+        tx.commit().map_err(|e| self.ce("commit gc", e))?;
+        for c in doomed {
+            match fs::remove_file(&c.path) {
+                Ok(()) => {
+                    report.blobs_deleted += 1;
+                    report.bytes_freed += c.file_bytes.unwrap_or(0);
+                }
+                // A row whose file was already gone: the row is deleted, nothing freed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.blobs_deleted += 1,
+                // The row is gone; the orphan file is retried by the next GC.
+                Err(e) => tracing::warn!(error = %io_error("delete blob", &c.path, e), "store: gc"),
+            }
+        }
+        drop(pins);
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(?report, "store: gc done");
+        Ok(report)
+    }
+}

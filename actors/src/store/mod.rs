@@ -1,0 +1,848 @@
+//! The target store: content-addressed blobs on disk plus a redb catalog of
+//! volumes, recovery points (RPs) and block maps.
+//!
+//! # Layout
+//!
+//! ```text
+//! <dir>/catalog.redb          redb catalog (tables: see `catalog`)
+//! <dir>/blobs/ab/cd/<64 hex>  one file per blob: 256-byte header + opaque payload (see `blob_file`)
+//! ```
+//!
+//! The store never decodes payloads (they are compressed/encrypted by the source); it
+//! keeps them intact, checksummed, and says where each content can be found.
+//!
+//! # Durability (promise 1)
+//!
+//! [`Store::put_blobs`] writes every blob of a batch to a unique temp file, renames it
+//! into its fan-out folder, then calls `syncfs` once (file data and folder entries of
+//! the whole batch), and only then records the blobs in one durable redb transaction.
+//! So a catalog row always names a durable file. [`Store::commit_rp`] checks that every
+//! staged content has a catalog row and writes the RP row, its block-map delta and the
+//! removal of the staged rows in one durable transaction: a crash leaves the previous
+//! catalog or the new one. Staged rows use non-durable transactions; [`Store::open`]
+//! drops whatever staged rows and temp files a crash left behind.
+//!
+//! # Block maps
+//!
+//! `blocks[(volume, index, seq)] = content` is written only for blocks that changed at
+//! RP `seq`; the block at RP `s` is the entry with the greatest seq ≤ `s` (one reverse
+//! range lookup, O(log n)), or ZERO if there is none. A commit costs O(changed blocks).
+//! `rp_changes[(volume, seq, index)]` lists each RP's entries, so pruning is O(changed
+//! blocks of the deleted RPs).
+//!
+//! **Prune rule.** Deleted RPs are processed in ascending seq. For each entry `(i, d)`
+//! of a deleted RP `d`, let `n` be the next *retained* RP after `d` (the newest RP is
+//! always retained, so it exists):
+//! - if some entry `(i, s)` with `d < s ≤ n` exists, `n` does not see `d`'s entry: delete it;
+//! - else if the previous entry of block `i` (greatest seq < `d`, or ZERO when none) has
+//!   the same content, `n` sees the same block without it: delete it;
+//! - else re-key it to `(i, n)` (and add `i` to `n`'s change list): `n` inherited it.
+//!
+//! RPs before `d` never looked at entries ≥ `d`, and RPs ≥ `n` see the same content for
+//! every block afterwards, so every retained RP's block map is unchanged. Entries only
+//! ever sit at seqs of existing RPs, which keeps the rule sound for later prunes.
+//!
+//! # Why GC is safe while sessions run (promise 6)
+//!
+//! GC is mark-and-sweep:
+//! 1. **Mark**: under the catalog writer lock, GC raises a `gc_running` flag and opens a
+//!    read snapshot; it marks every content of every `blocks` entry (all belong to
+//!    retained RPs) and the base chains of their blobs. A commit is serialized with that
+//!    moment by the writer lock: a commit before it is in the snapshot; a commit after it
+//!    sees the flag and adds the blobs it references to `gc_extra`, which GC treats as pinned.
+//! 2. **Sweep**: GC takes the writer lock, then the pin lock, and keeps both until the
+//!    deletions are committed and the files unlinked. Under that lock it keeps the
+//!    closure (base chains included) of every pinned blob, of `gc_extra`, and of blobs
+//!    younger than `grace`, and deletes the rest: catalog rows first (one durable
+//!    transaction), then files.
+//!
+//! A session learns "present" only from [`Store::lookup_and_pin`], which decides and pins
+//! under the same pin lock, and [`Store::put_blobs`], which pins before writing. So a
+//! blob is either pinned before the sweep looks at it (kept), or pinned after the sweep
+//! has finished — in which case lookup sees it gone (and the session sends it again) and
+//! put writes it anew. Pins last until [`Store::release_session`]; a commit re-checks
+//! every content in its own write transaction, so it can never reference a swept blob.
+//! Files without catalog rows (a crash between rename and catalog commit) are swept too.
+
+mod blob_file;
+mod catalog;
+mod error;
+mod gc;
+mod retention;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::{Deserialize, Serialize};
+
+pub use self::blob_file::{HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
+use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, STAGED, VOLUMES};
+use self::error::{catalog_error, io_error};
+pub use self::error::{is_no_space, StoreError};
+pub use self::retention::{iso_week_index, select_keep, Retention};
+pub use crate::content::{BlobId, ContentId};
+
+/// Flag bits of a blob (how the source encoded the payload).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlobFlags(pub u8);
+
+impl BlobFlags {
+    /// The payload is zstd-compressed.
+    pub const COMPRESSED: u8 = 1;
+    /// The payload is encrypted.
+    pub const ENCRYPTED: u8 = 2;
+    /// The payload is a delta against `base`.
+    pub const DELTA: u8 = 4;
+
+    /// Whether every bit of `bits` is set.
+    pub fn has(&self, bits: u8) -> bool {
+        self.0 & bits == bits
+    }
+}
+
+/// One blob as the source encoded it. For a full block `id == content`; for a delta
+/// `id` is the delta's own id, `content` the block it produces, `base` the blob it applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedBlob {
+    /// The blob's id (its file name).
+    pub id: BlobId,
+    /// The block content it materializes.
+    pub content: ContentId,
+    /// How the payload is encoded.
+    pub flags: BlobFlags,
+    /// Length of the block it produces.
+    pub plain_len: u32,
+    /// The blob a delta applies to.
+    pub base: Option<BlobId>,
+    /// 0 for a full block, base depth + 1 for a delta.
+    pub depth: u8,
+    /// Opaque encoded bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Where a content can be materialized from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLoc {
+    /// The blob to read (a full block or the head of a delta chain).
+    pub blob: BlobId,
+    /// Its delta depth (0 = full block).
+    pub depth: u8,
+}
+
+/// A committed recovery point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpMeta {
+    /// Volume name.
+    pub volume: String,
+    /// Sequence number, increasing per volume.
+    pub seq: u64,
+    /// Snapshot instant.
+    pub time_unix_ms: u64,
+    /// Source node id (printable).
+    pub source_node: String,
+    /// Volume size.
+    pub volume_bytes: u64,
+    /// Block size.
+    pub block_bytes: u32,
+    /// Number of blocks.
+    pub block_count: u64,
+    /// Blocks changed since the previous RP.
+    pub changed_blocks: u64,
+    /// Blob bytes this RP added on the target.
+    pub bytes_stored: u64,
+    /// blake3 over the block ids in index order (see `content::MerkleBuilder`).
+    pub merkle_root: [u8; 32],
+    /// Whether the blobs are encrypted.
+    pub encrypted: bool,
+    /// Consistency level ("crash", "fs-frozen", "app").
+    pub consistency: String,
+}
+
+impl RpMeta {
+    /// `volume@seq`, for messages.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.volume, self.seq)
+    }
+}
+
+/// What one GC run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Blobs (files or catalog rows) looked at.
+    pub blobs_scanned: u64,
+    /// Blobs deleted.
+    pub blobs_deleted: u64,
+    /// Bytes of deleted blob files.
+    pub bytes_freed: u64,
+    /// Unreferenced blobs kept because a session pinned them (or their delta).
+    pub blobs_kept_pinned: u64,
+    /// Unreferenced blobs kept because they are younger than the grace window.
+    pub blobs_kept_grace: u64,
+    /// Wall time of the run.
+    pub duration_ms: u64,
+}
+
+/// Store figures for `drmesh ctl`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStats {
+    /// Blobs in the catalog.
+    pub blob_count: u64,
+    /// Bytes of their files (headers included).
+    pub blob_bytes: u64,
+    /// Size of the catalog file.
+    pub catalog_bytes: u64,
+    /// Volumes with RPs.
+    pub volume_count: u64,
+    /// RPs over all volumes.
+    pub rp_count: u64,
+}
+
+#[derive(Default)]
+struct PinState {
+    sessions: HashMap<u64, HashSet<BlobId>>,
+    gc_running: bool,
+    gc_extra: HashSet<BlobId>,
+}
+
+/// A target's blob store and catalog. `Send + Sync`; share it as `Arc<Store>`.
+pub struct Store {
+    blobs_dir: PathBuf,
+    catalog_path: PathBuf,
+    db: Database,
+    /// Serializes redb write transactions (and orders them against GC's mark and sweep).
+    writer: Mutex<()>,
+    /// Session pins; GC decides and deletes under this lock.
+    pins: Mutex<PinState>,
+    /// One GC at a time.
+    gc_lock: Mutex<()>,
+}
+
+/// Locks a mutex, carrying on after a panic elsewhere (the guarded state stays consistent:
+/// every critical section either finishes its update or changes nothing).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rp_name(volume: &str, seq: u64) -> String {
+    format!("{volume}@{seq}")
+}
+
+/// Follows base links from `id`; returns the blob ids of the chain (`id` first), or None if
+/// a link has no catalog row.
+fn chain_of(
+    blobs: &impl ReadableTable<[u8; 32], &'static [u8]>,
+    id: &BlobId,
+) -> Result<Option<Vec<BlobId>>, redb::Error> {
+    let mut chain = vec![*id];
+    let mut cur = *id;
+    loop {
+        let Some(row) = blobs.get(cur.0)? else { return Ok(None) };
+        let Some(meta) = BlobMeta::decode(row.value()) else {
+            return Ok(None);
+        };
+        match meta.base {
+            Some(base) if chain.len() <= usize::from(u8::MAX) + 1 => {
+                chain.push(base);
+                cur = base;
+            }
+            Some(_) => return Ok(None),
+            None => return Ok(Some(chain)),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: `dir/blobs/` and `dir/catalog.redb`.
+    /// Drops leftovers of sessions interrupted by a crash (staged rows, temp files).
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let blobs_dir = dir.join("blobs");
+        fs::create_dir_all(&blobs_dir).map_err(|e| io_error("create store folder", &blobs_dir, e))?;
+        let catalog_path = dir.join("catalog.redb");
+        let db = Database::create(&catalog_path).map_err(|e| catalog_error("open", &catalog_path, e))?;
+        let store = Store {
+            blobs_dir,
+            catalog_path,
+            db,
+            writer: Mutex::new(()),
+            pins: Mutex::new(PinState::default()),
+            gc_lock: Mutex::new(()),
+        };
+        {
+            let _w = lock(&store.writer);
+            let tx = store
+                .db
+                .begin_write()
+                .map_err(|e| store.ce("begin open transaction", e))?;
+            {
+                tx.open_table(META).map_err(|e| store.ce("open table meta", e))?;
+                tx.open_table(VOLUMES).map_err(|e| store.ce("open table volumes", e))?;
+                tx.open_table(RPS).map_err(|e| store.ce("open table rps", e))?;
+                tx.open_table(BLOCKS).map_err(|e| store.ce("open table blocks", e))?;
+                tx.open_table(RP_CHANGES)
+                    .map_err(|e| store.ce("open table rp_changes", e))?;
+                tx.open_table(CONTENTS)
+                    .map_err(|e| store.ce("open table contents", e))?;
+                tx.open_table(BLOBS).map_err(|e| store.ce("open table blobs", e))?;
+                let mut staged = tx.open_table(STAGED).map_err(|e| store.ce("open table staged", e))?;
+                let leftover = staged.len().map_err(|e| store.ce("count staged rows", e))?;
+                if leftover > 0 {
+                    tracing::info!(rows = leftover, "store: dropping staged rows of interrupted sessions");
+                    staged
+                        .retain(|_, _| false)
+                        .map_err(|e| store.ce("drop staged rows", e))?;
+                }
+            }
+            tx.commit().map_err(|e| store.ce("commit open transaction", e))?;
+        }
+        let removed = blob_file::remove_temp_files(&store.blobs_dir)?;
+        if removed > 0 {
+            tracing::info!(files = removed, "store: removed temp files of interrupted writes");
+        }
+        Ok(store)
+    }
+
+    fn ce(&self, op: &str, e: impl Into<redb::Error>) -> StoreError {
+        catalog_error(op, &self.catalog_path, e)
+    }
+
+    /// Which contents are materializable now; pins the answering blobs for `session` so GC
+    /// keeps them (and their base chains) until [`Store::release_session`]. ZERO is never
+    /// stored and answers `None` (callers never offer it).
+    pub fn lookup_and_pin(&self, session: u64, contents: &[ContentId]) -> Result<Vec<Option<BlobLoc>>, StoreError> {
+        let mut pins = lock(&self.pins);
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+        let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+        let mut out = Vec::with_capacity(contents.len());
+        let mut pinned = Vec::new();
+        for content in contents {
+            if content.is_zero() {
+                out.push(None);
+                continue;
+            }
+            let Some(blob) = ctab.get(content.0).map_err(|e| self.ce("read contents", e))? else {
+                out.push(None);
+                continue;
+            };
+            let blob = ContentId(blob.value());
+            let meta = btab
+                .get(blob.0)
+                .map_err(|e| self.ce("read blobs", e))?
+                .and_then(|r| BlobMeta::decode(r.value()));
+            let whole = chain_of(&btab, &blob).map_err(|e| self.ce("read blobs", e))?.is_some();
+            match meta {
+                Some(meta) if whole && blob_file::blob_path(&self.blobs_dir, &blob).exists() => {
+                    pinned.push(blob);
+                    out.push(Some(BlobLoc {
+                        blob,
+                        depth: meta.depth,
+                    }));
+                }
+                _ => out.push(None),
+            }
+        }
+        pins.sessions.entry(session).or_default().extend(pinned);
+        Ok(out)
+    }
+
+    /// Pins extra blob ids for `session` (e.g. a delta's base the session relies on).
+    /// GC also keeps the base chains of pinned blobs.
+    pub fn pin(&self, session: u64, blobs: &[BlobId]) {
+        lock(&self.pins)
+            .sessions
+            .entry(session)
+            .or_default()
+            .extend(blobs.iter().copied());
+    }
+
+    /// Drops the pins and staged rows of an aborted or finished session.
+    pub fn release_session(&self, session: u64) {
+        lock(&self.pins).sessions.remove(&session);
+        if let Err(e) = self.drop_staged(session) {
+            // The rows are harmless until the next open, which drops them.
+            tracing::warn!(session, error = %e, "store: could not drop staged rows");
+        }
+    }
+
+    fn drop_staged(&self, session: u64) -> Result<(), StoreError> {
+        let _w = lock(&self.writer);
+        let mut tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        tx.set_durability(Durability::None)
+            .map_err(|e| self.ce("set durability", e))?;
+        {
+            let mut staged = tx.open_table(STAGED).map_err(|e| self.ce("open table staged", e))?;
+            let keys: Vec<(String, u64)> = staged
+                .range((session, "", 0u64)..)
+                .map_err(|e| self.ce("read staged", e))?
+                .map_while(|r| r.ok())
+                .map(|(k, _)| {
+                    let (s, volume, index) = k.value();
+                    (s, volume.to_string(), index)
+                })
+                .take_while(|k| k.0 == session)
+                .map(|(_, volume, index)| (volume, index))
+                .collect();
+            for (volume, index) in keys {
+                staged
+                    .remove((session, volume.as_str(), index))
+                    .map_err(|e| self.ce("drop staged row", e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.ce("commit", e))
+    }
+
+    fn check_blob(blob: &EncodedBlob) -> Result<(), StoreError> {
+        let bad = |cause: &str| {
+            Err(StoreError::InvalidBlob {
+                blob: blob.id.to_hex(),
+                cause: cause.into(),
+            })
+        };
+        if blob.id.is_zero() || blob.content.is_zero() {
+            return bad("zero id or content (the zero block is never stored)");
+        }
+        match blob.base {
+            None if blob.flags.has(BlobFlags::DELTA) => bad("DELTA flag without a base"),
+            None if blob.id != blob.content => bad("a full block's id must equal its content id"),
+            None if blob.depth != 0 => bad("a full block must have depth 0"),
+            Some(_) if !blob.flags.has(BlobFlags::DELTA) => bad("base given without the DELTA flag"),
+            Some(base) if base == blob.id => bad("a delta cannot be its own base"),
+            Some(_) if blob.depth == 0 => bad("a delta must have depth ≥ 1"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `blobs` durably and records them; returns the bytes written to disk (0 for
+    /// blobs already present and intact). Files go to a temp name, are renamed into their
+    /// fan-out folder, then ONE `syncfs` covers the batch, then ONE durable catalog
+    /// transaction records them. An existing file is verified, and rewritten if corrupt.
+    /// A delta's base must be in the store or in the batch, and `depth` must be base depth + 1.
+    /// Blobs put (and their bases) are pinned for `session`.
+    pub fn put_blobs(&self, session: u64, blobs: &[EncodedBlob]) -> Result<u64, StoreError> {
+        if blobs.is_empty() {
+            return Ok(0);
+        }
+        for blob in blobs {
+            Self::check_blob(blob)?;
+        }
+        self.pin(
+            session,
+            &blobs
+                .iter()
+                .flat_map(|b| std::iter::once(b.id).chain(b.base))
+                .collect::<Vec<_>>(),
+        );
+        // Bases and depths (the pins above keep the bases from being swept from here on).
+        {
+            let batch: HashMap<BlobId, u8> = blobs.iter().map(|b| (b.id, b.depth)).collect();
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            for blob in blobs {
+                let Some(base) = blob.base else { continue };
+                let base_depth = match batch.get(&base) {
+                    Some(d) => Some(*d),
+                    None => match chain_of(&btab, &base).map_err(|e| self.ce("read blobs", e))? {
+                        Some(_) => btab
+                            .get(base.0)
+                            .map_err(|e| self.ce("read blobs", e))?
+                            .and_then(|r| BlobMeta::decode(r.value()))
+                            .map(|m| m.depth),
+                        None => None,
+                    },
+                };
+                let Some(base_depth) = base_depth else {
+                    return Err(StoreError::MissingBase {
+                        blob: blob.id.to_hex(),
+                        base: base.to_hex(),
+                    });
+                };
+                if u16::from(blob.depth) != u16::from(base_depth) + 1 {
+                    return Err(StoreError::InvalidBlob {
+                        blob: blob.id.to_hex(),
+                        cause: format!("depth {} but base {} has depth {base_depth}", blob.depth, base.to_hex()),
+                    });
+                }
+            }
+        }
+        let mut written = 0u64;
+        // (flags, stored bytes) of the file each blob ends up with.
+        let mut on_disk = Vec::with_capacity(blobs.len());
+        for blob in blobs {
+            let path = blob_file::blob_path(&self.blobs_dir, &blob.id);
+            if path.exists() {
+                match blob_file::read(&self.blobs_dir, &blob.id) {
+                    // Intact and materializing the same thing the same way: keep it (its
+                    // payload may differ, e.g. another encryption nonce, and still be valid).
+                    Ok(existing)
+                        if (existing.content, existing.base, existing.depth)
+                            == (blob.content, blob.base, blob.depth) =>
+                    {
+                        on_disk.push((
+                            existing.flags.0,
+                            (blob_file::HEADER_BYTES + existing.payload.len()) as u64,
+                        ));
+                        continue;
+                    }
+                    Ok(_) => {
+                        tracing::warn!(blob = %blob.id, "store: existing blob file disagrees with the one put; rewriting")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "store: rewriting damaged blob"),
+                }
+            }
+            let bytes = blob_file::write(&self.blobs_dir, blob)?;
+            written += bytes;
+            on_disk.push((blob.flags.0, bytes));
+        }
+        // One flush for the whole batch: file data and the renames' folder entries.
+        let dir = File::open(&self.blobs_dir).map_err(|e| io_error("open blob folder", &self.blobs_dir, e))?;
+        nix::unistd::syncfs(&dir).map_err(|e| io_error("syncfs", &self.blobs_dir, std::io::Error::from(e)))?;
+
+        let now = now_unix_ms();
+        let _w = lock(&self.writer);
+        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        {
+            let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+            for (blob, (flags, stored_bytes)) in blobs.iter().zip(on_disk) {
+                let meta = BlobMeta {
+                    content: blob.content,
+                    base: blob.base,
+                    depth: blob.depth,
+                    flags,
+                    stored_bytes,
+                    stored_unix_ms: now,
+                };
+                btab.insert(blob.id.0, meta.encode().as_slice())
+                    .map_err(|e| self.ce("record blob", e))?;
+                let current = ctab
+                    .get(blob.content.0)
+                    .map_err(|e| self.ce("read contents", e))?
+                    .map(|g| g.value());
+                let current_depth = match current {
+                    Some(cur) => btab
+                        .get(cur)
+                        .map_err(|e| self.ce("read blobs", e))?
+                        .and_then(|r| BlobMeta::decode(r.value()))
+                        .map(|m| m.depth),
+                    None => None,
+                };
+                // Prefer the shallowest way to materialize a content.
+                if current_depth.is_none_or(|d| blob.depth < d) {
+                    ctab.insert(blob.content.0, blob.id.0)
+                        .map_err(|e| self.ce("record content", e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.ce("commit blobs", e))?;
+        Ok(written)
+    }
+
+    /// Stages block-map changes of an in-flight RP of `volume`: (block index, content) pairs,
+    /// ZERO meaning the block is zero in this RP. A later change of the same index wins.
+    /// Not durable on its own; [`Store::commit_rp`] is.
+    pub fn stage(&self, session: u64, volume: &str, changes: &[(u64, ContentId)]) -> Result<(), StoreError> {
+        let _w = lock(&self.writer);
+        let mut tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        tx.set_durability(Durability::None)
+            .map_err(|e| self.ce("set durability", e))?;
+        {
+            let mut staged = tx.open_table(STAGED).map_err(|e| self.ce("open table staged", e))?;
+            for (index, content) in changes {
+                staged
+                    .insert((session, volume, *index), content.0)
+                    .map_err(|e| self.ce("stage block", e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.ce("commit staged", e))
+    }
+
+    /// Commits `meta.volume@meta.seq` in ONE durable transaction: the RP row, and the
+    /// session's staged changes of that volume as the RP's block-map delta. Refused, changing
+    /// nothing, if a staged non-zero content is not materializable, if the RP exists, if seq
+    /// is not newer than the volume's newest RP, or a staged index is ≥ `block_count`.
+    /// O(changed blocks).
+    pub fn commit_rp(&self, session: u64, meta: &RpMeta) -> Result<(), StoreError> {
+        let name = meta.name();
+        let _w = lock(&self.writer);
+        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let mut referenced = Vec::new();
+        {
+            let mut vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+            let existing = vols
+                .get(meta.volume.as_str())
+                .map_err(|e| self.ce("read volumes", e))?
+                .map(|g| g.value());
+            let vid = match existing {
+                Some(v) => v,
+                None => {
+                    let mut m = tx.open_table(META).map_err(|e| self.ce("open table meta", e))?;
+                    let next = m
+                        .get(NEXT_VOLUME_ID)
+                        .map_err(|e| self.ce("read meta", e))?
+                        .map(|g| g.value())
+                        .unwrap_or(1);
+                    let vid = u32::try_from(next).map_err(|_| StoreError::InvalidRp {
+                        rp: name.clone(),
+                        cause: "too many volumes".into(),
+                    })?;
+                    m.insert(NEXT_VOLUME_ID, next + 1)
+                        .map_err(|e| self.ce("write meta", e))?;
+                    vols.insert(meta.volume.as_str(), vid)
+                        .map_err(|e| self.ce("write volumes", e))?;
+                    vid
+                }
+            };
+            let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+            if rps.get((vid, meta.seq)).map_err(|e| self.ce("read rps", e))?.is_some() {
+                return Err(StoreError::RpExists { rp: name });
+            }
+            let newest = match rps
+                .range((vid, 0u64)..=(vid, u64::MAX))
+                .map_err(|e| self.ce("read rps", e))?
+                .next_back()
+            {
+                Some(row) => Some(row.map_err(|e| self.ce("read rps", e))?.0.value().1),
+                None => None,
+            };
+            if let Some(newest) = newest.filter(|n| *n >= meta.seq) {
+                return Err(StoreError::SeqNotNewer { rp: name, newest });
+            }
+            let mut staged = tx.open_table(STAGED).map_err(|e| self.ce("open table staged", e))?;
+            let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+            let mut changes = tx
+                .open_table(RP_CHANGES)
+                .map_err(|e| self.ce("open table rp_changes", e))?;
+            let volume = meta.volume.as_str();
+            let mut indexes = Vec::new();
+            for row in staged
+                .range((session, volume, 0u64)..=(session, volume, u64::MAX))
+                .map_err(|e| self.ce("read staged", e))?
+            {
+                let (key, value) = row.map_err(|e| self.ce("read staged", e))?;
+                let index = key.value().2;
+                let content = ContentId(value.value());
+                if index >= meta.block_count {
+                    return Err(StoreError::InvalidRp {
+                        rp: name,
+                        cause: format!("staged block {index} is beyond block_count {}", meta.block_count),
+                    });
+                }
+                if !content.is_zero() {
+                    let blob = ctab
+                        .get(content.0)
+                        .map_err(|e| self.ce("read contents", e))?
+                        .map(|g| ContentId(g.value()));
+                    let chain = match blob {
+                        Some(b) => chain_of(&btab, &b).map_err(|e| self.ce("read blobs", e))?,
+                        None => None,
+                    };
+                    let Some(chain) = chain else {
+                        return Err(StoreError::MissingContent {
+                            rp: name,
+                            index,
+                            content: content.to_hex(),
+                        });
+                    };
+                    referenced.extend(chain);
+                }
+                blocks
+                    .insert((vid, index, meta.seq), content.0)
+                    .map_err(|e| self.ce("write block map", e))?;
+                changes
+                    .insert((vid, meta.seq, index), ())
+                    .map_err(|e| self.ce("write block map", e))?;
+                indexes.push(index);
+            }
+            for index in indexes {
+                staged
+                    .remove((session, volume, index))
+                    .map_err(|e| self.ce("drop staged row", e))?;
+            }
+            rps.insert((vid, meta.seq), catalog::encode_rp(meta).as_slice())
+                .map_err(|e| self.ce("write rp", e))?;
+        }
+        {
+            // A GC between its mark and its sweep must keep what this commit references
+            // (see the module doc); the writer lock orders this against its mark.
+            let mut pins = lock(&self.pins);
+            if pins.gc_running {
+                pins.gc_extra.extend(referenced);
+            }
+        }
+        tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))
+    }
+
+    fn volume_id(&self, tx: &redb::ReadTransaction, volume: &str) -> Result<Option<u32>, StoreError> {
+        let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+        Ok(vols
+            .get(volume)
+            .map_err(|e| self.ce("read volumes", e))?
+            .map(|g| g.value()))
+    }
+
+    fn decode_rp_row(&self, volume: &str, seq: u64, bytes: &[u8]) -> Result<RpMeta, StoreError> {
+        catalog::decode_rp(bytes).ok_or_else(|| StoreError::CorruptRow {
+            what: format!("RP row {}", rp_name(volume, seq)),
+        })
+    }
+
+    /// Volumes with RPs, by name.
+    pub fn volumes(&self) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+        let mut out = Vec::new();
+        for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
+            out.push(row.map_err(|e| self.ce("read volumes", e))?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// The RPs of `volume`, oldest first.
+    pub fn rps(&self, volume: &str) -> Result<Vec<RpMeta>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let Some(vid) = self.volume_id(&tx, volume)? else {
+            return Ok(Vec::new());
+        };
+        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+        let mut out = Vec::new();
+        for row in rps
+            .range((vid, 0u64)..=(vid, u64::MAX))
+            .map_err(|e| self.ce("read rps", e))?
+        {
+            let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+            out.push(self.decode_rp_row(volume, k.value().1, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// `volume@seq`, if committed and not pruned.
+    pub fn rp(&self, volume: &str, seq: u64) -> Result<Option<RpMeta>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let Some(vid) = self.volume_id(&tx, volume)? else {
+            return Ok(None);
+        };
+        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+        let row = rps.get((vid, seq)).map_err(|e| self.ce("read rps", e))?;
+        row.map(|v| self.decode_rp_row(volume, seq, v.value())).transpose()
+    }
+
+    /// The newest RP of `volume`.
+    pub fn latest_rp(&self, volume: &str) -> Result<Option<RpMeta>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let Some(vid) = self.volume_id(&tx, volume)? else {
+            return Ok(None);
+        };
+        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+        let newest = rps
+            .range((vid, 0u64)..=(vid, u64::MAX))
+            .map_err(|e| self.ce("read rps", e))?
+            .next_back();
+        match newest {
+            None => Ok(None),
+            Some(row) => {
+                let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+                self.decode_rp_row(volume, k.value().1, v.value()).map(Some)
+            }
+        }
+    }
+
+    /// Paging API over the block map of `volume@seq`: the content ids of blocks
+    /// `start .. start + count` (clamped to the RP's `block_count`) in index order, ZERO for
+    /// blocks never written or zero. Memory is O(count) whatever the volume size; each block
+    /// is one O(log n) reverse range lookup in one read snapshot. Restore walks a volume by
+    /// calling it with successive `start`s (e.g. 4096 blocks a page).
+    pub fn block_ids(&self, volume: &str, seq: u64, start: u64, count: u64) -> Result<Vec<ContentId>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let not_found = || StoreError::RpNotFound {
+            rp: rp_name(volume, seq),
+        };
+        let vid = self.volume_id(&tx, volume)?.ok_or_else(not_found)?;
+        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+        let row = rps
+            .get((vid, seq))
+            .map_err(|e| self.ce("read rps", e))?
+            .ok_or_else(not_found)?;
+        let meta = self.decode_rp_row(volume, seq, row.value())?;
+        let end = start.saturating_add(count).min(meta.block_count);
+        let blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+        let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+        for index in start..end {
+            let entry = blocks
+                .range((vid, index, 0u64)..=(vid, index, seq))
+                .map_err(|e| self.ce("read block map", e))?
+                .next_back();
+            out.push(match entry {
+                Some(row) => ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value()),
+                None => ContentId::ZERO,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Where to find `content` (blob id and delta depth), for restore.
+    pub fn locate(&self, content: &ContentId) -> Result<Option<BlobLoc>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+        let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+        let Some(blob) = ctab
+            .get(content.0)
+            .map_err(|e| self.ce("read contents", e))?
+            .map(|g| ContentId(g.value()))
+        else {
+            return Ok(None);
+        };
+        let meta = btab
+            .get(blob.0)
+            .map_err(|e| self.ce("read blobs", e))?
+            .and_then(|r| BlobMeta::decode(r.value()));
+        Ok(meta.map(|m| BlobLoc { blob, depth: m.depth }))
+    }
+
+    /// Reads blob `id` and checks its header and payload checksum; a missing, short or
+    /// tampered file is an error naming the blob and its path.
+    pub fn read_blob(&self, id: &BlobId) -> Result<EncodedBlob, StoreError> {
+        blob_file::read(&self.blobs_dir, id)
+    }
+
+    /// The path of blob `id`'s file (for diagnostics and tests).
+    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+        blob_file::blob_path(&self.blobs_dir, id)
+    }
+
+    /// Figures for `drmesh ctl` (walks the blob table: O(blobs)).
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+        let mut stats = StoreStats::default();
+        for row in btab.iter().map_err(|e| self.ce("read blobs", e))? {
+            let (_, v) = row.map_err(|e| self.ce("read blobs", e))?;
+            stats.blob_count += 1;
+            stats.blob_bytes += BlobMeta::decode(v.value()).map(|m| m.stored_bytes).unwrap_or(0);
+        }
+        stats.volume_count = tx
+            .open_table(VOLUMES)
+            .map_err(|e| self.ce("open table volumes", e))?
+            .len()
+            .map_err(|e| self.ce("count volumes", e))?;
+        stats.rp_count = tx
+            .open_table(RPS)
+            .map_err(|e| self.ce("open table rps", e))?
+            .len()
+            .map_err(|e| self.ce("count rps", e))?;
+        stats.catalog_bytes = fs::metadata(&self.catalog_path).map(|m| m.len()).unwrap_or(0);
+        Ok(stats)
+    }
+}
