@@ -13,3 +13,8 @@
 
 pub mod actor;
 pub mod proto;
+pub mod content;
+pub mod store;
+pub mod source;
+pub mod codec;
+pub mod restore;

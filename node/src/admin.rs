@@ -14,7 +14,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::reload::{Reload, ReloadTrigger, Reloader, LastReload, GetLastReload};
+use std::sync::Arc;
+
+use drmesh_actors::actor::applier::DataPlane;
+use drmesh_actors::actor::volumes::VolumeScheduler;
+use tokio::sync::mpsc;
+
+use crate::data;
+use crate::reload::{GetLastReload, LastReload, Reload, ReloadTrigger, Reloader};
 
 /// File name of the admin socket inside the state directory.
 pub const SOCKET_FILE: &str = "admin.sock";
@@ -31,6 +38,51 @@ pub enum Request {
     Peers,
     /// Re-read the topology file now.
     Reload,
+    /// Run a replication cycle of a volume now (this node must be its source).
+    SyncNow {
+        /// Volume name.
+        volume: String,
+    },
+    /// Replication status of the volumes this node is the source of.
+    Volumes,
+    /// Recovery points held by this node's store.
+    Rps {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    /// Run garbage collection of the store now.
+    Gc {
+        /// Blobs younger than this are kept (seconds).
+        #[serde(default)]
+        grace_secs: Option<u64>,
+    },
+    /// Restore a recovery point to an image file (progress lines precede the answer).
+    Restore {
+        /// Volume name.
+        volume: String,
+        /// Sequence number; newest when absent.
+        #[serde(default)]
+        seq: Option<u64>,
+        /// Absolute path of the image to write.
+        to: PathBuf,
+        /// Node to read the RP from; this node's store, then the volume's targets, when absent.
+        #[serde(default)]
+        from: Option<String>,
+    },
+    /// Re-read and check every blob of a recovery point (progress lines precede the answer).
+    Verify {
+        /// Volume name.
+        volume: String,
+        /// Sequence number; newest when absent.
+        #[serde(default)]
+        seq: Option<u64>,
+        /// Node to read the RP from, as for restore.
+        #[serde(default)]
+        from: Option<String>,
+    },
+    /// Store figures: blobs, bytes, RPs.
+    Store,
 }
 
 /// A response line.
@@ -69,6 +121,10 @@ pub struct AdminContext {
     pub mesh: Addr<MeshActor>,
     /// The topology reloader.
     pub reloader: Addr<Reloader>,
+    /// The volume scheduler (source side).
+    pub scheduler: Addr<VolumeScheduler>,
+    /// The data plane (store, topology in force).
+    pub data: Arc<DataPlane>,
 }
 
 /// Binds the admin socket in `state_dir`, refusing to take over the socket of a
@@ -130,9 +186,27 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
             continue;
         } else {
             match serde_json::from_str::<Request>(&line) {
-                Ok(request) => handle(request, &ctx).await,
+                Ok(request) => {
+                    // Long commands report progress as lines of their own before the answer.
+                    let (progress_tx, mut progress_rx) = mpsc::channel::<serde_json::Value>(16);
+                    let handling = handle(request, &ctx, progress_tx);
+                    tokio::pin!(handling);
+                    loop {
+                        tokio::select! {
+                            response = &mut handling => break response,
+                            Some(p) = progress_rx.recv() => {
+                                let mut text = serde_json::json!({ "progress": p }).to_string();
+                                text.push('\n');
+                                write.write_all(text.as_bytes()).await?;
+                            }
+                        }
+                    }
+                }
                 Err(e) => Response::error(
-                    format!("bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} (commands: status, peers, reload)"),
+                    format!(
+                        "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
+                         (commands: status, peers, reload, sync-now, volumes, rps, gc, restore, verify, store)"
+                    ),
                     vec![],
                 ),
             }
@@ -155,7 +229,7 @@ struct Status {
     last_reload: Option<LastReload>,
 }
 
-async fn handle(request: Request, ctx: &AdminContext) -> Response {
+async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender<serde_json::Value>) -> Response {
     let gone = |e: actix::MailboxError| Response::error(format!("node is shutting down: {e}"), vec![]);
     match request {
         Request::Status => {
@@ -174,6 +248,10 @@ async fn handle(request: Request, ctx: &AdminContext) -> Response {
             Ok(Ok(outcome)) => Response::data(outcome),
             Ok(Err(failure)) => Response::error(failure.error, failure.details),
             Err(e) => gone(e),
+        },
+        other => match data::handle(other, ctx, progress).await {
+            Ok(value) => Response::data(value),
+            Err(e) => Response::error(e, vec![]),
         },
     }
 }

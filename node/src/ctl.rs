@@ -36,10 +36,35 @@ enum CtlCommand {
     Peers,
     /// Re-read the topology file now; prints what changed or every error.
     Reload,
+    /// Replicate a volume now (on its source node) and print what the cycle did.
+    SyncNow {
+        /// Volume name.
+        volume: String,
+    },
+    /// Replication status of the volumes this node is the source of.
+    Volumes,
+    /// Recovery points held by this node.
+    Rps {
+        /// Only this volume.
+        volume: Option<String>,
+    },
+    /// Garbage-collect blobs no retained recovery point needs.
+    Gc {
+        /// Keep blobs younger than this many seconds.
+        #[arg(long, default_value_t = 60)]
+        grace_secs: u64,
+    },
+    /// Store figures.
+    Store,
 }
 
 /// Sends one request to the admin socket at `socket` and returns the answer.
-pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    request_with_progress(socket, req, |_| {})
+}
+
+/// Like [`request`], calling `on_progress` with each progress line that precedes the answer.
+pub fn request_with_progress(socket: &Path, request: &Request, mut on_progress: impl FnMut(&Value)) -> anyhow::Result<Response> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         ErrorKind::NotFound => anyhow::anyhow!("no drmesh node is running here: there is no admin socket at {}", socket.display()),
         ErrorKind::ConnectionRefused => anyhow::anyhow!(
@@ -52,16 +77,25 @@ pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Response> {
         ),
         _ => anyhow::anyhow!("cannot connect to admin socket {}: {e}", socket.display()),
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Long commands (sync-now of a big volume, restore) send progress or take a while.
+    stream.set_read_timeout(Some(Duration::from_secs(24 * 3600)))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     (&stream).write_all(line.as_bytes()).with_context(|| format!("writing to {}", socket.display()))?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).with_context(|| format!("reading from {}", socket.display()))?;
-    if answer.is_empty() {
-        bail!("the node closed the admin connection without answering");
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut answer = String::new();
+        reader.read_line(&mut answer).with_context(|| format!("reading from {}", socket.display()))?;
+        if answer.is_empty() {
+            bail!("the node closed the admin connection without answering");
+        }
+        let value: Value = serde_json::from_str(&answer).with_context(|| format!("bad answer from the node: {answer}"))?;
+        if let Some(p) = value.get("progress") {
+            on_progress(p);
+            continue;
+        }
+        return serde_json::from_value(value).with_context(|| format!("bad answer from the node: {answer}"));
     }
-    serde_json::from_str(&answer).with_context(|| format!("bad answer from the node: {answer}"))
 }
 
 /// Runs `drmesh ctl`.
@@ -75,6 +109,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Status => Request::Status,
         CtlCommand::Peers => Request::Peers,
         CtlCommand::Reload => Request::Reload,
+        CtlCommand::SyncNow { volume } => Request::SyncNow { volume },
+        CtlCommand::Volumes => Request::Volumes,
+        CtlCommand::Rps { volume } => Request::Rps { volume },
+        CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
+        CtlCommand::Store => Request::Store,
     };
     let response = request(&socket, &req)?;
     if args.json {
@@ -93,6 +132,29 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Status => print_status(&data),
         Request::Peers => println!("{}", peers_table(&data)),
         Request::Reload => print_reload(&data),
+        Request::SyncNow { .. } => {
+            println!("{}", cycles_table(data["reports"].as_array().map(Vec::as_slice).unwrap_or_default()));
+            for e in data["errors"].as_array().into_iter().flatten() {
+                println!("failed: {}", s(e));
+            }
+        }
+        Request::Volumes => println!("{}", volumes_table(&data)),
+        Request::Rps { .. } => println!("{}", rps_table(&data)),
+        Request::Gc { .. } => println!(
+            "scanned {} blobs, deleted {} ({}), kept {} pinned by running cycles and {} within the grace window, in {} ms",
+            s(&data["blobs_scanned"]),
+            s(&data["blobs_deleted"]),
+            bytes(data["bytes_freed"].as_u64().unwrap_or(0)),
+            s(&data["blobs_kept_pinned"]),
+            s(&data["blobs_kept_grace"]),
+            s(&data["duration_ms"])
+        ),
+        Request::Store => {
+            for (k, v) in data.as_object().into_iter().flatten() {
+                println!("{k:<16} {}", s(v));
+            }
+        }
+        Request::Restore { .. } | Request::Verify { .. } => println!("{}", s(&data)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -178,4 +240,96 @@ fn print_reload(data: &Value) {
     } else {
         println!("topology unchanged (version {}, hash {})", s(&data["topology_version"]), s(&data["topology_hash"]));
     }
+}
+
+/// Human size: 1.5 GiB, 300 MiB, 12 KiB.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A Unix time in milliseconds as UTC RFC 3339 to the second.
+pub fn time_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// One row per cycle report (as answered by sync-now).
+pub fn cycles_table(reports: &[Value]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["VOLUME", "TARGET", "RP", "SCANNED", "OFFERED", "SENT", "DEDUPED", "FULL/DELTA", "RATIO", "TIME", "MB/s"]);
+    for r in reports {
+        let st = &r["stats"];
+        let u = |v: &Value| v.as_u64().unwrap_or(0);
+        let secs = r["duration_secs"].as_f64().unwrap_or(0.0);
+        let plain = u(&st["sent_plain_bytes"]);
+        let payload = u(&st["sent_payload_bytes"]);
+        let ratio = if payload > 0 { format!("{:.2}", plain as f64 / payload as f64) } else { "-".into() };
+        let speed = if secs > 0.0 { format!("{:.0}", u(&r["scanned_bytes"]) as f64 / 1e6 / secs) } else { "-".into() };
+        table.add_row(vec![
+            s(&r["volume"]),
+            s(&r["target"]),
+            format!("@{}", s(&r["seq"])),
+            bytes(u(&r["scanned_bytes"])),
+            format!("{} blk / {}", u(&st["offered_blocks"]), bytes(u(&st["offered_bytes"]))),
+            bytes(payload),
+            format!("{} blk", u(&st["present_blocks"])),
+            format!("{}/{}", u(&st["full_blocks"]), u(&st["delta_blocks"])),
+            ratio,
+            format!("{secs:.2}s"),
+            speed,
+        ]);
+    }
+    table
+}
+
+fn rps_table(rps: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["RECOVERY POINT", "TIME (UTC)", "SIZE", "CHANGED", "STORED", "SOURCE", "ENCRYPTED", "MERKLE ROOT"]);
+    for r in rps.as_array().into_iter().flatten() {
+        let root: String = r["merkle_root"].as_array().into_iter().flatten().take(6).map(|b| format!("{:02x}", b.as_u64().unwrap_or(0))).collect();
+        table.add_row(vec![
+            format!("{}@{}", s(&r["volume"]), s(&r["seq"])),
+            time_ms(r["time_unix_ms"].as_u64().unwrap_or(0)),
+            bytes(r["volume_bytes"].as_u64().unwrap_or(0)),
+            format!("{} blk", s(&r["changed_blocks"])),
+            bytes(r["bytes_stored"].as_u64().unwrap_or(0)),
+            s(&r["source_node"]),
+            if r["encrypted"] == true { "yes".into() } else { "no".into() },
+            root,
+        ]);
+    }
+    table
+}
+
+fn volumes_table(list: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["VOLUME", "TARGET", "RPO", "LAST RP", "STATE", "LAST ERROR"]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    for v in list.as_array().into_iter().flatten() {
+        let last = match v["last_ok"].as_array() {
+            Some(pair) => format!("@{} ({} ago)", s(&pair[1]["seq"]), duration(now.saturating_sub(pair[0].as_u64().unwrap_or(0)) / 1000)),
+            None => "-".into(),
+        };
+        let state = if v["running"] == true {
+            "cycle running".to_string()
+        } else {
+            format!("next in {}", duration(v["next_in_secs"].as_f64().unwrap_or(0.0) as u64))
+        };
+        let error = v["last_error"].as_array().map(|p| s(&p[1]).chars().take(60).collect()).unwrap_or_else(|| "-".into());
+        table.add_row(vec![s(&v["volume"]), s(&v["target"]), duration(v["rpo_secs"].as_u64().unwrap_or(0)), last, state, error]);
+    }
+    table
 }

@@ -5,9 +5,11 @@
 
 mod admin;
 mod ctl;
+mod data;
 mod demo;
 mod init;
 mod logging;
+mod recover;
 mod reload;
 mod run;
 
@@ -43,7 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
-    /// Start two nodes on loopback in a temporary directory and show them connected.
+    /// Restore a recovery point to a raw image file (checks every block and the Merkle root).
+    Restore(recover::RestoreArgs),
+    /// Re-read and check every block of a recovery point.
+    Verify(recover::RpArgs),
+    /// Replicate a real ext4 image between two local nodes, restore it and check it.
     Demo(demo::DemoArgs),
 }
 
@@ -65,6 +71,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Topology { command: TopologyCommand::Check { file } } => check_topology(&file),
+        Command::Restore(args) => recover::restore(args),
+        Command::Verify(args) => recover::verify(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

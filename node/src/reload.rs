@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::mesh::{ApplyTopology, MeshActor};
+use drmesh_actors::actor::volumes::{SetTopology, VolumeScheduler};
 use drmesh_topology::{NodeId, Topology, TopologyDiff};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
@@ -69,15 +71,24 @@ pub struct Reloader {
     local: NodeId,
     current: Arc<Topology>,
     mesh: Addr<MeshActor>,
+    scheduler: Addr<VolumeScheduler>,
+    data: Arc<DataPlane>,
     last: Option<LastReload>,
-    debounce_pending: bool,
+    debounce: Option<SpawnHandle>,
     watcher: Option<RecommendedWatcher>,
 }
 
 impl Reloader {
-    /// A reloader for `current`, read from `path`, applying to `mesh`.
-    pub fn new(path: PathBuf, local: NodeId, current: Arc<Topology>, mesh: Addr<MeshActor>) -> Self {
-        Reloader { path, local, current, mesh, last: None, debounce_pending: false, watcher: None }
+    /// A reloader for `current`, read from `path`, applying to the mesh, the scheduler and the data plane.
+    pub fn new(
+        path: PathBuf,
+        local: NodeId,
+        current: Arc<Topology>,
+        mesh: Addr<MeshActor>,
+        scheduler: Addr<VolumeScheduler>,
+        data: Arc<DataPlane>,
+    ) -> Self {
+        Reloader { path, local, current, mesh, scheduler, data, last: None, debounce: None, watcher: None }
     }
 
     fn reload(&mut self, trigger: ReloadTrigger) -> Result<ReloadOutcome, ReloadFailure> {
@@ -146,6 +157,8 @@ impl Reloader {
         }
         let new = Arc::new(new);
         self.mesh.do_send(ApplyTopology(new.clone()));
+        self.scheduler.do_send(SetTopology(new.clone()));
+        self.data.set_topology(new.clone());
         self.current = new;
         Ok(ReloadOutcome {
             changed: true,
@@ -240,14 +253,14 @@ impl Handler<FileEvent> for Reloader {
     type Result = ();
 
     fn handle(&mut self, _msg: FileEvent, ctx: &mut Context<Self>) {
-        if self.debounce_pending {
-            return;
+        // Restart the quiet period on every event, so the reload reads the finished file.
+        if let Some(handle) = self.debounce.take() {
+            ctx.cancel_future(handle);
         }
-        self.debounce_pending = true;
-        ctx.run_later(DEBOUNCE, |act, _ctx| {
-            act.debounce_pending = false;
+        self.debounce = Some(ctx.run_later(DEBOUNCE, |act, _ctx| {
+            act.debounce = None;
             let _ = act.reload(ReloadTrigger::File);
-        });
+        }));
     }
 }
 

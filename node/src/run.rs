@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use actix::Actor;
 use anyhow::{anyhow, Context as _};
-use drmesh_actors::actor::mesh::{MeshActor, Shutdown};
+use drmesh_actors::actor::applier::DataPlane;
+use drmesh_actors::actor::mesh::{MeshActor, Shutdown, StreamService};
+use drmesh_actors::actor::volumes::VolumeScheduler;
+use drmesh_actors::source::baseline::Baselines;
+use drmesh_actors::store::Store;
 use drmesh_topology::Topology;
 use drmesh_transport::identity::ensure_private_dir;
 use drmesh_transport::Identity;
@@ -45,19 +49,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "starting drmesh node"
     );
 
+    let store = Arc::new(Store::open(&args.state_dir.join("store")).context("opening the store")?);
+    let baselines = Arc::new(Baselines::open(&args.state_dir.join("source.redb")).context("opening the source baselines")?);
+    let data = Arc::new(DataPlane::new(store, topology.clone(), identity.node_id()));
+
     let system = actix::System::new();
     let socket_path = system.block_on(async {
         // The admin socket first: it is how a second node on this state dir is caught.
         let (listener, socket_path) = admin::bind(&args.state_dir)?;
-        let mesh = match MeshActor::start_with(identity.clone(), topology.clone()) {
+        let service: Arc<dyn StreamService> = Arc::new(data.clone());
+        let mesh = match MeshActor::start_with(identity.clone(), topology.clone(), Some(service)) {
             Ok(mesh) => mesh,
             Err(e) => {
                 let _ = std::fs::remove_file(&socket_path);
                 return Err(e.into());
             }
         };
-        let reloader = Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone()).start();
-        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader }));
+        let scheduler = VolumeScheduler::new(identity.node_id(), topology.clone(), mesh.clone(), baselines.clone()).start();
+        let reloader =
+            Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();
+        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone() }));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         actix_rt::spawn(async move {

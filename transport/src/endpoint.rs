@@ -113,25 +113,35 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Reads framed [`Message`]s from a QUIC receive stream.
+/// Reads framed messages from a QUIC receive stream.
 pub struct MessageReader {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
 }
 
 impl MessageReader {
-    /// Wraps a receive stream.
+    /// Wraps a control stream ([`Message`] frames of at most 1 MiB).
     pub fn new(recv: quinn::RecvStream) -> Self {
-        MessageReader { recv, decoder: FrameDecoder::new() }
+        Self::with_limit(recv, wire::MAX_FRAME_BYTES)
     }
 
-    /// The next message, `Ok(None)` at a clean end of stream.
+    /// Wraps a stream whose frames may be up to `max` bytes.
+    pub fn with_limit(recv: quinn::RecvStream, max: usize) -> Self {
+        MessageReader { recv, decoder: FrameDecoder::with_limit(max) }
+    }
+
+    /// The next control message, `Ok(None)` at a clean end of stream.
     pub async fn next(&mut self) -> Result<Option<Message>, StreamError> {
+        self.next_frame().await
+    }
+
+    /// The next frame of any wire type, `Ok(None)` at a clean end of stream.
+    pub async fn next_frame<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, StreamError> {
         loop {
-            if let Some(message) = self.decoder.poll_message()? {
+            if let Some(message) = self.decoder.poll_frame()? {
                 return Ok(Some(message));
             }
-            match self.recv.read_chunk(64 * 1024, true).await? {
+            match self.recv.read_chunk(1 << 20, true).await? {
                 Some(chunk) => self.decoder.handle_bytes(&chunk.bytes),
                 None => {
                     self.decoder.handle_end()?;
@@ -142,8 +152,37 @@ impl MessageReader {
     }
 }
 
-/// Writes one framed message.
+/// Writes one framed control message.
 pub async fn send_message(send: &mut quinn::SendStream, message: &Message) -> Result<(), StreamError> {
     send.write_all(&wire::encode(message)).await?;
     Ok(())
+}
+
+/// Writes one framed data-stream message (up to [`wire::MAX_DATA_FRAME_BYTES`]).
+pub async fn send_frame<T: serde::Serialize>(send: &mut quinn::SendStream, message: &T) -> Result<(), StreamError> {
+    send.write_all(&wire::encode_frame(message, wire::MAX_DATA_FRAME_BYTES)).await?;
+    Ok(())
+}
+
+/// Writes one framed message of up to `max` bytes (peers must read with the same limit).
+pub async fn send_frame_with_limit<T: serde::Serialize>(send: &mut quinn::SendStream, message: &T, max: usize) -> Result<(), StreamError> {
+    send.write_all(&wire::encode_frame(message, max)).await?;
+    Ok(())
+}
+
+/// Opens a stream of `kind` (its first byte says which).
+pub async fn open_stream(connection: &quinn::Connection, kind: wire::StreamKind) -> Result<(quinn::SendStream, quinn::RecvStream), StreamError> {
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| StreamError::Write(quinn::WriteError::ConnectionLost(e)))?;
+    send.write_all(&[kind as u8]).await?;
+    Ok((send, recv))
+}
+
+/// Reads the kind byte of a stream the peer opened.
+pub async fn read_stream_kind(recv: &mut quinn::RecvStream) -> Result<Option<wire::StreamKind>, StreamError> {
+    let mut byte = [0u8; 1];
+    recv.read_exact(&mut byte).await.map_err(|e| match e {
+        quinn::ReadExactError::ReadError(e) => StreamError::Read(e),
+        quinn::ReadExactError::FinishedEarly(_) => StreamError::Wire(WireError::Truncated { buffered: 0 }),
+    })?;
+    Ok(wire::StreamKind::from_byte(byte[0]))
 }

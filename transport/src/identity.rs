@@ -139,7 +139,9 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
 /// Writes `bytes` to `path` through a 0600 temporary file, fsync and rename, so a
 /// crash leaves either the old file or the new one.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TransportError> {
-    let tmp: PathBuf = path.with_extension("tmp");
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
     let _ = fs::remove_file(&tmp);
     let mut file = OpenOptions::new()
         .write(true)

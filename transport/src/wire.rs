@@ -12,12 +12,39 @@
 //! older decoders see an unknown variant (a clean error), never a wrong message.
 
 use bytes::{Buf, BytesMut};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the mesh protocol; bumped on any incompatible change to [`Message`].
 pub const PROTOCOL_VERSION: u16 = 1;
-/// Largest frame body accepted, in bytes.
+/// Largest frame body accepted on the control stream, in bytes.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Largest frame body accepted on data streams: a 16 MiB block plus its envelope.
+pub const MAX_DATA_FRAME_BYTES: usize = (16 << 20) + 4096;
+
+/// What a newly opened stream carries; its first byte, before any frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamKind {
+    /// Hello, ping and the like ([`Message`]); one per connection.
+    Control = 0,
+    /// One replication session (source opens it).
+    Replication = 1,
+    /// Reading a recovery point from the node that holds it (restore from a peer).
+    Fetch = 2,
+}
+
+impl StreamKind {
+    /// The kind a stream's first byte names, if any.
+    pub fn from_byte(byte: u8) -> Option<StreamKind> {
+        match byte {
+            0 => Some(StreamKind::Control),
+            1 => Some(StreamKind::Replication),
+            2 => Some(StreamKind::Fetch),
+            _ => None,
+        }
+    }
+}
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
 
@@ -85,21 +112,30 @@ pub enum WireError {
     },
 }
 
-/// Encodes `message` as one frame (length prefix + body).
+/// Encodes `message` as one control frame (length prefix + body).
 pub fn encode(message: &Message) -> Vec<u8> {
-    let mut out = vec![0u8; FRAME_HEADER_BYTES];
-    // Serializing into a Vec cannot fail for these plain types; a failure is a bug.
-    let body = postcard::to_extend(message, Vec::new()).expect("postcard encodes every Message");
-    assert!(body.len() <= MAX_FRAME_BYTES, "message of {} bytes is over the frame limit", body.len());
-    out[..FRAME_HEADER_BYTES].copy_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    encode_frame(message, MAX_FRAME_BYTES)
+}
+
+/// Encodes any wire type as one frame; panics if it exceeds `max` (a sender bug).
+pub fn encode_frame<T: Serialize>(message: &T, max: usize) -> Vec<u8> {
+    // Serializing plain data into a Vec cannot fail; a failure is a bug.
+    let mut out = postcard::to_extend(message, vec![0u8; FRAME_HEADER_BYTES]).expect("postcard encodes plain data");
+    let len = out.len() - FRAME_HEADER_BYTES;
+    assert!(len <= max, "frame of {len} bytes is over the limit of {max}");
+    out[..FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     out
 }
 
-/// Decodes one frame body (without its length prefix).
+/// Decodes one control frame body (without its length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    decode_frame_body(body)
+}
+
+/// Decodes one frame body of any wire type; trailing bytes are an error.
+pub fn decode_frame_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     let malformed = |reason: String| WireError::Malformed { len: body.len(), reason };
-    let (message, rest) = postcard::take_from_bytes::<Message>(body).map_err(|e| malformed(e.to_string()))?;
+    let (message, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(malformed(format!("{} bytes after the message", rest.len())));
     }
@@ -107,15 +143,27 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
 }
 
 /// Splits a byte stream into messages; sans-IO, fed by whoever reads the socket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buffer: BytesMut,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameDecoder {
-    /// An empty decoder.
+    /// An empty decoder for control frames ([`MAX_FRAME_BYTES`]).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_limit(MAX_FRAME_BYTES)
+    }
+
+    /// An empty decoder refusing frames over `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        FrameDecoder { buffer: BytesMut::new(), max }
     }
 
     /// Appends bytes received from the peer.
@@ -126,21 +174,26 @@ impl FrameDecoder {
     /// Next complete message, `Ok(None)` if more bytes are needed, or the error
     /// that must close the connection. Checks the length before buffering a body.
     pub fn poll_message(&mut self) -> Result<Option<Message>, WireError> {
+        self.poll_frame()
+    }
+
+    /// Like [`FrameDecoder::poll_message`] for any wire type.
+    pub fn poll_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, WireError> {
         if self.buffer.len() < FRAME_HEADER_BYTES {
             return Ok(None);
         }
         let mut len_bytes = [0u8; FRAME_HEADER_BYTES];
         len_bytes.copy_from_slice(&self.buffer[..FRAME_HEADER_BYTES]);
         let len = u32::from_be_bytes(len_bytes) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(WireError::Oversized { len, max: MAX_FRAME_BYTES });
+        if len > self.max {
+            return Err(WireError::Oversized { len, max: self.max });
         }
         if self.buffer.len() < FRAME_HEADER_BYTES + len {
             return Ok(None);
         }
         self.buffer.advance(FRAME_HEADER_BYTES);
         let body = self.buffer.split_to(len);
-        decode_body(&body).map(Some)
+        decode_frame_body(&body).map(Some)
     }
 
     /// Call at end of stream: an unfinished frame is an error.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use drmesh_topology::{NodeId, Topology};
-use drmesh_transport::endpoint::{self, peer_id, MessageReader, CLOSE_PROTOCOL};
-use drmesh_transport::wire::{Hello, Message, PROTOCOL_VERSION};
+use drmesh_transport::endpoint::{self, peer_id, MessageReader, StreamError, CLOSE_PROTOCOL};
+use drmesh_transport::wire::{Hello, Message, StreamKind, PROTOCOL_VERSION};
 use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint, TransportError};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -46,6 +46,13 @@ pub enum MeshError {
     Transport(#[from] TransportError),
 }
 
+/// Serves the data streams peers open (replication sessions, fetches). The mesh
+/// actor hands each accepted stream over after reading its kind byte.
+pub trait StreamService: Send + Sync + 'static {
+    /// Takes over a stream of `kind` opened by `peer`; must not block (spawn the work).
+    fn serve(&self, kind: StreamKind, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream);
+}
+
 struct Connection {
     conn: quinn::Connection,
     peer: NodeId,
@@ -63,6 +70,7 @@ pub struct MeshActor {
     hellos: HashMap<NodeId, Hello>,
     next_conn: ConnId,
     started: Instant,
+    service: Option<Arc<dyn StreamService>>,
 }
 
 fn peer_specs(local: NodeId, topology: &Topology) -> Vec<PeerSpec> {
@@ -90,7 +98,11 @@ fn check_listed(identity: &Identity, topology: &Topology) -> Result<SocketAddr, 
 impl MeshActor {
     /// Binds the endpoint on this node's `listen` address and starts the actor.
     /// Must be called inside a running actix system.
-    pub fn start_with(identity: Arc<Identity>, topology: Arc<Topology>) -> Result<Addr<MeshActor>, MeshError> {
+    pub fn start_with(
+        identity: Arc<Identity>,
+        topology: Arc<Topology>,
+        service: Option<Arc<dyn StreamService>>,
+    ) -> Result<Addr<MeshActor>, MeshError> {
         let listen = check_listed(&identity, &topology)?;
         let allowed = AllowedPeers::new(topology.nodes.iter().map(|n| n.id));
         let endpoint = Arc::new(MeshEndpoint::bind(identity.clone(), listen, allowed.clone())?);
@@ -106,6 +118,7 @@ impl MeshActor {
             hellos: HashMap::new(),
             next_conn: 1,
             started: Instant::now(),
+            service,
         }
         .start())
     }
@@ -136,7 +149,8 @@ impl MeshActor {
                 PeerAction::Close { id, conn, reason } => {
                     if let Some(c) = self.connections.get(&conn) {
                         tracing::info!(peer = %self.peer_name(&id), %reason, "closing connection");
-                        c.conn.close(endpoint::CLOSE_DUPLICATE.into(), reason.as_bytes());
+                        let code = if reason.contains("duplicate") || reason.contains("replaced") { endpoint::CLOSE_DUPLICATE } else { endpoint::CLOSE_NORMAL };
+                        c.conn.close(code.into(), reason.as_bytes());
                     }
                 }
             }
@@ -184,9 +198,18 @@ impl MeshActor {
         let me = ctx.address();
         let hello = self.hello();
         let name = self.peer_name(&peer);
+        let service = self.service.clone();
         actix_rt::spawn(async move {
+            let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+            let accepting = accept_streams(conn.clone(), peer, control_tx, service);
             tokio::select! {
-                result = control_stream(&conn, direction, hello, inbox, &me, peer, conn_id) => {
+                result = control_stream(&conn, direction, hello, inbox, &me, peer, conn_id, control_rx) => {
+                    if let Err(reason) = result {
+                        tracing::warn!(peer = %name, %reason, "closing connection: peer broke the protocol");
+                        conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                    }
+                }
+                result = accepting => {
                     if let Err(reason) = result {
                         tracing::warn!(peer = %name, %reason, "closing connection: peer broke the protocol");
                         conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
@@ -200,7 +223,44 @@ impl MeshActor {
     }
 }
 
+type StreamPair = (quinn::SendStream, quinn::RecvStream);
+
+/// Accepts the streams the peer opens: the first control stream goes to the
+/// control task, data streams to the service. Returns `Err` on a protocol violation.
+async fn accept_streams(
+    conn: quinn::Connection,
+    peer: NodeId,
+    control: tokio::sync::oneshot::Sender<StreamPair>,
+    service: Option<Arc<dyn StreamService>>,
+) -> Result<(), String> {
+    let mut control = Some(control);
+    loop {
+        let Ok((send, mut recv)) = conn.accept_bi().await else {
+            // The connection ended; the caller learns why from `closed()`.
+            std::future::pending::<()>().await;
+            return Ok(());
+        };
+        let kind = endpoint::read_stream_kind(&mut recv).await.map_err(|e| format!("stream header: {e}"))?;
+        match (kind, control.take(), &service) {
+            (Some(StreamKind::Control), Some(tx), _) => {
+                let _ = tx.send((send, recv));
+            }
+            (Some(StreamKind::Control), None, _) => return Err("a second control stream".into()),
+            (Some(kind), c, Some(service)) => {
+                control = c;
+                service.serve(kind, peer, send, recv);
+            }
+            (Some(kind), c, None) => {
+                control = c;
+                tracing::debug!(?kind, "refusing a data stream: this node serves none");
+            }
+            (None, _, _) => return Err("unknown stream kind".into()),
+        }
+    }
+}
+
 /// Runs the control stream of one connection until it ends; `Err` is a protocol violation.
+#[allow(clippy::too_many_arguments)] // one call site; the arguments are the connection's parts
 async fn control_stream(
     conn: &quinn::Connection,
     direction: Direction,
@@ -209,17 +269,23 @@ async fn control_stream(
     me: &Addr<MeshActor>,
     peer: NodeId,
     conn_id: ConnId,
+    accepted: tokio::sync::oneshot::Receiver<StreamPair>,
 ) -> Result<(), String> {
     let (mut send, recv) = match direction {
-        Direction::Outbound => conn.open_bi().await,
-        Direction::Inbound => conn.accept_bi().await,
+        Direction::Outbound => endpoint::open_stream(conn, StreamKind::Control).await.map_err(|e| format!("control stream: {e}"))?,
+        Direction::Inbound => accepted.await.map_err(|_| "connection ended before its control stream".to_string())?,
+    };
+    if endpoint::send_message(&mut send, &hello).await.is_err() {
+        return Ok(());
     }
-    .map_err(|e| format!("control stream: {e}"))?;
-    endpoint::send_message(&mut send, &hello).await.map_err(|e| e.to_string())?;
     let mut reader = MessageReader::new(recv);
     loop {
         tokio::select! {
-            received = reader.next() => match received.map_err(|e| e.to_string())? {
+            received = reader.next() => match received {
+                // Bad bytes are a protocol violation; a stream that merely ends or breaks is a lost connection.
+                Err(StreamError::Wire(e)) => return Err(e.to_string()),
+                Err(_) => return Ok(()),
+                Ok(received) => match received {
                 Some(Message::Hello(hello)) => {
                     if hello.protocol_version != PROTOCOL_VERSION {
                         return Err(format!(
@@ -230,7 +296,9 @@ async fn control_stream(
                     me.do_send(PeerHello { peer, conn_id, hello });
                 }
                 Some(Message::Ping { nonce }) => {
-                    endpoint::send_message(&mut send, &Message::Pong { nonce }).await.map_err(|e| e.to_string())?;
+                    if endpoint::send_message(&mut send, &Message::Pong { nonce }).await.is_err() {
+                        return Ok(());
+                    }
                 }
                 Some(Message::Pong { .. }) => {}
                 Some(Message::Goodbye { reason }) => {
@@ -238,9 +306,13 @@ async fn control_stream(
                     return Ok(());
                 }
                 None => return Ok(()),
-            },
+            }},
             outgoing = inbox.recv() => match outgoing {
-                Some(message) => endpoint::send_message(&mut send, &message).await.map_err(|e| e.to_string())?,
+                Some(message) => {
+                    if endpoint::send_message(&mut send, &message).await.is_err() {
+                        return Ok(());
+                    }
+                }
                 None => return Ok(()),
             },
         }
@@ -529,6 +601,23 @@ impl Handler<GetStatus> for MeshActor {
             topology_path: self.topology.path().display().to_string(),
             peers,
         })
+    }
+}
+
+/// Asks for the live connection to a peer, by node name.
+#[derive(Message)]
+#[rtype(result = "Option<(NodeId, quinn::Connection)>")]
+pub struct GetConnection(pub String);
+
+impl Handler<GetConnection> for MeshActor {
+    type Result = Option<(NodeId, quinn::Connection)>;
+
+    fn handle(&mut self, msg: GetConnection, _ctx: &mut Context<Self>) -> Self::Result {
+        let entry = self.table.peers().find(|e| e.spec.name == msg.0)?;
+        match entry.state {
+            LinkState::Connected { conn, .. } => self.connections.get(&conn).map(|c| (entry.spec.id, c.conn.clone())),
+            _ => None,
+        }
     }
 }
 

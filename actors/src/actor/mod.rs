@@ -1,3 +1,7 @@
 //! Actix actors that drive the protocol cores with real time and real sockets.
 
+pub mod applier;
+pub mod fetch;
 pub mod mesh;
+pub mod replicate;
+pub mod volumes;

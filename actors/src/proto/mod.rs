@@ -1,3 +1,4 @@
 //! Sans-IO protocol cores. Nothing in here reads a clock or does I/O.
 
 pub mod peers;
+pub mod session;

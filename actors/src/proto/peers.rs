@@ -20,6 +20,9 @@ pub type ConnId = u64;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest delay between two dial attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A connection that lasted this long resets the backoff; shorter ones (a peer
+/// that accepts the handshake and then refuses us) keep it growing.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// What the topology says about one peer, as far as connecting is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +93,8 @@ pub struct PeerEntry {
     pub last_error: Option<String>,
     /// Connections established so far (reconnects show as a count above 1).
     pub connect_count: u64,
+    /// Short-lived connections in a row, which keep the backoff growing.
+    pub short_lived: u32,
 }
 
 /// Something the driver must do.
@@ -156,7 +161,7 @@ impl PeerTable {
                 }
                 None => {
                     let state = if spec.dial { LinkState::Backoff { until: now, attempt: 0 } } else { LinkState::Waiting };
-                    self.peers.insert(id, PeerEntry { spec, state, last_error: None, connect_count: 0 });
+                    self.peers.insert(id, PeerEntry { spec, state, last_error: None, connect_count: 0, short_lived: 0 });
                 }
             }
         }
@@ -208,9 +213,15 @@ impl PeerTable {
     pub fn handle_closed(&mut self, now: Instant, id: NodeId, conn: ConnId, reason: String) {
         let Some(entry) = self.peers.get_mut(&id) else { return };
         match entry.state {
-            LinkState::Connected { conn: current, .. } if current == conn => {
+            LinkState::Connected { conn: current, since, .. } if current == conn => {
                 entry.last_error = Some(reason);
-                entry.state = if entry.spec.dial { LinkState::Backoff { until: now + BACKOFF_MIN, attempt: 0 } } else { LinkState::Waiting };
+                entry.short_lived = if now.saturating_duration_since(since) >= STABLE_CONNECTION { 0 } else { entry.short_lived + 1 };
+                let attempt = entry.short_lived;
+                entry.state = if entry.spec.dial {
+                    LinkState::Backoff { until: now + backoff(attempt.saturating_sub(1)), attempt }
+                } else {
+                    LinkState::Waiting
+                };
             }
             _ => {}
         }
@@ -316,7 +327,7 @@ mod tests {
         table.handle_closed(t0, id(2), 10, "peer restarted".into());
         assert!(drain(&mut table, t0).is_empty());
         assert_eq!(drain(&mut table, t0 + BACKOFF_MIN).len(), 1);
-        assert_eq!(table.get(&id(2)).unwrap().state, LinkState::Dialing { attempt: 0 });
+        assert_eq!(table.get(&id(2)).unwrap().state, LinkState::Dialing { attempt: 1 });
 
         table.handle_topology(t0, vec![spec(2, true)]);
         assert_eq!(
@@ -328,6 +339,30 @@ mod tests {
         assert!(table.handle_connected(t0, id(2), 12, Direction::Outbound));
         table.handle_closed(t0, id(2), 10, "late".into());
         assert!(matches!(table.get(&id(2)).unwrap().state, LinkState::Connected { conn: 12, .. }));
+    }
+
+    #[test]
+    fn connections_that_drop_at_once_back_off_like_failed_dials() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::new(id(1));
+        table.handle_topology(t0, vec![spec(2, true)]);
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for conn in 0..6 {
+            assert_eq!(drain(&mut table, now).len(), 1);
+            table.handle_connected(now, id(2), conn, Direction::Outbound);
+            table.handle_closed(now + Duration::from_millis(5), id(2), conn, "refused".into());
+            let due = table.poll_timeout().unwrap();
+            delays.push(due - now);
+            now = due;
+        }
+        assert!(delays.windows(2).all(|w| w[1] >= w[0]), "{delays:?}");
+        assert!(*delays.last().unwrap() >= BACKOFF_MAX - Duration::from_millis(5), "{delays:?}");
+        // A connection that held for a while resets it.
+        drain(&mut table, now);
+        table.handle_connected(now, id(2), 99, Direction::Outbound);
+        table.handle_closed(now + STABLE_CONNECTION, id(2), 99, "peer restarted".into());
+        assert_eq!(table.poll_timeout().unwrap() - (now + STABLE_CONNECTION), BACKOFF_MIN);
     }
 
     #[test]

@@ -1,0 +1,167 @@
+//! Fetch streams: reading a recovery point from the node that holds it, so a
+//! node can restore an RP it does not hold itself.
+//!
+//! The client sends [`FetchRequest`]s and the server answers each with one
+//! [`FetchReply`], in order; the client keeps several requests in flight so the
+//! link stays busy. Only the volume's source node and its targets may fetch.
+
+use std::sync::Arc;
+
+use drmesh_topology::{NodeId, Topology};
+use drmesh_transport::endpoint::{self, MessageReader};
+use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
+use serde::{Deserialize, Serialize};
+
+use crate::content::ContentId;
+use crate::proto::session::WireBlob;
+use crate::store::{EncodedBlob, RpMeta, Store};
+
+/// Largest fetch reply: a delta chain of full depth over the largest block.
+pub const MAX_REPLY_BYTES: usize = MAX_DATA_FRAME_BYTES * 10;
+/// Block ids per `Blocks` request.
+pub const IDS_PER_REQUEST: u64 = 4096;
+
+/// Client → server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FetchRequest {
+    /// The metadata of `volume@seq` (the newest RP when `seq` is None).
+    Rp {
+        /// Volume name.
+        volume: String,
+        /// Sequence number.
+        seq: Option<u64>,
+    },
+    /// Block ids of the RP named in the last `Rp` request.
+    Blocks {
+        /// First block index.
+        start: u64,
+        /// How many.
+        count: u64,
+    },
+    /// The blobs that materialize `content`: the head blob, then its delta bases down to a full block.
+    Content(ContentId),
+}
+
+/// Server → client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FetchReply {
+    /// RP metadata.
+    Rp(RpMeta),
+    /// Block ids.
+    Blocks(Vec<ContentId>),
+    /// A blob chain, head first.
+    Chain(Vec<WireBlob>),
+    /// The request failed; the stream goes on.
+    Error(String),
+}
+
+fn chain(store: &Store, content: &ContentId) -> Result<Vec<WireBlob>, String> {
+    let loc = store.locate(content).map_err(|e| e.to_string())?.ok_or_else(|| format!("block {content} is not stored here"))?;
+    let mut out = Vec::new();
+    let mut next = Some(loc.blob);
+    while let Some(id) = next {
+        let blob = store.read_blob(&id).map_err(|e| e.to_string())?;
+        next = blob.base;
+        out.push(blob.into());
+        if out.len() > 64 {
+            return Err(format!("delta chain of block {content} does not end"));
+        }
+    }
+    Ok(out)
+}
+
+/// Serves one fetch stream opened by `peer`.
+pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let peer_name = topology.node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_default();
+    let mut reader = MessageReader::with_limit(recv, 1 << 20);
+    let mut current: Option<RpMeta> = None;
+    loop {
+        let request = match reader.next_frame::<FetchRequest>().await {
+            Ok(Some(r)) => r,
+            _ => break,
+        };
+        let store2 = store.clone();
+        let reply = match request {
+            FetchRequest::Rp { volume, seq } => {
+                let allowed = topology.volumes.iter().any(|v| v.name == volume && (v.source == peer_name || v.targets.contains(&peer_name)));
+                if !allowed {
+                    FetchReply::Error(format!("node {peer_name} may not read volume {volume:?} (only its source and targets may)"))
+                } else {
+                    let found = tokio::task::spawn_blocking(move || match seq {
+                        Some(s) => store2.rp(&volume, s),
+                        None => store2.latest_rp(&volume),
+                    })
+                    .await;
+                    match found {
+                        Ok(Ok(Some(meta))) => {
+                            current = Some(meta.clone());
+                            FetchReply::Rp(meta)
+                        }
+                        Ok(Ok(None)) => FetchReply::Error("no such recovery point on this node".into()),
+                        Ok(Err(e)) => FetchReply::Error(e.to_string()),
+                        Err(e) => FetchReply::Error(e.to_string()),
+                    }
+                }
+            }
+            FetchRequest::Blocks { start, count } => match current.clone() {
+                None => FetchReply::Error("ask for an RP first".into()),
+                Some(meta) => {
+                    let count = count.min(IDS_PER_REQUEST);
+                    match tokio::task::spawn_blocking(move || store2.block_ids(&meta.volume, meta.seq, start, count)).await {
+                        Ok(Ok(ids)) => FetchReply::Blocks(ids),
+                        Ok(Err(e)) => FetchReply::Error(e.to_string()),
+                        Err(e) => FetchReply::Error(e.to_string()),
+                    }
+                }
+            },
+            FetchRequest::Content(content) => {
+                if current.is_none() {
+                    FetchReply::Error("ask for an RP first".into())
+                } else {
+                    match tokio::task::spawn_blocking(move || chain(&store2, &content)).await {
+                        Ok(Ok(c)) => FetchReply::Chain(c),
+                        Ok(Err(e)) => FetchReply::Error(e),
+                        Err(e) => FetchReply::Error(e.to_string()),
+                    }
+                }
+            }
+        };
+        if endpoint::send_frame_with_limit(&mut send, &reply, MAX_REPLY_BYTES).await.is_err() {
+            break;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Client side of a fetch stream.
+pub struct FetchClient {
+    send: quinn::SendStream,
+    reader: MessageReader,
+}
+
+impl FetchClient {
+    /// Opens a fetch stream on `conn`.
+    pub async fn open(conn: &quinn::Connection) -> Result<Self, String> {
+        let (send, recv) = endpoint::open_stream(conn, StreamKind::Fetch).await.map_err(|e| e.to_string())?;
+        Ok(FetchClient { send, reader: MessageReader::with_limit(recv, MAX_REPLY_BYTES) })
+    }
+
+    /// Sends a request without waiting for its reply.
+    pub async fn request(&mut self, request: &FetchRequest) -> Result<(), String> {
+        endpoint::send_frame(&mut self.send, request).await.map_err(|e| e.to_string())
+    }
+
+    /// The next reply, in request order.
+    pub async fn reply(&mut self) -> Result<FetchReply, String> {
+        self.reader.next_frame::<FetchReply>().await.map_err(|e| e.to_string())?.ok_or_else(|| "the peer closed the fetch stream".to_string())
+    }
+
+    /// Converts a chain reply into stored-form blobs.
+    pub fn chain(reply: FetchReply) -> Result<Vec<EncodedBlob>, String> {
+        match reply {
+            FetchReply::Chain(c) => Ok(c.into_iter().map(Into::into).collect()),
+            FetchReply::Error(e) => Err(e),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+}

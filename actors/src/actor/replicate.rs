@@ -1,0 +1,276 @@
+//! The source side of one cycle: block-reader, compressor and sender.
+//!
+//! - block-reader: a blocking task that scans the volume ([`Scanner`]) and hands
+//!   changed blocks over a short channel; it only gets to read ahead while the
+//!   session grants credit, so memory is bounded by the window, not the volume.
+//! - compressor: wanted blocks are encoded (zstd, AES-GCM, or a delta) on the
+//!   rayon pool, which spans both cores, off the async threads.
+//! - sender: this task, which drives the [`SourceSession`], writes frames to the
+//!   QUIC stream and reads the target's answers.
+//!
+//! The baseline advances only after the target's `Committed` (promise 2); a
+//! failed cycle leaves it where it was, so the next scan finds the same changes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use drmesh_transport::endpoint::{self, MessageReader};
+use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::codec::BlockCodec;
+use crate::content::ContentId;
+use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetMsg, Want};
+use crate::source::baseline::{BaselineMeta, Baselines};
+use crate::source::file::{FileSource, ScanStats, ScannedBlock, Scanner};
+use crate::store::{EncodedBlob, RpMeta};
+
+/// Baseline entries staged per write.
+const STAGE_BATCH: usize = 256;
+
+/// What one cycle needs to know.
+#[derive(Debug, Clone)]
+pub struct CycleConfig {
+    /// Volume name.
+    pub volume: String,
+    /// Target node name.
+    pub target: String,
+    /// This node's name.
+    pub source_node: String,
+    /// Image file or block device.
+    pub path: PathBuf,
+    /// Policy block size.
+    pub block_bytes: u32,
+    /// Policy codec (compression, encryption, id scheme).
+    pub codec: BlockCodec,
+}
+
+/// What one cycle did, for logs, status and the demo table.
+#[derive(Debug, Clone, Serialize)]
+pub struct CycleReport {
+    /// Volume name.
+    pub volume: String,
+    /// Target node name.
+    pub target: String,
+    /// Sequence number of the committed RP.
+    pub seq: u64,
+    /// Volume size.
+    pub volume_bytes: u64,
+    /// Bytes read from the source.
+    pub scanned_bytes: u64,
+    /// Whether every block was offered (no usable baseline on the target).
+    pub full_offer: bool,
+    /// Session counters.
+    pub stats: CycleStats,
+    /// Wall time in seconds.
+    pub duration_secs: f64,
+    /// Merkle root of the RP.
+    pub merkle_root: String,
+}
+
+/// Why a cycle failed. The baseline is unchanged; the next cycle retries.
+#[derive(Debug, thiserror::Error)]
+pub enum CycleError {
+    /// Reading the source or its baseline failed.
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    /// The session failed (target error, protocol error, lost connection).
+    #[error("{0}")]
+    Session(String),
+}
+
+enum ReaderItem {
+    Block(ScannedBlock),
+    Done([u8; 32], ScanStats),
+    Failed(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Runs one cycle of `cfg.volume` to the target at the other end of `conn`.
+pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc<Baselines>) -> Result<CycleReport, CycleError> {
+    let started = Instant::now();
+    let snapshot_ms = now_ms();
+    let session_err = |e: &dyn std::fmt::Display| CycleError::Session(e.to_string());
+    let (volume, target) = (cfg.volume.clone(), cfg.target.clone());
+    let b = baselines.clone();
+    let base_meta = tokio::task::spawn_blocking(move || -> Result<Option<BaselineMeta>, crate::source::SourceError> {
+        b.clear_staged(&volume, &target)?;
+        let meta = b.meta(&volume, &target)?;
+        Ok(match meta {
+            Some(m) if m.block_bytes != cfg.block_bytes => {
+                b.reset(&volume, &target)?;
+                None
+            }
+            other => other,
+        })
+    })
+    .await
+    .map_err(|e| session_err(&e))??;
+
+    let (mut send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| session_err(&e))?;
+    let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
+    let (out_tx, mut out_rx) = mpsc::channel::<SourceMsg>(8);
+    let sender = actix_rt::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            if let Err(e) = endpoint::send_frame(&mut send, &msg).await {
+                return Err(e.to_string());
+            }
+        }
+        let _ = send.finish();
+        Ok(())
+    });
+
+    let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts());
+    let (block_tx, mut block_rx) = mpsc::channel::<ReaderItem>(4);
+    let (enc_tx, mut enc_rx) = mpsc::unbounded_channel::<(u64, Result<EncodedBlob, String>)>();
+    let mut held: HashMap<u64, Arc<ScannedBlock>> = HashMap::new();
+    let mut stage_buf: Vec<(u64, ContentId, Vec<u8>)> = Vec::new();
+    let mut reader_running = false;
+    let mut reader_finished = false;
+    let mut full_offer = false;
+    let mut scan_stats = ScanStats::default();
+    let mut merkle_root = [0u8; 32];
+    let mut volume_bytes = 0u64;
+    let mut block_count = 0u64;
+
+    let result: Result<u64, CycleError> = loop {
+        while let Some(msg) = session.poll_transmit() {
+            if out_tx.send(msg).await.is_err() {
+                session.handle_disconnect("stream writer stopped".into());
+            }
+        }
+        let mut finished = None;
+        while let Some(event) = session.poll_event() {
+            match event {
+                SourceEvent::Start { full_offer: full, .. } => {
+                    full_offer = full;
+                    let source = FileSource::open(&cfg.path, cfg.block_bytes)?;
+                    volume_bytes = source.volume_bytes();
+                    block_count = source.block_count();
+                    let (b, v, t, ids, tx) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.codec.ids().clone(), block_tx.clone());
+                    reader_running = true;
+                    tokio::task::spawn_blocking(move || {
+                        let mut scanner = Scanner::new(&source, &b, &v, &t, ids, full);
+                        loop {
+                            match scanner.next_changed() {
+                                Ok(Some(block)) => {
+                                    if tx.blocking_send(ReaderItem::Block(block)).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let _ = tx.blocking_send(ReaderItem::Failed(e.to_string()));
+                                    return;
+                                }
+                            }
+                        }
+                        let (root, stats) = scanner.finish();
+                        let _ = tx.blocking_send(ReaderItem::Done(root, stats));
+                    });
+                }
+                SourceEvent::Encode { index, want } => {
+                    let Some(block) = held.get(&index).cloned() else {
+                        session.handle_encode_failed(format!("block {index} was asked for but is not held"));
+                        continue;
+                    };
+                    let (codec, tx) = (cfg.codec.clone(), enc_tx.clone());
+                    rayon::spawn(move || {
+                        let blob = match (want, &block.base) {
+                            (Want::Delta { base, depth }, Some(b)) => codec
+                                .encode_delta(block.content, &block.data, &block.page_hashes, base, depth, &b.page_hashes)
+                                .unwrap_or_else(|| codec.encode_full(block.content, &block.data)),
+                            _ => codec.encode_full(block.content, &block.data),
+                        };
+                        let _ = tx.send((index, Ok(blob)));
+                    });
+                }
+                SourceEvent::Release { index } => {
+                    held.remove(&index);
+                }
+                SourceEvent::Committed { seq } => finished = Some(Ok(seq)),
+                SourceEvent::Failed { reason } => finished = Some(Err(CycleError::Session(reason))),
+            }
+        }
+        if let Some(done) = finished {
+            break done;
+        }
+        if stage_buf.len() >= STAGE_BATCH {
+            let (b, v, t, entries) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), std::mem::take(&mut stage_buf));
+            tokio::task::spawn_blocking(move || b.stage(&v, &t, &entries)).await.map_err(|e| session_err(&e))??;
+        }
+        let want_blocks = reader_running && !reader_finished && session.wants_block();
+        tokio::select! {
+            msg = reader.next_frame::<TargetMsg>() => match msg {
+                Ok(Some(msg)) => session.handle_message(msg),
+                Ok(None) => session.handle_disconnect("target closed the session".into()),
+                Err(e) => session.handle_disconnect(e.to_string()),
+            },
+            item = block_rx.recv(), if want_blocks => match item {
+                Some(ReaderItem::Block(block)) => {
+                    stage_buf.push((block.index, block.content, block.page_hashes.clone()));
+                    let base = block.base.as_ref().map(|b| b.content).filter(|c| !c.is_zero());
+                    let entry = OfferEntry { index: block.index, content: block.content, base };
+                    let len = block.data.len() as u64;
+                    held.insert(block.index, Arc::new(block));
+                    session.handle_block(entry, len);
+                }
+                Some(ReaderItem::Done(root, stats)) => {
+                    reader_finished = true;
+                    merkle_root = root;
+                    scan_stats = stats;
+                    session.handle_reader_done(RpMeta {
+                        volume: cfg.volume.clone(),
+                        seq: 0,
+                        time_unix_ms: snapshot_ms,
+                        source_node: cfg.source_node.clone(),
+                        volume_bytes,
+                        block_bytes: cfg.block_bytes,
+                        block_count,
+                        changed_blocks: scan_stats.changed_blocks,
+                        bytes_stored: 0,
+                        merkle_root: root,
+                        encrypted: cfg.codec.encrypts(),
+                        consistency: "crash".into(),
+                    });
+                }
+                Some(ReaderItem::Failed(reason)) => session.handle_encode_failed(format!("reading the source: {reason}")),
+                None => session.handle_encode_failed("block reader stopped".into()),
+            },
+            Some((index, blob)) = enc_rx.recv() => match blob {
+                Ok(blob) => session.handle_encoded(index, blob),
+                Err(reason) => session.handle_encode_failed(reason),
+            },
+        }
+    };
+    drop(out_tx);
+    let _ = sender.await;
+    let seq = result?;
+
+    // Committed on the target: only now does the baseline move (promise 2).
+    let meta = BaselineMeta { seq, merkle_root, block_bytes: cfg.block_bytes, block_count, volume_bytes, time_unix_ms: snapshot_ms };
+    let (b, v, t) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone());
+    tokio::task::spawn_blocking(move || -> Result<u64, crate::source::SourceError> {
+        b.stage(&v, &t, &stage_buf)?;
+        b.promote(&v, &t, &meta)
+    })
+    .await
+    .map_err(|e| session_err(&e))??;
+    Ok(CycleReport {
+        volume: cfg.volume,
+        target: cfg.target,
+        seq,
+        volume_bytes,
+        scanned_bytes: scan_stats.scanned_bytes,
+        full_offer,
+        stats: session.stats().clone(),
+        duration_secs: started.elapsed().as_secs_f64(),
+        merkle_root: merkle_root.iter().map(|b| format!("{b:02x}")).collect(),
+    })
+}

@@ -1,0 +1,314 @@
+//! The volume scheduler: runs a replication cycle of every volume this node is
+//! the source of, to each of its targets, once per RPO of its policy, and on
+//! demand (`drmesh ctl sync-now VOLUME`). It keeps each (volume, target)'s last
+//! outcome for status. One cycle per (volume, target) runs at a time; a failed
+//! cycle is retried after a short backoff, never later than the RPO.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use drmesh_topology::{Compression, SourceKind, Topology};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::actor::mesh::{GetConnection, MeshActor};
+use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport};
+use crate::codec::BlockCodec;
+use crate::source::baseline::Baselines;
+
+/// How often due cycles are looked for.
+const TICK: Duration = Duration::from_millis(500);
+/// Retry delay after a failed cycle (capped by the RPO).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+
+type Key = (String, String);
+
+struct Plan {
+    rpo: Duration,
+    next_due: Instant,
+    running: bool,
+    again: bool,
+    waiters: Vec<oneshot::Sender<Result<CycleReport, String>>>,
+    last_ok: Option<(u64, CycleReport)>,
+    last_error: Option<(u64, String)>,
+}
+
+/// Status of one (volume, target) replication, for `drmesh ctl volumes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicationStatus {
+    /// Volume name.
+    pub volume: String,
+    /// Target node.
+    pub target: String,
+    /// Policy RPO in seconds.
+    pub rpo_secs: u64,
+    /// Whether a cycle is running now.
+    pub running: bool,
+    /// Seconds until the next scheduled cycle.
+    pub next_in_secs: f64,
+    /// Last successful cycle and when it ended (Unix ms).
+    pub last_ok: Option<(u64, CycleReport)>,
+    /// Last failure and when (Unix ms), if after the last success.
+    pub last_error: Option<(u64, String)>,
+}
+
+/// The scheduler actor.
+pub struct VolumeScheduler {
+    local: drmesh_topology::NodeId,
+    topology: Arc<Topology>,
+    mesh: Addr<MeshActor>,
+    baselines: Arc<Baselines>,
+    plans: BTreeMap<Key, Plan>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The codec of a policy; reads its key file if it encrypts.
+pub fn policy_codec(policy: &drmesh_topology::Policy) -> Result<BlockCodec, String> {
+    let level = match policy.compression {
+        Compression::Off => None,
+        Compression::Zstd { level } => Some(level),
+    };
+    let key = match &policy.encryption_key_file {
+        Some(path) => Some(drmesh_topology::read_key_file(path)?),
+        None => None,
+    };
+    Ok(BlockCodec::new(level, key.as_ref().map(|k| k.as_bytes())))
+}
+
+impl VolumeScheduler {
+    /// A scheduler for the node `local`.
+    pub fn new(local: drmesh_topology::NodeId, topology: Arc<Topology>, mesh: Addr<MeshActor>, baselines: Arc<Baselines>) -> Self {
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new() };
+        s.replan(true);
+        s
+    }
+
+    fn local_name(&self) -> String {
+        self.topology.node_by_id(&self.local).map(|n| n.name.clone()).unwrap_or_default()
+    }
+
+    /// Rebuilds the plan list from the topology, keeping the state of plans that stay.
+    fn replan(&mut self, at_startup: bool) {
+        let me = self.local_name();
+        let mut plans = BTreeMap::new();
+        for volume in self.topology.volumes.iter().filter(|v| v.source == me) {
+            let rpo = self.topology.policies.get(&volume.policy).map_or(Duration::from_secs(3600), |p| p.rpo);
+            for target in &volume.targets {
+                let key = (volume.name.clone(), target.clone());
+                let plan = match self.plans.remove(&key) {
+                    Some(mut p) => {
+                        p.rpo = rpo;
+                        p
+                    }
+                    None => Plan {
+                        rpo,
+                        // The first cycle waits briefly so connections can come up.
+                        next_due: Instant::now() + if at_startup { Duration::from_secs(2) } else { Duration::ZERO },
+                        running: false,
+                        again: false,
+                        waiters: Vec::new(),
+                        last_ok: None,
+                        last_error: None,
+                    },
+                };
+                plans.insert(key, plan);
+            }
+        }
+        for (key, plan) in std::mem::take(&mut self.plans) {
+            for w in plan.waiters {
+                let _ = w.send(Err(format!("volume {} is no longer replicated to {}", key.0, key.1)));
+            }
+        }
+        self.plans = plans;
+    }
+
+    fn cycle_config(&self, volume: &str, target: &str) -> Result<CycleConfig, String> {
+        let v = self.topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume:?} is not in the topology"))?;
+        let policy = self.topology.policies.get(&v.policy).ok_or_else(|| format!("policy {:?} is not in the topology", v.policy))?;
+        let path = match &v.kind {
+            SourceKind::File { path } => path.clone(),
+            other => return Err(format!("volume {volume:?}: source kind {:?} is not supported by this build yet", other.name())),
+        };
+        Ok(CycleConfig {
+            volume: volume.to_string(),
+            target: target.to_string(),
+            source_node: self.local_name(),
+            path,
+            block_bytes: u32::try_from(policy.block_bytes).map_err(|_| "block size too large".to_string())?,
+            codec: policy_codec(policy)?,
+        })
+    }
+
+    fn start(&mut self, key: Key, ctx: &mut Context<Self>) {
+        let Some(plan) = self.plans.get_mut(&key) else { return };
+        plan.running = true;
+        plan.again = false;
+        let config = self.cycle_config(&key.0, &key.1);
+        let (mesh, baselines, me) = (self.mesh.clone(), self.baselines.clone(), ctx.address());
+        actix_rt::spawn(async move {
+            let result = async {
+                let config = config?;
+                let (_, conn) = mesh
+                    .send(GetConnection(config.target.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("target {} is not connected", config.target))?;
+                run_cycle(conn, config, baselines).await.map_err(|e| e.to_string())
+            }
+            .await;
+            me.do_send(CycleDone { key, result });
+        });
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let due: Vec<Key> = self.plans.iter().filter(|(_, p)| !p.running && (p.again || p.next_due <= now)).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            self.start(key, ctx);
+        }
+    }
+}
+
+impl Actor for VolumeScheduler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CycleDone {
+    key: Key,
+    result: Result<CycleReport, String>,
+}
+
+impl Handler<CycleDone> for VolumeScheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: CycleDone, ctx: &mut Context<Self>) {
+        let Some(plan) = self.plans.get_mut(&msg.key) else { return };
+        plan.running = false;
+        let now = Instant::now();
+        match &msg.result {
+            Ok(report) => {
+                tracing::info!(
+                    volume = %report.volume, target = %report.target, seq = report.seq,
+                    offered = report.stats.offered_blocks, sent_bytes = report.stats.sent_payload_bytes,
+                    secs = format!("{:.2}", report.duration_secs), "cycle committed"
+                );
+                plan.last_ok = Some((now_ms(), report.clone()));
+                plan.last_error = None;
+                plan.next_due = now + plan.rpo;
+            }
+            Err(reason) => {
+                tracing::warn!(volume = %msg.key.0, target = %msg.key.1, %reason, "cycle failed; the baseline is unchanged");
+                plan.last_error = Some((now_ms(), reason.clone()));
+                plan.next_due = now + RETRY_AFTER_FAILURE.min(plan.rpo);
+            }
+        }
+        // Waiters that arrived while this cycle ran asked for a fresh one.
+        let waiters = std::mem::take(&mut plan.waiters);
+        if plan.again {
+            plan.waiters = waiters;
+            self.start(msg.key, ctx);
+        } else {
+            for w in waiters {
+                let _ = w.send(msg.result.clone());
+            }
+        }
+    }
+}
+
+/// Applies a new topology (volumes added, removed, policies changed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetTopology(pub Arc<Topology>);
+
+impl Handler<SetTopology> for VolumeScheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetTopology, _ctx: &mut Context<Self>) {
+        self.topology = msg.0;
+        self.replan(false);
+    }
+}
+
+/// Runs a cycle of `volume` to every target now; answers with each target's outcome.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Result<CycleReport, String>>, String>")]
+pub struct SyncNow(pub String);
+
+impl Handler<SyncNow> for VolumeScheduler {
+    type Result = ResponseFuture<Result<Vec<Result<CycleReport, String>>, String>>;
+
+    fn handle(&mut self, msg: SyncNow, ctx: &mut Context<Self>) -> Self::Result {
+        let keys: Vec<Key> = self.plans.keys().filter(|(v, _)| *v == msg.0).cloned().collect();
+        if keys.is_empty() {
+            let me = self.local_name();
+            let reason = match self.topology.volumes.iter().find(|v| v.name == msg.0) {
+                Some(v) => format!("volume {:?} is replicated by node {}, not by this node ({me})", msg.0, v.source),
+                None => format!("volume {:?} is not in the topology", msg.0),
+            };
+            return Box::pin(async move { Err(reason) });
+        }
+        let mut receivers = Vec::new();
+        for key in keys {
+            let (tx, rx) = oneshot::channel();
+            let start = {
+                let Some(plan) = self.plans.get_mut(&key) else { continue };
+                plan.waiters.push(tx);
+                if plan.running {
+                    plan.again = true;
+                    false
+                } else {
+                    true
+                }
+            };
+            if start {
+                self.start(key, ctx);
+            }
+            receivers.push(rx);
+        }
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for rx in receivers {
+                out.push(rx.await.unwrap_or_else(|_| Err("the scheduler stopped".into())));
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Asks for every replication's status.
+#[derive(Message)]
+#[rtype(result = "Vec<ReplicationStatus>")]
+pub struct GetReplications;
+
+impl Handler<GetReplications> for VolumeScheduler {
+    type Result = MessageResult<GetReplications>;
+
+    fn handle(&mut self, _msg: GetReplications, _ctx: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        MessageResult(
+            self.plans
+                .iter()
+                .map(|((volume, target), p)| ReplicationStatus {
+                    volume: volume.clone(),
+                    target: target.clone(),
+                    rpo_secs: p.rpo.as_secs(),
+                    running: p.running,
+                    next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
+                    last_ok: p.last_ok.clone(),
+                    last_error: p.last_error.clone(),
+                })
+                .collect(),
+        )
+    }
+}

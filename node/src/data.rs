@@ -1,0 +1,131 @@
+//! Admin commands of the data plane: sync-now, volumes, rps, gc, restore, verify, store.
+
+use std::time::Duration;
+
+use drmesh_actors::actor::fetch::FetchClient;
+use drmesh_actors::actor::mesh::GetConnection;
+use drmesh_actors::actor::volumes::{policy_codec, GetReplications, SyncNow};
+use drmesh_actors::restore::{restore, RpSource};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::admin::{AdminContext, Request};
+
+/// Default grace window of `ctl gc`: blobs younger than this are kept.
+const DEFAULT_GC_GRACE: Duration = Duration::from_secs(60);
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
+}
+
+/// Handles the data-plane requests of the admin socket.
+pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender<Value>) -> Result<Value, String> {
+    let store = ctx.data.store().clone();
+    match request {
+        Request::SyncNow { volume } => {
+            let results = ctx.scheduler.send(SyncNow(volume.clone())).await.map_err(|e| e.to_string())??;
+            let mut reports = Vec::new();
+            let mut errors = Vec::new();
+            for r in results {
+                match r {
+                    Ok(report) => reports.push(report),
+                    Err(e) => errors.push(e),
+                }
+            }
+            if reports.is_empty() {
+                return Err(format!("sync of {volume} failed: {}", errors.join("; ")));
+            }
+            Ok(json!({ "reports": reports, "errors": errors }))
+        }
+        Request::Volumes => Ok(serde_json::to_value(ctx.scheduler.send(GetReplications).await.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
+        Request::Rps { volume } => {
+            let rps = blocking(move || -> Result<Vec<_>, String> {
+                let volumes = match volume {
+                    Some(v) => vec![v],
+                    None => store.volumes().map_err(|e| e.to_string())?,
+                };
+                let mut all = Vec::new();
+                for v in volumes {
+                    all.extend(store.rps(&v).map_err(|e| e.to_string())?);
+                }
+                Ok(all)
+            })
+            .await??;
+            Ok(serde_json::to_value(rps).map_err(|e| e.to_string())?)
+        }
+        Request::Gc { grace_secs } => {
+            let grace = grace_secs.map_or(DEFAULT_GC_GRACE, Duration::from_secs);
+            let report = blocking(move || store.gc(grace)).await?.map_err(|e| e.to_string())?;
+            tracing::info!(deleted = report.blobs_deleted, freed = report.bytes_freed, "garbage collection done");
+            Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
+        }
+        Request::Store => Ok(serde_json::to_value(blocking(move || store.stats()).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
+        Request::Restore { volume, seq, to, from } => {
+            if !to.is_absolute() {
+                return Err(format!("restore destination {} must be an absolute path", to.display()));
+            }
+            let report = read_rp(ctx, &volume, seq, from, Some(&to), progress).await?;
+            Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
+        }
+        Request::Verify { volume, seq, from } => {
+            let report = read_rp(ctx, &volume, seq, from, None, progress).await?;
+            Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
+        }
+        Request::Status | Request::Peers | Request::Reload => Err("not a data-plane command".into()),
+    }
+}
+
+/// Restores or verifies an RP from this node's store or from a peer that holds it.
+async fn read_rp(
+    ctx: &AdminContext,
+    volume: &str,
+    seq: Option<u64>,
+    from: Option<String>,
+    to: Option<&std::path::Path>,
+    progress: mpsc::Sender<Value>,
+) -> Result<drmesh_actors::restore::RestoreReport, String> {
+    let topology = ctx.data.topology();
+    let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume:?} is not in the topology"))?;
+    let policy = topology.policies.get(&vol.policy).ok_or_else(|| format!("policy {:?} is not in the topology", vol.policy))?;
+    let codec = policy_codec(policy).map_err(|e| format!("reading {volume} needs the policy's key file: {e}"))?;
+    let store = ctx.data.store().clone();
+    let (v, s) = (volume.to_string(), seq);
+    let held_here = blocking(move || match s {
+        Some(seq) => store.rp(&v, seq).map(|r| r.is_some()),
+        None => store.latest_rp(&v).map(|r| r.is_some()),
+    })
+    .await?
+    .map_err(|e| e.to_string())?;
+    let candidates: Vec<String> = match (&from, held_here) {
+        (Some(node), _) => vec![node.clone()],
+        (None, true) => vec![],
+        (None, false) => vol.targets.clone(),
+    };
+    let mut source = if candidates.is_empty() {
+        RpSource::Local(ctx.data.store().clone())
+    } else {
+        let mut found = None;
+        let mut tried = Vec::new();
+        for node in &candidates {
+            match ctx.mesh.send(GetConnection(node.clone())).await.map_err(|e| e.to_string())? {
+                Some((_, conn)) => {
+                    found = Some(RpSource::Remote(FetchClient::open(&conn).await?));
+                    break;
+                }
+                None => tried.push(format!("{node} (not connected)")),
+            }
+        }
+        found.ok_or_else(|| format!("{volume}: not held by this node, and no holder is reachable: {}", tried.join(", ")))?
+    };
+    let mut last_sent = 0;
+    let report = restore(&mut source, volume, seq, &codec, to, |done, total| {
+        // Roughly a hundred progress lines per restore at most.
+        if done == total || done >= last_sent + (total / 100).max(1) {
+            last_sent = done;
+            let _ = progress.try_send(json!({ "done": done, "total": total }));
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(report)
+}
