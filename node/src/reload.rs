@@ -123,7 +123,7 @@ impl Reloader {
     }
 
     fn try_reload(&mut self) -> Result<ReloadOutcome, ReloadFailure> {
-        let new = Topology::load(&self.path).map_err(|diagnostics| ReloadFailure {
+        let new = Topology::load_for(&self.path, Some(&self.local)).map_err(|diagnostics| ReloadFailure {
             error: format!(
                 "{} has {} error(s); the node keeps running on version {} (hash {})",
                 self.path.display(),

@@ -35,7 +35,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let identity = Arc::new(Identity::load(&args.state_dir)?);
     ensure_private_dir(&args.state_dir)?;
     let topology_path = absolute(&args.topology);
-    let topology = Topology::load(&topology_path).map_err(|diagnostics| {
+    let topology = Topology::load_for(&topology_path, Some(&identity.node_id())).map_err(|diagnostics| {
         let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
         anyhow!("topology file {} is not valid:\n{}", topology_path.display(), lines.join("\n"))
     })?;

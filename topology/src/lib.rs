@@ -64,7 +64,16 @@ pub struct Topology {
 
 impl Topology {
     /// Reads and validates the file; relative key paths resolve against its directory.
+    /// Every policy's key file must exist (as `drmesh topology check` wants).
     pub fn load(path: &Path) -> Result<Topology, Diagnostics> {
+        Topology::load_for(path, None)
+    }
+
+    /// Like [`Topology::load`] for the node `local`: a missing key file is an
+    /// error only for policies of volumes this node is the source of (targets
+    /// store encrypted blobs without the key). A key file that exists must still
+    /// be valid and private on every node.
+    pub fn load_for(path: &Path, local: Option<&NodeId>) -> Result<Topology, Diagnostics> {
         let bytes = std::fs::read(path).map_err(|e| single(path, format!("cannot read topology file: {e}")))?;
         let text = String::from_utf8(bytes).map_err(|e| {
             let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
@@ -73,11 +82,16 @@ impl Topology {
             sink.error(at..at, "the file is not valid UTF-8 here; expected UTF-8 text");
             sink.finish()
         })?;
-        Topology::parse(&text, path)
+        Topology::parse_for(&text, path, local)
     }
 
     /// Validates text as if read from `origin` (used for messages and relative paths).
     pub fn parse(text: &str, origin: &Path) -> Result<Topology, Diagnostics> {
+        Topology::parse_for(text, origin, None)
+    }
+
+    /// Like [`Topology::parse`], with the key-file rule of [`Topology::load_for`].
+    pub fn parse_for(text: &str, origin: &Path, local: Option<&NodeId>) -> Result<Topology, Diagnostics> {
         let mut sink = Sink::new(text, origin);
         let (root, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
         if !syntax_errors.is_empty() {
@@ -88,8 +102,25 @@ impl Topology {
             }
             return Err(sink.finish());
         }
-        let draft = parse::read_document(root.get_ref(), origin, &mut sink);
+        let mut draft = parse::read_document(root.get_ref(), origin, &mut sink);
+        let missing_keys = std::mem::take(&mut draft.missing_keys);
         let checked = validate::check(draft, &mut sink);
+        if let Some(c) = &checked {
+            let local_name = local.and_then(|id| c.nodes.iter().find(|n| n.id == *id)).map(|n| n.name.as_str());
+            for (policy, span, message) in missing_keys {
+                let needed = match (local, local_name) {
+                    (None, _) => true,
+                    (Some(_), name) => c.volumes.iter().any(|v| v.policy == policy && Some(v.source.as_str()) == name),
+                };
+                if needed {
+                    sink.error(span, message);
+                }
+            }
+        } else {
+            for (_, span, message) in missing_keys {
+                sink.error(span, message);
+            }
+        }
         match checked {
             Some(c) if !sink.has_errors() => Ok(Topology {
                 mesh: c.mesh,

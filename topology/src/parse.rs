@@ -66,6 +66,9 @@ pub(crate) struct Draft {
     pub(crate) volumes: Vec<VolumeDraft>,
     /// Policies by name; `None` when the policy's table had errors.
     pub(crate) policies: BTreeMap<String, Option<Policy>>,
+    /// Key files that do not exist here: (policy, span, message). Whether that is
+    /// an error depends on the node reading the file (see `Topology::parse_for`).
+    pub(crate) missing_keys: Vec<(String, Span, String)>,
 }
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -322,7 +325,12 @@ pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'
                     let policy = match entry.get_ref() {
                         DeValue::Table(fields) => {
                             let what = format!("[policy.{name}]");
-                            read_policy(name, &Fields::new(what, entry.span(), fields), &base_dir, sink)
+                            let mut missing = None;
+                            let policy = read_policy(name, &Fields::new(what, entry.span(), fields), &base_dir, sink, &mut missing);
+                            if let Some((span, message)) = missing {
+                                draft.missing_keys.push((name.to_string(), span, message));
+                            }
+                            policy
                         }
                         other => {
                             sink.error(
@@ -678,7 +686,13 @@ fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Op
     }
 }
 
-fn read_policy(name: &str, f: &Fields<'_, '_>, base_dir: &Path, sink: &mut Sink<'_>) -> Option<Policy> {
+fn read_policy(
+    name: &str,
+    f: &Fields<'_, '_>,
+    base_dir: &Path,
+    sink: &mut Sink<'_>,
+    missing_key: &mut Option<(Span, String)>,
+) -> Option<Policy> {
     f.check_keys(
         sink,
         &["rpo", "retention", "block_size", "compression", "encryption_key_file", "bandwidth", "drill"],
@@ -767,6 +781,11 @@ fn read_policy(name: &str, f: &Fields<'_, '_>, base_dir: &Path, sink: &mut Sink<
         let path = base_dir.join(s.value.trim());
         match read_key_file(&path) {
             Ok(_) => encryption_key_file = Some(path),
+            // Only the nodes that encrypt need the key; the caller decides.
+            Err(e) if !path.exists() => {
+                *missing_key = Some((s.span, e));
+                encryption_key_file = Some(path);
+            }
             Err(e) => {
                 sink.error(s.span, e);
                 ok = false;

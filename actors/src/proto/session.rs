@@ -28,10 +28,10 @@ use crate::store::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
 
 /// Offer entries per message.
 pub const OFFER_BATCH: usize = 128;
-/// Changed blocks a source holds at once (read, offered, awaiting encode or store ack).
+/// Changed blocks a source holds at once (read, offered, or being encoded).
 pub const MAX_PENDING_BLOCKS: usize = 48;
 /// Encoded bytes sent but not yet durably stored by the target.
-pub const MAX_INFLIGHT_BYTES: u64 = 96 << 20;
+pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 
 /// A changed block offered to the target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,7 +181,7 @@ pub enum SourceEvent {
         /// How.
         want: Want,
     },
-    /// The target has block `index`: drop its data.
+    /// Block `index`'s data is no longer needed (the target has it, or it is encoded).
     Release {
         /// Block index.
         index: u64,
@@ -329,6 +329,9 @@ impl SourceSession {
         }
         self.awaiting.entry(blob.id).or_default().push((index, bytes));
         self.outbox.push_back(SourceMsg::Blob(blob.into()));
+        // The encoded blob is all that is needed from here on: free the block's data.
+        self.held.remove(&index);
+        self.events.push_back(SourceEvent::Release { index });
     }
 
     /// Encoding failed (e.g. the block could not be re-read): the cycle fails.
@@ -379,10 +382,8 @@ impl SourceSession {
                     let Some(blocks) = self.awaiting.remove(&id) else {
                         return self.fail(format!("target acknowledged blob {id} that was not sent"));
                     };
-                    for (index, bytes) in blocks {
+                    for (_index, bytes) in blocks {
                         self.inflight_bytes = self.inflight_bytes.saturating_sub(bytes);
-                        self.held.remove(&index);
-                        self.events.push_back(SourceEvent::Release { index });
                     }
                 }
                 self.maybe_commit();

@@ -139,6 +139,7 @@ pub struct Scanner<'a> {
     next_index: u64,
     merkle: MerkleBuilder,
     ready: VecDeque<ScannedBlock>,
+    prefetched: Option<(Vec<Vec<u8>>, u64)>,
     stats: ScanStats,
 }
 
@@ -156,6 +157,7 @@ impl<'a> Scanner<'a> {
             next_index: 0,
             merkle: MerkleBuilder::new(),
             ready: VecDeque::new(),
+            prefetched: None,
             stats: ScanStats::default(),
         }
     }
@@ -168,33 +170,49 @@ impl<'a> Scanner<'a> {
         Ok(self.ready.pop_front())
     }
 
-    fn scan_batch(&mut self) -> Result<(), SourceError> {
-        let start = self.next_index;
+    fn read_batch(&self, start: u64) -> Result<(Vec<Vec<u8>>, u64), SourceError> {
         let count = (self.source.block_count() - start).min(BATCH_BLOCKS as u64);
-        let bases = self.baselines.blocks(&self.volume, &self.target, start, count)?;
         let mut datas = Vec::with_capacity(count as usize);
         for i in 0..count {
             let mut buf = Vec::new();
             self.source.read_block(start + i, &mut buf)?;
-            self.stats.scanned_bytes += buf.len() as u64;
             datas.push(buf);
         }
+        Ok((datas, count))
+    }
+
+    fn scan_batch(&mut self) -> Result<(), SourceError> {
+        let start = self.next_index;
+        let (datas, count) = match self.prefetched.take() {
+            Some(batch) => batch,
+            None => self.read_batch(start)?,
+        };
+        let bases = self.baselines.blocks(&self.volume, &self.target, start, count)?;
         let ids = &self.ids;
         let full_offer = self.full_offer;
-        let results: Vec<(ContentId, Vec<u8>, bool)> = datas
-            .par_iter()
-            .zip(bases.par_iter())
-            .map(|(data, base)| {
-                let mut hashes = Vec::new();
-                page_hashes(data, &mut hashes);
-                match base {
-                    Some(b) if b.page_hashes == hashes => (b.content, hashes, full_offer),
-                    None if crate::content::is_all_zero(data) => (ContentId::ZERO, hashes, false),
-                    _ => (ids.content_id(data), hashes, true),
-                }
-            })
-            .collect();
+        let next = start + count;
+        // Hash this batch on the pool while this thread reads the next one.
+        let (results, prefetched) = rayon::join(
+            || -> Vec<(ContentId, Vec<u8>, bool)> {
+                datas
+                    .par_iter()
+                    .zip(bases.par_iter())
+                    .map(|(data, base)| {
+                        let mut hashes = Vec::new();
+                        page_hashes(data, &mut hashes);
+                        match base {
+                            Some(b) if b.page_hashes == hashes => (b.content, hashes, full_offer),
+                            None if crate::content::is_all_zero(data) => (ContentId::ZERO, hashes, false),
+                            _ => (ids.content_id(data), hashes, true),
+                        }
+                    })
+                    .collect()
+            },
+            || if next < self.source.block_count() { Some(self.read_batch(next)) } else { None },
+        );
+        self.prefetched = prefetched.transpose()?;
         for (i, ((content, hashes, changed), (data, base))) in results.into_iter().zip(datas.into_iter().zip(bases)).enumerate() {
+            self.stats.scanned_bytes += data.len() as u64;
             self.merkle.push(&content);
             // A block that became zero is a change (the target must record it); one that stays zero is not.
             let changed = changed || (content.is_zero() && base.is_some());
@@ -206,7 +224,7 @@ impl<'a> Scanner<'a> {
                 self.ready.push_back(ScannedBlock { index: start + i as u64, data, content, page_hashes: hashes, base });
             }
         }
-        self.next_index = start + count;
+        self.next_index = next;
         Ok(())
     }
 
