@@ -1,6 +1,19 @@
 //! simnet: a deterministic discrete-event simulator of the drmesh mesh.
 //!
-//! It will drive the very same sans-IO state machines the real node runs (gossip,
-//! replication sessions) with a seeded RNG, a virtual clock and simulated links
-//! (latency, jitter, loss, bandwidth, partitions), so a run is reproducible from
-//! its seed. Nothing lives here yet: the simulator arrives with the gossip work.
+//! It drives the very same sans-IO gossip state machines the real node runs
+//! ([`drmesh_actors::proto::gossip::GossipNode`]) with a seeded RNG, a virtual
+//! clock and simulated links (latency, jitter, loss, bandwidth, partitions by
+//! site), with no threads and no sockets, so a run is reproducible from its seed:
+//! every processed event is fed to a blake3 hash ([`Report::trace_hash`]).
+//!
+//! A run is a [`SimConfig`] (network, gossip tunables, seed) plus a
+//! [`Scenario`]: a list of timed [`Op`]s (commit an RP, expire RPs, cut a site
+//! off, heal, crash nodes, restart them). Checkers watch from outside and end
+//! up in the [`Report`]: convergence of every committed RP to every live node,
+//! resurrections of expired RPs, failure-detection times, traffic.
+
+pub mod scenario;
+mod sim;
+
+pub use scenario::{Op, Scenario};
+pub use sim::{peak_rss_bytes, NetConfig, Report, SimConfig, Simulator};

@@ -2,3 +2,4 @@
 
 pub mod peers;
 pub mod session;
+pub mod gossip;

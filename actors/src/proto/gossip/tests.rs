@@ -1,0 +1,166 @@
+//! Small in-process harness: a few nodes, virtual time, in-memory queues.
+
+use std::collections::BTreeMap;
+
+use super::catalog::Consistency;
+use super::*;
+
+fn id(n: u8) -> NodeId {
+    NodeId::from_bytes([n; 32])
+}
+
+fn info(seq: u64) -> RpInfo {
+    RpInfo { snapshot_unix_ms: seq, size_bytes: 10, merkle_root: [7; 32], consistency: Consistency::Crash, drill: None }
+}
+
+/// Nodes, pending deliveries and timers; perfect links with 10 ms latency.
+struct Mesh {
+    nodes: BTreeMap<NodeId, GossipNode>,
+    queue: BTreeMap<(Millis, u64), (NodeId, Option<NodeId>, Payload)>,
+    seq: u64,
+    now: Millis,
+    cut: Vec<NodeId>,
+}
+
+enum Payload {
+    Bytes(Vec<u8>),
+    Timer(GossipTimer),
+}
+
+impl Mesh {
+    fn new(n: u8) -> Self {
+        let mut mesh = Mesh { nodes: BTreeMap::new(), queue: BTreeMap::new(), seq: 0, now: Millis(0), cut: Vec::new() };
+        for i in 0..n {
+            let node = GossipNode::new(Millis(0), id(i), 1, GossipConfig::for_cluster(u32::from(n)), u64::from(i));
+            mesh.nodes.insert(id(i), node);
+        }
+        for i in 1..n {
+            mesh.nodes.get_mut(&id(i)).unwrap().handle_join(Millis(0), &[id(0)]).unwrap();
+        }
+        mesh.drain();
+        mesh
+    }
+
+    fn drain(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for me in ids {
+            let node = self.nodes.get_mut(&me).unwrap();
+            let mut out = Vec::new();
+            while let Some(t) = node.poll_transmit() {
+                assert!(t.bytes.len() <= DATAGRAM_BYTES_MAX);
+                out.push((self.now.after(Duration::from_millis(10)), t.to, Some(me), Payload::Bytes(t.bytes)));
+            }
+            while let Some((at, timer)) = node.poll_timer() {
+                out.push((at, me, None, Payload::Timer(timer)));
+            }
+            while node.poll_event().is_some() {}
+            for (at, to, from, p) in out {
+                self.seq += 1;
+                self.queue.insert((at, self.seq), (to, from, p));
+            }
+        }
+    }
+
+    fn run_until(&mut self, until: Millis) {
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > until {
+                break;
+            }
+            let ((at, _), (to, from, p)) = entry.remove_entry();
+            self.now = at;
+            let Some(node) = self.nodes.get_mut(&to) else { continue };
+            match p {
+                Payload::Bytes(b) => {
+                    let from = from.unwrap();
+                    if self.cut.contains(&from) != self.cut.contains(&to) {
+                        continue;
+                    }
+                    let _ = node.handle_datagram(at, from, &b);
+                }
+                Payload::Timer(t) => {
+                    let _ = node.handle_timer(at, t);
+                }
+            }
+            self.drain();
+        }
+        self.now = until;
+    }
+
+    fn node(&mut self, n: u8) -> &mut GossipNode {
+        self.nodes.get_mut(&id(n)).unwrap()
+    }
+}
+
+#[test]
+fn gossip_rp_reaches_everyone_and_expiry_sticks() {
+    let mut mesh = Mesh::new(8);
+    mesh.run_until(Millis(10_000));
+    for n in 0..8 {
+        assert_eq!(mesh.node(n).active_members(), 7, "node {n} membership");
+    }
+    mesh.node(3).handle_local_rp(Millis(10_000), "db", 1, info(1)).unwrap();
+    mesh.node(3).handle_local_rp(Millis(10_000), "db", 2, info(2)).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(20_000));
+    for n in 0..8 {
+        assert!(mesh.node(n).has_rp(&id(3), "db", 1), "node {n} lacks db@1");
+    }
+    mesh.node(3).handle_rps_expired_below(Millis(20_000), "db", 2).unwrap();
+    mesh.node(3).handle_rp_expired(Millis(20_000), "db", 2, 5).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(30_000));
+    for n in 0..8 {
+        assert!(!mesh.node(n).has_rp(&id(3), "db", 1));
+        assert!(!mesh.node(n).has_rp(&id(3), "db", 2));
+    }
+}
+
+#[test]
+fn anti_entropy_heals_a_partition() {
+    let mut mesh = Mesh::new(6);
+    mesh.run_until(Millis(5_000));
+    mesh.cut = vec![id(4), id(5)];
+    mesh.node(1).handle_local_rp(Millis(5_000), "v", 1, info(1)).unwrap();
+    mesh.node(4).handle_status(
+        Millis(5_000),
+        NodeStatus { site: "branch".into(), software_version: "0.1".into(), topology_version: 3, topology_hash: [1; 32] },
+    );
+    mesh.drain();
+    // Long enough for piggybacked broadcasts to be exhausted.
+    mesh.run_until(Millis(600_000));
+    assert!(!mesh.node(5).has_rp(&id(1), "v", 1));
+    mesh.cut.clear();
+    mesh.run_until(Millis(900_000));
+    for n in 0..6 {
+        assert!(mesh.node(n).has_rp(&id(1), "v", 1), "node {n}");
+        let members = mesh.node(n).members();
+        if n != 4 {
+            let m4 = members.iter().find(|m| m.node == id(4)).expect("member 4 known");
+            assert_eq!(m4.status.as_ref().map(|s| s.0.site.as_str()), Some("branch"));
+        }
+    }
+}
+
+#[test]
+fn snapshot_round_trips() {
+    let mut mesh = Mesh::new(3);
+    mesh.node(1).handle_local_rp(Millis(0), "v", 4, info(4)).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(5_000));
+    let snap = mesh.node(2).snapshot();
+    let restored = GossipNode::restore(Millis(0), id(2), 2, GossipConfig::for_cluster(3), 9, &snap).unwrap();
+    assert!(restored.has_rp(&id(1), "v", 4));
+    assert!(GossipNode::restore(Millis(0), id(1), 2, GossipConfig::for_cluster(3), 9, &snap).is_err());
+    assert!(GossipNode::restore(Millis(0), id(2), 2, GossipConfig::for_cluster(3), 9, b"nope").is_err());
+}
+
+#[test]
+fn garbage_is_rejected_without_panic() {
+    let mut node = GossipNode::new(Millis(0), id(0), 1, GossipConfig::for_cluster(2), 1);
+    assert!(node.handle_datagram(Millis(1), id(1), &[]).is_err());
+    assert!(node.handle_datagram(Millis(1), id(1), &[9, 1, 2]).is_err());
+    assert!(node.handle_datagram(Millis(1), id(1), &[TAG_SYNC, 0xff, 0xff]).is_err());
+    let _ = node.handle_datagram(Millis(1), id(1), &[TAG_FOCA, 1, 2, 3]);
+    assert!(node.handle_datagram(Millis(1), id(1), &vec![TAG_FOCA; 1300]).is_err());
+    assert!(node.handle_local_rp(Millis(1), "", 1, info(1)).is_err());
+}
