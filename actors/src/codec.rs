@@ -26,6 +26,24 @@ pub const MAX_DELTA_DEPTH: u8 = 8;
 const DELTA_MAGIC: &[u8; 4] = b"DRD1";
 const DELTA_HEADER: usize = 12;
 
+thread_local! {
+    /// One zstd context per thread and level: setting one up costs about as much
+    /// as compressing a small block, so contexts are reused across blocks.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses with a reused per-thread context; `None` if zstd fails.
+fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, compressor) = slot.as_mut()?;
+        compressor.compress(plain).ok()
+    })
+}
+
 /// Why a blob could not be decoded. Restore reports it with the block it was restoring.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -111,8 +129,8 @@ impl BlockCodec {
     fn seal(&self, id: BlobId, content: ContentId, plain: &[u8], base: Option<(BlobId, u8)>, delta: bool) -> EncodedBlob {
         let mut flags = BlobFlags(if delta { BlobFlags::DELTA } else { 0 });
         let mut payload = match self.zstd_level {
-            Some(level) => match zstd::bulk::compress(plain, level) {
-                Ok(c) if c.len() < plain.len() => {
+            Some(level) => match compress(plain, level) {
+                Some(c) if c.len() < plain.len() => {
                     flags.0 |= BlobFlags::COMPRESSED;
                     c
                 }

@@ -161,6 +161,10 @@ async fn run_session(
     let (batch_tx, mut batch_rx) = mpsc::channel::<WriterCmd>(2);
     let store = plane.store.clone();
     let stored_out = out.clone();
+    // Batches queued or being written; a partial batch is only sent to an idle
+    // writer, so batches grow while the disk is busy (fewer syncs per byte).
+    let writing = Arc::new(AtomicU64::new(0));
+    let writing_done = writing.clone();
     let writer = actix_rt::spawn(async move {
         let mut written = 0u64;
         let mut failure: Option<String> = None;
@@ -169,16 +173,22 @@ async fn run_session(
                 WriterCmd::Batch(blobs) if failure.is_none() => {
                     let ids: Vec<_> = blobs.iter().map(|b| b.id).collect();
                     let s = store.clone();
+                    let count = blobs.len();
+                    let started = std::time::Instant::now();
                     match blocking(move || s.put_blobs(session, &blobs)).await {
                         Ok(Ok(bytes)) => {
+                            tracing::debug!(count, bytes, ms = started.elapsed().as_millis() as u64, "blob batch durable");
                             written += bytes;
                             let _ = stored_out.send(TargetMsg::Stored { blobs: ids }).await;
                         }
                         Ok(Err(e)) => failure = Some(describe(&e)),
                         Err(e) => failure = Some(e),
                     }
+                    writing_done.fetch_sub(1, Ordering::SeqCst);
                 }
-                WriterCmd::Batch(_) => {}
+                WriterCmd::Batch(_) => {
+                    writing_done.fetch_sub(1, Ordering::SeqCst);
+                }
                 WriterCmd::Flush(done) => {
                     let _ = done.send(match &failure {
                         Some(f) => Err(f.clone()),
@@ -200,14 +210,18 @@ async fn run_session(
         loop {
             // A partial batch goes to disk as soon as the source pauses: it may be
             // waiting for exactly these acknowledgements to send more.
+            let writer_idle = writing.load(Ordering::SeqCst) == 0;
             let next = tokio::select! {
                 biased;
                 next = reader.next_frame::<SourceMsg>() => next,
-                _ = tokio::time::sleep(BATCH_IDLE), if !batch.is_empty() => {
+                _ = tokio::time::sleep(BATCH_IDLE), if !batch.is_empty() && writer_idle => {
+                    writing.fetch_add(1, Ordering::SeqCst);
                     batch_tx.send(WriterCmd::Batch(std::mem::take(&mut batch))).await.map_err(|_| "writer stopped".to_string())?;
                     batch_bytes = 0;
                     continue;
                 }
+                // The writer finished: look again (an idle flush may now be due).
+                _ = tokio::time::sleep(BATCH_IDLE), if !batch.is_empty() && !writer_idle => continue,
             };
             let msg = match next {
                 Ok(Some(m)) => m,
@@ -237,12 +251,14 @@ async fn run_session(
                     batch_bytes += blob.payload.len();
                     batch.push(blob);
                     if batch.len() >= BATCH_BLOBS || batch_bytes >= BATCH_BYTES {
+                        writing.fetch_add(1, Ordering::SeqCst);
                         batch_tx.send(WriterCmd::Batch(std::mem::take(&mut batch))).await.map_err(|_| "writer stopped".to_string())?;
                         batch_bytes = 0;
                     }
                 }
                 SourceMsg::Commit { mut meta } => {
                     if !batch.is_empty() {
+                        writing.fetch_add(1, Ordering::SeqCst);
                         batch_tx.send(WriterCmd::Batch(std::mem::take(&mut batch))).await.map_err(|_| "writer stopped".to_string())?;
                     }
                     let written = flush(batch_tx.clone()).await?;

@@ -26,10 +26,11 @@ use crate::codec::MAX_DELTA_DEPTH;
 use crate::content::{BlobId, ContentId};
 use crate::store::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
 
-/// Offer entries per message.
-pub const OFFER_BATCH: usize = 128;
+/// Offer entries per message: small, so answers (and compression) start while
+/// the reader is still filling the window.
+pub const OFFER_BATCH: usize = 16;
 /// Changed blocks a source holds at once (read, offered, or being encoded).
-pub const MAX_PENDING_BLOCKS: usize = 48;
+pub const MAX_PENDING_BLOCKS: usize = 64;
 /// Encoded bytes sent but not yet durably stored by the target.
 pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 

@@ -70,16 +70,16 @@ impl FileSource {
         (self.volume_bytes.saturating_sub(start)).min(u64::from(self.block_bytes)) as usize
     }
 
-    /// Reads block `index` into `out` (resized to the block's length).
-    pub fn read_block(&self, index: u64, out: &mut Vec<u8>) -> Result<(), SourceError> {
+    /// Reads block `index` into a pooled buffer (aligned for O_DIRECT, so the
+    /// kernel writes straight into it and no copy follows).
+    pub fn read_block(&self, index: u64) -> Result<BlockData, SourceError> {
         let len = self.block_len(index);
         let offset = index * u64::from(self.block_bytes);
+        let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut data = BlockData::with_capacity(padded);
+        let shift = data.shift;
+        let window = &mut data.raw[shift..shift + padded];
         if self.direct {
-            // O_DIRECT wants an aligned buffer and length: read into an aligned window of a larger Vec.
-            let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            let mut raw = vec![0u8; padded + DIRECT_ALIGN];
-            let shift = (DIRECT_ALIGN - (raw.as_ptr() as usize % DIRECT_ALIGN)) % DIRECT_ALIGN;
-            let window = &mut raw[shift..shift + padded];
             let mut done = 0;
             while done < len {
                 let n = self.file.read_at(&mut window[done..], offset + done as u64).map_err(io("reading", &self.path))?;
@@ -92,13 +92,72 @@ impl FileSource {
                 }
                 done += n;
             }
-            out.clear();
-            out.extend_from_slice(&window[..len]);
         } else {
-            out.resize(len, 0);
-            self.file.read_exact_at(out, offset).map_err(io("reading", &self.path))?;
+            self.file.read_exact_at(&mut window[..len], offset).map_err(io("reading", &self.path))?;
         }
-        Ok(())
+        data.len = len;
+        Ok(data)
+    }
+}
+
+/// Recycled read buffers: allocating (and faulting in) a fresh megabyte per
+/// block costs more CPU than hashing it.
+static BUFFER_POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Buffers kept for reuse at most.
+const POOL_BUFFERS: usize = 160;
+
+/// The bytes of one block, in a pooled buffer aligned for O_DIRECT.
+pub struct BlockData {
+    raw: Vec<u8>,
+    shift: usize,
+    len: usize,
+}
+
+impl BlockData {
+    fn with_capacity(padded: usize) -> BlockData {
+        let need = padded + DIRECT_ALIGN;
+        let pooled = BUFFER_POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut raw = match pooled {
+            Some(v) if v.len() >= need => v,
+            _ => vec![0u8; need],
+        };
+        if raw.len() < need {
+            raw.resize(need, 0);
+        }
+        let shift = (DIRECT_ALIGN - (raw.as_ptr() as usize % DIRECT_ALIGN)) % DIRECT_ALIGN;
+        BlockData { raw, shift, len: 0 }
+    }
+
+    /// A block holding a copy of `bytes` (tests, and sources that are not files).
+    pub fn from_slice(bytes: &[u8]) -> BlockData {
+        let mut data = BlockData::with_capacity(bytes.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN);
+        let shift = data.shift;
+        data.raw[shift..shift + bytes.len()].copy_from_slice(bytes);
+        data.len = bytes.len();
+        data
+    }
+}
+
+impl std::ops::Deref for BlockData {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.shift..self.shift + self.len]
+    }
+}
+
+impl std::fmt::Debug for BlockData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockData({} bytes)", self.len)
+    }
+}
+
+impl Drop for BlockData {
+    fn drop(&mut self) {
+        let mut pool = BUFFER_POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_BUFFERS {
+            pool.push(std::mem::take(&mut self.raw));
+        }
     }
 }
 
@@ -108,7 +167,7 @@ pub struct ScannedBlock {
     /// Block index.
     pub index: u64,
     /// Its bytes now.
-    pub data: Vec<u8>,
+    pub data: BlockData,
     /// Its content id now.
     pub content: ContentId,
     /// Its page hashes now.
@@ -139,7 +198,7 @@ pub struct Scanner<'a> {
     next_index: u64,
     merkle: MerkleBuilder,
     ready: VecDeque<ScannedBlock>,
-    prefetched: Option<(Vec<Vec<u8>>, u64)>,
+    prefetched: Option<(Vec<BlockData>, u64)>,
     stats: ScanStats,
 }
 
@@ -170,13 +229,11 @@ impl<'a> Scanner<'a> {
         Ok(self.ready.pop_front())
     }
 
-    fn read_batch(&self, start: u64) -> Result<(Vec<Vec<u8>>, u64), SourceError> {
+    fn read_batch(&self, start: u64) -> Result<(Vec<BlockData>, u64), SourceError> {
         let count = (self.source.block_count() - start).min(BATCH_BLOCKS as u64);
         let mut datas = Vec::with_capacity(count as usize);
         for i in 0..count {
-            let mut buf = Vec::new();
-            self.source.read_block(start + i, &mut buf)?;
-            datas.push(buf);
+            datas.push(self.source.read_block(start + i)?);
         }
         Ok((datas, count))
     }
@@ -191,25 +248,31 @@ impl<'a> Scanner<'a> {
         let ids = &self.ids;
         let full_offer = self.full_offer;
         let next = start + count;
-        // Hash this batch on the pool while this thread reads the next one.
-        let (results, prefetched) = rayon::join(
-            || -> Vec<(ContentId, Vec<u8>, bool)> {
+        // Hash this batch on the pool (both cores) while a plain thread reads the
+        // next one: blocking reads must not occupy a pool thread.
+        let (results, prefetched) = std::thread::scope(|scope| {
+            let reading = scope.spawn(|| if next < self.source.block_count() { Some(self.read_batch(next)) } else { None });
+            let hashed: Vec<(ContentId, Vec<u8>, bool)> = {
                 datas
                     .par_iter()
                     .zip(bases.par_iter())
                     .map(|(data, base)| {
+                        // Zero blocks need no page hashes: they are never a delta base.
+                        if crate::content::is_all_zero(data) {
+                            return (ContentId::ZERO, Vec::new(), false);
+                        }
                         let mut hashes = Vec::new();
                         page_hashes(data, &mut hashes);
                         match base {
                             Some(b) if b.page_hashes == hashes => (b.content, hashes, full_offer),
-                            None if crate::content::is_all_zero(data) => (ContentId::ZERO, hashes, false),
-                            _ => (ids.content_id(data), hashes, true),
+                            _ => (ids.hash(data), hashes, true),
                         }
                     })
                     .collect()
-            },
-            || if next < self.source.block_count() { Some(self.read_batch(next)) } else { None },
-        );
+            };
+            // A panic in the reading thread is a bug; re-raise it here.
+            (hashed, reading.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
         self.prefetched = prefetched.transpose()?;
         for (i, ((content, hashes, changed), (data, base))) in results.into_iter().zip(datas.into_iter().zip(bases)).enumerate() {
             self.stats.scanned_bytes += data.len() as u64;
@@ -258,7 +321,7 @@ mod tests {
         let mut scan = Scanner::new(&src, &baselines, "v", "t", ids.clone(), false);
         let mut staged = Vec::new();
         while let Some(b) = scan.next_changed().unwrap() {
-            assert_eq!(b.data, data[(b.index * u64::from(block)) as usize..][..b.data.len()]);
+            assert_eq!(&b.data[..], &data[(b.index * u64::from(block)) as usize..][..b.data.len()]);
             staged.push((b.index, b.content, b.page_hashes));
         }
         let (root1, stats) = scan.finish();
