@@ -127,9 +127,9 @@ pub struct AdminContext {
     pub data: Arc<DataPlane>,
 }
 
-/// Binds the admin socket in `state_dir`, refusing to take over the socket of a
-/// node that is still running and removing a stale one left by a crash.
-pub fn bind(state_dir: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
+/// Fails if a node is already running on `state_dir` (its admin socket answers);
+/// removes a stale socket left by a crash.
+pub fn check_not_running(state_dir: &Path) -> anyhow::Result<()> {
     let path = state_dir.join(SOCKET_FILE);
     if path.exists() {
         match std::os::unix::net::UnixStream::connect(&path) {
@@ -141,6 +141,13 @@ pub fn bind(state_dir: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
             Err(e) => bail!("cannot check existing admin socket {}: {e}", path.display()),
         }
     }
+    Ok(())
+}
+
+/// Binds the admin socket in `state_dir` (after [`check_not_running`]), mode 0600.
+pub fn bind(state_dir: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
+    check_not_running(state_dir)?;
+    let path = state_dir.join(SOCKET_FILE);
     let listener = UnixListener::bind(&path).with_context(|| format!("binding admin socket {}", path.display()))?;
     // The state dir is 0700 already, so nobody else can reach the socket before this.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 
 /// drmesh: disaster-recovery block replication between the sites of a mesh.
 #[derive(Parser, Debug)]
-#[command(name = "drmesh", version, about, propagate_version = true)]
+#[command(name = "drmesh", version, propagate_version = true)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
@@ -64,6 +64,9 @@ enum TopologyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
+        restore_sigpipe();
+    }
     // `ctl` and `topology check` print for people; only the node and demo log by default.
     logging::init(cli.log_format, &cli.log);
     let result = match cli.command {
@@ -122,4 +125,15 @@ fn error_chain(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// Lets one-shot commands die quietly when their output pipe closes
+/// (`drmesh ctl peers | head`) instead of panicking on the write. Not for
+/// `run`: a node must survive clients that hang up.
+fn restore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called first thing in main, before any other thread exists;
+    // SIG_DFL installs no handler code, so no async-signal-safety concern.
+    #[allow(unsafe_code)]
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }

@@ -49,6 +49,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "starting drmesh node"
     );
 
+    // Before opening anything exclusive: a second node on this state dir is told so plainly.
+    admin::check_not_running(&args.state_dir)?;
     let store = Arc::new(Store::open(&args.state_dir.join("store")).context("opening the store")?);
     let baselines = Arc::new(Baselines::open(&args.state_dir.join("source.redb")).context("opening the source baselines")?);
     let data = Arc::new(DataPlane::new(store, topology.clone(), identity.node_id()));

@@ -246,3 +246,338 @@ impl TestMesh {
         wait_until(&what, Duration::from_secs(30), || peers.iter().all(|p| self.peer_state(name, p).as_deref() == Some("connected")));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Replication data plane helpers: volumes and policies in the topology,
+// deterministic images, hashes, sync-now / rps / restore / verify.
+// ---------------------------------------------------------------------------
+
+/// A small seeded PRNG (xorshift64*): the same seed gives the same images and kill delays.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        // Never zero (xorshift's fixed point).
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform-ish in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Fills `buf` with incompressible bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    /// Fills `buf` with text-like (well compressible, but not constant) bytes.
+    pub fn fill_text(&mut self, buf: &mut [u8]) {
+        const WORDS: [&str; 16] = [
+            "replication ", "block ", "recovery ", "point ", "mesh ", "target ", "source ", "the ",
+            "of ", "and ", "volume\n", "snapshot ", "disk ", "drmesh ", "commit ", "store ",
+        ];
+        let mut i = 0;
+        while i < buf.len() {
+            let w = WORDS[self.below(WORDS.len() as u64) as usize].as_bytes();
+            let n = w.len().min(buf.len() - i);
+            buf[i..i + n].copy_from_slice(&w[..n]);
+            i += n;
+        }
+    }
+}
+
+/// A deterministic test image of `len` bytes: regions (64 KiB to 1 MiB) of random
+/// bytes, text-like bytes and zeros.
+pub fn build_image(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut image = vec![0u8; len];
+    let mut at = 0;
+    while at < len {
+        let region = ((64 << 10) + rng.below(960 << 10) as usize).min(len - at);
+        match rng.below(3) {
+            0 => rng.fill(&mut image[at..at + region]),
+            1 => rng.fill_text(&mut image[at..at + region]),
+            _ => {} // zeros
+        }
+        at += region;
+    }
+    image
+}
+
+/// Overwrites `pages` random 4 KiB pages of `image` with random bytes; returns their offsets.
+pub fn churn_pages(rng: &mut Rng, image: &mut [u8], pages: usize) -> Vec<usize> {
+    let page_count = image.len() / 4096;
+    let mut offsets = Vec::new();
+    for _ in 0..pages {
+        let off = rng.below(page_count as u64) as usize * 4096;
+        rng.fill(&mut image[off..off + 4096]);
+        offsets.push(off);
+    }
+    offsets
+}
+
+/// blake3 of `data`, hex.
+pub fn hash_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// blake3 of a file's bytes, hex.
+pub fn file_hash(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    hash_hex(&data)
+}
+
+/// Writes `data` to `path` atomically (temp file + fsync + rename), so a cycle that
+/// opens the image sees either the old or the new version, never a mix.
+pub fn write_image_atomic(path: &Path, data: &[u8]) {
+    use std::io::Write as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".writing");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).unwrap_or_else(|e| panic!("creating {}: {e}", tmp.display()));
+    f.write_all(data).expect("writing image");
+    f.sync_all().expect("fsync image");
+    std::fs::rename(&tmp, path).expect("renaming image into place");
+}
+
+/// Makes a 32-byte random key file of mode 0600 at `path`.
+pub fn write_key_file(path: &Path, rng: &mut Rng) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut key = [0u8; 32];
+    rng.fill(&mut key);
+    std::fs::write(path, key).expect("writing key file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600 key file");
+}
+
+/// One `[policy.NAME]` as a test wants it written.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySpec {
+    pub name: String,
+    /// e.g. "1h" (only sync-now then triggers cycles).
+    pub rpo: String,
+    pub block_size: Option<String>,
+    pub compression: Option<String>,
+    pub encryption_key_file: Option<PathBuf>,
+    pub keep_last: Option<u32>,
+}
+
+impl PolicySpec {
+    /// rpo 1h, the given block size, everything else default.
+    pub fn new(name: &str, block_size: &str) -> PolicySpec {
+        PolicySpec { name: name.into(), rpo: "1h".into(), block_size: Some(block_size.into()), ..PolicySpec::default() }
+    }
+
+    pub fn text(&self) -> String {
+        let mut t = format!("\n[policy.{}]\nrpo = \"{}\"\n", self.name, self.rpo);
+        if let Some(b) = &self.block_size {
+            t.push_str(&format!("block_size = \"{b}\"\n"));
+        }
+        if let Some(c) = &self.compression {
+            t.push_str(&format!("compression = \"{c}\"\n"));
+        }
+        if let Some(k) = &self.encryption_key_file {
+            t.push_str(&format!("encryption_key_file = \"{}\"\n", k.display()));
+        }
+        if let Some(n) = self.keep_last {
+            t.push_str(&format!("retention = {{ keep_last = {n} }}\n"));
+        }
+        t
+    }
+}
+
+/// One `[[volume]]` of kind "file".
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub source: String,
+    pub targets: Vec<String>,
+    pub path: PathBuf,
+    pub policy: String,
+}
+
+impl VolumeSpec {
+    pub fn new(name: &str, source: &str, targets: &[&str], path: &Path, policy: &str) -> VolumeSpec {
+        VolumeSpec {
+            name: name.into(),
+            source: source.into(),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            path: path.to_path_buf(),
+            policy: policy.into(),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let targets: Vec<String> = self.targets.iter().map(|t| format!("\"{t}\"")).collect();
+        format!(
+            "\n[[volume]]\nname = \"{}\"\nsource = \"{}\"\nkind = \"file\"\npath = \"{}\"\ntargets = [{}]\npolicy = \"{}\"\n",
+            self.name,
+            self.source,
+            self.path.display(),
+            targets.join(", "),
+            self.policy
+        )
+    }
+}
+
+/// Parses `drmesh ctl ... --json` output: `Ok(data)` when ok, `Err(error text)` otherwise.
+pub fn parse_ctl_json(out: &Output) -> Result<Value, String> {
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "no JSON answer ({e}); status {:?}, stdout {:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if v["ok"] == true {
+        Ok(v["data"].clone())
+    } else {
+        Err(v["error"].as_str().map(String::from).unwrap_or_else(|| v.to_string()))
+    }
+}
+
+/// Sum of a stats counter over the reports of a sync-now answer.
+pub fn report_stat(sync: &Value, key: &str) -> u64 {
+    sync["reports"].as_array().into_iter().flatten().map(|r| r["stats"][key].as_u64().unwrap_or(0)).sum()
+}
+
+/// The seq of the (only) report of a sync-now answer.
+pub fn report_seq(sync: &Value) -> u64 {
+    let reports = sync["reports"].as_array().expect("reports");
+    assert_eq!(reports.len(), 1, "expected one target's report: {sync}");
+    reports[0]["seq"].as_u64().expect("seq")
+}
+
+impl TestMesh {
+    /// `standard_topology` plus volumes and policies.
+    pub fn replication_topology(&self, version: u64, names: &[&str], volumes: &[VolumeSpec], policies: &[PolicySpec]) -> String {
+        let mut text = self.standard_topology(version, names);
+        for v in volumes {
+            text.push_str(&v.text());
+        }
+        for p in policies {
+            text.push_str(&p.text());
+        }
+        text
+    }
+
+    /// `drmesh ctl --state-dir DIR ARGS --json`, parsed.
+    pub fn ctl_data(&self, name: &str, args: &[&str]) -> Result<Value, String> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        parse_ctl_json(&self.ctl(name, &all))
+    }
+
+    /// `ctl sync-now VOLUME --json` on `name`: the answer's data, or its error text.
+    pub fn sync_now(&self, name: &str, volume: &str) -> Result<Value, String> {
+        self.ctl_data(name, &["sync-now", volume])
+    }
+
+    /// `sync-now` that must succeed for every target.
+    pub fn sync_ok(&self, name: &str, volume: &str) -> Value {
+        let data = self.sync_now(name, volume).unwrap_or_else(|e| panic!("sync-now {volume} on {name} failed: {e}\n--- {name} log:\n{}", self.node(name).log_text()));
+        assert!(data["errors"].as_array().is_none_or(|e| e.is_empty()), "sync-now {volume}: {data}");
+        data
+    }
+
+    /// The RPs of `volume` that `name` holds, oldest first.
+    pub fn rps(&self, name: &str, volume: &str) -> Vec<Value> {
+        let data = self.ctl_data(name, &["rps", volume]).unwrap_or_else(|e| panic!("rps on {name}: {e}"));
+        data.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Seqs of the RPs of `volume` that `name` holds.
+    pub fn rp_seqs(&self, name: &str, volume: &str) -> Vec<u64> {
+        self.rps(name, volume).iter().map(|r| r["seq"].as_u64().expect("seq")).collect()
+    }
+
+    /// `drmesh restore RP --to PATH --state-dir DIR [--from NODE] --json`.
+    pub fn restore(&self, name: &str, rp: &str, to: &Path, from: Option<&str>) -> Output {
+        let dir = self.node(name).state_dir.to_str().expect("utf8").to_string();
+        let to = to.to_str().expect("utf8").to_string();
+        let mut args = vec!["restore", rp, "--to", to.as_str(), "--state-dir", dir.as_str(), "--json"];
+        if let Some(f) = from {
+            args.extend(["--from", f]);
+        }
+        drmesh(&args)
+    }
+
+    /// Restores `rp` on `name` to a fresh file in the mesh directory and returns the file's hash.
+    pub fn restore_hash(&self, name: &str, rp: &str, from: Option<&str>) -> String {
+        let to = self.dir.path().join(format!("restored-{}-{}.img", name, rp.replace('@', "-")));
+        let _ = std::fs::remove_file(&to);
+        let out = self.restore(name, rp, &to, from);
+        assert!(
+            out.status.success(),
+            "restore {rp} on {name} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let hash = file_hash(&to);
+        std::fs::remove_file(&to).expect("removing restored image");
+        hash
+    }
+
+    /// `drmesh verify RP --state-dir DIR [--from NODE] --json`.
+    pub fn verify(&self, name: &str, rp: &str, from: Option<&str>) -> Output {
+        let dir = self.node(name).state_dir.to_str().expect("utf8").to_string();
+        let mut args = vec!["verify", rp, "--state-dir", dir.as_str(), "--json"];
+        if let Some(f) = from {
+            args.extend(["--from", f]);
+        }
+        drmesh(&args)
+    }
+
+    /// Starts `drmesh ctl --state-dir DIR ARGS --json` in the background (stdout piped).
+    pub fn spawn_ctl(&self, name: &str, args: &[&str]) -> Child {
+        Command::new(drmesh_bin())
+            .arg("ctl")
+            .arg("--state-dir")
+            .arg(&self.node(name).state_dir)
+            .args(args)
+            .arg("--json")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn drmesh ctl")
+    }
+
+    /// `ctl store --json` of `name`.
+    pub fn store_stats(&self, name: &str) -> Value {
+        self.ctl_data(name, &["store"]).unwrap_or_else(|e| panic!("store on {name}: {e}"))
+    }
+}
+
+/// Every blob file under `<state_dir>/store/blobs`.
+pub fn blob_files(state_dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&state_dir.join("store").join("blobs"), &mut out);
+    out.sort();
+    out
+}

@@ -184,6 +184,11 @@ async fn run_session(
                         Ok(Err(e)) => failure = Some(describe(&e)),
                         Err(e) => failure = Some(e),
                     }
+                    // Tell the source at once: it may be waiting for exactly these acks.
+                    if let Some(reason) = &failure {
+                        tracing::warn!(%reason, "writing blobs failed; ending the session");
+                        let _ = stored_out.send(TargetMsg::Failed { reason: reason.clone() }).await;
+                    }
                     writing_done.fetch_sub(1, Ordering::SeqCst);
                 }
                 WriterCmd::Batch(_) => {

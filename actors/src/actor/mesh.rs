@@ -438,6 +438,7 @@ impl Handler<PeerHello> for MeshActor {
             );
         }
         if self.connections.contains_key(&msg.conn_id) {
+            self.table.handle_hello(msg.peer, msg.conn_id);
             self.hellos.insert(msg.peer, msg.hello);
         }
     }

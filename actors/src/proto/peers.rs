@@ -95,6 +95,8 @@ pub struct PeerEntry {
     pub connect_count: u64,
     /// Short-lived connections in a row, which keep the backoff growing.
     pub short_lived: u32,
+    /// Whether the current connection was accepted by the peer (hello received).
+    pub stable: bool,
 }
 
 /// Something the driver must do.
@@ -161,7 +163,7 @@ impl PeerTable {
                 }
                 None => {
                     let state = if spec.dial { LinkState::Backoff { until: now, attempt: 0 } } else { LinkState::Waiting };
-                    self.peers.insert(id, PeerEntry { spec, state, last_error: None, connect_count: 0, short_lived: 0 });
+                    self.peers.insert(id, PeerEntry { spec, state, last_error: None, connect_count: 0, short_lived: 0, stable: false });
                 }
             }
         }
@@ -205,8 +207,20 @@ impl PeerTable {
             }
         }
         entry.state = LinkState::Connected { conn, direction, since: now };
+        entry.stable = false;
         entry.connect_count += 1;
         true
+    }
+
+    /// The peer introduced itself on connection `conn`: it accepted us, so the
+    /// link is sound and a later loss is an ordinary one (no growing backoff).
+    pub fn handle_hello(&mut self, id: NodeId, conn: ConnId) {
+        if let Some(entry) = self.peers.get_mut(&id) {
+            if matches!(entry.state, LinkState::Connected { conn: c, .. } if c == conn) {
+                entry.short_lived = 0;
+                entry.stable = true;
+            }
+        }
     }
 
     /// Connection `conn` to `id` ended (closed by either side, timed out, or refused later).
@@ -215,7 +229,9 @@ impl PeerTable {
         match entry.state {
             LinkState::Connected { conn: current, since, .. } if current == conn => {
                 entry.last_error = Some(reason);
-                entry.short_lived = if now.saturating_duration_since(since) >= STABLE_CONNECTION { 0 } else { entry.short_lived + 1 };
+                let lasted = entry.stable || now.saturating_duration_since(since) >= STABLE_CONNECTION;
+                entry.stable = false;
+                entry.short_lived = if lasted { 0 } else { entry.short_lived + 1 };
                 let attempt = entry.short_lived;
                 entry.state = if entry.spec.dial {
                     LinkState::Backoff { until: now + backoff(attempt.saturating_sub(1)), attempt }
@@ -358,6 +374,13 @@ mod tests {
         }
         assert!(delays.windows(2).all(|w| w[1] >= w[0]), "{delays:?}");
         assert!(*delays.last().unwrap() >= BACKOFF_MAX - Duration::from_millis(5), "{delays:?}");
+        // A connection the peer accepted (hello) resets it, however short.
+        drain(&mut table, now);
+        table.handle_connected(now, id(2), 98, Direction::Outbound);
+        table.handle_hello(id(2), 98);
+        table.handle_closed(now, id(2), 98, "peer restarted".into());
+        assert_eq!(table.poll_timeout().unwrap() - now, BACKOFF_MIN);
+        now += BACKOFF_MIN;
         // A connection that held for a while resets it.
         drain(&mut table, now);
         table.handle_connected(now, id(2), 99, Direction::Outbound);

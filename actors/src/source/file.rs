@@ -277,8 +277,10 @@ impl<'a> Scanner<'a> {
         for (i, ((content, hashes, changed), (data, base))) in results.into_iter().zip(datas.into_iter().zip(bases)).enumerate() {
             self.stats.scanned_bytes += data.len() as u64;
             self.merkle.push(&content);
-            // A block that became zero is a change (the target must record it); one that stays zero is not.
-            let changed = changed || (content.is_zero() && base.is_some());
+            // A block that became zero is a change (the target must record it); one that
+            // stays zero is not, except in a full offer, where every block is recorded
+            // because the target's newest RP is not this baseline.
+            let changed = changed || (content.is_zero() && (base.is_some() || self.full_offer));
             if changed {
                 self.stats.changed_blocks += 1;
                 if content.is_zero() {
@@ -353,6 +355,6 @@ mod tests {
             n += 1;
         }
         assert_eq!(scan.finish().0, root2);
-        assert_eq!(n, 11 - 1 + 1, "10 data blocks plus block 7 that became zero");
+        assert_eq!(n, 11, "every block, zero ones included");
     }
 }
