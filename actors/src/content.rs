@@ -123,11 +123,66 @@ pub const PAGE_BYTES: usize = 4096;
 /// the hashes only ever compare two versions of the same page).
 pub const PAGE_HASH_BYTES: usize = 16;
 
-/// Hashes every 4 KiB page of `block` into `out` (PAGE_HASH_BYTES each).
+/// Hashes every 4 KiB page of `block` into `out` (PAGE_HASH_BYTES each), unkeyed.
 pub fn page_hashes(block: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    for page in block.chunks(PAGE_BYTES) {
-        out.extend_from_slice(&blake3::hash(page).as_bytes()[..PAGE_HASH_BYTES]);
+    IdScheme::plain().hash_block(block, out);
+}
+
+impl IdScheme {
+    /// The content id of `block` (exactly [`IdScheme::hash`]) and its page hashes,
+    /// in one pass over the data: each 4 KiB page is hashed as a blake3 subtree
+    /// (its chaining value, truncated, is the page hash) and the subtrees are
+    /// merged into the root hash, which is the block's blake3 hash.
+    pub fn hash_block(&self, block: &[u8], pages_out: &mut Vec<u8>) -> ContentId {
+        use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+        pages_out.clear();
+        if block.len() <= PAGE_BYTES {
+            let id = self.hash(block);
+            pages_out.extend_from_slice(&id.0[..PAGE_HASH_BYTES]);
+            return id;
+        }
+        let mode = match &self.key {
+            Some(key) => Mode::KeyedHash(key),
+            None => Mode::Hash,
+        };
+        let cvs: Vec<ChainingValue> = block
+            .chunks(PAGE_BYTES)
+            .enumerate()
+            .map(|(i, page)| {
+                let mut hasher = match &self.key {
+                    Some(key) => blake3::Hasher::new_keyed(key),
+                    None => blake3::Hasher::new(),
+                };
+                hasher.set_input_offset((i * PAGE_BYTES) as u64);
+                hasher.update(page);
+                hasher.finalize_non_root()
+            })
+            .collect();
+        for cv in &cvs {
+            pages_out.extend_from_slice(&cv[..PAGE_HASH_BYTES]);
+        }
+        // Merge along blake3's own tree shape: the left subtree of `len` bytes is
+        // the largest power-of-two number of chunks below it, always whole pages here.
+        fn merge(cvs: &[ChainingValue], len: u64, mode: Mode<'_>) -> ChainingValue {
+            if cvs.len() == 1 {
+                return cvs[0];
+            }
+            let left_len = blake3::hazmat::left_subtree_len(len);
+            let split = (left_len / PAGE_BYTES as u64) as usize;
+            let left = merge(&cvs[..split], left_len, mode);
+            let right = merge(&cvs[split..], len - left_len, mode);
+            merge_subtrees_non_root(&left, &right, mode)
+        }
+        let len = block.len() as u64;
+        let left_len = blake3::hazmat::left_subtree_len(len);
+        let split = (left_len / PAGE_BYTES as u64) as usize;
+        let left = merge(&cvs[..split], left_len, mode);
+        let right = merge(&cvs[split..], len - left_len, mode);
+        let mut id = *merge_subtrees_root(&left, &right, mode).as_bytes();
+        if id == [0u8; 32] {
+            id[31] = 1;
+        }
+        ContentId(id)
     }
 }
 
@@ -181,6 +236,33 @@ mod tests {
         assert_ne!(plain, a);
         assert_ne!(a, b);
         assert!(!format!("{:?}", IdScheme::keyed(&[1; 32])).contains("[1"));
+    }
+
+    #[test]
+    fn one_pass_block_hash_equals_plain_blake3() {
+        let mut data = vec![0u8; (1 << 20) + 5000];
+        let mut x: u32 = 1;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        for scheme in [IdScheme::plain(), IdScheme::keyed(&[3; 32])] {
+            for len in [1usize, 4096, 4097, 5000, 8192, 65536, 65536 + 100, 1 << 20, (1 << 20) + 5000, 12288, 300_000] {
+                let mut pages = Vec::new();
+                let id = scheme.hash_block(&data[..len], &mut pages);
+                assert_eq!(id, scheme.hash(&data[..len]), "len {len}");
+                assert_eq!(pages.len(), len.div_ceil(PAGE_BYTES) * PAGE_HASH_BYTES);
+            }
+        }
+        // Page hashes change only where the data changes.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        IdScheme::plain().hash_block(&data[..65536], &mut a);
+        data[3 * PAGE_BYTES + 7] ^= 1;
+        IdScheme::plain().hash_block(&data[..65536], &mut b);
+        let differing: Vec<usize> = (0..16).filter(|p| a[p * 16..p * 16 + 16] != b[p * 16..p * 16 + 16]).collect();
+        assert_eq!(differing, vec![3]);
     }
 
     #[test]

@@ -20,7 +20,6 @@ use rayon::prelude::*;
 
 use super::baseline::{BaseBlock, Baselines};
 use super::SourceError;
-use crate::content::page_hashes;
 use crate::content::{ContentId, IdScheme, MerkleBuilder};
 
 /// Blocks read per batch (then hashed in parallel).
@@ -261,11 +260,12 @@ impl<'a> Scanner<'a> {
                         if crate::content::is_all_zero(data) {
                             return (ContentId::ZERO, Vec::new(), false);
                         }
+                        // One pass gives the page hashes and the content id (blake3 subtrees).
                         let mut hashes = Vec::new();
-                        page_hashes(data, &mut hashes);
+                        let id = ids.hash_block(data, &mut hashes);
                         match base {
                             Some(b) if b.page_hashes == hashes => (b.content, hashes, full_offer),
-                            _ => (ids.hash(data), hashes, true),
+                            _ => (id, hashes, true),
                         }
                     })
                     .collect()
