@@ -682,6 +682,50 @@ mod tests {
         assert!(tgt.handle_blob(&unasked).is_err());
     }
 
+    /// A target decodes whatever a (listed but buggy or hostile) source sends:
+    /// mutated and random frames must come out as errors, never panics.
+    #[test]
+    fn session_frames_from_peers_decode_or_fail_cleanly() {
+        use drmesh_transport::wire::{decode_frame_body, encode_frame, FrameDecoder, MAX_DATA_FRAME_BYTES};
+        let codec = BlockCodec::new(Some(1), Some(&[9; 32]));
+        let data = vec![7u8; 8192];
+        let id = codec.ids().content_id(&data);
+        let samples = vec![
+            SourceMsg::Open { volume: "v".into(), base: Some((3, [1; 32])), encrypted: true },
+            SourceMsg::Offer { entries: vec![OfferEntry { index: 9, content: id, base: Some(ContentId([2; 32])) }; 5] },
+            SourceMsg::Blob(codec.encode_full(id, &data).into()),
+            SourceMsg::Commit { meta: meta("v") },
+        ];
+        let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for msg in &samples {
+            let frame = encode_frame(msg, MAX_DATA_FRAME_BYTES);
+            assert_eq!(&decode_frame_body::<SourceMsg>(&frame[4..]).unwrap(), msg);
+            for _ in 0..3000 {
+                let mut f = frame.clone();
+                for _ in 0..(next() % 6 + 1) {
+                    let i = 4 + (next() as usize) % (f.len() - 4);
+                    f[i] = next() as u8;
+                }
+                let _ = decode_frame_body::<SourceMsg>(&f[4..]);
+                let _ = decode_frame_body::<TargetMsg>(&f[4..]);
+                let mut d = FrameDecoder::with_limit(MAX_DATA_FRAME_BYTES);
+                d.handle_bytes(&f[..(next() as usize) % f.len()]);
+                let _ = d.poll_frame::<SourceMsg>();
+            }
+        }
+        for len in 0..200 {
+            let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = decode_frame_body::<SourceMsg>(&junk);
+            let _ = decode_frame_body::<TargetMsg>(&junk);
+        }
+    }
+
     #[test]
     fn source_fails_cleanly_on_disconnect_and_bad_answers() {
         let mut src = SourceSession::new("v", None, false);
