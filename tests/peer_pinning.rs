@@ -77,8 +77,10 @@ fn malformed_frames_close_the_connection_not_the_node() {
     let a_addr = mesh.node("a").address().parse().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for (label, payload) in [
-        ("oversized", u32::MAX.to_be_bytes().to_vec()),
-        ("garbage", vec![0, 0, 0, 3, 0xff, 0xfe, 0xfd]),
+        // The first byte of a stream names its kind; 0 is the control stream.
+        ("oversized", [&[0u8][..], &u32::MAX.to_be_bytes()].concat()),
+        ("garbage", vec![0, 0, 0, 0, 3, 0xff, 0xfe, 0xfd]),
+        ("unknown stream kind", vec![0x7f, 1, 2, 3]),
     ] {
         let reason = runtime.block_on(async {
             let allowed = AllowedPeers::new([a_id, rogue.node_id()]);
@@ -89,7 +91,8 @@ fn malformed_frames_close_the_connection_not_the_node() {
             let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("node closes the connection");
             reason.to_string()
         });
-        assert!(reason.contains("frame"), "{label}: closed with {reason}");
+        let expected = if label == "unknown stream kind" { "stream kind" } else { "frame" };
+        assert!(reason.contains(expected), "{label}: closed with {reason}");
     }
     wait_until("a logs the reason", Duration::from_secs(5), || mesh.node("a").log_text().contains("exceeds the limit"));
     assert!(mesh.node_mut("a").is_running());

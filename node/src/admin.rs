@@ -17,6 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
 use drmesh_actors::actor::applier::DataPlane;
+use drmesh_actors::actor::gossip::{GetCatalog, GetMesh, GossipActor};
 use drmesh_actors::actor::volumes::VolumeScheduler;
 use tokio::sync::mpsc;
 
@@ -85,6 +86,20 @@ pub enum Request {
     Store,
 }
 
+/// A request line for the gossip replica (`mesh`, `catalog`), parsed before [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum GossipRequest {
+    /// Every node of the mesh as gossip sees it: alive/suspect/down, last heard, status, freshness.
+    Mesh,
+    /// The mesh-wide recovery-point catalog from the local replica, with RPO per volume.
+    Catalog {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<String>,
+    },
+}
+
 /// A response line.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Response {
@@ -125,6 +140,8 @@ pub struct AdminContext {
     pub scheduler: Addr<VolumeScheduler>,
     /// The data plane (store, topology in force).
     pub data: Arc<DataPlane>,
+    /// The gossip actor (membership, RP catalog).
+    pub gossip: Addr<GossipActor>,
 }
 
 /// Fails if a node is already running on `state_dir` (its admin socket answers);
@@ -192,6 +209,11 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
         } else if line.trim().is_empty() {
             continue;
         } else {
+            if let Ok(request) = serde_json::from_str::<GossipRequest>(&line) {
+                let response = handle_gossip(request, &ctx).await;
+                write.write_all(encode(&response).as_bytes()).await?;
+                continue;
+            }
             match serde_json::from_str::<Request>(&line) {
                 Ok(request) => {
                     // Long commands report progress as lines of their own before the answer.
@@ -212,7 +234,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, rps, gc, restore, verify, store)"
+                         (commands: status, peers, reload, sync-now, volumes, rps, gc, restore, verify, store, mesh, catalog)"
                     ),
                     vec![],
                 ),
@@ -234,6 +256,14 @@ struct Status {
     #[serde(flatten)]
     mesh: drmesh_actors::actor::mesh::MeshStatus,
     last_reload: Option<LastReload>,
+}
+
+async fn handle_gossip(request: GossipRequest, ctx: &AdminContext) -> Response {
+    let answer = match request {
+        GossipRequest::Mesh => ctx.gossip.send(GetMesh).await.map(Response::data),
+        GossipRequest::Catalog { volume } => ctx.gossip.send(GetCatalog(volume)).await.map(Response::data),
+    };
+    answer.unwrap_or_else(|e| Response::error(format!("node is shutting down: {e}"), vec![]))
 }
 
 async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender<serde_json::Value>) -> Response {

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use serde_json::Value;
 
-use crate::admin::{Request, Response, SOCKET_FILE};
+use crate::admin::{GossipRequest, Request, Response, SOCKET_FILE};
 
 /// Arguments of `drmesh ctl`.
 #[derive(clap::Args, Debug)]
@@ -56,6 +56,13 @@ enum CtlCommand {
     },
     /// Store figures.
     Store,
+    /// Every node of the mesh as gossip sees it: alive/suspect/down, last heard, site, version, topology.
+    Mesh,
+    /// The mesh-wide recovery-point catalog (local replica): holders, freshness, RPO per volume.
+    Catalog {
+        /// Only this volume.
+        volume: Option<String>,
+    },
 }
 
 /// Sends one request to the admin socket at `socket` and returns the answer.
@@ -64,7 +71,7 @@ pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
 }
 
 /// Like [`request`], calling `on_progress` with each progress line that precedes the answer.
-pub fn request_with_progress(socket: &Path, request: &Request, mut on_progress: impl FnMut(&Value)) -> anyhow::Result<Response> {
+pub fn request_with_progress(socket: &Path, request: &impl serde::Serialize, mut on_progress: impl FnMut(&Value)) -> anyhow::Result<Response> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         ErrorKind::NotFound => anyhow::anyhow!("no drmesh node is running here: there is no admin socket at {}", socket.display()),
         ErrorKind::ConnectionRefused => anyhow::anyhow!(
@@ -114,6 +121,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Rps { volume } => Request::Rps { volume },
         CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
         CtlCommand::Store => Request::Store,
+        CtlCommand::Mesh => return run_gossip(&socket, args.json, GossipRequest::Mesh),
+        CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
     };
     let response = request(&socket, &req)?;
     if args.json {
@@ -157,6 +166,99 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Restore { .. } | Request::Verify { .. } => println!("{}", s(&data)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `drmesh ctl mesh` and `drmesh ctl catalog`.
+fn run_gossip(socket: &Path, json: bool, req: GossipRequest) -> anyhow::Result<ExitCode> {
+    let response = request_with_progress(socket, &req, |_| {})?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    if !response.ok {
+        eprintln!("error: {}", response.error.as_deref().unwrap_or("unknown error"));
+        return Ok(ExitCode::FAILURE);
+    }
+    let data = response.data.unwrap_or(Value::Null);
+    if data["replica_restored"] == true && data["uptime_secs"].as_u64().unwrap_or(0) < 60 {
+        println!("(replica restored from gossip.redb at start {} ago; catching up)", duration(data["uptime_secs"].as_u64().unwrap_or(0)));
+    }
+    match req {
+        GossipRequest::Mesh => println!("{}", mesh_table(&data)),
+        GossipRequest::Catalog { .. } => {
+            println!("{}", catalog_volumes_table(&data));
+            println!("{}", catalog_rps_table(&data));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ago(v: &Value) -> String {
+    v.as_f64().map(|secs| format!("{} ago", duration(secs as u64))).unwrap_or_else(|| "-".into())
+}
+
+fn mesh_table(data: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["NODE", "NODE ID", "STATE", "GEN", "LAST HEARD", "SITE", "VERSION", "TOPOLOGY", "STATUS LEARNED"]);
+    for m in data["members"].as_array().into_iter().flatten() {
+        let id = s(&m["id"]);
+        let short_id = id.split('-').next().unwrap_or_default().to_string();
+        let name = if m["is_self"] == true { format!("{} (this node)", s(&m["name"])) } else { s(&m["name"]) };
+        let topology = match (&m["topology_version"], &m["topology_matches"]) {
+            (Value::Null, _) => "-".to_string(),
+            (v, Value::Bool(true)) => format!("v{} same", s(v)),
+            (v, _) => format!("v{} DIFFERENT ({})", s(v), s(&m["topology_hash"])),
+        };
+        let heard = if m["is_self"] == true { "-".to_string() } else { ago(&m["last_heard_secs"]) };
+        table.add_row(vec![name, short_id, s(&m["state"]), s(&m["generation"]), heard, s(&m["site"]), s(&m["software_version"]), topology, ago(&m["status_age_secs"])]);
+    }
+    table
+}
+
+fn catalog_volumes_table(data: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["VOLUME", "SOURCE", "RPO", "LAST RP", "HELD BY", "AGE", "RPO STATE", "RPS", "LAST ERROR"]);
+    for v in data["volumes"].as_array().into_iter().flatten() {
+        let rpo = v["rpo_secs"].as_u64().map(duration).unwrap_or_else(|| "-".into());
+        let last = v["last_seq"].as_u64().map(|seq| format!("{}@{seq}", s(&v["volume"]))).unwrap_or_else(|| "none".into());
+        let holders: Vec<String> = v["last_holders"].as_array().into_iter().flatten().map(s).collect();
+        let age = v["last_rp_age_secs"].as_u64().map(duration).unwrap_or_else(|| "-".into());
+        let state = match (&v["rpo_met"], v["rpo_missed_by_secs"].as_u64()) {
+            (Value::Bool(true), _) => "RPO met".to_string(),
+            (Value::Bool(false), Some(by)) => format!("RPO missed by {}", duration(by)),
+            _ if v["last_seq"].is_null() => "no recovery point".to_string(),
+            _ => "-".to_string(),
+        };
+        let error = v["last_error"].as_str().map(|e| e.chars().take(60).collect()).unwrap_or_else(|| "-".into());
+        table.add_row(vec![s(&v["volume"]), s(&v["source"]), rpo, last, holders.join(", "), age, state, s(&v["rp_count"]), error]);
+    }
+    table
+}
+
+fn catalog_rps_table(data: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["RECOVERY POINT", "HOLDER", "TIME (UTC)", "SIZE", "CONSISTENCY", "DRILL", "MERKLE ROOT", "LEARNED"]);
+    for r in data["rps"].as_array().into_iter().flatten() {
+        let drill = match &r["drill_passed"] {
+            Value::Bool(true) => "passed",
+            Value::Bool(false) => "FAILED",
+            _ => "-",
+        };
+        table.add_row(vec![
+            format!("{}@{}", s(&r["volume"]), s(&r["seq"])),
+            s(&r["holder"]),
+            time_ms(r["snapshot_unix_ms"].as_u64().unwrap_or(0)),
+            bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+            s(&r["consistency"]),
+            drill.to_string(),
+            s(&r["merkle_root"]),
+            ago(&r["learned_secs"]),
+        ]);
+    }
+    table
 }
 
 fn s(v: &Value) -> String {

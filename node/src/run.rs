@@ -7,6 +7,7 @@ use std::sync::Arc;
 use actix::Actor;
 use anyhow::{anyhow, Context as _};
 use drmesh_actors::actor::applier::DataPlane;
+use drmesh_actors::actor::gossip::{GossipActor, Shutdown as GossipShutdown};
 use drmesh_actors::actor::mesh::{MeshActor, Shutdown, StreamService};
 use drmesh_actors::actor::volumes::VolumeScheduler;
 use drmesh_actors::source::baseline::Baselines;
@@ -67,10 +68,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 return Err(e.into());
             }
         };
+        let gossip = match GossipActor::start_with(&args.state_dir, identity.node_id(), data.clone(), mesh.clone()) {
+            Ok(gossip) => gossip,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket_path);
+                return Err(e.into());
+            }
+        };
         let scheduler = VolumeScheduler::new(identity.node_id(), topology.clone(), mesh.clone(), baselines.clone()).start();
         let reloader =
             Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();
-        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone() }));
+        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone() }));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         actix_rt::spawn(async move {
@@ -79,6 +87,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 _ = int.recv() => "SIGINT",
             };
             tracing::info!(signal = which, "stopping");
+            let _ = gossip.send(GossipShutdown).await;
             let _ = mesh.send(Shutdown).await;
             actix::System::current().stop();
         });

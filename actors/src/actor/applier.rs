@@ -8,7 +8,7 @@
 //! Only the volume's source node may replicate it, and only to its targets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drmesh_topology::{NodeId, Topology};
@@ -17,6 +17,7 @@ use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::fetch;
+use crate::actor::gossip::RpNews;
 use crate::actor::mesh::StreamService;
 use crate::proto::session::{SourceMsg, TargetMsg, TargetSession};
 use crate::store::{EncodedBlob, Retention, Store, StoreError};
@@ -35,6 +36,7 @@ pub struct DataPlane {
     topology: RwLock<Arc<Topology>>,
     local: NodeId,
     next_session: AtomicU64,
+    gossip: OnceLock<actix::Recipient<RpNews>>,
 }
 
 impl DataPlane {
@@ -43,7 +45,7 @@ impl DataPlane {
         // Session ids only need to be unique within this process: the store drops
         // every session's leftovers when it opens.
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed) }
+        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed), gossip: OnceLock::new() }
     }
 
     /// Uses a new topology for authorization and policies from now on.
@@ -59,6 +61,17 @@ impl DataPlane {
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Where committed and pruned RPs are announced (the gossip actor); set once.
+    pub fn set_gossip(&self, gossip: actix::Recipient<RpNews>) {
+        let _ = self.gossip.set(gossip);
+    }
+
+    fn announce(&self, news: RpNews) {
+        if let Some(g) = self.gossip.get() {
+            g.do_send(news);
+        }
     }
 }
 
@@ -278,12 +291,16 @@ async fn run_session(
                     blocking(move || store.commit_rp(session, &m)).await?.map_err(|e| describe(&e))?;
                     tracing::info!(rp = %meta.name(), changed = meta.changed_blocks, bytes_stored = written, "recovery point committed");
                     reply(TargetMsg::Committed { seq }).await?;
+                    plane.announce(RpNews::Committed(meta.clone()));
                     if let Some(retention) = retention {
                         let store = plane.store.clone();
                         let v = volume.clone();
                         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
                         match blocking(move || store.prune(&v, &retention, now)).await? {
-                            Ok(pruned) if !pruned.is_empty() => tracing::info!(%volume, ?pruned, "retention expired recovery points"),
+                            Ok(pruned) if !pruned.is_empty() => {
+                                tracing::info!(%volume, ?pruned, "retention expired recovery points");
+                                plane.announce(RpNews::Pruned { volume: volume.clone(), pruned });
+                            }
                             Ok(_) => {}
                             Err(e) => tracing::warn!(%volume, error = %e, "retention failed"),
                         }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -53,6 +53,18 @@ pub trait StreamService: Send + Sync + 'static {
     fn serve(&self, kind: StreamKind, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream);
 }
 
+/// Receives the gossip datagrams peers send on their authenticated QUIC
+/// connections (never a plain UDP socket), and hears of new connections.
+pub trait DatagramService: Send + Sync + 'static {
+    /// A datagram (or a datagram carried on a one-shot unidirectional stream) from `peer`; must not block.
+    fn datagram(&self, peer: NodeId, bytes: bytes::Bytes);
+    /// A connection to `peer` was established.
+    fn connected(&self, _peer: NodeId) {}
+}
+
+/// Largest gossip payload accepted on the unidirectional-stream fallback.
+const GOSSIP_STREAM_BYTES_MAX: usize = 1200;
+
 struct Connection {
     conn: quinn::Connection,
     peer: NodeId,
@@ -71,6 +83,7 @@ pub struct MeshActor {
     next_conn: ConnId,
     started: Instant,
     service: Option<Arc<dyn StreamService>>,
+    datagrams: Arc<OnceLock<Arc<dyn DatagramService>>>,
 }
 
 fn peer_specs(local: NodeId, topology: &Topology) -> Vec<PeerSpec> {
@@ -119,6 +132,7 @@ impl MeshActor {
             next_conn: 1,
             started: Instant::now(),
             service,
+            datagrams: Arc::new(OnceLock::new()),
         }
         .start())
     }
@@ -199,6 +213,10 @@ impl MeshActor {
         let hello = self.hello();
         let name = self.peer_name(&peer);
         let service = self.service.clone();
+        let datagrams = self.datagrams.clone();
+        if let Some(d) = datagrams.get() {
+            d.connected(peer);
+        }
         actix_rt::spawn(async move {
             let (control_tx, control_rx) = tokio::sync::oneshot::channel();
             let accepting = accept_streams(conn.clone(), peer, control_tx, service);
@@ -215,6 +233,7 @@ impl MeshActor {
                         conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
                     }
                 }
+                _ = gossip_inbound(conn.clone(), peer, datagrams) => {}
                 _ = conn.closed() => {}
             }
             let reason = conn.closed().await;
@@ -224,6 +243,37 @@ impl MeshActor {
 }
 
 type StreamPair = (quinn::SendStream, quinn::RecvStream);
+
+/// Hands the peer's gossip datagrams (and unidirectional streams, the fallback
+/// for a datagram larger than the path allows) to the datagram service. Never
+/// returns while the connection lives.
+async fn gossip_inbound(conn: quinn::Connection, peer: NodeId, datagrams: Arc<OnceLock<Arc<dyn DatagramService>>>) {
+    loop {
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(bytes) => {
+                    if let Some(d) = datagrams.get() {
+                        d.datagram(peer, bytes);
+                    }
+                }
+                Err(_) => break,
+            },
+            stream = conn.accept_uni() => match stream {
+                Ok(mut recv) => {
+                    let datagrams = datagrams.clone();
+                    actix_rt::spawn(async move {
+                        if let (Ok(bytes), Some(d)) = (recv.read_to_end(GOSSIP_STREAM_BYTES_MAX).await, datagrams.get()) {
+                            d.datagram(peer, bytes.into());
+                        }
+                    });
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    // The connection ended; the caller learns why from `closed()`.
+    std::future::pending::<()>().await;
+}
 
 /// Accepts the streams the peer opens: the first control stream goes to the
 /// control task, data streams to the service. Returns `Err` on a protocol violation.
@@ -618,6 +668,56 @@ impl Handler<GetConnection> for MeshActor {
         match entry.state {
             LinkState::Connected { conn, .. } => self.connections.get(&conn).map(|c| (entry.spec.id, c.conn.clone())),
             _ => None,
+        }
+    }
+}
+
+/// Installs the service that receives gossip datagrams (once; later calls are ignored).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDatagramService(pub Arc<dyn DatagramService>);
+
+impl Handler<SetDatagramService> for MeshActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetDatagramService, _ctx: &mut Context<Self>) {
+        let _ = self.datagrams.set(msg.0);
+    }
+}
+
+/// Sends gossip datagrams `(to, bytes)` on the live connections to those peers;
+/// a datagram to a peer without a live connection is dropped (gossip copes with loss).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendDatagrams(pub Vec<(NodeId, Vec<u8>)>);
+
+impl Handler<SendDatagrams> for MeshActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SendDatagrams, _ctx: &mut Context<Self>) {
+        for (to, bytes) in msg.0 {
+            let Some(LinkState::Connected { conn, .. }) = self.table.get(&to).map(|e| &e.state) else {
+                continue;
+            };
+            let Some(c) = self.connections.get(conn) else {
+                continue;
+            };
+            let bytes = bytes::Bytes::from(bytes);
+            match c.conn.send_datagram(bytes.clone()) {
+                Ok(()) | Err(quinn::SendDatagramError::ConnectionLost(_)) => {}
+                // Larger than the path allows yet (MTU discovery pending), or datagrams
+                // disabled: carry it on a one-shot unidirectional stream instead.
+                Err(_) => {
+                    let conn = c.conn.clone();
+                    actix_rt::spawn(async move {
+                        if let Ok(mut send) = conn.open_uni().await {
+                            if send.write_all(&bytes).await.is_ok() {
+                                let _ = send.finish();
+                            }
+                        }
+                    });
+                }
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod applier;
 pub mod fetch;
+pub mod gossip;
 pub mod mesh;
 pub mod replicate;
 pub mod volumes;

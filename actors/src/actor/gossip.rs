@@ -1,0 +1,790 @@
+//! The gossip actor: runs this node's [`GossipNode`] (membership, node status,
+//! the mesh-wide RP catalog) with real time and the mesh's QUIC connections.
+//!
+//! - **Time**: `now` is [`Millis`] since the actor started (a monotonic
+//!   [`Instant`]); each timer the core asks for is armed with `run_later` and
+//!   fed back with the time it actually fired.
+//! - **Datagrams** ride only the authenticated QUIC connections the mesh actor
+//!   keeps ([`DatagramService`] in, [`SendDatagrams`] out): the sender's node id
+//!   is the one pinned by mutual TLS, never an address from a packet.
+//! - **Inputs from the node**: the applier announces committed and pruned RPs
+//!   ([`RpNews`]); the topology in force (site, version, hash) is polled from the
+//!   data plane each tick and republished as this node's status when it changes.
+//! - **Persistence**: the replica snapshot and the generation live in redb at
+//!   `<state-dir>/gossip.redb`, saved every [`SAVE_PERIOD`] when something
+//!   changed and on shutdown. A restarted node restores it at once (so `ctl
+//!   catalog` answers before any peer is reached) under a higher generation,
+//!   then reconciles its own entries with its store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use drmesh_topology::{NodeId, Topology};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::Serialize;
+
+use crate::actor::applier::DataPlane;
+use crate::actor::mesh::{DatagramService, MeshActor, SendDatagrams, SetDatagramService, SOFTWARE_VERSION};
+use crate::proto::gossip::catalog::{Consistency, NodeStatus, RpInfo};
+use crate::proto::gossip::{GossipConfig, GossipEvent, GossipNode, MemberState, Millis};
+use crate::store::RpMeta;
+
+/// File name of the gossip state inside the state directory.
+pub const GOSSIP_FILE: &str = "gossip.redb";
+/// How often the replica is saved when it changed.
+pub const SAVE_PERIOD: Duration = Duration::from_secs(10);
+/// Housekeeping period: topology changes, rejoin while alone, saving.
+const TICK: Duration = Duration::from_secs(1);
+/// Wait between join attempts while no member answers.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+/// Topology peers asked to let this node in per join attempt.
+const JOIN_PEERS_MAX: usize = 8;
+
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("gossip");
+const KEY_SNAPSHOT: &str = "snapshot";
+const KEY_GENERATION: &str = "generation";
+
+/// The gossip state file could not be opened, read or written. Opening
+/// failures stop the start; a failed save is logged and retried at the next period.
+#[derive(Debug, thiserror::Error)]
+#[error("gossip state {path}: cannot {op}: {reason}")]
+pub struct GossipStoreError {
+    path: String,
+    op: &'static str,
+    reason: String,
+}
+
+struct GossipDb {
+    db: Database,
+    path: PathBuf,
+}
+
+impl GossipDb {
+    fn err(&self, op: &'static str, e: impl std::fmt::Display) -> GossipStoreError {
+        GossipStoreError { path: self.path.display().to_string(), op, reason: e.to_string() }
+    }
+
+    fn open(path: &Path) -> Result<GossipDb, GossipStoreError> {
+        let db = Database::create(path)
+            .map_err(|e| GossipStoreError { path: path.display().to_string(), op: "open", reason: e.to_string() })?;
+        let this = GossipDb { db, path: path.to_path_buf() };
+        let tx = this.db.begin_write().map_err(|e| this.err("begin write", e))?;
+        tx.open_table(STATE).map_err(|e| this.err("create table", e))?;
+        tx.commit().map_err(|e| this.err("commit", e))?;
+        Ok(this)
+    }
+
+    /// Stored generation and snapshot.
+    fn load(&self) -> Result<(Option<u32>, Option<Vec<u8>>), GossipStoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err("begin read", e))?;
+        let table = tx.open_table(STATE).map_err(|e| self.err("open table", e))?;
+        let generation = table
+            .get(KEY_GENERATION)
+            .map_err(|e| self.err("read generation", e))?
+            .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+            .map(u32::from_le_bytes);
+        let snapshot = table.get(KEY_SNAPSHOT).map_err(|e| self.err("read snapshot", e))?.map(|v| v.value().to_vec());
+        Ok((generation, snapshot))
+    }
+
+    fn save(&self, generation: u32, snapshot: Option<&[u8]>) -> Result<(), GossipStoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.err("begin write", e))?;
+        {
+            let mut table = tx.open_table(STATE).map_err(|e| self.err("open table", e))?;
+            table.insert(KEY_GENERATION, generation.to_le_bytes().as_slice()).map_err(|e| self.err("write generation", e))?;
+            if let Some(s) = snapshot {
+                table.insert(KEY_SNAPSHOT, s).map_err(|e| self.err("write snapshot", e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err("commit", e))
+    }
+}
+
+/// News from the applier about this node's store.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum RpNews {
+    /// An RP was committed here.
+    Committed(RpMeta),
+    /// Retention deleted these seqs of `volume`.
+    Pruned {
+        /// Volume.
+        volume: String,
+        /// Deleted seqs.
+        pruned: Vec<u64>,
+    },
+}
+
+/// The gossip actor.
+pub struct GossipActor {
+    node: GossipNode,
+    me: NodeId,
+    started: Instant,
+    data: Arc<DataPlane>,
+    mesh: Addr<MeshActor>,
+    db: Arc<GossipDb>,
+    restored: bool,
+    dirty: bool,
+    saving: bool,
+    last_save: Instant,
+    last_join: Option<Instant>,
+    topology: Arc<Topology>,
+    status: (NodeStatus, Millis),
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn status_of(me: &NodeId, topology: &Topology) -> NodeStatus {
+    NodeStatus {
+        site: topology.node_by_id(me).map(|n| n.site.clone()).unwrap_or_default(),
+        software_version: SOFTWARE_VERSION.to_string(),
+        topology_version: topology.mesh.version,
+        topology_hash: topology.hash(),
+    }
+}
+
+/// What the gossip catalog says about an RP committed here.
+pub fn rp_info(meta: &RpMeta) -> RpInfo {
+    RpInfo {
+        snapshot_unix_ms: meta.time_unix_ms,
+        size_bytes: meta.volume_bytes,
+        merkle_root: meta.merkle_root,
+        consistency: match meta.consistency.as_str() {
+            "fs-frozen" => Consistency::FileSystem,
+            "app" => Consistency::Application,
+            _ => Consistency::Crash,
+        },
+        drill: None,
+    }
+}
+
+impl GossipActor {
+    /// Opens `<state_dir>/gossip.redb`, restores the replica saved there (if
+    /// any) under the next generation, starts the actor and wires it to the mesh
+    /// (datagrams) and the data plane (RP news). Must run inside an actix system.
+    pub fn start_with(state_dir: &Path, me: NodeId, data: Arc<DataPlane>, mesh: Addr<MeshActor>) -> Result<Addr<GossipActor>, GossipStoreError> {
+        let db = GossipDb::open(&state_dir.join(GOSSIP_FILE))?;
+        let (stored_generation, snapshot) = db.load()?;
+        // Grows across restarts even if the file was lost (Unix seconds fit u32 until 2106).
+        let unix_secs = u32::try_from(unix_ms() / 1000).unwrap_or(u32::MAX);
+        let generation = stored_generation.map_or(0, |g| g.wrapping_add(1)).max(unix_secs);
+        db.save(generation, None)?;
+        let topology = data.topology();
+        let config = GossipConfig::for_cluster(u32::try_from(topology.nodes.len()).unwrap_or(u32::MAX));
+        let b = me.as_bytes();
+        let seed = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let now = Millis(0);
+        let (node, restored) = match snapshot.as_deref().map(|s| GossipNode::restore(now, me, generation, config.clone(), seed, s)) {
+            Some(Ok(node)) => {
+                let (holders, items) = node.replica_size();
+                tracing::info!(generation, holders, items, "gossip replica restored");
+                (node, true)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, path = %db.path.display(), "cannot restore the gossip replica; starting empty");
+                (GossipNode::new(now, me, generation, config, seed), false)
+            }
+            None => (GossipNode::new(now, me, generation, config, seed), false),
+        };
+        let status = (status_of(&me, &topology), now);
+        let actor = GossipActor {
+            node,
+            me,
+            started: Instant::now(),
+            data: data.clone(),
+            mesh: mesh.clone(),
+            db: Arc::new(db),
+            restored,
+            dirty: false,
+            saving: false,
+            last_save: Instant::now(),
+            last_join: None,
+            topology,
+            status,
+        };
+        let addr = actor.start();
+        mesh.do_send(SetDatagramService(Arc::new(GossipInbox(addr.clone()))));
+        data.set_gossip(addr.clone().recipient());
+        Ok(addr)
+    }
+
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn name_of(&self, id: &NodeId) -> Option<String> {
+        self.topology.node_by_id(id).map(|n| n.name.clone())
+    }
+
+    /// Drains the core's outputs: datagrams to the mesh, timers to actix, events to logs.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        let mut out = Vec::new();
+        while let Some(t) = self.node.poll_transmit() {
+            out.push((t.to, t.bytes));
+        }
+        if !out.is_empty() {
+            self.mesh.do_send(SendDatagrams(out));
+        }
+        let now = self.now();
+        while let Some((deadline, timer)) = self.node.poll_timer() {
+            ctx.run_later(deadline.since(now), move |act, ctx| {
+                let now = act.now();
+                if let Err(e) = act.node.handle_timer(now, timer) {
+                    tracing::debug!(error = %e, "gossip timer");
+                }
+                act.flush(ctx);
+            });
+        }
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                GossipEvent::MemberUp(id) => {
+                    tracing::info!(peer = %self.name_of(&id).unwrap_or_else(|| id.short()), "gossip: member up");
+                }
+                GossipEvent::MemberDown(id) => {
+                    tracing::warn!(peer = %self.name_of(&id).unwrap_or_else(|| id.short()), "gossip: member declared down");
+                }
+                GossipEvent::Rejoined { generation } => {
+                    tracing::info!(generation, "gossip: the mesh had declared this node down; rejoined");
+                    self.dirty = true;
+                }
+                GossipEvent::CatalogChanged { .. } => self.dirty = true,
+            }
+        }
+    }
+
+    fn join(&mut self, ctx: &mut Context<Self>) {
+        self.last_join = Some(Instant::now());
+        let mut peers: Vec<NodeId> = self.topology.nodes.iter().map(|n| n.id).filter(|id| *id != self.me).collect();
+        if peers.is_empty() {
+            return;
+        }
+        // A few peers, rotating with the attempt, so big meshes do not get n announces.
+        let start = (self.started.elapsed().as_secs() as usize) % peers.len();
+        peers.rotate_left(start);
+        peers.truncate(JOIN_PEERS_MAX);
+        let now = self.now();
+        if let Err(e) = self.node.handle_join(now, &peers) {
+            tracing::debug!(error = %e, "gossip join");
+        }
+        self.flush(ctx);
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let topology = self.data.topology();
+        if !Arc::ptr_eq(&topology, &self.topology) {
+            self.topology = topology;
+            let status = status_of(&self.me, &self.topology);
+            if status != self.status.0 {
+                let now = self.now();
+                self.node.handle_status(now, status.clone());
+                self.status = (status, now);
+                self.flush(ctx);
+            }
+        }
+        if self.node.active_members() == 0 && self.last_join.is_none_or(|t| t.elapsed() >= JOIN_RETRY) {
+            self.join(ctx);
+        }
+        if self.dirty && !self.saving && self.last_save.elapsed() >= SAVE_PERIOD {
+            self.save_in_background(ctx);
+        }
+    }
+
+    fn save_in_background(&mut self, ctx: &mut Context<Self>) {
+        self.dirty = false;
+        self.saving = true;
+        let snapshot = self.node.snapshot();
+        let generation = self.node.generation();
+        let db = self.db.clone();
+        let saving = async move { tokio::task::spawn_blocking(move || db.save(generation, Some(&snapshot))).await };
+        ctx.spawn(saving.into_actor(self).map(|result, act, _ctx| {
+            act.saving = false;
+            act.last_save = Instant::now();
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot save the gossip replica; retrying later");
+                    act.dirty = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gossip save task failed; retrying later");
+                    act.dirty = true;
+                }
+            }
+        }));
+    }
+
+    /// Brings this node's own catalog entries in line with its store (RPs
+    /// committed or pruned while the replica was not saved).
+    fn reconcile(&mut self, store_rps: Vec<(String, Vec<RpMeta>)>, ctx: &mut Context<Self>) {
+        let now = self.now();
+        let mine: Vec<(String, u64)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
+        for (volume, rps) in &store_rps {
+            for meta in rps {
+                if !self.node.has_rp(&self.me, volume, meta.seq) {
+                    if let Err(e) = self.node.handle_local_rp(now, volume, meta.seq, rp_info(meta)) {
+                        tracing::warn!(%volume, error = %e, "cannot publish a recovery point");
+                    }
+                }
+            }
+        }
+        let expired_ms = unix_ms();
+        for (volume, seq) in mine {
+            let held = store_rps.iter().find(|(v, _)| *v == volume).map(|(_, rps)| rps.as_slice()).unwrap_or_default();
+            if held.iter().any(|m| m.seq == seq) {
+                continue;
+            }
+            let result = match held.first() {
+                Some(first) if seq > first.seq => self.node.handle_rp_expired(now, &volume, seq, expired_ms),
+                Some(first) => self.node.handle_rps_expired_below(now, &volume, first.seq),
+                None => self.node.handle_rps_expired_below(now, &volume, seq + 1),
+            };
+            if let Err(e) = result {
+                tracing::warn!(%volume, seq, error = %e, "cannot publish an expired recovery point");
+            }
+        }
+        self.flush(ctx);
+    }
+}
+
+impl Actor for GossipActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let now = self.now();
+        self.node.handle_status(now, self.status.0.clone());
+        self.join(ctx);
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+        let store = self.data.store().clone();
+        let reading = async move {
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<RpMeta>)>, String> {
+                let mut out = Vec::new();
+                for volume in store.volumes().map_err(|e| e.to_string())? {
+                    let rps = store.rps(&volume).map_err(|e| e.to_string())?;
+                    out.push((volume, rps));
+                }
+                Ok(out)
+            })
+            .await
+        };
+        ctx.spawn(reading.into_actor(self).map(|result, act, ctx| match result {
+            Ok(Ok(rps)) => act.reconcile(rps, ctx),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the store to publish its recovery points"),
+            Err(e) => tracing::warn!(error = %e, "store read task failed"),
+        }));
+    }
+}
+
+/// The mesh side of the actor: datagrams in, connection news.
+struct GossipInbox(Addr<GossipActor>);
+
+impl DatagramService for GossipInbox {
+    fn datagram(&self, peer: NodeId, bytes: bytes::Bytes) {
+        self.0.do_send(Datagram { from: peer, bytes });
+    }
+
+    fn connected(&self, peer: NodeId) {
+        self.0.do_send(PeerConnected(peer));
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Datagram {
+    from: NodeId,
+    bytes: bytes::Bytes,
+}
+
+impl Handler<Datagram> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Datagram, ctx: &mut Context<Self>) {
+        let now = self.now();
+        if let Err(e) = self.node.handle_datagram(now, msg.from, &msg.bytes) {
+            // A bad datagram is dropped; the connection and the node carry on.
+            tracing::debug!(peer = %msg.from.short(), error = %e, "dropped a gossip datagram");
+        }
+        self.flush(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PeerConnected(NodeId);
+
+impl Handler<PeerConnected> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PeerConnected, ctx: &mut Context<Self>) {
+        let known_alive = self.node.members().iter().any(|m| m.node == msg.0 && m.state != MemberState::Down);
+        if !known_alive {
+            let now = self.now();
+            if let Err(e) = self.node.handle_join(now, &[msg.0]) {
+                tracing::debug!(error = %e, "gossip join");
+            }
+            self.flush(ctx);
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Expired {
+    volume: String,
+    pruned: Vec<u64>,
+    first_kept: Option<u64>,
+}
+
+impl Handler<Expired> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Expired, ctx: &mut Context<Self>) {
+        let now = self.now();
+        let below = msg.first_kept.unwrap_or_else(|| msg.pruned.iter().max().map_or(0, |m| m + 1));
+        if let Err(e) = self.node.handle_rps_expired_below(now, &msg.volume, below) {
+            tracing::warn!(volume = %msg.volume, error = %e, "cannot publish expired recovery points");
+        }
+        // Retention that keeps an older RP (hourly/daily/weekly) deletes out of order: tombstones.
+        let expired_ms = unix_ms();
+        for seq in msg.pruned.into_iter().filter(|s| *s >= below) {
+            if let Err(e) = self.node.handle_rp_expired(now, &msg.volume, seq, expired_ms) {
+                tracing::warn!(volume = %msg.volume, seq, error = %e, "cannot publish an expired recovery point");
+            }
+        }
+        self.flush(ctx);
+    }
+}
+
+impl Handler<RpNews> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RpNews, ctx: &mut Context<Self>) {
+        match msg {
+            RpNews::Committed(meta) => {
+                let now = self.now();
+                if let Err(e) = self.node.handle_local_rp(now, &meta.volume, meta.seq, rp_info(&meta)) {
+                    tracing::warn!(rp = %meta.name(), error = %e, "cannot publish a recovery point");
+                }
+                self.flush(ctx);
+            }
+            RpNews::Pruned { volume, pruned } => {
+                let store = self.data.store().clone();
+                let addr = ctx.address();
+                actix_rt::spawn(async move {
+                    let v = volume.clone();
+                    let first_kept = match tokio::task::spawn_blocking(move || store.rps(&v)).await {
+                        Ok(Ok(rps)) => rps.first().map(|m| m.seq),
+                        _ => None,
+                    };
+                    addr.do_send(Expired { volume, pruned, first_kept });
+                });
+            }
+        }
+    }
+}
+
+/// Saves the replica and stops the actor (node shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
+        // A short blocking write on the way out is fine: nothing else runs on this actor any more.
+        match self.db.save(self.node.generation(), Some(&self.node.snapshot())) {
+            Ok(()) => tracing::info!("gossip replica saved"),
+            Err(e) => tracing::warn!(error = %e, "cannot save the gossip replica"),
+        }
+        ctx.stop();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
+}
+
+/// One row of `drmesh ctl mesh`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberRow {
+    /// Name in this node's topology (`None` for a member the topology does not list).
+    pub name: Option<String>,
+    /// Full node id.
+    pub id: String,
+    /// Whether this row is this node.
+    pub is_self: bool,
+    /// `alive`, `suspect`, `down`, or `unknown` (listed in the topology, never heard by gossip).
+    pub state: &'static str,
+    /// Generation (restart counter) as last seen.
+    pub generation: Option<u32>,
+    /// Seconds since a datagram last came straight from it.
+    pub last_heard_secs: Option<f64>,
+    /// Site, from its own status.
+    pub site: Option<String>,
+    /// drmesh version, from its own status.
+    pub software_version: Option<String>,
+    /// `[mesh] version` it runs.
+    pub topology_version: Option<u64>,
+    /// Short hash of its topology file.
+    pub topology_hash: Option<String>,
+    /// Whether it runs the same topology file as this node.
+    pub topology_matches: Option<bool>,
+    /// Seconds since this node learned its current status (freshness).
+    pub status_age_secs: Option<f64>,
+}
+
+/// The answer of `drmesh ctl mesh`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshView {
+    /// This node's id.
+    pub node_id: String,
+    /// This node's generation.
+    pub generation: u32,
+    /// Seconds since the gossip actor started.
+    pub uptime_secs: u64,
+    /// Whether the replica was restored from `gossip.redb` at start.
+    pub replica_restored: bool,
+    /// Members (this node first, then by node id).
+    pub members: Vec<MemberRow>,
+}
+
+/// Asks for a [`MeshView`].
+#[derive(Message)]
+#[rtype(result = "MeshView")]
+pub struct GetMesh;
+
+impl Handler<GetMesh> for GossipActor {
+    type Result = MessageResult<GetMesh>;
+
+    fn handle(&mut self, _msg: GetMesh, _ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.now();
+        let my_hash = self.topology.hash();
+        let (status, learned) = &self.status;
+        let mut members = vec![MemberRow {
+            name: self.name_of(&self.me),
+            id: self.me.to_string(),
+            is_self: true,
+            state: "alive",
+            generation: Some(self.node.generation()),
+            last_heard_secs: None,
+            site: Some(status.site.clone()),
+            software_version: Some(status.software_version.clone()),
+            topology_version: Some(status.topology_version),
+            topology_hash: Some(hex(&status.topology_hash[..6])),
+            topology_matches: Some(status.topology_hash == my_hash),
+            status_age_secs: Some(secs(now.since(*learned))),
+        }];
+        let views = self.node.members();
+        for m in &views {
+            if m.node == self.me {
+                continue;
+            }
+            let st = m.status.as_ref();
+            members.push(MemberRow {
+                name: self.name_of(&m.node),
+                id: m.node.to_string(),
+                is_self: false,
+                state: match m.state {
+                    MemberState::Alive => "alive",
+                    MemberState::Suspect => "suspect",
+                    MemberState::Down => "down",
+                },
+                generation: Some(m.generation),
+                last_heard_secs: m.last_heard.map(|t| secs(now.since(t))),
+                site: st.map(|(s, _)| s.site.clone()),
+                software_version: st.map(|(s, _)| s.software_version.clone()),
+                topology_version: st.map(|(s, _)| s.topology_version),
+                topology_hash: st.map(|(s, _)| hex(&s.topology_hash[..6])),
+                topology_matches: st.map(|(s, _)| s.topology_hash == my_hash),
+                status_age_secs: st.map(|(_, t)| secs(now.since(*t))),
+            });
+        }
+        // Topology nodes gossip has not heard of (yet).
+        for n in &self.topology.nodes {
+            if n.id != self.me && !views.iter().any(|m| m.node == n.id) {
+                members.push(MemberRow {
+                    name: Some(n.name.clone()),
+                    id: n.id.to_string(),
+                    is_self: false,
+                    state: "unknown",
+                    generation: None,
+                    last_heard_secs: None,
+                    site: None,
+                    software_version: None,
+                    topology_version: None,
+                    topology_hash: None,
+                    topology_matches: None,
+                    status_age_secs: None,
+                });
+            }
+        }
+        MessageResult(MeshView {
+            node_id: self.me.to_string(),
+            generation: self.node.generation(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            replica_restored: self.restored,
+            members,
+        })
+    }
+}
+
+/// One RP of `drmesh ctl catalog`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogRp {
+    /// Volume.
+    pub volume: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// Holder's name in this node's topology (its short id if not listed).
+    pub holder: String,
+    /// Holder's full node id.
+    pub holder_id: String,
+    /// Snapshot instant, Unix milliseconds.
+    pub snapshot_unix_ms: u64,
+    /// Volume size, bytes.
+    pub size_bytes: u64,
+    /// Short Merkle root.
+    pub merkle_root: String,
+    /// `crash`, `fs-frozen` or `app`.
+    pub consistency: &'static str,
+    /// Last drill: passed?
+    pub drill_passed: Option<bool>,
+    /// Seconds since this node learned the entry (freshness).
+    pub learned_secs: f64,
+}
+
+/// Per-volume summary of `drmesh ctl catalog`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogVolume {
+    /// Volume.
+    pub volume: String,
+    /// Source node (from the topology).
+    pub source: Option<String>,
+    /// The policy's RPO, seconds (from this node's topology, else the source's health).
+    pub rpo_secs: Option<u64>,
+    /// Newest RP anywhere in the mesh: seq.
+    pub last_seq: Option<u64>,
+    /// Holders of that newest RP.
+    pub last_holders: Vec<String>,
+    /// Its snapshot instant, Unix milliseconds.
+    pub last_rp_unix_ms: Option<u64>,
+    /// Its age, seconds.
+    pub last_rp_age_secs: Option<u64>,
+    /// Whether the newest RP is younger than the RPO (`None` without RPO or RP).
+    pub rpo_met: Option<bool>,
+    /// By how much the RPO is missed, seconds (0 when met).
+    pub rpo_missed_by_secs: Option<u64>,
+    /// Number of live RPs of the volume in the catalog.
+    pub rp_count: usize,
+    /// Error of the source's last cycle, from its published health.
+    pub last_error: Option<String>,
+}
+
+/// The answer of `drmesh ctl catalog`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogView {
+    /// This node's id.
+    pub node_id: String,
+    /// Whether the replica was restored from `gossip.redb` at start.
+    pub replica_restored: bool,
+    /// Seconds since the gossip actor started.
+    pub uptime_secs: u64,
+    /// Now, Unix milliseconds (ages are computed against it).
+    pub now_unix_ms: u64,
+    /// Per volume.
+    pub volumes: Vec<CatalogVolume>,
+    /// Every live RP, by (volume, seq, holder).
+    pub rps: Vec<CatalogRp>,
+}
+
+/// Asks for a [`CatalogView`], optionally of one volume.
+#[derive(Message)]
+#[rtype(result = "CatalogView")]
+pub struct GetCatalog(pub Option<String>);
+
+impl Handler<GetCatalog> for GossipActor {
+    type Result = MessageResult<GetCatalog>;
+
+    fn handle(&mut self, msg: GetCatalog, _ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.now();
+        let now_unix = unix_ms();
+        let wanted = |v: &str| msg.0.as_deref().is_none_or(|w| w == v);
+        let mut rps: Vec<CatalogRp> = self
+            .node
+            .rps()
+            .into_iter()
+            .filter(|r| wanted(&r.volume))
+            .map(|r| CatalogRp {
+                holder: self.name_of(&r.holder).unwrap_or_else(|| r.holder.short()),
+                holder_id: r.holder.to_string(),
+                volume: r.volume,
+                seq: r.seq,
+                snapshot_unix_ms: r.info.snapshot_unix_ms,
+                size_bytes: r.info.size_bytes,
+                merkle_root: hex(&r.info.merkle_root[..6]),
+                consistency: match r.info.consistency {
+                    Consistency::Crash => "crash",
+                    Consistency::FileSystem => "fs-frozen",
+                    Consistency::Application => "app",
+                },
+                drill_passed: r.info.drill.as_ref().map(|d| d.passed),
+                learned_secs: secs(now.since(r.learned_at)),
+            })
+            .collect();
+        rps.sort_by(|a, b| (&a.volume, a.seq, &a.holder).cmp(&(&b.volume, b.seq, &b.holder)));
+        let health = self.node.volume_health();
+        let mut names: Vec<String> = self.topology.volumes.iter().map(|v| v.name.clone()).chain(rps.iter().map(|r| r.volume.clone())).filter(|v| wanted(v)).collect();
+        names.sort();
+        names.dedup();
+        let volumes = names
+            .into_iter()
+            .map(|name| {
+                let vol = self.topology.volume_by_name(&name);
+                let h = health.iter().find(|h| h.volume == name);
+                let rpo_secs = vol
+                    .and_then(|v| self.topology.policies.get(&v.policy))
+                    .map(|p| p.rpo.as_secs())
+                    .or_else(|| h.map(|h| h.health.rpo_ms / 1000));
+                let of_volume: Vec<&CatalogRp> = rps.iter().filter(|r| r.volume == name).collect();
+                let last_seq = of_volume.iter().map(|r| r.seq).max();
+                let newest: Vec<&&CatalogRp> = of_volume.iter().filter(|r| Some(r.seq) == last_seq).collect();
+                let last_rp_unix_ms = newest.iter().map(|r| r.snapshot_unix_ms).max();
+                let last_rp_age_secs = last_rp_unix_ms.map(|t| now_unix.saturating_sub(t) / 1000);
+                let (rpo_met, rpo_missed_by_secs) = match (rpo_secs, last_rp_age_secs) {
+                    (Some(rpo), Some(age)) => (Some(age <= rpo), Some(age.saturating_sub(rpo))),
+                    _ => (None, None),
+                };
+                CatalogVolume {
+                    source: vol.map(|v| v.source.clone()),
+                    rpo_secs,
+                    last_seq,
+                    last_holders: newest.iter().map(|r| r.holder.clone()).collect(),
+                    last_rp_unix_ms,
+                    last_rp_age_secs,
+                    rpo_met,
+                    rpo_missed_by_secs,
+                    rp_count: of_volume.len(),
+                    last_error: h.and_then(|h| h.health.last_error.clone()),
+                    volume: name,
+                }
+            })
+            .collect();
+        MessageResult(CatalogView {
+            node_id: self.me.to_string(),
+            replica_restored: self.restored,
+            uptime_secs: self.started.elapsed().as_secs(),
+            now_unix_ms: now_unix,
+            volumes,
+            rps,
+        })
+    }
+}
