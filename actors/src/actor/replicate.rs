@@ -126,7 +126,7 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
         Ok(())
     });
 
-    let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts());
+    let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts(), cfg.block_bytes);
     let (block_tx, mut block_rx) = mpsc::channel::<ReaderItem>(4);
     let (enc_tx, mut enc_rx) = mpsc::unbounded_channel::<(u64, Result<EncodedBlob, String>)>();
     let mut held: HashMap<u64, Arc<ScannedBlock>> = HashMap::new();

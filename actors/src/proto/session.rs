@@ -29,10 +29,13 @@ use crate::store::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
 /// Offer entries per message: small, so answers (and compression) start while
 /// the reader is still filling the window.
 pub const OFFER_BATCH: usize = 16;
-/// Changed blocks a source holds at once (read, offered, or being encoded).
-pub const MAX_PENDING_BLOCKS: usize = 64;
+/// Bytes of changed blocks a source holds at once (read, offered, or being
+/// encoded); the window in blocks is this divided by the block size.
+pub const MAX_PENDING_BYTES: u64 = 128 << 20;
+/// The window never shrinks below this many blocks, whatever the block size.
+pub const MIN_PENDING_BLOCKS: usize = 4;
 /// Encoded bytes sent but not yet durably stored by the target.
-pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+pub const MAX_INFLIGHT_BYTES: u64 = 160 << 20;
 
 /// A changed block offered to the target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +243,8 @@ pub struct SourceSession {
     awaiting: HashMap<BlobId, Vec<(u64, u64)>>,
     /// Blocks being encoded.
     encoding: usize,
+    /// Window: blocks the driver may hold at once.
+    max_pending: usize,
     inflight_bytes: u64,
     reader_done: Option<RpMeta>,
     outbox: VecDeque<SourceMsg>,
@@ -248,8 +253,9 @@ pub struct SourceSession {
 }
 
 impl SourceSession {
-    /// Starts a session for `volume` whose change set is relative to `base` (seq, root).
-    pub fn new(volume: &str, base: Option<(u64, [u8; 32])>, encrypted: bool) -> Self {
+    /// Starts a session for `volume` (blocks of `block_bytes`) whose change set
+    /// is relative to `base` (seq, root).
+    pub fn new(volume: &str, base: Option<(u64, [u8; 32])>, encrypted: bool, block_bytes: u32) -> Self {
         let mut outbox = VecDeque::new();
         outbox.push_back(SourceMsg::Open { volume: volume.to_string(), base, encrypted });
         SourceSession {
@@ -260,6 +266,7 @@ impl SourceSession {
             held: HashSet::new(),
             awaiting: HashMap::new(),
             encoding: 0,
+            max_pending: usize::try_from(MAX_PENDING_BYTES / u64::from(block_bytes.max(1))).unwrap_or(usize::MAX).max(MIN_PENDING_BLOCKS),
             inflight_bytes: 0,
             reader_done: None,
             outbox,
@@ -279,7 +286,7 @@ impl SourceSession {
     pub fn wants_block(&self) -> bool {
         self.state == SourceState::Streaming
             && self.reader_done.is_none()
-            && self.held.len() < MAX_PENDING_BLOCKS
+            && self.held.len() < self.max_pending
             && self.inflight_bytes < MAX_INFLIGHT_BYTES
     }
 
@@ -436,7 +443,7 @@ impl SourceSession {
         matches!(self.state, SourceState::Done | SourceState::Failed)
     }
 
-    /// Bytes of block data the driver holds for this session now (for memory accounting).
+    /// Blocks of data the driver holds for this session now (for memory accounting).
     pub fn held_blocks(&self) -> usize {
         self.held.len()
     }
@@ -577,7 +584,7 @@ mod tests {
             let id = codec.ids().content_id(b);
             stored.insert(id, BlobLoc { blob: id, depth: 0 });
         }
-        let mut src = SourceSession::new("vol", None, false);
+        let mut src = SourceSession::new("vol", None, false, 4096);
         let mut tgt = TargetSession::new();
         let mut sent_blobs = 0;
         let mut committed = None;
@@ -636,7 +643,7 @@ mod tests {
             if let Some(r) = reply {
                 src.handle_message(r);
             }
-            assert!(src.held_blocks() <= MAX_PENDING_BLOCKS);
+            assert!(src.held_blocks() <= (MAX_PENDING_BYTES / 4096) as usize);
         }
         assert_eq!(committed, Some(1));
         // 300 blocks, 200 distinct contents, 50 of them already stored: 150 sent.
@@ -728,11 +735,11 @@ mod tests {
 
     #[test]
     fn source_fails_cleanly_on_disconnect_and_bad_answers() {
-        let mut src = SourceSession::new("v", None, false);
+        let mut src = SourceSession::new("v", None, false, 1 << 20);
         src.poll_transmit();
         src.handle_message(TargetMsg::Answer { wants: vec![] });
         assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })));
-        let mut src = SourceSession::new("v", None, false);
+        let mut src = SourceSession::new("v", None, false, 1 << 20);
         src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
         src.handle_disconnect("reset".into());
         assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));

@@ -22,8 +22,8 @@ use super::baseline::{BaseBlock, Baselines};
 use super::SourceError;
 use crate::content::{ContentId, IdScheme, MerkleBuilder};
 
-/// Blocks read per batch (then hashed in parallel).
-const BATCH_BLOCKS: usize = 16;
+/// Bytes read per batch (then hashed in parallel); at least one block.
+const BATCH_BYTES: u64 = 16 << 20;
 /// Alignment O_DIRECT needs for buffers, offsets and lengths.
 const DIRECT_ALIGN: usize = 4096;
 
@@ -229,7 +229,8 @@ impl<'a> Scanner<'a> {
     }
 
     fn read_batch(&self, start: u64) -> Result<(Vec<BlockData>, u64), SourceError> {
-        let count = (self.source.block_count() - start).min(BATCH_BLOCKS as u64);
+        let batch_blocks = (BATCH_BYTES / u64::from(self.source.block_bytes.max(1))).max(1);
+        let count = (self.source.block_count() - start).min(batch_blocks);
         let mut datas = Vec::with_capacity(count as usize);
         for i in 0..count {
             datas.push(self.source.read_block(start + i)?);
