@@ -152,7 +152,7 @@ impl RpSource {
         match self {
             RpSource::Local(store) => {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || contents.par_iter().map(|c| local_chain(&store, c)).collect())
+                tokio::task::spawn_blocking(move || contents.par_iter().map(|c| blob_chain(&store, c)).collect())
                     .await
                     .map_err(|e| RestoreError::Source(e.to_string()))
             }
@@ -170,7 +170,9 @@ impl RpSource {
     }
 }
 
-fn local_chain(store: &Store, content: &ContentId) -> Result<Vec<EncodedBlob>, String> {
+/// The blobs that materialize `content` in `store`: the head blob, then its
+/// delta bases down to a full block.
+pub fn blob_chain(store: &Store, content: &ContentId) -> Result<Vec<EncodedBlob>, String> {
     let loc = store.locate(content).map_err(|e| e.to_string())?.ok_or("no blob holds this block (missing from the store)")?;
     let mut out = Vec::new();
     let mut next = Some(loc.blob);

@@ -56,18 +56,7 @@ pub enum FetchReply {
 }
 
 fn chain(store: &Store, content: &ContentId) -> Result<Vec<WireBlob>, String> {
-    let loc = store.locate(content).map_err(|e| e.to_string())?.ok_or_else(|| format!("block {content} is not stored here"))?;
-    let mut out = Vec::new();
-    let mut next = Some(loc.blob);
-    while let Some(id) = next {
-        let blob = store.read_blob(&id).map_err(|e| e.to_string())?;
-        next = blob.base;
-        out.push(blob.into());
-        if out.len() > 64 {
-            return Err(format!("delta chain of block {content} does not end"));
-        }
-    }
-    Ok(out)
+    crate::restore::blob_chain(store, content).map(|blobs| blobs.into_iter().map(Into::into).collect())
 }
 
 /// Serves one fetch stream opened by `peer`.
