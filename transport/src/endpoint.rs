@@ -51,7 +51,22 @@ impl MeshEndpoint {
         })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport_config());
-        let endpoint = quinn::Endpoint::server(server, listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+        // Reset key and connection-id key survive restarts (derived from the node
+        // key): a restarted node recognises the ids it handed out before and
+        // answers stale packets with a stateless reset, so peers reconnect at
+        // once instead of after the idle timeout.
+        let secret = identity.reset_secret();
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let cid_key = u64::from_le_bytes([secret[0], secret[1], secret[2], secret[3], secret[4], secret[5], secret[6], secret[7]]);
+        config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
+            addr: listen,
+            source: std::io::Error::other("no async runtime is running"),
+        })?;
+        let endpoint =
+            quinn::Endpoint::new(config, Some(server), socket, runtime).map_err(|source| TransportError::Bind { addr: listen, source })?;
         Ok(MeshEndpoint { endpoint, identity })
     }
 

@@ -120,6 +120,14 @@ impl Identity {
         CertificateDer::from(self.cert_der.clone())
     }
 
+    /// A secret for QUIC stateless resets, derived from the private key so that it
+    /// is the same after a restart: a restarted node can then reset connections its
+    /// previous run left behind, and peers reconnect at once instead of waiting for
+    /// the idle timeout. One-way: it reveals nothing about the key.
+    pub(crate) fn reset_secret(&self) -> [u8; 32] {
+        blake3::derive_key("drmesh 2026 QUIC stateless reset", &self.key_der)
+    }
+
     /// The private key, for the TLS configuration only.
     pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
