@@ -131,6 +131,19 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
     let (enc_tx, mut enc_rx) = mpsc::unbounded_channel::<(u64, Result<EncodedBlob, String>)>();
     let mut held: HashMap<u64, Arc<ScannedBlock>> = HashMap::new();
     let mut stage_buf: Vec<(u64, ContentId, Vec<u8>)> = Vec::new();
+    let (stage_tx, mut stage_rx) = mpsc::channel::<Vec<(u64, ContentId, Vec<u8>)>>(4);
+    let (b, v, t) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone());
+    let stager = actix_rt::spawn(async move {
+        while let Some(entries) = stage_rx.recv().await {
+            let (b, v, t) = (b.clone(), v.clone(), t.clone());
+            match tokio::task::spawn_blocking(move || b.stage(&v, &t, &entries)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    });
     let mut reader_running = false;
     let mut reader_finished = false;
     let mut full_offer = false;
@@ -202,8 +215,10 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
             break done;
         }
         if stage_buf.len() >= STAGE_BATCH {
-            let (b, v, t, entries) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), std::mem::take(&mut stage_buf));
-            tokio::task::spawn_blocking(move || b.stage(&v, &t, &entries)).await.map_err(|e| session_err(&e))??;
+            // Staged off the session loop, in order, so the pipeline never waits on redb.
+            if stage_tx.send(std::mem::take(&mut stage_buf)).await.is_err() {
+                session.handle_encode_failed("baseline staging stopped".into());
+            }
         }
         let want_blocks = reader_running && !reader_finished && session.wants_block();
         tokio::select! {
@@ -250,8 +265,11 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
         }
     };
     drop(out_tx);
+    drop(stage_tx);
     let _ = sender.await;
+    let staged = stager.await.map_err(|e| session_err(&e)).and_then(|r| r.map_err(CycleError::Session));
     let seq = result?;
+    staged?;
 
     // Committed on the target: only now does the baseline move (promise 2).
     let meta = BaselineMeta { seq, merkle_root, block_bytes: cfg.block_bytes, block_count, volume_bytes, time_unix_ms: snapshot_ms };
