@@ -121,6 +121,19 @@ fn catalog_and_membership_spread_by_gossip() {
         ["a", "b"].iter().all(|p| member_state(&mesh, "c", p).as_deref() == Some("alive"))
     });
 
+    // A failing cycle (its target stopped) is published by the source: a bystander
+    // sees the volume's last error in its own catalog.
+    assert!(mesh.stop("b"));
+    let failed = mesh.ctl("a", &["sync-now", "vol"]);
+    assert!(!failed.status.success(), "sync-now to a stopped target succeeded");
+    wait_until("c's catalog shows vol's last cycle error", Duration::from_secs(30), || {
+        catalog(&mesh, "c")["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["volume"] == "vol" && v["last_error"].as_str().is_some_and(|e| e.contains("not connected")))
+    });
+
     // A clean stop saves the replica too; nothing in the logs about bad datagrams.
     assert!(mesh.stop("c"));
     for n in ["a", "b"] {

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context as _};
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::gossip::{GossipActor, Shutdown as GossipShutdown};
 use drmesh_actors::actor::mesh::{MeshActor, Shutdown, StreamService};
-use drmesh_actors::actor::volumes::VolumeScheduler;
+use drmesh_actors::actor::volumes::{SetGossip, VolumeScheduler};
 use drmesh_actors::source::baseline::Baselines;
 use drmesh_actors::store::Store;
 use drmesh_topology::Topology;
@@ -76,6 +76,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let scheduler = VolumeScheduler::new(identity.node_id(), topology.clone(), mesh.clone(), baselines.clone()).start();
+        scheduler.do_send(SetGossip(gossip.clone().recipient()));
         let reloader =
             Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();
         actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone() }));

@@ -487,6 +487,29 @@ impl Handler<RpNews> for GossipActor {
     }
 }
 
+/// The outcome of a cycle of a volume this node is the source of, published
+/// so every node can tell when a volume's last cycle failed and why.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct VolumeNews {
+    /// Volume.
+    pub volume: String,
+    /// Its health now.
+    pub health: crate::proto::gossip::catalog::VolumeHealth,
+}
+
+impl Handler<VolumeNews> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: VolumeNews, ctx: &mut Context<Self>) {
+        let now = self.now();
+        if let Err(e) = self.node.handle_volume_health(now, &msg.volume, msg.health) {
+            tracing::warn!(volume = %msg.volume, error = %e, "cannot publish volume health");
+        }
+        self.flush(ctx);
+    }
+}
+
 /// Saves the replica and stops the actor (node shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]

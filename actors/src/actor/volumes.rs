@@ -13,7 +13,9 @@ use drmesh_topology::{Compression, SourceKind, Topology};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::actor::gossip::VolumeNews;
 use crate::actor::mesh::{GetConnection, MeshActor};
+use crate::proto::gossip::catalog::VolumeHealth;
 use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport};
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
@@ -61,6 +63,7 @@ pub struct VolumeScheduler {
     mesh: Addr<MeshActor>,
     baselines: Arc<Baselines>,
     plans: BTreeMap<Key, Plan>,
+    gossip: Option<Recipient<VolumeNews>>,
 }
 
 fn now_ms() -> u64 {
@@ -83,7 +86,7 @@ pub fn policy_codec(policy: &drmesh_topology::Policy) -> Result<BlockCodec, Stri
 impl VolumeScheduler {
     /// A scheduler for the node `local`.
     pub fn new(local: drmesh_topology::NodeId, topology: Arc<Topology>, mesh: Addr<MeshActor>, baselines: Arc<Baselines>) -> Self {
-        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new() };
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None };
         s.replan(true);
         s
     }
@@ -213,6 +216,15 @@ impl Handler<CycleDone> for VolumeScheduler {
                 plan.next_due = now + RETRY_AFTER_FAILURE.min(plan.rpo);
             }
         }
+        if let Some(gossip) = &self.gossip {
+            let health = VolumeHealth {
+                last_rp_unix_ms: plan.last_ok.as_ref().map(|(at, _)| *at),
+                rpo_ms: u64::try_from(plan.rpo.as_millis()).unwrap_or(u64::MAX),
+                last_cycle_unix_ms: Some(now_ms()),
+                last_error: msg.result.as_ref().err().map(|e| format!("to {}: {e}", msg.key.1)),
+            };
+            gossip.do_send(VolumeNews { volume: msg.key.0.clone(), health });
+        }
         // Waiters that arrived while this cycle ran asked for a fresh one.
         let waiters = std::mem::take(&mut plan.waiters);
         if plan.again {
@@ -223,6 +235,19 @@ impl Handler<CycleDone> for VolumeScheduler {
                 let _ = w.send(msg.result.clone());
             }
         }
+    }
+}
+
+/// Where cycle outcomes are published (the gossip actor).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetGossip(pub Recipient<VolumeNews>);
+
+impl Handler<SetGossip> for VolumeScheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetGossip, _ctx: &mut Context<Self>) {
+        self.gossip = Some(msg.0);
     }
 }
 
