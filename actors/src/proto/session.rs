@@ -499,9 +499,8 @@ impl TargetSession {
         for ((entry, here), base) in entries.iter().zip(present).zip(bases) {
             let want = if entry.content.is_zero() || here.is_some() {
                 Want::Present
-            } else if let Some(w) = self.wanted.get(&entry.content) {
+            } else if self.wanted.contains_key(&entry.content) {
                 // Same content offered twice in one cycle (e.g. two identical blocks): send once.
-                let _ = w;
                 Want::Present
             } else {
                 match base {
