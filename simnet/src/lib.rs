@@ -11,7 +11,14 @@
 //! off, heal, crash nodes, restart them). Checkers watch from outside and end
 //! up in the [`Report`]: convergence of every committed RP to every live node,
 //! resurrections of expired RPs, failure-detection times, traffic.
+//!
+//! Besides the simulator, [`link`] models one direction of a WAN link (delay,
+//! jitter, loss, rate, drop-tail queue) as a sans-IO state machine, and
+//! [`relay`] puts that model between two real UDP endpoints (the
+//! `drmesh-simnet relay` command), since this kernel has no netem.
 
+pub mod link;
+pub mod relay;
 pub mod scenario;
 mod sim;
 

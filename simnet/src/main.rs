@@ -1,9 +1,13 @@
-//! `drmesh-simnet`: run a gossip scenario on a simulated mesh and print figures.
+//! `drmesh-simnet`: run a gossip scenario on a simulated mesh and print figures,
+//! or (`drmesh-simnet relay …`) run a UDP relay that emulates a WAN link.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use drmesh_simnet::link::{LinkParams, QueueLimit};
+use drmesh_simnet::relay::{DirectionStats, Relay, RelayConfig, RelayStats, LATENESS_BUCKETS_US};
 use drmesh_simnet::{peak_rss_bytes, Report, Scenario, SimConfig, Simulator};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -19,9 +23,14 @@ enum Kind {
 }
 
 /// Deterministic simulation of drmesh gossip (membership + RP catalog).
+///
+/// Without a subcommand, runs a gossip scenario (flags below). `relay` runs a
+/// UDP link emulator instead.
 #[derive(Debug, Parser)]
-#[command(name = "drmesh-simnet")]
+#[command(name = "drmesh-simnet", args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Number of simulated nodes.
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
@@ -73,6 +82,159 @@ struct Args {
     bench: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Relay UDP datagrams through an emulated link (delay, jitter, loss,
+    /// rate, drop-tail queue), NAT-style: each client gets its own upstream
+    /// socket, and replies come back through the reverse link. "up" is client
+    /// to --forward, "down" is the way back.
+    Relay(RelayArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct RelayArgs {
+    /// UDP address to listen on for clients (port 0: any free port, printed).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// UDP address to forward clients' datagrams to.
+    #[arg(long)]
+    forward: SocketAddr,
+    /// One-way delay, ms (RTT = up + down delay).
+    #[arg(long, default_value_t = 0.0)]
+    delay_ms: f64,
+    /// Extra one-way delay, uniform in 0..=jitter, ms.
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Let jitter reorder datagrams (by at most the jitter); by default the link stays FIFO.
+    #[arg(long)]
+    reorder: bool,
+    /// Datagram loss probability, 0.0..=1.0.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Link rate, Mbit/s (0 = unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    rate_mbit: f64,
+    /// Drop-tail queue before the rate limit, as its longest queueing delay, ms.
+    #[arg(long, default_value_t = 50.0)]
+    queue_ms: f64,
+    /// Up (client → forward) one-way delay, ms, instead of --delay-ms.
+    #[arg(long)]
+    up_delay_ms: Option<f64>,
+    /// Down (forward → client) one-way delay, ms, instead of --delay-ms.
+    #[arg(long)]
+    down_delay_ms: Option<f64>,
+    /// Up loss probability, instead of --loss.
+    #[arg(long)]
+    up_loss: Option<f64>,
+    /// Down loss probability, instead of --loss.
+    #[arg(long)]
+    down_loss: Option<f64>,
+    /// Up rate, Mbit/s, instead of --rate-mbit.
+    #[arg(long)]
+    up_rate_mbit: Option<f64>,
+    /// Down rate, Mbit/s, instead of --rate-mbit.
+    #[arg(long)]
+    down_rate_mbit: Option<f64>,
+    /// Seed of the loss and jitter decisions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print counters per direction every N seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    stats_every_s: u64,
+}
+
+/// Milliseconds from the command line as a duration.
+fn ms_flag(name: &str, ms: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| format!("--{name} {ms}: not a duration in ms"))
+}
+
+/// Mbit/s from the command line as bit/s.
+fn mbit_flag(name: &str, mbit: f64) -> Result<u64, String> {
+    if mbit.is_finite() && mbit >= 0.0 {
+        Ok((mbit * 1e6).round() as u64)
+    } else {
+        Err(format!("--{name} {mbit}: not a rate in Mbit/s"))
+    }
+}
+
+fn link_params(a: &RelayArgs, up: bool) -> Result<LinkParams, String> {
+    let pick = |common: f64, up_v: Option<f64>, down_v: Option<f64>| if up { up_v } else { down_v }.unwrap_or(common);
+    let dir = if up { "up" } else { "down" };
+    Ok(LinkParams {
+        delay: ms_flag(&format!("{dir}-delay-ms"), pick(a.delay_ms, a.up_delay_ms, a.down_delay_ms))?,
+        jitter: ms_flag("jitter-ms", a.jitter_ms)?,
+        reorder: a.reorder,
+        loss: pick(a.loss, a.up_loss, a.down_loss),
+        rate_bits_per_s: mbit_flag(&format!("{dir}-rate-mbit"), pick(a.rate_mbit, a.up_rate_mbit, a.down_rate_mbit))?,
+        queue: QueueLimit::Delay(ms_flag("queue-ms", a.queue_ms)?),
+    })
+}
+
+/// One line of counters of one direction; rates over `secs` since `prev`.
+fn direction_line(name: &str, now: &DirectionStats, prev: &DirectionStats, secs: f64) -> String {
+    let sent = now.sent_packets + now.send_errors;
+    let late_over_200us: u64 = now.lateness_hist[3..].iter().sum();
+    let mean_late_us = if sent > 0 { now.lateness_total.as_secs_f64() * 1e6 / sent as f64 } else { 0.0 };
+    format!(
+        "{name}: in {} pkt {} B | sent {} pkt {} B, {:.1} Mbit/s | drop loss {} queue {} overflow {} | send errors {} | pending {} | late mean {:.0} us, >{} us {}, max {:.2} ms",
+        now.link.in_packets,
+        now.link.in_bytes,
+        now.sent_packets,
+        now.sent_bytes,
+        (now.sent_bytes - prev.sent_bytes) as f64 * 8.0 / secs / 1e6,
+        now.link.dropped_loss_packets,
+        now.link.dropped_queue_packets,
+        now.dropped_overflow_packets,
+        now.send_errors,
+        now.pending_packets,
+        mean_late_us,
+        LATENESS_BUCKETS_US[2],
+        late_over_200us,
+        now.lateness_max.as_secs_f64() * 1e3,
+    )
+}
+
+fn run_relay(a: &RelayArgs) -> ExitCode {
+    let params = link_params(a, true).and_then(|up| Ok((up, link_params(a, false)?)));
+    let (up, down) = match params {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("drmesh-simnet relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut config = RelayConfig::new(a.listen, a.forward, up);
+    config.down = down;
+    config.seed = a.seed;
+    let relay = match Relay::start(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("drmesh-simnet relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("relay listening on {}, forwarding to {}", relay.local_addr(), relay.forward_addr());
+    // Runs until a signal ends the process (default SIGINT/SIGTERM handling).
+    let period = Duration::from_secs(if a.stats_every_s == 0 { 3600 } else { a.stats_every_s });
+    let mut prev = RelayStats::default();
+    let mut prev_at = Instant::now();
+    loop {
+        std::thread::sleep(period);
+        if a.stats_every_s == 0 {
+            continue;
+        }
+        let now = relay.stats();
+        let secs = prev_at.elapsed().as_secs_f64();
+        prev_at = Instant::now();
+        println!("{}", direction_line("up", &now.up, &prev.up, secs));
+        println!("{}", direction_line("down", &now.down, &prev.down, secs));
+        if now.refused_packets > 0 {
+            println!("clients {} | refused {} pkt", now.clients, now.refused_packets);
+        }
+        prev = now;
+    }
+}
+
 fn config(args: &Args, nodes: usize) -> SimConfig {
     let mut c = SimConfig::new(nodes, args.seed);
     c.sites = args.sites.max(1);
@@ -114,6 +276,9 @@ fn run(cfg: SimConfig, sc: Scenario) -> Report {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Relay(r)) = &args.command {
+        return run_relay(r);
+    }
     if args.bench {
         for nodes in [1_000, 10_000] {
             println!("== {nodes} nodes, steady, 600 s simulated, seed {}, loss {}", args.seed, args.loss);

@@ -1,0 +1,335 @@
+//! The UDP relay with real sockets on loopback: client → relay → echo server →
+//! relay → client.
+//!
+//! Only lower bounds on time are asserted (a datagram never arrives before its
+//! delay): upper bounds would depend on the machine's load. The loops that wait
+//! for datagrams in flight give up after a generous guard, which only turns a
+//! hang into a failure.
+//!
+//! `blast` (ignored) measures throughput, CPU and timing precision:
+//! `cargo test --release -p drmesh-simnet --test relay -- --ignored --nocapture blast`.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use drmesh_simnet::link::{LinkParams, QueueLimit};
+use drmesh_simnet::relay::{Relay, RelayConfig, RelayStats, LATENESS_BUCKETS_US};
+
+/// Longest wait for datagrams in flight before a test gives up.
+const GUARD: Duration = Duration::from_secs(30);
+
+fn localhost0() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("literal address")
+}
+
+/// A UDP echo server on loopback; stops when dropped.
+struct Echo {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let sock = UdpSocket::bind(localhost0()).expect("bind echo");
+        sock.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+        let addr = sock.local_addr().expect("echo addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 65_535];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Echo { addr, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Payload of datagram `seq`: its number, then bytes derived from it.
+fn payload(seq: u32, len: usize) -> Vec<u8> {
+    let mut p = seq.to_le_bytes().to_vec();
+    p.extend((4..len).map(|i| (seq as usize * 31 + i * 7) as u8));
+    p
+}
+
+/// What a client got back: per sequence number, when it arrived.
+struct Received {
+    at: HashMap<u32, Instant>,
+    corrupt: usize,
+    duplicates: usize,
+}
+
+/// Receives echoes on `sock` into `out` until `stop`.
+fn receive(sock: UdpSocket, lens: Arc<Vec<usize>>, out: Arc<Mutex<Received>>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    sock.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+    thread::spawn(move || {
+        let mut buf = [0u8; 65_535];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(n) = sock.recv(&mut buf) else { continue };
+            let now = Instant::now();
+            let mut r = out.lock().expect("not poisoned");
+            let seq = buf.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            match seq {
+                Some(s) if (s as usize) < lens.len() && buf[..n] == payload(s, lens[s as usize])[..] => {
+                    if r.at.insert(s, now).is_some() {
+                        r.duplicates += 1;
+                    }
+                }
+                _ => r.corrupt += 1,
+            }
+        }
+    })
+}
+
+/// Waits until nothing is in flight: every datagram the client sent reached
+/// the relay, every one delivered up was echoed and reached the relay again,
+/// nothing is pending, and the client got every one delivered down.
+fn settle(relay: &Relay, sent: u64, received: &Mutex<Received>) -> RelayStats {
+    let started = Instant::now();
+    loop {
+        let s = relay.stats();
+        let got = received.lock().expect("not poisoned").at.len() as u64;
+        let quiet = s.up.link.in_packets == sent
+            && s.up.pending_packets == 0
+            && s.down.link.in_packets == s.up.sent_packets
+            && s.down.pending_packets == 0
+            && got == s.down.sent_packets;
+        if quiet {
+            return s;
+        }
+        assert!(started.elapsed() < GUARD, "datagrams still in flight after {GUARD:?}: {s:#?}, client got {got}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends `lens.len()` datagrams through `relay` from a fresh client, `gap`
+/// apart, and waits for what comes back.
+fn run_client(relay: &Relay, lens: &[usize], gap: Duration) -> (Vec<Instant>, Received, RelayStats) {
+    let sock = UdpSocket::bind(localhost0()).expect("bind client");
+    sock.connect(relay.local_addr()).expect("connect client");
+    let received = Arc::new(Mutex::new(Received { at: HashMap::new(), corrupt: 0, duplicates: 0 }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let lens_arc = Arc::new(lens.to_vec());
+    let rx = receive(sock.try_clone().expect("clone"), lens_arc, Arc::clone(&received), Arc::clone(&stop));
+    let mut sent_at = Vec::with_capacity(lens.len());
+    for (seq, &len) in lens.iter().enumerate() {
+        let p = payload(seq as u32, len);
+        // Stamped before the send: the relay can only see it later.
+        sent_at.push(Instant::now());
+        sock.send(&p).expect("send to relay");
+        if !gap.is_zero() {
+            thread::sleep(gap);
+        }
+    }
+    let stats = settle(relay, lens.len() as u64, &received);
+    stop.store(true, Ordering::Relaxed);
+    rx.join().expect("receiver thread");
+    let r = Arc::try_unwrap(received).ok().expect("receiver gone").into_inner().expect("not poisoned");
+    (sent_at, r, stats)
+}
+
+#[test]
+fn echo_through_lossy_delayed_link() {
+    let echo = Echo::start();
+    let delay = Duration::from_millis(20);
+    let link = LinkParams { delay, jitter: Duration::from_millis(2), loss: 0.05, ..LinkParams::default() };
+    let mut cfg = RelayConfig::new(localhost0(), echo.addr, link);
+    cfg.seed = 7;
+    let relay = Relay::start(cfg).expect("start relay");
+    assert_ne!(relay.local_addr().port(), 0, "the bound port is reported");
+
+    let n = 2000;
+    let lens: Vec<usize> = (0..n).map(|i| 4 + (i * 37) % 1400).collect();
+    let (sent_at, r, s) = run_client(&relay, &lens, Duration::from_micros(200));
+
+    assert_eq!(r.corrupt, 0, "every echoed payload is intact");
+    assert_eq!(r.duplicates, 0);
+    for (seq, at) in &r.at {
+        let rtt = *at - sent_at[*seq as usize];
+        assert!(rtt >= 2 * delay, "datagram {seq} came back after {rtt:?}, before 2 × {delay:?}");
+    }
+    let missing = n as u64 - r.at.len() as u64;
+    let lost = s.up.link.dropped_loss_packets + s.down.link.dropped_loss_packets;
+    assert_eq!(missing, lost, "what went missing is what the links dropped: {s:#?}");
+    // 5 % each way: about 195 of 2000; at least some must have been lost.
+    assert!(lost > 0);
+    assert_eq!(s.up.link.dropped_queue_packets + s.down.link.dropped_queue_packets, 0);
+    assert_eq!(s.up.send_errors + s.down.send_errors, 0);
+    assert_eq!(s.clients, 1);
+
+    let fin = relay.shutdown();
+    assert_eq!(fin.down.sent_packets, r.at.len() as u64);
+}
+
+#[test]
+fn burst_over_queue_is_dropped_as_queue_full() {
+    let echo = Echo::start();
+    let delay = Duration::from_millis(5);
+    // 800 kbit/s: a 1000-byte datagram takes 10 ms; the queue holds 5 of them.
+    let link = LinkParams { delay, rate_bits_per_s: 800_000, queue: QueueLimit::Bytes(5_000), ..LinkParams::default() };
+    let relay = Relay::start(RelayConfig::new(localhost0(), echo.addr, link)).expect("start relay");
+
+    let n = 100;
+    let lens = vec![1000; n];
+    let (sent_at, r, s) = run_client(&relay, &lens, Duration::ZERO);
+
+    assert_eq!((r.corrupt, r.duplicates), (0, 0));
+    for (seq, at) in &r.at {
+        assert!(*at - sent_at[*seq as usize] >= 2 * delay);
+    }
+    let queue_drops = s.up.link.dropped_queue_packets + s.down.link.dropped_queue_packets;
+    assert!(s.up.link.dropped_queue_packets > 0, "a 100 kB burst into a 5 kB queue overflows it: {s:#?}");
+    assert_eq!(n as u64 - r.at.len() as u64, queue_drops, "what went missing is what the queues dropped");
+    assert_eq!(s.up.link.dropped_loss_packets + s.down.link.dropped_loss_packets, 0);
+}
+
+#[test]
+fn each_client_gets_its_own_replies() {
+    let echo = Echo::start();
+    let relay = Relay::start(RelayConfig::new(localhost0(), echo.addr, LinkParams::default())).expect("start relay");
+    let clients: Vec<UdpSocket> = (0..3).map(|_| UdpSocket::bind(localhost0()).expect("bind client")).collect();
+    for (i, c) in clients.iter().enumerate() {
+        c.set_read_timeout(Some(GUARD)).expect("timeout");
+        c.send_to(format!("hello from {i}").as_bytes(), relay.local_addr()).expect("send");
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let mut buf = [0u8; 64];
+        let (n, from) = c.recv_from(&mut buf).expect("echo comes back");
+        assert_eq!(from, relay.local_addr(), "replies come from the relay");
+        assert_eq!(&buf[..n], format!("hello from {i}").as_bytes());
+    }
+    assert_eq!(relay.shutdown().clients, 3);
+}
+
+/// CPU time (user + system) of this process's threads whose name starts with
+/// `prefix`, from /proc.
+fn threads_cpu(prefix: &str) -> Duration {
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" closing the name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Duration::from_secs_f64(ticks as f64 / ticks_per_s)
+}
+
+/// Measurement, not a test: one direction at about 1 Gbit/s of 1200-byte
+/// datagrams through a 1 Gbit/s, 75 ms link into a sink. Prints the achieved
+/// rate, the relay's CPU use and how late datagrams left.
+#[test]
+#[ignore = "measurement; run with --release --ignored --nocapture"]
+fn blast() {
+    let secs: f64 = std::env::var("BLAST_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(3.0);
+    let offered_mbit: f64 = std::env::var("BLAST_MBIT").ok().and_then(|v| v.parse().ok()).unwrap_or(950.0);
+    let len = 1200usize;
+
+    let sink = UdpSocket::bind(localhost0()).expect("bind sink");
+    socket2::SockRef::from(&sink).set_recv_buffer_size(4 << 20).expect("sink buffer");
+    sink.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+    let sink_addr = sink.local_addr().expect("sink addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sunk = Arc::new(AtomicU64::new(0));
+    let (s2, k2) = (Arc::clone(&stop), Arc::clone(&sunk));
+    let sink_thread = thread::spawn(move || {
+        let mut buf = [0u8; 65_535];
+        while !s2.load(Ordering::Relaxed) {
+            if let Ok(n) = sink.recv(&mut buf) {
+                k2.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    });
+
+    let link = LinkParams { delay: Duration::from_millis(75), rate_bits_per_s: 1_000_000_000, ..LinkParams::default() };
+    let relay = Relay::start(RelayConfig::new(localhost0(), sink_addr, link)).expect("start relay");
+    let client = UdpSocket::bind(localhost0()).expect("bind client");
+    socket2::SockRef::from(&client).set_send_buffer_size(4 << 20).expect("client buffer");
+    client.connect(relay.local_addr()).expect("connect");
+
+    let p = vec![0x5a; len];
+    let pps = offered_mbit * 1e6 / (len as f64 * 8.0);
+    let cpu0 = threads_cpu("relay-");
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    // Paced in 1 ms slices.
+    while t0.elapsed().as_secs_f64() < secs {
+        let due = (t0.elapsed().as_secs_f64() * pps) as u64;
+        while sent < due {
+            if client.send(&p).is_ok() {
+                sent += 1;
+            }
+        }
+        thread::sleep(Duration::from_micros(1000));
+    }
+    let send_secs = t0.elapsed().as_secs_f64();
+    // Let the 75 ms in flight drain.
+    thread::sleep(Duration::from_millis(300));
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = threads_cpu("relay-").as_secs_f64() - cpu0.as_secs_f64();
+    let s = relay.shutdown();
+    stop.store(true, Ordering::Relaxed);
+    sink_thread.join().expect("sink");
+
+    let u = &s.up;
+    let sent_total = u.sent_packets + u.send_errors;
+    println!("offered {:.0} Mbit/s: {} datagrams of {len} B in {send_secs:.2} s", sent as f64 * len as f64 * 8.0 / send_secs / 1e6, sent);
+    println!(
+        "relay: in {} (kernel drops before the relay {}), sent {} = {:.0} Mbit/s over the send window, queue drops {}, overflow {}, send errors {}",
+        u.link.in_packets,
+        sent - u.link.in_packets,
+        u.sent_packets,
+        u.sent_bytes as f64 * 8.0 / send_secs / 1e6,
+        u.link.dropped_queue_packets,
+        u.dropped_overflow_packets,
+        u.send_errors,
+    );
+    println!(
+        "sink got {:.0} MB ({} datagrams' worth)",
+        sunk.load(Ordering::Relaxed) as f64 / 1e6,
+        sunk.load(Ordering::Relaxed) / len as u64
+    );
+    println!("relay CPU {cpu:.2} s over {wall:.2} s wall = {:.0} % of one core", cpu / wall * 100.0);
+    let mut lo = 0;
+    let hist: Vec<String> = u
+        .lateness_hist
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let label = match LATENESS_BUCKETS_US.get(i) {
+                Some(hi) => format!("{lo}-{hi} us"),
+                None => format!(">{lo} us"),
+            };
+            lo = LATENESS_BUCKETS_US.get(i).copied().unwrap_or(lo);
+            format!("{label}: {:.2} %", *c as f64 * 100.0 / sent_total.max(1) as f64)
+        })
+        .collect();
+    println!(
+        "lateness mean {:.1} us, max {:.2} ms | {}",
+        u.lateness_total.as_secs_f64() * 1e6 / sent_total.max(1) as f64,
+        u.lateness_max.as_secs_f64() * 1e3,
+        hist.join(", ")
+    );
+}
