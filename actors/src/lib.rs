@@ -17,4 +17,5 @@ pub mod content;
 pub mod store;
 pub mod source;
 pub mod codec;
+pub mod cpu_pool;
 pub mod restore;

@@ -4,7 +4,7 @@
 //!   changed blocks over a short channel; it only gets to read ahead while the
 //!   session grants credit, so memory is bounded by the window, not the volume.
 //! - compressor: wanted blocks are encoded (zstd, AES-GCM, or a delta) on the
-//!   rayon pool, which spans both cores, off the async threads.
+//!   encode pool ([`crate::cpu_pool`]), which spans both cores, off the async threads.
 //! - sender: this task, which drives the [`SourceSession`], writes frames to the
 //!   QUIC stream and reads the target's answers.
 //!
@@ -69,6 +69,24 @@ pub struct CycleReport {
     pub duration_secs: f64,
     /// Merkle root of the RP.
     pub merkle_root: String,
+    /// Where the wall time went: seconds from the start of the cycle.
+    pub timeline: CycleTimeline,
+}
+
+/// Milestones of one cycle, in seconds since it started: they show where a
+/// slow cycle waited (on the source's disk, the compressors, or the target).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CycleTimeline {
+    /// The target answered the session start (baseline agreed).
+    pub started: f64,
+    /// The first block came out of the reader.
+    pub first_block: f64,
+    /// The reader finished the scan.
+    pub read_done: f64,
+    /// The last blob came out of the compressors.
+    pub last_encoded: f64,
+    /// The target acknowledged the commit.
+    pub committed: f64,
 }
 
 /// Why a cycle failed. The baseline is unchanged; the next cycle retries.
@@ -82,8 +100,13 @@ pub enum CycleError {
     Session(String),
 }
 
+/// Blocks handed from the reader to the session loop at once: one wake-up per
+/// batch rather than per block (long runs of zero blocks are cheap to read and
+/// would otherwise be paced by the hand-over).
+const HANDOVER_BLOCKS: usize = 16;
+
 enum ReaderItem {
-    Block(ScannedBlock),
+    Blocks(Vec<ScannedBlock>),
     Done([u8; 32], ScanStats),
     Failed(String),
 }
@@ -127,7 +150,7 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
     });
 
     let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts(), cfg.block_bytes);
-    let (block_tx, mut block_rx) = mpsc::channel::<ReaderItem>(4);
+    let (block_tx, mut block_rx) = mpsc::channel::<ReaderItem>(1);
     let (enc_tx, mut enc_rx) = mpsc::unbounded_channel::<(u64, Result<EncodedBlob, String>)>();
     let mut held: HashMap<u64, Arc<ScannedBlock>> = HashMap::new();
     let mut stage_buf: Vec<(u64, ContentId, Vec<u8>)> = Vec::new();
@@ -151,6 +174,8 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
     let mut merkle_root = [0u8; 32];
     let mut volume_bytes = 0u64;
     let mut block_count = 0u64;
+    let mut timeline = CycleTimeline::default();
+    let since = |t: Instant| t.elapsed().as_secs_f64();
 
     let result: Result<u64, CycleError> = loop {
         while let Some(msg) = session.poll_transmit() {
@@ -163,6 +188,7 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
             match event {
                 SourceEvent::Start { full_offer: full, .. } => {
                     full_offer = full;
+                    timeline.started = since(started);
                     let source = FileSource::open(&cfg.path, cfg.block_bytes)?;
                     volume_bytes = source.volume_bytes();
                     block_count = source.block_count();
@@ -170,14 +196,21 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
                     reader_running = true;
                     tokio::task::spawn_blocking(move || {
                         let mut scanner = Scanner::new(&source, &b, &v, &t, ids, full);
+                        let mut batch = Vec::with_capacity(HANDOVER_BLOCKS);
                         loop {
                             match scanner.next_changed() {
                                 Ok(Some(block)) => {
-                                    if tx.blocking_send(ReaderItem::Block(block)).is_err() {
+                                    batch.push(block);
+                                    if batch.len() >= HANDOVER_BLOCKS && tx.blocking_send(ReaderItem::Blocks(std::mem::take(&mut batch))).is_err() {
                                         return;
                                     }
                                 }
-                                Ok(None) => break,
+                                Ok(None) => {
+                                    if !batch.is_empty() && tx.blocking_send(ReaderItem::Blocks(batch)).is_err() {
+                                        return;
+                                    }
+                                    break;
+                                }
                                 Err(e) => {
                                     let _ = tx.blocking_send(ReaderItem::Failed(e.to_string()));
                                     return;
@@ -194,7 +227,7 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
                         continue;
                     };
                     let (codec, tx) = (cfg.codec.clone(), enc_tx.clone());
-                    rayon::spawn(move || {
+                    crate::cpu_pool::encode_pool().spawn(move || {
                         let blob = match (want, &block.base) {
                             (Want::Delta { base, depth }, Some(b)) => codec
                                 .encode_delta(block.content, &block.data, &block.page_hashes, base, depth, &b.page_hashes)
@@ -207,7 +240,10 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
                 SourceEvent::Release { index } => {
                     held.remove(&index);
                 }
-                SourceEvent::Committed { seq } => finished = Some(Ok(seq)),
+                SourceEvent::Committed { seq } => {
+                    timeline.committed = since(started);
+                    finished = Some(Ok(seq))
+                }
                 SourceEvent::Failed { reason } => finished = Some(Err(CycleError::Session(reason))),
             }
         }
@@ -228,16 +264,27 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
                 Err(e) => session.handle_disconnect(e.to_string()),
             },
             item = block_rx.recv(), if want_blocks => match item {
-                Some(ReaderItem::Block(block)) => {
-                    stage_buf.push((block.index, block.content, block.page_hashes.clone()));
-                    let base = block.base.as_ref().map(|b| b.content).filter(|c| !c.is_zero());
-                    let entry = OfferEntry { index: block.index, content: block.content, base };
-                    let len = block.data.len() as u64;
-                    held.insert(block.index, Arc::new(block));
-                    session.handle_block(entry, len);
+                Some(ReaderItem::Blocks(blocks)) => {
+                    if timeline.first_block == 0.0 {
+                        timeline.first_block = since(started);
+                    }
+                    // The whole batch is taken: the window may overshoot by less than
+                    // one hand-over batch, which the memory bound allows for.
+                    for block in blocks {
+                        stage_buf.push((block.index, block.content, block.page_hashes.clone()));
+                        let base = block.base.as_ref().map(|b| b.content).filter(|c| !c.is_zero());
+                        let entry = OfferEntry { index: block.index, content: block.content, base };
+                        let len = block.data.len() as u64;
+                        // A zero block is never encoded: its buffer goes back to the pool now.
+                        if !block.content.is_zero() {
+                            held.insert(block.index, Arc::new(block));
+                        }
+                        session.handle_block(entry, len);
+                    }
                 }
                 Some(ReaderItem::Done(root, stats)) => {
                     reader_finished = true;
+                    timeline.read_done = since(started);
                     merkle_root = root;
                     scan_stats = stats;
                     session.handle_reader_done(RpMeta {
@@ -259,7 +306,10 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
                 None => session.handle_encode_failed("block reader stopped".into()),
             },
             Some((index, blob)) = enc_rx.recv() => match blob {
-                Ok(blob) => session.handle_encoded(index, blob),
+                Ok(blob) => {
+                    timeline.last_encoded = since(started);
+                    session.handle_encoded(index, blob)
+                }
                 Err(reason) => session.handle_encode_failed(reason),
             },
         }
@@ -290,5 +340,6 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
         stats: session.stats().clone(),
         duration_secs: started.elapsed().as_secs_f64(),
         merkle_root: merkle_root.iter().map(|b| format!("{b:02x}")).collect(),
+        timeline,
     })
 }

@@ -31,7 +31,7 @@ use crate::store::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
 pub const OFFER_BATCH: usize = 16;
 /// Bytes of changed blocks a source holds at once (read, offered, or being
 /// encoded); the window in blocks is this divided by the block size.
-pub const MAX_PENDING_BYTES: u64 = 128 << 20;
+pub const MAX_PENDING_BYTES: u64 = 64 << 20;
 /// The window never shrinks below this many blocks, whatever the block size.
 pub const MIN_PENDING_BLOCKS: usize = 4;
 /// Encoded bytes sent but not yet durably stored by the target.
@@ -296,7 +296,10 @@ impl SourceSession {
         self.stats.offered_blocks += 1;
         self.stats.offered_bytes += plain_bytes;
         // Zero blocks are offered too (the target records them) and answered Present.
-        self.held.insert(entry.index);
+        // They hold no data, so they take no credit.
+        if !entry.content.is_zero() {
+            self.held.insert(entry.index);
+        }
         self.batch.push(entry);
         // Offer when the batch is full, or when credit ran out and the answers are what frees it.
         if self.batch.len() >= OFFER_BATCH || !self.wants_block() {

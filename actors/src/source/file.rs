@@ -8,7 +8,7 @@
 //!
 //! Reads bypass the page cache (O_DIRECT) where the filesystem allows it, which
 //! costs far less CPU than buffered reads and leaves the cache to the workload;
-//! hashing runs on the rayon pool, so both cores work on a scan.
+//! hashing runs on [`crate::cpu_pool::hash_pool`], which spans both cores.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -51,6 +51,12 @@ impl FileSource {
         // Block devices report size 0 in metadata; seeking to the end works for both.
         let volume_bytes = file.seek(SeekFrom::End(0)).map_err(io("sizing", path))?;
         Ok(FileSource { path: path.to_path_buf(), file, direct, volume_bytes, block_bytes })
+    }
+
+    /// A second handle on the same file, for a read-ahead thread.
+    fn try_clone(&self) -> Result<FileSource, SourceError> {
+        let file = self.file.try_clone().map_err(io("opening", &self.path))?;
+        Ok(FileSource { path: self.path.clone(), file, ..*self })
     }
 
     /// Size of the volume in bytes.
@@ -103,7 +109,7 @@ impl FileSource {
 /// block costs more CPU than hashing it.
 static BUFFER_POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 /// Buffers kept for reuse at most.
-const POOL_BUFFERS: usize = 160;
+const POOL_BUFFERS: usize = 112;
 
 /// The bytes of one block, in a pooled buffer aligned for O_DIRECT.
 pub struct BlockData {
@@ -127,6 +133,17 @@ impl BlockData {
         BlockData { raw, shift, len: 0 }
     }
 
+    /// A block of `len` zero bytes that holds no buffer: zero blocks are never
+    /// encoded, so the scan frees their memory at once.
+    pub fn zeros(len: usize) -> BlockData {
+        BlockData { raw: Vec::new(), shift: 0, len }
+    }
+
+    /// Whether this is a [`BlockData::zeros`] block.
+    pub fn is_zeros(&self) -> bool {
+        self.raw.is_empty()
+    }
+
     /// A block holding a copy of `bytes` (tests, and sources that are not files).
     pub fn from_slice(bytes: &[u8]) -> BlockData {
         let mut data = BlockData::with_capacity(bytes.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN);
@@ -141,6 +158,9 @@ impl std::ops::Deref for BlockData {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
+        if self.raw.is_empty() {
+            return &zero_bytes()[..self.len];
+        }
         &self.raw[self.shift..self.shift + self.len]
     }
 }
@@ -151,8 +171,21 @@ impl std::fmt::Debug for BlockData {
     }
 }
 
+/// Zeros behind every [`BlockData::zeros`]: one allocation of the largest block
+/// size, never written, so its pages stay the kernel's shared zero page.
+fn zero_bytes() -> &'static [u8] {
+    static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ZEROS.get_or_init(|| vec![0u8; MAX_BLOCK_BYTES])
+}
+
+/// The largest block size a policy may choose.
+const MAX_BLOCK_BYTES: usize = 16 << 20;
+
 impl Drop for BlockData {
     fn drop(&mut self) {
+        if self.raw.is_empty() {
+            return;
+        }
         let mut pool = BUFFER_POOL.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < POOL_BUFFERS {
             pool.push(std::mem::take(&mut self.raw));
@@ -186,6 +219,108 @@ pub struct ScanStats {
     pub zero_blocks: u64,
 }
 
+/// Batches the read-ahead thread may run ahead of the hashing. Batches of zero
+/// blocks hold no memory, so through empty regions it runs far ahead.
+const READ_AHEAD_BATCHES: usize = 64;
+/// Bytes of non-zero blocks the read-ahead thread may hold that the scan has not taken yet.
+const READ_AHEAD_DATA_BYTES: u64 = BATCH_BYTES;
+
+type ReadBatch = Result<(u64, Vec<BlockData>), SourceError>;
+
+/// Credit of the read-ahead thread, in bytes of non-zero blocks handed over and not yet taken.
+struct ReadCredit {
+    held: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// A thread that reads the volume in batches ahead of the scan and replaces
+/// all-zero blocks by [`BlockData::zeros`]. The scan's reading and hashing
+/// overlap, and a long empty tail of a volume is read while the encoders are
+/// still busy with the last data, not after.
+struct ReadAhead {
+    batches: std::sync::mpsc::Receiver<ReadBatch>,
+    credit: std::sync::Arc<ReadCredit>,
+}
+
+impl ReadAhead {
+    fn start(source: &FileSource, from: u64) -> Result<ReadAhead, SourceError> {
+        let source = source.try_clone()?;
+        let path = source.path.clone();
+        let (tx, batches) = std::sync::mpsc::sync_channel::<ReadBatch>(READ_AHEAD_BATCHES);
+        let credit = std::sync::Arc::new(ReadCredit {
+            held: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let thread_credit = credit.clone();
+        std::thread::Builder::new()
+            .name("drmesh-read".into())
+            .spawn(move || Self::run(&source, from, &tx, &thread_credit))
+            .map_err(io("starting a reader thread for", &path))?;
+        Ok(ReadAhead { batches, credit })
+    }
+
+    fn run(source: &FileSource, from: u64, tx: &std::sync::mpsc::SyncSender<ReadBatch>, credit: &ReadCredit) {
+        use std::sync::atomic::Ordering;
+        let batch_blocks = (BATCH_BYTES / u64::from(source.block_bytes.max(1))).max(1);
+        let mut start = from;
+        while start < source.block_count() && !credit.stop.load(Ordering::Relaxed) {
+            let count = (source.block_count() - start).min(batch_blocks);
+            let mut datas = Vec::with_capacity(count as usize);
+            let mut data_bytes = 0u64;
+            for i in 0..count {
+                match source.read_block(start + i) {
+                    Ok(data) if crate::content::is_all_zero(&data) => datas.push(BlockData::zeros(data.len())),
+                    Ok(data) => {
+                        data_bytes += data.len() as u64;
+                        datas.push(data);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            {
+                let mut held = credit.held.lock().unwrap_or_else(|p| p.into_inner());
+                while *held > 0 && *held + data_bytes > READ_AHEAD_DATA_BYTES && !credit.stop.load(Ordering::Relaxed) {
+                    held = credit.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+                }
+                *held += data_bytes;
+            }
+            if tx.send(Ok((start, datas))).is_err() {
+                return;
+            }
+            start += count;
+        }
+    }
+
+    /// The next batch, or `None` if the thread is gone.
+    fn next(&self) -> Option<ReadBatch> {
+        let batch = self.batches.recv().ok()?;
+        if let Ok((_, datas)) = &batch {
+            let taken: u64 = datas.iter().filter(|d| !d.is_zeros()).map(|d| d.len() as u64).sum();
+            let mut held = self.credit.held.lock().unwrap_or_else(|p| p.into_inner());
+            *held = held.saturating_sub(taken);
+            self.credit.freed.notify_all();
+        }
+        Some(batch)
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.credit.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _held = self.credit.held.lock().unwrap_or_else(|p| p.into_inner());
+        self.credit.freed.notify_all();
+    }
+}
+
+fn read_ahead_gone(source: &FileSource) -> SourceError {
+    SourceError::Io { op: "reading", path: source.path.display().to_string(), source: std::io::Error::other("the read-ahead thread stopped") }
+}
+
 /// Walks a volume in index order, yielding changed blocks and building the Merkle root.
 pub struct Scanner<'a> {
     source: &'a FileSource,
@@ -197,7 +332,7 @@ pub struct Scanner<'a> {
     next_index: u64,
     merkle: MerkleBuilder,
     ready: VecDeque<ScannedBlock>,
-    prefetched: Option<(Vec<BlockData>, u64)>,
+    read_ahead: Option<ReadAhead>,
     stats: ScanStats,
 }
 
@@ -215,7 +350,7 @@ impl<'a> Scanner<'a> {
             next_index: 0,
             merkle: MerkleBuilder::new(),
             ready: VecDeque::new(),
-            prefetched: None,
+            read_ahead: None,
             stats: ScanStats::default(),
         }
     }
@@ -228,53 +363,41 @@ impl<'a> Scanner<'a> {
         Ok(self.ready.pop_front())
     }
 
-    fn read_batch(&self, start: u64) -> Result<(Vec<BlockData>, u64), SourceError> {
-        let batch_blocks = (BATCH_BYTES / u64::from(self.source.block_bytes.max(1))).max(1);
-        let count = (self.source.block_count() - start).min(batch_blocks);
-        let mut datas = Vec::with_capacity(count as usize);
-        for i in 0..count {
-            datas.push(self.source.read_block(start + i)?);
-        }
-        Ok((datas, count))
-    }
-
     fn scan_batch(&mut self) -> Result<(), SourceError> {
         let start = self.next_index;
-        let (datas, count) = match self.prefetched.take() {
-            Some(batch) => batch,
-            None => self.read_batch(start)?,
+        if self.read_ahead.is_none() {
+            self.read_ahead = Some(ReadAhead::start(self.source, start)?);
+        }
+        let (batch_start, datas) = match self.read_ahead.as_ref().map(ReadAhead::next) {
+            Some(Some(batch)) => batch?,
+            _ => return Err(read_ahead_gone(self.source)),
         };
+        debug_assert_eq!(batch_start, start, "read-ahead out of step");
+        let count = datas.len() as u64;
         let bases = self.baselines.blocks(&self.volume, &self.target, start, count)?;
         let ids = &self.ids;
         let full_offer = self.full_offer;
         let next = start + count;
-        // Hash this batch on the pool (both cores) while a plain thread reads the
-        // next one: blocking reads must not occupy a pool thread.
-        let (results, prefetched) = std::thread::scope(|scope| {
-            let reading = scope.spawn(|| if next < self.source.block_count() { Some(self.read_batch(next)) } else { None });
-            let hashed: Vec<(ContentId, Vec<u8>, bool)> = {
-                datas
-                    .par_iter()
-                    .zip(bases.par_iter())
-                    .map(|(data, base)| {
-                        // Zero blocks need no page hashes: they are never a delta base.
-                        if crate::content::is_all_zero(data) {
-                            return (ContentId::ZERO, Vec::new(), false);
-                        }
-                        // One pass gives the page hashes and the content id (blake3 subtrees).
-                        let mut hashes = Vec::new();
-                        let id = ids.hash_block(data, &mut hashes);
-                        match base {
-                            Some(b) if b.page_hashes == hashes => (b.content, hashes, full_offer),
-                            _ => (id, hashes, true),
-                        }
-                    })
-                    .collect()
-            };
-            // A panic in the reading thread is a bug; re-raise it here.
-            (hashed, reading.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        // Hash this batch on the pool (both cores) while the read-ahead thread reads on.
+        let results: Vec<(ContentId, Vec<u8>, bool)> = crate::cpu_pool::hash_pool().install(|| {
+            datas
+                .par_iter()
+                .zip(bases.par_iter())
+                .map(|(data, base)| {
+                    // Zero blocks need no page hashes: they are never a delta base.
+                    if data.is_zeros() {
+                        return (ContentId::ZERO, Vec::new(), false);
+                    }
+                    // One pass gives the page hashes and the content id (blake3 subtrees).
+                    let mut hashes = Vec::new();
+                    let id = ids.hash_block(data, &mut hashes);
+                    match base {
+                        Some(b) if b.page_hashes == hashes => (b.content, hashes, full_offer),
+                        _ => (id, hashes, true),
+                    }
+                })
+                .collect()
         });
-        self.prefetched = prefetched.transpose()?;
         for (i, ((content, hashes, changed), (data, base))) in results.into_iter().zip(datas.into_iter().zip(bases)).enumerate() {
             self.stats.scanned_bytes += data.len() as u64;
             self.merkle.push(&content);
