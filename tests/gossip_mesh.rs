@@ -309,11 +309,18 @@ fn cut_off_node_converges_after_the_link_returns() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Link back: c's catalog converges. (Membership after both sides declared
-    // each other down also heals in most runs, but not reliably within a bound
-    // yet: the rejoin after a mutual "down" is a known open problem, so it is
-    // not asserted here.)
+    // Link back: c's catalog converges, and membership heals although both
+    // sides had declared each other down (an anti-entropy round that picks a
+    // down member announces to it; the answer "turn undead" makes the stale
+    // side rejoin under a new generation).
     lab.link("c", true);
     wait_or_dump(&mesh, "c learns the RP committed while it was cut off", Duration::from_secs(60), || catalog_has(&mesh, "c", second, "b"));
-    println!("converged {:?} after the cut began", cut.elapsed());
+    println!("catalog converged {:?} after the cut began", cut.elapsed());
+    for n in ["a", "b", "c"] {
+        for p in ["a", "b", "c"].iter().filter(|p| **p != n) {
+            let what = format!("{n} sees {p} alive again after the heal");
+            wait_or_dump(&mesh, &what, Duration::from_secs(60), || member_state(&mesh, n, p).as_deref() == Some("alive"));
+        }
+    }
+    println!("membership healed {:?} after the cut began", cut.elapsed());
 }

@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use drmesh_actors::proto::gossip::catalog::{Consistency, ItemKey, NodeStatus, RpInfo};
-use drmesh_actors::proto::gossip::{GossipConfig, GossipEvent, GossipNode, GossipTimer, Millis};
+use drmesh_actors::proto::gossip::{GossipConfig, GossipEvent, GossipNode, GossipTimer, MemberState, Millis};
 use drmesh_topology::NodeId;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -93,6 +93,9 @@ pub struct Report {
     pub detect_first_ms: Vec<u64>,
     /// Per crashed node: time until every live node declared it down (ms), when all did.
     pub detect_all_ms: Vec<u64>,
+    /// (live node, other live node) pairs where the first does not see the
+    /// second as alive at the end: membership that did not heal.
+    pub membership_unhealed: usize,
     /// blake3 of the event log.
     pub trace_hash: [u8; 32],
     /// Largest number of pending events.
@@ -620,6 +623,12 @@ impl Simulator {
             }
         }
         self.report.convergence_ms.sort_unstable();
+        for &i in &live {
+            let Some(g) = self.nodes[i].gossip.as_ref() else { continue };
+            let alive: std::collections::HashSet<NodeId> =
+                g.members().into_iter().filter(|m| m.state == MemberState::Alive).map(|m| m.node).collect();
+            self.report.membership_unhealed += live.iter().filter(|&&j| j != i && !alive.contains(&self.nodes[j].id)).count();
+        }
         let live_count = live.len();
         for c in self.crashes.values() {
             if let Some(first) = c.first {

@@ -45,6 +45,16 @@ fn branch_partitioned_for_an_hour_then_healed() {
     let r = run(60, 0.0, SEED, Scenario::partition(60, 4, 3600, 300, 20_000));
     assert!(r.rps_committed > 100);
     assert_safe_and_converged(&r, SEED);
+    assert_eq!(r.membership_unhealed, 0, "both sides declared each other down; membership must heal too");
+}
+
+#[test]
+fn short_partition_heals_membership() {
+    // Long enough for both sides to declare the other down, shorter than the
+    // time foca remembers down members: they must still meet again.
+    let r = run(40, 0.0, SEED, Scenario::partition(40, 4, 120, 180, 10_000));
+    assert_safe_and_converged(&r, SEED);
+    assert_eq!(r.membership_unhealed, 0, "membership did not heal after a 2-minute partition");
 }
 
 #[test]

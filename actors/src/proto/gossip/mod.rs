@@ -519,7 +519,7 @@ impl GossipNode {
                 self.foca.handle_timer(t, &mut out).map_err(|e| GossipError::Membership(e.to_string()))
             }
             TimerKind::AntiEntropy => {
-                self.start_sync_round();
+                self.start_sync_round(now);
                 let period = self.config.anti_entropy_period.as_millis().max(1) as u64;
                 let next = period - period / 10 + self.rng.random_range(0..=period / 5);
                 self.timers.push_back((Millis(now.0 + next), GossipTimer(TimerKind::AntiEntropy)));
@@ -617,7 +617,8 @@ impl GossipNode {
         self.events.pop_front()
     }
 
-    /// Membership and health of every member this node knows, sorted by node id.
+    /// Membership and health of every member this node knows (its newest
+    /// generation), sorted by node id.
     pub fn members(&self) -> Vec<MemberView> {
         let catalog = lock(&self.shared);
         let mut out: Vec<MemberView> = self
@@ -644,7 +645,10 @@ impl GossipNode {
                 }
             })
             .collect();
-        out.sort_by_key(|m| m.node);
+        // After a rejoin, foca still remembers the previous generation as down
+        // for a while: show each node once, as its newest generation.
+        out.sort_by_key(|m| (m.node, std::cmp::Reverse(m.generation)));
+        out.dedup_by_key(|m| m.node);
         out
     }
 
@@ -710,15 +714,24 @@ impl GossipNode {
 
     /// Picks a random known member (alive, suspect or down: down ones help a
     /// healed partition converge before SWIM notices) and sends our digest.
-    fn start_sync_round(&mut self) {
+    fn start_sync_round(&mut self, now: Millis) {
         let n = self.foca.iter_membership_state().len();
         if n == 0 {
             return;
         }
         let pick = self.rng.random_range(0..n);
-        let Some(peer) = self.foca.iter_membership_state().nth(pick).map(|m| m.id().node) else {
+        let Some((peer, down)) = self.foca.iter_membership_state().nth(pick).map(|m| (m.id().node, m.state() == foca::State::Down)) else {
             return;
         };
+        if down {
+            // SWIM never probes a down member. After a partition in which both
+            // sides declared each other down, nobody would speak first: an
+            // announce does. If the peer thinks we are down too, it answers
+            // "turn undead", we rejoin under a new generation, and both sides
+            // learn each other again.
+            let mut out = Outputs { now, transmits: &mut self.transmits, timers: &mut self.timers, events: &mut self.events };
+            let _ = self.foca.announce(MemberId { node: peer, generation: 0 }, &mut out);
+        }
         let buckets: Vec<u8> = lock(&self.shared).buckets.iter().flat_map(|h| h.to_le_bytes()).collect();
         self.send_sync(peer, &SyncMsg::Digest { buckets });
     }
