@@ -88,9 +88,13 @@ pub struct BandwidthStatus {
 
 /// The node's local time now (time zone from `TZ` or `/etc/localtime`).
 fn local_time_now() -> LocalTime {
-    let now = jiff::Zoned::now();
-    let day = usize::try_from(now.weekday().to_monday_zero_offset()).unwrap_or(0) % 7;
-    let minute = u16::try_from(i32::from(now.hour()) * 60 + i32::from(now.minute())).unwrap_or(0);
+    local_time_of(&jiff::Zoned::now())
+}
+
+/// Day of the week and minute of the day of a zoned time, as policy windows see it.
+fn local_time_of(at: &jiff::Zoned) -> LocalTime {
+    let day = usize::try_from(at.weekday().to_monday_zero_offset()).unwrap_or(0) % 7;
+    let minute = u16::try_from(i32::from(at.hour()) * 60 + i32::from(at.minute())).unwrap_or(0);
     LocalTime { weekday: drmesh_topology::Weekday::ALL[day], minute }
 }
 
@@ -481,5 +485,24 @@ impl Handler<GetReplications> for VolumeScheduler {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drmesh_topology::Weekday;
+    use jiff::tz::{Offset, TimeZone};
+
+    #[test]
+    fn local_time_is_the_zone_wall_clock() {
+        // Friday 23:30 at UTC+2 is Friday 21:30 UTC: windows follow the local wall clock.
+        let zone = TimeZone::fixed(Offset::from_hours(2).expect("valid offset"));
+        let at = jiff::civil::date(2026, 11, 20).at(23, 30, 0, 0).to_zoned(zone).expect("valid time");
+        assert_eq!(local_time_of(&at), LocalTime { weekday: Weekday::Fri, minute: 23 * 60 + 30 });
+        let utc = at.with_time_zone(TimeZone::UTC);
+        assert_eq!(local_time_of(&utc), LocalTime { weekday: Weekday::Fri, minute: 21 * 60 + 30 });
+        let sunday = jiff::civil::date(2026, 11, 22).at(0, 0, 0, 0).to_zoned(TimeZone::UTC).expect("valid time");
+        assert_eq!(local_time_of(&sunday), LocalTime { weekday: Weekday::Sun, minute: 0 });
     }
 }
