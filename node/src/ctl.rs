@@ -418,7 +418,7 @@ fn rps_table(rps: &Value) -> Table {
 fn volumes_table(list: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(vec!["VOLUME", "TARGET", "RPO", "LAST RP", "STATE", "LAST ERROR"]);
+    table.set_header(vec!["VOLUME", "TARGET", "RPO", "LAST RP", "STATE", "BANDWIDTH", "LAST ERROR"]);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     for v in list.as_array().into_iter().flatten() {
         let last = match v["last_ok"].as_array() {
@@ -431,7 +431,8 @@ fn volumes_table(list: &Value) -> Table {
             format!("next in {}", duration(v["next_in_secs"].as_f64().unwrap_or(0.0) as u64))
         };
         let error = v["last_error"].as_array().map(|p| s(&p[1]).chars().take(60).collect()).unwrap_or_else(|| "-".into());
-        table.add_row(vec![s(&v["volume"]), s(&v["target"]), duration(v["rpo_secs"].as_u64().unwrap_or(0)), last, state, error]);
+        let bandwidth = v["bandwidth"]["reason"].as_str().unwrap_or("-").to_string();
+        table.add_row(vec![s(&v["volume"]), s(&v["target"]), duration(v["rpo_secs"].as_u64().unwrap_or(0)), last, state, bandwidth, error]);
     }
     table
 }

@@ -76,7 +76,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let scheduler = VolumeScheduler::new(identity.node_id(), topology.clone(), mesh.clone(), baselines.clone()).start();
-        scheduler.do_send(SetGossip(gossip.clone().recipient()));
+        scheduler.do_send(SetGossip(gossip.clone()));
         let reloader =
             Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();
         actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone() }));

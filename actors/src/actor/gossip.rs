@@ -27,7 +27,8 @@ use serde::Serialize;
 
 use crate::actor::applier::DataPlane;
 use crate::actor::mesh::{DatagramService, MeshActor, SendDatagrams, SetDatagramService, SOFTWARE_VERSION};
-use crate::proto::gossip::catalog::{Consistency, NodeStatus, RpInfo};
+use crate::proto::bandwidth::Demand;
+use crate::proto::gossip::catalog::{Consistency, ItemKey, NodeStatus, RpInfo};
 use crate::proto::gossip::{GossipConfig, GossipEvent, GossipNode, MemberState, Millis};
 use crate::store::RpMeta;
 
@@ -132,6 +133,7 @@ pub struct GossipActor {
     last_join: Option<Instant>,
     topology: Arc<Topology>,
     status: (NodeStatus, Millis),
+    demand_sink: Option<Recipient<SiteDemands>>,
 }
 
 fn unix_ms() -> u64 {
@@ -206,6 +208,7 @@ impl GossipActor {
             last_join: None,
             topology,
             status,
+            demand_sink: None,
         };
         let addr = actor.start();
         mesh.do_send(SetDatagramService(Arc::new(GossipInbox(addr.clone()))));
@@ -252,9 +255,29 @@ impl GossipActor {
                     tracing::info!(generation, "gossip: the mesh had declared this node down; rejoined");
                     self.dirty = true;
                 }
-                GossipEvent::CatalogChanged { .. } => self.dirty = true,
+                GossipEvent::CatalogChanged { key, .. } => {
+                    self.dirty = true;
+                    if key == ItemKey::Demand {
+                        self.push_site_demands();
+                    }
+                }
             }
         }
+    }
+
+    /// Tells the scheduler what the other live nodes of this node's site want
+    /// from its uplink.
+    fn push_site_demands(&self) {
+        let Some(sink) = &self.demand_sink else { return };
+        let Some(site) = self.topology.node_by_id(&self.me).map(|n| n.site.clone()) else { return };
+        let demands = self
+            .node
+            .demands()
+            .into_iter()
+            .filter(|(id, _)| self.topology.node_by_id(id).is_some_and(|n| n.site == site))
+            .map(|(_, d)| d)
+            .collect();
+        sink.do_send(SiteDemands(demands));
     }
 
     fn join(&mut self, ctx: &mut Context<Self>) {
@@ -286,6 +309,7 @@ impl GossipActor {
                 self.flush(ctx);
             }
         }
+        self.push_site_demands();
         if self.node.active_members() == 0 && self.last_join.is_none_or(|t| t.elapsed() >= JOIN_RETRY) {
             self.join(ctx);
         }
@@ -507,6 +531,41 @@ impl Handler<VolumeNews> for GossipActor {
             tracing::warn!(volume = %msg.volume, error = %e, "cannot publish volume health");
         }
         self.flush(ctx);
+    }
+}
+
+/// What this node's running transfers want from its site's uplink, to publish.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct DemandNews(pub Demand);
+
+impl Handler<DemandNews> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DemandNews, ctx: &mut Context<Self>) {
+        let now = self.now();
+        self.node.handle_demand(now, msg.0);
+        self.flush(ctx);
+    }
+}
+
+/// The uplink demands of the other live nodes of this node's site, as gossip
+/// knows them; sent on every change and every second.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SiteDemands(pub Vec<Demand>);
+
+/// Where [`SiteDemands`] go (the volume scheduler).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDemandSink(pub Recipient<SiteDemands>);
+
+impl Handler<SetDemandSink> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetDemandSink, _ctx: &mut Context<Self>) {
+        self.demand_sink = Some(msg.0);
+        self.push_site_demands();
     }
 }
 

@@ -13,8 +13,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drmesh_transport::endpoint::{self, MessageReader};
 use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
+use crate::proto::bandwidth::Pacer;
 use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetMsg, Want};
 use crate::source::baseline::{BaselineMeta, Baselines};
 use crate::source::file::{FileSource, ScanStats, ScannedBlock, Scanner};
@@ -46,6 +48,56 @@ pub struct CycleConfig {
     pub block_bytes: u32,
     /// Policy codec (compression, encryption, id scheme).
     pub codec: BlockCodec,
+    /// Bandwidth limits the blob frames keep to.
+    pub pacing: Pacing,
+}
+
+/// Longest single sleep of a paced sender: a rate change (a window opening,
+/// a topology reload, a new site share) takes effect within this time.
+const PACE_RECHECK: Duration = Duration::from_millis(100);
+
+/// The pacers a cycle's blob frames go through: its policy's (shared by this
+/// node's cycles of that policy) and the node's share of its site uplink
+/// (shared by all its cycles). The scheduler changes their rates while cycles
+/// run; a sender sees a change within [`PACE_RECHECK`].
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    /// Origin of the pacers' time.
+    pub origin: Instant,
+    /// Every pacer a frame must wait for.
+    pub pacers: Vec<Arc<Mutex<Pacer>>>,
+    /// Blob payload bytes let through so far (the cycle's progress, for status).
+    pub sent_payload_bytes: Arc<AtomicU64>,
+}
+
+impl Pacing {
+    /// No limits.
+    pub fn unlimited() -> Self {
+        Pacing { origin: Instant::now(), pacers: Vec::new(), sent_payload_bytes: Arc::default() }
+    }
+
+    /// Waits until every pacer lets `bytes` go, then charges them.
+    pub async fn pace(&self, bytes: u64) {
+        // A poisoned pacer only means a panic elsewhere mid-update; its numbers are still usable.
+        loop {
+            let now = self.origin.elapsed();
+            let wait = self
+                .pacers
+                .iter()
+                .map(|p| p.lock().unwrap_or_else(PoisonError::into_inner).delay(now))
+                .max()
+                .unwrap_or_default();
+            if wait.is_zero() {
+                break;
+            }
+            tokio::time::sleep(wait.min(PACE_RECHECK)).await;
+        }
+        let now = self.origin.elapsed();
+        for p in &self.pacers {
+            p.lock().unwrap_or_else(PoisonError::into_inner).handle_sent(now, bytes);
+        }
+        self.sent_payload_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// What one cycle did, for logs, status and the demo table.
@@ -139,8 +191,12 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
     let (mut send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| session_err(&e))?;
     let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
     let (out_tx, mut out_rx) = mpsc::channel::<SourceMsg>(8);
+    let pacing = cfg.pacing.clone();
     let sender = actix_rt::spawn(async move {
         while let Some(msg) = out_rx.recv().await {
+            if let SourceMsg::Blob(blob) = &msg {
+                pacing.pace(blob.payload.len() as u64).await;
+            }
             if let Err(e) = endpoint::send_frame(&mut send, &msg).await {
                 return Err(e.to_string());
             }

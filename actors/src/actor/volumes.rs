@@ -3,9 +3,17 @@
 //! demand (`drmesh ctl sync-now VOLUME`). It keeps each (volume, target)'s last
 //! outcome for status. One cycle per (volume, target) runs at a time; a failed
 //! cycle is retried after a short backoff, never later than the RPO.
+//!
+//! It also keeps the bandwidth limits ([`crate::proto::bandwidth`]): every tick
+//! it evaluates each policy's cap at the node's local time, publishes what its
+//! running cycles want from the site uplink (gossip), computes this node's
+//! share from what the site's other nodes publish, and sets the pacers that
+//! running cycles share, so a window opening, a topology reload or a new
+//! share changes the rate of cycles already running.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
@@ -13,10 +21,11 @@ use drmesh_topology::{Compression, SourceKind, Topology};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::actor::gossip::VolumeNews;
+use crate::actor::gossip::{DemandNews, GossipActor, SetDemandSink, SiteDemands, VolumeNews};
 use crate::actor::mesh::{GetConnection, MeshActor};
+use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
-use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport};
+use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport, Pacing};
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
 
@@ -35,6 +44,8 @@ struct Plan {
     waiters: Vec<oneshot::Sender<Result<CycleReport, String>>>,
     last_ok: Option<(u64, CycleReport)>,
     last_error: Option<(u64, String)>,
+    /// Payload bytes sent by the running cycle so far.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 /// Status of one (volume, target) replication, for `drmesh ctl volumes`.
@@ -54,6 +65,54 @@ pub struct ReplicationStatus {
     pub last_ok: Option<(u64, CycleReport)>,
     /// Last failure and when (Unix ms), if after the last success.
     pub last_error: Option<(u64, String)>,
+    /// The bandwidth cap the volume's transfers run under now.
+    pub bandwidth: BandwidthStatus,
+    /// Blob payload bytes the running cycle has sent so far (`None`: no cycle running).
+    pub running_sent_payload_bytes: Option<u64>,
+}
+
+/// The cap a replication runs under now, for `drmesh ctl volumes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BandwidthStatus {
+    /// Effective cap in bits per second; `None`: unlimited.
+    pub cap_bps: Option<u64>,
+    /// Why, e.g. "capped 50 Mbit/s by policy window 08:00-18:00" or
+    /// "site share 100 Mbit/s of 200 Mbit/s".
+    pub reason: String,
+    /// The policy's cap alone, bits per second; `None`: unlimited.
+    pub policy_cap_bps: Option<u64>,
+    /// This node's share of its site uplink and the uplink, bits per second,
+    /// if the site declares an uplink.
+    pub site_share_bps: Option<(u64, u64)>,
+}
+
+/// The node's local time now (time zone from `TZ` or `/etc/localtime`).
+fn local_time_now() -> LocalTime {
+    local_time_of(&jiff::Zoned::now())
+}
+
+/// Day of the week and minute of the day of a zoned time, as policy windows see it.
+fn local_time_of(at: &jiff::Zoned) -> LocalTime {
+    let day = usize::try_from(at.weekday().to_monday_zero_offset()).unwrap_or(0) % 7;
+    let minute = u16::try_from(i32::from(at.hour()) * 60 + i32::from(at.minute())).unwrap_or(0);
+    LocalTime { weekday: drmesh_topology::Weekday::ALL[day], minute }
+}
+
+fn lock(pacer: &Mutex<Pacer>) -> std::sync::MutexGuard<'_, Pacer> {
+    // A poisoned pacer only means a panic elsewhere mid-update; its numbers are still usable.
+    pacer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Bandwidth state of the node: pacers shared with running cycles, and what
+/// gossip says the site's other nodes want.
+struct Limits {
+    origin: Instant,
+    policy_pacers: BTreeMap<String, Arc<Mutex<Pacer>>>,
+    node_pacer: Arc<Mutex<Pacer>>,
+    policy_caps: BTreeMap<String, PolicyCap>,
+    site_share: Option<(u64, u64)>,
+    site_demands: Vec<Demand>,
+    published: Option<Demand>,
 }
 
 /// The scheduler actor.
@@ -63,7 +122,8 @@ pub struct VolumeScheduler {
     mesh: Addr<MeshActor>,
     baselines: Arc<Baselines>,
     plans: BTreeMap<Key, Plan>,
-    gossip: Option<Recipient<VolumeNews>>,
+    gossip: Option<Addr<GossipActor>>,
+    limits: Limits,
 }
 
 fn now_ms() -> u64 {
@@ -86,9 +146,74 @@ pub fn policy_codec(policy: &drmesh_topology::Policy) -> Result<BlockCodec, Stri
 impl VolumeScheduler {
     /// A scheduler for the node `local`.
     pub fn new(local: drmesh_topology::NodeId, topology: Arc<Topology>, mesh: Addr<MeshActor>, baselines: Arc<Baselines>) -> Self {
-        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None };
+        let limits = Limits {
+            origin: Instant::now(),
+            policy_pacers: BTreeMap::new(),
+            node_pacer: Arc::new(Mutex::new(Pacer::new(Duration::ZERO, None))),
+            policy_caps: BTreeMap::new(),
+            site_share: None,
+            site_demands: Vec::new(),
+            published: None,
+        };
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits };
         s.replan(true);
+        s.update_limits();
         s
+    }
+
+    /// Re-evaluates every limit now: policy caps at the local time, this
+    /// node's demand (published by gossip when it changed) and its site share;
+    /// sets the pacers running cycles share.
+    fn update_limits(&mut self) {
+        let local = local_time_now();
+        let now = self.limits.origin.elapsed();
+        let me = self.local_name();
+        let mut caps = BTreeMap::new();
+        for volume in self.topology.volumes.iter().filter(|v| v.source == me) {
+            if let Some(policy) = self.topology.policies.get(&volume.policy) {
+                caps.insert(volume.policy.clone(), policy_cap(policy.bandwidth.as_ref(), local));
+            }
+        }
+        self.limits.policy_pacers.retain(|name, _| caps.contains_key(name));
+        for (name, cap) in &caps {
+            let pacer = self.limits.policy_pacers.entry(name.clone()).or_insert_with(|| Arc::new(Mutex::new(Pacer::new(now, None))));
+            lock(pacer).set_rate(now, cap.bps);
+        }
+        // What the running cycles want: each running policy's cap once (its
+        // pacer is shared by its cycles), unlimited if any policy is.
+        let running: BTreeSet<&str> = self
+            .plans
+            .iter()
+            .filter(|(_, p)| p.running)
+            .filter_map(|((v, _), _)| self.topology.volumes.iter().find(|x| x.name == *v).map(|x| x.policy.as_str()))
+            .collect();
+        let demand = running
+            .iter()
+            .filter_map(|p| caps.get(*p))
+            .fold(Demand::Idle, |d, cap| d.plus(cap.bps.map_or(Demand::Unlimited, Demand::Bps)));
+        if self.limits.published != Some(demand) {
+            if let Some(gossip) = &self.gossip {
+                gossip.do_send(DemandNews(demand));
+                self.limits.published = Some(demand);
+            }
+        }
+        let uplink = self.topology.node_by_id(&self.local).and_then(|n| self.topology.sites.iter().find(|s| s.name == n.site)).and_then(|s| s.uplink_bps);
+        self.limits.site_share = uplink.map(|up| (site_share(up, demand, &self.limits.site_demands), up));
+        lock(&self.limits.node_pacer).set_rate(now, self.limits.site_share.map(|(share, _)| share));
+        self.limits.policy_caps = caps;
+    }
+
+    fn pacing(&self, policy: &str) -> Pacing {
+        let mut pacers = vec![self.limits.node_pacer.clone()];
+        pacers.extend(self.limits.policy_pacers.get(policy).cloned());
+        Pacing { origin: self.limits.origin, pacers, sent_payload_bytes: Arc::default() }
+    }
+
+    fn bandwidth_status(&self, volume: &str) -> BandwidthStatus {
+        let policy = self.topology.volumes.iter().find(|v| v.name == volume).map(|v| v.policy.as_str()).unwrap_or_default();
+        let cap = self.limits.policy_caps.get(policy).copied().unwrap_or(PolicyCap { bps: None, window: None });
+        let effective = effective_cap(cap, self.limits.site_share);
+        BandwidthStatus { cap_bps: effective.bps, reason: effective.to_string(), policy_cap_bps: cap.bps, site_share_bps: self.limits.site_share }
     }
 
     fn local_name(&self) -> String {
@@ -117,6 +242,7 @@ impl VolumeScheduler {
                         waiters: Vec::new(),
                         last_ok: None,
                         last_error: None,
+                        progress: None,
                     },
                 };
                 plans.insert(key, plan);
@@ -144,6 +270,7 @@ impl VolumeScheduler {
             path,
             block_bytes: u32::try_from(policy.block_bytes).map_err(|_| "block size too large".to_string())?,
             codec: policy_codec(policy)?,
+            pacing: self.pacing(&v.policy),
         })
     }
 
@@ -151,7 +278,11 @@ impl VolumeScheduler {
         let Some(plan) = self.plans.get_mut(&key) else { return };
         plan.running = true;
         plan.again = false;
+        self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
+        if let (Some(plan), Ok(c)) = (self.plans.get_mut(&key), &config) {
+            plan.progress = Some(c.pacing.sent_payload_bytes.clone());
+        }
         let (mesh, baselines, me) = (self.mesh.clone(), self.baselines.clone(), ctx.address());
         actix_rt::spawn(async move {
             let result = async {
@@ -169,6 +300,7 @@ impl VolumeScheduler {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.update_limits();
         let now = Instant::now();
         let due: Vec<Key> = self.plans.iter().filter(|(_, p)| !p.running && (p.again || p.next_due <= now)).map(|(k, _)| k.clone()).collect();
         for key in due {
@@ -198,6 +330,7 @@ impl Handler<CycleDone> for VolumeScheduler {
     fn handle(&mut self, msg: CycleDone, ctx: &mut Context<Self>) {
         let Some(plan) = self.plans.get_mut(&msg.key) else { return };
         plan.running = false;
+        plan.progress = None;
         let now = Instant::now();
         match &msg.result {
             Ok(report) => {
@@ -235,19 +368,33 @@ impl Handler<CycleDone> for VolumeScheduler {
                 let _ = w.send(msg.result.clone());
             }
         }
+        self.update_limits();
     }
 }
 
-/// Where cycle outcomes are published (the gossip actor).
+/// Where cycle outcomes and uplink demands are published, and where site
+/// demands come from (the gossip actor).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetGossip(pub Recipient<VolumeNews>);
+pub struct SetGossip(pub Addr<GossipActor>);
 
 impl Handler<SetGossip> for VolumeScheduler {
     type Result = ();
 
-    fn handle(&mut self, msg: SetGossip, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: SetGossip, ctx: &mut Context<Self>) {
+        msg.0.do_send(SetDemandSink(ctx.address().recipient()));
         self.gossip = Some(msg.0);
+        self.limits.published = None;
+        self.update_limits();
+    }
+}
+
+impl Handler<SiteDemands> for VolumeScheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: SiteDemands, _ctx: &mut Context<Self>) {
+        self.limits.site_demands = msg.0;
+        self.update_limits();
     }
 }
 
@@ -262,6 +409,7 @@ impl Handler<SetTopology> for VolumeScheduler {
     fn handle(&mut self, msg: SetTopology, _ctx: &mut Context<Self>) {
         self.topology = msg.0;
         self.replan(false);
+        self.update_limits();
     }
 }
 
@@ -332,8 +480,29 @@ impl Handler<GetReplications> for VolumeScheduler {
                     next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
+                    bandwidth: self.bandwidth_status(volume),
+                    running_sent_payload_bytes: p.progress.as_ref().map(|b| b.load(Ordering::Relaxed)),
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drmesh_topology::Weekday;
+    use jiff::tz::{Offset, TimeZone};
+
+    #[test]
+    fn local_time_is_the_zone_wall_clock() {
+        // Friday 23:30 at UTC+2 is Friday 21:30 UTC: windows follow the local wall clock.
+        let zone = TimeZone::fixed(Offset::from_hours(2).expect("valid offset"));
+        let at = jiff::civil::date(2026, 11, 20).at(23, 30, 0, 0).to_zoned(zone).expect("valid time");
+        assert_eq!(local_time_of(&at), LocalTime { weekday: Weekday::Fri, minute: 23 * 60 + 30 });
+        let utc = at.with_time_zone(TimeZone::UTC);
+        assert_eq!(local_time_of(&utc), LocalTime { weekday: Weekday::Fri, minute: 21 * 60 + 30 });
+        let sunday = jiff::civil::date(2026, 11, 22).at(0, 0, 0, 0).to_zoned(TimeZone::UTC).expect("valid time");
+        assert_eq!(local_time_of(&sunday), LocalTime { weekday: Weekday::Sun, minute: 0 });
     }
 }

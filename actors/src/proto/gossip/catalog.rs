@@ -24,6 +24,8 @@ use std::collections::BTreeMap;
 use drmesh_topology::NodeId;
 use serde::{Deserialize, Serialize};
 
+use crate::proto::bandwidth::Demand;
+
 use super::Millis;
 
 /// Name of a volume as written in the topology file.
@@ -108,6 +110,9 @@ pub enum ItemKey {
     Rp(VolumeName, u64),
     /// Low-water mark of a volume on the holder.
     Lwm(VolumeName),
+    /// What the holder's running transfers want from its site's uplink
+    /// (a variant of its own, after the others, so saved replicas still load).
+    Demand,
 }
 
 /// Value of one item.
@@ -126,6 +131,8 @@ pub enum ItemValue {
     },
     /// Under [`ItemKey::Lwm`]: every seq below this is gone.
     Lwm(u64),
+    /// Under [`ItemKey::Demand`].
+    Demand(Demand),
 }
 
 impl ItemValue {
@@ -136,6 +143,7 @@ impl ItemValue {
                 | (ItemKey::Health(_), ItemValue::Health(_))
                 | (ItemKey::Rp(..), ItemValue::Rp(_) | ItemValue::RpGone { .. })
                 | (ItemKey::Lwm(_), ItemValue::Lwm(_))
+                | (ItemKey::Demand, ItemValue::Demand(_))
         )
     }
 }

@@ -37,6 +37,7 @@ use catalog::{
     cut_text, prefix_of, Catalog, Item, ItemKey, ItemValue, Merge, NodeStatus, RpInfo, VolumeHealth,
     VolumeName, BUCKETS, VOLUME_NAME_BYTES_MAX,
 };
+use crate::proto::bandwidth::Demand;
 use wire::{encode_sync, Delta, DeltaKey, DetailEntry, SyncMsg, DATAGRAM_BYTES_MAX, TAG_FOCA, TAG_SYNC};
 
 /// A point in time for gossip: milliseconds since an origin the driver picks
@@ -594,6 +595,12 @@ impl GossipNode {
         self.write_local(now, ItemKey::Status, ItemValue::Status(status));
     }
 
+    /// What this node's running transfers want from its site's uplink changed
+    /// (a cycle started or ended, a policy window opened or closed).
+    pub fn handle_demand(&mut self, now: Millis, demand: Demand) {
+        self.write_local(now, ItemKey::Demand, ItemValue::Demand(demand));
+    }
+
     /// A cycle of `volume` (sourced here) ended; publish its health.
     pub fn handle_volume_health(&mut self, now: Millis, volume: &str, mut health: VolumeHealth) -> Result<(), GossipError> {
         Self::check_volume(volume)?;
@@ -649,6 +656,26 @@ impl GossipNode {
         // for a while: show each node once, as its newest generation.
         out.sort_by_key(|m| (m.node, std::cmp::Reverse(m.generation)));
         out.dedup_by_key(|m| m.node);
+        out
+    }
+
+    /// The uplink demands of the active members (alive or suspect, self
+    /// excluded) that published one, sorted by node id.
+    pub fn demands(&self) -> Vec<(NodeId, Demand)> {
+        let catalog = lock(&self.shared);
+        let mut out: Vec<(NodeId, Demand)> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() != foca::State::Down)
+            .filter_map(|m| {
+                let holder = catalog.holders.get(&m.id().node)?;
+                match holder.items.get(&ItemKey::Demand).map(|s| &s.value) {
+                    Some(ItemValue::Demand(d)) => Some((m.id().node, *d)),
+                    _ => None,
+                }
+            })
+            .collect();
+        out.sort_by_key(|(node, _)| *node);
         out
     }
 

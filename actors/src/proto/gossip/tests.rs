@@ -164,3 +164,25 @@ fn garbage_is_rejected_without_panic() {
     assert!(node.handle_datagram(Millis(1), id(1), &vec![TAG_FOCA; 1300]).is_err());
     assert!(node.handle_local_rp(Millis(1), "", 1, info(1)).is_err());
 }
+
+#[test]
+fn uplink_demands_spread_and_follow_changes() {
+    use crate::proto::bandwidth::Demand;
+    let mut mesh = Mesh::new(3);
+    mesh.run_until(Millis(3_000));
+    mesh.node(1).handle_demand(Millis(3_000), Demand::Unlimited);
+    mesh.node(2).handle_demand(Millis(3_000), Demand::Bps(20_000_000));
+    mesh.drain();
+    // The owner's push reaches every member within a few gossip periods.
+    mesh.run_until(Millis(4_000));
+    assert_eq!(mesh.node(0).demands(), vec![(id(1), Demand::Unlimited), (id(2), Demand::Bps(20_000_000))]);
+    assert_eq!(mesh.node(1).demands(), vec![(id(2), Demand::Bps(20_000_000))], "self excluded");
+    mesh.node(1).handle_demand(Millis(4_000), Demand::Idle);
+    mesh.drain();
+    mesh.run_until(Millis(5_000));
+    assert_eq!(mesh.node(2).demands(), vec![(id(1), Demand::Idle)]);
+    // Saved replicas keep the item.
+    let snap = mesh.node(0).snapshot();
+    let restored = GossipNode::restore(Millis(0), id(0), 2, GossipConfig::for_cluster(3), 9, &snap).unwrap();
+    assert_eq!(lock(&restored.shared).holders.get(&id(1)).and_then(|h| h.items.get(&ItemKey::Demand)).map(|s| s.value.clone()), Some(ItemValue::Demand(Demand::Idle)));
+}
