@@ -3,6 +3,13 @@
 //! demand (`drmesh ctl sync-now VOLUME`). It keeps each (volume, target)'s last
 //! outcome for status. One cycle per (volume, target) runs at a time; a failed
 //! cycle is retried after a short backoff, never later than the RPO.
+//!
+//! A volume can be paused (`drmesh ctl pause`): its running cycles are cancelled
+//! (they fail with the reason "paused"; the baseline stays where it was) and no
+//! cycle starts until it is resumed. The paused set lives in the source's redb
+//! ([`Baselines::paused`]), so it survives restarts. Resuming starts a cycle at
+//! once; blobs the interrupted cycle had stored on the target are answered
+//! present and not sent again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +40,8 @@ struct Plan {
     running: bool,
     again: bool,
     waiters: Vec<oneshot::Sender<Result<CycleReport, String>>>,
+    /// Stops the running cycle (see [`run_cycle`]).
+    cancel: Option<oneshot::Sender<String>>,
     last_ok: Option<(u64, CycleReport)>,
     last_error: Option<(u64, String)>,
 }
@@ -54,7 +63,38 @@ pub struct ReplicationStatus {
     pub last_ok: Option<(u64, CycleReport)>,
     /// Last failure and when (Unix ms), if after the last success.
     pub last_error: Option<(u64, String)>,
+    /// When the volume was paused (Unix ms); null when it is not paused.
+    pub paused_since_unix_ms: Option<u64>,
 }
+
+/// What `pause` did to one volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct PauseOutcome {
+    /// Volume name.
+    pub volume: String,
+    /// When the volume was paused (Unix ms); the first pause's time if it already was.
+    pub paused_since_unix_ms: u64,
+    /// Whether it was paused already.
+    pub already_paused: bool,
+    /// Targets whose running cycle was stopped (it failed; nothing was committed).
+    pub cycles_stopped: Vec<String>,
+    /// Targets whose running cycle had already sent its commit and was let finish.
+    pub cycles_committed: Vec<String>,
+}
+
+/// What `resume` did to one volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResumeOutcome {
+    /// Volume name.
+    pub volume: String,
+    /// Whether it was paused (a resume of a running volume changes nothing).
+    pub was_paused: bool,
+    /// When it had been paused (Unix ms).
+    pub paused_since_unix_ms: Option<u64>,
+}
+
+/// The reason a cycle stopped by `pause` fails with.
+pub const PAUSED_REASON: &str = "paused by `drmesh ctl pause`; the baseline is unchanged and what the target stored is kept";
 
 /// The scheduler actor.
 pub struct VolumeScheduler {
@@ -64,6 +104,8 @@ pub struct VolumeScheduler {
     baselines: Arc<Baselines>,
     plans: BTreeMap<Key, Plan>,
     gossip: Option<Recipient<VolumeNews>>,
+    /// Paused volumes and since when (Unix ms); mirrors the baseline database.
+    paused: BTreeMap<String, u64>,
 }
 
 fn now_ms() -> u64 {
@@ -86,9 +128,36 @@ pub fn policy_codec(policy: &drmesh_topology::Policy) -> Result<BlockCodec, Stri
 impl VolumeScheduler {
     /// A scheduler for the node `local`.
     pub fn new(local: drmesh_topology::NodeId, topology: Arc<Topology>, mesh: Addr<MeshActor>, baselines: Arc<Baselines>) -> Self {
-        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None };
+        let paused = baselines.paused().unwrap_or_else(|e| {
+            // Without the list no volume can be known to be paused; say so loudly.
+            tracing::error!(error = %e, "cannot read the paused volumes; every volume runs");
+            BTreeMap::new()
+        });
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, paused };
         s.replan(true);
+        for (volume, since) in &s.paused {
+            tracing::info!(%volume, since_unix_ms = since, "volume is paused; resume it with `drmesh ctl resume`");
+        }
         s
+    }
+
+    /// Checks that this node is the source of `volume`; the error names it.
+    fn check_source(&self, volume: &str) -> Result<(), String> {
+        let me = self.local_name();
+        match self.topology.volumes.iter().find(|v| v.name == volume) {
+            Some(v) if v.source == me => Ok(()),
+            Some(v) => Err(format!(
+                "volume {volume:?} is replicated by node {}, not by this node ({me}); pause and resume act on the source node",
+                v.source
+            )),
+            None => Err(format!("volume {volume:?} is not in the topology")),
+        }
+    }
+
+    /// Every volume this node is the source of.
+    fn own_volumes(&self) -> Vec<String> {
+        let me = self.local_name();
+        self.topology.volumes.iter().filter(|v| v.source == me).map(|v| v.name.clone()).collect()
     }
 
     fn local_name(&self) -> String {
@@ -115,6 +184,7 @@ impl VolumeScheduler {
                         running: false,
                         again: false,
                         waiters: Vec::new(),
+                        cancel: None,
                         last_ok: None,
                         last_error: None,
                     },
@@ -128,6 +198,16 @@ impl VolumeScheduler {
             }
         }
         self.plans = plans;
+        // A volume that is no longer replicated from here forgets its pause.
+        let own = self.own_volumes();
+        let gone: Vec<String> = self.paused.keys().filter(|v| !own.contains(v)).cloned().collect();
+        for volume in gone {
+            if let Err(e) = self.baselines.set_paused(&volume, None) {
+                tracing::warn!(%volume, error = %e, "cannot forget the pause of a removed volume");
+                continue;
+            }
+            self.paused.remove(&volume);
+        }
     }
 
     fn cycle_config(&self, volume: &str, target: &str) -> Result<CycleConfig, String> {
@@ -151,6 +231,8 @@ impl VolumeScheduler {
         let Some(plan) = self.plans.get_mut(&key) else { return };
         plan.running = true;
         plan.again = false;
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        plan.cancel = Some(cancel_tx);
         let config = self.cycle_config(&key.0, &key.1);
         let (mesh, baselines, me) = (self.mesh.clone(), self.baselines.clone(), ctx.address());
         actix_rt::spawn(async move {
@@ -161,7 +243,7 @@ impl VolumeScheduler {
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("target {} is not connected", config.target))?;
-                run_cycle(conn, config, baselines).await.map_err(|e| e.to_string())
+                run_cycle(conn, config, baselines, cancel_rx).await.map_err(|e| e.to_string())
             }
             .await;
             me.do_send(CycleDone { key, result });
@@ -170,7 +252,12 @@ impl VolumeScheduler {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let due: Vec<Key> = self.plans.iter().filter(|(_, p)| !p.running && (p.again || p.next_due <= now)).map(|(k, _)| k.clone()).collect();
+        let due: Vec<Key> = self
+            .plans
+            .iter()
+            .filter(|((volume, _), p)| !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume))
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in due {
             self.start(key, ctx);
         }
@@ -198,6 +285,7 @@ impl Handler<CycleDone> for VolumeScheduler {
     fn handle(&mut self, msg: CycleDone, ctx: &mut Context<Self>) {
         let Some(plan) = self.plans.get_mut(&msg.key) else { return };
         plan.running = false;
+        plan.cancel = None;
         let now = Instant::now();
         match &msg.result {
             Ok(report) => {
@@ -227,7 +315,7 @@ impl Handler<CycleDone> for VolumeScheduler {
         }
         // Waiters that arrived while this cycle ran asked for a fresh one.
         let waiters = std::mem::take(&mut plan.waiters);
-        if plan.again {
+        if plan.again && !self.paused.contains_key(&msg.key.0) {
             plan.waiters = waiters;
             self.start(msg.key, ctx);
         } else {
@@ -283,6 +371,15 @@ impl Handler<SyncNow> for VolumeScheduler {
             };
             return Box::pin(async move { Err(reason) });
         }
+        if let Some(since) = self.paused.get(&msg.0) {
+            let reason = format!(
+                "volume {:?} is paused (since {} UTC); `drmesh ctl resume {}` starts a cycle",
+                msg.0,
+                utc_text(*since),
+                msg.0
+            );
+            return Box::pin(async move { Err(reason) });
+        }
         let mut receivers = Vec::new();
         for key in keys {
             let (tx, rx) = oneshot::channel();
@@ -332,8 +429,162 @@ impl Handler<GetReplications> for VolumeScheduler {
                     next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
+                    paused_since_unix_ms: self.paused.get(volume).copied(),
                 })
                 .collect(),
         )
+    }
+}
+
+/// `2026-11-22 04:05:06` for a Unix time in ms (UTC), for messages.
+fn utc_text(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Which volumes a pause or resume acts on.
+#[derive(Debug, Clone)]
+pub enum VolumeSelection {
+    /// These volumes (this node must be the source of each).
+    Named(Vec<String>),
+    /// Every volume this node is the source of.
+    All,
+}
+
+impl VolumeScheduler {
+    fn select(&self, selection: VolumeSelection) -> Result<Vec<String>, String> {
+        match selection {
+            VolumeSelection::All => Ok(self.own_volumes()),
+            VolumeSelection::Named(names) => {
+                if names.is_empty() {
+                    return Err("name a volume, or give --all".into());
+                }
+                let errors: Vec<String> = names.iter().filter_map(|v| self.check_source(v).err()).collect();
+                if errors.is_empty() {
+                    Ok(names)
+                } else {
+                    Err(errors.join("; "))
+                }
+            }
+        }
+    }
+}
+
+/// Pauses volumes: stops their running cycles and starts none until `Resume`.
+/// Answers once every stopped cycle has ended.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<PauseOutcome>, String>")]
+pub struct Pause(pub VolumeSelection);
+
+impl Handler<Pause> for VolumeScheduler {
+    type Result = ResponseFuture<Result<Vec<PauseOutcome>, String>>;
+
+    fn handle(&mut self, msg: Pause, _ctx: &mut Context<Self>) -> Self::Result {
+        let volumes = match self.select(msg.0) {
+            Ok(v) => v,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let now = now_ms();
+        let mut pending = Vec::new();
+        for volume in volumes {
+            let already = self.paused.get(&volume).copied();
+            let since = already.unwrap_or(now);
+            if already.is_none() {
+                if let Err(e) = self.baselines.set_paused(&volume, Some(since)) {
+                    let reason = format!("cannot record the pause of {volume}: {e}");
+                    return Box::pin(async move { Err(reason) });
+                }
+                self.paused.insert(volume.clone(), since);
+                tracing::info!(%volume, "volume paused");
+            }
+            let mut running = Vec::new();
+            for ((v, target), plan) in self.plans.iter_mut().filter(|((v, _), _)| *v == volume) {
+                plan.again = false;
+                if !plan.running {
+                    continue;
+                }
+                if let Some(cancel) = plan.cancel.take() {
+                    let _ = cancel.send(PAUSED_REASON.to_string());
+                }
+                let (tx, rx) = oneshot::channel();
+                plan.waiters.push(tx);
+                running.push((target.clone(), rx));
+                tracing::info!(volume = %v, %target, "stopping the running cycle: paused");
+            }
+            pending.push((volume, since, already.is_some(), running));
+        }
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (volume, since, already_paused, running) in pending {
+                let mut outcome = PauseOutcome {
+                    volume,
+                    paused_since_unix_ms: since,
+                    already_paused,
+                    cycles_stopped: Vec::new(),
+                    cycles_committed: Vec::new(),
+                };
+                for (target, rx) in running {
+                    match rx.await {
+                        Ok(Ok(_)) => outcome.cycles_committed.push(target),
+                        _ => outcome.cycles_stopped.push(target),
+                    }
+                }
+                out.push(outcome);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Resumes paused volumes: a cycle of each starts at once.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<ResumeOutcome>, String>")]
+pub struct Resume(pub VolumeSelection);
+
+impl Handler<Resume> for VolumeScheduler {
+    type Result = Result<Vec<ResumeOutcome>, String>;
+
+    fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) -> Self::Result {
+        let volumes = self.select(msg.0)?;
+        let mut out = Vec::new();
+        for volume in volumes {
+            let since = self.paused.get(&volume).copied();
+            if since.is_some() {
+                self.baselines.set_paused(&volume, None).map_err(|e| format!("cannot record the resume of {volume}: {e}"))?;
+                self.paused.remove(&volume);
+                tracing::info!(%volume, "volume resumed");
+                let keys: Vec<Key> = self.plans.keys().filter(|(v, _)| *v == volume).cloned().collect();
+                for key in keys {
+                    let Some(plan) = self.plans.get_mut(&key) else { continue };
+                    plan.next_due = Instant::now();
+                    if !plan.running {
+                        self.start(key, ctx);
+                    }
+                }
+            }
+            out.push(ResumeOutcome { volume, was_paused: since.is_some(), paused_since_unix_ms: since });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_text_formats_civil_time() {
+        assert_eq!(super::utc_text(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc_text(1_795_307_094_000), "2026-11-22 00:24:54");
+        assert_eq!(super::utc_text(951_782_400_000), "2000-02-29 00:00:00");
     }
 }

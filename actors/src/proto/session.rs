@@ -421,6 +421,17 @@ impl SourceSession {
         }
     }
 
+    /// The operator stopped the cycle (`drmesh ctl pause`): it fails with `reason`,
+    /// unless the commit is already on its way, in which case it is let finish
+    /// (returns `false`): failing it then would only hide an RP the target commits.
+    pub fn handle_cancel(&mut self, reason: String) -> bool {
+        if matches!(self.state, SourceState::Committing | SourceState::Done) {
+            return false;
+        }
+        self.fail(reason);
+        true
+    }
+
     /// The connection or stream to the target broke.
     pub fn handle_disconnect(&mut self, reason: String) {
         self.fail(format!("connection to target lost: {reason}"));
