@@ -692,6 +692,26 @@ mod tests {
     }
 
     #[test]
+    fn cancel_fails_a_streaming_cycle_but_not_a_committing_one() {
+        let mut src = SourceSession::new("vol", None, false, 4096);
+        src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+        while src.poll_event().is_some() {}
+        assert!(src.handle_cancel("paused".into()));
+        assert_eq!(src.poll_event(), Some(SourceEvent::Failed { reason: "paused".into() }));
+
+        // Nothing changed: the commit goes out at once; a cancel after that is refused.
+        let mut src = SourceSession::new("vol", None, false, 4096);
+        src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+        src.handle_reader_done(meta("vol"));
+        while src.poll_transmit().is_some() {}
+        while src.poll_event().is_some() {}
+        assert!(!src.handle_cancel("paused".into()));
+        assert_eq!(src.poll_event(), None);
+        src.handle_message(TargetMsg::Committed { seq: 1 });
+        assert_eq!(src.poll_event(), Some(SourceEvent::Committed { seq: 1 }));
+    }
+
+    #[test]
     fn commit_is_refused_until_every_wanted_block_arrived() {
         let mut tgt = TargetSession::new();
         tgt.handle_open(None, Some((9, [0; 32])));
