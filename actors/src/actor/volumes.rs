@@ -568,7 +568,10 @@ impl Handler<Resume> for VolumeScheduler {
                 for key in keys {
                     let Some(plan) = self.plans.get_mut(&key) else { continue };
                     plan.next_due = Instant::now();
-                    if !plan.running {
+                    if plan.running {
+                        // A stopped cycle is still ending: the next one follows it at once.
+                        plan.again = true;
+                    } else {
                         self.start(key, ctx);
                     }
                 }
