@@ -46,6 +46,24 @@ pub enum Request {
     },
     /// Replication status of the volumes this node is the source of.
     Volumes,
+    /// Stop replicating volumes (this node must be their source) until `resume`.
+    Pause {
+        /// Volume names.
+        #[serde(default)]
+        volumes: Vec<String>,
+        /// Every volume this node is the source of.
+        #[serde(default)]
+        all: bool,
+    },
+    /// Resume paused volumes: a cycle starts at once.
+    Resume {
+        /// Volume names.
+        #[serde(default)]
+        volumes: Vec<String>,
+        /// Every volume this node is the source of.
+        #[serde(default)]
+        all: bool,
+    },
     /// Recovery points held by this node's store.
     Rps {
         /// Only this volume.
@@ -234,7 +252,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, rps, gc, restore, verify, store, mesh, catalog)"
+                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, store, mesh, catalog)"
                     ),
                     vec![],
                 ),

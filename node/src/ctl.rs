@@ -43,6 +43,24 @@ enum CtlCommand {
     },
     /// Replication status of the volumes this node is the source of.
     Volumes,
+    /// Stop replicating volumes until `resume`: a running cycle stops, none starts (kept across restarts).
+    Pause {
+        /// Volume names (this node must be their source).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        volumes: Vec<String>,
+        /// Every volume this node is the source of.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Resume paused volumes: a cycle starts at once and resends nothing the target holds.
+    Resume {
+        /// Volume names (this node must be their source).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        volumes: Vec<String>,
+        /// Every volume this node is the source of.
+        #[arg(long)]
+        all: bool,
+    },
     /// Recovery points held by this node.
     Rps {
         /// Only this volume.
@@ -118,6 +136,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Reload => Request::Reload,
         CtlCommand::SyncNow { volume } => Request::SyncNow { volume },
         CtlCommand::Volumes => Request::Volumes,
+        CtlCommand::Pause { volumes, all } => Request::Pause { volumes, all },
+        CtlCommand::Resume { volumes, all } => Request::Resume { volumes, all },
         CtlCommand::Rps { volume } => Request::Rps { volume },
         CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
         CtlCommand::Store => Request::Store,
@@ -148,6 +168,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             }
         }
         Request::Volumes => println!("{}", volumes_table(&data)),
+        Request::Pause { .. } => print_pause(&data),
+        Request::Resume { .. } => print_resume(&data),
         Request::Rps { .. } => println!("{}", rps_table(&data)),
         Request::Gc { .. } => println!(
             "scanned {} blobs, deleted {} ({}), kept {} pinned by running cycles and {} within the grace window, in {} ms",
@@ -415,6 +437,43 @@ fn rps_table(rps: &Value) -> Table {
     table
 }
 
+fn print_pause(list: &Value) {
+    let list = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        println!("this node is the source of no volume: nothing to pause");
+    }
+    for v in list {
+        let mut line = format!("{}: {}", s(&v["volume"]), if v["already_paused"] == true { "was already paused" } else { "paused" });
+        let stopped: Vec<String> = v["cycles_stopped"].as_array().into_iter().flatten().map(s).collect();
+        if !stopped.is_empty() {
+            line.push_str(&format!("; stopped the cycle to {} (nothing committed, the baseline is unchanged)", stopped.join(", ")));
+        }
+        let committed: Vec<String> = v["cycles_committed"].as_array().into_iter().flatten().map(s).collect();
+        if !committed.is_empty() {
+            line.push_str(&format!("; the cycle to {} was already committing and finished", committed.join(", ")));
+        }
+        println!("{line}");
+    }
+}
+
+fn print_resume(list: &Value) {
+    let list = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        println!("this node is the source of no volume: nothing to resume");
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    for v in list {
+        match v["paused_since_unix_ms"].as_u64() {
+            Some(since) => println!(
+                "{}: resumed after {} paused; a cycle is starting",
+                s(&v["volume"]),
+                duration(now.saturating_sub(since) / 1000)
+            ),
+            None => println!("{}: was not paused", s(&v["volume"])),
+        }
+    }
+}
+
 fn volumes_table(list: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
@@ -425,7 +484,10 @@ fn volumes_table(list: &Value) -> Table {
             Some(pair) => format!("@{} ({} ago)", s(&pair[1]["seq"]), duration(now.saturating_sub(pair[0].as_u64().unwrap_or(0)) / 1000)),
             None => "-".into(),
         };
-        let state = if v["running"] == true {
+        let state = if let Some(since) = v["paused_since_unix_ms"].as_u64() {
+            let running = if v["running"] == true { ", cycle stopping" } else { "" };
+            format!("paused {} ago{running}", duration(now.saturating_sub(since) / 1000))
+        } else if v["running"] == true {
             "cycle running".to_string()
         } else {
             format!("next in {}", duration(v["next_in_secs"].as_f64().unwrap_or(0.0) as u64))

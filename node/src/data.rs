@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use drmesh_actors::actor::fetch::FetchClient;
 use drmesh_actors::actor::mesh::GetConnection;
-use drmesh_actors::actor::volumes::{policy_codec, GetReplications, SyncNow};
+use drmesh_actors::actor::volumes::{policy_codec, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
 use drmesh_actors::restore::{restore, RpSource};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -38,6 +38,14 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             Ok(json!({ "reports": reports, "errors": errors }))
         }
         Request::Volumes => Ok(serde_json::to_value(ctx.scheduler.send(GetReplications).await.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
+        Request::Pause { volumes, all } => {
+            let outcome = ctx.scheduler.send(Pause(selection(volumes, all)?)).await.map_err(|e| e.to_string())??;
+            Ok(serde_json::to_value(outcome).map_err(|e| e.to_string())?)
+        }
+        Request::Resume { volumes, all } => {
+            let outcome = ctx.scheduler.send(Resume(selection(volumes, all)?)).await.map_err(|e| e.to_string())??;
+            Ok(serde_json::to_value(outcome).map_err(|e| e.to_string())?)
+        }
         Request::Rps { volume } => {
             let rps = blocking(move || -> Result<Vec<_>, String> {
                 let volumes = match volume {
@@ -72,6 +80,16 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
         Request::Status | Request::Peers | Request::Reload => Err("not a data-plane command".into()),
+    }
+}
+
+/// The volumes of a pause or resume: named ones, or `all`, not both.
+fn selection(volumes: Vec<String>, all: bool) -> Result<VolumeSelection, String> {
+    match (all, volumes.is_empty()) {
+        (true, true) => Ok(VolumeSelection::All),
+        (true, false) => Err("give volume names or `all`, not both".into()),
+        (false, true) => Err("name a volume, or give `all`".into()),
+        (false, false) => Ok(VolumeSelection::Named(volumes)),
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use drmesh_transport::endpoint::{self, MessageReader};
 use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
@@ -168,7 +168,16 @@ fn now_ms() -> u64 {
 }
 
 /// Runs one cycle of `cfg.volume` to the target at the other end of `conn`.
-pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc<Baselines>) -> Result<CycleReport, CycleError> {
+///
+/// A reason sent on `cancel` stops the cycle: it fails with that reason (the
+/// baseline stays, the target drops the uncommitted session), unless its commit
+/// was already sent. Dropping the sender without sending cancels nothing.
+pub async fn run_cycle(
+    conn: quinn::Connection,
+    cfg: CycleConfig,
+    baselines: Arc<Baselines>,
+    mut cancel: oneshot::Receiver<String>,
+) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let snapshot_ms = now_ms();
     let session_err = |e: &dyn std::fmt::Display| CycleError::Session(e.to_string());
@@ -232,6 +241,7 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
     let mut block_count = 0u64;
     let mut timeline = CycleTimeline::default();
     let since = |t: Instant| t.elapsed().as_secs_f64();
+    let mut cancel_seen = false;
 
     let result: Result<u64, CycleError> = loop {
         while let Some(msg) = session.poll_transmit() {
@@ -314,6 +324,14 @@ pub async fn run_cycle(conn: quinn::Connection, cfg: CycleConfig, baselines: Arc
         }
         let want_blocks = reader_running && !reader_finished && session.wants_block();
         tokio::select! {
+            reason = &mut cancel, if !cancel_seen => {
+                cancel_seen = true;
+                if let Ok(reason) = reason {
+                    if !session.handle_cancel(reason) {
+                        tracing::info!(volume = %cfg.volume, target = %cfg.target, "cycle is committing; letting it finish");
+                    }
+                }
+            }
             msg = reader.next_frame::<TargetMsg>() => match msg {
                 Ok(Some(msg)) => session.handle_message(msg),
                 Ok(None) => session.handle_disconnect("target closed the session".into()),

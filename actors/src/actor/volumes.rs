@@ -10,6 +10,13 @@
 //! share from what the site's other nodes publish, and sets the pacers that
 //! running cycles share, so a window opening, a topology reload or a new
 //! share changes the rate of cycles already running.
+//!
+//! A volume can be paused (`drmesh ctl pause`): its running cycles are cancelled
+//! (they fail with the reason "paused"; the baseline stays where it was) and no
+//! cycle starts until it is resumed. The paused set lives in the source's redb
+//! ([`Baselines::paused`]), so it survives restarts. Resuming starts a cycle at
+//! once; blobs the interrupted cycle had stored on the target are answered
+//! present and not sent again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +49,8 @@ struct Plan {
     running: bool,
     again: bool,
     waiters: Vec<oneshot::Sender<Result<CycleReport, String>>>,
+    /// Stops the running cycle (see [`run_cycle`]).
+    cancel: Option<oneshot::Sender<String>>,
     last_ok: Option<(u64, CycleReport)>,
     last_error: Option<(u64, String)>,
     /// Payload bytes sent by the running cycle so far.
@@ -69,6 +78,8 @@ pub struct ReplicationStatus {
     pub bandwidth: BandwidthStatus,
     /// Blob payload bytes the running cycle has sent so far (`None`: no cycle running).
     pub running_sent_payload_bytes: Option<u64>,
+    /// When the volume was paused (Unix ms); null when it is not paused.
+    pub paused_since_unix_ms: Option<u64>,
 }
 
 /// The cap a replication runs under now, for `drmesh ctl volumes`.
@@ -115,6 +126,35 @@ struct Limits {
     published: Option<Demand>,
 }
 
+/// What `pause` did to one volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct PauseOutcome {
+    /// Volume name.
+    pub volume: String,
+    /// When the volume was paused (Unix ms); the first pause's time if it already was.
+    pub paused_since_unix_ms: u64,
+    /// Whether it was paused already.
+    pub already_paused: bool,
+    /// Targets whose running cycle was stopped (it failed; nothing was committed).
+    pub cycles_stopped: Vec<String>,
+    /// Targets whose running cycle had already sent its commit and was let finish.
+    pub cycles_committed: Vec<String>,
+}
+
+/// What `resume` did to one volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResumeOutcome {
+    /// Volume name.
+    pub volume: String,
+    /// Whether it was paused (a resume of a running volume changes nothing).
+    pub was_paused: bool,
+    /// When it had been paused (Unix ms).
+    pub paused_since_unix_ms: Option<u64>,
+}
+
+/// The reason a cycle stopped by `pause` fails with.
+pub const PAUSED_REASON: &str = "paused by `drmesh ctl pause`; the baseline is unchanged and what the target stored is kept";
+
 /// The scheduler actor.
 pub struct VolumeScheduler {
     local: drmesh_topology::NodeId,
@@ -124,6 +164,8 @@ pub struct VolumeScheduler {
     plans: BTreeMap<Key, Plan>,
     gossip: Option<Addr<GossipActor>>,
     limits: Limits,
+    /// Paused volumes and since when (Unix ms); mirrors the baseline database.
+    paused: BTreeMap<String, u64>,
 }
 
 fn now_ms() -> u64 {
@@ -155,9 +197,17 @@ impl VolumeScheduler {
             site_demands: Vec::new(),
             published: None,
         };
-        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits };
+        let paused = baselines.paused().unwrap_or_else(|e| {
+            // Without the list no volume can be known to be paused; say so loudly.
+            tracing::error!(error = %e, "cannot read the paused volumes; every volume runs");
+            BTreeMap::new()
+        });
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits, paused };
         s.replan(true);
         s.update_limits();
+        for (volume, since) in &s.paused {
+            tracing::info!(%volume, since_unix_ms = since, "volume is paused; resume it with `drmesh ctl resume`");
+        }
         s
     }
 
@@ -216,6 +266,25 @@ impl VolumeScheduler {
         BandwidthStatus { cap_bps: effective.bps, reason: effective.to_string(), policy_cap_bps: cap.bps, site_share_bps: self.limits.site_share }
     }
 
+    /// Checks that this node is the source of `volume`; the error names it.
+    fn check_source(&self, volume: &str) -> Result<(), String> {
+        let me = self.local_name();
+        match self.topology.volumes.iter().find(|v| v.name == volume) {
+            Some(v) if v.source == me => Ok(()),
+            Some(v) => Err(format!(
+                "volume {volume:?} is replicated by node {}, not by this node ({me}); pause and resume act on the source node",
+                v.source
+            )),
+            None => Err(format!("volume {volume:?} is not in the topology")),
+        }
+    }
+
+    /// Every volume this node is the source of.
+    fn own_volumes(&self) -> Vec<String> {
+        let me = self.local_name();
+        self.topology.volumes.iter().filter(|v| v.source == me).map(|v| v.name.clone()).collect()
+    }
+
     fn local_name(&self) -> String {
         self.topology.node_by_id(&self.local).map(|n| n.name.clone()).unwrap_or_default()
     }
@@ -240,6 +309,7 @@ impl VolumeScheduler {
                         running: false,
                         again: false,
                         waiters: Vec::new(),
+                        cancel: None,
                         last_ok: None,
                         last_error: None,
                         progress: None,
@@ -254,6 +324,16 @@ impl VolumeScheduler {
             }
         }
         self.plans = plans;
+        // A volume that is no longer replicated from here forgets its pause.
+        let own = self.own_volumes();
+        let gone: Vec<String> = self.paused.keys().filter(|v| !own.contains(v)).cloned().collect();
+        for volume in gone {
+            if let Err(e) = self.baselines.set_paused(&volume, None) {
+                tracing::warn!(%volume, error = %e, "cannot forget the pause of a removed volume");
+                continue;
+            }
+            self.paused.remove(&volume);
+        }
     }
 
     fn cycle_config(&self, volume: &str, target: &str) -> Result<CycleConfig, String> {
@@ -278,6 +358,8 @@ impl VolumeScheduler {
         let Some(plan) = self.plans.get_mut(&key) else { return };
         plan.running = true;
         plan.again = false;
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        plan.cancel = Some(cancel_tx);
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
         if let (Some(plan), Ok(c)) = (self.plans.get_mut(&key), &config) {
@@ -292,7 +374,7 @@ impl VolumeScheduler {
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("target {} is not connected", config.target))?;
-                run_cycle(conn, config, baselines).await.map_err(|e| e.to_string())
+                run_cycle(conn, config, baselines, cancel_rx).await.map_err(|e| e.to_string())
             }
             .await;
             me.do_send(CycleDone { key, result });
@@ -302,7 +384,12 @@ impl VolumeScheduler {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.update_limits();
         let now = Instant::now();
-        let due: Vec<Key> = self.plans.iter().filter(|(_, p)| !p.running && (p.again || p.next_due <= now)).map(|(k, _)| k.clone()).collect();
+        let due: Vec<Key> = self
+            .plans
+            .iter()
+            .filter(|((volume, _), p)| !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume))
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in due {
             self.start(key, ctx);
         }
@@ -331,6 +418,7 @@ impl Handler<CycleDone> for VolumeScheduler {
         let Some(plan) = self.plans.get_mut(&msg.key) else { return };
         plan.running = false;
         plan.progress = None;
+        plan.cancel = None;
         let now = Instant::now();
         match &msg.result {
             Ok(report) => {
@@ -360,7 +448,7 @@ impl Handler<CycleDone> for VolumeScheduler {
         }
         // Waiters that arrived while this cycle ran asked for a fresh one.
         let waiters = std::mem::take(&mut plan.waiters);
-        if plan.again {
+        if plan.again && !self.paused.contains_key(&msg.key.0) {
             plan.waiters = waiters;
             self.start(msg.key, ctx);
         } else {
@@ -431,6 +519,15 @@ impl Handler<SyncNow> for VolumeScheduler {
             };
             return Box::pin(async move { Err(reason) });
         }
+        if let Some(since) = self.paused.get(&msg.0) {
+            let reason = format!(
+                "volume {:?} is paused (since {} UTC); `drmesh ctl resume {}` starts a cycle",
+                msg.0,
+                utc_text(*since),
+                msg.0
+            );
+            return Box::pin(async move { Err(reason) });
+        }
         let mut receivers = Vec::new();
         for key in keys {
             let (tx, rx) = oneshot::channel();
@@ -482,9 +579,147 @@ impl Handler<GetReplications> for VolumeScheduler {
                     last_error: p.last_error.clone(),
                     bandwidth: self.bandwidth_status(volume),
                     running_sent_payload_bytes: p.progress.as_ref().map(|b| b.load(Ordering::Relaxed)),
+                    paused_since_unix_ms: self.paused.get(volume).copied(),
                 })
                 .collect(),
         )
+    }
+}
+
+/// `2026-11-22 04:05:06` for a Unix time in ms (UTC), for messages.
+fn utc_text(unix_ms: u64) -> String {
+    i64::try_from(unix_ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(|| format!("{unix_ms} ms after 1970"), |t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// Which volumes a pause or resume acts on.
+#[derive(Debug, Clone)]
+pub enum VolumeSelection {
+    /// These volumes (this node must be the source of each).
+    Named(Vec<String>),
+    /// Every volume this node is the source of.
+    All,
+}
+
+impl VolumeScheduler {
+    fn select(&self, selection: VolumeSelection) -> Result<Vec<String>, String> {
+        match selection {
+            VolumeSelection::All => Ok(self.own_volumes()),
+            VolumeSelection::Named(names) => {
+                if names.is_empty() {
+                    return Err("name a volume, or give --all".into());
+                }
+                let errors: Vec<String> = names.iter().filter_map(|v| self.check_source(v).err()).collect();
+                if errors.is_empty() {
+                    Ok(names)
+                } else {
+                    Err(errors.join("; "))
+                }
+            }
+        }
+    }
+}
+
+/// Pauses volumes: stops their running cycles and starts none until `Resume`.
+/// Answers once every stopped cycle has ended.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<PauseOutcome>, String>")]
+pub struct Pause(pub VolumeSelection);
+
+impl Handler<Pause> for VolumeScheduler {
+    type Result = ResponseFuture<Result<Vec<PauseOutcome>, String>>;
+
+    fn handle(&mut self, msg: Pause, _ctx: &mut Context<Self>) -> Self::Result {
+        let volumes = match self.select(msg.0) {
+            Ok(v) => v,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let now = now_ms();
+        let mut pending = Vec::new();
+        for volume in volumes {
+            let already = self.paused.get(&volume).copied();
+            let since = already.unwrap_or(now);
+            if already.is_none() {
+                if let Err(e) = self.baselines.set_paused(&volume, Some(since)) {
+                    let reason = format!("cannot record the pause of {volume}: {e}");
+                    return Box::pin(async move { Err(reason) });
+                }
+                self.paused.insert(volume.clone(), since);
+                tracing::info!(%volume, "volume paused");
+            }
+            let mut running = Vec::new();
+            for ((v, target), plan) in self.plans.iter_mut().filter(|((v, _), _)| *v == volume) {
+                plan.again = false;
+                if !plan.running {
+                    continue;
+                }
+                if let Some(cancel) = plan.cancel.take() {
+                    let _ = cancel.send(PAUSED_REASON.to_string());
+                }
+                let (tx, rx) = oneshot::channel();
+                plan.waiters.push(tx);
+                running.push((target.clone(), rx));
+                tracing::info!(volume = %v, %target, "stopping the running cycle: paused");
+            }
+            pending.push((volume, since, already.is_some(), running));
+        }
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (volume, since, already_paused, running) in pending {
+                let mut outcome = PauseOutcome {
+                    volume,
+                    paused_since_unix_ms: since,
+                    already_paused,
+                    cycles_stopped: Vec::new(),
+                    cycles_committed: Vec::new(),
+                };
+                for (target, rx) in running {
+                    match rx.await {
+                        Ok(Ok(_)) => outcome.cycles_committed.push(target),
+                        _ => outcome.cycles_stopped.push(target),
+                    }
+                }
+                out.push(outcome);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Resumes paused volumes: a cycle of each starts at once.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<ResumeOutcome>, String>")]
+pub struct Resume(pub VolumeSelection);
+
+impl Handler<Resume> for VolumeScheduler {
+    type Result = Result<Vec<ResumeOutcome>, String>;
+
+    fn handle(&mut self, msg: Resume, ctx: &mut Context<Self>) -> Self::Result {
+        let volumes = self.select(msg.0)?;
+        let mut out = Vec::new();
+        for volume in volumes {
+            let since = self.paused.get(&volume).copied();
+            if since.is_some() {
+                self.baselines.set_paused(&volume, None).map_err(|e| format!("cannot record the resume of {volume}: {e}"))?;
+                self.paused.remove(&volume);
+                tracing::info!(%volume, "volume resumed");
+                let keys: Vec<Key> = self.plans.keys().filter(|(v, _)| *v == volume).cloned().collect();
+                for key in keys {
+                    let Some(plan) = self.plans.get_mut(&key) else { continue };
+                    plan.next_due = Instant::now();
+                    if plan.running {
+                        // A stopped cycle is still ending: the next one follows it at once.
+                        plan.again = true;
+                    } else {
+                        self.start(key, ctx);
+                    }
+                }
+            }
+            out.push(ResumeOutcome { volume, was_paused: since.is_some(), paused_since_unix_ms: since });
+        }
+        Ok(out)
     }
 }
 
@@ -504,5 +739,12 @@ mod tests {
         assert_eq!(local_time_of(&utc), LocalTime { weekday: Weekday::Fri, minute: 21 * 60 + 30 });
         let sunday = jiff::civil::date(2026, 11, 22).at(0, 0, 0, 0).to_zoned(TimeZone::UTC).expect("valid time");
         assert_eq!(local_time_of(&sunday), LocalTime { weekday: Weekday::Sun, minute: 0 });
+    }
+
+    #[test]
+    fn utc_text_formats_civil_time() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_text(1_795_307_094_000), "2026-11-22 00:24:54");
+        assert_eq!(utc_text(951_782_400_000), "2000-02-29 00:00:00");
     }
 }

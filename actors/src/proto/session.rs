@@ -421,6 +421,17 @@ impl SourceSession {
         }
     }
 
+    /// The operator stopped the cycle (`drmesh ctl pause`): it fails with `reason`,
+    /// unless the commit is already on its way, in which case it is let finish
+    /// (returns `false`): failing it then would only hide an RP the target commits.
+    pub fn handle_cancel(&mut self, reason: String) -> bool {
+        if matches!(self.state, SourceState::Committing | SourceState::Done) {
+            return false;
+        }
+        self.fail(reason);
+        true
+    }
+
     /// The connection or stream to the target broke.
     pub fn handle_disconnect(&mut self, reason: String) {
         self.fail(format!("connection to target lost: {reason}"));
@@ -678,6 +689,26 @@ mod tests {
         tgt.handle_blob(&delta).unwrap();
         assert!(tgt.handle_blob(&delta).is_err(), "duplicate accepted");
         tgt.handle_commit().unwrap();
+    }
+
+    #[test]
+    fn cancel_fails_a_streaming_cycle_but_not_a_committing_one() {
+        let mut src = SourceSession::new("vol", None, false, 4096);
+        src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+        while src.poll_event().is_some() {}
+        assert!(src.handle_cancel("paused".into()));
+        assert_eq!(src.poll_event(), Some(SourceEvent::Failed { reason: "paused".into() }));
+
+        // Nothing changed: the commit goes out at once; a cancel after that is refused.
+        let mut src = SourceSession::new("vol", None, false, 4096);
+        src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+        src.handle_reader_done(meta("vol"));
+        while src.poll_transmit().is_some() {}
+        while src.poll_event().is_some() {}
+        assert!(!src.handle_cancel("paused".into()));
+        assert_eq!(src.poll_event(), None);
+        src.handle_message(TargetMsg::Committed { seq: 1 });
+        assert_eq!(src.poll_event(), Some(SourceEvent::Committed { seq: 1 }));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! the staged rows behind, and the next cycle clears them first: the baseline
 //! itself only ever moves forward to an RP the target has committed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -21,6 +22,8 @@ const META: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("baselin
 const BLOCKS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("baseline_blocks");
 /// Staged entries of the cycle in flight, same layout as BLOCKS.
 const STAGED: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("baseline_staged");
+/// Volumes paused by `drmesh ctl pause`: volume -> when (Unix ms).
+const PAUSED: TableDefinition<&str, u64> = TableDefinition::new("paused_volumes");
 
 /// What the baseline RP was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +81,7 @@ impl Baselines {
             txn.open_table(META).map_err(|e| this.err(e))?;
             txn.open_table(BLOCKS).map_err(|e| this.err(e))?;
             txn.open_table(STAGED).map_err(|e| this.err(e))?;
+            txn.open_table(PAUSED).map_err(|e| this.err(e))?;
         }
         txn.commit().map_err(|e| this.err(e))?;
         Ok(this)
@@ -170,6 +174,33 @@ impl Baselines {
         Ok(promoted)
     }
 
+    /// The paused volumes and since when (Unix ms).
+    pub fn paused(&self) -> Result<BTreeMap<String, u64>, SourceError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(PAUSED).map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.insert(k.value().to_string(), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Records `volume` as paused since `since_unix_ms` (`Some`) or not paused (`None`),
+    /// durably: a restart keeps the volume paused.
+    pub fn set_paused(&self, volume: &str, since_unix_ms: Option<u64>) -> Result<(), SourceError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(PAUSED).map_err(|e| self.err(e))?;
+            match since_unix_ms {
+                Some(at) => table.insert(volume, at).map(|_| ()),
+                None => table.remove(volume).map(|_| ()),
+            }
+            .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Forgets the baseline (the next cycle offers every block).
     pub fn reset(&self, volume: &str, target: &str) -> Result<(), SourceError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -227,5 +258,19 @@ mod tests {
         let b = Baselines::open(&path).unwrap();
         assert_eq!(b.meta("v", "t").unwrap().unwrap().seq, 5);
         assert!(b.blocks("v", "t", 1, 1).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn paused_set_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("source.redb");
+        {
+            let b = Baselines::open(&path).unwrap();
+            b.set_paused("a", Some(10)).unwrap();
+            b.set_paused("b", Some(20)).unwrap();
+            b.set_paused("a", None).unwrap();
+        }
+        let b = Baselines::open(&path).unwrap();
+        assert_eq!(b.paused().unwrap(), BTreeMap::from([("b".to_string(), 20)]));
     }
 }
