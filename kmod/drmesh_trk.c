@@ -6,7 +6,12 @@
  * bitmap of the ranges written since the last hand-over, at a fixed granularity.
  * Writes are seen by a kprobe on submit_bio_noacct(), the one entry every bio
  * passes before it reaches a driver (see README.md for why this hook and its
- * limits). The probe only observes: it never delays, changes or completes a bio.
+ * limits). The probe never delays or completes a bio: it records the range in
+ * the live bitmap and wraps the bio's completion (bi_end_io/bi_private), so the
+ * range is recorded again in the bitmap that is live when the write completes.
+ * A write in flight across a hand-over is therefore in both bitmaps, and a
+ * reader that reads the device after a hand-over misses nothing: whatever had
+ * not landed yet is in the next bitmap.
  *
  * Locking: trk_lock (a mutex) serialises attach, detach and hand-over. The
  * probe walks the tracker list and reads each tracker's live bitmap under RCU
@@ -27,6 +32,7 @@
 #include <linux/capability.h>
 #include <linux/bitmap.h>
 #include <linux/atomic.h>
+#include <linux/wait.h>
 
 #include "drmesh_ioctl.h"
 
@@ -47,6 +53,8 @@
  * @spare: the other bitmap, all zero, owned by the hand-over path.
  * @writes_seen: write-class bios recorded.
  * @handovers: successful hand-overs.
+ * @unwrapped: set when a write's completion could not be wrapped (no memory);
+ *	the next hand-over then also keeps its bits in the new bitmap.
  */
 struct trk_dev {
 	struct list_head node;
@@ -60,11 +68,35 @@ struct trk_dev {
 	unsigned long *spare;
 	atomic64_t writes_seen;
 	u64 handovers;
+	atomic_t unwrapped;
+};
+
+/**
+ * struct trk_io - completion wrapper of one write bio.
+ * @end_io: the bio's own bi_end_io, restored before it is called.
+ * @private: the bio's own bi_private.
+ * @disk: the disk written (compared only, never dereferenced).
+ * @first: first disk sector written.
+ * @end: sector after the last one written.
+ *
+ * Holds no tracker: at completion the tracker list is walked again, so detach
+ * never waits for writes in flight; only module unload does (trk_inflight).
+ */
+struct trk_io {
+	bio_end_io_t *end_io;
+	void *private;
+	struct gendisk *disk;
+	sector_t first;
+	sector_t end;
 };
 
 static DEFINE_MUTEX(trk_lock);
 static LIST_HEAD(trk_devices);
 static unsigned int trk_count;
+static struct kmem_cache *trk_io_cache;
+/* Wrapped bios not yet completed; unload waits for zero. */
+static atomic_t trk_inflight = ATOMIC_INIT(0);
+static DECLARE_WAIT_QUEUE_HEAD(trk_inflight_wait);
 
 /* Sets bits [first, last] without losing concurrent setters' bits. */
 static void trk_set_bits(unsigned long *map, unsigned long first,
@@ -98,20 +130,86 @@ static bool trk_is_write_class(const struct bio *bio)
 	}
 }
 
+/*
+ * Records disk sectors [first, end) of @disk in every tracker that covers them.
+ * Caller holds rcu_read_lock(). Returns how many trackers matched; with
+ * @missed, flags each of them as having a write whose completion is unseen.
+ */
+static unsigned int trk_record_range(struct gendisk *disk, sector_t first,
+				     sector_t end, bool count, bool missed)
+{
+	struct trk_dev *t;
+	unsigned int matched = 0;
+
+	list_for_each_entry_rcu(t, &trk_devices, node) {
+		unsigned long *map;
+		sector_t lo, hi;
+		unsigned int shift;
+
+		if (t->disk != disk)
+			continue;
+		lo = max(first, t->start_sect);
+		hi = min(end, t->start_sect + t->nr_sects);
+		if (lo >= hi)
+			continue;
+		shift = t->gran_shift - SECTOR_SHIFT;
+		map = rcu_dereference(t->live);
+		trk_set_bits(map, (lo - t->start_sect) >> shift,
+			     (hi - 1 - t->start_sect) >> shift);
+		if (count)
+			atomic64_inc(&t->writes_seen);
+		if (missed)
+			atomic_set(&t->unwrapped, 1);
+		matched++;
+	}
+	return matched;
+}
+
+/**
+ * trk_end_io() - completion of a wrapped write.
+ * @bio: the bio, its own bi_end_io/bi_private replaced by ours.
+ *
+ * Records the range in the bitmaps live now, restores the bio's own completion
+ * and calls it. Runs in any context, often an interrupt; must not sleep.
+ */
+static void trk_end_io(struct bio *bio)
+{
+	struct trk_io *io = bio->bi_private;
+
+	rcu_read_lock();
+	trk_record_range(io->disk, io->first, io->end, false, false);
+	rcu_read_unlock();
+	bio->bi_end_io = io->end_io;
+	bio->bi_private = io->private;
+	kmem_cache_free(trk_io_cache, io);
+	if (bio->bi_end_io)
+		bio->bi_end_io(bio);
+	/*
+	 * Last: unload waits for zero and then for an RCU grace period, which
+	 * also covers the return from here when this runs with preemption
+	 * off (interrupt and softirq completions, the usual case).
+	 */
+	if (atomic_dec_and_test(&trk_inflight))
+		wake_up(&trk_inflight_wait);
+}
+
 /**
  * trk_record_bio() - record a bio's range in every tracker of its disk.
  * @bio: a bio entering submit_bio_noacct().
  *
  * Runs in the submitter's context with preemption disabled; must not sleep.
  * A write with REQ_PREFLUSH or REQ_FUA is a REQ_OP_WRITE and is recorded like
- * any other; an empty flush has no sectors and records nothing.
+ * any other; an empty flush has no sectors and records nothing. A bio that is
+ * already wrapped (the remainder of a split, resubmitted) is not wrapped again:
+ * its wrapper covers the whole original range.
  */
 static void trk_record_bio(struct bio *bio)
 {
 	struct block_device *bdev = bio->bi_bdev;
-	struct trk_dev *t;
+	struct trk_io *io = NULL;
 	sector_t first, end;
 	unsigned int sectors;
+	bool wrap;
 
 	if (!bdev || !trk_is_write_class(bio))
 		return;
@@ -124,25 +222,29 @@ static void trk_record_bio(struct bio *bio)
 	 */
 	first = bio->bi_iter.bi_sector + bdev->bd_start_sect;
 	end = first + sectors;
+	wrap = bio->bi_end_io != trk_end_io;
 
 	rcu_read_lock();
-	list_for_each_entry_rcu(t, &trk_devices, node) {
-		unsigned long *map;
-		sector_t lo, hi;
-		unsigned int shift;
-
-		if (t->disk != bdev->bd_disk)
-			continue;
-		lo = max(first, t->start_sect);
-		hi = min(end, t->start_sect + t->nr_sects);
-		if (lo >= hi)
-			continue;
-		shift = t->gran_shift - SECTOR_SHIFT;
-		map = rcu_dereference(t->live);
-		trk_set_bits(map, (lo - t->start_sect) >> shift,
-			     (hi - 1 - t->start_sect) >> shift);
-		atomic64_inc(&t->writes_seen);
+	if (list_empty(&trk_devices))
+		goto out;
+	if (wrap)
+		io = kmem_cache_alloc(trk_io_cache, GFP_NOWAIT | __GFP_NOWARN);
+	if (!trk_record_range(bdev->bd_disk, first, end, true, wrap && !io)) {
+		if (io)
+			kmem_cache_free(trk_io_cache, io);
+		goto out;
 	}
+	if (io) {
+		io->end_io = bio->bi_end_io;
+		io->private = bio->bi_private;
+		io->disk = bdev->bd_disk;
+		io->first = first;
+		io->end = end;
+		atomic_inc(&trk_inflight);
+		bio->bi_private = io;
+		bio->bi_end_io = trk_end_io;
+	}
+out:
 	rcu_read_unlock();
 }
 
@@ -288,6 +390,7 @@ static long trk_attach(void __user *arg)
 		goto out_free;
 	}
 	atomic64_set(&t->writes_seen, 0);
+	atomic_set(&t->unwrapped, 0);
 
 	/* Held until detach: rmmod is refused while any device is attached. */
 	__module_get(THIS_MODULE);
@@ -424,6 +527,13 @@ static long trk_get_bitmap(void __user *arg)
 		trk_merge_back(live, old, t->nbits);
 		ret = -EFAULT;
 	} else {
+		/*
+		 * A write submitted before the swap whose completion we could
+		 * not wrap may still land after it: keep its bits (all of
+		 * old's, as we do not know which) in the new bitmap too.
+		 */
+		if (atomic_xchg(&t->unwrapped, 0))
+			trk_merge_back(live, old, t->nbits);
 		b.bits_set = bitmap_weight(old, t->nbits);
 		t->handovers++;
 	}
@@ -530,19 +640,26 @@ static int __init trk_init(void)
 {
 	int ret;
 
+	trk_io_cache = KMEM_CACHE(trk_io, 0);
+	if (!trk_io_cache)
+		return -ENOMEM;
 	ret = register_kprobe(&trk_probe);
 	if (ret) {
 		pr_err("drmesh_trk: cannot probe submit_bio_noacct: %d\n", ret);
-		return ret;
+		goto out_cache;
 	}
 	ret = misc_register(&trk_misc);
-	if (ret) {
-		unregister_kprobe(&trk_probe);
-		return ret;
-	}
+	if (ret)
+		goto out_probe;
 	pr_info("drmesh_trk: loaded, interface version %d\n",
 		DRMESH_IOCTL_VERSION);
 	return 0;
+
+out_probe:
+	unregister_kprobe(&trk_probe);
+out_cache:
+	kmem_cache_destroy(trk_io_cache);
+	return ret;
 }
 
 static void __exit trk_exit(void)
@@ -551,6 +668,11 @@ static void __exit trk_exit(void)
 	WARN_ON(!list_empty(&trk_devices));
 	misc_deregister(&trk_misc);
 	unregister_kprobe(&trk_probe);
+	/* Writes wrapped before the last detach may still be in flight. */
+	wait_event(trk_inflight_wait, atomic_read(&trk_inflight) == 0);
+	/* ...and their trk_end_io() may still be returning. */
+	synchronize_rcu();
+	kmem_cache_destroy(trk_io_cache);
 	pr_info("drmesh_trk: unloaded\n");
 }
 

@@ -41,6 +41,22 @@ $ctl check /tmp/b1 "$gran" /tmp/r1 exact
 $ctl bitmap "$vdb" /tmp/b2
 $ctl check /tmp/b2 "$gran" /dev/null exact
 
+step "hand-overs racing random writes: the union of the bitmaps covers every write"
+$ctl randwrite /dev/vdb 3000 11 >/tmp/rr &
+rw=$!
+n=0
+while kill -0 $rw 2>/dev/null; do
+    n=$((n + 1))
+    $ctl bitmap "$vdb" /tmp/h$n >/dev/null
+done
+wait $rw
+n=$((n + 1))
+$ctl bitmap "$vdb" /tmp/h$n >/dev/null
+echo "$n hand-overs during the writes"
+[ "$n" -ge 3 ] || fail "too few hand-overs ($n) to test the race"
+$ctl or /tmp/hall /tmp/h*
+$ctl check /tmp/hall "$gran" /tmp/rr exact
+
 step "granularity 64 KiB"
 $ctl detach "$vdb"
 set -- $($ctl attach /dev/vdb 65536)

@@ -8,8 +8,10 @@
  *   status MAJOR:MINOR             prints the status fields
  *   bitmap MAJOR:MINOR OUT         hands the bitmap over into file OUT
  *   randwrite FILE COUNT SEED      random O_DIRECT writes into an existing,
- *                                  allocated FILE; prints the device byte
- *                                  ranges written ("START LENGTH" lines)
+ *                                  allocated FILE or a block device; prints
+ *                                  the device byte ranges written ("START
+ *                                  LENGTH" lines)
+ *   or OUT IN...                   OUT = bitwise OR of bitmap files IN...
  *   syncwrite PATH OFFSET LENGTH   one O_DIRECT|O_DSYNC write (FUA, or a
  *                                  write and a flush where FUA is missing)
  *   zeroout DEVICE OFFSET LENGTH   BLKZEROOUT (write-zeroes where supported)
@@ -225,6 +227,13 @@ static int cmd_randwrite(const char *path, unsigned int count, unsigned int seed
 
 	if (fd < 0 || fstat(fd, &st))
 		die(path);
+	if (S_ISBLK(st.st_mode)) {
+		uint64_t size;
+
+		if (ioctl(fd, BLKGETSIZE64, &size))
+			die("BLKGETSIZE64");
+		st.st_size = size;
+	}
 	if (!offs || !lens || posix_memalign(&buf, 4096, 65536))
 		die("alloc");
 	srand(seed);
@@ -243,8 +252,12 @@ static int cmd_randwrite(const char *path, unsigned int count, unsigned int seed
 	}
 	if (fdatasync(fd))
 		die("fdatasync");
-	for (unsigned int i = 0; i < count; i++)
-		print_map(fd, offs[i], lens[i]);
+	for (unsigned int i = 0; i < count; i++) {
+		if (S_ISBLK(st.st_mode))
+			printf("%" PRIu64 " %" PRIu64 "\n", offs[i], lens[i]);
+		else
+			print_map(fd, offs[i], lens[i]);
+	}
 	close(fd);
 	return 0;
 }
@@ -292,6 +305,39 @@ static int cmd_check(const char *bitmap, unsigned int gran, const char *ranges,
 		return 1;
 	}
 	return missing ? 1 : 0;
+}
+
+static int cmd_or(const char *out, char **in, int n)
+{
+	unsigned char *acc = NULL;
+	long acc_bytes = 0;
+
+	for (int i = 0; i < n; i++) {
+		FILE *f = fopen(in[i], "r");
+		int c;
+		long j = 0;
+
+		if (!f)
+			die(in[i]);
+		while ((c = fgetc(f)) != EOF) {
+			if (j >= acc_bytes) {
+				acc = realloc(acc, j + 1);
+				if (!acc)
+					die("realloc");
+				acc[j] = 0;
+				acc_bytes = j + 1;
+			}
+			acc[j++] |= c;
+		}
+		fclose(f);
+	}
+	FILE *f = fopen(out, "w");
+
+	if (!f || (acc_bytes && fwrite(acc, 1, acc_bytes, f) != (size_t)acc_bytes) ||
+	    fclose(f))
+		die(out);
+	free(acc);
+	return 0;
 }
 
 static int failures;
@@ -461,6 +507,8 @@ int main(int argc, char **argv)
 	    !strcmp(argv[1], "check"))
 		return cmd_check(argv[2], strtoul(argv[3], NULL, 0), argv[4],
 				 argc == 6);
+	if (argc >= 4 && !strcmp(argv[1], "or"))
+		return cmd_or(argv[2], argv + 3, argc - 3);
 	if (argc == 3 && !strcmp(argv[1], "errors"))
 		return cmd_errors(argv[2]);
 	fprintf(stderr, "usage: see the comment at the top of drmesh-kmodctl.c\n");
