@@ -130,13 +130,18 @@ static bool trk_is_write_class(const struct bio *bio)
 	}
 }
 
+enum trk_mark {
+	TRK_SUBMITTED,	/* set the bits, count the write */
+	TRK_COMPLETED,	/* set the bits */
+	TRK_UNWRAPPED,	/* flag: a write's completion will not be seen */
+};
+
 /*
- * Records disk sectors [first, end) of @disk in every tracker that covers them.
- * Caller holds rcu_read_lock(). Returns how many trackers matched; with
- * @missed, flags each of them as having a write whose completion is unseen.
+ * Marks disk sectors [first, end) of @disk in every tracker that covers them.
+ * Caller holds rcu_read_lock(). Returns how many trackers matched.
  */
-static unsigned int trk_record_range(struct gendisk *disk, sector_t first,
-				     sector_t end, bool count, bool missed)
+static unsigned int trk_mark_range(struct gendisk *disk, sector_t first,
+				   sector_t end, enum trk_mark how)
 {
 	struct trk_dev *t;
 	unsigned int matched = 0;
@@ -152,15 +157,17 @@ static unsigned int trk_record_range(struct gendisk *disk, sector_t first,
 		hi = min(end, t->start_sect + t->nr_sects);
 		if (lo >= hi)
 			continue;
+		matched++;
+		if (how == TRK_UNWRAPPED) {
+			atomic_set(&t->unwrapped, 1);
+			continue;
+		}
 		shift = t->gran_shift - SECTOR_SHIFT;
 		map = rcu_dereference(t->live);
 		trk_set_bits(map, (lo - t->start_sect) >> shift,
 			     (hi - 1 - t->start_sect) >> shift);
-		if (count)
+		if (how == TRK_SUBMITTED)
 			atomic64_inc(&t->writes_seen);
-		if (missed)
-			atomic_set(&t->unwrapped, 1);
-		matched++;
 	}
 	return matched;
 }
@@ -177,7 +184,7 @@ static void trk_end_io(struct bio *bio)
 	struct trk_io *io = bio->bi_private;
 
 	rcu_read_lock();
-	trk_record_range(io->disk, io->first, io->end, false, false);
+	trk_mark_range(io->disk, io->first, io->end, TRK_COMPLETED);
 	rcu_read_unlock();
 	bio->bi_end_io = io->end_io;
 	bio->bi_private = io->private;
@@ -206,10 +213,9 @@ static void trk_end_io(struct bio *bio)
 static void trk_record_bio(struct bio *bio)
 {
 	struct block_device *bdev = bio->bi_bdev;
-	struct trk_io *io = NULL;
+	struct trk_io *io;
 	sector_t first, end;
 	unsigned int sectors;
-	bool wrap;
 
 	if (!bdev || !trk_is_write_class(bio))
 		return;
@@ -222,28 +228,26 @@ static void trk_record_bio(struct bio *bio)
 	 */
 	first = bio->bi_iter.bi_sector + bdev->bd_start_sect;
 	end = first + sectors;
-	wrap = bio->bi_end_io != trk_end_io;
 
 	rcu_read_lock();
-	if (list_empty(&trk_devices))
+	if (!trk_mark_range(bdev->bd_disk, first, end, TRK_SUBMITTED))
 		goto out;
-	if (wrap)
-		io = kmem_cache_alloc(trk_io_cache, GFP_NOWAIT | __GFP_NOWARN);
-	if (!trk_record_range(bdev->bd_disk, first, end, true, wrap && !io)) {
-		if (io)
-			kmem_cache_free(trk_io_cache, io);
+	if (bio->bi_end_io == trk_end_io)
+		goto out;
+	io = kmem_cache_alloc(trk_io_cache, GFP_NOWAIT | __GFP_NOWARN);
+	if (!io) {
+		/* Seen by the next hand-over: same RCU read section. */
+		trk_mark_range(bdev->bd_disk, first, end, TRK_UNWRAPPED);
 		goto out;
 	}
-	if (io) {
-		io->end_io = bio->bi_end_io;
-		io->private = bio->bi_private;
-		io->disk = bdev->bd_disk;
-		io->first = first;
-		io->end = end;
-		atomic_inc(&trk_inflight);
-		bio->bi_private = io;
-		bio->bi_end_io = trk_end_io;
-	}
+	io->end_io = bio->bi_end_io;
+	io->private = bio->bi_private;
+	io->disk = bdev->bd_disk;
+	io->first = first;
+	io->end = end;
+	atomic_inc(&trk_inflight);
+	bio->bi_private = io;
+	bio->bi_end_io = trk_end_io;
 out:
 	rcu_read_unlock();
 }

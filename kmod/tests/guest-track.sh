@@ -129,3 +129,21 @@ umount /mnt/a 2>/dev/null || { sleep 2; umount /mnt/a; }
 rmmod drmesh_trk
 [ ! -e /dev/drmesh-ctl ] || fail "/dev/drmesh-ctl still there after rmmod"
 echo "unloaded"
+
+step "device removed while attached"
+insmod /lib/modules/drmesh_trk.ko
+set -- $($ctl attach /dev/vdb)
+vdb=$1
+pci=$(readlink -f /sys/block/vdb/device/..)
+dd if=/dev/urandom of=/dev/vdb bs=4096 count=4 oflag=direct conv=fsync status=none
+echo 1 >"$pci/remove"
+sleep 1
+[ ! -e /sys/block/vdb ] || fail "vdb still present after PCI remove"
+$ctl status "$vdb" | tee /tmp/st
+grep -q '^state=3 ' /tmp/st || fail "removal not reported (want state=3: attached, gone)"
+$ctl bitmap "$vdb" /tmp/g1
+echo "0 16384" >/tmp/rg
+$ctl check /tmp/g1 4096 /tmp/rg exact
+$ctl detach "$vdb"
+rmmod drmesh_trk
+echo "detached and unloaded after the device went away"
