@@ -42,19 +42,24 @@ $ctl bitmap "$vdb" /tmp/b2
 $ctl check /tmp/b2 "$gran" /dev/null exact
 
 step "hand-overs racing random writes: the union of the bitmaps covers every write"
-$ctl randwrite /dev/vdb 3000 11 >/tmp/rr &
-rw=$!
+# two writers (one per guest CPU) and a hand-over loop
+$ctl randwrite /dev/vdb 2000 11 >/tmp/rr1 &
+rw1=$!
+$ctl randwrite /dev/vdb 2000 12 >/tmp/rr2 &
+rw2=$!
 n=0
-while kill -0 $rw 2>/dev/null; do
+while kill -0 $rw1 2>/dev/null || kill -0 $rw2 2>/dev/null; do
     n=$((n + 1))
     $ctl bitmap "$vdb" /tmp/h$n >/dev/null
 done
-wait $rw
+wait $rw1
+wait $rw2
 n=$((n + 1))
 $ctl bitmap "$vdb" /tmp/h$n >/dev/null
 echo "$n hand-overs during the writes"
 [ "$n" -ge 3 ] || fail "too few hand-overs ($n) to test the race"
 $ctl or /tmp/hall /tmp/h*
+cat /tmp/rr1 /tmp/rr2 >/tmp/rr
 $ctl check /tmp/hall "$gran" /tmp/rr exact
 
 step "granularity 64 KiB"
