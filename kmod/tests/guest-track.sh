@@ -135,6 +135,28 @@ rmmod drmesh_trk
 [ ! -e /dev/drmesh-ctl ] || fail "/dev/drmesh-ctl still there after rmmod"
 echo "unloaded"
 
+step "attach, hand-over, detach and unload in a loop under two writers"
+insmod /lib/modules/drmesh_trk.ko
+$ctl randwrite /dev/vdb 3000 21 >/dev/null &
+rw1=$!
+$ctl randwrite /dev/vdb 3000 22 >/dev/null &
+rw2=$!
+loops=0
+while kill -0 $rw1 2>/dev/null || kill -0 $rw2 2>/dev/null; do
+    set -- $($ctl attach /dev/vdb)
+    $ctl bitmap "$1" /tmp/l >/dev/null
+    $ctl detach "$1"
+    # wrapped writes may still be in flight: unload waits for them
+    rmmod drmesh_trk
+    insmod /lib/modules/drmesh_trk.ko
+    loops=$((loops + 1))
+done
+wait $rw1
+wait $rw2
+echo "$loops attach/detach/unload cycles under load"
+[ "$loops" -ge 3 ] || fail "too few cycles ($loops)"
+rmmod drmesh_trk
+
 step "device removed while attached"
 insmod /lib/modules/drmesh_trk.ko
 set -- $($ctl attach /dev/vdb)
