@@ -156,10 +156,11 @@ static long trk_attach(void __user *arg)
 	__module_get(THIS_MODULE);
 	list_add_tail_rcu(&t->node, &trk_devices);
 	trk_count++;
-	mutex_unlock(&trk_lock);
-
+	/* Under the lock: once it is dropped, a detach may close bdev. */
 	pr_info("drmesh_trk: attached %pg (%llu sectors, %u bytes per bit)\n",
 		bdev, (unsigned long long)t->nr_sects, gran);
+	mutex_unlock(&trk_lock);
+
 	a.dev_major = MAJOR(dev);
 	a.dev_minor = MINOR(dev);
 	a.granularity_bytes = gran;
