@@ -478,6 +478,20 @@ static int cmd_errors(const char *path)
 	expect("detach twice", ioctl(fd, DRMESH_IOC_DETACH, &d), ENOENT);
 	b.buf = (uintptr_t)small;
 	expect("bitmap, not attached", ioctl(fd, DRMESH_IOC_GET_BITMAP, &b), ENOENT);
+	b.reserved = 1;
+	expect("bitmap, reserved set", ioctl(fd, DRMESH_IOC_GET_BITMAP, &b), EINVAL);
+
+	memset(&s, 0, sizeof(s));
+	s.version = DRMESH_IOCTL_VERSION;
+	s.dev_major = major(st.st_rdev);
+	s.dev_minor = minor(st.st_rdev);
+	expect("status, not attached", ioctl(fd, DRMESH_IOC_STATUS, &s), 0);
+	if (s.state != 0) {
+		printf("FAIL status of a detached device: state %u\n", s.state);
+		failures++;
+	}
+	s.version = 0;
+	expect("status, unknown version", ioctl(fd, DRMESH_IOC_STATUS, &s), EPROTO);
 	return failures ? 1 : 0;
 }
 
