@@ -43,7 +43,7 @@ fn module_tracks_writes_in_a_real_kernel() {
         .expect("run scripts/kmod-vm");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let passed = stdout.lines().any(|l| l.trim_end().starts_with(PASS_MARKER));
+    let passed = stdout.lines().any(|l| l.contains(PASS_MARKER));
     assert!(
         out.status.success() && passed,
         "guest test failed ({}):\n{stdout}\n{stderr}",
