@@ -3,5 +3,5 @@
 //! and the Rust interface to it (ioctls, snapshot device) used by the `kmod`
 //! source kind.
 //!
-//! Nothing lives here yet: the module and its wrapper arrive with the Linux agent
-//! work. The crate exists so the workspace has its final shape.
+//! The module's change tracking is in place (see `kmod/README.md`); its Rust
+//! wrapper and the `kmod` source kind are still to come.

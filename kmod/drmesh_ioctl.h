@@ -1,0 +1,159 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * drmesh kernel module: the control interface shared with userspace.
+ *
+ * One character device, /dev/drmesh-ctl (mode 0600, every ioctl needs
+ * CAP_SYS_ADMIN). Every parameter struct starts with `version` (must be
+ * DRMESH_IOCTL_VERSION, else -EPROTO) and `flags` (must be 0 until a flag is
+ * defined, else -EINVAL); reserved fields must be 0. Devices are named by
+ * major:minor in every call after attach. Sizes are fixed and checked at
+ * compile time below, so the ioctl numbers (which encode the size) change
+ * whenever a layout does.
+ */
+#ifndef DRMESH_IOCTL_H
+#define DRMESH_IOCTL_H
+
+#ifdef __KERNEL__
+#include <linux/types.h>
+#include <linux/ioctl.h>
+#else
+#include <linux/types.h>
+#include <sys/ioctl.h>
+#endif
+
+#define DRMESH_CTL_NAME "drmesh-ctl"
+#define DRMESH_IOCTL_VERSION 1
+#define DRMESH_IOC_MAGIC 0xDB
+
+/* Largest tracking granularity, and the path length including its NUL. */
+#define DRMESH_GRANULARITY_BYTES_MAX (1u << 20)
+#define DRMESH_PATH_BYTES 256
+
+/**
+ * struct drmesh_attach - start change tracking on a block device.
+ * @version: DRMESH_IOCTL_VERSION.
+ * @flags: 0.
+ * @dev_major: device major; used when @path is empty.
+ * @dev_minor: device minor; used when @path is empty.
+ * @granularity_bytes: bytes per bitmap bit; 0 picks the default (4096, or the
+ *	device's logical block size when larger). Else a power of two, at least
+ *	512 and the logical block size, at most DRMESH_GRANULARITY_BYTES_MAX.
+ * @reserved: 0.
+ * @path: NUL-terminated path of a block device node, or "" to use major:minor.
+ *
+ * On success the kernel fills in @dev_major, @dev_minor and @granularity_bytes.
+ */
+struct drmesh_attach {
+	__u32 version;
+	__u32 flags;
+	__u32 dev_major;
+	__u32 dev_minor;
+	__u32 granularity_bytes;
+	__u32 reserved;
+	char path[DRMESH_PATH_BYTES];
+};
+
+/**
+ * struct drmesh_dev - names an attached device (detach).
+ * @version: DRMESH_IOCTL_VERSION.
+ * @flags: 0.
+ * @dev_major: device major.
+ * @dev_minor: device minor.
+ */
+struct drmesh_dev {
+	__u32 version;
+	__u32 flags;
+	__u32 dev_major;
+	__u32 dev_minor;
+};
+
+/**
+ * struct drmesh_bitmap - hand over the change bitmap (GET_BITMAP).
+ * @version: DRMESH_IOCTL_VERSION.
+ * @flags: 0.
+ * @dev_major: device major.
+ * @dev_minor: device minor.
+ * @buf: user address the bitmap is copied to. Bit i (bit i%8 of byte i/8)
+ *	covers bytes [i * granularity_bytes, (i + 1) * granularity_bytes).
+ * @buf_bytes: size of @buf; must be at least @bitmap_bytes, else -ENOSPC with
+ *	@bitmap_bytes filled in and nothing handed over.
+ * @bitmap_bytes: out: bytes of bitmap written.
+ * @bits_set: out: bits set in the handed-over bitmap.
+ * @device_bytes: out: size of the tracked device.
+ * @granularity_bytes: out: bytes per bit.
+ * @reserved: 0.
+ *
+ * The bitmap handed over holds every write submitted since the previous
+ * hand-over (or since attach); a fresh bitmap starts at the same instant, so
+ * each write lands in exactly one of two consecutive bitmaps. If the copy to
+ * @buf faults, the bits are merged back into the live bitmap (-EFAULT): no
+ * change is lost.
+ */
+struct drmesh_bitmap {
+	__u32 version;
+	__u32 flags;
+	__u32 dev_major;
+	__u32 dev_minor;
+	__u64 buf;
+	__u64 buf_bytes;
+	__u64 bitmap_bytes;
+	__u64 bits_set;
+	__u64 device_bytes;
+	__u32 granularity_bytes;
+	__u32 reserved;
+};
+
+/* Status flags (struct drmesh_status.state). */
+#define DRMESH_STATE_ATTACHED (1u << 0)
+#define DRMESH_STATE_DEVICE_GONE (1u << 1) /* device removed while attached */
+
+/**
+ * struct drmesh_status - state of one device (STATUS).
+ * @version: DRMESH_IOCTL_VERSION.
+ * @flags: 0.
+ * @dev_major: in: device major.
+ * @dev_minor: in: device minor.
+ * @state: out: DRMESH_STATE_* bits; 0 when the device is not attached.
+ * @granularity_bytes: out: bytes per bit.
+ * @device_bytes: out: size of the tracked device.
+ * @bitmap_bytes: out: size a GET_BITMAP buffer needs.
+ * @bits_set: out: bits set in the live bitmap (a racy snapshot).
+ * @writes_seen: out: write-class bios recorded since attach.
+ * @handovers: out: GET_BITMAP calls that succeeded since attach.
+ * @attached_count: out: devices attached in total.
+ * @reserved: 0.
+ */
+struct drmesh_status {
+	__u32 version;
+	__u32 flags;
+	__u32 dev_major;
+	__u32 dev_minor;
+	__u32 state;
+	__u32 granularity_bytes;
+	__u64 device_bytes;
+	__u64 bitmap_bytes;
+	__u64 bits_set;
+	__u64 writes_seen;
+	__u64 handovers;
+	__u32 attached_count;
+	__u32 reserved;
+};
+
+#define DRMESH_IOC_ATTACH _IOWR(DRMESH_IOC_MAGIC, 1, struct drmesh_attach)
+#define DRMESH_IOC_DETACH _IOW(DRMESH_IOC_MAGIC, 2, struct drmesh_dev)
+#define DRMESH_IOC_GET_BITMAP _IOWR(DRMESH_IOC_MAGIC, 3, struct drmesh_bitmap)
+#define DRMESH_IOC_STATUS _IOWR(DRMESH_IOC_MAGIC, 4, struct drmesh_status)
+
+#ifdef __KERNEL__
+#include <linux/build_bug.h>
+#define DRMESH_ASSERT_SIZE(t, n) static_assert(sizeof(t) == (n))
+#else
+#include <assert.h>
+#define DRMESH_ASSERT_SIZE(t, n) _Static_assert(sizeof(t) == (n), #t)
+#endif
+DRMESH_ASSERT_SIZE(struct drmesh_attach, 24 + DRMESH_PATH_BYTES);
+DRMESH_ASSERT_SIZE(struct drmesh_dev, 16);
+DRMESH_ASSERT_SIZE(struct drmesh_bitmap, 64);
+DRMESH_ASSERT_SIZE(struct drmesh_status, 72);
+
+#endif /* DRMESH_IOCTL_H */

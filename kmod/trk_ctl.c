@@ -1,0 +1,397 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * drmesh_trk control device: /dev/drmesh-ctl and its ioctls (attach, detach,
+ * bitmap hand-over, status). Every argument is checked before any state
+ * changes; see drmesh_ioctl.h for the interface.
+ */
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/miscdevice.h>
+#include <linux/fs.h>
+#include <linux/blkdev.h>
+#include <linux/mm.h>
+#include <linux/slab.h>
+#include <linux/rculist.h>
+#include <linux/uaccess.h>
+#include <linux/capability.h>
+#include <linux/bitmap.h>
+
+#include "drmesh_ioctl.h"
+#include "trk.h"
+
+static size_t trk_bitmap_bytes(const struct trk_dev *t)
+{
+	return DIV_ROUND_UP(t->nbits, 8);
+}
+
+static struct trk_dev *trk_find(dev_t dev)
+{
+	struct trk_dev *t;
+
+	lockdep_assert_held(&trk_lock);
+	list_for_each_entry(t, &trk_devices, node)
+		if (t->bdev->bd_dev == dev)
+			return t;
+	return NULL;
+}
+
+static void trk_free(struct trk_dev *t)
+{
+	kvfree(rcu_access_pointer(t->live));
+	kvfree(t->spare);
+	kfree(t);
+}
+
+/* Checks the fields every parameter struct starts with. */
+static int trk_check_header(u32 version, u32 flags)
+{
+	if (version != DRMESH_IOCTL_VERSION)
+		return -EPROTO;
+	if (flags)
+		return -EINVAL;
+	return 0;
+}
+
+static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
+{
+	if (major >= (1u << (32 - MINORBITS)) || minor > MINORMASK)
+		return -EINVAL;
+	*dev = MKDEV(major, minor);
+	return 0;
+}
+
+/**
+ * trk_attach() - start tracking a device.
+ * @arg: user pointer to struct drmesh_attach.
+ *
+ * Return: 0, or -EBUSY when the device is already attached, -ENOSPC when
+ * TRK_MAX_DEVICES are, -EFBIG when the bitmaps would be too large for the
+ * granularity, -EINVAL/-EPROTO for bad arguments, or the open error.
+ */
+static long trk_attach(void __user *arg)
+{
+	struct drmesh_attach a;
+	struct block_device *bdev;
+	struct trk_dev *t = NULL;
+	unsigned int lbs, gran;
+	dev_t dev;
+	size_t bytes;
+	int ret;
+
+	if (copy_from_user(&a, arg, sizeof(a)))
+		return -EFAULT;
+	ret = trk_check_header(a.version, a.flags);
+	if (ret)
+		return ret;
+	if (a.reserved)
+		return -EINVAL;
+	if (strnlen(a.path, sizeof(a.path)) == sizeof(a.path))
+		return -EINVAL;
+	gran = a.granularity_bytes;
+	if (gran && (!is_power_of_2(gran) || gran < SECTOR_SIZE ||
+		     gran > DRMESH_GRANULARITY_BYTES_MAX))
+		return -EINVAL;
+	if (a.path[0]) {
+		ret = lookup_bdev(a.path, &dev);
+		if (ret)
+			return ret;
+	} else {
+		ret = trk_dev_t(a.dev_major, a.dev_minor, &dev);
+		if (ret)
+			return ret;
+	}
+
+	mutex_lock(&trk_lock);
+	if (trk_find(dev)) {
+		ret = -EBUSY;
+		goto out_unlock;
+	}
+	if (trk_count >= TRK_MAX_DEVICES) {
+		ret = -ENOSPC;
+		goto out_unlock;
+	}
+	/* Shared read-only open: allowed while the device is mounted. */
+	bdev = blkdev_get_by_dev(dev, FMODE_READ, NULL);
+	if (IS_ERR(bdev)) {
+		ret = PTR_ERR(bdev);
+		goto out_unlock;
+	}
+	lbs = bdev_logical_block_size(bdev);
+	if (!gran)
+		gran = max_t(unsigned int, 4096, lbs);
+	if (gran < lbs) {
+		ret = -EINVAL;
+		goto out_put;
+	}
+	t = kzalloc(sizeof(*t), GFP_KERNEL);
+	if (!t) {
+		ret = -ENOMEM;
+		goto out_put;
+	}
+	t->bdev = bdev;
+	t->disk = bdev->bd_disk;
+	t->start_sect = bdev->bd_start_sect;
+	t->nr_sects = bdev_nr_sectors(bdev);
+	t->gran_shift = ilog2(gran);
+	t->nbits = DIV_ROUND_UP_ULL((u64)t->nr_sects << SECTOR_SHIFT, gran);
+	if (!t->nbits) {
+		ret = -EINVAL;
+		goto out_free;
+	}
+	bytes = BITS_TO_LONGS(t->nbits) * sizeof(unsigned long);
+	if (bytes > TRK_BITMAP_BYTES_MAX) {
+		ret = -EFBIG;
+		goto out_free;
+	}
+	RCU_INIT_POINTER(t->live, kvzalloc(bytes, GFP_KERNEL));
+	t->spare = kvzalloc(bytes, GFP_KERNEL);
+	if (!rcu_access_pointer(t->live) || !t->spare) {
+		ret = -ENOMEM;
+		goto out_free;
+	}
+	atomic64_set(&t->writes_seen, 0);
+	atomic_set(&t->unwrapped, 0);
+
+	/* Held until detach: rmmod is refused while any device is attached. */
+	__module_get(THIS_MODULE);
+	list_add_tail_rcu(&t->node, &trk_devices);
+	trk_count++;
+	/* Under the lock: once it is dropped, a detach may close bdev. */
+	pr_info("drmesh_trk: attached %pg (%llu sectors, %u bytes per bit)\n",
+		bdev, (unsigned long long)t->nr_sects, gran);
+	mutex_unlock(&trk_lock);
+
+	a.dev_major = MAJOR(dev);
+	a.dev_minor = MINOR(dev);
+	a.granularity_bytes = gran;
+	/* Attached either way; a caller that cannot read the answer can STATUS. */
+	if (copy_to_user(arg, &a, sizeof(a)))
+		return -EFAULT;
+	return 0;
+
+out_free:
+	trk_free(t);
+out_put:
+	blkdev_put(bdev, FMODE_READ);
+out_unlock:
+	mutex_unlock(&trk_lock);
+	return ret;
+}
+
+/**
+ * trk_detach() - stop tracking a device and drop what it held.
+ * @arg: user pointer to struct drmesh_dev.
+ *
+ * Return: 0, -ENOENT when the device is not attached, or -EINVAL/-EPROTO.
+ */
+static long trk_detach(void __user *arg)
+{
+	struct drmesh_dev d;
+	struct trk_dev *t;
+	dev_t dev;
+	int ret;
+
+	if (copy_from_user(&d, arg, sizeof(d)))
+		return -EFAULT;
+	ret = trk_check_header(d.version, d.flags);
+	if (ret)
+		return ret;
+	ret = trk_dev_t(d.dev_major, d.dev_minor, &dev);
+	if (ret)
+		return ret;
+
+	mutex_lock(&trk_lock);
+	t = trk_find(dev);
+	if (!t) {
+		mutex_unlock(&trk_lock);
+		return -ENOENT;
+	}
+	list_del_rcu(&t->node);
+	trk_count--;
+	mutex_unlock(&trk_lock);
+
+	/* No probe can still be using t once every RCU reader is done. */
+	synchronize_rcu();
+	pr_info("drmesh_trk: detached %pg\n", t->bdev);
+	blkdev_put(t->bdev, FMODE_READ);
+	trk_free(t);
+	module_put(THIS_MODULE);
+	return 0;
+}
+
+/**
+ * trk_get_bitmap() - hand over the bitmap and start a new one.
+ * @arg: user pointer to struct drmesh_bitmap.
+ *
+ * Return: 0, -ENOSPC when the buffer is too small (bitmap_bytes says what is
+ * needed; nothing handed over), -ENOENT when not attached, -EFAULT when the
+ * copy faults (bits merged back), or -EINVAL/-EPROTO.
+ */
+static long trk_get_bitmap(void __user *arg)
+{
+	struct drmesh_bitmap b;
+	struct trk_dev *t;
+	unsigned long *old, *live;
+	size_t bytes;
+	dev_t dev;
+	int ret;
+
+	if (copy_from_user(&b, arg, sizeof(b)))
+		return -EFAULT;
+	ret = trk_check_header(b.version, b.flags);
+	if (ret)
+		return ret;
+	if (b.reserved)
+		return -EINVAL;
+	ret = trk_dev_t(b.dev_major, b.dev_minor, &dev);
+	if (ret)
+		return ret;
+
+	mutex_lock(&trk_lock);
+	t = trk_find(dev);
+	if (!t) {
+		ret = -ENOENT;
+		goto out_unlock;
+	}
+	bytes = trk_bitmap_bytes(t);
+	b.bitmap_bytes = bytes;
+	b.device_bytes = (u64)t->nr_sects << SECTOR_SHIFT;
+	b.granularity_bytes = 1u << t->gran_shift;
+	b.bits_set = 0;
+	if (b.buf_bytes < bytes) {
+		ret = -ENOSPC;
+		goto out_answer;
+	}
+
+	/*
+	 * Swap, then wait for every probe that may still hold the old pointer:
+	 * from here on no write can touch `old`, and every later write sets
+	 * bits in the new live bitmap.
+	 */
+	old = rcu_dereference_protected(t->live, lockdep_is_held(&trk_lock));
+	live = t->spare;
+	rcu_assign_pointer(t->live, live);
+	synchronize_rcu();
+
+	if (copy_to_user(u64_to_user_ptr(b.buf), old, bytes)) {
+		trk_merge_bits(live, old, t->nbits);
+		ret = -EFAULT;
+	} else {
+		/*
+		 * A write submitted before the swap whose completion we could
+		 * not wrap may still land after it: keep its bits (all of
+		 * old's, as we do not know which) in the new bitmap too.
+		 */
+		if (atomic_xchg(&t->unwrapped, 0))
+			trk_merge_bits(live, old, t->nbits);
+		b.bits_set = bitmap_weight(old, t->nbits);
+		t->handovers++;
+	}
+	bitmap_zero(old, t->nbits);
+	t->spare = old;
+	if (ret)
+		goto out_unlock;
+out_answer:
+	if (copy_to_user(arg, &b, sizeof(b)) && !ret)
+		ret = -EFAULT;
+out_unlock:
+	mutex_unlock(&trk_lock);
+	return ret;
+}
+
+/**
+ * trk_status() - report one device's state.
+ * @arg: user pointer to struct drmesh_status.
+ *
+ * Return: 0 (state 0 when the device is not attached), or -EINVAL/-EPROTO.
+ */
+static long trk_status(void __user *arg)
+{
+	struct drmesh_status s;
+	struct trk_dev *t;
+	dev_t dev;
+	int ret;
+
+	if (copy_from_user(&s, arg, sizeof(s)))
+		return -EFAULT;
+	ret = trk_check_header(s.version, s.flags);
+	if (ret)
+		return ret;
+	if (s.reserved)
+		return -EINVAL;
+	ret = trk_dev_t(s.dev_major, s.dev_minor, &dev);
+	if (ret)
+		return ret;
+
+	s = (struct drmesh_status){
+		.version = s.version,
+		.dev_major = s.dev_major,
+		.dev_minor = s.dev_minor,
+	};
+	mutex_lock(&trk_lock);
+	s.attached_count = trk_count;
+	t = trk_find(dev);
+	if (t) {
+		unsigned long *live;
+
+		live = rcu_dereference_protected(t->live,
+						 lockdep_is_held(&trk_lock));
+		s.state = DRMESH_STATE_ATTACHED;
+		if (!disk_live(t->disk))
+			s.state |= DRMESH_STATE_DEVICE_GONE;
+		s.granularity_bytes = 1u << t->gran_shift;
+		s.device_bytes = (u64)t->nr_sects << SECTOR_SHIFT;
+		s.bitmap_bytes = trk_bitmap_bytes(t);
+		s.bits_set = bitmap_weight(live, t->nbits);
+		s.writes_seen = atomic64_read(&t->writes_seen);
+		s.handovers = t->handovers;
+	}
+	mutex_unlock(&trk_lock);
+	if (copy_to_user(arg, &s, sizeof(s)))
+		return -EFAULT;
+	return 0;
+}
+
+static long trk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+	switch (cmd) {
+	case DRMESH_IOC_ATTACH:
+		return trk_attach(uarg);
+	case DRMESH_IOC_DETACH:
+		return trk_detach(uarg);
+	case DRMESH_IOC_GET_BITMAP:
+		return trk_get_bitmap(uarg);
+	case DRMESH_IOC_STATUS:
+		return trk_status(uarg);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static const struct file_operations trk_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = trk_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = noop_llseek,
+};
+
+static struct miscdevice trk_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = DRMESH_CTL_NAME,
+	.fops = &trk_fops,
+	.mode = 0600,
+};
+
+int trk_ctl_init(void)
+{
+	return misc_register(&trk_misc);
+}
+
+void trk_ctl_exit(void)
+{
+	misc_deregister(&trk_misc);
+}

@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * drmesh_trk: block change tracking for drmesh.
+ *
+ * Attaches to block devices that are in use (mounted, live writes) and keeps a
+ * bitmap of the ranges written since the last hand-over, at a fixed
+ * granularity. trk_tracer.c sees the writes, trk_ctl.c is the control device;
+ * README.md explains the design.
+ */
+#include <linux/module.h>
+
+#include "drmesh_ioctl.h"
+#include "trk.h"
+
+static int __init trk_init(void)
+{
+	int ret;
+
+	ret = trk_tracer_init();
+	if (ret)
+		return ret;
+	ret = trk_ctl_init();
+	if (ret) {
+		trk_tracer_exit();
+		return ret;
+	}
+	pr_info("drmesh_trk: loaded, interface version %d\n",
+		DRMESH_IOCTL_VERSION);
+	return 0;
+}
+
+static void __exit trk_exit(void)
+{
+	trk_ctl_exit();
+	trk_tracer_exit();
+	pr_info("drmesh_trk: unloaded\n");
+}
+
+module_init(trk_init);
+module_exit(trk_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("drmesh block change tracking");
+MODULE_AUTHOR("drmesh");
