@@ -3,9 +3,8 @@
 //! guest's PASS marker.
 //!
 //! Needs root: `scripts/kmod-env` installs qemu, the kernel and its headers on
-//! first use. Ignored by default because it boots a VM (about half a minute under
-//! TCG, longer on the first run); run it with
-//! `cargo test -p drmesh-kmod --test guest_vm -- --ignored`.
+//! first use (`scripts/test` runs it first). It boots a VM: under a minute under
+//! TCG. Run alone with `cargo test --release -p drmesh-kmod --test guest_vm`.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,7 +24,6 @@ fn is_root() -> bool {
 }
 
 #[test]
-#[ignore = "boots a kernel under qemu; run with --ignored (needs root)"]
 fn module_tracks_writes_in_a_real_kernel() {
     if !is_root() {
         eprintln!(
