@@ -30,6 +30,13 @@ use quinn_proto::RttEstimator;
 /// passed to BBR as congestion; below it they are treated as random loss.
 pub const CONGESTIVE_LOSS_PER_MILLE: u64 = 20;
 
+/// Paths whose minimum RTT is below this are short (loopback, LAN): random
+/// loss is not expected there and every loss is a full buffer (often the
+/// receiver's UDP socket). BBR (quinn's, filtered or not) keeps overrunning
+/// such a buffer, so on a short path [`LossFilteredBbr`] hands the window to
+/// a Cubic controller fed with the same events.
+pub const SHORT_PATH_RTT: Duration = Duration::from_millis(10);
+
 /// Environment variable that overrides the congestion controller:
 /// `bbr-filtered` (default), `bbr` (quinn's BBR as is) or `cubic`.
 pub const CONGESTION_ENV: &str = "DRMESH_CONGESTION";
@@ -87,7 +94,8 @@ pub struct LossFilteredBbrConfig {
 impl ControllerFactory for LossFilteredBbrConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let inner = Arc::new(self.bbr.clone()).build(now, current_mtu);
-        Box::new(LossFilteredBbr::new(inner, now))
+        let short = Arc::new(quinn::congestion::CubicConfig::default()).build(now, current_mtu);
+        Box::new(LossFilteredBbr::new(inner, short, now))
     }
 }
 
@@ -103,17 +111,21 @@ pub struct LossFilter {
     round_acked_bytes: u64,
     /// Bytes declared lost in the current round.
     round_lost_bytes: u64,
+    /// Smallest RTT seen; `None` before the first ack.
+    min_rtt: Option<Duration>,
 }
 
 impl LossFilter {
     /// A filter whose first round starts at `now`.
     pub fn new(now: Instant) -> Self {
-        LossFilter { round_start: now, round: Duration::from_millis(100), round_acked_bytes: 0, round_lost_bytes: 0 }
+        LossFilter { round_start: now, round: Duration::from_millis(100), round_acked_bytes: 0, round_lost_bytes: 0, min_rtt: None }
     }
 
-    /// `bytes` were acknowledged; `srtt` is the smoothed RTT now.
-    pub fn handle_ack(&mut self, bytes: u64, srtt: Duration) {
+    /// `bytes` were acknowledged; `srtt` is the smoothed RTT now and `min_rtt`
+    /// the smallest seen.
+    pub fn handle_ack(&mut self, bytes: u64, srtt: Duration, min_rtt: Duration) {
         self.round = srtt;
+        self.min_rtt = Some(min_rtt);
         self.round_acked_bytes += bytes;
     }
 
@@ -125,6 +137,11 @@ impl LossFilter {
             self.round_acked_bytes = 0;
             self.round_lost_bytes = 0;
         }
+    }
+
+    /// Whether the path is short ([`SHORT_PATH_RTT`]); false before any ack.
+    pub fn is_short_path(&self) -> bool {
+        self.min_rtt.is_some_and(|rtt| rtt < SHORT_PATH_RTT)
     }
 
     /// `lost_bytes` were declared lost while the congestion window is
@@ -142,32 +159,39 @@ impl LossFilter {
 /// quinn's BBR that sees only congestive loss. See the [module docs](self).
 pub struct LossFilteredBbr {
     inner: Box<dyn Controller>,
+    /// The controller whose window counts on a short path (Cubic), fed every
+    /// event and every loss.
+    short: Box<dyn Controller>,
     filter: LossFilter,
 }
 
 impl LossFilteredBbr {
-    /// Wraps `inner` (a BBR controller).
-    pub fn new(inner: Box<dyn Controller>, now: Instant) -> Self {
-        LossFilteredBbr { inner, filter: LossFilter::new(now) }
+    /// Wraps `inner` (a BBR controller) and `short` (the controller for short paths).
+    pub fn new(inner: Box<dyn Controller>, short: Box<dyn Controller>, now: Instant) -> Self {
+        LossFilteredBbr { inner, short, filter: LossFilter::new(now) }
     }
 }
 
 impl Controller for LossFilteredBbr {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.inner.on_sent(now, bytes, last_packet_number);
+        self.short.on_sent(now, bytes, last_packet_number);
     }
 
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
-        self.filter.handle_ack(bytes, rtt.get());
+        self.filter.handle_ack(bytes, rtt.get(), rtt.min());
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
+        self.short.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
     fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest_packet_num_acked: Option<u64>) {
         self.inner.on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        self.short.on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
         self.filter.handle_end_acks(now);
     }
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
+        self.short.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
         if self.filter.handle_loss(lost_bytes, is_persistent_congestion, self.inner.window()) {
             self.inner.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
         }
@@ -175,18 +199,27 @@ impl Controller for LossFilteredBbr {
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
         self.inner.on_mtu_update(new_mtu);
+        self.short.on_mtu_update(new_mtu);
     }
 
     fn window(&self) -> u64 {
-        self.inner.window()
+        if self.filter.is_short_path() {
+            self.short.window()
+        } else {
+            self.inner.window()
+        }
     }
 
     fn metrics(&self) -> ControllerMetrics {
-        self.inner.metrics()
+        if self.filter.is_short_path() {
+            self.short.metrics()
+        } else {
+            self.inner.metrics()
+        }
     }
 
     fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(LossFilteredBbr { inner: self.inner.clone_box(), filter: self.filter.clone() })
+        Box::new(LossFilteredBbr { inner: self.inner.clone_box(), short: self.short.clone_box(), filter: self.filter.clone() })
     }
 
     fn initial_window(&self) -> u64 {
@@ -212,7 +245,7 @@ mod tests {
         let mut now = t0;
         for i in 0..1000u64 {
             now = t0 + Duration::from_micros(i * 50);
-            f.handle_ack(1000, srtt);
+            f.handle_ack(1000, srtt, srtt);
             f.handle_end_acks(now);
             if i % 100 == 99 {
                 assert!(!f.handle_loss(1200, false, window), "1% loss is not congestion (ack {i})");
@@ -222,13 +255,18 @@ mod tests {
         // 2% of max(round bytes, window).
         now += Duration::from_millis(101);
         f.handle_end_acks(now);
-        f.handle_ack(100_000, srtt);
+        f.handle_ack(100_000, srtt, srtt);
         assert!(!f.handle_loss(1200, false, window), "one packet of 100 kB is 1.2%");
         assert!(f.handle_loss(1200, false, window), "2.4% of the round is congestive");
         // A new round starts clean; persistent congestion always gets through.
         f.handle_end_acks(now + Duration::from_millis(101));
         assert!(!f.handle_loss(1200, false, window));
         assert!(f.handle_loss(1, true, window));
+        assert!(!f.is_short_path());
+        let mut short = LossFilter::new(t0);
+        assert!(!short.is_short_path(), "unknown before the first ack");
+        short.handle_ack(1_000_000, Duration::from_millis(2), Duration::from_millis(1));
+        assert!(short.is_short_path());
     }
 
     #[test]
