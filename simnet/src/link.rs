@@ -9,6 +9,11 @@
 //!
 //! The model, per datagram of `len` bytes arriving at `now`:
 //!
+//! 0. **MTU**: a datagram longer than `mtu_bytes` is dropped
+//!    ([`DropReason::TooBig`]) before it uses the link, as a router drops an
+//!    IPv4 packet with DF set (or any IPv6 packet) that does not fit the next
+//!    hop. This is what makes path-MTU discovery settle where it would on a
+//!    real WAN.
 //! 1. **Serialisation** at `rate_bits_per_s` through a drop-tail queue:
 //!    `start = max(now, previous departure)`, `departure = start + len·8/rate`.
 //!    If the backlog (bytes not yet serialised at `now`, plus this datagram)
@@ -65,11 +70,19 @@ pub struct LinkParams {
     pub rate_bits_per_s: u64,
     /// Size of the drop-tail queue in front of the rate limit.
     pub queue: QueueLimit,
+    /// Largest datagram payload that fits the link; longer ones are dropped.
+    /// `None` = no limit.
+    pub mtu_bytes: Option<usize>,
 }
 
+/// Largest UDP payload on a 1500-byte Ethernet path over IPv4 (1500 minus 20
+/// bytes of IPv4 and 8 of UDP header): the default MTU of a [`LinkParams`].
+pub const ETHERNET_UDP_PAYLOAD_BYTES: usize = 1472;
+
 impl Default for LinkParams {
-    /// A perfect link: no delay, no loss, unlimited rate, a 50 ms queue (which
-    /// matters only once a rate is set).
+    /// A perfect link with an Ethernet MTU: no delay, no loss, unlimited rate,
+    /// a 50 ms queue (which matters only once a rate is set), datagrams of at
+    /// most [`ETHERNET_UDP_PAYLOAD_BYTES`].
     fn default() -> Self {
         Self {
             delay: Duration::ZERO,
@@ -78,6 +91,7 @@ impl Default for LinkParams {
             loss: 0.0,
             rate_bits_per_s: 0,
             queue: QueueLimit::Delay(Duration::from_millis(50)),
+            mtu_bytes: Some(ETHERNET_UDP_PAYLOAD_BYTES),
         }
     }
 }
@@ -121,6 +135,8 @@ pub enum DropReason {
     Loss,
     /// The drop-tail queue in front of the rate limit was full.
     QueueFull,
+    /// The datagram is longer than the link's MTU.
+    TooBig,
 }
 
 /// What becomes of one datagram.
@@ -155,6 +171,8 @@ pub struct LinkStats {
     pub dropped_queue_packets: u64,
     /// Bytes dropped because the queue was full.
     pub dropped_queue_bytes: u64,
+    /// Datagrams dropped because they were longer than the MTU.
+    pub dropped_mtu_packets: u64,
 }
 
 /// One direction of an emulated link: a sans-IO state machine. See the
@@ -217,6 +235,12 @@ impl Link {
         let len_u64 = len as u64;
         self.stats.in_packets += 1;
         self.stats.in_bytes += len_u64;
+
+        // 0. Too big for the link: dropped before it uses any capacity.
+        if self.params.mtu_bytes.is_some_and(|mtu| len > mtu) {
+            self.stats.dropped_mtu_packets += 1;
+            return Verdict::Drop(DropReason::TooBig);
+        }
 
         // 1. Serialisation through the drop-tail queue.
         let departure = match self.queue_limit_bit_ns {
@@ -288,6 +312,27 @@ mod tests {
             Verdict::Deliver { at } => at,
             Verdict::Drop(r) => panic!("dropped: {r:?}"),
         }
+    }
+
+    #[test]
+    fn datagrams_over_the_mtu_are_dropped_before_the_queue() {
+        let t0 = Instant::now();
+        // 8 Mbit/s: 1000 bytes take 1 ms; the default MTU is Ethernet's.
+        let params = LinkParams { delay: ms(10), rate_bits_per_s: 8_000_000, ..LinkParams::default() };
+        assert_eq!(params.mtu_bytes, Some(ETHERNET_UDP_PAYLOAD_BYTES));
+        let mut link = Link::new(params, 1).expect("valid params");
+        assert_eq!(deliver_at(link.handle_datagram(1472, t0)), t0 + us(11_472));
+        assert_eq!(link.handle_datagram(1473, t0), Verdict::Drop(DropReason::TooBig));
+        assert_eq!(link.handle_datagram(8952, t0), Verdict::Drop(DropReason::TooBig));
+        // The dropped ones took no link time: the next one queues behind the first only.
+        assert_eq!(deliver_at(link.handle_datagram(1000, t0)), t0 + us(11_472 + 1_000));
+        let stats = link.stats();
+        assert_eq!((stats.in_packets, stats.delivered_packets, stats.dropped_mtu_packets), (4, 2, 2));
+        assert_eq!(stats.dropped_queue_packets + stats.dropped_loss_packets, 0);
+
+        // No limit: a jumbo datagram passes.
+        let mut open = Link::new(LinkParams { mtu_bytes: None, ..LinkParams::default() }, 1).expect("valid params");
+        assert_eq!(deliver_at(open.handle_datagram(8952, t0)), t0);
     }
 
     #[test]
@@ -418,6 +463,7 @@ mod tests {
             loss: 0.1,
             rate_bits_per_s: 100_000_000,
             queue: QueueLimit::Delay(ms(1)),
+            mtu_bytes: Some(1400),
         };
         let run = |seed| {
             let mut link = Link::new(params.clone(), seed).expect("valid params");

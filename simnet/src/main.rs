@@ -117,6 +117,11 @@ struct RelayArgs {
     /// Drop-tail queue before the rate limit, as its longest queueing delay, ms.
     #[arg(long, default_value_t = 50.0)]
     queue_ms: f64,
+    /// Largest datagram payload the link carries, bytes; longer ones are
+    /// dropped (1472 = a 1500-byte Ethernet MTU minus IPv4 and UDP headers;
+    /// 0 = no limit).
+    #[arg(long, default_value_t = drmesh_simnet::link::ETHERNET_UDP_PAYLOAD_BYTES)]
+    mtu: usize,
     /// Up (client → forward) one-way delay, ms, instead of --delay-ms.
     #[arg(long)]
     up_delay_ms: Option<f64>,
@@ -167,6 +172,7 @@ fn link_params(a: &RelayArgs, up: bool) -> Result<LinkParams, String> {
         loss: pick(a.loss, a.up_loss, a.down_loss),
         rate_bits_per_s: mbit_flag(&format!("{dir}-rate-mbit"), pick(a.rate_mbit, a.up_rate_mbit, a.down_rate_mbit))?,
         queue: QueueLimit::Delay(ms_flag("queue-ms", a.queue_ms)?),
+        mtu_bytes: (a.mtu > 0).then_some(a.mtu),
     })
 }
 
@@ -176,7 +182,7 @@ fn direction_line(name: &str, now: &DirectionStats, prev: &DirectionStats, secs:
     let late_over_200us: u64 = now.lateness_hist[3..].iter().sum();
     let mean_late_us = if sent > 0 { now.lateness_total.as_secs_f64() * 1e6 / sent as f64 } else { 0.0 };
     format!(
-        "{name}: in {} pkt {} B | sent {} pkt {} B, {:.1} Mbit/s | drop loss {} queue {} overflow {} | send errors {} | pending {} | late mean {:.0} us, >{} us {}, max {:.2} ms",
+        "{name}: in {} pkt {} B | sent {} pkt {} B, {:.1} Mbit/s | drop loss {} queue {} mtu {} overflow {} | send errors {} | pending {} | late mean {:.0} us, >{} us {}, max {:.2} ms",
         now.link.in_packets,
         now.link.in_bytes,
         now.sent_packets,
@@ -184,6 +190,7 @@ fn direction_line(name: &str, now: &DirectionStats, prev: &DirectionStats, secs:
         (now.sent_bytes - prev.sent_bytes) as f64 * 8.0 / secs / 1e6,
         now.link.dropped_loss_packets,
         now.link.dropped_queue_packets,
+        now.link.dropped_mtu_packets,
         now.dropped_overflow_packets,
         now.send_errors,
         now.pending_packets,

@@ -200,6 +200,21 @@ fn burst_over_queue_is_dropped_as_queue_full() {
 }
 
 #[test]
+fn datagrams_over_the_mtu_never_cross() {
+    let echo = Echo::start();
+    // The default link carries at most a 1500-byte Ethernet frame's UDP payload.
+    let relay = Relay::start(RelayConfig::new(localhost0(), echo.addr, LinkParams::default())).expect("start relay");
+    let lens = [1200, 1472, 1473, 8952, 100];
+    let (_, r, s) = run_client(&relay, &lens, Duration::ZERO);
+    assert_eq!((r.corrupt, r.duplicates), (0, 0));
+    let mut got: Vec<u32> = r.at.keys().copied().collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![0, 1, 4], "only the datagrams that fit came back");
+    assert_eq!(s.up.link.dropped_mtu_packets, 2);
+    assert_eq!(s.down.link.dropped_mtu_packets, 0);
+}
+
+#[test]
 fn each_client_gets_its_own_replies() {
     let echo = Echo::start();
     let relay = Relay::start(RelayConfig::new(localhost0(), echo.addr, LinkParams::default())).expect("start relay");

@@ -3,10 +3,12 @@
 //! Dialing out from the same socket that accepts means a node behind NAT opens a
 //! connection that then carries traffic both ways.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use crate::error::TransportError;
@@ -26,19 +28,36 @@ pub const CLOSE_PROTOCOL: u32 = 1;
 /// Application close code: an equivalent connection already exists.
 pub const CLOSE_DUPLICATE: u32 = 2;
 
-/// Largest UDP payload path-MTU discovery probes for: a 9000-byte jumbo frame
-/// minus IPv6 and UDP headers. Links with a 1500-byte MTU settle at 1452 as
-/// before; LANs with jumbo frames and loopback send 6x fewer packets.
-pub const MTU_UPPER_BOUND: u16 = 8952;
+/// The largest bandwidth-delay product a connection is sized for: 1 Gbit/s
+/// over a 250 ms round trip (31.25 MB), rounded up.
+pub const BDP_BYTES_MAX: u64 = 32 << 20;
+
+/// Flow-control window of one stream and the send window of a connection:
+/// two bandwidth-delay products. A lost packet holds a stream's receive
+/// window back at the hole until its retransmission arrives, which takes
+/// about 1.5 round trips after it was first sent (and the window update
+/// another half); with one BDP of window the sender would stall every time.
+///
+/// These are credit, not buffers: memory is used only by bytes actually in
+/// flight or waiting to be read, which the replication session already bounds
+/// (`MAX_INFLIGHT_BYTES` of encoded blobs sent and not yet durable).
+pub const STREAM_WINDOW_BYTES: u64 = 2 * BDP_BYTES_MAX;
+
+/// Connection-wide receive window: one stream's window plus room for the
+/// control and gossip streams, so a replication stream stalled at a hole
+/// cannot starve them.
+pub const CONNECTION_WINDOW_BYTES: u64 = STREAM_WINDOW_BYTES + (8 << 20);
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
+    // The constants are far below the varint limit (2^62), so these cannot fail.
+    config.stream_receive_window(quinn::VarInt::from_u64(STREAM_WINDOW_BYTES).expect("window fits a QUIC varint"));
+    config.receive_window(quinn::VarInt::from_u64(CONNECTION_WINDOW_BYTES).expect("window fits a QUIC varint"));
+    config.send_window(STREAM_WINDOW_BYTES);
+    config.congestion_controller_factory(crate::congestion::CongestionChoice::from_env().factory());
     config.keep_alive_interval(Some(KEEP_ALIVE));
     // IDLE_TIMEOUT is far below the varint limit, so the conversion cannot fail.
     config.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits a QUIC varint")));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MTU_UPPER_BOUND);
-    config.mtu_discovery_config(Some(mtu));
     Arc::new(config)
 }
 
@@ -136,10 +155,95 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
 }
 
+/// Puts the chunks of an unordered stream read back in order: chunks (offset +
+/// bytes) in, the contiguous bytes from the read position out. Sans-IO.
+///
+/// Why read unordered at all: quinn keeps a stream's out-of-order data in at
+/// most 1024 separate pieces and closes the connection ("too many gaps in
+/// stream buffer") when a stream holds more gaps than that. A stream with a
+/// window of several bandwidth-delay products on a lossy path (or one whose
+/// queue overflows in start-up and drops every few packets) easily has more
+/// holes in flight. Read unordered, quinn hands every chunk over as it
+/// arrives and keeps no gaps; the holes are tracked here instead, as a map
+/// with no limit on their number.
+///
+/// Memory: quinn grants flow-control credit for bytes read unordered, so what
+/// waits here behind a hole is bounded not by the stream window but by the
+/// sender: at most what it has sent beyond the hole, which the replication
+/// session caps (encoded bytes sent and not yet durable).
+#[derive(Debug, Default)]
+pub struct Reassembler {
+    /// Stream offset of the next byte to hand out.
+    next: u64,
+    /// Chunks past `next`, by offset.
+    pending: BTreeMap<u64, Bytes>,
+    /// Bytes held in `pending`.
+    pending_bytes: usize,
+}
+
+impl Reassembler {
+    /// A reassembler whose next byte is at stream offset `start`.
+    pub fn new(start: u64) -> Self {
+        Reassembler { next: start, pending: BTreeMap::new(), pending_bytes: 0 }
+    }
+
+    /// Bytes held behind a hole.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// Takes a chunk at `offset`; calls `out` with every run of bytes that is
+    /// now contiguous, in order. Bytes already handed out are dropped.
+    pub fn handle_chunk(&mut self, offset: u64, bytes: Bytes, mut out: impl FnMut(&[u8])) {
+        if bytes.is_empty() {
+            return;
+        }
+        if offset > self.next {
+            // Keep the longer of two chunks at the same offset.
+            let len = bytes.len();
+            match self.pending.get(&offset) {
+                Some(old) if old.len() >= len => {}
+                Some(old) => {
+                    self.pending_bytes = self.pending_bytes - old.len() + len;
+                    self.pending.insert(offset, bytes);
+                }
+                None => {
+                    self.pending_bytes += len;
+                    self.pending.insert(offset, bytes);
+                }
+            }
+            return;
+        }
+        self.emit(offset, bytes, &mut out);
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() > self.next {
+                break;
+            }
+            let (offset, bytes) = entry.remove_entry();
+            self.pending_bytes -= bytes.len();
+            self.emit(offset, bytes, &mut out);
+        }
+    }
+
+    /// Hands out the part of a chunk starting at or before `next` that is new.
+    fn emit(&mut self, offset: u64, bytes: Bytes, out: &mut impl FnMut(&[u8])) {
+        let end = offset + bytes.len() as u64;
+        if end <= self.next {
+            return;
+        }
+        // offset <= next < end, so the skip is within the chunk.
+        let skip = (self.next - offset) as usize;
+        out(&bytes[skip..]);
+        self.next = end;
+    }
+}
+
 /// Reads framed messages from a QUIC receive stream.
 pub struct MessageReader {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
+    /// Set when the stream is read unordered.
+    reassembler: Option<Reassembler>,
 }
 
 impl MessageReader {
@@ -150,7 +254,15 @@ impl MessageReader {
 
     /// Wraps a stream whose frames may be up to `max` bytes.
     pub fn with_limit(recv: quinn::RecvStream, max: usize) -> Self {
-        MessageReader { recv, decoder: FrameDecoder::with_limit(max) }
+        MessageReader { recv, decoder: FrameDecoder::with_limit(max), reassembler: None }
+    }
+
+    /// Wraps a bulk stream whose frames may be up to `max` bytes, read
+    /// unordered and put back in order here (see [`Reassembler`] for why);
+    /// `already_read` bytes were read from it before (1 after
+    /// [`read_stream_kind`], 0 on a stream this side opened).
+    pub fn unordered(recv: quinn::RecvStream, max: usize, already_read: u64) -> Self {
+        MessageReader { recv, decoder: FrameDecoder::with_limit(max), reassembler: Some(Reassembler::new(already_read)) }
     }
 
     /// The next control message, `Ok(None)` at a clean end of stream.
@@ -164,9 +276,18 @@ impl MessageReader {
             if let Some(message) = self.decoder.poll_frame()? {
                 return Ok(Some(message));
             }
-            match self.recv.read_chunk(1 << 20, true).await? {
-                Some(chunk) => self.decoder.handle_bytes(&chunk.bytes),
+            let ordered = self.reassembler.is_none();
+            match self.recv.read_chunk(1 << 20, ordered).await? {
+                Some(chunk) => match self.reassembler.as_mut() {
+                    Some(r) => {
+                        let decoder = &mut self.decoder;
+                        r.handle_chunk(chunk.offset, chunk.bytes, |b| decoder.handle_bytes(b));
+                    }
+                    None => self.decoder.handle_bytes(&chunk.bytes),
+                },
                 None => {
+                    // quinn ends an unordered stream only once every byte up to
+                    // its final size was read, so no hole is left here.
                     self.decoder.handle_end()?;
                     return Ok(None);
                 }
@@ -208,4 +329,57 @@ pub async fn read_stream_kind(recv: &mut quinn::RecvStream) -> Result<Option<wir
         quinn::ReadExactError::FinishedEarly(_) => StreamError::Wire(WireError::Truncated { buffered: 0 }),
     })?;
     Ok(wire::StreamKind::from_byte(byte[0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(r: &mut Reassembler, offset: u64, data: &[u8], out: &mut Vec<u8>) {
+        r.handle_chunk(offset, Bytes::copy_from_slice(data), |b| out.extend_from_slice(b));
+    }
+
+    #[test]
+    fn reassembles_out_of_order_overlapping_and_duplicate_chunks() {
+        let data: Vec<u8> = (0..200u32).map(|i| (i * 7) as u8).collect();
+        // The stream's first byte (the kind) was read before: start at 1.
+        let mut r = Reassembler::new(1);
+        let mut out = Vec::new();
+        feed(&mut r, 50, &data[50..80], &mut out);
+        feed(&mut r, 120, &data[120..200], &mut out);
+        assert!(out.is_empty(), "nothing is contiguous yet");
+        assert_eq!(r.pending_bytes(), 30 + 80);
+        feed(&mut r, 1, &data[1..20], &mut out);
+        assert_eq!(out, &data[1..20]);
+        // Overlapping the delivered part and the pending chunk; a duplicate.
+        feed(&mut r, 10, &data[10..60], &mut out);
+        feed(&mut r, 50, &data[50..80], &mut out);
+        assert_eq!(out, &data[1..80]);
+        // A shorter duplicate at a pending offset keeps the longer chunk.
+        feed(&mut r, 120, &data[120..130], &mut out);
+        feed(&mut r, 80, &data[80..120], &mut out);
+        assert_eq!(out, &data[1..200]);
+        assert_eq!(r.pending_bytes(), 0);
+        // Old data after the fact changes nothing.
+        feed(&mut r, 0, &data[0..150], &mut out);
+        assert_eq!(out, &data[1..200]);
+    }
+
+    #[test]
+    fn many_holes_at_once() {
+        // 10,000 holes (more than quinn's 1024 per stream) filled in reverse.
+        let mut r = Reassembler::new(0);
+        let mut out = Vec::new();
+        for i in (1..20_000u64).step_by(2) {
+            feed(&mut r, i * 10, &[i as u8; 10], &mut out);
+        }
+        assert!(out.is_empty());
+        let evens: Vec<u64> = (0..20_000u64).step_by(2).collect();
+        for &i in evens.iter().rev() {
+            feed(&mut r, i * 10, &[i as u8; 10], &mut out);
+        }
+        assert_eq!(out.len(), 200_000);
+        assert!(out.chunks(10).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        assert_eq!(r.pending_bytes(), 0);
+    }
 }

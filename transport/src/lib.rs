@@ -8,10 +8,13 @@
 //!   the address was dialed for);
 //! - [`wire`]: versioned wire messages (serde + postcard) and length-prefixed
 //!   framing with a size limit, decoded without ever panicking on bad input;
-//! - [`endpoint`]: the QUIC endpoint (quinn) configured with the above.
+//! - [`endpoint`]: the QUIC endpoint (quinn) configured with the above, with
+//!   windows sized to a declared bandwidth-delay product and the congestion
+//!   controller of [`congestion`].
 
 #![deny(unsafe_code)]
 
+pub mod congestion;
 pub mod endpoint;
 pub mod error;
 pub mod identity;

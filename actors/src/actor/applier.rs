@@ -145,7 +145,10 @@ async fn run_session(
     recv: quinn::RecvStream,
     out: &mpsc::Sender<TargetMsg>,
 ) -> Result<(), String> {
-    let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
+    // Read unordered: a lossy long path leaves more holes in this stream than
+    // quinn keeps per stream (see `MessageReader::unordered`); 1 byte (the
+    // stream kind) was read before.
+    let mut reader = MessageReader::unordered(recv, MAX_DATA_FRAME_BYTES, 1);
     let reply = |m: TargetMsg| async move { out.send(m).await.map_err(|_| "stream closed".to_string()) };
     let Some(SourceMsg::Open { volume, base, encrypted }) = reader.next_frame::<SourceMsg>().await.map_err(|e| e.to_string())? else {
         return Err("the session did not start with Open".into());
