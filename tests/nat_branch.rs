@@ -106,25 +106,8 @@ impl NatLab {
     }
 
     fn start(&mut self, mesh: &TestMesh, node: &str, topology: &Path) {
-        let n = mesh.node(node);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
-        // `ip netns exec` execs drmesh in place: the child's pid is the node's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(node)])
-            .arg(drmesh_tests::drmesh_bin())
-            .args(["--log", "info,drmesh_actors=debug", "run", "--state-dir"])
-            .arg(&n.state_dir)
-            .arg("--topology")
-            .arg(topology)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn drmesh run in a namespace");
+        let child = drmesh_tests::start_in_netns(mesh, node, &self.ns(node), topology);
         self.children.push(child);
-        let what = format!("{node}'s admin socket answers");
-        wait_until(&what, Duration::from_secs(20), || mesh.ctl_json(node, "status").is_some());
     }
 }
 

@@ -46,6 +46,30 @@ pub fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port()
 }
 
+/// Starts `node` of `mesh` inside the network namespace `netns` with `topology`
+/// and waits until its admin socket answers. The caller owns (and kills) the
+/// child: `ip netns exec` execs drmesh in place, so its pid is the node's.
+pub fn start_in_netns(mesh: &TestMesh, node: &str, netns: &str, topology: &Path) -> Child {
+    let n = mesh.node(node);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(drmesh_bin())
+        .args(["--log", "info,drmesh_actors=debug", "run", "--state-dir"])
+        .arg(&n.state_dir)
+        .arg("--topology")
+        .arg(topology)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn drmesh run in a namespace");
+    let what = format!("{node}'s admin socket answers");
+    wait_until(&what, Duration::from_secs(20), || mesh.ctl_json(node, "status").is_some());
+    child
+}
+
 /// One node of a test mesh: identity made by the real `drmesh init`.
 pub struct TestNode {
     pub name: String,
