@@ -5,7 +5,8 @@
 //! has no addresses, so it dials, and headquarters' only address is the
 //! relay's. The recovery points must restore bit-identical to the image of
 //! their cycle, after an initial and an incremental cycle, whatever was lost
-//! on the way. No timing is asserted.
+//! on the way, and the branch can pull an RP back over the same link. No
+//! timing is asserted.
 
 use std::time::Duration;
 
@@ -75,5 +76,13 @@ fn replication_over_a_lossy_wan_restores_bit_identical() {
     assert_eq!(mesh.restore_hash("hq", &format!("disk@{second_seq}"), None), hash_hex(&image));
     let out = mesh.verify("hq", &format!("disk@{second_seq}"), None);
     assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The branch pulls the RP back across the same lossy link (headquarters'
+    // only address is the relay's); the blobs come back read unordered.
+    let before = relay.stats().down;
+    assert_eq!(mesh.restore_hash("branch", &format!("disk@{second_seq}"), Some("hq")), hash_hex(&image));
+    let after = relay.stats().down;
+    assert!(after.sent_bytes > before.sent_bytes + (4 * MIB) as u64, "the restore crossed the relay: {before:#?} {after:#?}");
+    assert!(after.link.dropped_loss_packets > before.link.dropped_loss_packets, "the restore's replies met loss: {after:#?}");
     relay.shutdown();
 }

@@ -132,7 +132,10 @@ impl FetchClient {
     /// Opens a fetch stream on `conn`.
     pub async fn open(conn: &quinn::Connection) -> Result<Self, String> {
         let (send, recv) = endpoint::open_stream(conn, StreamKind::Fetch).await.map_err(|e| e.to_string())?;
-        Ok(FetchClient { send, reader: MessageReader::with_limit(recv, MAX_REPLY_BYTES) })
+        // Replies carry blobs and can fill a window of many round trips: read
+        // them unordered, like the replication stream, so a lossy WAN cannot
+        // reach quinn's limit of 1024 holes in an ordered stream.
+        Ok(FetchClient { send, reader: MessageReader::unordered(recv, MAX_REPLY_BYTES, 0) })
     }
 
     /// Sends a request without waiting for its reply.
