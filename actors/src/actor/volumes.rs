@@ -369,11 +369,7 @@ impl VolumeScheduler {
         actix_rt::spawn(async move {
             let result = async {
                 let config = config?;
-                let (_, conn) = mesh
-                    .send(GetConnection(config.target.clone()))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("target {} is not connected", config.target))?;
+                let conn = wait_for_connection(&mesh, &config.target).await?;
                 run_cycle(conn, config, baselines, cancel_rx).await.map_err(|e| e.to_string())
             }
             .await;
@@ -393,6 +389,28 @@ impl VolumeScheduler {
         for key in due {
             self.start(key, ctx);
         }
+    }
+}
+
+/// How long a cycle waits for its target's connection before it fails. Covers a
+/// `sync-now` right after start-up and a cycle that falls due while a peer is
+/// reconnecting (a restarted node is back within a second or two).
+pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// The connection to `target`, waiting up to [`CONNECT_WAIT`] for it to come up.
+async fn wait_for_connection(mesh: &Addr<MeshActor>, target: &str) -> Result<quinn::Connection, String> {
+    let deadline = Instant::now() + CONNECT_WAIT;
+    loop {
+        if let Some((_, conn)) = mesh.send(GetConnection(target.to_string())).await.map_err(|e| e.to_string())? {
+            return Ok(conn);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "target {target} is not connected (waited {} s; `drmesh ctl mesh` shows the peers this node reaches)",
+                CONNECT_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
