@@ -47,7 +47,10 @@ for k in 1 2 3 4; do
     touch /tmp/stop
     wait $w1
     wait $w2
-    $ctl verify "$snap" "$t0" "$t1" 0 2048 /tmp/wlog1 /tmp/wlog2 | tee /tmp/v
+    # (a) (output to a file, not a pipe: a pipe's status is the last command's)
+    $ctl verify "$snap" "$t0" "$t1" 0 2048 /tmp/wlog1 /tmp/wlog2 >/tmp/v ||
+        { tail -n 20 /tmp/v; fail "snapshot $k differs from the disk at its instant"; }
+    tail -n 1 /tmp/v
     over=$(val overwritten_after_snapshot "$(tail -n 1 /tmp/v)")
     [ "$over" -gt 0 ] || fail "no block was overwritten after snapshot $k: nothing tested"
     # (b) bitmap k holds every write between snapshot k-1 and snapshot k; a
@@ -90,7 +93,8 @@ echo "snapshot: $*"
 # 4 MiB of first writes: 1024 chunks, more than the store's ~240
 dd if=/dev/urandom of=/dev/vdb bs=1M seek=16 count=4 oflag=direct conv=fsync status=none \
     || fail "writes failed while the store filled"
-$ctl status "$vdb" | tee /tmp/st
+$ctl status "$vdb" >/tmp/st
+cat /tmp/st
 st=$(val state "$(cat /tmp/st)")
 [ $((st & 12)) -eq 12 ] || fail "state $st: want snapshot (4) and invalid (8)"
 [ "$(val snap_error "$(cat /tmp/st)")" = 28 ] || fail "snap_error, want ENOSPC (28)"
@@ -99,7 +103,8 @@ echo "read of the invalid snapshot: $out"
 [ "$out" = "Input/output error" ] || fail "want EIO, got $out"
 $ctl cowhdr /dev/loop1 | grep -q '^format=1 state=2 ' || fail "store not marked invalid"
 # the next cycle rescans everything
-$ctl bitmap "$vdb" /tmp/sfull | tee /tmp/bf
+$ctl bitmap "$vdb" /tmp/sfull >/tmp/bf
+cat /tmp/bf
 [ "$(val bits_set "$(cat /tmp/bf)")" = 16384 ] || fail "not every bit set after the store filled"
 $ctl release "$vdb"
 $ctl detach "$vdb"
@@ -153,7 +158,8 @@ pci=$(readlink -f /sys/block/vdb/device/..)
 echo 1 >"$pci/remove"
 sleep 1
 [ ! -e /sys/block/vdb ] || fail "vdb still present after PCI remove"
-$ctl status "$vdb" | tee /tmp/st
+$ctl status "$vdb" >/tmp/st
+cat /tmp/st
 st=$(val state "$(cat /tmp/st)")
 [ $((st & 7)) -eq 7 ] || fail "state $st: want attached, gone, snapshot"
 $ctl readat "$snap" 0 4096 || fail "copied chunk unreadable after the origin went away"
