@@ -30,6 +30,8 @@
 #include <linux/ktime.h>
 #include <linux/bitmap.h>
 #include <linux/rculist.h>
+#include <linux/completion.h>
+#include <linux/jiffies.h>
 
 #include "drmesh_ioctl.h"
 #include "trk.h"
@@ -65,6 +67,13 @@
  * @wq: the worker waits here.
  * @worker: the worker thread.
  * @disk_added: @disk was added (so it must be deleted).
+ * @pend: the store write of the last copy, still in flight, or NULL; its
+ *	chunks [@pend_c, @pend_c + @pend_n) get data chunks from @pend_used on.
+ * @pend_c: see @pend.
+ * @pend_n: see @pend.
+ * @pend_used: see @pend.
+ * @pend_done: completion of @pend.
+ * @flushed_at: jiffies of the last index write-out.
  */
 struct trk_snap {
 	struct trk_dev *t;
@@ -89,7 +98,16 @@ struct trk_snap {
 	wait_queue_head_t wq;
 	struct task_struct *worker;
 	bool disk_added;
+	struct bio *pend;
+	unsigned long pend_c;
+	unsigned long pend_n;
+	u64 pend_used;
+	struct completion pend_done;
+	unsigned long flushed_at;
 };
+
+/* The index goes out to the store once the worker was idle this long. */
+#define SNAP_FLUSH_DELAY (HZ / 2)
 
 static int snap_major;
 static DEFINE_IDA(snap_ida);
@@ -100,18 +118,17 @@ static struct page *snap_page(void *p)
 }
 
 /*
- * Synchronous I/O of @bytes (sector multiple) between page-aligned @buf and
- * @bdev at @sector. Submitted from this module: a write to an attached disk
- * would not pass the tracker, so callers only write to the store, which is
- * never on an attached disk.
+ * A bio over @bytes (sector multiple) of page-aligned @buf at @sector of @bdev.
+ * Submitted from this module: a write to an attached disk would not pass the
+ * tracker, so callers only write to the store, which is never on an attached
+ * disk.
  */
-static int snap_io(struct block_device *bdev, blk_opf_t opf, sector_t sector,
-		   void *buf, size_t bytes)
+static struct bio *snap_bio(struct block_device *bdev, blk_opf_t opf,
+			    sector_t sector, void *buf, size_t bytes)
 {
 	unsigned int nr = DIV_ROUND_UP(bytes, PAGE_SIZE);
 	struct bio *bio = bio_alloc(bdev, nr, opf, GFP_NOIO);
 	size_t off;
-	int ret;
 
 	bio->bi_iter.bi_sector = sector;
 	for (off = 0; off < bytes; off += PAGE_SIZE) {
@@ -119,16 +136,33 @@ static int snap_io(struct block_device *bdev, blk_opf_t opf, sector_t sector,
 
 		if (bio_add_page(bio, snap_page(buf + off), len, 0) != len) {
 			bio_put(bio);
-			return -EIO;
+			return NULL;
 		}
 	}
 	if (is_vmalloc_addr(buf) && op_is_write(opf))
 		flush_kernel_vmap_range(buf, bytes);
+	return bio;
+}
+
+/* Synchronous I/O between @buf and @bdev (see snap_bio()). */
+static int snap_io(struct block_device *bdev, blk_opf_t opf, sector_t sector,
+		   void *buf, size_t bytes)
+{
+	struct bio *bio = snap_bio(bdev, opf, sector, buf, bytes);
+	int ret;
+
+	if (!bio)
+		return -EIO;
 	ret = submit_bio_wait(bio);
 	if (is_vmalloc_addr(buf) && !op_is_write(opf))
 		invalidate_kernel_vmap_range(buf, bytes);
 	bio_put(bio);
 	return ret;
+}
+
+static void snap_pend_end_io(struct bio *bio)
+{
+	complete(bio->bi_private);
 }
 
 static unsigned long snap_nchunks(const struct trk_snap *s)
@@ -203,8 +237,39 @@ static void snap_invalidate(struct trk_snap *s, int err)
 }
 
 /*
+ * Waits for the store write of the last copy and only then lets the index
+ * point at it (a write to those chunks may skip the queue from then on).
+ */
+static int snap_cow_finish(struct trk_snap *s)
+{
+	unsigned long i;
+	int ret;
+
+	if (!s->pend)
+		return 0;
+	wait_for_completion_io(&s->pend_done);
+	ret = blk_status_to_errno(s->pend->bi_status);
+	bio_put(s->pend);
+	s->pend = NULL;
+	if (ret)
+		return ret;
+	for (i = 0; i < s->pend_n; i++) {
+		WRITE_ONCE(s->index[s->pend_c + i],
+			   cpu_to_le32(s->pend_used + i + 1));
+		set_bit(((s->pend_c + i) * sizeof(__le32)) >> PAGE_SHIFT,
+			s->index_dirty);
+	}
+	return 0;
+}
+
+/*
  * Copies chunks [c, last] that are not copied yet into the store, in runs of
- * up to a buffer. Return: 0, -ENOSPC when the store is full, or an I/O error.
+ * up to a buffer. The old data is read synchronously; the store write of the
+ * last run is left in flight (snap_cow_finish() completes it), so the held
+ * write can go to the origin meanwhile: the snapshot reads those chunks only
+ * after the worker finished, and then from the store.
+ *
+ * Return: 0, -ENOSPC when the store is full, or an I/O error.
  */
 static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 {
@@ -212,9 +277,9 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 	u64 origin = snap_origin_bytes(s);
 
 	while (c <= last) {
-		u64 used = atomic64_read(&s->used), off;
+		u64 used, off;
 		size_t bytes, run;
-		unsigned long n, i;
+		unsigned long n;
 		int ret;
 
 		if (s->index[c]) {
@@ -223,6 +288,11 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 		}
 		for (n = 1; n < bufc && c + n <= last && !s->index[c + n]; n++)
 			;
+		/* The buffer is about to be reused. */
+		ret = snap_cow_finish(s);
+		if (ret)
+			return ret;
+		used = atomic64_read(&s->used);
 		if (used + n > s->data_chunks)
 			return -ENOSPC;
 		off = (u64)c << s->shift;
@@ -235,17 +305,18 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 			return ret;
 		if (bytes < run)
 			memset(s->buf + bytes, 0, run - bytes);
-		ret = snap_io(s->store, REQ_OP_WRITE,
-			      s->data_sect + (used << (s->shift - SECTOR_SHIFT)),
-			      s->buf, run);
-		if (ret)
-			return ret;
-		/* Only now may a write to these chunks skip the queue. */
-		for (i = 0; i < n; i++) {
-			WRITE_ONCE(s->index[c + i], cpu_to_le32(used + i + 1));
-			set_bit(((c + i) * sizeof(__le32)) >> PAGE_SHIFT,
-				s->index_dirty);
-		}
+		s->pend = snap_bio(s->store, REQ_OP_WRITE,
+				   s->data_sect + (used << (s->shift - SECTOR_SHIFT)),
+				   s->buf, run);
+		if (!s->pend)
+			return -EIO;
+		s->pend_c = c;
+		s->pend_n = n;
+		s->pend_used = used;
+		s->pend->bi_end_io = snap_pend_end_io;
+		s->pend->bi_private = &s->pend_done;
+		reinit_completion(&s->pend_done);
+		submit_bio(s->pend);
 		atomic64_add(n, &s->used);
 		c += n;
 	}
@@ -273,6 +344,10 @@ static void snap_write(struct trk_snap *s, struct bio *bio)
 		}
 	}
 	trk_pass_bio(bio);
+	/* Before the next queued bio: a read of these chunks must find them. */
+	ret = snap_cow_finish(s);
+	if (ret)
+		snap_invalidate(s, ret);
 }
 
 /* Copies @n bytes from @src into @bio at @it, advancing @it. */
@@ -350,34 +425,55 @@ static bool snap_has_work(struct trk_snap *s)
 	       READ_ONCE(s->queue.head);
 }
 
+static bool snap_index_dirty(struct trk_snap *s)
+{
+	unsigned long pages = s->index_bytes >> PAGE_SHIFT;
+
+	return find_first_bit(s->index_dirty, pages) < pages;
+}
+
 static int snap_worker(void *arg)
 {
 	struct trk_snap *s = arg;
 
 	for (;;) {
-		struct bio *bio;
+		struct bio *bio = NULL;
+		long delay;
 
-		/* Interruptible only so an idle worker is not a hung task. */
-		wait_event_interruptible(s->wq, kthread_should_stop() ||
-						snap_has_work(s));
-		bio = NULL;
 		spin_lock_irq(&s->lock);
 		/* Held writes wait for the snapshot instant. */
 		if (atomic_read(&s->state) != TRK_SNAP_PENDING)
 			bio = bio_list_pop(&s->queue);
 		spin_unlock_irq(&s->lock);
-		if (!bio) {
-			if (atomic_read(&s->state) == TRK_SNAP_ACTIVE &&
-			    snap_flush_index(s))
-				snap_invalidate(s, -EIO);
-			if (kthread_should_stop())
-				break;
+		if (bio) {
+			if (bio->bi_bdev->bd_disk == s->disk)
+				snap_read(s, bio);
+			else
+				snap_write(s, bio);
 			continue;
 		}
-		if (bio->bi_bdev->bd_disk == s->disk)
-			snap_read(s, bio);
-		else
-			snap_write(s, bio);
+		if (kthread_should_stop())
+			break;
+		/*
+		 * Idle. The index goes out when the worker is idle, at most
+		 * every SNAP_FLUSH_DELAY, not after every copy: one more write
+		 * per copy would cost about as much as the copy.
+		 */
+		delay = MAX_SCHEDULE_TIMEOUT;
+		if (atomic_read(&s->state) == TRK_SNAP_ACTIVE && snap_index_dirty(s)) {
+			unsigned long due = s->flushed_at + SNAP_FLUSH_DELAY;
+
+			delay = time_before(jiffies, due) ? due - jiffies : 0;
+			if (!delay) {
+				if (snap_flush_index(s))
+					snap_invalidate(s, -EIO);
+				s->flushed_at = jiffies;
+				continue;
+			}
+		}
+		/* Interruptible only so an idle worker is not a hung task. */
+		wait_event_interruptible_timeout(s->wq, kthread_should_stop() ||
+							snap_has_work(s), delay);
 	}
 	return 0;
 }
@@ -484,6 +580,8 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 	spin_lock_init(&s->lock);
 	bio_list_init(&s->queue);
 	init_waitqueue_head(&s->wq);
+	init_completion(&s->pend_done);
+	s->flushed_at = jiffies;
 	s->index_bytes = round_up(t->nbits * sizeof(__le32), PAGE_SIZE);
 	if (s->index_bytes > SNAP_INDEX_BYTES_MAX) {
 		ret = -EFBIG;
