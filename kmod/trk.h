@@ -28,7 +28,7 @@ struct trk_snap;
  * @nr_sects: sectors of @bdev at attach.
  * @gran_shift: log2 of bytes per bit.
  * @nbits: bits per bitmap.
- * @live: the bitmap the probe sets bits in (RCU).
+ * @live: the bitmap the write hook sets bits in (RCU).
  * @spare: the other bitmap, all zero, owned by the hand-over path.
  * @writes_seen: write-class bios recorded.
  * @handovers: successful hand-overs.

@@ -245,7 +245,7 @@ static long trk_detach(void __user *arg)
 	trk_count--;
 	mutex_unlock(&trk_lock);
 
-	/* No probe can still be using t once every RCU reader is done. */
+	/* No hook can still be using t once every RCU reader is done. */
 	synchronize_rcu();
 	pr_info("drmesh_trk: detached %pg\n", t->bdev);
 	blkdev_put(t->bdev, FMODE_READ);

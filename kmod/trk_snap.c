@@ -36,8 +36,11 @@
 #include "drmesh_ioctl.h"
 #include "trk.h"
 
-/* The worker's copy buffer: at least one chunk. */
-#define SNAP_BUF_BYTES_MIN (256u << 10)
+/*
+ * The worker's copy buffer: at least one chunk. 1 MiB (BIO_MAX_VECS pages)
+ * copies a 1 MiB write's old data with one read and one write.
+ */
+#define SNAP_BUF_BYTES_MIN (1u << 20)
 /* In-memory index limit: 16 Mi chunks (64 GiB at 4 KiB chunks). */
 #define SNAP_INDEX_BYTES_MAX (64ul << 20)
 #define SNAP_COW_MODE (FMODE_READ | FMODE_WRITE | FMODE_EXCL)

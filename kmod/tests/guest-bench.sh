@@ -8,8 +8,8 @@
 set -eu
 trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
 ctl=drmesh-kmodctl
-rounds=${BENCH_ROUNDS:-3}
-rand_count=1500
+rounds=${BENCH_ROUNDS:-5}
+rand_count=2000
 seq_count=64
 
 insmod /lib/modules/drmesh_trk.ko
@@ -20,7 +20,7 @@ run() { # run LABEL: one figure per workload, appended to /tmp/bench
     r=$($ctl bench /dev/vdb rand4k $rand_count)
     s=$($ctl bench /dev/vdb seq1m $seq_count)
     echo "$1 $r $s" >>/tmp/bench
-    echo "round $round $1: rand4k ${r} MB/s, seq1m ${s} MB/s"
+    echo "round $round $1: rand4k $r MB/s, seq1m $s MB/s"
 }
 
 : >/tmp/bench
