@@ -31,6 +31,8 @@ set -- $($ctl attach /dev/vdb)
 vdb=$1 gran=$2
 rm -f /tmp/wlog1 /tmp/wlog2
 prev_t0=0 prev_t1=0
+# the region as it was at attach: zeros
+$ctl tags /dev/vdb 0 2048 /tmp/tags0
 for k in 1 2 3 4; do
     rm -f /tmp/stop
     $ctl logwrite /dev/vdb 0 2048 100000 $((k * 10 + 1)) /tmp/wlog1 /tmp/stop &
@@ -53,7 +55,11 @@ for k in 1 2 3 4; do
     tail -n 1 /tmp/v
     over=$(val overwritten_after_snapshot "$(tail -n 1 /tmp/v)")
     [ "$over" -gt 0 ] || fail "no block was overwritten after snapshot $k: nothing tested"
-    # (b) bitmap k holds every write between snapshot k-1 and snapshot k; a
+    # (b) what the block-reader relies on: every block that differs between
+    # snapshot k-1 and snapshot k is set in the bitmap handed over with k
+    $ctl tags "$snap" 0 2048 /tmp/tags$k
+    $ctl changed /tmp/tags$((k - 1)) /tmp/tags$k /tmp/sb$k "$gran" 0
+    # and bitmap k holds every write between snapshot k-1 and snapshot k; a
     # write across the instant of k-1 is in bitmap k-1 or k
     $ctl covers /tmp/sb$k "$gran" "$prev_t1" "$t0" /tmp/wlog1 /tmp/wlog2
     if [ $k -gt 1 ]; then
@@ -108,6 +114,28 @@ cat /tmp/bf
 [ "$(val bits_set "$(cat /tmp/bf)")" = 16384 ] || fail "not every bit set after the store filled"
 $ctl release "$vdb"
 $ctl detach "$vdb"
+
+step "attach, snapshot, release, detach and unload in a loop under two writers"
+$ctl randwrite /dev/vdb 3000 41 >/dev/null &
+rw1=$!
+$ctl randwrite /dev/vdb 3000 42 >/dev/null &
+rw2=$!
+loops=0
+while kill -0 $rw1 2>/dev/null || kill -0 $rw2 2>/dev/null; do
+    set -- $($ctl attach /dev/vdb)
+    $ctl snapshot "$1" /dev/loop0 /tmp/su >/dev/null
+    # writes held for copies are still queued: release sends them on
+    $ctl release "$1"
+    $ctl detach "$1"
+    # and unload waits for them
+    rmmod drmesh_trk
+    insmod /lib/modules/drmesh_trk.ko
+    loops=$((loops + 1))
+done
+wait $rw1
+wait $rw2
+echo "$loops attach/snapshot/release/detach/unload cycles under load"
+[ "$loops" -ge 3 ] || fail "too few cycles ($loops)"
 
 step "snapshot of the mounted ext4 disk under live writes; e2fsck -n on it"
 mkdir -p /mnt/a

@@ -41,6 +41,11 @@
  *   covers BITMAP GRANULARITY FROM TO LOG...
  *                                  every logged write that started at or after
  *                                  FROM and ended by TO has its bit set
+ *   tags DEV FIRST N OUT           writes the tag (writer, sequence) of blocks
+ *                                  FIRST..FIRST+N-1 of DEV to OUT (0 0: zeros)
+ *   changed OLDTAGS NEWTAGS BITMAP GRANULARITY FIRST
+ *                                  every block whose tag differs between the
+ *                                  two files has its bit set in BITMAP
  *   readat DEV OFFSET LENGTH       reads; exit 0, or prints the errno and exit 3
  *   cowhdr COW                     prints the COW store header
  *   bench DEV rand4k|seq1m COUNT   O_DIRECT write speed in MB/s
@@ -636,6 +641,69 @@ static int cmd_covers(const char *bitmap, unsigned int gran, uint64_t from,
 	return missing ? 1 : 0;
 }
 
+static int cmd_tags(const char *path, uint64_t first, uint64_t n, const char *out)
+{
+	int fd = open(path, O_RDONLY | O_DIRECT);
+	FILE *f = fopen(out, "w");
+	unsigned char *buf;
+
+	if (fd < 0 || !f || posix_memalign((void **)&buf, BLK, BLK))
+		die("tags setup");
+	for (uint64_t b = first; b < first + n; b++) {
+		uint32_t tag[4] = { 0, 0, 0, 0 };
+
+		if (pread(fd, buf, BLK, b * BLK) != BLK)
+			die("tags read");
+		memcpy(tag, buf, sizeof(tag));
+		if (tag[0] != TAG_MAGIC)
+			tag[1] = tag[2] = 0;
+		fprintf(f, "%u %u\n", tag[1], tag[2]);
+	}
+	if (fclose(f))
+		die(out);
+	close(fd);
+	return 0;
+}
+
+/*
+ * The promise a hand-over makes to the block-reader: a block that differs
+ * between two consecutive snapshots has its bit set in the bitmap handed
+ * over with the second one.
+ */
+static int cmd_changed(const char *old_tags, const char *new_tags, const char *bitmap,
+		       unsigned int gran, uint64_t first)
+{
+	FILE *a = fopen(old_tags, "r"), *b = fopen(new_tags, "r"), *m = fopen(bitmap, "r");
+	unsigned int w0, s0, w1, s1;
+	uint64_t blk = first, changed = 0, missing = 0;
+	unsigned char *map;
+	long bytes;
+
+	if (!a || !b || !m)
+		die("changed: open");
+	fseek(m, 0, SEEK_END);
+	bytes = ftell(m);
+	rewind(m);
+	map = malloc(bytes + 1);
+	if (!map || fread(map, 1, bytes, m) != (size_t)bytes)
+		die("read bitmap");
+	while (fscanf(a, "%u %u", &w0, &s0) == 2 && fscanf(b, "%u %u", &w1, &s1) == 2) {
+		uint64_t bit = blk * BLK / gran;
+
+		if (w0 != w1 || s0 != s1) {
+			changed++;
+			if (bit / 8 >= (uint64_t)bytes || !(map[bit / 8] & (1u << (bit % 8)))) {
+				printf("changed: block %" PRIu64 " differs but its bit is clear\n", blk);
+				missing++;
+			}
+		}
+		blk++;
+	}
+	printf("changed: blocks=%" PRIu64 " changed=%" PRIu64 " missing=%" PRIu64 "\n",
+	       blk - first, changed, missing);
+	return missing || !changed ? 1 : 0;
+}
+
 static int cmd_readat(const char *path, uint64_t off, uint64_t len)
 {
 	int fd = open(path, O_RDONLY | O_DIRECT);
@@ -1012,6 +1080,12 @@ int main(int argc, char **argv)
 	if (argc == 5 && !strcmp(argv[1], "readat"))
 		return cmd_readat(argv[2], strtoull(argv[3], NULL, 0),
 				  strtoull(argv[4], NULL, 0));
+	if (argc == 6 && !strcmp(argv[1], "tags"))
+		return cmd_tags(argv[2], strtoull(argv[3], NULL, 0),
+				strtoull(argv[4], NULL, 0), argv[5]);
+	if (argc == 7 && !strcmp(argv[1], "changed"))
+		return cmd_changed(argv[2], argv[3], argv[4], strtoul(argv[5], NULL, 0),
+				   strtoull(argv[6], NULL, 0));
 	if (argc == 3 && !strcmp(argv[1], "cowhdr"))
 		return cmd_cowhdr(argv[2]);
 	if (argc == 5 && !strcmp(argv[1], "bench"))
