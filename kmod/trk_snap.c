@@ -695,17 +695,23 @@ void trk_snap_activate(struct trk_snap *s)
  * @s: the snapshot, unlinked from its tracker and an RCU grace period past.
  * @aborted: creation failed before the snapshot instant.
  *
- * Deletes the snapshot device (later reads of it fail), lets the worker send
- * on the writes still queued (without copies) and fail queued reads, then
- * marks the store released and closes it.
+ * Lets the worker send on the writes still queued (without copies) and fail
+ * queued reads, deletes the snapshot device (later reads of it fail), then
+ * writes out the index, marks the store released and closes it.
  */
 void trk_snap_destroy(struct trk_snap *s, bool aborted)
 {
 	bool invalid = atomic_read(&s->state) == TRK_SNAP_INVALID;
 
+	/*
+	 * First, so that reads still queued (even ones that waited for an
+	 * instant that never came) fail at once rather than hold up the
+	 * deletion of the device.
+	 */
+	atomic_set(&s->state, TRK_SNAP_ABORTED);
+	wake_up(&s->wq);
 	if (s->disk_added)
 		del_gendisk(s->disk);
-	atomic_set(&s->state, TRK_SNAP_ABORTED);
 	if (s->worker)
 		kthread_stop(s->worker);
 	if (s->store && s->hdr && !aborted) {
