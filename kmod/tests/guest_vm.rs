@@ -1,7 +1,7 @@
 //! Runs the kernel module's guest tests: boots Debian's kernel under qemu with the
 //! module and a guest script (`kmod/tests/guest-track.sh` for change tracking,
-//! `kmod/tests/guest-snap.sh` for snapshots, via `scripts/kmod-vm`) and expects
-//! the guest's PASS marker.
+//! `kmod/tests/guest-snap.sh` for snapshots, `kmod/tests/guest-wrapper.sh` for
+//! the Rust wrapper, via `scripts/kmod-vm`) and expects the guest's PASS marker.
 //!
 //! Needs root: `scripts/kmod-env` installs qemu, the kernel and its headers on
 //! first use (`scripts/test` runs it first). It boots a VM: under a minute under
@@ -31,6 +31,11 @@ fn is_root() -> bool {
 /// Boots the guest with `script` (relative to the repository) and asserts that it
 /// passed; prints the guest's figure lines matching `report`.
 fn run_guest(test: &str, script: &str, report: &[&str]) {
+    run_guest_with(test, script, report, &[]);
+}
+
+/// [`run_guest`] with host programs copied into the guest's `/bin`.
+fn run_guest_with(test: &str, script: &str, report: &[&str], files: &[&str]) {
     if !is_root() {
         eprintln!("SKIPPED {test}: needs root (scripts/kmod-env installs packages)");
         return;
@@ -42,6 +47,7 @@ fn run_guest(test: &str, script: &str, report: &[&str]) {
         .expect("the kmod crate lives in the repository root");
     let out = Command::new(repo.join("scripts/kmod-vm"))
         .arg(script)
+        .env("DRMESH_KMOD_VM_FILES", files.join(" "))
         .current_dir(repo)
         .output()
         .expect("run scripts/kmod-vm");
@@ -56,7 +62,7 @@ fn run_guest(test: &str, script: &str, report: &[&str]) {
     // The ratios and timings the guest reported, for whoever runs this by hand.
     for line in stdout
         .lines()
-        .filter(|l| report.iter().any(|p| l.starts_with(p)) || l.starts_with("== guest finished"))
+        .filter(|l| report.iter().any(|p| l.contains(p)) || l.starts_with("== guest finished"))
     {
         eprintln!("{line}");
     }
@@ -77,5 +83,15 @@ fn module_snapshots_in_a_real_kernel() {
         "module_snapshots_in_a_real_kernel",
         "kmod/tests/guest-snap.sh",
         &["verify:", "covers:"],
+    );
+}
+
+#[test]
+fn rust_wrapper_drives_the_module_in_a_real_kernel() {
+    run_guest_with(
+        "rust_wrapper_drives_the_module_in_a_real_kernel",
+        "kmod/tests/guest-wrapper.sh",
+        &["wrapper:"],
+        &[env!("CARGO_BIN_EXE_drmesh-kmod-check")],
     );
 }
