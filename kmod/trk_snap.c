@@ -196,7 +196,7 @@ static int snap_write_header(struct trk_snap *s, u32 state)
 	h->chunks_used = cpu_to_le64(atomic64_read(&s->used));
 	h->origin_bytes = cpu_to_le64(snap_origin_bytes(s));
 	h->created_ns = cpu_to_le64(s->created_ns);
-	return snap_io(s->store, REQ_OP_WRITE | REQ_FUA, 0, h,
+	return snap_io(s->store, REQ_OP_WRITE | REQ_SYNC | REQ_FUA, 0, h,
 		       DRMESH_COW_HEADER_BYTES);
 }
 
@@ -208,7 +208,7 @@ static int snap_flush_index(struct trk_snap *s)
 
 	for_each_set_bit(p, s->index_dirty, pages) {
 		clear_bit(p, s->index_dirty);
-		ret = snap_io(s->store, REQ_OP_WRITE,
+		ret = snap_io(s->store, REQ_OP_WRITE | REQ_SYNC,
 			      (DRMESH_COW_HEADER_BYTES + (p << PAGE_SHIFT)) >>
 				      SECTOR_SHIFT,
 			      (void *)s->index + (p << PAGE_SHIFT), PAGE_SIZE);
@@ -308,7 +308,12 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 			return ret;
 		if (bytes < run)
 			memset(s->buf + bytes, 0, run - bytes);
-		s->pend = snap_bio(s->store, REQ_OP_WRITE,
+		/*
+		 * REQ_SYNC: a held write waits for this one; without it the
+		 * block layer treats it as background writeback and may throttle
+		 * it (writeback throttling).
+		 */
+		s->pend = snap_bio(s->store, REQ_OP_WRITE | REQ_SYNC,
 				   s->data_sect + (used << (s->shift - SECTOR_SHIFT)),
 				   s->buf, run);
 		if (!s->pend)
