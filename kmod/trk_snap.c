@@ -70,9 +70,9 @@
  * @wq: the worker waits here.
  * @worker: the worker thread.
  * @disk_added: @disk was added (so it must be deleted).
- * @pend: the store write of the last copy, still in flight, or NULL; its
- *	chunks [@pend_c, @pend_c + @pend_n) get data chunks from @pend_used on.
- * @pend_c: see @pend.
+ * @pend: the store write of the last copy, still in flight, or NULL; origin
+ *	chunks @pend_chunks[0 .. @pend_n) get data chunks @pend_used on.
+ * @pend_chunks: origin chunk numbers of @pend (one buffer's worth).
  * @pend_n: see @pend.
  * @pend_used: see @pend.
  * @pend_done: completion of @pend.
@@ -102,7 +102,7 @@ struct trk_snap {
 	struct task_struct *worker;
 	bool disk_added;
 	struct bio *pend;
-	unsigned long pend_c;
+	unsigned long *pend_chunks;
 	unsigned long pend_n;
 	u64 pend_used;
 	struct completion pend_done;
@@ -257,49 +257,55 @@ static int snap_cow_finish(struct trk_snap *s)
 	if (ret)
 		return ret;
 	for (i = 0; i < s->pend_n; i++) {
-		WRITE_ONCE(s->index[s->pend_c + i],
-			   cpu_to_le32(s->pend_used + i + 1));
-		set_bit(((s->pend_c + i) * sizeof(__le32)) >> PAGE_SHIFT,
-			s->index_dirty);
+		unsigned long c = s->pend_chunks[i];
+
+		WRITE_ONCE(s->index[c], cpu_to_le32(s->pend_used + i + 1));
+		set_bit((c * sizeof(__le32)) >> PAGE_SHIFT, s->index_dirty);
 	}
 	return 0;
 }
 
 /*
- * Copies chunks [c, last] that are not copied yet into the store, in runs of
- * up to a buffer. The old data is read synchronously; the store write of the
- * last run is left in flight (snap_cow_finish() completes it), so the held
- * write can go to the origin meanwhile: the snapshot reads those chunks only
- * after the worker finished, and then from the store.
+ * Copies chunks [c, last] that are not copied yet into the store, a buffer's
+ * worth of origin at a time: one read of the whole window (chunks copied
+ * before are read too, which is cheaper than splitting the read around them),
+ * the chunks to copy packed together, one store write to the next free data
+ * chunks. The old data is read synchronously; the last store write is left
+ * in flight (snap_cow_finish() completes it), so the held write can go to the
+ * origin meanwhile: the snapshot reads those chunks only after the worker
+ * finished, and then from the store.
  *
  * Return: 0, -ENOSPC when the store is full, or an I/O error.
  */
 static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 {
 	unsigned long bufc = s->buf_bytes >> s->shift;
+	size_t chunk = 1ul << s->shift;
 	u64 origin = snap_origin_bytes(s);
 
 	while (c <= last) {
+		unsigned long end, i, n = 0;
 		u64 used, off;
 		size_t bytes, run;
-		unsigned long n;
 		int ret;
 
 		if (s->index[c]) {
 			c++;
 			continue;
 		}
-		for (n = 1; n < bufc && c + n <= last && !s->index[c + n]; n++)
-			;
+		end = min(last, c + bufc - 1);
 		/* The buffer is about to be reused. */
 		ret = snap_cow_finish(s);
 		if (ret)
 			return ret;
+		for (i = c; i <= end; i++)
+			if (!s->index[i])
+				n++;
 		used = atomic64_read(&s->used);
 		if (used + n > s->data_chunks)
 			return -ENOSPC;
 		off = (u64)c << s->shift;
-		run = (size_t)n << s->shift;
+		run = (size_t)(end - c + 1) << s->shift;
 		/* The last chunk may end past the device: zeros there. */
 		bytes = min_t(u64, run, origin - off);
 		ret = snap_io(s->t->bdev, REQ_OP_READ, off >> SECTOR_SHIFT,
@@ -308,6 +314,16 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 			return ret;
 		if (bytes < run)
 			memset(s->buf + bytes, 0, run - bytes);
+		/* Pack the chunks to copy at the front, in order (k <= i). */
+		n = 0;
+		for (i = c; i <= end; i++) {
+			if (s->index[i])
+				continue;
+			if (i - c != n)
+				memmove(s->buf + n * chunk, s->buf + (i - c) * chunk,
+					chunk);
+			s->pend_chunks[n++] = i;
+		}
 		/*
 		 * REQ_SYNC: a held write waits for this one; without it the
 		 * block layer treats it as background writeback and may throttle
@@ -315,10 +331,9 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 		 */
 		s->pend = snap_bio(s->store, REQ_OP_WRITE | REQ_SYNC,
 				   s->data_sect + (used << (s->shift - SECTOR_SHIFT)),
-				   s->buf, run);
+				   s->buf, n * chunk);
 		if (!s->pend)
 			return -EIO;
-		s->pend_c = c;
 		s->pend_n = n;
 		s->pend_used = used;
 		s->pend->bi_end_io = snap_pend_end_io;
@@ -326,7 +341,7 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 		reinit_completion(&s->pend_done);
 		submit_bio(s->pend);
 		atomic64_add(n, &s->used);
-		c += n;
+		c = end + 1;
 	}
 	return 0;
 }
@@ -630,8 +645,10 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 	s->index_dirty = bitmap_zalloc(s->index_bytes >> PAGE_SHIFT, GFP_KERNEL);
 	s->buf_bytes = max_t(size_t, SNAP_BUF_BYTES_MIN, 1ul << s->shift);
 	s->buf = vmalloc(s->buf_bytes);
+	s->pend_chunks = kcalloc(s->buf_bytes >> s->shift, sizeof(*s->pend_chunks),
+				 GFP_KERNEL);
 	s->hdr = kzalloc(DRMESH_COW_HEADER_BYTES, GFP_KERNEL);
-	if (!s->index || !s->index_dirty || !s->buf || !s->hdr)
+	if (!s->index || !s->index_dirty || !s->buf || !s->pend_chunks || !s->hdr)
 		goto out_free;
 
 	/* An all-zero index first, then the header that makes it a store. */
@@ -732,6 +749,7 @@ void trk_snap_destroy(struct trk_snap *s, bool aborted)
 	if (s->store)
 		blkdev_put(s->store, SNAP_COW_MODE);
 	kfree(s->hdr);
+	kfree(s->pend_chunks);
 	vfree(s->buf);
 	bitmap_free(s->index_dirty);
 	kvfree(s->index);
