@@ -29,6 +29,9 @@
 #define DRMESH_GRANULARITY_BYTES_MAX (1u << 20)
 #define DRMESH_PATH_BYTES 256
 
+/* Snapshot block devices are /dev/drmesh-snapN. */
+#define DRMESH_SNAP_NAME "drmesh-snap"
+
 /**
  * struct drmesh_attach - start change tracking on a block device.
  * @version: DRMESH_IOCTL_VERSION.
@@ -103,9 +106,56 @@ struct drmesh_bitmap {
 	__u32 reserved;
 };
 
+/**
+ * struct drmesh_snapshot - take a point-in-time snapshot (SNAPSHOT).
+ * @version: DRMESH_IOCTL_VERSION.
+ * @flags: 0.
+ * @dev_major: in: attached device major.
+ * @dev_minor: in: attached device minor.
+ * @buf: in: user address the change bitmap is copied to (as GET_BITMAP).
+ * @buf_bytes: in: size of @buf; must be at least @bitmap_bytes, else -ENOSPC
+ *	with @bitmap_bytes filled in and nothing changed.
+ * @bitmap_bytes: out: bytes of bitmap written.
+ * @bits_set: out: bits set in the handed-over bitmap.
+ * @device_bytes: out: size of the device (and of the snapshot device).
+ * @cow_bytes: out: room for copied data in the COW store.
+ * @granularity_bytes: out: bytes per bit, also the COW chunk size.
+ * @snap_index: out: N of /dev/drmesh-snapN.
+ * @snap_major: out: major of the snapshot device.
+ * @snap_minor: out: minor of the snapshot device.
+ * @cow_path: in: NUL-terminated path of the block device that becomes the
+ *	COW store (opened exclusively, overwritten from byte 0; see README.md for
+ *	its layout). Not on the same disk as any attached device.
+ *
+ * Freezes the filesystem on the device (if any), holds new writes, waits for
+ * writes in flight, then at one instant hands over the change bitmap (every
+ * write submitted since the previous hand-over) and starts the snapshot; held
+ * writes go on after their old data is copied. One snapshot per disk.
+ */
+struct drmesh_snapshot {
+	__u32 version;
+	__u32 flags;
+	__u32 dev_major;
+	__u32 dev_minor;
+	__u64 buf;
+	__u64 buf_bytes;
+	__u64 bitmap_bytes;
+	__u64 bits_set;
+	__u64 device_bytes;
+	__u64 cow_bytes;
+	__u32 granularity_bytes;
+	__u32 snap_index;
+	__u32 snap_major;
+	__u32 snap_minor;
+	char cow_path[DRMESH_PATH_BYTES];
+};
+
 /* Status flags (struct drmesh_status.state). */
 #define DRMESH_STATE_ATTACHED (1u << 0)
 #define DRMESH_STATE_DEVICE_GONE (1u << 1) /* device removed while attached */
+#define DRMESH_STATE_SNAPSHOT (1u << 2) /* a snapshot exists (RELEASE drops it) */
+#define DRMESH_STATE_SNAP_INVALID (1u << 3) /* COW store full or I/O error:
+					     * snapshot reads fail with EIO */
 
 /**
  * struct drmesh_status - state of one device (STATUS).
@@ -122,6 +172,10 @@ struct drmesh_bitmap {
  * @handovers: out: GET_BITMAP calls that succeeded since attach.
  * @attached_count: out: devices attached in total.
  * @reserved: 0.
+ * @snap_index: out: N of /dev/drmesh-snapN when a snapshot exists.
+ * @snap_error: out: positive errno that invalidated the snapshot, else 0.
+ * @cow_chunks_used: out: chunks copied into the COW store.
+ * @cow_chunks_total: out: chunks the COW store holds.
  */
 struct drmesh_status {
 	__u32 version;
@@ -137,12 +191,67 @@ struct drmesh_status {
 	__u64 handovers;
 	__u32 attached_count;
 	__u32 reserved;
+	__u32 snap_index;
+	__u32 snap_error;
+	__u64 cow_chunks_used;
+	__u64 cow_chunks_total;
+};
+
+/* COW store layout (all integers little-endian); README.md describes it. */
+#define DRMESH_COW_MAGIC "DRMCOW01"
+#define DRMESH_COW_FORMAT 1
+#define DRMESH_COW_HEADER_BYTES 4096
+#define DRMESH_COW_LIVE 1	/* snapshot in use */
+#define DRMESH_COW_INVALID 2	/* store full or I/O error: content unusable */
+#define DRMESH_COW_RELEASED 3	/* snapshot dropped */
+
+/**
+ * struct drmesh_cow_header - first DRMESH_COW_HEADER_BYTES of a COW store.
+ * @magic: DRMESH_COW_MAGIC (8 bytes, no NUL).
+ * @format: DRMESH_COW_FORMAT.
+ * @state: DRMESH_COW_LIVE, _INVALID or _RELEASED.
+ * @chunk_bytes: bytes per chunk (the tracking granularity).
+ * @origin_major: origin device major.
+ * @origin_minor: origin device minor.
+ * @index_offset_bytes: where the index starts (DRMESH_COW_HEADER_BYTES).
+ * @index_entries: entries in the index, one per origin chunk: a __le32 that is
+ *	0 when the chunk was not copied, else 1 + its data chunk number.
+ * @data_offset_bytes: where the data area starts (chunk-aligned).
+ * @data_chunks: chunks the data area holds.
+ * @chunks_used: chunks copied (as of the last header write).
+ * @origin_bytes: origin size.
+ * @created_ns: CLOCK_REALTIME of the snapshot instant, in nanoseconds.
+ * @pad: zero.
+ *
+ * The index on disk trails the kernel's copy in memory (written after each
+ * batch of copies); the snapshot device always uses the memory copy. A
+ * snapshot does not survive reboot or module unload.
+ */
+struct drmesh_cow_header {
+	char magic[8];
+	__le32 format;
+	__le32 state;
+	__le32 chunk_bytes;
+	__le32 origin_major;
+	__le32 origin_minor;
+	__le32 pad0;
+	__le64 index_offset_bytes;
+	__le64 index_entries;
+	__le64 data_offset_bytes;
+	__le64 data_chunks;
+	__le64 chunks_used;
+	__le64 origin_bytes;
+	__le64 created_ns;
+	__u8 pad[DRMESH_COW_HEADER_BYTES - 88];
 };
 
 #define DRMESH_IOC_ATTACH _IOWR(DRMESH_IOC_MAGIC, 1, struct drmesh_attach)
 #define DRMESH_IOC_DETACH _IOW(DRMESH_IOC_MAGIC, 2, struct drmesh_dev)
 #define DRMESH_IOC_GET_BITMAP _IOWR(DRMESH_IOC_MAGIC, 3, struct drmesh_bitmap)
 #define DRMESH_IOC_STATUS _IOWR(DRMESH_IOC_MAGIC, 4, struct drmesh_status)
+#define DRMESH_IOC_SNAPSHOT _IOWR(DRMESH_IOC_MAGIC, 5, struct drmesh_snapshot)
+/* Drops the device's snapshot (struct drmesh_dev names the attached device). */
+#define DRMESH_IOC_RELEASE _IOW(DRMESH_IOC_MAGIC, 6, struct drmesh_dev)
 
 #ifdef __KERNEL__
 #include <linux/build_bug.h>
@@ -154,6 +263,8 @@ struct drmesh_status {
 DRMESH_ASSERT_SIZE(struct drmesh_attach, 24 + DRMESH_PATH_BYTES);
 DRMESH_ASSERT_SIZE(struct drmesh_dev, 16);
 DRMESH_ASSERT_SIZE(struct drmesh_bitmap, 64);
-DRMESH_ASSERT_SIZE(struct drmesh_status, 72);
+DRMESH_ASSERT_SIZE(struct drmesh_status, 96);
+DRMESH_ASSERT_SIZE(struct drmesh_snapshot, 80 + DRMESH_PATH_BYTES);
+DRMESH_ASSERT_SIZE(struct drmesh_cow_header, DRMESH_COW_HEADER_BYTES);
 
 #endif /* DRMESH_IOCTL_H */

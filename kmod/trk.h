@@ -11,10 +11,13 @@
 #include <linux/list.h>
 #include <linux/mutex.h>
 #include <linux/blkdev.h>
+#include <linux/wait.h>
 
 #define TRK_MAX_DEVICES 16
 /* Each of the two bitmaps of a device is at most this big (4 TiB at 4 KiB). */
 #define TRK_BITMAP_BYTES_MAX (128ul << 20)
+
+struct trk_snap;
 
 /**
  * struct trk_dev - one tracked device.
@@ -25,12 +28,14 @@
  * @nr_sects: sectors of @bdev at attach.
  * @gran_shift: log2 of bytes per bit.
  * @nbits: bits per bitmap.
- * @live: the bitmap the probe sets bits in (RCU).
+ * @live: the bitmap the write hook sets bits in (RCU).
  * @spare: the other bitmap, all zero, owned by the hand-over path.
  * @writes_seen: write-class bios recorded.
  * @handovers: successful hand-overs.
  * @unwrapped: set when a write's completion could not be wrapped (no memory);
  *	the next hand-over then also keeps its bits in the new bitmap.
+ * @slot: index of this device's counter in trk_slot_inflight.
+ * @snap: the device's snapshot, or NULL (RCU; changed under trk_lock).
  */
 struct trk_dev {
 	struct list_head node;
@@ -45,6 +50,25 @@ struct trk_dev {
 	atomic64_t writes_seen;
 	u64 handovers;
 	atomic_t unwrapped;
+	unsigned int slot;
+	struct trk_snap __rcu *snap;
+};
+
+/*
+ * Writes sent on to the driver and not yet completed, per attach slot. A
+ * write counts in the slot of every device it overlaps; the counters outlive
+ * the devices (module lifetime), so a completion after detach is harmless.
+ * Taking a snapshot waits for its slot to reach zero (trk_drain_wait).
+ */
+extern atomic_t trk_slot_inflight[TRK_MAX_DEVICES];
+extern wait_queue_head_t trk_drain_wait;
+
+/* Snapshot states (struct trk_snap.state). */
+enum trk_snap_state {
+	TRK_SNAP_PENDING = 1,	/* writes held until the snapshot instant */
+	TRK_SNAP_ACTIVE,	/* first write to a chunk copies it first */
+	TRK_SNAP_INVALID,	/* store full or I/O error: reads fail */
+	TRK_SNAP_ABORTED,	/* creation failed: held writes pass */
 };
 
 /* Serialises attach, detach and hand-over; the tracer only reads, under RCU. */
@@ -56,9 +80,23 @@ extern unsigned int trk_count;
 
 void trk_merge_bits(unsigned long *live, const unsigned long *src,
 		    unsigned long nbits);
+void trk_set_bits(unsigned long *map, unsigned long first, unsigned long last);
+void trk_pass_bio(struct bio *bio);
 int trk_tracer_init(void);
 void trk_tracer_exit(void);
 int trk_ctl_init(void);
 void trk_ctl_exit(void);
+
+/* trk_snap.c: snapshots, their COW store and their block device. */
+struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path);
+void trk_snap_activate(struct trk_snap *s);
+void trk_snap_destroy(struct trk_snap *s, bool aborted);
+bool trk_snap_needs_hold(struct trk_snap *s, sector_t first, sector_t end);
+void trk_snap_queue(struct trk_snap *s, struct bio *bio);
+bool trk_snap_uses_disk(struct trk_snap *s, struct gendisk *disk);
+void trk_snap_status(struct trk_snap *s, u32 *index, u32 *error, u64 *used,
+		     u64 *total, u64 *cow_bytes, u32 *major, u32 *minor);
+int trk_snap_init(void);
+void trk_snap_exit(void);
 
 #endif /* DRMESH_TRK_H */

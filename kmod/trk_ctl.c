@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * drmesh_trk control device: /dev/drmesh-ctl and its ioctls (attach, detach,
- * bitmap hand-over, status). Every argument is checked before any state
- * changes; see drmesh_ioctl.h for the interface.
+ * bitmap hand-over, status, snapshot, release). Every argument is checked
+ * before any state changes; see drmesh_ioctl.h for the interface.
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -33,6 +33,23 @@ static struct trk_dev *trk_find(dev_t dev)
 		if (t->bdev->bd_dev == dev)
 			return t;
 	return NULL;
+}
+
+/* The snapshot of @t (caller holds trk_lock). */
+static struct trk_snap *trk_snap_of(struct trk_dev *t)
+{
+	return rcu_dereference_protected(t->snap, lockdep_is_held(&trk_lock));
+}
+
+/* A free slot of trk_slot_inflight (fewer than TRK_MAX_DEVICES attached). */
+static unsigned int trk_free_slot(void)
+{
+	unsigned long used = 0;
+	struct trk_dev *t;
+
+	list_for_each_entry(t, &trk_devices, node)
+		__set_bit(t->slot, &used);
+	return find_first_zero_bit(&used, TRK_MAX_DEVICES);
 }
 
 static void trk_free(struct trk_dev *t)
@@ -116,6 +133,17 @@ static long trk_attach(void __user *arg)
 		ret = PTR_ERR(bdev);
 		goto out_unlock;
 	}
+	/* A COW store's writes bypass tracking (trk_snap.c): not trackable. */
+	list_for_each_entry(t, &trk_devices, node) {
+		struct trk_snap *s = trk_snap_of(t);
+
+		if (s && trk_snap_uses_disk(s, bdev->bd_disk)) {
+			ret = -EBUSY;
+			t = NULL;
+			goto out_put;
+		}
+	}
+	t = NULL;
 	lbs = bdev_logical_block_size(bdev);
 	if (!gran)
 		gran = max_t(unsigned int, 4096, lbs);
@@ -151,6 +179,8 @@ static long trk_attach(void __user *arg)
 	}
 	atomic64_set(&t->writes_seen, 0);
 	atomic_set(&t->unwrapped, 0);
+	t->slot = trk_free_slot();
+	RCU_INIT_POINTER(t->snap, NULL);
 
 	/* Held until detach: rmmod is refused while any device is attached. */
 	__module_get(THIS_MODULE);
@@ -182,7 +212,8 @@ out_unlock:
  * trk_detach() - stop tracking a device and drop what it held.
  * @arg: user pointer to struct drmesh_dev.
  *
- * Return: 0, -ENOENT when the device is not attached, or -EINVAL/-EPROTO.
+ * Return: 0, -ENOENT when the device is not attached, -EBUSY while it has a
+ * snapshot (release it first), or -EINVAL/-EPROTO.
  */
 static long trk_detach(void __user *arg)
 {
@@ -206,17 +237,68 @@ static long trk_detach(void __user *arg)
 		mutex_unlock(&trk_lock);
 		return -ENOENT;
 	}
+	if (trk_snap_of(t)) {
+		mutex_unlock(&trk_lock);
+		return -EBUSY;
+	}
 	list_del_rcu(&t->node);
 	trk_count--;
 	mutex_unlock(&trk_lock);
 
-	/* No probe can still be using t once every RCU reader is done. */
+	/* No hook can still be using t once every RCU reader is done. */
 	synchronize_rcu();
 	pr_info("drmesh_trk: detached %pg\n", t->bdev);
 	blkdev_put(t->bdev, FMODE_READ);
 	trk_free(t);
 	module_put(THIS_MODULE);
 	return 0;
+}
+
+/*
+ * Makes the spare bitmap live and returns the old live one, once no write can
+ * touch it any more: every later write sets bits in the new live bitmap.
+ */
+static unsigned long *trk_swap(struct trk_dev *t)
+{
+	unsigned long *old;
+
+	old = rcu_dereference_protected(t->live, lockdep_is_held(&trk_lock));
+	rcu_assign_pointer(t->live, t->spare);
+	/* Every hook that may still hold the old pointer is done after this. */
+	synchronize_rcu();
+	return old;
+}
+
+/*
+ * Copies @old (swapped out by trk_swap()) to @buf and makes it the zeroed
+ * spare. On a fault its bits go back into the live bitmap (-EFAULT), so
+ * nothing is lost.
+ */
+static int trk_hand_over(struct trk_dev *t, unsigned long *old,
+			 void __user *buf, u64 *bits_set)
+{
+	unsigned long *live;
+	int ret = 0;
+
+	live = rcu_dereference_protected(t->live, lockdep_is_held(&trk_lock));
+	*bits_set = 0;
+	if (copy_to_user(buf, old, trk_bitmap_bytes(t))) {
+		trk_merge_bits(live, old, t->nbits);
+		ret = -EFAULT;
+	} else {
+		/*
+		 * A write submitted before the swap whose completion we could
+		 * not wrap may still land after it: keep its bits (all of
+		 * old's, as we do not know which) in the new bitmap too.
+		 */
+		if (atomic_xchg(&t->unwrapped, 0))
+			trk_merge_bits(live, old, t->nbits);
+		*bits_set = bitmap_weight(old, t->nbits);
+		t->handovers++;
+	}
+	bitmap_zero(old, t->nbits);
+	t->spare = old;
+	return ret;
 }
 
 /**
@@ -231,7 +313,7 @@ static long trk_get_bitmap(void __user *arg)
 {
 	struct drmesh_bitmap b;
 	struct trk_dev *t;
-	unsigned long *old, *live;
+	unsigned long *old;
 	size_t bytes;
 	dev_t dev;
 	int ret;
@@ -263,32 +345,8 @@ static long trk_get_bitmap(void __user *arg)
 		goto out_answer;
 	}
 
-	/*
-	 * Swap, then wait for every probe that may still hold the old pointer:
-	 * from here on no write can touch `old`, and every later write sets
-	 * bits in the new live bitmap.
-	 */
-	old = rcu_dereference_protected(t->live, lockdep_is_held(&trk_lock));
-	live = t->spare;
-	rcu_assign_pointer(t->live, live);
-	synchronize_rcu();
-
-	if (copy_to_user(u64_to_user_ptr(b.buf), old, bytes)) {
-		trk_merge_bits(live, old, t->nbits);
-		ret = -EFAULT;
-	} else {
-		/*
-		 * A write submitted before the swap whose completion we could
-		 * not wrap may still land after it: keep its bits (all of
-		 * old's, as we do not know which) in the new bitmap too.
-		 */
-		if (atomic_xchg(&t->unwrapped, 0))
-			trk_merge_bits(live, old, t->nbits);
-		b.bits_set = bitmap_weight(old, t->nbits);
-		t->handovers++;
-	}
-	bitmap_zero(old, t->nbits);
-	t->spare = old;
+	old = trk_swap(t);
+	ret = trk_hand_over(t, old, u64_to_user_ptr(b.buf), &b.bits_set);
 	if (ret)
 		goto out_unlock;
 out_answer:
@@ -345,11 +403,172 @@ static long trk_status(void __user *arg)
 		s.bits_set = bitmap_weight(live, t->nbits);
 		s.writes_seen = atomic64_read(&t->writes_seen);
 		s.handovers = t->handovers;
+		if (trk_snap_of(t)) {
+			u64 cow_bytes;
+			u32 major, minor;
+
+			trk_snap_status(trk_snap_of(t), &s.snap_index,
+					&s.snap_error, &s.cow_chunks_used,
+					&s.cow_chunks_total, &cow_bytes,
+					&major, &minor);
+			s.state |= DRMESH_STATE_SNAPSHOT;
+			if (s.snap_error)
+				s.state |= DRMESH_STATE_SNAP_INVALID;
+		}
 	}
 	mutex_unlock(&trk_lock);
 	if (copy_to_user(arg, &s, sizeof(s)))
 		return -EFAULT;
 	return 0;
+}
+
+/* Unlinks and drops @t's snapshot (caller holds trk_lock). */
+static void trk_drop_snap(struct trk_dev *t, bool aborted)
+{
+	struct trk_snap *s = trk_snap_of(t);
+
+	rcu_assign_pointer(t->snap, NULL);
+	/* No write hook can still be queueing to s after this. */
+	synchronize_rcu();
+	trk_snap_destroy(s, aborted);
+}
+
+/**
+ * trk_snapshot() - hand over the bitmap and start a snapshot at one instant.
+ * @arg: user pointer to struct drmesh_snapshot.
+ *
+ * Freezes the filesystem on the device (if one is mounted) so it is clean in
+ * the snapshot, holds new writes of the device, waits for the ones in flight,
+ * swaps the change bitmap and starts the snapshot; then lets the held writes
+ * go on (each after its copy) and thaws.
+ *
+ * Return: 0; -ENOENT not attached; -EBUSY the disk already has a snapshot,
+ * or the store is in use; -ENOSPC buffer too small (bitmap_bytes says what is
+ * needed) or store too small; -EFAULT the bitmap could not be copied (no
+ * snapshot, bits kept); -EINTR killed while waiting for writes in flight (no
+ * snapshot, nothing handed over); -EINVAL/-EPROTO/-EFBIG; or the error of
+ * opening the store, freezing or adding the device.
+ */
+static long trk_snapshot(void __user *arg)
+{
+	struct drmesh_snapshot a;
+	struct trk_dev *t, *other;
+	struct trk_snap *s;
+	unsigned long *old;
+	u64 cow_used, cow_total;
+	u32 snap_error;
+	dev_t dev;
+	int ret;
+
+	if (copy_from_user(&a, arg, sizeof(a)))
+		return -EFAULT;
+	ret = trk_check_header(a.version, a.flags);
+	if (ret)
+		return ret;
+	if (!a.cow_path[0] ||
+	    strnlen(a.cow_path, sizeof(a.cow_path)) == sizeof(a.cow_path))
+		return -EINVAL;
+	ret = trk_dev_t(a.dev_major, a.dev_minor, &dev);
+	if (ret)
+		return ret;
+
+	mutex_lock(&trk_lock);
+	t = trk_find(dev);
+	if (!t) {
+		ret = -ENOENT;
+		goto out_unlock;
+	}
+	/* One snapshot per disk: a worker's writes bypass other snapshots. */
+	list_for_each_entry(other, &trk_devices, node) {
+		if (other->disk == t->disk && trk_snap_of(other)) {
+			ret = -EBUSY;
+			goto out_unlock;
+		}
+	}
+	a.bitmap_bytes = trk_bitmap_bytes(t);
+	a.device_bytes = (u64)t->nr_sects << SECTOR_SHIFT;
+	a.granularity_bytes = 1u << t->gran_shift;
+	a.bits_set = 0;
+	if (a.buf_bytes < a.bitmap_bytes) {
+		ret = -ENOSPC;
+		goto out_answer;
+	}
+	s = trk_snap_create(t, a.cow_path);
+	if (IS_ERR(s)) {
+		ret = PTR_ERR(s);
+		goto out_unlock;
+	}
+	/*
+	 * The filesystem writes back and marks itself clean; it stays frozen
+	 * until the snapshot exists. Raw writers are not frozen: they are held.
+	 */
+	ret = freeze_bdev(t->bdev);
+	if (ret) {
+		trk_snap_destroy(s, true);
+		goto out_unlock;
+	}
+	rcu_assign_pointer(t->snap, s);
+	/* Every write hook from here on sees the snapshot and holds writes. */
+	synchronize_rcu();
+	/* Writes sent on before that: the snapshot must hold their data. */
+	ret = wait_event_killable(trk_drain_wait,
+				  !atomic_read(&trk_slot_inflight[t->slot]));
+	if (ret) {
+		trk_drop_snap(t, true);
+		thaw_bdev(t->bdev);
+		goto out_unlock;
+	}
+	/* The snapshot instant: bitmap and snapshot start together. */
+	old = trk_swap(t);
+	trk_snap_activate(s);
+	thaw_bdev(t->bdev);
+
+	ret = trk_hand_over(t, old, u64_to_user_ptr(a.buf), &a.bits_set);
+	if (ret) {
+		/* The caller cannot use a snapshot without its bitmap. */
+		trk_drop_snap(t, false);
+		goto out_unlock;
+	}
+	trk_snap_status(s, &a.snap_index, &snap_error, &cow_used, &cow_total,
+			&a.cow_bytes, &a.snap_major, &a.snap_minor);
+out_answer:
+	if (copy_to_user(arg, &a, sizeof(a)) && !ret)
+		ret = -EFAULT;	/* the snapshot exists: STATUS tells */
+out_unlock:
+	mutex_unlock(&trk_lock);
+	return ret;
+}
+
+/**
+ * trk_release() - drop a device's snapshot.
+ * @arg: user pointer to struct drmesh_dev.
+ *
+ * Return: 0, -ENOENT when the device is not attached or has no snapshot, or
+ * -EINVAL/-EPROTO.
+ */
+static long trk_release(void __user *arg)
+{
+	struct drmesh_dev d;
+	struct trk_dev *t;
+	dev_t dev;
+	int ret;
+
+	if (copy_from_user(&d, arg, sizeof(d)))
+		return -EFAULT;
+	ret = trk_check_header(d.version, d.flags);
+	if (ret)
+		return ret;
+	ret = trk_dev_t(d.dev_major, d.dev_minor, &dev);
+	if (ret)
+		return ret;
+	mutex_lock(&trk_lock);
+	t = trk_find(dev);
+	if (!t || !trk_snap_of(t))
+		ret = -ENOENT;
+	else
+		trk_drop_snap(t, false);
+	mutex_unlock(&trk_lock);
+	return ret;
 }
 
 static long trk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
@@ -367,6 +586,10 @@ static long trk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return trk_get_bitmap(uarg);
 	case DRMESH_IOC_STATUS:
 		return trk_status(uarg);
+	case DRMESH_IOC_SNAPSHOT:
+		return trk_snapshot(uarg);
+	case DRMESH_IOC_RELEASE:
+		return trk_release(uarg);
 	default:
 		return -ENOTTY;
 	}

@@ -4,7 +4,8 @@
  *
  * Attaches to block devices that are in use (mounted, live writes) and keeps a
  * bitmap of the ranges written since the last hand-over, at a fixed
- * granularity. trk_tracer.c sees the writes, trk_ctl.c is the control device;
+ * granularity, and takes copy-on-write snapshots of them. trk_tracer.c sees
+ * the writes, trk_snap.c keeps snapshots, trk_ctl.c is the control device;
  * README.md explains the design.
  */
 #include <linux/module.h>
@@ -16,23 +17,31 @@ static int __init trk_init(void)
 {
 	int ret;
 
-	ret = trk_tracer_init();
+	ret = trk_snap_init();
 	if (ret)
 		return ret;
+	ret = trk_tracer_init();
+	if (ret)
+		goto out_snap;
 	ret = trk_ctl_init();
-	if (ret) {
-		trk_tracer_exit();
-		return ret;
-	}
+	if (ret)
+		goto out_tracer;
 	pr_info("drmesh_trk: loaded, interface version %d\n",
 		DRMESH_IOCTL_VERSION);
 	return 0;
+
+out_tracer:
+	trk_tracer_exit();
+out_snap:
+	trk_snap_exit();
+	return ret;
 }
 
 static void __exit trk_exit(void)
 {
 	trk_ctl_exit();
 	trk_tracer_exit();
+	trk_snap_exit();
 	pr_info("drmesh_trk: unloaded\n");
 }
 
@@ -40,5 +49,5 @@ module_init(trk_init);
 module_exit(trk_exit);
 
 MODULE_LICENSE("GPL");
-MODULE_DESCRIPTION("drmesh block change tracking");
+MODULE_DESCRIPTION("drmesh block change tracking and snapshots");
 MODULE_AUTHOR("drmesh");

@@ -1,13 +1,18 @@
-//! Runs the kernel module's guest test: boots Debian's kernel under qemu with the
-//! module and `kmod/tests/guest-track.sh` (via `scripts/kmod-vm`) and expects the
-//! guest's PASS marker.
+//! Runs the kernel module's guest tests: boots Debian's kernel under qemu with the
+//! module and a guest script (`kmod/tests/guest-track.sh` for change tracking,
+//! `kmod/tests/guest-snap.sh` for snapshots, `kmod/tests/guest-wrapper.sh` for
+//! the Rust wrapper, via `scripts/kmod-vm`) and expects the guest's PASS marker.
 //!
 //! Needs root: `scripts/kmod-env` installs qemu, the kernel and its headers on
 //! first use (`scripts/test` runs it first). It boots a VM: under a minute under
-//! TCG. Run alone with `cargo test --release -p drmesh-kmod --test guest_vm`.
+//! TCG each. Run alone with `cargo test --release -p drmesh-kmod --test guest_vm`.
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One VM at a time: both share the module build cache and two host cores.
+static VM: Mutex<()> = Mutex::new(());
 
 /// The marker line the guest's init prints when the guest script exits 0.
 const PASS_MARKER: &str = "KMOD-TEST-RESULT: PASS";
@@ -23,19 +28,26 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-#[test]
-fn module_tracks_writes_in_a_real_kernel() {
+/// Boots the guest with `script` (relative to the repository) and asserts that it
+/// passed; prints the guest's figure lines matching `report`.
+fn run_guest(test: &str, script: &str, report: &[&str]) {
+    run_guest_with(test, script, report, &[]);
+}
+
+/// [`run_guest`] with host programs copied into the guest's `/bin`.
+fn run_guest_with(test: &str, script: &str, report: &[&str], files: &[&str]) {
     if !is_root() {
-        eprintln!(
-            "SKIPPED module_tracks_writes_in_a_real_kernel: needs root \
-             (scripts/kmod-env installs packages)"
-        );
+        eprintln!("SKIPPED {test}: needs root (scripts/kmod-env installs packages)");
         return;
     }
+    // A poisoned lock only means the other VM test failed; this one still runs.
+    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the kmod crate lives in the repository root");
     let out = Command::new(repo.join("scripts/kmod-vm"))
+        .arg(script)
+        .env("DRMESH_KMOD_VM_FILES", files.join(" "))
         .current_dir(repo)
         .output()
         .expect("run scripts/kmod-vm");
@@ -44,13 +56,42 @@ fn module_tracks_writes_in_a_real_kernel() {
     let passed = stdout.lines().any(|l| l.contains(PASS_MARKER));
     assert!(
         out.status.success() && passed,
-        "guest test failed ({}):\n{stdout}\n{stderr}",
+        "guest test {script} failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
     // The ratios and timings the guest reported, for whoever runs this by hand.
-    for line in stdout.lines().filter(|l| {
-        l.starts_with("written_bits=") || l.starts_with("== guest finished")
-    }) {
+    for line in stdout
+        .lines()
+        .filter(|l| report.iter().any(|p| l.contains(p)) || l.starts_with("== guest finished"))
+    {
         eprintln!("{line}");
     }
+}
+
+#[test]
+fn module_tracks_writes_in_a_real_kernel() {
+    run_guest(
+        "module_tracks_writes_in_a_real_kernel",
+        "kmod/tests/guest-track.sh",
+        &["written_bits="],
+    );
+}
+
+#[test]
+fn module_snapshots_in_a_real_kernel() {
+    run_guest(
+        "module_snapshots_in_a_real_kernel",
+        "kmod/tests/guest-snap.sh",
+        &["verify:", "covers:"],
+    );
+}
+
+#[test]
+fn rust_wrapper_drives_the_module_in_a_real_kernel() {
+    run_guest_with(
+        "rust_wrapper_drives_the_module_in_a_real_kernel",
+        "kmod/tests/guest-wrapper.sh",
+        &["wrapper:"],
+        &[env!("CARGO_BIN_EXE_drmesh-kmod-check")],
+    );
 }

@@ -1,0 +1,15 @@
+#!/bin/sh
+# Guest side of the Rust wrapper test, run as /guest-test by scripts/kmod-vm
+# with /bin/drmesh-kmod-check (DRMESH_KMOD_VM_FILES). The program attaches
+# /dev/vdb, hands bitmaps over, takes and releases a snapshot through the
+# wrapper and checks what it sees.
+set -eu
+trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
+[ -x /bin/drmesh-kmod-check ] || { echo "GUEST FAIL: no /bin/drmesh-kmod-check"; exit 1; }
+insmod /lib/modules/drmesh_trk.ko
+mkdir -p /cow
+mount -t tmpfs -o size=64m tmpfs /cow
+truncate -s 16M /cow/store
+losetup /dev/loop0 /cow/store
+/bin/drmesh-kmod-check /dev/vdb /dev/loop0
+rmmod drmesh_trk
