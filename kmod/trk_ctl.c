@@ -209,6 +209,26 @@ out_unlock:
 }
 
 /**
+ * trk_read_dev() - read and check the struct drmesh_dev argument of an ioctl.
+ * @arg: user pointer to struct drmesh_dev.
+ * @dev: the device number it names.
+ *
+ * Return: 0, or -EFAULT/-EINVAL/-EPROTO for a bad argument.
+ */
+static int trk_read_dev(void __user *arg, dev_t *dev)
+{
+	struct drmesh_dev d;
+	int ret;
+
+	if (copy_from_user(&d, arg, sizeof(d)))
+		return -EFAULT;
+	ret = trk_check_header(d.version, d.flags);
+	if (ret)
+		return ret;
+	return trk_dev_t(d.dev_major, d.dev_minor, dev);
+}
+
+/**
  * trk_detach() - stop tracking a device and drop what it held.
  * @arg: user pointer to struct drmesh_dev.
  *
@@ -217,17 +237,11 @@ out_unlock:
  */
 static long trk_detach(void __user *arg)
 {
-	struct drmesh_dev d;
 	struct trk_dev *t;
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&d, arg, sizeof(d)))
-		return -EFAULT;
-	ret = trk_check_header(d.version, d.flags);
-	if (ret)
-		return ret;
-	ret = trk_dev_t(d.dev_major, d.dev_minor, &dev);
+	ret = trk_read_dev(arg, &dev);
 	if (ret)
 		return ret;
 
@@ -548,17 +562,11 @@ out_unlock:
  */
 static long trk_release(void __user *arg)
 {
-	struct drmesh_dev d;
 	struct trk_dev *t;
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&d, arg, sizeof(d)))
-		return -EFAULT;
-	ret = trk_check_header(d.version, d.flags);
-	if (ret)
-		return ret;
-	ret = trk_dev_t(d.dev_major, d.dev_minor, &dev);
+	ret = trk_read_dev(arg, &dev);
 	if (ret)
 		return ret;
 	mutex_lock(&trk_lock);
