@@ -2,7 +2,8 @@
 //! cycle within ±10% over a minute; a window open at the node's local time
 //! sets a lower cap than outside it, and a topology edit reloaded during a
 //! cycle changes that cycle's rate; two source nodes of one site share the
-//! site's uplink, agreeing by gossip, so their summed rate stays at it.
+//! site's uplink, agreeing by gossip, so their summed rate stays at it; two
+//! volumes sent over one `[[link]]` share its cap.
 //!
 //! Images are random bytes (nothing to compress, nothing to dedupe), so the
 //! payload is the volume size. Caps are low (16-40 Mbit/s) so that a slow
@@ -213,4 +214,38 @@ fn nodes_of_a_site_share_its_uplink() {
     // While either runs the pair uses the whole uplink (the one left alone
     // takes all of it), so the summed rate over the whole run is the uplink.
     assert_within_10_percent("summed rate of the site's two nodes", payload as f64 * 8.0 / elapsed, 40e6);
+}
+
+#[test]
+fn a_link_cap_holds_all_transfers_to_one_target() {
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    // Two volumes of one source to one target, 60 MB each, under a 24 Mbit/s
+    // link: the pair takes about 40 s. Their policy allows far more.
+    let image_a = random_image(&mesh, "a.img", 0xb0d5, 60 * MB);
+    let image_b = random_image(&mesh, "b.img", 0xb0d6, 60 * MB);
+    let mut text = mesh.standard_topology(1, &["src", "dst"]);
+    text.push_str(&volume("va", "src", "dst", &image_a, "wide"));
+    text.push_str(&volume("vb", "src", "dst", &image_b, "wide"));
+    text.push_str("\n[[link]]\nnodes = [\"dst\", \"src\"]\nlimit = \"24Mbit\"\n");
+    text.push_str(&policy("wide", Some("{ limit = \"200Mbit\" }")));
+    mesh.write_file("topology.toml", &text);
+    start_all(&mut mesh, &["src", "dst"]);
+
+    let row = volume_row(&mesh, "src", "va");
+    assert_eq!(row["bandwidth"]["cap_bps"], 24_000_000, "{row}");
+    assert_eq!(row["bandwidth"]["reason"], "capped 24 Mbit/s by link limit", "{row}");
+    assert_eq!(row["bandwidth"]["link_cap_bps"], 24_000_000, "{row}");
+    assert_eq!(row["bandwidth"]["policy_cap_bps"], 200_000_000, "{row}");
+
+    let started = Instant::now();
+    let sync_a = mesh.spawn_ctl("src", &["sync-now", "va"]);
+    let sync_b = mesh.spawn_ctl("src", &["sync-now", "vb"]);
+    let data_a = finish(&mesh, "src", sync_a);
+    let data_b = finish(&mesh, "src", sync_b);
+    let elapsed = started.elapsed().as_secs_f64();
+    let payload: u64 = [&data_a, &data_b].iter().map(|d| report(d)["stats"]["sent_payload_bytes"].as_u64().unwrap_or(0)).sum();
+    assert!(payload >= 120 * MB as u64, "random data goes whole: {data_a} {data_b}");
+    // Both cycles share the link's pacer, so their sum is the link's cap
+    // (each alone could go at the policy's 200 Mbit/s).
+    assert_within_10_percent("summed rate over the link", payload as f64 * 8.0 / elapsed, 24e6);
 }

@@ -38,7 +38,7 @@ pub use diff::TopologyDiff;
 pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
 pub use schema::{
-    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillCheck, DrillSchedule, Mesh, NbdAddress, Node, Policy,
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillCheck, DrillSchedule, Link, Mesh, NbdAddress, Node, Policy,
     Retention, Site, SourceKind, TimeOfDay, Volume, Weekday,
 };
 
@@ -56,6 +56,8 @@ pub struct Topology {
     pub nodes: Vec<Node>,
     /// The `[[volume]]` tables, in file order.
     pub volumes: Vec<Volume>,
+    /// The `[[link]]` tables, in file order.
+    pub links: Vec<Link>,
     /// The `[policy.NAME]` tables by name.
     pub policies: BTreeMap<String, Policy>,
     path: PathBuf,
@@ -127,6 +129,7 @@ impl Topology {
                 sites: c.sites,
                 nodes: c.nodes,
                 volumes: c.volumes,
+                links: c.links,
                 policies: c.policies,
                 path: origin.to_path_buf(),
                 hash: *blake3::hash(text.as_bytes()).as_bytes(),

@@ -36,6 +36,14 @@ pub(crate) struct SiteDraft {
     pub(crate) site: Option<Site>,
 }
 
+/// A `[[link]]` table as read.
+pub(crate) struct LinkDraft {
+    /// The `nodes` list (its span and entries), when it was a list of strings.
+    pub(crate) nodes: Option<StringList>,
+    /// The link, when every field of its own table was valid.
+    pub(crate) link: Option<Link>,
+}
+
 /// A `[[node]]` table as read.
 pub(crate) struct NodeDraft {
     pub(crate) name: Option<Sp<String>>,
@@ -64,6 +72,7 @@ pub(crate) struct Draft {
     pub(crate) sites: Vec<SiteDraft>,
     pub(crate) nodes: Vec<NodeDraft>,
     pub(crate) volumes: Vec<VolumeDraft>,
+    pub(crate) links: Vec<LinkDraft>,
     /// Policies by name; `None` when the policy's table had errors.
     pub(crate) policies: BTreeMap<String, Option<Policy>>,
     /// Key files that do not exist here: (policy, span, message). Whether that is
@@ -288,7 +297,7 @@ pub(crate) fn parse_host_port(text: &str) -> Result<String, String> {
 /// Reads the whole document. `origin` names the file for relative key paths.
 pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'_>) -> Draft {
     let top = Fields::new("the top level", 0..0, root);
-    top.check_keys(sink, &["mesh", "site", "node", "volume", "policy"], &[]);
+    top.check_keys(sink, &["mesh", "site", "node", "volume", "link", "policy"], &[]);
     let base_dir = match origin.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -313,6 +322,9 @@ pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'
     }
     for (header, map) in array_of_tables(&top, "volume", sink) {
         draft.volumes.push(read_volume(&Fields::new("[[volume]]", header, map), sink));
+    }
+    for (header, map) in array_of_tables(&top, "link", sink) {
+        draft.links.push(read_link(&Fields::new("[[link]]", header, map), sink));
     }
     if let Some(value) = top.get("policy") {
         match value.get_ref() {
@@ -844,8 +856,51 @@ pub(crate) fn parse_compression(text: &str) -> Result<Compression, String> {
     }
 }
 
+fn read_link(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> LinkDraft {
+    f.check_keys(sink, &["nodes", "limit", "windows"], &[]);
+    let mut ok = true;
+    let mut pair = None;
+    let nodes = match f.string_list(sink, "nodes") {
+        None => {
+            f.missing(sink, "nodes", "a list of the two node names the link joins, like [\"branch-1\", \"hq\"]");
+            None
+        }
+        Some(Err(())) => None,
+        Some(Ok((span, list))) => {
+            match list.as_slice() {
+                [a, b] if a.value == b.value => {
+                    sink.error(b.span.clone(), format!("`nodes` in [[link]] names {:?} twice; expected two different nodes", b.value));
+                    ok = false;
+                }
+                [a, b] => pair = Some([a.value.clone(), b.value.clone()]),
+                _ => {
+                    sink.error(span.clone(), format!("`nodes` in [[link]] lists {} names; expected exactly two", list.len()));
+                    ok = false;
+                }
+            }
+            Some((span, list))
+        }
+    };
+    if f.get("limit").is_none() && f.get("windows").is_none() {
+        f.missing(sink, "limit", "a rate like \"50Mbit\" (or `windows`)");
+        ok = false;
+    }
+    let bandwidth = read_bandwidth_keys(f, sink);
+    let link = match (pair, bandwidth) {
+        (Some(nodes), Some(bandwidth)) if ok => Some(Link { nodes, bandwidth }),
+        _ => None,
+    };
+    LinkDraft { nodes, link }
+}
+
 fn read_bandwidth(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Bandwidth> {
     f.check_keys(sink, &["limit", "windows"], &[]);
+    read_bandwidth_keys(f, sink)
+}
+
+/// The `limit` and `windows` keys of a bandwidth table (policy or link); the
+/// caller checks which other keys are allowed.
+fn read_bandwidth_keys(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Bandwidth> {
     let mut ok = true;
     let limit_bps = match read_rate(f, sink, "limit", false, true) {
         Some(limit) => limit,

@@ -32,6 +32,23 @@ pub struct Site {
     pub uplink_bps: Option<u64>,
 }
 
+/// A `[[link]]` table: a rate cap on the transfers between two nodes, in each
+/// direction, on top of policy caps and site shares (the least of them applies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// The two node names, as written (distinct, both `[[node]]` names).
+    pub nodes: [String; 2],
+    /// The cap and its time windows, as in a policy's `bandwidth` table.
+    pub bandwidth: Bandwidth,
+}
+
+impl Link {
+    /// Whether this link joins `a` and `b` (in either order).
+    pub fn joins(&self, a: &str, b: &str) -> bool {
+        (self.nodes[0] == a && self.nodes[1] == b) || (self.nodes[0] == b && self.nodes[1] == a)
+    }
+}
+
 /// A `[[node]]` table: one `drmesh` process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::diagnostic::Sink;
 use crate::node_id::NodeId;
 use crate::parse::{Draft, Span};
-use crate::schema::{Mesh, Node, Policy, Site, Volume};
+use crate::schema::{Link, Mesh, Node, Policy, Site, Volume};
 
 /// The checked sections of a file.
 pub(crate) struct Checked {
@@ -15,6 +15,7 @@ pub(crate) struct Checked {
     pub(crate) sites: Vec<Site>,
     pub(crate) nodes: Vec<Node>,
     pub(crate) volumes: Vec<Volume>,
+    pub(crate) links: Vec<Link>,
     pub(crate) policies: BTreeMap<String, Policy>,
 }
 
@@ -151,6 +152,26 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
     }
 
+    let mut pairs: Seen<(String, String)> = Seen::new();
+    for link in &draft.links {
+        let Some((span, names)) = &link.nodes else { continue };
+        for name in names {
+            if !node_names.first.contains_key(&name.value) {
+                sink.error(name.span.clone(), format!("link node {:?} is not a [[node]] name", name.value));
+            }
+        }
+        if let [a, b] = names.as_slice() {
+            let key = if a.value <= b.value { (a.value.clone(), b.value.clone()) } else { (b.value.clone(), a.value.clone()) };
+            if let Some(first) = pairs.check(key, span) {
+                let (line, _) = sink.position(first.start);
+                sink.error(
+                    span.clone(),
+                    format!("a [[link]] between {:?} and {:?} is already defined on line {line}; expected one per pair of nodes", a.value, b.value),
+                );
+            }
+        }
+    }
+
     if sink.has_errors() {
         return None;
     }
@@ -163,6 +184,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         sites: draft.sites.into_iter().map(|s| s.site).collect::<Option<_>>()?,
         nodes: draft.nodes.into_iter().map(|n| n.node).collect::<Option<_>>()?,
         volumes: draft.volumes.into_iter().map(|v| v.volume).collect::<Option<_>>()?,
+        links: draft.links.into_iter().map(|l| l.link).collect::<Option<_>>()?,
         policies,
     })
 }

@@ -661,3 +661,59 @@ compression = "zstd:99"
     assert_eq!(shown.lines().count(), errs.len());
     assert!(shown.lines().next().unwrap().starts_with("conf/t.toml:3:11: "), "{shown}");
 }
+
+// ---- links ----------------------------------------------------------------
+
+fn with_link(link: &str) -> String {
+    edit(26, &format!("rpo = \"15m\"\n[[link]]\n{link}"))
+}
+
+#[test]
+fn link_between_two_nodes_is_read() {
+    let topo = Topology::parse(
+        &with_link("nodes = [\"b\", \"a\"]\nlimit = \"50Mbit\"\nwindows = [{ days = \"sat-sun\", from = \"00:00\", to = \"24:00\", limit = \"unlimited\" }]"),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    assert_eq!(topo.links.len(), 1);
+    assert!(topo.links[0].joins("a", "b") && topo.links[0].joins("b", "a"));
+    assert_eq!(topo.links[0].bandwidth.limit_bps, Some(50_000_000));
+    assert_eq!(topo.links[0].bandwidth.windows.len(), 1);
+}
+
+#[test]
+fn link_to_an_unknown_node() {
+    assert_one(&with_link("nodes = [\"a\", \"c\"]\nlimit = \"50Mbit\""), 28, 15, "link node \"c\" is not a [[node]] name");
+}
+
+#[test]
+fn link_names_one_node_twice() {
+    assert_one(&with_link("nodes = [\"a\", \"a\"]\nlimit = \"50Mbit\""), 28, 15, "names \"a\" twice");
+}
+
+#[test]
+fn link_with_three_nodes() {
+    assert_one(&with_link("nodes = [\"a\", \"b\", \"a\"]\nlimit = \"50Mbit\""), 28, 9, "lists 3 names; expected exactly two");
+}
+
+#[test]
+fn link_without_nodes_or_limit() {
+    assert_one(&with_link("limit = \"50Mbit\""), 27, 1, "missing required key `nodes` in [[link]]");
+    assert_one(&with_link("nodes = [\"a\", \"b\"]"), 27, 1, "missing required key `limit` in [[link]]");
+}
+
+#[test]
+fn link_with_a_bad_rate_or_key() {
+    assert_one(&with_link("nodes = [\"a\", \"b\"]\nlimit = \"fast\""), 29, 9, "`limit` in [[link]]");
+    assert_one(&with_link("nodes = [\"a\", \"b\"]\nlimit = \"1Gbit\"\nmtu = 1500"), 30, 1, "unknown key `mtu` in [[link]]");
+}
+
+#[test]
+fn second_link_between_the_same_pair() {
+    assert_one(
+        &with_link("nodes = [\"a\", \"b\"]\nlimit = \"50Mbit\"\n[[link]]\nnodes = [\"b\", \"a\"]\nlimit = \"10Mbit\""),
+        31,
+        9,
+        "already defined on line 28",
+    );
+}

@@ -95,6 +95,9 @@ pub struct BandwidthStatus {
     /// This node's share of its site uplink and the uplink, bits per second,
     /// if the site declares an uplink.
     pub site_share_bps: Option<(u64, u64)>,
+    /// The cap of the `[[link]]` to the target, bits per second, if one is
+    /// declared and limits now (shared by every transfer to that target).
+    pub link_cap_bps: Option<u64>,
 }
 
 /// The node's local time now (time zone from `TZ` or `/etc/localtime`).
@@ -121,6 +124,9 @@ struct Limits {
     policy_pacers: BTreeMap<String, Arc<Mutex<Pacer>>>,
     node_pacer: Arc<Mutex<Pacer>>,
     policy_caps: BTreeMap<String, PolicyCap>,
+    /// One pacer per peer with a `[[link]]` to this node, shared by every cycle to it.
+    link_pacers: BTreeMap<String, Arc<Mutex<Pacer>>>,
+    link_caps: BTreeMap<String, PolicyCap>,
     site_share: Option<(u64, u64)>,
     site_demands: Vec<Demand>,
     published: Option<Demand>,
@@ -193,6 +199,8 @@ impl VolumeScheduler {
             policy_pacers: BTreeMap::new(),
             node_pacer: Arc::new(Mutex::new(Pacer::new(Duration::ZERO, None))),
             policy_caps: BTreeMap::new(),
+            link_pacers: BTreeMap::new(),
+            link_caps: BTreeMap::new(),
             site_share: None,
             site_demands: Vec::new(),
             published: None,
@@ -229,18 +237,36 @@ impl VolumeScheduler {
             let pacer = self.limits.policy_pacers.entry(name.clone()).or_insert_with(|| Arc::new(Mutex::new(Pacer::new(now, None))));
             lock(pacer).set_rate(now, cap.bps);
         }
+        let mut link_caps = BTreeMap::new();
+        for link in &self.topology.links {
+            if let Some(peer) = link.nodes.iter().find(|n| **n != me).filter(|_| link.nodes.contains(&me)) {
+                link_caps.insert(peer.clone(), policy_cap(Some(&link.bandwidth), local));
+            }
+        }
+        self.limits.link_pacers.retain(|peer, _| link_caps.contains_key(peer));
+        for (peer, cap) in &link_caps {
+            let pacer = self.limits.link_pacers.entry(peer.clone()).or_insert_with(|| Arc::new(Mutex::new(Pacer::new(now, None))));
+            lock(pacer).set_rate(now, cap.bps);
+        }
         // What the running cycles want: each running policy's cap once (its
-        // pacer is shared by its cycles), unlimited if any policy is.
+        // pacer is shared by its cycles), unlimited if any policy is; and no
+        // more than the caps of the links they run over.
         let running: BTreeSet<&str> = self
             .plans
             .iter()
             .filter(|(_, p)| p.running)
             .filter_map(|((v, _), _)| self.topology.volumes.iter().find(|x| x.name == *v).map(|x| x.policy.as_str()))
             .collect();
-        let demand = running
+        let by_policy = running
             .iter()
             .filter_map(|p| caps.get(*p))
             .fold(Demand::Idle, |d, cap| d.plus(cap.bps.map_or(Demand::Unlimited, Demand::Bps)));
+        let running_targets: BTreeSet<&str> = self.plans.iter().filter(|(_, p)| p.running).map(|((_, t), _)| t.as_str()).collect();
+        let by_link = running_targets.iter().fold(Demand::Idle, |d, t| {
+            d.plus(link_caps.get(*t).and_then(|c| c.bps).map_or(Demand::Unlimited, Demand::Bps))
+        });
+        let demand = by_policy.min(by_link);
+        self.limits.link_caps = link_caps;
         if self.limits.published != Some(demand) {
             if let Some(gossip) = &self.gossip {
                 gossip.do_send(DemandNews(demand));
@@ -253,17 +279,25 @@ impl VolumeScheduler {
         self.limits.policy_caps = caps;
     }
 
-    fn pacing(&self, policy: &str) -> Pacing {
+    fn pacing(&self, policy: &str, target: &str) -> Pacing {
         let mut pacers = vec![self.limits.node_pacer.clone()];
         pacers.extend(self.limits.policy_pacers.get(policy).cloned());
+        pacers.extend(self.limits.link_pacers.get(target).cloned());
         Pacing { origin: self.limits.origin, pacers, sent_payload_bytes: Arc::default() }
     }
 
-    fn bandwidth_status(&self, volume: &str) -> BandwidthStatus {
+    fn bandwidth_status(&self, volume: &str, target: &str) -> BandwidthStatus {
         let policy = self.topology.volumes.iter().find(|v| v.name == volume).map(|v| v.policy.as_str()).unwrap_or_default();
         let cap = self.limits.policy_caps.get(policy).copied().unwrap_or(PolicyCap { bps: None, window: None });
-        let effective = effective_cap(cap, self.limits.site_share);
-        BandwidthStatus { cap_bps: effective.bps, reason: effective.to_string(), policy_cap_bps: cap.bps, site_share_bps: self.limits.site_share }
+        let link = self.limits.link_caps.get(target).copied().unwrap_or(PolicyCap { bps: None, window: None });
+        let effective = effective_cap(cap, self.limits.site_share).with_link(link);
+        BandwidthStatus {
+            cap_bps: effective.bps,
+            reason: effective.to_string(),
+            policy_cap_bps: cap.bps,
+            site_share_bps: self.limits.site_share,
+            link_cap_bps: link.bps,
+        }
     }
 
     /// Checks that this node is the source of `volume`; the error names it.
@@ -350,7 +384,7 @@ impl VolumeScheduler {
             path,
             block_bytes: u32::try_from(policy.block_bytes).map_err(|_| "block size too large".to_string())?,
             codec: policy_codec(policy)?,
-            pacing: self.pacing(&v.policy),
+            pacing: self.pacing(&v.policy, target),
         })
     }
 
@@ -595,7 +629,7 @@ impl Handler<GetReplications> for VolumeScheduler {
                     next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
-                    bandwidth: self.bandwidth_status(volume),
+                    bandwidth: self.bandwidth_status(volume, target),
                     running_sent_payload_bytes: p.progress.as_ref().map(|b| b.load(Ordering::Relaxed)),
                     paused_since_unix_ms: self.paused.get(volume).copied(),
                 })

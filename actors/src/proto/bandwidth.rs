@@ -162,6 +162,16 @@ impl Demand {
         }
     }
 
+    /// The lesser of two demands on the same transfers (e.g. their policy
+    /// caps and the caps of the links they run over).
+    pub fn min(self, other: Demand) -> Demand {
+        match (self, other) {
+            (Demand::Idle, _) | (_, Demand::Idle) => Demand::Idle,
+            (Demand::Unlimited, d) | (d, Demand::Unlimited) => d,
+            (Demand::Bps(a), Demand::Bps(b)) => Demand::Bps(a.min(b)),
+        }
+    }
+
     fn want(self) -> u64 {
         match self {
             Demand::Idle => 0,
@@ -211,6 +221,12 @@ pub enum CapReason {
         /// The site's uplink, bits per second.
         uplink_bps: u64,
     },
+    /// The `[[link]]` between this node and the target (shared by every
+    /// transfer to that target).
+    Link {
+        /// The open link window (start, end); `None`: the link's `limit`.
+        window: Option<(TimeOfDay, TimeOfDay)>,
+    },
 }
 
 /// The cap a transfer runs under now, and why.
@@ -237,6 +253,18 @@ pub fn effective_cap(policy: PolicyCap, site: Option<(u64, u64)>) -> EffectiveCa
     }
 }
 
+impl EffectiveCap {
+    /// The tighter of this cap and a `[[link]]` cap (`link.bps` `None`: no limit).
+    pub fn with_link(self, link: PolicyCap) -> EffectiveCap {
+        match link.bps {
+            Some(bps) if self.bps.is_none_or(|b| bps < b) => {
+                EffectiveCap { bps: Some(bps), reason: CapReason::Link { window: link.window.map(|w| (w.from, w.to)) } }
+            }
+            _ => self,
+        }
+    }
+}
+
 /// A rate for people: `"50 Mbit/s"`, `"1.5 Gbit/s"`, `"640 kbit/s"`.
 pub fn format_rate(bps: u64) -> String {
     let (value, unit) = match bps {
@@ -260,8 +288,41 @@ impl fmt::Display for EffectiveCap {
             (Some(bps), CapReason::SiteShare { uplink_bps }) => {
                 write!(f, "site share {} of {}", format_rate(bps), format_rate(uplink_bps))
             }
+            (Some(bps), CapReason::Link { window: None }) => write!(f, "capped {} by link limit", format_rate(bps)),
+            (Some(bps), CapReason::Link { window: Some((from, to)) }) => {
+                write!(f, "capped {} by link window {from}-{to}", format_rate(bps))
+            }
             _ => f.write_str("unlimited"),
         }
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    #[test]
+    fn a_link_cap_below_the_others_wins_and_says_so() {
+        let policy = PolicyCap { bps: Some(100_000_000), window: None };
+        let link = PolicyCap { bps: Some(20_000_000), window: None };
+        let cap = effective_cap(policy, None).with_link(link);
+        assert_eq!(cap.bps, Some(20_000_000));
+        assert_eq!(cap.to_string(), "capped 20 Mbit/s by link limit");
+        // A looser link changes nothing; no link cap at all neither.
+        let loose = PolicyCap { bps: Some(500_000_000), window: None };
+        assert_eq!(effective_cap(policy, None).with_link(loose), effective_cap(policy, None));
+        let none = PolicyCap { bps: None, window: None };
+        assert_eq!(effective_cap(none, Some((30_000_000, 200_000_000))).with_link(none).bps, Some(30_000_000));
+        // An unlimited policy under a link cap.
+        assert_eq!(effective_cap(none, None).with_link(link).bps, Some(20_000_000));
+    }
+
+    #[test]
+    fn demand_min_keeps_idle_and_the_smaller_rate() {
+        assert_eq!(Demand::Bps(5).min(Demand::Bps(3)), Demand::Bps(3));
+        assert_eq!(Demand::Unlimited.min(Demand::Bps(3)), Demand::Bps(3));
+        assert_eq!(Demand::Unlimited.min(Demand::Unlimited), Demand::Unlimited);
+        assert_eq!(Demand::Idle.min(Demand::Bps(3)), Demand::Idle);
     }
 }
 
