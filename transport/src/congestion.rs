@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
+pub mod bdp;
+
 /// Losses above this share of a round trip's bytes (in thousandths) are
 /// passed to BBR as congestion; below it they are treated as random loss.
 pub const CONGESTIVE_LOSS_PER_MILLE: u64 = 20;
@@ -50,6 +52,8 @@ pub enum CongestionChoice {
     Bbr,
     /// quinn's BBR behind the loss filter ([`LossFilteredBbr`]).
     LossFilteredBbr,
+    /// The window sized to the estimated BDP ([`bdp::BdpController`]).
+    Bdp,
 }
 
 impl CongestionChoice {
@@ -59,6 +63,7 @@ impl CongestionChoice {
             "bbr-filtered" => Some(Self::LossFilteredBbr),
             "bbr" => Some(Self::Bbr),
             "cubic" => Some(Self::Cubic),
+            "bdp" => Some(Self::Bdp),
             _ => None,
         }
     }
@@ -81,6 +86,7 @@ impl CongestionChoice {
             Self::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
             Self::Bbr => Arc::new(BbrConfig::default()),
             Self::LossFilteredBbr => Arc::new(LossFilteredBbrConfig::default()),
+            Self::Bdp => Arc::new(bdp::BdpConfig),
         }
     }
 }
@@ -137,6 +143,11 @@ impl LossFilter {
             self.round_acked_bytes = 0;
             self.round_lost_bytes = 0;
         }
+    }
+
+    /// Bytes declared lost in the current round so far.
+    pub fn round_lost_bytes(&self) -> u64 {
+        self.round_lost_bytes
     }
 
     /// Whether the path is short ([`SHORT_PATH_RTT`]); false before any ack.

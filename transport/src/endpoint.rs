@@ -48,6 +48,14 @@ pub const STREAM_WINDOW_BYTES: u64 = 2 * BDP_BYTES_MAX;
 /// cannot starve them.
 pub const CONNECTION_WINDOW_BYTES: u64 = STREAM_WINDOW_BYTES + (8 << 20);
 
+/// Kernel receive and send buffer asked for the endpoint's UDP socket. At
+/// 1 Gbit/s the kernel's default receive buffer (208 KiB, and each datagram
+/// counts at about twice its size) holds about a millisecond of traffic: any
+/// longer pause of the endpoint's task drops datagrams in the kernel, which
+/// QUIC sees as congestion. 8 MiB is ~30 ms at 1 Gbit/s. The kernel caps the
+/// request at `net.core.rmem_max` / `wmem_max`; a refusal only costs headroom.
+pub const UDP_BUFFER_BYTES: usize = 8 << 20;
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
     // The constants are far below the varint limit (2^62), so these cannot fail.
@@ -88,6 +96,9 @@ impl MeshEndpoint {
         let cid_key = u64::from_le_bytes([secret[0], secret[1], secret[2], secret[3], secret[4], secret[5], secret[6], secret[7]]);
         config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         let socket = std::net::UdpSocket::bind(listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+        let sock_ref = socket2::SockRef::from(&socket);
+        let _ = sock_ref.set_recv_buffer_size(UDP_BUFFER_BYTES);
+        let _ = sock_ref.set_send_buffer_size(UDP_BUFFER_BYTES);
         let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Bind {
             addr: listen,
             source: std::io::Error::other("no async runtime is running"),
