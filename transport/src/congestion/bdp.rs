@@ -71,9 +71,13 @@ pub const FULL_BW_ROUNDS: u32 = 3;
 /// whole round trip, so the pipe is full.
 pub const QUEUE_DELAY_EXIT: Duration = Duration::from_millis(2);
 
-/// Start-up ends after this many consecutive rounds that kept a queue (one
-/// could be a pause of the sender or the receiver, not the bottleneck).
-pub const QUEUED_ROUNDS_EXIT: u32 = 2;
+/// Start-up ends after this many consecutive rounds that kept a queue. One
+/// is enough: the window grows by [`STARTUP_GAIN`] per round, so a second
+/// round would nearly triple what overflows a shallow queue (measured: the
+/// window left start-up at ~1.6 BDP with two, and the burst of losses
+/// cost seconds). A pause of a host long enough to delay every sample of a
+/// round by an eighth of the RTT is rarer, and only costs a slower ramp.
+pub const QUEUED_ROUNDS_EXIT: u32 = 1;
 
 /// On congestive loss in steady state the bandwidth estimate drops to the
 /// last round's rate, but not below this share of the estimate: losses also
