@@ -10,10 +10,12 @@
 //!
 //! - **Model.** Per round trip (from an ack to the ack of the first packet
 //!   sent after it) the delivery rate is the bytes acknowledged over the
-//!   round's length. The bandwidth estimate is the largest rate of the last
-//!   [`BW_FILTER_ROUNDS`] rounds (a rate measured while the sender had nothing
-//!   to send only counts when it raises the estimate); the minimum RTT is
-//!   quinn's.
+//!   round's length (or over the span of their send instants, if longer).
+//!   The bandwidth estimate is the largest rate of the last
+//!   [`BW_FILTER_ROUNDS`] rounds; in steady state a round counts only if the
+//!   bottleneck kept a queue through it (otherwise the sender, not the path,
+//!   limited it: no data, or no CPU), unless it raises the estimate. The
+//!   minimum RTT is quinn's.
 //! - **Start-up.** The window is [`STARTUP_GAIN`] × the estimated BDP: it grows
 //!   by that factor per round trip. It ends at the first of: the delivery
 //!   rate grew by less than 25% in [`FULL_BW_ROUNDS`] rounds (the pipe is
@@ -317,16 +319,30 @@ impl BdpModel {
         let bw = (bytes as f64 / elapsed.as_secs_f64()) as u64;
         self.last_round_bw = bw;
         let max = self.bw_bytes_per_s();
-        // An app-limited round measures the application, not the path; it
-        // only counts when it shows more than the estimate.
-        if !round.app_limited || bw > max {
+        // A round the application limited says nothing about the path (the
+        // first rounds also carry the handshake's RTT samples).
+        let queued = !round.app_limited
+            && match (round.rtt_sample_min, self.min_rtt) {
+                (Some(sample), Some(min)) => sample > min + min / 8 + QUEUE_DELAY_EXIT,
+                _ => false,
+            };
+        // A round measures the path only when the path limited it: in
+        // steady state, when the bottleneck kept a queue all round. Otherwise
+        // the sender itself sent less than its window (it had nothing to
+        // send, or no CPU: measured on a loaded 2-core machine, rounds at a
+        // fifth of the estimate with no queue at all), and letting those
+        // rounds lower the estimate shrank the window round after round.
+        // Such a round only counts when it raises the estimate. A path that
+        // got slower shows a queue (or congestive loss) and is learnt then.
+        let path_limited = !round.app_limited && (self.mode == BdpMode::Startup || queued);
+        if path_limited || bw > max {
             if self.bw_samples.len() == BW_FILTER_ROUNDS {
                 self.bw_samples.pop_front();
             }
             self.bw_samples.push_back(bw);
         } else if self.bw_samples.len() == BW_FILTER_ROUNDS {
-            // Age the filter anyway, keeping its maximum: a long app-limited
-            // spell must not freeze an old sample forever.
+            // Age the filter anyway, keeping its maximum, so that the window
+            // of rounds stays a window of rounds.
             self.bw_samples.pop_front();
             self.bw_samples.push_back(max);
         }
@@ -344,13 +360,6 @@ impl BdpModel {
             } else if !round.app_limited {
                 self.full_bw_rounds += 1;
             }
-            // A round the application limited says nothing about the path
-            // (the first rounds also carry the handshake's RTT samples).
-            let queued = !round.app_limited
-                && match (round.rtt_sample_min, self.min_rtt) {
-                    (Some(sample), Some(min)) => sample > min + min / 8 + QUEUE_DELAY_EXIT,
-                    _ => false,
-                };
             self.queued_rounds = if queued { self.queued_rounds + 1 } else { 0 };
             if self.full_bw_rounds >= FULL_BW_ROUNDS || self.queued_rounds >= QUEUED_ROUNDS_EXIT {
                 self.mode = BdpMode::Steady;
@@ -480,6 +489,10 @@ mod tests {
         feedback: VecDeque<(Instant, Instant, u64, bool)>,
         delivered: Vec<(Instant, u64)>,
         window_max_steady: u64,
+        /// While `now` is in this span, the sender keeps at most this many
+        /// bytes in flight (a sender short of CPU or data, which quinn does
+        /// not flag as app-limited).
+        stall: Option<(Instant, Instant, u64)>,
     }
 
     impl Bottleneck {
@@ -521,7 +534,11 @@ mod tests {
                     }
                 }
                 let bytes = u64::from(MTU);
-                while now >= f.next_send && f.in_flight + bytes <= f.model.window() {
+                let cap = match f.stall {
+                    Some((from, to, cap)) if now >= from && now < to => cap,
+                    _ => u64::MAX,
+                };
+                while now >= f.next_send && f.in_flight + bytes <= f.model.window().min(cap) {
                     f.model.handle_sent(now);
                     f.in_flight += bytes;
                     let srtt = f.srtt.unwrap_or(Duration::from_millis(100));
@@ -557,6 +574,7 @@ mod tests {
             feedback: VecDeque::new(),
             delivered: Vec::new(),
             window_max_steady: 0,
+            stall: None,
         }
     }
 
@@ -620,6 +638,23 @@ mod tests {
         let share = b / (a + b);
         assert!((0.4..0.6).contains(&share), "late flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
         assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
+    }
+
+    #[test]
+    fn a_sender_short_of_cpu_keeps_its_window() {
+        let (mut link, t0) = wan(0.0);
+        let mut flows = [flow(t0, Duration::ZERO)];
+        // From 4 s to 8 s the sender keeps only a fifth of a BDP in flight.
+        let bdp = (link.rate_bytes_per_s * 0.150) as u64;
+        flows[0].stall = Some((t0 + Duration::from_secs(4), t0 + Duration::from_secs(8), bdp / 5));
+        run(&mut link, &mut flows, t0, 4);
+        let before = flows[0].model.window();
+        run(&mut link, &mut flows, t0 + Duration::from_secs(4), 4);
+        let during = flows[0].model.window();
+        assert!(during as f64 > 0.9 * before as f64, "window {before} fell to {during} while the sender was short");
+        run(&mut link, &mut flows, t0 + Duration::from_secs(8), 3);
+        let rate = rate_between(&flows[0], t0 + Duration::from_secs(9), t0 + Duration::from_secs(11));
+        assert!(rate > 0.95 * link.rate_bytes_per_s, "rate {rate:.0} B/s a second after the stall");
     }
 
     #[test]
