@@ -21,7 +21,8 @@
 //!   rate grew by less than 25% in [`FULL_BW_ROUNDS`] rounds (the pipe is
 //!   full), every RTT sample of a round was [`QUEUE_DELAY_EXIT`] above the
 //!   minimum (a standing queue), or congestive loss.
-//! - **Steady.** The window is `STEADY_GAIN × bw × min_rtt + QUEUE_ALLOT`.
+//! - **Steady.** The window is `STEADY_GAIN × bw × min_rtt +
+//!   QUEUE_ALLOT_DATAGRAMS × MTU`.
 //!   The multiplicative part leaves room for the estimate to grow (by up to
 //!   the gain per round trip when capacity frees up) and keeps a standing
 //!   queue of `(gain − 1) × min_rtt` (30 ms at 150 ms), below a 50 ms
@@ -29,7 +30,12 @@
 //!   converge to equal rates: with a multiplicative term alone every split
 //!   of the link is an equilibrium, while a fixed number of bytes per flow in
 //!   a FIFO queue gives every flow the same share of its departures (the
-//!   principle of TCP Vegas and FAST).
+//!   principle of TCP Vegas and FAST). Known gap: the pull is proportional
+//!   to the allotment over the BDP; at 100 Mbit/s and 150 ms two flows
+//!   converge within seconds (unit test), at 1 Gbit/s an uneven split left by
+//!   start-up persists for tens of seconds (ignored unit test
+//!   `two_flows_on_a_gigabit_link_converge`). A fixed allotment large enough
+//!   for 1 Gbit/s would overfill a 50 ms queue at 100 Mbit/s.
 //! - **Loss.** Losses are filtered as in [`LossFilter`]: random loss below
 //!   [`CONGESTIVE_LOSS_PER_MILLE`](super::CONGESTIVE_LOSS_PER_MILLE) of a
 //!   round's bytes costs only its retransmission. Congestive loss ends
@@ -61,6 +67,7 @@ pub const STEADY_GAIN: f64 = 1.2;
 /// Bytes each flow keeps queued at the bottleneck beyond the multiplicative
 /// part, in datagrams of the current MTU (see the module docs: fairness).
 pub const QUEUE_ALLOT_DATAGRAMS: u64 = 64;
+
 
 /// Rounds the bandwidth estimate remembers its largest sample.
 pub const BW_FILTER_ROUNDS: usize = 10;
@@ -543,7 +550,10 @@ mod tests {
                     f.in_flight += bytes;
                     let srtt = f.srtt.unwrap_or(Duration::from_millis(100));
                     let rate = 1.25 * f.model.window() as f64 / srtt.as_secs_f64();
-                    f.next_send = now.max(f.next_send) + Duration::from_secs_f64(bytes as f64 / rate);
+                    // Credit for time already passed (several datagrams per
+                    // step at 1 Gbit/s), but no burst of more than 2 ms.
+                    let floor = now.checked_sub(Duration::from_millis(2)).unwrap_or(now);
+                    f.next_send = f.next_send.max(floor) + Duration::from_secs_f64(bytes as f64 / rate);
                     let backlog = link.link_free_at.saturating_duration_since(now);
                     let serialise = Duration::from_secs_f64(bytes as f64 / link.rate_bytes_per_s);
                     if backlog + serialise > link.queue_limit {
@@ -586,9 +596,13 @@ mod tests {
     /// 150 ms RTT, 100 Mbit/s, 50 ms drop-tail queue (the benchmark's link,
     /// at a tenth of the rate to keep the test quick).
     fn wan(loss: f64) -> (Bottleneck, Instant) {
+        wan_at(100e6, loss)
+    }
+
+    fn wan_at(rate_bits_per_s: f64, loss: f64) -> (Bottleneck, Instant) {
         let t0 = Instant::now();
         let link = Bottleneck {
-            rate_bytes_per_s: 100e6 / 8.0,
+            rate_bytes_per_s: rate_bits_per_s / 8.0,
             one_way: Duration::from_millis(75),
             queue_limit: Duration::from_millis(50),
             loss,
@@ -637,6 +651,25 @@ mod tests {
         let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
         let share = b / (a + b);
         assert!((0.4..0.6).contains(&share), "late flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
+        assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
+    }
+
+    #[test]
+    #[ignore = "known gap: at 1 Gbit/s the queue allotment is too small to pull an uneven split together (0.84 / 0.16 after 20 s); see docs/transport.md"]
+    fn two_flows_on_a_gigabit_link_converge() {
+        // As in the benchmark's fairness run: both start together, at
+        // 1 Gbit/s, but one is short of CPU for its first 3 s (a tenth of a
+        // BDP in flight), so the other leaves start-up with most of the link.
+        let (mut link, t0) = wan_at(1e9, 0.0);
+        let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(FAIR_START_MS))];
+        let bdp = (link.rate_bytes_per_s * 0.150) as u64;
+        flows[1].stall = Some((t0, t0 + Duration::from_secs(3), bdp / 10));
+        run(&mut link, &mut flows, t0, 20);
+        let (from, to) = (t0 + Duration::from_secs(10), t0 + Duration::from_secs(20));
+        let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+        let share = b / (a + b);
+        eprintln!("gigabit shares {:.2} / {share:.2}, queue drops {}", 1.0 - share, link.queue_drops);
+        assert!((0.4..0.6).contains(&share), "second flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
         assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
     }
 
