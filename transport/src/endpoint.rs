@@ -159,11 +159,25 @@ pub enum StreamError {
     #[error(transparent)]
     Wire(#[from] WireError),
     /// The QUIC stream or connection failed.
-    #[error("stream failed: {0}")]
+    #[error("stream failed: {}", with_causes(.0))]
     Read(#[from] quinn::ReadError),
     /// Writing failed.
-    #[error("stream write failed: {0}")]
+    #[error("stream write failed: {}", with_causes(.0))]
     Write(#[from] quinn::WriteError),
+}
+
+/// An error and its sources, `a: b: c`. quinn's "connection lost" alone
+/// hides why the connection ended (timed out, closed by the peer with a
+/// transport error, reset), which is the part worth reading.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Puts the chunks of an unordered stream read back in order: chunks (offset +
