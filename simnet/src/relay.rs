@@ -609,3 +609,40 @@ fn run_upstream_receiver(shared: &Shared, sock: &UdpSocket, client: SocketAddr) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(t0: Instant, due_ms: u64, seq: u64) -> Pending<()> {
+        Pending { due: t0 + Duration::from_millis(due_ms), seq, to: (), payload: vec![0; 8] }
+    }
+
+    fn drain(q: &mut DeliveryQueue<()>) -> Vec<u64> {
+        let mut order = Vec::new();
+        while q.next_due().is_some() {
+            order.extend(q.pop().map(|p| p.seq));
+        }
+        order
+    }
+
+    #[test]
+    fn both_queues_deliver_earliest_first_and_ties_in_arrival_order() {
+        let t0 = Instant::now();
+        // A FIFO link only ever queues non-decreasing instants (ties included).
+        let mut fifo = DeliveryQueue::new(false);
+        for (seq, due) in [(1, 5), (2, 5), (3, 7), (4, 9)] {
+            fifo.push(pending(t0, due, seq));
+        }
+        assert_eq!(fifo.next_due(), Some(t0 + Duration::from_millis(5)));
+        assert_eq!(drain(&mut fifo), vec![1, 2, 3, 4]);
+        // A reordering link may queue a later datagram with an earlier instant.
+        let mut sorted = DeliveryQueue::new(true);
+        for (seq, due) in [(1, 9), (2, 5), (3, 7), (4, 5)] {
+            sorted.push(pending(t0, due, seq));
+        }
+        assert_eq!(sorted.next_due(), Some(t0 + Duration::from_millis(5)));
+        assert_eq!(drain(&mut sorted), vec![2, 4, 3, 1]);
+        assert!(sorted.pop().is_none());
+    }
+}
