@@ -26,7 +26,7 @@
 //! dropping the relay) stops and joins every thread.
 
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -190,10 +190,57 @@ impl<T> Ord for Pending<T> {
     }
 }
 
+/// Datagrams waiting for their delivery instants, earliest first.
+enum DeliveryQueue<T> {
+    /// A FIFO link gives non-decreasing delivery instants (the link raises
+    /// each arrival to the previous one), so arrival order is delivery
+    /// order: a ring buffer, O(1) per datagram. At 1 Gbit/s and 75 ms it
+    /// holds ~6,500 datagrams, where the heap's pops were the sender's
+    /// largest cost in user space (measured with perf).
+    Fifo(VecDeque<Pending<T>>),
+    /// A link that may reorder (jitter with `reorder`): ordered by instant.
+    Sorted(BinaryHeap<Pending<T>>),
+}
+
+impl<T> DeliveryQueue<T> {
+    fn new(reorder: bool) -> Self {
+        if reorder {
+            DeliveryQueue::Sorted(BinaryHeap::new())
+        } else {
+            DeliveryQueue::Fifo(VecDeque::new())
+        }
+    }
+
+    fn push(&mut self, p: Pending<T>) {
+        match self {
+            DeliveryQueue::Fifo(q) => {
+                debug_assert!(q.back().is_none_or(|b| b.due <= p.due), "a FIFO link delivers in order");
+                q.push_back(p);
+            }
+            DeliveryQueue::Sorted(q) => q.push(p),
+        }
+    }
+
+    /// The earliest delivery instant.
+    fn next_due(&self) -> Option<Instant> {
+        match self {
+            DeliveryQueue::Fifo(q) => q.front().map(|p| p.due),
+            DeliveryQueue::Sorted(q) => q.peek().map(|p| p.due),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Pending<T>> {
+        match self {
+            DeliveryQueue::Fifo(q) => q.pop_front(),
+            DeliveryQueue::Sorted(q) => q.pop(),
+        }
+    }
+}
+
 /// What the receivers and the sender of one direction share under one lock.
 struct DirState<T> {
     link: Link,
-    queue: BinaryHeap<Pending<T>>,
+    queue: DeliveryQueue<T>,
     seq: u64,
     queued_bytes: u64,
     dropped_overflow_packets: u64,
@@ -222,11 +269,11 @@ struct Direction<T> {
 }
 
 impl<T> Direction<T> {
-    fn new(link: Link, in_flight_bytes_max: u64) -> Self {
+    fn new(link: Link, reorder: bool, in_flight_bytes_max: u64) -> Self {
         Self {
             state: Mutex::new(DirState {
                 link,
-                queue: BinaryHeap::new(),
+                queue: DeliveryQueue::new(reorder),
                 seq: 0,
                 queued_bytes: 0,
                 dropped_overflow_packets: 0,
@@ -304,14 +351,14 @@ impl<T> Direction<T> {
         let mut st = self.lock();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
-            while st.queue.peek().is_some_and(|p| p.due <= now) {
+            while st.queue.next_due().is_some_and(|due| due <= now) {
                 if let Some(p) = st.queue.pop() {
                     st.queued_bytes -= p.payload.len() as u64;
                     batch.push(p);
                 }
             }
             if batch.is_empty() {
-                let wake_at = st.queue.peek().map_or(now + POLL_INTERVAL, |p| p.due);
+                let wake_at = st.queue.next_due().unwrap_or(now + POLL_INTERVAL);
                 st.sender_wakes_at = Some(wake_at);
                 // The futex timeout is a high-resolution timer: the wake-up
                 // comes within the timer slack (50 µs by default) plus
@@ -409,6 +456,7 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 impl Relay {
     /// Binds the listen socket and starts the relay's threads.
     pub fn start(config: RelayConfig) -> Result<Relay, RelayError> {
+        let (up_reorder, down_reorder) = (config.up.reorder, config.down.reorder);
         let up = Link::new(config.up, config.seed).map_err(|source| RelayError::Link { direction: "up", source })?;
         // A different stream for the other direction, still fixed by the seed.
         let down_seed = config.seed ^ 0x9e37_79b9_7f4a_7c15;
@@ -423,8 +471,8 @@ impl Relay {
             stop: AtomicBool::new(false),
             listen,
             forward: config.forward,
-            up: Direction::new(up, config.in_flight_bytes_max),
-            down: Direction::new(down, config.in_flight_bytes_max),
+            up: Direction::new(up, up_reorder, config.in_flight_bytes_max),
+            down: Direction::new(down, down_reorder, config.in_flight_bytes_max),
             clients: AtomicU64::new(0),
             refused_packets: AtomicU64::new(0),
             clients_max: config.clients_max,
@@ -559,5 +607,42 @@ fn run_upstream_receiver(shared: &Shared, sock: &UdpSocket, client: SocketAddr) 
         if let Ok(n) = sock.recv(&mut buf) {
             shared.down.handle_datagram(&buf[..n], client);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(t0: Instant, due_ms: u64, seq: u64) -> Pending<()> {
+        Pending { due: t0 + Duration::from_millis(due_ms), seq, to: (), payload: vec![0; 8] }
+    }
+
+    fn drain(q: &mut DeliveryQueue<()>) -> Vec<u64> {
+        let mut order = Vec::new();
+        while q.next_due().is_some() {
+            order.extend(q.pop().map(|p| p.seq));
+        }
+        order
+    }
+
+    #[test]
+    fn both_queues_deliver_earliest_first_and_ties_in_arrival_order() {
+        let t0 = Instant::now();
+        // A FIFO link only ever queues non-decreasing instants (ties included).
+        let mut fifo = DeliveryQueue::new(false);
+        for (seq, due) in [(1, 5), (2, 5), (3, 7), (4, 9)] {
+            fifo.push(pending(t0, due, seq));
+        }
+        assert_eq!(fifo.next_due(), Some(t0 + Duration::from_millis(5)));
+        assert_eq!(drain(&mut fifo), vec![1, 2, 3, 4]);
+        // A reordering link may queue a later datagram with an earlier instant.
+        let mut sorted = DeliveryQueue::new(true);
+        for (seq, due) in [(1, 9), (2, 5), (3, 7), (4, 5)] {
+            sorted.push(pending(t0, due, seq));
+        }
+        assert_eq!(sorted.next_due(), Some(t0 + Duration::from_millis(5)));
+        assert_eq!(drain(&mut sorted), vec![2, 4, 3, 1]);
+        assert!(sorted.pop().is_none());
     }
 }

@@ -16,8 +16,13 @@
 //! far more than that in a burst). Random loss below the threshold costs the
 //! retransmissions and nothing else. Persistent congestion always gets through.
 //!
+//! [`bdp::BdpController`] (the default) keeps the same loss filter but sizes
+//! the window itself, near the estimated bandwidth-delay product, because
+//! quinn paces by the window and BBR's window of twice the BDP overruns
+//! shallow bottleneck queues (see its module docs).
+//!
 //! Which controller a node uses: [`CongestionChoice::from_env`] (for
-//! benchmarks that compare them; the default is [`CongestionChoice::LossFilteredBbr`]).
+//! benchmarks that compare them; the default is [`CongestionChoice::Bdp`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -25,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
+
+pub mod bdp;
 
 /// Losses above this share of a round trip's bytes (in thousandths) are
 /// passed to BBR as congestion; below it they are treated as random loss.
@@ -38,7 +45,7 @@ pub const CONGESTIVE_LOSS_PER_MILLE: u64 = 20;
 pub const SHORT_PATH_RTT: Duration = Duration::from_millis(10);
 
 /// Environment variable that overrides the congestion controller:
-/// `bbr-filtered` (default), `bbr` (quinn's BBR as is) or `cubic`.
+/// `bdp` (default), `bbr-filtered`, `bbr` (quinn's BBR as is) or `cubic`.
 pub const CONGESTION_ENV: &str = "DRMESH_CONGESTION";
 
 /// The congestion controllers a node can run.
@@ -50,15 +57,18 @@ pub enum CongestionChoice {
     Bbr,
     /// quinn's BBR behind the loss filter ([`LossFilteredBbr`]).
     LossFilteredBbr,
+    /// The window sized to the estimated BDP ([`bdp::BdpController`]).
+    Bdp,
 }
 
 impl CongestionChoice {
-    /// Parses `bbr-filtered`, `bbr` or `cubic`.
+    /// Parses `bdp`, `bbr-filtered`, `bbr` or `cubic`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "bbr-filtered" => Some(Self::LossFilteredBbr),
             "bbr" => Some(Self::Bbr),
             "cubic" => Some(Self::Cubic),
+            "bdp" => Some(Self::Bdp),
             _ => None,
         }
     }
@@ -68,10 +78,10 @@ impl CongestionChoice {
     pub fn from_env() -> Self {
         match std::env::var(CONGESTION_ENV) {
             Ok(name) => Self::parse(&name).unwrap_or_else(|| {
-                tracing::warn!("{CONGESTION_ENV}={name} names no congestion controller; using bbr-filtered");
-                Self::LossFilteredBbr
+                tracing::warn!("{CONGESTION_ENV}={name} names no congestion controller; using bdp");
+                Self::Bdp
             }),
-            Err(_) => Self::LossFilteredBbr,
+            Err(_) => Self::Bdp,
         }
     }
 
@@ -81,6 +91,7 @@ impl CongestionChoice {
             Self::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
             Self::Bbr => Arc::new(BbrConfig::default()),
             Self::LossFilteredBbr => Arc::new(LossFilteredBbrConfig::default()),
+            Self::Bdp => Arc::new(bdp::BdpConfig),
         }
     }
 }
@@ -137,6 +148,11 @@ impl LossFilter {
             self.round_acked_bytes = 0;
             self.round_lost_bytes = 0;
         }
+    }
+
+    /// Bytes declared lost in the current round so far.
+    pub fn round_lost_bytes(&self) -> u64 {
+        self.round_lost_bytes
     }
 
     /// Whether the path is short ([`SHORT_PATH_RTT`]); false before any ack.
@@ -274,6 +290,7 @@ mod tests {
         assert_eq!(CongestionChoice::parse("bbr-filtered"), Some(CongestionChoice::LossFilteredBbr));
         assert_eq!(CongestionChoice::parse("bbr"), Some(CongestionChoice::Bbr));
         assert_eq!(CongestionChoice::parse("cubic"), Some(CongestionChoice::Cubic));
+        assert_eq!(CongestionChoice::parse("bdp"), Some(CongestionChoice::Bdp));
         assert_eq!(CongestionChoice::parse("reno"), None);
     }
 }

@@ -62,10 +62,11 @@ pub const CONNECTION_WINDOW_BYTES: u64 = STREAM_WINDOW_BYTES + (8 << 20);
 pub const MAX_UDP_PAYLOAD_BYTES: u16 = 6_500;
 
 /// Socket buffer asked of the kernel in each direction. The default (~208 KiB)
-/// holds about two dozen large packets: when the receiving node is busy for a
-/// moment (compression on every core), a burst overflows it and the kernel
-/// drops packets that already crossed the network, which the congestion
-/// controller then reads as congestion. The kernel caps the request at
+/// holds about two dozen large packets, or about a millisecond at 1 Gbit/s:
+/// when the receiving node is busy for a moment (compression on every core), a
+/// burst overflows it and the kernel drops packets that already crossed the
+/// network, which the congestion controller then reads as congestion. 8 MiB is
+/// ~30 ms at 1 Gbit/s (the kernel counts each datagram at about twice its size). The kernel caps the request at
 /// `net.core.rmem_max` / `wmem_max`, so asking never fails.
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
@@ -189,11 +190,25 @@ pub enum StreamError {
     #[error(transparent)]
     Wire(#[from] WireError),
     /// The QUIC stream or connection failed.
-    #[error("stream failed: {0}")]
+    #[error("stream failed: {}", with_causes(.0))]
     Read(#[from] quinn::ReadError),
     /// Writing failed.
-    #[error("stream write failed: {0}")]
+    #[error("stream write failed: {}", with_causes(.0))]
     Write(#[from] quinn::WriteError),
+}
+
+/// An error and its sources, `a: b: c`. quinn's "connection lost" alone
+/// hides why the connection ended (timed out, closed by the peer with a
+/// transport error, reset), which is the part worth reading.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Puts the chunks of an unordered stream read back in order: chunks (offset +

@@ -1,0 +1,705 @@
+//! A congestion controller that keeps what is in flight near the path's
+//! bandwidth-delay product.
+//!
+//! quinn paces every controller by its window (`1.25 × window / smoothed
+//! RTT`), not by a rate the controller picks. quinn's BBR (a BBRv1) keeps
+//! its window at twice the BDP, so whenever the bottleneck queue is empty it
+//! offers up to 2.5× the bottleneck rate; on a 1 Gbit/s, 150 ms link with a
+//! 50 ms drop-tail queue that overflows the queue in every round trip. This
+//! controller sizes the window itself, so the window *is* the control:
+//!
+//! - **Model.** Per round trip (from an ack to the ack of the first packet
+//!   sent after it) the delivery rate is the bytes acknowledged over the
+//!   round's length (or over the span of their send instants, if longer).
+//!   The bandwidth estimate is the largest rate of the last
+//!   [`BW_FILTER_ROUNDS`] rounds; in steady state a round counts only if the
+//!   bottleneck kept a queue through it (otherwise the sender, not the path,
+//!   limited it: no data, or no CPU), unless it raises the estimate. The
+//!   minimum RTT is quinn's.
+//! - **Start-up.** The window is [`STARTUP_GAIN`] × the estimated BDP: it grows
+//!   by that factor per round trip. It ends at the first of: the delivery
+//!   rate grew by less than 25% in [`FULL_BW_ROUNDS`] rounds (the pipe is
+//!   full), every RTT sample of a round was [`QUEUE_DELAY_EXIT`] above the
+//!   minimum (a standing queue), or congestive loss.
+//! - **Steady.** The window is `STEADY_GAIN × bw × min_rtt +
+//!   QUEUE_ALLOT_DATAGRAMS × MTU`.
+//!   The multiplicative part leaves room for the estimate to grow (by up to
+//!   the gain per round trip when capacity frees up) and keeps a standing
+//!   queue of `(gain − 1) × min_rtt` (30 ms at 150 ms), below a 50 ms
+//!   drop-tail queue. The additive part makes flows sharing a bottleneck
+//!   converge to equal rates: with a multiplicative term alone every split
+//!   of the link is an equilibrium, while a fixed number of bytes per flow in
+//!   a FIFO queue gives every flow the same share of its departures (the
+//!   principle of TCP Vegas and FAST). Known gap: the pull is proportional
+//!   to the allotment over the BDP; at 100 Mbit/s and 150 ms two flows
+//!   converge within seconds (unit test), at 1 Gbit/s an uneven split left by
+//!   start-up persists for tens of seconds (ignored unit test
+//!   `two_flows_on_a_gigabit_link_converge`). A fixed allotment large enough
+//!   for 1 Gbit/s would overfill a 50 ms queue at 100 Mbit/s.
+//! - **Loss.** Losses are filtered as in [`LossFilter`]: random loss below
+//!   [`CONGESTIVE_LOSS_PER_MILLE`](super::CONGESTIVE_LOSS_PER_MILLE) of a
+//!   round's bytes costs only its retransmission. Congestive loss ends
+//!   start-up, and in steady state drops the bandwidth estimate to the last
+//!   round's rate (once per round), so a stale, higher estimate (a flow that
+//!   joined, a slower path) stops overfilling the queue at once instead of
+//!   after [`BW_FILTER_ROUNDS`]. Persistent congestion starts over.
+//!
+//! [`BdpModel`] is the sans-IO core (events and `now` in, a window out);
+//! [`BdpController`] adapts it to quinn's `Controller` trait.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
+use quinn_proto::RttEstimator;
+
+use super::LossFilter;
+
+/// Window gain in start-up: the window grows by this factor per round trip
+/// (BBR's start-up gain, `2 / ln 2`).
+pub const STARTUP_GAIN: f64 = 2.89;
+
+/// Window gain in steady state, over the estimated BDP.
+pub const STEADY_GAIN: f64 = 1.2;
+
+/// Bytes each flow keeps queued at the bottleneck beyond the multiplicative
+/// part, in datagrams of the current MTU (see the module docs: fairness).
+pub const QUEUE_ALLOT_DATAGRAMS: u64 = 64;
+
+
+/// Rounds the bandwidth estimate remembers its largest sample.
+pub const BW_FILTER_ROUNDS: usize = 10;
+
+/// Start-up ends after this many rounds without 25% growth of the delivery rate.
+pub const FULL_BW_ROUNDS: u32 = 3;
+
+/// Start-up ends after a round whose every RTT sample exceeded the minimum
+/// RTT by this much plus an eighth of it: the bottleneck kept a queue for a
+/// whole round trip, so the pipe is full.
+pub const QUEUE_DELAY_EXIT: Duration = Duration::from_millis(2);
+
+/// Start-up ends after this many consecutive rounds that kept a queue. One
+/// is enough: the window grows by [`STARTUP_GAIN`] per round, so a second
+/// round would nearly triple what overflows a shallow queue (measured: the
+/// window left start-up at ~1.6 BDP with two, and the burst of losses
+/// cost seconds). A pause of a host long enough to delay every sample of a
+/// round by an eighth of the RTT is rarer, and only costs a slower ramp.
+pub const QUEUED_ROUNDS_EXIT: u32 = 1;
+
+/// On congestive loss in steady state the bandwidth estimate drops to the
+/// last round's rate, but not below this share of the estimate: losses also
+/// lower the round's delivery rate, and a pause of a host can lose a burst
+/// that says little about the path. Repeated rounds of loss lower it further.
+pub const LOSS_BW_FLOOR: f64 = 0.85;
+
+/// Losses of a round are congestive only from this many datagrams on (and
+/// above the loss filter's share of the round).
+pub const CONGESTIVE_LOSS_DATAGRAMS_MIN: u64 = 8;
+
+/// Initial window, in datagrams (RFC 9002's ten).
+pub const INITIAL_WINDOW_DATAGRAMS: u64 = 10;
+
+/// Smallest window, in datagrams.
+pub const MIN_WINDOW_DATAGRAMS: u64 = 4;
+
+/// Largest window: two of the largest BDP the endpoint is sized for. A
+/// window beyond the flow-control credit would never be used anyway; the
+/// bound keeps a freak rate sample from mattering.
+pub const MAX_WINDOW_BYTES: u64 = 2 * crate::endpoint::BDP_BYTES_MAX;
+
+/// Where the model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BdpMode {
+    /// Growing by [`STARTUP_GAIN`] per round trip.
+    Startup,
+    /// Holding the window near the estimated BDP.
+    Steady,
+}
+
+/// The current accounting round.
+#[derive(Debug, Clone)]
+struct Round {
+    /// When the round started (an ack's instant).
+    start: Instant,
+    /// Bytes delivered when it started.
+    delivered_at_start: u64,
+    /// The round ends with the ack of a packet sent after this instant (the
+    /// last send before the round started); `None`: nothing sent yet.
+    ends_after_sent: Option<Instant>,
+    /// An ack of the round saw the sender without data to send.
+    app_limited: bool,
+    /// Smallest RTT sample of the round.
+    rtt_sample_min: Option<Duration>,
+    /// Send instants of the first and the latest packet acked in the round.
+    acked_sent_first: Option<Instant>,
+    acked_sent_last: Option<Instant>,
+    /// The round's end was seen; it is closed at the end of the ack batch.
+    ended: bool,
+    /// Congestive loss already lowered the estimate in this round.
+    loss_handled: bool,
+}
+
+/// The sans-IO model of [`BdpController`]. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct BdpModel {
+    /// Datagram size, bytes (a `u16` as quinn gives it).
+    mtu: u64,
+    mode: BdpMode,
+    /// Bytes acknowledged since the start.
+    delivered: u64,
+    /// Instant of the latest send.
+    last_sent: Option<Instant>,
+    round: Option<Round>,
+    /// Rate samples (bytes per second) of the last [`BW_FILTER_ROUNDS`] rounds.
+    bw_samples: VecDeque<u64>,
+    /// The latest round's rate (bytes per second).
+    last_round_bw: u64,
+    min_rtt: Option<Duration>,
+    /// Start-up's full-pipe detection: the rate to beat by 25%, and the
+    /// rounds since it was last beaten.
+    full_bw: u64,
+    full_bw_rounds: u32,
+    /// Start-up's queue detection: consecutive rounds that kept a queue.
+    queued_rounds: u32,
+    loss: LossFilter,
+    window: u64,
+}
+
+impl BdpModel {
+    /// A model in start-up at `now`, for datagrams of `mtu` bytes.
+    pub fn new(now: Instant, mtu: u16) -> Self {
+        let mtu = u64::from(mtu);
+        BdpModel {
+            mtu,
+            mode: BdpMode::Startup,
+            delivered: 0,
+            last_sent: None,
+            round: None,
+            bw_samples: VecDeque::with_capacity(BW_FILTER_ROUNDS),
+            last_round_bw: 0,
+            min_rtt: None,
+            full_bw: 0,
+            full_bw_rounds: 0,
+            queued_rounds: 0,
+            loss: LossFilter::new(now),
+            window: INITIAL_WINDOW_DATAGRAMS * mtu,
+        }
+    }
+
+    /// The congestion window, bytes.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The mode now.
+    pub fn mode(&self) -> BdpMode {
+        self.mode
+    }
+
+    /// The bandwidth estimate, bytes per second (0 before the first round ended).
+    pub fn bw_bytes_per_s(&self) -> u64 {
+        self.bw_samples.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The window the model started with.
+    pub fn initial_window(&self) -> u64 {
+        INITIAL_WINDOW_DATAGRAMS * self.mtu
+    }
+
+    /// Whether the path is short (see [`LossFilter::is_short_path`]).
+    pub fn is_short_path(&self) -> bool {
+        self.loss.is_short_path()
+    }
+
+    /// A datagram was sent at `now`.
+    pub fn handle_sent(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+    }
+
+    /// `bytes` sent at `sent` were acknowledged at `now`; `app_limited`:
+    /// the sender had nothing more to send; `min_rtt` and `srtt` are the RTT
+    /// estimator's.
+    pub fn handle_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, min_rtt: Duration, srtt: Duration) {
+        self.delivered += bytes;
+        self.min_rtt = Some(min_rtt);
+        self.loss.handle_ack(bytes, srtt, min_rtt);
+        let Some(round) = self.round.as_mut() else { return };
+        round.app_limited |= app_limited;
+        let sample = now.saturating_duration_since(sent);
+        round.rtt_sample_min = Some(round.rtt_sample_min.map_or(sample, |m| m.min(sample)));
+        round.acked_sent_first.get_or_insert(sent);
+        round.acked_sent_last = Some(sent);
+        if round.ends_after_sent.is_some_and(|t| sent > t) {
+            round.ended = true;
+        }
+    }
+
+    /// The end of a batch of acks at `now`: closes the round if it ended,
+    /// updates the model and the window.
+    pub fn handle_end_acks(&mut self, now: Instant) {
+        self.loss.handle_end_acks(now);
+        match &self.round {
+            None => self.start_round(now),
+            Some(round) if round.ended => {
+                let round = round.clone();
+                self.close_round(&round, now);
+                self.start_round(now);
+            }
+            Some(_) => {}
+        }
+        self.update_window();
+    }
+
+    /// At `now`, `lost_bytes` were declared lost; `persistent`: quinn
+    /// declared persistent congestion.
+    pub fn handle_loss(&mut self, now: Instant, lost_bytes: u64, persistent: bool) {
+        if persistent {
+            // Everything sent over several RTOs was lost: the model is no
+            // longer to be trusted (the path changed, or went away a while).
+            // Start over from the smallest window, keeping the RTT floor.
+            let min_rtt = self.min_rtt;
+            // `mtu` came from a u16 (`new`, `handle_mtu`), so it fits.
+            let mtu = u16::try_from(self.mtu).unwrap_or(u16::MAX);
+            *self = BdpModel::new(now, mtu);
+            self.min_rtt = min_rtt;
+            self.window = MIN_WINDOW_DATAGRAMS * self.mtu;
+            return;
+        }
+        // With a window of a few datagrams one random loss is more than
+        // the filter's share; a queue overflowing loses many.
+        if !self.loss.handle_loss(lost_bytes, false, self.window) || self.loss.round_lost_bytes() < CONGESTIVE_LOSS_DATAGRAMS_MIN * self.mtu {
+            return;
+        }
+        tracing::trace!(target: "drmesh_transport::congestion", mode = ?self.mode, lost_bytes, window = self.window, "congestive loss");
+        match self.mode {
+            BdpMode::Startup => self.mode = BdpMode::Steady,
+            BdpMode::Steady => {
+                if let Some(round) = self.round.as_mut().filter(|r| !r.loss_handled) {
+                    round.loss_handled = true;
+                    let max = self.bw_bytes_per_s();
+                    if max > 0 {
+                        let lowered = self.last_round_bw.max((LOSS_BW_FLOOR * max as f64) as u64);
+                        self.bw_samples.clear();
+                        self.bw_samples.push_back(lowered);
+                    }
+                }
+            }
+        }
+        self.update_window();
+    }
+
+    /// The datagram size changed.
+    pub fn handle_mtu(&mut self, mtu: u16) {
+        self.mtu = u64::from(mtu);
+        self.update_window();
+    }
+
+    fn start_round(&mut self, now: Instant) {
+        self.round = Some(Round {
+            start: now,
+            delivered_at_start: self.delivered,
+            ends_after_sent: self.last_sent,
+            app_limited: false,
+            rtt_sample_min: None,
+            acked_sent_first: None,
+            acked_sent_last: None,
+            ended: false,
+            loss_handled: false,
+        });
+    }
+
+    fn close_round(&mut self, round: &Round, now: Instant) {
+        // The longer of the ack and the send intervals of the round's
+        // packets: acks that a late hop (or the receiver) delivered in a
+        // bunch would otherwise show a rate above the bottleneck's.
+        let sent_elapsed = match (round.acked_sent_first, round.acked_sent_last) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first),
+            _ => Duration::ZERO,
+        };
+        let elapsed = now.saturating_duration_since(round.start).max(sent_elapsed);
+        if elapsed.is_zero() {
+            return;
+        }
+        let bytes = self.delivered - round.delivered_at_start;
+        let bw = (bytes as f64 / elapsed.as_secs_f64()) as u64;
+        self.last_round_bw = bw;
+        let max = self.bw_bytes_per_s();
+        // A round the application limited says nothing about the path (the
+        // first rounds also carry the handshake's RTT samples).
+        let queued = !round.app_limited
+            && match (round.rtt_sample_min, self.min_rtt) {
+                (Some(sample), Some(min)) => sample > min + min / 8 + QUEUE_DELAY_EXIT,
+                _ => false,
+            };
+        // A round measures the path only when the path limited it: in
+        // steady state, when the bottleneck kept a queue all round. Otherwise
+        // the sender itself sent less than its window (it had nothing to
+        // send, or no CPU: measured on a loaded 2-core machine, rounds at a
+        // fifth of the estimate with no queue at all), and letting those
+        // rounds lower the estimate shrank the window round after round.
+        // Such a round only counts when it raises the estimate. A path that
+        // got slower shows a queue (or congestive loss) and is learnt then.
+        let path_limited = !round.app_limited && (self.mode == BdpMode::Startup || queued);
+        if path_limited || bw > max {
+            if self.bw_samples.len() == BW_FILTER_ROUNDS {
+                self.bw_samples.pop_front();
+            }
+            self.bw_samples.push_back(bw);
+        } else if self.bw_samples.len() == BW_FILTER_ROUNDS {
+            // Age the filter anyway, keeping its maximum, so that the window
+            // of rounds stays a window of rounds.
+            self.bw_samples.pop_front();
+            self.bw_samples.push_back(max);
+        }
+        tracing::trace!(
+            target: "drmesh_transport::congestion",
+            mode = ?self.mode, round_bw = bw, bw_max = self.bw_bytes_per_s(), app_limited = round.app_limited,
+            rtt_sample_min_us = round.rtt_sample_min.map(|d| d.as_micros() as u64), window = self.window,
+            "round closed"
+        );
+        if self.mode == BdpMode::Startup {
+            let max = self.bw_bytes_per_s();
+            if max >= self.full_bw + self.full_bw / 4 {
+                self.full_bw = max;
+                self.full_bw_rounds = 0;
+            } else if !round.app_limited {
+                self.full_bw_rounds += 1;
+            }
+            self.queued_rounds = if queued { self.queued_rounds + 1 } else { 0 };
+            if self.full_bw_rounds >= FULL_BW_ROUNDS || self.queued_rounds >= QUEUED_ROUNDS_EXIT {
+                self.mode = BdpMode::Steady;
+            }
+        }
+    }
+
+    fn update_window(&mut self) {
+        let floor = MIN_WINDOW_DATAGRAMS * self.mtu;
+        let (Some(min_rtt), bw) = (self.min_rtt, self.bw_bytes_per_s()) else { return };
+        if bw == 0 {
+            return;
+        }
+        let bdp = bw as f64 * min_rtt.as_secs_f64();
+        let window = match self.mode {
+            // Never below the initial window in start-up: the first rounds
+            // measure little more than the initial window itself.
+            BdpMode::Startup => ((STARTUP_GAIN * bdp) as u64).max(self.initial_window()),
+            BdpMode::Steady => (STEADY_GAIN * bdp) as u64 + QUEUE_ALLOT_DATAGRAMS * self.mtu,
+        };
+        self.window = window.clamp(floor, MAX_WINDOW_BYTES);
+    }
+}
+
+/// Factory of [`BdpController`].
+#[derive(Debug, Clone, Default)]
+pub struct BdpConfig;
+
+impl ControllerFactory for BdpConfig {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        let short = Arc::new(quinn::congestion::CubicConfig::default()).build(now, current_mtu);
+        Box::new(BdpController { model: BdpModel::new(now, current_mtu), short })
+    }
+}
+
+/// quinn's side of [`BdpModel`]; on a short path (see
+/// [`SHORT_PATH_RTT`](super::SHORT_PATH_RTT)) the window is a Cubic
+/// controller's fed with the same events, as in
+/// [`LossFilteredBbr`](super::LossFilteredBbr).
+pub struct BdpController {
+    model: BdpModel,
+    short: Box<dyn Controller>,
+}
+
+impl Controller for BdpController {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.model.handle_sent(now);
+        self.short.on_sent(now, bytes, last_packet_number);
+    }
+
+    fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
+        self.model.handle_ack(now, sent, bytes, app_limited, rtt.min(), rtt.get());
+        self.short.on_ack(now, sent, bytes, app_limited, rtt);
+    }
+
+    fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest_packet_num_acked: Option<u64>) {
+        self.model.handle_end_acks(now);
+        self.short.on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+    }
+
+    fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
+        self.model.handle_loss(now, lost_bytes, is_persistent_congestion);
+        self.short.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.model.handle_mtu(new_mtu);
+        self.short.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        if self.model.is_short_path() {
+            self.short.window()
+        } else {
+            self.model.window()
+        }
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        let mut metrics = ControllerMetrics::default();
+        metrics.congestion_window = self.window();
+        metrics
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(BdpController { model: self.model.clone(), short: self.short.clone_box() })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.model.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    const MTU: u16 = 1200; const FAIR_START_MS: u64 = 10;
+
+    /// A tiny virtual-time bottleneck for the model: senders paced as quinn
+    /// paces (1.25 × window / smoothed RTT), one drop-tail queue, one-way
+    /// delay, random loss after the queue, losses reported a little after
+    /// the ack the packet would have had (as a packet threshold would).
+    struct Bottleneck {
+        rate_bytes_per_s: f64,
+        one_way: Duration,
+        queue_limit: Duration,
+        loss: f64,
+        rng: u64,
+        link_free_at: Instant,
+        queue_drops: u64,
+    }
+
+    struct Flow {
+        model: BdpModel,
+        starts: Instant,
+        in_flight: u64,
+        next_send: Instant,
+        srtt: Option<Duration>,
+        min_rtt: Duration,
+        /// (instant the sender learns, sent, bytes, lost)
+        feedback: VecDeque<(Instant, Instant, u64, bool)>,
+        delivered: Vec<(Instant, u64)>,
+        window_max_steady: u64,
+        /// While `now` is in this span, the sender keeps at most this many
+        /// bytes in flight (a sender short of CPU or data, which quinn does
+        /// not flag as app-limited).
+        stall: Option<(Instant, Instant, u64)>,
+    }
+
+    impl Bottleneck {
+        fn random(&mut self) -> f64 {
+            // xorshift64*: deterministic and good enough for a loss coin.
+            self.rng ^= self.rng >> 12;
+            self.rng ^= self.rng << 25;
+            self.rng ^= self.rng >> 27;
+            (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// Runs the flows for `secs` of virtual time in 20 µs steps.
+    fn run(link: &mut Bottleneck, flows: &mut [Flow], t0: Instant, secs: u64) {
+        let step = Duration::from_micros(20);
+        let end = t0 + Duration::from_secs(secs);
+        let mut now = t0;
+        while now < end {
+            for f in flows.iter_mut().filter(|f| now >= f.starts) {
+                let mut acked = false;
+                while f.feedback.front().is_some_and(|fb| fb.0 <= now) {
+                    let Some((_, sent, bytes, lost)) = f.feedback.pop_front() else { break };
+                    f.in_flight -= bytes;
+                    if lost {
+                        f.model.handle_loss(now, bytes, false);
+                    } else {
+                        let sample = now - sent;
+                        f.min_rtt = f.min_rtt.min(sample);
+                        f.srtt = Some(f.srtt.map_or(sample, |s| (s * 7 + sample) / 8));
+                        f.model.handle_ack(now, sent, bytes, false, f.min_rtt, f.srtt.unwrap_or(sample));
+                        f.delivered.push((now, bytes));
+                        acked = true;
+                    }
+                }
+                if acked {
+                    f.model.handle_end_acks(now);
+                    if f.model.mode() == BdpMode::Steady {
+                        f.window_max_steady = f.window_max_steady.max(f.model.window());
+                    }
+                }
+                let bytes = u64::from(MTU);
+                let cap = match f.stall {
+                    Some((from, to, cap)) if now >= from && now < to => cap,
+                    _ => u64::MAX,
+                };
+                while now >= f.next_send && f.in_flight + bytes <= f.model.window().min(cap) {
+                    f.model.handle_sent(now);
+                    f.in_flight += bytes;
+                    let srtt = f.srtt.unwrap_or(Duration::from_millis(100));
+                    let rate = 1.25 * f.model.window() as f64 / srtt.as_secs_f64();
+                    // Credit for time already passed (several datagrams per
+                    // step at 1 Gbit/s), but no burst of more than 2 ms.
+                    let floor = now.checked_sub(Duration::from_millis(2)).unwrap_or(now);
+                    f.next_send = f.next_send.max(floor) + Duration::from_secs_f64(bytes as f64 / rate);
+                    let backlog = link.link_free_at.saturating_duration_since(now);
+                    let serialise = Duration::from_secs_f64(bytes as f64 / link.rate_bytes_per_s);
+                    if backlog + serialise > link.queue_limit {
+                        link.queue_drops += 1;
+                        f.feedback.push_back((now + 2 * link.one_way + backlog + Duration::from_millis(1), now, bytes, true));
+                        continue;
+                    }
+                    let departs = now.max(link.link_free_at) + serialise;
+                    link.link_free_at = departs;
+                    let lost = link.loss > 0.0 && link.random() < link.loss;
+                    let back = departs + 2 * link.one_way;
+                    f.feedback.push_back((if lost { back + Duration::from_millis(1) } else { back }, now, bytes, lost));
+                }
+            }
+            now += step;
+        }
+    }
+
+    fn flow(t0: Instant, starts_after: Duration) -> Flow {
+        let starts = t0 + starts_after;
+        Flow {
+            model: BdpModel::new(starts, MTU),
+            starts,
+            in_flight: 0,
+            next_send: starts,
+            srtt: None,
+            min_rtt: Duration::MAX,
+            feedback: VecDeque::new(),
+            delivered: Vec::new(),
+            window_max_steady: 0,
+            stall: None,
+        }
+    }
+
+    fn rate_between(f: &Flow, from: Instant, to: Instant) -> f64 {
+        let bytes: u64 = f.delivered.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, b)| b).sum();
+        bytes as f64 / (to - from).as_secs_f64()
+    }
+
+    /// 150 ms RTT, 100 Mbit/s, 50 ms drop-tail queue (the benchmark's link,
+    /// at a tenth of the rate to keep the test quick).
+    fn wan(loss: f64) -> (Bottleneck, Instant) {
+        wan_at(100e6, loss)
+    }
+
+    fn wan_at(rate_bits_per_s: f64, loss: f64) -> (Bottleneck, Instant) {
+        let t0 = Instant::now();
+        let link = Bottleneck {
+            rate_bytes_per_s: rate_bits_per_s / 8.0,
+            one_way: Duration::from_millis(75),
+            queue_limit: Duration::from_millis(50),
+            loss,
+            rng: 0x1234_5678_9abc_def1,
+            link_free_at: t0,
+            queue_drops: 0,
+        };
+        (link, t0)
+    }
+
+    #[test]
+    fn one_flow_fills_the_link_without_overrunning_the_queue() {
+        let (mut link, t0) = wan(0.0);
+        let mut flows = [flow(t0, Duration::ZERO)];
+        run(&mut link, &mut flows, t0, 4);
+        let f = &flows[0];
+        assert_eq!(f.model.mode(), BdpMode::Steady, "start-up ended");
+        let drops_after_startup = link.queue_drops;
+        run(&mut link, &mut flows, t0 + Duration::from_secs(4), 6);
+        let f = &flows[0];
+        let rate = rate_between(f, t0 + Duration::from_secs(4), t0 + Duration::from_secs(10));
+        assert!(rate > 0.95 * link.rate_bytes_per_s, "steady rate {rate:.0} B/s of {} B/s", link.rate_bytes_per_s);
+        assert_eq!(link.queue_drops, drops_after_startup, "no queue drops in steady state");
+        let bdp = link.rate_bytes_per_s * 0.150;
+        assert!((f.window_max_steady as f64) < 1.4 * bdp, "window {} vs BDP {bdp:.0}", f.window_max_steady);
+        let bw = f.model.bw_bytes_per_s() as f64;
+        assert!((0.9..1.1).contains(&(bw / link.rate_bytes_per_s)), "bandwidth estimate {bw:.0} B/s");
+    }
+
+    #[test]
+    fn random_loss_costs_only_its_retransmissions() {
+        let (mut link, t0) = wan(0.01);
+        let mut flows = [flow(t0, Duration::ZERO)];
+        run(&mut link, &mut flows, t0, 10);
+        let rate = rate_between(&flows[0], t0 + Duration::from_secs(4), t0 + Duration::from_secs(10));
+        // 1% of the link carries packets that are then lost.
+        assert!(rate > 0.93 * link.rate_bytes_per_s, "rate {rate:.0} B/s of {} B/s", link.rate_bytes_per_s);
+    }
+
+    #[test]
+    fn a_second_flow_gets_a_fair_share() {
+        let (mut link, t0) = wan(0.0);
+        let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(FAIR_START_MS))];
+        run(&mut link, &mut flows, t0, 30);
+        let (from, to) = (t0 + Duration::from_secs(20), t0 + Duration::from_secs(30));
+        let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+        let share = b / (a + b);
+        assert!((0.4..0.6).contains(&share), "late flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
+        assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
+    }
+
+    #[test]
+    #[ignore = "known gap: at 1 Gbit/s the queue allotment is too small to pull an uneven split together (0.84 / 0.16 after 20 s); see docs/transport.md"]
+    fn two_flows_on_a_gigabit_link_converge() {
+        // As in the benchmark's fairness run: both start together, at
+        // 1 Gbit/s, but one is short of CPU for its first 3 s (a tenth of a
+        // BDP in flight), so the other leaves start-up with most of the link.
+        let (mut link, t0) = wan_at(1e9, 0.0);
+        let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(FAIR_START_MS))];
+        let bdp = (link.rate_bytes_per_s * 0.150) as u64;
+        flows[1].stall = Some((t0, t0 + Duration::from_secs(3), bdp / 10));
+        run(&mut link, &mut flows, t0, 20);
+        let (from, to) = (t0 + Duration::from_secs(10), t0 + Duration::from_secs(20));
+        let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+        let share = b / (a + b);
+        eprintln!("gigabit shares {:.2} / {share:.2}, queue drops {}", 1.0 - share, link.queue_drops);
+        assert!((0.4..0.6).contains(&share), "second flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
+        assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
+    }
+
+    #[test]
+    fn a_sender_short_of_cpu_keeps_its_window() {
+        let (mut link, t0) = wan(0.0);
+        let mut flows = [flow(t0, Duration::ZERO)];
+        // From 4 s to 8 s the sender keeps only a fifth of a BDP in flight.
+        let bdp = (link.rate_bytes_per_s * 0.150) as u64;
+        flows[0].stall = Some((t0 + Duration::from_secs(4), t0 + Duration::from_secs(8), bdp / 5));
+        run(&mut link, &mut flows, t0, 4);
+        let before = flows[0].model.window();
+        run(&mut link, &mut flows, t0 + Duration::from_secs(4), 4);
+        let during = flows[0].model.window();
+        assert!(during as f64 > 0.9 * before as f64, "window {before} fell to {during} while the sender was short");
+        run(&mut link, &mut flows, t0 + Duration::from_secs(8), 3);
+        let rate = rate_between(&flows[0], t0 + Duration::from_secs(9), t0 + Duration::from_secs(11));
+        assert!(rate > 0.95 * link.rate_bytes_per_s, "rate {rate:.0} B/s a second after the stall");
+    }
+
+    #[test]
+    fn persistent_congestion_starts_over() {
+        let (mut link, t0) = wan(0.0);
+        let mut flows = [flow(t0, Duration::ZERO)];
+        run(&mut link, &mut flows, t0, 3);
+        let m = &mut flows[0].model;
+        assert!(m.window() > 100 * u64::from(MTU));
+        m.handle_loss(t0 + Duration::from_secs(3), 1200, true);
+        assert_eq!(m.mode(), BdpMode::Startup);
+        assert_eq!(m.window(), MIN_WINDOW_DATAGRAMS * u64::from(MTU));
+        assert_eq!(m.bw_bytes_per_s(), 0);
+    }
+}
