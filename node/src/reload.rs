@@ -215,6 +215,9 @@ fn describe(diff: &TopologyDiff, old: &Topology, new: &Topology) -> Vec<String> 
     for p in &diff.changed_policies {
         lines.push(format!("policy changed: {p}"));
     }
+    for l in &diff.changed_links {
+        lines.push(format!("link changed: {l}"));
+    }
     if old.mesh.version != new.mesh.version {
         lines.push(format!("mesh version {} -> {}", old.mesh.version, new.mesh.version));
     }

@@ -1,12 +1,13 @@
 //! What changed between two topologies, for hot reload.
 //!
 //! Nodes are matched by id (a renamed node is the same node, changed), volumes
-//! and policies by name. The lists are sorted, so equal diffs compare equal.
+//! and policies by name, links by their pair of node names. The lists are
+//! sorted, so equal diffs compare equal.
 
 use std::collections::BTreeMap;
 
 use crate::node_id::NodeId;
-use crate::schema::Node;
+use crate::schema::{Bandwidth, Node};
 use crate::Topology;
 
 /// Differences between an old and a new topology.
@@ -27,6 +28,9 @@ pub struct TopologyDiff {
     /// Policy names added, removed or changed (any setting). Volumes using a
     /// changed policy are not listed in `changed_volumes` for that reason alone.
     pub changed_policies: Vec<String>,
+    /// `[[link]]` tables added, removed or changed (limit or windows), named
+    /// `"a-b"` with the two node names in sorted order.
+    pub changed_links: Vec<String>,
 }
 
 impl TopologyDiff {
@@ -69,6 +73,23 @@ impl TopologyDiff {
         }
         policies.sort();
         diff.changed_policies = policies;
+
+        let links = |t: &Topology| -> BTreeMap<String, Bandwidth> {
+            t.links
+                .iter()
+                .map(|l| {
+                    let mut pair = l.nodes.clone();
+                    pair.sort();
+                    (pair.join("-"), l.bandwidth.clone())
+                })
+                .collect()
+        };
+        let (old_links, new_links) = (links(old), links(new));
+        let mut changed: Vec<String> =
+            new_links.iter().filter(|(k, b)| old_links.get(*k) != Some(*b)).map(|(k, _)| k.clone()).collect();
+        changed.extend(old_links.keys().filter(|k| !new_links.contains_key(*k)).cloned());
+        changed.sort();
+        diff.changed_links = changed;
         diff
     }
 
@@ -82,5 +103,6 @@ impl TopologyDiff {
             && self.removed_volumes.is_empty()
             && self.changed_volumes.is_empty()
             && self.changed_policies.is_empty()
+            && self.changed_links.is_empty()
     }
 }

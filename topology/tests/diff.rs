@@ -92,3 +92,17 @@ fn labels_and_site_changes_mark_the_node_changed() {
     expected.sort();
     assert_eq!(diff.changed_nodes, expected);
 }
+
+#[test]
+fn link_changes_are_listed_by_their_pair() {
+    let old = topo(AB, VOL, POL);
+    let link = |limit: &str| format!("{POL}[[link]]\nnodes = [\"b\", \"a\"]\nlimit = \"{limit}\"\n");
+    let with = topo(AB, VOL, &link("20Mbit"));
+    let diff = TopologyDiff::between(&old, &with);
+    assert_eq!(diff.changed_links, ["a-b"]);
+    assert!(!diff.is_empty());
+    assert!(diff.changed_policies.is_empty(), "{diff:?}");
+    assert_eq!(TopologyDiff::between(&with, &old).changed_links, ["a-b"], "a removed link is listed");
+    assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, &link("30Mbit"))).changed_links, ["a-b"]);
+    assert!(TopologyDiff::between(&with, &topo(AB, VOL, &link("20Mbit"))).is_empty());
+}
