@@ -129,7 +129,7 @@ fn unknown_top_level_key() {
         &errs[1],
         25,
         2,
-        "unknown key `policies` in the top level; allowed keys: mesh, site, node, volume, policy",
+        "unknown key `policies` in the top level; allowed keys: mesh, site, node, volume, link, policy",
     );
 }
 
