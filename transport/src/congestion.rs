@@ -32,6 +32,7 @@ use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetr
 use quinn_proto::RttEstimator;
 
 pub mod bdp;
+pub mod closing;
 
 /// Losses above this share of a round trip's bytes (in thousandths) are
 /// passed to BBR as congestion; below it they are treated as random loss.
@@ -85,14 +86,17 @@ impl CongestionChoice {
         }
     }
 
-    /// The quinn factory of this controller.
+    /// The quinn factory of this controller, wrapped in
+    /// [`closing::ClosingWindow`] so that [`closing::close`] always gets the
+    /// close reason to the peer.
     pub fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
-        match self {
+        let inner: Arc<dyn ControllerFactory + Send + Sync> = match self {
             Self::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
             Self::Bbr => Arc::new(BbrConfig::default()),
             Self::LossFilteredBbr => Arc::new(LossFilteredBbrConfig::default()),
             Self::Bdp => Arc::new(bdp::BdpConfig),
-        }
+        };
+        Arc::new(closing::ClosingWindowConfig::new(inner))
     }
 }
 

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use drmesh_topology::{NodeId, Topology};
-use drmesh_transport::endpoint::{self, peer_id, MessageReader, StreamError, CLOSE_PROTOCOL};
+use drmesh_transport::congestion::closing;
+use drmesh_transport::endpoint::{self, peer_id, MessageReader, StreamError, CLOSE_NORMAL, CLOSE_PROTOCOL};
 use drmesh_transport::wire::{Hello, Message, StreamKind, PROTOCOL_VERSION};
 use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint, TransportError};
 use serde::Serialize;
@@ -164,7 +165,7 @@ impl MeshActor {
                     if let Some(c) = self.connections.get(&conn) {
                         tracing::info!(peer = %self.peer_name(&id), %reason, "closing connection");
                         let code = if reason.contains("duplicate") || reason.contains("replaced") { endpoint::CLOSE_DUPLICATE } else { endpoint::CLOSE_NORMAL };
-                        c.conn.close(code.into(), reason.as_bytes());
+                        closing::close(&c.conn, code, reason.as_bytes());
                     }
                 }
             }
@@ -224,13 +225,13 @@ impl MeshActor {
                 result = control_stream(&conn, direction, hello, inbox, &me, peer, conn_id, control_rx) => {
                     if let Err(reason) = result {
                         tracing::warn!(peer = %name, %reason, "closing connection: peer broke the protocol");
-                        conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                        closing::close(&conn, CLOSE_PROTOCOL, reason.as_bytes());
                     }
                 }
                 result = accepting => {
                     if let Err(reason) = result {
                         tracing::warn!(peer = %name, %reason, "closing connection: peer broke the protocol");
-                        conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                        closing::close(&conn, CLOSE_PROTOCOL, reason.as_bytes());
                     }
                 }
                 _ = gossip_inbound(conn.clone(), peer, datagrams) => {}
@@ -408,7 +409,7 @@ impl Handler<Established> for MeshActor {
 
     fn handle(&mut self, msg: Established, ctx: &mut Context<Self>) {
         let Some(peer) = peer_id(&msg.conn) else {
-            msg.conn.close(CLOSE_PROTOCOL.into(), b"no peer certificate");
+            closing::close(&msg.conn, CLOSE_PROTOCOL, b"no peer certificate");
             return;
         };
         debug_assert!(msg.expected.is_none_or(|e| e == peer), "TLS pinning let in another node");
@@ -734,6 +735,7 @@ impl Handler<Shutdown> for MeshActor {
         tracing::info!("closing all peer connections");
         for c in self.connections.values() {
             let _ = c.outbox.try_send(Message::Goodbye { reason: "node shutting down".into() });
+            closing::close(&c.conn, CLOSE_NORMAL, b"node shutting down");
         }
         self.endpoint.close("node shutting down");
         ctx.stop();
