@@ -70,4 +70,14 @@ fn edits_apply_live_and_broken_edits_are_rejected() {
         ["a", "b"].iter().all(|n| mesh.peer_state("c", n).as_deref() != Some("connected"))
     });
     assert_eq!(mesh.peer_state("a", "b").as_deref(), Some("connected"));
+
+    // A site uplink edit applies live and is named in the summary.
+    let with_site = format!("{}\n[[site]]\nname = \"lab\"\nuplink = \"200Mbit\"\n", mesh.standard_topology(5, &["a", "b"]));
+    mesh.write_file("topology.toml", &with_site);
+    wait_until("a runs version 5", Duration::from_secs(20), || {
+        mesh.ctl_json("a", "status").is_some_and(|s| s["topology_version"] == 5)
+    });
+    let status = mesh.ctl_json("a", "status").unwrap();
+    let details = status["last_reload"]["details"].to_string();
+    assert!(details.contains("site changed: lab (absent -> uplink 200000000 bit/s)"), "{status}");
 }

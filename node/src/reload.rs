@@ -218,6 +218,15 @@ fn describe(diff: &TopologyDiff, old: &Topology, new: &Topology) -> Vec<String> 
     for l in &diff.changed_links {
         lines.push(format!("link changed: {l}"));
     }
+    for site in &diff.changed_sites {
+        let uplink = |t: &Topology| t.sites.iter().find(|s| &s.name == site).map(|s| s.uplink_bps);
+        let show = |u: Option<Option<u64>>| match u {
+            None => "absent".to_string(),
+            Some(None) => "no uplink".to_string(),
+            Some(Some(bps)) => format!("uplink {bps} bit/s"),
+        };
+        lines.push(format!("site changed: {site} ({} -> {})", show(uplink(old)), show(uplink(new))));
+    }
     if old.mesh.version != new.mesh.version {
         lines.push(format!("mesh version {} -> {}", old.mesh.version, new.mesh.version));
     }

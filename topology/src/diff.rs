@@ -1,7 +1,7 @@
 //! What changed between two topologies, for hot reload.
 //!
 //! Nodes are matched by id (a renamed node is the same node, changed), volumes
-//! and policies by name, links by their pair of node names. The lists are
+//! and policies by name, links by their pair of node names, sites by name. The lists are
 //! sorted, so equal diffs compare equal.
 
 use std::collections::BTreeMap;
@@ -31,6 +31,8 @@ pub struct TopologyDiff {
     /// `[[link]]` tables added, removed or changed (limit or windows), named
     /// `"a-b"` with the two node names in sorted order.
     pub changed_links: Vec<String>,
+    /// `[[site]]` names added, removed or whose uplink changed.
+    pub changed_sites: Vec<String>,
 }
 
 impl TopologyDiff {
@@ -90,11 +92,21 @@ impl TopologyDiff {
         changed.extend(old_links.keys().filter(|k| !new_links.contains_key(*k)).cloned());
         changed.sort();
         diff.changed_links = changed;
+
+        let sites = |t: &Topology| -> BTreeMap<String, Option<u64>> {
+            t.sites.iter().map(|site| (site.name.clone(), site.uplink_bps)).collect()
+        };
+        let (old_sites, new_sites) = (sites(old), sites(new));
+        let mut changed: Vec<String> =
+            new_sites.iter().filter(|(k, u)| old_sites.get(*k) != Some(*u)).map(|(k, _)| k.clone()).collect();
+        changed.extend(old_sites.keys().filter(|k| !new_sites.contains_key(*k)).cloned());
+        changed.sort();
+        diff.changed_sites = changed;
         diff
     }
 
-    /// Whether nothing that nodes act on changed (the `[mesh]` version and
-    /// `[[site]]` tables are not compared).
+    /// Whether nothing that nodes act on changed (the `[mesh]` version is
+    /// not compared).
     pub fn is_empty(&self) -> bool {
         self.added_nodes.is_empty()
             && self.removed_nodes.is_empty()
@@ -104,5 +116,6 @@ impl TopologyDiff {
             && self.changed_volumes.is_empty()
             && self.changed_policies.is_empty()
             && self.changed_links.is_empty()
+            && self.changed_sites.is_empty()
     }
 }

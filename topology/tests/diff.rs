@@ -106,3 +106,16 @@ fn link_changes_are_listed_by_their_pair() {
     assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, &link("30Mbit"))).changed_links, ["a-b"]);
     assert!(TopologyDiff::between(&with, &topo(AB, VOL, &link("20Mbit"))).is_empty());
 }
+
+#[test]
+fn site_uplink_changes_are_listed_by_site_name() {
+    let site = |uplink: &str| format!("{POL}[[site]]\nname = \"s\"\n{uplink}");
+    let none = topo(AB, VOL, &site(""));
+    let with = topo(AB, VOL, &site("uplink = \"200Mbit\"\n"));
+    let diff = TopologyDiff::between(&none, &with);
+    assert_eq!(diff.changed_sites, ["s"]);
+    assert!(!diff.is_empty());
+    assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, &site("uplink = \"100Mbit\"\n"))).changed_sites, ["s"]);
+    assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, POL)).changed_sites, ["s"], "a removed site is listed");
+    assert!(TopologyDiff::between(&with, &topo(AB, VOL, &site("uplink = \"200Mbit\"\n"))).is_empty());
+}
