@@ -10,6 +10,15 @@ use crate::node_id::NodeId;
 use crate::schema::{Bandwidth, Node};
 use crate::Topology;
 
+/// Keys added, removed or whose value changed from `old` to `new`, sorted.
+fn changed_keys<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>) -> Vec<String> {
+    let mut changed: Vec<String> =
+        new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+    changed.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+    changed.sort();
+    changed
+}
+
 /// Differences between an old and a new topology.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopologyDiff {
@@ -62,19 +71,7 @@ impl TopologyDiff {
         diff.removed_volumes =
             old_volumes.keys().filter(|name| !new_volumes.contains_key(*name)).map(|n| n.to_string()).collect();
 
-        let mut policies: Vec<String> = Vec::new();
-        for (name, policy) in &new.policies {
-            if old.policies.get(name) != Some(policy) {
-                policies.push(name.clone());
-            }
-        }
-        for name in old.policies.keys() {
-            if !new.policies.contains_key(name) {
-                policies.push(name.clone());
-            }
-        }
-        policies.sort();
-        diff.changed_policies = policies;
+        diff.changed_policies = changed_keys(&old.policies, &new.policies);
 
         let links = |t: &Topology| -> BTreeMap<String, Bandwidth> {
             t.links
@@ -86,22 +83,12 @@ impl TopologyDiff {
                 })
                 .collect()
         };
-        let (old_links, new_links) = (links(old), links(new));
-        let mut changed: Vec<String> =
-            new_links.iter().filter(|(k, b)| old_links.get(*k) != Some(*b)).map(|(k, _)| k.clone()).collect();
-        changed.extend(old_links.keys().filter(|k| !new_links.contains_key(*k)).cloned());
-        changed.sort();
-        diff.changed_links = changed;
+        diff.changed_links = changed_keys(&links(old), &links(new));
 
         let sites = |t: &Topology| -> BTreeMap<String, Option<u64>> {
             t.sites.iter().map(|site| (site.name.clone(), site.uplink_bps)).collect()
         };
-        let (old_sites, new_sites) = (sites(old), sites(new));
-        let mut changed: Vec<String> =
-            new_sites.iter().filter(|(k, u)| old_sites.get(*k) != Some(*u)).map(|(k, _)| k.clone()).collect();
-        changed.extend(old_sites.keys().filter(|k| !new_sites.contains_key(*k)).cloned());
-        changed.sort();
-        diff.changed_sites = changed;
+        diff.changed_sites = changed_keys(&sites(old), &sites(new));
         diff
     }
 

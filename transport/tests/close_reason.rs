@@ -4,21 +4,16 @@
 //! `congestion::closing`).
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use drmesh_transport::congestion::closing;
-use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint};
+
+mod common;
 
 /// Closes the sending side while it is window-limited, `rounds` times, and
 /// returns how the receiving side saw each close.
 async fn close_while_sending(rounds: usize) -> Vec<String> {
-    let a = Arc::new(Identity::generate("a").unwrap());
-    let b = Arc::new(Identity::generate("b").unwrap());
-    let allowed = AllowedPeers::new([a.node_id(), b.node_id()]);
-    let server = MeshEndpoint::bind(a.clone(), "127.0.0.1:0".parse().unwrap(), allowed.clone()).unwrap();
-    let client = MeshEndpoint::bind(b.clone(), "127.0.0.1:0".parse().unwrap(), allowed).unwrap();
-    let addr = server.local_addr().unwrap();
+    let common::Pair { server, client, server_id, addr } = common::pair();
     let mut seen = Vec::new();
     for round in 0..rounds {
         let accept = async {
@@ -30,7 +25,7 @@ async fn close_while_sending(rounds: usize) -> Vec<String> {
             tokio::time::timeout(Duration::from_secs(20), conn.closed()).await.expect("the connection ends").to_string()
         };
         let send = async {
-            let conn = client.connect(addr, a.node_id()).await.unwrap();
+            let conn = client.connect(addr, server_id).await.unwrap();
             let mut stream = conn.open_uni().await.unwrap();
             let writer = {
                 let conn = conn.clone();

@@ -3,19 +3,13 @@
 //! so bulk transfers pay QUIC's per-packet costs far less often.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint};
+mod common;
 
 #[tokio::test]
 async fn loopback_connection_discovers_large_packets() {
-    let a = Arc::new(Identity::generate("a").unwrap());
-    let b = Arc::new(Identity::generate("b").unwrap());
-    let allowed = AllowedPeers::new([a.node_id(), b.node_id()]);
-    let server = MeshEndpoint::bind(a.clone(), "127.0.0.1:0".parse().unwrap(), allowed.clone()).unwrap();
-    let client = MeshEndpoint::bind(b.clone(), "127.0.0.1:0".parse().unwrap(), allowed).unwrap();
-    let addr = server.local_addr().unwrap();
+    let common::Pair { server, client, server_id, addr } = common::pair();
     let accept = async {
         let conn = server.quinn().accept().await.unwrap().await.unwrap();
         let mut recv = conn.accept_uni().await.unwrap();
@@ -23,7 +17,7 @@ async fn loopback_connection_discovers_large_packets() {
         (conn, bytes.len())
     };
     let send = async {
-        let conn = client.connect(addr, a.node_id()).await.unwrap();
+        let conn = client.connect(addr, server_id).await.unwrap();
         // Discovery probes run beside the handshake's first round trips.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut stream = conn.open_uni().await.unwrap();
