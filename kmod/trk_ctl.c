@@ -88,6 +88,7 @@ static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
 static long trk_attach(void __user *arg)
 {
 	struct drmesh_attach a;
+	struct trk_bdev_handle h;
 	struct block_device *bdev;
 	struct trk_dev *t = NULL;
 	unsigned int lbs, gran;
@@ -128,7 +129,7 @@ static long trk_attach(void __user *arg)
 		goto out_unlock;
 	}
 	/* Shared read-only open: allowed while the device is mounted. */
-	bdev = blkdev_get_by_dev(dev, FMODE_READ, NULL);
+	bdev = trk_bdev_open_shared_ro(dev, &h);
 	if (IS_ERR(bdev)) {
 		ret = PTR_ERR(bdev);
 		goto out_unlock;
@@ -157,6 +158,7 @@ static long trk_attach(void __user *arg)
 		goto out_put;
 	}
 	t->bdev = bdev;
+	t->bdev_handle = h;
 	t->disk = bdev->bd_disk;
 	t->start_sect = bdev->bd_start_sect;
 	t->nr_sects = bdev_nr_sectors(bdev);
@@ -202,7 +204,7 @@ static long trk_attach(void __user *arg)
 out_free:
 	trk_free(t);
 out_put:
-	blkdev_put(bdev, FMODE_READ);
+	trk_bdev_close(bdev, &h);
 out_unlock:
 	mutex_unlock(&trk_lock);
 	return ret;
@@ -262,7 +264,7 @@ static long trk_detach(void __user *arg)
 	/* No hook can still be using t once every RCU reader is done. */
 	synchronize_rcu();
 	pr_info("drmesh_trk: detached %pg\n", t->bdev);
-	blkdev_put(t->bdev, FMODE_READ);
+	trk_bdev_close(t->bdev, &t->bdev_handle);
 	trk_free(t);
 	module_put(THIS_MODULE);
 	return 0;
@@ -516,7 +518,7 @@ static long trk_snapshot(void __user *arg)
 	 * The filesystem writes back and marks itself clean; it stays frozen
 	 * until the snapshot exists. Raw writers are not frozen: they are held.
 	 */
-	ret = freeze_bdev(t->bdev);
+	ret = trk_bdev_freeze(t->bdev);
 	if (ret) {
 		trk_snap_destroy(s, true);
 		goto out_unlock;
@@ -529,13 +531,13 @@ static long trk_snapshot(void __user *arg)
 				  !atomic_read(&trk_slot_inflight[t->slot]));
 	if (ret) {
 		trk_drop_snap(t, true);
-		thaw_bdev(t->bdev);
+		trk_bdev_thaw(t->bdev);
 		goto out_unlock;
 	}
 	/* The snapshot instant: bitmap and snapshot start together. */
 	old = trk_swap(t);
 	trk_snap_activate(s);
-	thaw_bdev(t->bdev);
+	trk_bdev_thaw(t->bdev);
 
 	ret = trk_hand_over(t, old, u64_to_user_ptr(a.buf), &a.bits_set);
 	if (ret) {
