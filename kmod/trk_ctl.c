@@ -15,6 +15,8 @@
 #include <linux/uaccess.h>
 #include <linux/capability.h>
 #include <linux/bitmap.h>
+#include <linux/build_bug.h>
+#include <linux/stddef.h>
 
 #include "drmesh_ioctl.h"
 #include "trk.h"
@@ -59,16 +61,6 @@ static void trk_free(struct trk_dev *t)
 	kfree(t);
 }
 
-/* Checks the fields every parameter struct starts with. */
-static int trk_check_header(u32 version, u32 flags)
-{
-	if (version != DRMESH_IOCTL_VERSION)
-		return -EPROTO;
-	if (flags)
-		return -EINVAL;
-	return 0;
-}
-
 static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
 {
 	if (major >= (1u << (32 - MINORBITS)) || minor > MINORMASK)
@@ -76,6 +68,49 @@ static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
 	*dev = MKDEV(major, minor);
 	return 0;
 }
+
+/**
+ * trk_read_arg() - copy an ioctl's argument in and check what all have.
+ * @arg: user pointer to the argument.
+ * @buf: where to copy it, @size bytes; a struct that starts with the fields of
+ *	struct drmesh_dev (TRK_READ_ARG() checks that at build time).
+ * @size: size of the argument struct.
+ * @reserved: the struct's reserved field (in @buf), or NULL if it has none.
+ * @dev: out: the device dev_major:dev_minor names, or NULL when the caller
+ *	finds the device another way (attach by path).
+ *
+ * Return: 0, -EFAULT, -EPROTO for an unknown version, or -EINVAL for flags
+ * or a reserved field that is not 0, or a major or minor out of range.
+ */
+static int trk_read_arg(void __user *arg, void *buf, size_t size,
+			const u32 *reserved, dev_t *dev)
+{
+	const struct drmesh_dev *head = buf;
+
+	if (copy_from_user(buf, arg, size))
+		return -EFAULT;
+	if (head->version != DRMESH_IOCTL_VERSION)
+		return -EPROTO;
+	if (head->flags || (reserved && *reserved))
+		return -EINVAL;
+	if (!dev)
+		return 0;
+	return trk_dev_t(head->dev_major, head->dev_minor, dev);
+}
+
+/* trk_read_arg() into struct @x, which must start as struct drmesh_dev does. */
+#define TRK_READ_ARG(arg, x, reserved, dev)				\
+({									\
+	BUILD_BUG_ON(offsetof(typeof(x), version) !=			\
+		     offsetof(struct drmesh_dev, version) ||		\
+		     offsetof(typeof(x), flags) !=			\
+		     offsetof(struct drmesh_dev, flags) ||		\
+		     offsetof(typeof(x), dev_major) !=			\
+		     offsetof(struct drmesh_dev, dev_major) ||		\
+		     offsetof(typeof(x), dev_minor) !=			\
+		     offsetof(struct drmesh_dev, dev_minor));		\
+	trk_read_arg(arg, &(x), sizeof(x), reserved, dev);		\
+})
 
 /**
  * trk_attach() - start tracking a device.
@@ -96,13 +131,10 @@ static long trk_attach(void __user *arg)
 	size_t bytes;
 	int ret;
 
-	if (copy_from_user(&a, arg, sizeof(a)))
-		return -EFAULT;
-	ret = trk_check_header(a.version, a.flags);
+	/* dev_major:dev_minor only count when there is no path. */
+	ret = TRK_READ_ARG(arg, a, &a.reserved, NULL);
 	if (ret)
 		return ret;
-	if (a.reserved)
-		return -EINVAL;
 	if (strnlen(a.path, sizeof(a.path)) == sizeof(a.path))
 		return -EINVAL;
 	gran = a.granularity_bytes;
@@ -211,26 +243,6 @@ out_unlock:
 }
 
 /**
- * trk_read_dev() - read and check the struct drmesh_dev argument of an ioctl.
- * @arg: user pointer to struct drmesh_dev.
- * @dev: the device number it names.
- *
- * Return: 0, or -EFAULT/-EINVAL/-EPROTO for a bad argument.
- */
-static int trk_read_dev(void __user *arg, dev_t *dev)
-{
-	struct drmesh_dev d;
-	int ret;
-
-	if (copy_from_user(&d, arg, sizeof(d)))
-		return -EFAULT;
-	ret = trk_check_header(d.version, d.flags);
-	if (ret)
-		return ret;
-	return trk_dev_t(d.dev_major, d.dev_minor, dev);
-}
-
-/**
  * trk_detach() - stop tracking a device and drop what it held.
  * @arg: user pointer to struct drmesh_dev.
  *
@@ -239,11 +251,12 @@ static int trk_read_dev(void __user *arg, dev_t *dev)
  */
 static long trk_detach(void __user *arg)
 {
+	struct drmesh_dev d;
 	struct trk_dev *t;
 	dev_t dev;
 	int ret;
 
-	ret = trk_read_dev(arg, &dev);
+	ret = TRK_READ_ARG(arg, d, NULL, &dev);
 	if (ret)
 		return ret;
 
@@ -334,14 +347,7 @@ static long trk_get_bitmap(void __user *arg)
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&b, arg, sizeof(b)))
-		return -EFAULT;
-	ret = trk_check_header(b.version, b.flags);
-	if (ret)
-		return ret;
-	if (b.reserved)
-		return -EINVAL;
-	ret = trk_dev_t(b.dev_major, b.dev_minor, &dev);
+	ret = TRK_READ_ARG(arg, b, &b.reserved, &dev);
 	if (ret)
 		return ret;
 
@@ -386,14 +392,7 @@ static long trk_status(void __user *arg)
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&s, arg, sizeof(s)))
-		return -EFAULT;
-	ret = trk_check_header(s.version, s.flags);
-	if (ret)
-		return ret;
-	if (s.reserved)
-		return -EINVAL;
-	ret = trk_dev_t(s.dev_major, s.dev_minor, &dev);
+	ret = TRK_READ_ARG(arg, s, &s.reserved, &dev);
 	if (ret)
 		return ret;
 
@@ -476,17 +475,12 @@ static long trk_snapshot(void __user *arg)
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&a, arg, sizeof(a)))
-		return -EFAULT;
-	ret = trk_check_header(a.version, a.flags);
+	ret = TRK_READ_ARG(arg, a, NULL, &dev);
 	if (ret)
 		return ret;
 	if (!a.cow_path[0] ||
 	    strnlen(a.cow_path, sizeof(a.cow_path)) == sizeof(a.cow_path))
 		return -EINVAL;
-	ret = trk_dev_t(a.dev_major, a.dev_minor, &dev);
-	if (ret)
-		return ret;
 
 	mutex_lock(&trk_lock);
 	t = trk_find(dev);
@@ -564,11 +558,12 @@ out_unlock:
  */
 static long trk_release(void __user *arg)
 {
+	struct drmesh_dev d;
 	struct trk_dev *t;
 	dev_t dev;
 	int ret;
 
-	ret = trk_read_dev(arg, &dev);
+	ret = TRK_READ_ARG(arg, d, NULL, &dev);
 	if (ret)
 		return ret;
 	mutex_lock(&trk_lock);
