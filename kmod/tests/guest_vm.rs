@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
-/// One VM at a time: both share the module build cache and two host cores.
+/// One VM at a time: they share the module build cache and two host cores.
 static VM: Mutex<()> = Mutex::new(());
 
 /// The marker line the guest's init prints when the guest script exits 0.
