@@ -8,13 +8,13 @@
  *   - 6.1 to 6.4 (tested: Debian 12's 6.1): blkdev_get_by_*() with an fmode_t,
  *     freeze_bdev(), blk_alloc_disk(node), ftrace_instruction_pointer_set()
  *     (renamed in 6.2);
- *   - 6.10 and later (tested: Debian's 6.12): block devices opened as a
- *     struct file (bdev_file_open_by_*(), released with bdev_fput(), which
- *     6.10 added), bdev_freeze(), queue limits given to blk_alloc_disk().
- * Between them (6.5 to 6.9) the open call changed three times (a holder-ops
- * argument in 6.5, struct bdev_handle in 6.7/6.8, struct file in 6.9 without
- * bdev_fput()); no kernel of those is packaged where the module is built and
- * tested, so the build refuses them rather than guess.
+ *   - 6.9 and later (tested: Debian's 6.12): block devices opened as a
+ *     struct file (bdev_file_open_by_*(), released with bdev_fput(); 6.9),
+ *     bdev_freeze() (6.8), queue limits given to blk_alloc_disk() (6.9).
+ * Between them (6.5 to 6.8) the open call took two other forms (a holder-ops
+ * argument and blk_mode_t in 6.5, struct bdev_handle in 6.7/6.8, where
+ * blkdev_get_by_*() went away); no kernel of those is packaged where the
+ * module is built and tested, so the build refuses them rather than guess.
  *
  * Version checks rather than feature probes: these are mainline kernels whose
  * API does not move within a stable series. A distribution kernel that
@@ -32,11 +32,11 @@
 #if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0)
 #error "drmesh_trk needs Linux 6.1 or later"
 #elif LINUX_VERSION_CODE >= KERNEL_VERSION(6, 5, 0) && \
-	LINUX_VERSION_CODE < KERNEL_VERSION(6, 10, 0)
-#error "drmesh_trk: Linux 6.5 to 6.9 are not supported (see trk_compat.h)"
+	LINUX_VERSION_CODE < KERNEL_VERSION(6, 9, 0)
+#error "drmesh_trk: Linux 6.5 to 6.8 are not supported (see trk_compat.h)"
 #endif
 
-#define TRK_BDEV_FILE (LINUX_VERSION_CODE >= KERNEL_VERSION(6, 10, 0))
+#define TRK_BDEV_FILE (LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0))
 
 /*
  * The redirect in trk_tracer.c rewrites the traced function's instruction
@@ -49,7 +49,7 @@
 
 /**
  * struct trk_bdev_handle - what closing an open block device needs.
- * @file: 6.10+: the open file that holds the device.
+ * @file: 6.9+: the open file that holds the device.
  * @mode: 6.1: the mode it was opened with.
  */
 struct trk_bdev_handle {
@@ -118,7 +118,7 @@ trk_bdev_open_excl_rw(const char *path, void *holder,
  * @bdev: the device.
  * @h: its handle.
  *
- * An exclusive claim is dropped before this returns (6.10+: bdev_fput()).
+ * An exclusive claim is dropped before this returns (6.9+: bdev_fput()).
  */
 static inline void trk_bdev_close(struct block_device *bdev,
 				  struct trk_bdev_handle *h)
