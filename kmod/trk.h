@@ -13,6 +13,8 @@
 #include <linux/blkdev.h>
 #include <linux/wait.h>
 
+#include "trk_compat.h"
+
 #define TRK_MAX_DEVICES 16
 /* Each of the two bitmaps of a device is at most this big (4 TiB at 4 KiB). */
 #define TRK_BITMAP_BYTES_MAX (128ul << 20)
@@ -23,6 +25,7 @@ struct trk_snap;
  * struct trk_dev - one tracked device.
  * @node: entry in trk_devices (RCU).
  * @bdev: the tracked device, held open (read-only, shared) while attached.
+ * @bdev_handle: what closing @bdev needs.
  * @disk: @bdev's disk; bios are matched against it.
  * @start_sect: first sector of @bdev on @disk (non-zero for a partition).
  * @nr_sects: sectors of @bdev at attach.
@@ -40,6 +43,7 @@ struct trk_snap;
 struct trk_dev {
 	struct list_head node;
 	struct block_device *bdev;
+	struct trk_bdev_handle bdev_handle;
 	struct gendisk *disk;
 	sector_t start_sect;
 	sector_t nr_sects;

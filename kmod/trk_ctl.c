@@ -15,6 +15,8 @@
 #include <linux/uaccess.h>
 #include <linux/capability.h>
 #include <linux/bitmap.h>
+#include <linux/build_bug.h>
+#include <linux/stddef.h>
 
 #include "drmesh_ioctl.h"
 #include "trk.h"
@@ -59,16 +61,6 @@ static void trk_free(struct trk_dev *t)
 	kfree(t);
 }
 
-/* Checks the fields every parameter struct starts with. */
-static int trk_check_header(u32 version, u32 flags)
-{
-	if (version != DRMESH_IOCTL_VERSION)
-		return -EPROTO;
-	if (flags)
-		return -EINVAL;
-	return 0;
-}
-
 static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
 {
 	if (major >= (1u << (32 - MINORBITS)) || minor > MINORMASK)
@@ -76,6 +68,49 @@ static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
 	*dev = MKDEV(major, minor);
 	return 0;
 }
+
+/**
+ * trk_read_arg() - copy an ioctl's argument in and check what all have.
+ * @arg: user pointer to the argument.
+ * @buf: where to copy it, @size bytes; a struct that starts with the fields of
+ *	struct drmesh_dev (TRK_READ_ARG() checks that at build time).
+ * @size: size of the argument struct.
+ * @reserved: the struct's reserved field (in @buf), or NULL if it has none.
+ * @dev: out: the device dev_major:dev_minor names, or NULL when the caller
+ *	finds the device another way (attach by path).
+ *
+ * Return: 0, -EFAULT, -EPROTO for an unknown version, or -EINVAL for flags
+ * or a reserved field that is not 0, or a major or minor out of range.
+ */
+static int trk_read_arg(void __user *arg, void *buf, size_t size,
+			const u32 *reserved, dev_t *dev)
+{
+	const struct drmesh_dev *head = buf;
+
+	if (copy_from_user(buf, arg, size))
+		return -EFAULT;
+	if (head->version != DRMESH_IOCTL_VERSION)
+		return -EPROTO;
+	if (head->flags || (reserved && *reserved))
+		return -EINVAL;
+	if (!dev)
+		return 0;
+	return trk_dev_t(head->dev_major, head->dev_minor, dev);
+}
+
+/* trk_read_arg() into struct @x, which must start as struct drmesh_dev does. */
+#define TRK_READ_ARG(arg, x, reserved, dev)				\
+({									\
+	BUILD_BUG_ON(offsetof(typeof(x), version) !=			\
+		     offsetof(struct drmesh_dev, version) ||		\
+		     offsetof(typeof(x), flags) !=			\
+		     offsetof(struct drmesh_dev, flags) ||		\
+		     offsetof(typeof(x), dev_major) !=			\
+		     offsetof(struct drmesh_dev, dev_major) ||		\
+		     offsetof(typeof(x), dev_minor) !=			\
+		     offsetof(struct drmesh_dev, dev_minor));		\
+	trk_read_arg(arg, &(x), sizeof(x), reserved, dev);		\
+})
 
 /**
  * trk_attach() - start tracking a device.
@@ -88,6 +123,7 @@ static int trk_dev_t(u32 major, u32 minor, dev_t *dev)
 static long trk_attach(void __user *arg)
 {
 	struct drmesh_attach a;
+	struct trk_bdev_handle h;
 	struct block_device *bdev;
 	struct trk_dev *t = NULL;
 	unsigned int lbs, gran;
@@ -95,13 +131,10 @@ static long trk_attach(void __user *arg)
 	size_t bytes;
 	int ret;
 
-	if (copy_from_user(&a, arg, sizeof(a)))
-		return -EFAULT;
-	ret = trk_check_header(a.version, a.flags);
+	/* dev_major:dev_minor only count when there is no path. */
+	ret = TRK_READ_ARG(arg, a, &a.reserved, NULL);
 	if (ret)
 		return ret;
-	if (a.reserved)
-		return -EINVAL;
 	if (strnlen(a.path, sizeof(a.path)) == sizeof(a.path))
 		return -EINVAL;
 	gran = a.granularity_bytes;
@@ -128,7 +161,7 @@ static long trk_attach(void __user *arg)
 		goto out_unlock;
 	}
 	/* Shared read-only open: allowed while the device is mounted. */
-	bdev = blkdev_get_by_dev(dev, FMODE_READ, NULL);
+	bdev = trk_bdev_open_shared_ro(dev, &h);
 	if (IS_ERR(bdev)) {
 		ret = PTR_ERR(bdev);
 		goto out_unlock;
@@ -157,6 +190,7 @@ static long trk_attach(void __user *arg)
 		goto out_put;
 	}
 	t->bdev = bdev;
+	t->bdev_handle = h;
 	t->disk = bdev->bd_disk;
 	t->start_sect = bdev->bd_start_sect;
 	t->nr_sects = bdev_nr_sectors(bdev);
@@ -202,30 +236,10 @@ static long trk_attach(void __user *arg)
 out_free:
 	trk_free(t);
 out_put:
-	blkdev_put(bdev, FMODE_READ);
+	trk_bdev_close(bdev, &h);
 out_unlock:
 	mutex_unlock(&trk_lock);
 	return ret;
-}
-
-/**
- * trk_read_dev() - read and check the struct drmesh_dev argument of an ioctl.
- * @arg: user pointer to struct drmesh_dev.
- * @dev: the device number it names.
- *
- * Return: 0, or -EFAULT/-EINVAL/-EPROTO for a bad argument.
- */
-static int trk_read_dev(void __user *arg, dev_t *dev)
-{
-	struct drmesh_dev d;
-	int ret;
-
-	if (copy_from_user(&d, arg, sizeof(d)))
-		return -EFAULT;
-	ret = trk_check_header(d.version, d.flags);
-	if (ret)
-		return ret;
-	return trk_dev_t(d.dev_major, d.dev_minor, dev);
 }
 
 /**
@@ -237,11 +251,12 @@ static int trk_read_dev(void __user *arg, dev_t *dev)
  */
 static long trk_detach(void __user *arg)
 {
+	struct drmesh_dev d;
 	struct trk_dev *t;
 	dev_t dev;
 	int ret;
 
-	ret = trk_read_dev(arg, &dev);
+	ret = TRK_READ_ARG(arg, d, NULL, &dev);
 	if (ret)
 		return ret;
 
@@ -262,7 +277,7 @@ static long trk_detach(void __user *arg)
 	/* No hook can still be using t once every RCU reader is done. */
 	synchronize_rcu();
 	pr_info("drmesh_trk: detached %pg\n", t->bdev);
-	blkdev_put(t->bdev, FMODE_READ);
+	trk_bdev_close(t->bdev, &t->bdev_handle);
 	trk_free(t);
 	module_put(THIS_MODULE);
 	return 0;
@@ -332,14 +347,7 @@ static long trk_get_bitmap(void __user *arg)
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&b, arg, sizeof(b)))
-		return -EFAULT;
-	ret = trk_check_header(b.version, b.flags);
-	if (ret)
-		return ret;
-	if (b.reserved)
-		return -EINVAL;
-	ret = trk_dev_t(b.dev_major, b.dev_minor, &dev);
+	ret = TRK_READ_ARG(arg, b, &b.reserved, &dev);
 	if (ret)
 		return ret;
 
@@ -384,14 +392,7 @@ static long trk_status(void __user *arg)
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&s, arg, sizeof(s)))
-		return -EFAULT;
-	ret = trk_check_header(s.version, s.flags);
-	if (ret)
-		return ret;
-	if (s.reserved)
-		return -EINVAL;
-	ret = trk_dev_t(s.dev_major, s.dev_minor, &dev);
+	ret = TRK_READ_ARG(arg, s, &s.reserved, &dev);
 	if (ret)
 		return ret;
 
@@ -474,17 +475,12 @@ static long trk_snapshot(void __user *arg)
 	dev_t dev;
 	int ret;
 
-	if (copy_from_user(&a, arg, sizeof(a)))
-		return -EFAULT;
-	ret = trk_check_header(a.version, a.flags);
+	ret = TRK_READ_ARG(arg, a, NULL, &dev);
 	if (ret)
 		return ret;
 	if (!a.cow_path[0] ||
 	    strnlen(a.cow_path, sizeof(a.cow_path)) == sizeof(a.cow_path))
 		return -EINVAL;
-	ret = trk_dev_t(a.dev_major, a.dev_minor, &dev);
-	if (ret)
-		return ret;
 
 	mutex_lock(&trk_lock);
 	t = trk_find(dev);
@@ -516,7 +512,7 @@ static long trk_snapshot(void __user *arg)
 	 * The filesystem writes back and marks itself clean; it stays frozen
 	 * until the snapshot exists. Raw writers are not frozen: they are held.
 	 */
-	ret = freeze_bdev(t->bdev);
+	ret = trk_bdev_freeze(t->bdev);
 	if (ret) {
 		trk_snap_destroy(s, true);
 		goto out_unlock;
@@ -529,13 +525,13 @@ static long trk_snapshot(void __user *arg)
 				  !atomic_read(&trk_slot_inflight[t->slot]));
 	if (ret) {
 		trk_drop_snap(t, true);
-		thaw_bdev(t->bdev);
+		trk_bdev_thaw(t->bdev);
 		goto out_unlock;
 	}
 	/* The snapshot instant: bitmap and snapshot start together. */
 	old = trk_swap(t);
 	trk_snap_activate(s);
-	thaw_bdev(t->bdev);
+	trk_bdev_thaw(t->bdev);
 
 	ret = trk_hand_over(t, old, u64_to_user_ptr(a.buf), &a.bits_set);
 	if (ret) {
@@ -562,11 +558,12 @@ out_unlock:
  */
 static long trk_release(void __user *arg)
 {
+	struct drmesh_dev d;
 	struct trk_dev *t;
 	dev_t dev;
 	int ret;
 
-	ret = trk_read_dev(arg, &dev);
+	ret = TRK_READ_ARG(arg, d, NULL, &dev);
 	if (ret)
 		return ret;
 	mutex_lock(&trk_lock);

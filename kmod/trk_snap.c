@@ -43,12 +43,12 @@
 #define SNAP_BUF_BYTES_MIN (1u << 20)
 /* In-memory index limit: 16 Mi chunks (64 GiB at 4 KiB chunks). */
 #define SNAP_INDEX_BYTES_MAX (64ul << 20)
-#define SNAP_COW_MODE (FMODE_READ | FMODE_WRITE | FMODE_EXCL)
 
 /**
  * struct trk_snap - one live snapshot.
  * @t: the origin's tracker; stays attached while the snapshot exists.
  * @store: the COW store, open exclusively.
+ * @store_handle: what closing @store needs.
  * @disk: the snapshot block device.
  * @nr: N of /dev/drmesh-snapN (also its minor).
  * @state: enum trk_snap_state.
@@ -81,6 +81,7 @@
 struct trk_snap {
 	struct trk_dev *t;
 	struct block_device *store;
+	struct trk_bdev_handle store_handle;
 	struct gendisk *disk;
 	int nr;
 	atomic_t state;
@@ -611,7 +612,7 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 		goto out_free;
 	}
 
-	s->store = blkdev_get_by_path(cow_path, SNAP_COW_MODE, s);
+	s->store = trk_bdev_open_excl_rw(cow_path, s, &s->store_handle);
 	if (IS_ERR(s->store)) {
 		ret = PTR_ERR(s->store);
 		s->store = NULL;
@@ -671,10 +672,12 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 		goto out_free;
 	}
 
-	ret = -ENOMEM;
-	s->disk = blk_alloc_disk(NUMA_NO_NODE);
-	if (!s->disk)
+	s->disk = trk_alloc_disk(bdev_logical_block_size(t->bdev));
+	if (IS_ERR(s->disk)) {
+		ret = PTR_ERR(s->disk);
+		s->disk = NULL;
 		goto out_free;
+	}
 	s->disk->major = snap_major;
 	s->disk->first_minor = s->nr;
 	s->disk->minors = 1;
@@ -685,8 +688,6 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 	snprintf(s->disk->disk_name, DISK_NAME_LEN, DRMESH_SNAP_NAME "%d", s->nr);
 	set_capacity(s->disk, t->nr_sects);
 	set_disk_ro(s->disk, true);
-	blk_queue_logical_block_size(s->disk->queue,
-				     bdev_logical_block_size(t->bdev));
 	ret = add_disk(s->disk);
 	if (ret)
 		goto out_free;
@@ -747,7 +748,7 @@ void trk_snap_destroy(struct trk_snap *s, bool aborted)
 	if (s->nr >= 0)
 		ida_free(&snap_ida, s->nr);
 	if (s->store)
-		blkdev_put(s->store, SNAP_COW_MODE);
+		trk_bdev_close(s->store, &s->store_handle);
 	kfree(s->hdr);
 	kfree(s->pend_chunks);
 	vfree(s->buf);

@@ -347,7 +347,7 @@ static void notrace trk_ftrace(unsigned long ip, unsigned long parent_ip,
 			       struct ftrace_ops *ops, struct ftrace_regs *fregs)
 {
 	if (!within_module(parent_ip, THIS_MODULE))
-		ftrace_instruction_pointer_set(fregs, (unsigned long)trk_submit_bio);
+		trk_ftrace_redirect(fregs, (unsigned long)trk_submit_bio);
 }
 
 static struct ftrace_ops trk_ftrace_ops = {

@@ -96,6 +96,35 @@ static void parse_dev(const char *s, __u32 *major, __u32 *minor)
 	}
 }
 
+/*
+ * Zeroes ioctl argument struct @x and fills in what every one starts with: the
+ * interface version and the device number.
+ */
+#define ARG_INIT(x, major_, minor_)                      \
+	do {                                             \
+		memset(&(x), 0, sizeof(x));              \
+		(x).version = DRMESH_IOCTL_VERSION;      \
+		(x).dev_major = (major_);                \
+		(x).dev_minor = (minor_);                \
+	} while (0)
+
+/* ARG_INIT() with the device given as "MAJOR:MINOR". */
+#define ARG_INIT_DEV(x, dev)                             \
+	do {                                             \
+		__u32 major_, minor_;                    \
+		parse_dev((dev), &major_, &minor_);      \
+		ARG_INIT(x, major_, minor_);             \
+	} while (0)
+
+/* Writes @n bytes of @buf to the file @out, or exits. */
+static void write_out(const char *out, const void *buf, size_t n)
+{
+	FILE *f = fopen(out, "w");
+
+	if (!f || fwrite(buf, 1, n, f) != n || fclose(f))
+		die(out);
+}
+
 static int cmd_attach(const char *path, unsigned int gran)
 {
 	struct drmesh_attach a = { .version = DRMESH_IOCTL_VERSION,
@@ -108,22 +137,36 @@ static int cmd_attach(const char *path, unsigned int gran)
 	return 0;
 }
 
-static int cmd_detach(const char *dev)
+/* An ioctl that takes struct drmesh_dev (detach, release), or exits. */
+static int dev_ioctl(const char *dev, unsigned long nr, const char *what)
 {
-	struct drmesh_dev d = { .version = DRMESH_IOCTL_VERSION };
+	struct drmesh_dev d;
 
-	parse_dev(dev, &d.dev_major, &d.dev_minor);
-	if (ioctl(ctl(), DRMESH_IOC_DETACH, &d))
-		die("detach");
+	ARG_INIT_DEV(d, dev);
+	if (ioctl(ctl(), nr, &d))
+		die(what);
 	return 0;
 }
 
 static int get_status(const char *dev, struct drmesh_status *s)
 {
-	memset(s, 0, sizeof(*s));
-	s->version = DRMESH_IOCTL_VERSION;
-	parse_dev(dev, &s->dev_major, &s->dev_minor);
+	ARG_INIT_DEV(*s, dev);
 	return ioctl(ctl(), DRMESH_IOC_STATUS, s);
+}
+
+/* A buffer for @dev's bitmap; its size in *@bytes. Exits on failure. */
+static unsigned char *bitmap_buf(const char *dev, __u64 *bytes)
+{
+	struct drmesh_status s;
+	unsigned char *buf;
+
+	if (get_status(dev, &s))
+		die("status");
+	buf = malloc(s.bitmap_bytes ? s.bitmap_bytes : 1);
+	if (!buf)
+		die("malloc");
+	*bytes = s.bitmap_bytes;
+	return buf;
 }
 
 static int cmd_status(const char *dev)
@@ -146,24 +189,15 @@ static int cmd_status(const char *dev)
 
 static int cmd_bitmap(const char *dev, const char *out)
 {
-	struct drmesh_status s;
-	struct drmesh_bitmap b = { .version = DRMESH_IOCTL_VERSION };
+	struct drmesh_bitmap b;
 	unsigned char *buf;
-	FILE *f;
 
-	if (get_status(dev, &s))
-		die("status");
-	buf = malloc(s.bitmap_bytes ? s.bitmap_bytes : 1);
-	if (!buf)
-		die("malloc");
-	parse_dev(dev, &b.dev_major, &b.dev_minor);
+	ARG_INIT_DEV(b, dev);
+	buf = bitmap_buf(dev, &b.buf_bytes);
 	b.buf = (uintptr_t)buf;
-	b.buf_bytes = s.bitmap_bytes;
 	if (ioctl(ctl(), DRMESH_IOC_GET_BITMAP, &b))
 		die("get bitmap");
-	f = fopen(out, "w");
-	if (!f || fwrite(buf, 1, b.bitmap_bytes, f) != b.bitmap_bytes || fclose(f))
-		die(out);
+	write_out(out, buf, b.bitmap_bytes);
 	printf("bits_set=%llu bitmap_bytes=%llu granularity_bytes=%u\n",
 	       (unsigned long long)b.bits_set,
 	       (unsigned long long)b.bitmap_bytes, b.granularity_bytes);
@@ -363,11 +397,7 @@ static int cmd_or(const char *out, char **in, int n)
 		}
 		fclose(f);
 	}
-	FILE *f = fopen(out, "w");
-
-	if (!f || (acc_bytes && fwrite(acc, 1, acc_bytes, f) != (size_t)acc_bytes) ||
-	    fclose(f))
-		die(out);
+	write_out(out, acc, acc_bytes);
 	free(acc);
 	return 0;
 }
@@ -382,50 +412,29 @@ static uint64_t now_ns(void)
 
 static void snap_init(struct drmesh_snapshot *a, const char *dev, const char *cow)
 {
-	memset(a, 0, sizeof(*a));
-	a->version = DRMESH_IOCTL_VERSION;
-	parse_dev(dev, &a->dev_major, &a->dev_minor);
+	ARG_INIT_DEV(*a, dev);
 	snprintf(a->cow_path, sizeof(a->cow_path), "%s", cow);
 }
 
 static int cmd_snapshot(const char *dev, const char *cow, const char *out)
 {
-	struct drmesh_status s;
 	struct drmesh_snapshot a;
 	unsigned char *buf;
 	uint64_t t0, t1;
-	FILE *f;
 
-	if (get_status(dev, &s))
-		die("status");
-	buf = malloc(s.bitmap_bytes ? s.bitmap_bytes : 1);
-	if (!buf)
-		die("malloc");
 	snap_init(&a, dev, cow);
+	buf = bitmap_buf(dev, &a.buf_bytes);
 	a.buf = (uintptr_t)buf;
-	a.buf_bytes = s.bitmap_bytes;
 	t0 = now_ns();
 	if (ioctl(ctl(), DRMESH_IOC_SNAPSHOT, &a))
 		die("snapshot");
 	t1 = now_ns();
-	f = fopen(out, "w");
-	if (!f || fwrite(buf, 1, a.bitmap_bytes, f) != a.bitmap_bytes || fclose(f))
-		die(out);
+	write_out(out, buf, a.bitmap_bytes);
 	printf("/dev/" DRMESH_SNAP_NAME "%u %" PRIu64 " %" PRIu64
 	       " bits_set=%llu cow_bytes=%llu dev=%u:%u\n", a.snap_index, t0, t1,
 	       (unsigned long long)a.bits_set, (unsigned long long)a.cow_bytes,
 	       a.snap_major, a.snap_minor);
 	free(buf);
-	return 0;
-}
-
-static int cmd_release(const char *dev)
-{
-	struct drmesh_dev d = { .version = DRMESH_IOCTL_VERSION };
-
-	parse_dev(dev, &d.dev_major, &d.dev_minor);
-	if (ioctl(ctl(), DRMESH_IOC_RELEASE, &d))
-		die("release");
 	return 0;
 }
 
@@ -864,10 +873,7 @@ static int cmd_errors(const char *path)
 	a.dev_minor = minor(st.st_rdev);
 	expect("attach twice, by number", ioctl(fd, DRMESH_IOC_ATTACH, &a), EBUSY);
 
-	memset(&b, 0, sizeof(b));
-	b.version = DRMESH_IOCTL_VERSION;
-	b.dev_major = major(st.st_rdev);
-	b.dev_minor = minor(st.st_rdev);
+	ARG_INIT(b, major(st.st_rdev), minor(st.st_rdev));
 	b.buf = (uintptr_t)small;
 	b.buf_bytes = sizeof(small);
 	expect("bitmap, buffer too small", ioctl(fd, DRMESH_IOC_GET_BITMAP, &b), ENOSPC);
@@ -887,10 +893,7 @@ static int cmd_errors(const char *path)
 		if (pwrite(dfd, blk, 4096, 4096 * 10) != 4096 || fsync(dfd))
 			die("pwrite");
 		close(dfd);
-		memset(&s, 0, sizeof(s));
-		s.version = DRMESH_IOCTL_VERSION;
-		s.dev_major = b.dev_major;
-		s.dev_minor = b.dev_minor;
+		ARG_INIT(s, b.dev_major, b.dev_minor);
 		if (ioctl(fd, DRMESH_IOC_STATUS, &s))
 			die("status");
 		before = s.bits_set;
@@ -910,10 +913,7 @@ static int cmd_errors(const char *path)
 		free(blk);
 	}
 
-	memset(&d, 0, sizeof(d));
-	d.version = DRMESH_IOCTL_VERSION;
-	d.dev_major = major(st.st_rdev);
-	d.dev_minor = minor(st.st_rdev);
+	ARG_INIT(d, major(st.st_rdev), minor(st.st_rdev));
 	d.flags = 2;
 	expect("detach, unknown flag", ioctl(fd, DRMESH_IOC_DETACH, &d), EINVAL);
 	d.flags = 0;
@@ -924,10 +924,7 @@ static int cmd_errors(const char *path)
 	b.reserved = 1;
 	expect("bitmap, reserved set", ioctl(fd, DRMESH_IOC_GET_BITMAP, &b), EINVAL);
 
-	memset(&s, 0, sizeof(s));
-	s.version = DRMESH_IOCTL_VERSION;
-	s.dev_major = major(st.st_rdev);
-	s.dev_minor = minor(st.st_rdev);
+	ARG_INIT(s, major(st.st_rdev), minor(st.st_rdev));
 	expect("status, not attached", ioctl(fd, DRMESH_IOC_STATUS, &s), 0);
 	if (s.state != 0) {
 		printf("FAIL status of a detached device: state %u\n", s.state);
@@ -963,10 +960,7 @@ static int cmd_snaperrors(const char *path, const char *cow)
 		sn.buf = (uintptr_t)buf;              \
 		sn.buf_bytes = s.bitmap_bytes;        \
 	} while (0)
-	memset(&d, 0, sizeof(d));
-	d.version = DRMESH_IOCTL_VERSION;
-	d.dev_major = a.dev_major;
-	d.dev_minor = a.dev_minor;
+	ARG_INIT(d, a.dev_major, a.dev_minor);
 
 	SNAP_INIT();
 	sn.version = 2;
@@ -1034,7 +1028,7 @@ int main(int argc, char **argv)
 	if (argc >= 3 && !strcmp(argv[1], "attach"))
 		return cmd_attach(argv[2], argc > 3 ? strtoul(argv[3], NULL, 0) : 0);
 	if (argc == 3 && !strcmp(argv[1], "detach"))
-		return cmd_detach(argv[2]);
+		return dev_ioctl(argv[2], DRMESH_IOC_DETACH, "detach");
 	if (argc == 3 && !strcmp(argv[1], "status"))
 		return cmd_status(argv[2]);
 	if (argc == 4 && !strcmp(argv[1], "bitmap"))
@@ -1062,7 +1056,7 @@ int main(int argc, char **argv)
 	if (argc == 5 && !strcmp(argv[1], "snapshot"))
 		return cmd_snapshot(argv[2], argv[3], argv[4]);
 	if (argc == 3 && !strcmp(argv[1], "release"))
-		return cmd_release(argv[2]);
+		return dev_ioctl(argv[2], DRMESH_IOC_RELEASE, "release");
 	if (argc == 4 && !strcmp(argv[1], "snaperrors"))
 		return cmd_snaperrors(argv[2], argv[3]);
 	if (argc == 9 && !strcmp(argv[1], "logwrite"))
