@@ -102,6 +102,9 @@ pub enum Request {
     },
     /// Store figures: blobs, bytes, RPs.
     Store,
+    /// The kernel module's view of this node's `kmod` volumes: attached
+    /// devices, bitmap size, COW store use, changes pending per target.
+    AgentStatus,
 }
 
 /// A request line for the gossip replica (`mesh`, `catalog`), parsed before [`Request`].
