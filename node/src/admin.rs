@@ -255,7 +255,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, store, mesh, catalog)"
+                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, store, agent-status, mesh, catalog)"
                     ),
                     vec![],
                 ),
