@@ -216,8 +216,8 @@ fn read_set(kmod: Option<&KmodCycle>, full_offer: bool, base_volume_bytes: Optio
         return (None, "full scan (file)".into());
     };
     match k.plan() {
-        _ if full_offer => (None, "everything (kmod): the target has no usable baseline".into()),
         ReadPlan::Everything(reason) => (None, format!("everything (kmod): {reason}")),
+        _ if full_offer => (None, "everything (kmod): the target has no usable baseline".into()),
         ReadPlan::Changed(_) if base_volume_bytes != Some(volume_bytes) => (None, "everything (kmod): the volume's size changed".into()),
         ReadPlan::Changed(mask) if mask.len() != block_count => (None, "everything (kmod): the change set's geometry changed".into()),
         ReadPlan::Changed(mask) => (Some(mask.clone()), format!("changed blocks (kmod): {} of {block_count}", mask.count())),
