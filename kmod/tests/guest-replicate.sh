@@ -200,6 +200,13 @@ touch /t/stop
 wait $wpid
 echo "writer did $(($(cat /t/writes) - F)) rewrites"
 umount /mnt/src
+# The restarted target may still be connecting: a few tries.
+tries=0
+until drmesh ctl --state-dir /t/src peers --json 2>/dev/null | grep -q '"state": "connected"'; do
+    tries=$((tries + 1))
+    [ $tries -lt 120 ] || fail "the restarted target did not reconnect"
+    sleep 1
+done
 sync_now data
 case "$plan" in
 "changed blocks (kmod):"* | "everything (kmod):"*) ;;
