@@ -128,6 +128,9 @@ until drmesh ctl --state-dir /t/src volumes --json >/t/vol.json 2>/dev/null &&
     sleep 1
 done
 grep '"read_plan"' /t/vol.json
+first_read=$(sed -n '/"read_plan": "everything (kmod)/{n;p}' /t/vol.json | sed -n 's/.*"scanned_bytes": \([0-9]*\).*/\1/p')
+echo "cycle data (first): read $first_read bytes; everything (kmod): first cycle after attach"
+[ "$first_read" -gt 0 ] || fail "the first cycle read nothing"
 drmesh ctl --state-dir /t/src agent-status
 drmesh ctl --state-dir /t/src agent-status --json >/t/agent.json
 grep -q '"attached": true' /t/agent.json || fail "agent-status does not show vda attached: $(cat /t/agent.json)"
