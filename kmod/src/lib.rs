@@ -7,7 +7,7 @@
 //! ([`SnapshotTaken`]), read a device's [`DeviceStatus`]. Every argument is
 //! checked here before the kernel sees it (the kernel checks again); kernel
 //! errors come back as [`KmodError`]. `kmod/README.md` describes the module;
-//! the `kmod` source kind that uses this crate is still to come.
+//! the `kmod` source kind (`drmesh_actors::source::kmod`) uses this crate.
 
 mod abi;
 

@@ -1,7 +1,8 @@
 //! Runs the kernel module's guest tests: boots a Debian kernel under qemu with the
 //! module built for it and a guest script (`kmod/tests/guest-track.sh` for change
 //! tracking, `kmod/tests/guest-snap.sh` for snapshots, `kmod/tests/guest-wrapper.sh`
-//! for the Rust wrapper, via `scripts/kmod-vm`) and expects the guest's PASS marker.
+//! for the Rust wrapper, `kmod/tests/guest-replicate.sh` for the `kmod` source
+//! kind end to end, via `scripts/kmod-vm`) and expects the guest's PASS marker.
 //!
 //! Two kernels: every script runs on the stock kernel (the one Debian 12's
 //! `linux-image-amd64` depends on, 6.1), and the tracking and snapshot scripts
@@ -153,4 +154,53 @@ fn rust_wrapper_drives_the_module_in_a_real_kernel() {
         &["wrapper:"],
         &[env!("CARGO_BIN_EXE_drmesh-kmod-check")],
     );
+}
+
+/// The workspace's `drmesh` binary of this test's profile, stripped into a
+/// fresh directory (the guest's initramfs holds it in memory).
+fn stripped_drmesh() -> std::path::PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>/drmesh
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("drmesh");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --release -p drmesh-node` (the same profile as this test)",
+        bin.display()
+    );
+    let dir = std::env::temp_dir().join(format!("drmesh-guest-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir for the guest's drmesh");
+    let out = dir.join("drmesh");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(&bin)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(&bin, &out).expect("copy drmesh for the guest");
+    }
+    out
+}
+
+#[test]
+fn kmod_volume_replicates_in_a_real_kernel() {
+    if !is_root() {
+        eprintln!("SKIPPED kmod_volume_replicates_in_a_real_kernel: needs root");
+        return;
+    }
+    let drmesh = stripped_drmesh();
+    run_guest_with(
+        "kmod_volume_replicates_in_a_real_kernel",
+        Kernel::Stock,
+        "kmod/tests/guest-replicate.sh",
+        &["bench:", "cycle data", "RPs of data", "e2fsck clean", "byte for byte", "cycle failed", "committed before"],
+        &[drmesh.to_str().expect("utf-8 temp path")],
+    );
+    if let Some(dir) = drmesh.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -102,6 +102,9 @@ pub enum Request {
     },
     /// Store figures: blobs, bytes, RPs.
     Store,
+    /// The kernel module's view of this node's `kmod` volumes: attached
+    /// devices, bitmap size, COW store use, changes pending per target.
+    AgentStatus,
 }
 
 /// A request line for the gossip replica (`mesh`, `catalog`), parsed before [`Request`].
@@ -252,7 +255,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, store, mesh, catalog)"
+                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, store, agent-status, mesh, catalog)"
                     ),
                     vec![],
                 ),

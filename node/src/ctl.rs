@@ -74,6 +74,9 @@ enum CtlCommand {
     },
     /// Store figures.
     Store,
+    /// The kernel module's view of this node's `kmod` volumes: attached devices,
+    /// bitmap size, COW store use, changes not yet committed per target.
+    AgentStatus,
     /// Every node of the mesh as gossip sees it: alive/suspect/down, last heard, site, version, topology.
     Mesh,
     /// The mesh-wide recovery-point catalog (local replica): holders, freshness, RPO per volume.
@@ -141,6 +144,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Rps { volume } => Request::Rps { volume },
         CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
         CtlCommand::Store => Request::Store,
+        CtlCommand::AgentStatus => Request::AgentStatus,
         CtlCommand::Mesh => return run_gossip(&socket, args.json, GossipRequest::Mesh),
         CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
     };
@@ -163,6 +167,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Reload => print_reload(&data),
         Request::SyncNow { .. } => {
             println!("{}", cycles_table(data["reports"].as_array().map(Vec::as_slice).unwrap_or_default()));
+            for r in data["reports"].as_array().into_iter().flatten().filter(|r| r["read_plan"].is_string()) {
+                println!("{} to {}: read {}", s(&r["volume"]), s(&r["target"]), s(&r["read_plan"]));
+            }
             for e in data["errors"].as_array().into_iter().flatten() {
                 println!("failed: {}", s(e));
             }
@@ -186,6 +193,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             }
         }
         Request::Restore { .. } | Request::Verify { .. } => println!("{}", s(&data)),
+        Request::AgentStatus => print_agent_status(&data),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -385,6 +393,66 @@ pub fn bytes(n: u64) -> String {
 /// A Unix time in milliseconds as UTC RFC 3339 to the second.
 pub fn time_ms(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `drmesh ctl agent-status`: one row per `kmod` volume, then any error reading its state.
+fn print_agent_status(list: &Value) {
+    let devices = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if devices.is_empty() {
+        println!("this node is the source of no volume of kind \"kmod\"");
+        return;
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["VOLUME", "DEVICE", "STATE", "GRANULE", "BITMAP", "DIRTY NOW", "HAND-OVERS", "SNAPSHOT", "COW STORE USE", "PENDING PER TARGET"]);
+    for d in devices {
+        let u = |v: &Value| v.as_u64().unwrap_or(0);
+        let state = match (d["error"].as_str(), d["attached"] == true, d["device_gone"] == true) {
+            (Some(_), _, _) => "error".to_string(),
+            (None, true, true) => "attached, device gone".to_string(),
+            (None, true, false) => "attached".to_string(),
+            (None, false, _) => "not attached (the next cycle attaches)".to_string(),
+        };
+        let gran = u(&d["granularity_bytes"]);
+        let snapshot = match (d["snapshot"].as_str(), d["snapshot_error"].as_str()) {
+            (Some(p), Some(e)) => format!("{p} INVALID: {e}"),
+            (Some(p), None) => p.to_string(),
+            (None, _) => "-".into(),
+        };
+        let cow_total = u(&d["cow_total_bytes"]);
+        let cow = if cow_total > 0 {
+            format!("{} of {} ({})", bytes(u(&d["cow_used_bytes"])), bytes(cow_total), s(&d["cow_store"]))
+        } else {
+            format!("- ({})", s(&d["cow_store"]))
+        };
+        let pending: Vec<String> = d["pending_bits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| match p[1].as_u64() {
+                Some(bits) => format!("{}: {}", s(&p[0]), bytes(bits * gran)),
+                None => format!("{}: everything", s(&p[0])),
+            })
+            .collect();
+        table.add_row(vec![
+            s(&d["volume"]),
+            format!("{} ({})", s(&d["device"]), bytes(u(&d["device_bytes"]))),
+            state,
+            if gran > 0 { bytes(gran) } else { "-".into() },
+            bytes(u(&d["bitmap_bytes"])),
+            format!("{} ({} bits)", bytes(u(&d["bits_set"]) * gran), u(&d["bits_set"])),
+            s(&d["handovers"]),
+            snapshot,
+            cow,
+            if pending.is_empty() { "-".into() } else { pending.join(", ") },
+        ]);
+    }
+    println!("{table}");
+    for d in devices {
+        if let Some(e) = d["error"].as_str() {
+            println!("{}: {e}", s(&d["volume"]));
+        }
+    }
 }
 
 /// One row per cycle report (as answered by sync-now).

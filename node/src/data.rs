@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use drmesh_actors::actor::fetch::FetchClient;
 use drmesh_actors::actor::mesh::GetConnection;
-use drmesh_actors::actor::volumes::{policy_codec, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
+use drmesh_actors::actor::volumes::{policy_codec, GetAgentStatus, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
 use drmesh_actors::restore::{restore, RpSource};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -36,6 +36,10 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
                 return Err(format!("sync of {volume} failed: {}", errors.join("; ")));
             }
             Ok(json!({ "reports": reports, "errors": errors }))
+        }
+        Request::AgentStatus => {
+            let devices = ctx.scheduler.send(GetAgentStatus).await.map_err(|e| e.to_string())??;
+            Ok(serde_json::to_value(devices).map_err(|e| e.to_string())?)
         }
         Request::Volumes => Ok(serde_json::to_value(ctx.scheduler.send(GetReplications).await.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
         Request::Pause { volumes, all } => {

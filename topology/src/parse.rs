@@ -61,6 +61,9 @@ pub(crate) struct VolumeDraft {
     pub(crate) source: Option<Sp<String>>,
     pub(crate) targets: Vec<Sp<String>>,
     pub(crate) policy: Option<Sp<String>>,
+    /// Kind `kmod`: the device and COW store paths as written, for the check
+    /// that no two volumes of a node share one.
+    pub(crate) kmod_paths: Vec<Sp<PathBuf>>,
     /// The volume, when every field of its own table was valid.
     pub(crate) volume: Option<Volume>,
 }
@@ -525,7 +528,7 @@ fn default_listen(first: &str) -> SocketAddr {
 /// Settings of each source kind, in the order documented.
 const KIND_SETTINGS: &[(&str, &[&str])] = &[
     ("file", &["path"]),
-    ("kmod", &["device"]),
+    ("kmod", &["device", "cow_store"]),
     ("qemu", &["nbd", "export", "bitmap"]),
     ("ebs", &["volume_id", "region", "endpoint"]),
 ];
@@ -568,6 +571,7 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
         }
         known.map(|(name, _)| *name)
     });
+    let mut kmod_paths = Vec::new();
     let kind = kind.and_then(|kind| {
         let mut wrong = false;
         for (other, settings) in KIND_SETTINGS.iter().filter(|(k, _)| *k != kind) {
@@ -578,7 +582,7 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
                 }
             }
         }
-        let settings = read_kind_settings(kind, f, sink);
+        let settings = if kind == "kmod" { read_kmod(f, sink, &mut kmod_paths) } else { read_kind_settings(kind, f, sink) };
         if wrong {
             None
         } else {
@@ -595,19 +599,47 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
         }),
         _ => None,
     };
-    VolumeDraft { name, source, targets, policy, volume }
+    VolumeDraft { name, source, targets, policy, kmod_paths, volume }
 }
 
-/// An absolute path setting; `dev` requires it to be under `/dev/`.
-fn read_abs_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, dev: bool) -> Option<PathBuf> {
+/// An absolute `/dev/...` path setting with the span of its value.
+fn read_dev_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<Sp<PathBuf>> {
+    let s = f.text(sink, key, true)?;
+    let path = PathBuf::from(s.value.trim());
+    if !path.is_absolute() || !path.starts_with("/dev") {
+        sink.error(s.span, format!("`{key}` in {} must be a /dev/... device path, found {:?}", f.what, s.value));
+        return None;
+    }
+    Some(Sp { value: path, span: s.span })
+}
+
+/// Settings of kind `kmod`: the tracked device and the COW store, which must differ.
+fn read_kmod(f: &Fields<'_, '_>, sink: &mut Sink<'_>, paths: &mut Vec<Sp<PathBuf>>) -> Option<SourceKind> {
+    let device = read_dev_path(f, sink, "device");
+    let cow_store = read_dev_path(f, sink, "cow_store");
+    let (device, cow_store) = (device?, cow_store?);
+    if device.value == cow_store.value {
+        sink.error(
+            cow_store.span.clone(),
+            format!(
+                "`cow_store` {:?} is the tracked device itself; expected a block device on another disk (a spare disk, partition or loop device)",
+                cow_store.value
+            ),
+        );
+        return None;
+    }
+    let kind = SourceKind::Kmod { device: device.value.clone(), cow_store: cow_store.value.clone() };
+    paths.push(device);
+    paths.push(cow_store);
+    Some(kind)
+}
+
+/// An absolute path setting.
+fn read_abs_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<PathBuf> {
     let s = f.text(sink, key, true)?;
     let path = PathBuf::from(s.value.trim());
     if !path.is_absolute() {
         sink.error(s.span, format!("`{key}` in {} must be an absolute path, found {:?}", f.what, s.value));
-        return None;
-    }
-    if dev && !path.starts_with("/dev") {
-        sink.error(s.span, format!("`{key}` in {} must be a /dev/... device path, found {:?}", f.what, s.value));
         return None;
     }
     Some(path)
@@ -615,8 +647,7 @@ fn read_abs_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, dev: bool) 
 
 fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<SourceKind> {
     match kind {
-        "file" => read_abs_path(f, sink, "path", false).map(|path| SourceKind::File { path }),
-        "kmod" => read_abs_path(f, sink, "device", true).map(|device| SourceKind::Kmod { device }),
+        "file" => read_abs_path(f, sink, "path").map(|path| SourceKind::File { path }),
         "qemu" => {
             let nbd = f.text(sink, "nbd", true).and_then(|s| {
                 let text = s.value.trim();

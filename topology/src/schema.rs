@@ -94,6 +94,10 @@ pub enum SourceKind {
     Kmod {
         /// Absolute `/dev/...` path of the block device.
         device: PathBuf,
+        /// Absolute `/dev/...` path of the block device that holds the
+        /// copy-on-write store of each cycle's snapshot (not on `device`'s disk;
+        /// its size bounds how much may be overwritten while a cycle reads).
+        cow_store: PathBuf,
     },
     /// `kind = "qemu"`: dirty bitmaps over NBD.
     Qemu {

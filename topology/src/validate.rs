@@ -107,7 +107,24 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
     }
 
     let mut volume_names: Seen<String> = Seen::new();
+    // A kmod device or COW store of a node belongs to one volume: the module
+    // tracks a device once and a store serves one snapshot at a time.
+    let mut kmod_paths: Seen<(String, std::path::PathBuf)> = Seen::new();
     for volume in &draft.volumes {
+        if let Some(source) = &volume.source {
+            for path in &volume.kmod_paths {
+                if let Some(first) = kmod_paths.check((source.value.clone(), path.value.clone()), &path.span) {
+                    let (line, _) = sink.position(first.start);
+                    sink.error(
+                        path.span.clone(),
+                        format!(
+                            "{:?} of node {:?} is already a kmod device or COW store on line {line}; expected one volume per device and its own COW store",
+                            path.value, source.value
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(name) = &volume.name {
             if let Some(first) = volume_names.check(name.value.clone(), &name.span) {
                 let (line, _) = sink.position(first.start);

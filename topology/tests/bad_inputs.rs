@@ -159,7 +159,7 @@ fn unknown_key_in_volume() {
         &edit(23, "policy = \"p\"\nschedule = \"x\""),
         24,
         1,
-        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, path, device, nbd",
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, path, device, cow_store, nbd",
     );
 }
 
@@ -522,11 +522,57 @@ fn setting_of_the_wrong_kind() {
 #[test]
 fn kmod_device_outside_dev() {
     assert_one(
-        &edit(20, "kind = \"kmod\"").replace("path = \"/img\"", "device = \"/img\""),
+        &edit(20, "kind = \"kmod\"").replace("path = \"/img\"", "device = \"/img\"\ncow_store = \"/dev/sdc\""),
         21,
         10,
         "must be a /dev/... device path",
     );
+}
+
+#[test]
+fn kmod_needs_a_cow_store_on_another_device() {
+    let kmod = edit(20, "kind = \"kmod\"");
+    assert_one(
+        &kmod.replace("path = \"/img\"", "device = \"/dev/sdb\""),
+        17,
+        1,
+        "missing required key `cow_store` in [[volume]]",
+    );
+    assert_one(
+        &kmod.replace("path = \"/img\"", "device = \"/dev/sdb\"\ncow_store = \"sdc\""),
+        22,
+        13,
+        "`cow_store` in [[volume]] must be a /dev/... device path, found \"sdc\"",
+    );
+    assert_one(
+        &kmod.replace("path = \"/img\"", "device = \"/dev/sdb\"\ncow_store = \"/dev/sdb\""),
+        22,
+        13,
+        "`cow_store` \"/dev/sdb\" is the tracked device itself",
+    );
+    // `cow_store` belongs to kind "kmod" only.
+    assert_one(&edit(21, "path = \"/img\"\ncow_store = \"/dev/sdc\""), 22, 1, "`cow_store` is a setting of kind \"kmod\", not \"file\"");
+    let good = kmod.replace("path = \"/img\"", "device = \"/dev/sdb\"\ncow_store = \"/dev/sdc\"");
+    let topo = Topology::parse(&good, Path::new("t.toml")).unwrap();
+    assert_eq!(
+        topo.volumes[0].kind,
+        drmesh_topology::SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into() }
+    );
+}
+
+#[test]
+fn kmod_devices_and_cow_stores_are_not_shared_on_a_node() {
+    let base = edit(20, "kind = \"kmod\"").replace("path = \"/img\"", "device = \"/dev/sdb\"\ncow_store = \"/dev/sdc\"");
+    // Line 29 onwards: a second volume of node a whose COW store is the first one's device.
+    let second = "\n[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"kmod\"\ndevice = \"/dev/sdd\"\ncow_store = \"/dev/sdb\"\ntargets = [\"b\"]\npolicy = \"p\"\n";
+    let text = base.clone() + second;
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let line = text.lines().position(|l| l == "cow_store = \"/dev/sdb\"").unwrap() + 1;
+    assert_error(&errs[0], line, 13, "\"/dev/sdb\" of node \"a\" is already a kmod device or COW store on line 21");
+    // The same paths on another node are that node's own devices.
+    let other_node = second.replace("source = \"a\"", "source = \"b\"").replace("targets = [\"b\"]", "targets = [\"a\"]");
+    Topology::parse(&(base + &other_node), Path::new("t.toml")).unwrap();
 }
 
 #[test]

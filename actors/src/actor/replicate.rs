@@ -10,6 +10,10 @@
 //!
 //! The baseline advances only after the target's `Committed` (promise 2); a
 //! failed cycle leaves it where it was, so the next scan finds the same changes.
+//!
+//! A `kmod` volume's cycle first takes a snapshot ([`KmodCycle`]) and reads
+//! only the changed blocks from it; the snapshot is released after the commit
+//! was acknowledged, or when the cycle failed (its changes stay pending).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,6 +32,7 @@ use crate::proto::bandwidth::Pacer;
 use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetMsg, Want};
 use crate::source::baseline::{BaselineMeta, Baselines};
 use crate::source::file::{FileSource, ScanStats, ScannedBlock, Scanner};
+use crate::source::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
 use crate::store::{EncodedBlob, RpMeta};
 
 /// Baseline entries staged per write.
@@ -42,8 +47,10 @@ pub struct CycleConfig {
     pub target: String,
     /// This node's name.
     pub source_node: String,
-    /// Image file or block device.
+    /// Image file or block device (kind `file`; for `kmod` the tracked device).
     pub path: PathBuf,
+    /// Kind `kmod`: the device, its COW store and the volume's targets.
+    pub kmod: Option<KmodSpec>,
     /// Policy block size.
     pub block_bytes: u32,
     /// Policy codec (compression, encryption, id scheme).
@@ -113,6 +120,9 @@ pub struct CycleReport {
     pub volume_bytes: u64,
     /// Bytes read from the source.
     pub scanned_bytes: u64,
+    /// What the block-reader read and why: "full scan (file)", "changed
+    /// blocks (kmod): N of M", "everything (kmod): REASON".
+    pub read_plan: String,
     /// Whether every block was offered (no usable baseline on the target).
     pub full_offer: bool,
     /// Session counters.
@@ -176,7 +186,51 @@ pub async fn run_cycle(
     conn: quinn::Connection,
     cfg: CycleConfig,
     baselines: Arc<Baselines>,
+    cancel: oneshot::Receiver<String>,
+) -> Result<CycleReport, CycleError> {
+    let Some(spec) = cfg.kmod.clone() else {
+        return run_cycle_on(conn, cfg, baselines, cancel, None).await;
+    };
+    // One snapshot per disk: cycles of the device take turns, each from
+    // snapshot to release.
+    let _turn = device_lock(&spec.device).lock_owned().await;
+    let (b, v, t, bb) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
+    let kmod = tokio::task::spawn_blocking(move || KmodCycle::prepare(&b, &v, &t, &spec, bb))
+        .await
+        .map_err(|e| CycleError::Session(e.to_string()))??;
+    let kmod = Arc::new(kmod);
+    let result = run_cycle_on(conn, cfg, baselines, cancel, Some(kmod.clone())).await;
+    // Released before the turn ends (the reader thread may still hold a reference).
+    let k = kmod.clone();
+    match tokio::task::spawn_blocking(move || k.release()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot release the snapshot"),
+        Err(e) => tracing::warn!(error = %e, "cannot release the snapshot"),
+    }
+    result
+}
+
+/// What a cycle reads: every block (`None`) or a set, and how to say so.
+fn read_set(kmod: Option<&KmodCycle>, full_offer: bool, base_volume_bytes: Option<u64>, volume_bytes: u64, block_count: u64) -> (Option<Arc<crate::source::BlockMask>>, String) {
+    let Some(k) = kmod else {
+        return (None, "full scan (file)".into());
+    };
+    match k.plan() {
+        ReadPlan::Everything(reason) => (None, format!("everything (kmod): {reason}")),
+        _ if full_offer => (None, "everything (kmod): the target has no usable baseline".into()),
+        ReadPlan::Changed(_) if base_volume_bytes != Some(volume_bytes) => (None, "everything (kmod): the volume's size changed".into()),
+        ReadPlan::Changed(mask) if mask.len() != block_count => (None, "everything (kmod): the change set's geometry changed".into()),
+        ReadPlan::Changed(mask) => (Some(mask.clone()), format!("changed blocks (kmod): {} of {block_count}", mask.count())),
+    }
+}
+
+/// [`run_cycle`] reading `cfg.path`, or `kmod`'s snapshot.
+async fn run_cycle_on(
+    conn: quinn::Connection,
+    cfg: CycleConfig,
+    baselines: Arc<Baselines>,
     mut cancel: oneshot::Receiver<String>,
+    kmod: Option<Arc<KmodCycle>>,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let snapshot_ms = now_ms();
@@ -240,6 +294,7 @@ pub async fn run_cycle(
     let mut volume_bytes = 0u64;
     let mut block_count = 0u64;
     let mut timeline = CycleTimeline::default();
+    let mut read_plan = String::new();
     let since = |t: Instant| t.elapsed().as_secs_f64();
     let mut cancel_seen = false;
 
@@ -255,13 +310,17 @@ pub async fn run_cycle(
                 SourceEvent::Start { full_offer: full, .. } => {
                     full_offer = full;
                     timeline.started = since(started);
-                    let source = FileSource::open(&cfg.path, cfg.block_bytes)?;
+                    let path = kmod.as_ref().map_or(cfg.path.as_path(), |k| k.snapshot_path());
+                    let source = FileSource::open(path, cfg.block_bytes)?;
                     volume_bytes = source.volume_bytes();
                     block_count = source.block_count();
+                    let only;
+                    (only, read_plan) = read_set(kmod.as_deref(), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
                     let (b, v, t, ids, tx) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.codec.ids().clone(), block_tx.clone());
+                    let snapshot = kmod.clone();
                     reader_running = true;
                     tokio::task::spawn_blocking(move || {
-                        let mut scanner = Scanner::new(&source, &b, &v, &t, ids, full);
+                        let mut scanner = Scanner::new(&source, &b, &v, &t, ids, full).with_read_set(only);
                         let mut batch = Vec::with_capacity(HANDOVER_BLOCKS);
                         loop {
                             match scanner.next_changed() {
@@ -284,6 +343,12 @@ pub async fn run_cycle(
                             }
                         }
                         let (root, stats) = scanner.finish();
+                        // Reads of an invalidated snapshot fail, but one invalidated
+                        // as the last read finished must fail the cycle too.
+                        if let Some(Err(e)) = snapshot.as_ref().map(|k| k.check_snapshot()) {
+                            let _ = tx.blocking_send(ReaderItem::Failed(e.to_string()));
+                            return;
+                        }
                         let _ = tx.blocking_send(ReaderItem::Done(root, stats));
                     });
                 }
@@ -404,12 +469,23 @@ pub async fn run_cycle(
     })
     .await
     .map_err(|e| session_err(&e))??;
+    if let Some(k) = kmod {
+        // Only now may the target's pending changes go (promise 2).
+        let b = baselines.clone();
+        match tokio::task::spawn_blocking(move || k.committed(&b)).await {
+            Ok(Ok(())) => {}
+            // The changes stay pending: the next cycle reads them again, nothing is lost.
+            Ok(Err(e)) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
+            Err(e) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
+        }
+    }
     Ok(CycleReport {
         volume: cfg.volume,
         target: cfg.target,
         seq,
         volume_bytes,
         scanned_bytes: scan_stats.scanned_bytes,
+        read_plan,
         full_offer,
         stats: session.stats().clone(),
         duration_secs: started.elapsed().as_secs_f64(),

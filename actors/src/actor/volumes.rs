@@ -35,6 +35,7 @@ use crate::proto::gossip::catalog::VolumeHealth;
 use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport, Pacing};
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
+use crate::source::kmod::{device_report, KmodDeviceReport, KmodSpec};
 
 /// How often due cycles are looked for.
 const TICK: Duration = Duration::from_millis(500);
@@ -373,8 +374,11 @@ impl VolumeScheduler {
     fn cycle_config(&self, volume: &str, target: &str) -> Result<CycleConfig, String> {
         let v = self.topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume:?} is not in the topology"))?;
         let policy = self.topology.policies.get(&v.policy).ok_or_else(|| format!("policy {:?} is not in the topology", v.policy))?;
-        let path = match &v.kind {
-            SourceKind::File { path } => path.clone(),
+        let (path, kmod) = match &v.kind {
+            SourceKind::File { path } => (path.clone(), None),
+            SourceKind::Kmod { device, cow_store } => {
+                (device.clone(), Some(KmodSpec { device: device.clone(), cow_store: cow_store.clone(), targets: v.targets.clone() }))
+            }
             other => return Err(format!("volume {volume:?}: source kind {:?} is not supported by this build yet", other.name())),
         };
         Ok(CycleConfig {
@@ -382,6 +386,7 @@ impl VolumeScheduler {
             target: target.to_string(),
             source_node: self.local_name(),
             path,
+            kmod,
             block_bytes: u32::try_from(policy.block_bytes).map_err(|_| "block size too large".to_string())?,
             codec: policy_codec(policy)?,
             pacing: self.pacing(&v.policy, target),
@@ -635,6 +640,39 @@ impl Handler<GetReplications> for VolumeScheduler {
                 })
                 .collect(),
         )
+    }
+}
+
+/// Asks for the kernel module's view of the `kmod` volumes this node is the
+/// source of (`drmesh ctl agent-status`): attached devices, bitmap size, COW
+/// store use, changes pending per target.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<KmodDeviceReport>, String>")]
+pub struct GetAgentStatus;
+
+impl Handler<GetAgentStatus> for VolumeScheduler {
+    type Result = ResponseFuture<Result<Vec<KmodDeviceReport>, String>>;
+
+    fn handle(&mut self, _msg: GetAgentStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let me = self.local_name();
+        let specs: Vec<(String, KmodSpec)> = self
+            .topology
+            .volumes
+            .iter()
+            .filter(|v| v.source == me)
+            .filter_map(|v| match &v.kind {
+                SourceKind::Kmod { device, cow_store } => {
+                    Some((v.name.clone(), KmodSpec { device: device.clone(), cow_store: cow_store.clone(), targets: v.targets.clone() }))
+                }
+                _ => None,
+            })
+            .collect();
+        let baselines = self.baselines.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || specs.iter().map(|(v, s)| device_report(&baselines, v, s)).collect())
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

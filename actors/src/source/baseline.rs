@@ -24,6 +24,8 @@ const BLOCKS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("
 const STAGED: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("baseline_staged");
 /// Volumes paused by `drmesh ctl pause`: volume -> when (Unix ms).
 const PAUSED: TableDefinition<&str, u64> = TableDefinition::new("paused_volumes");
+/// State a source kind keeps between cycles: (volume, key) -> bytes (the kind's own encoding).
+const SOURCE_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("source_state");
 
 /// What the baseline RP was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +84,7 @@ impl Baselines {
             txn.open_table(BLOCKS).map_err(|e| this.err(e))?;
             txn.open_table(STAGED).map_err(|e| this.err(e))?;
             txn.open_table(PAUSED).map_err(|e| this.err(e))?;
+            txn.open_table(SOURCE_STATE).map_err(|e| this.err(e))?;
         }
         txn.commit().map_err(|e| this.err(e))?;
         Ok(this)
@@ -201,6 +204,31 @@ impl Baselines {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// The source kind's state `key` of `volume`, if recorded.
+    pub fn source_state(&self, volume: &str, key: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SOURCE_STATE).map_err(|e| self.err(e))?;
+        let value = table.get((volume, key)).map_err(|e| self.err(e))?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets (`Some`) or removes (`None`) source kind states of `volume`, all in
+    /// one durable transaction: after a crash either every entry changed or none.
+    pub fn set_source_state(&self, volume: &str, entries: &[(String, Option<Vec<u8>>)]) -> Result<(), SourceError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(SOURCE_STATE).map_err(|e| self.err(e))?;
+            for (key, value) in entries {
+                match value {
+                    Some(bytes) => table.insert((volume, key.as_str()), bytes.as_slice()).map(|_| ()),
+                    None => table.remove((volume, key.as_str())).map(|_| ()),
+                }
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Forgets the baseline (the next cycle offers every block).
     pub fn reset(&self, volume: &str, target: &str) -> Result<(), SourceError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -258,6 +286,22 @@ mod tests {
         let b = Baselines::open(&path).unwrap();
         assert_eq!(b.meta("v", "t").unwrap().unwrap().seq, 5);
         assert!(b.blocks("v", "t", 1, 1).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn source_state_is_per_volume_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("source.redb");
+        {
+            let b = Baselines::open(&path).unwrap();
+            b.set_source_state("v", &[("a".into(), Some(vec![1, 2])), ("b".into(), Some(vec![3]))]).unwrap();
+            b.set_source_state("w", &[("a".into(), Some(vec![9]))]).unwrap();
+            b.set_source_state("v", &[("b".into(), None)]).unwrap();
+        }
+        let b = Baselines::open(&path).unwrap();
+        assert_eq!(b.source_state("v", "a").unwrap(), Some(vec![1, 2]));
+        assert_eq!(b.source_state("v", "b").unwrap(), None);
+        assert_eq!(b.source_state("w", "a").unwrap(), Some(vec![9]));
     }
 
     #[test]

@@ -15,11 +15,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::baseline::{BaseBlock, Baselines};
-use super::SourceError;
+use super::{BlockMask, SourceError};
 use crate::content::{ContentId, IdScheme, MerkleBuilder};
 
 /// Bytes read per batch (then hashed in parallel); at least one block.
@@ -217,6 +218,8 @@ pub struct ScanStats {
     pub changed_blocks: u64,
     /// Zero blocks among them.
     pub zero_blocks: u64,
+    /// Blocks not read because the change source says they did not change.
+    pub skipped_blocks: u64,
 }
 
 /// Batches the read-ahead thread may run ahead of the hashing. Batches of zero
@@ -225,7 +228,8 @@ const READ_AHEAD_BATCHES: usize = 64;
 /// Bytes of non-zero blocks the read-ahead thread may hold that the scan has not taken yet.
 const READ_AHEAD_DATA_BYTES: u64 = BATCH_BYTES;
 
-type ReadBatch = Result<(u64, Vec<BlockData>), SourceError>;
+/// A batch of blocks from `start`; `None` for a block outside the read set (not read).
+type ReadBatch = Result<(u64, Vec<Option<BlockData>>), SourceError>;
 
 /// Credit of the read-ahead thread, in bytes of non-zero blocks handed over and not yet taken.
 struct ReadCredit {
@@ -244,7 +248,7 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    fn start(source: &FileSource, from: u64) -> Result<ReadAhead, SourceError> {
+    fn start(source: &FileSource, from: u64, only: Option<Arc<BlockMask>>) -> Result<ReadAhead, SourceError> {
         let source = source.try_clone()?;
         let path = source.path.clone();
         let (tx, batches) = std::sync::mpsc::sync_channel::<ReadBatch>(READ_AHEAD_BATCHES);
@@ -256,12 +260,12 @@ impl ReadAhead {
         let thread_credit = credit.clone();
         std::thread::Builder::new()
             .name("drmesh-read".into())
-            .spawn(move || Self::run(&source, from, &tx, &thread_credit))
+            .spawn(move || Self::run(&source, from, only.as_deref(), &tx, &thread_credit))
             .map_err(io("starting a reader thread for", &path))?;
         Ok(ReadAhead { batches, credit })
     }
 
-    fn run(source: &FileSource, from: u64, tx: &std::sync::mpsc::SyncSender<ReadBatch>, credit: &ReadCredit) {
+    fn run(source: &FileSource, from: u64, only: Option<&BlockMask>, tx: &std::sync::mpsc::SyncSender<ReadBatch>, credit: &ReadCredit) {
         use std::sync::atomic::Ordering;
         let batch_blocks = (BATCH_BYTES / u64::from(source.block_bytes.max(1))).max(1);
         let mut start = from;
@@ -270,11 +274,15 @@ impl ReadAhead {
             let mut datas = Vec::with_capacity(count as usize);
             let mut data_bytes = 0u64;
             for i in 0..count {
+                if only.is_some_and(|m| !m.contains(start + i)) {
+                    datas.push(None);
+                    continue;
+                }
                 match source.read_block(start + i) {
-                    Ok(data) if crate::content::is_all_zero(&data) => datas.push(BlockData::zeros(data.len())),
+                    Ok(data) if crate::content::is_all_zero(&data) => datas.push(Some(BlockData::zeros(data.len()))),
                     Ok(data) => {
                         data_bytes += data.len() as u64;
-                        datas.push(data);
+                        datas.push(Some(data));
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -300,7 +308,7 @@ impl ReadAhead {
     fn next(&self) -> Option<ReadBatch> {
         let batch = self.batches.recv().ok()?;
         if let Ok((_, datas)) = &batch {
-            let taken: u64 = datas.iter().filter(|d| !d.is_zeros()).map(|d| d.len() as u64).sum();
+            let taken: u64 = datas.iter().flatten().filter(|d| !d.is_zeros()).map(|d| d.len() as u64).sum();
             let mut held = self.credit.held.lock().unwrap_or_else(|p| p.into_inner());
             *held = held.saturating_sub(taken);
             self.credit.freed.notify_all();
@@ -333,6 +341,7 @@ pub struct Scanner<'a> {
     merkle: MerkleBuilder,
     ready: VecDeque<ScannedBlock>,
     read_ahead: Option<ReadAhead>,
+    only: Option<Arc<BlockMask>>,
     stats: ScanStats,
 }
 
@@ -351,8 +360,18 @@ impl<'a> Scanner<'a> {
             merkle: MerkleBuilder::new(),
             ready: VecDeque::new(),
             read_ahead: None,
+            only: None,
             stats: ScanStats::default(),
         }
+    }
+
+    /// Reads only the blocks in `only` (`None`: every block). Blocks outside
+    /// the set are not read: the change source vouches that they equal the
+    /// baseline, whose content ids go into the Merkle root. Not with a full offer.
+    pub fn with_read_set(mut self, only: Option<Arc<BlockMask>>) -> Self {
+        debug_assert!(only.is_none() || !self.full_offer, "a full offer reads every block");
+        self.only = only;
+        self
     }
 
     /// The next block to offer, or `None` when the whole volume is scanned.
@@ -366,7 +385,7 @@ impl<'a> Scanner<'a> {
     fn scan_batch(&mut self) -> Result<(), SourceError> {
         let start = self.next_index;
         if self.read_ahead.is_none() {
-            self.read_ahead = Some(ReadAhead::start(self.source, start)?);
+            self.read_ahead = Some(ReadAhead::start(self.source, start, self.only.clone())?);
         }
         let (batch_start, datas) = match self.read_ahead.as_ref().map(ReadAhead::next) {
             Some(Some(batch)) => batch?,
@@ -384,6 +403,10 @@ impl<'a> Scanner<'a> {
                 .par_iter()
                 .zip(bases.par_iter())
                 .map(|(data, base)| {
+                    let Some(data) = data else {
+                        // Not read: unchanged since the baseline (zero if the baseline has no entry).
+                        return (base.as_ref().map_or(ContentId::ZERO, |b| b.content), Vec::new(), false);
+                    };
                     // Zero blocks need no page hashes: they are never a delta base.
                     if data.is_zeros() {
                         return (ContentId::ZERO, Vec::new(), false);
@@ -399,8 +422,12 @@ impl<'a> Scanner<'a> {
                 .collect()
         });
         for (i, ((content, hashes, changed), (data, base))) in results.into_iter().zip(datas.into_iter().zip(bases)).enumerate() {
-            self.stats.scanned_bytes += data.len() as u64;
             self.merkle.push(&content);
+            let Some(data) = data else {
+                self.stats.skipped_blocks += 1;
+                continue;
+            };
+            self.stats.scanned_bytes += data.len() as u64;
             // A block that became zero is a change (the target must record it); one that
             // stays zero is not, except in a full offer, where every block is recorded
             // because the target's newest RP is not this baseline.
@@ -480,5 +507,53 @@ mod tests {
         }
         assert_eq!(scan.finish().0, root2);
         assert_eq!(n, 11, "every block, zero ones included");
+    }
+
+    #[test]
+    fn a_read_set_reads_only_its_blocks_and_keeps_the_merkle_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        let block = 4096u32;
+        let mut data: Vec<u8> = (0..64 * block as usize).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&image, &data).unwrap();
+        let baselines = Baselines::open(&dir.path().join("b.redb")).unwrap();
+        let ids = IdScheme::plain();
+        let src = FileSource::open(&image, block).unwrap();
+        let mut scan = Scanner::new(&src, &baselines, "v", "t", ids.clone(), false);
+        let mut staged = Vec::new();
+        while let Some(b) = scan.next_changed().unwrap() {
+            staged.push((b.index, b.content, b.page_hashes));
+        }
+        let (root1, _) = scan.finish();
+        baselines.stage("v", "t", &staged).unwrap();
+        baselines
+            .promote("v", "t", &BaselineMeta { seq: 1, merkle_root: root1, block_bytes: block, block_count: 64, volume_bytes: data.len() as u64, time_unix_ms: 0 })
+            .unwrap();
+
+        // Blocks 3 and 40 change, block 50 becomes zero; the read set names them and block 7 (rewritten, same bytes).
+        data[3 * 4096] ^= 0xff;
+        data[40 * 4096 + 100] ^= 0xff;
+        data[50 * 4096..51 * 4096].fill(0);
+        std::fs::write(&image, &data).unwrap();
+        let mut only = BlockMask::new(64);
+        for i in [3, 7, 40, 50] {
+            only.insert(i);
+        }
+        let src = FileSource::open(&image, block).unwrap();
+        let mut scan = Scanner::new(&src, &baselines, "v", "t", ids.clone(), false).with_read_set(Some(Arc::new(only)));
+        let mut changed = Vec::new();
+        while let Some(b) = scan.next_changed().unwrap() {
+            changed.push(b.index);
+        }
+        let (root_partial, stats) = scan.finish();
+        assert_eq!(changed, vec![3, 40, 50]);
+        assert_eq!(stats.scanned_bytes, 4 * 4096, "only the four blocks of the set are read");
+        assert_eq!(stats.skipped_blocks, 60);
+        // The same root as a full scan of the new content.
+        let mut full = Scanner::new(&src, &baselines, "v", "t", ids, false);
+        while full.next_changed().unwrap().is_some() {}
+        let (root_full, full_stats) = full.finish();
+        assert_eq!(root_partial, root_full);
+        assert_eq!(full_stats.scanned_bytes, 64 * 4096);
     }
 }

@@ -6,9 +6,53 @@
 //!   acknowledged a commit (promise 2).
 //! - [`file`]: the `file` source kind: an image file or block device, read in
 //!   full at cycle time and compared block by block with the baseline.
+//! - [`kmod`]: the `kmod` source kind: a block device tracked by drmesh's kernel
+//!   module; each cycle reads only the changed blocks, from a snapshot.
 
 pub mod baseline;
 pub mod file;
+pub mod kmod;
+
+/// A set of block indices of a volume (the blocks a cycle reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMask {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl BlockMask {
+    /// An empty set over `len` blocks.
+    pub fn new(len: u64) -> BlockMask {
+        BlockMask { words: vec![0; usize::try_from(len.div_ceil(64)).unwrap_or(usize::MAX)], len }
+    }
+
+    /// Blocks the set is over.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the set is over no blocks at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds block `index` (ignored past the end).
+    pub fn insert(&mut self, index: u64) {
+        if index < self.len {
+            self.words[(index / 64) as usize] |= 1 << (index % 64);
+        }
+    }
+
+    /// Whether block `index` is in the set (false past the end).
+    pub fn contains(&self, index: u64) -> bool {
+        index < self.len && self.words[(index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    /// Blocks in the set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
 
 /// Why reading a source or its baseline failed. The cycle fails; the baseline is untouched.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +73,28 @@ pub enum SourceError {
         /// The redb file.
         path: String,
         /// redb's message.
+        reason: String,
+    },
+    /// The kernel module refused or failed a call; the cycle fails, the
+    /// changes it handed over stay pending for the next cycle.
+    #[error("volume {volume}: {op} of {device} through the drmesh kernel module: {source}")]
+    Kmod {
+        /// Volume name.
+        volume: String,
+        /// The tracked device (or the snapshot device).
+        device: String,
+        /// What was being done (open, attach, status, snapshot, release).
+        op: &'static str,
+        /// The module's answer.
+        source: drmesh_kmod::KmodError,
+    },
+    /// The snapshot a cycle read was invalidated; the cycle fails and the
+    /// module marks every block changed, so the next cycle reads everything.
+    #[error("volume {volume}: the snapshot became invalid while the cycle read it: {reason}")]
+    SnapshotInvalid {
+        /// Volume name.
+        volume: String,
+        /// Why.
         reason: String,
     },
     /// The volume's block size changed since the baseline; a full offer follows.
