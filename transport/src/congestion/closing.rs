@@ -11,10 +11,14 @@
 //! release carries the fix.
 //!
 //! [`ClosingWindow`] wraps the controller a node runs and shares a flag with
-//! every copy quinn hands out (`Connection::congestion_state`). [`close`] sets
-//! the flag, which opens the window by [`CLOSE_ALLOWANCE_BYTES`], then closes
-//! the connection: enough for the close packet whatever is in flight, and at
-//! most that many bytes of other frames can slip out between the two steps.
+//! every copy quinn hands out (`Connection::congestion_state`). [`close`]
+//! closes the connection, then sets the flag, which makes the window
+//! unbounded, then calls close again, which only wakes the connection's
+//! driver. A closed connection sends nothing but ACK and CONNECTION_CLOSE
+//! frames, so the unbounded window lets out the close packet and its
+//! repetitions (answers to the peer's packets while closing) and nothing
+//! else. A fixed allowance above the window would not do: after a loss the
+//! window can sit far below what is in flight.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +28,10 @@ use std::time::Instant;
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
-/// Bytes the window opens by once the connection closes: two of the largest
-/// datagrams. quinn admits a packet while `in flight + datagram < window`, and
-/// what is in flight never exceeds the window, so this always admits the
-/// close packet.
-pub const CLOSE_ALLOWANCE_BYTES: u64 = 2 * crate::endpoint::MAX_UDP_PAYLOAD_BYTES as u64;
+/// The window of a closing connection: far above anything in flight, and
+/// small enough that quinn's pacer arithmetic (window × burst interval in
+/// u128 nanoseconds) stays exact.
+pub const CLOSING_WINDOW_BYTES: u64 = 1 << 50;
 
 /// Factory wrapping another factory's controllers in [`ClosingWindow`].
 pub struct ClosingWindowConfig {
@@ -48,8 +51,8 @@ impl ControllerFactory for ClosingWindowConfig {
     }
 }
 
-/// A controller whose window opens by [`CLOSE_ALLOWANCE_BYTES`] once its
-/// connection is closing; until then it is exactly the inner controller.
+/// A controller whose window is [`CLOSING_WINDOW_BYTES`] once its connection
+/// is closed by [`close`]; until then it is exactly the inner controller.
 pub struct ClosingWindow {
     inner: Box<dyn Controller>,
     /// Shared by every clone, so the copy `congestion_state` returns reaches
@@ -79,11 +82,10 @@ impl Controller for ClosingWindow {
     }
 
     fn window(&self) -> u64 {
-        let window = self.inner.window();
         if self.closing.load(Ordering::Relaxed) {
-            window.saturating_add(CLOSE_ALLOWANCE_BYTES)
+            CLOSING_WINDOW_BYTES
         } else {
-            window
+            self.inner.window()
         }
     }
 
@@ -109,10 +111,15 @@ impl Controller for ClosingWindow {
 /// Connections whose controller is not a [`ClosingWindow`] are closed as
 /// quinn does by itself.
 pub fn close(connection: &quinn::Connection, code: u32, reason: &[u8]) {
+    // Closed first: from here on the connection sends only ACK and
+    // CONNECTION_CLOSE frames, so the unbounded window lets out nothing else.
+    connection.close(code.into(), reason);
     if let Ok(window) = connection.congestion_state().into_any().downcast::<ClosingWindow>() {
         window.closing.store(true, Ordering::Relaxed);
+        // Already closed, so this changes nothing but wakes the driver, which
+        // may have found the close packet blocked meanwhile.
+        connection.close(code.into(), reason);
     }
-    connection.close(code.into(), reason);
 }
 
 #[cfg(test)]
@@ -124,9 +131,9 @@ mod tests {
         let now = Instant::now();
         let factory = Arc::new(ClosingWindowConfig::new(Arc::new(quinn::congestion::CubicConfig::default())));
         let controller = factory.build(now, 1200);
-        let before = controller.window();
+        assert!(controller.window() < CLOSING_WINDOW_BYTES);
         let copy = controller.clone_box().into_any().downcast::<ClosingWindow>().ok().unwrap();
         copy.closing.store(true, Ordering::Relaxed);
-        assert_eq!(controller.window(), before + CLOSE_ALLOWANCE_BYTES);
+        assert_eq!(controller.window(), CLOSING_WINDOW_BYTES);
     }
 }
