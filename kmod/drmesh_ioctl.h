@@ -22,7 +22,7 @@
 #endif
 
 #define DRMESH_CTL_NAME "drmesh-ctl"
-#define DRMESH_IOCTL_VERSION 1
+#define DRMESH_IOCTL_VERSION 2
 #define DRMESH_IOC_MAGIC 0xDB
 
 /* Largest tracking granularity, and the path length including its NUL. */
@@ -43,8 +43,21 @@
  *	512 and the logical block size, at most DRMESH_GRANULARITY_BYTES_MAX.
  * @reserved: 0.
  * @path: NUL-terminated path of a block device node, or "" to use major:minor.
+ * @state_path: NUL-terminated path of a block device that keeps the tracking
+ *	state across reboots and crashes (opened exclusively; see README.md,
+ *	"Tracking that survives reboot", for its layout), or "" to keep it in
+ *	memory only. Not on the same disk as any attached device.
+ * @restore: out: DRMESH_RESTORE_*: what became of the state found there.
+ * @al_extents: out: activity-log extents a crash left, marked changed whole.
+ * @handovers: out: the hand-over count the bitmap continues from: 0 for a
+ *	fresh start, else the count when the restored bitmap was last written.
+ * @bits_set: out: bits set in the restored bitmap (0 for a fresh start).
+ * @tracking_id: out: names this line of tracking: kept by a restore, new
+ *	(random) on a fresh start. Bitmaps with the same id and consecutive
+ *	hand-over counts miss no write between them.
  *
- * On success the kernel fills in @dev_major, @dev_minor and @granularity_bytes.
+ * On success the kernel fills in @dev_major, @dev_minor, @granularity_bytes
+ * and the fields marked out.
  */
 struct drmesh_attach {
 	__u32 version;
@@ -54,7 +67,29 @@ struct drmesh_attach {
 	__u32 granularity_bytes;
 	__u32 reserved;
 	char path[DRMESH_PATH_BYTES];
+	char state_path[DRMESH_PATH_BYTES];
+	__u32 restore;
+	__u32 al_extents;
+	__u64 handovers;
+	__u64 bits_set;
+	__u8 tracking_id[16];
 };
+
+/* What attach did with the state store (struct drmesh_attach.restore). */
+#define DRMESH_RESTORE_NONE 0		/* no state store: memory only */
+#define DRMESH_RESTORE_FRESH 1		/* no usable state: store initialised */
+#define DRMESH_RESTORE_CLEAN 2		/* restored after a clean shutdown */
+#define DRMESH_RESTORE_CRASH 3		/* restored; activity-log extents added */
+#define DRMESH_RESTORE_WRITTEN 4	/* state found, but the device was
+					 * written since boot before attach:
+					 * fresh start */
+#define DRMESH_RESTORE_GEOMETRY 5	/* state of another size or
+					 * granularity: fresh start */
+#define DRMESH_RESTORE_DETACHED 6	/* state left by a detach (writes after
+					 * it were not seen): fresh start */
+#define DRMESH_RESTORE_NO_IOSTAT 7	/* the device keeps no I/O counters, so
+					 * writes before attach cannot be ruled
+					 * out: fresh start */
 
 /**
  * struct drmesh_dev - names an attached device (detach).
@@ -156,6 +191,10 @@ struct drmesh_snapshot {
 #define DRMESH_STATE_SNAPSHOT (1u << 2) /* a snapshot exists (RELEASE drops it) */
 #define DRMESH_STATE_SNAP_INVALID (1u << 3) /* COW store full or I/O error:
 					     * snapshot reads fail with EIO */
+#define DRMESH_STATE_PERSISTENT (1u << 4) /* tracking state kept on a store */
+#define DRMESH_STATE_PERSIST_FAILED (1u << 5) /* the state store failed: every
+					       * write is held dirty; the next
+					       * attach starts fresh */
 
 /**
  * struct drmesh_status - state of one device (STATUS).
@@ -176,6 +215,11 @@ struct drmesh_snapshot {
  * @snap_error: out: positive errno that invalidated the snapshot, else 0.
  * @cow_chunks_used: out: chunks copied into the COW store.
  * @cow_chunks_total: out: chunks the COW store holds.
+ * @tracking_id: out: see struct drmesh_attach.
+ * @al_used: out: extents in the activity log now.
+ * @al_slots: out: extents the activity log holds (0 without a state store).
+ * @persist_error: out: positive errno of the state store's first failure.
+ * @al_flushes: out: times a full activity log made the bitmap be written.
  */
 struct drmesh_status {
 	__u32 version;
@@ -195,6 +239,11 @@ struct drmesh_status {
 	__u32 snap_error;
 	__u64 cow_chunks_used;
 	__u64 cow_chunks_total;
+	__u8 tracking_id[16];
+	__u32 al_used;
+	__u32 al_slots;
+	__u32 persist_error;
+	__u32 al_flushes;
 };
 
 /* COW store layout (all integers little-endian); README.md describes it. */
@@ -245,6 +294,80 @@ struct drmesh_cow_header {
 	__u8 pad[DRMESH_COW_HEADER_BYTES - 88];
 };
 
+/*
+ * Tracking state store layout (all integers little-endian); README.md,
+ * "Tracking that survives reboot", explains how it is kept.
+ * Blocks 0 and 1: two copies of the header, written in turn (the valid one
+ * with the higher seq counts). Blocks 2 and 3: two copies of the activity log,
+ * likewise. Then two bitmap slots of bitmap_bytes rounded up to a block; the
+ * header names the current one, the other is written before a switch.
+ */
+#define DRMESH_TRK_MAGIC "DRMTRK01"
+#define DRMESH_TRK_AL_MAGIC "DRMAL001"
+#define DRMESH_TRK_FORMAT 1
+#define DRMESH_TRK_BLOCK_BYTES 4096
+#define DRMESH_TRK_BITMAP_OFFSET (4 * DRMESH_TRK_BLOCK_BYTES)
+#define DRMESH_TRK_EXTENT_BYTES (4u << 20)
+#define DRMESH_TRK_AL_SLOTS 500
+#define DRMESH_TRK_LIVE 1	/* attached: the bitmap and the log's extents
+				 * hold every write since handovers */
+#define DRMESH_TRK_DETACHED 2	/* detached: writes after it unseen */
+
+/**
+ * struct drmesh_trk_header - one header copy of a tracking state store.
+ * @magic: DRMESH_TRK_MAGIC (no NUL).
+ * @format: DRMESH_TRK_FORMAT.
+ * @state: DRMESH_TRK_LIVE or DRMESH_TRK_DETACHED.
+ * @seq: incremented by each header write; the higher valid copy counts.
+ * @handovers: hand-overs of the tracked device when the current bitmap slot
+ *	was written: that slot holds every write since that hand-over that the
+ *	activity log does not cover.
+ * @device_bytes: tracked device size.
+ * @nbits: bits of the bitmap.
+ * @granularity_bytes: bytes per bit.
+ * @bitmap_slot: 0 or 1: the current bitmap slot.
+ * @bitmap_bytes: bytes of one slot's bitmap (before rounding up).
+ * @extent_bytes: bytes one activity-log entry covers.
+ * @al_slots: entries an activity log copy holds.
+ * @tracking_id: see struct drmesh_attach.
+ * @crc: crc32 (little-endian, seed ~0) of the whole block with @crc zero.
+ */
+struct drmesh_trk_header {
+	char magic[8];
+	__le32 format;
+	__le32 state;
+	__le64 seq;
+	__le64 handovers;
+	__le64 device_bytes;
+	__le64 nbits;
+	__le32 granularity_bytes;
+	__le32 bitmap_slot;
+	__le64 bitmap_bytes;
+	__le32 extent_bytes;
+	__le32 al_slots;
+	__u8 tracking_id[16];
+	__le32 crc;
+	__u8 pad[DRMESH_TRK_BLOCK_BYTES - 92];
+};
+
+/**
+ * struct drmesh_trk_al - one activity-log copy: extents that may hold writes
+ *	the current bitmap slot lacks.
+ * @magic: DRMESH_TRK_AL_MAGIC (no NUL).
+ * @seq: incremented by each log write; the higher valid copy counts.
+ * @count: entries used in @extent.
+ * @crc: as in struct drmesh_trk_header.
+ * @extent: extent numbers (byte offset / extent_bytes).
+ */
+struct drmesh_trk_al {
+	char magic[8];
+	__le64 seq;
+	__le32 count;
+	__le32 crc;
+	__le64 extent[DRMESH_TRK_AL_SLOTS];
+	__u8 pad[DRMESH_TRK_BLOCK_BYTES - 24 - 8 * DRMESH_TRK_AL_SLOTS];
+};
+
 #define DRMESH_IOC_ATTACH _IOWR(DRMESH_IOC_MAGIC, 1, struct drmesh_attach)
 #define DRMESH_IOC_DETACH _IOW(DRMESH_IOC_MAGIC, 2, struct drmesh_dev)
 #define DRMESH_IOC_GET_BITMAP _IOWR(DRMESH_IOC_MAGIC, 3, struct drmesh_bitmap)
@@ -260,11 +383,13 @@ struct drmesh_cow_header {
 #include <assert.h>
 #define DRMESH_ASSERT_SIZE(t, n) _Static_assert(sizeof(t) == (n), #t)
 #endif
-DRMESH_ASSERT_SIZE(struct drmesh_attach, 24 + DRMESH_PATH_BYTES);
+DRMESH_ASSERT_SIZE(struct drmesh_attach, 64 + 2 * DRMESH_PATH_BYTES);
 DRMESH_ASSERT_SIZE(struct drmesh_dev, 16);
 DRMESH_ASSERT_SIZE(struct drmesh_bitmap, 64);
-DRMESH_ASSERT_SIZE(struct drmesh_status, 96);
+DRMESH_ASSERT_SIZE(struct drmesh_status, 128);
 DRMESH_ASSERT_SIZE(struct drmesh_snapshot, 80 + DRMESH_PATH_BYTES);
 DRMESH_ASSERT_SIZE(struct drmesh_cow_header, DRMESH_COW_HEADER_BYTES);
+DRMESH_ASSERT_SIZE(struct drmesh_trk_header, DRMESH_TRK_BLOCK_BYTES);
+DRMESH_ASSERT_SIZE(struct drmesh_trk_al, DRMESH_TRK_BLOCK_BYTES);
 
 #endif /* DRMESH_IOCTL_H */

@@ -20,6 +20,7 @@
 #define TRK_BITMAP_BYTES_MAX (128ul << 20)
 
 struct trk_snap;
+struct trk_pst;
 
 /**
  * struct trk_dev - one tracked device.
@@ -39,6 +40,9 @@ struct trk_snap;
  *	the next hand-over then also keeps its bits in the new bitmap.
  * @slot: index of this device's counter in trk_slot_inflight.
  * @snap: the device's snapshot, or NULL (RCU; changed under trk_lock).
+ * @pst: the device's state store, or NULL (set before the device is listed,
+ *	cleared after it is unlisted).
+ * @tracking_id: names this line of tracking (see struct drmesh_attach).
  */
 struct trk_dev {
 	struct list_head node;
@@ -56,6 +60,8 @@ struct trk_dev {
 	atomic_t unwrapped;
 	unsigned int slot;
 	struct trk_snap __rcu *snap;
+	struct trk_pst *pst;
+	u8 tracking_id[16];
 };
 
 /*
@@ -86,6 +92,8 @@ void trk_merge_bits(unsigned long *live, const unsigned long *src,
 		    unsigned long nbits);
 void trk_set_bits(unsigned long *map, unsigned long first, unsigned long last);
 void trk_pass_bio(struct bio *bio);
+void trk_submit_logged(struct bio *bio);
+bool trk_disk_attached(struct gendisk *disk);
 int trk_tracer_init(void);
 void trk_tracer_exit(void);
 int trk_ctl_init(void);
@@ -102,5 +110,32 @@ void trk_snap_status(struct trk_snap *s, u32 *index, u32 *error, u64 *used,
 		     u64 *total, u64 *cow_bytes, u32 *major, u32 *minor);
 int trk_snap_init(void);
 void trk_snap_exit(void);
+
+/* trk_persist.c: tracking state kept on a store across reboots. */
+/**
+ * struct trk_restore - what attaching with a state store found.
+ * @restore: DRMESH_RESTORE_*.
+ * @al_extents: activity-log extents a crash left (marked changed).
+ * @bits_set: bits set in the restored bitmap.
+ */
+struct trk_restore {
+	u32 restore;
+	u32 al_extents;
+	u64 bits_set;
+};
+int trk_sync_io(struct block_device *bdev, blk_opf_t opf, sector_t sector,
+		void *buf, size_t bytes);
+size_t trk_pst_bitmap_bytes(unsigned long nbits);
+struct trk_pst *trk_pst_open(struct trk_dev *t, const char *path,
+			     struct trk_restore *r);
+void trk_pst_close(struct trk_pst *p);
+bool trk_pst_hold(struct trk_pst *p, sector_t lo, sector_t hi, struct bio *bio);
+void trk_pst_before_handover(struct trk_pst *p);
+unsigned long *trk_pst_swap(struct trk_pst *p);
+void trk_pst_status(struct trk_pst *p, u32 *used, u32 *slots, u32 *error,
+		    u32 *flushes);
+struct gendisk *trk_pst_disk(struct trk_pst *p);
+int trk_pst_init(void);
+void trk_pst_exit(void);
 
 #endif /* DRMESH_TRK_H */

@@ -17,6 +17,7 @@
 #include <linux/bitmap.h>
 #include <linux/build_bug.h>
 #include <linux/stddef.h>
+#include <linux/random.h>
 
 #include "drmesh_ioctl.h"
 #include "trk.h"
@@ -126,6 +127,7 @@ static long trk_attach(void __user *arg)
 	struct trk_bdev_handle h;
 	struct block_device *bdev;
 	struct trk_dev *t = NULL;
+	struct trk_restore r = { .restore = DRMESH_RESTORE_NONE };
 	unsigned int lbs, gran;
 	dev_t dev;
 	size_t bytes;
@@ -135,7 +137,9 @@ static long trk_attach(void __user *arg)
 	ret = TRK_READ_ARG(arg, a, &a.reserved, NULL);
 	if (ret)
 		return ret;
-	if (strnlen(a.path, sizeof(a.path)) == sizeof(a.path))
+	if (strnlen(a.path, sizeof(a.path)) == sizeof(a.path) ||
+	    strnlen(a.state_path, sizeof(a.state_path)) ==
+	    sizeof(a.state_path))
 		return -EINVAL;
 	gran = a.granularity_bytes;
 	if (gran && (!is_power_of_2(gran) || gran < SECTOR_SIZE ||
@@ -166,11 +170,15 @@ static long trk_attach(void __user *arg)
 		ret = PTR_ERR(bdev);
 		goto out_unlock;
 	}
-	/* A COW store's writes bypass tracking (trk_snap.c): not trackable. */
+	/*
+	 * A COW store's writes bypass tracking (trk_snap.c), and a state
+	 * store's would be held by the hook they serve: neither is trackable.
+	 */
 	list_for_each_entry(t, &trk_devices, node) {
 		struct trk_snap *s = trk_snap_of(t);
 
-		if (s && trk_snap_uses_disk(s, bdev->bd_disk)) {
+		if ((s && trk_snap_uses_disk(s, bdev->bd_disk)) ||
+		    (t->pst && trk_pst_disk(t->pst) == bdev->bd_disk)) {
 			ret = -EBUSY;
 			t = NULL;
 			goto out_put;
@@ -200,11 +208,13 @@ static long trk_attach(void __user *arg)
 		ret = -EINVAL;
 		goto out_free;
 	}
-	bytes = BITS_TO_LONGS(t->nbits) * sizeof(unsigned long);
-	if (bytes > TRK_BITMAP_BYTES_MAX) {
+	if (BITS_TO_LONGS(t->nbits) * sizeof(unsigned long) >
+	    TRK_BITMAP_BYTES_MAX) {
 		ret = -EFBIG;
 		goto out_free;
 	}
+	/* Whole store blocks, so a bitmap slot can be read in directly. */
+	bytes = trk_pst_bitmap_bytes(t->nbits);
 	RCU_INIT_POINTER(t->live, kvzalloc(bytes, GFP_KERNEL));
 	t->spare = kvzalloc(bytes, GFP_KERNEL);
 	if (!rcu_access_pointer(t->live) || !t->spare) {
@@ -215,19 +225,35 @@ static long trk_attach(void __user *arg)
 	atomic_set(&t->unwrapped, 0);
 	t->slot = trk_free_slot();
 	RCU_INIT_POINTER(t->snap, NULL);
+	get_random_bytes(t->tracking_id, sizeof(t->tracking_id));
+	if (a.state_path[0]) {
+		/* May restore the bitmap, hand-over count and tracking id. */
+		t->pst = trk_pst_open(t, a.state_path, &r);
+		if (IS_ERR(t->pst)) {
+			ret = PTR_ERR(t->pst);
+			t->pst = NULL;
+			goto out_free;
+		}
+	}
 
 	/* Held until detach: rmmod is refused while any device is attached. */
 	__module_get(THIS_MODULE);
 	list_add_tail_rcu(&t->node, &trk_devices);
 	trk_count++;
 	/* Under the lock: once it is dropped, a detach may close bdev. */
-	pr_info("drmesh_trk: attached %pg (%llu sectors, %u bytes per bit)\n",
-		bdev, (unsigned long long)t->nr_sects, gran);
+	pr_info("drmesh_trk: attached %pg (%llu sectors, %u bytes per bit%s)\n",
+		bdev, (unsigned long long)t->nr_sects, gran,
+		t->pst ? ", state kept on a store" : "");
+	a.handovers = t->handovers;
+	memcpy(a.tracking_id, t->tracking_id, sizeof(a.tracking_id));
 	mutex_unlock(&trk_lock);
 
 	a.dev_major = MAJOR(dev);
 	a.dev_minor = MINOR(dev);
 	a.granularity_bytes = gran;
+	a.restore = r.restore;
+	a.al_extents = r.al_extents;
+	a.bits_set = r.bits_set;
 	/* Attached either way; a caller that cannot read the answer can STATUS. */
 	if (copy_to_user(arg, &a, sizeof(a)))
 		return -EFAULT;
@@ -276,6 +302,8 @@ static long trk_detach(void __user *arg)
 
 	/* No hook can still be using t once every RCU reader is done. */
 	synchronize_rcu();
+	if (t->pst)
+		trk_pst_close(t->pst);
 	pr_info("drmesh_trk: detached %pg\n", t->bdev);
 	trk_bdev_close(t->bdev, &t->bdev_handle);
 	trk_free(t);
@@ -290,6 +318,9 @@ static long trk_detach(void __user *arg)
 static unsigned long *trk_swap(struct trk_dev *t)
 {
 	unsigned long *old;
+
+	if (t->pst)
+		return trk_pst_swap(t->pst);
 
 	old = rcu_dereference_protected(t->live, lockdep_is_held(&trk_lock));
 	rcu_assign_pointer(t->live, t->spare);
@@ -325,8 +356,11 @@ static int trk_hand_over(struct trk_dev *t, unsigned long *old,
 		*bits_set = bitmap_weight(old, t->nbits);
 		t->handovers++;
 	}
-	bitmap_zero(old, t->nbits);
-	t->spare = old;
+	/* With a state store it stays as it is until the next hand-over. */
+	if (!t->pst) {
+		bitmap_zero(old, t->nbits);
+		t->spare = old;
+	}
 	return ret;
 }
 
@@ -367,6 +401,7 @@ static long trk_get_bitmap(void __user *arg)
 		goto out_answer;
 	}
 
+	trk_pst_before_handover(t->pst);
 	old = trk_swap(t);
 	ret = trk_hand_over(t, old, u64_to_user_ptr(b.buf), &b.bits_set);
 	if (ret)
@@ -418,6 +453,14 @@ static long trk_status(void __user *arg)
 		s.bits_set = bitmap_weight(live, t->nbits);
 		s.writes_seen = atomic64_read(&t->writes_seen);
 		s.handovers = t->handovers;
+		memcpy(s.tracking_id, t->tracking_id, sizeof(s.tracking_id));
+		if (t->pst) {
+			s.state |= DRMESH_STATE_PERSISTENT;
+			trk_pst_status(t->pst, &s.al_used, &s.al_slots,
+				       &s.persist_error, &s.al_flushes);
+			if (s.persist_error)
+				s.state |= DRMESH_STATE_PERSIST_FAILED;
+		}
 		if (trk_snap_of(t)) {
 			u64 cow_bytes;
 			u32 major, minor;
@@ -503,6 +546,8 @@ static long trk_snapshot(void __user *arg)
 		ret = -ENOSPC;
 		goto out_answer;
 	}
+	/* Before writes are held: it writes the whole bitmap to the store. */
+	trk_pst_before_handover(t->pst);
 	s = trk_snap_create(t, a.cow_path);
 	if (IS_ERR(s)) {
 		ret = PTR_ERR(s);

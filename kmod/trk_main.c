@@ -5,7 +5,8 @@
  * Attaches to block devices that are in use (mounted, live writes) and keeps a
  * bitmap of the ranges written since the last hand-over, at a fixed
  * granularity, and takes copy-on-write snapshots of them. trk_tracer.c sees
- * the writes, trk_snap.c keeps snapshots, trk_ctl.c is the control device;
+ * the writes, trk_snap.c keeps snapshots, trk_persist.c keeps the tracking
+ * across reboots, trk_ctl.c is the control device;
  * README.md explains the design.
  */
 #include <linux/module.h>
@@ -20,9 +21,12 @@ static int __init trk_init(void)
 	ret = trk_snap_init();
 	if (ret)
 		return ret;
-	ret = trk_tracer_init();
+	ret = trk_pst_init();
 	if (ret)
 		goto out_snap;
+	ret = trk_tracer_init();
+	if (ret)
+		goto out_pst;
 	ret = trk_ctl_init();
 	if (ret)
 		goto out_tracer;
@@ -32,6 +36,8 @@ static int __init trk_init(void)
 
 out_tracer:
 	trk_tracer_exit();
+out_pst:
+	trk_pst_exit();
 out_snap:
 	trk_snap_exit();
 	return ret;
@@ -41,6 +47,7 @@ static void __exit trk_exit(void)
 {
 	trk_ctl_exit();
 	trk_tracer_exit();
+	trk_pst_exit();
 	trk_snap_exit();
 	pr_info("drmesh_trk: unloaded\n");
 }

@@ -173,6 +173,48 @@ static unsigned int trk_mark_range(struct gendisk *disk, sector_t first,
 	return matched;
 }
 
+/*
+ * Holds a write until every state store of a device it overlaps has logged
+ * its extents (trk_persist.c). Caller holds rcu_read_lock(). Returns true
+ * when a store took the bio (its worker sends it on via trk_submit_logged()).
+ */
+static bool trk_log_first(struct gendisk *disk, sector_t first, sector_t end,
+			  struct bio *bio)
+{
+	struct trk_dev *t;
+
+	list_for_each_entry_rcu(t, &trk_devices, node) {
+		sector_t lo, hi;
+
+		if (t->disk != disk || !t->pst)
+			continue;
+		lo = max(first, t->start_sect);
+		hi = min(end, t->start_sect + t->nr_sects);
+		if (lo < hi && trk_pst_hold(t->pst, lo - t->start_sect,
+					    hi - t->start_sect, bio))
+			return true;
+	}
+	return false;
+}
+
+/**
+ * trk_disk_attached() - whether a device of @disk is attached.
+ * @disk: the disk; caller holds trk_lock.
+ *
+ * A state store or COW store there would have its writes seen, and held, by
+ * the hook it serves.
+ */
+bool trk_disk_attached(struct gendisk *disk)
+{
+	struct trk_dev *t;
+
+	lockdep_assert_held(&trk_lock);
+	list_for_each_entry(t, &trk_devices, node)
+		if (t->disk == disk)
+			return true;
+	return false;
+}
+
 /* Counts a write that goes on to the driver in @slots' in-flight counters. */
 static void trk_count_slots(u32 slots)
 {
@@ -224,6 +266,8 @@ static void trk_end_io(struct bio *bio)
 /**
  * trk_hook_bio() - record a bio's range in every tracker of its disk.
  * @bio: a bio entering submit_bio_noacct().
+ * @logged: the state stores already logged its extents (it comes from their
+ *	worker): not held for them again.
  *
  * Runs in the submitter's context, which may be atomic; never sleeps. A write
  * with REQ_PREFLUSH or REQ_FUA is a REQ_OP_WRITE and is recorded like any
@@ -236,7 +280,7 @@ static void trk_end_io(struct bio *bio)
  * Return: true when a snapshot took the bio (its worker sends it on), false
  * when the caller must send it on now.
  */
-static bool trk_hook_bio(struct bio *bio)
+static bool trk_hook_bio(struct bio *bio, bool logged)
 {
 	struct block_device *bdev = bio->bi_bdev;
 	struct trk_match m = {};
@@ -260,6 +304,11 @@ static bool trk_hook_bio(struct bio *bio)
 	rcu_read_lock();
 	if (bio->bi_end_io == trk_end_io) {
 		trk_mark_range(bdev->bd_disk, first, end, TRK_SUBMITTED, NULL);
+		goto out;
+	}
+	/* Before any bit is set: a held bio passes here again later. */
+	if (!logged && trk_log_first(bdev->bd_disk, first, end, bio)) {
+		held = true;
 		goto out;
 	}
 	if (!trk_mark_range(bdev->bd_disk, first, end, TRK_SUBMITTED, &m))
@@ -329,12 +378,27 @@ void trk_pass_bio(struct bio *bio)
 static void notrace trk_submit_bio(struct bio *bio)
 {
 	this_cpu_inc(trk_hook_users);
-	if (!list_empty(&trk_devices) && trk_hook_bio(bio)) {
+	if (!list_empty(&trk_devices) && trk_hook_bio(bio, false)) {
 		this_cpu_dec(trk_hook_users);
 		return;
 	}
 	submit_bio_noacct(bio);
 	this_cpu_dec(trk_hook_users);
+}
+
+/**
+ * trk_submit_logged() - send on a write a state store held for its log.
+ * @bio: a write that trk_log_first() queued; its extents are logged now.
+ *
+ * Goes through the hook as a new write would (bits, completion wrapper,
+ * snapshot), except for the log, and is sent on from this module.
+ */
+void trk_submit_logged(struct bio *bio)
+{
+	if (!trk_hook_bio(bio, true))
+		submit_bio_noacct(bio);
+	/* Not a tail call: the hook recognises calls from here by return address. */
+	barrier();
 }
 
 /*

@@ -1,12 +1,13 @@
 //! Runs the kernel module's guest tests: boots a Debian kernel under qemu with the
 //! module built for it and a guest script (`kmod/tests/guest-track.sh` for change
 //! tracking, `kmod/tests/guest-snap.sh` for snapshots, `kmod/tests/guest-wrapper.sh`
-//! for the Rust wrapper, `kmod/tests/guest-replicate.sh` for the `kmod` source
+//! for the Rust wrapper, `kmod/tests/guest-persist.sh` for tracking across
+//! reboots and crashes, `kmod/tests/guest-replicate.sh` for the `kmod` source
 //! kind end to end, via `scripts/kmod-vm`) and expects the guest's PASS marker.
 //!
 //! Two kernels: every script runs on the stock kernel (the one Debian 12's
-//! `linux-image-amd64` depends on, 6.1), and the tracking and snapshot scripts
-//! also on the newest kernel the apt sources offer (6.12 here); `scripts/kmod-env`
+//! `linux-image-amd64` depends on, 6.1), and the tracking, persistence and
+//! snapshot scripts also on the newest kernel the apt sources offer (6.12 here); `scripts/kmod-env`
 //! resolves both names.
 //!
 //! Needs root: `scripts/kmod-env` installs qemu, the kernels and their headers on
@@ -62,6 +63,11 @@ fn run_guest(test: &str, kernel: Kernel, script: &str, report: &[&str]) {
 
 /// [`run_guest`] with host programs copied into the guest's `/bin`.
 fn run_guest_with(test: &str, kernel: Kernel, script: &str, report: &[&str], files: &[&str]) {
+    run_guest_boots(test, kernel, script, report, files, 1);
+}
+
+/// [`run_guest_with`] over `boots` boots of the same disks.
+fn run_guest_boots(test: &str, kernel: Kernel, script: &str, report: &[&str], files: &[&str], boots: u32) {
     if !is_root() {
         eprintln!("SKIPPED {test}: needs root (scripts/kmod-env installs packages)");
         return;
@@ -75,6 +81,7 @@ fn run_guest_with(test: &str, kernel: Kernel, script: &str, report: &[&str], fil
         .arg(script)
         .env("DRMESH_KMOD_KERNEL", kernel.name())
         .env("DRMESH_KMOD_VM_FILES", files.join(" "))
+        .env("DRMESH_KMOD_VM_BOOTS", boots.to_string())
         .current_dir(repo)
         .output()
         .expect("run scripts/kmod-vm");
@@ -143,6 +150,29 @@ fn module_snapshots_in_the_newest_kernel() {
         "kmod/tests/guest-snap.sh",
         &["verify:", "covers:"],
     );
+}
+
+/// Four boots of the same disks: clean power-off, crash, detach, a write
+/// before attach (see the script's header).
+fn tracking_survives(test: &str, kernel: Kernel) {
+    run_guest_boots(
+        test,
+        kernel,
+        "kmod/tests/guest-persist.sh",
+        &["attach:", "clean reboot:", "crash:"],
+        &[],
+        4,
+    );
+}
+
+#[test]
+fn tracking_survives_reboot_and_crash() {
+    tracking_survives("tracking_survives_reboot_and_crash", Kernel::Stock);
+}
+
+#[test]
+fn tracking_survives_reboot_and_crash_in_the_newest_kernel() {
+    tracking_survives("tracking_survives_reboot_and_crash_in_the_newest_kernel", Kernel::Newest);
 }
 
 #[test]

@@ -3,7 +3,11 @@
  * drmesh-kmodctl: a small test client of /dev/drmesh-ctl, built statically so
  * it runs in a busybox guest.
  *
- *   attach PATH [GRANULARITY]      prints MAJOR:MINOR GRANULARITY
+ *   attach PATH [GRANULARITY [STATE]]
+ *                                  attaches (STATE: a state store device);
+ *                                  prints MAJOR:MINOR GRANULARITY restore=
+ *                                  al_extents= handovers= bits_set=
+ *                                  tracking_id=
  *   detach MAJOR:MINOR
  *   status MAJOR:MINOR             prints the status fields
  *   bitmap MAJOR:MINOR OUT         hands the bitmap over into file OUT
@@ -125,15 +129,28 @@ static void write_out(const char *out, const void *buf, size_t n)
 		die(out);
 }
 
-static int cmd_attach(const char *path, unsigned int gran)
+static void print_id(const char *name, const __u8 *id)
+{
+	printf(" %s=", name);
+	for (int i = 0; i < 16; i++)
+		printf("%02x", id[i]);
+}
+
+static int cmd_attach(const char *path, unsigned int gran, const char *state)
 {
 	struct drmesh_attach a = { .version = DRMESH_IOCTL_VERSION,
 				   .granularity_bytes = gran };
 
 	snprintf(a.path, sizeof(a.path), "%s", path);
+	snprintf(a.state_path, sizeof(a.state_path), "%s", state ? state : "");
 	if (ioctl(ctl(), DRMESH_IOC_ATTACH, &a))
 		die("attach");
-	printf("%u:%u %u\n", a.dev_major, a.dev_minor, a.granularity_bytes);
+	printf("%u:%u %u restore=%u al_extents=%u handovers=%llu bits_set=%llu",
+	       a.dev_major, a.dev_minor, a.granularity_bytes, a.restore,
+	       a.al_extents, (unsigned long long)a.handovers,
+	       (unsigned long long)a.bits_set);
+	print_id("tracking_id", a.tracking_id);
+	printf("\n");
 	return 0;
 }
 
@@ -177,13 +194,17 @@ static int cmd_status(const char *dev)
 		die("status");
 	printf("state=%u granularity_bytes=%u device_bytes=%llu bitmap_bytes=%llu "
 	       "bits_set=%llu writes_seen=%llu handovers=%llu attached_count=%u "
-	       "snap_index=%u snap_error=%u cow_chunks_used=%llu cow_chunks_total=%llu\n",
+	       "snap_index=%u snap_error=%u cow_chunks_used=%llu cow_chunks_total=%llu ",
 	       s.state, s.granularity_bytes, (unsigned long long)s.device_bytes,
 	       (unsigned long long)s.bitmap_bytes, (unsigned long long)s.bits_set,
 	       (unsigned long long)s.writes_seen, (unsigned long long)s.handovers,
 	       s.attached_count, s.snap_index, s.snap_error,
 	       (unsigned long long)s.cow_chunks_used,
 	       (unsigned long long)s.cow_chunks_total);
+	printf("al_used=%u al_slots=%u persist_error=%u al_flushes=%u",
+	       s.al_used, s.al_slots, s.persist_error, s.al_flushes);
+	print_id("tracking_id", s.tracking_id);
+	printf("\n");
 	return 0;
 }
 
@@ -1026,7 +1047,8 @@ static int cmd_snaperrors(const char *path, const char *cow)
 int main(int argc, char **argv)
 {
 	if (argc >= 3 && !strcmp(argv[1], "attach"))
-		return cmd_attach(argv[2], argc > 3 ? strtoul(argv[3], NULL, 0) : 0);
+		return cmd_attach(argv[2], argc > 3 ? strtoul(argv[3], NULL, 0) : 0,
+				  argc > 4 ? argv[4] : NULL);
 	if (argc == 3 && !strcmp(argv[1], "detach"))
 		return dev_ioctl(argv[2], DRMESH_IOC_DETACH, "detach");
 	if (argc == 3 && !strcmp(argv[1], "status"))
