@@ -6,7 +6,7 @@
 //! cannot drift apart silently.
 
 /// Interface version every parameter struct carries (`DRMESH_IOCTL_VERSION`).
-pub const IOCTL_VERSION: u32 = 1;
+pub const IOCTL_VERSION: u32 = 2;
 /// ioctl type byte (`DRMESH_IOC_MAGIC`).
 pub const IOC_MAGIC: u8 = 0xDB;
 /// Bytes of a path field, including its NUL (`DRMESH_PATH_BYTES`).
@@ -31,6 +31,28 @@ pub const STATE_SNAPSHOT: u32 = 1 << 2;
 /// `DRMESH_STATE_SNAP_INVALID`: the snapshot was invalidated.
 pub const STATE_SNAP_INVALID: u32 = 1 << 3;
 
+/// `DRMESH_STATE_PERSISTENT`: the tracking state is kept on a state store.
+pub const STATE_PERSISTENT: u32 = 1 << 4;
+/// `DRMESH_STATE_PERSIST_FAILED`: the state store failed.
+pub const STATE_PERSIST_FAILED: u32 = 1 << 5;
+
+/// `DRMESH_RESTORE_NONE`: no state store.
+pub const RESTORE_NONE: u32 = 0;
+/// `DRMESH_RESTORE_FRESH`: no usable state; the store was initialised.
+pub const RESTORE_FRESH: u32 = 1;
+/// `DRMESH_RESTORE_CLEAN`: restored after a clean shutdown.
+pub const RESTORE_CLEAN: u32 = 2;
+/// `DRMESH_RESTORE_CRASH`: restored after a crash, logged extents added.
+pub const RESTORE_CRASH: u32 = 3;
+/// `DRMESH_RESTORE_WRITTEN`: the device was written before attach.
+pub const RESTORE_WRITTEN: u32 = 4;
+/// `DRMESH_RESTORE_GEOMETRY`: the state is of another size or granularity.
+pub const RESTORE_GEOMETRY: u32 = 5;
+/// `DRMESH_RESTORE_DETACHED`: the state was left by a detach.
+pub const RESTORE_DETACHED: u32 = 6;
+/// `DRMESH_RESTORE_NO_IOSTAT`: the device keeps no I/O counters.
+pub const RESTORE_NO_IOSTAT: u32 = 7;
+
 /// `struct drmesh_attach`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -42,6 +64,12 @@ pub struct Attach {
     pub granularity_bytes: u32,
     pub reserved: u32,
     pub path: [u8; PATH_BYTES],
+    pub state_path: [u8; PATH_BYTES],
+    pub restore: u32,
+    pub al_extents: u32,
+    pub handovers: u64,
+    pub bits_set: u64,
+    pub tracking_id: [u8; 16],
 }
 
 /// `struct drmesh_dev`.
@@ -92,6 +120,11 @@ pub struct Status {
     pub snap_error: u32,
     pub cow_chunks_used: u64,
     pub cow_chunks_total: u64,
+    pub tracking_id: [u8; 16],
+    pub al_used: u32,
+    pub al_slots: u32,
+    pub persist_error: u32,
+    pub al_flushes: u32,
 }
 
 /// `struct drmesh_snapshot`.
@@ -155,13 +188,13 @@ mod tests {
             .find(|l| l.starts_with(&key))
             .unwrap_or_else(|| panic!("no size assertion for {name} in drmesh_ioctl.h"));
         let expr = line[key.len()..].trim_end_matches(");");
-        expr.split('+')
-            .map(|term| match term.trim() {
-                "DRMESH_PATH_BYTES" => PATH_BYTES,
-                "DRMESH_COW_HEADER_BYTES" => 4096,
-                n => n.parse().unwrap_or_else(|_| panic!("term {n:?} of {name}")),
-            })
-            .sum()
+        let value = |v: &str| match v.trim() {
+            "DRMESH_PATH_BYTES" => PATH_BYTES,
+            "DRMESH_COW_HEADER_BYTES" | "DRMESH_TRK_BLOCK_BYTES" => 4096,
+            n => n.parse().unwrap_or_else(|_| panic!("term {n:?} of {name}")),
+        };
+        // Sums of products: "64 + 2 * DRMESH_PATH_BYTES".
+        expr.split('+').map(|term| term.split('*').map(value).product::<usize>()).sum()
     }
 
     #[test]
@@ -180,15 +213,32 @@ mod tests {
         assert!(HEADER.contains(&format!("#define DRMESH_PATH_BYTES {PATH_BYTES}\n")));
         assert!(HEADER.contains("#define DRMESH_SNAP_NAME \"drmesh-snap\"\n"));
         assert!(HEADER.contains("#define DRMESH_STATE_SNAP_INVALID (1u << 3)"));
+        assert!(HEADER.contains("#define DRMESH_STATE_PERSISTENT (1u << 4)"));
+        assert!(HEADER.contains("#define DRMESH_STATE_PERSIST_FAILED (1u << 5)"));
+        for (name, v) in [
+            ("NONE", RESTORE_NONE),
+            ("FRESH", RESTORE_FRESH),
+            ("CLEAN", RESTORE_CLEAN),
+            ("CRASH", RESTORE_CRASH),
+            ("WRITTEN", RESTORE_WRITTEN),
+            ("GEOMETRY", RESTORE_GEOMETRY),
+            ("DETACHED", RESTORE_DETACHED),
+            ("NO_IOSTAT", RESTORE_NO_IOSTAT),
+        ] {
+            assert!(
+                HEADER.contains(&format!("#define DRMESH_RESTORE_{name} {v}")),
+                "DRMESH_RESTORE_{name} is not {v}"
+            );
+        }
     }
 
     #[test]
     fn ioctl_numbers_match_the_c_macros() {
         // Printed by a C program from the _IOW/_IOWR macros of drmesh_ioctl.h.
-        assert_eq!(IOC_ATTACH, 0xc118_db01);
+        assert_eq!(IOC_ATTACH, 0xc240_db01);
         assert_eq!(IOC_DETACH, 0x4010_db02);
         assert_eq!(IOC_GET_BITMAP, 0xc040_db03);
-        assert_eq!(IOC_STATUS, 0xc060_db04);
+        assert_eq!(IOC_STATUS, 0xc080_db04);
         assert_eq!(IOC_SNAPSHOT, 0xc150_db05);
         assert_eq!(IOC_RELEASE, 0x4010_db06);
     }
@@ -202,5 +252,11 @@ mod tests {
         assert_eq!(offset_of!(Status, cow_chunks_total), 88);
         assert_eq!(offset_of!(Bitmap, granularity_bytes), 56);
         assert_eq!(offset_of!(Attach, path), 24);
+        assert_eq!(offset_of!(Attach, state_path), 280);
+        assert_eq!(offset_of!(Attach, restore), 536);
+        assert_eq!(offset_of!(Attach, handovers), 544);
+        assert_eq!(offset_of!(Attach, tracking_id), 560);
+        assert_eq!(offset_of!(Status, tracking_id), 96);
+        assert_eq!(offset_of!(Status, al_flushes), 124);
     }
 }

@@ -92,6 +92,66 @@ impl std::fmt::Display for DevId {
     }
 }
 
+/// What attaching with a state store did with the state it found there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    /// No state store: tracking is kept in memory only.
+    None,
+    /// No usable state (a blank or foreign store): a fresh start.
+    Fresh,
+    /// Restored after a clean shutdown: the bitmap is exact.
+    Clean,
+    /// Restored after a crash: the logged extents were added whole.
+    Crash,
+    /// State found, but the device was written after boot before attach.
+    Written,
+    /// State of another device size or granularity.
+    Geometry,
+    /// State left by a detach (writes after it were not seen).
+    Detached,
+    /// The device keeps no I/O counters, so earlier writes cannot be ruled out.
+    NoIoStat,
+    /// A value this build does not know.
+    Unknown(u32),
+}
+
+impl Restore {
+    fn from_raw(v: u32) -> Restore {
+        match v {
+            abi::RESTORE_NONE => Restore::None,
+            abi::RESTORE_FRESH => Restore::Fresh,
+            abi::RESTORE_CLEAN => Restore::Clean,
+            abi::RESTORE_CRASH => Restore::Crash,
+            abi::RESTORE_WRITTEN => Restore::Written,
+            abi::RESTORE_GEOMETRY => Restore::Geometry,
+            abi::RESTORE_DETACHED => Restore::Detached,
+            abi::RESTORE_NO_IOSTAT => Restore::NoIoStat,
+            v => Restore::Unknown(v),
+        }
+    }
+
+    /// A short name for reports: `none`, `fresh`, `clean`, `crash`,
+    /// `written_before_attach`, `geometry`, `detached`, `no_iostat`, `unknown`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Restore::None => "none",
+            Restore::Fresh => "fresh",
+            Restore::Clean => "clean",
+            Restore::Crash => "crash",
+            Restore::Written => "written_before_attach",
+            Restore::Geometry => "geometry",
+            Restore::Detached => "detached",
+            Restore::NoIoStat => "no_iostat",
+            Restore::Unknown(_) => "unknown",
+        }
+    }
+
+    /// True when the tracking continues from before (clean or crash restore).
+    pub fn restored(self) -> bool {
+        matches!(self, Restore::Clean | Restore::Crash)
+    }
+}
+
 /// A device attached for tracking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attached {
@@ -99,6 +159,16 @@ pub struct Attached {
     pub dev: DevId,
     /// Bytes per bitmap bit.
     pub granularity_bytes: u32,
+    /// What became of the state store's content.
+    pub restore: Restore,
+    /// Activity-log extents a crash left, marked changed whole.
+    pub al_extents: u32,
+    /// The hand-over count the bitmap continues from.
+    pub handovers: u64,
+    /// Bits set in the restored bitmap.
+    pub bits_set: u64,
+    /// Names this line of tracking (kept by a restore, new otherwise).
+    pub tracking_id: [u8; 16],
 }
 
 /// One attached device's state ([`Control::status`]).
@@ -132,6 +202,19 @@ pub struct DeviceStatus {
     pub cow_chunks_used: u64,
     /// Chunks the COW store holds.
     pub cow_chunks_total: u64,
+    /// Names this line of tracking: the same id and hand-over counts that
+    /// follow on mean no write was missed in between.
+    pub tracking_id: [u8; 16],
+    /// The tracking state is kept on a state store.
+    pub persistent: bool,
+    /// The state store failed (errno): tracking goes on in memory only.
+    pub persist_error: Option<i32>,
+    /// Extents in the state store's activity log.
+    pub al_used: u32,
+    /// Extents the activity log holds (0 without a state store).
+    pub al_slots: u32,
+    /// Times a full activity log made extents leave it.
+    pub al_flushes: u32,
 }
 
 /// A handed-over change bitmap: bit i covers bytes
@@ -297,8 +380,10 @@ impl Control {
         })
     }
 
-    /// Starts tracking the block device at `path`.
-    pub fn attach(&self, path: &Path, granularity_bytes: Option<u32>) -> Result<Attached> {
+    /// Starts tracking the block device at `path`; with `state_store` (a
+    /// block device, see kmod/README.md) the tracking survives reboots and
+    /// crashes, and whatever that store holds is restored when it can be.
+    pub fn attach(&self, path: &Path, granularity_bytes: Option<u32>, state_store: Option<&Path>) -> Result<Attached> {
         let granularity_bytes = check_granularity(granularity_bytes)?;
         let mut a = abi::Attach {
             version: abi::IOCTL_VERSION,
@@ -308,6 +393,15 @@ impl Control {
             granularity_bytes,
             reserved: 0,
             path: path_field("attach", path)?,
+            state_path: match state_store {
+                Some(p) => path_field("attach", p)?,
+                None => [0; abi::PATH_BYTES],
+            },
+            restore: 0,
+            al_extents: 0,
+            handovers: 0,
+            bits_set: 0,
+            tracking_id: [0; 16],
         };
         self.ioctl(
             "attach",
@@ -321,6 +415,11 @@ impl Control {
                 minor: a.dev_minor,
             },
             granularity_bytes: a.granularity_bytes,
+            restore: Restore::from_raw(a.restore),
+            al_extents: a.al_extents,
+            handovers: a.handovers,
+            bits_set: a.bits_set,
+            tracking_id: a.tracking_id,
         })
     }
 
@@ -368,6 +467,13 @@ impl Control {
             attached_count: s.attached_count,
             cow_chunks_used: s.cow_chunks_used,
             cow_chunks_total: s.cow_chunks_total,
+            tracking_id: s.tracking_id,
+            persistent: s.state & abi::STATE_PERSISTENT != 0,
+            persist_error: (s.state & abi::STATE_PERSIST_FAILED != 0)
+                .then(|| i32::try_from(s.persist_error).unwrap_or(i32::MAX)),
+            al_used: s.al_used,
+            al_slots: s.al_slots,
+            al_flushes: s.al_flushes,
         })
     }
 

@@ -126,6 +126,11 @@ pub fn request_with_progress(socket: &Path, request: &impl serde::Serialize, mut
     }
 }
 
+/// The arguments of `drmesh ctl --state-dir DIR agent-status` (`drmesh agent status`).
+pub fn agent_status_args(state_dir: PathBuf, json: bool) -> CtlArgs {
+    CtlArgs { state_dir: Some(state_dir), socket: None, json, command: CtlCommand::AgentStatus }
+}
+
 /// Runs `drmesh ctl`.
 pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let socket = match (&args.socket, &args.state_dir) {
@@ -404,7 +409,7 @@ fn print_agent_status(list: &Value) {
     }
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(vec!["VOLUME", "DEVICE", "STATE", "GRANULE", "BITMAP", "DIRTY NOW", "HAND-OVERS", "SNAPSHOT", "COW STORE USE", "PENDING PER TARGET"]);
+    table.set_header(vec!["VOLUME", "DEVICE", "STATE", "GRANULE", "BITMAP", "DIRTY NOW", "HAND-OVERS", "SNAPSHOT", "COW STORE USE", "KEPT ACROSS REBOOT", "PENDING PER TARGET"]);
     for d in devices {
         let u = |v: &Value| v.as_u64().unwrap_or(0);
         let state = match (d["error"].as_str(), d["attached"] == true, d["device_gone"] == true) {
@@ -425,6 +430,16 @@ fn print_agent_status(list: &Value) {
         } else {
             format!("- ({})", s(&d["cow_store"]))
         };
+        let kept = match (d["state_store"].as_str(), d["persist_error"].as_str(), d["persistent"] == true) {
+            (None, _, _) => "no (memory only)".to_string(),
+            (Some(p), Some(e), _) => format!("FAILED: {e} ({p})"),
+            (Some(p), None, true) => format!(
+                "yes ({p}; log {} of {} extents)",
+                u(&d["log_extents"]),
+                u(&d["log_slots"])
+            ),
+            (Some(p), None, false) => format!("- ({p})"),
+        };
         let pending: Vec<String> = d["pending_bits"]
             .as_array()
             .into_iter()
@@ -444,6 +459,7 @@ fn print_agent_status(list: &Value) {
             s(&d["handovers"]),
             snapshot,
             cow,
+            kept,
             if pending.is_empty() { "-".into() } else { pending.join(", ") },
         ]);
     }

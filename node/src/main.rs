@@ -4,6 +4,7 @@
 //! `drmesh ctl` client, topology checking and hot reload, logging and the demo.
 
 mod admin;
+mod agent;
 mod ctl;
 mod data;
 mod demo;
@@ -40,6 +41,8 @@ enum Command {
     Run(run::RunArgs),
     /// Talk to a running node through its admin socket.
     Ctl(ctl::CtlArgs),
+    /// The Linux agent: attach `kmod` volumes at boot, show the kernel module's view.
+    Agent(agent::AgentArgs),
     /// Topology file tools.
     Topology {
         #[command(subcommand)]
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Init(args) => init::run(args),
         Command::Run(args) => run::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Agent(args) => agent::run(args),
         Command::Topology { command: TopologyCommand::Check { file } } => check_topology(&file),
         Command::Restore(args) => recover::restore(args),
         Command::Verify(args) => recover::verify(args),

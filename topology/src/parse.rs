@@ -528,7 +528,7 @@ fn default_listen(first: &str) -> SocketAddr {
 /// Settings of each source kind, in the order documented.
 const KIND_SETTINGS: &[(&str, &[&str])] = &[
     ("file", &["path"]),
-    ("kmod", &["device", "cow_store"]),
+    ("kmod", &["device", "cow_store", "state_store"]),
     ("qemu", &["nbd", "export", "bitmap"]),
     ("ebs", &["volume_id", "region", "endpoint"]),
 ];
@@ -603,8 +603,8 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
 }
 
 /// An absolute `/dev/...` path setting with the span of its value.
-fn read_dev_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<Sp<PathBuf>> {
-    let s = f.text(sink, key, true)?;
+fn read_dev_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, required: bool) -> Option<Sp<PathBuf>> {
+    let s = f.text(sink, key, required)?;
     let path = PathBuf::from(s.value.trim());
     if !path.is_absolute() || !path.starts_with("/dev") {
         sink.error(s.span, format!("`{key}` in {} must be a /dev/... device path, found {:?}", f.what, s.value));
@@ -613,24 +613,48 @@ fn read_dev_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<S
     Some(Sp { value: path, span: s.span })
 }
 
-/// Settings of kind `kmod`: the tracked device and the COW store, which must differ.
+/// Settings of kind `kmod`: the tracked device, the COW store and the optional
+/// state store, which must all differ.
 fn read_kmod(f: &Fields<'_, '_>, sink: &mut Sink<'_>, paths: &mut Vec<Sp<PathBuf>>) -> Option<SourceKind> {
-    let device = read_dev_path(f, sink, "device");
-    let cow_store = read_dev_path(f, sink, "cow_store");
+    let device = read_dev_path(f, sink, "device", true);
+    let cow_store = read_dev_path(f, sink, "cow_store", true);
+    let state_store = read_dev_path(f, sink, "state_store", false);
     let (device, cow_store) = (device?, cow_store?);
-    if device.value == cow_store.value {
+    let mut ok = true;
+    for (key, store) in [("cow_store", Some(&cow_store)), ("state_store", state_store.as_ref())] {
+        let Some(store) = store else { continue };
+        if device.value == store.value {
+            sink.error(
+                store.span.clone(),
+                format!(
+                    "`{key}` {:?} is the tracked device itself; expected a block device on another disk (a spare disk, partition or loop device)",
+                    store.value
+                ),
+            );
+            ok = false;
+        }
+    }
+    if let Some(state) = state_store.as_ref().filter(|s| s.value == cow_store.value) {
         sink.error(
-            cow_store.span.clone(),
+            state.span.clone(),
             format!(
-                "`cow_store` {:?} is the tracked device itself; expected a block device on another disk (a spare disk, partition or loop device)",
-                cow_store.value
+                "`state_store` {:?} is also the `cow_store`; each snapshot overwrites its COW store, so the tracking state needs a device of its own",
+                state.value
             ),
         );
+        ok = false;
+    }
+    if !ok {
         return None;
     }
-    let kind = SourceKind::Kmod { device: device.value.clone(), cow_store: cow_store.value.clone() };
+    let kind = SourceKind::Kmod {
+        device: device.value.clone(),
+        cow_store: cow_store.value.clone(),
+        state_store: state_store.as_ref().map(|s| s.value.clone()),
+    };
     paths.push(device);
     paths.push(cow_store);
+    paths.extend(state_store);
     Some(kind)
 }
 

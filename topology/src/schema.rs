@@ -98,6 +98,11 @@ pub enum SourceKind {
         /// copy-on-write store of each cycle's snapshot (not on `device`'s disk;
         /// its size bounds how much may be overwritten while a cycle reads).
         cow_store: PathBuf,
+        /// Absolute `/dev/...` path of the block device that keeps the
+        /// change tracking across reboots and crashes (not on `device`'s disk,
+        /// not the COW store); `None`: tracking is kept in memory, and the
+        /// first cycle after a reboot reads the whole device.
+        state_store: Option<PathBuf>,
     },
     /// `kind = "qemu"`: dirty bitmaps over NBD.
     Qemu {

@@ -118,7 +118,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
                     sink.error(
                         path.span.clone(),
                         format!(
-                            "{:?} of node {:?} is already a kmod device or COW store on line {line}; expected one volume per device and its own COW store",
+                            "{:?} of node {:?} is already a kmod device, COW store or state store on line {line}; expected one volume per device, with stores of its own",
                             path.value, source.value
                         ),
                     );

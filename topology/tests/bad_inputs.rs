@@ -159,7 +159,7 @@ fn unknown_key_in_volume() {
         &edit(23, "policy = \"p\"\nschedule = \"x\""),
         24,
         1,
-        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, path, device, cow_store, nbd",
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, path, device, cow_store, state_store, nbd",
     );
 }
 
@@ -556,8 +556,27 @@ fn kmod_needs_a_cow_store_on_another_device() {
     let topo = Topology::parse(&good, Path::new("t.toml")).unwrap();
     assert_eq!(
         topo.volumes[0].kind,
-        drmesh_topology::SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into() }
+        drmesh_topology::SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into(), state_store: None }
     );
+}
+
+#[test]
+fn kmod_state_store_is_a_device_of_its_own() {
+    let kmod = edit(20, "kind = \"kmod\"");
+    let with = |state: &str| kmod.replace("path = \"/img\"", &format!("device = \"/dev/sdb\"\ncow_store = \"/dev/sdc\"\nstate_store = \"{state}\""));
+    assert_one(&with("/dev/sdb"), 23, 15, "`state_store` \"/dev/sdb\" is the tracked device itself");
+    assert_one(&with("/dev/sdc"), 23, 15, "`state_store` \"/dev/sdc\" is also the `cow_store`");
+    assert_one(&with("sdd"), 23, 15, "`state_store` in [[volume]] must be a /dev/... device path, found \"sdd\"");
+    let topo = Topology::parse(&with("/dev/sdd"), Path::new("t.toml")).unwrap();
+    assert_eq!(
+        topo.volumes[0].kind,
+        drmesh_topology::SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into(), state_store: Some("/dev/sdd".into()) }
+    );
+    // One volume's state store is not another's device.
+    let second = "\n[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"kmod\"\ndevice = \"/dev/sdd\"\ncow_store = \"/dev/sde\"\ntargets = [\"b\"]\npolicy = \"p\"\n";
+    let errs = errors(&(with("/dev/sdd") + second));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].2.contains("already a kmod device, COW store or state store"), "{errs:#?}");
 }
 
 #[test]
@@ -569,7 +588,7 @@ fn kmod_devices_and_cow_stores_are_not_shared_on_a_node() {
     let errs = errors(&text);
     assert_eq!(errs.len(), 1, "{errs:#?}");
     let line = text.lines().position(|l| l == "cow_store = \"/dev/sdb\"").unwrap() + 1;
-    assert_error(&errs[0], line, 13, "\"/dev/sdb\" of node \"a\" is already a kmod device or COW store on line 21");
+    assert_error(&errs[0], line, 13, "\"/dev/sdb\" of node \"a\" is already a kmod device, COW store or state store on line 21");
     // The same paths on another node are that node's own devices.
     let other_node = second.replace("source = \"a\"", "source = \"b\"").replace("targets = [\"b\"]", "targets = [\"a\"]");
     Topology::parse(&(base + &other_node), Path::new("t.toml")).unwrap();

@@ -49,7 +49,7 @@ fn branch_office_example_loads() {
 
     let kinds: Vec<&str> = topo.volumes.iter().map(|v| v.kind.name()).collect();
     assert_eq!(kinds, ["kmod", "file", "ebs"]);
-    assert_eq!(topo.volumes[0].kind, SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into() });
+    assert_eq!(topo.volumes[0].kind, SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into(), state_store: Some("/dev/sdd1".into()) });
     assert_eq!(topo.volumes[0].targets, ["branch-proxy", "hq-gw"]);
 
     let office = &topo.policies["office"];

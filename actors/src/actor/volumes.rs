@@ -376,9 +376,7 @@ impl VolumeScheduler {
         let policy = self.topology.policies.get(&v.policy).ok_or_else(|| format!("policy {:?} is not in the topology", v.policy))?;
         let (path, kmod) = match &v.kind {
             SourceKind::File { path } => (path.clone(), None),
-            SourceKind::Kmod { device, cow_store } => {
-                (device.clone(), Some(KmodSpec { device: device.clone(), cow_store: cow_store.clone(), targets: v.targets.clone() }))
-            }
+            SourceKind::Kmod { device, .. } => (device.clone(), KmodSpec::of(v)),
             other => return Err(format!("volume {volume:?}: source kind {:?} is not supported by this build yet", other.name())),
         };
         Ok(CycleConfig {
@@ -660,12 +658,7 @@ impl Handler<GetAgentStatus> for VolumeScheduler {
             .volumes
             .iter()
             .filter(|v| v.source == me)
-            .filter_map(|v| match &v.kind {
-                SourceKind::Kmod { device, cow_store } => {
-                    Some((v.name.clone(), KmodSpec { device: device.clone(), cow_store: cow_store.clone(), targets: v.targets.clone() }))
-                }
-                _ => None,
-            })
+            .filter_map(|v| KmodSpec::of(v).map(|spec| (v.name.clone(), spec)))
             .collect();
         let baselines = self.baselines.clone();
         Box::pin(async move {

@@ -25,14 +25,22 @@
 //!
 //! The bitmap only covers writes since the module attached the device, and
 //! since the last hand-over this node persisted. The source records the
-//! module's hand-over count (and the device number and the boot id) after each
+//! module's tracking id, hand-over count and the device number after each
 //! merge. A cycle reads the whole snapshot (and marks every target's pending
 //! set "everything") when:
-//! - it attached the device itself (the first cycle after attach, e.g. after a
-//!   reboot or module reload: writes before were not tracked);
-//! - the hand-over count, the device number, the granularity or the boot id is
-//!   not the recorded one (someone else took a bitmap, the device was
-//!   re-attached, or this node crashed between a hand-over and its merge);
+//! - it attached the device itself and the module restored nothing (no
+//!   `state_store`, or one whose state could not be used, e.g. the device was
+//!   written after boot before the attach): writes before were not tracked;
+//! - the tracking id, the device number or the granularity is not the
+//!   recorded one, or the hand-over count is past the recorded one (someone
+//!   else took a bitmap, the device was re-attached, or this node crashed
+//!   between a hand-over and its merge);
+//!
+//! With a `state_store` the module restores its bitmap after a reboot or a
+//! crash under the same tracking id, at the hand-over count of its last
+//! checkpoint (never past the one this node recorded), so the first cycle
+//! after a reboot reads only what changed (after a crash, also the extents
+//! the module's activity log named).
 //! - the target has no pending set yet (a new target), the target's session
 //!   asks for a full offer, or the volume's size changed.
 //!
@@ -63,12 +71,32 @@ pub struct KmodSpec {
     pub device: PathBuf,
     /// The block device that holds the COW store of each snapshot.
     pub cow_store: PathBuf,
+    /// The block device that keeps the tracking across reboots, if any.
+    pub state_store: Option<PathBuf>,
     /// Every target of the volume (each gets the handed-over bits).
     pub targets: Vec<String>,
 }
 
+impl KmodSpec {
+    /// The settings of `volume` when it is of kind `kmod`.
+    pub fn of(volume: &drmesh_topology::Volume) -> Option<KmodSpec> {
+        match &volume.kind {
+            drmesh_topology::SourceKind::Kmod { device, cow_store, state_store } => Some(KmodSpec {
+                device: device.clone(),
+                cow_store: cow_store.clone(),
+                state_store: state_store.clone(),
+                targets: volume.targets.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The module's smallest snapshot chunk (a chunk is the granularity, at least this).
 const SNAPSHOT_CHUNK_BYTES_MIN: u32 = 4096;
+
+/// Bytes one extent of the module's activity log covers (`DRMESH_TRK_EXTENT_BYTES`).
+const LOG_EXTENT_BYTES: u64 = 4 << 20;
 
 /// Key of the tracking record in the volume's source state.
 const TRACK_KEY: &str = "kmod-track";
@@ -81,8 +109,9 @@ fn pending_key(target: &str) -> String {
 /// What this node knows about the module's state after its last merged hand-over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct TrackRecord {
-    /// `/proc/sys/kernel/random/boot_id` then.
-    boot_id: String,
+    /// The module's tracking id then: a new one means tracking restarted
+    /// (re-attach, module reload, or a reboot without a usable state store).
+    tracking_id: [u8; 16],
     /// Device number then.
     dev_major: u32,
     /// Device number then.
@@ -201,9 +230,6 @@ fn device_number(volume: &str, path: &Path) -> Result<DevId, SourceError> {
     Ok(DevId { major: libc::major(rdev), minor: libc::minor(rdev) })
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
-}
 
 /// Cycles of one device take turns: the module keeps one snapshot per disk.
 pub fn device_lock(device: &Path) -> Arc<tokio::sync::Mutex<()>> {
@@ -238,11 +264,18 @@ impl KmodCycle {
         let mut status = if status.attached {
             status
         } else {
-            let attached = ctl.attach(device, None).map_err(kmod_err(volume, device, "attach"))?;
-            tracing::info!(%volume, device = %device.display(), dev = %attached.dev, granularity = attached.granularity_bytes, "attached the device to the kernel module");
+            let attached = ctl.attach(device, None, spec.state_store.as_deref()).map_err(kmod_err(volume, device, "attach"))?;
+            tracing::info!(
+                %volume, device = %device.display(), dev = %attached.dev, granularity = attached.granularity_bytes,
+                state_store = %spec.state_store.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
+                restore = attached.restore.name(), restored_bits = attached.bits_set, log_extents = attached.al_extents,
+                "attached the device to the kernel module"
+            );
             let mut st = ctl.status(dev).map_err(kmod_err(volume, device, "status"))?;
-            // Nothing before this attach was tracked.
-            st.handovers = u64::MAX;
+            if !attached.restore.restored() {
+                // Nothing before this attach was tracked.
+                st.handovers = u64::MAX;
+            }
             st
         };
         if status.snapshot {
@@ -251,8 +284,7 @@ impl KmodCycle {
             ctl.release(dev).map_err(kmod_err(volume, device, "release"))?;
         }
         let record: Option<TrackRecord> = decode(baselines, volume, TRACK_KEY)?;
-        let boot = boot_id();
-        let lost = continuity_lost(record.as_ref(), &boot, dev, &status);
+        let lost = continuity_lost(record.as_ref(), dev, &status);
         let snapshot = ctl.snapshot(dev, &spec.cow_store).map_err(kmod_err(volume, device, "snapshot"))?;
         let taken = Self::after_snapshot(&ctl, dev, volume, device);
         let after = match taken {
@@ -284,7 +316,7 @@ impl KmodCycle {
             entries.push((pending_key(t), Some(encode(&pending))));
         }
         let new_record = TrackRecord {
-            boot_id: boot,
+            tracking_id: after.tracking_id,
             dev_major: dev.major,
             dev_minor: dev.minor,
             granularity_bytes: snapshot.bitmap.granularity_bytes,
@@ -383,21 +415,27 @@ impl Drop for KmodCycle {
 }
 
 /// Why the recorded tracking state does not continue into `status`, if it does not.
-fn continuity_lost(record: Option<&TrackRecord>, boot: &str, dev: DevId, status: &DeviceStatus) -> Option<String> {
+///
+/// The same tracking id means one unbroken line of tracking (a state store
+/// carries it across reboots). The module's count may then be lower than the
+/// recorded one: a bitmap restored from a state store starts at the count of
+/// its last checkpoint, and holds every write since, which is more than
+/// needed, never less. A higher count means a hand-over this node never saw.
+fn continuity_lost(record: Option<&TrackRecord>, dev: DevId, status: &DeviceStatus) -> Option<String> {
     if status.handovers == u64::MAX {
         return Some("first cycle after attach".into());
     }
     let Some(r) = record else {
         return Some("the device was attached before this node tracked it".into());
     };
-    if r.boot_id != boot {
-        Some("the machine rebooted since the last cycle".into())
+    if r.tracking_id != status.tracking_id {
+        Some("tracking restarted (device re-attached, module reloaded, or a reboot without a usable state store)".into())
     } else if (r.dev_major, r.dev_minor) != (dev.major, dev.minor) {
         Some("the device number changed".into())
     } else if r.granularity_bytes != status.granularity_bytes || r.device_bytes != status.device_bytes {
         Some("the device was re-attached with another geometry".into())
-    } else if r.handovers != status.handovers {
-        Some(format!("the module's hand-over count is {}, not the {} recorded (re-attached, another client, or a crash mid-cycle)", status.handovers, r.handovers))
+    } else if status.handovers > r.handovers {
+        Some(format!("the module's hand-over count is {}, past the {} recorded (another client took a change bitmap, or a crash mid-cycle)", status.handovers, r.handovers))
     } else {
         None
     }
@@ -413,6 +451,58 @@ fn merge_pending(old: Option<Pending>, bitmap: &ChangeBitmap, lost: Option<&str>
             p
         }
     }
+}
+
+/// What [`attach_at_boot`] did for one volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootAttach {
+    /// Volume name.
+    pub volume: String,
+    /// The tracked device.
+    pub device: String,
+    /// It was attached already (nothing done).
+    pub already_attached: bool,
+    /// What the module did with the state store's content: `none` (no state
+    /// store), `fresh`, `clean`, `crash`, `written_before_attach`,
+    /// `geometry`, `detached`, `no_iostat`.
+    pub restore: String,
+    /// Bits set in the restored bitmap.
+    pub restored_bits: u64,
+    /// Bytes those bits cover.
+    pub restored_bytes: u64,
+    /// Activity-log extents a crash left (reread whole).
+    pub log_extents: u32,
+}
+
+/// Attaches `spec.device` now, with its state store, unless it is attached:
+/// for early boot, before anything mounts or writes the device, so the
+/// tracking saved at shutdown (or after a crash) carries on and the next
+/// cycle reads only what changed. A cycle attaches by itself too, but a
+/// filesystem mounted before that has written the device, so the module
+/// would not restore. Blocking.
+pub fn attach_at_boot(volume: &str, spec: &KmodSpec) -> Result<BootAttach, SourceError> {
+    let device = spec.device.as_path();
+    let ctl = Control::open().map_err(kmod_err(volume, device, "open"))?;
+    let dev = device_number(volume, device)?;
+    let status = ctl.status(dev).map_err(kmod_err(volume, device, "status"))?;
+    let mut report = BootAttach {
+        volume: volume.to_string(),
+        device: device.display().to_string(),
+        already_attached: status.attached,
+        restore: String::new(),
+        restored_bits: 0,
+        restored_bytes: 0,
+        log_extents: 0,
+    };
+    if status.attached {
+        return Ok(report);
+    }
+    let attached = ctl.attach(device, None, spec.state_store.as_deref()).map_err(kmod_err(volume, device, "attach"))?;
+    report.restore = attached.restore.name().to_string();
+    report.restored_bits = attached.bits_set;
+    report.restored_bytes = attached.bits_set * u64::from(attached.granularity_bytes);
+    report.log_extents = attached.al_extents;
+    Ok(report)
 }
 
 /// One tracked device, for `drmesh ctl agent-status`.
@@ -448,6 +538,20 @@ pub struct KmodDeviceReport {
     pub cow_used_bytes: u64,
     /// COW store bytes for data.
     pub cow_total_bytes: u64,
+    /// The state store that keeps the tracking across reboots, if any.
+    pub state_store: Option<String>,
+    /// The module keeps this device's tracking on the state store now.
+    pub persistent: bool,
+    /// The errno text of the state store's failure (tracking in memory only).
+    pub persist_error: Option<String>,
+    /// Extents in the state store's activity log (each one reread after a crash).
+    pub log_extents: u32,
+    /// Extents the activity log holds.
+    pub log_slots: u32,
+    /// Bytes one activity-log extent covers.
+    pub log_extent_bytes: u64,
+    /// The module's tracking id (hex): a new one means tracking restarted.
+    pub tracking_id: String,
     /// Bits pending per target (changes not committed there yet); `None`: everything.
     pub pending_bits: Vec<(String, Option<u64>)>,
     /// Why the state could not be read, if it could not.
@@ -472,6 +576,13 @@ pub fn device_report(baselines: &Baselines, volume: &str, spec: &KmodSpec) -> Km
         snapshot_error: None,
         cow_used_bytes: 0,
         cow_total_bytes: 0,
+        state_store: spec.state_store.as_ref().map(|p| p.display().to_string()),
+        persistent: false,
+        persist_error: None,
+        log_extents: 0,
+        log_slots: 0,
+        log_extent_bytes: LOG_EXTENT_BYTES,
+        tracking_id: String::new(),
         pending_bits: Vec::new(),
         error: None,
     };
@@ -500,6 +611,13 @@ pub fn device_report(baselines: &Baselines, volume: &str, spec: &KmodSpec) -> Km
             report.snapshot_error = st.snapshot_error.map(|e| std::io::Error::from_raw_os_error(e).to_string());
             report.cow_used_bytes = st.cow_chunks_used * chunk;
             report.cow_total_bytes = st.cow_chunks_total * chunk;
+            report.persistent = st.persistent;
+            report.persist_error = st.persist_error.map(|e| std::io::Error::from_raw_os_error(e).to_string());
+            report.log_extents = st.al_used;
+            report.log_slots = st.al_slots;
+            if st.attached {
+                report.tracking_id = st.tracking_id.iter().map(|b| format!("{b:02x}")).collect();
+            }
         }
         Err(e) => report.error = Some(e.to_string()),
     }
@@ -567,19 +685,30 @@ mod tests {
             attached_count: 1,
             cow_chunks_used: 0,
             cow_chunks_total: 0,
+            tracking_id: [7; 16],
+            persistent: true,
+            persist_error: None,
+            al_used: 0,
+            al_slots: 500,
+            al_flushes: 0,
         }
     }
 
     #[test]
-    fn continuity_needs_the_recorded_handover_count_device_and_boot() {
+    fn continuity_needs_the_tracking_id_device_and_no_unseen_handover() {
         let dev = DevId { major: 254, minor: 16 };
-        let r = TrackRecord { boot_id: "b".into(), dev_major: 254, dev_minor: 16, granularity_bytes: 4096, device_bytes: 1 << 20, handovers: 5, generation: 3 };
-        assert_eq!(continuity_lost(Some(&r), "b", dev, &status(5)), None);
-        assert!(continuity_lost(Some(&r), "b", dev, &status(6)).unwrap().contains("hand-over count"));
-        assert!(continuity_lost(Some(&r), "other", dev, &status(5)).unwrap().contains("rebooted"));
-        assert!(continuity_lost(Some(&r), "b", DevId { major: 254, minor: 0 }, &status(5)).is_some());
-        assert!(continuity_lost(None, "b", dev, &status(5)).is_some());
-        assert_eq!(continuity_lost(Some(&r), "b", dev, &status(u64::MAX)).as_deref(), Some("first cycle after attach"));
+        let r = TrackRecord { tracking_id: [7; 16], dev_major: 254, dev_minor: 16, granularity_bytes: 4096, device_bytes: 1 << 20, handovers: 5, generation: 3 };
+        assert_eq!(continuity_lost(Some(&r), dev, &status(5)), None);
+        // Restored from a state store's checkpoint before the last hand-over: more bits, none missing.
+        assert_eq!(continuity_lost(Some(&r), dev, &status(4)), None);
+        assert!(continuity_lost(Some(&r), dev, &status(6)).unwrap().contains("hand-over count"));
+        let restarted = DeviceStatus { tracking_id: [8; 16], ..status(5) };
+        assert!(continuity_lost(Some(&r), dev, &restarted).unwrap().contains("tracking restarted"));
+        assert!(continuity_lost(Some(&r), DevId { major: 254, minor: 0 }, &status(5)).is_some());
+        let regrown = DeviceStatus { device_bytes: 2 << 20, ..status(5) };
+        assert!(continuity_lost(Some(&r), dev, &regrown).unwrap().contains("geometry"));
+        assert!(continuity_lost(None, dev, &status(5)).is_some());
+        assert_eq!(continuity_lost(Some(&r), dev, &status(u64::MAX)).as_deref(), Some("first cycle after attach"));
     }
 
     #[test]

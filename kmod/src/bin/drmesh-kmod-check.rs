@@ -34,13 +34,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctl = Control::open()?;
 
     assert!(matches!(
-        ctl.attach(dev_path, Some(3000)),
+        ctl.attach(dev_path, Some(3000), None),
         Err(KmodError::InvalidArgument { .. })
     ));
-    let att = ctl.attach(dev_path, None)?;
+    let att = ctl.attach(dev_path, None, None)?;
     assert_eq!(att.granularity_bytes, 4096);
+    assert_eq!(att.restore, drmesh_kmod::Restore::None);
+    assert_eq!(att.handovers, 0);
     assert!(matches!(
-        ctl.attach(dev_path, None),
+        ctl.attach(dev_path, None, None),
         Err(KmodError::Busy { .. })
     ));
     let st = ctl.status(att.dev)?;
