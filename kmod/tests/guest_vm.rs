@@ -234,3 +234,23 @@ fn kmod_volume_replicates_in_a_real_kernel() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn kmod_volume_reads_only_changes_after_a_reboot() {
+    if !is_root() {
+        eprintln!("SKIPPED kmod_volume_reads_only_changes_after_a_reboot: needs root");
+        return;
+    }
+    let drmesh = stripped_drmesh();
+    run_guest_boots(
+        "kmod_volume_reads_only_changes_after_a_reboot",
+        Kernel::Stock,
+        "kmod/tests/guest-reboot.sh",
+        &["boot 1, first cycle", "cycle data", "attached /dev/vda", "reboot:"],
+        &[drmesh.to_str().expect("utf-8 temp path")],
+        2,
+    );
+    if let Some(dir) = drmesh.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
