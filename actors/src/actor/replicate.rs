@@ -192,8 +192,21 @@ pub async fn run_cycle(
         return run_cycle_on(conn, cfg, baselines, cancel, None).await;
     };
     // One snapshot per disk: cycles of the device take turns, each from
-    // snapshot to release.
-    let _turn = device_lock(&spec.device).lock_owned().await;
+    // snapshot to release. A pause while waiting for the turn ends the wait.
+    let mut cancel = cancel;
+    let lock = device_lock(&spec.device);
+    let _turn = tokio::select! {
+        turn = lock.clone().lock_owned() => turn,
+        reason = &mut cancel => match reason {
+            Ok(reason) => return Err(CycleError::Session(reason)),
+            Err(_) => {
+                // Nobody can cancel any more; a receiver whose sender is gone
+                // tells the session loop so once.
+                cancel = oneshot::channel().1;
+                lock.lock_owned().await
+            }
+        },
+    };
     let (b, v, t, bb) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
     let kmod = tokio::task::spawn_blocking(move || KmodCycle::prepare(&b, &v, &t, &spec, bb))
         .await
