@@ -70,8 +70,10 @@
  * @wq: the worker waits here.
  * @worker: the worker thread.
  * @disk_added: @disk was added (so it must be deleted).
- * @pend: the store write of the last copy, still in flight, or NULL; origin
- *	chunks @pend_chunks[0 .. @pend_n) get data chunks @pend_used on.
+ * @pend: the store write of the last copy, built and not yet submitted
+ *	(@pend_sent false) or in flight, or NULL; origin chunks
+ *	@pend_chunks[0 .. @pend_n) get data chunks @pend_used on.
+ * @pend_sent: @pend was submitted.
  * @pend_chunks: origin chunk numbers of @pend (one buffer's worth).
  * @pend_n: see @pend.
  * @pend_used: see @pend.
@@ -103,6 +105,7 @@ struct trk_snap {
 	struct task_struct *worker;
 	bool disk_added;
 	struct bio *pend;
+	bool pend_sent;
 	unsigned long *pend_chunks;
 	unsigned long pend_n;
 	u64 pend_used;
@@ -201,18 +204,27 @@ static int snap_write_header(struct trk_snap *s, u32 state)
 		       DRMESH_COW_HEADER_BYTES);
 }
 
-/* Writes the index pages changed since the last call. Worker only. */
+/*
+ * Writes the index pages changed since the last call, one write per run of
+ * changed pages (a copy changes one entry, and random copies dirty most pages
+ * of a small index between two write-outs: one write per page cost a round
+ * trip each while a held write waited). Worker only.
+ */
 static int snap_flush_index(struct trk_snap *s)
 {
-	unsigned long p, pages = s->index_bytes >> PAGE_SHIFT;
+	unsigned long p, q, pages = s->index_bytes >> PAGE_SHIFT;
 	int ret;
 
-	for_each_set_bit(p, s->index_dirty, pages) {
-		clear_bit(p, s->index_dirty);
+	for (p = find_first_bit(s->index_dirty, pages); p < pages;
+	     p = find_next_bit(s->index_dirty, pages, q)) {
+		q = min(find_next_zero_bit(s->index_dirty, pages, p),
+			p + BIO_MAX_VECS);
+		bitmap_clear(s->index_dirty, p, q - p);
 		ret = snap_io(s->store, REQ_OP_WRITE | REQ_SYNC,
 			      (DRMESH_COW_HEADER_BYTES + (p << PAGE_SHIFT)) >>
 				      SECTOR_SHIFT,
-			      (void *)s->index + (p << PAGE_SHIFT), PAGE_SIZE);
+			      (void *)s->index + (p << PAGE_SHIFT),
+			      (q - p) << PAGE_SHIFT);
 		if (ret)
 			return ret;
 	}
@@ -240,6 +252,15 @@ static void snap_invalidate(struct trk_snap *s, int err)
 	snap_write_header(s, DRMESH_COW_INVALID);
 }
 
+/* Submits the store write of the last copy, if it was not yet. */
+static void snap_cow_send(struct trk_snap *s)
+{
+	if (!s->pend || s->pend_sent)
+		return;
+	s->pend_sent = true;
+	submit_bio(s->pend);
+}
+
 /*
  * Waits for the store write of the last copy and only then lets the index
  * point at it (a write to those chunks may skip the queue from then on).
@@ -251,6 +272,7 @@ static int snap_cow_finish(struct trk_snap *s)
 
 	if (!s->pend)
 		return 0;
+	snap_cow_send(s);
 	wait_for_completion_io(&s->pend_done);
 	ret = blk_status_to_errno(s->pend->bi_status);
 	bio_put(s->pend);
@@ -267,21 +289,69 @@ static int snap_cow_finish(struct trk_snap *s)
 }
 
 /*
+ * The store write of the chunks of the buffer window [c, end] (origin chunk
+ * c at the buffer's start) that are not copied yet, to data chunks @used on:
+ * built from those chunks' pages where the read put them, so nothing is
+ * moved in memory (a chunk is whole pages, the buffer page aligned). Fills
+ * @pend_chunks. Not submitted.
+ */
+static struct bio *snap_pack_bio(struct trk_snap *s, unsigned long c,
+				 unsigned long end, unsigned long n, u64 used)
+{
+	size_t chunk = 1ul << s->shift, off;
+	struct bio *bio;
+	unsigned long i, k = 0;
+
+	bio = bio_alloc(s->store, n << (s->shift - PAGE_SHIFT),
+			REQ_OP_WRITE | REQ_SYNC, GFP_NOIO);
+	bio->bi_iter.bi_sector = s->data_sect + (used << (s->shift - SECTOR_SHIFT));
+	for (i = c; i <= end; i++) {
+		void *p = s->buf + (i - c) * chunk;
+
+		if (s->index[i])
+			continue;
+		for (off = 0; off < chunk; off += PAGE_SIZE) {
+			if (bio_add_page(bio, snap_page(p + off), PAGE_SIZE, 0) !=
+			    PAGE_SIZE) {
+				bio_put(bio);
+				return NULL;
+			}
+		}
+		s->pend_chunks[k++] = i;
+	}
+	if (is_vmalloc_addr(s->buf))
+		flush_kernel_vmap_range(s->buf, (end - c + 1) * chunk);
+	return bio;
+}
+
+/*
  * Copies chunks [c, last] that are not copied yet into the store, a buffer's
  * worth of origin at a time: one read of the whole window (chunks copied
  * before are read too, which is cheaper than splitting the read around them),
- * the chunks to copy packed together, one store write to the next free data
- * chunks. The old data is read synchronously; the last store write is left
- * in flight (snap_cow_finish() completes it), so the held write can go to the
- * origin meanwhile: the snapshot reads those chunks only after the worker
- * finished, and then from the store.
+ * then one store write of the chunks to copy, packed, to the next free data
+ * chunks. The old data is read synchronously. The last window's store write
+ * is built but not submitted: the caller sends the held write to the origin
+ * first (it is what its submitter waits for), then the store write
+ * (snap_cow_send()), and waits for the store write only before the next
+ * queued bio (snap_cow_finish()). The snapshot reads those chunks only after
+ * that, and then from the store.
+ *
+ * Neither a flush nor FUA on the store write, and the origin write does not
+ * wait for it: a snapshot lives only while the module is loaded (it does not
+ * survive unload or reboot, README.md), so the store needs no durability,
+ * only ordering within this run, and that the worker gives: the index points
+ * at a copy only once its write completed, and a completed write is seen by
+ * every later read of the same device, in the drive's cache or not. The
+ * origin write cannot overtake the read of the old data (it is sent after the
+ * read completed), and it may land before the store write: the old data is
+ * in memory then, and nothing reads these chunks from the origin again. After
+ * a crash the store is never read (the next snapshot rewrites it from byte 0).
  *
  * Return: 0, -ENOSPC when the store is full, or an I/O error.
  */
 static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 {
 	unsigned long bufc = s->buf_bytes >> s->shift;
-	size_t chunk = 1ul << s->shift;
 	u64 origin = snap_origin_bytes(s);
 
 	while (c <= last) {
@@ -315,32 +385,20 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 			return ret;
 		if (bytes < run)
 			memset(s->buf + bytes, 0, run - bytes);
-		/* Pack the chunks to copy at the front, in order (k <= i). */
-		n = 0;
-		for (i = c; i <= end; i++) {
-			if (s->index[i])
-				continue;
-			if (i - c != n)
-				memmove(s->buf + n * chunk, s->buf + (i - c) * chunk,
-					chunk);
-			s->pend_chunks[n++] = i;
-		}
 		/*
 		 * REQ_SYNC: a held write waits for this one; without it the
 		 * block layer treats it as background writeback and may throttle
 		 * it (writeback throttling).
 		 */
-		s->pend = snap_bio(s->store, REQ_OP_WRITE | REQ_SYNC,
-				   s->data_sect + (used << (s->shift - SECTOR_SHIFT)),
-				   s->buf, n * chunk);
+		s->pend = snap_pack_bio(s, c, end, n, used);
 		if (!s->pend)
 			return -EIO;
+		s->pend_sent = false;
 		s->pend_n = n;
 		s->pend_used = used;
 		s->pend->bi_end_io = snap_pend_end_io;
 		s->pend->bi_private = &s->pend_done;
 		reinit_completion(&s->pend_done);
-		submit_bio(s->pend);
 		atomic64_add(n, &s->used);
 		c = end + 1;
 	}
@@ -368,6 +426,7 @@ static void snap_write(struct trk_snap *s, struct bio *bio)
 		}
 	}
 	trk_pass_bio(bio);
+	snap_cow_send(s);
 	/* Before the next queued bio: a read of these chunks must find them. */
 	ret = snap_cow_finish(s);
 	if (ret)
