@@ -4,9 +4,11 @@
  * copying each chunk's old data into a COW store before its first write.
  *
  * One snapshot per disk. Its worker thread does everything that may sleep:
- * it copies the chunks a held write is about to overwrite and then sends the
- * write on (trk_pass_bio()), and it serves reads of the snapshot block device
- * (/dev/drmesh-snapN) from the store (copied chunks) or the origin (the rest).
+ * it copies the chunks held writes are about to overwrite and then sends the
+ * writes on (trk_pass_bio()), the writes queued together as one batch whose
+ * reads of the old data are in flight at once (snap_batch_run()), and it
+ * serves reads of the snapshot block device (/dev/drmesh-snapN) from the
+ * store (copied chunks) or the origin (the rest).
  * Because one thread does both, a read of a chunk not yet copied cannot race
  * with the copy of that chunk: a write that needs the copy waits in the same
  * queue. Writes to chunks already copied go straight on (trk_tracer.c checks
@@ -45,6 +47,22 @@
 #define SNAP_INDEX_BYTES_MAX (64ul << 20)
 
 /**
+ * struct snap_job - a held write in the worker's current batch.
+ * @bio: the write.
+ * @c: first chunk of its copy window: the chunks it overwrites from the first
+ *	to the last one not copied yet (copied ones between are read too); or
+ *	ULONG_MAX when every chunk it overwrites is copied.
+ * @end: last chunk of the window.
+ * @boff: where in the worker's buffer the window's old data is read to.
+ */
+struct snap_job {
+	struct bio *bio;
+	unsigned long c;
+	unsigned long end;
+	size_t boff;
+};
+
+/**
  * struct trk_snap - one live snapshot.
  * @t: the origin's tracker; stays attached while the snapshot exists.
  * @store: the COW store, open exclusively.
@@ -70,12 +88,21 @@
  * @wq: the worker waits here.
  * @worker: the worker thread.
  * @disk_added: @disk was added (so it must be deleted).
- * @pend: the store write of the last copy, still in flight, or NULL; origin
- *	chunks @pend_chunks[0 .. @pend_n) get data chunks @pend_used on.
+ * @pend: the store write of the last copy, built and not yet submitted
+ *	(@pend_sent false) or in flight, or NULL; origin chunks
+ *	@pend_chunks[0 .. @pend_n) get data chunks @pend_used on.
+ * @pend_sent: @pend was submitted.
  * @pend_chunks: origin chunk numbers of @pend (one buffer's worth).
  * @pend_n: see @pend.
  * @pend_used: see @pend.
  * @pend_done: completion of @pend.
+ * @jobs: the held writes of the worker's current batch (one per buffer chunk
+ *	at most), @njobs of them, their copy windows in @buf up to @jobs_bytes.
+ * @njobs: see @jobs.
+ * @jobs_bytes: see @jobs.
+ * @reads_left: reads of the batch in flight, plus one while they are sent.
+ * @read_err: error of a read of the batch (negative errno), or 0.
+ * @reads_done: completed when @reads_left drops to zero.
  * @flushed_at: jiffies of the last index write-out.
  */
 struct trk_snap {
@@ -103,10 +130,17 @@ struct trk_snap {
 	struct task_struct *worker;
 	bool disk_added;
 	struct bio *pend;
+	bool pend_sent;
 	unsigned long *pend_chunks;
 	unsigned long pend_n;
 	u64 pend_used;
 	struct completion pend_done;
+	struct snap_job *jobs;
+	unsigned int njobs;
+	size_t jobs_bytes;
+	atomic_t reads_left;
+	int read_err;
+	struct completion reads_done;
 	unsigned long flushed_at;
 };
 
@@ -201,18 +235,27 @@ static int snap_write_header(struct trk_snap *s, u32 state)
 		       DRMESH_COW_HEADER_BYTES);
 }
 
-/* Writes the index pages changed since the last call. Worker only. */
+/*
+ * Writes the index pages changed since the last call, one write per run of
+ * changed pages (a copy changes one entry, and random copies dirty most pages
+ * of a small index between two write-outs: one write per page cost a round
+ * trip each while a held write waited). Worker only.
+ */
 static int snap_flush_index(struct trk_snap *s)
 {
-	unsigned long p, pages = s->index_bytes >> PAGE_SHIFT;
+	unsigned long p, q, pages = s->index_bytes >> PAGE_SHIFT;
 	int ret;
 
-	for_each_set_bit(p, s->index_dirty, pages) {
-		clear_bit(p, s->index_dirty);
+	for (p = find_first_bit(s->index_dirty, pages); p < pages;
+	     p = find_next_bit(s->index_dirty, pages, q)) {
+		q = min(find_next_zero_bit(s->index_dirty, pages, p),
+			p + BIO_MAX_VECS);
+		bitmap_clear(s->index_dirty, p, q - p);
 		ret = snap_io(s->store, REQ_OP_WRITE | REQ_SYNC,
 			      (DRMESH_COW_HEADER_BYTES + (p << PAGE_SHIFT)) >>
 				      SECTOR_SHIFT,
-			      (void *)s->index + (p << PAGE_SHIFT), PAGE_SIZE);
+			      (void *)s->index + (p << PAGE_SHIFT),
+			      (q - p) << PAGE_SHIFT);
 		if (ret)
 			return ret;
 	}
@@ -240,6 +283,15 @@ static void snap_invalidate(struct trk_snap *s, int err)
 	snap_write_header(s, DRMESH_COW_INVALID);
 }
 
+/* Submits the store write of the last copy, if it was not yet. */
+static void snap_cow_send(struct trk_snap *s)
+{
+	if (!s->pend || s->pend_sent)
+		return;
+	s->pend_sent = true;
+	submit_bio(s->pend);
+}
+
 /*
  * Waits for the store write of the last copy and only then lets the index
  * point at it (a write to those chunks may skip the queue from then on).
@@ -251,6 +303,7 @@ static int snap_cow_finish(struct trk_snap *s)
 
 	if (!s->pend)
 		return 0;
+	snap_cow_send(s);
 	wait_for_completion_io(&s->pend_done);
 	ret = blk_status_to_errno(s->pend->bi_status);
 	bio_put(s->pend);
@@ -267,21 +320,89 @@ static int snap_cow_finish(struct trk_snap *s)
 }
 
 /*
+ * Adds to store write @bio the chunks of window [c, end] (origin chunk c at
+ * @boff in the buffer) that are not copied yet, as the pages where the read
+ * put them, so nothing is moved in memory (a chunk is whole pages, the buffer
+ * page aligned); records them in @pend_chunks from *@k on.
+ */
+static int snap_pack_window(struct trk_snap *s, struct bio *bio,
+			    unsigned long c, unsigned long end, size_t boff,
+			    unsigned long *k)
+{
+	size_t chunk = 1ul << s->shift, off;
+	unsigned long i;
+
+	if (is_vmalloc_addr(s->buf))
+		flush_kernel_vmap_range(s->buf + boff, (end - c + 1) * chunk);
+	for (i = c; i <= end; i++) {
+		void *p = s->buf + boff + (i - c) * chunk;
+
+		if (s->index[i])
+			continue;
+		for (off = 0; off < chunk; off += PAGE_SIZE)
+			if (bio_add_page(bio, snap_page(p + off), PAGE_SIZE, 0) !=
+			    PAGE_SIZE)
+				return -EIO;
+		s->pend_chunks[(*k)++] = i;
+	}
+	return 0;
+}
+
+/*
+ * Makes @pend the store write of @n chunks to data chunks @used on (REQ_SYNC:
+ * a held write waits for it; without it the block layer treats it as
+ * background writeback and may throttle it). Not submitted; the caller adds
+ * the pages (snap_pack_window()).
+ */
+static void snap_pend_init(struct trk_snap *s, unsigned long n, u64 used)
+{
+	s->pend = bio_alloc(s->store, n << (s->shift - PAGE_SHIFT),
+			    REQ_OP_WRITE | REQ_SYNC, GFP_NOIO);
+	s->pend->bi_iter.bi_sector =
+		s->data_sect + (used << (s->shift - SECTOR_SHIFT));
+	s->pend->bi_end_io = snap_pend_end_io;
+	s->pend->bi_private = &s->pend_done;
+	s->pend_sent = false;
+	s->pend_n = n;
+	s->pend_used = used;
+	reinit_completion(&s->pend_done);
+}
+
+/* Drops @pend before it was submitted (packing failed). */
+static void snap_pend_drop(struct trk_snap *s)
+{
+	bio_put(s->pend);
+	s->pend = NULL;
+}
+
+/*
  * Copies chunks [c, last] that are not copied yet into the store, a buffer's
  * worth of origin at a time: one read of the whole window (chunks copied
  * before are read too, which is cheaper than splitting the read around them),
- * the chunks to copy packed together, one store write to the next free data
- * chunks. The old data is read synchronously; the last store write is left
- * in flight (snap_cow_finish() completes it), so the held write can go to the
- * origin meanwhile: the snapshot reads those chunks only after the worker
- * finished, and then from the store.
+ * then one store write of the chunks to copy, packed, to the next free data
+ * chunks. The old data is read synchronously. The last window's store write
+ * is built but not submitted: the caller sends the held write to the origin
+ * first (it is what its submitter waits for), then the store write
+ * (snap_cow_send()), and waits for the store write only before the next
+ * queued bio (snap_cow_finish()). The snapshot reads those chunks only after
+ * that, and then from the store.
+ *
+ * Neither a flush nor FUA on the store write, and the origin write does not
+ * wait for it: a snapshot lives only while the module is loaded (it does not
+ * survive unload or reboot, README.md), so the store needs no durability,
+ * only ordering within this run, and that the worker gives: the index points
+ * at a copy only once its write completed, and a completed write is seen by
+ * every later read of the same device, in the drive's cache or not. The
+ * origin write cannot overtake the read of the old data (it is sent after the
+ * read completed), and it may land before the store write: the old data is
+ * in memory then, and nothing reads these chunks from the origin again. After
+ * a crash the store is never read (the next snapshot rewrites it from byte 0).
  *
  * Return: 0, -ENOSPC when the store is full, or an I/O error.
  */
 static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 {
 	unsigned long bufc = s->buf_bytes >> s->shift;
-	size_t chunk = 1ul << s->shift;
 	u64 origin = snap_origin_bytes(s);
 
 	while (c <= last) {
@@ -315,59 +436,228 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 			return ret;
 		if (bytes < run)
 			memset(s->buf + bytes, 0, run - bytes);
-		/* Pack the chunks to copy at the front, in order (k <= i). */
-		n = 0;
-		for (i = c; i <= end; i++) {
-			if (s->index[i])
-				continue;
-			if (i - c != n)
-				memmove(s->buf + n * chunk, s->buf + (i - c) * chunk,
-					chunk);
-			s->pend_chunks[n++] = i;
-		}
-		/*
-		 * REQ_SYNC: a held write waits for this one; without it the
-		 * block layer treats it as background writeback and may throttle
-		 * it (writeback throttling).
-		 */
-		s->pend = snap_bio(s->store, REQ_OP_WRITE | REQ_SYNC,
-				   s->data_sect + (used << (s->shift - SECTOR_SHIFT)),
-				   s->buf, n * chunk);
-		if (!s->pend)
+		snap_pend_init(s, n, used);
+		i = 0;
+		if (snap_pack_window(s, s->pend, c, end, 0, &i)) {
+			snap_pend_drop(s);
 			return -EIO;
-		s->pend_n = n;
-		s->pend_used = used;
-		s->pend->bi_end_io = snap_pend_end_io;
-		s->pend->bi_private = &s->pend_done;
-		reinit_completion(&s->pend_done);
-		submit_bio(s->pend);
+		}
 		atomic64_add(n, &s->used);
 		c = end + 1;
 	}
 	return 0;
 }
 
-/* A held write: copy what it overwrites (while the snapshot lives), send it on. */
-static void snap_write(struct trk_snap *s, struct bio *bio)
+/* The chunks [*c, *last] of the origin that held write @bio overwrites. */
+static bool snap_write_chunks(struct trk_snap *s, struct bio *bio,
+			      unsigned long *c, unsigned long *last)
 {
 	struct trk_dev *t = s->t;
 	unsigned int shift = s->shift - SECTOR_SHIFT;
 	sector_t first, end, lo, hi;
+
+	first = bio->bi_iter.bi_sector + bio->bi_bdev->bd_start_sect;
+	end = first + bio_sectors(bio);
+	lo = max(first, t->start_sect);
+	hi = min(end, t->start_sect + t->nr_sects);
+	if (lo >= hi)
+		return false;
+	*c = (lo - t->start_sect) >> shift;
+	*last = (hi - 1 - t->start_sect) >> shift;
+	return true;
+}
+
+/*
+ * A held write on its own: copy what it overwrites (while the snapshot
+ * lives), a buffer's worth at a time, and send it on. For writes whose copy
+ * does not fit in the buffer's room (snap_batch_add()).
+ */
+static void snap_write(struct trk_snap *s, struct bio *bio)
+{
+	unsigned long c, last;
 	int ret;
 
-	if (atomic_read(&s->state) == TRK_SNAP_ACTIVE) {
-		first = bio->bi_iter.bi_sector + bio->bi_bdev->bd_start_sect;
-		end = first + bio_sectors(bio);
-		lo = max(first, t->start_sect);
-		hi = min(end, t->start_sect + t->nr_sects);
-		if (lo < hi) {
-			ret = snap_cow(s, (lo - t->start_sect) >> shift,
-				       (hi - 1 - t->start_sect) >> shift);
-			if (ret)
-				snap_invalidate(s, ret);
-		}
+	if (atomic_read(&s->state) == TRK_SNAP_ACTIVE &&
+	    snap_write_chunks(s, bio, &c, &last)) {
+		ret = snap_cow(s, c, last);
+		if (ret)
+			snap_invalidate(s, ret);
 	}
 	trk_pass_bio(bio);
+	snap_cow_send(s);
+	/* Before the next queued bio: a read of these chunks must find them. */
+	ret = snap_cow_finish(s);
+	if (ret)
+		snap_invalidate(s, ret);
+}
+
+/*
+ * Adds held write @bio to the worker's batch when its copy fits: when every
+ * chunk it overwrites is copied already, or when its copy window fits in the
+ * room left in the buffer and shares no chunk with a window already in the
+ * batch (so each chunk is read once, before any write of the batch goes on).
+ * Looks only at the index, which only the worker changes; any context.
+ *
+ * Return: whether @bio joined the batch.
+ */
+static bool snap_batch_add(struct trk_snap *s, struct bio *bio)
+{
+	struct snap_job *job = &s->jobs[s->njobs];
+	unsigned long c, last, wc = ULONG_MAX, we = 0;
+	unsigned int j;
+	size_t bytes;
+
+	if (s->njobs == s->buf_bytes >> s->shift)
+		return false;
+	if (snap_write_chunks(s, bio, &c, &last)) {
+		/*
+		 * Its window could not be larger than the buffer either; and
+		 * this runs under the queue lock, so no long walk of the index
+		 * for a large discard.
+		 */
+		if (last - c >= s->buf_bytes >> s->shift)
+			return false;
+		for (; c <= last; c++) {
+			if (s->index[c])
+				continue;
+			if (wc == ULONG_MAX)
+				wc = c;
+			we = c;
+		}
+	}
+	if (wc != ULONG_MAX) {
+		bytes = (we - wc + 1) << s->shift;
+		if (bytes > s->buf_bytes - s->jobs_bytes)
+			return false;
+		for (j = 0; j < s->njobs; j++)
+			if (s->jobs[j].c != ULONG_MAX &&
+			    wc <= s->jobs[j].end && s->jobs[j].c <= we)
+				return false;
+		job->boff = s->jobs_bytes;
+		s->jobs_bytes += bytes;
+	}
+	job->bio = bio;
+	job->c = wc;
+	job->end = we;
+	s->njobs++;
+	return true;
+}
+
+static void snap_batch_read_end_io(struct bio *bio)
+{
+	struct trk_snap *s = bio->bi_private;
+
+	if (bio->bi_status)
+		WRITE_ONCE(s->read_err, blk_status_to_errno(bio->bi_status));
+	bio_put(bio);
+	if (atomic_dec_and_test(&s->reads_left))
+		complete(&s->reads_done);
+}
+
+/*
+ * Reads the old data of every copy window of the batch into the buffer, all
+ * reads in flight at once, and waits for them.
+ */
+static int snap_batch_read(struct trk_snap *s)
+{
+	u64 origin = snap_origin_bytes(s);
+	struct blk_plug plug;
+	unsigned int j;
+	int ret = 0;
+
+	atomic_set(&s->reads_left, 1);
+	s->read_err = 0;
+	reinit_completion(&s->reads_done);
+	blk_start_plug(&plug);
+	for (j = 0; j < s->njobs; j++) {
+		struct snap_job *job = &s->jobs[j];
+		u64 off = (u64)job->c << s->shift;
+		size_t run = (job->end - job->c + 1) << s->shift;
+		struct bio *bio;
+
+		if (job->c == ULONG_MAX)
+			continue;
+		/* The last chunk may end past the device: zeros there. */
+		if (origin - off < run)
+			memset(s->buf + job->boff + (origin - off), 0,
+			       run - (origin - off));
+		bio = snap_bio(s->t->bdev, REQ_OP_READ, off >> SECTOR_SHIFT,
+			       s->buf + job->boff, min_t(u64, run, origin - off));
+		if (!bio) {
+			ret = -EIO;
+			break;
+		}
+		bio->bi_end_io = snap_batch_read_end_io;
+		bio->bi_private = s;
+		atomic_inc(&s->reads_left);
+		submit_bio(bio);
+	}
+	blk_finish_plug(&plug);
+	if (!atomic_dec_and_test(&s->reads_left))
+		wait_for_completion_io(&s->reads_done);
+	if (is_vmalloc_addr(s->buf))
+		invalidate_kernel_vmap_range(s->buf, s->jobs_bytes);
+	return ret ?: READ_ONCE(s->read_err);
+}
+
+/*
+ * The worker's batch of held writes: the old data of all their copy windows
+ * is read at once, the writes go on together, then one store write takes
+ * every chunk copied, packed. With several writes queued (a filesystem's
+ * writeback, several writers) the reads overlap instead of each write
+ * waiting for its own read in turn; a lone write is copied as before. Every
+ * read completes before any write of the batch is sent, and the windows do not
+ * overlap, so each chunk's copy is its content at the snapshot instant; the
+ * index points at the copies once the store write completed (snap_cow_send()
+ * and snap_cow_finish(), whose comment on snap_cow() says why nothing is
+ * flushed), before the worker takes the next bio.
+ */
+static void snap_batch_run(struct trk_snap *s)
+{
+	unsigned long n = 0, k = 0, i;
+	struct blk_plug plug;
+	unsigned int j;
+	u64 used;
+	int ret = 0;
+
+	if (atomic_read(&s->state) != TRK_SNAP_ACTIVE)
+		goto pass;
+	for (j = 0; j < s->njobs; j++)
+		if (s->jobs[j].c != ULONG_MAX)
+			for (i = s->jobs[j].c; i <= s->jobs[j].end; i++)
+				n += !s->index[i];
+	if (!n)
+		goto pass;
+	used = atomic64_read(&s->used);
+	if (used + n > s->data_chunks) {
+		ret = -ENOSPC;
+		goto pass;
+	}
+	ret = snap_batch_read(s);
+	if (ret)
+		goto pass;
+	snap_pend_init(s, n, used);
+	for (j = 0; j < s->njobs && !ret; j++)
+		if (s->jobs[j].c != ULONG_MAX)
+			ret = snap_pack_window(s, s->pend, s->jobs[j].c,
+					       s->jobs[j].end, s->jobs[j].boff,
+					       &k);
+	if (ret) {
+		snap_pend_drop(s);
+		goto pass;
+	}
+	atomic64_add(n, &s->used);
+pass:
+	if (ret)
+		snap_invalidate(s, ret);
+	/* The writes first: their submitters wait for them. */
+	blk_start_plug(&plug);
+	for (j = 0; j < s->njobs; j++)
+		trk_pass_bio(s->jobs[j].bio);
+	blk_finish_plug(&plug);
+	s->njobs = 0;
+	s->jobs_bytes = 0;
+	snap_cow_send(s);
 	/* Before the next queued bio: a read of these chunks must find them. */
 	ret = snap_cow_finish(s);
 	if (ret)
@@ -468,7 +758,25 @@ static int snap_worker(void *arg)
 		/* Held writes wait for the snapshot instant. */
 		if (atomic_read(&s->state) != TRK_SNAP_PENDING)
 			bio = bio_list_pop(&s->queue);
+		/*
+		 * A held write takes the writes queued right behind it into its
+		 * batch, up to the next snapshot read (which must see their
+		 * copies) or the first one that does not fit.
+		 */
+		if (bio && bio->bi_bdev->bd_disk != s->disk &&
+		    snap_batch_add(s, bio)) {
+			struct bio *next;
+
+			while ((next = s->queue.head) &&
+			       next->bi_bdev->bd_disk != s->disk &&
+			       snap_batch_add(s, next))
+				bio_list_pop(&s->queue);
+		}
 		spin_unlock_irq(&s->lock);
+		if (s->njobs) {
+			snap_batch_run(s);
+			continue;
+		}
 		if (bio) {
 			if (bio->bi_bdev->bd_disk == s->disk)
 				snap_read(s, bio);
@@ -605,6 +913,7 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 	bio_list_init(&s->queue);
 	init_waitqueue_head(&s->wq);
 	init_completion(&s->pend_done);
+	init_completion(&s->reads_done);
 	s->flushed_at = jiffies;
 	s->index_bytes = round_up(t->nbits * sizeof(__le32), PAGE_SIZE);
 	if (s->index_bytes > SNAP_INDEX_BYTES_MAX) {
@@ -648,8 +957,10 @@ struct trk_snap *trk_snap_create(struct trk_dev *t, const char *cow_path)
 	s->buf = vmalloc(s->buf_bytes);
 	s->pend_chunks = kcalloc(s->buf_bytes >> s->shift, sizeof(*s->pend_chunks),
 				 GFP_KERNEL);
+	s->jobs = kcalloc(s->buf_bytes >> s->shift, sizeof(*s->jobs), GFP_KERNEL);
 	s->hdr = kzalloc(DRMESH_COW_HEADER_BYTES, GFP_KERNEL);
-	if (!s->index || !s->index_dirty || !s->buf || !s->pend_chunks || !s->hdr)
+	if (!s->index || !s->index_dirty || !s->buf || !s->pend_chunks ||
+	    !s->jobs || !s->hdr)
 		goto out_free;
 
 	/* An all-zero index first, then the header that makes it a store. */
@@ -751,6 +1062,7 @@ void trk_snap_destroy(struct trk_snap *s, bool aborted)
 		trk_bdev_close(s->store, &s->store_handle);
 	kfree(s->hdr);
 	kfree(s->pend_chunks);
+	kfree(s->jobs);
 	vfree(s->buf);
 	bitmap_free(s->index_dirty);
 	kvfree(s->index);

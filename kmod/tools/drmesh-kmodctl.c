@@ -52,7 +52,10 @@
  *                                  two files has its bit set in BITMAP
  *   readat DEV OFFSET LENGTH       reads; exit 0, or prints the errno and exit 3
  *   cowhdr COW                     prints the COW store header
- *   bench DEV rand4k|seq1m COUNT   O_DIRECT write speed in MB/s
+ *   bench DEV rand4k|seq1m COUNT [JOBS]
+ *                                  O_DIRECT write speed in MB/s; with JOBS,
+ *                                  rand4k runs JOBS processes at once (seeds
+ *                                  100, 101, ...), COUNT/JOBS writes each
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -67,6 +70,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <linux/fs.h>
 #include <linux/fiemap.h>
 
@@ -785,25 +789,67 @@ static int cmd_cowhdr(const char *path)
 	return 0;
 }
 
-static int cmd_bench(const char *path, const char *mode, unsigned int count)
+/* @count O_DIRECT writes of @bs bytes to @fd, random (seed @seed) or sequential. */
+static void bench_writes(int fd, int seq, size_t bs, uint64_t size,
+			 unsigned int count, unsigned int seed)
 {
-	int fd = open(path, O_WRONLY | O_DIRECT);
-	int seq = !strcmp(mode, "seq1m");
-	size_t bs = seq ? (1 << 20) : 4096;
-	uint64_t size, t0, t1;
 	void *buf;
 
-	if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size) || posix_memalign(&buf, 4096, bs))
-		die("bench setup");
+	if (posix_memalign(&buf, 4096, bs))
+		die("bench buffer");
 	memset(buf, 0x3c, bs);
-	srand(99);
-	t0 = now_ns();
+	srand(seed);
 	for (unsigned int i = 0; i < count; i++) {
 		uint64_t off = seq ? (i * bs) % (size / bs * bs)
 				   : 4096ull * ((uint64_t)rand() % (size / 4096));
 
 		if (pwrite(fd, buf, bs, off) != (ssize_t)bs)
 			die("pwrite");
+	}
+	free(buf);
+}
+
+/*
+ * With @jobs > 1 (rand4k only), that many processes write at once, each
+ * count/jobs writes from its own seed (none the single writer's, so they
+ * mostly write other blocks), so the device sees that many writes in flight
+ * (the single writer waits for each write before the next).
+ */
+static int cmd_bench(const char *path, const char *mode, unsigned int count,
+		     unsigned int jobs)
+{
+	int fd = open(path, O_WRONLY | O_DIRECT);
+	int seq = !strcmp(mode, "seq1m");
+	size_t bs = seq ? (1 << 20) : 4096;
+	uint64_t size, t0, t1;
+
+	if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size))
+		die("bench setup");
+	if (jobs < 1 || (seq && jobs > 1)) {
+		fprintf(stderr, "bench: JOBS must be 1 for seq1m, at least 1\n");
+		return 2;
+	}
+	count = count / jobs * jobs;
+	t0 = now_ns();
+	if (jobs == 1) {
+		bench_writes(fd, seq, bs, size, count, 99);
+	} else {
+		for (unsigned int j = 0; j < jobs; j++) {
+			pid_t pid = fork();
+
+			if (pid < 0)
+				die("fork");
+			if (!pid) {
+				bench_writes(fd, seq, bs, size, count / jobs, 100 + j);
+				_exit(0);
+			}
+		}
+		for (unsigned int j = 0; j < jobs; j++) {
+			int st;
+
+			if (wait(&st) < 0 || !WIFEXITED(st) || WEXITSTATUS(st))
+				die("bench writer");
+		}
 	}
 	if (fdatasync(fd))
 		die("fdatasync");
@@ -1104,8 +1150,9 @@ int main(int argc, char **argv)
 				   strtoull(argv[6], NULL, 0));
 	if (argc == 3 && !strcmp(argv[1], "cowhdr"))
 		return cmd_cowhdr(argv[2]);
-	if (argc == 5 && !strcmp(argv[1], "bench"))
-		return cmd_bench(argv[2], argv[3], strtoul(argv[4], NULL, 0));
+	if ((argc == 5 || argc == 6) && !strcmp(argv[1], "bench"))
+		return cmd_bench(argv[2], argv[3], strtoul(argv[4], NULL, 0),
+				 argc == 6 ? strtoul(argv[5], NULL, 0) : 1);
 	fprintf(stderr, "usage: see the comment at the top of drmesh-kmodctl.c\n");
 	return 2;
 }
