@@ -12,6 +12,8 @@
 #include <linux/mutex.h>
 #include <linux/blkdev.h>
 #include <linux/wait.h>
+#include <linux/mm.h>
+#include <linux/vmalloc.h>
 
 #include "trk_compat.h"
 
@@ -110,6 +112,12 @@ void trk_snap_status(struct trk_snap *s, u32 *index, u32 *error, u64 *used,
 		     u64 *total, u64 *cow_bytes, u32 *major, u32 *minor);
 int trk_snap_init(void);
 void trk_snap_exit(void);
+
+/* The page behind @p, from kmalloc, the page allocator or vmalloc. */
+static inline struct page *trk_page(void *p)
+{
+	return is_vmalloc_addr(p) ? vmalloc_to_page(p) : virt_to_page(p);
+}
 
 /* trk_persist.c: tracking state kept on a store across reboots. */
 /**

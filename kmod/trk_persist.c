@@ -100,11 +100,6 @@ struct trk_pst {
 
 static struct workqueue_struct *pst_wq;
 
-static struct page *pst_page(void *p)
-{
-	return is_vmalloc_addr(p) ? vmalloc_to_page(p) : virt_to_page(p);
-}
-
 /**
  * trk_sync_io() - synchronous I/O between a buffer and a block device.
  * @bdev: the device.
@@ -112,7 +107,7 @@ static struct page *pst_page(void *p)
  *	(a REQ_PREFLUSH on it still orders every earlier one, as they completed).
  * @sector: first sector.
  * @buf: page-aligned buffer (kmalloc, page or vmalloc memory).
- * @bytes: a multiple of PAGE_SIZE.
+ * @bytes: a multiple of the sector size.
  *
  * Submitted from this module, so the write hook does not see these bios:
  * callers only write to stores, which are never on an attached disk.
@@ -133,11 +128,11 @@ int trk_sync_io(struct block_device *bdev, blk_opf_t opf, sector_t sector,
 		size_t off;
 		int ret;
 
-		bio = bio_alloc(bdev, n >> PAGE_SHIFT, op, GFP_NOIO);
+		bio = bio_alloc(bdev, DIV_ROUND_UP(n, PAGE_SIZE), op, GFP_NOIO);
 		bio->bi_iter.bi_sector = sector + (done >> SECTOR_SHIFT);
 		for (off = 0; off < n; off += PAGE_SIZE)
-			__bio_add_page(bio, pst_page(buf + done + off),
-				       PAGE_SIZE, 0);
+			__bio_add_page(bio, trk_page(buf + done + off),
+				       min_t(size_t, PAGE_SIZE, n - off), 0);
 		if (is_vmalloc_addr(buf) && op_is_write(op))
 			flush_kernel_vmap_range(buf + done, n);
 		ret = submit_bio_wait(bio);

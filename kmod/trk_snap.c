@@ -150,11 +150,6 @@ struct trk_snap {
 static int snap_major;
 static DEFINE_IDA(snap_ida);
 
-static struct page *snap_page(void *p)
-{
-	return is_vmalloc_addr(p) ? vmalloc_to_page(p) : virt_to_page(p);
-}
-
 /*
  * A bio over @bytes (sector multiple) of page-aligned @buf at @sector of @bdev.
  * Submitted from this module: a write to an attached disk would not pass the
@@ -172,7 +167,7 @@ static struct bio *snap_bio(struct block_device *bdev, blk_opf_t opf,
 	for (off = 0; off < bytes; off += PAGE_SIZE) {
 		unsigned int len = min_t(size_t, PAGE_SIZE, bytes - off);
 
-		if (bio_add_page(bio, snap_page(buf + off), len, 0) != len) {
+		if (bio_add_page(bio, trk_page(buf + off), len, 0) != len) {
 			bio_put(bio);
 			return NULL;
 		}
@@ -180,22 +175,6 @@ static struct bio *snap_bio(struct block_device *bdev, blk_opf_t opf,
 	if (is_vmalloc_addr(buf) && op_is_write(opf))
 		flush_kernel_vmap_range(buf, bytes);
 	return bio;
-}
-
-/* Synchronous I/O between @buf and @bdev (see snap_bio()). */
-static int snap_io(struct block_device *bdev, blk_opf_t opf, sector_t sector,
-		   void *buf, size_t bytes)
-{
-	struct bio *bio = snap_bio(bdev, opf, sector, buf, bytes);
-	int ret;
-
-	if (!bio)
-		return -EIO;
-	ret = submit_bio_wait(bio);
-	if (is_vmalloc_addr(buf) && !op_is_write(opf))
-		invalidate_kernel_vmap_range(buf, bytes);
-	bio_put(bio);
-	return ret;
 }
 
 static void snap_pend_end_io(struct bio *bio)
@@ -231,8 +210,8 @@ static int snap_write_header(struct trk_snap *s, u32 state)
 	h->chunks_used = cpu_to_le64(atomic64_read(&s->used));
 	h->origin_bytes = cpu_to_le64(snap_origin_bytes(s));
 	h->created_ns = cpu_to_le64(s->created_ns);
-	return snap_io(s->store, REQ_OP_WRITE | REQ_SYNC | REQ_FUA, 0, h,
-		       DRMESH_COW_HEADER_BYTES);
+	return trk_sync_io(s->store, REQ_OP_WRITE | REQ_SYNC | REQ_FUA, 0, h,
+			   DRMESH_COW_HEADER_BYTES);
 }
 
 /*
@@ -251,11 +230,11 @@ static int snap_flush_index(struct trk_snap *s)
 		q = min(find_next_zero_bit(s->index_dirty, pages, p),
 			p + BIO_MAX_VECS);
 		bitmap_clear(s->index_dirty, p, q - p);
-		ret = snap_io(s->store, REQ_OP_WRITE | REQ_SYNC,
-			      (DRMESH_COW_HEADER_BYTES + (p << PAGE_SHIFT)) >>
-				      SECTOR_SHIFT,
-			      (void *)s->index + (p << PAGE_SHIFT),
-			      (q - p) << PAGE_SHIFT);
+		ret = trk_sync_io(s->store, REQ_OP_WRITE | REQ_SYNC,
+				  (DRMESH_COW_HEADER_BYTES + (p << PAGE_SHIFT)) >>
+					  SECTOR_SHIFT,
+				  (void *)s->index + (p << PAGE_SHIFT),
+				  (q - p) << PAGE_SHIFT);
 		if (ret)
 			return ret;
 	}
@@ -340,7 +319,7 @@ static int snap_pack_window(struct trk_snap *s, struct bio *bio,
 		if (s->index[i])
 			continue;
 		for (off = 0; off < chunk; off += PAGE_SIZE)
-			if (bio_add_page(bio, snap_page(p + off), PAGE_SIZE, 0) !=
+			if (bio_add_page(bio, trk_page(p + off), PAGE_SIZE, 0) !=
 			    PAGE_SIZE)
 				return -EIO;
 		s->pend_chunks[(*k)++] = i;
@@ -430,8 +409,8 @@ static int snap_cow(struct trk_snap *s, unsigned long c, unsigned long last)
 		run = (size_t)(end - c + 1) << s->shift;
 		/* The last chunk may end past the device: zeros there. */
 		bytes = min_t(u64, run, origin - off);
-		ret = snap_io(s->t->bdev, REQ_OP_READ, off >> SECTOR_SHIFT,
-			      s->buf, bytes);
+		ret = trk_sync_io(s->t->bdev, REQ_OP_READ, off >> SECTOR_SHIFT,
+				  s->buf, bytes);
 		if (ret)
 			return ret;
 		if (bytes < run)
@@ -707,18 +686,18 @@ static void snap_read(struct trk_snap *s, struct bio *bio)
 				while (c + k <= last &&
 				       le32_to_cpu(s->index[c + k]) == e + k)
 					k++;
-				ret = snap_io(s->store, REQ_OP_READ,
-					      s->data_sect + ((u64)(e - 1) <<
-							      (s->shift - SECTOR_SHIFT)),
-					      dst, k << s->shift);
+				ret = trk_sync_io(s->store, REQ_OP_READ,
+						  s->data_sect + ((u64)(e - 1) <<
+								  (s->shift - SECTOR_SHIFT)),
+						  dst, k << s->shift);
 			} else {
 				u64 off = (u64)c << s->shift;
 
 				while (c + k <= last && !s->index[c + k])
 					k++;
-				ret = snap_io(s->t->bdev, REQ_OP_READ,
-					      off >> SECTOR_SHIFT, dst,
-					      min_t(u64, k << s->shift, origin - off));
+				ret = trk_sync_io(s->t->bdev, REQ_OP_READ,
+						  off >> SECTOR_SHIFT, dst,
+						  min_t(u64, k << s->shift, origin - off));
 			}
 			if (ret)
 				goto out;
