@@ -118,6 +118,7 @@ cp "$w/topology.toml" "$w/guest/topology.toml"
 echo "$mode" >"$w/guest/mode"
 
 start_tgt() {
+    [ -z "$tgt_pid" ] || { echo "host: the target runs already"; return 0; }
     RUST_LOG=info "$drmesh" run --state-dir "$w/tgt" --topology "$w/topology.toml" >>"$w/tgt.log" 2>&1 &
     tgt_pid=$!
     local n=0
@@ -128,6 +129,7 @@ start_tgt() {
     done
 }
 stop_tgt() {
+    [ -n "$tgt_pid" ] || { echo "host: the target is stopped already"; return 0; }
     kill "$tgt_pid"
     wait "$tgt_pid" 2>/dev/null || true
     tgt_pid=
