@@ -34,8 +34,8 @@ fail() {
 [ -f /data/topology.toml ] && [ -d /data/src ] || fail "no /data from the host (run kmod/tests/host-replicate.sh)"
 mode=$(cat /data/mode)
 export TZ=UTC RUST_LOG=info
-# elapsed START: seconds since START (a now value), two decimals; busybox's
-# date has no %N, /proc/uptime has hundredths
+# now: seconds since boot, in hundredths (busybox's date has no %N);
+# elapsed START: seconds since START, a now value, with two decimals
 now() { cut -d' ' -f1 /proc/uptime; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 

@@ -127,6 +127,7 @@ start_tgt() {
         [ $n -lt 300 ] || fail "the host's target node did not start: $(tail -n 20 "$w/tgt.log")"
         sleep 0.1
     done
+    echo "host: target started"
 }
 stop_tgt() {
     [ -n "$tgt_pid" ] || { echo "host: the target is stopped already"; return 0; }
@@ -134,6 +135,7 @@ stop_tgt() {
     wait "$tgt_pid" 2>/dev/null || true
     tgt_pid=
     rm -f "$w/tgt/admin.sock"
+    echo "host: target stopped"
 }
 start_tgt
 
@@ -151,8 +153,8 @@ while IFS= read -r line; do
     printf '%s\n' "$line"
     printf '%s\n' "$line" >>"$w/console.log"
     case $line in
-    *"HOST-ACTION: stop-target"*) stop_tgt; echo "host: target stopped" ;;
-    *"HOST-ACTION: start-target"*) start_tgt; echo "host: target started" ;;
+    *"HOST-ACTION: stop-target"*) stop_tgt ;;
+    *"HOST-ACTION: start-target"*) start_tgt ;;
     esac
 done < <(
     rc=0
