@@ -2,8 +2,12 @@
 //! module built for it and a guest script (`kmod/tests/guest-track.sh` for change
 //! tracking, `kmod/tests/guest-snap.sh` for snapshots, `kmod/tests/guest-wrapper.sh`
 //! for the Rust wrapper, `kmod/tests/guest-persist.sh` for tracking across
-//! reboots and crashes, `kmod/tests/guest-replicate.sh` for the `kmod` source
-//! kind end to end, via `scripts/kmod-vm`) and expects the guest's PASS marker.
+//! reboots and crashes, `kmod/tests/guest-reboot.sh` for the `kmod` source kind
+//! across a reboot, via `scripts/kmod-vm`) and expects the guest's PASS marker.
+//! The `kmod` source kind end to end runs through
+//! `kmod/tests/host-replicate.sh`: a `drmesh` node in the guest
+//! (`kmod/tests/guest-replicate.sh`) replicates to one on the host, over qemu's
+//! user-mode network, and the host checks every recovery point.
 //!
 //! Two kernels: every script runs on the stock kernel (the one Debian 12's
 //! `linux-image-amd64` depends on, 6.1), and the tracking, persistence and
@@ -68,26 +72,40 @@ fn run_guest_with(test: &str, kernel: Kernel, script: &str, report: &[&str], fil
 
 /// [`run_guest_with`] over `boots` boots of the same disks.
 fn run_guest_boots(test: &str, kernel: Kernel, script: &str, report: &[&str], files: &[&str], boots: u32) {
+    let mut cmd = Command::new(repo().join("scripts/kmod-vm"));
+    cmd.arg(script)
+        .env("DRMESH_KMOD_VM_FILES", files.join(" "))
+        .env("DRMESH_KMOD_VM_BOOTS", boots.to_string());
+    run_checked(test, kernel, script, cmd, None, report);
+}
+
+/// Runs `cmd` (a `scripts/kmod-vm` run, or a script around one) from the
+/// repository root with `kernel` and asserts that the guest passed, and that
+/// the output holds `pass_line` too when given; prints the output lines
+/// matching `report`.
+fn run_checked(
+    test: &str,
+    kernel: Kernel,
+    what: &str,
+    mut cmd: Command,
+    pass_line: Option<&str>,
+    report: &[&str],
+) {
     if !is_root() {
         eprintln!("SKIPPED {test}: needs root (scripts/kmod-env installs packages)");
         return;
     }
     // A poisoned lock only means the other VM test failed; this one still runs.
     let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the kmod crate lives in the repository root");
-    let out = Command::new(repo.join("scripts/kmod-vm"))
-        .arg(script)
+    let out = cmd
         .env("DRMESH_KMOD_KERNEL", kernel.name())
-        .env("DRMESH_KMOD_VM_FILES", files.join(" "))
-        .env("DRMESH_KMOD_VM_BOOTS", boots.to_string())
-        .current_dir(repo)
+        .current_dir(repo())
         .output()
-        .expect("run scripts/kmod-vm");
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let passed = stdout.lines().any(|l| l.contains(PASS_MARKER));
+    let passed = stdout.lines().any(|l| l.contains(PASS_MARKER))
+        && pass_line.is_none_or(|p| stdout.lines().any(|l| l.contains(p)));
     // kmod-vm checks that it is the kernel asked for; this names it in the output.
     let booted = stdout.lines().find_map(|l| {
         l.split_once(KERNEL_MARKER)
@@ -95,7 +113,7 @@ fn run_guest_boots(test: &str, kernel: Kernel, script: &str, report: &[&str], fi
     });
     assert!(
         out.status.success() && passed && booted.is_some(),
-        "guest test {script} on the {} kernel failed ({}):\n{stdout}\n{stderr}",
+        "guest test {what} on the {} kernel failed ({}):\n{stdout}\n{stderr}",
         kernel.name(),
         out.status
     );
@@ -110,6 +128,13 @@ fn run_guest_boots(test: &str, kernel: Kernel, script: &str, report: &[&str], fi
     {
         eprintln!("{line}");
     }
+}
+
+/// The repository root (the kmod crate's parent folder).
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the kmod crate lives in the repository root")
 }
 
 #[test]
@@ -186,9 +211,9 @@ fn rust_wrapper_drives_the_module_in_a_real_kernel() {
     );
 }
 
-/// The workspace's `drmesh` binary of this test's profile, stripped into a
-/// fresh directory (the guest's initramfs holds it in memory).
-fn stripped_drmesh() -> std::path::PathBuf {
+/// The workspace's `drmesh` binary of this test's profile (cargo does not
+/// build another package's binary for this crate's tests).
+fn drmesh_binary() -> std::path::PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/drmesh
     let exe = std::env::current_exe().expect("test executable path");
     let bin = exe
@@ -201,15 +226,17 @@ fn stripped_drmesh() -> std::path::PathBuf {
         "{} not found: build it first with `cargo build --release -p drmesh-node` (the same profile as this test)",
         bin.display()
     );
+    bin
+}
+
+/// [`drmesh_binary`] stripped into a fresh directory, for a guest's `/bin`
+/// (the initramfs holds it in the guest's memory).
+fn stripped_drmesh() -> std::path::PathBuf {
+    let bin = drmesh_binary();
     let dir = std::env::temp_dir().join(format!("drmesh-guest-bin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir for the guest's drmesh");
     let out = dir.join("drmesh");
-    let stripped = Command::new("strip")
-        .arg("-o")
-        .arg(&out)
-        .arg(&bin)
-        .status()
-        .is_ok_and(|s| s.success());
+    let stripped = Command::new("strip").arg("-o").arg(&out).arg(&bin).status().is_ok_and(|s| s.success());
     if !stripped {
         std::fs::copy(&bin, &out).expect("copy drmesh for the guest");
     }
@@ -217,22 +244,31 @@ fn stripped_drmesh() -> std::path::PathBuf {
 }
 
 #[test]
-fn kmod_volume_replicates_in_a_real_kernel() {
+fn kmod_volume_replicates_to_the_host() {
     if !is_root() {
-        eprintln!("SKIPPED kmod_volume_replicates_in_a_real_kernel: needs root");
+        eprintln!("SKIPPED kmod_volume_replicates_to_the_host: needs root");
         return;
     }
-    let drmesh = stripped_drmesh();
-    run_guest_with(
-        "kmod_volume_replicates_in_a_real_kernel",
+    let mut cmd = Command::new(repo().join("kmod/tests/host-replicate.sh"));
+    cmd.arg(drmesh_binary());
+    run_checked(
+        "kmod_volume_replicates_to_the_host",
         Kernel::Stock,
-        "kmod/tests/guest-replicate.sh",
-        &["bench:", "cycle data", "RPs of data", "e2fsck clean", "byte for byte", "cycle failed", "committed before"],
-        &[drmesh.to_str().expect("utf-8 temp path")],
+        "kmod/tests/host-replicate.sh",
+        cmd,
+        Some("host-replicate: PASS"),
+        &[
+            "bench:",
+            "cycle data",
+            "RPs of data",
+            "e2fsck clean",
+            "byte for byte",
+            "cycle failed",
+            "committed before",
+            "REMOTE",
+            "outbound",
+        ],
     );
-    if let Some(dir) = drmesh.parent() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 #[test]
