@@ -1030,7 +1030,7 @@ static int cmd_snaperrors(const char *path, const char *cow)
 	ARG_INIT(d, a.dev_major, a.dev_minor);
 
 	SNAP_INIT();
-	sn.version = 2;
+	sn.version = DRMESH_IOCTL_VERSION + 1;
 	expect("snapshot, unknown version", ioctl(fd, DRMESH_IOC_SNAPSHOT, &sn), EPROTO);
 	SNAP_INIT();
 	sn.flags = 4;
