@@ -124,6 +124,9 @@ struct TrackRecord {
     handovers: u64,
     /// Merges so far (one per snapshot this node took).
     generation: u64,
+    /// The module reported a failed state store then: a later restore of this
+    /// tracking id (after a reboot) may lack the writes after the failure.
+    store_failed: bool,
 }
 
 /// The changes a target has not committed yet.
@@ -323,7 +326,14 @@ impl KmodCycle {
             device_bytes: snapshot.bitmap.device_bytes,
             handovers: status.handovers,
             generation,
+            store_failed: after.persist_error.is_some(),
         };
+        if let Some(errno) = after.persist_error {
+            tracing::warn!(
+                %volume, device = %device.display(), error = %std::io::Error::from_raw_os_error(errno),
+                "the state store failed: tracking goes on in memory; after a reboot this volume is read in full"
+            );
+        }
         entries.push((TRACK_KEY.to_string(), Some(encode(&new_record))));
         if let Err(e) = baselines.set_source_state(volume, &entries) {
             // The hand-over is not recorded; the next cycle sees the count moved and reads everything.
@@ -434,6 +444,9 @@ fn continuity_lost(record: Option<&TrackRecord>, dev: DevId, status: &DeviceStat
         Some("the device number changed".into())
     } else if r.granularity_bytes != status.granularity_bytes || r.device_bytes != status.device_bytes {
         Some("the device was re-attached with another geometry".into())
+    } else if r.store_failed && status.persist_error.is_none() {
+        // Same id, store working again: restored from a store that missed writes.
+        Some("the state store failed before a restart, so the tracking it restored may lack writes".into())
     } else if status.handovers > r.handovers {
         Some(format!("the module's hand-over count is {}, past the {} recorded (another client took a change bitmap, or a crash mid-cycle)", status.handovers, r.handovers))
     } else {
@@ -697,7 +710,7 @@ mod tests {
     #[test]
     fn continuity_needs_the_tracking_id_device_and_no_unseen_handover() {
         let dev = DevId { major: 254, minor: 16 };
-        let r = TrackRecord { tracking_id: [7; 16], dev_major: 254, dev_minor: 16, granularity_bytes: 4096, device_bytes: 1 << 20, handovers: 5, generation: 3 };
+        let r = TrackRecord { tracking_id: [7; 16], dev_major: 254, dev_minor: 16, granularity_bytes: 4096, device_bytes: 1 << 20, handovers: 5, generation: 3, store_failed: false };
         assert_eq!(continuity_lost(Some(&r), dev, &status(5)), None);
         // Restored from a state store's checkpoint before the last hand-over: more bits, none missing.
         assert_eq!(continuity_lost(Some(&r), dev, &status(4)), None);
@@ -709,6 +722,12 @@ mod tests {
         assert!(continuity_lost(Some(&r), dev, &regrown).unwrap().contains("geometry"));
         assert!(continuity_lost(None, dev, &status(5)).is_some());
         assert_eq!(continuity_lost(Some(&r), dev, &status(u64::MAX)).as_deref(), Some("first cycle after attach"));
+        // A state store that failed: fine while the module still tracks in
+        // memory (the failure still reported), not once it was restored from.
+        let failed = TrackRecord { store_failed: true, ..r.clone() };
+        let still_failing = DeviceStatus { persist_error: Some(5), ..status(5) };
+        assert_eq!(continuity_lost(Some(&failed), dev, &still_failing), None);
+        assert!(continuity_lost(Some(&failed), dev, &status(5)).unwrap().contains("state store failed"));
     }
 
     #[test]
