@@ -12,9 +12,7 @@
 # figures are compared with the bare figures of the same round (the mean of a
 # bare pass before and one after the others), and the summary gives the
 # medians of those per-round ratios next to the medians of the speeds.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
-ctl=drmesh-kmodctl
+. /guest-lib.sh
 rounds=${BENCH_ROUNDS:-5}
 rand_count=2000
 seq_count=64

@@ -14,13 +14,7 @@
 #           hand-over the client could have stored, plus at most the logged
 #           extents. A detach leaves a state a later attach must not restore.
 #   boot 4: the device is written before attach: no restore.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
-ctl=drmesh-kmodctl
-step() { echo "== $*"; }
-fail() { echo "GUEST FAIL: $*"; exit 1; }
-# field of "key=value ..." output: val KEY TEXT
-val() { echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+. /guest-lib.sh
 # bits one 4 MiB log extent covers at 4 KiB per bit
 ext_bits=1024
 

@@ -13,13 +13,8 @@
 #   boot 2: `drmesh agent attach` before the mount restores the tracking; the
 #           first cycle after the reboot reads only changed blocks; the last
 #           RP restores, passes e2fsck and equals the disk byte for byte.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || { echo "GUEST FAIL: a command failed (exit $rc)"; tail -n 30 /t/src.log /t/tgt.log 2>/dev/null; }' EXIT
-step() { echo "== [$(cut -d" " -f1 /proc/uptime) s] $*"; }
-fail() {
-    echo "GUEST FAIL: $*"
-    exit 1
-}
+. /guest-lib.sh
+guest_logs="/t/src.log /t/tgt.log"
 [ -x /bin/drmesh ] || fail "no /bin/drmesh"
 export TZ=UTC RUST_LOG=info
 boot=$(sed -n 's/.*drmesh\.boot=\([0-9]*\).*/\1/p' /proc/cmdline)
@@ -57,9 +52,6 @@ stop_nodes() {
     wait $pid_src 2>/dev/null || true
     wait $pid_tgt 2>/dev/null || true
 }
-# JSON fields of a `ctl ... --json` answer (pretty-printed, one key a line)
-num() { sed -n "s/.*\"$1\": \([0-9][0-9]*\).*/\1/p" "$2" | head -n 1; }
-str() { sed -n "s/.*\"$1\": \"\(.*\)\",*$/\1/p" "$2" | head -n 1; }
 # sync_now: a cycle of "data" now; sets seq, read_bytes, plan, volume_bytes
 sync_now() {
     drmesh ctl --state-dir /t/src sync-now data --json >/t/sync.json || {

@@ -23,21 +23,12 @@
 # bench: on a large vda, after the first cycles, rewrites about 1% of the disk
 # spread over files, then one kmod cycle and one file full scan; prints
 # "bench:" lines with bytes read and durations.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || { echo "GUEST FAIL: a command failed (exit $rc)"; tail -n 30 /t/src.log 2>/dev/null; }' EXIT
-step() { echo "== $*"; }
-fail() {
-    echo "GUEST FAIL: $*"
-    exit 1
-}
+. /guest-lib.sh
+guest_logs=/t/src.log
 [ -x /bin/drmesh ] || fail "no /bin/drmesh"
 [ -f /data/topology.toml ] && [ -d /data/src ] || fail "no /data from the host (run kmod/tests/host-replicate.sh)"
 mode=$(cat /data/mode)
 export TZ=UTC RUST_LOG=info
-# now: seconds since boot, in hundredths (busybox's date has no %N);
-# elapsed START: seconds since START, a now value, with two decimals
-now() { cut -d' ' -f1 /proc/uptime; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
 # test: files the writer rewrites, 64 KiB each, each with a single write(2) of one tag.
 F=40
@@ -88,9 +79,6 @@ until [ -S /t/src/admin.sock ]; do
     sleep 0.1
 done
 
-# JSON fields of a `ctl ... --json` answer (pretty-printed, one key a line)
-num() { sed -n "s/.*\"$1\": \([0-9][0-9.]*\).*/\1/p" "$2" | head -n 1; }
-str() { sed -n "s/.*\"$1\": \"\(.*\)\",*$/\1/p" "$2" | head -n 1; }
 
 step "the first cycle after attach reads everything"
 # The scheduler starts each volume's first cycle on its own shortly after start.

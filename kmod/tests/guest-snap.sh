@@ -3,13 +3,7 @@
 # scripts/kmod-vm boots. Disks: /dev/vda carries an ext4 filesystem, /dev/vdb
 # is blank. Small COW stores live in loop devices over tmpfs files. Exits
 # non-zero at the first failed check.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
-ctl=drmesh-kmodctl
-step() { echo "== $*"; }
-fail() { echo "GUEST FAIL: $*"; exit 1; }
-# field N of "key=value ..." output: val KEY TEXT
-val() { echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+. /guest-lib.sh
 
 step "load"
 insmod /lib/modules/drmesh_trk.ko

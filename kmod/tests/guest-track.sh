@@ -2,11 +2,7 @@
 # Guest side of the change-tracking test, run as /guest-test by the initramfs
 # that scripts/kmod-vm boots. Disks: /dev/vda carries an ext4 filesystem,
 # /dev/vdb is blank. Exits non-zero at the first failed check.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
-ctl=drmesh-kmodctl
-step() { echo "== $*"; }
-fail() { echo "GUEST FAIL: $*"; exit 1; }
+. /guest-lib.sh
 
 step "load"
 insmod /lib/modules/drmesh_trk.ko

@@ -3,9 +3,8 @@
 # with /bin/drmesh-kmod-check (DRMESH_KMOD_VM_FILES). The program attaches
 # /dev/vdb, hands bitmaps over, takes and releases a snapshot through the
 # wrapper and checks what it sees.
-set -eu
-trap 'rc=$?; [ $rc -eq 0 ] || echo "GUEST FAIL: a command failed (exit $rc)"' EXIT
-[ -x /bin/drmesh-kmod-check ] || { echo "GUEST FAIL: no /bin/drmesh-kmod-check"; exit 1; }
+. /guest-lib.sh
+[ -x /bin/drmesh-kmod-check ] || fail "no /bin/drmesh-kmod-check"
 insmod /lib/modules/drmesh_trk.ko
 mkdir -p /cow
 mount -t tmpfs -o size=64m tmpfs /cow
