@@ -13,11 +13,10 @@ use std::process::ExitCode;
 
 use anyhow::anyhow;
 use drmesh_actors::source::kmod::{attach_at_boot, KmodSpec};
-use drmesh_topology::Topology;
 use drmesh_transport::Identity;
 
 use crate::ctl;
-use crate::reload::absolute;
+use crate::reload::{absolute, load_topology};
 
 /// Arguments of `drmesh agent`.
 #[derive(clap::Args, Debug)]
@@ -64,10 +63,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 fn attach(state_dir: PathBuf, topology: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     let identity = Identity::load(&state_dir)?;
     let path = absolute(&topology);
-    let topology = Topology::load_for(&path, Some(&identity.node_id())).map_err(|diagnostics| {
-        let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-        anyhow!("topology file {} is not valid:\n{}", path.display(), lines.join("\n"))
-    })?;
+    let topology = load_topology(&path, &identity.node_id())?;
     let me = topology
         .node_by_id(&identity.node_id())
         .map(|n| n.name.clone())

@@ -293,3 +293,12 @@ impl Handler<GetLastReload> for Reloader {
 pub fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
+
+/// Loads the topology file at `path` (absolute) for node `me`, every error
+/// listed with file:line:column in one message.
+pub fn load_topology(path: &Path, me: &NodeId) -> anyhow::Result<Topology> {
+    Topology::load_for(path, Some(me)).map_err(|diagnostics| {
+        let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+        anyhow::anyhow!("topology file {} is not valid:\n{}", path.display(), lines.join("\n"))
+    })
+}

@@ -5,20 +5,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use actix::Actor;
-use anyhow::{anyhow, Context as _};
+use anyhow::Context as _;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::gossip::{GossipActor, Shutdown as GossipShutdown};
 use drmesh_actors::actor::mesh::{MeshActor, Shutdown, StreamService};
 use drmesh_actors::actor::volumes::{SetGossip, VolumeScheduler};
 use drmesh_actors::source::baseline::Baselines;
 use drmesh_actors::store::Store;
-use drmesh_topology::Topology;
 use drmesh_transport::identity::ensure_private_dir;
 use drmesh_transport::Identity;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, AdminContext};
-use crate::reload::{absolute, Reloader};
+use crate::reload::{absolute, load_topology, Reloader};
 
 /// Arguments of `drmesh run`.
 #[derive(clap::Args, Debug)]
@@ -36,10 +35,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let identity = Arc::new(Identity::load(&args.state_dir)?);
     ensure_private_dir(&args.state_dir)?;
     let topology_path = absolute(&args.topology);
-    let topology = Topology::load_for(&topology_path, Some(&identity.node_id())).map_err(|diagnostics| {
-        let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-        anyhow!("topology file {} is not valid:\n{}", topology_path.display(), lines.join("\n"))
-    })?;
+    let topology = load_topology(&topology_path, &identity.node_id())?;
     let topology = Arc::new(topology);
     let name = topology.node_by_id(&identity.node_id()).map(|n| n.name.clone());
     tracing::info!(
