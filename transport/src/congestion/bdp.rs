@@ -12,37 +12,41 @@
 //!   sent after it) the delivery rate is the bytes acknowledged over the
 //!   round's length (or over the span of their send instants, if longer).
 //!   The bandwidth estimate is the largest rate of the last
-//!   [`BW_FILTER_ROUNDS`] rounds; in steady state a round counts only if the
-//!   bottleneck kept a queue through it (otherwise the sender, not the path,
-//!   limited it: no data, or no CPU), unless it raises the estimate. The
-//!   minimum RTT is quinn's.
+//!   [`BW_FILTER_ROUNDS`] rounds in start-up, [`BW_FILTER_ROUNDS_STEADY`]
+//!   in steady state, where a round counts only if the bottleneck kept a
+//!   queue through it (every sample above half the queue target; otherwise
+//!   the sender, not the path, limited it: no data, or no CPU), unless it
+//!   raises the estimate. The minimum RTT is quinn's.
 //! - **Start-up.** The window is [`STARTUP_GAIN`] × the estimated BDP: it grows
 //!   by that factor per round trip. It ends at the first of: the delivery
 //!   rate grew by less than 25% in [`FULL_BW_ROUNDS`] rounds (the pipe is
 //!   full), every RTT sample of a round was [`QUEUE_DELAY_EXIT`] above the
 //!   minimum (a standing queue), or congestive loss.
-//! - **Steady.** The window is `STEADY_GAIN × bw × min_rtt +
-//!   QUEUE_ALLOT_DATAGRAMS × MTU`.
-//!   The multiplicative part leaves room for the estimate to grow (by up to
-//!   the gain per round trip when capacity frees up) and keeps a standing
-//!   queue of `(gain − 1) × min_rtt` (30 ms at 150 ms), below a 50 ms
-//!   drop-tail queue. The additive part makes flows sharing a bottleneck
-//!   converge to equal rates: with a multiplicative term alone every split
-//!   of the link is an equilibrium, while a fixed number of bytes per flow in
-//!   a FIFO queue gives every flow the same share of its departures (the
-//!   principle of TCP Vegas and FAST). Known gap: the pull is proportional
-//!   to the allotment over the BDP; at 100 Mbit/s and 150 ms two flows
-//!   converge within seconds (unit test), at 1 Gbit/s an uneven split left by
-//!   start-up persists for tens of seconds (ignored unit test
-//!   `two_flows_on_a_gigabit_link_converge`). A fixed allotment large enough
-//!   for 1 Gbit/s would overfill a 50 ms queue at 100 Mbit/s.
+//! - **Steady.** The window is `bw × min_rtt + headroom`: the headroom is
+//!   what the flow keeps queued at the bottleneck. With a standing queue a
+//!   FIFO gives each flow the share of its departures that its bytes are of
+//!   the queue, so flows whose headrooms are equal converge to equal rates
+//!   (the principle of TCP Vegas and FAST), whatever split start-up left.
+//!   The headroom follows AIMD on the queueing delay, a signal every flow
+//!   through the bottleneck sees alike: when the mean RTT sample of a round
+//!   exceeds the minimum by more than [`QUEUE_TARGET_SHARE`] of it (30 ms at
+//!   150 ms), every flow multiplies its headroom by [`HEADROOM_DECREASE`];
+//!   below it, each grows its headroom by steps that start at one datagram
+//!   and double every other round (a step shows in the queue only in the
+//!   round after next), at most half the headroom each. Equal steps after a common decrease
+//!   shrink the gaps between headrooms at every decrease (Chiu and Jain),
+//!   and the doubling finds a headroom of any size in a few round trips, so
+//!   no constant ties the controller to one link rate. In steady state the
+//!   bandwidth estimate keeps only [`BW_FILTER_ROUNDS_STEADY`] rounds, and a
+//!   decrease also lowers it to the last round's rate: a flow that lost
+//!   share must not hold its old rate.
 //! - **Loss.** Losses are filtered as in [`LossFilter`]: random loss below
 //!   [`CONGESTIVE_LOSS_PER_MILLE`](super::CONGESTIVE_LOSS_PER_MILLE) of a
 //!   round's bytes costs only its retransmission. Congestive loss ends
 //!   start-up, and in steady state drops the bandwidth estimate to the last
-//!   round's rate (once per round), so a stale, higher estimate (a flow that
-//!   joined, a slower path) stops overfilling the queue at once instead of
-//!   after [`BW_FILTER_ROUNDS`]. Persistent congestion starts over.
+//!   round's rate (once per round) and decreases the headroom, so a stale,
+//!   higher estimate (a flow that joined, a slower path) stops overfilling
+//!   the queue at once. Persistent congestion starts over.
 //!
 //! [`BdpModel`] is the sans-IO core (events and `now` in, a window out);
 //! [`BdpController`] adapts it to quinn's `Controller` trait.
@@ -61,16 +65,38 @@ use super::LossFilter;
 /// (BBR's start-up gain, `2 / ln 2`).
 pub const STARTUP_GAIN: f64 = 2.89;
 
-/// Window gain in steady state, over the estimated BDP.
-pub const STEADY_GAIN: f64 = 1.2;
+/// The least headroom (bytes a flow keeps queued at the bottleneck beyond
+/// the estimated BDP), in datagrams of the current MTU; also where every
+/// flow's headroom starts when it leaves start-up, so that flows that leave
+/// it at different rates still start with equal headrooms.
+pub const HEADROOM_MIN_DATAGRAMS: u64 = 64;
 
-/// Bytes each flow keeps queued at the bottleneck beyond the multiplicative
-/// part, in datagrams of the current MTU (see the module docs: fairness).
-pub const QUEUE_ALLOT_DATAGRAMS: u64 = 64;
+/// The queueing delay the flows aim at, as a share of the minimum RTT
+/// (30 ms at 150 ms): above it, headroom shrinks; below it, headroom grows.
+pub const QUEUE_TARGET_SHARE: f64 = 0.2;
 
+/// Share of the headroom left after a round whose mean RTT sample was above
+/// the target (the multiplicative decrease of AIMD): each decrease halves
+/// the gaps between the headrooms of the flows through one queue.
+pub const HEADROOM_DECREASE: f64 = 0.5;
+
+/// Largest headroom, as a share of the estimated BDP: a sender short of
+/// CPU sees no queue round after round, and must not build a window that
+/// floods the queue once it catches up.
+pub const HEADROOM_MAX_SHARE: f64 = 1.0;
+
+/// A round grows the headroom only if it delivered at least this share of
+/// the window: otherwise the sender, not the path, set its pace.
+pub const WINDOW_LIMITED_SHARE: f64 = 0.8;
 
 /// Rounds the bandwidth estimate remembers its largest sample.
 pub const BW_FILTER_ROUNDS: usize = 10;
+
+/// Rounds the estimate remembers in steady state. Its rounds count only when
+/// the bottleneck kept a queue, so each measures this flow's share of a full
+/// path; a longer memory holds a flow that lost share at its old rate and
+/// keeps the flows from converging.
+pub const BW_FILTER_ROUNDS_STEADY: usize = 3;
 
 /// Start-up ends after this many rounds without 25% growth of the delivery rate.
 pub const FULL_BW_ROUNDS: u32 = 3;
@@ -132,6 +158,9 @@ struct Round {
     app_limited: bool,
     /// Smallest RTT sample of the round.
     rtt_sample_min: Option<Duration>,
+    /// Sum and count of the round's RTT samples (for their mean).
+    rtt_sample_sum: Duration,
+    rtt_samples: u32,
     /// Send instants of the first and the latest packet acked in the round.
     acked_sent_first: Option<Instant>,
     acked_sent_last: Option<Instant>,
@@ -139,6 +168,8 @@ struct Round {
     ended: bool,
     /// Congestive loss already lowered the estimate in this round.
     loss_handled: bool,
+    /// The window when the round started.
+    window_at_start: u64,
 }
 
 /// The sans-IO model of [`BdpController`]. See the [module docs](self).
@@ -164,6 +195,15 @@ pub struct BdpModel {
     /// Start-up's queue detection: consecutive rounds that kept a queue.
     queued_rounds: u32,
     loss: LossFilter,
+    /// Steady state: bytes kept queued at the bottleneck beyond the
+    /// estimated BDP, and the next additive increase of it.
+    headroom: u64,
+    headroom_step: u64,
+    /// Rounds still to pass before the headroom may grow again, and before
+    /// it may shrink again (a change shows in the RTT samples only in the
+    /// round after next).
+    grow_hold_rounds: u32,
+    shrink_hold_rounds: u32,
     window: u64,
 }
 
@@ -184,6 +224,10 @@ impl BdpModel {
             full_bw_rounds: 0,
             queued_rounds: 0,
             loss: LossFilter::new(now),
+            headroom: 0,
+            headroom_step: mtu,
+            grow_hold_rounds: 0,
+            shrink_hold_rounds: 0,
             window: INITIAL_WINDOW_DATAGRAMS * mtu,
         }
     }
@@ -198,9 +242,18 @@ impl BdpModel {
         self.mode
     }
 
+    /// Steady state's headroom: bytes kept queued beyond the estimated BDP.
+    pub fn headroom(&self) -> u64 {
+        self.headroom
+    }
+
     /// The bandwidth estimate, bytes per second (0 before the first round ended).
     pub fn bw_bytes_per_s(&self) -> u64 {
-        self.bw_samples.iter().copied().max().unwrap_or(0)
+        let keep = match self.mode {
+            BdpMode::Startup => BW_FILTER_ROUNDS,
+            BdpMode::Steady => BW_FILTER_ROUNDS_STEADY,
+        };
+        self.bw_samples.iter().rev().take(keep).copied().max().unwrap_or(0)
     }
 
     /// The window the model started with.
@@ -229,6 +282,8 @@ impl BdpModel {
         round.app_limited |= app_limited;
         let sample = now.saturating_duration_since(sent);
         round.rtt_sample_min = Some(round.rtt_sample_min.map_or(sample, |m| m.min(sample)));
+        round.rtt_sample_sum += sample;
+        round.rtt_samples += 1;
         round.acked_sent_first.get_or_insert(sent);
         round.acked_sent_last = Some(sent);
         if round.ends_after_sent.is_some_and(|t| sent > t) {
@@ -274,16 +329,12 @@ impl BdpModel {
         }
         tracing::trace!(target: "drmesh_transport::congestion", mode = ?self.mode, lost_bytes, window = self.window, "congestive loss");
         match self.mode {
-            BdpMode::Startup => self.mode = BdpMode::Steady,
+            BdpMode::Startup => self.enter_steady(),
             BdpMode::Steady => {
                 if let Some(round) = self.round.as_mut().filter(|r| !r.loss_handled) {
                     round.loss_handled = true;
-                    let max = self.bw_bytes_per_s();
-                    if max > 0 {
-                        let lowered = self.last_round_bw.max((LOSS_BW_FLOOR * max as f64) as u64);
-                        self.bw_samples.clear();
-                        self.bw_samples.push_back(lowered);
-                    }
+                    self.lower_bw_to_last_round();
+                    self.decrease_headroom();
                 }
             }
         }
@@ -303,10 +354,13 @@ impl BdpModel {
             ends_after_sent: self.last_sent,
             app_limited: false,
             rtt_sample_min: None,
+            rtt_sample_sum: Duration::ZERO,
+            rtt_samples: 0,
             acked_sent_first: None,
             acked_sent_last: None,
             ended: false,
             loss_handled: false,
+            window_at_start: self.window,
         });
     }
 
@@ -328,9 +382,15 @@ impl BdpModel {
         let max = self.bw_bytes_per_s();
         // A round the application limited says nothing about the path (the
         // first rounds also carry the handshake's RTT samples).
+        // In steady state the flows keep the queue near the target
+        // (decreasing their headroom by a share above it), so half the
+        // target tells a queue that stayed all round.
         let queued = !round.app_limited
             && match (round.rtt_sample_min, self.min_rtt) {
-                (Some(sample), Some(min)) => sample > min + min / 8 + QUEUE_DELAY_EXIT,
+                (Some(sample), Some(min)) => match self.mode {
+                    BdpMode::Startup => sample > min + min / 8 + QUEUE_DELAY_EXIT,
+                    BdpMode::Steady => sample > min + min.mul_f64(QUEUE_TARGET_SHARE / 2.0),
+                },
                 _ => false,
             };
         // A round measures the path only when the path limited it: in
@@ -369,9 +429,96 @@ impl BdpModel {
             }
             self.queued_rounds = if queued { self.queued_rounds + 1 } else { 0 };
             if self.full_bw_rounds >= FULL_BW_ROUNDS || self.queued_rounds >= QUEUED_ROUNDS_EXIT {
-                self.mode = BdpMode::Steady;
+                self.enter_steady();
             }
+        } else if !round.app_limited {
+            self.adjust_headroom(round, bytes);
         }
+    }
+
+    /// Leaves start-up with the least headroom.
+    fn enter_steady(&mut self) {
+        self.mode = BdpMode::Steady;
+        self.headroom = self.headroom_min();
+        self.headroom_step = self.mtu;
+        self.grow_hold_rounds = 1;
+        self.shrink_hold_rounds = 1;
+    }
+
+    /// AIMD of the headroom on the queueing delay: the round's mean RTT
+    /// sample over the minimum RTT. Every flow through a bottleneck sees the
+    /// same delay, so they decrease together, by the same share, and then
+    /// grow by the same steps: the gaps between their headrooms shrink with
+    /// every decrease, and a FIFO queue gives each flow the share of its
+    /// departures that its headroom is of the queue.
+    fn adjust_headroom(&mut self, round: &Round, delivered: u64) {
+        let Some(min_rtt) = self.min_rtt else { return };
+        if round.rtt_samples == 0 {
+            return;
+        }
+        let mean = round.rtt_sample_sum / round.rtt_samples;
+        let grow_held = self.grow_hold_rounds > 0;
+        self.grow_hold_rounds = self.grow_hold_rounds.saturating_sub(1);
+        let shrink_held = self.shrink_hold_rounds > 0;
+        self.shrink_hold_rounds = self.shrink_hold_rounds.saturating_sub(1);
+        let target = min_rtt.mul_f64(QUEUE_TARGET_SHARE);
+        // The mean over the round: flows whose rounds start at different
+        // instants still judge nearly the same stretch of the queue, and a
+        // single late ack (a receiver short of CPU) moves it little.
+        if mean > min_rtt + target {
+            // A decrease is never held back by an increase: every flow
+            // through the queue must see it, or those that miss it keep
+            // growing and the headrooms drift apart.
+            if shrink_held {
+                return;
+            }
+            // The estimates of the flows through the queue add up to more
+            // than the path, or their headrooms do. The last round measured
+            // this flow's share of a full path; larger samples before it
+            // are stale.
+            self.lower_bw_to_last_round();
+            self.decrease_headroom();
+        } else if !grow_held && delivered as f64 >= WINDOW_LIMITED_SHARE * round.window_at_start as f64 {
+            let max = (HEADROOM_MAX_SHARE * self.bdp().unwrap_or(0.0)) as u64;
+            // At most half the headroom per step: with a round of lag between
+            // a step and its queue, a larger one overshoots the target.
+            let step = self.headroom_step.min(self.headroom / 2).max(self.mtu);
+            self.headroom = (self.headroom + step).min(max.max(self.headroom_min()));
+            self.headroom_step = self.headroom_step.saturating_mul(2);
+            // The queue shows an increase only in the round after next:
+            // judging the next round would grow twice on one sample and
+            // overshoot the target.
+            self.grow_hold_rounds = 1;
+        }
+    }
+
+    /// Lowers the bandwidth estimate to the last round's rate, but not below
+    /// [`LOSS_BW_FLOOR`] of it.
+    fn lower_bw_to_last_round(&mut self) {
+        let max = self.bw_bytes_per_s();
+        if max > 0 {
+            let lowered = self.last_round_bw.max((LOSS_BW_FLOOR * max as f64) as u64);
+            self.bw_samples.clear();
+            self.bw_samples.push_back(lowered);
+        }
+    }
+
+    /// The multiplicative decrease, at most once per round.
+    fn decrease_headroom(&mut self) {
+        self.headroom = ((HEADROOM_DECREASE * self.headroom as f64) as u64).max(self.headroom_min());
+        self.headroom_step = self.mtu;
+        self.grow_hold_rounds = 1;
+        self.shrink_hold_rounds = 1;
+    }
+
+    fn headroom_min(&self) -> u64 {
+        HEADROOM_MIN_DATAGRAMS * self.mtu
+    }
+
+    /// The estimated bandwidth-delay product, bytes.
+    fn bdp(&self) -> Option<f64> {
+        let min_rtt = self.min_rtt?;
+        Some(self.bw_bytes_per_s() as f64 * min_rtt.as_secs_f64())
     }
 
     fn update_window(&mut self) {
@@ -385,7 +532,7 @@ impl BdpModel {
             // Never below the initial window in start-up: the first rounds
             // measure little more than the initial window itself.
             BdpMode::Startup => ((STARTUP_GAIN * bdp) as u64).max(self.initial_window()),
-            BdpMode::Steady => (STEADY_GAIN * bdp) as u64 + QUEUE_ALLOT_DATAGRAMS * self.mtu,
+            BdpMode::Steady => bdp as u64 + self.headroom.max(self.headroom_min()),
         };
         self.window = window.clamp(floor, MAX_WINDOW_BYTES);
     }
@@ -469,7 +616,8 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
-    const MTU: u16 = 1200; const FAIR_START_MS: u64 = 10;
+    const MTU: u16 = 1200;
+    const FAIR_START_MS: u64 = 10;
 
     /// A tiny virtual-time bottleneck for the model: senders paced as quinn
     /// paces (1.25 × window / smoothed RTT), one drop-tail queue, one-way
@@ -517,6 +665,7 @@ mod tests {
         let step = Duration::from_micros(20);
         let end = t0 + Duration::from_secs(secs);
         let mut now = t0;
+        let trace = std::env::var_os(TRACE_ENV).is_some();
         while now < end {
             for f in flows.iter_mut().filter(|f| now >= f.starts) {
                 let mut acked = false;
@@ -569,7 +718,24 @@ mod tests {
                 }
             }
             now += step;
+            if trace && (now - t0).as_micros().is_multiple_of(250_000) {
+                trace_line(link, flows, t0, now);
+            }
         }
+    }
+
+    /// Set (to anything) to print the link and every flow's model each
+    /// 250 ms of virtual time while a test runs (`--nocapture`).
+    const TRACE_ENV: &str = "DRMESH_BDP_TRACE";
+
+    fn trace_line(link: &Bottleneck, flows: &[Flow], t0: Instant, now: Instant) {
+        let queue = link.link_free_at.saturating_duration_since(now);
+        let mut line = format!("{:6.2}s queue {:5.1} ms, drops {:6}", (now - t0).as_secs_f64(), queue.as_secs_f64() * 1e3, link.queue_drops);
+        for f in flows {
+            let m = &f.model;
+            line += &format!(" | {:?} window {:9} headroom {:8} bw {:10} B/s", m.mode(), m.window(), m.headroom(), m.bw_bytes_per_s());
+        }
+        eprintln!("{line}");
     }
 
     fn flow(t0: Instant, starts_after: Duration) -> Flow {
@@ -654,23 +820,34 @@ mod tests {
         assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
     }
 
+    /// Two flows through one bottleneck, at 100 Mbit/s and 1 Gbit/s, with
+    /// and without 1% random loss, in three ways of starting: together but
+    /// one short of CPU for its first 3 s (a tenth of a BDP in flight, as
+    /// in the benchmark's fairness run), a round trip apart, and one joining
+    /// the other's standing queue 3 s later. Each must get 40–60% of what
+    /// both delivered between 20 and 30 s, and together nearly the link.
+    /// (The controller before the headroom's AIMD split these 0.15–0.85.)
     #[test]
-    #[ignore = "known gap: at 1 Gbit/s the queue allotment is too small to pull an uneven split together (0.84 / 0.16 after 20 s); see docs/transport.md"]
-    fn two_flows_on_a_gigabit_link_converge() {
-        // As in the benchmark's fairness run: both start together, at
-        // 1 Gbit/s, but one is short of CPU for its first 3 s (a tenth of a
-        // BDP in flight), so the other leaves start-up with most of the link.
-        let (mut link, t0) = wan_at(1e9, 0.0);
-        let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(FAIR_START_MS))];
-        let bdp = (link.rate_bytes_per_s * 0.150) as u64;
-        flows[1].stall = Some((t0, t0 + Duration::from_secs(3), bdp / 10));
-        run(&mut link, &mut flows, t0, 20);
-        let (from, to) = (t0 + Duration::from_secs(10), t0 + Duration::from_secs(20));
-        let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
-        let share = b / (a + b);
-        eprintln!("gigabit shares {:.2} / {share:.2}, queue drops {}", 1.0 - share, link.queue_drops);
-        assert!((0.4..0.6).contains(&share), "second flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
-        assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
+    fn two_flows_share_the_link_however_they_start() {
+        for rate in [100e6, 1e9] {
+            for loss in [0.0, 0.01] {
+                for (join_ms, stall_s) in [(10, 3), (137, 0), (3000, 0)] {
+                    let (mut link, t0) = wan_at(rate, loss);
+                    let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(join_ms))];
+                    let bdp = (link.rate_bytes_per_s * 0.150) as u64;
+                    if stall_s > 0 {
+                        flows[1].stall = Some((t0, t0 + Duration::from_secs(stall_s), bdp / 10));
+                    }
+                    run(&mut link, &mut flows, t0, 30);
+                    let (from, to) = (t0 + Duration::from_secs(20), t0 + Duration::from_secs(30));
+                    let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+                    let share = b / (a + b);
+                    let case = format!("{} Mbit/s, loss {loss}, second flow {join_ms} ms later, short of CPU {stall_s} s", rate / 1e6);
+                    assert!((0.4..0.6).contains(&share), "{case}: second flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
+                    assert!(a + b > 0.9 * link.rate_bytes_per_s, "{case}: together {:.0} B/s", a + b);
+                }
+            }
+        }
     }
 
     #[test]
