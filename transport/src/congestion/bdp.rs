@@ -17,29 +17,48 @@
 //!   queue through it (every sample above half the queue target; otherwise
 //!   the sender, not the path, limited it: no data, or no CPU), unless it
 //!   raises the estimate. The minimum RTT is quinn's.
-//! - **Start-up.** The window is [`STARTUP_GAIN`] × the estimated BDP: it grows
-//!   by that factor per round trip. It ends at the first of: the delivery
-//!   rate grew by less than 25% in [`FULL_BW_ROUNDS`] rounds (the pipe is
-//!   full), every RTT sample of a round was [`QUEUE_DELAY_EXIT`] above the
-//!   minimum (a standing queue), or congestive loss.
+//! - **Start-up.** As in slow start, every byte acknowledged grows the
+//!   window, here by `STARTUP_GAIN − 1` bytes, so the window grows by
+//!   [`STARTUP_GAIN`] per round trip (a window of `STARTUP_GAIN ×` the
+//!   estimated BDP grew only ~1.7× per round: the estimate of a round
+//!   measures the window of the round before). The window stays below
+//!   `STARTUP_GAIN²` × the estimated BDP, so a sender that keeps less in
+//!   flight than its window (short of CPU, which quinn does not flag as
+//!   app-limited) does not grow it without bound. The first RTT sample of a
+//!   round above `min_rtt + min_rtt/16 + 2 ms` stops the growth for that
+//!   round and cuts the window to the BDP of the round's ack rate so far
+//!   plus the least headroom: the sign of a queue comes back a round trip
+//!   late, so everything the window grew by since then is going to the
+//!   queue's tail. Start-up ends at the first of: the delivery rate grew by
+//!   less than 25% in [`FULL_BW_ROUNDS`] rounds (the pipe is full), every
+//!   RTT sample of a round was [`QUEUE_DELAY_EXIT`] plus an eighth of the
+//!   minimum above it (a standing queue), or congestive loss.
 //! - **Steady.** The window is `bw × min_rtt + headroom`: the headroom is
 //!   what the flow keeps queued at the bottleneck. With a standing queue a
 //!   FIFO gives each flow the share of its departures that its bytes are of
 //!   the queue, so flows whose headrooms are equal converge to equal rates
 //!   (the principle of TCP Vegas and FAST), whatever split start-up left.
 //!   The headroom follows AIMD on the queueing delay, a signal every flow
-//!   through the bottleneck sees alike: when the mean RTT sample of a round
-//!   exceeds the minimum by more than [`QUEUE_TARGET_SHARE`] of it (30 ms at
-//!   150 ms), every flow multiplies its headroom by [`HEADROOM_DECREASE`];
-//!   below it, each grows its headroom by steps that start at one datagram
-//!   and double every other round (a step shows in the queue only in the
-//!   round after next), at most half the headroom each. Equal steps after a common decrease
-//!   shrink the gaps between headrooms at every decrease (Chiu and Jain),
-//!   and the doubling finds a headroom of any size in a few round trips, so
-//!   no constant ties the controller to one link rate. In steady state the
-//!   bandwidth estimate keeps only [`BW_FILTER_ROUNDS_STEADY`] rounds, and a
-//!   decrease also lowers it to the last round's rate: a flow that lost
-//!   share must not hold its old rate.
+//!   through the bottleneck sees at the same time, applied per ack so that
+//!   no flow depends on where its rounds begin:
+//!   - an RTT sample more than [`QUEUE_TARGET_SHARE`] of the minimum above
+//!     it (30 ms at 150 ms) takes [`HEADROOM_DECREASE_PER_RTT`] × the
+//!     bytes acked over the window off the headroom's share: acks come to
+//!     each flow in proportion to its rate, so every flow gives up the same
+//!     share per unit of time;
+//!   - below the target, the headroom grows by bytes per round trip that
+//!     start at one datagram and double every [`GROWTH_DOUBLING_RTTS`]:
+//!     the same bytes for every flow, so equal increases after common
+//!     decreases close the gaps between headrooms (Chiu and Jain), while
+//!     the doubling finds a headroom of any size in a few round trips and
+//!     no constant ties the controller to one link rate.
+//!
+//!   The bandwidth estimate keeps only [`BW_FILTER_ROUNDS_STEADY`] rounds,
+//!   and a round above the target lowers it to its own rate: a flow that
+//!   lost share must not keep its old rate. Every [`DRAIN_INTERVAL`] (the
+//!   first [`FIRST_DRAIN_AFTER`] start-up) a flow drains its part of the
+//!   queue for a round, so that one that measured its minimum RTT on
+//!   another's queue learns the real one.
 //! - **Loss.** Losses are filtered as in [`LossFilter`]: random loss below
 //!   [`CONGESTIVE_LOSS_PER_MILLE`](super::CONGESTIVE_LOSS_PER_MILLE) of a
 //!   round's bytes costs only its retransmission. Congestive loss ends
@@ -61,8 +80,9 @@ use quinn_proto::RttEstimator;
 
 use super::LossFilter;
 
-/// Window gain in start-up: the window grows by this factor per round trip
-/// (BBR's start-up gain, `2 / ln 2`).
+/// Window gain in start-up: the window grows by this factor per round trip,
+/// `STARTUP_GAIN − 1` bytes per byte acknowledged (BBR's start-up gain,
+/// `2 / ln 2`).
 pub const STARTUP_GAIN: f64 = 2.89;
 
 /// The least headroom (bytes a flow keeps queued at the bottleneck beyond
@@ -75,10 +95,18 @@ pub const HEADROOM_MIN_DATAGRAMS: u64 = 64;
 /// (30 ms at 150 ms): above it, headroom shrinks; below it, headroom grows.
 pub const QUEUE_TARGET_SHARE: f64 = 0.2;
 
-/// Share of the headroom left after a round whose mean RTT sample was above
-/// the target (the multiplicative decrease of AIMD): each decrease halves
-/// the gaps between the headrooms of the flows through one queue.
-pub const HEADROOM_DECREASE: f64 = 0.5;
+/// Share of the headroom a flow gives up per round trip while its RTT
+/// samples are above the target (per ack: this share times the bytes acked
+/// over the window).
+pub const HEADROOM_DECREASE_PER_RTT: f64 = 0.3;
+
+/// Round trips below the target over which the headroom's increase per
+/// round trip doubles (from one datagram, after every RTT sample above the
+/// target).
+pub const GROWTH_DOUBLING_RTTS: f64 = 1.0;
+
+/// Share of the headroom left after congestive loss.
+pub const LOSS_HEADROOM_DECREASE: f64 = 0.5;
 
 /// Largest headroom, as a share of the estimated BDP: a sender short of
 /// CPU sees no queue round after round, and must not build a window that
@@ -88,6 +116,21 @@ pub const HEADROOM_MAX_SHARE: f64 = 1.0;
 /// A round grows the headroom only if it delivered at least this share of
 /// the window: otherwise the sender, not the path, set its pace.
 pub const WINDOW_LIMITED_SHARE: f64 = 0.8;
+
+/// In steady state every flow drains its part of the queue for a round this
+/// often (BBR's ProbeRTT, without waiting for the minimum RTT to age): a
+/// flow that started while others kept a queue took that queue for part of
+/// the path's RTT, and would otherwise keep more than its share for as long
+/// as the queue stands. Its own drain shows it the RTT without its own
+/// bytes queued, and the drains of the others the rest.
+pub const DRAIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The first drain comes this long after start-up ends: a flow that
+/// measured its minimum RTT on another flow's queue corrects it early.
+pub const FIRST_DRAIN_AFTER: Duration = Duration::from_secs(2);
+
+/// The window during a drain, as a share of the estimated BDP.
+pub const DRAIN_WINDOW_SHARE: f64 = 0.5;
 
 /// Rounds the bandwidth estimate remembers its largest sample.
 pub const BW_FILTER_ROUNDS: usize = 10;
@@ -122,7 +165,7 @@ pub const LOSS_BW_FLOOR: f64 = 0.85;
 
 /// Losses of a round are congestive only from this many datagrams on (and
 /// above the loss filter's share of the round).
-pub const CONGESTIVE_LOSS_DATAGRAMS_MIN: u64 = 8;
+pub const CONGESTIVE_LOSS_DATAGRAMS_MIN: u64 = 16;
 
 /// Initial window, in datagrams (RFC 9002's ten).
 pub const INITIAL_WINDOW_DATAGRAMS: u64 = 10;
@@ -138,7 +181,7 @@ pub const MAX_WINDOW_BYTES: u64 = 2 * crate::endpoint::BDP_BYTES_MAX;
 /// Where the model is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BdpMode {
-    /// Growing by [`STARTUP_GAIN`] per round trip.
+    /// Growing by [`STARTUP_GAIN`] per round trip (per byte acknowledged).
     Startup,
     /// Holding the window near the estimated BDP.
     Steady,
@@ -158,6 +201,8 @@ struct Round {
     app_limited: bool,
     /// Smallest RTT sample of the round.
     rtt_sample_min: Option<Duration>,
+    /// The round's latest RTT sample.
+    rtt_sample_last: Option<Duration>,
     /// Sum and count of the round's RTT samples (for their mean).
     rtt_sample_sum: Duration,
     rtt_samples: u32,
@@ -194,16 +239,25 @@ pub struct BdpModel {
     full_bw_rounds: u32,
     /// Start-up's queue detection: consecutive rounds that kept a queue.
     queued_rounds: u32,
+    /// Start-up saw an RTT sample of a queue in this round: the window
+    /// stops growing until a round without one.
+    startup_queue_seen: bool,
     loss: LossFilter,
     /// Steady state: bytes kept queued at the bottleneck beyond the
-    /// estimated BDP, and the next additive increase of it.
+    /// estimated BDP.
     headroom: u64,
-    headroom_step: u64,
-    /// Rounds still to pass before the headroom may grow again, and before
-    /// it may shrink again (a change shows in the RTT samples only in the
-    /// round after next).
-    grow_hold_rounds: u32,
-    shrink_hold_rounds: u32,
+    /// Steady state: since when the queue has been below the target (the
+    /// headroom's increase per round trip doubles every
+    /// [`GROWTH_DOUBLING_RTTS`] round trips of it); whether the last round
+    /// kept the window full.
+    growth_since: Option<Instant>,
+    window_limited: bool,
+    /// When steady state began.
+    steady_since: Option<Instant>,
+    /// Steady state: when the next drain is due, and whether the current
+    /// round drains.
+    drain_due_at: Option<Instant>,
+    draining: bool,
     window: u64,
 }
 
@@ -223,11 +277,14 @@ impl BdpModel {
             full_bw: 0,
             full_bw_rounds: 0,
             queued_rounds: 0,
+            startup_queue_seen: false,
             loss: LossFilter::new(now),
             headroom: 0,
-            headroom_step: mtu,
-            grow_hold_rounds: 0,
-            shrink_hold_rounds: 0,
+            growth_since: None,
+            window_limited: false,
+            steady_since: None,
+            drain_due_at: None,
+            draining: false,
             window: INITIAL_WINDOW_DATAGRAMS * mtu,
         }
     }
@@ -278,10 +335,24 @@ impl BdpModel {
         self.delivered += bytes;
         self.min_rtt = Some(min_rtt);
         self.loss.handle_ack(bytes, srtt, min_rtt);
+        let sample = now.saturating_duration_since(sent);
+        if self.mode == BdpMode::Startup {
+            if sample > queue_sign_rtt(min_rtt) && !self.startup_queue_seen {
+                self.startup_queue_seen = true;
+                self.clamp_startup_window(now, min_rtt);
+            }
+            if !app_limited && !self.startup_queue_seen {
+                let grown = self.window as f64 + (STARTUP_GAIN - 1.0) * bytes as f64;
+                self.window = (grown as u64).min(MAX_WINDOW_BYTES);
+            }
+        }
+        if self.mode == BdpMode::Steady && !self.draining && !app_limited {
+            self.adjust_headroom(now, sample, bytes, min_rtt, srtt);
+        }
         let Some(round) = self.round.as_mut() else { return };
         round.app_limited |= app_limited;
-        let sample = now.saturating_duration_since(sent);
         round.rtt_sample_min = Some(round.rtt_sample_min.map_or(sample, |m| m.min(sample)));
+        round.rtt_sample_last = Some(sample);
         round.rtt_sample_sum += sample;
         round.rtt_samples += 1;
         round.acked_sent_first.get_or_insert(sent);
@@ -307,9 +378,9 @@ impl BdpModel {
         self.update_window();
     }
 
-    /// At `now`, `lost_bytes` were declared lost; `persistent`: quinn
-    /// declared persistent congestion.
-    pub fn handle_loss(&mut self, now: Instant, lost_bytes: u64, persistent: bool) {
+    /// At `now`, `lost_bytes` were declared lost, the latest of them sent at
+    /// `sent`; `persistent`: quinn declared persistent congestion.
+    pub fn handle_loss(&mut self, now: Instant, sent: Instant, lost_bytes: u64, persistent: bool) {
         if persistent {
             // Everything sent over several RTOs was lost: the model is no
             // longer to be trusted (the path changed, or went away a while).
@@ -327,9 +398,20 @@ impl BdpModel {
         if !self.loss.handle_loss(lost_bytes, false, self.window) || self.loss.round_lost_bytes() < CONGESTIVE_LOSS_DATAGRAMS_MIN * self.mtu {
             return;
         }
+        if self.mode == BdpMode::Steady && self.steady_since.is_some_and(|since| sent < since) {
+            // The tail of start-up's overshoot, which ended start-up.
+            return;
+        }
+        if self.mode == BdpMode::Steady && !self.queue_near_target() {
+            // A queue that overflows is full, and the RTT shows it; a burst
+            // of random loss, likelier the smaller the flow's rounds, is not
+            // congestion (taken as such, it shrank the smaller of two flows
+            // round after round).
+            return;
+        }
         tracing::trace!(target: "drmesh_transport::congestion", mode = ?self.mode, lost_bytes, window = self.window, "congestive loss");
         match self.mode {
-            BdpMode::Startup => self.enter_steady(),
+            BdpMode::Startup => self.enter_steady(now),
             BdpMode::Steady => {
                 if let Some(round) = self.round.as_mut().filter(|r| !r.loss_handled) {
                     round.loss_handled = true;
@@ -347,13 +429,33 @@ impl BdpModel {
         self.update_window();
     }
 
+    /// A queue showed in start-up: what is in flight already fills the
+    /// pipe, and every byte the window grew by since then is going to the
+    /// queue's tail (the sample left one RTT ago). Cut the window to the BDP
+    /// of the larger of the estimate and the current round's ack rate so
+    /// far (the bottleneck's rate, as it kept a queue) plus the least
+    /// headroom, so no more is sent until the overshoot has drained.
+    fn clamp_startup_window(&mut self, now: Instant, min_rtt: Duration) {
+        let Some(round) = &self.round else { return };
+        let elapsed = now.saturating_duration_since(round.start);
+        if elapsed < min_rtt / 4 {
+            return;
+        }
+        let running = ((self.delivered - round.delivered_at_start) as f64 / elapsed.as_secs_f64()) as u64;
+        let bw = running.max(self.bw_bytes_per_s());
+        let bdp = (bw as f64 * min_rtt.as_secs_f64()) as u64;
+        self.window = self.window.min(bdp + self.headroom_min()).max(self.initial_window());
+    }
+
     fn start_round(&mut self, now: Instant) {
+        self.startup_queue_seen = false;
         self.round = Some(Round {
             start: now,
             delivered_at_start: self.delivered,
             ends_after_sent: self.last_sent,
             app_limited: false,
             rtt_sample_min: None,
+            rtt_sample_last: None,
             rtt_sample_sum: Duration::ZERO,
             rtt_samples: 0,
             acked_sent_first: None,
@@ -416,7 +518,7 @@ impl BdpModel {
         tracing::trace!(
             target: "drmesh_transport::congestion",
             mode = ?self.mode, round_bw = bw, bw_max = self.bw_bytes_per_s(), app_limited = round.app_limited,
-            rtt_sample_min_us = round.rtt_sample_min.map(|d| d.as_micros() as u64), window = self.window,
+            rtt_sample_min_us = round.rtt_sample_min.map(|d| d.as_micros() as u64), window = self.window, headroom = self.headroom,
             "round closed"
         );
         if self.mode == BdpMode::Startup {
@@ -429,66 +531,93 @@ impl BdpModel {
             }
             self.queued_rounds = if queued { self.queued_rounds + 1 } else { 0 };
             if self.full_bw_rounds >= FULL_BW_ROUNDS || self.queued_rounds >= QUEUED_ROUNDS_EXIT {
-                self.enter_steady();
+                self.enter_steady(now);
             }
-        } else if !round.app_limited {
-            self.adjust_headroom(round, bytes);
+        } else if self.draining {
+            // The drain round measured the drain, not the path.
+            self.draining = false;
+        } else {
+            self.close_steady_round(round, bytes);
+            self.schedule_drain(now);
+        }
+    }
+
+    /// Starts a drain round [`FIRST_DRAIN_AFTER`] after start-up and every
+    /// [`DRAIN_INTERVAL`] after that.
+    fn schedule_drain(&mut self, now: Instant) {
+        let Some(due) = self.drain_due_at else {
+            self.drain_due_at = Some(now + FIRST_DRAIN_AFTER);
+            return;
+        };
+        if now >= due {
+            self.draining = true;
+            self.drain_due_at = Some(now + DRAIN_INTERVAL);
+        }
+    }
+
+    /// Whether the latest RTT sample shows at least half the queue target.
+    fn queue_near_target(&self) -> bool {
+        match (self.round.as_ref().and_then(|r| r.rtt_sample_last), self.min_rtt) {
+            (Some(last), Some(min_rtt)) => last > min_rtt + min_rtt.mul_f64(QUEUE_TARGET_SHARE / 2.0),
+            _ => true,
         }
     }
 
     /// Leaves start-up with the least headroom.
-    fn enter_steady(&mut self) {
+    fn enter_steady(&mut self, now: Instant) {
+        self.steady_since = Some(now);
+        // Start-up's estimate, over its longer filter: its last rounds,
+        // which are all the steady filter would keep, may be those of the
+        // burst of losses that ended it.
+        let bw = self.bw_bytes_per_s();
+        self.bw_samples.clear();
+        self.bw_samples.push_back(bw);
         self.mode = BdpMode::Steady;
         self.headroom = self.headroom_min();
-        self.headroom_step = self.mtu;
-        self.grow_hold_rounds = 1;
-        self.shrink_hold_rounds = 1;
+        self.growth_since = None;
     }
 
-    /// AIMD of the headroom on the queueing delay: the round's mean RTT
-    /// sample over the minimum RTT. Every flow through a bottleneck sees the
-    /// same delay, so they decrease together, by the same share, and then
-    /// grow by the same steps: the gaps between their headrooms shrink with
-    /// every decrease, and a FIFO queue gives each flow the share of its
-    /// departures that its headroom is of the queue.
-    fn adjust_headroom(&mut self, round: &Round, delivered: u64) {
+    /// At the end of a steady round: whether the sender kept its window
+    /// full (only then may the headroom grow), and the bandwidth estimate.
+    fn close_steady_round(&mut self, round: &Round, delivered: u64) {
+        self.window_limited = delivered as f64 >= WINDOW_LIMITED_SHARE * round.window_at_start as f64;
         let Some(min_rtt) = self.min_rtt else { return };
         if round.rtt_samples == 0 {
             return;
         }
         let mean = round.rtt_sample_sum / round.rtt_samples;
-        let grow_held = self.grow_hold_rounds > 0;
-        self.grow_hold_rounds = self.grow_hold_rounds.saturating_sub(1);
-        let shrink_held = self.shrink_hold_rounds > 0;
-        self.shrink_hold_rounds = self.shrink_hold_rounds.saturating_sub(1);
-        let target = min_rtt.mul_f64(QUEUE_TARGET_SHARE);
-        // The mean over the round: flows whose rounds start at different
-        // instants still judge nearly the same stretch of the queue, and a
-        // single late ack (a receiver short of CPU) moves it little.
-        if mean > min_rtt + target {
-            // A decrease is never held back by an increase: every flow
-            // through the queue must see it, or those that miss it keep
-            // growing and the headrooms drift apart.
-            if shrink_held {
-                return;
-            }
+        // A round of packets sent in start-up measured its overshoot.
+        let sent_in_steady = match (round.acked_sent_first, self.steady_since) {
+            (Some(first), Some(since)) => first >= since,
+            _ => false,
+        };
+        if sent_in_steady && mean > min_rtt + min_rtt.mul_f64(QUEUE_TARGET_SHARE) {
             // The estimates of the flows through the queue add up to more
             // than the path, or their headrooms do. The last round measured
             // this flow's share of a full path; larger samples before it
             // are stale.
             self.lower_bw_to_last_round();
-            self.decrease_headroom();
-        } else if !grow_held && delivered as f64 >= WINDOW_LIMITED_SHARE * round.window_at_start as f64 {
+        }
+    }
+
+    /// AIMD of the headroom on the queueing delay, per ack (see the module
+    /// docs, steady state): decreases are a share per byte acked over the
+    /// window, the same share per unit of time for every flow; increases
+    /// are the same bytes per round trip for every flow.
+    fn adjust_headroom(&mut self, now: Instant, sample: Duration, bytes: u64, min_rtt: Duration, srtt: Duration) {
+        let share_of_round = bytes as f64 / self.window.max(1) as f64;
+        let target = min_rtt.mul_f64(QUEUE_TARGET_SHARE);
+        let least = self.headroom_min();
+        if sample > min_rtt + target {
+            let kept = 1.0 - HEADROOM_DECREASE_PER_RTT * share_of_round;
+            self.headroom = ((self.headroom as f64 * kept) as u64).max(least);
+            self.growth_since = None;
+        } else if self.window_limited {
+            let since = *self.growth_since.get_or_insert(now);
+            let rtts = now.saturating_duration_since(since).as_secs_f64() / srtt.as_secs_f64().max(1e-3);
+            let per_rtt = self.mtu as f64 * (rtts / GROWTH_DOUBLING_RTTS).min(40.0).exp2();
             let max = (HEADROOM_MAX_SHARE * self.bdp().unwrap_or(0.0)) as u64;
-            // At most half the headroom per step: with a round of lag between
-            // a step and its queue, a larger one overshoots the target.
-            let step = self.headroom_step.min(self.headroom / 2).max(self.mtu);
-            self.headroom = (self.headroom + step).min(max.max(self.headroom_min()));
-            self.headroom_step = self.headroom_step.saturating_mul(2);
-            // The queue shows an increase only in the round after next:
-            // judging the next round would grow twice on one sample and
-            // overshoot the target.
-            self.grow_hold_rounds = 1;
+            self.headroom = ((self.headroom as f64 + per_rtt * share_of_round) as u64).min(max.max(least));
         }
     }
 
@@ -503,12 +632,10 @@ impl BdpModel {
         }
     }
 
-    /// The multiplicative decrease, at most once per round.
+    /// A multiplicative decrease at once (congestive loss).
     fn decrease_headroom(&mut self) {
-        self.headroom = ((HEADROOM_DECREASE * self.headroom as f64) as u64).max(self.headroom_min());
-        self.headroom_step = self.mtu;
-        self.grow_hold_rounds = 1;
-        self.shrink_hold_rounds = 1;
+        self.headroom = ((LOSS_HEADROOM_DECREASE * self.headroom as f64) as u64).max(self.headroom_min());
+        self.growth_since = None;
     }
 
     fn headroom_min(&self) -> u64 {
@@ -531,11 +658,19 @@ impl BdpModel {
         let window = match self.mode {
             // Never below the initial window in start-up: the first rounds
             // measure little more than the initial window itself.
-            BdpMode::Startup => ((STARTUP_GAIN * bdp) as u64).max(self.initial_window()),
+            BdpMode::Startup => self.window.min((STARTUP_GAIN * STARTUP_GAIN * bdp) as u64).max(self.initial_window()),
+            BdpMode::Steady if self.draining => (DRAIN_WINDOW_SHARE * bdp) as u64,
             BdpMode::Steady => bdp as u64 + self.headroom.max(self.headroom_min()),
         };
         self.window = window.clamp(floor, MAX_WINDOW_BYTES);
     }
+}
+
+/// An RTT sample above this, with `min_rtt` the minimum, is the first sign
+/// of a queue in start-up (half the share of the minimum that ends
+/// start-up: the sooner it shows, the less the last round overshoots).
+fn queue_sign_rtt(min_rtt: Duration) -> Duration {
+    min_rtt + min_rtt / 16 + QUEUE_DELAY_EXIT
 }
 
 /// Factory of [`BdpController`].
@@ -575,7 +710,7 @@ impl Controller for BdpController {
     }
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
-        self.model.handle_loss(now, lost_bytes, is_persistent_congestion);
+        self.model.handle_loss(now, sent, lost_bytes, is_persistent_congestion);
         self.short.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
     }
 
@@ -673,7 +808,7 @@ mod tests {
                     let Some((_, sent, bytes, lost)) = f.feedback.pop_front() else { break };
                     f.in_flight -= bytes;
                     if lost {
-                        f.model.handle_loss(now, bytes, false);
+                        f.model.handle_loss(now, sent, bytes, false);
                     } else {
                         let sample = now - sent;
                         f.min_rtt = f.min_rtt.min(sample);
@@ -868,13 +1003,38 @@ mod tests {
     }
 
     #[test]
+    fn start_up_fills_a_gigabit_link_in_ten_round_trips() {
+        // From ten datagrams to a BDP of 15,625 datagrams: 2.89x per round
+        // trip takes 7 rounds (2x, slow start: 11; the old window of 2.89x
+        // the lagging estimate grew ~1.7x per round and took ~15).
+        let (mut link, t0) = wan_at(1e9, 0.0);
+        let mut flows = [flow(t0, Duration::ZERO)];
+        run(&mut link, &mut flows, t0, 4);
+        let f = &flows[0];
+        let bin = Duration::from_millis(100);
+        let full_at = (0..40u32)
+            .map(|i| t0 + bin * i)
+            .find(|&from| rate_between(f, from, from + bin) > 0.9 * link.rate_bytes_per_s)
+            .map(|from| from - t0);
+        assert!(full_at.is_some_and(|t| t <= Duration::from_millis(1500)), "90% of the link first reached at {full_at:?}");
+        // The last round overshoots the 50 ms queue: its sign comes back a
+        // round trip late, when the window has grown by up to 1.89 BDP.
+        let bdp = link.rate_bytes_per_s * 0.150;
+        let dropped = (link.queue_drops * u64::from(MTU)) as f64;
+        assert!(dropped < 1.4 * bdp, "{dropped:.0} bytes dropped at the queue, BDP {bdp:.0}");
+        assert_eq!(f.model.mode(), BdpMode::Steady);
+        let rate = rate_between(f, t0 + Duration::from_secs(2), t0 + Duration::from_secs(4));
+        assert!(rate > 0.95 * link.rate_bytes_per_s, "rate {rate:.0} B/s after start-up");
+    }
+
+    #[test]
     fn persistent_congestion_starts_over() {
         let (mut link, t0) = wan(0.0);
         let mut flows = [flow(t0, Duration::ZERO)];
         run(&mut link, &mut flows, t0, 3);
         let m = &mut flows[0].model;
         assert!(m.window() > 100 * u64::from(MTU));
-        m.handle_loss(t0 + Duration::from_secs(3), 1200, true);
+        m.handle_loss(t0 + Duration::from_secs(3), t0 + Duration::from_secs(2), 1200, true);
         assert_eq!(m.mode(), BdpMode::Startup);
         assert_eq!(m.window(), MIN_WINDOW_DATAGRAMS * u64::from(MTU));
         assert_eq!(m.bw_bytes_per_s(), 0);
