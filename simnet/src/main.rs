@@ -181,8 +181,11 @@ fn direction_line(name: &str, now: &DirectionStats, prev: &DirectionStats, secs:
     let sent = now.sent_packets + now.send_errors;
     let late_over_200us: u64 = now.lateness_hist[3..].iter().sum();
     let mean_late_us = if sent > 0 { now.lateness_total.as_secs_f64() * 1e6 / sent as f64 } else { 0.0 };
+    // Datagrams per system call, which GRO and GSO raise above 1.
+    let per_call = |pkts: u64, calls: u64| if calls > 0 { pkts as f64 / calls as f64 } else { 0.0 };
+    let received = now.link.in_packets + now.dropped_overflow_packets;
     format!(
-        "{name}: in {} pkt {} B | sent {} pkt {} B, {:.1} Mbit/s | drop loss {} queue {} mtu {} overflow {} | send errors {} | pending {} | late mean {:.0} us, >{} us {}, max {:.2} ms",
+        "{name}: in {} pkt {} B | sent {} pkt {} B, {:.1} Mbit/s | drop loss {} queue {} mtu {} overflow {} | send errors {} | pending {} | late mean {:.0} us, >{} us {}, max {:.2} ms | pkt per recv {:.1}, per send {:.1}",
         now.link.in_packets,
         now.link.in_bytes,
         now.sent_packets,
@@ -198,6 +201,8 @@ fn direction_line(name: &str, now: &DirectionStats, prev: &DirectionStats, secs:
         LATENESS_BUCKETS_US[2],
         late_over_200us,
         now.lateness_max.as_secs_f64() * 1e3,
+        per_call(received, now.received_buffers),
+        per_call(sent, now.send_calls),
     )
 }
 
