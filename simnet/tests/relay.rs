@@ -370,6 +370,46 @@ fn gso_sends_cross_intact_in_order_and_count_as_datagrams() {
     }
 }
 
+#[test]
+fn every_datagram_to_a_closed_port_is_counted_once() {
+    // Nobody listens at the forward address: the relay's sends draw ICMP
+    // "port unreachable", which fail later sends on its connected upstream
+    // socket (GSO runs or single datagrams).
+    let closed = UdpSocket::bind(localhost0()).expect("bind").local_addr().expect("addr");
+    let relay = Relay::start(RelayConfig::new(localhost0(), closed, LinkParams::default())).expect("start relay");
+    let client = UdpSocket::bind(localhost0()).expect("bind client");
+    let state = batched(&UdpSocket::bind(localhost0()).expect("bind"));
+    let (sends, count, size) = (200u64, 4usize, 1000usize);
+    let contents = vec![7u8; count * size];
+    let segment_size = (state.max_gso_segments() > 1).then_some(size);
+    for _ in 0..sends {
+        if segment_size.is_some() {
+            let t = Transmit { destination: relay.local_addr(), ecn: None, contents: &contents, segment_size, src_ip: None };
+            state.try_send(UdpSockRef::from(&client), &t).expect("send to relay");
+        } else {
+            for chunk in contents.chunks(size) {
+                client.send_to(chunk, relay.local_addr()).expect("send to relay");
+            }
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+    let n = sends * count as u64;
+    let started = Instant::now();
+    let s = loop {
+        let s = relay.stats();
+        if s.up.link.in_packets == n && s.up.pending_packets == 0 {
+            break s;
+        }
+        assert!(started.elapsed() < GUARD, "datagrams still in flight after {GUARD:?}: {s:#?}");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let u = &s.up;
+    assert_eq!(u.sent_packets + u.send_errors, n, "each datagram is sent or failed, once: {s:#?}");
+    assert_eq!(u.sent_bytes, u.sent_packets * size as u64, "bytes of the datagrams sent only");
+    assert_eq!(u.lateness_hist.iter().sum::<u64>(), n);
+    println!("{} sent, {} send errors, {} send calls", u.sent_packets, u.send_errors, u.send_calls);
+}
+
 /// CPU time (user + system) of this process's threads whose name starts with
 /// `prefix`, from /proc.
 fn threads_cpu(prefix: &str) -> Duration {
