@@ -955,6 +955,24 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_socket_blocks_until_its_read_timeout() {
+        // quinn-udp makes sockets non-blocking; a receiver on one would spin
+        // instead of sleeping between datagrams. Only a lower bound on time:
+        // a blocking read cannot time out before its timeout.
+        let sock = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").expect("bind"), 1 << 16).expect("set up");
+        let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+        let started = Instant::now();
+        let err = sock.recv(&mut buf).expect_err("nothing was sent");
+        assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err}");
+        assert!(started.elapsed() >= POLL_INTERVAL / 2, "returned after {:?}", started.elapsed());
+        // And it receives what comes.
+        let peer = UdpSocket::bind("127.0.0.1:0").expect("bind peer");
+        peer.send_to(b"hello", sock.sock.local_addr().expect("addr")).expect("send");
+        let meta = sock.recv(&mut buf).expect("a datagram");
+        assert_eq!((&buf[..meta.len], meta.addr), (&b"hello"[..], peer.local_addr().expect("addr")));
+    }
+
+    #[test]
     fn a_gro_buffer_splits_into_its_datagrams() {
         let lens = |buffer: &[u8], stride| segments(buffer, stride).map(<[u8]>::len).collect::<Vec<_>>();
         let data: Vec<u8> = (0..=255).collect();
