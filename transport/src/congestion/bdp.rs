@@ -42,7 +42,7 @@
 //!   through the bottleneck sees at the same time, applied per ack so that
 //!   no flow depends on where its rounds begin:
 //!   - an RTT sample more than [`QUEUE_TARGET_SHARE`] of the minimum above
-//!     it (30 ms at 150 ms) takes [`HEADROOM_DECREASE_PER_RTT`] × the
+//!     it (30 ms at 150 ms; at least [`QUEUE_TARGET_MIN`]) takes [`HEADROOM_DECREASE_PER_RTT`] × the
 //!     bytes acked over the window off the headroom's share: acks come to
 //!     each flow in proportion to its rate, so every flow gives up the same
 //!     share per unit of time;
@@ -54,8 +54,8 @@
 //!     no constant ties the controller to one link rate.
 //!
 //!   The bandwidth estimate keeps only [`BW_FILTER_ROUNDS_STEADY`] rounds,
-//!   and a round above the target lowers it to its own rate: a flow that
-//!   lost share must not keep its old rate. Every [`DRAIN_INTERVAL`] (the
+//!   and a round whose every RTT sample was above the target lowers it to
+//!   the round's rate: a flow that lost share must not keep its old rate. Every [`DRAIN_INTERVAL`] (the
 //!   first [`FIRST_DRAIN_AFTER`] start-up) a flow drains its part of the
 //!   queue for a round, so that one that measured its minimum RTT on
 //!   another's queue learns the real one.
@@ -606,7 +606,7 @@ impl BdpModel {
         // Every sample of the round, not their mean: the estimate, once
         // lowered, only grows back by the headroom, and samples delayed by a
         // busy host must not ratchet it down.
-        if sent_in_steady && round.rtt_sample_min.is_some_and(|first| first > min_rtt + queue_target(min_rtt)) {
+        if sent_in_steady && round.rtt_sample_min.is_some_and(|smallest| smallest > min_rtt + queue_target(min_rtt)) {
             // The estimates of the flows through the queue add up to more
             // than the path, or their headrooms do. The last round measured
             // this flow's share of a full path; larger samples before it
