@@ -14,7 +14,8 @@
 //!   The bandwidth estimate is the largest rate of the last
 //!   [`BW_FILTER_ROUNDS`] rounds in start-up, [`BW_FILTER_ROUNDS_STEADY`]
 //!   in steady state, where a round counts only if the bottleneck kept a
-//!   queue through it (every sample above half the queue target; otherwise
+//!   queue through it (every sample at least [`STANDING_QUEUE_MAX`] or half
+//!   the queue target above the minimum; otherwise
 //!   the sender, not the path, limited it: no data, or no CPU), unless it
 //!   raises the estimate. The minimum RTT is quinn's.
 //! - **Start-up.** As in slow start, every byte acknowledged grows the
@@ -115,6 +116,22 @@ pub const QUEUE_TARGET_MIN: Duration = Duration::from_millis(10);
 fn queue_target(min_rtt: Duration) -> Duration {
     min_rtt.mul_f64(QUEUE_TARGET_SHARE).max(QUEUE_TARGET_MIN)
 }
+
+/// The least queueing delay that shows, when every RTT sample of a round
+/// carries it, that the bottleneck kept a queue all round (so the round
+/// measured this flow's share of a full path). Half the target, at most
+/// [`STANDING_QUEUE_MAX`].
+fn standing_queue(min_rtt: Duration) -> Duration {
+    (queue_target(min_rtt) / 2).min(STANDING_QUEUE_MAX)
+}
+
+/// A queue of this much delay under every sample of a round is a standing
+/// queue on any path: hosts' late acks delay some samples of a round, not
+/// all of them. (Half the target, 15 ms at 150 ms, left rounds with 10 to
+/// 15 ms of queue out of the estimate: a flow that had lost share kept its
+/// old rate for seconds, and two flows that left start-up 70 and 9 MB/s
+/// took 8 s to even out.)
+pub const STANDING_QUEUE_MAX: Duration = Duration::from_millis(5);
 
 /// Share of the headroom a flow gives up per round trip while its RTT
 /// samples are above the target (per ack: this share times the bytes acked
@@ -267,11 +284,11 @@ pub struct BdpModel {
     /// Steady state: bytes kept queued at the bottleneck beyond the
     /// estimated BDP.
     headroom: u64,
-    /// Steady state: since when the queue has been below the target (the
-    /// headroom's increase per round trip doubles every
-    /// [`GROWTH_DOUBLING_RTTS`] round trips of it); whether the last round
-    /// kept the window full.
-    growth_since: Option<Instant>,
+    /// Steady state: round trips (in windows acknowledged) the headroom has
+    /// grown since the queue was last above the target or the last drain
+    /// (its increase per round trip doubles every [`GROWTH_DOUBLING_RTTS`]
+    /// of them); whether the last round kept the window full.
+    growth_rtts: f64,
     window_limited: bool,
     /// When steady state began.
     steady_since: Option<Instant>,
@@ -301,7 +318,7 @@ impl BdpModel {
             startup_queue_seen: false,
             loss: LossFilter::new(now),
             headroom: 0,
-            growth_since: None,
+            growth_rtts: 0.0,
             window_limited: false,
             steady_since: None,
             drain_due_at: None,
@@ -368,7 +385,7 @@ impl BdpModel {
             }
         }
         if self.mode == BdpMode::Steady && !self.draining && !app_limited {
-            self.adjust_headroom(now, sample, bytes, min_rtt, srtt);
+            self.adjust_headroom(sample, bytes, min_rtt);
         }
         let Some(round) = self.round.as_mut() else { return };
         round.app_limited |= app_limited;
@@ -501,14 +518,14 @@ impl BdpModel {
         let max = self.bw_bytes_per_s();
         // A round the application limited says nothing about the path (the
         // first rounds also carry the handshake's RTT samples).
-        // In steady state the flows keep the queue near the target
-        // (decreasing their headroom by a share above it), so half the
-        // target tells a queue that stayed all round.
+        // In steady state a round whose every sample carries a few
+        // milliseconds of queue (see `standing_queue`) kept the bottleneck
+        // busy all round.
         let queued = !round.app_limited
             && match (round.rtt_sample_min, self.min_rtt) {
                 (Some(sample), Some(min)) => match self.mode {
                     BdpMode::Startup => sample > min + min / 8 + QUEUE_DELAY_EXIT,
-                    BdpMode::Steady => sample > min + queue_target(min) / 2,
+                    BdpMode::Steady => sample > min + standing_queue(min),
                 },
                 _ => false,
             };
@@ -569,6 +586,10 @@ impl BdpModel {
         if now >= due {
             self.draining = true;
             self.drain_due_at = Some(now + DRAIN_INTERVAL);
+            // The drain empties the queue; the headroom's growth after it
+            // starts over from one datagram, not from where the doubling
+            // was before (which flooded the queue the round after a drain).
+            self.growth_rtts = 0.0;
         }
     }
 
@@ -593,7 +614,7 @@ impl BdpModel {
         self.mode = BdpMode::Steady;
         let bdp = self.bdp().unwrap_or(0.0);
         self.headroom = ((STEADY_START_HEADROOM_SHARE * bdp) as u64).max(self.headroom_min());
-        self.growth_since = None;
+        self.growth_rtts = 0.0;
     }
 
     /// At the end of a steady round: whether the sender kept its window
@@ -622,18 +643,27 @@ impl BdpModel {
     /// docs, steady state): decreases are a share per byte acked over the
     /// window, the same share per unit of time for every flow; increases
     /// are the same bytes per round trip for every flow.
-    fn adjust_headroom(&mut self, now: Instant, sample: Duration, bytes: u64, min_rtt: Duration, srtt: Duration) {
+    fn adjust_headroom(&mut self, sample: Duration, bytes: u64, min_rtt: Duration) {
         let share_of_round = bytes as f64 / self.window.max(1) as f64;
         let target = queue_target(min_rtt);
         let least = self.headroom_min();
         if sample > min_rtt + target {
             let kept = 1.0 - HEADROOM_DECREASE_PER_RTT * share_of_round;
             self.headroom = ((self.headroom as f64 * kept) as u64).max(least);
-            self.growth_since = None;
+            self.growth_rtts = 0.0;
         } else if self.window_limited {
-            let since = *self.growth_since.get_or_insert(now);
-            let rtts = now.saturating_duration_since(since).as_secs_f64() / srtt.as_secs_f64().max(1e-3);
-            let per_rtt = self.mtu as f64 * (rtts / GROWTH_DOUBLING_RTTS).min(40.0).exp2();
+            // Counted in round trips of growth, not of time: rounds the
+            // sender did not fill its window do not double the next
+            // increase (counted in time, a flow short of CPU for a second
+            // came back with an increase of megabytes per round trip).
+            // At least the least headroom per round trip, the same for every
+            // flow: samples above the target (late acks among them) restart
+            // the doubling so often that from one datagram the headrooms
+            // hardly grew, and never evened out (two flows on the real
+            // link held 0.14 and 2.6 MB, and split it 5 / 95).
+            let doubling = self.mtu as f64 * (self.growth_rtts / GROWTH_DOUBLING_RTTS).min(40.0).exp2();
+            let per_rtt = doubling.max(least as f64);
+            self.growth_rtts += share_of_round;
             let max = (HEADROOM_MAX_SHARE * self.bdp().unwrap_or(0.0)) as u64;
             self.headroom = ((self.headroom as f64 + per_rtt * share_of_round) as u64).min(max.max(least));
         }
@@ -653,7 +683,7 @@ impl BdpModel {
     /// A multiplicative decrease at once (congestive loss).
     fn decrease_headroom(&mut self) {
         self.headroom = ((LOSS_HEADROOM_DECREASE * self.headroom as f64) as u64).max(self.headroom_min());
-        self.growth_since = None;
+        self.growth_rtts = 0.0;
     }
 
     fn headroom_min(&self) -> u64 {
