@@ -8,9 +8,17 @@
 //!                                   ◀───   Answer {Present | Full | Delta(base blob)}*
 //!   Blob (only what was wanted)     ───▶   (written durably in batches)
 //!                                   ◀───   Stored {blob ids}
-//!   Commit {RP metadata, root}      ───▶   (one redb transaction)
+//!   Commit {RP metadata, root}      ───▶   (the last blobs made durable, then
+//!                                   ◀───   Stored {blob ids}   one redb transaction)
 //!                                   ◀───   Committed {seq}
 //! ```
+//!
+//! Each round trip of a cycle is a round trip the link sits idle (150 ms on a
+//! long path), so the source does not wait where it need not: a source with no
+//! base (an initial sync, which offers every block whatever the answer) sends
+//! its first offers right behind `Open`, and `Commit` follows the last blob at
+//! once; the target makes every blob durable before it commits, and
+//! acknowledges them (`Stored`) before `Committed`.
 //!
 //! [`SourceSession`] and [`TargetSession`] are sans-IO: the driver feeds them
 //! messages and work results and drains their outputs. The source session also
@@ -171,10 +179,9 @@ pub enum TargetMsg {
 /// What the source driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceEvent {
-    /// The target answered `Opened`: start reading; offer every block when `full_offer`.
+    /// Start reading (once the target answered `Opened`, or at once when there
+    /// is no base); offer every block when `full_offer`.
     Start {
-        /// Assigned sequence number.
-        seq: u64,
         /// Offer unchanged blocks too.
         full_offer: bool,
     },
@@ -234,7 +241,8 @@ enum SourceState {
 #[derive(Debug)]
 pub struct SourceSession {
     state: SourceState,
-    seq: u64,
+    /// The sequence number `Opened` assigned (`None` until it arrives).
+    seq: Option<u64>,
     batch: Vec<OfferEntry>,
     unanswered: VecDeque<Vec<OfferEntry>>,
     /// Blocks held by the driver: read and not yet released or stored.
@@ -255,12 +263,22 @@ pub struct SourceSession {
 impl SourceSession {
     /// Starts a session for `volume` (blocks of `block_bytes`) whose change set
     /// is relative to `base` (seq, root).
+    /// With no base the cycle offers every block whatever the target
+    /// answers, so it starts at once (`Start` is the first event) instead of
+    /// after `Opened`'s round trip.
     pub fn new(volume: &str, base: Option<(u64, [u8; 32])>, encrypted: bool, block_bytes: u32) -> Self {
         let mut outbox = VecDeque::new();
         outbox.push_back(SourceMsg::Open { volume: volume.to_string(), base, encrypted });
+        let mut events = VecDeque::new();
+        let state = if base.is_none() {
+            events.push_back(SourceEvent::Start { full_offer: true });
+            SourceState::Streaming
+        } else {
+            SourceState::Opening
+        };
         SourceSession {
-            state: SourceState::Opening,
-            seq: 0,
+            state,
+            seq: None,
             batch: Vec::new(),
             unanswered: VecDeque::new(),
             held: HashSet::new(),
@@ -270,7 +288,7 @@ impl SourceSession {
             inflight_bytes: 0,
             reader_done: None,
             outbox,
-            events: VecDeque::new(),
+            events,
             stats: CycleStats::default(),
         }
     }
@@ -316,8 +334,7 @@ impl SourceSession {
     }
 
     /// The reader has finished; `meta` is the RP to commit (seq filled in here).
-    pub fn handle_reader_done(&mut self, mut meta: RpMeta) {
-        meta.seq = self.seq;
+    pub fn handle_reader_done(&mut self, meta: RpMeta) {
         self.flush_batch();
         self.reader_done = Some(meta);
         self.maybe_commit();
@@ -343,6 +360,7 @@ impl SourceSession {
         // The encoded blob is all that is needed from here on: free the block's data.
         self.held.remove(&index);
         self.events.push_back(SourceEvent::Release { index });
+        self.maybe_commit();
     }
 
     /// Encoding failed (e.g. the block could not be re-read): the cycle fails.
@@ -356,9 +374,15 @@ impl SourceSession {
         match (self.state, msg) {
             (_, TargetMsg::Failed { reason }) => self.fail(format!("target: {reason}")),
             (SourceState::Opening, TargetMsg::Opened { seq, base_ok }) => {
-                self.seq = seq;
+                self.seq = Some(seq);
                 self.state = SourceState::Streaming;
-                self.events.push_back(SourceEvent::Start { seq, full_offer: !base_ok });
+                self.events.push_back(SourceEvent::Start { full_offer: !base_ok });
+            }
+            // A source without a base started at once: it offers every block
+            // whatever `base_ok` says.
+            (SourceState::Streaming, TargetMsg::Opened { seq, .. }) if self.seq.is_none() => {
+                self.seq = Some(seq);
+                self.maybe_commit();
             }
             (SourceState::Streaming, TargetMsg::Answer { wants }) => {
                 let Some(entries) = self.unanswered.pop_front() else {
@@ -388,7 +412,7 @@ impl SourceSession {
                 }
                 self.maybe_commit();
             }
-            (SourceState::Streaming, TargetMsg::Stored { blobs }) => {
+            (SourceState::Streaming | SourceState::Committing, TargetMsg::Stored { blobs }) => {
                 for id in blobs {
                     let Some(blocks) = self.awaiting.remove(&id) else {
                         return self.fail(format!("target acknowledged blob {id} that was not sent"));
@@ -399,7 +423,10 @@ impl SourceSession {
                 }
                 self.maybe_commit();
             }
-            (SourceState::Committing, TargetMsg::Committed { seq }) if seq == self.seq => {
+            (SourceState::Committing, TargetMsg::Committed { seq }) if Some(seq) == self.seq => {
+                if !self.awaiting.is_empty() {
+                    return self.fail(format!("target committed without acknowledging {} blobs", self.awaiting.len()));
+                }
                 self.state = SourceState::Done;
                 self.events.push_back(SourceEvent::Committed { seq });
             }
@@ -407,14 +434,14 @@ impl SourceSession {
         }
     }
 
+    /// Commits once every block is answered and every wanted blob is sent:
+    /// `Commit` follows the last blob on the stream without waiting for its
+    /// `Stored` (the target makes the blobs durable before it commits).
     fn maybe_commit(&mut self) {
-        if self.state == SourceState::Streaming
-            && self.unanswered.is_empty()
-            && self.batch.is_empty()
-            && self.encoding == 0
-            && self.awaiting.is_empty()
-        {
-            if let Some(meta) = self.reader_done.take() {
+        let Some(seq) = self.seq else { return };
+        if self.state == SourceState::Streaming && self.unanswered.is_empty() && self.batch.is_empty() && self.encoding == 0 {
+            if let Some(mut meta) = self.reader_done.take() {
+                meta.seq = seq;
                 self.state = SourceState::Committing;
                 self.outbox.push_back(SourceMsg::Commit { meta });
             }
@@ -766,12 +793,54 @@ mod tests {
         }
     }
 
+    /// Without a base the source offers before `Opened` arrives, and commits
+    /// only once it has (the RP's seq comes from it); `Commit` follows the
+    /// last blob without waiting for `Stored`, and `Committed` before every
+    /// blob was acknowledged is refused.
+    #[test]
+    fn an_initial_sync_saves_the_round_trips_it_can() {
+        let codec = BlockCodec::new(Some(1), None);
+        let data = vec![7u8; 4096];
+        let content = codec.ids().content_id(&data);
+        let mut src = SourceSession::new("vol", None, false, 4096);
+        assert_eq!(src.poll_event(), Some(SourceEvent::Start { full_offer: true }), "starts before Opened");
+        src.handle_block(OfferEntry { index: 0, content, base: None }, 4096);
+        src.handle_reader_done(meta("vol"));
+        assert!(matches!(src.poll_transmit(), Some(SourceMsg::Open { base: None, .. })));
+        assert!(matches!(src.poll_transmit(), Some(SourceMsg::Offer { entries }) if entries.len() == 1), "the offer follows Open at once");
+        src.handle_message(TargetMsg::Answer { wants: vec![Want::Full] });
+        assert_eq!(src.poll_event(), Some(SourceEvent::Encode { index: 0, want: Want::Full }));
+        let blob = codec.encode_full(content, &data);
+        let id = blob.id;
+        src.handle_encoded(0, blob);
+        assert!(matches!(src.poll_transmit(), Some(SourceMsg::Blob(_))));
+        assert_eq!(src.poll_transmit(), None, "no commit before Opened gave the seq");
+        src.handle_message(TargetMsg::Opened { seq: 9, base_ok: false });
+        assert!(matches!(src.poll_transmit(), Some(SourceMsg::Commit { meta }) if meta.seq == 9), "commit before Stored");
+        let mut early = SourceSession::new("vol", None, false, 4096);
+        early.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+        early.handle_block(OfferEntry { index: 0, content, base: None }, 4096);
+        early.handle_reader_done(meta("vol"));
+        early.handle_message(TargetMsg::Answer { wants: vec![Want::Full] });
+        early.handle_encoded(0, codec.encode_full(content, &data));
+        early.handle_message(TargetMsg::Committed { seq: 1 });
+        assert!(early.is_finished());
+        assert!(std::iter::from_fn(|| early.poll_event()).any(|e| matches!(e, SourceEvent::Failed { reason } if reason.contains("without acknowledging"))));
+        src.handle_message(TargetMsg::Stored { blobs: vec![id] });
+        src.handle_message(TargetMsg::Committed { seq: 9 });
+        assert!(std::iter::from_fn(|| src.poll_event()).any(|e| e == SourceEvent::Committed { seq: 9 }));
+    }
+
     #[test]
     fn source_fails_cleanly_on_disconnect_and_bad_answers() {
-        let mut src = SourceSession::new("v", None, false, 1 << 20);
+        let mut src = SourceSession::new("v", Some((1, [1; 32])), false, 1 << 20);
         src.poll_transmit();
         src.handle_message(TargetMsg::Answer { wants: vec![] });
-        assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })));
+        assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer before Opened");
+        let mut src = SourceSession::new("v", None, false, 1 << 20);
+        src.handle_message(TargetMsg::Answer { wants: vec![] });
+        assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));
+        assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer to no offer");
         let mut src = SourceSession::new("v", None, false, 1 << 20);
         src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
         src.handle_disconnect("reset".into());
