@@ -253,6 +253,8 @@ struct Round {
     loss_handled: bool,
     /// The window when the round started.
     window_at_start: u64,
+    /// The most bytes in flight at the end of an ack batch in the round (for the trace).
+    in_flight_max: u64,
 }
 
 /// The sans-IO model of [`BdpController`]. See the [module docs](self).
@@ -414,6 +416,14 @@ impl BdpModel {
         self.update_window();
     }
 
+    /// Bytes in flight after an ack batch, as the connection counts them
+    /// (only traced: how much of its window the sender keeps in flight).
+    pub fn note_in_flight(&mut self, in_flight: u64) {
+        if let Some(round) = self.round.as_mut() {
+            round.in_flight_max = round.in_flight_max.max(in_flight);
+        }
+    }
+
     /// At `now`, `lost_bytes` were declared lost, the latest of them sent at
     /// `sent`; `persistent`: quinn declared persistent congestion.
     pub fn handle_loss(&mut self, now: Instant, sent: Instant, lost_bytes: u64, persistent: bool) {
@@ -497,6 +507,7 @@ impl BdpModel {
             ended: false,
             loss_handled: false,
             window_at_start: self.window,
+            in_flight_max: 0,
         });
     }
 
@@ -553,7 +564,7 @@ impl BdpModel {
             target: "drmesh_transport::congestion",
             mode = ?self.mode, round_bw = bw, bw_max = self.bw_bytes_per_s(), app_limited = round.app_limited,
             rtt_sample_min_us = round.rtt_sample_min.map(|d| d.as_micros() as u64), window = self.window, headroom = self.headroom,
-            "round closed"
+            in_flight_max = round.in_flight_max, "round closed"
         );
         if self.mode == BdpMode::Startup {
             let max = self.bw_bytes_per_s();
@@ -753,6 +764,7 @@ impl Controller for BdpController {
     }
 
     fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest_packet_num_acked: Option<u64>) {
+        self.model.note_in_flight(in_flight);
         self.model.handle_end_acks(now);
         self.short.on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
     }
@@ -1035,6 +1047,29 @@ mod tests {
                     assert!(a + b > 0.9 * link.rate_bytes_per_s, "{case}: together {:.0} B/s", a + b);
                 }
             }
+        }
+    }
+
+    /// Two flows a round trip apart, with acks up to 3 and 10 ms late at
+    /// random: samples above the queue target restart the headroom's
+    /// doubling every few acks, and the headrooms, and so the rates, must
+    /// still even out. (This model does not reproduce what the floor of
+    /// the increase fixed on the real link, two headrooms of 0.14 and
+    /// 2.6 MB that stayed apart; with acks up to 20 ms late it splits
+    /// 0.29 / 0.71 with the floor and evenly without it. See
+    /// docs/transport.md.)
+    #[test]
+    fn two_flows_even_out_under_late_acks() {
+        for jitter_ms in [3, 10] {
+            let (mut link, t0) = wan_at(1e9, 0.0);
+            link.ack_jitter = Duration::from_millis(jitter_ms);
+            let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(137))];
+            run(&mut link, &mut flows, t0, 30);
+            let (from, to) = (t0 + Duration::from_secs(15), t0 + Duration::from_secs(30));
+            let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+            let share = b / (a + b);
+            assert!((0.4..0.6).contains(&share), "acks up to {jitter_ms} ms late: second flow's share {share:.2}");
+            assert!(a + b > 0.9 * link.rate_bytes_per_s, "acks up to {jitter_ms} ms late: together {:.0} B/s", a + b);
         }
     }
 
