@@ -263,6 +263,7 @@ pub struct SourceSession {
 impl SourceSession {
     /// Starts a session for `volume` (blocks of `block_bytes`) whose change set
     /// is relative to `base` (seq, root).
+    ///
     /// With no base the cycle offers every block whatever the target
     /// answers, so it starts at once (`Start` is the first event) instead of
     /// after `Opened`'s round trip.
@@ -333,7 +334,8 @@ impl SourceSession {
         }
     }
 
-    /// The reader has finished; `meta` is the RP to commit (seq filled in here).
+    /// The reader has finished; `meta` is the RP to commit (its seq is filled
+    /// in from `Opened` when the commit goes out).
     pub fn handle_reader_done(&mut self, meta: RpMeta) {
         self.flush_batch();
         self.reader_done = Some(meta);
