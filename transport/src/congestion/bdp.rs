@@ -49,7 +49,8 @@
 //!     each flow in proportion to its rate, so every flow gives up the same
 //!     share per unit of time;
 //!   - below the target, the headroom grows by bytes per round trip that
-//!     start at one datagram and double every [`GROWTH_DOUBLING_RTTS`]:
+//!     start at one datagram and double every [`GROWTH_DOUBLING_RTTS`] of
+//!     growth, never less than the least headroom ([`HEADROOM_MIN_DATAGRAMS`]):
 //!     the same bytes for every flow, so equal increases after common
 //!     decreases close the gaps between headrooms (Chiu and Jain), while
 //!     the doubling finds a headroom of any size in a few round trips and
@@ -138,9 +139,10 @@ pub const STANDING_QUEUE_MAX: Duration = Duration::from_millis(5);
 /// over the window).
 pub const HEADROOM_DECREASE_PER_RTT: f64 = 0.3;
 
-/// Round trips below the target over which the headroom's increase per
-/// round trip doubles (from one datagram, after every RTT sample above the
-/// target).
+/// Round trips of growth (below the target, the window full) over which
+/// the headroom's increase per round trip doubles, from one datagram after
+/// every RTT sample above the target and every drain; the increase is never
+/// less than the least headroom per round trip.
 pub const GROWTH_DOUBLING_RTTS: f64 = 1.0;
 
 /// Share of the headroom left after congestive loss.
@@ -597,9 +599,9 @@ impl BdpModel {
         if now >= due {
             self.draining = true;
             self.drain_due_at = Some(now + DRAIN_INTERVAL);
-            // The drain empties the queue; the headroom's growth after it
-            // starts over from one datagram, not from where the doubling
-            // was before (which flooded the queue the round after a drain).
+            // The drain empties the queue; the headroom's doubling starts
+            // over after it, not from where it was before (which flooded
+            // the queue the round after a drain).
             self.growth_rtts = 0.0;
         }
     }
@@ -953,6 +955,13 @@ mod tests {
         }
     }
 
+    /// What each of two flows delivered between `from_s` and `to_s` seconds
+    /// after `t0`, bytes per second.
+    fn rates_between(flows: &[Flow; 2], t0: Instant, from_s: u64, to_s: u64) -> (f64, f64) {
+        let (from, to) = (t0 + Duration::from_secs(from_s), t0 + Duration::from_secs(to_s));
+        (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to))
+    }
+
     fn rate_between(f: &Flow, from: Instant, to: Instant) -> f64 {
         let bytes: u64 = f.delivered.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, b)| b).sum();
         bytes as f64 / (to - from).as_secs_f64()
@@ -1013,8 +1022,7 @@ mod tests {
         let (mut link, t0) = wan(0.0);
         let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(FAIR_START_MS))];
         run(&mut link, &mut flows, t0, 30);
-        let (from, to) = (t0 + Duration::from_secs(20), t0 + Duration::from_secs(30));
-        let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+        let (a, b) = rates_between(&flows, t0, 20, 30);
         let share = b / (a + b);
         assert!((0.4..0.6).contains(&share), "late flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
         assert!(a + b > 0.9 * link.rate_bytes_per_s, "together {:.0} B/s", a + b);
@@ -1039,8 +1047,7 @@ mod tests {
                         flows[1].stall = Some((t0, t0 + Duration::from_secs(stall_s), bdp / 10));
                     }
                     run(&mut link, &mut flows, t0, 30);
-                    let (from, to) = (t0 + Duration::from_secs(20), t0 + Duration::from_secs(30));
-                    let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+                    let (a, b) = rates_between(&flows, t0, 20, 30);
                     let share = b / (a + b);
                     let case = format!("{} Mbit/s, loss {loss}, second flow {join_ms} ms later, short of CPU {stall_s} s", rate / 1e6);
                     assert!((0.4..0.6).contains(&share), "{case}: second flow's share {share:.2} (a {a:.0} B/s, b {b:.0} B/s)");
@@ -1065,8 +1072,7 @@ mod tests {
             link.ack_jitter = Duration::from_millis(jitter_ms);
             let mut flows = [flow(t0, Duration::ZERO), flow(t0, Duration::from_millis(137))];
             run(&mut link, &mut flows, t0, 30);
-            let (from, to) = (t0 + Duration::from_secs(15), t0 + Duration::from_secs(30));
-            let (a, b) = (rate_between(&flows[0], from, to), rate_between(&flows[1], from, to));
+            let (a, b) = rates_between(&flows, t0, 15, 30);
             let share = b / (a + b);
             assert!((0.4..0.6).contains(&share), "acks up to {jitter_ms} ms late: second flow's share {share:.2}");
             assert!(a + b > 0.9 * link.rate_bytes_per_s, "acks up to {jitter_ms} ms late: together {:.0} B/s", a + b);
