@@ -61,6 +61,15 @@ pub const CONNECTION_WINDOW_BYTES: u64 = STREAM_WINDOW_BYTES + (8 << 20);
 /// quinn's black-hole detection fall back to 1,200 bytes. 10 x 6,500 fits.
 pub const MAX_UDP_PAYLOAD_BYTES: u16 = 6_500;
 
+/// How long after quinn's black-hole detection fell back to 1,200-byte
+/// packets path-MTU discovery searches again (quinn's default: a minute).
+/// The detector also fires on congestion: on the benchmark's 1 Gbit/s,
+/// 150 ms link, in 2 of about 70 initial syncs, on the losses that end
+/// start-up, which come just as the MTU rises; the cycle then ran at 1,200
+/// bytes from there on (75% of the link instead of 82%). A real black hole
+/// costs a search's lost probes (a dozen single datagrams) per cooldown.
+pub const MTU_BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(2);
+
 /// Socket buffer asked of the kernel in each direction. The default (~208 KiB)
 /// holds about two dozen large packets, or about a millisecond at 1 Gbit/s:
 /// when the receiving node is busy for a moment (compression on every core), a
@@ -84,6 +93,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD_BYTES);
+    mtu.black_hole_cooldown(MTU_BLACK_HOLE_COOLDOWN);
     config.mtu_discovery_config(Some(mtu));
     // The constants are far below the varint limit (2^62), so these cannot fail.
     config.stream_receive_window(quinn::VarInt::from_u64(STREAM_WINDOW_BYTES).expect("window fits a QUIC varint"));
