@@ -293,20 +293,23 @@ async fn run_session(
                     let m = meta.clone();
                     blocking(move || store.commit_rp(session, &m)).await?.map_err(|e| describe(&e))?;
                     tracing::info!(rp = %meta.name(), changed = meta.changed_blocks, bytes_stored = written, "recovery point committed");
-                    reply(TargetMsg::Committed { seq }).await?;
-                    plane.announce(RpNews::Committed(meta.clone()));
+                    // Retention runs before the source hears `Committed`, so a finished
+                    // cycle leaves the catalog as the policy says, not a moment later.
+                    let mut pruned = Vec::new();
                     if let Some(retention) = retention {
                         let store = plane.store.clone();
                         let v = volume.clone();
                         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
                         match blocking(move || store.prune(&v, &retention, now)).await? {
-                            Ok(pruned) if !pruned.is_empty() => {
-                                tracing::info!(%volume, ?pruned, "retention expired recovery points");
-                                plane.announce(RpNews::Pruned { volume: volume.clone(), pruned });
-                            }
-                            Ok(_) => {}
+                            Ok(p) => pruned = p,
                             Err(e) => tracing::warn!(%volume, error = %e, "retention failed"),
                         }
+                    }
+                    reply(TargetMsg::Committed { seq }).await?;
+                    plane.announce(RpNews::Committed(meta.clone()));
+                    if !pruned.is_empty() {
+                        tracing::info!(%volume, ?pruned, "retention expired recovery points");
+                        plane.announce(RpNews::Pruned { volume: volume.clone(), pruned });
                     }
                     return Ok(());
                 }
