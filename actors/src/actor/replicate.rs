@@ -224,11 +224,12 @@ pub async fn run_cycle(
 }
 
 /// What a cycle reads: every block (`None`) or a set, and how to say so.
-fn read_set(kmod: Option<&KmodCycle>, full_offer: bool, base_volume_bytes: Option<u64>, volume_bytes: u64, block_count: u64) -> (Option<Arc<crate::source::BlockMask>>, String) {
-    let Some(k) = kmod else {
+/// `plan` is the kmod snapshot's plan; `None` for a file volume.
+fn read_set(plan: Option<&ReadPlan>, full_offer: bool, base_volume_bytes: Option<u64>, volume_bytes: u64, block_count: u64) -> (Option<Arc<crate::source::BlockMask>>, String) {
+    let Some(plan) = plan else {
         return (None, "full scan (file)".into());
     };
-    match k.plan() {
+    match plan {
         ReadPlan::Everything(reason) => (None, format!("everything (kmod): {reason}")),
         _ if full_offer => (None, "everything (kmod): the target has no usable baseline".into()),
         ReadPlan::Changed(_) if base_volume_bytes != Some(volume_bytes) => (None, "everything (kmod): the volume's size changed".into()),
@@ -328,7 +329,7 @@ async fn run_cycle_on(
                     volume_bytes = source.volume_bytes();
                     block_count = source.block_count();
                     let only;
-                    (only, read_plan) = read_set(kmod.as_deref(), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
+                    (only, read_plan) = read_set(kmod.as_deref().map(KmodCycle::plan), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
                     let (b, v, t, ids, tx) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.codec.ids().clone(), block_tx.clone());
                     let snapshot = kmod.clone();
                     reader_running = true;
@@ -505,4 +506,55 @@ async fn run_cycle_on(
         merkle_root: merkle_root.iter().map(|b| format!("{b:02x}")).collect(),
         timeline,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::BlockMask;
+
+    fn changed(len: u64, blocks: &[u64]) -> ReadPlan {
+        let mut mask = BlockMask::new(len);
+        for &b in blocks {
+            mask.insert(b);
+        }
+        ReadPlan::Changed(Arc::new(mask))
+    }
+
+    #[test]
+    fn a_file_volume_reads_every_block() {
+        let (only, why) = read_set(None, false, Some(1 << 20), 1 << 20, 4);
+        assert!(only.is_none());
+        assert_eq!(why, "full scan (file)");
+    }
+
+    #[test]
+    fn the_module_change_set_is_read_when_the_baseline_matches() {
+        let plan = changed(4, &[1, 3]);
+        let (only, why) = read_set(Some(&plan), false, Some(4 << 20), 4 << 20, 4);
+        let only = only.expect("a read set");
+        assert!(only.contains(1) && only.contains(3) && !only.contains(0) && !only.contains(2));
+        assert_eq!(why, "changed blocks (kmod): 2 of 4");
+    }
+
+    #[test]
+    fn every_block_is_read_when_the_change_set_cannot_be_trusted() {
+        let plan = changed(4, &[1]);
+        // Each case falls back to reading everything, and says why.
+        let cases = [
+            (Some(&plan), true, Some(4 << 20), 4 << 20, 4, "the target has no usable baseline"),
+            (Some(&plan), false, None, 4 << 20, 4, "the volume's size changed"),
+            (Some(&plan), false, Some(3 << 20), 4 << 20, 4, "the volume's size changed"),
+            (Some(&plan), false, Some(5 << 20), 5 << 20, 5, "the change set's geometry changed"),
+        ];
+        for (plan, full_offer, base, bytes, blocks, reason) in cases {
+            let (only, why) = read_set(plan, full_offer, base, bytes, blocks);
+            assert!(only.is_none(), "{reason}: read only a set");
+            assert_eq!(why, format!("everything (kmod): {reason}"));
+        }
+        let everything = ReadPlan::Everything("the module lost track (overflow)".into());
+        let (only, why) = read_set(Some(&everything), false, Some(4 << 20), 4 << 20, 4);
+        assert!(only.is_none());
+        assert_eq!(why, "everything (kmod): the module lost track (overflow)");
+    }
 }
