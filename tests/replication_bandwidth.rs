@@ -3,7 +3,8 @@
 //! sets a lower cap than outside it, and a topology edit reloaded during a
 //! cycle changes that cycle's rate; two source nodes of one site share the
 //! site's uplink, agreeing by gossip, so their summed rate stays at it; two
-//! volumes sent over one `[[link]]` share its cap.
+//! volumes sent over one `[[link]]` share its cap, and a restore fetched over
+//! a link keeps to it.
 //!
 //! Images are random bytes (nothing to compress, nothing to dedupe), so the
 //! payload is the volume size. Caps are low (16-40 Mbit/s) so that a slow
@@ -13,7 +14,7 @@ use std::io::Read as _;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use drmesh_tests::{parse_ctl_json, wait_until, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
+use drmesh_tests::{parse_ctl_json, report_seq, wait_until, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
 use serde_json::Value;
 
 const MB: usize = 1_000_000;
@@ -248,4 +249,43 @@ fn a_link_cap_holds_all_transfers_to_one_target() {
     // Both cycles share the link's pacer, so their sum is the link's cap
     // (each alone could go at the policy's 200 Mbit/s).
     assert_within_10_percent("summed rate over the link", payload as f64 * 8.0 / elapsed, 24e6);
+}
+
+#[test]
+fn a_link_cap_paces_a_restore_fetched_over_it() {
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    // Replicated with no cap, then restored on the source (which holds no
+    // RPs) from the target over a 16 Mbit/s link: 24 MB, about 12 s.
+    let image = random_image(&mesh, "disk.img", 0xb0d7, 24 * MB);
+    let text = |version: u64, link: Option<&str>| {
+        let mut text = mesh.standard_topology(version, &["src", "dst"]);
+        text.push_str(&volume("vol", "src", "dst", &image, "wide"));
+        if let Some(limit) = link {
+            text.push_str(&format!("\n[[link]]\nnodes = [\"src\", \"dst\"]\nlimit = \"{limit}\"\n"));
+        }
+        text.push_str(&policy("wide", None));
+        text
+    };
+    let (open, capped) = (text(1, None), text(2, Some("16Mbit")));
+    mesh.write_file("topology.toml", &open);
+    start_all(&mut mesh, &["src", "dst"]);
+    let seq = report_seq(&mesh.sync_ok("src", "vol"));
+
+    mesh.write_file("topology.toml", &capped);
+    for n in ["dst", "src"] {
+        let out = mesh.ctl(n, &["reload"]);
+        assert!(out.status.success(), "reload {n}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    wait_until("the link cap is in force", Duration::from_secs(10), || volume_row(&mesh, "src", "vol")["bandwidth"]["link_cap_bps"] == 16_000_000);
+
+    let to = mesh.dir.path().join("restored.img");
+    let out = mesh.restore("src", &format!("vol@{seq}"), &to, None);
+    assert!(out.status.success(), "restore over the link failed: {}\n--- dst log:\n{}", String::from_utf8_lossy(&out.stderr), mesh.node("dst").log_text());
+    let data: Value = serde_json::from_slice(&out.stdout).expect("restore --json prints its report");
+    assert_eq!(drmesh_tests::file_hash(&to), drmesh_tests::hash_hex(&std::fs::read(&image).expect("read image")), "the restored image differs");
+    let payload = data["payload_bytes"].as_u64().expect("payload_bytes");
+    assert!(payload >= 24 * MB as u64, "random data comes whole: {data}");
+    // dst serves the fetch under the link's cap, as it would replicate to src.
+    let rate = payload as f64 * 8.0 / data["duration_secs"].as_f64().expect("duration_secs");
+    assert_within_10_percent("payload rate of the restore fetched over the link", rate, 16e6);
 }

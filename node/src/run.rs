@@ -71,7 +71,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 return Err(e.into());
             }
         };
-        let scheduler = VolumeScheduler::new(identity.node_id(), topology.clone(), mesh.clone(), baselines.clone()).start();
+        let scheduler = VolumeScheduler::new(identity.node_id(), topology.clone(), mesh.clone(), baselines.clone(), data.link_pacers().clone()).start();
         scheduler.do_send(SetGossip(gossip.clone()));
         let reloader =
             Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();

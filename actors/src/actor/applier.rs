@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drmesh_topology::{NodeId, Topology};
 use drmesh_transport::endpoint::{self, MessageReader};
@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::actor::fetch;
 use crate::actor::gossip::RpNews;
 use crate::actor::mesh::StreamService;
+use crate::actor::replicate::LinkPacers;
 use crate::proto::session::{SourceMsg, TargetMsg, TargetSession};
 use crate::store::{EncodedBlob, Retention, Store, StoreError};
 
@@ -37,6 +38,7 @@ pub struct DataPlane {
     local: NodeId,
     next_session: AtomicU64,
     gossip: OnceLock<actix::Recipient<RpNews>>,
+    link_pacers: Arc<LinkPacers>,
 }
 
 impl DataPlane {
@@ -45,7 +47,14 @@ impl DataPlane {
         // Session ids only need to be unique within this process: the store drops
         // every session's leftovers when it opens.
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed), gossip: OnceLock::new() }
+        let link_pacers = Arc::new(LinkPacers::new(Instant::now()));
+        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed), gossip: OnceLock::new(), link_pacers }
+    }
+
+    /// The pacers of this node's `[[link]]` caps: the scheduler sets their
+    /// rates, and fetch replies served to a peer keep to its link's.
+    pub fn link_pacers(&self) -> &Arc<LinkPacers> {
+        &self.link_pacers
     }
 
     /// Uses a new topology for authorization and policies from now on.
@@ -81,7 +90,7 @@ impl StreamService for Arc<DataPlane> {
         actix_rt::spawn(async move {
             match kind {
                 StreamKind::Replication => serve_replication(plane, peer, send, recv).await,
-                StreamKind::Fetch => fetch::serve(plane.store.clone(), plane.topology(), peer, send, recv).await,
+                StreamKind::Fetch => fetch::serve(plane.store.clone(), plane.topology(), plane.link_pacers.clone(), peer, send, recv).await,
                 StreamKind::Control => {}
             }
         });

@@ -4,6 +4,8 @@
 //! The client sends [`FetchRequest`]s and the server answers each with one
 //! [`FetchReply`], in order; the client keeps several requests in flight so the
 //! link stays busy. Only the volume's source node and its targets may fetch.
+//! The blobs of the replies keep to the `[[link]]` cap between the two nodes,
+//! shared with the replication this node sends the same peer.
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use drmesh_transport::endpoint::{self, MessageReader};
 use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
 use serde::{Deserialize, Serialize};
 
+use crate::actor::replicate::LinkPacers;
 use crate::content::ContentId;
 use crate::proto::session::WireBlob;
 use crate::store::{EncodedBlob, RpMeta, Store};
@@ -59,8 +62,9 @@ fn chain(store: &Store, content: &ContentId) -> Result<Vec<WireBlob>, String> {
     crate::restore::blob_chain(store, content).map(|blobs| blobs.into_iter().map(Into::into).collect())
 }
 
-/// Serves one fetch stream opened by `peer`.
-pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+/// Serves one fetch stream opened by `peer`; blob chains are sent no faster
+/// than `links` lets this node send to `peer`.
+pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPacers>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let peer_name = topology.node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_default();
     let mut reader = MessageReader::with_limit(recv, 1 << 20);
     let mut current: Option<RpMeta> = None;
@@ -115,6 +119,10 @@ pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, peer: NodeId, mut
                 }
             }
         };
+        if let FetchReply::Chain(blobs) = &reply {
+            // Looked up per reply: a reload that changes or removes the link applies at once.
+            links.pacing_to(&peer_name).pace(blobs.iter().map(|b| b.payload.len() as u64).sum()).await;
+        }
         if endpoint::send_frame_with_limit(&mut send, &reply, MAX_REPLY_BYTES).await.is_err() {
             break;
         }

@@ -15,7 +15,7 @@
 //! only the changed blocks from it; the snapshot is released after the commit
 //! was acknowledged, or when the cycle failed (its changes stay pending).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -104,6 +104,50 @@ impl Pacing {
             p.lock().unwrap_or_else(PoisonError::into_inner).handle_sent(now, bytes);
         }
         self.sent_payload_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The pacers of this node's `[[link]]` caps, one per peer it has a link
+/// to. The scheduler sets their rates; every transfer this node sends to
+/// that peer (replication cycles and fetch replies) waits for the same one,
+/// so together they keep to the link's cap.
+#[derive(Debug)]
+pub struct LinkPacers {
+    origin: Instant,
+    by_peer: Mutex<BTreeMap<String, Arc<Mutex<Pacer>>>>,
+}
+
+impl LinkPacers {
+    /// No links yet; `origin` is the time base of every pacer.
+    pub fn new(origin: Instant) -> Self {
+        LinkPacers { origin, by_peer: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Time base of the pacers: their `now` is `origin.elapsed()`.
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// Sets the caps in force at `now` (bits per second, `None`: unlimited):
+    /// a peer missing from `caps` has no link any more and loses its pacer.
+    pub fn set(&self, now: Duration, caps: &BTreeMap<String, Option<u64>>) {
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        by_peer.retain(|peer, _| caps.contains_key(peer));
+        for (peer, bps) in caps {
+            let pacer = by_peer.entry(peer.clone()).or_insert_with(|| Arc::new(Mutex::new(Pacer::new(now, None))));
+            pacer.lock().unwrap_or_else(PoisonError::into_inner).set_rate(now, *bps);
+        }
+    }
+
+    /// The pacer of the link to `peer`, if there is a link.
+    pub fn get(&self, peer: &str) -> Option<Arc<Mutex<Pacer>>> {
+        self.by_peer.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned()
+    }
+
+    /// What a transfer to `peer` keeps to besides its own limits: the link's
+    /// pacer, or nothing when no link to `peer` is declared.
+    pub fn pacing_to(&self, peer: &str) -> Pacing {
+        Pacing { origin: self.origin, pacers: self.get(peer).into_iter().collect(), sent_payload_bytes: Arc::default() }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::actor::gossip::{DemandNews, GossipActor, SetDemandSink, SiteDemands, 
 use crate::actor::mesh::{GetConnection, MeshActor};
 use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
-use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport, Pacing};
+use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport, LinkPacers, Pacing};
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
 use crate::source::kmod::{device_report, KmodDeviceReport, KmodSpec};
@@ -125,8 +125,9 @@ struct Limits {
     policy_pacers: BTreeMap<String, Arc<Mutex<Pacer>>>,
     node_pacer: Arc<Mutex<Pacer>>,
     policy_caps: BTreeMap<String, PolicyCap>,
-    /// One pacer per peer with a `[[link]]` to this node, shared by every cycle to it.
-    link_pacers: BTreeMap<String, Arc<Mutex<Pacer>>>,
+    /// One pacer per peer with a `[[link]]` to this node, shared by every
+    /// cycle to it and by the fetch replies served to it.
+    link_pacers: Arc<LinkPacers>,
     link_caps: BTreeMap<String, PolicyCap>,
     site_share: Option<(u64, u64)>,
     site_demands: Vec<Demand>,
@@ -193,14 +194,21 @@ pub fn policy_codec(policy: &drmesh_topology::Policy) -> Result<BlockCodec, Stri
 }
 
 impl VolumeScheduler {
-    /// A scheduler for the node `local`.
-    pub fn new(local: drmesh_topology::NodeId, topology: Arc<Topology>, mesh: Addr<MeshActor>, baselines: Arc<Baselines>) -> Self {
+    /// A scheduler for the node `local`. It sets the rates of `link_pacers`,
+    /// which the node's data plane also uses for what it serves to peers.
+    pub fn new(
+        local: drmesh_topology::NodeId,
+        topology: Arc<Topology>,
+        mesh: Addr<MeshActor>,
+        baselines: Arc<Baselines>,
+        link_pacers: Arc<LinkPacers>,
+    ) -> Self {
         let limits = Limits {
-            origin: Instant::now(),
+            origin: link_pacers.origin(),
             policy_pacers: BTreeMap::new(),
             node_pacer: Arc::new(Mutex::new(Pacer::new(Duration::ZERO, None))),
             policy_caps: BTreeMap::new(),
-            link_pacers: BTreeMap::new(),
+            link_pacers,
             link_caps: BTreeMap::new(),
             site_share: None,
             site_demands: Vec::new(),
@@ -244,11 +252,7 @@ impl VolumeScheduler {
                 link_caps.insert(peer.clone(), policy_cap(Some(&link.bandwidth), local));
             }
         }
-        self.limits.link_pacers.retain(|peer, _| link_caps.contains_key(peer));
-        for (peer, cap) in &link_caps {
-            let pacer = self.limits.link_pacers.entry(peer.clone()).or_insert_with(|| Arc::new(Mutex::new(Pacer::new(now, None))));
-            lock(pacer).set_rate(now, cap.bps);
-        }
+        self.limits.link_pacers.set(now, &link_caps.iter().map(|(peer, cap)| (peer.clone(), cap.bps)).collect());
         // What the running cycles want: each running policy's cap once (its
         // pacer is shared by its cycles), unlimited if any policy is; and no
         // more than the caps of the links they run over.
@@ -283,7 +287,7 @@ impl VolumeScheduler {
     fn pacing(&self, policy: &str, target: &str) -> Pacing {
         let mut pacers = vec![self.limits.node_pacer.clone()];
         pacers.extend(self.limits.policy_pacers.get(policy).cloned());
-        pacers.extend(self.limits.link_pacers.get(target).cloned());
+        pacers.extend(self.limits.link_pacers.get(target));
         Pacing { origin: self.limits.origin, pacers, sent_payload_bytes: Arc::default() }
     }
 
