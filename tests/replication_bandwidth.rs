@@ -3,8 +3,9 @@
 //! sets a lower cap than outside it, and a topology edit reloaded during a
 //! cycle changes that cycle's rate; two source nodes of one site share the
 //! site's uplink, agreeing by gossip, so their summed rate stays at it; two
-//! volumes sent over one `[[link]]` share its cap, and a restore fetched over
-//! a link keeps to it.
+//! volumes sent over one `[[link]]` share its cap, a link added or removed by
+//! a reload applies to a running cycle, and a restore fetched over a link
+//! keeps to it.
 //!
 //! Images are random bytes (nothing to compress, nothing to dedupe), so the
 //! payload is the volume size. Caps are low (16-40 Mbit/s) so that a slow
@@ -251,21 +252,58 @@ fn a_link_cap_holds_all_transfers_to_one_target() {
     assert_within_10_percent("summed rate over the link", payload as f64 * 8.0 / elapsed, 24e6);
 }
 
+/// Nodes `src` and `dst`, volume `vol` of `image` from one to the other
+/// under a policy with `bandwidth` (if any), and a `[[link]]` between them
+/// with `link` as its limit (if any).
+fn pair_topology(mesh: &TestMesh, version: u64, image: &std::path::Path, bandwidth: Option<&str>, link: Option<&str>) -> String {
+    let mut text = mesh.standard_topology(version, &["src", "dst"]);
+    text.push_str(&volume("vol", "src", "dst", image, "p"));
+    if let Some(limit) = link {
+        text.push_str(&format!("\n[[link]]\nnodes = [\"src\", \"dst\"]\nlimit = \"{limit}\"\n"));
+    }
+    text.push_str(&policy("p", bandwidth));
+    text
+}
+
+#[test]
+fn a_link_added_or_removed_by_a_reload_applies_to_a_running_cycle() {
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    // A cycle under a 32 Mbit/s policy cap; a [[link]] of 12 Mbit/s added
+    // while it runs (~16 s: 24 MB), then removed (~11 s at 32: 44 MB).
+    let image = random_image(&mesh, "disk.img", 0xb0d8, 100 * MB);
+    let text = |version: u64, link: Option<&str>| pair_topology(&mesh, version, &image, Some("{ limit = \"32Mbit\" }"), link);
+    let (open, linked, unlinked) = (text(1, None), text(2, Some("12Mbit")), text(3, None));
+    mesh.write_file("topology.toml", &open);
+    start_all(&mut mesh, &["src", "dst"]);
+    let reload = |text: &str, cap: u64| {
+        mesh.write_file("topology.toml", text);
+        let out = mesh.ctl("src", &["reload"]);
+        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+        wait_until("the new cap is in force", Duration::from_secs(10), || volume_row(&mesh, "src", "vol")["bandwidth"]["cap_bps"] == cap);
+        std::thread::sleep(Duration::from_secs(1));
+    };
+
+    let sync = mesh.spawn_ctl("src", &["sync-now", "vol"]);
+    wait_until("the cycle sends", Duration::from_secs(30), || progress(&mesh, "src", "vol").is_some_and(|b| b > 0));
+    reload(&linked, 12_000_000);
+    assert_eq!(volume_row(&mesh, "src", "vol")["bandwidth"]["reason"], "capped 12 Mbit/s by link limit");
+    let linked_rate = measure(&mesh, "src", "vol", 15);
+    assert_within_10_percent("rate after a reload added a 12 Mbit/s link", linked_rate, 12e6);
+    reload(&unlinked, 32_000_000);
+    let unlinked_rate = measure(&mesh, "src", "vol", 10);
+    assert_within_10_percent("rate after a reload removed the link", unlinked_rate, 32e6);
+
+    let data = finish(&mesh, "src", sync);
+    assert!(report(&data)["stats"]["sent_payload_bytes"].as_u64().unwrap_or(0) >= 100 * MB as u64, "{data}");
+}
+
 #[test]
 fn a_link_cap_paces_a_restore_fetched_over_it() {
     let mut mesh = TestMesh::new(&["src", "dst"]);
     // Replicated with no cap, then restored on the source (which holds no
     // RPs) from the target over a 16 Mbit/s link: 24 MB, about 12 s.
     let image = random_image(&mesh, "disk.img", 0xb0d7, 24 * MB);
-    let text = |version: u64, link: Option<&str>| {
-        let mut text = mesh.standard_topology(version, &["src", "dst"]);
-        text.push_str(&volume("vol", "src", "dst", &image, "wide"));
-        if let Some(limit) = link {
-            text.push_str(&format!("\n[[link]]\nnodes = [\"src\", \"dst\"]\nlimit = \"{limit}\"\n"));
-        }
-        text.push_str(&policy("wide", None));
-        text
-    };
+    let text = |version: u64, link: Option<&str>| pair_topology(&mesh, version, &image, None, link);
     let (open, capped) = (text(1, None), text(2, Some("16Mbit")));
     mesh.write_file("topology.toml", &open);
     start_all(&mut mesh, &["src", "dst"]);

@@ -68,6 +68,7 @@ pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPa
     let peer_name = topology.node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_default();
     let mut reader = MessageReader::with_limit(recv, 1 << 20);
     let mut current: Option<RpMeta> = None;
+    let pacing = links.pacing_to(&peer_name);
     loop {
         let request = match reader.next_frame::<FetchRequest>().await {
             Ok(Some(r)) => r,
@@ -120,8 +121,8 @@ pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPa
             }
         };
         if let FetchReply::Chain(blobs) = &reply {
-            // Looked up per reply: a reload that changes or removes the link applies at once.
-            links.pacing_to(&peer_name).pace(blobs.iter().map(|b| b.payload.len() as u64).sum()).await;
+            // The link is looked up per reply: a reload that adds, changes or removes it applies at once.
+            pacing.pace(blobs.iter().map(|b| b.payload.len() as u64).sum()).await;
         }
         if endpoint::send_frame_with_limit(&mut send, &reply, MAX_REPLY_BYTES).await.is_err() {
             break;

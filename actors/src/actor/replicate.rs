@@ -64,15 +64,19 @@ pub struct CycleConfig {
 const PACE_RECHECK: Duration = Duration::from_millis(100);
 
 /// The pacers a cycle's blob frames go through: its policy's (shared by this
-/// node's cycles of that policy) and the node's share of its site uplink
-/// (shared by all its cycles). The scheduler changes their rates while cycles
-/// run; a sender sees a change within [`PACE_RECHECK`].
+/// node's cycles of that policy), the node's share of its site uplink
+/// (shared by all its cycles) and the `[[link]]` to its peer. The scheduler
+/// changes their rates while cycles run; a sender sees a change within
+/// [`PACE_RECHECK`], and a link added or removed by a reload at its next frame.
 #[derive(Debug, Clone)]
 pub struct Pacing {
     /// Origin of the pacers' time.
     pub origin: Instant,
-    /// Every pacer a frame must wait for.
+    /// Every pacer a frame must wait for, besides the link's.
     pub pacers: Vec<Arc<Mutex<Pacer>>>,
+    /// The links of this node and the peer the frames go to: the link's
+    /// pacer is looked up at every frame.
+    pub link: Option<(Arc<LinkPacers>, String)>,
     /// Blob payload bytes let through so far (the cycle's progress, for status).
     pub sent_payload_bytes: Arc<AtomicU64>,
 }
@@ -80,16 +84,17 @@ pub struct Pacing {
 impl Pacing {
     /// No limits.
     pub fn unlimited() -> Self {
-        Pacing { origin: Instant::now(), pacers: Vec::new(), sent_payload_bytes: Arc::default() }
+        Pacing { origin: Instant::now(), pacers: Vec::new(), link: None, sent_payload_bytes: Arc::default() }
     }
 
     /// Waits until every pacer lets `bytes` go, then charges them.
     pub async fn pace(&self, bytes: u64) {
+        let link = self.link.as_ref().and_then(|(links, peer)| links.get(peer));
+        let pacers: Vec<&Arc<Mutex<Pacer>>> = self.pacers.iter().chain(link.as_ref()).collect();
         // A poisoned pacer only means a panic elsewhere mid-update; its numbers are still usable.
         loop {
             let now = self.origin.elapsed();
-            let wait = self
-                .pacers
+            let wait = pacers
                 .iter()
                 .map(|p| p.lock().unwrap_or_else(PoisonError::into_inner).delay(now))
                 .max()
@@ -100,7 +105,7 @@ impl Pacing {
             tokio::time::sleep(wait.min(PACE_RECHECK)).await;
         }
         let now = self.origin.elapsed();
-        for p in &self.pacers {
+        for p in &pacers {
             p.lock().unwrap_or_else(PoisonError::into_inner).handle_sent(now, bytes);
         }
         self.sent_payload_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -144,10 +149,10 @@ impl LinkPacers {
         self.by_peer.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned()
     }
 
-    /// What a transfer to `peer` keeps to besides its own limits: the link's
-    /// pacer, or nothing when no link to `peer` is declared.
-    pub fn pacing_to(&self, peer: &str) -> Pacing {
-        Pacing { origin: self.origin, pacers: self.get(peer).into_iter().collect(), sent_payload_bytes: Arc::default() }
+    /// What a transfer to `peer` keeps to besides its own limits: the link to
+    /// `peer` as it is at each frame (nothing while no link is declared).
+    pub fn pacing_to(self: &Arc<Self>, peer: &str) -> Pacing {
+        Pacing { origin: self.origin, pacers: Vec::new(), link: Some((self.clone(), peer.to_string())), sent_payload_bytes: Arc::default() }
     }
 }
 

@@ -285,10 +285,10 @@ impl VolumeScheduler {
     }
 
     fn pacing(&self, policy: &str, target: &str) -> Pacing {
-        let mut pacers = vec![self.limits.node_pacer.clone()];
-        pacers.extend(self.limits.policy_pacers.get(policy).cloned());
-        pacers.extend(self.limits.link_pacers.get(target));
-        Pacing { origin: self.limits.origin, pacers, sent_payload_bytes: Arc::default() }
+        let mut pacing = self.limits.link_pacers.pacing_to(target);
+        pacing.pacers.push(self.limits.node_pacer.clone());
+        pacing.pacers.extend(self.limits.policy_pacers.get(policy).cloned());
+        pacing
     }
 
     fn bandwidth_status(&self, volume: &str, target: &str) -> BandwidthStatus {
