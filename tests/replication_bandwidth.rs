@@ -98,6 +98,17 @@ fn start_all(mesh: &mut TestMesh, names: &[&str]) {
     }
 }
 
+/// Writes `text` as the topology, reloads it on `src` while a cycle of `vol`
+/// may run, waits until `vol`'s effective cap is `cap_bps` and one second more
+/// (the running cycle's rate settles at its next frames).
+fn reload_src(mesh: &TestMesh, text: &str, cap_bps: u64) {
+    mesh.write_file("topology.toml", text);
+    let out = mesh.ctl("src", &["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the new cap is in force", Duration::from_secs(10), || volume_row(mesh, "src", "vol")["bandwidth"]["cap_bps"] == cap_bps);
+    std::thread::sleep(Duration::from_secs(1));
+}
+
 #[test]
 fn policy_cap_holds_the_rate_over_a_minute() {
     let mut mesh = TestMesh::new(&["src", "dst"]);
@@ -159,11 +170,7 @@ fn open_window_sets_the_cap_and_a_reload_changes_a_running_cycle() {
     assert_within_10_percent("rate while the window caps at 16 Mbit/s", phase1, 16e6);
 
     // Edit the window's limit and reload while the cycle runs.
-    mesh.write_file("topology.toml", &edited);
-    let out = mesh.ctl("src", &["reload"]);
-    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
-    wait_until("the new cap is in force", Duration::from_secs(10), || volume_row(&mesh, "src", "vol")["bandwidth"]["cap_bps"] == 32_000_000);
-    std::thread::sleep(Duration::from_secs(1));
+    reload_src(&mesh, &edited, 32_000_000);
     let phase2 = measure(&mesh, "src", "vol", 20);
     assert_within_10_percent("rate after the reload raised the window to 32 Mbit/s", phase2, 32e6);
 
@@ -275,21 +282,14 @@ fn a_link_added_or_removed_by_a_reload_applies_to_a_running_cycle() {
     let (open, linked, unlinked) = (text(1, None), text(2, Some("12Mbit")), text(3, None));
     mesh.write_file("topology.toml", &open);
     start_all(&mut mesh, &["src", "dst"]);
-    let reload = |text: &str, cap: u64| {
-        mesh.write_file("topology.toml", text);
-        let out = mesh.ctl("src", &["reload"]);
-        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
-        wait_until("the new cap is in force", Duration::from_secs(10), || volume_row(&mesh, "src", "vol")["bandwidth"]["cap_bps"] == cap);
-        std::thread::sleep(Duration::from_secs(1));
-    };
 
     let sync = mesh.spawn_ctl("src", &["sync-now", "vol"]);
     wait_until("the cycle sends", Duration::from_secs(30), || progress(&mesh, "src", "vol").is_some_and(|b| b > 0));
-    reload(&linked, 12_000_000);
+    reload_src(&mesh, &linked, 12_000_000);
     assert_eq!(volume_row(&mesh, "src", "vol")["bandwidth"]["reason"], "capped 12 Mbit/s by link limit");
     let linked_rate = measure(&mesh, "src", "vol", 15);
     assert_within_10_percent("rate after a reload added a 12 Mbit/s link", linked_rate, 12e6);
-    reload(&unlinked, 32_000_000);
+    reload_src(&mesh, &unlinked, 32_000_000);
     let unlinked_rate = measure(&mesh, "src", "vol", 10);
     assert_within_10_percent("rate after a reload removed the link", unlinked_rate, 32e6);
 

@@ -145,7 +145,7 @@ impl LinkPacers {
     }
 
     /// The pacer of the link to `peer`, if there is a link.
-    pub fn get(&self, peer: &str) -> Option<Arc<Mutex<Pacer>>> {
+    fn get(&self, peer: &str) -> Option<Arc<Mutex<Pacer>>> {
         self.by_peer.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned()
     }
 

@@ -121,7 +121,6 @@ fn lock(pacer: &Mutex<Pacer>) -> std::sync::MutexGuard<'_, Pacer> {
 /// Bandwidth state of the node: pacers shared with running cycles, and what
 /// gossip says the site's other nodes want.
 struct Limits {
-    origin: Instant,
     policy_pacers: BTreeMap<String, Arc<Mutex<Pacer>>>,
     node_pacer: Arc<Mutex<Pacer>>,
     policy_caps: BTreeMap<String, PolicyCap>,
@@ -204,7 +203,6 @@ impl VolumeScheduler {
         link_pacers: Arc<LinkPacers>,
     ) -> Self {
         let limits = Limits {
-            origin: link_pacers.origin(),
             policy_pacers: BTreeMap::new(),
             node_pacer: Arc::new(Mutex::new(Pacer::new(Duration::ZERO, None))),
             policy_caps: BTreeMap::new(),
@@ -233,7 +231,8 @@ impl VolumeScheduler {
     /// sets the pacers running cycles share.
     fn update_limits(&mut self) {
         let local = local_time_now();
-        let now = self.limits.origin.elapsed();
+        // Every pacer shares the link pacers' time base (`Pacing` reads it there).
+        let now = self.limits.link_pacers.origin().elapsed();
         let me = self.local_name();
         let mut caps = BTreeMap::new();
         for volume in self.topology.volumes.iter().filter(|v| v.source == me) {
