@@ -93,17 +93,13 @@ pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
         }
         Err(e) => return Err(io_error("open blob", &path, e)),
     };
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(|e| io_error("read blob", &path, e))?;
-    if bytes.len() < HEADER_BYTES {
-        return Err(corrupt(format!(
-            "file is {} bytes, shorter than the {HEADER_BYTES}-byte header",
-            bytes.len()
-        )));
+    // The header first, then the payload into a buffer of exactly its length (no copy).
+    let file_len = file.metadata().map_err(|e| io_error("read blob", &path, e))?.len();
+    if file_len < HEADER_BYTES as u64 {
+        return Err(corrupt(format!("file is {file_len} bytes, shorter than the {HEADER_BYTES}-byte header")));
     }
     let mut h = [0u8; HEADER_BYTES];
-    h.copy_from_slice(&bytes[..HEADER_BYTES]);
+    file.read_exact(&mut h).map_err(|e| io_error("read blob", &path, e))?;
     if h[0..8] != MAGIC {
         return Err(corrupt("bad magic".into()));
     }
@@ -117,14 +113,18 @@ pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&h[16..24]);
     let payload_len = u64::from_le_bytes(len8);
-    let actual = (bytes.len() - HEADER_BYTES) as u64;
+    let actual = file_len - HEADER_BYTES as u64;
     if actual != payload_len {
         return Err(corrupt(format!("payload is {actual} bytes, header says {payload_len}")));
     }
     if id_at(&h, 24) != *id {
         return Err(corrupt(format!("header names blob {}", id_at(&h, 24).to_hex())));
     }
-    let payload = bytes.split_off(HEADER_BYTES);
+    let mut payload = vec![0u8; payload_len as usize];
+    file.read_exact(&mut payload).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => corrupt("file shrank while being read".into()),
+        _ => io_error("read blob", &path, e),
+    })?;
     if blake3::hash(&payload).as_bytes()[..] != h[120..152] {
         return Err(corrupt("payload checksum mismatch".into()));
     }

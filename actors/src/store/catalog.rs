@@ -9,7 +9,7 @@
 //! | `rp_changes` | (volume id, seq, block index) | () | the indexes that have a `blocks` entry at `seq` (for pruning) |
 //! | `contents` | content id | blob id | how to materialize a content |
 //! | `blobs` | blob id | [`BlobMeta`] bytes | stored blobs: content, base, depth, size |
-//! | `staged` | (session, volume name, block index) | content id | block-map changes of in-flight RPs |
+//! | `staged` | (session, volume name, block index) | content id | block-map changes of in-flight RPs (in `staging.redb`, not the catalog) |
 //!
 //! Invariant: every `blocks` key's seq is the seq of an existing RP of that volume,
 //! and `rp_changes` holds exactly the (volume, seq, index) triples of `blocks`.

@@ -114,6 +114,31 @@ pub enum StoreError {
         /// `volume@seq`.
         rp: String,
     },
+    /// There is no store in `dir` (no catalog), or it is not what a store looks like.
+    /// Nothing was created.
+    #[error("no drmesh store in {dir}: {cause}")]
+    NoStore {
+        /// The folder given as the store.
+        dir: PathBuf,
+        /// What was found instead.
+        cause: String,
+    },
+    /// The store was opened read-only (`drmesh restore` without a node); nothing was written.
+    #[error("catalog {path} is open read-only here; writing needs the node that owns it")]
+    ReadOnly {
+        /// The catalog file.
+        path: PathBuf,
+    },
+    /// The catalog could not be opened because of another process holding it in a
+    /// way this one cannot share, or because it needs a repair a reader cannot make.
+    /// Nothing was changed.
+    #[error("cannot open catalog {path}: {cause}")]
+    Unavailable {
+        /// The catalog file.
+        path: PathBuf,
+        /// Why, and what to do.
+        cause: String,
+    },
     /// A catalog row could not be decoded (the catalog is damaged or from a newer version).
     #[error("catalog {what} is undecodable")]
     CorruptRow {
@@ -180,6 +205,28 @@ pub fn catalog_error(op: impl Into<String>, path: &Path, source: impl Into<redb:
             path: path.to_path_buf(),
             source: Box::new(source),
         }
+    }
+}
+
+/// Maps a failed open of the catalog at `path` to an error that says what to do.
+pub fn open_error(path: &Path, source: redb::DatabaseError) -> StoreError {
+    let cause = match &source {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            "another process holds it exclusively (a drmesh node of an older version, or another tool); stop that process, or use its admin socket"
+        }
+        redb::DatabaseError::LockProtocolMismatch => {
+            "a process running another drmesh version holds it; use that version's binary, or stop it first"
+        }
+        redb::DatabaseError::RepairAborted => {
+            "it was not closed cleanly and needs a repair that only a writer can make: start the node on this state dir once (it repairs the catalog at start), or restore from a copy of the state dir"
+        }
+        redb::DatabaseError::UpgradeRequired(_) => "it was written in an older catalog format that this drmesh cannot read",
+        _ => "",
+    };
+    if cause.is_empty() {
+        catalog_error("open", path, source)
+    } else {
+        StoreError::Unavailable { path: path.to_path_buf(), cause: cause.into() }
     }
 }
 

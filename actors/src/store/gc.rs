@@ -6,7 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANGES, VOLUMES};
 use super::error::{io_error, StoreError};
@@ -58,7 +58,7 @@ impl Store {
     /// in the module doc of [`super`]. Blobs are freed later by [`Store::gc`].
     pub fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
         let _w = lock(&self.writer);
-        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let tx = self.begin_write("begin write")?;
         let mut deleted = Vec::new();
         {
             let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
@@ -238,7 +238,7 @@ impl Store {
         // Sweep under the writer lock and the pin lock, held until files are gone.
         let _w = lock(&self.writer);
         let pins = lock(&self.pins);
-        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let tx = self.begin_write("begin write")?;
         let mut doomed = Vec::new();
         {
             let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;

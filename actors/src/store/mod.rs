@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! <dir>/catalog.redb          redb catalog (tables: see `catalog`)
+//! <dir>/staging.redb          block-map changes of in-flight sessions (scratch, remade at open)
 //! <dir>/blobs/ab/cd/<64 hex>  one file per blob: 256-byte header + opaque payload (see `blob_file`)
 //! ```
 //!
@@ -19,7 +20,10 @@
 //! So a catalog row always names a durable file. [`Store::commit_rp`] checks that every
 //! staged content has a catalog row and writes the RP row, its block-map delta and the
 //! removal of the staged rows in one durable transaction: a crash leaves the previous
-//! catalog or the new one. Staged rows use non-durable transactions; [`Store::open`]
+//! catalog or the new one. Staged rows live in a scratch database of their own with
+//! non-durable transactions (redb allows those only on a file no other process
+//! shares; the catalog is shared with read-only readers, see [`Store::open_read_only`]);
+//! a commit reads them, writes the catalog, and drops them afterwards. [`Store::open`]
 //! drops whatever staged rows and temp files a crash left behind.
 //!
 //! # Block maps
@@ -76,12 +80,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Builder, ConcurrencyMode, Database, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
 pub use self::blob_file::{HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
 use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, STAGED, VOLUMES};
-use self::error::{catalog_error, io_error};
+use self::error::{catalog_error, io_error, open_error};
 pub use self::error::{is_no_space, StoreError};
 pub use self::retention::{iso_week_index, select_keep, Retention};
 pub use crate::content::{BlobId, ContentId};
@@ -208,11 +212,32 @@ struct PinState {
     gc_extra: HashSet<BlobId>,
 }
 
+/// The catalog as this process opened it: the node's writer, or a reader beside it.
+enum Catalog {
+    /// The node's handle: reads and writes.
+    Writer(Database),
+    /// A read-only handle ([`Store::open_read_only`]); follows the writer's commits.
+    /// (A read-only store may also hold a `Writer` over a repaired private copy.)
+    Reader(ReadOnlyDatabase),
+}
+
+impl Catalog {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Catalog::Writer(db) => db.begin_read(),
+            Catalog::Reader(db) => db.begin_read(),
+        }
+    }
+}
+
 /// A target's blob store and catalog. `Send + Sync`; share it as `Arc<Store>`.
 pub struct Store {
     blobs_dir: PathBuf,
     catalog_path: PathBuf,
-    db: Database,
+    db: Catalog,
+    /// Block-map changes of in-flight sessions (`staging.redb`, this process's
+    /// scratch: never durable, emptied at every open; None when read-only).
+    staging: Option<(PathBuf, Database)>,
     /// Serializes redb write transactions (and orders them against GC's mark and sweep).
     writer: Mutex<()>,
     /// Session pins; GC decides and deletes under this lock.
@@ -269,21 +294,38 @@ impl Store {
         let blobs_dir = dir.join("blobs");
         fs::create_dir_all(&blobs_dir).map_err(|e| io_error("create store folder", &blobs_dir, e))?;
         let catalog_path = dir.join("catalog.redb");
-        let db = Database::create(&catalog_path).map_err(|e| catalog_error("open", &catalog_path, e))?;
+        // SingleWriter: `drmesh restore` with no node running may open the catalog
+        // read-only beside this handle (byte-range locks; see `open_read_only`).
+        let db = Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(&catalog_path)
+            .map_err(|e| open_error(&catalog_path, e))?;
+        // Staged rows live apart from the catalog: redb allows non-durable commits only
+        // to a file no other process has open, and nothing staged outlives this process.
+        let staging_path = dir.join("staging.redb");
+        match fs::remove_file(&staging_path) {
+            Ok(()) => tracing::info!("store: dropped the staged rows of interrupted sessions"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove staging file", &staging_path, e)),
+        }
+        let staging = Database::create(&staging_path).map_err(|e| open_error(&staging_path, e))?;
+        {
+            let tx = staging.begin_write().map_err(|e| catalog_error("begin staging", &staging_path, e))?;
+            tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", &staging_path, e))?;
+            tx.commit().map_err(|e| catalog_error("create staging", &staging_path, e))?;
+        }
         let store = Store {
             blobs_dir,
             catalog_path,
-            db,
+            db: Catalog::Writer(db),
+            staging: Some((staging_path, staging)),
             writer: Mutex::new(()),
             pins: Mutex::new(PinState::default()),
             gc_lock: Mutex::new(()),
         };
         {
             let _w = lock(&store.writer);
-            let tx = store
-                .db
-                .begin_write()
-                .map_err(|e| store.ce("begin open transaction", e))?;
+            let tx = store.begin_write("begin open transaction")?;
             {
                 tx.open_table(META).map_err(|e| store.ce("open table meta", e))?;
                 tx.open_table(VOLUMES).map_err(|e| store.ce("open table volumes", e))?;
@@ -294,14 +336,8 @@ impl Store {
                 tx.open_table(CONTENTS)
                     .map_err(|e| store.ce("open table contents", e))?;
                 tx.open_table(BLOBS).map_err(|e| store.ce("open table blobs", e))?;
-                let mut staged = tx.open_table(STAGED).map_err(|e| store.ce("open table staged", e))?;
-                let leftover = staged.len().map_err(|e| store.ce("count staged rows", e))?;
-                if leftover > 0 {
-                    tracing::info!(rows = leftover, "store: dropping staged rows of interrupted sessions");
-                    staged
-                        .retain(|_, _| false)
-                        .map_err(|e| store.ce("drop staged rows", e))?;
-                }
+                // Staged rows of an older version lived in the catalog; they are dropped as at any open.
+                tx.delete_table(STAGED).map_err(|e| store.ce("drop table staged", e))?;
             }
             tx.commit().map_err(|e| store.ce("commit open transaction", e))?;
         }
@@ -312,8 +348,98 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the store in `dir` for reading only, beside a node that may be running on
+    /// it (or after one crashed): nothing in `dir` is created, repaired or removed, and
+    /// every writing method fails with [`StoreError::ReadOnly`]. Reads see the catalog as
+    /// the node last committed it, one snapshot per call. A node's GC may still delete
+    /// the blobs of an RP that its retention pruned meanwhile: a read of such a blob then
+    /// fails as missing, never with other data.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        let catalog_path = dir.join("catalog.redb");
+        match fs::symlink_metadata(&catalog_path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(StoreError::NoStore {
+                    dir: dir.to_path_buf(),
+                    cause: format!("{} is not a regular file", catalog_path.display()),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NoStore {
+                    dir: dir.to_path_buf(),
+                    cause: "it holds no catalog.redb (is this a target node's store?)".into(),
+                })
+            }
+            Err(e) => return Err(io_error("open catalog", &catalog_path, e)),
+        }
+        let db = match Builder::new().set_concurrency_mode(ConcurrencyMode::SingleWriter).open_read_only(&catalog_path) {
+            Ok(db) => Catalog::Reader(db),
+            // The node crashed or was killed and none runs now: its catalog needs the
+            // repair redb makes at a writer's open. Make it on a private copy.
+            Err(redb::DatabaseError::RepairAborted) => Catalog::Writer(Self::repaired_copy(&catalog_path)?),
+            Err(e) => return Err(open_error(&catalog_path, e)),
+        };
+        Ok(Store {
+            blobs_dir: dir.join("blobs"),
+            catalog_path,
+            db,
+            staging: None,
+            writer: Mutex::new(()),
+            pins: Mutex::new(PinState::default()),
+            gc_lock: Mutex::new(()),
+        })
+    }
+
+    /// A repaired copy of a catalog that was not closed cleanly, in an unnamed
+    /// temporary file (gone when the handle is dropped); the original is not touched.
+    fn repaired_copy(catalog_path: &Path) -> Result<Database, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        tracing::info!(catalog = %catalog_path.display(), "the catalog was not closed cleanly (the node crashed or was killed): reading a repaired copy, the original is left as it is");
+        let temp_dir = std::env::temp_dir();
+        let mut copy = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_TMPFILE)
+            .open(&temp_dir)
+            .map_err(|e| io_error("create a temporary copy of the catalog in", &temp_dir, e))?;
+        let mut original = File::open(catalog_path).map_err(|e| io_error("open catalog", catalog_path, e))?;
+        std::io::copy(&mut original, &mut copy).map_err(|e| io_error("copy catalog", catalog_path, e))?;
+        let backend = redb::backends::FileBackend::new(copy).map_err(|e| open_error(catalog_path, e))?;
+        Builder::new().create_with_backend(backend).map_err(|e| open_error(catalog_path, e))
+    }
+
+    /// Whether this handle may write (see [`Store::open_read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.staging.is_none()
+    }
+
+    /// A write transaction, or [`StoreError::ReadOnly`] on a read-only handle.
+    fn begin_write(&self, op: &str) -> Result<redb::WriteTransaction, StoreError> {
+        match &self.db {
+            Catalog::Writer(db) if !self.is_read_only() => db.begin_write().map_err(|e| self.ce(op, e)),
+            _ => Err(StoreError::ReadOnly { path: self.catalog_path.clone() }),
+        }
+    }
+
     fn ce(&self, op: &str, e: impl Into<redb::Error>) -> StoreError {
         catalog_error(op, &self.catalog_path, e)
+    }
+
+    /// The staging database and its path, or [`StoreError::ReadOnly`].
+    fn staging(&self) -> Result<(&Path, &Database), StoreError> {
+        match &self.staging {
+            Some((path, db)) => Ok((path, db)),
+            None => Err(StoreError::ReadOnly { path: self.catalog_path.clone() }),
+        }
+    }
+
+    /// A non-durable write transaction on the staging database.
+    fn begin_staging(&self) -> Result<(&Path, redb::WriteTransaction), StoreError> {
+        let (path, db) = self.staging()?;
+        let mut tx = db.begin_write().map_err(|e| catalog_error("begin staging write", path, e))?;
+        tx.set_durability(Durability::None).map_err(|e| catalog_error("set durability", path, e))?;
+        Ok((path, tx))
     }
 
     /// Which contents are materializable now; pins the answering blobs for `session` so GC
@@ -377,14 +503,12 @@ impl Store {
 
     fn drop_staged(&self, session: u64) -> Result<(), StoreError> {
         let _w = lock(&self.writer);
-        let mut tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
-        tx.set_durability(Durability::None)
-            .map_err(|e| self.ce("set durability", e))?;
+        let (path, tx) = self.begin_staging()?;
         {
-            let mut staged = tx.open_table(STAGED).map_err(|e| self.ce("open table staged", e))?;
+            let mut staged = tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
             let keys: Vec<(String, u64)> = staged
                 .range((session, "", 0u64)..)
-                .map_err(|e| self.ce("read staged", e))?
+                .map_err(|e| catalog_error("read staged", path, e))?
                 .map_while(|r| r.ok())
                 .map(|(k, _)| {
                     let (s, volume, index) = k.value();
@@ -396,10 +520,10 @@ impl Store {
             for (volume, index) in keys {
                 staged
                     .remove((session, volume.as_str(), index))
-                    .map_err(|e| self.ce("drop staged row", e))?;
+                    .map_err(|e| catalog_error("drop staged row", path, e))?;
             }
         }
-        tx.commit().map_err(|e| self.ce("commit", e))
+        tx.commit().map_err(|e| catalog_error("commit staging", path, e))
     }
 
     fn check_blob(blob: &EncodedBlob) -> Result<(), StoreError> {
@@ -432,6 +556,9 @@ impl Store {
     pub fn put_blobs(&self, session: u64, blobs: &[EncodedBlob]) -> Result<u64, StoreError> {
         if blobs.is_empty() {
             return Ok(0);
+        }
+        if self.is_read_only() {
+            return Err(StoreError::ReadOnly { path: self.catalog_path.clone() });
         }
         for blob in blobs {
             Self::check_blob(blob)?;
@@ -510,7 +637,7 @@ impl Store {
 
         let now = now_unix_ms();
         let _w = lock(&self.writer);
-        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let tx = self.begin_write("begin write")?;
         {
             let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
             let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
@@ -553,18 +680,16 @@ impl Store {
     /// Not durable on its own; [`Store::commit_rp`] is.
     pub fn stage(&self, session: u64, volume: &str, changes: &[(u64, ContentId)]) -> Result<(), StoreError> {
         let _w = lock(&self.writer);
-        let mut tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
-        tx.set_durability(Durability::None)
-            .map_err(|e| self.ce("set durability", e))?;
+        let (path, tx) = self.begin_staging()?;
         {
-            let mut staged = tx.open_table(STAGED).map_err(|e| self.ce("open table staged", e))?;
+            let mut staged = tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
             for (index, content) in changes {
                 staged
                     .insert((session, volume, *index), content.0)
-                    .map_err(|e| self.ce("stage block", e))?;
+                    .map_err(|e| catalog_error("stage block", path, e))?;
             }
         }
-        tx.commit().map_err(|e| self.ce("commit staged", e))
+        tx.commit().map_err(|e| catalog_error("commit staged", path, e))
     }
 
     /// Commits `meta.volume@meta.seq` in ONE durable transaction: the RP row, and the
@@ -575,8 +700,13 @@ impl Store {
     pub fn commit_rp(&self, session: u64, meta: &RpMeta) -> Result<(), StoreError> {
         let name = meta.name();
         let _w = lock(&self.writer);
-        let tx = self.db.begin_write().map_err(|e| self.ce("begin write", e))?;
+        let (staging_path, staging_db) = self.staging()?;
+        let staging_tx = staging_db.begin_read().map_err(|e| catalog_error("begin staging read", staging_path, e))?;
+        let staged = staging_tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", staging_path, e))?;
+        let tx = self.begin_write("begin write")?;
         let mut referenced = Vec::new();
+        let mut indexes = Vec::new();
+        let volume = meta.volume.as_str();
         {
             let mut vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
             let existing = vols
@@ -618,20 +748,17 @@ impl Store {
             if let Some(newest) = newest.filter(|n| *n >= meta.seq) {
                 return Err(StoreError::SeqNotNewer { rp: name, newest });
             }
-            let mut staged = tx.open_table(STAGED).map_err(|e| self.ce("open table staged", e))?;
             let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
             let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
             let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
             let mut changes = tx
                 .open_table(RP_CHANGES)
                 .map_err(|e| self.ce("open table rp_changes", e))?;
-            let volume = meta.volume.as_str();
-            let mut indexes = Vec::new();
             for row in staged
                 .range((session, volume, 0u64)..=(session, volume, u64::MAX))
-                .map_err(|e| self.ce("read staged", e))?
+                .map_err(|e| catalog_error("read staged", staging_path, e))?
             {
-                let (key, value) = row.map_err(|e| self.ce("read staged", e))?;
+                let (key, value) = row.map_err(|e| catalog_error("read staged", staging_path, e))?;
                 let index = key.value().2;
                 let content = ContentId(value.value());
                 if index >= meta.block_count {
@@ -666,11 +793,6 @@ impl Store {
                     .map_err(|e| self.ce("write block map", e))?;
                 indexes.push(index);
             }
-            for index in indexes {
-                staged
-                    .remove((session, volume, index))
-                    .map_err(|e| self.ce("drop staged row", e))?;
-            }
             rps.insert((vid, meta.seq), catalog::encode_rp(meta).as_slice())
                 .map_err(|e| self.ce("write rp", e))?;
         }
@@ -682,7 +804,23 @@ impl Store {
                 pins.gc_extra.extend(referenced);
             }
         }
-        tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))
+        tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))?;
+        // Committed: the staged rows are done with. Failing to drop them is harmless
+        // (the session ends, and the next open drops all staged rows).
+        drop((staged, staging_tx));
+        let dropped = self.begin_staging().and_then(|(path, stx)| {
+            {
+                let mut staged = stx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
+                for index in indexes {
+                    staged.remove((session, volume, index)).map_err(|e| catalog_error("drop staged row", path, e))?;
+                }
+            }
+            stx.commit().map_err(|e| catalog_error("commit staging", path, e))
+        });
+        if let Err(e) = dropped {
+            tracing::warn!(rp = %name, error = %e, "store: could not drop the staged rows of a committed RP");
+        }
+        Ok(())
     }
 
     fn volume_id(&self, tx: &redb::ReadTransaction, volume: &str) -> Result<Option<u32>, StoreError> {
