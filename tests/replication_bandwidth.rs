@@ -319,7 +319,7 @@ fn a_link_cap_paces_a_restore_fetched_over_it() {
     let to = mesh.dir.path().join("restored.img");
     let out = mesh.restore("src", &format!("vol@{seq}"), &to, None);
     assert!(out.status.success(), "restore over the link failed: {}\n--- dst log:\n{}", String::from_utf8_lossy(&out.stderr), mesh.node("dst").log_text());
-    let data: Value = serde_json::from_slice(&out.stdout).expect("restore --json prints its report");
+    let data: Value = drmesh_tests::restore_result(&out).expect("restore --json prints its report");
     assert_eq!(drmesh_tests::file_hash(&to), drmesh_tests::hash_hex(&std::fs::read(&image).expect("read image")), "the restored image differs");
     let payload = data["payload_bytes"].as_u64().expect("payload_bytes");
     assert!(payload >= 24 * MB as u64, "random data comes whole: {data}");

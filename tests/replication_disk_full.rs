@@ -10,7 +10,7 @@ use std::io::Read as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use drmesh_tests::{hash_hex, parse_ctl_json, report_seq, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
+use drmesh_tests::{hash_hex, is_root, parse_ctl_json, report_seq, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
 
 const MIB: usize = 1 << 20;
 
@@ -73,12 +73,6 @@ fn sync_bounded(mesh: &TestMesh, timeout: Duration) -> Result<serde_json::Value,
     child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
     let status = child.wait().unwrap();
     parse_ctl_json(&std::process::Output { status, stdout, stderr: Vec::new() })
-}
-
-fn is_root() -> bool {
-    // The owner of /proc/self is the process' effective user.
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 #[test]

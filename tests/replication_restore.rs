@@ -46,7 +46,7 @@ fn check_every_rp(mesh: &TestMesh, volume: &str, expected: &BTreeMap<u64, String
         assert_eq!(&got, hash, "{rp} does not restore to the image of its cycle");
         let out = mesh.verify("dst", &rp, None);
         assert!(out.status.success(), "verify {rp}: {}", String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify --json");
+        let report = drmesh_tests::restore_result(&out).expect("verify --json");
         assert_eq!(report["rp"]["seq"], *seq);
     }
 }

@@ -32,6 +32,11 @@ thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, reused across blocks (restore's hot path).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Compresses with a reused per-thread context; `None` if zstd fails.
 fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
     COMPRESSOR.with(|cell| {
@@ -225,6 +230,51 @@ impl BlockCodec {
             return Err(CodecError::Decompress { id: blob.id, reason: format!("{} bytes, header says {}", payload.len(), blob.plain_len) });
         }
         Ok(payload)
+    }
+
+    /// Decrypts and decompresses a full-block blob straight into `out`, which must be
+    /// exactly the block's length (`plain_len`): restore's fast path, with no copy
+    /// of the block beyond decompression. Does not check the content id (see [`BlockCodec::check`]).
+    pub fn open_into(&self, blob: EncodedBlob, out: &mut [u8]) -> Result<(), CodecError> {
+        if out.len() != blob.plain_len as usize {
+            return Err(CodecError::Decompress { id: blob.id, reason: format!("the blob holds {} bytes where the block has {}", blob.plain_len, out.len()) });
+        }
+        let (id, flags, plain_len) = (blob.id, blob.flags, blob.plain_len);
+        let mut payload = blob.payload;
+        let data: &[u8] = if flags.has(BlobFlags::ENCRYPTED) {
+            let key = self.key.as_ref().ok_or(CodecError::NoKey(id))?;
+            if payload.len() < NONCE_LEN {
+                return Err(CodecError::Decrypt(id));
+            }
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce.copy_from_slice(&payload[..NONCE_LEN]);
+            key.open_within(Nonce::assume_unique_for_key(nonce), Aad::from(aad(&id, flags, plain_len)), &mut payload, NONCE_LEN..)
+                .map_err(|_| CodecError::Decrypt(id))?
+        } else {
+            &payload
+        };
+        let n = if flags.has(BlobFlags::COMPRESSED) {
+            DECOMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+                }
+                match slot.as_mut() {
+                    Some(d) => d.decompress_to_buffer(data, out).map_err(|e| e.to_string()),
+                    None => Err("no zstd context".to_string()),
+                }
+            })
+            .map_err(|reason| CodecError::Decompress { id, reason })?
+        } else if data.len() == out.len() {
+            out.copy_from_slice(data);
+            data.len()
+        } else {
+            data.len()
+        };
+        if n != out.len() {
+            return Err(CodecError::Decompress { id, reason: format!("{n} bytes, header says {plain_len}") });
+        }
+        Ok(())
     }
 
     /// Applies a delta plaintext to its base block, giving the new block.

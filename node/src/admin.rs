@@ -88,6 +88,9 @@ pub enum Request {
         /// Node to read the RP from; this node's store, then the volume's targets, when absent.
         #[serde(default)]
         from: Option<String>,
+        /// Replace an existing file, or overwrite a device that holds a filesystem.
+        #[serde(default)]
+        force: bool,
     },
     /// Re-read and check every blob of a recovery point (progress lines precede the answer).
     Verify {
@@ -163,6 +166,8 @@ pub struct AdminContext {
     pub data: Arc<DataPlane>,
     /// The gossip actor (membership, RP catalog).
     pub gossip: Addr<GossipActor>,
+    /// The node's state directory (journal of interrupted restores).
+    pub state_dir: PathBuf,
 }
 
 /// Fails if a node is already running on `state_dir` (its admin socket answers);

@@ -1,11 +1,12 @@
 //! Admin commands of the data plane: sync-now, volumes, rps, gc, restore, verify, store.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use drmesh_actors::actor::fetch::FetchClient;
 use drmesh_actors::actor::mesh::GetConnection;
 use drmesh_actors::actor::volumes::{policy_codec, GetAgentStatus, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
-use drmesh_actors::restore::{restore, RpSource};
+use drmesh_actors::restore::{restore, Journal, Progress, RpSource, Rules, Target};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -72,11 +73,14 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
         Request::Store => Ok(serde_json::to_value(blocking(move || store.stats()).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
-        Request::Restore { volume, seq, to, from } => {
+        Request::Restore { volume, seq, to, from, force } => {
             if !to.is_absolute() {
                 return Err(format!("restore destination {} must be an absolute path", to.display()));
             }
-            let report = read_rp(ctx, &volume, seq, from, Some(&to), progress).await?;
+            let topology = ctx.data.topology();
+            let me = topology.node_by_id(&ctx.data.local()).map(|n| n.name.clone()).unwrap_or_default();
+            let target = Target { path: to, rules: Rules::for_node(&topology, &me, force), journal: Some(Journal::new(&ctx.state_dir)) };
+            let report = read_rp(ctx, &volume, seq, from, Some(&target), progress).await?;
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
         Request::Verify { volume, seq, from } => {
@@ -97,19 +101,23 @@ fn selection(volumes: Vec<String>, all: bool) -> Result<VolumeSelection, String>
     }
 }
 
+/// How often a running restore or verify reports progress.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 /// Restores or verifies an RP from this node's store or from a peer that holds it.
 async fn read_rp(
     ctx: &AdminContext,
     volume: &str,
     seq: Option<u64>,
     from: Option<String>,
-    to: Option<&std::path::Path>,
+    target: Option<&Target>,
     progress: mpsc::Sender<Value>,
 ) -> Result<drmesh_actors::restore::RestoreReport, String> {
     let topology = ctx.data.topology();
-    let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume:?} is not in the topology"))?;
-    let policy = topology.policies.get(&vol.policy).ok_or_else(|| format!("policy {:?} is not in the topology", vol.policy))?;
+    let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
+    let policy = topology.policies.get(&vol.policy).ok_or_else(|| format!("policy {} is not in the topology", vol.policy))?;
     let codec = policy_codec(policy).map_err(|e| format!("reading {volume} needs the policy's key file: {e}"))?;
+    let me = topology.node_by_id(&ctx.data.local()).map(|n| n.name.clone()).unwrap_or_default();
     let store = ctx.data.store().clone();
     let (v, s) = (volume.to_string(), seq);
     let held_here = blocking(move || match s {
@@ -118,12 +126,17 @@ async fn read_rp(
     })
     .await?
     .map_err(|e| e.to_string())?;
+    let rp_name = format!("{volume}@{}", seq.map_or("latest".to_string(), |s| s.to_string()));
     let candidates: Vec<String> = match (&from, held_here) {
+        (Some(node), _) if *node == me => vec![],
         (Some(node), _) => vec![node.clone()],
         (None, true) => vec![],
-        (None, false) => vol.targets.clone(),
+        (None, false) => vol.targets.iter().filter(|t| **t != me).cloned().collect(),
     };
     let mut source = if candidates.is_empty() {
+        if !held_here {
+            return Err(format!("no recovery point {rp_name} on this node, and no other node holds {volume}"));
+        }
         RpSource::Local(ctx.data.store().clone())
     } else {
         let mut found = None;
@@ -137,17 +150,20 @@ async fn read_rp(
                 None => tried.push(format!("{node} (not connected)")),
             }
         }
-        found.ok_or_else(|| format!("{volume}: not held by this node, and no holder is reachable: {}", tried.join(", ")))?
+        let here = if held_here { "" } else { "not held by this node, and " };
+        found.ok_or_else(|| format!("{rp_name}: {here}no holder is reachable: {}", tried.join(", ")))?
     };
-    let mut last_sent = 0;
-    let report = restore(&mut source, volume, seq, &codec, to, |done, total| {
-        // Roughly a hundred progress lines per restore at most.
-        if done == total || done >= last_sent + (total / 100).max(1) {
-            last_sent = done;
-            let _ = progress.try_send(json!({ "done": done, "total": total }));
+    let state = Arc::new(Progress::default());
+    let work = restore(&mut source, volume, seq, &codec, target, &state);
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let report = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            _ = tick.tick() => {
+                let _ = progress.try_send(json!(state.snapshot()));
+            }
         }
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(report)
+    };
+    report.map_err(|e| e.to_string())
 }

@@ -282,7 +282,7 @@ fn demo(root: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let restored = root.join("restored.img");
     let response = ctl::request(
         &nodes[1].socket(),
-        &Request::Restore { volume: "branch-server".into(), seq: None, to: restored.clone(), from: None },
+        &Request::Restore { volume: "branch-server".into(), seq: None, to: restored.clone(), from: None, force: false },
     )?;
     if !response.ok {
         bail!("restore failed: {}", response.error.unwrap_or_default());

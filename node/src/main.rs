@@ -119,7 +119,7 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
 
 /// The error and its causes on one line, skipping a cause whose text the
 /// message before it already quotes (our error types name their cause).
-fn error_chain(error: &anyhow::Error) -> String {
+pub(crate) fn error_chain(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();

@@ -1,27 +1,54 @@
-//! `drmesh restore` and `drmesh verify`: ask the running node to rebuild or
-//! check a recovery point, with a progress bar.
+//! `drmesh restore` and `drmesh verify`: rebuild or check a recovery point,
+//! through the running node's admin socket, or with no node running straight
+//! from the state dir's store (opened read-only), with progress.
 
-use std::path::PathBuf;
+use std::io::{ErrorKind, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context as _};
+use drmesh_actors::actor::volumes::policy_codec;
+use drmesh_actors::codec::BlockCodec;
+use drmesh_actors::restore::{restore as run_restore, Journal, Progress, ProgressSnapshot, RestoreReport, RpSource, Rules, Target};
+use drmesh_actors::store::Store;
+use drmesh_topology::Topology;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
 
 use crate::admin::{Request, SOCKET_FILE};
 use crate::ctl::{bytes, request_with_progress};
+use crate::data::PROGRESS_EVERY;
+
+/// File in the state dir that names the topology file the node last ran with.
+pub const TOPOLOGY_NOTE: &str = "topology.path";
 
 /// Arguments shared by restore and verify.
 #[derive(clap::Args, Debug)]
 pub struct RpArgs {
     /// The recovery point: VOLUME@SEQ, or VOLUME for the newest.
     rp: String,
-    /// State directory of the local node (its admin socket does the work).
+    /// State directory of the local node: its admin socket does the work, or,
+    /// when no node runs there, its store is read directly (read-only).
     #[arg(long, env = "DRMESH_STATE_DIR")]
     state_dir: PathBuf,
-    /// Read the RP from this node instead of the local store (or the volume's targets).
-    #[arg(long)]
+    /// Read the RP from this node instead of the local store (needs a running node).
+    #[arg(long, conflicts_with = "offline")]
     from: Option<String>,
-    /// Print the result as JSON.
+    /// Read the state dir's store directly even if a node is running there.
+    #[arg(long)]
+    offline: bool,
+    /// Topology file for a restore without a node (policy key files, protected
+    /// sources); default: the one the node last ran with.
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    /// Key file of the RP's policy, for a restore without a node (instead of
+    /// the topology's `encryption_key_file`).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Print progress events and the result as JSON lines.
     #[arg(long)]
     json: bool,
 }
@@ -31,9 +58,15 @@ pub struct RpArgs {
 pub struct RestoreArgs {
     #[command(flatten)]
     rp: RpArgs,
-    /// Image file to write (raw); written as PATH.partial and renamed when verified.
+    /// Where to write: a new image file (raw, mode 0600), or a block device
+    /// written in place.
     #[arg(long)]
     to: PathBuf,
+    /// Replace an existing file, or overwrite a device that holds a filesystem
+    /// or partition table. Never allows writing a protected volume's source or
+    /// a mounted device.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Splits VOLUME@SEQ.
@@ -42,64 +75,229 @@ pub fn parse_rp(text: &str) -> anyhow::Result<(String, Option<u64>)> {
         None => Ok((text.to_string(), None)),
         Some((v, "latest")) => Ok((v.to_string(), None)),
         Some((v, seq)) => {
-            let seq = seq.parse().with_context(|| format!("{text:?}: the part after @ must be a sequence number (or \"latest\")"))?;
+            let seq = seq.parse().with_context(|| format!("{text}: the part after @ must be a sequence number (or \"latest\")"))?;
             Ok((v.to_string(), Some(seq)))
         }
     }
 }
 
-fn run_with_progress(args: &RpArgs, request: Request, verb: &str) -> anyhow::Result<ExitCode> {
-    let socket = args.state_dir.join(SOCKET_FILE);
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} blocks {percent}% ({eta} left)")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("{verb} {}", args.rp));
-    if args.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+/// Notes in `state_dir` which topology file the node runs with (best effort).
+pub fn remember_topology_path(state_dir: &Path, topology: &Path) {
+    let note = state_dir.join(TOPOLOGY_NOTE);
+    if let Err(e) = std::fs::write(&note, topology.as_os_str().as_encoded_bytes()) {
+        tracing::warn!(file = %note.display(), error = %e, "cannot note the topology path for restores without a node");
     }
-    let response = request_with_progress(&socket, &request, |p| {
-        bar.set_length(p["total"].as_u64().unwrap_or(0));
-        bar.set_position(p["done"].as_u64().unwrap_or(0));
-    })?;
-    bar.finish_and_clear();
-    if !response.ok {
-        bail!("{verb} {} failed: {}", args.rp, response.error.unwrap_or_default());
-    }
-    let data = response.data.unwrap_or_default();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
-    } else {
-        let rp = &data["rp"];
-        println!(
-            "{verb} {}@{} OK: {} blocks ({} zero), {} read in {:.1}s, Merkle root verified",
-            rp["volume"].as_str().unwrap_or_default(),
-            rp["seq"],
-            data["blocks"],
-            data["zero_blocks"],
-            bytes(data["payload_bytes"].as_u64().unwrap_or(0)),
-            data["duration_secs"].as_f64().unwrap_or(0.0)
+}
+
+/// Shows progress: a bar for people, JSON lines with `--json`.
+struct ProgressView {
+    json: bool,
+    bar: ProgressBar,
+    phase: &'static str,
+    phase_started: Instant,
+    verb: &'static str,
+}
+
+impl ProgressView {
+    fn new(json: bool, verb: &'static str, rp: &str) -> ProgressView {
+        let bar = if json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        bar.set_style(
+            ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {percent:>3}% {binary_bytes_per_sec} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
-        if let Some(out) = data["output"].as_str() {
-            println!("image written to {out} ({})", bytes(rp["volume_bytes"].as_u64().unwrap_or(0)));
+        bar.set_message(format!("{verb} {rp}"));
+        ProgressView { json, bar, phase: "", phase_started: Instant::now(), verb }
+    }
+
+    fn update(&mut self, p: ProgressSnapshot) {
+        if p.phase != self.phase {
+            self.phase = p.phase;
+            self.phase_started = Instant::now();
+            self.bar.reset();
+            let label = if p.phase == "restoring" { self.verb } else { p.phase };
+            self.bar.set_message(label.to_string());
+        }
+        self.bar.set_length(p.total_bytes);
+        self.bar.set_position(p.done_bytes);
+        if self.json {
+            let secs = self.phase_started.elapsed().as_secs_f64();
+            let rate = if secs > 0.0 { p.done_bytes as f64 / secs } else { 0.0 };
+            let eta = if rate > 0.0 { Some((p.total_bytes.saturating_sub(p.done_bytes)) as f64 / rate) } else { None };
+            let line = json!({ "progress": { "phase": p.phase, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes, "rate_bytes_per_sec": rate.round(), "eta_secs": eta.map(|e| e.ceil()) } });
+            println!("{line}");
+            let _ = std::io::stdout().flush();
         }
     }
-    Ok(ExitCode::SUCCESS)
+
+    fn update_json(&mut self, v: &Value) {
+        let phase = match v["phase"].as_str().unwrap_or("") {
+            "checking block map" => "checking block map",
+            "restoring" => "restoring",
+            "syncing" => "syncing",
+            "done" => "done",
+            _ => "starting",
+        };
+        self.update(ProgressSnapshot { phase, done_bytes: v["done_bytes"].as_u64().unwrap_or(0), total_bytes: v["total_bytes"].as_u64().unwrap_or(0) });
+    }
+}
+
+/// Prints the result (or the failure) and gives the exit code.
+fn conclude(view: ProgressView, verb: &str, rp: &str, result: anyhow::Result<Value>) -> anyhow::Result<ExitCode> {
+    view.bar.finish_and_clear();
+    match (result, view.json) {
+        (Ok(data), true) => {
+            println!("{}", json!({ "ok": true, "data": data }));
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(e), true) => {
+            let text = crate::error_chain(&e);
+            println!("{}", json!({ "ok": false, "error": text }));
+            eprintln!("error: {verb} {rp} failed: {text}");
+            Ok(ExitCode::FAILURE)
+        }
+        (Ok(data), false) => {
+            let r = &data["rp"];
+            println!(
+                "{verb} {}@{} OK: {} in {} blocks ({} zero), {} read in {:.1}s ({}/s), Merkle root and every block verified",
+                r["volume"].as_str().unwrap_or_default(),
+                r["seq"],
+                bytes(r["volume_bytes"].as_u64().unwrap_or(0)),
+                data["blocks"],
+                data["zero_blocks"],
+                bytes(data["payload_bytes"].as_u64().unwrap_or(0)),
+                data["duration_secs"].as_f64().unwrap_or(0.0),
+                bytes(data["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64),
+            );
+            if let Some(out) = data["output"].as_str() {
+                let what = if data["output_kind"] == "device" { "device written in place" } else { "image file, mode 0600" };
+                println!("written to {out} ({what})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(e), false) => Err(e.context(format!("{verb} {rp} failed"))),
+    }
+}
+
+/// Whether a node answers on the state dir's admin socket.
+fn node_running(state_dir: &Path) -> anyhow::Result<bool> {
+    let socket = state_dir.join(SOCKET_FILE);
+    match UnixStream::connect(&socket) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => Ok(false),
+        Err(e) => bail!("cannot reach the admin socket {}: {e}", socket.display()),
+    }
+}
+
+fn through_node(args: &RpArgs, request: Request, view: &mut ProgressView) -> anyhow::Result<Value> {
+    let response = request_with_progress(&args.state_dir.join(SOCKET_FILE), &request, |p| view.update_json(p))?;
+    if !response.ok {
+        bail!("{}", response.error.unwrap_or_default());
+    }
+    Ok(response.data.unwrap_or_default())
+}
+
+/// The topology for a restore without a node: `--topology`, else the one the node noted.
+fn offline_topology(args: &RpArgs) -> anyhow::Result<Option<Topology>> {
+    let path = match &args.topology {
+        Some(p) => Some(p.clone()),
+        None => std::fs::read(args.state_dir.join(TOPOLOGY_NOTE)).ok().map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned())),
+    };
+    let Some(path) = path else { return Ok(None) };
+    match Topology::load(&path) {
+        Ok(t) => Ok(Some(t)),
+        Err(diagnostics) => {
+            let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+            bail!("topology file {} is not valid:\n{}", path.display(), lines.join("\n"))
+        }
+    }
+}
+
+/// The codec that reads `volume`'s RP without a node: no key for an unencrypted
+/// RP; `--key-file`, else the policy's key file from the topology.
+fn offline_codec(args: &RpArgs, topology: Option<&Topology>, volume: &str, encrypted: bool) -> anyhow::Result<BlockCodec> {
+    if !encrypted {
+        return Ok(BlockCodec::new(None, None));
+    }
+    if let Some(file) = &args.key_file {
+        let key = drmesh_topology::read_key_file(file).map_err(anyhow::Error::msg)?;
+        return Ok(BlockCodec::new(None, Some(key.as_bytes())));
+    }
+    let Some(topology) = topology else {
+        bail!("{volume}'s recovery points are encrypted: give --key-file, or --topology naming the policy's encryption_key_file");
+    };
+    let vol = topology.volumes.iter().find(|v| v.name == volume).with_context(|| format!("volume {volume} is not in the topology; give --key-file"))?;
+    let policy = topology.policies.get(&vol.policy).with_context(|| format!("policy {} is not in the topology", vol.policy))?;
+    policy_codec(policy).map_err(|e| anyhow::anyhow!("reading {volume} needs the policy's key file: {e}"))
+}
+
+/// Restores (`to` Some) or verifies straight from the state dir's store.
+fn offline(args: &RpArgs, volume: &str, seq: Option<u64>, to: Option<(PathBuf, bool)>, view: &mut ProgressView) -> anyhow::Result<Value> {
+    let store = Arc::new(Store::open_read_only(&args.state_dir.join("store"))?);
+    let topology = offline_topology(args)?;
+    let encrypted = match seq {
+        Some(s) => store.rp(volume, s)?,
+        None => store.latest_rp(volume)?,
+    }
+    .map(|m| m.encrypted)
+    .unwrap_or(false);
+    let codec = offline_codec(args, topology.as_ref(), volume, encrypted)?;
+    let target = to.map(|(path, force)| {
+        let me = drmesh_transport::Identity::load(&args.state_dir)
+            .ok()
+            .and_then(|id| topology.as_ref().and_then(|t| t.node_by_id(&id.node_id()).map(|n| n.name.clone())));
+        let rules = match (&topology, me) {
+            (Some(t), Some(me)) => Rules::for_node(t, &me, force),
+            _ => Rules { force, protected: Vec::new() },
+        };
+        Target { path, rules, journal: Some(Journal::new(&args.state_dir)) }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let progress = Arc::new(Progress::default());
+    let report: RestoreReport = runtime.block_on(async {
+        let mut source = RpSource::Local(store);
+        let work = run_restore(&mut source, volume, seq, &codec, target.as_ref(), &progress);
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = tick.tick() => view.update(progress.snapshot()),
+            }
+        }
+    })?;
+    Ok(serde_json::to_value(report)?)
+}
+
+fn run(args: &RpArgs, to: Option<(PathBuf, bool)>, verb: &'static str) -> anyhow::Result<ExitCode> {
+    let (volume, seq) = parse_rp(&args.rp)?;
+    let mut view = ProgressView::new(args.json, verb, &args.rp);
+    let result = (|| {
+        if args.offline || !node_running(&args.state_dir)? {
+            if args.from.is_some() {
+                bail!("--from reads over the mesh and needs a node running on {}", args.state_dir.display());
+            }
+            if !args.json {
+                eprintln!("no node answers on {}: reading its store directly (read-only)", args.state_dir.display());
+            }
+            return offline(args, &volume, seq, to, &mut view);
+        }
+        let request = match to {
+            Some((to, force)) => Request::Restore { volume: volume.clone(), seq, to, from: args.from.clone(), force },
+            None => Request::Verify { volume: volume.clone(), seq, from: args.from.clone() },
+        };
+        through_node(args, request, &mut view)
+    })();
+    conclude(view, verb, &args.rp, result)
 }
 
 /// Runs `drmesh restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let (volume, seq) = parse_rp(&args.rp.rp)?;
     let to = std::path::absolute(&args.to).with_context(|| format!("resolving {}", args.to.display()))?;
-    let request = Request::Restore { volume, seq, to, from: args.rp.from.clone() };
-    run_with_progress(&args.rp, request, "restore")
+    run(&args.rp, Some((to, args.force)), "restore")
 }
 
 /// Runs `drmesh verify`.
 pub fn verify(args: RpArgs) -> anyhow::Result<ExitCode> {
-    let (volume, seq) = parse_rp(&args.rp)?;
-    let request = Request::Verify { volume, seq, from: args.from.clone() };
-    run_with_progress(&args, request, "verify")
+    run(&args, None, "verify")
 }

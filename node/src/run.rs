@@ -48,6 +48,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     // Before opening anything exclusive: a second node on this state dir is told so plainly.
     admin::check_not_running(&args.state_dir)?;
+    // `drmesh restore` without a running node finds the topology (policy keys,
+    // protected sources) through this note.
+    crate::recover::remember_topology_path(&args.state_dir, &topology_path);
+    for removed in drmesh_actors::restore::Journal::new(&args.state_dir).clean() {
+        tracing::info!(path = %removed.display(), "removed the temporary file of an interrupted restore");
+    }
     let store = Arc::new(Store::open(&args.state_dir.join("store")).context("opening the store")?);
     let baselines = Arc::new(Baselines::open(&args.state_dir.join("source.redb")).context("opening the source baselines")?);
     let data = Arc::new(DataPlane::new(store, topology.clone(), identity.node_id()));
@@ -75,7 +81,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         scheduler.do_send(SetGossip(gossip.clone()));
         let reloader =
             Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();
-        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone() }));
+        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone(), state_dir: args.state_dir.clone() }));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         actix_rt::spawn(async move {

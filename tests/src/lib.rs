@@ -473,6 +473,40 @@ pub fn parse_ctl_json(out: &Output) -> Result<Value, String> {
     }
 }
 
+/// The result of `drmesh restore|verify --json`: the last line of its output is
+/// `{"ok": true, "data": REPORT}` (progress lines come before it); `Err` carries
+/// the error text when it failed.
+pub fn restore_result(out: &Output) -> Result<Value, String> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let v: Value = serde_json::from_str(last).map_err(|e| format!("no JSON result ({e}); stdout {text:?}, stderr {:?}", String::from_utf8_lossy(&out.stderr)))?;
+    if v["ok"] == true {
+        Ok(v["data"].clone())
+    } else {
+        Err(v["error"].as_str().map(String::from).unwrap_or_else(|| v.to_string()))
+    }
+}
+
+/// The names in folder `dir`, sorted (to show that a failed restore left nothing there).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The progress events (`{"progress": {...}}` lines) of `drmesh restore|verify --json`.
+pub fn restore_progress(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v.get("progress").cloned())
+        .collect()
+}
+
 /// Sum of a stats counter over the reports of a sync-now answer.
 pub fn report_stat(sync: &Value, key: &str) -> u64 {
     sync["reports"].as_array().into_iter().flatten().map(|r| r["stats"][key].as_u64().unwrap_or(0)).sum()
@@ -604,4 +638,71 @@ pub fn blob_files(state_dir: &Path) -> Vec<PathBuf> {
     walk(&state_dir.join("store").join("blobs"), &mut out);
     out.sort();
     out
+}
+
+// ---------------------------------------------------------------------------
+// Real block devices for recovery tests (root only).
+// ---------------------------------------------------------------------------
+
+/// Whether the tests run as root (loop devices, mounts); tests that need it skip otherwise.
+pub fn is_root() -> bool {
+    // The owner of /proc/self is the process' effective user.
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loop device over a file (`losetup --find`), detached on drop.
+pub struct LoopDevice {
+    pub path: PathBuf,
+    pub backing: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `backing` (an existing file) to a free loop device.
+    pub fn attach(backing: &Path) -> LoopDevice {
+        let out = run_ok(Command::new("losetup").arg("--find").arg("--show").arg(backing));
+        LoopDevice { path: PathBuf::from(out.trim()), backing: backing.to_path_buf() }
+    }
+
+    /// A new file of `bytes` (sparse, zeros) attached to a loop device.
+    pub fn new_file(backing: &Path, bytes: u64) -> LoopDevice {
+        std::fs::File::create(backing).expect("create backing file").set_len(bytes).expect("size backing file");
+        LoopDevice::attach(backing)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// A mount, unmounted (lazily if busy) on drop.
+pub struct Mount {
+    pub point: PathBuf,
+}
+
+impl Mount {
+    /// `mount ARGS... POINT` (POINT is created).
+    pub fn new(args: &[&str], point: &Path) -> Mount {
+        std::fs::create_dir_all(point).expect("mount point");
+        run_ok(Command::new("mount").args(args).arg(point));
+        Mount { point: point.to_path_buf() }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.point).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.point).status();
+        }
+    }
 }

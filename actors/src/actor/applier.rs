@@ -67,7 +67,12 @@ impl DataPlane {
         self.topology.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The store.
+    /// This node's id.
+    pub fn local(&self) -> NodeId {
+        self.local
+    }
+
+    /// The store this node keeps RPs in.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }

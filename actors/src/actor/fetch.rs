@@ -62,63 +62,51 @@ fn chain(store: &Store, content: &ContentId) -> Result<Vec<WireBlob>, String> {
     crate::restore::blob_chain(store, content).map(|blobs| blobs.into_iter().map(Into::into).collect())
 }
 
+/// Requests a server reads ahead and works on at once (their replies still go
+/// out in request order).
+const SERVE_AHEAD: usize = 8;
+
+/// A reply being made.
+enum Pending {
+    Ready(FetchReply),
+    Reading(tokio::task::JoinHandle<FetchReply>),
+}
+
 /// Serves one fetch stream opened by `peer`; blob chains are sent no faster
-/// than `links` lets this node send to `peer`.
+/// than `links` lets this node send to `peer`. Up to [`SERVE_AHEAD`] requests
+/// are read from the store at once, so disk reads overlap the sending.
 pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPacers>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let peer_name = topology.node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_default();
-    let mut reader = MessageReader::with_limit(recv, 1 << 20);
+    let (req_tx, mut req_rx) = tokio::sync::mpsc::channel::<FetchRequest>(SERVE_AHEAD);
+    // Frames are read by a task of their own: a read is never cancelled half-way.
+    let reader_task = tokio::spawn(async move {
+        let mut reader = MessageReader::with_limit(recv, 1 << 20);
+        while let Ok(Some(request)) = reader.next_frame::<FetchRequest>().await {
+            if req_tx.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
     let mut current: Option<RpMeta> = None;
     let pacing = links.pacing_to(&peer_name);
+    let mut queue: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
     loop {
-        let request = match reader.next_frame::<FetchRequest>().await {
-            Ok(Some(r)) => r,
-            _ => break,
-        };
-        let store2 = store.clone();
-        let reply = match request {
-            FetchRequest::Rp { volume, seq } => {
-                let allowed = topology.volumes.iter().any(|v| v.name == volume && (v.source == peer_name || v.targets.contains(&peer_name)));
-                if !allowed {
-                    FetchReply::Error(format!("node {peer_name} may not read volume {volume:?} (only its source and targets may)"))
-                } else {
-                    let found = tokio::task::spawn_blocking(move || match seq {
-                        Some(s) => store2.rp(&volume, s),
-                        None => store2.latest_rp(&volume),
-                    })
-                    .await;
-                    match found {
-                        Ok(Ok(Some(meta))) => {
-                            current = Some(meta.clone());
-                            FetchReply::Rp(meta)
-                        }
-                        Ok(Ok(None)) => FetchReply::Error("no such recovery point on this node".into()),
-                        Ok(Err(e)) => FetchReply::Error(e.to_string()),
-                        Err(e) => FetchReply::Error(e.to_string()),
-                    }
-                }
+        if queue.is_empty() {
+            match req_rx.recv().await {
+                Some(request) => queue.push_back(start_reply(request, &store, &topology, &peer_name, &mut current).await),
+                None => break,
             }
-            FetchRequest::Blocks { start, count } => match current.clone() {
-                None => FetchReply::Error("ask for an RP first".into()),
-                Some(meta) => {
-                    let count = count.min(IDS_PER_REQUEST);
-                    match tokio::task::spawn_blocking(move || store2.block_ids(&meta.volume, meta.seq, start, count)).await {
-                        Ok(Ok(ids)) => FetchReply::Blocks(ids),
-                        Ok(Err(e)) => FetchReply::Error(e.to_string()),
-                        Err(e) => FetchReply::Error(e.to_string()),
-                    }
-                }
-            },
-            FetchRequest::Content(content) => {
-                if current.is_none() {
-                    FetchReply::Error("ask for an RP first".into())
-                } else {
-                    match tokio::task::spawn_blocking(move || chain(&store2, &content)).await {
-                        Ok(Ok(c)) => FetchReply::Chain(c),
-                        Ok(Err(e)) => FetchReply::Error(e),
-                        Err(e) => FetchReply::Error(e.to_string()),
-                    }
-                }
+        }
+        while queue.len() < SERVE_AHEAD {
+            match req_rx.try_recv() {
+                Ok(request) => queue.push_back(start_reply(request, &store, &topology, &peer_name, &mut current).await),
+                Err(_) => break,
             }
+        }
+        let reply = match queue.pop_front() {
+            Some(Pending::Ready(reply)) => reply,
+            Some(Pending::Reading(handle)) => handle.await.unwrap_or_else(|e| FetchReply::Error(format!("server task failed: {e}"))),
+            None => continue,
         };
         if let FetchReply::Chain(blobs) = &reply {
             // The link is looked up per reply: a reload that adds, changes or removes it applies at once.
@@ -128,7 +116,56 @@ pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPa
             break;
         }
     }
+    reader_task.abort();
     let _ = send.finish();
+}
+
+/// Starts the reply to `request`: an RP lookup is done at once (later requests
+/// depend on it), block ids and blob chains are read on the blocking pool.
+async fn start_reply(request: FetchRequest, store: &Arc<Store>, topology: &Topology, peer_name: &str, current: &mut Option<RpMeta>) -> Pending {
+    let store2 = store.clone();
+    match request {
+        FetchRequest::Rp { volume, seq } => {
+            let allowed = topology.volumes.iter().any(|v| v.name == volume && (v.source == peer_name || v.targets.iter().any(|t| t == peer_name)));
+            if !allowed {
+                return Pending::Ready(FetchReply::Error(format!("node {peer_name} may not read volume {volume} (only its source and targets may)")));
+            }
+            let found = tokio::task::spawn_blocking(move || match seq {
+                Some(s) => store2.rp(&volume, s),
+                None => store2.latest_rp(&volume),
+            })
+            .await;
+            Pending::Ready(match found {
+                Ok(Ok(Some(meta))) => {
+                    *current = Some(meta.clone());
+                    FetchReply::Rp(meta)
+                }
+                Ok(Ok(None)) => FetchReply::Error("no such recovery point on this node".into()),
+                Ok(Err(e)) => FetchReply::Error(e.to_string()),
+                Err(e) => FetchReply::Error(format!("server task failed: {e}")),
+            })
+        }
+        FetchRequest::Blocks { start, count } => match current.clone() {
+            None => Pending::Ready(FetchReply::Error("ask for an RP first".into())),
+            Some(meta) => {
+                let count = count.min(IDS_PER_REQUEST);
+                Pending::Reading(tokio::task::spawn_blocking(move || match store2.block_ids(&meta.volume, meta.seq, start, count) {
+                    Ok(ids) => FetchReply::Blocks(ids),
+                    Err(e) => FetchReply::Error(e.to_string()),
+                }))
+            }
+        },
+        FetchRequest::Content(content) => {
+            if current.is_none() {
+                Pending::Ready(FetchReply::Error("ask for an RP first".into()))
+            } else {
+                Pending::Reading(tokio::task::spawn_blocking(move || match chain(&store2, &content) {
+                    Ok(c) => FetchReply::Chain(c),
+                    Err(e) => FetchReply::Error(e),
+                }))
+            }
+        }
+    }
 }
 
 /// Client side of a fetch stream.

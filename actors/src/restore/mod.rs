@@ -1,36 +1,58 @@
 //! Restore and verify: rebuilding a volume image from a recovery point.
 //!
-//! Blocks come from the local store or, over a fetch stream, from the node
-//! that holds the RP. Every block is decoded (AES-GCM authenticated,
-//! decompressed, delta chains applied from their full base up) and its content
-//! id recomputed; the ids of all blocks are then checked against the RP's
-//! Merkle root. A missing or corrupted blob fails loudly, naming the block. The
-//! image is written to `PATH.partial` and renamed into place only when all of
-//! that passed, so a failed restore never leaves a plausible-looking image.
+//! Blocks come from a store (the node's own, or a state dir opened read-only
+//! when no node runs) or, over a fetch stream, from the node that holds the RP.
+//! A restore runs in two passes:
+//!
+//! 1. **Block map.** The block ids of the RP are read page by page and hashed
+//!    into its Merkle root, which must equal the root recorded at commit; a
+//!    damaged block map is found before anything is written.
+//! 2. **Data.** One worker per core takes the next block, reads its blob chain,
+//!    decrypts (AES-GCM, authenticated), decompresses, applies deltas from their
+//!    full base up, recomputes the content id and writes the block to the
+//!    destination (zero blocks are holes in a file, discards or zeros on a
+//!    device). Memory is a few blocks per worker, whatever the volume size.
+//!
+//! A missing or corrupted blob fails the restore, naming the block and the blob.
+//! An image file gets its name only when everything passed and the data is
+//! durable; a device is written in place (see [`dest`] for every check made
+//! before the first byte is written).
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+pub mod dest;
+pub mod journal;
+mod pipeline;
+pub mod probe;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest};
+use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::{BlockCodec, CodecError};
 use crate::content::{ContentId, MerkleBuilder};
-use crate::store::{EncodedBlob, RpMeta, Store};
+use crate::store::{EncodedBlob, RpMeta, Store, StoreError};
 
-/// Blocks fetched and decoded per step.
-const CHUNK_BLOCKS: u64 = 64;
+pub use self::dest::{Protected, Rules};
+pub use self::journal::Journal;
 
-/// Why a restore or verify failed. No image is left at the destination.
+/// Why a restore or verify failed, and what it left behind: an image file is
+/// never left at its name; a device may be partly written ([`RestoreError::Incomplete`]).
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     /// The RP is not there.
     #[error("no recovery point {0} here")]
     NoSuchRp(String),
+    /// The destination was refused before anything was written.
+    #[error("refusing to restore to {path}: {reason}; nothing was written")]
+    Refused {
+        /// The destination as given.
+        path: PathBuf,
+        /// Why, and what to do instead.
+        reason: String,
+    },
     /// A block could not be read or decoded.
     #[error("block {index} of {rp} (content {content}): {reason}")]
     Block {
@@ -53,25 +75,48 @@ pub enum RestoreError {
         /// Root of what was read.
         actual: String,
     },
-    /// Reading the catalog or talking to the peer failed.
+    /// Reading the local catalog failed.
     #[error("{0}")]
-    Source(String),
-    /// Writing the image failed.
+    Store(#[from] StoreError),
+    /// Talking to the peer that holds the RP failed.
+    #[error("reading from the holder: {0}")]
+    Fetch(String),
+    /// Writing the destination failed.
     #[error("writing {path}: {source}")]
     Write {
-        /// The file.
+        /// The file or device.
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// A restore to a device failed after writing began: the device holds part
+    /// of the image and must not be used as it is.
+    #[error("{cause}; {path} was partly overwritten and holds no usable image: restore again before using it")]
+    Incomplete {
+        /// The device.
+        path: PathBuf,
+        /// What failed.
+        cause: Box<RestoreError>,
     },
 }
 
 /// Where the RP's blocks come from.
 pub enum RpSource {
-    /// This node's store.
+    /// A store on this machine: the node's own, or one opened read-only.
     Local(Arc<Store>),
     /// A peer, over a fetch stream.
     Remote(FetchClient),
+}
+
+/// Where a restore writes, and under which rules.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The image file or block device.
+    pub path: PathBuf,
+    /// What may be overwritten.
+    pub rules: Rules,
+    /// Where named temporary files are recorded (the state dir's journal).
+    pub journal: Option<Journal>,
 }
 
 /// What a restore or verify did.
@@ -81,7 +126,7 @@ pub struct RestoreReport {
     pub rp: RpMeta,
     /// Blocks in the image.
     pub blocks: u64,
-    /// Zero blocks (not stored, written as holes).
+    /// Zero blocks (not stored; holes in a file, zeroed on a device).
     pub zero_blocks: u64,
     /// Blobs read (delta bases included).
     pub blobs_read: u64,
@@ -89,12 +134,79 @@ pub struct RestoreReport {
     pub payload_bytes: u64,
     /// Wall time.
     pub duration_secs: f64,
+    /// Image bytes per second of wall time.
+    pub rate_bytes_per_sec: f64,
     /// Where the image was written (None for verify).
     pub output: Option<PathBuf>,
+    /// "file" or "device" (None for verify).
+    pub output_kind: Option<&'static str>,
+}
+
+/// What a running restore is doing, shared with whoever shows progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: AtomicU8,
+    done_bytes: AtomicU64,
+    total_bytes: AtomicU64,
+}
+
+/// One reading of [`Progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProgressSnapshot {
+    /// "starting", "checking block map", "restoring" / "verifying", "syncing", "done".
+    pub phase: &'static str,
+    /// Image bytes handled in this phase.
+    pub done_bytes: u64,
+    /// Image bytes of the whole phase.
+    pub total_bytes: u64,
+}
+
+const PHASE_START: u8 = 0;
+const PHASE_MAP: u8 = 1;
+const PHASE_DATA: u8 = 2;
+const PHASE_SYNC: u8 = 3;
+const PHASE_DONE: u8 = 4;
+
+impl Progress {
+    /// The current phase and counts.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let phase = match self.phase.load(Ordering::Relaxed) {
+            PHASE_START => "starting",
+            PHASE_MAP => "checking block map",
+            PHASE_DATA => "restoring",
+            PHASE_SYNC => "syncing",
+            _ => "done",
+        };
+        ProgressSnapshot { phase, done_bytes: self.done_bytes.load(Ordering::Relaxed), total_bytes: self.total_bytes.load(Ordering::Relaxed) }
+    }
+
+    fn enter(&self, phase: u8, total_bytes: u64) {
+        self.done_bytes.store(0, Ordering::Relaxed);
+        self.total_bytes.store(total_bytes, Ordering::Relaxed);
+        self.phase.store(phase, Ordering::Relaxed);
+    }
+
+    fn add(&self, bytes: u64) {
+        self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 fn hex(b: &[u8; 32]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, RestoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| RestoreError::Fetch(format!("worker thread failed: {e}")))
+}
+
+fn unexpected(reply: &FetchReply) -> RestoreError {
+    let kind = match reply {
+        FetchReply::Rp(_) => "recovery point",
+        FetchReply::Blocks(_) => "block ids",
+        FetchReply::Chain(_) => "blob chain",
+        FetchReply::Error(_) => "error",
+    };
+    RestoreError::Fetch(format!("the holder answered with {kind} out of turn"))
 }
 
 impl RpSource {
@@ -103,21 +215,19 @@ impl RpSource {
         match self {
             RpSource::Local(store) => {
                 let (store, v) = (store.clone(), volume.to_string());
-                let found = tokio::task::spawn_blocking(move || match seq {
+                let found = blocking(move || match seq {
                     Some(s) => store.rp(&v, s),
                     None => store.latest_rp(&v),
                 })
-                .await
-                .map_err(|e| RestoreError::Source(e.to_string()))?
-                .map_err(|e| RestoreError::Source(e.to_string()))?;
+                .await??;
                 found.ok_or(RestoreError::NoSuchRp(name))
             }
             RpSource::Remote(client) => {
-                client.request(&FetchRequest::Rp { volume: volume.to_string(), seq }).await.map_err(RestoreError::Source)?;
-                match client.reply().await.map_err(RestoreError::Source)? {
+                client.request(&FetchRequest::Rp { volume: volume.to_string(), seq }).await.map_err(RestoreError::Fetch)?;
+                match client.reply().await.map_err(RestoreError::Fetch)? {
                     FetchReply::Rp(meta) => Ok(meta),
-                    FetchReply::Error(e) => Err(RestoreError::Source(format!("{name}: {e}"))),
-                    other => Err(RestoreError::Source(format!("unexpected reply {other:?}"))),
+                    FetchReply::Error(e) => Err(RestoreError::Fetch(format!("{name}: {e}"))),
+                    other => Err(unexpected(&other)),
                 }
             }
         }
@@ -127,46 +237,21 @@ impl RpSource {
         let ids = match self {
             RpSource::Local(store) => {
                 let (store, v, seq) = (store.clone(), meta.volume.clone(), meta.seq);
-                tokio::task::spawn_blocking(move || store.block_ids(&v, seq, start, count))
-                    .await
-                    .map_err(|e| RestoreError::Source(e.to_string()))?
-                    .map_err(|e| RestoreError::Source(e.to_string()))?
+                blocking(move || store.block_ids(&v, seq, start, count)).await??
             }
             RpSource::Remote(client) => {
-                client.request(&FetchRequest::Blocks { start, count }).await.map_err(RestoreError::Source)?;
-                match client.reply().await.map_err(RestoreError::Source)? {
+                client.request(&FetchRequest::Blocks { start, count }).await.map_err(RestoreError::Fetch)?;
+                match client.reply().await.map_err(RestoreError::Fetch)? {
                     FetchReply::Blocks(ids) => ids,
-                    FetchReply::Error(e) => return Err(RestoreError::Source(e)),
-                    other => return Err(RestoreError::Source(format!("unexpected reply {other:?}"))),
+                    FetchReply::Error(e) => return Err(RestoreError::Fetch(e)),
+                    other => return Err(unexpected(&other)),
                 }
             }
         };
         if ids.len() as u64 != count {
-            return Err(RestoreError::Source(format!("asked for {count} block ids, got {}", ids.len())));
+            return Err(RestoreError::Fetch(format!("asked for {count} block ids from {start}, got {}", ids.len())));
         }
         Ok(ids)
-    }
-
-    /// Blob chains (head first) for each content; errors per content.
-    async fn chains(&mut self, contents: Vec<ContentId>) -> Result<Vec<Result<Vec<EncodedBlob>, String>>, RestoreError> {
-        match self {
-            RpSource::Local(store) => {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || contents.par_iter().map(|c| blob_chain(&store, c)).collect())
-                    .await
-                    .map_err(|e| RestoreError::Source(e.to_string()))
-            }
-            RpSource::Remote(client) => {
-                for c in &contents {
-                    client.request(&FetchRequest::Content(*c)).await.map_err(RestoreError::Source)?;
-                }
-                let mut out = Vec::with_capacity(contents.len());
-                for _ in &contents {
-                    out.push(FetchClient::chain(client.reply().await.map_err(RestoreError::Source)?));
-                }
-                Ok(out)
-            }
-        }
     }
 }
 
@@ -204,84 +289,89 @@ pub fn materialize(codec: &BlockCodec, content: ContentId, chain: &[EncodedBlob]
     Ok(block)
 }
 
-/// Restores (`output` Some) or verifies (`output` None) `volume@seq` (newest when None).
+/// Checks the block map of `meta` against its Merkle root, reading ids page by page.
+async fn check_block_map(source: &mut RpSource, meta: &RpMeta, progress: &Progress) -> Result<(), RestoreError> {
+    progress.enter(PHASE_MAP, meta.volume_bytes);
+    let mut merkle = MerkleBuilder::new();
+    let mut start = 0;
+    while start < meta.block_count {
+        let count = (meta.block_count - start).min(IDS_PER_REQUEST);
+        for id in source.block_ids(meta, start, count).await? {
+            merkle.push(&id);
+        }
+        start += count;
+        progress.add((count * u64::from(meta.block_bytes)).min(meta.volume_bytes));
+    }
+    let root = merkle.finish();
+    if root != meta.merkle_root {
+        return Err(RestoreError::Merkle { rp: meta.name(), expected: hex(&meta.merkle_root), actual: hex(&root) });
+    }
+    Ok(())
+}
+
+/// Restores `volume@seq` (the newest when `seq` is None) to `target`, or verifies
+/// it when `target` is None, reporting to `progress` as it goes.
 pub async fn restore(
     source: &mut RpSource,
     volume: &str,
     seq: Option<u64>,
     codec: &BlockCodec,
-    output: Option<&Path>,
-    mut progress: impl FnMut(u64, u64),
+    target: Option<&Target>,
+    progress: &Arc<Progress>,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let meta = source.rp(volume, seq).await?;
-    let rp = meta.name();
-    let partial = output.map(|p| {
-        let mut s = p.as_os_str().to_owned();
-        s.push(".partial");
-        PathBuf::from(s)
-    });
-    let file = match &partial {
-        Some(path) => {
-            let f = OpenOptions::new().create(true).write(true).truncate(true).open(path).map_err(|source| RestoreError::Write { path: path.clone(), source })?;
-            f.set_len(meta.volume_bytes).map_err(|source| RestoreError::Write { path: path.clone(), source })?;
-            Some(Arc::new(f))
+    let destination = match target {
+        Some(t) => {
+            let (path, rules, journal, bytes) = (t.path.clone(), t.rules.clone(), t.journal.clone(), meta.volume_bytes);
+            if let Some(j) = &journal {
+                let j = j.clone();
+                for removed in blocking(move || j.clean()).await? {
+                    tracing::info!(path = %removed.display(), "removed the temporary file of an interrupted restore");
+                }
+            }
+            Some(Arc::new(blocking(move || dest::Destination::prepare(&path, bytes, &rules, journal.as_ref())).await??))
         }
         None => None,
     };
-    let result: Result<RestoreReport, RestoreError> = async {
-        let mut merkle = MerkleBuilder::new();
-        let mut report = RestoreReport { rp: meta.clone(), blocks: meta.block_count, zero_blocks: 0, blobs_read: 0, payload_bytes: 0, duration_secs: 0.0, output: output.map(Path::to_path_buf) };
-        let mut start = 0;
-        while start < meta.block_count {
-            let count = (meta.block_count - start).min(CHUNK_BLOCKS);
-            let ids = source.block_ids(&meta, start, count).await?;
-            for id in &ids {
-                merkle.push(id);
-            }
-            let wanted: Vec<(u64, ContentId)> = ids.iter().enumerate().filter(|(_, c)| !c.is_zero()).map(|(i, c)| (start + i as u64, *c)).collect();
-            report.zero_blocks += count - wanted.len() as u64;
-            let chains = source.chains(wanted.iter().map(|(_, c)| *c).collect()).await?;
-            for chain in chains.iter().flatten() {
-                report.blobs_read += chain.len() as u64;
-                report.payload_bytes += chain.iter().map(|b| b.payload.len() as u64).sum::<u64>();
-            }
-            let (codec, file, rp2, block_bytes, out_path) = (codec.clone(), file.clone(), rp.clone(), u64::from(meta.block_bytes), partial.clone());
-            tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-                wanted.into_par_iter().zip(chains.into_par_iter()).try_for_each(|((index, content), chain)| {
-                    let fail = |reason: String| RestoreError::Block { rp: rp2.clone(), index, content, reason };
-                    let chain = chain.map_err(fail)?;
-                    let block = materialize(&codec, content, &chain).map_err(|e| fail(e.to_string()))?;
-                    if let (Some(f), Some(path)) = (&file, &out_path) {
-                        f.write_all_at(&block, index * block_bytes).map_err(|source| RestoreError::Write { path: path.clone(), source })?;
-                    }
-                    Ok(())
-                })
-            })
-            .await
-            .map_err(|e| RestoreError::Source(e.to_string()))??;
-            start += count;
-            progress(start, meta.block_count);
+    check_block_map(source, &meta, progress).await?;
+    progress.enter(PHASE_DATA, meta.volume_bytes);
+    let counts = match pipeline::run(source, &meta, codec, destination.clone(), progress.clone()).await {
+        Ok(c) => c,
+        Err(cause) => return Err(incomplete(destination.as_deref(), cause)),
+    };
+    let (output, output_kind) = match destination {
+        Some(d) => {
+            progress.enter(PHASE_SYNC, 0);
+            let kind = if d.is_device() { "device" } else { "file" };
+            let d = Arc::try_unwrap(d).map_err(|_| RestoreError::Fetch("a worker still holds the destination".into()))?;
+            let (device, shown) = (d.is_device(), d.path().to_path_buf());
+            let path = blocking(move || d.finish())
+                .await?
+                .map_err(|cause| if device { RestoreError::Incomplete { path: shown, cause: Box::new(cause) } } else { cause })?;
+            (Some(path), Some(kind))
         }
-        let root = merkle.finish();
-        if root != meta.merkle_root {
-            return Err(RestoreError::Merkle { rp: rp.clone(), expected: hex(&meta.merkle_root), actual: hex(&root) });
-        }
-        report.duration_secs = started.elapsed().as_secs_f64();
-        Ok(report)
+        None => (None, None),
+    };
+    progress.enter(PHASE_DONE, 0);
+    let duration_secs = started.elapsed().as_secs_f64();
+    Ok(RestoreReport {
+        blocks: meta.block_count,
+        zero_blocks: counts.zero_blocks,
+        blobs_read: counts.blobs_read,
+        payload_bytes: counts.payload_bytes,
+        duration_secs,
+        rate_bytes_per_sec: meta.volume_bytes as f64 / duration_secs.max(1e-9),
+        rp: meta,
+        output,
+        output_kind,
+    })
+}
+
+/// A device restore that failed after writing began says so; anything else is unchanged.
+fn incomplete(destination: Option<&dest::Destination>, cause: RestoreError) -> RestoreError {
+    match destination {
+        Some(d) if d.is_device() => RestoreError::Incomplete { path: d.path().to_path_buf(), cause: Box::new(cause) },
+        _ => cause,
     }
-    .await;
-    match (&result, &partial, output) {
-        (Ok(_), Some(tmp), Some(out)) => {
-            if let Some(f) = &file {
-                f.sync_all().map_err(|source| RestoreError::Write { path: tmp.clone(), source })?;
-            }
-            std::fs::rename(tmp, out).map_err(|source| RestoreError::Write { path: out.to_path_buf(), source })?;
-        }
-        (Err(_), Some(tmp), _) => {
-            let _ = std::fs::remove_file(tmp);
-        }
-        _ => {}
-    }
-    result
 }
