@@ -4,3 +4,4 @@ pub mod peers;
 pub mod session;
 pub mod gossip;
 pub mod bandwidth;
+pub mod nbd;
