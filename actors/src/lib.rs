@@ -19,3 +19,4 @@ pub mod source;
 pub mod codec;
 pub mod cpu_pool;
 pub mod restore;
+pub mod export;

@@ -105,6 +105,30 @@ pub enum Request {
     },
     /// Store figures: blobs, bytes, RPs.
     Store,
+    /// Serve a recovery point over NBD until the client of this request hangs up
+    /// (a progress line says where, before it waits).
+    Export {
+        /// Volume name.
+        volume: String,
+        /// Sequence number; newest when absent.
+        #[serde(default)]
+        seq: Option<u64>,
+        /// Node to read the RP from, as for restore.
+        #[serde(default)]
+        from: Option<String>,
+        /// Unix socket to listen on; default `<state-dir>/exports/VOLUME@SEQ.sock`.
+        #[serde(default)]
+        socket: Option<PathBuf>,
+        /// Loopback TCP address to listen on instead of a Unix socket.
+        #[serde(default)]
+        listen: Option<String>,
+        /// Overlay file (kept; reopened if it exists); default a temporary one.
+        #[serde(default)]
+        overlay: Option<PathBuf>,
+        /// Refuse writes instead of keeping them in an overlay.
+        #[serde(default)]
+        read_only: bool,
+    },
     /// The kernel module's view of this node's `kmod` volumes: attached
     /// devices, bitmap size, COW store use, changes pending per target.
     AgentStatus,
@@ -246,6 +270,8 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                     let (progress_tx, mut progress_rx) = mpsc::channel::<serde_json::Value>(16);
                     let handling = handle(request, &ctx, progress_tx);
                     tokio::pin!(handling);
+                    // A client that hangs up stops its command (an export ends with it).
+                    let mut watch_eof = true;
                     loop {
                         tokio::select! {
                             response = &mut handling => break response,
@@ -254,13 +280,18 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                                 text.push('\n');
                                 write.write_all(text.as_bytes()).await?;
                             }
+                            more = reader.fill_buf(), if watch_eof => match more {
+                                Ok([]) | Err(_) => return Ok(()),
+                                // The next request is already here: it waits for this one's answer.
+                                Ok(_) => watch_eof = false,
+                            },
                         }
                     }
                 }
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, store, agent-status, mesh, catalog)"
+                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, export, store, agent-status, mesh, catalog)"
                     ),
                     vec![],
                 ),

@@ -197,7 +197,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 println!("{k:<16} {}", s(v));
             }
         }
-        Request::Restore { .. } | Request::Verify { .. } => println!("{}", s(&data)),
+        Request::Restore { .. } | Request::Verify { .. } | Request::Export { .. } => println!("{}", s(&data)),
         Request::AgentStatus => print_agent_status(&data),
     }
     Ok(ExitCode::SUCCESS)

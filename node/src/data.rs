@@ -6,7 +6,12 @@ use std::time::Duration;
 use drmesh_actors::actor::fetch::FetchClient;
 use drmesh_actors::actor::mesh::GetConnection;
 use drmesh_actors::actor::volumes::{policy_codec, GetAgentStatus, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
+use drmesh_actors::codec::BlockCodec;
+use drmesh_actors::export::fetcher::Connect;
+use drmesh_actors::export::{open_disk, start as start_export};
 use drmesh_actors::restore::{restore, Journal, Progress, RpSource, Rules, Target};
+
+use crate::export::ExportRequest;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -83,6 +88,10 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             let report = read_rp(ctx, &volume, seq, from, Some(&target), progress).await?;
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
+        Request::Export { volume, seq, from, socket, listen, overlay, read_only } => {
+            let request = ExportRequest { volume, seq, from, socket, listen, overlay, read_only };
+            serve_export(ctx, request, progress).await
+        }
         Request::Verify { volume, seq, from } => {
             let report = read_rp(ctx, &volume, seq, from, None, progress).await?;
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
@@ -104,19 +113,13 @@ fn selection(volumes: Vec<String>, all: bool) -> Result<VolumeSelection, String>
 /// How often a running restore or verify reports progress.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
-/// Restores or verifies an RP from this node's store or from a peer that holds it.
-async fn read_rp(
-    ctx: &AdminContext,
-    volume: &str,
-    seq: Option<u64>,
-    from: Option<String>,
-    target: Option<&Target>,
-    progress: mpsc::Sender<Value>,
-) -> Result<drmesh_actors::restore::RestoreReport, String> {
+/// Where an RP's blocks come from on this node: its own store when it holds the
+/// RP (and no other node was named), else the first reachable of the named node
+/// or the volume's other targets. For a remote source, the holder's name and a
+/// connector to the others (for an export that must survive a holder's loss).
+async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<u64>, from: Option<String>) -> Result<(RpSource, Option<(String, Connect)>), String> {
     let topology = ctx.data.topology();
     let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
-    let policy = topology.policies.get(&vol.policy).ok_or_else(|| format!("policy {} is not in the topology", vol.policy))?;
-    let codec = policy_codec(policy).map_err(|e| format!("reading {volume} needs the policy's key file: {e}"))?;
     let me = topology.node_by_id(&ctx.data.local()).map(|n| n.name.clone()).unwrap_or_default();
     let store = ctx.data.store().clone();
     let (v, s) = (volume.to_string(), seq);
@@ -133,26 +136,57 @@ async fn read_rp(
         (None, true) => vec![],
         (None, false) => vol.targets.iter().filter(|t| **t != me).cloned().collect(),
     };
-    let mut source = if candidates.is_empty() {
+    if candidates.is_empty() {
         if !held_here {
             return Err(format!("no recovery point {rp_name} on this node, and no other node holds {volume}"));
         }
-        RpSource::Local(ctx.data.store().clone())
-    } else {
-        let mut found = None;
-        let mut tried = Vec::new();
-        for node in &candidates {
-            match ctx.mesh.send(GetConnection(node.clone())).await.map_err(|e| e.to_string())? {
-                Some((_, conn)) => {
-                    found = Some(RpSource::Remote(FetchClient::open(&conn).await?));
-                    break;
-                }
-                None => tried.push(format!("{node} (not connected)")),
-            }
+        return Ok((RpSource::Local(ctx.data.store().clone()), None));
+    }
+    let mesh = ctx.mesh.clone();
+    let holders = Arc::new(candidates.clone());
+    let connect: Connect = Arc::new(move |i: usize| {
+        let (mesh, holders) = (mesh.clone(), holders.clone());
+        Box::pin(async move {
+            let name = holders.get(i)?.clone();
+            let opened = match mesh.send(GetConnection(name.clone())).await {
+                Ok(Some((_, conn))) => FetchClient::open(&conn).await,
+                Ok(None) => Err("not connected".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            Some((name, opened))
+        })
+    });
+    let mut tried = Vec::new();
+    for (i, node) in candidates.iter().enumerate() {
+        match connect(i).await {
+            Some((name, Ok(client))) => return Ok((RpSource::Remote(client), Some((name, connect.clone())))),
+            Some((name, Err(e))) => tried.push(format!("{name} ({e})")),
+            None => tried.push(node.clone()),
         }
-        let here = if held_here { "" } else { "not held by this node, and " };
-        found.ok_or_else(|| format!("{rp_name}: {here}no holder is reachable: {}", tried.join(", ")))?
-    };
+    }
+    let here = if held_here { "" } else { "not held by this node, and " };
+    Err(format!("{rp_name}: {here}no holder is reachable: {}", tried.join(", ")))
+}
+
+/// The codec of `volume`'s policy (its key file when the policy encrypts).
+fn volume_codec(ctx: &AdminContext, volume: &str) -> Result<BlockCodec, String> {
+    let topology = ctx.data.topology();
+    let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
+    let policy = topology.policies.get(&vol.policy).ok_or_else(|| format!("policy {} is not in the topology", vol.policy))?;
+    policy_codec(policy).map_err(|e| format!("reading {volume} needs the policy's key file: {e}"))
+}
+
+/// Restores or verifies an RP from this node's store or from a peer that holds it.
+async fn read_rp(
+    ctx: &AdminContext,
+    volume: &str,
+    seq: Option<u64>,
+    from: Option<String>,
+    target: Option<&Target>,
+    progress: mpsc::Sender<Value>,
+) -> Result<drmesh_actors::restore::RestoreReport, String> {
+    let codec = volume_codec(ctx, volume)?;
+    let (mut source, _) = rp_source(ctx, volume, seq, from).await?;
     let state = Arc::new(Progress::default());
     let work = restore(&mut source, volume, seq, &codec, target, &state);
     tokio::pin!(work);
@@ -166,4 +200,21 @@ async fn read_rp(
         }
     };
     report.map_err(|e| e.to_string())
+}
+
+/// Serves an RP over NBD until the admin client hangs up (this future is then dropped).
+async fn serve_export(ctx: &AdminContext, request: ExportRequest, progress: mpsc::Sender<Value>) -> Result<Value, String> {
+    let codec = volume_codec(ctx, &request.volume)?;
+    let (source, failover) = rp_source(ctx, &request.volume, request.seq, request.from.clone()).await?;
+    let exports_dir = crate::export::exports_dir(&ctx.state_dir).map_err(|e| e.to_string())?;
+    let overlay = request.overlay_choice(&exports_dir);
+    let disk = open_disk(source, &request.volume, request.seq, codec, &overlay, failover).await.map_err(|e| e.to_string())?;
+    let endpoint = request.endpoint(&exports_dir, disk.name())?;
+    let running = start_export(disk.clone(), endpoint).await.map_err(|e| e.to_string())?;
+    let info = crate::export::describe(&disk, running.endpoint());
+    tracing::info!(rp = %disk.name(), uri = %running.endpoint().uri(disk.name()), "export started");
+    progress.send(json!({ "export": info })).await.map_err(|e| e.to_string())?;
+    // Serves until the client hangs up; dropping `running` stops the server.
+    std::future::pending::<()>().await;
+    Ok(Value::Null)
 }

@@ -8,6 +8,7 @@ mod agent;
 mod ctl;
 mod data;
 mod demo;
+mod export;
 mod init;
 mod logging;
 mod recover;
@@ -52,6 +53,8 @@ enum Command {
     Restore(recover::RestoreArgs),
     /// Re-read and check every block of a recovery point.
     Verify(recover::RpArgs),
+    /// Serve a recovery point as a disk over NBD, writes to an overlay (instant recovery).
+    Export(export::ExportArgs),
     /// Replicate a real ext4 image between two local nodes, restore it and check it.
     Demo(demo::DemoArgs),
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Topology { command: TopologyCommand::Check { file } } => check_topology(&file),
         Command::Restore(args) => recover::restore(args),
         Command::Verify(args) => recover::verify(args),
+        Command::Export(args) => export::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

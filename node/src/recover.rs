@@ -29,28 +29,28 @@ pub const TOPOLOGY_NOTE: &str = "topology.path";
 #[derive(clap::Args, Debug)]
 pub struct RpArgs {
     /// The recovery point: VOLUME@SEQ, or VOLUME for the newest.
-    rp: String,
+    pub(crate) rp: String,
     /// State directory of the local node: its admin socket does the work, or,
     /// when no node runs there, its store is read directly (read-only).
     #[arg(long, env = "DRMESH_STATE_DIR")]
-    state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// Read the RP from this node instead of the local store (needs a running node).
     #[arg(long, conflicts_with = "offline")]
-    from: Option<String>,
+    pub(crate) from: Option<String>,
     /// Read the state dir's store directly even if a node is running there.
     #[arg(long)]
-    offline: bool,
+    pub(crate) offline: bool,
     /// Topology file for a restore without a node (policy key files, protected
     /// sources); default: the one the node last ran with.
     #[arg(long)]
-    topology: Option<PathBuf>,
+    pub(crate) topology: Option<PathBuf>,
     /// Key file of the RP's policy, for a restore without a node (instead of
     /// the topology's `encryption_key_file`).
     #[arg(long)]
-    key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Print progress events and the result as JSON lines.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Arguments of `drmesh restore`.
@@ -180,7 +180,7 @@ fn conclude(view: ProgressView, verb: &str, rp: &str, result: anyhow::Result<Val
 }
 
 /// Whether a node answers on the state dir's admin socket.
-fn node_running(state_dir: &Path) -> anyhow::Result<bool> {
+pub(crate) fn node_running(state_dir: &Path) -> anyhow::Result<bool> {
     let socket = state_dir.join(SOCKET_FILE);
     match UnixStream::connect(&socket) {
         Ok(_) => Ok(true),
@@ -198,7 +198,7 @@ fn through_node(args: &RpArgs, request: Request, view: &mut ProgressView) -> any
 }
 
 /// The topology for a restore without a node: `--topology`, else the one the node noted.
-fn offline_topology(args: &RpArgs) -> anyhow::Result<Option<Topology>> {
+pub(crate) fn offline_topology(args: &RpArgs) -> anyhow::Result<Option<Topology>> {
     let path = match &args.topology {
         Some(p) => Some(p.clone()),
         None => std::fs::read(args.state_dir.join(TOPOLOGY_NOTE)).ok().map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned())),
@@ -215,7 +215,7 @@ fn offline_topology(args: &RpArgs) -> anyhow::Result<Option<Topology>> {
 
 /// The codec that reads `volume`'s RP without a node: no key for an unencrypted
 /// RP; `--key-file`, else the policy's key file from the topology.
-fn offline_codec(args: &RpArgs, topology: Option<&Topology>, volume: &str, encrypted: bool) -> anyhow::Result<BlockCodec> {
+pub(crate) fn offline_codec(args: &RpArgs, topology: Option<&Topology>, volume: &str, encrypted: bool) -> anyhow::Result<BlockCodec> {
     if !encrypted {
         return Ok(BlockCodec::new(None, None));
     }

@@ -168,6 +168,30 @@ async fn start_reply(request: FetchRequest, store: &Arc<Store>, topology: &Topol
     }
 }
 
+/// The sending half of a [`FetchClient`].
+pub struct FetchSender {
+    send: quinn::SendStream,
+}
+
+impl FetchSender {
+    /// Sends a request without waiting for its reply.
+    pub async fn request(&mut self, request: &FetchRequest) -> Result<(), String> {
+        endpoint::send_frame(&mut self.send, request).await.map_err(|e| e.to_string())
+    }
+}
+
+/// The replies of a [`FetchClient`], in request order.
+pub struct FetchReplies {
+    reader: MessageReader,
+}
+
+impl FetchReplies {
+    /// The next reply (not cancel-safe: await it to the end, e.g. in a task of its own).
+    pub async fn reply(&mut self) -> Result<FetchReply, String> {
+        self.reader.next_frame::<FetchReply>().await.map_err(|e| e.to_string())?.ok_or_else(|| "the peer closed the fetch stream".to_string())
+    }
+}
+
 /// Client side of a fetch stream.
 pub struct FetchClient {
     send: quinn::SendStream,
@@ -192,6 +216,12 @@ impl FetchClient {
     /// The next reply, in request order.
     pub async fn reply(&mut self) -> Result<FetchReply, String> {
         self.reader.next_frame::<FetchReply>().await.map_err(|e| e.to_string())?.ok_or_else(|| "the peer closed the fetch stream".to_string())
+    }
+
+    /// Splits the stream into its sending half and its replies, so that replies
+    /// can be awaited by a task of their own while requests go out.
+    pub fn into_parts(self) -> (FetchSender, FetchReplies) {
+        (FetchSender { send: self.send }, FetchReplies { reader: self.reader })
     }
 
     /// Converts a chain reply into stored-form blobs.

@@ -210,7 +210,8 @@ fn unexpected(reply: &FetchReply) -> RestoreError {
 }
 
 impl RpSource {
-    async fn rp(&mut self, volume: &str, seq: Option<u64>) -> Result<RpMeta, RestoreError> {
+    /// The metadata of `volume@seq` (the newest when `seq` is None).
+    pub(crate) async fn rp(&mut self, volume: &str, seq: Option<u64>) -> Result<RpMeta, RestoreError> {
         let name = format!("{volume}@{}", seq.map_or("latest".to_string(), |s| s.to_string()));
         match self {
             RpSource::Local(store) => {
@@ -233,7 +234,8 @@ impl RpSource {
         }
     }
 
-    async fn block_ids(&mut self, meta: &RpMeta, start: u64, count: u64) -> Result<Vec<ContentId>, RestoreError> {
+    /// The block ids `start .. start + count` of `meta`'s RP.
+    pub(crate) async fn block_ids(&mut self, meta: &RpMeta, start: u64, count: u64) -> Result<Vec<ContentId>, RestoreError> {
         let ids = match self {
             RpSource::Local(store) => {
                 let (store, v, seq) = (store.clone(), meta.volume.clone(), meta.seq);
@@ -287,6 +289,27 @@ pub fn materialize(codec: &BlockCodec, content: ContentId, chain: &[EncodedBlob]
     let block = block.unwrap_or_default();
     codec.check(chain.first().map_or(content, |b| b.id), content, &block)?;
     Ok(block)
+}
+
+/// Materializes `content` from its blob chain (head first) into `out`, which must
+/// be exactly the block's length, and checks its content id. The error says what
+/// was wrong, for a message that also names the block.
+pub fn decode_into(codec: &BlockCodec, content: ContentId, mut chain: Vec<EncodedBlob>, out: &mut [u8]) -> Result<(), String> {
+    let head = chain.first().map(|b| b.id).ok_or("empty blob chain")?;
+    if chain.len() == 1 && chain[0].base.is_none() {
+        let blob = chain.pop().ok_or("empty blob chain")?;
+        if blob.content != content {
+            return Err(format!("blob {} holds content {}, not this block", blob.id, blob.content));
+        }
+        codec.open_into(blob, out).map_err(|e| e.to_string())?;
+    } else {
+        let block = materialize(codec, content, &chain).map_err(|e| e.to_string())?;
+        if block.len() != out.len() {
+            return Err(format!("the blob chain makes {} bytes where the block has {}", block.len(), out.len()));
+        }
+        out.copy_from_slice(&block);
+    }
+    codec.check(head, content, out).map_err(|e| e.to_string())
 }
 
 /// Checks the block map of `meta` against its Merkle root, reading ids page by page.

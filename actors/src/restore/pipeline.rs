@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::dest::{Destination, DIRECT_ALIGN};
-use super::{blob_chain, blocking, materialize, unexpected, Progress, RestoreError, RpSource};
+use super::{blob_chain, blocking, decode_into, unexpected, Progress, RestoreError, RpSource};
 use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
@@ -111,31 +111,12 @@ impl Shared {
         self.blobs_read.fetch_add(chain.len() as u64, Ordering::Relaxed);
         self.payload_bytes.fetch_add(chain.iter().map(|b| b.payload.len() as u64).sum(), Ordering::Relaxed);
         let out = buf.slice(len);
-        self.decode(content, chain, out).map_err(|reason| self.block_error(index, content, reason))?;
+        decode_into(&self.codec, content, chain, out).map_err(|reason| self.block_error(index, content, reason))?;
         if let Some(d) = &self.destination {
             d.write_at(out, index * block_bytes)?;
         }
         self.progress.add(len as u64);
         Ok(())
-    }
-
-    /// Materializes `content` from its chain (head first) into `out` and checks its id.
-    fn decode(&self, content: ContentId, mut chain: Vec<EncodedBlob>, out: &mut [u8]) -> Result<(), String> {
-        let head = chain.first().map(|b| b.id).ok_or("empty blob chain")?;
-        if chain.len() == 1 && chain[0].base.is_none() {
-            let blob = chain.pop().ok_or("empty blob chain")?;
-            if blob.content != content {
-                return Err(format!("blob {} holds content {}, not this block", blob.id, blob.content));
-            }
-            self.codec.open_into(blob, out).map_err(|e| e.to_string())?;
-        } else {
-            let block = materialize(&self.codec, content, &chain).map_err(|e| e.to_string())?;
-            if block.len() != out.len() {
-                return Err(format!("the blob chain makes {} bytes where the block has {}", block.len(), out.len()));
-            }
-            out.copy_from_slice(&block);
-        }
-        self.codec.check(head, content, out).map_err(|e| e.to_string())
     }
 }
 
