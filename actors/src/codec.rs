@@ -235,12 +235,14 @@ impl BlockCodec {
     /// Decrypts and decompresses a full-block blob straight into `out`, which must be
     /// exactly the block's length (`plain_len`): restore's fast path, with no copy
     /// of the block beyond decompression. Does not check the content id (see [`BlockCodec::check`]).
-    pub fn open_into(&self, blob: EncodedBlob, out: &mut [u8]) -> Result<(), CodecError> {
+    /// An encrypted payload is decrypted in place: `blob` is spent afterwards (its
+    /// payload buffer may be reused).
+    pub fn open_into(&self, blob: &mut EncodedBlob, out: &mut [u8]) -> Result<(), CodecError> {
         if out.len() != blob.plain_len as usize {
             return Err(CodecError::Decompress { id: blob.id, reason: format!("the blob holds {} bytes where the block has {}", blob.plain_len, out.len()) });
         }
         let (id, flags, plain_len) = (blob.id, blob.flags, blob.plain_len);
-        let mut payload = blob.payload;
+        let payload = &mut blob.payload;
         let data: &[u8] = if flags.has(BlobFlags::ENCRYPTED) {
             let key = self.key.as_ref().ok_or(CodecError::NoKey(id))?;
             if payload.len() < NONCE_LEN {
@@ -248,10 +250,10 @@ impl BlockCodec {
             }
             let mut nonce = [0u8; NONCE_LEN];
             nonce.copy_from_slice(&payload[..NONCE_LEN]);
-            key.open_within(Nonce::assume_unique_for_key(nonce), Aad::from(aad(&id, flags, plain_len)), &mut payload, NONCE_LEN..)
+            key.open_within(Nonce::assume_unique_for_key(nonce), Aad::from(aad(&id, flags, plain_len)), payload, NONCE_LEN..)
                 .map_err(|_| CodecError::Decrypt(id))?
         } else {
-            &payload
+            payload
         };
         let n = if flags.has(BlobFlags::COMPRESSED) {
             DECOMPRESSOR.with(|cell| {
@@ -279,13 +281,21 @@ impl BlockCodec {
 
     /// Applies a delta plaintext to its base block, giving the new block.
     pub fn apply_delta(&self, blob: &EncodedBlob, delta: &[u8], base: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let mut out = base.to_vec();
+        self.apply_delta_in_place(blob, delta, &mut out)?;
+        Ok(out)
+    }
+
+    /// Applies a delta plaintext to `block` (its base) in place. On error `block`
+    /// may be partly patched.
+    pub fn apply_delta_in_place(&self, blob: &EncodedBlob, delta: &[u8], block: &mut [u8]) -> Result<(), CodecError> {
         let bad = |reason: &str| CodecError::BadDelta { id: blob.id, reason: reason.to_string() };
         if delta.len() < DELTA_HEADER || &delta[..4] != DELTA_MAGIC {
             return Err(bad("no delta header"));
         }
         let word = |at: usize| u32::from_le_bytes([delta[at], delta[at + 1], delta[at + 2], delta[at + 3]]) as usize;
         let (page, len) = (word(4), word(8));
-        if page != PAGE_BYTES || len != base.len() {
+        if page != PAGE_BYTES || len != block.len() {
             return Err(bad("page size or block length does not match the base"));
         }
         let pages = len.div_ceil(PAGE_BYTES);
@@ -293,21 +303,20 @@ impl BlockCodec {
         if delta.len() < bitmap_end {
             return Err(bad("short bitmap"));
         }
-        let mut out = base.to_vec();
         let mut at = bitmap_end;
         for p in 0..pages {
             if delta[DELTA_HEADER + p / 8] & (1 << (p % 8)) != 0 {
                 let range = p * PAGE_BYTES..((p + 1) * PAGE_BYTES).min(len);
                 let n = range.len();
                 let src = delta.get(at..at + n).ok_or_else(|| bad("page data ends early"))?;
-                out[range].copy_from_slice(src);
+                block[range].copy_from_slice(src);
                 at += n;
             }
         }
         if at != delta.len() {
             return Err(bad("bytes left after the last page"));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Checks that `block` is the content `expected` (keyed when the policy encrypts).

@@ -199,8 +199,8 @@ impl RpImage {
         .map_err(fault)?;
         let (codec, len) = (self.codec.clone(), self.block_len(index));
         let decoded = tokio::task::spawn_blocking(move || {
-            let mut out = vec![0u8; len];
-            decode_into(&codec, content, chain, &mut out).map(|()| out)
+            let (mut out, mut chain) = (vec![0u8; len], chain);
+            decode_into(&codec, content, &mut chain, &mut out).map(|()| out)
         })
         .await
         .map_err(|e| fault(e.to_string()))?

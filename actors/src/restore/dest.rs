@@ -93,7 +93,7 @@ enum Target {
     /// An image file written beside `path` and linked (or renamed, `replace`) there.
     File { path: PathBuf, replace: bool, temp: Temp },
     /// A block device written in place.
-    Device { direct: bool, logical_block: u64, buffered: File, zeroing: AtomicU8 },
+    Device { logical_block: u64, zeroing: AtomicU8 },
 }
 
 /// How zero blocks are written to a device; found by trying, remembered.
@@ -106,7 +106,12 @@ const ZERO_WRITE: u8 = 3;
 /// leaves no file behind (a device keeps what was written).
 pub struct Destination {
     shown: PathBuf,
+    /// The main descriptor, buffered: the file that gets linked, or the device held `O_EXCL`.
     file: File,
+    /// An `O_DIRECT` descriptor of the same file or device, where the filesystem
+    /// takes it; aligned blocks go through it, bypassing the page cache.
+    direct: Option<File>,
+    direct_ok: std::sync::atomic::AtomicBool,
     target: Target,
     volume_bytes: u64,
     journal: Option<Journal>,
@@ -359,9 +364,18 @@ impl Destination {
             }
             Err(e) => return Err(write_error(&parent, e)),
         };
+        // A second descriptor of the same inode with O_DIRECT (a reopen through
+        // /proc for the unnamed file); filesystems without O_DIRECT (tmpfs) have none.
+        let reopen = match &temp {
+            Temp::Unnamed => PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            Temp::Named { path, .. } => path.clone(),
+        };
+        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(&reopen).ok();
         let dest = Destination {
             shown,
             file,
+            direct_ok: std::sync::atomic::AtomicBool::new(direct.is_some()),
+            direct,
             target: Target::File { path: path.to_path_buf(), replace, temp },
             volume_bytes,
             journal: journal.cloned(),
@@ -377,28 +391,24 @@ impl Destination {
         if let Some(why) = device_in_use(meta.rdev()) {
             return Err(refused(path, why));
         }
-        let open = |direct: bool| {
-            let flags = libc::O_EXCL | libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 };
-            OpenOptions::new().read(true).write(true).custom_flags(flags).open(path)
-        };
-        let (file, direct) = match open(true) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false).map_err(|e| write_error(path, e))?, false),
+        let file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path) {
+            Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return Err(refused(path, "the kernel says it is busy: mounted, or held by device-mapper, md, a loop device or another program"))
             }
             Err(e) => return Err(write_error(path, e)),
         };
-        // Exclusively ours from here; a second, buffered descriptor serves what O_DIRECT cannot.
-        let buffered = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| write_error(path, e))?;
-        let size = (&buffered).seek(SeekFrom::End(0)).map_err(|e| write_error(path, e))?;
+        // Exclusively ours from here (O_EXCL); a second descriptor writes with O_DIRECT.
+        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path).ok();
+        let buffered = &file;
+        let size = { buffered }.seek(SeekFrom::End(0)).map_err(|e| write_error(path, e))?;
         if size < volume_bytes {
             return Err(refused(path, format!("the device holds {size} bytes but the recovery point needs {volume_bytes}")));
         }
         if !rules.force {
             let mut head = vec![0u8; PROBE_BYTES.min(size as usize)];
-            (&buffered).seek(SeekFrom::Start(0)).map_err(|e| write_error(path, e))?;
-            (&buffered).read_exact(&mut head).map_err(|e| write_error(path, e))?;
+            { buffered }.seek(SeekFrom::Start(0)).map_err(|e| write_error(path, e))?;
+            { buffered }.read_exact(&mut head).map_err(|e| write_error(path, e))?;
             if let Some(sig) = probe(&head) {
                 return Err(refused(path, format!("it holds {}; give --force to overwrite it", sig.describe())));
             }
@@ -407,7 +417,9 @@ impl Destination {
         Ok(Destination {
             shown,
             file,
-            target: Target::Device { direct, logical_block, buffered, zeroing: AtomicU8::new(ZERO_UNKNOWN) },
+            direct_ok: std::sync::atomic::AtomicBool::new(direct.is_some()),
+            direct,
+            target: Target::Device { logical_block, zeroing: AtomicU8::new(ZERO_UNKNOWN) },
             volume_bytes,
             journal: None,
             finished: false,
@@ -424,34 +436,34 @@ impl Destination {
         matches!(self.target, Target::Device { .. })
     }
 
-    /// Writes `data` at `offset`. For `O_DIRECT`, `data` should start at a
-    /// [`DIRECT_ALIGN`]-aligned address; anything unaligned goes through the
-    /// buffered descriptor.
+    /// Writes `data` at `offset`: with `O_DIRECT` when `data` starts at a
+    /// [`DIRECT_ALIGN`]-aligned address and offset and length are aligned (and the
+    /// filesystem or device takes it), through the page cache otherwise.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), RestoreError> {
         let end = offset + data.len() as u64;
         if end > self.volume_bytes {
             return Err(write_error(&self.shown, io::Error::other(format!("write of {}..{end} beyond the volume's {} bytes", offset, self.volume_bytes))));
         }
-        match &self.target {
-            Target::File { .. } => self.file.write_all_at(data, offset).map_err(|e| write_error(&self.shown, e)),
-            Target::Device { direct, logical_block, buffered, .. } => {
-                let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) && offset.is_multiple_of(*logical_block) && (data.len() as u64).is_multiple_of(*logical_block);
-                if *direct && aligned {
-                    match self.file.write_all_at(data, offset) {
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                        other => return other.map_err(|e| write_error(&self.shown, e)),
-                    }
-                }
-                buffered.write_all_at(data, offset).map_err(|e| write_error(&self.shown, e))
+        let align = match &self.target {
+            Target::Device { logical_block, .. } => (*logical_block).max(DIRECT_ALIGN as u64),
+            Target::File { .. } => DIRECT_ALIGN as u64,
+        };
+        let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) && offset.is_multiple_of(align) && (data.len() as u64).is_multiple_of(align);
+        if let (Some(direct), true) = (&self.direct, aligned && self.direct_ok.load(Ordering::Relaxed)) {
+            match direct.write_all_at(data, offset) {
+                // Not for this filesystem after all: the page cache from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct_ok.store(false, Ordering::Relaxed),
+                other => return other.map_err(|e| write_error(&self.shown, e)),
             }
         }
+        self.file.write_all_at(data, offset).map_err(|e| write_error(&self.shown, e))
     }
 
     /// Makes `offset .. offset + len` read as zeros. An image file is new and
     /// sparse, so this writes nothing there; a device gets a discard that
     /// guarantees zeros, a write-zeroes, or written zeros, whichever it supports.
     pub fn zero(&self, offset: u64, len: u64) -> Result<(), RestoreError> {
-        let Target::Device { zeroing, logical_block, buffered, .. } = &self.target else { return Ok(()) };
+        let Target::Device { zeroing, logical_block } = &self.target else { return Ok(()) };
         let aligned = offset.is_multiple_of(*logical_block) && len.is_multiple_of(*logical_block);
         let mut mode = zeroing.load(Ordering::Relaxed);
         while aligned && mode != ZERO_WRITE {
@@ -475,7 +487,7 @@ impl Destination {
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            buffered.write_all_at(&zeros[..n], at).map_err(|e| write_error(&self.shown, e))?;
+            self.file.write_all_at(&zeros[..n], at).map_err(|e| write_error(&self.shown, e))?;
             at += n as u64;
         }
         Ok(())
@@ -485,11 +497,12 @@ impl Destination {
     /// Returns the path written.
     pub fn finish(mut self) -> Result<PathBuf, RestoreError> {
         let shown = self.shown.clone();
+        if let Some(direct) = &self.direct {
+            direct.sync_all().map_err(|e| write_error(&shown, e))?;
+        }
         self.file.sync_all().map_err(|e| write_error(&shown, e))?;
         match &self.target {
-            Target::Device { buffered, .. } => {
-                buffered.sync_all().map_err(|e| write_error(&shown, e))?;
-            }
+            Target::Device { .. } => {}
             Target::File { path, replace, temp } => {
                 let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 match temp {

@@ -260,11 +260,17 @@ impl RpSource {
 /// The blobs that materialize `content` in `store`: the head blob, then its
 /// delta bases down to a full block.
 pub fn blob_chain(store: &Store, content: &ContentId) -> Result<Vec<EncodedBlob>, String> {
+    blob_chain_into(store, content, Vec::new())
+}
+
+/// [`blob_chain`], reading the head blob's payload into `buffer` (reused capacity).
+pub fn blob_chain_into(store: &Store, content: &ContentId, buffer: Vec<u8>) -> Result<Vec<EncodedBlob>, String> {
     let loc = store.locate(content).map_err(|e| e.to_string())?.ok_or("no blob holds this block (missing from the store)")?;
     let mut out = Vec::new();
     let mut next = Some(loc.blob);
+    let mut buffer = Some(buffer);
     while let Some(id) = next {
-        let blob = store.read_blob(&id).map_err(|e| e.to_string())?;
+        let blob = store.read_blob_into(&id, buffer.take().unwrap_or_default()).map_err(|e| e.to_string())?;
         next = blob.base;
         out.push(blob);
         if out.len() > 64 {
@@ -291,25 +297,37 @@ pub fn materialize(codec: &BlockCodec, content: ContentId, chain: &[EncodedBlob]
     Ok(block)
 }
 
+thread_local! {
+    /// Plaintext of delta blobs being applied (restore's delta path), reused per thread.
+    static DELTA_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Materializes `content` from its blob chain (head first) into `out`, which must
-/// be exactly the block's length, and checks its content id. The error says what
-/// was wrong, for a message that also names the block.
-pub fn decode_into(codec: &BlockCodec, content: ContentId, mut chain: Vec<EncodedBlob>, out: &mut [u8]) -> Result<(), String> {
+/// be exactly the block's length, and checks its content id: the full base is
+/// decoded into `out`, each delta applied in place, oldest first, and only the
+/// result is hashed (a chain that does not give `content` fails, naming its
+/// blobs). Blobs are spent: their payload buffers may be reused afterwards.
+pub fn decode_into(codec: &BlockCodec, content: ContentId, chain: &mut [EncodedBlob], out: &mut [u8]) -> Result<(), String> {
     let head = chain.first().map(|b| b.id).ok_or("empty blob chain")?;
-    if chain.len() == 1 && chain[0].base.is_none() {
-        let blob = chain.pop().ok_or("empty blob chain")?;
-        if blob.content != content {
-            return Err(format!("blob {} holds content {}, not this block", blob.id, blob.content));
-        }
-        codec.open_into(blob, out).map_err(|e| e.to_string())?;
-    } else {
-        let block = materialize(codec, content, &chain).map_err(|e| e.to_string())?;
-        if block.len() != out.len() {
-            return Err(format!("the blob chain makes {} bytes where the block has {}", block.len(), out.len()));
-        }
-        out.copy_from_slice(&block);
+    let ids: Vec<String> = if chain.len() > 1 { chain.iter().map(|b| b.id.to_string()).collect() } else { Vec::new() };
+    let Some((base, deltas)) = chain.split_last_mut() else { return Err("empty blob chain".into()) };
+    if base.base.is_some() {
+        return Err(format!("delta blob {} has no base in its chain", base.id));
     }
-    codec.check(head, content, out).map_err(|e| e.to_string())
+    if deltas.is_empty() && base.content != content {
+        return Err(format!("blob {} holds content {}, not this block", base.id, base.content));
+    }
+    codec.open_into(base, out).map_err(|e| e.to_string())?;
+    for delta in deltas.iter_mut().rev() {
+        DELTA_SCRATCH.with(|cell| -> Result<(), String> {
+            let mut scratch = cell.borrow_mut();
+            scratch.clear();
+            scratch.resize(delta.plain_len as usize, 0);
+            codec.open_into(delta, &mut scratch).map_err(|e| e.to_string())?;
+            codec.apply_delta_in_place(delta, &scratch, out).map_err(|e| e.to_string())
+        })?;
+    }
+    codec.check(head, content, out).map_err(|e| if ids.is_empty() { e.to_string() } else { format!("{e} (delta chain {})", ids.join(" <- ")) })
 }
 
 /// Checks the block map of `meta` against its Merkle root, reading ids page by page.

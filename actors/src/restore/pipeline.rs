@@ -1,20 +1,24 @@
 //! The data pass of a restore: a producer that walks the block map and hands
-//! out blocks in index order, and one worker per core that reads, decodes,
-//! verifies and writes each block.
+//! out blocks in index order, decoders that read, decrypt, decompress, apply
+//! deltas and verify each block, and one writer.
 //!
-//! With a local store the workers read blob files themselves, so reading runs
-//! on every core too. With a remote holder the producer keeps a window of
-//! fetch requests in flight (the link stays busy while the workers decode) and
-//! hands each reply's chain to the workers. The channel between them holds two
-//! jobs per worker: memory is bounded by a few blocks per worker.
+//! - With a local store the decoders read blob files themselves; there are two
+//!   more decoders than cores, so reads from a cold disk overlap decoding. With
+//!   a remote holder the producer keeps a window of fetch requests in flight (the
+//!   link stays busy while the decoders work) and hands each reply's chain over.
+//! - The writer is alone so that writes never contend for the destination's
+//!   inode lock (two writers spin on it in the kernel); it writes with `O_DIRECT`
+//!   where it can, so the data does not go through the page cache.
+//! - Block buffers (aligned for `O_DIRECT`) come from a fixed pool that the
+//!   writer refills: memory is a few blocks per decoder, whatever the volume size.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use tokio::sync::mpsc;
 
 use super::dest::{Destination, DIRECT_ALIGN};
-use super::{blob_chain, blocking, decode_into, unexpected, Progress, RestoreError, RpSource};
+use super::{blob_chain_into, blocking, decode_into, unexpected, Progress, RestoreError, RpSource};
 use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
@@ -42,14 +46,20 @@ impl AlignedBuf {
     }
 }
 
-/// One block for a worker.
+/// One block for a decoder.
 enum Job {
     /// An all-zero block.
     Zero { index: u64 },
-    /// A block whose chain the worker reads from the local store.
+    /// A block whose chain the decoder reads from the local store.
     Local { index: u64, content: ContentId },
     /// A block whose chain came from the holder.
     Fetched { index: u64, content: ContentId, chain: Result<Vec<EncodedBlob>, String> },
+}
+
+/// One block for the writer.
+enum Write {
+    Data { index: u64, buf: AlignedBuf, len: usize },
+    Zero { index: u64, len: u64 },
 }
 
 /// What the data pass counted.
@@ -63,7 +73,7 @@ pub struct Counts {
     pub payload_bytes: u64,
 }
 
-/// State shared by the workers.
+/// State shared by the decoders and the writer.
 struct Shared {
     meta: RpMeta,
     codec: BlockCodec,
@@ -87,36 +97,51 @@ impl Shared {
         RestoreError::Block { rp: self.meta.name(), index, content, reason }
     }
 
-    /// Does one job: materializes the block into `buf`, checks it and writes it.
-    fn process(&self, job: Job, buf: &mut AlignedBuf) -> Result<(), RestoreError> {
-        let block_bytes = u64::from(self.meta.block_bytes);
-        let (index, content, chain) = match job {
-            Job::Zero { index } => {
-                let len = self.block_len(index) as u64;
-                if let Some(d) = &self.destination {
-                    d.zero(index * block_bytes, len)?;
-                }
-                self.zero_blocks.fetch_add(1, Ordering::Relaxed);
-                self.progress.add(len);
-                return Ok(());
-            }
-            Job::Local { index, content } => {
-                let store = self.store.as_ref().ok_or_else(|| self.block_error(index, content, "no local store".into()))?;
-                (index, content, blob_chain(store, &content))
-            }
-            Job::Fetched { index, content, chain } => (index, content, chain),
+    /// Materializes the block `index` (content `content`, blob chain from the
+    /// holder, or None to read it from the local store reusing `payload`) into
+    /// `buf` and checks it. On error the buffer comes back with it.
+    fn decode(&self, index: u64, content: ContentId, fetched: Option<Result<Vec<EncodedBlob>, String>>, mut buf: AlignedBuf, payload: &mut Vec<u8>) -> Result<Write, (RestoreError, AlignedBuf)> {
+        let chain = match (fetched, &self.store) {
+            (Some(chain), _) => chain,
+            (None, Some(store)) => blob_chain_into(store, &content, std::mem::take(payload)),
+            (None, None) => Err("no local store".into()),
         };
-        let chain = chain.map_err(|reason| self.block_error(index, content, reason))?;
+        let mut chain = match chain {
+            Ok(c) => c,
+            Err(reason) => return Err((self.block_error(index, content, reason), buf)),
+        };
         let len = self.block_len(index);
         self.blobs_read.fetch_add(chain.len() as u64, Ordering::Relaxed);
         self.payload_bytes.fetch_add(chain.iter().map(|b| b.payload.len() as u64).sum(), Ordering::Relaxed);
-        let out = buf.slice(len);
-        decode_into(&self.codec, content, chain, out).map_err(|reason| self.block_error(index, content, reason))?;
-        if let Some(d) = &self.destination {
-            d.write_at(out, index * block_bytes)?;
+        let decoded = decode_into(&self.codec, content, &mut chain, buf.slice(len));
+        // The head blob's payload buffer serves the next read.
+        if let Some(head) = chain.into_iter().next() {
+            *payload = head.payload;
         }
-        self.progress.add(len as u64);
-        Ok(())
+        match decoded {
+            Ok(()) => Ok(Write::Data { index, buf, len }),
+            Err(reason) => Err((self.block_error(index, content, reason), buf)),
+        }
+    }
+
+    /// Writes one block to the destination.
+    fn write(&self, destination: &Destination, w: &mut Write) -> Result<u64, RestoreError> {
+        let block_bytes = u64::from(self.meta.block_bytes);
+        match w {
+            Write::Zero { index, len } => {
+                destination.zero(*index * block_bytes, *len)?;
+                Ok(*len)
+            }
+            Write::Data { index, buf, len } => {
+                destination.write_at(buf.slice(*len), *index * block_bytes)?;
+                Ok(*len as u64)
+            }
+        }
+    }
+
+    fn fail(&self, e: RestoreError) -> RestoreError {
+        self.failed.store(true, Ordering::Relaxed);
+        e
     }
 }
 
@@ -128,7 +153,8 @@ pub async fn run(
     destination: Option<Arc<Destination>>,
     progress: Arc<Progress>,
 ) -> Result<Counts, RestoreError> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let decoders = 2 * cores + 4;
     let shared = Arc::new(Shared {
         meta: meta.clone(),
         codec: codec.clone(),
@@ -143,35 +169,91 @@ pub async fn run(
         blobs_read: AtomicU64::new(0),
         payload_bytes: AtomicU64::new(0),
     });
-    let (tx, rx) = mpsc::channel::<Job>(2 * workers);
+    // The buffer pool: filled once; the writer (or a verifying decoder) gives buffers back.
+    let (pool_tx, pool_rx) = std_mpsc::channel::<AlignedBuf>();
+    for _ in 0..decoders + 4 {
+        let _ = pool_tx.send(AlignedBuf::new(meta.block_bytes as usize));
+    }
+    let pool_rx = Arc::new(Mutex::new(pool_rx));
+    let (write_tx, write_rx) = std_mpsc::sync_channel::<Write>(decoders);
+    let writer = match shared.destination.clone() {
+        Some(destination) => {
+            let (shared, pool_tx) = (shared.clone(), pool_tx.clone());
+            Some(tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+                for mut w in write_rx {
+                    let n = shared.write(&destination, &mut w).map_err(|e| shared.fail(e))?;
+                    shared.progress.add(n);
+                    if let Write::Data { buf, .. } = w {
+                        let _ = pool_tx.send(buf);
+                    }
+                }
+                Ok(())
+            }))
+        }
+        None => {
+            drop(write_rx);
+            None
+        }
+    };
+    // Verifying: decoders give their buffers straight back.
+    let recycle = if writer.is_none() { Some(pool_tx.clone()) } else { None };
+    drop(pool_tx);
+    let (tx, rx) = mpsc::channel::<Job>(2 * decoders);
     let rx = Arc::new(Mutex::new(rx));
-    let mut handles = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let (shared, rx) = (shared.clone(), rx.clone());
-        handles.push(tokio::task::spawn_blocking(move || {
-            let mut buf = AlignedBuf::new(shared.meta.block_bytes as usize);
+    let mut handles = Vec::with_capacity(decoders);
+    for _ in 0..decoders {
+        let (shared, rx, pool_rx, write_tx, recycle) = (shared.clone(), rx.clone(), pool_rx.clone(), write_tx.clone(), recycle.clone());
+        handles.push(tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+            let mut payload = Vec::new();
             loop {
                 if shared.failed.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                // One worker waits in recv at a time; the others wait for the lock.
+                // One decoder waits in recv at a time; the others wait for the lock.
                 let job = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
-                let Some(job) = job else { return Ok(()) };
-                if let Err(e) = shared.process(job, &mut buf) {
-                    shared.failed.store(true, Ordering::Relaxed);
-                    return Err(e);
+                let (index, content, fetched) = match job {
+                    None => return Ok(()),
+                    Some(Job::Zero { index }) => (index, ContentId::ZERO, None),
+                    Some(Job::Local { index, content }) => (index, content, None),
+                    Some(Job::Fetched { index, content, chain }) => (index, content, Some(chain)),
+                };
+                let w = if content.is_zero() {
+                    shared.zero_blocks.fetch_add(1, Ordering::Relaxed);
+                    Write::Zero { index, len: shared.block_len(index) as u64 }
+                } else {
+                    let Ok(buf) = pool_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else {
+                        return Ok(()); // the writer stopped: its error is the one reported
+                    };
+                    shared.decode(index, content, fetched, buf, &mut payload).map_err(|(e, _)| shared.fail(e))?
+                };
+                match &recycle {
+                    Some(pool) => {
+                        let n = match w {
+                            Write::Zero { len, .. } => len,
+                            Write::Data { buf, len, .. } => {
+                                let _ = pool.send(buf);
+                                len as u64
+                            }
+                        };
+                        shared.progress.add(n);
+                    }
+                    None => {
+                        if write_tx.send(w).is_err() {
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }));
     }
-    drop(rx);
+    drop((rx, write_tx, recycle));
     let produced = match source {
         RpSource::Local(store) => produce_local(store.clone(), meta, &tx).await,
         RpSource::Remote(client) => produce_remote(client, meta, &tx).await,
     };
     drop(tx);
     let mut first_error = None;
-    for h in handles {
+    for h in handles.into_iter().chain(writer) {
         let result = h.await.map_err(|e| RestoreError::Fetch(format!("restore worker failed: {e}"))).and_then(|r| r);
         if let (Err(e), None) = (result, &first_error) {
             first_error = Some(e);

@@ -77,6 +77,12 @@ fn id_at(h: &[u8; HEADER_BYTES], at: usize) -> ContentId {
 
 /// Reads and fully verifies the blob file of `id`.
 pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
+    read_into(blobs_dir, id, Vec::new())
+}
+
+/// [`read`], with the payload read into `buffer` (its capacity is reused: a
+/// restore reads thousands of blobs without allocating for each).
+pub fn read_into(blobs_dir: &Path, id: &BlobId, mut buffer: Vec<u8>) -> Result<EncodedBlob, StoreError> {
     let path = blob_path(blobs_dir, id);
     let corrupt = |cause: String| StoreError::BlobCorrupt {
         blob: id.to_hex(),
@@ -120,11 +126,13 @@ pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
     if id_at(&h, 24) != *id {
         return Err(corrupt(format!("header names blob {}", id_at(&h, 24).to_hex())));
     }
-    let mut payload = vec![0u8; payload_len as usize];
-    file.read_exact(&mut payload).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => corrupt("file shrank while being read".into()),
-        _ => io_error("read blob", &path, e),
-    })?;
+    buffer.clear();
+    buffer.reserve_exact(payload_len as usize);
+    let read = (&mut file).take(payload_len).read_to_end(&mut buffer).map_err(|e| io_error("read blob", &path, e))?;
+    if read as u64 != payload_len {
+        return Err(corrupt("file shrank while being read".into()));
+    }
+    let payload = buffer;
     if blake3::hash(&payload).as_bytes()[..] != h[120..152] {
         return Err(corrupt("payload checksum mismatch".into()));
     }

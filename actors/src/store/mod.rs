@@ -955,6 +955,11 @@ impl Store {
         blob_file::read(&self.blobs_dir, id)
     }
 
+    /// [`Store::read_blob`] into `buffer` (its capacity is reused for the payload).
+    pub fn read_blob_into(&self, id: &BlobId, buffer: Vec<u8>) -> Result<EncodedBlob, StoreError> {
+        blob_file::read_into(&self.blobs_dir, id, buffer)
+    }
+
     /// The path of blob `id`'s file (for diagnostics and tests).
     pub fn blob_path(&self, id: &BlobId) -> PathBuf {
         blob_file::blob_path(&self.blobs_dir, id)
