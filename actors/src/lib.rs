@@ -19,4 +19,6 @@ pub mod source;
 pub mod codec;
 pub mod cpu_pool;
 pub mod restore;
+pub mod adapt;
 pub mod export;
+pub mod vm;
