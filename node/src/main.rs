@@ -3,10 +3,12 @@
 //! It owns the command line (clap), node start-up, the admin socket and its
 //! `drmesh ctl` client, topology checking and hot reload, logging and the demo.
 
+mod adapt;
 mod admin;
 mod agent;
 mod ctl;
 mod data;
+mod boot;
 mod demo;
 mod export;
 mod init;
@@ -55,6 +57,9 @@ enum Command {
     Verify(recover::RpArgs),
     /// Serve a recovery point as a disk over NBD, writes to an overlay (instant recovery).
     Export(export::ExportArgs),
+    /// Boot a recovery point in a VM before any restore (instant recovery), with boot
+    /// adaptation and live restore to a device.
+    Recover(boot::RecoverArgs),
     /// Replicate a real ext4 image between two local nodes, restore it and check it.
     Demo(demo::DemoArgs),
 }
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => recover::restore(args),
         Command::Verify(args) => recover::verify(args),
         Command::Export(args) => export::run(args),
+        Command::Recover(args) => boot::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -26,7 +26,7 @@ use crate::data::PROGRESS_EVERY;
 pub const TOPOLOGY_NOTE: &str = "topology.path";
 
 /// Arguments shared by restore and verify.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct RpArgs {
     /// The recovery point: VOLUME@SEQ, or VOLUME for the newest.
     pub(crate) rp: String,
