@@ -142,6 +142,24 @@ fn restore_to_files_refuses_what_it_must_and_leaves_nothing() {
     // A missing folder.
     refused(&restore(mesh, "dst", &f.rp, &dir.join("no/such/dir.img"), &[]), "folder");
 
+    // qcow2 (written by qemu-img from a read-only export): the same bytes, mode 0600, the same refusals.
+    if Command::new("qemu-img").arg("--version").stdout(Stdio::null()).status().is_ok() {
+        let qcow = dir.join("web.qcow2");
+        let report = restore_result(&restore(mesh, "dst", &f.rp, &qcow, &[])).unwrap_or_else(|e| panic!("qcow2 restore: {e}"));
+        assert_eq!(report["output_kind"], "qcow2", "{report}");
+        assert_eq!(mode(&qcow), 0o600);
+        let info = run_ok(Command::new("qemu-img").args(["info", "--output=json"]).arg(&qcow));
+        assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+        let raw = mesh.dir.path().join("from-qcow2.raw");
+        run_ok(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&qcow).arg(&raw));
+        assert_eq!(file_hash(&raw), want, "the qcow2 image holds the RP's bytes");
+        refused(&restore(mesh, "dst", &f.rp, &qcow, &[]), "--force");
+        restore_result(&restore(mesh, "dst", &f.rp, &qcow, &["--force"])).unwrap();
+        assert!(dir_names(&dir).iter().all(|n| !n.contains(".drmesh-restore-")), "no staging folder left: {:?}", dir_names(&dir));
+    } else {
+        eprintln!("qcow2 part skipped: qemu-img is not installed");
+    }
+
     // The volume's own source on its node, by any spelling, even with --force
     // (src holds no RPs: it reads them from dst, so this also goes over QUIC).
     let before = file_hash(&f.image_path);

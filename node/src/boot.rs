@@ -15,8 +15,8 @@ use drmesh_actors::vm::qmp::Qmp;
 use drmesh_actors::vm::{DiskBus, Network, Vm, VmSpec};
 use serde_json::{json, Value};
 
-use crate::export::{self, ExportRequest, NodeExport};
-use crate::recover::{node_running, parse_rp, RpArgs};
+use crate::export::{serve, ExportRequest};
+use crate::recover::{parse_rp, RpArgs};
 
 /// The name the guest gives its NIC: qemu's PCI slot 3 on the pc machine
 /// (the VM pins the NIC there).
@@ -73,64 +73,6 @@ pub struct RecoverArgs {
     /// Stop the VM once it booted (and the live restore, if any, finished): a boot check.
     #[arg(long)]
     until_booted: bool,
-}
-
-/// The export a recovery runs on: through the node, or served by this process.
-enum Served {
-    Node(NodeExport),
-    Local { info: Value, stop: Option<tokio::sync::oneshot::Sender<()>>, thread: Option<std::thread::JoinHandle<anyhow::Result<()>>> },
-}
-
-impl Served {
-    fn info(&self) -> &Value {
-        match self {
-            Served::Node(e) => &e.info,
-            Served::Local { info, .. } => info,
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Served::Local { stop, thread, .. } = self {
-            if let Some(s) = stop.take() {
-                let _ = s.send(());
-            }
-            if let Some(t) = thread.take() {
-                if let Ok(Err(e)) = t.join() {
-                    eprintln!("warning: the export ended with an error: {e}");
-                }
-            }
-        }
-    }
-}
-
-fn serve(args: &RpArgs, request: &ExportRequest) -> anyhow::Result<Served> {
-    if args.offline || !node_running(&args.state_dir)? {
-        if args.from.is_some() {
-            bail!("--from reads over the mesh and needs a node running on {}", args.state_dir.display());
-        }
-        let (info_tx, info_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (args2, request2) = (args.clone(), request.clone());
-        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let tx = info_tx.clone();
-            let result = runtime.block_on(export::serve_offline(&args2, &request2, async move { let _ = stop_rx.await; }, move |info| {
-                let _ = tx.send(Ok(info.clone()));
-            }));
-            if let Err(e) = &result {
-                let _ = info_tx.send(Err(e.to_string()));
-            }
-            result
-        });
-        return match info_rx.recv() {
-            Ok(Ok(info)) => Ok(Served::Local { info, stop: Some(stop_tx), thread: Some(thread) }),
-            Ok(Err(e)) => bail!("{e}"),
-            Err(_) => bail!("the export stopped before it served"),
-        };
-    }
-    Ok(Served::Node(export::through_node(&args.state_dir, request)?))
 }
 
 /// Checks that `device` may take the RP (as a restore would) before qemu writes it.

@@ -217,6 +217,69 @@ pub async fn serve_offline(args: &RpArgs, request: &ExportRequest, until: impl s
     Ok(())
 }
 
+/// The export a recovery runs on: through the node, or served by this process.
+pub enum Served {
+    /// Through the node's admin socket.
+    Node(NodeExport),
+    /// Served by a thread of this process.
+    Local { info: Value, stop: Option<tokio::sync::oneshot::Sender<()>>, thread: Option<std::thread::JoinHandle<anyhow::Result<()>>> },
+}
+
+impl Served {
+    /// What the export said about itself.
+    pub fn info(&self) -> &Value {
+        match self {
+            Served::Node(e) => &e.info,
+            Served::Local { info, .. } => info,
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Served::Local { stop, thread, .. } = self {
+            if let Some(s) = stop.take() {
+                let _ = s.send(());
+            }
+            if let Some(t) = thread.take() {
+                if let Ok(Err(e)) = t.join() {
+                    eprintln!("warning: the export ended with an error: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Starts the export of `request`: through the node on the state dir, or, when
+/// none runs there (or `--offline`), served by a thread of this process.
+pub fn serve(args: &RpArgs, request: &ExportRequest) -> anyhow::Result<Served> {
+    if args.offline || !node_running(&args.state_dir)? {
+        if args.from.is_some() {
+            bail!("--from reads over the mesh and needs a node running on {}", args.state_dir.display());
+        }
+        let (info_tx, info_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (args2, request2) = (args.clone(), request.clone());
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let tx = info_tx.clone();
+            let result = runtime.block_on(serve_offline(&args2, &request2, async move { let _ = stop_rx.await; }, move |info| {
+                let _ = tx.send(Ok(info.clone()));
+            }));
+            if let Err(e) = &result {
+                let _ = info_tx.send(Err(e.to_string()));
+            }
+            result
+        });
+        return match info_rx.recv() {
+            Ok(Ok(info)) => Ok(Served::Local { info, stop: Some(stop_tx), thread: Some(thread) }),
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("the export stopped before it served"),
+        };
+    }
+    Ok(Served::Node(through_node(&args.state_dir, request)?))
+}
+
 /// Runs `drmesh export`.
 pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let (volume, seq) = parse_rp(&args.rp.rp)?;

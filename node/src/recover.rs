@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use drmesh_actors::actor::volumes::policy_codec;
 use drmesh_actors::codec::BlockCodec;
+use drmesh_actors::restore::dest::StagedFile;
 use drmesh_actors::restore::{restore as run_restore, Journal, Progress, ProgressSnapshot, RestoreReport, RpSource, Rules, Target};
 use drmesh_actors::store::Store;
 use drmesh_topology::Topology;
@@ -67,6 +68,10 @@ pub struct RestoreArgs {
     /// a mounted device.
     #[arg(long)]
     force: bool,
+    /// Image format of a file destination: raw, or qcow2 (written by qemu-img
+    /// from an export); default raw, or qcow2 when the name ends in .qcow2.
+    #[arg(long)]
+    format: Option<String>,
 }
 
 /// Splits VOLUME@SEQ.
@@ -156,6 +161,19 @@ fn conclude(view: ProgressView, verb: &str, rp: &str, result: anyhow::Result<Val
             eprintln!("error: {verb} {rp} failed: {text}");
             Ok(ExitCode::FAILURE)
         }
+        (Ok(data), false) if data["output_kind"] == "qcow2" => {
+            let r = &data["rp"];
+            println!(
+                "{verb} {}@{} OK: {} in {:.1}s ({}/s), Merkle root and every block verified as read",
+                r["volume"].as_str().unwrap_or_default(),
+                r["seq"],
+                bytes(r["volume_bytes"].as_u64().unwrap_or(0)),
+                data["duration_secs"].as_f64().unwrap_or(0.0),
+                bytes(data["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64),
+            );
+            println!("written to {} (qcow2 image file, mode 0600)", data["output"].as_str().unwrap_or(""));
+            Ok(ExitCode::SUCCESS)
+        }
         (Ok(data), false) => {
             let r = &data["rp"];
             println!(
@@ -231,6 +249,74 @@ pub(crate) fn offline_codec(args: &RpArgs, topology: Option<&Topology>, volume: 
     policy_codec(policy).map_err(|e| anyhow::anyhow!("reading {volume} needs the policy's key file: {e}"))
 }
 
+/// What a restore in this process may overwrite: the sources of the volumes that
+/// the node of `state_dir` protects in `topology` are refused (none known
+/// without a topology).
+pub(crate) fn local_rules(state_dir: &Path, topology: Option<&Topology>, force: bool) -> Rules {
+    let me = drmesh_transport::Identity::load(state_dir).ok().and_then(|id| topology.and_then(|t| t.node_by_id(&id.node_id()).map(|n| n.name.clone())));
+    match (topology, me) {
+        (Some(t), Some(me)) => Rules::for_node(t, &me, force),
+        _ => Rules { force, protected: Vec::new() },
+    }
+}
+
+/// Restores `volume@seq` to a qcow2 file: the RP is exported read-only (its
+/// block map checked against the Merkle root, every block verified as served)
+/// and `qemu-img convert` reads it into a private folder beside the
+/// destination; the file gets mode 0600 and its name only when qemu-img succeeded.
+fn restore_qcow2(args: &RpArgs, volume: &str, seq: Option<u64>, to: &Path, force: bool, view: &mut ProgressView) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let rules = local_rules(&args.state_dir, offline_topology(args).ok().flatten().as_ref(), force);
+    let journal = Journal::new(&args.state_dir);
+    journal.clean();
+    let staged = StagedFile::new(to, &rules, Some(&journal))?;
+    let request = crate::export::ExportRequest { volume: volume.to_string(), seq, from: args.from.clone(), socket: None, listen: None, overlay: None, read_only: true };
+    let served = crate::export::serve(args, &request)?;
+    let info = served.info().clone();
+    let size = info["size_bytes"].as_u64().unwrap_or(0);
+    let mut child = std::process::Command::new("qemu-img")
+        .args(["convert", "-p", "-f", "raw", "-O", "qcow2", "-m", "8", "-W"])
+        .arg(info["uri"].as_str().unwrap_or(""))
+        .arg(staged.inner_path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| if e.kind() == ErrorKind::NotFound { anyhow::anyhow!("qemu-img is not installed (Debian package qemu-utils); it writes qcow2") } else { e.into() })?;
+    // qemu-img -p prints "    (12.34/100%)" with carriage returns.
+    if let Some(out) = child.stdout.take() {
+        let mut word = Vec::new();
+        for byte in std::io::Read::bytes(out).map_while(Result::ok) {
+            if byte == b'\r' || byte == b'\n' {
+                let text = String::from_utf8_lossy(&word).trim().trim_start_matches('(').to_string();
+                if let Some(pct) = text.split('/').next().and_then(|p| p.parse::<f64>().ok()) {
+                    view.update(ProgressSnapshot { phase: "restoring", done_bytes: (size as f64 * pct / 100.0) as u64, total_bytes: size });
+                }
+                word.clear();
+            } else {
+                word.push(byte);
+            }
+        }
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("qemu-img convert failed (a block that cannot be read or verified fails it; the node's log names it): {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    drop(served);
+    let path = staged.finish()?;
+    let duration_secs = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "rp": info["rp"],
+        "blocks": info["rp"]["block_count"],
+        "zero_blocks": Value::Null,
+        "payload_bytes": Value::Null,
+        "duration_secs": duration_secs,
+        "rate_bytes_per_sec": size as f64 / duration_secs.max(1e-9),
+        "output": path,
+        "output_kind": "qcow2",
+    }))
+}
+
 /// Restores (`to` Some) or verifies straight from the state dir's store.
 fn offline(args: &RpArgs, volume: &str, seq: Option<u64>, to: Option<(PathBuf, bool)>, view: &mut ProgressView) -> anyhow::Result<Value> {
     let store = Arc::new(Store::open_read_only(&args.state_dir.join("store"))?);
@@ -242,16 +328,7 @@ fn offline(args: &RpArgs, volume: &str, seq: Option<u64>, to: Option<(PathBuf, b
     .map(|m| m.encrypted)
     .unwrap_or(false);
     let codec = offline_codec(args, topology.as_ref(), volume, encrypted)?;
-    let target = to.map(|(path, force)| {
-        let me = drmesh_transport::Identity::load(&args.state_dir)
-            .ok()
-            .and_then(|id| topology.as_ref().and_then(|t| t.node_by_id(&id.node_id()).map(|n| n.name.clone())));
-        let rules = match (&topology, me) {
-            (Some(t), Some(me)) => Rules::for_node(t, &me, force),
-            _ => Rules { force, protected: Vec::new() },
-        };
-        Target { path, rules, journal: Some(Journal::new(&args.state_dir)) }
-    });
+    let target = to.map(|(path, force)| Target { path, rules: local_rules(&args.state_dir, topology.as_ref(), force), journal: Some(Journal::new(&args.state_dir)) });
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     let progress = Arc::new(Progress::default());
     let report: RestoreReport = runtime.block_on(async {
@@ -294,6 +371,18 @@ fn run(args: &RpArgs, to: Option<(PathBuf, bool)>, verb: &'static str) -> anyhow
 /// Runs `drmesh restore`.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let to = std::path::absolute(&args.to).with_context(|| format!("resolving {}", args.to.display()))?;
+    let qcow2 = match args.format.as_deref() {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => bail!("--format {other}: expected raw or qcow2"),
+        None => to.extension().is_some_and(|e| e == "qcow2"),
+    };
+    if qcow2 {
+        let (volume, seq) = parse_rp(&args.rp.rp)?;
+        let mut view = ProgressView::new(args.rp.json, "restore", &args.rp.rp);
+        let result = restore_qcow2(&args.rp, &volume, seq, &to, args.force, &mut view);
+        return conclude(view, "restore", &args.rp.rp, result);
+    }
     run(&args.rp, Some((to, args.force)), "restore")
 }
 

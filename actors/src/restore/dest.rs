@@ -272,6 +272,150 @@ fn tmpfile_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL))
 }
 
+/// What a destination path is, once every refusal that does not depend on the
+/// volume was checked.
+enum Kind {
+    /// Nothing there: a new image file.
+    NewFile,
+    /// A regular file, to be replaced (only with `--force`).
+    ExistingFile,
+    /// A block device (a symlink to one was followed).
+    Device(fs::Metadata),
+}
+
+fn classify(path: &Path, rules: &Rules) -> Result<Kind, RestoreError> {
+    let lmeta = match fs::symlink_metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(refused(path, format!("cannot look at it: {e}"))),
+    };
+    // A symlink is followed only to a block device (/dev/disk/by-id/... names).
+    let meta = match &lmeta {
+        Some(m) if m.file_type().is_symlink() => match fs::metadata(path) {
+            Ok(t) if t.file_type().is_block_device() => Some(t),
+            Ok(_) => {
+                let to = fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+                return Err(refused(path, format!("it is a symbolic link (to {to}); give the file's own path")));
+            }
+            Err(_) => return Err(refused(path, "it is a symbolic link that points nowhere")),
+        },
+        other => other.clone(),
+    };
+    if let Some(p) = protected_volume(path, meta.as_ref(), rules) {
+        return Err(refused(
+            path,
+            format!(
+                "it is (or overlaps) {}, the source of volume {} on this node; drmesh never writes a protected volume's source, not even with --force",
+                p.path.display(),
+                p.volume
+            ),
+        ));
+    }
+    match meta {
+        None => Ok(Kind::NewFile),
+        Some(m) if m.is_dir() => Err(refused(path, "it is a directory; give the path of the image file to write, e.g. DIR/volume.img")),
+        Some(m) if m.is_file() => {
+            if rules.force {
+                Ok(Kind::ExistingFile)
+            } else {
+                Err(refused(path, "the file exists; give --force to replace it"))
+            }
+        }
+        Some(m) if m.file_type().is_block_device() => Ok(Kind::Device(m)),
+        Some(m) => {
+            let kind = if m.file_type().is_char_device() {
+                "a character device"
+            } else if m.file_type().is_fifo() {
+                "a named pipe"
+            } else if m.file_type().is_socket() {
+                "a socket"
+            } else {
+                "a special file"
+            };
+            Err(refused(path, format!("it is {kind}; restore writes image files and block devices")))
+        }
+    }
+}
+
+/// A private folder beside an image file's destination, for a tool that writes
+/// the file itself (qemu-img for qcow2): made exclusively with mode 0700 and
+/// journaled, so nobody can plant anything in it and a kill leaves nothing for
+/// good. [`StagedFile::finish`] gives the file mode 0600 and its name (never
+/// replacing anything without `--force`); dropping it removes the folder.
+pub struct StagedFile {
+    path: PathBuf,
+    replace: bool,
+    dir: PathBuf,
+    _entry: Option<JournalEntry>,
+}
+
+impl StagedFile {
+    /// Checks `path` as an image file destination under `rules` (a block device
+    /// is refused: this is for file formats) and makes the private folder.
+    pub fn new(path: &Path, rules: &Rules, journal: Option<&Journal>) -> Result<StagedFile, RestoreError> {
+        let replace = match classify(path, rules)? {
+            Kind::NewFile => false,
+            Kind::ExistingFile => true,
+            Kind::Device(_) => return Err(refused(path, "it is a block device; this format is written to files (restore raw to a device)")),
+        };
+        let name = path.file_name().ok_or_else(|| refused(path, "it names no file"))?.to_string_lossy().into_owned();
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        for _ in 0..8 {
+            let dir = parent.join(format!(".{name}{TEMP_MARK}{}", random_suffix()));
+            let entry = match journal {
+                Some(j) => Some(j.record(&dir).map_err(|e| write_error(&dir, e))?),
+                None => None,
+            };
+            use std::os::unix::fs::DirBuilderExt;
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(StagedFile { path: path.to_path_buf(), replace, dir, _entry: entry }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(write_error(&parent, e)),
+            }
+        }
+        Err(write_error(&parent, io::Error::other("no free temporary name after 8 tries")))
+    }
+
+    /// Where the tool writes the file.
+    pub fn inner_path(&self) -> PathBuf {
+        self.dir.join("image")
+    }
+
+    /// Makes the written file durable, mode 0600, and gives it its name.
+    pub fn finish(self) -> Result<PathBuf, RestoreError> {
+        let inner = self.inner_path();
+        let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&inner).map_err(|e| write_error(&inner, e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(|e| write_error(&inner, e))?;
+        f.sync_all().map_err(|e| write_error(&inner, e))?;
+        if self.replace {
+            fs::rename(&inner, &self.path).map_err(|e| write_error(&self.path, e))?;
+        } else {
+            use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+            match renameat2(AT_FDCWD, inner.as_path(), AT_FDCWD, self.path.as_path(), RenameFlags::RENAME_NOREPLACE) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS | nix::errno::Errno::EOPNOTSUPP) => {
+                    fs::hard_link(&inner, &self.path).map_err(|e| write_error(&self.path, e))?;
+                    fs::remove_file(&inner).map_err(|e| write_error(&inner, e))?;
+                }
+                Err(nix::errno::Errno::EEXIST) => {
+                    return Err(refused(&self.path, "something was created at this name while the restore ran; it was left as it is and the restored image discarded"))
+                }
+                Err(e) => return Err(write_error(&self.path, io::Error::from(e))),
+            }
+        }
+        let parent = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(parent).and_then(|d| d.sync_all()).map_err(|e| write_error(parent, e))?;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        // Only this restore's own folder (made exclusively; empty once finished).
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Destination {
     /// Checks `path` as the destination of a `volume_bytes` image and opens what
     /// will be written, writing nothing: see the module doc for the rules.
@@ -279,55 +423,10 @@ impl Destination {
     /// `O_TMPFILE`) so that a later start can remove them after a kill.
     pub fn prepare(path: &Path, volume_bytes: u64, rules: &Rules, journal: Option<&Journal>) -> Result<Destination, RestoreError> {
         let shown = path.to_path_buf();
-        let lmeta = match fs::symlink_metadata(path) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(refused(path, format!("cannot look at it: {e}"))),
-        };
-        // A symlink is followed only to a block device (/dev/disk/by-id/... names).
-        let meta = match &lmeta {
-            Some(m) if m.file_type().is_symlink() => match fs::metadata(path) {
-                Ok(t) if t.file_type().is_block_device() => Some(t),
-                Ok(_) => {
-                    let to = fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
-                    return Err(refused(path, format!("it is a symbolic link (to {to}); give the file's own path")));
-                }
-                Err(_) => return Err(refused(path, "it is a symbolic link that points nowhere")),
-            },
-            other => other.clone(),
-        };
-        if let Some(p) = protected_volume(path, meta.as_ref(), rules) {
-            return Err(refused(
-                path,
-                format!(
-                    "it is (or overlaps) {}, the source of volume {} on this node; drmesh never writes a protected volume's source, not even with --force",
-                    p.path.display(),
-                    p.volume
-                ),
-            ));
-        }
-        match meta {
-            None => Self::new_file(shown, path, volume_bytes, false, journal),
-            Some(m) if m.is_dir() => Err(refused(path, "it is a directory; give the path of the image file to write, e.g. DIR/volume.img")),
-            Some(m) if m.is_file() => {
-                if !rules.force {
-                    return Err(refused(path, "the file exists; give --force to replace it"));
-                }
-                Self::new_file(shown, path, volume_bytes, true, journal)
-            }
-            Some(m) if m.file_type().is_block_device() => Self::device(shown, path, &m, volume_bytes, rules),
-            Some(m) => {
-                let kind = if m.file_type().is_char_device() {
-                    "a character device"
-                } else if m.file_type().is_fifo() {
-                    "a named pipe"
-                } else if m.file_type().is_socket() {
-                    "a socket"
-                } else {
-                    "a special file"
-                };
-                Err(refused(path, format!("it is {kind}; restore writes image files and block devices")))
-            }
+        match classify(path, rules)? {
+            Kind::NewFile => Self::new_file(shown, path, volume_bytes, false, journal),
+            Kind::ExistingFile => Self::new_file(shown, path, volume_bytes, true, journal),
+            Kind::Device(m) => Self::device(shown, path, &m, volume_bytes, rules),
         }
     }
 

@@ -7,8 +7,8 @@
 //! its path is written to `<state-dir>/restores/` *before* the file exists. An
 //! entry names the process (pid and start time, so a reused pid is not taken for
 //! the restore) and the temporary path. [`Journal::clean`] removes the path of
-//! every entry whose process is gone, but only a regular file (never through a
-//! symlink) whose name carries [`TEMP_MARK`], then the entry.
+//! every entry whose process is gone, but only a regular file or a folder
+//! (never through a symlink) whose name carries [`TEMP_MARK`], then the entry.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -94,6 +94,13 @@ impl Journal {
             let temp = PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
             let ours = temp.file_name().is_some_and(|n| n.to_string_lossy().contains(TEMP_MARK));
             match fs::symlink_metadata(&temp) {
+                Ok(m) if ours && m.is_dir() => match fs::remove_dir_all(&temp) {
+                    Ok(()) => removed.push(temp),
+                    Err(e) => {
+                        tracing::warn!(path = %temp.display(), error = %e, "cannot remove the temporary folder of an interrupted restore");
+                        continue;
+                    }
+                },
                 Ok(m) if ours && m.is_file() => match fs::remove_file(&temp) {
                     Ok(()) => removed.push(temp),
                     Err(e) => {
