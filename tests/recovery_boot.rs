@@ -140,11 +140,31 @@ fn a_physical_debian_server_boots_from_its_recovery_point() {
     let secs = boot_device(&dev.path, &work.join("loop-boot.log"));
     eprintln!("booted the restored loop device in {secs:.1} s (TCG)");
 
+    // A recover killed in the middle of its adaptation leaves mounts, loop devices
+    // and nbdfuse behind; the next recover cleans them up.
+    let state = mesh.node("dst").state_dir.clone();
+    let mounts_under = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| Path::new(p).starts_with(dir)).map(String::from).collect()
+    };
+    let mut victim = Command::new(drmesh_tests::drmesh_bin())
+        .args(["recover", &rp, "--state-dir", state.to_str().unwrap(), "--boot", "--adapt", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runs = state.join("recover");
+    drmesh_tests::wait_until("the adaptation mounts the image's root", Duration::from_secs(120), || mounts_under(&runs).iter().any(|m| m.ends_with("/root")));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    assert!(!mounts_under(&runs).is_empty(), "the killed recover left its mounts (as expected)");
+
     // Live restore: boot from the export (IDE, as the physical disk), copy to a
     // device while the VM runs, switch the VM to it.
     let live_dev = LoopDevice::new_file(&work.join("live-disk.raw"), 2048 * MIB);
     let live = recover(&mesh, &rp, &["--then-restore-to", live_dev.path.to_str().unwrap()]);
     assert_eq!(live["live_restore"]["switched"], true, "{live}");
+    assert!(mounts_under(&runs).is_empty(), "the next recover released the killed one's mounts: {:?}", mounts_under(&runs));
+    assert!(std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0) == 0, "and removed its folder");
     let mut head = vec![0u8; MIB as usize];
     use std::io::Read as _;
     std::fs::File::open(&live_dev.backing).unwrap().read_exact(&mut head).unwrap();

@@ -100,7 +100,7 @@ fn fuse_file(uri: &str, point: &Path) -> anyhow::Result<(Fuse, PathBuf)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_file(&pidfile);
+    // The pid file stays: a later `recover` cleans up after a killed one with it.
     Ok((fuse, point.join("disk")))
 }
 

@@ -134,12 +134,74 @@ fn live_restore(vm: &Vm, device: &Path, json_out: bool) -> anyhow::Result<Value>
     Ok(json!({ "device": device, "synced_secs": synced_secs, "switched": true }))
 }
 
+/// Removes a folder when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Folder of `recover` runs inside a state dir (`NAME-PID/`: console, sockets, adaptation mounts).
+pub const RUNS_DIR: &str = "recover";
+
+/// Whether process `pid` is alive and its command line contains `name`.
+fn alive(pid: &str, name: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(name))
+}
+
+/// Cleans up after `recover` runs that were killed: their qemu is stopped, the
+/// mounts and loop devices of an interrupted adaptation are released (the
+/// nbdfuse under them ends with its mount), and their folders removed. Runs of
+/// live processes are left alone. Returns the folders removed.
+pub fn clean_stale_runs(state_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(state_dir.join(RUNS_DIR)) else { return removed };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('-').next().filter(|p| p.chars().all(|c| c.is_ascii_digit())) else { continue };
+        if alive(pid, "drmesh") {
+            continue;
+        }
+        if let Ok(qemu) = std::fs::read_to_string(dir.join("qemu.pid")) {
+            let qemu = qemu.trim();
+            if alive(qemu, "qemu") {
+                let _ = std::process::Command::new("kill").arg(qemu).status();
+            }
+        }
+        // Mounts under the folder, deepest first, then the loop devices over its files.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&dir)).collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in &points {
+            let _ = std::process::Command::new("umount").arg("-l").arg(p).status();
+        }
+        if let Ok(loops) = std::fs::read_dir("/sys/block") {
+            for l in loops.flatten() {
+                let back = std::fs::read_to_string(l.path().join("loop/backing_file")).unwrap_or_default();
+                if !back.is_empty() && Path::new(back.trim_end()).starts_with(&dir) {
+                    let _ = std::process::Command::new("losetup").arg("-d").arg(Path::new("/dev").join(l.file_name())).status();
+                }
+            }
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            removed.push(dir);
+        }
+    }
+    removed
+}
+
 /// Runs `drmesh recover`.
 pub fn run(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     if !args.boot {
         bail!("say what to do: --boot (boot the recovery point in a VM); to copy it, use `drmesh restore`");
     }
     let (volume, seq) = parse_rp(&args.rp.rp)?;
+    for dir in clean_stale_runs(&args.rp.state_dir) {
+        eprintln!("cleaned up after an interrupted recover in {}", dir.display());
+    }
     let network = match args.net.as_str() {
         "none" => Network::None,
         "restricted" => Network::UserRestricted,
@@ -165,11 +227,13 @@ pub fn run(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     if let Some(device) = &args.then_restore_to {
         check_live_restore_target(&args, device, info["size_bytes"].as_u64().unwrap_or(0))?;
     }
-    let run_dir = args.rp.state_dir.join("recover").join(format!("{}-{}", name.replace('/', "_"), std::process::id()));
+    let run_dir = args.rp.state_dir.join(RUNS_DIR).join(format!("{}-{}", name.replace('/', "_"), std::process::id()));
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&run_dir).with_context(|| format!("making {}", run_dir.display()))?;
     }
+    // Removed last (after the VM and the export are gone), whatever way this returns.
+    let _run_dir_guard = RemoveOnDrop(run_dir.clone());
     let adaptation = if args.adapt {
         say(format!("adapting the image for the VM (on the overlay; source disk {}, VM NIC {VM_NIC})...", args.source_disk));
         let started = std::time::Instant::now();
@@ -224,6 +288,5 @@ pub fn run(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     say("the VM runs until it powers off or this command is stopped (Ctrl-C)".into());
     let _ = vm.wait();
     say("the VM powered off".into());
-    let _ = std::fs::remove_dir_all(&run_dir);
     Ok(ExitCode::SUCCESS)
 }

@@ -54,6 +54,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for removed in drmesh_actors::restore::Journal::new(&args.state_dir).clean() {
         tracing::info!(path = %removed.display(), "removed the temporary file of an interrupted restore");
     }
+    for removed in crate::boot::clean_stale_runs(&args.state_dir) {
+        tracing::info!(path = %removed.display(), "cleaned up after an interrupted recover");
+    }
     let store = Arc::new(Store::open(&args.state_dir.join("store")).context("opening the store")?);
     let baselines = Arc::new(Baselines::open(&args.state_dir.join("source.redb")).context("opening the source baselines")?);
     let data = Arc::new(DataPlane::new(store, topology.clone(), identity.node_id()));

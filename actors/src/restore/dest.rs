@@ -558,6 +558,31 @@ impl Destination {
         self.file.write_all_at(data, offset).map_err(|e| write_error(&self.shown, e))
     }
 
+    /// Writes one decoded block at `offset`. A new image file is sparse: runs of
+    /// all-zero 4 KiB pages inside the block are left as holes (as qemu-img
+    /// does), so a restored thin disk stays thin; a device gets every byte.
+    pub fn write_block(&self, data: &[u8], offset: u64) -> Result<(), RestoreError> {
+        if !matches!(self.target, Target::File { .. }) {
+            return self.write_at(data, offset);
+        }
+        const PAGE: usize = 4096;
+        let mut at = 0;
+        while at < data.len() {
+            // Skip a run of zero pages, then write the run of pages up to the next zero page.
+            while at < data.len() && crate::content::is_all_zero(&data[at..(at + PAGE).min(data.len())]) {
+                at += PAGE;
+            }
+            let start = at;
+            while at < data.len() && !crate::content::is_all_zero(&data[at..(at + PAGE).min(data.len())]) {
+                at += PAGE;
+            }
+            if start < data.len() {
+                self.write_at(&data[start..at.min(data.len())], offset + start as u64)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `offset .. offset + len` read as zeros. An image file is new and
     /// sparse, so this writes nothing there; a device gets a discard that
     /// guarantees zeros, a write-zeroes, or written zeros, whichever it supports.

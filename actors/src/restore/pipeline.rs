@@ -133,7 +133,7 @@ impl Shared {
                 Ok(*len)
             }
             Write::Data { index, buf, len } => {
-                destination.write_at(buf.slice(*len), *index * block_bytes)?;
+                destination.write_block(buf.slice(*len), *index * block_bytes)?;
                 Ok(*len as u64)
             }
         }

@@ -166,6 +166,8 @@ impl Vm {
             .args(["-serial", "chardev:con0"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
+            .arg("-pidfile")
+            .arg(spec.run_dir.join("qemu.pid"))
             .args(["-drive", &drive]);
         match spec.bus {
             DiskBus::Virtio => {
