@@ -107,7 +107,8 @@ pub fn describe(disk: &ExportDisk, endpoint: &Endpoint) -> Value {
         "socket": match endpoint { Endpoint::Unix(p) => Some(p.clone()), Endpoint::Tcp(_) => None },
         "listen": match endpoint { Endpoint::Tcp(a) => Some(a.to_string()), Endpoint::Unix(_) => None },
         "writable": disk.writable(),
-        "overlay": disk.overlay().map(|o| o.path().display().to_string()),
+        "overlay": disk.overlay().filter(|o| !o.is_temporary()).map(|o| o.path().display().to_string()),
+        "overlay_temporary": disk.overlay().is_some_and(|o| o.is_temporary()),
         "qemu_drive": format!("file.driver=nbd,file.export={},{},format=raw", disk.name(), match endpoint {
             Endpoint::Unix(p) => format!("file.server.type=unix,file.server.path={}", p.display()),
             Endpoint::Tcp(a) => format!("file.server.type=inet,file.server.host={},file.server.port={}", a.ip(), a.port()),
@@ -119,9 +120,10 @@ fn print_info(info: &Value, json_out: bool) {
     if json_out {
         println!("{}", json!({ "export": info }));
     } else {
-        let writes = match info["overlay"].as_str() {
-            Some(o) => format!("writes go to the overlay {o}; the recovery point is never written"),
-            None => "read-only".to_string(),
+        let writes = match (info["overlay"].as_str(), info["overlay_temporary"] == true) {
+            (Some(o), _) => format!("writes go to the overlay {o}; the recovery point is never written"),
+            (None, true) => "writes go to a temporary overlay (gone at the end); the recovery point is never written".to_string(),
+            (None, false) => "read-only".to_string(),
         };
         println!("exporting {} ({}, {} consistency) over NBD; {writes}", info["name"].as_str().unwrap_or(""), bytes(info["size_bytes"].as_u64().unwrap_or(0)), info["rp"]["consistency"].as_str().unwrap_or("?"));
         println!("  NBD URI:   {}", info["uri"].as_str().unwrap_or(""));

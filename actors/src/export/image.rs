@@ -221,12 +221,20 @@ impl RpImage {
         let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
         let ahead = if sequential { READ_AHEAD_BLOCKS } else { 0 };
         for i in last + 1..=(last + ahead).min(self.meta.block_count.saturating_sub(1)) {
-            if !self.is_zero_block(i) && !self.lock_cache().entries.contains_key(&i) {
+            let loading = self.loading.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&i);
+            if !self.is_zero_block(i) && !loading && !self.lock_cache().entries.contains_key(&i) {
                 let this = self.clone();
                 tokio::spawn(async move {
                     let _ = this.block(i).await;
                 });
             }
+        }
+        if first == last {
+            // Most reads stay within one block: no task to spawn.
+            let block = self.block(first).await?;
+            let block_start = first * bb;
+            out[..(end - offset) as usize].copy_from_slice(&block[(offset - block_start) as usize..(end - block_start) as usize]);
+            return Ok(out);
         }
         let loads: Vec<_> = (first..=last)
             .map(|i| {

@@ -84,6 +84,7 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Ove
 /// An overlay file open for reading and writing. `Send + Sync`.
 pub struct Overlay {
     path: PathBuf,
+    temporary: bool,
     file: File,
     volume_bytes: u64,
     map_offset: u64,
@@ -151,13 +152,14 @@ impl Overlay {
                     .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
                     .open(temp_dir)
                     .map_err(io_err(temp_dir, "create a temporary overlay in"))?,
-                temp_dir.join("(temporary overlay)"),
+                temp_dir.to_path_buf(),
             ),
         };
+        let temporary = path.is_none();
         let h = header(meta).map_err(|cause| OverlayError::Invalid { path: shown.clone(), cause })?;
         file.write_all_at(&h, 0).map_err(io_err(&shown, "write header"))?;
         let map = vec![0u8; pages(meta.volume_bytes).div_ceil(8) as usize];
-        let overlay = Overlay { path: shown, file, volume_bytes: meta.volume_bytes, map_offset: map_offset(meta.volume_bytes), map: Mutex::new((map, true)) };
+        let overlay = Overlay { path: shown, temporary, file, volume_bytes: meta.volume_bytes, map_offset: map_offset(meta.volume_bytes), map: Mutex::new((map, true)) };
         overlay.flush()?;
         Ok(overlay)
     }
@@ -192,12 +194,17 @@ impl Overlay {
             return Err(invalid("page map checksum mismatch: the file is damaged".into()));
         }
         map.truncate(map_len);
-        Ok(Overlay { path: path.to_path_buf(), file, volume_bytes: meta.volume_bytes, map_offset, map: Mutex::new((map, false)) })
+        Ok(Overlay { path: path.to_path_buf(), temporary: false, file, volume_bytes: meta.volume_bytes, map_offset, map: Mutex::new((map, false)) })
     }
 
-    /// The overlay file (or a description of the temporary one).
+    /// The overlay file, or for a temporary one the folder it is (unnamed) in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether this is an unnamed temporary overlay (gone when closed).
+    pub fn is_temporary(&self) -> bool {
+        self.temporary
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<u8>, bool)> {
