@@ -206,32 +206,6 @@ impl BlockCodec {
         Some(self.seal(id, content, &plain, Some((base, base_depth)), true))
     }
 
-    /// Decrypts and decompresses a blob's payload to its plaintext (a block or a delta encoding).
-    pub fn open(&self, blob: &EncodedBlob) -> Result<Vec<u8>, CodecError> {
-        let mut payload = blob.payload.clone();
-        if blob.flags.has(BlobFlags::ENCRYPTED) {
-            let key = self.key.as_ref().ok_or(CodecError::NoKey(blob.id))?;
-            if payload.len() < NONCE_LEN {
-                return Err(CodecError::Decrypt(blob.id));
-            }
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce.copy_from_slice(&payload[..NONCE_LEN]);
-            let mut sealed = payload.split_off(NONCE_LEN);
-            let plain = key
-                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad(&blob.id, blob.flags, blob.plain_len)), &mut sealed)
-                .map_err(|_| CodecError::Decrypt(blob.id))?;
-            payload = plain.to_vec();
-        }
-        if blob.flags.has(BlobFlags::COMPRESSED) {
-            payload = zstd::bulk::decompress(&payload, blob.plain_len as usize)
-                .map_err(|e| CodecError::Decompress { id: blob.id, reason: e.to_string() })?;
-        }
-        if payload.len() != blob.plain_len as usize {
-            return Err(CodecError::Decompress { id: blob.id, reason: format!("{} bytes, header says {}", payload.len(), blob.plain_len) });
-        }
-        Ok(payload)
-    }
-
     /// Decrypts and decompresses a full-block blob straight into `out`, which must be
     /// exactly the block's length (`plain_len`): restore's fast path, with no copy
     /// of the block beyond decompression. Does not check the content id (see [`BlockCodec::check`]).
@@ -277,13 +251,6 @@ impl BlockCodec {
             return Err(CodecError::Decompress { id, reason: format!("{n} bytes, header says {plain_len}") });
         }
         Ok(())
-    }
-
-    /// Applies a delta plaintext to its base block, giving the new block.
-    pub fn apply_delta(&self, blob: &EncodedBlob, delta: &[u8], base: &[u8]) -> Result<Vec<u8>, CodecError> {
-        let mut out = base.to_vec();
-        self.apply_delta_in_place(blob, delta, &mut out)?;
-        Ok(out)
     }
 
     /// Applies a delta plaintext to `block` (its base) in place. On error `block`
@@ -333,6 +300,22 @@ impl BlockCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl BlockCodec {
+        /// The plaintext of a blob (a block or a delta encoding), for tests.
+        fn open(&self, blob: &EncodedBlob) -> Result<Vec<u8>, CodecError> {
+            let mut out = vec![0u8; blob.plain_len as usize];
+            self.open_into(&mut blob.clone(), &mut out)?;
+            Ok(out)
+        }
+
+        /// `base` with the delta applied, for tests.
+        fn apply_delta(&self, blob: &EncodedBlob, delta: &[u8], base: &[u8]) -> Result<Vec<u8>, CodecError> {
+            let mut out = base.to_vec();
+            self.apply_delta_in_place(blob, delta, &mut out)?;
+            Ok(out)
+        }
+    }
 
     fn block(seed: u8) -> Vec<u8> {
         // Compressible but not trivial: text-like bytes.

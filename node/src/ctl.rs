@@ -91,8 +91,9 @@ pub fn request(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     request_with_progress(socket, req, |_| {})
 }
 
-/// Like [`request`], calling `on_progress` with each progress line that precedes the answer.
-pub fn request_with_progress(socket: &Path, request: &impl serde::Serialize, mut on_progress: impl FnMut(&Value)) -> anyhow::Result<Response> {
+/// Connects to the admin socket at `socket` and sends `request`; the stream
+/// then carries the answer (and any progress lines before it).
+pub fn send_request(socket: &Path, request: &impl serde::Serialize) -> anyhow::Result<UnixStream> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         ErrorKind::NotFound => anyhow::anyhow!("no drmesh node is running here: there is no admin socket at {}", socket.display()),
         ErrorKind::ConnectionRefused => anyhow::anyhow!(
@@ -105,11 +106,17 @@ pub fn request_with_progress(socket: &Path, request: &impl serde::Serialize, mut
         ),
         _ => anyhow::anyhow!("cannot connect to admin socket {}: {e}", socket.display()),
     })?;
-    // Long commands (sync-now of a big volume, restore) send progress or take a while.
-    stream.set_read_timeout(Some(Duration::from_secs(24 * 3600)))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     (&stream).write_all(line.as_bytes()).with_context(|| format!("writing to {}", socket.display()))?;
+    Ok(stream)
+}
+
+/// Like [`request`], calling `on_progress` with each progress line that precedes the answer.
+pub fn request_with_progress(socket: &Path, request: &impl serde::Serialize, mut on_progress: impl FnMut(&Value)) -> anyhow::Result<Response> {
+    let stream = send_request(socket, request)?;
+    // Long commands (sync-now of a big volume, restore) send progress or take a while.
+    stream.set_read_timeout(Some(Duration::from_secs(24 * 3600)))?;
     let mut reader = BufReader::new(&stream);
     loop {
         let mut answer = String::new();

@@ -166,7 +166,6 @@ impl NodeExport {
 /// Asks the node on `state_dir` to export, and waits until it serves.
 pub fn through_node(state_dir: &Path, request: &ExportRequest) -> anyhow::Result<NodeExport> {
     let socket = state_dir.join(SOCKET_FILE);
-    let stream = UnixStream::connect(&socket).with_context(|| format!("connecting to the node's admin socket {}", socket.display()))?;
     let req = Request::Export {
         volume: request.volume.clone(),
         seq: request.seq,
@@ -176,9 +175,7 @@ pub fn through_node(state_dir: &Path, request: &ExportRequest) -> anyhow::Result
         overlay: request.overlay.clone(),
         read_only: request.read_only,
     };
-    let mut line = serde_json::to_string(&req)?;
-    line.push('\n');
-    (&stream).write_all(line.as_bytes()).with_context(|| format!("writing to {}", socket.display()))?;
+    let stream = crate::ctl::send_request(&socket, &req)?;
     let mut reader = BufReader::new(&stream);
     loop {
         let mut answer = String::new();

@@ -167,7 +167,10 @@ impl Overlay {
     /// Reopens the overlay at `path`, which must have been made for `meta`'s RP.
     pub fn open(path: &Path, meta: &RpMeta) -> Result<Overlay, OverlayError> {
         let invalid = |cause: String| OverlayError::Invalid { path: path.to_path_buf(), cause };
-        let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path).map_err(io_err(path, "open"))?;
+        let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(io_err(path, "open"))?;
+        if !file.metadata().map_err(io_err(path, "look at"))?.is_file() {
+            return Err(invalid("not a regular file; an overlay is a file (give a new path to make one)".into()));
+        }
         let mut h = [0u8; HEADER_BYTES as usize];
         file.read_exact_at(&mut h, 0).map_err(|_| invalid("too short to be an overlay".into()))?;
         if h[0..8] != MAGIC {

@@ -7,11 +7,12 @@
 //! 1. **Block map.** The block ids of the RP are read page by page and hashed
 //!    into its Merkle root, which must equal the root recorded at commit; a
 //!    damaged block map is found before anything is written.
-//! 2. **Data.** One worker per core takes the next block, reads its blob chain,
-//!    decrypts (AES-GCM, authenticated), decompresses, applies deltas from their
-//!    full base up, recomputes the content id and writes the block to the
-//!    destination (zero blocks are holes in a file, discards or zeros on a
-//!    device). Memory is a few blocks per worker, whatever the volume size.
+//! 2. **Data.** Decoders (two per core, plus four) take the next block, read
+//!    its blob chain, decrypt (AES-GCM, authenticated), decompress, apply
+//!    deltas on the base in place and recompute the content id; one writer
+//!    writes the blocks to the destination (zero blocks are holes in a file,
+//!    discards or zeros on a device). Memory is a fixed pool of blocks, whatever
+//!    the volume size (see `pipeline.rs`).
 //!
 //! A missing or corrupted blob fails the restore, naming the block and the blob.
 //! An image file gets its name only when everything passed and the data is
@@ -31,7 +32,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest, IDS_PER_REQUEST};
-use crate::codec::{BlockCodec, CodecError};
+use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
 use crate::store::{EncodedBlob, RpMeta, Store, StoreError};
 
@@ -278,23 +279,6 @@ pub fn blob_chain_into(store: &Store, content: &ContentId, buffer: Vec<u8>) -> R
         }
     }
     Ok(out)
-}
-
-/// Decodes a chain (head first) into the block it materializes, checking each step's content id.
-pub fn materialize(codec: &BlockCodec, content: ContentId, chain: &[EncodedBlob]) -> Result<Vec<u8>, CodecError> {
-    let mut block: Option<Vec<u8>> = None;
-    for blob in chain.iter().rev() {
-        let plain = codec.open(blob)?;
-        let next = match block.take() {
-            None => plain,
-            Some(base) => codec.apply_delta(blob, &plain, &base)?,
-        };
-        codec.check(blob.id, blob.content, &next)?;
-        block = Some(next);
-    }
-    let block = block.unwrap_or_default();
-    codec.check(chain.first().map_or(content, |b| b.id), content, &block)?;
-    Ok(block)
 }
 
 thread_local! {
