@@ -268,10 +268,12 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Ok(request) => {
                     // Long commands report progress as lines of their own before the answer.
                     let (progress_tx, mut progress_rx) = mpsc::channel::<serde_json::Value>(16);
+                    // An export serves until its client hangs up. Other commands run to
+                    // the end even if the client closed its sending side after the
+                    // request (`nc -N` does), as they always did.
+                    let mut watch_eof = matches!(request, Request::Export { .. });
                     let handling = handle(request, &ctx, progress_tx);
                     tokio::pin!(handling);
-                    // A client that hangs up stops its command (an export ends with it).
-                    let mut watch_eof = true;
                     loop {
                         tokio::select! {
                             response = &mut handling => break response,
