@@ -118,6 +118,15 @@ fn topology_check_lists_every_error_with_its_position() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-nodes.toml");
     let out = drmesh(&["topology", "check", example.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Drills are parsed but not run: the check says so.
+    let with_drill = dir.path().join("drill.toml");
+    let text = std::fs::read_to_string(&example).unwrap() + "\n[policy.nightly]\nrpo = \"1h\"\ndrill = { schedule = \"daily 02:00\", checks = [\"fsck\"] }\n";
+    std::fs::write(&with_drill, text).unwrap();
+    let out = drmesh(&["topology", "check", with_drill.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("[policy.nightly.drill]") && stdout.contains("not run by this version"), "{stdout}");
 }
 
 #[test]

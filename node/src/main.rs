@@ -114,6 +114,13 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                 t.policies.len(),
                 t.hash_short()
             );
+            let drills: Vec<&str> = t.policies.iter().filter(|(_, p)| p.drill.is_some()).map(|(name, _)| name.as_str()).collect();
+            if !drills.is_empty() {
+                println!(
+                    "note: drills ([policy.{}.drill]) are checked but not run by this version; `drmesh recover VOLUME@SEQ --boot --until-booted` checks a boot by hand",
+                    drills.join(".drill], [policy.")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(diagnostics) => {
