@@ -119,18 +119,23 @@ pub fn request_with_progress(socket: &Path, request: &impl serde::Serialize, mut
     stream.set_read_timeout(Some(Duration::from_secs(24 * 3600)))?;
     let mut reader = BufReader::new(&stream);
     loop {
-        let mut answer = String::new();
-        reader.read_line(&mut answer).with_context(|| format!("reading from {}", socket.display()))?;
-        if answer.is_empty() {
-            bail!("the node closed the admin connection without answering");
-        }
-        let value: Value = serde_json::from_str(&answer).with_context(|| format!("bad answer from the node: {answer}"))?;
+        let value = read_line(&mut reader, socket)?;
         if let Some(p) = value.get("progress") {
             on_progress(p);
             continue;
         }
-        return serde_json::from_value(value).with_context(|| format!("bad answer from the node: {answer}"));
+        return serde_json::from_value(value).context("bad answer from the node");
     }
+}
+
+/// The next line the node sent on an admin connection, parsed.
+pub fn read_line(reader: &mut impl BufRead, socket: &Path) -> anyhow::Result<Value> {
+    let mut answer = String::new();
+    reader.read_line(&mut answer).with_context(|| format!("reading from {}", socket.display()))?;
+    if answer.is_empty() {
+        bail!("the node closed the admin connection without answering");
+    }
+    serde_json::from_str(&answer).with_context(|| format!("bad answer from the node: {answer}"))
 }
 
 /// The arguments of `drmesh ctl --state-dir DIR agent-status` (`drmesh agent status`).

@@ -178,12 +178,7 @@ pub fn through_node(state_dir: &Path, request: &ExportRequest) -> anyhow::Result
     let stream = crate::ctl::send_request(&socket, &req)?;
     let mut reader = BufReader::new(&stream);
     loop {
-        let mut answer = String::new();
-        reader.read_line(&mut answer).with_context(|| format!("reading from {}", socket.display()))?;
-        if answer.is_empty() {
-            bail!("the node closed the admin connection without answering");
-        }
-        let v: Value = serde_json::from_str(&answer).with_context(|| format!("bad answer from the node: {answer}"))?;
+        let v = crate::ctl::read_line(&mut reader, &socket)?;
         if let Some(info) = v.get("progress").and_then(|p| p.get("export")) {
             return Ok(NodeExport { info: info.clone(), stream });
         }

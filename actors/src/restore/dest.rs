@@ -259,6 +259,15 @@ fn logical_block_bytes(rdev: u64) -> u64 {
         .unwrap_or(512)
 }
 
+/// Whether two descriptors are the same file or the same block device.
+fn same_file(a: &File, b: &File) -> bool {
+    match (a.metadata(), b.metadata()) {
+        (Ok(x), Ok(y)) if x.file_type().is_block_device() => y.file_type().is_block_device() && x.rdev() == y.rdev(),
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 fn random_suffix() -> String {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
@@ -469,7 +478,13 @@ impl Destination {
             Temp::Unnamed => PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
             Temp::Named { path, .. } => path.clone(),
         };
-        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(&reopen).ok();
+        let nofollow = if matches!(temp, Temp::Named { .. }) { libc::O_NOFOLLOW } else { 0 };
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC | nofollow)
+            .open(&reopen)
+            .ok()
+            .filter(|d| same_file(d, &file));
         let dest = Destination {
             shown,
             file,
@@ -497,17 +512,23 @@ impl Destination {
             }
             Err(e) => return Err(write_error(path, e)),
         };
+        // What was opened must be the device that was checked: a name swapped for
+        // something else meanwhile (a symlink to a file, say) is refused.
+        let opened = file.metadata().map_err(|e| write_error(path, e))?;
+        if !opened.file_type().is_block_device() || opened.rdev() != meta.rdev() {
+            return Err(refused(path, "it changed while it was being checked (it no longer names the same block device)"));
+        }
         // Exclusively ours from here (O_EXCL); a second descriptor writes with O_DIRECT.
-        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path).ok();
-        let buffered = &file;
-        let size = { buffered }.seek(SeekFrom::End(0)).map_err(|e| write_error(path, e))?;
+        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path).ok().filter(|d| same_file(d, &file));
+        let mut buffered = &file;
+        let size = buffered.seek(SeekFrom::End(0)).map_err(|e| write_error(path, e))?;
         if size < volume_bytes {
             return Err(refused(path, format!("the device holds {size} bytes but the recovery point needs {volume_bytes}")));
         }
         if !rules.force {
             let mut head = vec![0u8; PROBE_BYTES.min(size as usize)];
-            { buffered }.seek(SeekFrom::Start(0)).map_err(|e| write_error(path, e))?;
-            { buffered }.read_exact(&mut head).map_err(|e| write_error(path, e))?;
+            buffered.seek(SeekFrom::Start(0)).map_err(|e| write_error(path, e))?;
+            buffered.read_exact(&mut head).map_err(|e| write_error(path, e))?;
             if let Some(sig) = probe(&head) {
                 return Err(refused(path, format!("it holds {}; give --force to overwrite it", sig.describe())));
             }

@@ -293,7 +293,6 @@ thread_local! {
 /// blobs). Blobs are spent: their payload buffers may be reused afterwards.
 pub fn decode_into(codec: &BlockCodec, content: ContentId, chain: &mut [EncodedBlob], out: &mut [u8]) -> Result<(), String> {
     let head = chain.first().map(|b| b.id).ok_or("empty blob chain")?;
-    let ids: Vec<String> = if chain.len() > 1 { chain.iter().map(|b| b.id.to_string()).collect() } else { Vec::new() };
     let Some((base, deltas)) = chain.split_last_mut() else { return Err("empty blob chain".into()) };
     if base.base.is_some() {
         return Err(format!("delta blob {} has no base in its chain", base.id));
@@ -311,7 +310,10 @@ pub fn decode_into(codec: &BlockCodec, content: ContentId, chain: &mut [EncodedB
             codec.apply_delta_in_place(delta, &scratch, out).map_err(|e| e.to_string())
         })?;
     }
-    codec.check(head, content, out).map_err(|e| if ids.is_empty() { e.to_string() } else { format!("{e} (delta chain {})", ids.join(" <- ")) })
+    codec.check(head, content, out).map_err(|e| match chain {
+        [_] => e.to_string(),
+        _ => format!("{e} (delta chain {})", chain.iter().map(|b| b.id.to_string()).collect::<Vec<_>>().join(" <- ")),
+    })
 }
 
 /// Checks the block map of `meta` against its Merkle root, reading ids page by page.
