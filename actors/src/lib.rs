@@ -22,3 +22,4 @@ pub mod restore;
 pub mod adapt;
 pub mod export;
 pub mod vm;
+pub mod drill;

@@ -231,3 +231,64 @@ fn store_concurrent_gc_loses_nothing() {
         }
     }
 }
+
+fn drill(volume: &str, seq: u64, at: u64, verified: bool) -> drmesh_actors::drill::DrillReport {
+    use drmesh_actors::drill::{CheckReport, DrillReport};
+    let mut r = DrillReport {
+        volume: volume.into(),
+        seq,
+        node: "dst".into(),
+        started_unix_ms: at - 1,
+        finished_unix_ms: at,
+        software_version: "test".into(),
+        trigger: "request".into(),
+        checks: vec![CheckReport { check: "fsck".into(), passed: verified, summary: "s".into(), duration_ms: 1, output: String::new() }],
+        passed: false,
+        verified: false,
+        error: None,
+    };
+    r.settle(&["fsck"]);
+    r
+}
+
+#[test]
+fn store_retention_keeps_the_newest_verified_rp_and_drops_reports_with_their_rp() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let block = full(b"one block");
+    store.put_blobs(1, std::slice::from_ref(&block)).unwrap();
+    for seq in 1..=6 {
+        store.stage(1, "vol", &[(0, block.content)]).unwrap();
+        store.commit_rp(1, &meta("vol", seq, 1)).unwrap();
+    }
+    store.release_session(1);
+    // RP 2 verified, then failed later? No: its newest report decides. RP 3 verified, then a
+    // newer drill of RP 3 failed: RP 3 is no longer known-good. RP 5 failed.
+    store.record_drill(&drill("vol", 2, 100, true)).unwrap();
+    store.record_drill(&drill("vol", 3, 200, true)).unwrap();
+    store.record_drill(&drill("vol", 3, 300, false)).unwrap();
+    store.record_drill(&drill("vol", 5, 400, false)).unwrap();
+    assert_eq!(store.verified_seq("vol").unwrap(), Some(2));
+    assert_eq!(store.drills(Some("vol")).unwrap().len(), 4);
+    // A report for an RP that is not here is refused, nothing stored.
+    assert!(store.record_drill(&drill("vol", 9, 500, true)).is_err());
+    assert!(store.record_drill(&drill("other", 1, 500, true)).is_err());
+
+    let keep_two = Retention { keep_last: 2, ..Default::default() };
+    assert_eq!(store.prune("vol", &keep_two, u64::MAX).unwrap(), vec![1, 3, 4]);
+    let left: Vec<u64> = store.rps("vol").unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(left, vec![2, 5, 6], "the verified RP 2 stays beside the newest two");
+    let reports: Vec<(u64, u64)> = store.drills(Some("vol")).unwrap().iter().map(|r| (r.seq, r.finished_unix_ms)).collect();
+    assert_eq!(reports, vec![(2, 100), (5, 400)], "reports of pruned RPs went with them");
+    // The RP kept for its drill still restores: its block map is whole.
+    assert_eq!(store.block_ids("vol", 2, 0, 1).unwrap(), vec![block.content]);
+
+    // Once a newer RP is verified, the old one is pruned like any other.
+    store.record_drill(&drill("vol", 6, 600, true)).unwrap();
+    assert_eq!(store.prune("vol", &keep_two, u64::MAX).unwrap(), vec![2]);
+    assert_eq!(store.verified_seq("vol").unwrap(), Some(6));
+    // Reports survive a reopen; a read-only handle reads them.
+    drop(store);
+    let ro = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(ro.drills(None).unwrap().len(), 2);
+}

@@ -38,7 +38,7 @@ pub use diff::TopologyDiff;
 pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
 pub use schema::{
-    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillCheck, DrillSchedule, Link, Mesh, NbdAddress, Node, Policy,
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, Link, Mesh, NbdAddress, Node, Policy,
     Retention, Site, SourceKind, TimeOfDay, Volume, Weekday,
 };
 

@@ -428,7 +428,7 @@ fn read_site(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> SiteDraft {
 }
 
 fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
-    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels"], &[]);
+    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills"], &[]);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     if let Some(n) = &name {
@@ -502,8 +502,16 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
     } else if f.get("labels").is_some() {
         ok = false;
     }
+    let mut max_drills = 1;
+    if f.get("max_drills").is_some() {
+        match f.ranged(sink, "max_drills", false, 1, 64).and_then(|v| u32::try_from(v).ok()) {
+            Some(v) => max_drills = v,
+            None => ok = false,
+        }
+    }
     let node = match (&name, &id, &site, ok) {
         (Some(n), Some(i), Some(s), true) => Some(Node {
+            max_drills,
             name: n.value.clone(),
             id: i.value,
             addresses: addresses.iter().map(|(a, _)| a.value.clone()).collect(),
@@ -1038,7 +1046,12 @@ fn read_window(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<BandwidthWindo
 }
 
 fn read_drill(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Drill> {
-    f.check_keys(sink, &["schedule", "checks"], &[]);
+    f.check_keys(
+        sink,
+        &["schedule", "checks", "nodes", "max_unverified_age", "time_limit", "boot", "postgres", "script"],
+        &[],
+    );
+    let names = "\"fsck\", \"boot\", \"postgres\", \"script\"";
     let schedule = f.string(sink, "schedule", true).and_then(|s| match parse_schedule(&s.value) {
         Ok(schedule) => Some(schedule),
         Err(e) => {
@@ -1048,44 +1061,208 @@ fn read_drill(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Drill> {
     });
     let mut checks = vec![DrillCheck::Fsck];
     let mut ok = true;
+    let mut check_spans = Vec::new();
     match f.string_list(sink, "checks") {
         None => {}
         Some(Err(())) => ok = false,
         Some(Ok((span, list))) => {
             checks.clear();
             if list.is_empty() {
-                sink.error(
-                    span,
-                    "`checks` in the drill table is empty; expected some of \"fsck\", \"boot\", \"postgres\"",
-                );
+                sink.error(span, format!("`checks` in the drill table is empty; expected some of {names}"));
                 ok = false;
             }
             for item in list {
-                let check = match item.value.as_str() {
-                    "fsck" => DrillCheck::Fsck,
-                    "boot" => DrillCheck::Boot,
-                    "postgres" => DrillCheck::Postgres,
-                    other => {
-                        sink.error(
-                            item.span,
-                            format!("unknown drill check {other:?}; expected one of \"fsck\", \"boot\", \"postgres\""),
-                        );
-                        ok = false;
-                        continue;
-                    }
+                let Some(check) = DrillCheck::parse(&item.value) else {
+                    sink.error(item.span, format!("unknown drill check {:?}; expected one of {names}", item.value));
+                    ok = false;
+                    continue;
                 };
                 if checks.contains(&check) {
-                    sink.error(item.span, format!("drill check {:?} is listed twice", check.name()));
+                    sink.error(item.span.clone(), format!("drill check {:?} is listed twice", check.name()));
                     ok = false;
                 }
                 checks.push(check);
+                check_spans.push((check, item.span));
             }
+        }
+    }
+    let mut nodes = Vec::new();
+    match f.string_list(sink, "nodes") {
+        None => {}
+        Some(Err(())) => ok = false,
+        Some(Ok((span, list))) => {
+            if list.is_empty() {
+                sink.error(span, "`nodes` in the drill table is empty; leave it out to drill on every target".to_string());
+                ok = false;
+            }
+            for item in list {
+                if nodes.contains(&item.value) {
+                    sink.error(item.span, format!("drill node {:?} is listed twice", item.value));
+                    ok = false;
+                }
+                nodes.push(item.value);
+            }
+        }
+    }
+    let mut duration = |key: &str| -> Option<Option<std::time::Duration>> {
+        let Some(s) = f.string(sink, key, false) else {
+            return if f.get(key).is_some() { None } else { Some(None) };
+        };
+        match units::parse_duration(&s.value) {
+            Ok(d) if d.is_zero() => {
+                sink.error(s.span, format!("`{key}` in {} is zero; expected {DURATION_EXAMPLES}", f.what));
+                None
+            }
+            Ok(d) => Some(Some(d)),
+            Err(e) => {
+                sink.error(s.span, format!("`{key}` in {}: {e}", f.what));
+                None
+            }
+        }
+    };
+    let max_unverified_age = duration("max_unverified_age");
+    let time_limit = duration("time_limit");
+    ok &= max_unverified_age.is_some() && time_limit.is_some();
+
+    let mut boot = DrillBoot::default();
+    if let Some(t) = f.table(sink, "boot") {
+        t.check_keys(sink, &["adapt", "markers", "timeout", "memory_mib", "source_disk"], &[]);
+        if let Some(v) = t.get("adapt") {
+            match v.get_ref().as_bool() {
+                Some(b) => boot.adapt = b,
+                None => {
+                    t.wrong_type(sink, "adapt", v, "true or false");
+                    ok = false;
+                }
+            }
+        }
+        match t.string_list(sink, "markers") {
+            None => {}
+            Some(Err(())) => ok = false,
+            Some(Ok((span, list))) => {
+                if list.is_empty() || list.iter().any(|m| m.value.trim().is_empty()) {
+                    sink.error(span, format!("`markers` in {} must list non-empty console texts, such as \"login:\"", t.what));
+                    ok = false;
+                }
+                boot.markers = list.into_iter().map(|m| m.value).collect();
+            }
+        }
+        if let Some(s) = t.string(sink, "timeout", false) {
+            match units::parse_duration(&s.value) {
+                Ok(d) if !d.is_zero() => boot.timeout = d,
+                Ok(_) => {
+                    sink.error(s.span, format!("`timeout` in {} is zero; expected {DURATION_EXAMPLES}", t.what));
+                    ok = false;
+                }
+                Err(e) => {
+                    sink.error(s.span, format!("`timeout` in {}: {e}", t.what));
+                    ok = false;
+                }
+            }
+        } else if t.get("timeout").is_some() {
+            ok = false;
+        }
+        if t.get("memory_mib").is_some() {
+            match t.ranged(sink, "memory_mib", false, 128, 1 << 20).and_then(|v| u32::try_from(v).ok()) {
+                Some(v) => boot.memory_mib = v,
+                None => ok = false,
+            }
+        }
+        if let Some(s) = t.text(sink, "source_disk", false) {
+            if s.value.starts_with("/dev/") {
+                boot.source_disk = s.value;
+            } else {
+                sink.error(s.span, format!("`source_disk` in {} must be a device path such as \"/dev/sda\"", t.what));
+                ok = false;
+            }
+        } else if t.get("source_disk").is_some() {
+            ok = false;
+        }
+    } else if f.get("boot").is_some() {
+        ok = false;
+    }
+
+    let mut postgres = None;
+    if let Some(t) = f.table(sink, "postgres") {
+        t.check_keys(sink, &["path", "database", "query", "expect"], &[]);
+        let path = t.text(sink, "path", true).and_then(|s| {
+            if s.value.starts_with('/') && !s.value.split('/').any(|c| c == "..") {
+                Some(s.value)
+            } else {
+                sink.error(s.span, format!("`path` in {} must be the data directory's absolute path on the source server, such as \"/var/lib/postgresql/15/main\"", t.what));
+                None
+            }
+        });
+        let database = t.text(sink, "database", false).map(|s| s.value).unwrap_or_else(|| "postgres".to_string());
+        let query = t.text(sink, "query", false).map(|s| s.value);
+        let expect = t.string(sink, "expect", false);
+        if let (Some(e), None) = (&expect, &query) {
+            sink.error(e.span.clone(), format!("`expect` in {} needs a `query` to compare with", t.what));
+            ok = false;
+        }
+        ok &= path.is_some();
+        postgres = path.map(|path| DrillPostgres { path, database, query, expect: expect.map(|e| e.value) });
+    } else if f.get("postgres").is_some() {
+        ok = false;
+    }
+
+    let mut script = None;
+    if let Some(t) = f.table(sink, "script") {
+        t.check_keys(sink, &["command", "writable"], &[]);
+        let mut writable = false;
+        if let Some(v) = t.get("writable") {
+            match v.get_ref().as_bool() {
+                Some(b) => writable = b,
+                None => {
+                    t.wrong_type(sink, "writable", v, "true or false");
+                    ok = false;
+                }
+            }
+        }
+        match t.string_list(sink, "command") {
+            None => {
+                t.missing(sink, "command", "a list such as [\"/usr/local/bin/check-app\", \"--quick\"]");
+                ok = false;
+            }
+            Some(Err(())) => ok = false,
+            Some(Ok((span, list))) => {
+                if list.first().is_none_or(|c| c.value.trim().is_empty()) {
+                    sink.error(span, format!("`command` in {} is empty; expected the program and its arguments", t.what));
+                    ok = false;
+                } else {
+                    script = Some(DrillScript { command: list.into_iter().map(|c| c.value).collect(), writable });
+                }
+            }
+        }
+    } else if f.get("script").is_some() {
+        ok = false;
+    }
+
+    for (check, span) in check_spans {
+        let missing = match check {
+            DrillCheck::Postgres if postgres.is_none() && f.get("postgres").is_none() => Some("postgres"),
+            DrillCheck::Script if script.is_none() && f.get("script").is_none() => Some("script"),
+            _ => None,
+        };
+        if let Some(table) = missing {
+            sink.error(span, format!("drill check \"{table}\" needs a `{table}` table in {} saying what to check", f.what));
+            ok = false;
         }
     }
     if !ok {
         return None;
     }
-    Some(Drill { schedule: schedule?, checks })
+    let schedule = schedule?;
+    Some(Drill {
+        schedule,
+        checks,
+        nodes,
+        max_unverified_age: max_unverified_age.flatten().unwrap_or(schedule.interval() * 2),
+        time_limit: time_limit.flatten().unwrap_or(std::time::Duration::from_secs(3600)),
+        boot,
+        postgres,
+        script,
+    })
 }
 
 /// `"daily HH:MM"`, `"weekly DAY HH:MM"` or `"every DURATION"`.

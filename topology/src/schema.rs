@@ -65,6 +65,8 @@ pub struct Node {
     pub site: String,
     /// Free-form labels for ops and placement.
     pub labels: BTreeMap<String, String>,
+    /// Most drills the node runs at once (`max_drills`, default 1).
+    pub max_drills: u32,
 }
 
 /// A `[[volume]]` table: one protected disk.
@@ -324,13 +326,81 @@ impl DaySet {
     }
 }
 
-/// The `drill` table of a policy.
+/// The `drill` table of a policy: what proves its recovery points recover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drill {
     /// When drills run.
     pub schedule: DrillSchedule,
-    /// What a drill checks on the restored volume (default: `["fsck"]`).
+    /// What a drill checks on the recovery point (default: `["fsck"]`).
     pub checks: Vec<DrillCheck>,
+    /// Nodes that run the drills of volumes with this policy (each drills the
+    /// RPs it holds); empty: every target of the volume.
+    pub nodes: Vec<String>,
+    /// A volume whose newest verified RP is older than this is flagged
+    /// (dead-man's switch); default twice the schedule's interval.
+    pub max_unverified_age: Duration,
+    /// Time limit of one drill, all checks together (default 1h).
+    pub time_limit: Duration,
+    /// Settings of the `boot` check.
+    pub boot: DrillBoot,
+    /// Settings of the `postgres` check (required when it is listed).
+    pub postgres: Option<DrillPostgres>,
+    /// Settings of the `script` check (required when it is listed).
+    pub script: Option<DrillScript>,
+}
+
+/// `[policy.NAME.drill.boot]`: how the `boot` check boots the recovery point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrillBoot {
+    /// Adapt the image to the VM first (on the overlay), as `recover --adapt`.
+    pub adapt: bool,
+    /// Console text that means "booted" (default `["login:"]`).
+    pub markers: Vec<String>,
+    /// How long to wait for a marker (default 10m).
+    pub timeout: Duration,
+    /// Guest memory in MiB (default 1024).
+    pub memory_mib: u32,
+    /// What the source server called the disk, for fstab entries naming devices
+    /// (default `/dev/sda`).
+    pub source_disk: String,
+}
+
+impl Default for DrillBoot {
+    fn default() -> Self {
+        DrillBoot {
+            adapt: false,
+            markers: vec!["login:".to_string()],
+            timeout: Duration::from_secs(600),
+            memory_mib: 1024,
+            source_disk: "/dev/sda".to_string(),
+        }
+    }
+}
+
+/// `[policy.NAME.drill.postgres]`: the PostgreSQL cluster on the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrillPostgres {
+    /// The data directory as the source server sees it (an absolute path such
+    /// as `/var/lib/postgresql/15/main`), found on whichever of the RP's
+    /// filesystems holds it.
+    pub path: String,
+    /// Database the query runs in (default `postgres`).
+    pub database: String,
+    /// SQL whose result is recorded (and compared with `expect`).
+    pub query: Option<String>,
+    /// The expected result of `query` (psql unaligned, tuples only, rows
+    /// joined by newlines); absent: any result that runs passes.
+    pub expect: Option<String>,
+}
+
+/// `[policy.NAME.drill.script]`: a user command run against the RP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrillScript {
+    /// Program and arguments (no shell); run with the RP's filesystems mounted
+    /// under the folder in `DRMESH_DRILL_ROOT` (also its first extra argument).
+    pub command: Vec<String>,
+    /// Mount the filesystems writable on the overlay instead of read-only.
+    pub writable: bool,
 }
 
 /// When drills run (`drill.schedule`), in node local time.
@@ -361,6 +431,8 @@ pub enum DrillCheck {
     Boot,
     /// `"postgres"`: start PostgreSQL on the restored data and query it.
     Postgres,
+    /// `"script"`: a user command against the mounted filesystems.
+    Script,
 }
 
 impl DrillCheck {
@@ -370,6 +442,26 @@ impl DrillCheck {
             DrillCheck::Fsck => "fsck",
             DrillCheck::Boot => "boot",
             DrillCheck::Postgres => "postgres",
+            DrillCheck::Script => "script",
+        }
+    }
+
+    /// Every check, in the order a drill runs them.
+    pub const ALL: [DrillCheck; 4] = [DrillCheck::Fsck, DrillCheck::Postgres, DrillCheck::Script, DrillCheck::Boot];
+
+    /// The check named `name` (as in topology files).
+    pub fn parse(name: &str) -> Option<DrillCheck> {
+        DrillCheck::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+impl DrillSchedule {
+    /// The longest time between two scheduled drills.
+    pub fn interval(&self) -> Duration {
+        match self {
+            DrillSchedule::Daily { .. } => Duration::from_secs(86_400),
+            DrillSchedule::Weekly { .. } => Duration::from_secs(7 * 86_400),
+            DrillSchedule::Every(d) => *d,
         }
     }
 }

@@ -166,6 +166,27 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
                 };
                 sink.error(policy.span.clone(), format!("undefined policy {:?}; {expected}", policy.value));
             }
+            // Drill nodes drill the RPs they hold: at least one must hold this volume's.
+            if let Some(Some(drill)) = draft.policies.get(&policy.value).map(|p| p.as_ref().and_then(|p| p.drill.as_ref())) {
+                for n in &drill.nodes {
+                    if !node_names.first.contains_key(n) {
+                        sink.error(policy.span.clone(), format!("drill node {n:?} of policy {:?} is not a [[node]] name", policy.value));
+                    }
+                }
+                let targets: Vec<&str> = volume.targets.iter().map(|t| t.value.as_str()).collect();
+                if !drill.nodes.is_empty() && !drill.nodes.iter().any(|n| targets.contains(&n.as_str())) {
+                    let name = volume.name.as_ref().map(|n| n.value.as_str()).unwrap_or("?");
+                    sink.error(
+                        policy.span.clone(),
+                        format!(
+                            "policy {:?} drills on {}, none of which holds the recovery points of volume {name:?} (its targets: {}); expected a drill node among the targets",
+                            policy.value,
+                            drill.nodes.join(", "),
+                            targets.join(", ")
+                        ),
+                    );
+                }
+            }
         }
     }
 

@@ -16,6 +16,7 @@
 //!   catalog` answers before any peer is reached) under a higher generation,
 //!   then reconciles its own entries with its store.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,7 +29,8 @@ use serde::Serialize;
 use crate::actor::applier::DataPlane;
 use crate::actor::mesh::{DatagramService, MeshActor, SendDatagrams, SetDatagramService, SOFTWARE_VERSION};
 use crate::proto::bandwidth::Demand;
-use crate::proto::gossip::catalog::{Consistency, ItemKey, NodeStatus, RpInfo};
+use crate::drill::{verification, DrillReport, Verification};
+use crate::proto::gossip::catalog::{Consistency, DrillResult, ItemKey, NodeStatus, RpInfo};
 use crate::proto::gossip::{GossipConfig, GossipEvent, GossipNode, MemberState, Millis};
 use crate::store::RpMeta;
 
@@ -134,7 +136,13 @@ pub struct GossipActor {
     topology: Arc<Topology>,
     status: (NodeStatus, Millis),
     demand_sink: Option<Recipient<SiteDemands>>,
+    /// Volumes whose verification is overdue (dead-man's switch), as last logged.
+    overdue: BTreeMap<String, bool>,
+    last_verification: Instant,
 }
+
+/// How often the dead-man's switch of drills is evaluated.
+const VERIFICATION_PERIOD: Duration = Duration::from_secs(5);
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -149,8 +157,8 @@ fn status_of(me: &NodeId, topology: &Topology) -> NodeStatus {
     }
 }
 
-/// What the gossip catalog says about an RP committed here.
-pub fn rp_info(meta: &RpMeta) -> RpInfo {
+/// What the gossip catalog says about an RP held here, with its newest drill.
+pub fn rp_info(meta: &RpMeta, drill: Option<&DrillReport>) -> RpInfo {
     RpInfo {
         snapshot_unix_ms: meta.time_unix_ms,
         size_bytes: meta.volume_bytes,
@@ -160,7 +168,7 @@ pub fn rp_info(meta: &RpMeta) -> RpInfo {
             "app" => Consistency::Application,
             _ => Consistency::Crash,
         },
-        drill: None,
+        drill: drill.map(DrillResult::of),
     }
 }
 
@@ -209,6 +217,8 @@ impl GossipActor {
             topology,
             status,
             demand_sink: None,
+            overdue: BTreeMap::new(),
+            last_verification: Instant::now(),
         };
         let addr = actor.start();
         mesh.do_send(SetDatagramService(Arc::new(GossipInbox(addr.clone()))));
@@ -310,6 +320,10 @@ impl GossipActor {
             }
         }
         self.push_site_demands();
+        if self.last_verification.elapsed() >= VERIFICATION_PERIOD {
+            self.last_verification = Instant::now();
+            self.check_verification();
+        }
         if self.node.active_members() == 0 && self.last_join.is_none_or(|t| t.elapsed() >= JOIN_RETRY) {
             self.join(ctx);
         }
@@ -342,15 +356,51 @@ impl GossipActor {
         }));
     }
 
+    /// [`Verification`] of `volume` from its RPs' (seq, snapshot, drill), if its policy drills.
+    fn verification_of(&self, volume: &str, rps: &[(u64, u64, Option<&DrillResult>)], now_unix_ms: u64) -> Option<Verification> {
+        let vol = self.topology.volume_by_name(volume)?;
+        let drill = self.topology.policies.get(&vol.policy)?.drill.as_ref()?;
+        let rps: Vec<_> = rps.iter().map(|(seq, t, d)| (*seq, *t, d.map(|d| (d.verified, d.detail.as_str())))).collect();
+        Some(verification(&rps, now_unix_ms, drill.max_unverified_age.as_secs()))
+    }
+
+    /// The dead-man's switch: one WARN per volume when its verification becomes
+    /// overdue, one INFO when it is back.
+    fn check_verification(&mut self) {
+        let now_unix = unix_ms();
+        let all = self.node.rps();
+        let volumes: Vec<String> = self.topology.volumes.iter().map(|v| v.name.clone()).collect();
+        for volume in volumes {
+            let rps: Vec<(u64, u64, Option<&DrillResult>)> = all.iter().filter(|r| r.volume == volume).map(|r| (r.seq, r.info.snapshot_unix_ms, r.info.drill.as_ref())).collect();
+            let Some(v) = self.verification_of(&volume, &rps, now_unix) else {
+                self.overdue.remove(&volume);
+                continue;
+            };
+            let was = self.overdue.insert(volume.clone(), v.overdue).unwrap_or(false);
+            match (was, v.overdue) {
+                (false, true) => tracing::warn!(
+                    %volume,
+                    unverified_secs = v.unverified_secs.unwrap_or(0),
+                    max_unverified_age_secs = v.max_unverified_age_secs,
+                    newest_verified = v.verified_seq.map(|s| format!("{volume}@{s}")).unwrap_or_else(|| "none".into()),
+                    last_failure = v.last_failure.as_deref().unwrap_or("-"),
+                    "drill verification overdue: no recovery point of this volume was verified within max_unverified_age (are drills running? see `drmesh ctl drills`)"
+                ),
+                (true, false) => tracing::info!(%volume, verified = v.verified_seq.map(|s| format!("{volume}@{s}")).unwrap_or_default(), "drill verification back within max_unverified_age"),
+                _ => {}
+            }
+        }
+    }
+
     /// Brings this node's own catalog entries in line with its store (RPs
     /// committed or pruned while the replica was not saved).
-    fn reconcile(&mut self, store_rps: Vec<(String, Vec<RpMeta>)>, ctx: &mut Context<Self>) {
+    fn reconcile(&mut self, store_rps: Vec<(String, Vec<RpMeta>, BTreeMap<u64, DrillReport>)>, ctx: &mut Context<Self>) {
         let now = self.now();
         let mine: Vec<(String, u64)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
-        for (volume, rps) in &store_rps {
+        for (volume, rps, drills) in &store_rps {
             for meta in rps {
                 if !self.node.has_rp(&self.me, volume, meta.seq) {
-                    if let Err(e) = self.node.handle_local_rp(now, volume, meta.seq, rp_info(meta)) {
+                    if let Err(e) = self.node.handle_local_rp(now, volume, meta.seq, rp_info(meta, drills.get(&meta.seq))) {
                         tracing::warn!(%volume, error = %e, "cannot publish a recovery point");
                     }
                 }
@@ -358,7 +408,7 @@ impl GossipActor {
         }
         let expired_ms = unix_ms();
         for (volume, seq) in mine {
-            let held = store_rps.iter().find(|(v, _)| *v == volume).map(|(_, rps)| rps.as_slice()).unwrap_or_default();
+            let held = store_rps.iter().find(|(v, _, _)| *v == volume).map(|(_, rps, _)| rps.as_slice()).unwrap_or_default();
             if held.iter().any(|m| m.seq == seq) {
                 continue;
             }
@@ -385,11 +435,12 @@ impl Actor for GossipActor {
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
         let store = self.data.store().clone();
         let reading = async move {
-            tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<RpMeta>)>, String> {
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<RpMeta>, BTreeMap<u64, DrillReport>)>, String> {
                 let mut out = Vec::new();
                 for volume in store.volumes().map_err(|e| e.to_string())? {
                     let rps = store.rps(&volume).map_err(|e| e.to_string())?;
-                    out.push((volume, rps));
+                    let drills = store.latest_drills(&volume).map_err(|e| e.to_string())?;
+                    out.push((volume, rps, drills));
                 }
                 Ok(out)
             })
@@ -483,6 +534,38 @@ impl Handler<Expired> for GossipActor {
     }
 }
 
+/// A drill ran here on an RP this node holds: its summary joins the RP's
+/// catalog entry (and spreads by gossip). The report is already in the store.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PublishDrill(pub DrillReport);
+
+impl Handler<PublishDrill> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishDrill, ctx: &mut Context<Self>) {
+        let report = msg.0;
+        let meta = match self.data.store().rp(&report.volume, report.seq) {
+            Ok(Some(meta)) => meta,
+            Ok(None) => {
+                tracing::info!(rp = %report.rp(), "drill result not published: the RP was pruned meanwhile");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(rp = %report.rp(), error = %e, "drill result not published: cannot read the RP");
+                return;
+            }
+        };
+        let now = self.now();
+        if let Err(e) = self.node.handle_local_rp(now, &report.volume, report.seq, rp_info(&meta, Some(&report))) {
+            tracing::warn!(rp = %report.rp(), error = %e, "cannot publish a drill result");
+        }
+        self.dirty = true;
+        self.flush(ctx);
+        self.check_verification();
+    }
+}
+
 impl Handler<RpNews> for GossipActor {
     type Result = ();
 
@@ -490,7 +573,7 @@ impl Handler<RpNews> for GossipActor {
         match msg {
             RpNews::Committed(meta) => {
                 let now = self.now();
-                if let Err(e) = self.node.handle_local_rp(now, &meta.volume, meta.seq, rp_info(&meta)) {
+                if let Err(e) = self.node.handle_local_rp(now, &meta.volume, meta.seq, rp_info(&meta, None)) {
                     tracing::warn!(rp = %meta.name(), error = %e, "cannot publish a recovery point");
                 }
                 self.flush(ctx);
@@ -740,6 +823,8 @@ pub struct CatalogRp {
     pub consistency: &'static str,
     /// Last drill: passed?
     pub drill_passed: Option<bool>,
+    /// Last drill: when, every check's verdict, verified or not.
+    pub drill: Option<DrillResult>,
     /// Seconds since this node learned the entry (freshness).
     pub learned_secs: f64,
 }
@@ -769,6 +854,9 @@ pub struct CatalogVolume {
     pub rp_count: usize,
     /// Error of the source's last cycle, from its published health.
     pub last_error: Option<String>,
+    /// Drills: newest verified RP, how long unverified, overdue (`None`
+    /// when the volume's policy has no drills).
+    pub verification: Option<Verification>,
 }
 
 /// The answer of `drmesh ctl catalog`.
@@ -819,6 +907,7 @@ impl Handler<GetCatalog> for GossipActor {
                     Consistency::Application => "app",
                 },
                 drill_passed: r.info.drill.as_ref().map(|d| d.passed),
+                drill: r.info.drill.clone(),
                 learned_secs: secs(now.since(r.learned_at)),
             })
             .collect();
@@ -856,6 +945,7 @@ impl Handler<GetCatalog> for GossipActor {
                     rpo_missed_by_secs,
                     rp_count: of_volume.len(),
                     last_error: h.and_then(|h| h.health.last_error.clone()),
+                    verification: self.verification_of(&name, &of_volume.iter().map(|r| (r.seq, r.snapshot_unix_ms, r.drill.as_ref())).collect::<Vec<_>>(), now_unix),
                     volume: name,
                 }
             })

@@ -4,4 +4,5 @@ pub mod peers;
 pub mod session;
 pub mod gossip;
 pub mod bandwidth;
+pub mod drill;
 pub mod nbd;

@@ -1,14 +1,14 @@
 //! Retention (prune) and mark-and-sweep GC. The safety argument is in the module doc of
 //! [`super`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use redb::ReadableTable;
 
-use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANGES, VOLUMES};
+use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, VOLUMES};
 use super::error::{io_error, StoreError};
 use super::retention::{select_keep, Retention};
 use super::{blob_file, lock, now_unix_ms, GcReport, Store};
@@ -53,13 +53,15 @@ struct Candidate {
 
 impl Store {
     /// Applies `retention` to `volume`'s RPs at `now_unix_ms` and returns the deleted seqs
-    /// (ascending). Always keeps the newest RP (see [`select_keep`] for the selection).
+    /// (ascending). Always keeps the newest RP (see [`select_keep`] for the selection)
+    /// and the newest verified one (its newest drill passed every check of its policy).
     /// One durable transaction; O(changed blocks of the deleted RPs). The block-map rule is
     /// in the module doc of [`super`]. Blobs are freed later by [`Store::gc`].
     pub fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
         let _w = lock(&self.writer);
         let tx = self.begin_write("begin write")?;
         let mut deleted = Vec::new();
+        let mut verified = None;
         {
             let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
             let Some(vid) = vols
@@ -80,7 +82,21 @@ impl Store {
                 let meta = self.decode_rp_row(volume, seq, v.value())?;
                 all.push((seq, meta.time_unix_ms));
             }
-            let keep = select_keep(&all, retention, now_unix_ms);
+            let mut keep = select_keep(&all, retention, now_unix_ms);
+            // The newest verified RP is the last known-good point: never pruned.
+            let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
+            let mut latest: BTreeMap<u64, bool> = BTreeMap::new();
+            for row in drills.range((vid, 0u64, 0u64)..=(vid, u64::MAX, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+                let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
+                let (_, seq, _) = k.value();
+                // Rows are in finish order per seq: the last one is the newest report.
+                latest.insert(seq, super::drills::row_verified(v.value()));
+            }
+            if let Some((&seq, _)) = latest.iter().rev().find(|(_, v)| **v) {
+                if all.iter().any(|(s, _)| *s == seq) && keep.insert(seq) {
+                    verified = Some(seq);
+                }
+            }
             let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
             let mut changes = tx
                 .open_table(RP_CHANGES)
@@ -133,11 +149,21 @@ impl Store {
                         .map_err(|e| self.ce("re-key block map", e))?;
                 }
                 rps.remove((vid, d)).map_err(|e| self.ce("delete rp", e))?;
+                let mut reports = Vec::new();
+                for row in drills.range((vid, d, 0u64)..=(vid, d, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+                    reports.push(row.map_err(|e| self.ce("read drills", e))?.0.value());
+                }
+                for k in reports {
+                    drills.remove(k).map_err(|e| self.ce("delete drill report", e))?;
+                }
                 deleted.push(d);
             }
         }
         tx.commit()
             .map_err(|e| self.ce(&format!("commit prune of {volume}"), e))?;
+        if let Some(seq) = verified.filter(|_| !deleted.is_empty()) {
+            tracing::info!(volume, seq, "store: kept the newest verified RP (last known-good) beyond retention");
+        }
         if !deleted.is_empty() {
             tracing::info!(volume, deleted = ?deleted, "store: pruned RPs");
         }

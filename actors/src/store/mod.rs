@@ -70,6 +70,7 @@
 
 mod blob_file;
 mod catalog;
+mod drills;
 mod error;
 mod gc;
 mod retention;
@@ -84,7 +85,7 @@ use redb::{Builder, ConcurrencyMode, Database, Durability, ReadOnlyDatabase, Rea
 use serde::{Deserialize, Serialize};
 
 pub use self::blob_file::{HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
-use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, STAGED, VOLUMES};
+use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
 pub use self::error::{is_no_space, StoreError};
 pub use self::retention::{iso_week_index, select_keep, Retention};
@@ -336,6 +337,7 @@ impl Store {
                 tx.open_table(CONTENTS)
                     .map_err(|e| store.ce("open table contents", e))?;
                 tx.open_table(BLOBS).map_err(|e| store.ce("open table blobs", e))?;
+                tx.open_table(DRILLS).map_err(|e| store.ce("open table drills", e))?;
                 // Staged rows of an older version lived in the catalog; they are dropped as at any open.
                 tx.delete_table(STAGED).map_err(|e| store.ce("drop table staged", e))?;
             }

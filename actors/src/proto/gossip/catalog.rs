@@ -47,15 +47,55 @@ pub enum Consistency {
     Application,
 }
 
-/// Outcome of a disaster-recovery drill run on an RP.
+/// Outcome of a disaster-recovery drill run on an RP (the summary of a
+/// [`crate::drill::DrillReport`]; the holder keeps the whole report).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrillResult {
     /// When the drill finished, Unix milliseconds.
     pub finished_unix_ms: u64,
-    /// Whether every check passed.
+    /// Whether every check that ran passed.
     pub passed: bool,
+    /// Whether the checks covered every check of the volume's policy and passed.
+    pub verified: bool,
+    /// Each check's verdict, in the order they ran (at most [`DRILL_CHECKS_MAX`]).
+    pub checks: Vec<CheckVerdict>,
+    /// drmesh version that ran the drill (cut to [`TEXT_BYTES_MAX`]).
+    pub software_version: String,
     /// Short human summary (cut to [`TEXT_BYTES_MAX`]).
     pub detail: String,
+}
+
+/// Most check verdicts carried per drill result.
+pub const DRILL_CHECKS_MAX: usize = 8;
+
+/// One check's verdict in a [`DrillResult`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckVerdict {
+    /// Check name (`fsck`, `boot`, `postgres`, `script`; cut to 32 bytes).
+    pub check: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// How long it ran, milliseconds.
+    pub duration_ms: u64,
+}
+
+impl DrillResult {
+    /// The gossiped summary of a full report.
+    pub fn of(report: &crate::drill::DrillReport) -> DrillResult {
+        DrillResult {
+            finished_unix_ms: report.finished_unix_ms,
+            passed: report.passed,
+            verified: report.verified,
+            checks: report
+                .checks
+                .iter()
+                .take(DRILL_CHECKS_MAX)
+                .map(|c| CheckVerdict { check: c.check.chars().take(32).collect(), passed: c.passed, duration_ms: c.duration_ms })
+                .collect(),
+            software_version: report.software_version.clone(),
+            detail: report.summary(),
+        }
+    }
 }
 
 /// What the mesh knows about one recovery point held by one node.

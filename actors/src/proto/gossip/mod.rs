@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use catalog::{
     cut_text, prefix_of, Catalog, Item, ItemKey, ItemValue, Merge, NodeStatus, RpInfo, VolumeHealth,
-    VolumeName, BUCKETS, VOLUME_NAME_BYTES_MAX,
+    VolumeName, BUCKETS, DRILL_CHECKS_MAX, VOLUME_NAME_BYTES_MAX,
 };
 use crate::proto::bandwidth::Demand;
 use wire::{encode_sync, Delta, DeltaKey, DetailEntry, SyncMsg, DATAGRAM_BYTES_MAX, TAG_FOCA, TAG_SYNC};
@@ -561,6 +561,11 @@ impl GossipNode {
         Self::check_volume(volume)?;
         if let Some(d) = info.drill.as_mut() {
             d.detail = cut_text(&d.detail);
+            d.software_version = cut_text(&d.software_version);
+            d.checks.truncate(DRILL_CHECKS_MAX);
+            for c in &mut d.checks {
+                c.check = c.check.chars().take(32).collect();
+            }
         }
         self.write_local(now, ItemKey::Rp(volume.to_string(), seq), ItemValue::Rp(info));
         Ok(())

@@ -186,3 +186,27 @@ fn uplink_demands_spread_and_follow_changes() {
     let restored = GossipNode::restore(Millis(0), id(0), 2, GossipConfig::for_cluster(3), 9, &snap).unwrap();
     assert_eq!(lock(&restored.shared).holders.get(&id(1)).and_then(|h| h.items.get(&ItemKey::Demand)).map(|s| s.value.clone()), Some(ItemValue::Demand(Demand::Idle)));
 }
+
+#[test]
+fn drill_result_replaces_the_rp_entry_everywhere_and_is_cut_to_size() {
+    use super::catalog::{CheckVerdict, DrillResult};
+    let mut mesh = Mesh::new(5);
+    mesh.run_until(Millis(5_000));
+    mesh.node(2).handle_local_rp(Millis(5_000), "db", 4, info(4)).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(10_000));
+    let long = "x".repeat(5000);
+    let checks = (0..20).map(|i| CheckVerdict { check: format!("check-{i}-{long}"), passed: i != 3, duration_ms: i }).collect();
+    let mut drilled = info(4);
+    drilled.drill = Some(DrillResult { finished_unix_ms: 9, passed: false, verified: false, checks, software_version: long.clone(), detail: long });
+    mesh.node(2).handle_local_rp(Millis(10_000), "db", 4, drilled).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(20_000));
+    for n in 0..5 {
+        let rps = mesh.node(n).rps();
+        let rp = rps.iter().find(|r| r.volume == "db" && r.seq == 4).expect("db@4 known");
+        let d = rp.info.drill.as_ref().unwrap_or_else(|| panic!("node {n} lacks the drill result"));
+        assert!(!d.passed && d.checks.len() == super::catalog::DRILL_CHECKS_MAX && d.checks[3].check.len() == 32);
+        assert!(d.detail.len() <= super::catalog::TEXT_BYTES_MAX && d.software_version.len() <= super::catalog::TEXT_BYTES_MAX);
+    }
+}
