@@ -119,14 +119,22 @@ fn topology_check_lists_every_error_with_its_position() {
     let out = drmesh(&["topology", "check", example.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 
-    // Drills are parsed but not run: the check says so.
+    // Drills: the check says what runs where; a drill check without its settings, or
+    // drill nodes that hold none of a volume's RPs, are errors with their place.
     let with_drill = dir.path().join("drill.toml");
-    let text = std::fs::read_to_string(&example).unwrap() + "\n[policy.nightly]\nrpo = \"1h\"\ndrill = { schedule = \"daily 02:00\", checks = [\"fsck\"] }\n";
-    std::fs::write(&with_drill, text).unwrap();
+    let text = std::fs::read_to_string(&example).unwrap() + "\n[policy.default.drill]\nschedule = \"daily 02:00\"\nchecks = [\"fsck\", \"boot\"]\n";
+    std::fs::write(&with_drill, &text).unwrap();
     let out = drmesh(&["topology", "check", with_drill.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("[policy.nightly.drill]") && stdout.contains("not run by this version"), "{stdout}");
+    assert!(stdout.contains("daily 02:00 on ") && stdout.contains("checks fsck, boot") && stdout.contains("OVERDUE after 2days"), "{stdout}");
+    let bad = text.replace("checks = [\"fsck\", \"boot\"]", "checks = [\"postgres\"]\nnodes = [\"nobody\"]\nmax_unverified_age = \"0s\"");
+    std::fs::write(&with_drill, bad).unwrap();
+    let out = drmesh(&["topology", "check", with_drill.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(err.contains("drill check \"postgres\" needs a `postgres` table"), "{err}");
+    assert!(err.contains("`max_unverified_age` in `drill` of [policy.default] is zero"), "{err}");
 }
 
 #[test]

@@ -132,6 +132,24 @@ pub enum Request {
     /// The kernel module's view of this node's `kmod` volumes: attached
     /// devices, bitmap size, COW store use, changes pending per target.
     AgentStatus,
+    /// Drill a recovery point this node holds now (queued behind running
+    /// drills; progress lines precede the report).
+    Drill {
+        /// Volume name.
+        volume: String,
+        /// Sequence number; newest held when absent.
+        #[serde(default)]
+        seq: Option<u64>,
+        /// Check names; the policy's when empty.
+        #[serde(default)]
+        checks: Vec<String>,
+    },
+    /// Drill reports kept here, running and waiting drills, next scheduled ones.
+    Drills {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<String>,
+    },
 }
 
 /// A request line for the gossip replica (`mesh`, `catalog`), parsed before [`Request`].
@@ -192,6 +210,8 @@ pub struct AdminContext {
     pub gossip: Addr<GossipActor>,
     /// The node's state directory (journal of interrupted restores).
     pub state_dir: PathBuf,
+    /// The drill runner.
+    pub drills: Addr<crate::drill::runner::DrillRunner>,
 }
 
 /// Fails if a node is already running on `state_dir` (its admin socket answers);
@@ -293,7 +313,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, export, store, agent-status, mesh, catalog)"
+                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, export, store, agent-status, drill, drills, mesh, catalog)"
                     ),
                     vec![],
                 ),

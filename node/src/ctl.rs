@@ -77,6 +77,12 @@ enum CtlCommand {
     /// The kernel module's view of this node's `kmod` volumes: attached devices,
     /// bitmap size, COW store use, changes not yet committed per target.
     AgentStatus,
+    /// Drills of this node: reports kept with its recovery points (newest
+    /// last), drills running and waiting, when the next scheduled ones are due.
+    Drills {
+        /// Only this volume.
+        volume: Option<String>,
+    },
     /// Every node of the mesh as gossip sees it: alive/suspect/down, last heard, site, version, topology.
     Mesh,
     /// The mesh-wide recovery-point catalog (local replica): holders, freshness, RPO per volume.
@@ -162,6 +168,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
         CtlCommand::Store => Request::Store,
         CtlCommand::AgentStatus => Request::AgentStatus,
+        CtlCommand::Drills { volume } => Request::Drills { volume },
         CtlCommand::Mesh => return run_gossip(&socket, args.json, GossipRequest::Mesh),
         CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
     };
@@ -211,6 +218,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         }
         Request::Restore { .. } | Request::Verify { .. } | Request::Export { .. } => println!("{}", s(&data)),
         Request::AgentStatus => print_agent_status(&data),
+        Request::Drills { .. } => print_drills(&data),
+        Request::Drill { .. } => crate::drill::print_report(&data),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -266,7 +275,7 @@ fn mesh_table(data: &Value) -> Table {
 fn catalog_volumes_table(data: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(vec!["VOLUME", "SOURCE", "RPO", "LAST RP", "HELD BY", "AGE", "RPO STATE", "RPS", "LAST ERROR"]);
+    table.set_header(vec!["VOLUME", "SOURCE", "RPO", "LAST RP", "HELD BY", "AGE", "RPO STATE", "VERIFIED", "RPS", "LAST ERROR"]);
     for v in data["volumes"].as_array().into_iter().flatten() {
         let rpo = v["rpo_secs"].as_u64().map(duration).unwrap_or_else(|| "-".into());
         let last = v["last_seq"].as_u64().map(|seq| format!("{}@{seq}", s(&v["volume"]))).unwrap_or_else(|| "none".into());
@@ -279,7 +288,23 @@ fn catalog_volumes_table(data: &Value) -> Table {
             _ => "-".to_string(),
         };
         let error = v["last_error"].as_str().map(|e| e.chars().take(60).collect()).unwrap_or_else(|| "-".into());
-        table.add_row(vec![s(&v["volume"]), s(&v["source"]), rpo, last, holders.join(", "), age, state, s(&v["rp_count"]), error]);
+        let ver = &v["verification"];
+        let verified = if ver.is_null() {
+            "no drills".to_string()
+        } else {
+            let age = ver["unverified_secs"].as_u64().map(duration).unwrap_or_else(|| "-".into());
+            let state = match ver["verified_seq"].as_u64() {
+                Some(seq) => format!("@{seq}, taken {age} ago"),
+                None if ver["unverified_secs"].is_null() => "no recovery point".into(),
+                None => format!("never, RPs for {age}"),
+            };
+            if ver["overdue"] == true {
+                format!("OVERDUE: {state} (max {})", duration(ver["max_unverified_age_secs"].as_u64().unwrap_or(0)))
+            } else {
+                state
+            }
+        };
+        table.add_row(vec![s(&v["volume"]), s(&v["source"]), rpo, last, holders.join(", "), age, state, verified, s(&v["rp_count"]), error]);
     }
     table
 }
@@ -289,18 +314,14 @@ fn catalog_rps_table(data: &Value) -> Table {
     table.load_preset(UTF8_BORDERS_ONLY);
     table.set_header(vec!["RECOVERY POINT", "HOLDER", "TIME (UTC)", "SIZE", "CONSISTENCY", "DRILL", "MERKLE ROOT", "LEARNED"]);
     for r in data["rps"].as_array().into_iter().flatten() {
-        let drill = match &r["drill_passed"] {
-            Value::Bool(true) => "passed",
-            Value::Bool(false) => "FAILED",
-            _ => "-",
-        };
+        let drill = drill_state(&r["drill"]);
         table.add_row(vec![
             format!("{}@{}", s(&r["volume"]), s(&r["seq"])),
             s(&r["holder"]),
             time_ms(r["snapshot_unix_ms"].as_u64().unwrap_or(0)),
             bytes(r["size_bytes"].as_u64().unwrap_or(0)),
             s(&r["consistency"]),
-            drill.to_string(),
+            drill,
             s(&r["merkle_root"]),
             ago(&r["learned_secs"]),
         ]);
@@ -513,12 +534,34 @@ pub fn cycles_table(reports: &[Value]) -> Table {
     table
 }
 
+/// `VERIFIED`, `passed`, `FAILED (check)` or `never drilled`, from a drill report value.
+fn drill_state(d: &Value) -> String {
+    if d.is_null() {
+        return "never drilled".into();
+    }
+    if d["verified"] == true {
+        return "VERIFIED".into();
+    }
+    if d["passed"] == true {
+        return "passed (partial)".into();
+    }
+    let failed = d["checks"].as_array().into_iter().flatten().find(|c| c["passed"] == false).and_then(|c| c["check"].as_str().map(str::to_string));
+    match failed {
+        Some(c) => format!("FAILED ({c})"),
+        None => "FAILED".into(),
+    }
+}
+
 fn rps_table(rps: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(vec!["RECOVERY POINT", "TIME (UTC)", "SIZE", "CHANGED", "STORED", "SOURCE", "ENCRYPTED", "MERKLE ROOT"]);
+    table.set_header(vec!["RECOVERY POINT", "TIME (UTC)", "SIZE", "CHANGED", "STORED", "SOURCE", "ENCRYPTED", "DRILL", "MERKLE ROOT"]);
     for r in rps.as_array().into_iter().flatten() {
         let root: String = r["merkle_root"].as_array().into_iter().flatten().take(6).map(|b| format!("{:02x}", b.as_u64().unwrap_or(0))).collect();
+        let mut drill = drill_state(&r["drill"]);
+        if r["last_known_good"] == true {
+            drill.push_str(", last known-good: kept by retention");
+        }
         table.add_row(vec![
             format!("{}@{}", s(&r["volume"]), s(&r["seq"])),
             time_ms(r["time_unix_ms"].as_u64().unwrap_or(0)),
@@ -527,10 +570,64 @@ fn rps_table(rps: &Value) -> Table {
             bytes(r["bytes_stored"].as_u64().unwrap_or(0)),
             s(&r["source_node"]),
             if r["encrypted"] == true { "yes".into() } else { "no".into() },
+            drill,
             root,
         ]);
     }
     table
+}
+
+fn print_drills(data: &Value) {
+    for j in data["running"].as_array().into_iter().flatten() {
+        println!("running: {} ({}), checks {}", rp_of(j), s(&j["trigger"]), list(&j["checks"]));
+    }
+    for j in data["waiting"].as_array().into_iter().flatten() {
+        println!("waiting: {} ({}), checks {}", rp_of(j), s(&j["trigger"]), list(&j["checks"]));
+    }
+    for n in data["schedule"].as_array().into_iter().flatten() {
+        println!("next scheduled drill of {}: {}", s(&n["volume"]), time_ms(n["next_unix_ms"].as_u64().unwrap_or(0)));
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["RECOVERY POINT", "FINISHED (UTC)", "TRIGGER", "RESULT", "CHECKS", "SUMMARY"]);
+    let reports = data["reports"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for r in reports {
+        let checks: Vec<String> = r["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| format!("{} {} {:.1}s", s(&c["check"]), if c["passed"] == true { "ok" } else { "FAILED" }, c["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0))
+            .collect();
+        let summary = match (r["error"].as_str(), r["checks"].as_array().and_then(|c| c.iter().find(|c| c["passed"] == false))) {
+            (Some(e), _) => e.to_string(),
+            (None, Some(c)) => format!("{}: {}", s(&c["check"]), s(&c["summary"])),
+            (None, None) => r["checks"].as_array().and_then(|c| c.last()).map(|c| s(&c["summary"])).unwrap_or_default(),
+        };
+        table.add_row(vec![
+            format!("{}@{}", s(&r["volume"]), s(&r["seq"])),
+            time_ms(r["finished_unix_ms"].as_u64().unwrap_or(0)),
+            s(&r["trigger"]),
+            drill_state(r),
+            checks.join(", "),
+            summary.chars().take(100).collect(),
+        ]);
+    }
+    if reports.is_empty() {
+        println!("no drill report kept on this node");
+    } else {
+        println!("{table}");
+    }
+}
+
+fn rp_of(j: &Value) -> String {
+    match j["seq"].as_u64() {
+        Some(seq) => format!("{}@{seq}", s(&j["volume"])),
+        None => format!("{} (newest)", s(&j["volume"])),
+    }
+}
+
+fn list(v: &Value) -> String {
+    v.as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",")
 }
 
 fn print_pause(list: &Value) {

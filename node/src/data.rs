@@ -64,7 +64,22 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
                 };
                 let mut all = Vec::new();
                 for v in volumes {
-                    all.extend(store.rps(&v).map_err(|e| e.to_string())?);
+                    let drills = store.latest_drills(&v).map_err(|e| e.to_string())?;
+                    let good = drills.iter().rev().find(|(_, r)| r.verified).map(|(seq, _)| *seq);
+                    for meta in store.rps(&v).map_err(|e| e.to_string())? {
+                        let mut row = serde_json::to_value(&meta).map_err(|e| e.to_string())?;
+                        // The newest report, without its output tails (`ctl drills` has them).
+                        let drill = drills.get(&meta.seq).map(|r| {
+                            let mut r = r.clone();
+                            for c in &mut r.checks {
+                                c.output.clear();
+                            }
+                            r
+                        });
+                        row["drill"] = serde_json::to_value(drill).map_err(|e| e.to_string())?;
+                        row["last_known_good"] = json!(good == Some(meta.seq));
+                        all.push(row);
+                    }
                 }
                 Ok(all)
             })
@@ -96,6 +111,16 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             let report = read_rp(ctx, &volume, seq, from, None, progress).await?;
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
+        Request::Drill { volume, seq, checks } => {
+            let runner = crate::drill::runner::RequestDrill { volume, seq, checks, progress: progress.clone() };
+            let (position, done) = ctx.drills.send(runner).await.map_err(|e| e.to_string())??;
+            if position > 0 {
+                let _ = progress.send(json!({ "queued": position })).await;
+            }
+            let report = done.await.map_err(|_| "the node stopped before the drill ended".to_string())??;
+            Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
+        }
+        Request::Drills { volume } => ctx.drills.send(crate::drill::runner::GetDrills(volume)).await.map_err(|e| e.to_string())?,
         Request::Status | Request::Peers | Request::Reload => Err("not a data-plane command".into()),
     }
 }

@@ -10,9 +10,11 @@ mod ctl;
 mod data;
 mod boot;
 mod demo;
+mod drill;
 mod export;
 mod init;
 mod logging;
+mod mounts;
 mod recover;
 mod reload;
 mod run;
@@ -60,6 +62,12 @@ enum Command {
     /// Boot a recovery point in a VM before any restore (instant recovery), with boot
     /// adaptation and live restore to a device.
     Recover(boot::RecoverArgs),
+    /// Drill a recovery point: prove it recovers (fsck, boot, PostgreSQL, a
+    /// script), on an overlay, never touching the RP; the node keeps the result.
+    Drill(drill::DrillArgs),
+    /// Runs the checks of one drill for the node (not for people).
+    #[command(hide = true)]
+    DrillWorker(drill::WorkerArgs),
     /// Replicate a real ext4 image between two local nodes, restore it and check it.
     Demo(demo::DemoArgs),
 }
@@ -90,6 +98,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => recover::verify(args),
         Command::Export(args) => export::run(args),
         Command::Recover(args) => boot::run(args),
+        Command::Drill(args) => drill::run(args),
+        Command::DrillWorker(args) => drill::worker(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {
@@ -98,6 +108,16 @@ fn main() -> ExitCode {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A drill schedule as written in topology files.
+fn schedule_text(s: &drmesh_topology::DrillSchedule) -> String {
+    use drmesh_topology::DrillSchedule;
+    match s {
+        DrillSchedule::Daily { at } => format!("daily {at}"),
+        DrillSchedule::Weekly { day, at } => format!("weekly {} {at}", day.name()),
+        DrillSchedule::Every(d) => format!("every {}", humantime::format_duration(*d)),
     }
 }
 
@@ -114,11 +134,18 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                 t.policies.len(),
                 t.hash_short()
             );
-            let drills: Vec<&str> = t.policies.iter().filter(|(_, p)| p.drill.is_some()).map(|(name, _)| name.as_str()).collect();
-            if !drills.is_empty() {
+            for v in &t.volumes {
+                let Some(drill) = t.policies.get(&v.policy).and_then(|p| p.drill.as_ref()) else { continue };
+                let on: Vec<&String> = v.targets.iter().filter(|n| drill.nodes.is_empty() || drill.nodes.contains(n)).collect();
+                let checks: Vec<&str> = drill.checks.iter().map(|c| c.name()).collect();
                 println!(
-                    "note: drills ([policy.{}.drill]) are checked but not run by this version; `drmesh recover VOLUME@SEQ --boot --until-booted` checks a boot by hand",
-                    drills.join(".drill], [policy.")
+                    "drills of {}: {} on {}, checks {}, time limit {}, OVERDUE after {} unverified",
+                    v.name,
+                    schedule_text(&drill.schedule),
+                    on.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                    checks.join(", "),
+                    humantime::format_duration(drill.time_limit),
+                    humantime::format_duration(drill.max_unverified_age)
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -397,7 +397,7 @@ pub struct DrillPostgres {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrillScript {
     /// Program and arguments (no shell); run with the RP's filesystems mounted
-    /// under the folder in `DRMESH_DRILL_ROOT` (also its first extra argument).
+    /// under the folder in `DRMESH_DRILL_ROOT` (also its working directory).
     pub command: Vec<String>,
     /// Mount the filesystems writable on the overlay instead of read-only.
     pub writable: bool,

@@ -157,6 +157,9 @@ fn status_of(me: &NodeId, topology: &Topology) -> NodeStatus {
     }
 }
 
+/// One volume of the store as reconciliation reads it: name, RPs, newest drill per seq.
+type StoreVolume = (String, Vec<RpMeta>, BTreeMap<u64, DrillReport>);
+
 /// What the gossip catalog says about an RP held here, with its newest drill.
 pub fn rp_info(meta: &RpMeta, drill: Option<&DrillReport>) -> RpInfo {
     RpInfo {
@@ -394,7 +397,7 @@ impl GossipActor {
 
     /// Brings this node's own catalog entries in line with its store (RPs
     /// committed or pruned while the replica was not saved).
-    fn reconcile(&mut self, store_rps: Vec<(String, Vec<RpMeta>, BTreeMap<u64, DrillReport>)>, ctx: &mut Context<Self>) {
+    fn reconcile(&mut self, store_rps: Vec<StoreVolume>, ctx: &mut Context<Self>) {
         let now = self.now();
         let mine: Vec<(String, u64)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
         for (volume, rps, drills) in &store_rps {
@@ -435,7 +438,7 @@ impl Actor for GossipActor {
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
         let store = self.data.store().clone();
         let reading = async move {
-            tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<RpMeta>, BTreeMap<u64, DrillReport>)>, String> {
+            tokio::task::spawn_blocking(move || -> Result<Vec<StoreVolume>, String> {
                 let mut out = Vec::new();
                 for volume in store.volumes().map_err(|e| e.to_string())? {
                     let rps = store.rps(&volume).map_err(|e| e.to_string())?;

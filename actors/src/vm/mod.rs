@@ -135,6 +135,17 @@ pub struct Vm {
 impl Vm {
     /// Starts qemu for `spec` (the qemu binary may be overridden with `DRMESH_QEMU`).
     pub fn start(spec: &VmSpec) -> Result<Vm, VmError> {
+        Vm::launch(spec, false)
+    }
+
+    /// Like [`Vm::start`], but qemu gets SIGKILL when the calling thread ends
+    /// (`PR_SET_PDEATHSIG`), also when this process is killed: for a VM that
+    /// must not outlive its caller (a drill). Keep the [`Vm`] on that thread.
+    pub fn start_bound_to_thread(spec: &VmSpec) -> Result<Vm, VmError> {
+        Vm::launch(spec, true)
+    }
+
+    fn launch(spec: &VmSpec, bound: bool) -> Result<Vm, VmError> {
         let program = std::env::var("DRMESH_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
         let fail = |cause: String| VmError::Start { program: program.clone(), cause };
         {
@@ -188,6 +199,9 @@ impl Vm {
             }
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        if bound {
+            die_with_thread(&mut cmd);
+        }
         let child = cmd.spawn().map_err(|e| fail(if e.kind() == std::io::ErrorKind::NotFound { "not installed (Debian: qemu-system-x86)".into() } else { e.to_string() }))?;
         let mut vm = Vm { child, console_socket, console_log, qmp_socket, accel, started: Instant::now() };
         // qemu makes its sockets right away; an early exit is a bad command line or drive.
@@ -234,30 +248,54 @@ impl Vm {
             ("Give root password for maintenance", "the system stopped for maintenance"),
             ("(initramfs)", "the initramfs dropped to a shell (root filesystem not found)"),
         ];
+        let fail: Vec<&str> = FAILURES.iter().map(|(m, _)| *m).collect();
+        let (event, after) = self.wait_for_console(markers, &fail, timeout);
+        let reason = match event {
+            ConsoleEvent::Ok { .. } => return Ok(after),
+            ConsoleEvent::Failed { index, .. } => FAILURES.get(index).map_or("the boot failed", |(_, why)| why).to_string(),
+            ConsoleEvent::Exited => "qemu exited".into(),
+            ConsoleEvent::TimedOut => format!("no boot marker ({}) within {} s", markers.join(" or "), timeout.as_secs()),
+        };
+        Err(VmError::NoBoot { reason, tail: self.console_tail(40) })
+    }
+
+    /// Watches the console until it prints one of `ok` or one of `fail`
+    /// (whichever comes first in the console), qemu exits, or `timeout`
+    /// passes. Returns what happened and the time since qemu started. After a
+    /// `fail` marker it waits up to 2 s for the rest of that console line
+    /// (a panic message follows its "Kernel panic" prefix).
+    pub fn wait_for_console(&mut self, ok: &[&str], fail: &[&str], timeout: Duration) -> (ConsoleEvent, Duration) {
         let deadline = Instant::now() + timeout;
         let mut seen = String::new();
         let mut offset = 0u64;
         loop {
-            if let Ok(mut f) = fs::File::open(&self.console_log) {
-                if f.seek(SeekFrom::Start(offset)).is_ok() {
-                    let mut chunk = Vec::new();
-                    if f.read_to_end(&mut chunk).is_ok() {
-                        offset += chunk.len() as u64;
-                        seen.push_str(&String::from_utf8_lossy(&chunk));
-                    }
+            self.read_console(&mut offset, &mut seen);
+            match (first_of(&seen, ok), first_of(&seen, fail)) {
+                (Some((ok_at, index)), fail_at) if fail_at.is_none_or(|(f, _)| ok_at <= f) => {
+                    return (ConsoleEvent::Ok { index, line: line_at(&seen, ok_at) }, self.started.elapsed());
                 }
-            }
-            if markers.iter().any(|m| seen.contains(m)) {
-                return Ok(self.started.elapsed());
-            }
-            if let Some((_, why)) = FAILURES.iter().find(|(m, _)| seen.contains(m)) {
-                return Err(VmError::NoBoot { reason: (*why).into(), tail: self.console_tail(40) });
+                (_, Some((at, index))) => {
+                    let after = self.started.elapsed();
+                    let line_wait = Instant::now() + Duration::from_secs(2);
+                    while !seen[at..].contains('\n') && Instant::now() < line_wait && self.running() {
+                        std::thread::sleep(Duration::from_millis(100));
+                        self.read_console(&mut offset, &mut seen);
+                    }
+                    return (ConsoleEvent::Failed { index, line: line_at(&seen, at) }, after);
+                }
+                _ => {}
             }
             if !self.running() {
-                return Err(VmError::NoBoot { reason: "qemu exited".into(), tail: self.console_tail(40) });
+                // The console may hold a last word written just before the exit.
+                let after = self.started.elapsed();
+                self.read_console(&mut offset, &mut seen);
+                if let Some((at, index)) = first_of(&seen, fail) {
+                    return (ConsoleEvent::Failed { index, line: line_at(&seen, at) }, after);
+                }
+                return (ConsoleEvent::Exited, after);
             }
             if Instant::now() > deadline {
-                return Err(VmError::NoBoot { reason: format!("no boot marker ({}) within {} s", markers.join(" or "), timeout.as_secs()), tail: self.console_tail(40) });
+                return (ConsoleEvent::TimedOut, self.started.elapsed());
             }
             // Keep only what a marker could still be split across.
             if seen.len() > 1 << 16 {
@@ -266,6 +304,19 @@ impl Vm {
                 seen.drain(..cut);
             }
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Appends what the console printed since `offset` to `seen`.
+    fn read_console(&self, offset: &mut u64, seen: &mut String) {
+        if let Ok(mut f) = fs::File::open(&self.console_log) {
+            if f.seek(SeekFrom::Start(*offset)).is_ok() {
+                let mut chunk = Vec::new();
+                if f.read_to_end(&mut chunk).is_ok() {
+                    *offset += chunk.len() as u64;
+                    seen.push_str(&String::from_utf8_lossy(&chunk));
+                }
+            }
         }
     }
 
@@ -295,6 +346,62 @@ impl Drop for Vm {
         for f in [&self.console_socket, &self.qmp_socket] {
             let _ = fs::remove_file(f);
         }
+    }
+}
+
+/// What [`Vm::wait_for_console`] saw first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// The console printed `ok[index]`; `line` is the console line holding it.
+    Ok {
+        /// Which marker.
+        index: usize,
+        /// The line it is on, control characters removed.
+        line: String,
+    },
+    /// The console printed `fail[index]`; `line` is the console line holding it.
+    Failed {
+        /// Which marker.
+        index: usize,
+        /// The line it is on, control characters removed.
+        line: String,
+    },
+    /// qemu exited before any marker.
+    Exited,
+    /// The time ran out before any marker.
+    TimedOut,
+}
+
+/// The earliest of `markers` in `text`: (its position, its index).
+fn first_of(text: &str, markers: &[&str]) -> Option<(usize, usize)> {
+    markers.iter().enumerate().filter_map(|(i, m)| text.find(m).map(|at| (at, i))).min()
+}
+
+/// The line of `text` that holds byte `at`, control characters removed.
+fn line_at(text: &str, at: usize) -> String {
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    text[start..end].chars().filter(|c| *c == '\t' || !c.is_control()).collect::<String>().trim().to_string()
+}
+
+/// Makes the child `cmd` starts receive SIGKILL when the calling thread ends.
+fn die_with_thread(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = std::process::id();
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // the async-signal-safe prctl and getppid system calls; it allocates
+    // nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 
