@@ -20,31 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drmesh_tests::{is_root, run_ok, wait_until, LoopDevice, Mount, PolicySpec, TestMesh, VolumeSpec};
+use drmesh_tests::{debian_image, manifest_get as get, run_ok, wait_until, LoopDevice, Mount, PolicySpec, TestMesh, VolumeSpec};
 use serde_json::Value;
-
-/// The cached Debian image and its manifest, or None (with the reason printed).
-fn debian_image() -> Option<(PathBuf, Vec<(String, String)>)> {
-    if !is_root() {
-        eprintln!("skipped: needs root (loop devices, mounts)");
-        return None;
-    }
-    if Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_err() {
-        eprintln!("skipped: qemu-system-x86_64 is not installed (scripts/recovery-image installs it)");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("scripts/recovery-image");
-    let out = Command::new(&script).arg("--print-path").output().expect("run scripts/recovery-image");
-    assert!(out.status.success(), "scripts/recovery-image failed: {}", String::from_utf8_lossy(&out.stderr));
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().expect("image path"));
-    let manifest = std::fs::read_to_string(path.with_extension("manifest")).expect("manifest");
-    let kv = manifest.lines().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
-    Some((path, kv))
-}
-
-fn get<'a>(m: &'a [(String, String)], key: &str) -> &'a str {
-    m.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_default()
-}
 
 /// The three disks: healthy, superblock zeroed, /sbin/init removed.
 fn make_disks(image: &Path, dir: &Path, manifest: &[(String, String)]) -> [PathBuf; 3] {

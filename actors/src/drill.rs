@@ -94,7 +94,7 @@ pub struct Verification {
     /// Its snapshot instant, Unix milliseconds.
     pub verified_unix_ms: Option<u64>,
     /// How long the volume has gone unverified: since the newest verified
-    /// RP's snapshot, or, never verified, since its oldest RP's. Seconds.
+    /// RP's snapshot, or, never verified, since the oldest RP ever seen. Seconds.
     pub unverified_secs: Option<u64>,
     /// The policy's `max_unverified_age`, seconds.
     pub max_unverified_age_secs: u64,
@@ -107,10 +107,14 @@ pub struct Verification {
 /// One RP of a volume as the catalog has it: (seq, snapshot ms, drill verified?, drill failure summary).
 pub type CatalogRpDrill<'a> = (u64, u64, Option<(bool, &'a str)>);
 
-/// Computes [`Verification`] for one volume from its live RPs on every holder.
-pub fn verification(rps: &[CatalogRpDrill<'_>], now_unix_ms: u64, max_unverified_age_secs: u64) -> Verification {
+/// Computes [`Verification`] for one volume from its live RPs on every holder;
+/// `first_seen_unix_ms` is the snapshot time of the oldest RP of the volume
+/// this node ever saw (retention prunes old RPs, so a volume never verified
+/// counts from there, not from its oldest live RP).
+pub fn verification(rps: &[CatalogRpDrill<'_>], first_seen_unix_ms: Option<u64>, now_unix_ms: u64, max_unverified_age_secs: u64) -> Verification {
     let verified = rps.iter().filter(|(_, _, d)| d.is_some_and(|(v, _)| v)).max_by_key(|(seq, _, _)| *seq);
-    let since = verified.map(|(_, t, _)| *t).or_else(|| rps.iter().map(|(_, t, _)| *t).min());
+    let oldest = rps.iter().map(|(_, t, _)| *t).chain(first_seen_unix_ms).min();
+    let since = verified.map(|(_, t, _)| *t).or(oldest.filter(|_| !rps.is_empty()));
     let unverified_secs = since.map(|t| now_unix_ms.saturating_sub(t) / 1000);
     let last_drilled = rps.iter().filter(|(_, _, d)| d.is_some()).max_by_key(|(seq, _, _)| *seq);
     Verification {
@@ -184,17 +188,20 @@ mod tests {
     fn dead_mans_switch_counts_from_the_newest_verified_rp() {
         let min = 60_000;
         // Never drilled: counted from the oldest RP.
-        let v = verification(&[(1, 0, None), (2, 10 * min, None)], 20 * min, 15 * 60);
+        let v = verification(&[(1, 0, None), (2, 10 * min, None)], None, 20 * min, 15 * 60);
         assert_eq!((v.verified_seq, v.unverified_secs, v.overdue), (None, Some(20 * 60), true));
         // RP 2 verified at snapshot 10 min, RP 3 failed: 10 min unverified, within 15.
         let rps = [(1, 0, None), (2, 10 * min, Some((true, ""))), (3, 12 * min, Some((false, "boot: panic")))];
-        let v = verification(&rps, 20 * min, 15 * 60);
+        let v = verification(&rps, None, 20 * min, 15 * 60);
         assert_eq!((v.verified_seq, v.unverified_secs, v.overdue), (Some(2), Some(10 * 60), false));
         assert_eq!(v.last_failure.as_deref(), Some("@3: boot: panic"));
-        let v = verification(&rps, 26 * min, 15 * 60);
+        let v = verification(&rps, None, 26 * min, 15 * 60);
         assert!(v.overdue, "drills stopped: the switch fires");
         // No RP at all: nothing to verify (the RPO check says so).
-        assert!(!verification(&[], 26 * min, 1).overdue);
+        assert!(!verification(&[], Some(0), 26 * min, 1).overdue);
+        // Never verified while retention prunes the old RPs: counted from the first RP ever seen.
+        let v = verification(&[(15, 24 * min, None), (16, 25 * min, None)], Some(2 * min), 26 * min, 15 * 60);
+        assert_eq!((v.unverified_secs, v.overdue), (Some(24 * 60), true));
     }
 
     #[test]

@@ -706,3 +706,65 @@ impl Drop for Mount {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Drills: `drmesh drill`, a policy's drill table, the gossiped catalog.
+// ---------------------------------------------------------------------------
+
+/// A `[policy.POLICY.drill]` table with `keys` (TOML lines, sub-tables after
+/// them written in full, e.g. `[policy.p.drill.postgres]`), to append to a
+/// topology text after the policy's own table.
+pub fn drill_table(policy: &str, keys: &str) -> String {
+    format!("\n[policy.{policy}.drill]\n{}\n", keys.trim())
+}
+
+impl TestMesh {
+    /// `drmesh drill RP --state-dir DIR [--checks A,B] --json` asked of node
+    /// `name`; read the report with [`restore_result`] (its last line).
+    pub fn drill(&self, name: &str, rp: &str, checks: &[&str]) -> Output {
+        let dir = self.node(name).state_dir.to_str().expect("utf8").to_string();
+        let joined = checks.join(",");
+        let mut args = vec!["drill", rp, "--state-dir", dir.as_str(), "--json"];
+        if !checks.is_empty() {
+            args.extend(["--checks", joined.as_str()]);
+        }
+        drmesh(&args)
+    }
+
+    /// `ctl catalog --json` of `name` (the gossiped mesh-wide view).
+    pub fn catalog(&self, name: &str) -> Value {
+        self.ctl_data(name, &["catalog"]).unwrap_or_else(|e| panic!("ctl catalog on {name}: {e}"))
+    }
+
+    /// The `volumes[]` entry of `volume` in `name`'s catalog, if listed.
+    pub fn catalog_volume(&self, name: &str, volume: &str) -> Option<Value> {
+        self.catalog(name)["volumes"].as_array()?.iter().find(|v| v["volume"] == volume).cloned()
+    }
+}
+
+/// The bootable Debian disk image of the recovery tests (built once by
+/// scripts/recovery-image and cached outside the repository) and its
+/// manifest's key=value pairs; None, with the reason printed, without root
+/// (loop devices, mounts) or qemu.
+pub fn debian_image() -> Option<(PathBuf, Vec<(String, String)>)> {
+    if !is_root() {
+        eprintln!("skipped: needs root (loop devices, mounts)");
+        return None;
+    }
+    if Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_err() {
+        eprintln!("skipped: qemu-system-x86_64 is not installed (scripts/kmod-env or scripts/recovery-image installs it)");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("scripts/recovery-image");
+    let out = Command::new(&script).arg("--print-path").output().expect("run scripts/recovery-image");
+    assert!(out.status.success(), "scripts/recovery-image failed: {}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().expect("image path"));
+    let manifest = std::fs::read_to_string(path.with_extension("manifest")).expect("manifest");
+    let kv = manifest.lines().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+    Some((path, kv))
+}
+
+/// The value of `key` in a manifest read by [`debian_image`] ("" if absent).
+pub fn manifest_get<'a>(m: &'a [(String, String)], key: &str) -> &'a str {
+    m.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_default()
+}

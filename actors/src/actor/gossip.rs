@@ -48,6 +48,8 @@ const JOIN_PEERS_MAX: usize = 8;
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("gossip");
 const KEY_SNAPSHOT: &str = "snapshot";
 const KEY_GENERATION: &str = "generation";
+/// JSON map volume → snapshot ms of the oldest RP this node ever saw (the dead-man's clock).
+const KEY_FIRST_SEEN: &str = "drill_first_seen";
 
 /// The gossip state file could not be opened, read or written. Opening
 /// failures stop the start; a failed save is logged and retried at the next period.
@@ -79,6 +81,17 @@ impl GossipDb {
         Ok(this)
     }
 
+    /// The stored first-seen times of volumes (empty when none or unreadable).
+    fn load_first_seen(&self) -> BTreeMap<String, u64> {
+        let read = || -> Option<BTreeMap<String, u64>> {
+            let tx = self.db.begin_read().ok()?;
+            let table = tx.open_table(STATE).ok()?;
+            let v = table.get(KEY_FIRST_SEEN).ok()??;
+            serde_json::from_slice(v.value()).ok()
+        };
+        read().unwrap_or_default()
+    }
+
     /// Stored generation and snapshot.
     fn load(&self) -> Result<(Option<u32>, Option<Vec<u8>>), GossipStoreError> {
         let tx = self.db.begin_read().map_err(|e| self.err("begin read", e))?;
@@ -92,10 +105,12 @@ impl GossipDb {
         Ok((generation, snapshot))
     }
 
-    fn save(&self, generation: u32, snapshot: Option<&[u8]>) -> Result<(), GossipStoreError> {
+    fn save(&self, generation: u32, snapshot: Option<&[u8]>, first_seen: &BTreeMap<String, u64>) -> Result<(), GossipStoreError> {
         let tx = self.db.begin_write().map_err(|e| self.err("begin write", e))?;
         {
             let mut table = tx.open_table(STATE).map_err(|e| self.err("open table", e))?;
+            let clock = serde_json::to_vec(first_seen).unwrap_or_default();
+            table.insert(KEY_FIRST_SEEN, clock.as_slice()).map_err(|e| self.err("write drill clock", e))?;
             table.insert(KEY_GENERATION, generation.to_le_bytes().as_slice()).map_err(|e| self.err("write generation", e))?;
             if let Some(s) = snapshot {
                 table.insert(KEY_SNAPSHOT, s).map_err(|e| self.err("write snapshot", e))?;
@@ -139,6 +154,8 @@ pub struct GossipActor {
     /// Volumes whose verification is overdue (dead-man's switch), as last logged.
     overdue: BTreeMap<String, bool>,
     last_verification: Instant,
+    /// Snapshot time of the oldest RP of each volume this node ever saw (persisted).
+    first_seen: BTreeMap<String, u64>,
 }
 
 /// How often the dead-man's switch of drills is evaluated.
@@ -182,10 +199,11 @@ impl GossipActor {
     pub fn start_with(state_dir: &Path, me: NodeId, data: Arc<DataPlane>, mesh: Addr<MeshActor>) -> Result<Addr<GossipActor>, GossipStoreError> {
         let db = GossipDb::open(&state_dir.join(GOSSIP_FILE))?;
         let (stored_generation, snapshot) = db.load()?;
+        let first_seen = db.load_first_seen();
         // Grows across restarts even if the file was lost (Unix seconds fit u32 until 2106).
         let unix_secs = u32::try_from(unix_ms() / 1000).unwrap_or(u32::MAX);
         let generation = stored_generation.map_or(0, |g| g.wrapping_add(1)).max(unix_secs);
-        db.save(generation, None)?;
+        db.save(generation, None, &first_seen)?;
         let topology = data.topology();
         let config = GossipConfig::for_cluster(u32::try_from(topology.nodes.len()).unwrap_or(u32::MAX));
         let b = me.as_bytes();
@@ -222,6 +240,7 @@ impl GossipActor {
             demand_sink: None,
             overdue: BTreeMap::new(),
             last_verification: Instant::now(),
+            first_seen,
         };
         let addr = actor.start();
         mesh.do_send(SetDatagramService(Arc::new(GossipInbox(addr.clone()))));
@@ -341,7 +360,8 @@ impl GossipActor {
         let snapshot = self.node.snapshot();
         let generation = self.node.generation();
         let db = self.db.clone();
-        let saving = async move { tokio::task::spawn_blocking(move || db.save(generation, Some(&snapshot))).await };
+        let first_seen = self.first_seen.clone();
+        let saving = async move { tokio::task::spawn_blocking(move || db.save(generation, Some(&snapshot), &first_seen)).await };
         ctx.spawn(saving.into_actor(self).map(|result, act, _ctx| {
             act.saving = false;
             act.last_save = Instant::now();
@@ -364,7 +384,7 @@ impl GossipActor {
         let vol = self.topology.volume_by_name(volume)?;
         let drill = self.topology.policies.get(&vol.policy)?.drill.as_ref()?;
         let rps: Vec<_> = rps.iter().map(|(seq, t, d)| (*seq, *t, d.map(|d| (d.verified, d.detail.as_str())))).collect();
-        Some(verification(&rps, now_unix_ms, drill.max_unverified_age.as_secs()))
+        Some(verification(&rps, self.first_seen.get(volume).copied(), now_unix_ms, drill.max_unverified_age.as_secs()))
     }
 
     /// The dead-man's switch: one WARN per volume when its verification becomes
@@ -375,6 +395,12 @@ impl GossipActor {
         let volumes: Vec<String> = self.topology.volumes.iter().map(|v| v.name.clone()).collect();
         for volume in volumes {
             let rps: Vec<(u64, u64, Option<&DrillResult>)> = all.iter().filter(|r| r.volume == volume).map(|r| (r.seq, r.info.snapshot_unix_ms, r.info.drill.as_ref())).collect();
+            if let Some(oldest) = rps.iter().map(|r| r.1).min() {
+                if self.first_seen.get(&volume).is_none_or(|first| oldest < *first) {
+                    self.first_seen.insert(volume.clone(), oldest);
+                    self.dirty = true;
+                }
+            }
             let Some(v) = self.verification_of(&volume, &rps, now_unix) else {
                 self.overdue.remove(&volume);
                 continue;
@@ -665,7 +691,7 @@ impl Handler<Shutdown> for GossipActor {
 
     fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
         // A short blocking write on the way out is fine: nothing else runs on this actor any more.
-        match self.db.save(self.node.generation(), Some(&self.node.snapshot())) {
+        match self.db.save(self.node.generation(), Some(&self.node.snapshot()), &self.first_seen) {
             Ok(()) => tracing::info!("gossip replica saved"),
             Err(e) => tracing::warn!(error = %e, "cannot save the gossip replica"),
         }

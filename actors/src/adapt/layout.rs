@@ -121,9 +121,10 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// How people call it, for messages: "partition 1 (MBR type 0x83, ext4)".
-    pub fn describe(&self) -> String {
-        let place = match &self.place {
+    /// Where it is, for messages: "partition 1 (MBR type Linux)",
+    /// "logical volume vg0/root", "the whole disk".
+    pub fn place_text(&self) -> String {
+        match &self.place {
             Place::WholeDisk => "the whole disk".to_string(),
             Place::Partition { table, number, type_id, type_name } => {
                 let table = match table {
@@ -133,7 +134,12 @@ impl Volume {
                 format!("partition {number} ({table} type {})", type_name.as_deref().unwrap_or(type_id))
             }
             Place::LogicalVolume { vg, lv } => format!("logical volume {vg}/{lv}"),
-        };
+        }
+    }
+
+    /// How people call it, for messages: "partition 1 (MBR type 0x83, ext4)".
+    pub fn describe(&self) -> String {
+        let place = self.place_text();
         match &self.filesystem {
             Some(fs) => format!("{place}, {}", fs.kind.name()),
             None => format!("{place}, no known filesystem"),

@@ -31,7 +31,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use drmesh_actors::adapt::{list_volumes, name_volumes, FsKind, Layout, NamedVolume, Place, TableKind, Volume};
+use drmesh_actors::adapt::{list_volumes, name_volumes, FsKind, Layout, NamedVolume, Place, Volume};
 use drmesh_actors::drill::{tail, OUTPUT_TAIL_BYTES};
 
 use crate::mounts::{attach, die_with_parent, find_volume, mount, Looped, Mounted};
@@ -265,17 +265,7 @@ pub(crate) fn which(tool: &str) -> Option<PathBuf> {
 
 /// "partition 1 (MBR type Linux)", "logical volume vg0/root", "the whole disk".
 pub(crate) fn place_text(v: &Volume) -> String {
-    match &v.place {
-        Place::WholeDisk => "the whole disk".into(),
-        Place::Partition { table, number, type_id, type_name } => {
-            let table = match table {
-                TableKind::Mbr => "MBR",
-                TableKind::Gpt => "GPT",
-            };
-            format!("partition {number} ({table} type {})", type_name.as_deref().unwrap_or(type_id))
-        }
-        Place::LogicalVolume { vg, lv } => format!("logical volume {vg}/{lv}"),
-    }
+    v.place_text()
 }
 
 /// A short name for a volume, usable as a folder name: `part1`, `lv-vg0-root`, `disk`.
