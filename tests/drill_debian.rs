@@ -5,7 +5,9 @@
 //! plain copy never shows: one had its root filesystem's superblock zeroed,
 //! the other lost /sbin/init. The scheduled drills tell them apart (fsck
 //! fails on the first, boot fails on the second with the console tail) and
-//! verify the healthy one, and `obs` sees all three verdicts by gossip.
+//! verify the healthy one, and `obs` sees all three verdicts by gossip. A
+//! fourth volume's policy adapts the image to the VM (virtio) before booting
+//! it; an on-demand drill verifies it.
 //! Then drills are killed with SIGKILL half-way (the node with them), once
 //! while a script runs on the mounted filesystems and once while qemu boots:
 //! after the node restarts nothing is left (no qemu, no mount, no loop
@@ -100,19 +102,24 @@ fn scheduled_drills_verify_a_good_server_and_tell_broken_ones_apart() {
     let mut policy = PolicySpec::new("p", "1MiB");
     policy.compression = Some("zstd:1".into());
     let names = ["server", "nofs", "noinit"];
-    let volumes: Vec<VolumeSpec> = names.iter().zip(&disks).map(|(n, d)| VolumeSpec::new(n, "src", &["dst"], d, "p")).collect();
-    let mut text = mesh.replication_topology(1, &["src", "dst", "obs"], &volumes, &[policy]);
-    text.push_str("\n[policy.p.drill]\nschedule = \"every 1m\"\nchecks = [\"fsck\", \"boot\"]\ntime_limit = \"10m\"\n[policy.p.drill.boot]\nmarkers = [\"DRMESH-BOOT-OK\"]\ntimeout = \"5m\"\n[policy.p.drill.script]\ncommand = [\"/bin/sleep\", \"600\"]\n");
+    let mut volumes: Vec<VolumeSpec> = names.iter().zip(&disks).map(|(n, d)| VolumeSpec::new(n, "src", &["dst"], d, "p")).collect();
+    // The same server under a policy that adapts the image before booting it (virtio disk).
+    volumes.push(VolumeSpec::new("virtio", "src", &["dst"], &disks[0], "q"));
+    let mut adapted = policy.clone();
+    adapted.name = "q".into();
+    let mut text = mesh.replication_topology(1, &["src", "dst", "obs"], &volumes, &[policy, adapted]);
+    text.push_str("\n[policy.q.drill]\nschedule = \"weekly sun 03:00\"\nchecks = [\"boot\"]\n[policy.q.drill.boot]\nadapt = true\nmarkers = [\"DRMESH-BOOT-OK\"]\ntimeout = \"5m\"\n");
+    text.push_str("\n[policy.p.drill]\nschedule = \"every 1m\"\nchecks = [\"fsck\", \"boot\"]\ntime_limit = \"10m\"\nmax_unverified_age = \"1h\"\n[policy.p.drill.boot]\nmarkers = [\"DRMESH-BOOT-OK\"]\ntimeout = \"5m\"\n[policy.p.drill.script]\ncommand = [\"/bin/sleep\", \"600\"]\n");
     mesh.write_file("topology.toml", &text);
     let started = Instant::now();
     for n in ["dst", "obs", "src"] {
         mesh.start(n, "topology.toml");
     }
     mesh.wait_connected("src", &["dst", "obs"]);
-    for n in names {
+    for n in names.iter().chain(&["virtio"]) {
         mesh.sync_ok("src", n);
     }
-    eprintln!("replicated three 2 GiB Debian disks in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("replicated four 2 GiB Debian disks in {:.1} s", started.elapsed().as_secs_f64());
 
     // The schedule drills each volume's newest RP, one at a time.
     wait_until("a scheduled drill of each volume", Duration::from_secs(900), || names.iter().all(|n| newest_report(&mesh, n).is_some()));
@@ -152,10 +159,16 @@ fn scheduled_drills_verify_a_good_server_and_tell_broken_ones_apart() {
     eprintln!("{table}");
     assert!(table.contains("VERIFIED") && table.contains("FAILED (fsck") && table.contains("FAILED (boot)"), "{table}");
 
+    // On demand, with boot adaptation (fstab, DHCP, virtio in the initramfs) on the overlay first.
+    let state = mesh.node("dst").state_dir.clone();
+    let out = drmesh_tests::drmesh(&["drill", "virtio", "--state-dir", state.to_str().expect("utf8"), "--json"]);
+    let virtio = drmesh_tests::restore_result(&out).unwrap_or_else(|e| panic!("drill virtio: {e}\n{}\n--- dst log:\n{}", String::from_utf8_lossy(&out.stderr), mesh.node("dst").log_text()));
+    print_durations("virtio (adapted)", &virtio);
+    assert_eq!((&virtio["trigger"], &virtio["verified"]), (&Value::from("request"), &Value::Bool(true)), "{virtio:#}");
+
     // Drills killed half-way (the node with them, SIGKILL): while a script runs on the
     // mounted filesystems (FUSE export, loop devices, mounts, the script's process), and
     // while qemu boots. After a restart nothing is left.
-    let state = mesh.node("dst").state_dir.clone();
     let runs = state.join("drills");
     let state_str = state.to_str().expect("utf8").to_string();
     for (checks, sign) in [("script", "mount"), ("boot", "qemu")] {

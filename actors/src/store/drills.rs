@@ -41,70 +41,74 @@ impl Store {
     /// Keeps `report` with its RP (durable when this returns). Fails with
     /// [`StoreError::RpNotFound`] when the RP is not (or no longer) here.
     pub fn record_drill(&self, report: &DrillReport) -> Result<(), StoreError> {
-        let _w = lock(&self.writer);
-        let tx = self.begin_write("begin write")?;
-        {
-            let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
-            let vid = vols.get(report.volume.as_str()).map_err(|e| self.ce("read volumes", e))?.map(|g| g.value());
-            let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-            let held = match vid {
-                Some(vid) => rps.get((vid, report.seq)).map_err(|e| self.ce("read rps", e))?.is_some(),
-                None => false,
-            };
-            let (Some(vid), true) = (vid, held) else {
-                return Err(StoreError::RpNotFound { rp: report.rp() });
-            };
-            let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
-            let mut key = (vid, report.seq, report.finished_unix_ms);
-            // Two reports finished in the same millisecond both stay.
-            while drills.get(key).map_err(|e| self.ce("read drills", e))?.is_some() {
-                key.2 += 1;
-            }
-            drills.insert(key, encode(report).as_slice()).map_err(|e| self.ce("write drill report", e))?;
-            let mut older = Vec::new();
-            for row in drills.range((vid, report.seq, 0)..=(vid, report.seq, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
-                older.push(row.map_err(|e| self.ce("read drills", e))?.0.value());
-            }
-            if older.len() > DRILLS_PER_RP_MAX {
-                for k in &older[..older.len() - DRILLS_PER_RP_MAX] {
-                    drills.remove(*k).map_err(|e| self.ce("trim drill reports", e))?;
+        self.guard("kept a drill report", || {
+            let _w = lock(&self.writer);
+            let tx = self.begin_write("begin write")?;
+            {
+                let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+                let vid = vols.get(report.volume.as_str()).map_err(|e| self.ce("read volumes", e))?.map(|g| g.value());
+                let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+                let held = match vid {
+                    Some(vid) => rps.get((vid, report.seq)).map_err(|e| self.ce("read rps", e))?.is_some(),
+                    None => false,
+                };
+                let (Some(vid), true) = (vid, held) else {
+                    return Err(StoreError::RpNotFound { rp: report.rp() });
+                };
+                let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
+                let mut key = (vid, report.seq, report.finished_unix_ms);
+                // Two reports finished in the same millisecond both stay.
+                while drills.get(key).map_err(|e| self.ce("read drills", e))?.is_some() {
+                    key.2 += 1;
+                }
+                drills.insert(key, encode(report).as_slice()).map_err(|e| self.ce("write drill report", e))?;
+                let mut older = Vec::new();
+                for row in drills.range((vid, report.seq, 0)..=(vid, report.seq, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+                    older.push(row.map_err(|e| self.ce("read drills", e))?.0.value());
+                }
+                if older.len() > DRILLS_PER_RP_MAX {
+                    for k in &older[..older.len() - DRILLS_PER_RP_MAX] {
+                        drills.remove(*k).map_err(|e| self.ce("trim drill reports", e))?;
+                    }
                 }
             }
-        }
-        tx.commit().map_err(|e| self.ce("commit drill report", e))?;
-        Ok(())
+            tx.commit().map_err(|e| self.ce("commit drill report", e))?;
+            Ok(())
+        })
     }
 
     /// Every report kept for `volume` (every volume when None), oldest first.
     /// Rows this version cannot read are skipped with a warning.
     pub fn drills(&self, volume: Option<&str>) -> Result<Vec<DrillReport>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let drills = match tx.open_table(DRILLS) {
-            Ok(t) => t,
-            // A store written before drills existed (opened read-only) has no table yet.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.ce("open table drills", e)),
-        };
-        let range = match volume {
-            Some(v) => match self.volume_id(&tx, v)? {
-                Some(vid) => (vid, 0, 0)..=(vid, u64::MAX, u64::MAX),
-                None => return Ok(Vec::new()),
-            },
-            None => (0, 0, 0)..=(u32::MAX, u64::MAX, u64::MAX),
-        };
-        let mut out = Vec::new();
-        for row in drills.range(range).map_err(|e| self.ce("read drills", e))? {
-            let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
-            match decode(v.value()) {
-                Some(r) => out.push(r),
-                None => {
-                    let (vid, seq, at) = k.value();
-                    tracing::warn!(volume_id = vid, seq, finished_unix_ms = at, "store: skipping a drill report this version cannot read");
+        self.guard("read drill reports", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let drills = match tx.open_table(DRILLS) {
+                Ok(t) => t,
+                // A store written before drills existed (opened read-only) has no table yet.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(self.ce("open table drills", e)),
+            };
+            let range = match volume {
+                Some(v) => match self.volume_id(&tx, v)? {
+                    Some(vid) => (vid, 0, 0)..=(vid, u64::MAX, u64::MAX),
+                    None => return Ok(Vec::new()),
+                },
+                None => (0, 0, 0)..=(u32::MAX, u64::MAX, u64::MAX),
+            };
+            let mut out = Vec::new();
+            for row in drills.range(range).map_err(|e| self.ce("read drills", e))? {
+                let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
+                match decode(v.value()) {
+                    Some(r) => out.push(r),
+                    None => {
+                        let (vid, seq, at) = k.value();
+                        tracing::warn!(volume_id = vid, seq, finished_unix_ms = at, "store: skipping a drill report this version cannot read");
+                    }
                 }
             }
-        }
-        out.sort_by_key(|r| r.finished_unix_ms);
-        Ok(out)
+            out.sort_by_key(|r| r.finished_unix_ms);
+            Ok(out)
+        })
     }
 
     /// The newest report of each RP of `volume`, by seq.

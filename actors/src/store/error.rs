@@ -139,6 +139,18 @@ pub enum StoreError {
         /// Why, and what to do.
         cause: String,
     },
+    /// The storage engine failed inside the catalog file (it panicked on
+    /// damaged data). Nothing more is written to this store in this process
+    /// (writes fail with this error); the blob files are not touched.
+    #[error("catalog {path} is damaged: the storage engine failed while this node {op} ({detail}); the store takes no more writes until the node restarts on a sound catalog. The blob files are untouched: stop the node, keep the store folder as it is, and put back a copy of catalog.redb")]
+    Damaged {
+        /// The catalog file.
+        path: PathBuf,
+        /// What the store was doing ("committed an RP", "read a block map").
+        op: String,
+        /// The engine's own words.
+        detail: String,
+    },
     /// A catalog row could not be decoded (the catalog is damaged or from a newer version).
     #[error("catalog {what} is undecodable")]
     CorruptRow {

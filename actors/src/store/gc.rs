@@ -58,116 +58,118 @@ impl Store {
     /// One durable transaction; O(changed blocks of the deleted RPs). The block-map rule is
     /// in the module doc of [`super`]. Blobs are freed later by [`Store::gc`].
     pub fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
-        let _w = lock(&self.writer);
-        let tx = self.begin_write("begin write")?;
-        let mut deleted = Vec::new();
-        let mut verified = None;
-        {
-            let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
-            let Some(vid) = vols
-                .get(volume)
-                .map_err(|e| self.ce("read volumes", e))?
-                .map(|g| g.value())
-            else {
-                return Ok(Vec::new());
-            };
-            let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-            let mut all = Vec::new();
-            for row in rps
-                .range((vid, 0u64)..=(vid, u64::MAX))
-                .map_err(|e| self.ce("read rps", e))?
+        self.guard("applied retention", || {
+            let _w = lock(&self.writer);
+            let tx = self.begin_write("begin write")?;
+            let mut deleted = Vec::new();
+            let mut verified = None;
             {
-                let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-                let seq = k.value().1;
-                let meta = self.decode_rp_row(volume, seq, v.value())?;
-                all.push((seq, meta.time_unix_ms));
-            }
-            let mut keep = select_keep(&all, retention, now_unix_ms);
-            // The newest verified RP is the last known-good point: never pruned.
-            let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
-            let mut latest: BTreeMap<u64, bool> = BTreeMap::new();
-            for row in drills.range((vid, 0u64, 0u64)..=(vid, u64::MAX, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
-                let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
-                let (_, seq, _) = k.value();
-                // Rows are in finish order per seq: the last one is the newest report.
-                latest.insert(seq, super::drills::row_verified(v.value()));
-            }
-            if let Some((&seq, _)) = latest.iter().rev().find(|(_, v)| **v) {
-                if all.iter().any(|(s, _)| *s == seq) && keep.insert(seq) {
-                    verified = Some(seq);
-                }
-            }
-            let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
-            let mut changes = tx
-                .open_table(RP_CHANGES)
-                .map_err(|e| self.ce("open table rp_changes", e))?;
-            for &(d, _) in all.iter().filter(|(s, _)| !keep.contains(s)) {
-                let next = keep.range(d + 1..).next().copied();
-                let mut indexes = Vec::new();
-                for row in changes
-                    .range((vid, d, 0u64)..=(vid, d, u64::MAX))
-                    .map_err(|e| self.ce("read rp_changes", e))?
+                let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+                let Some(vid) = vols
+                    .get(volume)
+                    .map_err(|e| self.ce("read volumes", e))?
+                    .map(|g| g.value())
+                else {
+                    return Ok(Vec::new());
+                };
+                let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+                let mut all = Vec::new();
+                for row in rps
+                    .range((vid, 0u64)..=(vid, u64::MAX))
+                    .map_err(|e| self.ce("read rps", e))?
                 {
-                    indexes.push(row.map_err(|e| self.ce("read rp_changes", e))?.0.value().2);
+                    let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+                    let seq = k.value().1;
+                    let meta = self.decode_rp_row(volume, seq, v.value())?;
+                    all.push((seq, meta.time_unix_ms));
                 }
-                for i in indexes {
-                    changes
-                        .remove((vid, d, i))
-                        .map_err(|e| self.ce("prune rp_changes", e))?;
-                    let Some(content) = blocks
-                        .remove((vid, i, d))
-                        .map_err(|e| self.ce("prune block map", e))?
-                        .map(|g| g.value())
-                    else {
-                        continue;
-                    };
-                    let Some(n) = next else { continue };
-                    let shadowed = blocks
-                        .range((vid, i, d + 1)..=(vid, i, n))
-                        .map_err(|e| self.ce("read block map", e))?
-                        .next()
-                        .is_some();
-                    if shadowed {
-                        continue;
+                let mut keep = select_keep(&all, retention, now_unix_ms);
+                // The newest verified RP is the last known-good point: never pruned.
+                let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
+                let mut latest: BTreeMap<u64, bool> = BTreeMap::new();
+                for row in drills.range((vid, 0u64, 0u64)..=(vid, u64::MAX, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+                    let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
+                    let (_, seq, _) = k.value();
+                    // Rows are in finish order per seq: the last one is the newest report.
+                    latest.insert(seq, super::drills::row_verified(v.value()));
+                }
+                if let Some((&seq, _)) = latest.iter().rev().find(|(_, v)| **v) {
+                    if all.iter().any(|(s, _)| *s == seq) && keep.insert(seq) {
+                        verified = Some(seq);
                     }
-                    let previous = match blocks
-                        .range((vid, i, 0u64)..(vid, i, d))
-                        .map_err(|e| self.ce("read block map", e))?
-                        .next_back()
+                }
+                let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+                let mut changes = tx
+                    .open_table(RP_CHANGES)
+                    .map_err(|e| self.ce("open table rp_changes", e))?;
+                for &(d, _) in all.iter().filter(|(s, _)| !keep.contains(s)) {
+                    let next = keep.range(d + 1..).next().copied();
+                    let mut indexes = Vec::new();
+                    for row in changes
+                        .range((vid, d, 0u64)..=(vid, d, u64::MAX))
+                        .map_err(|e| self.ce("read rp_changes", e))?
                     {
-                        Some(row) => row.map_err(|e| self.ce("read block map", e))?.1.value(),
-                        None => ContentId::ZERO.0,
-                    };
-                    if previous == content {
-                        continue;
+                        indexes.push(row.map_err(|e| self.ce("read rp_changes", e))?.0.value().2);
                     }
-                    blocks
-                        .insert((vid, i, n), content)
-                        .map_err(|e| self.ce("re-key block map", e))?;
-                    changes
-                        .insert((vid, n, i), ())
-                        .map_err(|e| self.ce("re-key block map", e))?;
+                    for i in indexes {
+                        changes
+                            .remove((vid, d, i))
+                            .map_err(|e| self.ce("prune rp_changes", e))?;
+                        let Some(content) = blocks
+                            .remove((vid, i, d))
+                            .map_err(|e| self.ce("prune block map", e))?
+                            .map(|g| g.value())
+                        else {
+                            continue;
+                        };
+                        let Some(n) = next else { continue };
+                        let shadowed = blocks
+                            .range((vid, i, d + 1)..=(vid, i, n))
+                            .map_err(|e| self.ce("read block map", e))?
+                            .next()
+                            .is_some();
+                        if shadowed {
+                            continue;
+                        }
+                        let previous = match blocks
+                            .range((vid, i, 0u64)..(vid, i, d))
+                            .map_err(|e| self.ce("read block map", e))?
+                            .next_back()
+                        {
+                            Some(row) => row.map_err(|e| self.ce("read block map", e))?.1.value(),
+                            None => ContentId::ZERO.0,
+                        };
+                        if previous == content {
+                            continue;
+                        }
+                        blocks
+                            .insert((vid, i, n), content)
+                            .map_err(|e| self.ce("re-key block map", e))?;
+                        changes
+                            .insert((vid, n, i), ())
+                            .map_err(|e| self.ce("re-key block map", e))?;
+                    }
+                    rps.remove((vid, d)).map_err(|e| self.ce("delete rp", e))?;
+                    let mut reports = Vec::new();
+                    for row in drills.range((vid, d, 0u64)..=(vid, d, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+                        reports.push(row.map_err(|e| self.ce("read drills", e))?.0.value());
+                    }
+                    for k in reports {
+                        drills.remove(k).map_err(|e| self.ce("delete drill report", e))?;
+                    }
+                    deleted.push(d);
                 }
-                rps.remove((vid, d)).map_err(|e| self.ce("delete rp", e))?;
-                let mut reports = Vec::new();
-                for row in drills.range((vid, d, 0u64)..=(vid, d, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
-                    reports.push(row.map_err(|e| self.ce("read drills", e))?.0.value());
-                }
-                for k in reports {
-                    drills.remove(k).map_err(|e| self.ce("delete drill report", e))?;
-                }
-                deleted.push(d);
             }
-        }
-        tx.commit()
-            .map_err(|e| self.ce(&format!("commit prune of {volume}"), e))?;
-        if let Some(seq) = verified.filter(|_| !deleted.is_empty()) {
-            tracing::info!(volume, seq, "store: kept the newest verified RP (last known-good) beyond retention");
-        }
-        if !deleted.is_empty() {
-            tracing::info!(volume, deleted = ?deleted, "store: pruned RPs");
-        }
-        Ok(deleted)
+            tx.commit()
+                .map_err(|e| self.ce(&format!("commit prune of {volume}"), e))?;
+            if let Some(seq) = verified.filter(|_| !deleted.is_empty()) {
+                tracing::info!(volume, seq, "store: kept the newest verified RP (last known-good) beyond retention");
+            }
+            if !deleted.is_empty() {
+                tracing::info!(volume, deleted = ?deleted, "store: pruned RPs");
+            }
+            Ok(deleted)
+        })
     }
 
     /// Mark-and-sweep GC: deletes blobs not reachable from any retained RP's block map
@@ -175,166 +177,168 @@ impl Store {
     /// chains) and blobs younger than `grace`. Safe while sessions run; see the module doc.
     /// The mark set is held in memory (32 bytes per live blob).
     pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
-        let started = Instant::now();
-        let _one = lock(&self.gc_lock);
-        let mut report = GcReport::default();
+        self.guard("collected garbage", || {
+            let started = Instant::now();
+            let _one = lock(&self.gc_lock);
+            let mut report = GcReport::default();
 
-        // Mark, from a snapshot taken under the writer lock together with raising the flag.
-        let (_running, snapshot) = {
-            let _w = lock(&self.writer);
-            {
-                let mut pins = lock(&self.pins);
-                pins.gc_running = true;
-                pins.gc_extra.clear();
-            }
-            let running = GcRunning(self);
-            (running, self.db.begin_read().map_err(|e| self.ce("begin read", e))?)
-        };
-        let mut marked: HashSet<BlobId> = HashSet::new();
-        {
-            let blocks = snapshot
-                .open_table(BLOCKS)
-                .map_err(|e| self.ce("open table blocks", e))?;
-            let ctab = snapshot
-                .open_table(CONTENTS)
-                .map_err(|e| self.ce("open table contents", e))?;
-            let btab = snapshot.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-            let mut contents: HashSet<ContentId> = HashSet::new();
-            for row in blocks.iter().map_err(|e| self.ce("read block map", e))? {
-                let content = ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value());
-                if !content.is_zero() {
-                    contents.insert(content);
+            // Mark, from a snapshot taken under the writer lock together with raising the flag.
+            let (_running, snapshot) = {
+                let _w = lock(&self.writer);
+                {
+                    let mut pins = lock(&self.pins);
+                    pins.gc_running = true;
+                    pins.gc_extra.clear();
                 }
-            }
-            for content in contents {
-                if let Some(blob) = ctab.get(content.0).map_err(|e| self.ce("read contents", e))? {
-                    close_over_bases(&btab, [ContentId(blob.value())], &mut marked)
-                        .map_err(|e| self.ce("read blobs", e))?;
-                }
-            }
-        }
-        drop(snapshot);
-
-        // Candidates: every blob file and every blob row that is not marked.
-        let now = SystemTime::now();
-        let mut candidates: HashMap<BlobId, Candidate> = HashMap::new();
-        let mut scanned: HashSet<BlobId> = HashSet::new();
-        blob_file::for_each_file(&self.blobs_dir, &mut |path, name| {
-            let Some(id) = ContentId::from_hex(name) else {
-                return Ok(());
+                let running = GcRunning(self);
+                (running, self.db.begin_read().map_err(|e| self.ce("begin read", e))?)
             };
-            scanned.insert(id);
-            if marked.contains(&id) {
-                return Ok(());
-            }
-            let meta = fs::metadata(path).map_err(|e| io_error("stat blob", path, e))?;
-            let age = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .unwrap_or(Duration::ZERO);
-            candidates.insert(
-                id,
-                Candidate {
-                    path: path.to_path_buf(),
-                    file_bytes: Some(meta.len()),
-                    age: Some(age),
-                },
-            );
-            Ok(())
-        })?;
-        {
-            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-            for row in btab.iter().map_err(|e| self.ce("read blobs", e))? {
-                let id = ContentId(row.map_err(|e| self.ce("read blobs", e))?.0.value());
-                scanned.insert(id);
-                if !marked.contains(&id) {
-                    candidates.entry(id).or_insert_with(|| Candidate {
-                        path: blob_file::blob_path(&self.blobs_dir, &id),
-                        file_bytes: None,
-                        age: None,
-                    });
-                }
-            }
-        }
-        report.blobs_scanned = scanned.len() as u64;
-        drop(scanned);
-
-        // Sweep under the writer lock and the pin lock, held until files are gone.
-        let _w = lock(&self.writer);
-        let pins = lock(&self.pins);
-        let tx = self.begin_write("begin write")?;
-        let mut doomed = Vec::new();
-        {
-            let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-            let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
-            let roots = pins.gc_extra.iter().chain(pins.sessions.values().flatten()).copied();
-            let mut pinned = HashSet::new();
-            close_over_bases(&btab, roots, &mut pinned).map_err(|e| self.ce("read blobs", e))?;
-            let now_ms = now_unix_ms();
-            let mut young = Vec::new();
-            for (id, c) in &candidates {
-                if pinned.contains(id) {
-                    continue;
-                }
-                let row_age = btab
-                    .get(id.0)
-                    .map_err(|e| self.ce("read blobs", e))?
-                    .and_then(|r| BlobMeta::decode(r.value()))
-                    .map(|m| Duration::from_millis(now_ms.saturating_sub(m.stored_unix_ms)));
-                let age = match (c.age, row_age) {
-                    (Some(a), Some(b)) => a.min(b),
-                    (a, b) => a.or(b).unwrap_or(Duration::ZERO),
-                };
-                if age < grace {
-                    young.push(*id);
-                }
-            }
-            let mut graced = HashSet::new();
-            close_over_bases(&btab, young, &mut graced).map_err(|e| self.ce("read blobs", e))?;
-            for (id, c) in candidates {
-                if pinned.contains(&id) {
-                    report.blobs_kept_pinned += 1;
-                    continue;
-                }
-                if graced.contains(&id) {
-                    report.blobs_kept_grace += 1;
-                    continue;
-                }
-                let meta = btab
-                    .remove(id.0)
-                    .map_err(|e| self.ce("delete blob row", e))?
-                    .and_then(|r| BlobMeta::decode(r.value()));
-                if let Some(meta) = meta {
-                    let points_here = ctab
-                        .get(meta.content.0)
-                        .map_err(|e| self.ce("read contents", e))?
-                        .is_some_and(|g| g.value() == id.0);
-                    if points_here {
-                        ctab.remove(meta.content.0)
-                            .map_err(|e| self.ce("delete content row", e))?;
+            let mut marked: HashSet<BlobId> = HashSet::new();
+            {
+                let blocks = snapshot
+                    .open_table(BLOCKS)
+                    .map_err(|e| self.ce("open table blocks", e))?;
+                let ctab = snapshot
+                    .open_table(CONTENTS)
+                    .map_err(|e| self.ce("open table contents", e))?;
+                let btab = snapshot.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+                let mut contents: HashSet<ContentId> = HashSet::new();
+                for row in blocks.iter().map_err(|e| self.ce("read block map", e))? {
+                    let content = ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value());
+                    if !content.is_zero() {
+                        contents.insert(content);
                     }
                 }
-                doomed.push(c);
-            }
-        }
-        tx.commit().map_err(|e| self.ce("commit gc", e))?;
-        for c in doomed {
-            match fs::remove_file(&c.path) {
-                Ok(()) => {
-                    report.blobs_deleted += 1;
-                    report.bytes_freed += c.file_bytes.unwrap_or(0);
+                for content in contents {
+                    if let Some(blob) = ctab.get(content.0).map_err(|e| self.ce("read contents", e))? {
+                        close_over_bases(&btab, [ContentId(blob.value())], &mut marked)
+                            .map_err(|e| self.ce("read blobs", e))?;
+                    }
                 }
-                // A row whose file was already gone: the row is deleted, nothing freed.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.blobs_deleted += 1,
-                // The row is gone; the orphan file is retried by the next GC.
-                Err(e) => tracing::warn!(error = %io_error("delete blob", &c.path, e), "store: gc"),
             }
-        }
-        drop(pins);
-        report.duration_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(?report, "store: gc done");
-        Ok(report)
+            drop(snapshot);
+
+            // Candidates: every blob file and every blob row that is not marked.
+            let now = SystemTime::now();
+            let mut candidates: HashMap<BlobId, Candidate> = HashMap::new();
+            let mut scanned: HashSet<BlobId> = HashSet::new();
+            blob_file::for_each_file(&self.blobs_dir, &mut |path, name| {
+                let Some(id) = ContentId::from_hex(name) else {
+                    return Ok(());
+                };
+                scanned.insert(id);
+                if marked.contains(&id) {
+                    return Ok(());
+                }
+                let meta = fs::metadata(path).map_err(|e| io_error("stat blob", path, e))?;
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .unwrap_or(Duration::ZERO);
+                candidates.insert(
+                    id,
+                    Candidate {
+                        path: path.to_path_buf(),
+                        file_bytes: Some(meta.len()),
+                        age: Some(age),
+                    },
+                );
+                Ok(())
+            })?;
+            {
+                let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+                let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+                for row in btab.iter().map_err(|e| self.ce("read blobs", e))? {
+                    let id = ContentId(row.map_err(|e| self.ce("read blobs", e))?.0.value());
+                    scanned.insert(id);
+                    if !marked.contains(&id) {
+                        candidates.entry(id).or_insert_with(|| Candidate {
+                            path: blob_file::blob_path(&self.blobs_dir, &id),
+                            file_bytes: None,
+                            age: None,
+                        });
+                    }
+                }
+            }
+            report.blobs_scanned = scanned.len() as u64;
+            drop(scanned);
+
+            // Sweep under the writer lock and the pin lock, held until files are gone.
+            let _w = lock(&self.writer);
+            let pins = lock(&self.pins);
+            let tx = self.begin_write("begin write")?;
+            let mut doomed = Vec::new();
+            {
+                let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+                let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+                let roots = pins.gc_extra.iter().chain(pins.sessions.values().flatten()).copied();
+                let mut pinned = HashSet::new();
+                close_over_bases(&btab, roots, &mut pinned).map_err(|e| self.ce("read blobs", e))?;
+                let now_ms = now_unix_ms();
+                let mut young = Vec::new();
+                for (id, c) in &candidates {
+                    if pinned.contains(id) {
+                        continue;
+                    }
+                    let row_age = btab
+                        .get(id.0)
+                        .map_err(|e| self.ce("read blobs", e))?
+                        .and_then(|r| BlobMeta::decode(r.value()))
+                        .map(|m| Duration::from_millis(now_ms.saturating_sub(m.stored_unix_ms)));
+                    let age = match (c.age, row_age) {
+                        (Some(a), Some(b)) => a.min(b),
+                        (a, b) => a.or(b).unwrap_or(Duration::ZERO),
+                    };
+                    if age < grace {
+                        young.push(*id);
+                    }
+                }
+                let mut graced = HashSet::new();
+                close_over_bases(&btab, young, &mut graced).map_err(|e| self.ce("read blobs", e))?;
+                for (id, c) in candidates {
+                    if pinned.contains(&id) {
+                        report.blobs_kept_pinned += 1;
+                        continue;
+                    }
+                    if graced.contains(&id) {
+                        report.blobs_kept_grace += 1;
+                        continue;
+                    }
+                    let meta = btab
+                        .remove(id.0)
+                        .map_err(|e| self.ce("delete blob row", e))?
+                        .and_then(|r| BlobMeta::decode(r.value()));
+                    if let Some(meta) = meta {
+                        let points_here = ctab
+                            .get(meta.content.0)
+                            .map_err(|e| self.ce("read contents", e))?
+                            .is_some_and(|g| g.value() == id.0);
+                        if points_here {
+                            ctab.remove(meta.content.0)
+                                .map_err(|e| self.ce("delete content row", e))?;
+                        }
+                    }
+                    doomed.push(c);
+                }
+            }
+            tx.commit().map_err(|e| self.ce("commit gc", e))?;
+            for c in doomed {
+                match fs::remove_file(&c.path) {
+                    Ok(()) => {
+                        report.blobs_deleted += 1;
+                        report.bytes_freed += c.file_bytes.unwrap_or(0);
+                    }
+                    // A row whose file was already gone: the row is deleted, nothing freed.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.blobs_deleted += 1,
+                    // The row is gone; the orphan file is retried by the next GC.
+                    Err(e) => tracing::warn!(error = %io_error("delete blob", &c.path, e), "store: gc"),
+                }
+            }
+            drop(pins);
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(?report, "store: gc done");
+            Ok(report)
+        })
     }
 }

@@ -245,6 +245,30 @@ pub struct Store {
     pins: Mutex<PinState>,
     /// One GC at a time.
     gc_lock: Mutex<()>,
+    /// Set when the storage engine failed on the catalog: what failed (writes are refused from then on).
+    damaged: Mutex<Option<(String, String)>>,
+}
+
+/// The text of a caught panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Runs `f`, turning a panic of the storage engine into [`StoreError::Damaged`]
+/// for the catalog at `path`.
+fn catch_engine<T>(path: &Path, op: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let detail = panic_text(payload.as_ref());
+            tracing::error!(catalog = %path.display(), op, detail, "the storage engine failed on the catalog: it is damaged");
+            Err(StoreError::Damaged { path: path.to_path_buf(), op: op.to_string(), detail })
+        }
+    }
 }
 
 /// Locks a mutex, carrying on after a panic elsewhere (the guarded state stays consistent:
@@ -292,6 +316,10 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`: `dir/blobs/` and `dir/catalog.redb`.
     /// Drops leftovers of sessions interrupted by a crash (staged rows, temp files).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        catch_engine(&dir.join("catalog.redb"), "opened the store", || Store::open_inner(dir))
+    }
+
+    fn open_inner(dir: &Path) -> Result<Store, StoreError> {
         let blobs_dir = dir.join("blobs");
         fs::create_dir_all(&blobs_dir).map_err(|e| io_error("create store folder", &blobs_dir, e))?;
         let catalog_path = dir.join("catalog.redb");
@@ -323,6 +351,7 @@ impl Store {
             writer: Mutex::new(()),
             pins: Mutex::new(PinState::default()),
             gc_lock: Mutex::new(()),
+            damaged: Mutex::new(None),
         };
         {
             let _w = lock(&store.writer);
@@ -357,6 +386,10 @@ impl Store {
     /// the blobs of an RP that its retention pruned meanwhile: a read of such a blob then
     /// fails as missing, never with other data.
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        catch_engine(&dir.join("catalog.redb"), "opened the store read-only", || Store::open_read_only_inner(dir))
+    }
+
+    fn open_read_only_inner(dir: &Path) -> Result<Store, StoreError> {
         let catalog_path = dir.join("catalog.redb");
         match fs::symlink_metadata(&catalog_path) {
             Ok(m) if m.is_file() => {}
@@ -389,6 +422,7 @@ impl Store {
             writer: Mutex::new(()),
             pins: Mutex::new(PinState::default()),
             gc_lock: Mutex::new(()),
+            damaged: Mutex::new(None),
         })
     }
 
@@ -416,8 +450,22 @@ impl Store {
         self.staging.is_none()
     }
 
-    /// A write transaction, or [`StoreError::ReadOnly`] on a read-only handle.
+    /// Runs one public operation: a panic of the storage engine becomes
+    /// [`StoreError::Damaged`] and stops every later write of this handle.
+    fn guard<T>(&self, op: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let result = catch_engine(&self.catalog_path, op, f);
+        if let Err(StoreError::Damaged { op, detail, .. }) = &result {
+            lock(&self.damaged).get_or_insert_with(|| (op.clone(), detail.clone()));
+        }
+        result
+    }
+
+    /// A write transaction, or [`StoreError::ReadOnly`] on a read-only handle,
+    /// or [`StoreError::Damaged`] once the engine failed on this catalog.
     fn begin_write(&self, op: &str) -> Result<redb::WriteTransaction, StoreError> {
+        if let Some((first, detail)) = lock(&self.damaged).clone() {
+            return Err(StoreError::Damaged { path: self.catalog_path.clone(), op: first, detail });
+        }
         match &self.db {
             Catalog::Writer(db) if !self.is_read_only() => db.begin_write().map_err(|e| self.ce(op, e)),
             _ => Err(StoreError::ReadOnly { path: self.catalog_path.clone() }),
@@ -448,40 +496,42 @@ impl Store {
     /// keeps them (and their base chains) until [`Store::release_session`]. ZERO is never
     /// stored and answers `None` (callers never offer it).
     pub fn lookup_and_pin(&self, session: u64, contents: &[ContentId]) -> Result<Vec<Option<BlobLoc>>, StoreError> {
-        let mut pins = lock(&self.pins);
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
-        let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-        let mut out = Vec::with_capacity(contents.len());
-        let mut pinned = Vec::new();
-        for content in contents {
-            if content.is_zero() {
-                out.push(None);
-                continue;
-            }
-            let Some(blob) = ctab.get(content.0).map_err(|e| self.ce("read contents", e))? else {
-                out.push(None);
-                continue;
-            };
-            let blob = ContentId(blob.value());
-            let meta = btab
-                .get(blob.0)
-                .map_err(|e| self.ce("read blobs", e))?
-                .and_then(|r| BlobMeta::decode(r.value()));
-            let whole = chain_of(&btab, &blob).map_err(|e| self.ce("read blobs", e))?.is_some();
-            match meta {
-                Some(meta) if whole && blob_file::blob_path(&self.blobs_dir, &blob).exists() => {
-                    pinned.push(blob);
-                    out.push(Some(BlobLoc {
-                        blob,
-                        depth: meta.depth,
-                    }));
+        self.guard("looked up blobs", || {
+            let mut pins = lock(&self.pins);
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let mut out = Vec::with_capacity(contents.len());
+            let mut pinned = Vec::new();
+            for content in contents {
+                if content.is_zero() {
+                    out.push(None);
+                    continue;
                 }
-                _ => out.push(None),
+                let Some(blob) = ctab.get(content.0).map_err(|e| self.ce("read contents", e))? else {
+                    out.push(None);
+                    continue;
+                };
+                let blob = ContentId(blob.value());
+                let meta = btab
+                    .get(blob.0)
+                    .map_err(|e| self.ce("read blobs", e))?
+                    .and_then(|r| BlobMeta::decode(r.value()));
+                let whole = chain_of(&btab, &blob).map_err(|e| self.ce("read blobs", e))?.is_some();
+                match meta {
+                    Some(meta) if whole && blob_file::blob_path(&self.blobs_dir, &blob).exists() => {
+                        pinned.push(blob);
+                        out.push(Some(BlobLoc {
+                            blob,
+                            depth: meta.depth,
+                        }));
+                    }
+                    _ => out.push(None),
+                }
             }
-        }
-        pins.sessions.entry(session).or_default().extend(pinned);
-        Ok(out)
+            pins.sessions.entry(session).or_default().extend(pinned);
+            Ok(out)
+        })
     }
 
     /// Pins extra blob ids for `session` (e.g. a delta's base the session relies on).
@@ -556,142 +606,146 @@ impl Store {
     /// A delta's base must be in the store or in the batch, and `depth` must be base depth + 1.
     /// Blobs put (and their bases) are pinned for `session`.
     pub fn put_blobs(&self, session: u64, blobs: &[EncodedBlob]) -> Result<u64, StoreError> {
-        if blobs.is_empty() {
-            return Ok(0);
-        }
-        if self.is_read_only() {
-            return Err(StoreError::ReadOnly { path: self.catalog_path.clone() });
-        }
-        for blob in blobs {
-            Self::check_blob(blob)?;
-        }
-        self.pin(
-            session,
-            &blobs
-                .iter()
-                .flat_map(|b| std::iter::once(b.id).chain(b.base))
-                .collect::<Vec<_>>(),
-        );
-        // Bases and depths (the pins above keep the bases from being swept from here on).
-        {
-            let batch: HashMap<BlobId, u8> = blobs.iter().map(|b| (b.id, b.depth)).collect();
-            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+        self.guard("stored blobs", || {
+            if blobs.is_empty() {
+                return Ok(0);
+            }
+            if self.is_read_only() {
+                return Err(StoreError::ReadOnly { path: self.catalog_path.clone() });
+            }
             for blob in blobs {
-                let Some(base) = blob.base else { continue };
-                let base_depth = match batch.get(&base) {
-                    Some(d) => Some(*d),
-                    None => match chain_of(&btab, &base).map_err(|e| self.ce("read blobs", e))? {
-                        Some(_) => btab
-                            .get(base.0)
+                Self::check_blob(blob)?;
+            }
+            self.pin(
+                session,
+                &blobs
+                    .iter()
+                    .flat_map(|b| std::iter::once(b.id).chain(b.base))
+                    .collect::<Vec<_>>(),
+            );
+            // Bases and depths (the pins above keep the bases from being swept from here on).
+            {
+                let batch: HashMap<BlobId, u8> = blobs.iter().map(|b| (b.id, b.depth)).collect();
+                let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+                let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+                for blob in blobs {
+                    let Some(base) = blob.base else { continue };
+                    let base_depth = match batch.get(&base) {
+                        Some(d) => Some(*d),
+                        None => match chain_of(&btab, &base).map_err(|e| self.ce("read blobs", e))? {
+                            Some(_) => btab
+                                .get(base.0)
+                                .map_err(|e| self.ce("read blobs", e))?
+                                .and_then(|r| BlobMeta::decode(r.value()))
+                                .map(|m| m.depth),
+                            None => None,
+                        },
+                    };
+                    let Some(base_depth) = base_depth else {
+                        return Err(StoreError::MissingBase {
+                            blob: blob.id.to_hex(),
+                            base: base.to_hex(),
+                        });
+                    };
+                    if u16::from(blob.depth) != u16::from(base_depth) + 1 {
+                        return Err(StoreError::InvalidBlob {
+                            blob: blob.id.to_hex(),
+                            cause: format!("depth {} but base {} has depth {base_depth}", blob.depth, base.to_hex()),
+                        });
+                    }
+                }
+            }
+            let mut written = 0u64;
+            // (flags, stored bytes) of the file each blob ends up with.
+            let mut on_disk = Vec::with_capacity(blobs.len());
+            for blob in blobs {
+                let path = blob_file::blob_path(&self.blobs_dir, &blob.id);
+                if path.exists() {
+                    match blob_file::read(&self.blobs_dir, &blob.id) {
+                        // Intact and materializing the same thing the same way: keep it (its
+                        // payload may differ, e.g. another encryption nonce, and still be valid).
+                        Ok(existing)
+                            if (existing.content, existing.base, existing.depth)
+                                == (blob.content, blob.base, blob.depth) =>
+                        {
+                            on_disk.push((
+                                existing.flags.0,
+                                (blob_file::HEADER_BYTES + existing.payload.len()) as u64,
+                            ));
+                            continue;
+                        }
+                        Ok(_) => {
+                            tracing::warn!(blob = %blob.id, "store: existing blob file disagrees with the one put; rewriting")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "store: rewriting damaged blob"),
+                    }
+                }
+                let bytes = blob_file::write(&self.blobs_dir, blob)?;
+                written += bytes;
+                on_disk.push((blob.flags.0, bytes));
+            }
+            // One flush for the whole batch: file data and the renames' folder entries.
+            let dir = File::open(&self.blobs_dir).map_err(|e| io_error("open blob folder", &self.blobs_dir, e))?;
+            nix::unistd::syncfs(&dir).map_err(|e| io_error("syncfs", &self.blobs_dir, std::io::Error::from(e)))?;
+
+            let now = now_unix_ms();
+            let _w = lock(&self.writer);
+            let tx = self.begin_write("begin write")?;
+            {
+                let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+                let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+                for (blob, (flags, stored_bytes)) in blobs.iter().zip(on_disk) {
+                    let meta = BlobMeta {
+                        content: blob.content,
+                        base: blob.base,
+                        depth: blob.depth,
+                        flags,
+                        stored_bytes,
+                        stored_unix_ms: now,
+                    };
+                    btab.insert(blob.id.0, meta.encode().as_slice())
+                        .map_err(|e| self.ce("record blob", e))?;
+                    let current = ctab
+                        .get(blob.content.0)
+                        .map_err(|e| self.ce("read contents", e))?
+                        .map(|g| g.value());
+                    let current_depth = match current {
+                        Some(cur) => btab
+                            .get(cur)
                             .map_err(|e| self.ce("read blobs", e))?
                             .and_then(|r| BlobMeta::decode(r.value()))
                             .map(|m| m.depth),
                         None => None,
-                    },
-                };
-                let Some(base_depth) = base_depth else {
-                    return Err(StoreError::MissingBase {
-                        blob: blob.id.to_hex(),
-                        base: base.to_hex(),
-                    });
-                };
-                if u16::from(blob.depth) != u16::from(base_depth) + 1 {
-                    return Err(StoreError::InvalidBlob {
-                        blob: blob.id.to_hex(),
-                        cause: format!("depth {} but base {} has depth {base_depth}", blob.depth, base.to_hex()),
-                    });
-                }
-            }
-        }
-        let mut written = 0u64;
-        // (flags, stored bytes) of the file each blob ends up with.
-        let mut on_disk = Vec::with_capacity(blobs.len());
-        for blob in blobs {
-            let path = blob_file::blob_path(&self.blobs_dir, &blob.id);
-            if path.exists() {
-                match blob_file::read(&self.blobs_dir, &blob.id) {
-                    // Intact and materializing the same thing the same way: keep it (its
-                    // payload may differ, e.g. another encryption nonce, and still be valid).
-                    Ok(existing)
-                        if (existing.content, existing.base, existing.depth)
-                            == (blob.content, blob.base, blob.depth) =>
-                    {
-                        on_disk.push((
-                            existing.flags.0,
-                            (blob_file::HEADER_BYTES + existing.payload.len()) as u64,
-                        ));
-                        continue;
+                    };
+                    // Prefer the shallowest way to materialize a content.
+                    if current_depth.is_none_or(|d| blob.depth < d) {
+                        ctab.insert(blob.content.0, blob.id.0)
+                            .map_err(|e| self.ce("record content", e))?;
                     }
-                    Ok(_) => {
-                        tracing::warn!(blob = %blob.id, "store: existing blob file disagrees with the one put; rewriting")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "store: rewriting damaged blob"),
                 }
             }
-            let bytes = blob_file::write(&self.blobs_dir, blob)?;
-            written += bytes;
-            on_disk.push((blob.flags.0, bytes));
-        }
-        // One flush for the whole batch: file data and the renames' folder entries.
-        let dir = File::open(&self.blobs_dir).map_err(|e| io_error("open blob folder", &self.blobs_dir, e))?;
-        nix::unistd::syncfs(&dir).map_err(|e| io_error("syncfs", &self.blobs_dir, std::io::Error::from(e)))?;
-
-        let now = now_unix_ms();
-        let _w = lock(&self.writer);
-        let tx = self.begin_write("begin write")?;
-        {
-            let mut btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-            let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
-            for (blob, (flags, stored_bytes)) in blobs.iter().zip(on_disk) {
-                let meta = BlobMeta {
-                    content: blob.content,
-                    base: blob.base,
-                    depth: blob.depth,
-                    flags,
-                    stored_bytes,
-                    stored_unix_ms: now,
-                };
-                btab.insert(blob.id.0, meta.encode().as_slice())
-                    .map_err(|e| self.ce("record blob", e))?;
-                let current = ctab
-                    .get(blob.content.0)
-                    .map_err(|e| self.ce("read contents", e))?
-                    .map(|g| g.value());
-                let current_depth = match current {
-                    Some(cur) => btab
-                        .get(cur)
-                        .map_err(|e| self.ce("read blobs", e))?
-                        .and_then(|r| BlobMeta::decode(r.value()))
-                        .map(|m| m.depth),
-                    None => None,
-                };
-                // Prefer the shallowest way to materialize a content.
-                if current_depth.is_none_or(|d| blob.depth < d) {
-                    ctab.insert(blob.content.0, blob.id.0)
-                        .map_err(|e| self.ce("record content", e))?;
-                }
-            }
-        }
-        tx.commit().map_err(|e| self.ce("commit blobs", e))?;
-        Ok(written)
+            tx.commit().map_err(|e| self.ce("commit blobs", e))?;
+            Ok(written)
+        })
     }
 
     /// Stages block-map changes of an in-flight RP of `volume`: (block index, content) pairs,
     /// ZERO meaning the block is zero in this RP. A later change of the same index wins.
     /// Not durable on its own; [`Store::commit_rp`] is.
     pub fn stage(&self, session: u64, volume: &str, changes: &[(u64, ContentId)]) -> Result<(), StoreError> {
-        let _w = lock(&self.writer);
-        let (path, tx) = self.begin_staging()?;
-        {
-            let mut staged = tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
-            for (index, content) in changes {
-                staged
-                    .insert((session, volume, *index), content.0)
-                    .map_err(|e| catalog_error("stage block", path, e))?;
+        self.guard("staged block-map changes", || {
+            let _w = lock(&self.writer);
+            let (path, tx) = self.begin_staging()?;
+            {
+                let mut staged = tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
+                for (index, content) in changes {
+                    staged
+                        .insert((session, volume, *index), content.0)
+                        .map_err(|e| catalog_error("stage block", path, e))?;
+                }
             }
-        }
-        tx.commit().map_err(|e| catalog_error("commit staged", path, e))
+            tx.commit().map_err(|e| catalog_error("commit staged", path, e))
+        })
     }
 
     /// Commits `meta.volume@meta.seq` in ONE durable transaction: the RP row, and the
@@ -700,129 +754,131 @@ impl Store {
     /// is not newer than the volume's newest RP, or a staged index is ≥ `block_count`.
     /// O(changed blocks).
     pub fn commit_rp(&self, session: u64, meta: &RpMeta) -> Result<(), StoreError> {
-        let name = meta.name();
-        let _w = lock(&self.writer);
-        let (staging_path, staging_db) = self.staging()?;
-        let staging_tx = staging_db.begin_read().map_err(|e| catalog_error("begin staging read", staging_path, e))?;
-        let staged = staging_tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", staging_path, e))?;
-        let tx = self.begin_write("begin write")?;
-        let mut referenced = Vec::new();
-        let mut indexes = Vec::new();
-        let volume = meta.volume.as_str();
-        {
-            let mut vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
-            let existing = vols
-                .get(meta.volume.as_str())
-                .map_err(|e| self.ce("read volumes", e))?
-                .map(|g| g.value());
-            let vid = match existing {
-                Some(v) => v,
-                None => {
-                    let mut m = tx.open_table(META).map_err(|e| self.ce("open table meta", e))?;
-                    let next = m
-                        .get(NEXT_VOLUME_ID)
-                        .map_err(|e| self.ce("read meta", e))?
-                        .map(|g| g.value())
-                        .unwrap_or(1);
-                    let vid = u32::try_from(next).map_err(|_| StoreError::InvalidRp {
-                        rp: name.clone(),
-                        cause: "too many volumes".into(),
-                    })?;
-                    m.insert(NEXT_VOLUME_ID, next + 1)
-                        .map_err(|e| self.ce("write meta", e))?;
-                    vols.insert(meta.volume.as_str(), vid)
-                        .map_err(|e| self.ce("write volumes", e))?;
-                    vid
-                }
-            };
-            let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-            if rps.get((vid, meta.seq)).map_err(|e| self.ce("read rps", e))?.is_some() {
-                return Err(StoreError::RpExists { rp: name });
-            }
-            let newest = match rps
-                .range((vid, 0u64)..=(vid, u64::MAX))
-                .map_err(|e| self.ce("read rps", e))?
-                .next_back()
+        self.guard("committed an RP", || {
+            let name = meta.name();
+            let _w = lock(&self.writer);
+            let (staging_path, staging_db) = self.staging()?;
+            let staging_tx = staging_db.begin_read().map_err(|e| catalog_error("begin staging read", staging_path, e))?;
+            let staged = staging_tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", staging_path, e))?;
+            let tx = self.begin_write("begin write")?;
+            let mut referenced = Vec::new();
+            let mut indexes = Vec::new();
+            let volume = meta.volume.as_str();
             {
-                Some(row) => Some(row.map_err(|e| self.ce("read rps", e))?.0.value().1),
-                None => None,
-            };
-            if let Some(newest) = newest.filter(|n| *n >= meta.seq) {
-                return Err(StoreError::SeqNotNewer { rp: name, newest });
-            }
-            let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
-            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-            let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
-            let mut changes = tx
-                .open_table(RP_CHANGES)
-                .map_err(|e| self.ce("open table rp_changes", e))?;
-            for row in staged
-                .range((session, volume, 0u64)..=(session, volume, u64::MAX))
-                .map_err(|e| catalog_error("read staged", staging_path, e))?
-            {
-                let (key, value) = row.map_err(|e| catalog_error("read staged", staging_path, e))?;
-                let index = key.value().2;
-                let content = ContentId(value.value());
-                if index >= meta.block_count {
-                    return Err(StoreError::InvalidRp {
-                        rp: name,
-                        cause: format!("staged block {index} is beyond block_count {}", meta.block_count),
-                    });
+                let mut vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+                let existing = vols
+                    .get(meta.volume.as_str())
+                    .map_err(|e| self.ce("read volumes", e))?
+                    .map(|g| g.value());
+                let vid = match existing {
+                    Some(v) => v,
+                    None => {
+                        let mut m = tx.open_table(META).map_err(|e| self.ce("open table meta", e))?;
+                        let next = m
+                            .get(NEXT_VOLUME_ID)
+                            .map_err(|e| self.ce("read meta", e))?
+                            .map(|g| g.value())
+                            .unwrap_or(1);
+                        let vid = u32::try_from(next).map_err(|_| StoreError::InvalidRp {
+                            rp: name.clone(),
+                            cause: "too many volumes".into(),
+                        })?;
+                        m.insert(NEXT_VOLUME_ID, next + 1)
+                            .map_err(|e| self.ce("write meta", e))?;
+                        vols.insert(meta.volume.as_str(), vid)
+                            .map_err(|e| self.ce("write volumes", e))?;
+                        vid
+                    }
+                };
+                let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+                if rps.get((vid, meta.seq)).map_err(|e| self.ce("read rps", e))?.is_some() {
+                    return Err(StoreError::RpExists { rp: name });
                 }
-                if !content.is_zero() {
-                    let blob = ctab
-                        .get(content.0)
-                        .map_err(|e| self.ce("read contents", e))?
-                        .map(|g| ContentId(g.value()));
-                    let chain = match blob {
-                        Some(b) => chain_of(&btab, &b).map_err(|e| self.ce("read blobs", e))?,
-                        None => None,
-                    };
-                    let Some(chain) = chain else {
-                        return Err(StoreError::MissingContent {
+                let newest = match rps
+                    .range((vid, 0u64)..=(vid, u64::MAX))
+                    .map_err(|e| self.ce("read rps", e))?
+                    .next_back()
+                {
+                    Some(row) => Some(row.map_err(|e| self.ce("read rps", e))?.0.value().1),
+                    None => None,
+                };
+                if let Some(newest) = newest.filter(|n| *n >= meta.seq) {
+                    return Err(StoreError::SeqNotNewer { rp: name, newest });
+                }
+                let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+                let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+                let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+                let mut changes = tx
+                    .open_table(RP_CHANGES)
+                    .map_err(|e| self.ce("open table rp_changes", e))?;
+                for row in staged
+                    .range((session, volume, 0u64)..=(session, volume, u64::MAX))
+                    .map_err(|e| catalog_error("read staged", staging_path, e))?
+                {
+                    let (key, value) = row.map_err(|e| catalog_error("read staged", staging_path, e))?;
+                    let index = key.value().2;
+                    let content = ContentId(value.value());
+                    if index >= meta.block_count {
+                        return Err(StoreError::InvalidRp {
                             rp: name,
-                            index,
-                            content: content.to_hex(),
+                            cause: format!("staged block {index} is beyond block_count {}", meta.block_count),
                         });
-                    };
-                    referenced.extend(chain);
+                    }
+                    if !content.is_zero() {
+                        let blob = ctab
+                            .get(content.0)
+                            .map_err(|e| self.ce("read contents", e))?
+                            .map(|g| ContentId(g.value()));
+                        let chain = match blob {
+                            Some(b) => chain_of(&btab, &b).map_err(|e| self.ce("read blobs", e))?,
+                            None => None,
+                        };
+                        let Some(chain) = chain else {
+                            return Err(StoreError::MissingContent {
+                                rp: name,
+                                index,
+                                content: content.to_hex(),
+                            });
+                        };
+                        referenced.extend(chain);
+                    }
+                    blocks
+                        .insert((vid, index, meta.seq), content.0)
+                        .map_err(|e| self.ce("write block map", e))?;
+                    changes
+                        .insert((vid, meta.seq, index), ())
+                        .map_err(|e| self.ce("write block map", e))?;
+                    indexes.push(index);
                 }
-                blocks
-                    .insert((vid, index, meta.seq), content.0)
-                    .map_err(|e| self.ce("write block map", e))?;
-                changes
-                    .insert((vid, meta.seq, index), ())
-                    .map_err(|e| self.ce("write block map", e))?;
-                indexes.push(index);
+                rps.insert((vid, meta.seq), catalog::encode_rp(meta).as_slice())
+                    .map_err(|e| self.ce("write rp", e))?;
             }
-            rps.insert((vid, meta.seq), catalog::encode_rp(meta).as_slice())
-                .map_err(|e| self.ce("write rp", e))?;
-        }
-        {
-            // A GC between its mark and its sweep must keep what this commit references
-            // (see the module doc); the writer lock orders this against its mark.
-            let mut pins = lock(&self.pins);
-            if pins.gc_running {
-                pins.gc_extra.extend(referenced);
-            }
-        }
-        tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))?;
-        // Committed: the staged rows are done with. Failing to drop them is harmless
-        // (the session ends, and the next open drops all staged rows).
-        drop((staged, staging_tx));
-        let dropped = self.begin_staging().and_then(|(path, stx)| {
             {
-                let mut staged = stx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
-                for index in indexes {
-                    staged.remove((session, volume, index)).map_err(|e| catalog_error("drop staged row", path, e))?;
+                // A GC between its mark and its sweep must keep what this commit references
+                // (see the module doc); the writer lock orders this against its mark.
+                let mut pins = lock(&self.pins);
+                if pins.gc_running {
+                    pins.gc_extra.extend(referenced);
                 }
             }
-            stx.commit().map_err(|e| catalog_error("commit staging", path, e))
-        });
-        if let Err(e) = dropped {
-            tracing::warn!(rp = %name, error = %e, "store: could not drop the staged rows of a committed RP");
-        }
-        Ok(())
+            tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))?;
+            // Committed: the staged rows are done with. Failing to drop them is harmless
+            // (the session ends, and the next open drops all staged rows).
+            drop((staged, staging_tx));
+            let dropped = self.begin_staging().and_then(|(path, stx)| {
+                {
+                    let mut staged = stx.open_table(STAGED).map_err(|e| catalog_error("open table staged", path, e))?;
+                    for index in indexes {
+                        staged.remove((session, volume, index)).map_err(|e| catalog_error("drop staged row", path, e))?;
+                    }
+                }
+                stx.commit().map_err(|e| catalog_error("commit staging", path, e))
+            });
+            if let Err(e) = dropped {
+                tracing::warn!(rp = %name, error = %e, "store: could not drop the staged rows of a committed RP");
+            }
+            Ok(())
+        })
     }
 
     fn volume_id(&self, tx: &redb::ReadTransaction, volume: &str) -> Result<Option<u32>, StoreError> {
@@ -841,62 +897,70 @@ impl Store {
 
     /// Volumes with RPs, by name.
     pub fn volumes(&self) -> Result<Vec<String>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
-        let mut out = Vec::new();
-        for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
-            out.push(row.map_err(|e| self.ce("read volumes", e))?.0.value().to_string());
-        }
-        Ok(out)
+        self.guard("listed volumes", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+            let mut out = Vec::new();
+            for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
+                out.push(row.map_err(|e| self.ce("read volumes", e))?.0.value().to_string());
+            }
+            Ok(out)
+        })
     }
 
     /// The RPs of `volume`, oldest first.
     pub fn rps(&self, volume: &str) -> Result<Vec<RpMeta>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let Some(vid) = self.volume_id(&tx, volume)? else {
-            return Ok(Vec::new());
-        };
-        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-        let mut out = Vec::new();
-        for row in rps
-            .range((vid, 0u64)..=(vid, u64::MAX))
-            .map_err(|e| self.ce("read rps", e))?
-        {
-            let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-            out.push(self.decode_rp_row(volume, k.value().1, v.value())?);
-        }
-        Ok(out)
+        self.guard("listed RPs", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let Some(vid) = self.volume_id(&tx, volume)? else {
+                return Ok(Vec::new());
+            };
+            let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+            let mut out = Vec::new();
+            for row in rps
+                .range((vid, 0u64)..=(vid, u64::MAX))
+                .map_err(|e| self.ce("read rps", e))?
+            {
+                let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+                out.push(self.decode_rp_row(volume, k.value().1, v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// `volume@seq`, if committed and not pruned.
     pub fn rp(&self, volume: &str, seq: u64) -> Result<Option<RpMeta>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let Some(vid) = self.volume_id(&tx, volume)? else {
-            return Ok(None);
-        };
-        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-        let row = rps.get((vid, seq)).map_err(|e| self.ce("read rps", e))?;
-        row.map(|v| self.decode_rp_row(volume, seq, v.value())).transpose()
+        self.guard("read an RP", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let Some(vid) = self.volume_id(&tx, volume)? else {
+                return Ok(None);
+            };
+            let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+            let row = rps.get((vid, seq)).map_err(|e| self.ce("read rps", e))?;
+            row.map(|v| self.decode_rp_row(volume, seq, v.value())).transpose()
+        })
     }
 
     /// The newest RP of `volume`.
     pub fn latest_rp(&self, volume: &str) -> Result<Option<RpMeta>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let Some(vid) = self.volume_id(&tx, volume)? else {
-            return Ok(None);
-        };
-        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-        let newest = rps
-            .range((vid, 0u64)..=(vid, u64::MAX))
-            .map_err(|e| self.ce("read rps", e))?
-            .next_back();
-        match newest {
-            None => Ok(None),
-            Some(row) => {
-                let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-                self.decode_rp_row(volume, k.value().1, v.value()).map(Some)
+        self.guard("read the newest RP", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let Some(vid) = self.volume_id(&tx, volume)? else {
+                return Ok(None);
+            };
+            let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+            let newest = rps
+                .range((vid, 0u64)..=(vid, u64::MAX))
+                .map_err(|e| self.ce("read rps", e))?
+                .next_back();
+            match newest {
+                None => Ok(None),
+                Some(row) => {
+                    let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+                    self.decode_rp_row(volume, k.value().1, v.value()).map(Some)
+                }
             }
-        }
+        })
     }
 
     /// Paging API over the block map of `volume@seq`: the content ids of blocks
@@ -905,50 +969,54 @@ impl Store {
     /// is one O(log n) reverse range lookup in one read snapshot. Restore walks a volume by
     /// calling it with successive `start`s (e.g. 4096 blocks a page).
     pub fn block_ids(&self, volume: &str, seq: u64, start: u64, count: u64) -> Result<Vec<ContentId>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let not_found = || StoreError::RpNotFound {
-            rp: rp_name(volume, seq),
-        };
-        let vid = self.volume_id(&tx, volume)?.ok_or_else(not_found)?;
-        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-        let row = rps
-            .get((vid, seq))
-            .map_err(|e| self.ce("read rps", e))?
-            .ok_or_else(not_found)?;
-        let meta = self.decode_rp_row(volume, seq, row.value())?;
-        let end = start.saturating_add(count).min(meta.block_count);
-        let blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
-        let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
-        for index in start..end {
-            let entry = blocks
-                .range((vid, index, 0u64)..=(vid, index, seq))
-                .map_err(|e| self.ce("read block map", e))?
-                .next_back();
-            out.push(match entry {
-                Some(row) => ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value()),
-                None => ContentId::ZERO,
-            });
-        }
-        Ok(out)
+        self.guard("read a block map", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let not_found = || StoreError::RpNotFound {
+                rp: rp_name(volume, seq),
+            };
+            let vid = self.volume_id(&tx, volume)?.ok_or_else(not_found)?;
+            let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+            let row = rps
+                .get((vid, seq))
+                .map_err(|e| self.ce("read rps", e))?
+                .ok_or_else(not_found)?;
+            let meta = self.decode_rp_row(volume, seq, row.value())?;
+            let end = start.saturating_add(count).min(meta.block_count);
+            let blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+            let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+            for index in start..end {
+                let entry = blocks
+                    .range((vid, index, 0u64)..=(vid, index, seq))
+                    .map_err(|e| self.ce("read block map", e))?
+                    .next_back();
+                out.push(match entry {
+                    Some(row) => ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value()),
+                    None => ContentId::ZERO,
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Where to find `content` (blob id and delta depth), for restore.
     pub fn locate(&self, content: &ContentId) -> Result<Option<BlobLoc>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
-        let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-        let Some(blob) = ctab
-            .get(content.0)
-            .map_err(|e| self.ce("read contents", e))?
-            .map(|g| ContentId(g.value()))
-        else {
-            return Ok(None);
-        };
-        let meta = btab
-            .get(blob.0)
-            .map_err(|e| self.ce("read blobs", e))?
-            .and_then(|r| BlobMeta::decode(r.value()));
-        Ok(meta.map(|m| BlobLoc { blob, depth: m.depth }))
+        self.guard("located a blob", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let Some(blob) = ctab
+                .get(content.0)
+                .map_err(|e| self.ce("read contents", e))?
+                .map(|g| ContentId(g.value()))
+            else {
+                return Ok(None);
+            };
+            let meta = btab
+                .get(blob.0)
+                .map_err(|e| self.ce("read blobs", e))?
+                .and_then(|r| BlobMeta::decode(r.value()));
+            Ok(meta.map(|m| BlobLoc { blob, depth: m.depth }))
+        })
     }
 
     /// Reads blob `id` and checks its header and payload checksum; a missing, short or
@@ -969,25 +1037,27 @@ impl Store {
 
     /// Figures for `drmesh ctl` (walks the blob table: O(blobs)).
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
-        let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-        let mut stats = StoreStats::default();
-        for row in btab.iter().map_err(|e| self.ce("read blobs", e))? {
-            let (_, v) = row.map_err(|e| self.ce("read blobs", e))?;
-            stats.blob_count += 1;
-            stats.blob_bytes += BlobMeta::decode(v.value()).map(|m| m.stored_bytes).unwrap_or(0);
-        }
-        stats.volume_count = tx
-            .open_table(VOLUMES)
-            .map_err(|e| self.ce("open table volumes", e))?
-            .len()
-            .map_err(|e| self.ce("count volumes", e))?;
-        stats.rp_count = tx
-            .open_table(RPS)
-            .map_err(|e| self.ce("open table rps", e))?
-            .len()
-            .map_err(|e| self.ce("count rps", e))?;
-        stats.catalog_bytes = fs::metadata(&self.catalog_path).map(|m| m.len()).unwrap_or(0);
-        Ok(stats)
+        self.guard("counted the store", || {
+            let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+            let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
+            let mut stats = StoreStats::default();
+            for row in btab.iter().map_err(|e| self.ce("read blobs", e))? {
+                let (_, v) = row.map_err(|e| self.ce("read blobs", e))?;
+                stats.blob_count += 1;
+                stats.blob_bytes += BlobMeta::decode(v.value()).map(|m| m.stored_bytes).unwrap_or(0);
+            }
+            stats.volume_count = tx
+                .open_table(VOLUMES)
+                .map_err(|e| self.ce("open table volumes", e))?
+                .len()
+                .map_err(|e| self.ce("count volumes", e))?;
+            stats.rp_count = tx
+                .open_table(RPS)
+                .map_err(|e| self.ce("open table rps", e))?
+                .len()
+                .map_err(|e| self.ce("count rps", e))?;
+            stats.catalog_bytes = fs::metadata(&self.catalog_path).map(|m| m.len()).unwrap_or(0);
+            Ok(stats)
+        })
     }
 }

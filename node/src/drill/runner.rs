@@ -143,19 +143,30 @@ async fn run_job(data: Arc<DataPlane>, state_dir: PathBuf, job: DrillJob, progre
     let drill = settings_of(Some(&topology), &job.volume);
     let store = data.store().clone();
     let (volume, wanted) = (job.volume.clone(), job.seq);
-    let (seq, drilled) = tokio::task::spawn_blocking(move || -> Result<(u64, bool), String> {
+    let picked = tokio::task::spawn_blocking(move || -> Result<Option<(u64, bool)>, String> {
         let seq = match wanted {
             Some(s) => s,
-            None => store.latest_rp(&volume).map_err(|e| e.to_string())?.map(|m| m.seq).ok_or_else(|| format!("this node holds no recovery point of {volume}"))?,
+            None => match store.latest_rp(&volume).map_err(|e| e.to_string())? {
+                Some(m) => m.seq,
+                None => return Ok(None),
+            },
         };
         if store.rp(&volume, seq).map_err(|e| e.to_string())?.is_none() {
             return Err(format!("this node does not hold {volume}@{seq}"));
         }
         let drilled = store.latest_drills(&volume).map_err(|e| e.to_string())?.contains_key(&seq);
-        Ok((seq, drilled))
+        Ok(Some((seq, drilled)))
     })
     .await
     .map_err(|e| e.to_string())??;
+    let Some((seq, drilled)) = picked else {
+        if job.trigger == Trigger::Schedule {
+            // Before the first replication: nothing to drill yet, nothing to warn about.
+            tracing::debug!(volume = %job.volume, "scheduled drill skipped: no recovery point held here yet");
+            return Ok(None);
+        }
+        return Err(format!("this node holds no recovery point of {}", job.volume));
+    };
     if job.trigger == Trigger::Schedule && drilled {
         tracing::debug!(rp = %format!("{}@{seq}", job.volume), "scheduled drill skipped: the newest RP was drilled already");
         return Ok(None);
