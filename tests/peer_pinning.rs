@@ -32,6 +32,12 @@ fn node_not_in_the_topology_is_refused_at_the_handshake() {
         mesh.peer("stranger", "a").is_some_and(|p| p["last_error"].as_str().is_some_and(|e| !e.is_empty()))
     });
     assert_ne!(mesh.peer_state("stranger", "a").as_deref(), Some("connected"));
+    // People read the refusal in words, not as Rust debug text.
+    let a_log = mesh.node("a").log_text();
+    let refusal = a_log.lines().find(|l| l.contains("refused incoming connection")).unwrap_or_default();
+    assert!(!refusal.contains("Other(") && !refusal.contains("PeerRefused"), "{refusal}");
+    let seen = mesh.peer("stranger", "a").map(|p| p["last_error"].to_string()).unwrap_or_default();
+    assert!(!seen.contains("Other(") && !seen.contains("PeerRefused"), "{seen}");
     let peers = mesh.ctl_json("a", "peers").unwrap();
     assert_eq!(peers.as_array().unwrap().len(), 1, "{peers}");
     assert!(mesh.node_mut("a").is_running());

@@ -171,8 +171,8 @@ impl MeshEndpoint {
         let connecting = self
             .endpoint
             .connect_with(client, addr, "drmesh")
-            .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
-        connecting.await.map_err(|e| TransportError::Connect { addr, reason: e.to_string() })
+            .map_err(|e| TransportError::Connect { addr, reason: crate::tls::readable(&e.to_string()) })?;
+        connecting.await.map_err(|e| TransportError::Connect { addr, reason: crate::tls::readable(&e.to_string()) })
     }
 
     /// Closes every connection with `reason` and stops accepting.
@@ -218,7 +218,7 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    text
+    crate::tls::readable(&text)
 }
 
 /// Puts the chunks of an unordered stream read back in order: chunks (offset +

@@ -84,6 +84,55 @@ impl fmt::Display for PeerRefused {
 
 impl std::error::Error for PeerRefused {}
 
+/// rustls shows a custom certificate error with Rust debug text
+/// (`invalid peer certificate: Other(OtherError(PeerRefused("...")))`), and
+/// quinn passes that text on. This puts the refusal's own words in its place,
+/// in any error text, so people read "invalid peer certificate: node X is
+/// not in the topology".
+pub fn readable(text: &str) -> String {
+    const OPEN: &str = "Other(OtherError(PeerRefused(\"";
+    const CLOSE: &str = "\")))";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let inner = &rest[start + OPEN.len()..];
+        // The debug text escapes quotes and backslashes: find the unescaped end.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in inner.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' if inner[i..].starts_with(CLOSE) => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let mut unescaped = String::new();
+        let mut chars = inner[..end].chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                if let Some(n) = chars.next() {
+                    unescaped.push(n);
+                }
+            } else {
+                unescaped.push(c);
+            }
+        }
+        out.push_str(&unescaped);
+        rest = &inner[end + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn check_signature(
     provider: &CryptoProvider,
     message: &[u8],
@@ -215,4 +264,20 @@ pub fn client_config(identity: &Identity, expected: NodeId) -> Result<rustls::Cl
         .with_client_auth_cert(vec![identity.cert_der()], identity.key_der())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reads_as_its_own_words() {
+        let rustls_text = rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(PeerRefused("node ABC is not in the topology (\"quoted\" \\ back)".into()))))).to_string();
+        let shown = readable(&format!("cannot connect to 127.0.0.1:7400: aborted by peer: the cryptographic handshake failed: error 42: {rustls_text}"));
+        assert!(shown.ends_with("invalid peer certificate: node ABC is not in the topology (\"quoted\" \\ back)"), "{shown}");
+        assert!(!shown.contains("Other(") && !shown.contains("PeerRefused"), "{shown}");
+        // Text without the pattern, or with a cut one, is left as it is.
+        assert_eq!(readable("timed out"), "timed out");
+        assert_eq!(readable("x Other(OtherError(PeerRefused(\"cut"), "x Other(OtherError(PeerRefused(\"cut");
+    }
 }

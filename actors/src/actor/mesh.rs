@@ -238,7 +238,7 @@ impl MeshActor {
                 _ = conn.closed() => {}
             }
             let reason = conn.closed().await;
-            me.do_send(Closed { peer, conn_id, reason: reason.to_string() });
+            me.do_send(Closed { peer, conn_id, reason: drmesh_transport::tls::readable(&reason.to_string()) });
         });
     }
 }
@@ -385,7 +385,7 @@ impl Actor for MeshActor {
                 actix_rt::spawn(async move {
                     match incoming.await {
                         Ok(conn) => me.do_send(Established { conn, direction: Direction::Inbound, expected: None }),
-                        Err(e) => tracing::warn!(%remote, reason = %e, "refused incoming connection"),
+                        Err(e) => tracing::warn!(%remote, reason = %drmesh_transport::tls::readable(&e.to_string()), "refused incoming connection"),
                     }
                 });
             }
