@@ -297,6 +297,9 @@ pub fn print_report(r: &Value) {
 /// Runs `drmesh drill`.
 pub fn run(args: DrillArgs) -> anyhow::Result<ExitCode> {
     let (volume, seq) = parse_rp(&args.rp.rp)?;
+    if args.rp.from.is_some() {
+        bail!("a drill runs on a node that holds the recovery point; run `drmesh drill` with that node's --state-dir instead of --from");
+    }
     if !args.rp.offline && node_running(&args.rp.state_dir)? {
         let socket = args.rp.state_dir.join(SOCKET_FILE);
         let req = Request::Drill { volume, seq, checks: args.checks.clone() };
@@ -319,9 +322,6 @@ pub fn run(args: DrillArgs) -> anyhow::Result<ExitCode> {
         return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     // No node: the checks run here, on the store read directly; nothing is recorded.
-    if args.rp.from.is_some() {
-        bail!("--from reads over the mesh and needs a node running on {}", args.rp.state_dir.display());
-    }
     let store = drmesh_actors::store::Store::open_read_only(&args.rp.state_dir.join("store"))?;
     let seq = match seq {
         Some(s) => s,
