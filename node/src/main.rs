@@ -151,8 +151,9 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(diagnostics) => {
-            for d in diagnostics.iter() {
-                println!("{d}");
+            // At most MAX_DIAGNOSTICS lines and a count of the rest, however broken the file.
+            for line in diagnostics.lines() {
+                println!("{line}");
             }
             let n = diagnostics.len();
             eprintln!("{}: {n} error{}", file.display(), if n == 1 { "" } else { "s" });

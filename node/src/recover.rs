@@ -225,7 +225,7 @@ pub(crate) fn offline_topology(args: &RpArgs) -> anyhow::Result<Option<Topology>
     match Topology::load(&path) {
         Ok(t) => Ok(Some(t)),
         Err(diagnostics) => {
-            let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+            let lines: Vec<String> = diagnostics.lines();
             bail!("topology file {} is not valid:\n{}", path.display(), lines.join("\n"))
         }
     }

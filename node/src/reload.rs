@@ -1,8 +1,14 @@
 //! Topology hot reload: on a change of the file (notify) or `drmesh ctl reload`,
 //! the file is read and validated in full before any of it is applied. A bad
-//! edit is rejected with every error logged and kept for the admin socket, and
-//! the node keeps running on the last good topology.
+//! edit is rejected with one log line (the error count and the first errors)
+//! and its first errors kept for the admin socket, and the node keeps running
+//! on the last good topology.
+//!
+//! What a reload keeps and logs is bounded, whatever the file: a file over
+//! `MAX_TOPOLOGY_BYTES` is refused unread, at most `MAX_DIAGNOSTICS` errors (and
+//! a count of the rest) are kept, and one line is logged per rejected reload.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,12 +17,15 @@ use actix::prelude::*;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::mesh::{ApplyTopology, MeshActor};
 use drmesh_actors::actor::volumes::{SetTopology, VolumeScheduler};
-use drmesh_topology::{NodeId, Topology, TopologyDiff};
+use drmesh_topology::{NodeId, Topology, TopologyDiff, MAX_DIAGNOSTICS};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
 /// Editors write a file in several steps; wait this long after the last event.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Errors or changes quoted in the one log line of a reload.
+const LOGGED_LINES: usize = 3;
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -46,7 +55,8 @@ pub struct ReloadOutcome {
 pub struct ReloadFailure {
     /// One-line reason.
     pub error: String,
-    /// Every error, `file:line:column: message`.
+    /// The first errors (at most `MAX_DIAGNOSTICS`), `file:line:column: message`,
+    /// then `... and N more errors` if there were more.
     pub details: Vec<String>,
 }
 
@@ -61,7 +71,8 @@ pub struct LastReload {
     pub ok: bool,
     /// One-line outcome.
     pub message: String,
-    /// Errors or changes, one per line.
+    /// Errors or changes, one per line: at most `MAX_DIAGNOSTICS`, then a
+    /// line saying how many more there were.
     pub details: Vec<String>,
 }
 
@@ -96,15 +107,18 @@ impl Reloader {
         let at_unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         match &result {
             Ok(outcome) if outcome.changed => {
-                tracing::info!(version = outcome.topology_version, hash = %outcome.topology_hash, changes = ?outcome.summary, "topology reloaded");
+                let (count, first_changes) = (outcome.summary.len(), head(&outcome.summary));
+                tracing::info!(version = outcome.topology_version, hash = %outcome.topology_hash, changes = count, %first_changes, "topology reloaded");
             }
             Ok(_) => tracing::debug!("topology file unchanged"),
             Err(failure) => {
-                tracing::error!(error = %failure.error, "topology edit rejected; keeping the last good topology");
-                for line in &failure.details {
-                    tracing::error!("{line}");
-                }
+                // One line per rejected reload, however many errors: `drmesh ctl status` lists more.
+                let first_errors = head(&failure.details);
+                tracing::error!(error = %failure.error, %first_errors, "topology edit rejected; keeping the last good topology");
             }
+        }
+        if result.is_err() {
+            release_freed_memory();
         }
         // An unchanged file after a file event is noise; keep the previous record.
         if !matches!((&result, trigger), (Ok(o), ReloadTrigger::File) if !o.changed) {
@@ -114,9 +128,9 @@ impl Reloader {
                     trigger,
                     ok: true,
                     message: if o.changed { format!("applied version {}", o.topology_version) } else { "unchanged".into() },
-                    details: o.summary.clone(),
+                    details: capped(&o.summary, "changes"),
                 },
-                Err(f) => LastReload { at_unix_secs, trigger, ok: false, message: f.error.clone(), details: f.details.clone() },
+                Err(f) => LastReload { at_unix_secs, trigger, ok: false, message: f.error.clone(), details: capped(&f.details, "errors") },
             });
         }
         result
@@ -131,7 +145,7 @@ impl Reloader {
                 self.current.mesh.version,
                 self.current.hash_short()
             ),
-            details: diagnostics.iter().map(|d| d.to_string()).collect(),
+            details: diagnostics.lines(),
         })?;
         if new.hash() == self.current.hash() {
             return Ok(ReloadOutcome {
@@ -191,17 +205,56 @@ impl Reloader {
     }
 }
 
+/// Gives memory freed by a rejected parse back to the system. A file just
+/// under the size limit takes a few hundred MB to parse, in many small
+/// allocations that glibc's malloc would otherwise keep in the node for good.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap under its locks; it takes
+    // no pointer from us and is safe to call from any thread at any time.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
+
+/// The first `LOGGED_LINES` of `lines` on one line (`" | ..."` when there are more).
+fn head(lines: &[String]) -> String {
+    let mut text = lines.iter().take(LOGGED_LINES).map(String::as_str).collect::<Vec<_>>().join(" | ");
+    if lines.len() > LOGGED_LINES {
+        text.push_str(" | ...");
+    }
+    text
+}
+
+/// At most `MAX_DIAGNOSTICS + 1` of `lines`: the first ones and a count of the
+/// rest, so what the reloader keeps does not grow with the file.
+fn capped(lines: &[String], what: &str) -> Vec<String> {
+    if lines.len() <= MAX_DIAGNOSTICS + 1 {
+        return lines.to_vec();
+    }
+    let mut kept = lines[..MAX_DIAGNOSTICS].to_vec();
+    kept.push(format!("... and {} more {what}", lines.len() - MAX_DIAGNOSTICS));
+    kept
+}
+
 fn describe(diff: &TopologyDiff, old: &Topology, new: &Topology) -> Vec<String> {
-    let name = |t: &Topology, id: &NodeId| t.node_by_id(id).map(|n| n.name.clone()).unwrap_or_else(|| id.short());
+    // Maps, not `node_by_id` per line: a reload may add thousands of nodes.
+    let names = |t: &Topology| -> HashMap<NodeId, String> { t.nodes.iter().map(|n| (n.id, n.name.clone())).collect() };
+    let (old_names, new_names) = (names(old), names(new));
+    let name = |names: &HashMap<NodeId, String>, id: &NodeId| names.get(id).cloned().unwrap_or_else(|| id.short());
     let mut lines = Vec::new();
     for id in &diff.added_nodes {
-        lines.push(format!("node added: {}", name(new, id)));
+        lines.push(format!("node added: {}", name(&new_names, id)));
     }
     for id in &diff.removed_nodes {
-        lines.push(format!("node removed: {}", name(old, id)));
+        lines.push(format!("node removed: {}", name(&old_names, id)));
     }
     for id in &diff.changed_nodes {
-        lines.push(format!("node changed: {}", name(new, id)));
+        lines.push(format!("node changed: {}", name(&new_names, id)));
     }
     for v in &diff.added_volumes {
         lines.push(format!("volume added: {v}"));
@@ -294,11 +347,11 @@ pub fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Loads the topology file at `path` (absolute) for node `me`, every error
-/// listed with file:line:column in one message.
+/// Loads the topology file at `path` (absolute) for node `me`, its errors
+/// listed with file:line:column in one message (the first `MAX_DIAGNOSTICS`,
+/// then how many more).
 pub fn load_topology(path: &Path, me: &NodeId) -> anyhow::Result<Topology> {
     Topology::load_for(path, Some(me)).map_err(|diagnostics| {
-        let lines: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-        anyhow::anyhow!("topology file {} is not valid:\n{}", path.display(), lines.join("\n"))
+        anyhow::anyhow!("topology file {} is not valid:\n{}", path.display(), diagnostics.lines().join("\n"))
     })
 }

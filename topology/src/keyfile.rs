@@ -6,8 +6,12 @@
 
 use std::fmt;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+
+/// Most bytes read from a key file; a bigger file is refused unread.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
 
 /// A 256-bit policy key. `Debug` prints `EncryptionKey(..)`, never the bytes.
 #[derive(Clone, PartialEq, Eq)]
@@ -45,7 +49,21 @@ pub fn read_key_file(path: &Path) -> Result<EncryptionKey, String> {
             "encryption key file {shown} has mode {mode:04o}, open to group or others; expected 0600 (run `chmod 600 {shown}`)"
         ));
     }
-    let bytes = fs::read(path).map_err(|e| format!("cannot read encryption key file {shown}: {e}"))?;
+    // A key is at most 64 hex characters and some white space: no need to read
+    // (or hold) more when a policy names some big file by mistake.
+    let wrong_size = |len: String| {
+        format!("encryption key file {shown} has {len} bytes; expected exactly 32 raw bytes or 64 hex characters")
+    };
+    if meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(wrong_size(meta.len().to_string()));
+    }
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_KEY_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read encryption key file {shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(wrong_size(format!("more than {MAX_KEY_FILE_BYTES}")));
+    }
     if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
         return Ok(EncryptionKey(raw));
     }
@@ -58,10 +76,7 @@ pub fn read_key_file(path: &Path) -> Result<EncryptionKey, String> {
         }
         return Ok(EncryptionKey(key));
     }
-    Err(format!(
-        "encryption key file {shown} has {} bytes; expected exactly 32 raw bytes or 64 hex characters",
-        bytes.len()
-    ))
+    Err(wrong_size(bytes.len().to_string()))
 }
 
 fn hex_value(ch: u8) -> u8 {
@@ -96,5 +111,10 @@ mod tests {
         assert!(read_key_file(&raw).unwrap_err().contains("mode 0640"));
         assert!(read_key_file(&dir.path().join("none")).unwrap_err().contains("does not exist"));
         assert!(read_key_file(dir.path()).unwrap_err().contains("not a regular file"));
+
+        let big = dir.path().join("big.key");
+        fs::write(&big, vec![b'a'; 1 << 20]).unwrap();
+        fs::set_permissions(&big, Permissions::from_mode(0o600)).unwrap();
+        assert!(read_key_file(&big).unwrap_err().contains("has 1048576 bytes; expected exactly 32 raw bytes"));
     }
 }

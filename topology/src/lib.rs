@@ -17,6 +17,10 @@
 //! Modules: [`schema`] (the typed result), [`units`] (durations, sizes, rates),
 //! `parse` (TOML to sections, per-field checks), `validate` (cross-section
 //! checks), [`diagnostic`] (error positions), [`keyfile`], [`diff`].
+//!
+//! Inputs have limits, so that a wrong or hostile file costs little: a file of
+//! more than [`MAX_TOPOLOGY_BYTES`] is refused unread, and only the first
+//! [`MAX_DIAGNOSTICS`] errors of a file are kept (the rest are counted).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -26,14 +30,16 @@ pub mod diff;
 pub mod keyfile;
 pub mod node_id;
 mod parse;
+mod read;
 pub mod schema;
+mod syntax;
 pub mod units;
 mod validate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use diagnostic::{Diagnostic, Diagnostics};
+pub use diagnostic::{Diagnostic, Diagnostics, MAX_DIAGNOSTICS};
 pub use diff::TopologyDiff;
 pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
@@ -43,6 +49,13 @@ pub use schema::{
 };
 
 use diagnostic::Sink;
+use read::ReadError;
+
+/// The largest topology file (or text) accepted, in bytes: 16 MiB. A bigger one
+/// is refused before it is parsed, and never read past this size plus one byte
+/// (so a pipe, or a file that grows while read, costs no more). A `[[node]]` block
+/// takes about 150 bytes, so 16,000 nodes take about 2.5 MB: far below it.
+pub const MAX_TOPOLOGY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A checked topology file. Only [`Topology::load`] and [`Topology::parse`] make
 /// one, so every value in it has passed validation.
@@ -67,6 +80,8 @@ pub struct Topology {
 impl Topology {
     /// Reads and validates the file; relative key paths resolve against its directory.
     /// Every policy's key file must exist (as `drmesh topology check` wants).
+    /// A file of more than [`MAX_TOPOLOGY_BYTES`], a directory or a device is
+    /// refused with one diagnostic, without reading past the limit.
     pub fn load(path: &Path) -> Result<Topology, Diagnostics> {
         Topology::load_for(path, None)
     }
@@ -76,7 +91,7 @@ impl Topology {
     /// store encrypted blobs without the key). A key file that exists must still
     /// be valid and private on every node.
     pub fn load_for(path: &Path, local: Option<&NodeId>) -> Result<Topology, Diagnostics> {
-        let bytes = std::fs::read(path).map_err(|e| single(path, format!("cannot read topology file: {e}")))?;
+        let bytes = read::read_capped(path).map_err(|e| single(path, e.to_string()))?;
         let text = String::from_utf8(bytes).map_err(|e| {
             let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
             let at = e.utf8_error().valid_up_to();
@@ -93,27 +108,33 @@ impl Topology {
     }
 
     /// Like [`Topology::parse`], with the key-file rule of [`Topology::load_for`].
+    /// A text of more than [`MAX_TOPOLOGY_BYTES`] is refused unparsed.
     pub fn parse_for(text: &str, origin: &Path, local: Option<&NodeId>) -> Result<Topology, Diagnostics> {
-        let mut sink = Sink::new(text, origin);
-        let (root, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
-        if !syntax_errors.is_empty() {
-            for e in syntax_errors {
-                let span = e.span().unwrap_or(0..0);
-                let message = e.message().trim().replace('\n', "; ");
-                sink.error(span, format!("TOML syntax error: {message}"));
-            }
-            return Err(sink.finish());
+        if text.len() as u64 > MAX_TOPOLOGY_BYTES {
+            return Err(single(origin, ReadError::TooBig { bytes: text.len() as u64 }.to_string()));
         }
+        let mut sink = Sink::new(text, origin);
+        let root = match toml::de::DeTable::parse(text) {
+            Ok(root) => root,
+            Err(first) => {
+                // Not `parse_recoverable`: it keeps every error, and there may be millions.
+                if syntax::report_syntax_errors(text, &mut sink) == 0 {
+                    // A duplicate key or table, or a bad value: only the first one is known.
+                    sink.error(first.span().unwrap_or(0..0), syntax::syntax_message(first.message()));
+                }
+                return Err(sink.finish());
+            }
+        };
         let mut draft = parse::read_document(root.get_ref(), origin, &mut sink);
         let missing_keys = std::mem::take(&mut draft.missing_keys);
         let checked = validate::check(draft, &mut sink);
         if let Some(c) = &checked {
             let local_name = local.and_then(|id| c.nodes.iter().find(|n| n.id == *id)).map(|n| n.name.as_str());
+            // The policies of the volumes this node is the source of, gathered once.
+            let local_policies: std::collections::HashSet<&str> =
+                c.volumes.iter().filter(|v| Some(v.source.as_str()) == local_name).map(|v| v.policy.as_str()).collect();
             for (policy, span, message) in missing_keys {
-                let needed = match (local, local_name) {
-                    (None, _) => true,
-                    (Some(_), name) => c.volumes.iter().any(|v| v.policy == policy && Some(v.source.as_str()) == name),
-                };
+                let needed = local.is_none() || local_policies.contains(policy.as_str());
                 if needed {
                     sink.error(span, message);
                 }
@@ -176,5 +197,5 @@ impl Topology {
 }
 
 fn single(path: &Path, message: String) -> Diagnostics {
-    Diagnostics(vec![Diagnostic { file: path.to_path_buf(), line: 1, column: 1, message }])
+    Diagnostics::new(vec![Diagnostic { file: path.to_path_buf(), line: 1, column: 1, message }])
 }

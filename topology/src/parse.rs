@@ -1077,9 +1077,11 @@ fn read_drill(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Drill> {
                     ok = false;
                     continue;
                 };
+                // A repeat is reported and left out, so a long list of repeats costs no more.
                 if checks.contains(&check) {
                     sink.error(item.span.clone(), format!("drill check {:?} is listed twice", check.name()));
                     ok = false;
+                    continue;
                 }
                 checks.push(check);
                 check_spans.push((check, item.span));
@@ -1095,10 +1097,13 @@ fn read_drill(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Drill> {
                 sink.error(span, "`nodes` in the drill table is empty; leave it out to drill on every target".to_string());
                 ok = false;
             }
+            // A set, not `nodes.contains`: the list may be long.
+            let mut seen = std::collections::HashSet::new();
             for item in list {
-                if nodes.contains(&item.value) {
+                if !seen.insert(item.value.clone()) {
                     sink.error(item.span, format!("drill node {:?} is listed twice", item.value));
                     ok = false;
+                    continue;
                 }
                 nodes.push(item.value);
             }

@@ -2,7 +2,7 @@
 //! and references from volumes to nodes and policies, and from nodes to sites.
 //! Every problem is reported; the topology is assembled only when there is none.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::diagnostic::Sink;
 use crate::node_id::NodeId;
@@ -41,13 +41,35 @@ impl<K: std::hash::Hash + Eq> Seen<K> {
     }
 }
 
+/// Names listed in one message at most; a longer list ends with how many more there are.
+const LISTED_NAMES: usize = 20;
+
+/// `"a", "b", "c"`, at most [`LISTED_NAMES`] of them.
+fn quoted_list(names: &[&str]) -> String {
+    let shown: Vec<String> = names.iter().take(LISTED_NAMES).map(|n| format!("{n:?}")).collect();
+    with_rest(shown.join(", "), names.len())
+}
+
+/// `a, b, c`, at most [`LISTED_NAMES`] of them.
+fn plain_list(names: &[&str]) -> String {
+    let shown: Vec<&str> = names.iter().take(LISTED_NAMES).copied().collect();
+    with_rest(shown.join(", "), names.len())
+}
+
+fn with_rest(mut shown: String, total: usize) -> String {
+    if total > LISTED_NAMES {
+        shown.push_str(&format!(" and {} more", total - LISTED_NAMES));
+    }
+    shown
+}
+
 /// Runs the cross-section checks and assembles the result when there was no error at all.
 pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
     let mut site_names = Seen::new();
     for site in &draft.sites {
         if let Some(name) = &site.name {
             if let Some(first) = site_names.check(name.value.clone(), &name.span) {
-                let (line, _) = sink.position(first.start);
+                let line = sink.line(first.start);
                 sink.error(
                     name.span.clone(),
                     format!("duplicate site name {:?} (first defined on line {line})", name.value),
@@ -59,10 +81,11 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
     let mut node_names: Seen<String> = Seen::new();
     let mut node_ids: Seen<NodeId> = Seen::new();
     let mut addresses: Seen<String> = Seen::new();
+    let mut known_sites: Option<String> = None;
     for node in &draft.nodes {
         if let Some(name) = &node.name {
             if let Some(first) = node_names.check(name.value.clone(), &name.span) {
-                let (line, _) = sink.position(first.start);
+                let line = sink.line(first.start);
                 sink.error(
                     name.span.clone(),
                     format!("duplicate node name {:?} (first defined on line {line})", name.value),
@@ -71,7 +94,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
         if let Some(id) = &node.id {
             if let Some(first) = node_ids.check(id.value, &id.span) {
-                let (line, _) = sink.position(first.start);
+                let line = sink.line(first.start);
                 sink.error(
                     id.span.clone(),
                     format!(
@@ -83,7 +106,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
         for (address, normalized) in &node.addresses {
             if let Some(first) = addresses.check(normalized.clone(), &address.span) {
-                let (line, _) = sink.position(first.start);
+                let line = sink.line(first.start);
                 sink.error(
                     address.span.clone(),
                     format!(
@@ -95,18 +118,24 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
         if let Some(site) = &node.site {
             if !site_names.first.is_empty() && !site_names.first.contains_key(&site.value) {
-                let mut known: Vec<&String> = site_names.first.keys().collect();
-                known.sort();
-                let known: Vec<String> = known.iter().map(|s| format!("{s:?}")).collect();
+                // Built once: a file may have thousands of nodes and sites.
+                let known = known_sites.get_or_insert_with(|| {
+                    let mut known: Vec<&str> = site_names.first.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    quoted_list(&known)
+                });
                 sink.error(
                     site.span.clone(),
-                    format!("unknown site {:?}; expected one of the [[site]] names: {}", site.value, known.join(", ")),
+                    format!("unknown site {:?}; expected one of the [[site]] names: {known}", site.value),
                 );
             }
         }
     }
 
     let mut volume_names: Seen<String> = Seen::new();
+    let mut known_policies: Option<String> = None;
+    // Per policy with a drill table: its drill nodes, and how messages list them.
+    let mut drills: HashMap<&str, (HashSet<&str>, String)> = HashMap::new();
     // A kmod device or COW store of a node belongs to one volume: the module
     // tracks a device once and a store serves one snapshot at a time.
     let mut kmod_paths: Seen<(String, std::path::PathBuf)> = Seen::new();
@@ -114,7 +143,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         if let Some(source) = &volume.source {
             for path in &volume.kmod_paths {
                 if let Some(first) = kmod_paths.check((source.value.clone(), path.value.clone()), &path.span) {
-                    let (line, _) = sink.position(first.start);
+                    let line = sink.line(first.start);
                     sink.error(
                         path.span.clone(),
                         format!(
@@ -127,7 +156,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
         if let Some(name) = &volume.name {
             if let Some(first) = volume_names.check(name.value.clone(), &name.span) {
-                let (line, _) = sink.position(first.start);
+                let line = sink.line(first.start);
                 sink.error(
                     name.span.clone(),
                     format!("duplicate volume name {:?} (first defined on line {line})", name.value),
@@ -158,31 +187,39 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
         if let Some(policy) = &volume.policy {
             if !draft.policies.contains_key(&policy.value) {
-                let known: Vec<String> = draft.policies.keys().map(|k| format!("{k:?}")).collect();
-                let expected = if known.is_empty() {
-                    "no [policy.NAME] table is defined".to_string()
-                } else {
-                    format!("expected one of {}", known.join(", "))
-                };
+                // Built once: a file may have thousands of volumes and policies.
+                let expected = known_policies.get_or_insert_with(|| {
+                    let known: Vec<&str> = draft.policies.keys().map(String::as_str).collect();
+                    if known.is_empty() {
+                        "no [policy.NAME] table is defined".to_string()
+                    } else {
+                        format!("expected one of {}", quoted_list(&known))
+                    }
+                });
                 sink.error(policy.span.clone(), format!("undefined policy {:?}; {expected}", policy.value));
             }
             // Drill nodes drill the RPs they hold: at least one must hold this volume's.
             if let Some(Some(drill)) = draft.policies.get(&policy.value).map(|p| p.as_ref().and_then(|p| p.drill.as_ref())) {
-                for n in &drill.nodes {
-                    if !node_names.first.contains_key(n) {
-                        sink.error(policy.span.clone(), format!("drill node {n:?} of policy {:?} is not a [[node]] name", policy.value));
+                // Per policy, not per volume: many volumes may share a policy with many drill nodes.
+                let (drill_nodes, drill_list) = drills.entry(policy.value.as_str()).or_insert_with(|| {
+                    for n in &drill.nodes {
+                        if !node_names.first.contains_key(n) {
+                            sink.error(policy.span.clone(), format!("drill node {n:?} of policy {:?} is not a [[node]] name", policy.value));
+                        }
                     }
-                }
-                let targets: Vec<&str> = volume.targets.iter().map(|t| t.value.as_str()).collect();
-                if !drill.nodes.is_empty() && !drill.nodes.iter().any(|n| targets.contains(&n.as_str())) {
+                    let names: Vec<&str> = drill.nodes.iter().map(String::as_str).collect();
+                    (drill.nodes.iter().map(String::as_str).collect(), plain_list(&names))
+                });
+                if !drill_nodes.is_empty() && !volume.targets.iter().any(|t| drill_nodes.contains(t.value.as_str())) {
                     let name = volume.name.as_ref().map(|n| n.value.as_str()).unwrap_or("?");
+                    let targets: Vec<&str> = volume.targets.iter().map(|t| t.value.as_str()).collect();
                     sink.error(
                         policy.span.clone(),
                         format!(
                             "policy {:?} drills on {}, none of which holds the recovery points of volume {name:?} (its targets: {}); expected a drill node among the targets",
                             policy.value,
-                            drill.nodes.join(", "),
-                            targets.join(", ")
+                            drill_list,
+                            plain_list(&targets)
                         ),
                     );
                 }
@@ -201,7 +238,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         if let [a, b] = names.as_slice() {
             let key = if a.value <= b.value { (a.value.clone(), b.value.clone()) } else { (b.value.clone(), a.value.clone()) };
             if let Some(first) = pairs.check(key, span) {
-                let (line, _) = sink.position(first.start);
+                let line = sink.line(first.start);
                 sink.error(
                     span.clone(),
                     format!("a [[link]] between {:?} and {:?} is already defined on line {line}; expected one per pair of nodes", a.value, b.value),

@@ -22,7 +22,7 @@ fn missing_key_file_is_an_error_for_checks_and_the_source_only() {
     let origin = Path::new("/nonexistent-dir/topology.toml");
     let all = Topology::parse(&t, origin).unwrap_err();
     assert_eq!(all.len(), 1);
-    let d = &all.0[0];
+    let d = all.iter().next().unwrap();
     assert_eq!((d.line, d.column), (19, 23), "{d}");
     assert!(d.message.contains("does not exist"), "{d}");
     assert!(Topology::parse_for(&t, origin, Some(&src)).is_err(), "the source must have the key");
@@ -39,5 +39,5 @@ fn a_key_file_open_to_others_is_an_error_everywhere() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (t, _, dst) = text();
     let err = Topology::parse_for(&t, &dir.path().join("topology.toml"), Some(&dst)).unwrap_err();
-    assert!(err.0[0].message.contains("0644"), "{err}");
+    assert!(err.iter().next().unwrap().message.contains("0644"), "{err}");
 }

@@ -1,5 +1,6 @@
 //! Fuzzes `Topology::parse`: any bytes (read as UTF-8, lossily) must give a
-//! topology or diagnostics with sane positions, never a panic.
+//! topology or diagnostics with sane positions, at most `MAX_DIAGNOSTICS` of
+//! them kept, never a panic.
 //!
 //! Run from `topology/`: `cargo +nightly fuzz run parse`. Seed the corpus with
 //! the examples: `mkdir -p fuzz/corpus/parse && cp ../examples/*.toml fuzz/corpus/parse/`.
@@ -8,13 +9,15 @@
 
 use std::path::Path;
 
-use drmesh_topology::Topology;
+use drmesh_topology::{Topology, MAX_DIAGNOSTICS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     if let Err(diags) = Topology::parse(&text, Path::new("fuzz/topology.toml")) {
         assert!(!diags.is_empty());
+        assert!(diags.iter().count() <= MAX_DIAGNOSTICS);
+        assert_eq!(diags.iter().count() + diags.omitted(), diags.len());
         for d in diags.iter() {
             assert!(d.line >= 1 && d.column >= 1);
         }
