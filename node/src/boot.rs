@@ -146,51 +146,12 @@ impl Drop for RemoveOnDrop {
 /// Folder of `recover` runs inside a state dir (`NAME-PID/`: console, sockets, adaptation mounts).
 pub const RUNS_DIR: &str = "recover";
 
-/// Whether process `pid` is alive and its command line contains `name`.
-fn alive(pid: &str, name: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(name))
-}
-
-/// Cleans up after `recover` runs that were killed: their qemu is stopped, the
-/// mounts and loop devices of an interrupted adaptation are released (the
-/// nbdfuse under them ends with its mount), and their folders removed. Runs of
-/// live processes are left alone. Returns the folders removed.
+/// Cleans up after `recover` runs that were killed: their qemu and nbdfuse
+/// are stopped, the mounts and loop devices of an interrupted adaptation are
+/// released, and their folders removed (see [`crate::drill::cleanup`]). Runs
+/// of live processes are left alone. Returns the folders removed.
 pub fn clean_stale_runs(state_dir: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(state_dir.join(RUNS_DIR)) else { return removed };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.rsplit('-').next().filter(|p| p.chars().all(|c| c.is_ascii_digit())) else { continue };
-        if alive(pid, "drmesh") {
-            continue;
-        }
-        if let Ok(qemu) = std::fs::read_to_string(dir.join("qemu.pid")) {
-            let qemu = qemu.trim();
-            if alive(qemu, "qemu") {
-                let _ = std::process::Command::new("kill").arg(qemu).status();
-            }
-        }
-        // Mounts under the folder, deepest first, then the loop devices over its files.
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<PathBuf> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&dir)).collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in &points {
-            let _ = std::process::Command::new("umount").arg("-l").arg(p).status();
-        }
-        if let Ok(loops) = std::fs::read_dir("/sys/block") {
-            for l in loops.flatten() {
-                let back = std::fs::read_to_string(l.path().join("loop/backing_file")).unwrap_or_default();
-                if !back.is_empty() && Path::new(back.trim_end()).starts_with(&dir) {
-                    let _ = std::process::Command::new("losetup").arg("-d").arg(Path::new("/dev").join(l.file_name())).status();
-                }
-            }
-        }
-        if std::fs::remove_dir_all(&dir).is_ok() {
-            removed.push(dir);
-        }
-    }
-    removed
+    crate::drill::cleanup::clean_stale_runs(&state_dir.join(RUNS_DIR))
 }
 
 /// Runs `drmesh recover`.

@@ -1,4 +1,4 @@
-//! Cleaning up after drills (and `recover` runs) whose process was killed.
+//! Cleaning up after drills and `recover` runs whose process was killed.
 //!
 //! A run works in `DIR/NAME-PID/`: every mount it makes is under that folder,
 //! every loop device it attaches is backed by a file under it, and every
