@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use drmesh_actors::content::{ContentId, IdScheme};
+use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder};
 use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, Store, StoreError};
 use proptest::prelude::*;
 
@@ -194,11 +194,13 @@ proptest! {
                     seq += 1 + seq % 2;
                     time += hours * 3_600_000 + 1;
                     let staged: Vec<(u64, ContentId)> = changes.iter().map(|(i, v)| (*i, content(*v))).collect();
-                    store.stage(7, "v", &staged).unwrap();
-                    store.commit_rp(7, &meta("v", seq, 8, time)).unwrap();
-                    for (i, c) in staged {
-                        current[i as usize] = c;
+                    for (i, c) in &staged {
+                        current[*i as usize] = *c;
                     }
+                    let mut merkle = MerkleBuilder::new();
+                    current.iter().for_each(|c| merkle.push(c));
+                    store.stage(7, "v", &staged).unwrap();
+                    store.commit_rp(7, &RpMeta { merkle_root: merkle.finish(), ..meta("v", seq, 8, time) }).unwrap();
                     model.insert(seq, current.clone());
                 }
                 Op::Prune { keep_last, hourly } => {
@@ -213,6 +215,19 @@ proptest! {
             for rp in rps {
                 prop_assert_eq!(&store.block_ids("v", rp.seq, 0, 8).unwrap(), &model[&rp.seq], "seq {}", rp.seq);
             }
+        }
+        // The manifests agree with the catalog, and alone (catalog deleted) make the same RPs.
+        let before = store.rps("v").unwrap();
+        drop(store);
+        let check = drmesh_actors::store::check(dir.path(), &mut |_| {}).unwrap();
+        prop_assert!(check.is_sound(), "{:?}", check);
+        std::fs::remove_file(dir.path().join("catalog.redb")).unwrap();
+        let report = drmesh_actors::store::rebuild(dir.path(), &mut |_| {}).unwrap();
+        prop_assert!(report.refused.is_empty(), "{:?}", report);
+        let store = Store::open(dir.path()).unwrap();
+        prop_assert_eq!(&store.rps("v").unwrap(), &before);
+        for rp in before {
+            prop_assert_eq!(&store.block_ids("v", rp.seq, 0, 8).unwrap(), &model[&rp.seq], "rebuilt seq {}", rp.seq);
         }
     }
 }

@@ -18,6 +18,7 @@ mod mounts;
 mod recover;
 mod reload;
 mod run;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,12 @@ enum Command {
     DrillWorker(drill::WorkerArgs),
     /// Replicate a real ext4 image between two local nodes, restore it and check it.
     Demo(demo::DemoArgs),
+    /// A stopped node's store: check it, or rebuild its catalog from the RP
+    /// manifests and blobs.
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +108,7 @@ fn main() -> ExitCode {
         Command::Drill(args) => drill::run(args),
         Command::DrillWorker(args) => drill::worker(args),
         Command::Demo(args) => demo::run(args),
+        Command::Store { command } => store::run(command),
     };
     match result {
         Ok(code) => code,

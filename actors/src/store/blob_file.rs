@@ -75,14 +75,27 @@ fn id_at(h: &[u8; HEADER_BYTES], at: usize) -> ContentId {
     ContentId(id)
 }
 
-/// Reads and fully verifies the blob file of `id`.
-pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
-    read_into(blobs_dir, id, Vec::new())
+/// The fields of a blob file's header, checked (magic, version, header checksum,
+/// file length, id) but with the payload not yet read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The content the blob produces.
+    pub content: ContentId,
+    /// The blob a delta applies to.
+    pub base: Option<BlobId>,
+    /// 0 for a full block.
+    pub depth: u8,
+    /// [`BlobFlags`] bits.
+    pub flags: u8,
+    /// Length of the block it produces.
+    pub plain_len: u32,
+    /// Payload bytes after the header.
+    pub payload_len: u64,
+    /// blake3 of the payload.
+    pub payload_sum: [u8; 32],
 }
 
-/// [`read`], with the payload read into `buffer` (its capacity is reused: a
-/// restore reads thousands of blobs without allocating for each).
-pub fn read_into(blobs_dir: &Path, id: &BlobId, mut buffer: Vec<u8>) -> Result<EncodedBlob, StoreError> {
+fn open_checked(blobs_dir: &Path, id: &BlobId) -> Result<(File, Header), StoreError> {
     let path = blob_path(blobs_dir, id);
     let corrupt = |cause: String| StoreError::BlobCorrupt {
         blob: id.to_hex(),
@@ -99,8 +112,11 @@ pub fn read_into(blobs_dir: &Path, id: &BlobId, mut buffer: Vec<u8>) -> Result<E
         }
         Err(e) => return Err(io_error("open blob", &path, e)),
     };
-    // The header first, then the payload into a buffer of exactly its length (no copy).
-    let file_len = file.metadata().map_err(|e| io_error("read blob", &path, e))?.len();
+    let meta = file.metadata().map_err(|e| io_error("read blob", &path, e))?;
+    if !meta.is_file() {
+        return Err(corrupt("not a regular file".into()));
+    }
+    let file_len = meta.len();
     if file_len < HEADER_BYTES as u64 {
         return Err(corrupt(format!("file is {file_len} bytes, shorter than the {HEADER_BYTES}-byte header")));
     }
@@ -126,25 +142,60 @@ pub fn read_into(blobs_dir: &Path, id: &BlobId, mut buffer: Vec<u8>) -> Result<E
     if id_at(&h, 24) != *id {
         return Err(corrupt(format!("header names blob {}", id_at(&h, 24).to_hex())));
     }
-    buffer.clear();
-    buffer.reserve_exact(payload_len as usize);
-    let read = (&mut file).take(payload_len).read_to_end(&mut buffer).map_err(|e| io_error("read blob", &path, e))?;
-    if read as u64 != payload_len {
-        return Err(corrupt("file shrank while being read".into()));
-    }
-    let payload = buffer;
-    if blake3::hash(&payload).as_bytes()[..] != h[120..152] {
-        return Err(corrupt("payload checksum mismatch".into()));
-    }
     let base = id_at(&h, 88);
-    Ok(EncodedBlob {
-        id: *id,
+    let mut payload_sum = [0u8; 32];
+    payload_sum.copy_from_slice(&h[120..152]);
+    let header = Header {
         content: id_at(&h, 56),
-        flags: BlobFlags(h[10]),
-        plain_len: u32::from_le_bytes([h[12], h[13], h[14], h[15]]),
         base: if base.is_zero() { None } else { Some(base) },
         depth: h[11],
-        payload,
+        flags: h[10],
+        plain_len: u32::from_le_bytes([h[12], h[13], h[14], h[15]]),
+        payload_len,
+        payload_sum,
+    };
+    Ok((file, header))
+}
+
+/// Reads and checks only the header of blob `id` (one 256-byte read): what
+/// `store rebuild` and `store check` learn a blob from.
+pub fn read_header(blobs_dir: &Path, id: &BlobId) -> Result<Header, StoreError> {
+    open_checked(blobs_dir, id).map(|(_, h)| h)
+}
+
+/// Reads and fully verifies the blob file of `id`.
+pub fn read(blobs_dir: &Path, id: &BlobId) -> Result<EncodedBlob, StoreError> {
+    read_into(blobs_dir, id, Vec::new())
+}
+
+/// [`read`], with the payload read into `buffer` (its capacity is reused: a
+/// restore reads thousands of blobs without allocating for each).
+pub fn read_into(blobs_dir: &Path, id: &BlobId, mut buffer: Vec<u8>) -> Result<EncodedBlob, StoreError> {
+    let (mut file, h) = open_checked(blobs_dir, id)?;
+    let path = blob_path(blobs_dir, id);
+    let corrupt = |cause: &str| StoreError::BlobCorrupt {
+        blob: id.to_hex(),
+        path: path.clone(),
+        cause: cause.into(),
+    };
+    // The payload into a buffer of exactly its length (no copy).
+    buffer.clear();
+    buffer.reserve_exact(h.payload_len as usize);
+    let read = (&mut file).take(h.payload_len).read_to_end(&mut buffer).map_err(|e| io_error("read blob", &path, e))?;
+    if read as u64 != h.payload_len {
+        return Err(corrupt("file shrank while being read"));
+    }
+    if blake3::hash(&buffer).as_bytes()[..] != h.payload_sum {
+        return Err(corrupt("payload checksum mismatch"));
+    }
+    Ok(EncodedBlob {
+        id: *id,
+        content: h.content,
+        flags: BlobFlags(h.flags),
+        plain_len: h.plain_len,
+        base: h.base,
+        depth: h.depth,
+        payload: buffer,
     })
 }
 

@@ -142,7 +142,7 @@ pub enum StoreError {
     /// The storage engine failed inside the catalog file (it panicked on
     /// damaged data). Nothing more is written to this store in this process
     /// (writes fail with this error); the blob files are not touched.
-    #[error("catalog {path} is damaged: the storage engine failed while this node {op} ({detail}); the store takes no more writes until the node restarts on a sound catalog. The blob files are untouched: stop the node, keep the store folder as it is, and put back a copy of catalog.redb")]
+    #[error("catalog {path} is damaged: the storage engine failed while this node {op} ({detail}); the store takes no more writes until the node restarts on a sound catalog. The blobs and RP manifests are untouched: stop the node, then run `drmesh store check` and `drmesh store rebuild` with its --state-dir")]
     Damaged {
         /// The catalog file.
         path: PathBuf,
@@ -151,8 +151,37 @@ pub enum StoreError {
         /// The engine's own words.
         detail: String,
     },
+    /// An RP manifest is damaged or not a manifest; nothing was changed.
+    #[error("manifest {path} is damaged: {cause}")]
+    ManifestCorrupt {
+        /// The manifest file.
+        path: PathBuf,
+        /// What check failed.
+        cause: String,
+    },
+    /// The catalog failed its integrity check when the store was opened. Nothing
+    /// was written; the blob files and manifests are untouched.
+    #[error("catalog {path} is damaged ({detail}). The blobs and RP manifests beside it are untouched: with the node stopped, run `drmesh store check --state-dir {state_dir}` to see what is damaged, then `drmesh store rebuild --state-dir {state_dir}` to make a new catalog from the manifests and blobs (the damaged one is kept aside)")]
+    CatalogCorrupt {
+        /// The catalog file.
+        path: PathBuf,
+        /// The node's state dir (for the commands).
+        state_dir: PathBuf,
+        /// The engine's words.
+        detail: String,
+    },
+    /// The catalog disagrees with what the RP manifests say (found by a check a
+    /// write makes first): it is damaged. Nothing was changed, and the store takes
+    /// no more writes in this process.
+    #[error("catalog {path} is damaged: {what}. Nothing was changed; stop the node, then run `drmesh store check` and `drmesh store rebuild` with its --state-dir")]
+    CatalogInconsistent {
+        /// The catalog file.
+        path: PathBuf,
+        /// What disagrees.
+        what: String,
+    },
     /// A catalog row could not be decoded (the catalog is damaged or from a newer version).
-    #[error("catalog {what} is undecodable")]
+    #[error("the catalog is damaged: {what} cannot be read. Stop the node, then run `drmesh store check` and `drmesh store rebuild` with its --state-dir")]
     CorruptRow {
         /// Which row.
         what: String,

@@ -11,7 +11,7 @@ use redb::ReadableTable;
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, VOLUMES};
 use super::error::{io_error, StoreError};
 use super::retention::{select_keep, Retention};
-use super::{blob_file, lock, now_unix_ms, GcReport, Store};
+use super::{blob_file, lock, manifest, now_unix_ms, GcReport, Store};
 use crate::content::{BlobId, ContentId};
 
 /// Resets the GC flag and its extra pins however the run ends.
@@ -131,17 +131,6 @@ impl Store {
                         if shadowed {
                             continue;
                         }
-                        let previous = match blocks
-                            .range((vid, i, 0u64)..(vid, i, d))
-                            .map_err(|e| self.ce("read block map", e))?
-                            .next_back()
-                        {
-                            Some(row) => row.map_err(|e| self.ce("read block map", e))?.1.value(),
-                            None => ContentId::ZERO.0,
-                        };
-                        if previous == content {
-                            continue;
-                        }
                         blocks
                             .insert((vid, i, n), content)
                             .map_err(|e| self.ce("re-key block map", e))?;
@@ -159,9 +148,44 @@ impl Store {
                     }
                     deleted.push(d);
                 }
+                // Each retained RP right after deleted ones inherited their changes and
+                // has a new base: its new manifest is made durable before the commit
+                // (until then its old one and the deleted RPs' ones are all in place;
+                // after a crash between the two, both describe the same block map).
+                let inheritors: std::collections::BTreeSet<u64> =
+                    deleted.iter().filter_map(|d| keep.range(d + 1..).next().copied()).collect();
+                for n in inheritors {
+                    let row = rps.get((vid, n)).map_err(|e| self.ce("read rps", e))?;
+                    let Some(row) = row else { continue };
+                    let meta = self.decode_rp_row(volume, n, row.value())?;
+                    drop(row);
+                    let base = keep.range(..n).next_back().copied();
+                    let m = self.manifest_from_catalog(&blocks, &changes, vid, &meta, base)?;
+                    // The same changes made from the manifests alone (the newest change
+                    // of each block over the deleted RPs and `n`): a catalog that says
+                    // otherwise is damaged, and nothing is pruned.
+                    let merged: Vec<u64> = deleted.iter().copied().filter(|d| base.is_none_or(|b| *d > b) && *d < n).chain([n]).collect();
+                    if let Some(from_manifests) = self.merged_changes(volume, &merged) {
+                        if from_manifests != m.changes {
+                            return Err(StoreError::CatalogInconsistent {
+                                path: self.catalog_path.clone(),
+                                what: format!("its block map of {volume}@{n} disagrees with the RP manifests (found while applying retention)"),
+                            });
+                        }
+                    }
+                    manifest::write(&self.manifests_dir, &m)?;
+                }
             }
             tx.commit()
                 .map_err(|e| self.ce(&format!("commit prune of {volume}"), e))?;
+            // Committed: the deleted RPs' manifests go (one left by a crash here is
+            // removed at the next open).
+            if !deleted.is_empty() && manifest::valid_volume_name(volume) {
+                for d in &deleted {
+                    manifest::remove(&self.manifests_dir, volume, *d)?;
+                }
+                manifest::sync_dir(&manifest::volume_dir(&self.manifests_dir, volume))?;
+            }
             if let Some(seq) = verified.filter(|_| !deleted.is_empty()) {
                 tracing::info!(volume, seq, "store: kept the newest verified RP (last known-good) beyond retention");
             }
@@ -170,6 +194,22 @@ impl Store {
             }
             Ok(deleted)
         })
+    }
+
+    /// The newest change of each block over the manifests of `volume@seqs`
+    /// (ascending), or None when one of them cannot be read (logged).
+    fn merged_changes(&self, volume: &str, seqs: &[u64]) -> Option<Vec<(u64, ContentId)>> {
+        let mut merged = BTreeMap::new();
+        for seq in seqs {
+            match manifest::read(&manifest::path(&self.manifests_dir, volume, *seq)) {
+                Ok(m) => merged.extend(m.changes),
+                Err(e) => {
+                    tracing::warn!(error = %e, "store: a manifest could not be read to cross-check a prune; the catalog's block map is taken as it is");
+                    return None;
+                }
+            }
+        }
+        Some(merged.into_iter().collect())
     }
 
     /// Mark-and-sweep GC: deletes blobs not reachable from any retained RP's block map

@@ -38,9 +38,11 @@
 //! of a deleted RP `d`, let `n` be the next *retained* RP after `d` (the newest RP is
 //! always retained, so it exists):
 //! - if some entry `(i, s)` with `d < s ≤ n` exists, `n` does not see `d`'s entry: delete it;
-//! - else if the previous entry of block `i` (greatest seq < `d`, or ZERO when none) has
-//!   the same content, `n` sees the same block without it: delete it;
 //! - else re-key it to `(i, n)` (and add `i` to `n`'s change list): `n` inherited it.
+//!
+//! So `n`'s entries become the newest change of each block over the deleted RPs
+//! and `n` itself, which is also what merging their manifests gives: prune
+//! checks the two agree before it commits (a catalog that disagrees is damaged).
 //!
 //! RPs before `d` never looked at entries ≥ `d`, and RPs ≥ `n` see the same content for
 //! every block afterwards, so every retained RP's block map is unchanged. Entries only
@@ -73,6 +75,9 @@ mod catalog;
 mod drills;
 mod error;
 mod gc;
+pub mod manifest;
+mod check;
+mod rebuild;
 mod retention;
 
 use std::collections::{HashMap, HashSet};
@@ -88,6 +93,8 @@ pub use self::blob_file::{HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC
 use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
 pub use self::error::{is_no_space, StoreError};
+pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
+pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
 pub use crate::content::{BlobId, ContentId};
 
@@ -234,6 +241,8 @@ impl Catalog {
 /// A target's blob store and catalog. `Send + Sync`; share it as `Arc<Store>`.
 pub struct Store {
     blobs_dir: PathBuf,
+    /// RP manifests (`manifest`): what the catalog is rebuilt from.
+    manifests_dir: PathBuf,
     catalog_path: PathBuf,
     db: Catalog,
     /// Block-map changes of in-flight sessions (`staging.redb`, this process's
@@ -315,18 +324,38 @@ fn chain_of(
 impl Store {
     /// Opens (creating if needed) the store in `dir`: `dir/blobs/` and `dir/catalog.redb`.
     /// Drops leftovers of sessions interrupted by a crash (staged rows, temp files).
+    /// The catalog's integrity is checked first (every page checksum): a damaged
+    /// catalog is refused with [`StoreError::CatalogCorrupt`], which names the
+    /// commands that check and rebuild it; nothing is written then.
+    /// Then RP manifests and catalog are brought into step (see `sync_manifests`).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        catch_engine(&dir.join("catalog.redb"), "opened the store", || Store::open_inner(dir))
+        let catalog_path = dir.join("catalog.redb");
+        let corrupt = |detail: String| StoreError::CatalogCorrupt {
+            path: catalog_path.clone(),
+            state_dir: dir.parent().unwrap_or(dir).to_path_buf(),
+            detail,
+        };
+        match catch_engine(&catalog_path, "opened the store", || Store::open_inner(dir)) {
+            Err(StoreError::Damaged { detail, .. }) => Err(corrupt(format!("the storage engine failed on it: {detail}"))),
+            Err(StoreError::Catalog { source, .. }) if matches!(*source, redb::Error::Corrupted(_)) => Err(corrupt(source.to_string())),
+            Err(StoreError::CorruptRow { what }) => Err(corrupt(format!("{what} is undecodable"))),
+            other => other,
+        }
     }
 
     fn open_inner(dir: &Path) -> Result<Store, StoreError> {
         let blobs_dir = dir.join("blobs");
         fs::create_dir_all(&blobs_dir).map_err(|e| io_error("create store folder", &blobs_dir, e))?;
+        let manifests_dir = dir.join("manifests");
+        fs::create_dir_all(&manifests_dir).map_err(|e| io_error("create store folder", &manifests_dir, e))?;
         let catalog_path = dir.join("catalog.redb");
         // SingleWriter: `drmesh restore` with no node running may open the catalog
         // read-only beside this handle (byte-range locks; see `open_read_only`).
+        // Every page checksum is verified at open: damage found now is refused
+        // before anything relies on it (a plain open may panic on it later).
         let db = Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_check_integrity_on_open(true)
             .create(&catalog_path)
             .map_err(|e| open_error(&catalog_path, e))?;
         // Staged rows live apart from the catalog: redb allows non-durable commits only
@@ -345,6 +374,7 @@ impl Store {
         }
         let store = Store {
             blobs_dir,
+            manifests_dir,
             catalog_path,
             db: Catalog::Writer(db),
             staging: Some((staging_path, staging)),
@@ -376,6 +406,7 @@ impl Store {
         if removed > 0 {
             tracing::info!(files = removed, "store: removed temp files of interrupted writes");
         }
+        store.sync_manifests()?;
         Ok(store)
     }
 
@@ -416,6 +447,7 @@ impl Store {
         };
         Ok(Store {
             blobs_dir: dir.join("blobs"),
+            manifests_dir: dir.join("manifests"),
             catalog_path,
             db,
             staging: None,
@@ -454,8 +486,15 @@ impl Store {
     /// [`StoreError::Damaged`] and stops every later write of this handle.
     fn guard<T>(&self, op: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
         let result = catch_engine(&self.catalog_path, op, f);
-        if let Err(StoreError::Damaged { op, detail, .. }) = &result {
-            lock(&self.damaged).get_or_insert_with(|| (op.clone(), detail.clone()));
+        match &result {
+            Err(StoreError::Damaged { op, detail, .. }) => {
+                lock(&self.damaged).get_or_insert_with(|| (op.clone(), detail.clone()));
+            }
+            Err(e @ (StoreError::CatalogInconsistent { .. } | StoreError::CorruptRow { .. })) => {
+                tracing::error!(catalog = %self.catalog_path.display(), op, error = %e, "the catalog is damaged: this store takes no more writes");
+                lock(&self.damaged).get_or_insert_with(|| (op.to_string(), e.to_string()));
+            }
+            _ => {}
         }
         result
     }
@@ -763,6 +802,8 @@ impl Store {
             let tx = self.begin_write("begin write")?;
             let mut referenced = Vec::new();
             let mut indexes = Vec::new();
+            let mut manifest_changes = Vec::new();
+            let base_seq;
             let volume = meta.volume.as_str();
             {
                 let mut vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
@@ -805,6 +846,7 @@ impl Store {
                 if let Some(newest) = newest.filter(|n| *n >= meta.seq) {
                     return Err(StoreError::SeqNotNewer { rp: name, newest });
                 }
+                base_seq = newest;
                 let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
                 let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
                 let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
@@ -849,6 +891,7 @@ impl Store {
                         .insert((vid, meta.seq, index), ())
                         .map_err(|e| self.ce("write block map", e))?;
                     indexes.push(index);
+                    manifest_changes.push((index, content));
                 }
                 rps.insert((vid, meta.seq), catalog::encode_rp(meta).as_slice())
                     .map_err(|e| self.ce("write rp", e))?;
@@ -861,6 +904,13 @@ impl Store {
                     pins.gc_extra.extend(referenced);
                 }
             }
+            // The manifest first, durably: from here the RP can be rebuilt whatever
+            // happens to the catalog (and a crash before the commit leaves a complete
+            // manifest that the next open rolls forward, see `sync_manifests`).
+            manifest::write(
+                &self.manifests_dir,
+                &manifest::Manifest { meta: meta.clone(), base_seq, changes: manifest_changes },
+            )?;
             tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))?;
             // Committed: the staged rows are done with. Failing to drop them is harmless
             // (the session ends, and the next open drops all staged rows).
@@ -879,6 +929,93 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// The manifest of RP `meta` as the catalog holds it: its `blocks` entries
+    /// (listed by `rp_changes`) against `base_seq`.
+    fn manifest_from_catalog(
+        &self,
+        blocks: &impl ReadableTable<(u32, u64, u64), [u8; 32]>,
+        changes: &impl ReadableTable<(u32, u64, u64), ()>,
+        vid: u32,
+        meta: &RpMeta,
+        base_seq: Option<u64>,
+    ) -> Result<manifest::Manifest, StoreError> {
+        let mut out = Vec::new();
+        for row in changes
+            .range((vid, meta.seq, 0u64)..=(vid, meta.seq, u64::MAX))
+            .map_err(|e| self.ce("read rp_changes", e))?
+        {
+            let index = row.map_err(|e| self.ce("read rp_changes", e))?.0.value().2;
+            let content = blocks
+                .get((vid, index, meta.seq))
+                .map_err(|e| self.ce("read block map", e))?
+                .ok_or_else(|| StoreError::CorruptRow { what: format!("block {index} of {}'s block map (listed but absent)", meta.name()) })?
+                .value();
+            out.push((index, ContentId(content)));
+        }
+        Ok(manifest::Manifest { meta: meta.clone(), base_seq, changes: out })
+    }
+
+    /// Brings manifests and catalog into step at open. The catalog commit is an
+    /// RP's commit point, so: a committed RP without a manifest (a store written
+    /// before manifests existed) gets one from the catalog; a manifest of an RP
+    /// the catalog does not hold is removed — newer than the volume's newest RP it
+    /// is a commit interrupted after its manifest was written (the source was never
+    /// told it committed and sends it again), older it was left by a prune
+    /// interrupted after its commit.
+    fn sync_manifests(&self) -> Result<(), StoreError> {
+        let mut on_disk: HashMap<String, HashSet<u64>> = HashMap::new();
+        for (volume, seq, _) in manifest::list(&self.manifests_dir, true)? {
+            on_disk.entry(volume).or_default().insert(seq);
+        }
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+        let blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
+        let changes = tx.open_table(RP_CHANGES).map_err(|e| self.ce("open table rp_changes", e))?;
+        let (mut written, mut removed) = (0u64, 0u64);
+        for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
+            let (name, vid) = row.map_err(|e| self.ce("read volumes", e))?;
+            let (volume, vid) = (name.value().to_string(), vid.value());
+            let mut files = on_disk.remove(&volume).unwrap_or_default();
+            let mut base = None;
+            for row in rps.range((vid, 0u64)..=(vid, u64::MAX)).map_err(|e| self.ce("read rps", e))? {
+                let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+                let seq = k.value().1;
+                if !files.remove(&seq) && manifest::valid_volume_name(&volume) {
+                    let meta = self.decode_rp_row(&volume, seq, v.value())?;
+                    let m = self.manifest_from_catalog(&blocks, &changes, vid, &meta, base)?;
+                    manifest::write(&self.manifests_dir, &m)?;
+                    written += 1;
+                }
+                base = Some(seq);
+            }
+            for seq in files {
+                tracing::info!(rp = %rp_name(&volume, seq), "store: removed the manifest of an RP the catalog does not hold (an interrupted commit or prune)");
+                manifest::remove(&self.manifests_dir, &volume, seq)?;
+                removed += 1;
+            }
+        }
+        for (volume, files) in on_disk {
+            for seq in files {
+                tracing::info!(rp = %rp_name(&volume, seq), "store: removed the manifest of an RP the catalog does not hold (an interrupted commit)");
+                manifest::remove(&self.manifests_dir, &volume, seq)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            manifest::sync_dir(&self.manifests_dir)?;
+            for entry in fs::read_dir(&self.manifests_dir).map_err(|e| io_error("list manifests", &self.manifests_dir, e))?.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    manifest::sync_dir(&entry.path())?;
+                }
+            }
+        }
+        if written > 0 {
+            tracing::info!(manifests = written, "store: wrote the manifests of RPs committed before manifests existed");
+        }
+        Ok(())
     }
 
     fn volume_id(&self, tx: &redb::ReadTransaction, volume: &str) -> Result<Option<u32>, StoreError> {
