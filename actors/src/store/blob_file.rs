@@ -21,6 +21,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -208,7 +209,14 @@ pub fn write(blobs_dir: &Path, blob: &EncodedBlob) -> Result<u64, StoreError> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let temp = dir.join(format!("{TEMP_PREFIX}{}-{}-{n}", blob.id.to_hex(), std::process::id()));
     let result = (|| {
-        let mut file = File::create(&temp).map_err(|e| io_error("create blob temp file", &temp, e))?;
+        // Created exclusively: a file or symlink planted at the temp name is never followed or truncated.
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&temp)
+            .map_err(|e| io_error("create blob temp file", &temp, e))?;
         file.write_all(&encode_header(blob))
             .map_err(|e| io_error("write blob", &temp, e))?;
         file.write_all(&blob.payload)
