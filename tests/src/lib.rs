@@ -188,6 +188,11 @@ impl TestMesh {
 
     /// Starts `name` with `drmesh run` on topology file `file`.
     pub fn start(&mut self, name: &str, file: &str) {
+        self.start_with_env(name, file, &[]);
+    }
+
+    /// [`TestMesh::start`] with extra environment variables for the node.
+    pub fn start_with_env(&mut self, name: &str, file: &str, env: &[(&str, &str)]) {
         let topology = self.dir.path().join(file);
         let node = self.node_mut(name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).expect("log file");
@@ -197,6 +202,7 @@ impl TestMesh {
             .arg("--topology")
             .arg(&topology)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

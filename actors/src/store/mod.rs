@@ -258,6 +258,20 @@ pub struct Store {
     damaged: Mutex<Option<(String, String)>>,
 }
 
+/// Test crash points: with `DRMESH_CRASH_AT=<point>` in its environment the
+/// process kills itself with SIGKILL when it reaches `<point>` (the crash tests
+/// use it to die exactly between two writes; nothing else sets it). Points:
+/// `store.before-manifest` (an RP's blobs are stored, its manifest not yet
+/// written) and `store.before-commit` (its manifest is durable, the catalog
+/// commit not yet made).
+fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("DRMESH_CRASH_AT").ok()).as_deref() == Some(point) {
+        tracing::warn!(point, "DRMESH_CRASH_AT: killing this process here");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// The text of a caught panic's payload.
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -905,12 +919,14 @@ impl Store {
                 }
             }
             // The manifest first, durably: from here the RP can be rebuilt whatever
-            // happens to the catalog (and a crash before the commit leaves a complete
-            // manifest that the next open rolls forward, see `sync_manifests`).
+            // happens to the catalog. A crash before the commit leaves a manifest of an
+            // RP that never committed; the next open removes it (see `sync_manifests`).
+            crash_point("store.before-manifest");
             manifest::write(
                 &self.manifests_dir,
                 &manifest::Manifest { meta: meta.clone(), base_seq, changes: manifest_changes },
             )?;
+            crash_point("store.before-commit");
             tx.commit().map_err(|e| self.ce(&format!("commit {name}"), e))?;
             // Committed: the staged rows are done with. Failing to drop them is harmless
             // (the session ends, and the next open drops all staged rows).
