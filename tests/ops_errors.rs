@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use drmesh_tests::{drmesh, drmesh_bin, wait_until, TestMesh};
+use drmesh_tests::{build_image, drmesh, drmesh_bin, restore_result, wait_until, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -164,4 +164,44 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
     }
     let _ = mesh.node_mut("a").is_running();
+}
+
+#[test]
+fn verify_of_an_rp_that_does_not_exist_says_what_this_node_holds() {
+    // v2 goes from src to b1 and b2; b2 is asked for an RP nobody has, with
+    // b1 up and then with b1 stopped. b2 never names itself as a holder.
+    let mut mesh = TestMesh::new(&["src", "b1", "b2"]);
+    let image_path = mesh.dir.path().join("disk.img");
+    write_image_atomic(&image_path, &build_image(&mut Rng::new(0x0e55_0001), 1 << 20));
+    let vol = VolumeSpec::new("v2", "src", &["b1", "b2"], &image_path, "p");
+    let text = mesh.replication_topology(1, &["src", "b1", "b2"], &[vol], &[PolicySpec::new("p", "64KiB")]);
+    mesh.write_file("topology.toml", &text);
+    for node in ["b1", "b2", "src"] {
+        mesh.start(node, "topology.toml");
+    }
+    mesh.wait_connected("src", &["b1", "b2"]);
+    mesh.sync_ok("src", "v2");
+    mesh.sync_ok("src", "v2");
+    let held = mesh.rp_seqs("b2", "v2");
+    let (first, last) = (held[0], held[held.len() - 1]);
+    // With the other holder up, it is asked (it might hold more); its answer comes back.
+    mesh.wait_connected("b2", &["b1"]);
+    let err = restore_result(&mesh.verify("b2", "v2@999", None)).expect_err("verify of an RP that does not exist succeeded");
+    eprintln!("verify v2@999 on b2 (b1 up) says: {err}");
+    assert!(err.contains(&format!("no such RP here (this node holds v2@{first}..v2@{last};")), "{err}");
+    assert!(err.contains("no other holder can serve it: b1 (no such recovery point there)"), "{err}");
+    assert!(!err.contains("b2"), "the node names itself: {err}");
+    assert!(mesh.stop("b1"));
+    wait_until("b2 sees b1 gone", Duration::from_secs(30), || mesh.peer_state("b2", "b1").as_deref() != Some("connected"));
+
+    let err = restore_result(&mesh.verify("b2", "v2@999", None)).expect_err("verify of an RP that does not exist succeeded");
+    eprintln!("verify v2@999 on b2 says: {err}");
+    assert!(err.starts_with("v2@999: "), "{err}");
+    assert!(err.contains(&format!("no such RP here (this node holds v2@{first}..v2@{last}; `drmesh ctl rps v2` lists them)")), "{err}");
+    assert!(err.contains("no other holder can serve it: b1 (not connected)"), "the other holder is not named as unreachable: {err}");
+    assert!(!err.contains("b2"), "the node names itself as an unreachable holder: {err}");
+
+    // --from naming the node itself: only its own store is looked at.
+    let err = restore_result(&mesh.verify("b2", "v2@999", Some("b2"))).expect_err("verify --from b2 of an RP that does not exist succeeded");
+    assert!(err.contains("no such RP here") && !err.contains("b2") && !err.contains("b1"), "{err}");
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drmesh_actors::actor::fetch::FetchClient;
+use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
 use drmesh_actors::actor::mesh::GetConnection;
 use drmesh_actors::actor::volumes::{policy_codec, GetAgentStatus, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
 use drmesh_actors::codec::BlockCodec;
@@ -155,42 +155,128 @@ async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<u64>, from: Opt
     .await?
     .map_err(|e| e.to_string())?;
     let rp_name = format!("{volume}@{}", seq.map_or("latest".to_string(), |s| s.to_string()));
-    let candidates: Vec<String> = match (&from, held_here) {
-        (Some(node), _) if *node == me => vec![],
-        (Some(node), _) => vec![node.clone()],
-        (None, true) => vec![],
-        (None, false) => vol.targets.iter().filter(|t| **t != me).cloned().collect(),
-    };
-    if candidates.is_empty() {
-        if !held_here {
-            return Err(format!("no recovery point {rp_name} on this node, and no other node holds {volume}"));
-        }
+    let candidates = remote_holders(&me, &vol.targets, from.as_deref(), held_here);
+    if candidates.is_empty() && held_here {
         return Ok((RpSource::Local(ctx.data.store().clone()), None));
     }
-    let mesh = ctx.mesh.clone();
-    let holders = Arc::new(candidates.clone());
-    let connect: Connect = Arc::new(move |i: usize| {
-        let (mesh, holders) = (mesh.clone(), holders.clone());
-        Box::pin(async move {
-            let name = holders.get(i)?.clone();
-            let opened = match mesh.send(GetConnection(name.clone())).await {
-                Ok(Some((_, conn))) => FetchClient::open(&conn).await,
-                Ok(None) => Err("not connected".to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            Some((name, opened))
-        })
-    });
     let mut tried = Vec::new();
-    for (i, node) in candidates.iter().enumerate() {
-        match connect(i).await {
-            Some((name, Ok(client))) => return Ok((RpSource::Remote(client), Some((name, connect.clone())))),
-            Some((name, Err(e))) => tried.push(format!("{name} ({e})")),
-            None => tried.push(node.clone()),
+    if !candidates.is_empty() {
+        let mesh = ctx.mesh.clone();
+        let holders = Arc::new(candidates.clone());
+        let connect: Connect = Arc::new(move |i: usize| {
+            let (mesh, holders) = (mesh.clone(), holders.clone());
+            Box::pin(async move {
+                let name = holders.get(i)?.clone();
+                let opened = match mesh.send(GetConnection(name.clone())).await {
+                    Ok(Some((_, conn))) => FetchClient::open(&conn).await,
+                    Ok(None) => Err("not connected".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                Some((name, opened))
+            })
+        });
+        for (i, node) in candidates.iter().enumerate() {
+            match connect(i).await {
+                // A holder that lacks the RP is no source; the next one may have it.
+                Some((name, Ok(mut client))) => match ask_for_rp(&mut client, volume, seq).await {
+                    Ok(()) => return Ok((RpSource::Remote(client), Some((name, connect.clone())))),
+                    Err(why) => tried.push(Tried { name, why, reached: true }),
+                },
+                Some((name, Err(why))) => tried.push(Tried { name, why, reached: false }),
+                None => tried.push(Tried { name: node.clone(), why: "not connected".into(), reached: false }),
+            }
         }
     }
-    let here = if held_here { "" } else { "not held by this node, and " };
-    Err(format!("{rp_name}: {here}no holder is reachable: {}", tried.join(", ")))
+    let here = if held_here {
+        LocalHoldings::Rp
+    } else {
+        // Only on this error path: what the node holds instead, so the message can say.
+        let (store, v) = (ctx.data.store().clone(), volume.to_string());
+        let rps = blocking(move || store.rps(&v)).await?.map_err(|e| e.to_string())?;
+        match (rps.iter().map(|r| r.seq).min(), rps.iter().map(|r| r.seq).max()) {
+            (Some(first), Some(last)) => LocalHoldings::Others { first, last },
+            _ => LocalHoldings::Nothing,
+        }
+    };
+    Err(no_source_message(&rp_name, volume, &me, &here, from.as_deref(), &tried))
+}
+
+/// Asks a holder for the RP on a fresh fetch stream; `Err` says why it cannot
+/// serve it. The restore or export asks again on the same stream.
+async fn ask_for_rp(client: &mut FetchClient, volume: &str, seq: Option<u64>) -> Result<(), String> {
+    client.request(&FetchRequest::Rp { volume: volume.to_string(), seq }).await?;
+    match client.reply().await? {
+        FetchReply::Rp(_) => Ok(()),
+        FetchReply::Error(e) => Err(e),
+        _ => Err("it answered out of turn".to_string()),
+    }
+}
+
+/// A holder asked for an RP that could not serve it.
+#[derive(Debug, Clone)]
+struct Tried {
+    /// Its node name.
+    name: String,
+    /// Why: its own answer, or why it could not be reached.
+    why: String,
+    /// Whether it answered (it was reachable, but lacks the RP).
+    reached: bool,
+}
+
+/// What this node's store holds of the volume an RP was asked of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalHoldings {
+    /// The RP asked for.
+    Rp,
+    /// Other RPs of the volume, seqs `first..=last`, but not the one asked for.
+    Others { first: u64, last: u64 },
+    /// No RP of the volume at all.
+    Nothing,
+}
+
+/// The holders to ask over the mesh, in order: the node named by `--from`, or,
+/// when this node lacks the RP, the volume's other targets. Never this node
+/// (`me`): its own store is read directly, never through the mesh.
+fn remote_holders(me: &str, targets: &[String], from: Option<&str>, held_here: bool) -> Vec<String> {
+    match from {
+        Some(node) if node == me => Vec::new(),
+        Some(node) => vec![node.to_string()],
+        None if held_here => Vec::new(),
+        None => targets.iter().filter(|t| *t != me).cloned().collect(),
+    }
+}
+
+/// Why no node can serve `rp_name` (of `volume`): what this node (`me`) holds,
+/// then the other holders `tried` and why each could not (unreachable, or
+/// without that RP). This node is never named as an unreachable holder: what
+/// it holds is said plainly instead.
+fn no_source_message(rp_name: &str, volume: &str, me: &str, here: &LocalHoldings, from: Option<&str>, tried: &[Tried]) -> String {
+    let others: Vec<&Tried> = tried.iter().filter(|t| t.name != me).collect();
+    let local = match here {
+        LocalHoldings::Rp => format!("this node holds {rp_name} itself: leave out --from to read it here"),
+        LocalHoldings::Others { first, last } => {
+            let range = if first == last { format!("{volume}@{first} only") } else { format!("{volume}@{first}..{volume}@{last}") };
+            format!("no such RP here (this node holds {range}; `drmesh ctl rps {volume}` lists them)")
+        }
+        LocalHoldings::Nothing => format!("this node holds no RP of {volume}"),
+    };
+    let remote = match (from, others.as_slice()) {
+        // --from named this node (its store was the only place to look), or
+        // named a node that was not even tried.
+        (Some(_), []) => None,
+        (None, []) => Some(format!("no other node holds {volume}")),
+        (Some(_), [t, ..]) => Some(format!("{} (named by --from) cannot serve it: {}", t.name, t.why)),
+        (None, list) => {
+            let list: Vec<String> = list.iter().map(|t| format!("{} ({})", t.name, t.why)).collect();
+            Some(format!("no other holder can serve it: {}", list.join(", ")))
+        }
+    };
+    let hint = if others.iter().all(|t| t.reached) { "" } else { "; `drmesh ctl peers` shows the links" };
+    match remote {
+        None => format!("{rp_name}: {local}"),
+        Some(remote) if *here == LocalHoldings::Rp => format!("{rp_name}: {remote}; {local}{hint}"),
+        Some(remote) => format!("{rp_name}: {local}, and {remote}{hint}"),
+    }
 }
 
 /// The codec of `volume`'s policy (its key file when the policy encrypts).
@@ -242,4 +328,59 @@ async fn serve_export(ctx: &AdminContext, request: ExportRequest, progress: mpsc
     // Serves until the client hangs up; dropping `running` stops the server.
     std::future::pending::<()>().await;
     Ok(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn this_node_is_never_a_remote_holder() {
+        let targets = names(&["b1", "b2", "b3"]);
+        assert_eq!(remote_holders("b2", &targets, None, false), names(&["b1", "b3"]));
+        assert!(remote_holders("b2", &targets, None, true).is_empty());
+        assert!(remote_holders("b2", &targets, Some("b2"), false).is_empty());
+        assert_eq!(remote_holders("b2", &targets, Some("b3"), true), names(&["b3"]));
+    }
+
+    fn tried(name: &str, why: &str, reached: bool) -> Tried {
+        Tried { name: name.to_string(), why: why.to_string(), reached }
+    }
+
+    #[test]
+    fn a_missing_seq_on_a_holder_is_said_plainly_without_naming_the_node() {
+        let held = LocalHoldings::Others { first: 1, last: 7 };
+        let down = vec![tried("b1", "not connected", false)];
+        let lacking = vec![tried("b1", "no such recovery point there", true)];
+        let cases = [
+            // The report's case: b2 holds v2, the other target is down.
+            (
+                no_source_message("v2@999", "v2", "b2", &held, None, &down),
+                vec!["no such RP here (this node holds v2@1..v2@7; `drmesh ctl rps v2` lists them)", "b1 (not connected)", "ctl peers"],
+            ),
+            // The other target is up but lacks it too.
+            (no_source_message("v2@999", "v2", "b2", &held, None, &lacking), vec!["no such RP here", "no other holder can serve it: b1 (no such recovery point there)"]),
+            // b2 is the only holder.
+            (no_source_message("v2@999", "v2", "b2", &held, None, &[]), vec!["no such RP here", "no other node holds v2"]),
+            // --from named b2 itself.
+            (no_source_message("v2@999", "v2", "b2", &held, Some("b2"), &[]), vec!["no such RP here"]),
+            // A tried list that somehow names this node still does not show it.
+            (no_source_message("v2@999", "v2", "b2", &held, None, &[tried("b2", "not connected", false)]), vec!["no such RP here", "no other node holds v2"]),
+            (no_source_message("v2@3", "v2", "b2", &LocalHoldings::Others { first: 4, last: 4 }, None, &[]), vec!["this node holds v2@4 only"]),
+            (no_source_message("v2@latest", "v2", "b2", &LocalHoldings::Nothing, None, &down), vec!["this node holds no RP of v2", "no other holder can serve it: b1 (not connected)"]),
+            (no_source_message("v2@5", "v2", "b2", &LocalHoldings::Rp, Some("b1"), &down), vec!["b1 (named by --from) cannot serve it: not connected", "leave out --from"]),
+        ];
+        for (message, wanted) in cases {
+            assert!(message.starts_with("v2@"), "{message}");
+            for w in wanted {
+                assert!(message.contains(w), "{message:?} lacks {w:?}");
+            }
+            assert!(!message.contains("b2"), "the message names the node itself: {message}");
+        }
+        assert!(!no_source_message("v2@999", "v2", "b2", &held, None, &lacking).contains("ctl peers"), "every holder answered: no link to look at");
+    }
 }

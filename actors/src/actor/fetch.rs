@@ -140,7 +140,7 @@ async fn start_reply(request: FetchRequest, store: &Arc<Store>, topology: &Topol
                     *current = Some(meta.clone());
                     FetchReply::Rp(meta)
                 }
-                Ok(Ok(None)) => FetchReply::Error("no such recovery point on this node".into()),
+                Ok(Ok(None)) => FetchReply::Error("no such recovery point there".into()),
                 Ok(Err(e)) => FetchReply::Error(e.to_string()),
                 Err(e) => FetchReply::Error(format!("server task failed: {e}")),
             })

@@ -415,8 +415,21 @@ impl Handler<Established> for MeshActor {
         debug_assert!(msg.expected.is_none_or(|e| e == peer), "TLS pinning let in another node");
         let conn_id = self.next_conn;
         self.next_conn += 1;
+        let now = Instant::now();
+        // The current connection may have ended without the mesh knowing yet
+        // (its `Closed` is on its way): typically the peer restarted and this
+        // is its new incarnation. Report the end first, so the new connection
+        // takes its place whichever side dialed it.
+        if let Some(LinkState::Connected { conn: old, .. }) = self.table.get(&peer).map(|e| e.state.clone()) {
+            if let Some(reason) = self.connections.get(&old).and_then(|c| c.conn.close_reason()) {
+                let reason = drmesh_transport::tls::readable(&reason.to_string());
+                tracing::info!(peer = %self.peer_name(&peer), %reason, "previous connection already ended");
+                self.hellos.remove(&peer);
+                self.table.handle_closed(now, peer, old, reason);
+            }
+        }
         // Register before the table may ask to close it as a duplicate.
-        if self.table.handle_connected(Instant::now(), peer, conn_id, msg.direction) {
+        if self.table.handle_connected(now, peer, conn_id, msg.direction) {
             tracing::info!(peer = %self.peer_name(&peer), remote = %msg.conn.remote_address(), direction = ?msg.direction, "peer connected");
             self.spawn_connection(ctx, conn_id, msg.conn, peer, msg.direction);
         } else {
@@ -656,7 +669,8 @@ impl Handler<GetStatus> for MeshActor {
     }
 }
 
-/// Asks for the live connection to a peer, by node name.
+/// Asks for the live connection to a peer, by node name: `None` while it is
+/// not connected, or its connection has closed and no new one is up yet.
 #[derive(Message)]
 #[rtype(result = "Option<(NodeId, quinn::Connection)>")]
 pub struct GetConnection(pub String);
@@ -667,7 +681,12 @@ impl Handler<GetConnection> for MeshActor {
     fn handle(&mut self, msg: GetConnection, _ctx: &mut Context<Self>) -> Self::Result {
         let entry = self.table.peers().find(|e| e.spec.name == msg.0)?;
         match entry.state {
-            LinkState::Connected { conn, .. } => self.connections.get(&conn).map(|c| (entry.spec.id, c.conn.clone())),
+            // A connection that already closed (a restarted peer answered it
+            // with a reset, say) is not handed out while its `Closed` is on
+            // the way: the caller waits for the new one instead of failing on it.
+            LinkState::Connected { conn, .. } => {
+                self.connections.get(&conn).filter(|c| c.conn.close_reason().is_none()).map(|c| (entry.spec.id, c.conn.clone()))
+            }
             _ => None,
         }
     }

@@ -209,6 +209,13 @@ pub enum CycleError {
     /// The session failed (target error, protocol error, lost connection).
     #[error("{0}")]
     Session(String),
+    /// The connection to the target was lost before the target said anything
+    /// (it closed before the stream opened, or before the first answer). The
+    /// target holds no part of the cycle; it can start again at once on a new
+    /// connection. Typically the target restarted and this connection was its
+    /// old incarnation's.
+    #[error("{0}")]
+    Unanswered(String),
 }
 
 /// Blocks handed from the reader to the session loop at once: one wake-up per
@@ -231,27 +238,30 @@ fn now_ms() -> u64 {
 /// A reason sent on `cancel` stops the cycle: it fails with that reason (the
 /// baseline stays, the target drops the uncommitted session), unless its commit
 /// was already sent. Dropping the sender without sending cancels nothing.
+///
+/// A cycle that fails with [`CycleError::Unanswered`] has not completed
+/// `cancel` (a cancel makes it fail with the cancel's reason), so the caller
+/// may pass it again to a cycle on a new connection.
 pub async fn run_cycle(
     conn: quinn::Connection,
     cfg: CycleConfig,
     baselines: Arc<Baselines>,
-    cancel: oneshot::Receiver<String>,
+    cancel: &mut oneshot::Receiver<String>,
 ) -> Result<CycleReport, CycleError> {
     let Some(spec) = cfg.kmod.clone() else {
         return run_cycle_on(conn, cfg, baselines, cancel, None).await;
     };
     // One snapshot per disk: cycles of the device take turns, each from
     // snapshot to release. A pause while waiting for the turn ends the wait.
-    let mut cancel = cancel;
     let lock = device_lock(&spec.device);
     let _turn = tokio::select! {
         turn = lock.clone().lock_owned() => turn,
-        reason = &mut cancel => match reason {
+        reason = &mut *cancel => match reason {
             Ok(reason) => return Err(CycleError::Session(reason)),
             Err(_) => {
                 // Nobody can cancel any more; a receiver whose sender is gone
                 // tells the session loop so once.
-                cancel = oneshot::channel().1;
+                *cancel = oneshot::channel().1;
                 lock.lock_owned().await
             }
         },
@@ -292,7 +302,7 @@ async fn run_cycle_on(
     conn: quinn::Connection,
     cfg: CycleConfig,
     baselines: Arc<Baselines>,
-    mut cancel: oneshot::Receiver<String>,
+    cancel: &mut oneshot::Receiver<String>,
     kmod: Option<Arc<KmodCycle>>,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
@@ -314,7 +324,11 @@ async fn run_cycle_on(
     .await
     .map_err(|e| session_err(&e))??;
 
-    let (mut send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| session_err(&e))?;
+    // A connection that is already gone never carried anything of this cycle.
+    let (mut send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| match conn.close_reason() {
+        Some(_) => CycleError::Unanswered(format!("connection to target lost: {e}")),
+        None => session_err(&e),
+    })?;
     let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
     let (out_tx, mut out_rx) = mpsc::channel::<SourceMsg>(8);
     let pacing = cfg.pacing.clone();
@@ -452,7 +466,7 @@ async fn run_cycle_on(
         }
         let want_blocks = reader_running && !reader_finished && session.wants_block();
         tokio::select! {
-            reason = &mut cancel, if !cancel_seen => {
+            reason = &mut *cancel, if !cancel_seen => {
                 cancel_seen = true;
                 if let Ok(reason) = reason {
                     if !session.handle_cancel(reason) {
@@ -520,6 +534,14 @@ async fn run_cycle_on(
     drop(stage_tx);
     let _ = sender.await;
     let staged = stager.await.map_err(|e| session_err(&e)).and_then(|r| r.map_err(CycleError::Session));
+    // Lost with the connection before the target said anything (and not
+    // cancelled, so `cancel` is still pending): the caller may start again.
+    let result = match result {
+        Err(CycleError::Session(reason)) if session.lost_before_answer() && !cancel_seen && conn.close_reason().is_some() => {
+            Err(CycleError::Unanswered(reason))
+        }
+        other => other,
+    };
     let seq = result?;
     staged?;
 

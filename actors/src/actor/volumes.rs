@@ -32,7 +32,7 @@ use crate::actor::gossip::{DemandNews, GossipActor, SetDemandSink, SiteDemands, 
 use crate::actor::mesh::{GetConnection, MeshActor};
 use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
-use crate::actor::replicate::{run_cycle, CycleConfig, CycleReport, LinkPacers, Pacing};
+use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport, LinkPacers, Pacing};
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
 use crate::source::kmod::{device_report, KmodDeviceReport, KmodSpec};
@@ -407,10 +407,22 @@ impl VolumeScheduler {
         }
         let (mesh, baselines, me) = (self.mesh.clone(), self.baselines.clone(), ctx.address());
         actix_rt::spawn(async move {
+            let mut cancel_rx = cancel_rx;
             let result = async {
                 let config = config?;
                 let conn = wait_for_connection(&mesh, &config.target).await?;
-                run_cycle(conn, config, baselines, cancel_rx).await.map_err(|e| e.to_string())
+                match run_cycle(conn, config.clone(), baselines.clone(), &mut cancel_rx).await {
+                    // The connection died before the target said anything: most
+                    // often the target restarted and the mesh had not noticed
+                    // yet. Nothing of the cycle reached it; once more on the
+                    // new connection (the mesh hands out no closed one).
+                    Err(CycleError::Unanswered(reason)) => {
+                        tracing::info!(volume = %config.volume, target = %config.target, %reason, "connection lost before the target answered; starting the cycle again on a new connection");
+                        let conn = wait_for_connection(&mesh, &config.target).await?;
+                        run_cycle(conn, config, baselines, &mut cancel_rx).await.map_err(|e| e.to_string())
+                    }
+                    other => other.map_err(|e| e.to_string()),
+                }
             }
             .await;
             me.do_send(CycleDone { key, result });
@@ -437,11 +449,15 @@ impl VolumeScheduler {
 /// reconnecting (a restarted node is back within a second or two).
 pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
-/// The connection to `target`, waiting up to [`CONNECT_WAIT`] for it to come up.
+/// The live connection to `target`, waiting up to [`CONNECT_WAIT`] for it to
+/// come up. A connection that has closed (the peer restarted and answered our
+/// packets with a reset) is never returned: the wait goes on for the new one.
 async fn wait_for_connection(mesh: &Addr<MeshActor>, target: &str) -> Result<quinn::Connection, String> {
     let deadline = Instant::now() + CONNECT_WAIT;
     loop {
-        if let Some((_, conn)) = mesh.send(GetConnection(target.to_string())).await.map_err(|e| e.to_string())? {
+        let offered = mesh.send(GetConnection(target.to_string())).await.map_err(|e| e.to_string())?;
+        // One that closed since the mesh handed it out is skipped: its close is on its way to the mesh.
+        if let Some((_, conn)) = offered.filter(|(_, c)| c.close_reason().is_none()) {
             return Ok(conn);
         }
         if Instant::now() >= deadline {

@@ -258,6 +258,10 @@ pub struct SourceSession {
     outbox: VecDeque<SourceMsg>,
     events: VecDeque<SourceEvent>,
     stats: CycleStats,
+    /// Whether any message of the target arrived.
+    heard: bool,
+    /// Whether the session failed on a lost connection before the target said anything.
+    lost_unheard: bool,
 }
 
 impl SourceSession {
@@ -291,6 +295,8 @@ impl SourceSession {
             outbox,
             events,
             stats: CycleStats::default(),
+            heard: false,
+            lost_unheard: false,
         }
     }
 
@@ -373,6 +379,7 @@ impl SourceSession {
 
     /// A message from the target.
     pub fn handle_message(&mut self, msg: TargetMsg) {
+        self.heard = true;
         match (self.state, msg) {
             (_, TargetMsg::Failed { reason }) => self.fail(format!("target: {reason}")),
             (SourceState::Opening, TargetMsg::Opened { seq, base_ok }) => {
@@ -463,7 +470,20 @@ impl SourceSession {
 
     /// The connection or stream to the target broke.
     pub fn handle_disconnect(&mut self, reason: String) {
+        if !self.heard && !matches!(self.state, SourceState::Done | SourceState::Failed) {
+            self.lost_unheard = true;
+        }
         self.fail(format!("connection to target lost: {reason}"));
+    }
+
+    /// Whether the session failed because the connection was lost before the
+    /// target sent anything. The target then holds no part of this cycle (it
+    /// stores blobs only after answering their offer, and drops a session
+    /// whose connection ends), so the cycle can start over on a new
+    /// connection: typically the target restarted and this one was its old
+    /// incarnation's.
+    pub fn lost_before_answer(&self) -> bool {
+        self.lost_unheard
     }
 
     /// Next message for the target.
@@ -849,5 +869,29 @@ mod tests {
         assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));
         assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { reason }) if reason.contains("reset")));
         assert!(src.is_finished());
+        assert!(!src.lost_before_answer(), "the target had answered");
+    }
+
+    #[test]
+    fn a_connection_lost_before_the_target_answered_can_be_retried() {
+        // With a base (Opening) and without one (streaming at once, offers out).
+        for base in [Some((1, [1; 32])), None] {
+            let mut src = SourceSession::new("v", base, false, 4096);
+            while src.poll_transmit().is_some() {}
+            while src.poll_event().is_some() {}
+            src.handle_disconnect("stream failed: connection lost: reset by peer".into());
+            assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { reason }) if reason.contains("reset by peer")));
+            assert!(src.lost_before_answer(), "base {base:?}");
+        }
+        // A failure for another reason first, then the loss: not a lost connection's failure.
+        let mut src = SourceSession::new("v", Some((1, [1; 32])), false, 4096);
+        assert!(src.handle_cancel("paused".into()));
+        src.handle_disconnect("reset".into());
+        assert!(!src.lost_before_answer());
+        // The target answered, then the connection went: the cycle is not started over.
+        let mut src = SourceSession::new("v", Some((1, [1; 32])), false, 4096);
+        src.handle_message(TargetMsg::Opened { seq: 2, base_ok: true });
+        src.handle_disconnect("reset".into());
+        assert!(!src.lost_before_answer());
     }
 }
