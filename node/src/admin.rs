@@ -105,6 +105,19 @@ pub enum Request {
     },
     /// Store figures: blobs, bytes, RPs.
     Store,
+    /// Scrub the store now: read its blobs again (all, or a share) and check
+    /// every RP's block map; answers with the report.
+    Scrub {
+        /// Percent of the blobs to read (1..=100); all when absent.
+        #[serde(default)]
+        sample_percent: Option<u32>,
+    },
+    /// The newest scrub verdict of each RP (of one volume, or all).
+    Scrubs {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<String>,
+    },
     /// Serve a recovery point over NBD until the client of this request hangs up
     /// (a progress line says where, before it waits).
     Export {

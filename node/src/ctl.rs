@@ -74,6 +74,19 @@ enum CtlCommand {
     },
     /// Store figures.
     Store,
+    /// Scrub the store now: read every blob again (or a sample) and check
+    /// every recovery point's block map; prints what was found.
+    Scrub {
+        /// Read only this share of the blobs ("10%"); successive sampled
+        /// scrubs read the other blobs in turn.
+        #[arg(long, value_parser = parse_percent)]
+        sample: Option<u32>,
+    },
+    /// The newest scrub verdict of each recovery point of this node.
+    Scrubs {
+        /// Only this volume.
+        volume: Option<String>,
+    },
     /// The kernel module's view of this node's `kmod` volumes: attached devices,
     /// bitmap size, COW store use, changes not yet committed per target.
     AgentStatus,
@@ -167,6 +180,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Rps { volume } => Request::Rps { volume },
         CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
         CtlCommand::Store => Request::Store,
+        CtlCommand::Scrub { sample } => Request::Scrub { sample_percent: sample },
+        CtlCommand::Scrubs { volume } => Request::Scrubs { volume },
         CtlCommand::AgentStatus => Request::AgentStatus,
         CtlCommand::Drills { volume } => Request::Drills { volume },
         CtlCommand::Mesh => return run_gossip(&socket, args.json, GossipRequest::Mesh),
@@ -211,6 +226,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             s(&data["blobs_kept_grace"]),
             s(&data["duration_ms"])
         ),
+        Request::Scrub { .. } => print_scrub(&data),
+        Request::Scrubs { .. } => println!("{}", scrubs_table(&data)),
         Request::Store => {
             for (k, v) in data.as_object().into_iter().flatten() {
                 println!("{k:<16} {}", s(v));
@@ -688,6 +705,49 @@ fn volumes_table(list: &Value) -> Table {
         let error = v["last_error"].as_array().map(|p| s(&p[1]).chars().take(60).collect()).unwrap_or_else(|| "-".into());
         let bandwidth = v["bandwidth"]["reason"].as_str().unwrap_or("-").to_string();
         table.add_row(vec![s(&v["volume"]), s(&v["target"]), duration(v["rpo_secs"].as_u64().unwrap_or(0)), last, state, bandwidth, error]);
+    }
+    table
+}
+
+/// `--sample 10%`: a whole percent from 1 to 100.
+fn parse_percent(text: &str) -> Result<u32, String> {
+    match text.trim().trim_end_matches('%').trim().parse::<u32>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        _ => Err(format!("{text:?} is not a share from 1% to 100% (write it like 10%)")),
+    }
+}
+
+fn print_scrub(data: &Value) {
+    for p in data["problems"].as_array().into_iter().flatten() {
+        println!("DAMAGED {}: {}", s(&p["object"]), s(&p["problem"]));
+    }
+    let share = data["share"].as_f64().unwrap_or(1.0);
+    println!(
+        "scrub read {} of {} blobs ({}{}) at {}/s, checked {} recovery points: {} blobs failed, {} RPs damaged, in {:.1} s",
+        s(&data["blobs_read"]),
+        s(&data["blobs_total"]),
+        bytes(data["bytes_read"].as_u64().unwrap_or(0)),
+        if share < 1.0 { format!(", a {:.0}% sample", share * 100.0) } else { String::new() },
+        bytes(data["bytes_per_sec"].as_u64().unwrap_or(0)),
+        s(&data["rps_checked"]),
+        s(&data["blobs_bad"]),
+        s(&data["rps_damaged"]),
+        data["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+}
+
+fn scrubs_table(data: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["RECOVERY POINT", "SCRUBBED (UTC)", "BLOBS READ", "VERDICT"]);
+    for r in data.as_array().into_iter().flatten() {
+        let verdict = if r["ok"] == true { "sound".to_string() } else { format!("DAMAGED: {}", s(&r["problem"])) };
+        table.add_row(vec![
+            s(&r["rp"]),
+            time_ms(r["finished_unix_ms"].as_u64().unwrap_or(0)),
+            format!("{:.0}%", r["share"].as_f64().unwrap_or(1.0) * 100.0),
+            verdict,
+        ]);
     }
     table
 }

@@ -92,6 +92,15 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             tracing::info!(deleted = report.blobs_deleted, freed = report.bytes_freed, "garbage collection done");
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
+        Request::Scrub { sample_percent } => {
+            let percent = sample_percent.unwrap_or(100);
+            if !(1..=100).contains(&percent) {
+                return Err(format!("scrub sample {percent}% is out of range: give 1% to 100%"));
+            }
+            let report = blocking(move || crate::scrub::run_scrub(&store, f64::from(percent) / 100.0, "asked for")).await?.map_err(|e| e.to_string())?;
+            Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
+        }
+        Request::Scrubs { volume } => Ok(serde_json::to_value(blocking(move || store.scrubs(volume.as_deref())).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
         Request::Store => Ok(serde_json::to_value(blocking(move || store.stats()).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
         Request::Restore { volume, seq, to, from, force } => {
             if !to.is_absolute() {

@@ -18,6 +18,7 @@ mod mounts;
 mod recover;
 mod reload;
 mod run;
+mod scrub;
 mod store;
 
 use std::path::PathBuf;

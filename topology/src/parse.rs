@@ -428,7 +428,7 @@ fn read_site(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> SiteDraft {
 }
 
 fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
-    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills"], &[]);
+    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "scrub_every", "scrub_sample"], &[]);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     if let Some(n) = &name {
@@ -509,9 +509,43 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
             None => ok = false,
         }
     }
+    let mut scrub_every = Some(crate::schema::DEFAULT_SCRUB_EVERY);
+    if let Some(s) = f.string(sink, "scrub_every", false) {
+        if s.value == "off" {
+            scrub_every = None;
+        } else {
+            match units::parse_duration(&s.value) {
+                Ok(d) if d.is_zero() => {
+                    sink.error(s.span, format!("`scrub_every` in {} is zero; expected a duration such as \"7d\" or \"12h\", or \"off\"", f.what));
+                    ok = false;
+                }
+                Ok(d) => scrub_every = Some(d),
+                Err(e) => {
+                    sink.error(s.span, format!("`scrub_every` in {}: {e}, or \"off\"", f.what));
+                    ok = false;
+                }
+            }
+        }
+    } else if f.get("scrub_every").is_some() {
+        ok = false;
+    }
+    let mut scrub_sample_percent = 100;
+    if let Some(s) = f.string(sink, "scrub_sample", false) {
+        match s.value.strip_suffix('%').map(str::trim).and_then(|p| p.parse::<u32>().ok()) {
+            Some(p) if (1..=100).contains(&p) => scrub_sample_percent = p,
+            _ => {
+                sink.error(s.span, format!("`scrub_sample` in {} must be a share from \"1%\" to \"100%\", found {:?}", f.what, s.value));
+                ok = false;
+            }
+        }
+    } else if f.get("scrub_sample").is_some() {
+        ok = false;
+    }
     let node = match (&name, &id, &site, ok) {
         (Some(n), Some(i), Some(s), true) => Some(Node {
             max_drills,
+            scrub_every,
+            scrub_sample_percent,
             name: n.value.clone(),
             id: i.value,
             addresses: addresses.iter().map(|(a, _)| a.value.clone()).collect(),

@@ -67,7 +67,16 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     /// Most drills the node runs at once (`max_drills`, default 1).
     pub max_drills: u32,
+    /// How often the node scrubs its store (`scrub_every`, default 7 days;
+    /// `"off"`: never on its own, `drmesh ctl scrub` still works).
+    pub scrub_every: Option<std::time::Duration>,
+    /// Percent of the blobs a scheduled scrub reads (`scrub_sample`, "1%" to
+    /// "100%", default all); successive sampled scrubs cover the store in turn.
+    pub scrub_sample_percent: u32,
 }
+
+/// How often a node scrubs its store when the topology does not say.
+pub const DEFAULT_SCRUB_EVERY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// A `[[volume]]` table: one protected disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 //! | `contents` | content id | blob id | how to materialize a content |
 //! | `blobs` | blob id | [`BlobMeta`] bytes | stored blobs: content, base, depth, size |
 //! | `drills` | (volume id, seq, finished unix ms) | drill report bytes | drills run here on RP `seq` (gone with the RP) |
+//! | `scrubs` | (volume id, seq) | scrub verdict bytes | the newest scrub's verdict on RP `seq` (gone with the RP) |
 //! | `staged` | (session, volume name, block index) | content id | block-map changes of in-flight RPs (in `staging.redb`, not the catalog) |
 //!
 //! Invariant: every `blocks` key's seq is the seq of an existing RP of that volume,
@@ -36,6 +37,8 @@ pub const CONTENTS: TableDefinition<[u8; 32], [u8; 32]> = TableDefinition::new("
 pub const BLOBS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blobs");
 /// (volume id, seq, finished unix ms) → encoded drill report (see `drills.rs`).
 pub const DRILLS: TableDefinition<(u32, u64, u64), &[u8]> = TableDefinition::new("drills");
+/// (volume id, seq) → encoded scrub verdict (see `scrub.rs`).
+pub const SCRUBS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("scrubs");
 /// (session, volume, block index) → content id.
 pub const STAGED: TableDefinition<(u64, &str, u64), [u8; 32]> = TableDefinition::new("staged");
 

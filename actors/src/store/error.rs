@@ -180,6 +180,12 @@ pub enum StoreError {
         /// What disagrees.
         what: String,
     },
+    /// The work asked for is running already; nothing was done.
+    #[error("{what}")]
+    Busy {
+        /// What runs, and what to do.
+        what: String,
+    },
     /// A catalog row could not be decoded (the catalog is damaged or from a newer version).
     #[error("the catalog is damaged: {what} cannot be read. Stop the node, then run `drmesh store check` and `drmesh store rebuild` with its --state-dir")]
     CorruptRow {

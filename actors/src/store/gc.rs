@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redb::ReadableTable;
 
-use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, VOLUMES};
+use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::error::{io_error, StoreError};
 use super::retention::{select_keep, Retention};
 use super::{blob_file, lock, manifest, now_unix_ms, GcReport, Store};
@@ -86,6 +86,7 @@ impl Store {
                 let mut keep = select_keep(&all, retention, now_unix_ms);
                 // The newest verified RP is the last known-good point: never pruned.
                 let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
+                let mut scrubs = tx.open_table(SCRUBS).map_err(|e| self.ce("open table scrubs", e))?;
                 let mut latest: BTreeMap<u64, bool> = BTreeMap::new();
                 for row in drills.range((vid, 0u64, 0u64)..=(vid, u64::MAX, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
                     let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
@@ -139,6 +140,7 @@ impl Store {
                             .map_err(|e| self.ce("re-key block map", e))?;
                     }
                     rps.remove((vid, d)).map_err(|e| self.ce("delete rp", e))?;
+                    scrubs.remove((vid, d)).map_err(|e| self.ce("delete scrub result", e))?;
                     let mut reports = Vec::new();
                     for row in drills.range((vid, d, 0u64)..=(vid, d, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
                         reports.push(row.map_err(|e| self.ce("read drills", e))?.0.value());

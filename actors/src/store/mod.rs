@@ -79,6 +79,7 @@ pub mod manifest;
 mod check;
 mod rebuild;
 mod retention;
+mod scrub;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -90,12 +91,13 @@ use redb::{Builder, ConcurrencyMode, Database, Durability, ReadOnlyDatabase, Rea
 use serde::{Deserialize, Serialize};
 
 pub use self::blob_file::{HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
-use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, STAGED, VOLUMES};
+use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, SCRUBS, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
 pub use self::error::{is_no_space, StoreError};
 pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
 pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
+pub use self::scrub::{RpScrub, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
 
 /// Flag bits of a blob (how the source encoded the payload).
@@ -256,6 +258,10 @@ pub struct Store {
     gc_lock: Mutex<()>,
     /// Set when the storage engine failed on the catalog: what failed (writes are refused from then on).
     damaged: Mutex<Option<(String, String)>>,
+    /// Where the next sampled scrub's window of the blob id space starts.
+    scrub_cursor: std::sync::atomic::AtomicU64,
+    /// One scrub at a time.
+    scrub_lock: Mutex<()>,
 }
 
 /// Test crash points: with `DRMESH_CRASH_AT=<point>` in its environment the
@@ -396,6 +402,8 @@ impl Store {
             pins: Mutex::new(PinState::default()),
             gc_lock: Mutex::new(()),
             damaged: Mutex::new(None),
+            scrub_cursor: std::sync::atomic::AtomicU64::new(0),
+            scrub_lock: Mutex::new(()),
         };
         {
             let _w = lock(&store.writer);
@@ -411,6 +419,7 @@ impl Store {
                     .map_err(|e| store.ce("open table contents", e))?;
                 tx.open_table(BLOBS).map_err(|e| store.ce("open table blobs", e))?;
                 tx.open_table(DRILLS).map_err(|e| store.ce("open table drills", e))?;
+                tx.open_table(SCRUBS).map_err(|e| store.ce("open table scrubs", e))?;
                 // Staged rows of an older version lived in the catalog; they are dropped as at any open.
                 tx.delete_table(STAGED).map_err(|e| store.ce("drop table staged", e))?;
             }
@@ -469,6 +478,8 @@ impl Store {
             pins: Mutex::new(PinState::default()),
             gc_lock: Mutex::new(()),
             damaged: Mutex::new(None),
+            scrub_cursor: std::sync::atomic::AtomicU64::new(0),
+            scrub_lock: Mutex::new(()),
         })
     }
 
