@@ -94,3 +94,69 @@ fn scheduled_and_asked_scrubs_find_a_damaged_blob() {
     }
     assert!(mesh.node_mut("dst").is_running());
 }
+
+#[test]
+fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
+    let mut rng = Rng::new(0x5c2b_0002);
+    let mut image = vec![0u8; 4 * MIB];
+    rng.fill(&mut image);
+    let mut mesh = TestMesh::new(&["src", "t1", "t2"]);
+    let image_path = mesh.dir.path().join("disk.img");
+    write_image_atomic(&image_path, &image);
+    let policy = PolicySpec::new("p", "256KiB");
+    let vol = VolumeSpec::new("vol", "src", &["t1", "t2"], &image_path, &policy.name);
+    let text = mesh.replication_topology(1, &["src", "t1", "t2"], &[vol], &[policy]);
+    mesh.write_file("topology.toml", &text);
+    for n in ["t1", "t2", "src"] {
+        mesh.start(n, "topology.toml");
+    }
+    mesh.wait_connected("src", &["t1", "t2"]);
+    mesh.wait_connected("t1", &["t2"]);
+    let mut hashes = Vec::new();
+    for cycle in 0..2 {
+        if cycle > 0 {
+            rng.fill(&mut image[MIB..MIB + BLOCK]);
+            write_image_atomic(&image_path, &image);
+        }
+        let data = mesh.sync_ok("src", "vol");
+        hashes.push((data["reports"][0]["seq"].as_u64().expect("seq"), drmesh_tests::hash_hex(&image)));
+    }
+
+    // A blob both targets hold (same name): damaged on t1 only.
+    let name = |p: &std::path::PathBuf| p.file_name().expect("name").to_string_lossy().to_string();
+    let on_t2: std::collections::HashSet<String> = blob_files(&mesh.node("t2").state_dir).iter().map(name).collect();
+    let shared: Vec<_> = blob_files(&mesh.node("t1").state_dir).into_iter().filter(|p| on_t2.contains(&name(p)) && std::fs::metadata(p).map(|m| m.len() > 200_000).unwrap_or(false)).collect();
+    assert!(shared.len() >= 2, "the targets must hold blobs of the same ids");
+    let victim = shared[0].clone();
+    let mut bytes = std::fs::read(&victim).expect("blob");
+    bytes[700] ^= 0x01;
+    std::fs::write(&victim, &bytes).expect("write");
+    let out = mesh.ctl("t1", &["scrub"]);
+    let text = out_text(&out);
+    eprintln!("$ drmesh ctl scrub (t1, one blob damaged)\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("repair: 1 blocks fetched again from another holder and stored; 0 no other holder could give"), "{text}");
+    assert!(!text.contains("damaged recovery points now"), "{text}");
+    let scrubs = mesh.ctl_data("t1", &["scrubs"]).expect("scrubs");
+    assert!(scrubs.as_array().expect("rows").iter().all(|r| r["ok"] == true), "after the repair: {scrubs}");
+    for (seq, hash) in &hashes {
+        assert_eq!(&mesh.restore_hash("t1", &format!("vol@{seq}"), None), hash, "vol@{seq} on t1 after the repair");
+    }
+
+    // A blob lost on every holder: nobody can repair it; both mark the RPs that use it.
+    let lost = shared[1].clone();
+    let lost_name = name(&lost);
+    std::fs::remove_file(&lost).expect("rm on t1");
+    let on_t2_path = blob_files(&mesh.node("t2").state_dir).into_iter().find(|p| name(p) == lost_name).expect("on t2");
+    std::fs::remove_file(on_t2_path).expect("rm on t2");
+    for node in ["t1", "t2"] {
+        let out = mesh.ctl(node, &["scrub"]);
+        let text = out_text(&out);
+        eprintln!("$ drmesh ctl scrub ({node}, one blob lost on both)\n{text}");
+        assert!(text.contains(&format!("DAMAGED {lost_name}")) && text.contains("missing"), "{node}: {text}");
+        assert!(text.contains("0 blocks fetched again from another holder and stored; 1 no other holder could give"), "{node}: {text}");
+        assert!(text.contains("damaged recovery points now: vol@"), "{node}: {text}");
+        let scrubs = mesh.ctl_data(node, &["scrubs"]).expect("scrubs");
+        assert!(scrubs.as_array().expect("rows").iter().any(|r| r["ok"] == false), "{node}: {scrubs}");
+    }
+}

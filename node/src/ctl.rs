@@ -723,7 +723,7 @@ fn print_scrub(data: &Value) {
     }
     let share = data["share"].as_f64().unwrap_or(1.0);
     println!(
-        "scrub read {} of {} blobs ({}{}) at {}/s, checked {} recovery points: {} blobs failed, {} RPs damaged, in {:.1} s",
+        "scrub read {} of {} blobs ({}{}) at {}/s, checked {} recovery points: {} blobs failed, {} RPs damaged{}, in {:.1} s",
         s(&data["blobs_read"]),
         s(&data["blobs_total"]),
         bytes(data["bytes_read"].as_u64().unwrap_or(0)),
@@ -732,8 +732,17 @@ fn print_scrub(data: &Value) {
         s(&data["rps_checked"]),
         s(&data["blobs_bad"]),
         s(&data["rps_damaged"]),
+        if data["repaired"].as_u64().unwrap_or(0) > 0 { " after repair" } else { "" },
         data["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
     );
+    let (repaired, unrepairable) = (data["repaired"].as_u64().unwrap_or(0), data["unrepairable"].as_u64().unwrap_or(0));
+    if repaired + unrepairable > 0 {
+        println!("repair: {repaired} blocks fetched again from another holder and stored; {unrepairable} no other holder could give");
+    }
+    let damaged: Vec<String> = data["rps"].as_array().into_iter().flatten().filter(|r| r["ok"] == false).map(|r| s(&r["rp"])).collect();
+    if !damaged.is_empty() {
+        println!("damaged recovery points now: {} (`drmesh ctl scrubs` says why)", damaged.join(", "));
+    }
 }
 
 fn scrubs_table(data: &Value) -> Table {

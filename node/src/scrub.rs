@@ -1,32 +1,59 @@
-//! The node's scheduled scrubs: every `scrub_every` (a `[[node]]` key, default
-//! weekly) the store is scrubbed in a thread of its own at idle I/O priority,
-//! reading `scrub_sample` of the blobs; `drmesh ctl scrub` runs one at once.
+//! The node's scrubs and repairs: every `scrub_every` (a `[[node]]` key,
+//! default weekly) the store is scrubbed at idle I/O priority, reading
+//! `scrub_sample` of the blobs; `drmesh ctl scrub` runs one at once. A content
+//! that a damaged RP cannot materialize is fetched again from another target of
+//! the volume and stored; the RPs are then checked again and their verdicts kept.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::Addr;
 use drmesh_actors::actor::applier::DataPlane;
-use drmesh_actors::store::{ScrubOptions, ScrubReport, Store, StoreError};
+use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
+use drmesh_actors::actor::mesh::{GetConnection, MeshActor};
+use drmesh_actors::content::ContentId;
+use drmesh_actors::store::{RepairNeeds, ScrubOptions, ScrubReport};
 
 /// How often the scheduler looks whether a scrub is due.
 const TICK: Duration = Duration::from_secs(5);
 
-/// Scrubs `store` with `share` of its blobs at low priority, logging the outcome.
-pub fn run_scrub(store: &Store, share: f64, why: &str) -> Result<ScrubReport, StoreError> {
+/// Scrubs the store with `share` of its blobs at low priority, repairs what
+/// another holder can give, and logs the outcome.
+pub async fn scrub_and_repair(data: Arc<DataPlane>, mesh: Addr<MeshActor>, share: f64, why: &'static str) -> Result<ScrubReport, String> {
     tracing::info!(share, why, "scrub started");
-    let stop = AtomicBool::new(false);
-    let options = ScrubOptions { share, threads: 2, low_priority: true };
-    let report = store.scrub(options, &stop, &|_, _| {})?;
-    if report.blobs_bad > 0 || report.rps_damaged > 0 {
-        for p in &report.problems {
-            tracing::error!(object = %p.object, problem = %p.problem, "scrub found damage");
+    let store = data.store().clone();
+    let mut report = tokio::task::spawn_blocking(move || {
+        let stop = AtomicBool::new(false);
+        store.scrub(ScrubOptions { share, threads: 2, low_priority: true }, &stop, &|_, _| {})
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    for p in &report.problems {
+        tracing::error!(object = %p.object, problem = %p.problem, "scrub found damage");
+    }
+    if !report.needs.contents.is_empty() {
+        let (repaired, unrepairable) = repair(&data, &mesh, &report.needs).await;
+        report.repaired = repaired;
+        report.unrepairable = unrepairable;
+        if repaired > 0 {
+            let store = data.store().clone();
+            let bad = report.needs.bad_blobs.clone();
+            let verdicts = tokio::task::spawn_blocking(move || store.recheck_rps(&bad, share)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            report.rps_damaged = verdicts.iter().filter(|v| !v.ok).count() as u64;
+            report.rps = verdicts;
         }
+    }
+    if report.rps_damaged > 0 || report.blobs_bad > 0 {
         tracing::error!(
             blobs_read = report.blobs_read,
             blobs_bad = report.blobs_bad,
+            repaired = report.repaired,
+            unrepairable = report.unrepairable,
             rps_damaged = report.rps_damaged,
-            "scrub done: damage found (`drmesh ctl scrubs` lists the RPs; `drmesh ctl scrub` runs again)"
+            "scrub done: damage found (`drmesh ctl scrubs` lists the RPs)"
         );
     } else {
         tracing::info!(blobs_read = report.blobs_read, bytes_read = report.bytes_read, rps = report.rps_checked, ms = report.duration_ms, "scrub done: every blob read and every RP sound");
@@ -34,25 +61,99 @@ pub fn run_scrub(store: &Store, share: f64, why: &str) -> Result<ScrubReport, St
     Ok(report)
 }
 
-/// Starts the scheduled scrubs of this node (a thread that lives as long as the process).
-pub fn start(data: Arc<DataPlane>) {
-    let spawned = std::thread::Builder::new().name("scrub".into()).spawn(move || {
+/// Fetches each content of `needs` from another target of its volume and
+/// stores it. Returns (repaired, unrepairable).
+async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNeeds) -> (u64, u64) {
+    let topology = data.topology();
+    let me = topology.node_by_id(&data.local()).map(|n| n.name.clone()).unwrap_or_default();
+    let mut by_volume: BTreeMap<&str, Vec<ContentId>> = BTreeMap::new();
+    for (volume, _, content) in &needs.contents {
+        by_volume.entry(volume.as_str()).or_default().push(*content);
+    }
+    let (mut repaired, mut unrepairable) = (0, 0);
+    for (volume, mut remaining) in by_volume {
+        let holders: Vec<String> = topology.volumes.iter().filter(|v| v.name == volume).flat_map(|v| v.targets.iter()).filter(|t| **t != me).cloned().collect();
+        for holder in &holders {
+            if remaining.is_empty() {
+                break;
+            }
+            let mut client = match mesh.send(GetConnection(holder.clone())).await {
+                Ok(Some((_, conn))) => match FetchClient::open(&conn).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(holder = %holder, error = %e, "repair: cannot open a fetch stream");
+                        continue;
+                    }
+                },
+                _ => {
+                    tracing::warn!(holder = %holder, "repair: holder not connected");
+                    continue;
+                }
+            };
+            // The holder serves contents to a target of a volume it holds.
+            let asked = client.request(&FetchRequest::Rp { volume: volume.to_string(), seq: None }).await;
+            match (asked, client.reply().await) {
+                (Ok(()), Ok(FetchReply::Rp(_))) => {}
+                (_, Ok(FetchReply::Error(e))) | (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(holder = %holder, volume, error = %e, "repair: holder cannot serve the volume");
+                    continue;
+                }
+                (_, Ok(_)) => continue,
+            }
+            let mut left = Vec::new();
+            for content in remaining {
+                let chain = match client.request(&FetchRequest::Content(content)).await {
+                    Ok(()) => client.reply().await.and_then(FetchClient::chain),
+                    Err(e) => Err(e),
+                };
+                let stored = match chain {
+                    Ok(chain) => {
+                        let store = data.store().clone();
+                        tokio::task::spawn_blocking(move || store.repair_content(&content, &chain)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
+                    }
+                    Err(e) => Err(e),
+                };
+                match stored {
+                    Ok(()) => {
+                        tracing::info!(content = %content, holder = %holder, volume, "repair: content fetched again and stored");
+                        repaired += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(content = %content, holder = %holder, error = %e, "repair: this holder could not give the content");
+                        left.push(content);
+                    }
+                }
+            }
+            remaining = left;
+        }
+        for content in &remaining {
+            tracing::error!(content = %content, volume, holders = ?holders, "repair: no other holder could give the content; the RPs that use it stay damaged");
+        }
+        unrepairable += remaining.len() as u64;
+    }
+    (repaired, unrepairable)
+}
+
+/// Starts the scheduled scrubs of this node.
+pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>) {
+    actix_rt::spawn(async move {
         // Due one interval after the last scrub (recorded in the store, or run
         // by this process), or after the node started when there was none; never
         // sooner than 10 minutes (or one interval) after a start.
         let started = Instant::now();
         let mut last_run: Option<Instant> = None;
         loop {
-            std::thread::sleep(TICK);
+            tokio::time::sleep(TICK).await;
             let topology = data.topology();
             let Some(me) = topology.node_by_id(&data.local()) else { continue };
             let Some(every) = me.scrub_every else { continue };
             let share = f64::from(me.scrub_sample_percent) / 100.0;
-            let store = data.store();
+            let store = data.store().clone();
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-            let recorded = store
-                .scrubs(None)
+            let recorded = tokio::task::spawn_blocking(move || store.scrubs(None))
+                .await
                 .ok()
+                .and_then(|r| r.ok())
                 .and_then(|v| v.iter().map(|r| r.finished_unix_ms).max())
                 .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms)));
             let since = match (last_run.map(|t| t.elapsed()), recorded) {
@@ -61,16 +162,12 @@ pub fn start(data: Arc<DataPlane>) {
                 (None, Some(b)) => b,
                 (None, None) => started.elapsed(),
             };
-            let due = since >= every && started.elapsed() >= every.min(Duration::from_secs(600));
-            if due {
-                if let Err(e) = run_scrub(store, share, "scheduled") {
+            if since >= every && started.elapsed() >= every.min(Duration::from_secs(600)) {
+                if let Err(e) = scrub_and_repair(data.clone(), mesh.clone(), share, "scheduled").await {
                     tracing::warn!(error = %e, "scheduled scrub failed; the next one is due one interval later");
                 }
                 last_run = Some(Instant::now());
             }
         }
     });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the scrub scheduler: no scheduled scrubs");
-    }
 }

@@ -97,7 +97,7 @@ pub use self::error::{is_no_space, StoreError};
 pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
 pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
-pub use self::scrub::{RpScrub, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
+pub use self::scrub::{RepairNeeds, RpScrub, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
 
 /// Flag bits of a blob (how the source encoded the payload).

@@ -109,6 +109,23 @@ pub struct ScrubReport {
     pub duration_ms: u64,
     /// Bytes read per second over the blob pass.
     pub bytes_per_sec: u64,
+    /// Contents fetched again from another holder and stored (filled in by the node).
+    pub repaired: u64,
+    /// Contents no other holder could give (filled in by the node).
+    pub unrepairable: u64,
+    /// What a repair needs: the blobs that failed, and each content a damaged
+    /// RP cannot materialize, with one RP that uses it.
+    #[serde(skip)]
+    pub needs: RepairNeeds,
+}
+
+/// The blobs a scrub found bad, and the contents that need repair.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RepairNeeds {
+    /// Blobs that failed their check.
+    pub bad_blobs: HashSet<BlobId>,
+    /// (volume, seq of an RP that uses it, content), one row per content.
+    pub contents: Vec<(String, u64, ContentId)>,
 }
 
 /// Where the previous sampled scrub's window ended (start of the next one).
@@ -228,7 +245,7 @@ impl Store {
 
         // RP pass: every block map against its Merkle root; blocks whose blob failed.
         let finished = now_unix_ms();
-        let verdicts = self.guard("scrubbed RPs", || self.scrub_rps(&bad, share, finished))?;
+        let (verdicts, unsound) = self.guard("scrubbed RPs", || self.scrub_rps(&bad, share, finished))?;
         for v in &verdicts {
             if !v.ok {
                 note(v.rp.clone(), v.problem.clone().unwrap_or_default());
@@ -240,13 +257,16 @@ impl Store {
             self.record_scrubs(&verdicts)?;
         }
         report.rps = verdicts;
+        report.needs = RepairNeeds { bad_blobs: bad, contents: unsound };
         report.problems = problems.into_inner().unwrap_or_else(|p| p.into_inner());
         report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
-    /// The RP pass of [`Store::scrub`]: one read snapshot, each volume in seq order.
-    fn scrub_rps(&self, bad_blobs: &HashSet<BlobId>, share: f64, finished: u64) -> Result<Vec<RpScrub>, StoreError> {
+    /// The RP pass of [`Store::scrub`]: one read snapshot, each volume in seq
+    /// order. Also returns each content a damaged RP cannot materialize.
+    #[allow(clippy::type_complexity)]
+    fn scrub_rps(&self, bad_blobs: &HashSet<BlobId>, share: f64, finished: u64) -> Result<(Vec<RpScrub>, Vec<(String, u64, ContentId)>), StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
         let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
         let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
@@ -274,6 +294,8 @@ impl Store {
             Ok(s)
         };
         let mut out = Vec::new();
+        let mut unsound: Vec<(String, u64, ContentId)> = Vec::new();
+        let mut listed: HashSet<ContentId> = HashSet::new();
         for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
             let (name, vid) = row.map_err(|e| self.ce("read volumes", e))?;
             let (volume, vid) = (name.value().to_string(), vid.value());
@@ -305,6 +327,9 @@ impl Store {
                     if !is_sound(c)? {
                         damaged_blocks += 1;
                         first_bad.get_or_insert(index);
+                        if listed.insert(*c) {
+                            unsound.push((volume.clone(), seq, *c));
+                        }
                     }
                 }
                 let root_ok = merkle.finish() == meta.merkle_root;
@@ -316,7 +341,43 @@ impl Store {
                 out.push(RpScrub { rp: meta.name(), finished_unix_ms: finished, ok: problem.is_none(), damaged_blocks, share, problem });
             }
         }
-        Ok(out)
+        Ok((out, unsound))
+    }
+
+    /// Stores `chain` (head first, as another holder sent it) as the way to
+    /// materialize `content`: the blobs are written (a damaged file of the same
+    /// id is rewritten) and `content` points at the head from then on.
+    pub fn repair_content(&self, content: &ContentId, chain: &[super::EncodedBlob]) -> Result<(), StoreError> {
+        let Some(head) = chain.first() else {
+            return Err(StoreError::InvalidBlob { blob: content.to_hex(), cause: "the holder sent no blob".into() });
+        };
+        if head.content != *content {
+            return Err(StoreError::InvalidBlob { blob: head.id.to_hex(), cause: format!("sent for content {} but it makes {}", content.to_hex(), head.content.to_hex()) });
+        }
+        // Bases first is not needed: put_blobs takes a chain's blobs in one batch.
+        const REPAIR_SESSION: u64 = u64::MAX - 1;
+        let result = self.put_blobs(REPAIR_SESSION, chain).and_then(|_| {
+            self.guard("repaired a content", || {
+                let _w = lock(&self.writer);
+                let tx = self.begin_write("begin write")?;
+                {
+                    let mut ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
+                    ctab.insert(content.0, head.id.0).map_err(|e| self.ce("record content", e))?;
+                }
+                tx.commit().map_err(|e| self.ce("commit repair", e))
+            })
+        });
+        self.release_session(REPAIR_SESSION);
+        result
+    }
+
+    /// After repairs: the blobs of `bad` are read again (a rewritten one is sound
+    /// now), every RP is checked again and the verdicts kept. Returns them.
+    pub fn recheck_rps(&self, bad: &HashSet<BlobId>, share: f64) -> Result<Vec<RpScrub>, StoreError> {
+        let still_bad: HashSet<BlobId> = bad.iter().filter(|id| blob_file::read(&self.blobs_dir, id).is_err()).copied().collect();
+        let (verdicts, _) = self.guard("scrubbed RPs", || self.scrub_rps(&still_bad, share, now_unix_ms()))?;
+        self.record_scrubs(&verdicts)?;
+        Ok(verdicts)
     }
 
     /// Keeps each RP's newest scrub verdict.
