@@ -157,6 +157,17 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                     humantime::format_duration(drill.max_unverified_age)
                 );
             }
+            // Scrubs matter on the nodes that hold RPs: the volumes' targets.
+            let mut scrubbed: Vec<String> = Vec::new();
+            for n in t.nodes.iter().filter(|n| t.volumes.iter().any(|v| v.targets.contains(&n.name))) {
+                scrubbed.push(match n.scrub_every {
+                    Some(every) => format!("{} every {} ({}% of blobs)", n.name, humantime::format_duration(every), n.scrub_sample_percent),
+                    None => format!("{} off (only `drmesh ctl scrub`)", n.name),
+                });
+            }
+            if !scrubbed.is_empty() {
+                println!("store scrubs: {}", scrubbed.join("; "));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(diagnostics) => {
