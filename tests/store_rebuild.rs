@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drmesh_tests::{drmesh, drmesh_bin, hash_hex, report_seq, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
+use drmesh_tests::{output_text, drmesh, drmesh_bin, hash_hex, report_seq, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
 
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 256 << 10;
@@ -51,9 +51,6 @@ fn mesh_with_rps(seed: u64) -> (TestMesh, std::path::PathBuf, Vec<u8>, BTreeMap<
     (mesh, image_path, image, expected)
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn store_cmd(state_dir: &Path, cmd: &str) -> std::process::Output {
     drmesh(&["store", cmd, "--state-dir", state_dir.to_str().expect("utf8")])
@@ -64,7 +61,7 @@ fn all_rps_restore(mesh: &TestMesh, expected: &BTreeMap<u64, String>, what: &str
     for (seq, hash) in expected {
         let rp = format!("vol@{seq}");
         let out = mesh.verify("dst", &rp, None);
-        assert!(out.status.success(), "{what}: verify {rp}: {}", text(&out));
+        assert!(out.status.success(), "{what}: verify {rp}: {}", output_text(&out));
         assert_eq!(&mesh.restore_hash("dst", &rp, None), hash, "{what}: restore {rp}");
     }
 }
@@ -126,8 +123,8 @@ fn a_damaged_catalog_is_refused_checked_and_rebuilt() {
     let good = mesh.dir.path().join("good-store");
     assert!(Command::new("cp").arg("-a").arg(&store).arg(&good).status().expect("cp").success());
     let check = store_cmd(&state_dir, "check");
-    assert!(check.status.success(), "check of a sound store: {}", text(&check));
-    assert!(text(&check).contains("no problems"), "{}", text(&check));
+    assert!(check.status.success(), "check of a sound store: {}", output_text(&check));
+    assert!(output_text(&check).contains("no problems"), "{}", output_text(&check));
 
     let mut rng = Rng::new(0x5707_00aa);
     let (mut refused, mut started) = (0, 0);
@@ -147,15 +144,15 @@ fn a_damaged_catalog_is_refused_checked_and_rebuilt() {
             }
         }
         let check = store_cmd(&state_dir, "check");
-        assert!(matches!(check.status.code(), Some(0 | 1)), "round {round}: store check: {}", text(&check));
+        assert!(matches!(check.status.code(), Some(0 | 1)), "round {round}: store check: {}", output_text(&check));
         let rebuild = store_cmd(&state_dir, "rebuild");
         if round == 0 {
-            eprintln!("store check:\n{}\nstore rebuild:\n{}", text(&check), text(&rebuild));
+            eprintln!("store check:\n{}\nstore rebuild:\n{}", output_text(&check), output_text(&rebuild));
         }
-        assert!(rebuild.status.success(), "round {round} (damage at {offsets:?}): rebuild: {}", text(&rebuild));
-        assert!(text(&rebuild).contains(&format!("rebuilt: {} RPs listed, 0 refused", expected.len())), "round {round}: {}", text(&rebuild));
+        assert!(rebuild.status.success(), "round {round} (damage at {offsets:?}): rebuild: {}", output_text(&rebuild));
+        assert!(output_text(&rebuild).contains(&format!("rebuilt: {} RPs listed, 0 refused", expected.len())), "round {round}: {}", output_text(&rebuild));
         let check = store_cmd(&state_dir, "check");
-        assert!(check.status.success(), "round {round}: check after rebuild: {}", text(&check));
+        assert!(check.status.success(), "round {round}: check after rebuild: {}", output_text(&check));
         if round % 5 == 0 {
             all_rps_restore(&mesh, &expected, &format!("round {round}"));
         } else {
@@ -196,18 +193,18 @@ fn a_running_target_survives_damage_and_manifests_alone_rebuild_its_catalog() {
     let verify = mesh.verify("dst", &format!("vol@{}", expected.keys().next_back().expect("rp")), None);
     assert!(mesh.node_mut("dst").is_running(), "the target died on its damaged catalog:\n{}", mesh.node("dst").log_text());
     for out in [&gc, &verify] {
-        let t = text(out);
+        let t = output_text(out);
         assert!(!t.contains("Some(") && !t.contains("Err("), "{t}");
     }
-    eprintln!("under damage: gc: {}; sync: {}; verify ok: {}", text(&gc).trim(), sync.map(|_| "ok".to_string()).unwrap_or_else(|e| e), verify.status.success());
+    eprintln!("under damage: gc: {}; sync: {}; verify ok: {}", output_text(&gc).trim(), sync.map(|_| "ok".to_string()).unwrap_or_else(|e| e), verify.status.success());
     assert!(mesh.stop("dst"));
     let rebuild = store_cmd(&state_dir, "rebuild");
-    assert!(rebuild.status.success(), "rebuild after damage under a running node: {}", text(&rebuild));
+    assert!(rebuild.status.success(), "rebuild after damage under a running node: {}", output_text(&rebuild));
     // A sync that committed under damage committed a sound RP (its manifest is there): keep it in the expectations.
     let rebuilt: serde_json::Value = {
         std::fs::remove_file(&catalog).expect("rm catalog");
         let out = drmesh(&["store", "rebuild", "--json", "--state-dir", state_dir.to_str().expect("utf8")]);
-        assert!(out.status.success(), "rebuild from manifests alone: {}", text(&out));
+        assert!(out.status.success(), "rebuild from manifests alone: {}", output_text(&out));
         serde_json::from_slice(&out.stdout).expect("json")
     };
     let listed: Vec<(u64, String)> = rebuilt["rps"]

@@ -4,14 +4,11 @@
 
 use std::time::Duration;
 
-use drmesh_tests::{blob_files, report_seq, wait_until, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
+use drmesh_tests::{output_text, blob_files, report_seq, wait_until, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
 
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 256 << 10;
 
-fn out_text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 #[test]
 fn scheduled_and_asked_scrubs_find_a_damaged_blob() {
@@ -70,27 +67,27 @@ fn scheduled_and_asked_scrubs_find_a_damaged_blob() {
     let victim_id = victim.file_name().expect("name").to_string_lossy().to_string();
 
     let out = mesh.ctl("dst", &["scrub"]);
-    let text = out_text(&out);
+    let text = output_text(&out);
     assert!(out.status.success(), "ctl scrub: {text}");
     assert!(text.contains(&format!("DAMAGED {victim_id}")) && text.contains("payload checksum mismatch"), "the scrub must name the blob: {text}");
     assert!(text.contains("1 blobs failed"), "{text}");
     let scrubs = mesh.ctl_data("dst", &["scrubs", "vol"]).expect("scrubs");
     let damaged: Vec<&str> = scrubs.as_array().expect("rows").iter().filter(|r| r["ok"] == false).map(|r| r["rp"].as_str().expect("rp")).collect();
     assert!(!damaged.is_empty() && damaged.len() < 3, "one blob's damage marks the RPs using it, not all: {scrubs}");
-    let table = out_text(&mesh.ctl("dst", &["scrubs"]));
+    let table = output_text(&mesh.ctl("dst", &["scrubs"]));
     assert!(table.contains("DAMAGED") && table.contains("sound"), "{table}");
     for rp in &damaged {
         let out = mesh.verify("dst", rp, None);
-        assert!(!out.status.success() && out_text(&out).contains(&victim_id), "verify {rp} must fail on the damaged blob: {}", out_text(&out));
+        assert!(!out.status.success() && output_text(&out).contains(&victim_id), "verify {rp} must fail on the damaged blob: {}", output_text(&out));
     }
     eprintln!("scrub named {victim_id}; damaged: {damaged:?} (newest {newest})\n$ drmesh ctl scrub\n{text}$ drmesh ctl scrubs\n{table}");
 
     // A sampled scrub says what share it read; bad shares are refused with the rule.
     let out = mesh.ctl("dst", &["scrub", "--sample", "10%"]);
-    assert!(out.status.success() && out_text(&out).contains("a 10% sample"), "{}", out_text(&out));
+    assert!(out.status.success() && output_text(&out).contains("a 10% sample"), "{}", output_text(&out));
     for bad in ["0%", "101%", "ten"] {
         let out = mesh.ctl("dst", &["scrub", "--sample", bad]);
-        assert!(!out.status.success() && out_text(&out).contains("1% to 100%"), "--sample {bad}: {}", out_text(&out));
+        assert!(!out.status.success() && output_text(&out).contains("1% to 100%"), "--sample {bad}: {}", output_text(&out));
     }
     assert!(mesh.node_mut("dst").is_running());
 }
@@ -132,7 +129,7 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
     bytes[700] ^= 0x01;
     std::fs::write(&victim, &bytes).expect("write");
     let out = mesh.ctl("t1", &["scrub"]);
-    let text = out_text(&out);
+    let text = output_text(&out);
     eprintln!("$ drmesh ctl scrub (t1, one blob damaged)\n{text}");
     assert!(out.status.success(), "{text}");
     assert!(text.contains("repair: 1 blocks fetched again from another holder and stored; 0 no other holder could give"), "{text}");
@@ -151,7 +148,7 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
     std::fs::remove_file(on_t2_path).expect("rm on t2");
     for node in ["t1", "t2"] {
         let out = mesh.ctl(node, &["scrub"]);
-        let text = out_text(&out);
+        let text = output_text(&out);
         eprintln!("$ drmesh ctl scrub ({node}, one blob lost on both)\n{text}");
         assert!(text.contains(&format!("DAMAGED {lost_name}")) && text.contains("missing"), "{node}: {text}");
         assert!(text.contains("0 blocks fetched again from another holder and stored; 1 no other holder could give"), "{node}: {text}");

@@ -513,6 +513,11 @@ pub fn restore_progress(out: &Output) -> Vec<Value> {
         .collect()
 }
 
+/// A command's stdout then stderr, as one text (for assertions and messages).
+pub fn output_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 /// Sum of a stats counter over the reports of a sync-now answer.
 pub fn report_stat(sync: &Value, key: &str) -> u64 {
     sync["reports"].as_array().into_iter().flatten().map(|r| r["stats"][key].as_u64().unwrap_or(0)).sum()

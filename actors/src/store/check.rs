@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
-use redb::{Builder, ConcurrencyMode, ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable};
 use serde::Serialize;
 
 use super::catalog::{decode_rp, BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANGES, VOLUMES};
@@ -77,7 +77,7 @@ pub fn check(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<CheckReport, 
 
     let catalog = match std::fs::symlink_metadata(&catalog_path) {
         Ok(m) if m.is_file() => catch_engine(&catalog_path, "checked the catalog", || {
-            let db = checked_copy(&catalog_path)?;
+            let db = super::Store::private_copy(&catalog_path, true)?;
             read_catalog(&db, &catalog_path)
         }),
         Ok(_) => Err(StoreError::NoStore { dir: dir.to_path_buf(), cause: format!("{} is not a regular file", catalog_path.display()) }),
@@ -197,28 +197,6 @@ struct CatalogView {
     blobs: HashMap<ContentId, BlobMeta>,
     /// Block-map entries whose content has no blob: (volume, seq, index, content).
     unmaterializable: Vec<(String, u64, u64, ContentId)>,
-}
-
-/// The catalog at `path` copied to an unnamed temp file and opened with every
-/// page checksum verified (the original is not written).
-fn checked_copy(path: &Path) -> Result<redb::Database, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let temp_dir = std::env::temp_dir();
-    let mut copy = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_TMPFILE)
-        .open(&temp_dir)
-        .map_err(|e| io_error("create a temporary copy of the catalog in", &temp_dir, e))?;
-    let mut original = std::fs::File::open(path).map_err(|e| io_error("open catalog", path, e))?;
-    std::io::copy(&mut original, &mut copy).map_err(|e| io_error("copy catalog", path, e))?;
-    let backend = redb::backends::FileBackend::new(copy).map_err(|e| catalog_error("open", path, e))?;
-    Builder::new()
-        .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-        .set_check_integrity_on_open(true)
-        .create_with_backend(backend)
-        .map_err(|e| catalog_error("integrity check", path, e))
 }
 
 fn read_catalog(db: &redb::Database, path: &Path) -> Result<CatalogView, StoreError> {

@@ -486,8 +486,16 @@ impl Store {
     /// A repaired copy of a catalog that was not closed cleanly, in an unnamed
     /// temporary file (gone when the handle is dropped); the original is not touched.
     fn repaired_copy(catalog_path: &Path) -> Result<Database, StoreError> {
-        use std::os::unix::fs::OpenOptionsExt;
         tracing::info!(catalog = %catalog_path.display(), "the catalog was not closed cleanly (the node crashed or was killed): reading a repaired copy, the original is left as it is");
+        Self::private_copy(catalog_path, false)
+    }
+
+    /// The catalog at `catalog_path` copied to an unnamed temporary file (mode
+    /// 0600, gone when the handle is dropped) and opened there; with
+    /// `check_integrity`, every page checksum is verified at that open. The
+    /// original is never written.
+    fn private_copy(catalog_path: &Path, check_integrity: bool) -> Result<Database, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let temp_dir = std::env::temp_dir();
         let mut copy = fs::OpenOptions::new()
             .read(true)
@@ -499,7 +507,10 @@ impl Store {
         let mut original = File::open(catalog_path).map_err(|e| io_error("open catalog", catalog_path, e))?;
         std::io::copy(&mut original, &mut copy).map_err(|e| io_error("copy catalog", catalog_path, e))?;
         let backend = redb::backends::FileBackend::new(copy).map_err(|e| open_error(catalog_path, e))?;
-        Builder::new().create_with_backend(backend).map_err(|e| open_error(catalog_path, e))
+        Builder::new()
+            .set_check_integrity_on_open(check_integrity)
+            .create_with_backend(backend)
+            .map_err(|e| open_error(catalog_path, e))
     }
 
     /// Whether this handle may write (see [`Store::open_read_only`]).

@@ -312,7 +312,7 @@ fn old_drill_reports(path: &Path) -> Result<Vec<DrillRow>, StoreError> {
         return Ok(Vec::new());
     }
     let read = || -> Result<Vec<DrillRow>, StoreError> {
-        let db = Store::repaired_copy(path)?;
+        let db = Store::private_copy(path, false)?;
         let ce = |op: &str, e: redb::Error| catalog_error(op, path, e);
         let tx = db.begin_read().map_err(|e| ce("begin read", e.into()))?;
         let vols = tx.open_table(VOLUMES).map_err(|e| ce("open table volumes", e.into()))?;
