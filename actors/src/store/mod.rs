@@ -90,7 +90,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Builder, ConcurrencyMode, Database, Durability, ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
-pub use self::blob_file::{HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
+pub use self::blob_file::{encode_header as encode_blob_header, parse_header as parse_blob_header, Header as BlobHeader, HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
 use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, SCRUBS, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
 pub use self::error::{is_no_space, StoreError};
