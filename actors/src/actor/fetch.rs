@@ -229,7 +229,8 @@ impl FetchClient {
         match reply {
             FetchReply::Chain(c) => Ok(c.into_iter().map(Into::into).collect()),
             FetchReply::Error(e) => Err(e),
-            other => Err(format!("unexpected reply {other:?}")),
+            FetchReply::Rp(_) => Err("protocol error: the holder answered a block request with an RP".into()),
+            FetchReply::Blocks(_) => Err("protocol error: the holder answered a block request with block ids".into()),
         }
     }
 }

@@ -439,7 +439,23 @@ impl SourceSession {
                 self.state = SourceState::Done;
                 self.events.push_back(SourceEvent::Committed { seq });
             }
-            (state, msg) => self.fail(format!("unexpected {msg:?} while {state:?}")),
+            (state, msg) => {
+                let what = match msg {
+                    TargetMsg::Opened { .. } => "Opened",
+                    TargetMsg::Answer { .. } => "Answer",
+                    TargetMsg::Stored { .. } => "Stored",
+                    TargetMsg::Committed { .. } => "Committed",
+                    TargetMsg::Failed { .. } => "Failed",
+                };
+                let when = match state {
+                    SourceState::Opening => "opening",
+                    SourceState::Streaming => "streaming",
+                    SourceState::Committing => "committing",
+                    SourceState::Done => "done",
+                    SourceState::Failed => "failed",
+                };
+                self.fail(format!("protocol error: the target sent {what} while the session was {when}"))
+            }
         }
     }
 
@@ -589,7 +605,14 @@ impl TargetSession {
             (Want::Delta { base, depth }, true, Some(b)) if b == *base && blob.depth == *depth + 1 => {}
             // A source may always fall back from a delta to a full block.
             (Want::Delta { .. }, false, None) if blob.id == blob.content && blob.depth == 0 => {}
-            _ => return Err(SessionError::Protocol(format!("blob {} is not in the form asked for ({want:?})", blob.id))),
+            _ => {
+                let asked = match want {
+                    Want::Present => "nothing: it is stored already".to_string(),
+                    Want::Full => "a full block".to_string(),
+                    Want::Delta { base, depth } => format!("a delta of depth {} on {base}", depth + 1),
+                };
+                return Err(SessionError::Protocol(format!("blob {} is not in the form asked for ({asked})", blob.id)));
+            }
         }
         if !self.received.insert(blob.content) {
             return Err(SessionError::Protocol(format!("blob {} sent twice", blob.id)));
