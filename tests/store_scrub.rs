@@ -156,4 +156,16 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
         let scrubs = mesh.ctl_data(node, &["scrubs"]).expect("scrubs");
         assert!(scrubs.as_array().expect("rows").iter().any(|r| r["ok"] == false), "{node}: {scrubs}");
     }
+    // Every node learns it by gossip: the source, which holds nothing, sees the RP
+    // failed by a scrub on both holders.
+    let damaged_on = |holder: &str| -> bool {
+        let Ok(catalog) = mesh.ctl_data("src", &["catalog", "vol"]) else { return false };
+        catalog["rps"].as_array().into_iter().flatten().any(|r| {
+            r["holder"] == holder && r["drill_passed"] == false && r["drill"]["checks"].as_array().into_iter().flatten().any(|c| c["check"] == "scrub" && c["passed"] == false)
+        })
+    };
+    drmesh_tests::wait_until("the source's catalog shows the damage on both holders", Duration::from_secs(30), || damaged_on("t1") && damaged_on("t2"));
+    let table = output_text(&mesh.ctl("src", &["catalog"]));
+    eprintln!("$ drmesh ctl catalog (src)\n{table}");
+    assert!(table.contains("FAILED (scrub)"), "{table}");
 }

@@ -3,6 +3,9 @@
 //! `scrub_sample` of the blobs; `drmesh ctl scrub` runs one at once. A content
 //! that a damaged RP cannot materialize is fetched again from another target of
 //! the volume and stored; the RPs are then checked again and their verdicts kept.
+//! An RP left damaged gets a failed `scrub` check in its drill reports, kept
+//! with the RP and gossiped like a drill's verdict: every node's `ctl catalog`
+//! shows it FAILED (scrub), and it no longer counts as verified.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
@@ -12,6 +15,8 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
+use drmesh_actors::actor::gossip::{GossipActor, PublishDrill};
+use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::actor::mesh::{GetConnection, MeshActor};
 use drmesh_actors::content::ContentId;
 use drmesh_actors::store::{RepairNeeds, ScrubOptions, ScrubReport};
@@ -21,8 +26,9 @@ const TICK: Duration = Duration::from_secs(5);
 
 /// Scrubs the store with `share` of its blobs at low priority, repairs what
 /// another holder can give, and logs the outcome.
-pub async fn scrub_and_repair(data: Arc<DataPlane>, mesh: Addr<MeshActor>, share: f64, why: &'static str) -> Result<ScrubReport, String> {
+pub async fn scrub_and_repair(data: Arc<DataPlane>, mesh: Addr<MeshActor>, gossip: Addr<GossipActor>, share: f64, why: &'static str) -> Result<ScrubReport, String> {
     tracing::info!(share, why, "scrub started");
+    let started_ms = now_ms();
     let store = data.store().clone();
     let mut report = tokio::task::spawn_blocking(move || {
         let stop = AtomicBool::new(false);
@@ -46,6 +52,7 @@ pub async fn scrub_and_repair(data: Arc<DataPlane>, mesh: Addr<MeshActor>, share
             report.rps = verdicts;
         }
     }
+    publish_damage(&data, &gossip, &report, started_ms).await;
     if report.rps_damaged > 0 || report.blobs_bad > 0 {
         tracing::error!(
             blobs_read = report.blobs_read,
@@ -59,6 +66,58 @@ pub async fn scrub_and_repair(data: Arc<DataPlane>, mesh: Addr<MeshActor>, share
         tracing::info!(blobs_read = report.blobs_read, bytes_read = report.bytes_read, rps = report.rps_checked, ms = report.duration_ms, "scrub done: every blob read and every RP sound");
     }
     Ok(report)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Each RP the scrub left damaged gets a drill report with one failed `scrub`
+/// check (unless its newest report says so already): kept with the RP and
+/// published by gossip, so every node sees it failed and not verified.
+async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, report: &ScrubReport, started_ms: u64) {
+    let damaged: Vec<_> = report.rps.iter().filter(|v| !v.ok).cloned().collect();
+    if damaged.is_empty() {
+        return;
+    }
+    let topology = data.topology();
+    let me = topology.node_by_id(&data.local()).map(|n| n.name.clone()).unwrap_or_default();
+    let store = data.store().clone();
+    let reports = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for v in damaged {
+            let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol.to_string(), s.parse::<u64>().ok()?))) else { continue };
+            let summary = v.problem.clone().unwrap_or_else(|| "damaged".into());
+            let already = store.latest_drills(&volume).ok().and_then(|d| d.get(&seq).cloned()).is_some_and(|r| r.trigger == "scrub" && r.checks.first().is_some_and(|c| c.summary == summary));
+            if already {
+                continue;
+            }
+            let drill = DrillReport {
+                volume,
+                seq,
+                node: me.clone(),
+                started_unix_ms: started_ms,
+                finished_unix_ms: v.finished_unix_ms,
+                software_version: env!("CARGO_PKG_VERSION").to_string(),
+                trigger: "scrub".into(),
+                checks: vec![CheckReport { check: "scrub".into(), passed: false, summary, duration_ms: v.finished_unix_ms.saturating_sub(started_ms), output: String::new() }],
+                passed: false,
+                verified: false,
+                error: None,
+            };
+            match store.record_drill(&drill) {
+                Ok(()) => out.push(drill),
+                Err(e) => tracing::warn!(rp = %drill.rp(), error = %e, "cannot keep the scrub's verdict with the RP"),
+            }
+        }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    for drill in reports {
+        tracing::error!(rp = %drill.rp(), "scrub: RP damaged beyond repair here; published as a failed scrub check");
+        gossip.do_send(PublishDrill(drill));
+    }
 }
 
 /// Fetches each content of `needs` from another target of its volume and
@@ -135,7 +194,7 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
 }
 
 /// Starts the scheduled scrubs of this node.
-pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>) {
+pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>, gossip: Addr<GossipActor>) {
     actix_rt::spawn(async move {
         // Due one interval after the last scrub (recorded in the store, or run
         // by this process), or after the node started when there was none; never
@@ -163,7 +222,7 @@ pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>) {
                 (None, None) => started.elapsed(),
             };
             if since >= every && started.elapsed() >= every.min(Duration::from_secs(600)) {
-                if let Err(e) = scrub_and_repair(data.clone(), mesh.clone(), share, "scheduled").await {
+                if let Err(e) = scrub_and_repair(data.clone(), mesh.clone(), gossip.clone(), share, "scheduled").await {
                     tracing::warn!(error = %e, "scheduled scrub failed; the next one is due one interval later");
                 }
                 last_run = Some(Instant::now());
