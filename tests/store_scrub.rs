@@ -143,6 +143,7 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
     // A blob lost on every holder: nobody can repair it; both mark the RPs that use it.
     let lost = shared[1].clone();
     let lost_name = name(&lost);
+    let lost_bytes = std::fs::read(&lost).expect("blob");
     std::fs::remove_file(&lost).expect("rm on t1");
     let on_t2_path = blob_files(&mesh.node("t2").state_dir).into_iter().find(|p| name(p) == lost_name).expect("on t2");
     std::fs::remove_file(on_t2_path).expect("rm on t2");
@@ -168,4 +169,18 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
     let table = output_text(&mesh.ctl("src", &["catalog"]));
     eprintln!("$ drmesh ctl catalog (src)\n{table}");
     assert!(table.contains("FAILED (scrub)"), "{table}");
+
+    // The blob comes back on t1 (say, a disk put back): its next scrub finds the RP
+    // sound and says so to the mesh.
+    std::fs::write(&lost, &lost_bytes).expect("put the blob back");
+    let out = mesh.ctl("t1", &["scrub"]);
+    assert!(out.status.success() && output_text(&out).contains("0 blobs failed, 0 RPs damaged"), "{}", output_text(&out));
+    let sound_on_t1 = || -> bool {
+        let Ok(catalog) = mesh.ctl_data("src", &["catalog", "vol"]) else { return false };
+        catalog["rps"].as_array().into_iter().flatten().any(|r| {
+            r["holder"] == "t1" && r["drill_passed"] == true && r["drill"]["checks"].as_array().into_iter().flatten().any(|c| c["check"] == "scrub" && c["passed"] == true)
+        })
+    };
+    drmesh_tests::wait_until("the source's catalog shows t1's RP sound again", Duration::from_secs(30), sound_on_t1);
+    assert!(damaged_on("t2"), "t2 still lacks the blob");
 }

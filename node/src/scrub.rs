@@ -74,22 +74,23 @@ fn now_ms() -> u64 {
 
 /// Each RP the scrub left damaged gets a drill report with one failed `scrub`
 /// check (unless its newest report says so already): kept with the RP and
-/// published by gossip, so every node sees it failed and not verified.
+/// published by gossip, so every node sees it failed and not verified. An RP
+/// whose newest report is such a failure and that is sound now (repaired) gets
+/// a passed `scrub` check the same way.
 async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, report: &ScrubReport, started_ms: u64) {
-    let damaged: Vec<_> = report.rps.iter().filter(|v| !v.ok).cloned().collect();
-    if damaged.is_empty() {
-        return;
-    }
+    let verdicts = report.rps.clone();
     let topology = data.topology();
     let me = topology.node_by_id(&data.local()).map(|n| n.name.clone()).unwrap_or_default();
     let store = data.store().clone();
     let reports = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        for v in damaged {
+        for v in verdicts {
             let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol.to_string(), s.parse::<u64>().ok()?))) else { continue };
-            let summary = v.problem.clone().unwrap_or_else(|| "damaged".into());
-            let already = store.latest_drills(&volume).ok().and_then(|d| d.get(&seq).cloned()).is_some_and(|r| r.trigger == "scrub" && r.checks.first().is_some_and(|c| c.summary == summary));
-            if already {
+            let summary = v.problem.clone().unwrap_or_else(|| "every blob of the RP read again and sound".into());
+            let newest = store.latest_drills(&volume).ok().and_then(|d| d.get(&seq).cloned());
+            let scrub_failed = newest.as_ref().is_some_and(|r| r.trigger == "scrub" && !r.passed);
+            let publish = if v.ok { scrub_failed } else { !(scrub_failed && newest.as_ref().is_some_and(|r| r.checks.first().is_some_and(|c| c.summary == summary))) };
+            if !publish {
                 continue;
             }
             let drill = DrillReport {
@@ -100,8 +101,8 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
                 finished_unix_ms: v.finished_unix_ms,
                 software_version: env!("CARGO_PKG_VERSION").to_string(),
                 trigger: "scrub".into(),
-                checks: vec![CheckReport { check: "scrub".into(), passed: false, summary, duration_ms: v.finished_unix_ms.saturating_sub(started_ms), output: String::new() }],
-                passed: false,
+                checks: vec![CheckReport { check: "scrub".into(), passed: v.ok, summary, duration_ms: v.finished_unix_ms.saturating_sub(started_ms), output: String::new() }],
+                passed: v.ok,
                 verified: false,
                 error: None,
             };
@@ -115,7 +116,11 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
     .await
     .unwrap_or_default();
     for drill in reports {
-        tracing::error!(rp = %drill.rp(), "scrub: RP damaged beyond repair here; published as a failed scrub check");
+        if drill.passed {
+            tracing::info!(rp = %drill.rp(), "scrub: RP sound again; published as a passed scrub check");
+        } else {
+            tracing::error!(rp = %drill.rp(), "scrub: RP damaged beyond repair here; published as a failed scrub check");
+        }
         gossip.do_send(PublishDrill(drill));
     }
 }
