@@ -187,7 +187,14 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Mesh => return run_gossip(&socket, args.json, GossipRequest::Mesh),
         CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
     };
-    let response = request(&socket, &req)?;
+    let show_progress = !args.json && matches!(req, Request::Scrub { .. });
+    let response = request_with_progress(&socket, &req, |p| {
+        if show_progress {
+            if let Some(sc) = p.get("scrub") {
+                eprintln!("scrub: {} of {} blobs read ({})", s(&sc["blobs_read"]), s(&sc["blobs_total"]), bytes(sc["bytes_read"].as_u64().unwrap_or(0)));
+            }
+        }
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });

@@ -97,7 +97,7 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             if !(1..=100).contains(&percent) {
                 return Err(format!("scrub sample {percent}% is out of range: give 1% to 100%"));
             }
-            let report = crate::scrub::scrub_and_repair(ctx.data.clone(), ctx.mesh.clone(), ctx.gossip.clone(), f64::from(percent) / 100.0, "asked for").await?;
+            let report = crate::scrub::scrub_and_repair(ctx.data.clone(), ctx.mesh.clone(), ctx.gossip.clone(), f64::from(percent) / 100.0, "asked for", Some(progress.clone())).await?;
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
         Request::Scrubs { volume } => Ok(serde_json::to_value(blocking(move || store.scrubs(volume.as_deref())).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),

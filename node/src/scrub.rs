@@ -26,13 +26,32 @@ const TICK: Duration = Duration::from_secs(5);
 
 /// Scrubs the store with `share` of its blobs at low priority, repairs what
 /// another holder can give, and logs the outcome.
-pub async fn scrub_and_repair(data: Arc<DataPlane>, mesh: Addr<MeshActor>, gossip: Addr<GossipActor>, share: f64, why: &'static str) -> Result<ScrubReport, String> {
+/// `progress`, when given, gets `{"scrub": {blobs_read, blobs_total, bytes_read}}`
+/// lines now and then (at most one a second).
+pub async fn scrub_and_repair(
+    data: Arc<DataPlane>,
+    mesh: Addr<MeshActor>,
+    gossip: Addr<GossipActor>,
+    share: f64,
+    why: &'static str,
+    progress: Option<tokio::sync::mpsc::Sender<serde_json::Value>>,
+) -> Result<ScrubReport, String> {
     tracing::info!(share, why, "scrub started");
     let started_ms = now_ms();
     let store = data.store().clone();
     let mut report = tokio::task::spawn_blocking(move || {
         let stop = AtomicBool::new(false);
-        store.scrub(ScrubOptions { share, threads: 2, low_priority: true }, &stop, &|_, _| {})
+        let blobs_total = store.stats().map(|s| s.blob_count).unwrap_or(0);
+        let last = std::sync::Mutex::new(Instant::now());
+        let tell = |blobs_read: u64, bytes_read: u64| {
+            let Some(tx) = &progress else { return };
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() >= Duration::from_secs(1) {
+                *last = Instant::now();
+                let _ = tx.try_send(serde_json::json!({ "scrub": { "blobs_read": blobs_read, "blobs_total": blobs_total, "bytes_read": bytes_read } }));
+            }
+        };
+        store.scrub(ScrubOptions { share, threads: 2, low_priority: true }, &stop, &tell)
     })
     .await
     .map_err(|e| e.to_string())?
@@ -227,7 +246,7 @@ pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>, gossip: Addr<GossipAct
                 (None, None) => started.elapsed(),
             };
             if since >= every && started.elapsed() >= every.min(Duration::from_secs(600)) {
-                if let Err(e) = scrub_and_repair(data.clone(), mesh.clone(), gossip.clone(), share, "scheduled").await {
+                if let Err(e) = scrub_and_repair(data.clone(), mesh.clone(), gossip.clone(), share, "scheduled", None).await {
                     tracing::warn!(error = %e, "scheduled scrub failed; the next one is due one interval later");
                 }
                 last_run = Some(Instant::now());
