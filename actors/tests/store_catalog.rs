@@ -231,3 +231,31 @@ proptest! {
         }
     }
 }
+
+/// A store with blobs and no manifests (written before manifests existed, or
+/// manifests/ removed): rebuild refuses and changes nothing; the next open
+/// writes the manifests, after which a rebuild lists the RP.
+#[test]
+fn store_rebuild_without_manifests_refuses_and_open_writes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = full(b"a");
+    let mut merkle = MerkleBuilder::new();
+    [a.id, ContentId::ZERO].iter().for_each(|c| merkle.push(c));
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.put_blobs(1, std::slice::from_ref(&a)).unwrap();
+        store.stage(1, "vol", &[(0, a.id)]).unwrap();
+        store.commit_rp(1, &RpMeta { merkle_root: merkle.finish(), ..meta("vol", 1, 2, 1) }).unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("manifests")).unwrap();
+    let err = drmesh_actors::store::rebuild(dir.path(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("no RP manifest") && err.contains("nothing was changed"), "{err}");
+    assert!(!dir.path().join("catalog.redb.rebuild").exists());
+    // The catalog is as it was; opening it writes the manifest again.
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.rps("vol").unwrap().len(), 1);
+    drop(store);
+    let report = drmesh_actors::store::rebuild(dir.path(), &mut |_| {}).unwrap();
+    assert_eq!(report.rps.len(), 1, "{report:?}");
+    assert!(report.refused.is_empty(), "{report:?}");
+}

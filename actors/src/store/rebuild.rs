@@ -82,6 +82,18 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
             cause: "it holds neither blobs/ nor manifests/ (is this a target node's store folder, <state dir>/store?)".into(),
         });
     }
+    // Blobs but not one manifest: nothing to list RPs from (a store written before
+    // manifests existed, or manifests/ removed). Replacing the catalog by an empty
+    // one would hide every RP: refuse, changing nothing.
+    if manifest::list(&manifests_dir, false)?.is_empty() && any_blob(&blobs_dir)? {
+        return Err(StoreError::NoStore {
+            dir: dir.to_path_buf(),
+            cause: format!(
+                "it holds blobs but no RP manifest in {}: a rebuild would list no RP, so nothing was changed. A store written by a drmesh without manifests gets them when its node starts once on a sound catalog; with a damaged one, put back a copy of catalog.redb",
+                manifests_dir.display()
+            ),
+        });
+    }
     let catalog_path = dir.join("catalog.redb");
     let new_path = dir.join("catalog.redb.rebuild");
     match fs::remove_file(&new_path) {
@@ -296,6 +308,19 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
     manifest::sync_dir(dir)?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Whether any blob file is under `blobs_dir`.
+fn any_blob(blobs_dir: &Path) -> Result<bool, StoreError> {
+    if !blobs_dir.is_dir() {
+        return Ok(false);
+    }
+    let mut found = false;
+    blob_file::for_each_file(blobs_dir, &mut |_, name| {
+        found |= ContentId::from_hex(name).is_some();
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
