@@ -79,7 +79,7 @@ enum CtlCommand {
     Scrub {
         /// Read only this share of the blobs ("10%"); successive sampled
         /// scrubs read the other blobs in turn.
-        #[arg(long, value_parser = parse_percent)]
+        #[arg(long, value_parser = drmesh_topology::units::parse_percent)]
         sample: Option<u32>,
     },
     /// The newest scrub verdict of each recovery point of this node.
@@ -714,14 +714,6 @@ fn volumes_table(list: &Value) -> Table {
         table.add_row(vec![s(&v["volume"]), s(&v["target"]), duration(v["rpo_secs"].as_u64().unwrap_or(0)), last, state, bandwidth, error]);
     }
     table
-}
-
-/// `--sample 10%`: a whole percent from 1 to 100.
-fn parse_percent(text: &str) -> Result<u32, String> {
-    match text.trim().trim_end_matches('%').trim().parse::<u32>() {
-        Ok(p) if (1..=100).contains(&p) => Ok(p),
-        _ => Err(format!("{text:?} is not a share from 1% to 100% (write it like 10%)")),
-    }
 }
 
 fn print_scrub(data: &Value) {

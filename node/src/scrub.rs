@@ -220,10 +220,18 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
 /// Starts the scheduled scrubs of this node.
 pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>, gossip: Addr<GossipActor>) {
     actix_rt::spawn(async move {
-        // Due one interval after the last scrub (recorded in the store, or run
-        // by this process), or after the node started when there was none; never
-        // sooner than 10 minutes (or one interval) after a start.
+        // Due one interval after the last scrub (recorded in the store when the
+        // node started, then run by this process), or after the start when there
+        // was none; never sooner than 10 minutes (or one interval) after a start.
         let started = Instant::now();
+        let store = data.store().clone();
+        let recorded_ms = tokio::task::spawn_blocking(move || store.scrubs(None))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .and_then(|v| v.iter().map(|r| r.finished_unix_ms).max());
+        // How long before the start the last recorded scrub ended.
+        let recorded_age = recorded_ms.map(|ms| Duration::from_millis(now_ms().saturating_sub(ms)));
         let mut last_run: Option<Instant> = None;
         loop {
             tokio::time::sleep(TICK).await;
@@ -231,19 +239,9 @@ pub fn start(data: Arc<DataPlane>, mesh: Addr<MeshActor>, gossip: Addr<GossipAct
             let Some(me) = topology.node_by_id(&data.local()) else { continue };
             let Some(every) = me.scrub_every else { continue };
             let share = f64::from(me.scrub_sample_percent) / 100.0;
-            let store = data.store().clone();
-            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-            let recorded = tokio::task::spawn_blocking(move || store.scrubs(None))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .and_then(|v| v.iter().map(|r| r.finished_unix_ms).max())
-                .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms)));
-            let since = match (last_run.map(|t| t.elapsed()), recorded) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(a), None) => a,
-                (None, Some(b)) => b,
-                (None, None) => started.elapsed(),
+            let since = match last_run {
+                Some(t) => t.elapsed(),
+                None => recorded_age.unwrap_or_default() + started.elapsed(),
             };
             if since >= every && started.elapsed() >= every.min(Duration::from_secs(600)) {
                 if let Err(e) = scrub_and_repair(data.clone(), mesh.clone(), gossip.clone(), share, "scheduled", None).await {

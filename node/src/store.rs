@@ -61,10 +61,16 @@ fn stopped_store(state_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn check(args: &StoreArgs) -> anyhow::Result<ExitCode> {
+/// Runs `work` on the stopped store of `args`, its progress lines on stderr
+/// (not with `--json`), then prints its report: JSON, or with `print`.
+fn run_on_store<R: serde::Serialize>(
+    args: &StoreArgs,
+    work: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<R, drmesh_actors::store::StoreError>,
+    print: impl FnOnce(&R),
+) -> anyhow::Result<R> {
     let dir = stopped_store(&args.state_dir)?;
     let json = args.json;
-    let report = store::check(&dir, &mut |line| {
+    let report = work(&dir, &mut |line| {
         if !json {
             eprintln!("{line}");
         }
@@ -72,8 +78,13 @@ fn check(args: &StoreArgs) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_check(&report);
+        print(&report);
     }
+    Ok(report)
+}
+
+fn check(args: &StoreArgs) -> anyhow::Result<ExitCode> {
+    let report = run_on_store(args, store::check, print_check)?;
     Ok(if report.is_sound() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -110,21 +121,11 @@ fn print_check(report: &CheckReport) {
 }
 
 fn rebuild(args: &StoreArgs) -> anyhow::Result<ExitCode> {
-    let dir = stopped_store(&args.state_dir)?;
-    let json = args.json;
-    if !json {
-        eprintln!("rebuilding the catalog of {} from its RP manifests and blob headers", dir.display());
-    }
-    let report = store::rebuild(&dir, &mut |line| {
-        if !json {
-            eprintln!("{line}");
-        }
-    })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_rebuild(&report);
-    }
+    let work = |dir: &Path, progress: &mut dyn FnMut(&str)| {
+        progress(&format!("rebuilding the catalog of {} from its RP manifests and blob headers", dir.display()));
+        store::rebuild(dir, progress)
+    };
+    let report = run_on_store(args, work, print_rebuild)?;
     Ok(if report.refused.is_empty() && report.damaged_blobs.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

@@ -531,10 +531,10 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
     }
     let mut scrub_sample_percent = 100;
     if let Some(s) = f.string(sink, "scrub_sample", false) {
-        match s.value.strip_suffix('%').map(str::trim).and_then(|p| p.parse::<u32>().ok()) {
-            Some(p) if (1..=100).contains(&p) => scrub_sample_percent = p,
-            _ => {
-                sink.error(s.span, format!("`scrub_sample` in {} must be a share from \"1%\" to \"100%\", found {:?}", f.what, s.value));
+        match units::parse_percent(&s.value) {
+            Ok(p) => scrub_sample_percent = p,
+            Err(e) => {
+                sink.error(s.span, format!("`scrub_sample` in {}: {e}", f.what));
                 ok = false;
             }
         }

@@ -119,6 +119,14 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     Ok(value)
 }
 
+/// A whole percent from 1 to 100, written `"10%"` (the `%` may be left out).
+pub fn parse_percent(text: &str) -> Result<u32, String> {
+    match text.trim().trim_end_matches('%').trim().parse::<u32>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        _ => Err(format!("{text:?} is not a share from 1% to 100% (write it like \"10%\")")),
+    }
+}
+
 /// Parses `"HH:MM"` (24-hour clock). `"24:00"` is accepted only when `allow_24` is set
 /// (the end of a window).
 pub fn parse_time_of_day(text: &str, allow_24: bool) -> Result<TimeOfDay, String> {
@@ -183,6 +191,17 @@ pub fn parse_days(text: &str) -> Result<DaySet, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn percents_are_whole_and_between_1_and_100() {
+        assert_eq!(parse_percent("10%"), Ok(10));
+        assert_eq!(parse_percent(" 100 % "), Ok(100));
+        assert_eq!(parse_percent("1"), Ok(1));
+        for bad in ["0%", "101%", "ten", "", "5.5%", "-3%"] {
+            assert!(parse_percent(bad).unwrap_err().contains("1% to 100%"), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

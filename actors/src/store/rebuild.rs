@@ -294,7 +294,12 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
 
     // 4. Swap.
     if catalog_path.exists() {
-        let aside = dir.join(format!("catalog.redb.damaged-{}", now_unix_ms() / 1000));
+        // Never over an older catalog kept aside (two rebuilds in one second).
+        let stamp = now_unix_ms() / 1000;
+        let aside = (0..)
+            .map(|n| dir.join(if n == 0 { format!("catalog.redb.damaged-{stamp}") } else { format!("catalog.redb.damaged-{stamp}.{n}") }))
+            .find(|p| fs::symlink_metadata(p).is_err())
+            .expect("an unused name");
         fs::rename(&catalog_path, &aside).map_err(|e| io_error("keep the old catalog aside as", &aside, e))?;
         report.kept_aside = Some(aside);
     }
