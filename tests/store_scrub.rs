@@ -1,6 +1,9 @@
 //! Story: a target scrubs its store on its schedule (`scrub_every`) and when
 //! asked (`drmesh ctl scrub`). A blob damaged on its disk is named, the RPs
 //! that use it are marked damaged in `ctl scrubs`, and the others stay sound.
+//! A blob damaged on one target is repaired from the other; where the target
+//! holds the policy's key, a blob altered together with its checksums fails
+//! its AES-GCM tag check and is repaired the same way.
 
 use std::time::Duration;
 
@@ -183,4 +186,56 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
     };
     drmesh_tests::wait_until("the source's catalog shows t1's RP sound again", Duration::from_secs(30), sound_on_t1);
     assert!(damaged_on("t2"), "t2 still lacks the blob");
+}
+
+#[test]
+fn a_blob_altered_with_its_checksums_fails_its_tag_and_is_repaired() {
+    let mut rng = Rng::new(0x5c2b_0003);
+    let mut image = vec![0u8; 3 * MIB];
+    rng.fill(&mut image);
+    let mut mesh = TestMesh::new(&["src", "t1", "t2"]);
+    let image_path = mesh.dir.path().join("disk.img");
+    write_image_atomic(&image_path, &image);
+    let key = mesh.dir.path().join("policy.key");
+    drmesh_tests::write_key_file(&key, &mut rng);
+    let policy = PolicySpec { encryption_key_file: Some(key), ..PolicySpec::new("p", "256KiB") };
+    let vol = VolumeSpec::new("vol", "src", &["t1", "t2"], &image_path, &policy.name);
+    let text = mesh.replication_topology(1, &["src", "t1", "t2"], &[vol], &[policy]);
+    mesh.write_file("topology.toml", &text);
+    for n in ["t1", "t2", "src"] {
+        mesh.start(n, "topology.toml");
+    }
+    mesh.wait_connected("src", &["t1", "t2"]);
+    mesh.wait_connected("t1", &["t2"]);
+    let seq = mesh.sync_ok("src", "vol")["reports"][0]["seq"].as_u64().expect("seq");
+    let hash = drmesh_tests::hash_hex(&image);
+
+    // One payload byte of a blob both targets hold changes on t1, and its
+    // header's payload checksum and header check are written to match.
+    let name = |p: &std::path::PathBuf| p.file_name().expect("name").to_string_lossy().to_string();
+    let on_t2: std::collections::HashSet<String> = blob_files(&mesh.node("t2").state_dir).iter().map(name).collect();
+    let victim = blob_files(&mesh.node("t1").state_dir)
+        .into_iter()
+        .find(|p| on_t2.contains(&name(p)) && std::fs::metadata(p).map(|m| m.len() > 200_000).unwrap_or(false))
+        .expect("a blob both targets hold");
+    let mut bytes = std::fs::read(&victim).expect("blob");
+    bytes[256 + 5000] ^= 0x04;
+    let payload_sum = *blake3::hash(&bytes[256..]).as_bytes();
+    bytes[120..152].copy_from_slice(&payload_sum);
+    let header_check = *blake3::hash(&bytes[0..152]).as_bytes();
+    bytes[152..168].copy_from_slice(&header_check[0..16]);
+    std::fs::write(&victim, &bytes).expect("write");
+    let victim_id = name(&victim);
+
+    let out = mesh.ctl("t1", &["scrub"]);
+    let text = output_text(&out);
+    eprintln!("$ drmesh ctl scrub (t1, one blob altered with its checksums)\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("DAMAGED {victim_id}")) && text.contains("AES-GCM tag check"), "the scrub must name the blob and why: {text}");
+    assert!(text.contains("repair: 1 blocks fetched again from another holder and stored; 0 no other holder could give"), "{text}");
+    assert!(text.contains("passed their AES-GCM tag check"), "{text}");
+    assert_eq!(mesh.restore_hash("t1", &format!("vol@{seq}"), None), hash, "vol@{seq} on t1 after the repair");
+    let again = mesh.ctl_data("t1", &["scrub"]).expect("scrub");
+    assert_eq!((again["blobs_bad"].as_u64(), again["rps_damaged"].as_u64(), again["blobs_without_key"].as_u64()), (Some(0), Some(0), Some(0)), "{again}");
+    assert_eq!(again["blobs_authenticated"], again["blobs_read"], "every blob read was authenticated: {again}");
 }

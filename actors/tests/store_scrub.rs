@@ -1,13 +1,18 @@
 //! Scrubs: a full scrub reads every blob once and checks every RP's block map;
 //! a damaged blob is named and marks exactly the RPs that use it; a sampled
 //! scrub reads the share asked for (counted by the kernel's read counter of
-//! this process), and successive sampled scrubs cover the store once.
+//! this process), and successive sampled scrubs cover the store once; where
+//! the node holds a policy's key, encrypted blobs' AES-GCM tags are checked
+//! and a blob altered together with its checksums is caught and repaired.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
 
 use std::sync::atomic::AtomicBool;
 
 use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder};
-use drmesh_actors::store::{BlobFlags, EncodedBlob, RpMeta, ScrubOptions, Store};
+use std::collections::HashSet;
+
+use drmesh_actors::codec::BlockCodec;
+use drmesh_actors::store::{encode_blob_header, BlobFlags, EncodedBlob, RpMeta, ScrubKeys, ScrubOptions, Store, BLOB_HEADER_BYTES};
 
 fn full(data: &[u8]) -> EncodedBlob {
     let id = IdScheme::plain().content_id(data);
@@ -76,7 +81,7 @@ fn scrubs_read_what_they_say_and_find_damage() {
     let mut reads = 0;
     for round in 0..10 {
         let before = rchar();
-        let r = store.scrub(ScrubOptions { share: 0.1, threads: 2, low_priority: true }, &stop, &|_, _| {}).unwrap();
+        let r = store.scrub(ScrubOptions { share: 0.1, threads: 2, low_priority: true, ..ScrubOptions::default() }, &stop, &|_, _| {}).unwrap();
         let read = rchar() - before;
         eprintln!("sampled scrub {round}: {} of {} blobs, {} bytes ({read} by the kernel's count)", r.blobs_read, r.blobs_total, r.bytes_read);
         assert!((150..=450).contains(&r.blobs_read), "round {round}: a 10% sample read {} of 3000 blobs", r.blobs_read);
@@ -104,4 +109,103 @@ fn scrubs_read_what_they_say_and_find_damage() {
             assert!(v.problem.as_deref().unwrap_or("").contains("no sound blob"), "{v:?}");
         }
     }
+}
+
+/// Commits one RP `volume@1` whose blocks are `blobs`' contents, in order.
+fn commit_volume(store: &Store, volume: &str, blobs: &[EncodedBlob], encrypted: bool) {
+    store.put_blobs(7, blobs).unwrap();
+    let changes: Vec<(u64, ContentId)> = blobs.iter().enumerate().map(|(i, b)| (i as u64, b.content)).collect();
+    let map: Vec<ContentId> = blobs.iter().map(|b| b.content).collect();
+    store.stage(7, volume, &changes).unwrap();
+    let meta = RpMeta {
+        volume: volume.into(),
+        seq: 1,
+        time_unix_ms: 1_700_000_000_000,
+        source_node: "src".into(),
+        volume_bytes: blobs.len() as u64 * 65536,
+        block_bytes: 65536,
+        block_count: blobs.len() as u64,
+        changed_blocks: blobs.len() as u64,
+        bytes_stored: 0,
+        merkle_root: root_of(&map),
+        encrypted,
+        consistency: "crash".into(),
+    };
+    store.commit_rp(7, &meta).unwrap();
+    store.release_session(7);
+}
+
+/// Alters one payload byte of `blob`'s file and writes the header's payload
+/// checksum and header check to match: only the AES-GCM tag can tell.
+fn alter_with_checksums(store: &Store, blob: &EncodedBlob) {
+    let path = store.blob_path(&blob.id);
+    let mut altered = blob.clone();
+    let last = altered.payload.len() - 1;
+    altered.payload[last] ^= 0x10;
+    let mut bytes = encode_blob_header(&altered).to_vec();
+    bytes.extend_from_slice(&altered.payload);
+    assert_eq!(bytes.len(), BLOB_HEADER_BYTES + blob.payload.len());
+    std::fs::write(&path, &bytes).unwrap();
+}
+
+#[test]
+fn tags_are_checked_where_the_key_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (held, other) = (BlockCodec::new(Some(1), Some(&[1; 32])), BlockCodec::new(Some(1), Some(&[2; 32])));
+    let encode = |codec: &BlockCodec, salt: u32| -> Vec<EncodedBlob> {
+        (0..40u32)
+            .map(|i| {
+                let data: Vec<u8> = (0..65536u32).map(|b| ((b / 7) ^ (i * 31 + salt)) as u8).collect();
+                codec.encode_full(codec.ids().content_id(&data), &data)
+            })
+            .collect()
+    };
+    let (secret_blobs, other_blobs) = (encode(&held, 1), encode(&other, 2));
+    let plain_blobs: Vec<EncodedBlob> = (0..10u32).map(|i| full(&(i + 90_000).to_le_bytes().repeat(16384))).collect();
+    commit_volume(&store, "secret", &secret_blobs, true);
+    commit_volume(&store, "other", &other_blobs, true);
+    commit_volume(&store, "plain", &plain_blobs, false);
+    let mut keys = ScrubKeys::default();
+    keys.add_policy(held.clone(), ["secret".to_string()]);
+    keys.add_policy(BlockCodec::new(Some(1), None), ["plain".to_string()]);
+    let with_keys = ScrubOptions { keys: keys.clone(), ..ScrubOptions::default() };
+    let stop = AtomicBool::new(false);
+
+    let r = store.scrub(with_keys.clone(), &stop, &|_, _| {}).unwrap();
+    assert_eq!((r.blobs_read, r.blobs_bad, r.blobs_authenticated, r.blobs_without_key, r.rps_damaged), (90, 0, 40, 40, 0), "{r:?}");
+
+    // A blob of `secret` altered with its checksums: a scrub without keys sees
+    // nothing; one with the key names it and marks exactly `secret@1` damaged.
+    let victim = secret_blobs[17].clone();
+    alter_with_checksums(&store, &victim);
+    let blind = store.scrub(ScrubOptions::default(), &stop, &|_, _| {}).unwrap();
+    assert_eq!((blind.blobs_bad, blind.rps_damaged, blind.blobs_authenticated), (0, 0, 0), "checksums alone cannot see it: {blind:?}");
+    let r = store.scrub(with_keys.clone(), &stop, &|_, _| {}).unwrap();
+    assert_eq!((r.blobs_bad, r.blobs_authenticated, r.blobs_without_key, r.rps_damaged), (1, 39, 40, 1), "{r:?}");
+    assert!(r.problems.iter().any(|p| p.object == victim.id.to_hex() && p.problem.contains("AES-GCM")), "{:?}", r.problems);
+    assert!(r.needs.bad_blobs.contains(&victim.id));
+    assert_eq!(r.needs.contents, vec![("secret".to_string(), 1, victim.content)]);
+    let damaged: Vec<&str> = r.rps.iter().filter(|v| !v.ok).map(|v| v.rp.as_str()).collect();
+    assert_eq!(damaged, vec!["secret@1"]);
+
+    // The same alteration of a blob whose key is not held here: counted as
+    // checked by checksum only, never called bad.
+    alter_with_checksums(&store, &other_blobs[3]);
+    let r = store.scrub(with_keys.clone(), &stop, &|_, _| {}).unwrap();
+    assert_eq!((r.blobs_bad, r.blobs_without_key), (1, 40), "{r:?}");
+
+    // Repair: a chain that fails the tag is refused and nothing is stored; the
+    // sound blob is stored over the file (which reads back intact) and the RP is sound again.
+    let mut forged = victim.clone();
+    forged.payload[20] ^= 1;
+    let rewrite: HashSet<_> = [victim.id].into_iter().collect();
+    let err = store.repair_content("secret", &victim.content, &[forged], &keys, &rewrite).unwrap_err();
+    assert!(err.to_string().contains("AES-GCM"), "{err}");
+    assert!(store.recheck_rps(&rewrite, &keys, 1.0).unwrap().iter().any(|v| v.rp == "secret@1" && !v.ok));
+    store.repair_content("secret", &victim.content, &[victim.clone()], &keys, &rewrite).unwrap();
+    let verdicts = store.recheck_rps(&rewrite, &keys, 1.0).unwrap();
+    assert!(verdicts.iter().all(|v| v.ok), "{verdicts:?}");
+    let r = store.scrub(with_keys, &stop, &|_, _| {}).unwrap();
+    assert_eq!((r.blobs_bad, r.blobs_authenticated, r.rps_damaged), (0, 40, 0), "{r:?}");
 }

@@ -734,6 +734,13 @@ fn print_scrub(data: &Value) {
         if data["repaired"].as_u64().unwrap_or(0) > 0 { " after repair" } else { "" },
         data["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
     );
+    let (authenticated, without_key) = (data["blobs_authenticated"].as_u64().unwrap_or(0), data["blobs_without_key"].as_u64().unwrap_or(0));
+    if authenticated + without_key > 0 {
+        println!(
+            "encrypted blobs: {authenticated} passed their AES-GCM tag check under a policy key held here{}",
+            if without_key > 0 { format!("; {without_key} checked by checksum only (their policy's key is not on this node)") } else { String::new() }
+        );
+    }
     let (repaired, unrepairable) = (data["repaired"].as_u64().unwrap_or(0), data["unrepairable"].as_u64().unwrap_or(0));
     if repaired + unrepairable > 0 {
         println!("repair: {repaired} blocks fetched again from another holder and stored; {unrepairable} no other holder could give");

@@ -19,7 +19,28 @@ use drmesh_actors::actor::gossip::{GossipActor, PublishDrill};
 use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::actor::mesh::{GetConnection, MeshActor};
 use drmesh_actors::content::ContentId;
-use drmesh_actors::store::{RepairNeeds, ScrubOptions, ScrubReport};
+use drmesh_actors::store::{RepairNeeds, ScrubKeys, ScrubOptions, ScrubReport};
+
+/// The keys of the policies whose `encryption_key_file` this node can read,
+/// with their volumes: a scrub checks encrypted blobs' AES-GCM tags with them.
+/// A policy whose key file is not here (a target that never sees plaintext)
+/// is left out; its blobs get their checksums checked only.
+pub fn held_keys(topology: &drmesh_topology::Topology) -> ScrubKeys {
+    let mut keys = ScrubKeys::default();
+    for (name, policy) in &topology.policies {
+        if policy.encryption_key_file.is_none() {
+            continue;
+        }
+        match drmesh_actors::actor::volumes::policy_codec(policy) {
+            Ok(codec) => {
+                let volumes = topology.volumes.iter().filter(|v| v.policy == *name).map(|v| v.name.clone());
+                keys.add_policy(codec, volumes);
+            }
+            Err(e) => tracing::debug!(policy = %name, error = %e, "scrub: this policy's key is not held here; its blobs' tags are not checked"),
+        }
+    }
+    keys
+}
 
 /// How often the scheduler looks whether a scrub is due.
 const TICK: Duration = Duration::from_secs(5);
@@ -39,6 +60,8 @@ pub async fn scrub_and_repair(
     tracing::info!(share, why, "scrub started");
     let started_ms = now_ms();
     let store = data.store().clone();
+    let keys = held_keys(&data.topology());
+    let scrub_keys = keys.clone();
     let mut report = tokio::task::spawn_blocking(move || {
         let stop = AtomicBool::new(false);
         let blobs_total = store.stats().map(|s| s.blob_count).unwrap_or(0);
@@ -51,7 +74,7 @@ pub async fn scrub_and_repair(
                 let _ = tx.try_send(serde_json::json!({ "scrub": { "blobs_read": blobs_read, "blobs_total": blobs_total, "bytes_read": bytes_read } }));
             }
         };
-        store.scrub(ScrubOptions { share, threads: 2, low_priority: true }, &stop, &tell)
+        store.scrub(ScrubOptions { share, threads: 2, low_priority: true, keys: scrub_keys }, &stop, &tell)
     })
     .await
     .map_err(|e| e.to_string())?
@@ -60,13 +83,14 @@ pub async fn scrub_and_repair(
         tracing::error!(object = %p.object, problem = %p.problem, "scrub found damage");
     }
     if !report.needs.contents.is_empty() {
-        let (repaired, unrepairable) = repair(&data, &mesh, &report.needs).await;
+        let (repaired, unrepairable) = repair(&data, &mesh, &report.needs, &keys).await;
         report.repaired = repaired;
         report.unrepairable = unrepairable;
         if repaired > 0 {
             let store = data.store().clone();
             let bad = report.needs.bad_blobs.clone();
-            let verdicts = tokio::task::spawn_blocking(move || store.recheck_rps(&bad, share)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            let keys = keys.clone();
+            let verdicts = tokio::task::spawn_blocking(move || store.recheck_rps(&bad, &keys, share)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             report.rps_damaged = verdicts.iter().filter(|v| !v.ok).count() as u64;
             report.rps = verdicts;
         }
@@ -146,7 +170,7 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
 
 /// Fetches each content of `needs` from another target of its volume and
 /// stores it. Returns (repaired, unrepairable).
-async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNeeds) -> (u64, u64) {
+async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNeeds, keys: &ScrubKeys) -> (u64, u64) {
     let topology = data.topology();
     let me = topology.node_by_id(&data.local()).map(|n| n.name.clone()).unwrap_or_default();
     let mut by_volume: BTreeMap<&str, Vec<ContentId>> = BTreeMap::new();
@@ -154,6 +178,8 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
         by_volume.entry(volume.as_str()).or_default().push(*content);
     }
     let (mut repaired, mut unrepairable) = (0, 0);
+    // Files to rewrite even where they read back intact (a failed tag check).
+    let rewrite = Arc::new(needs.bad_blobs.clone());
     for (volume, mut remaining) in by_volume {
         let holders: Vec<String> = topology.volumes.iter().filter(|v| v.name == volume).flat_map(|v| v.targets.iter()).filter(|t| **t != me).cloned().collect();
         for holder in &holders {
@@ -192,7 +218,8 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
                 let stored = match chain {
                     Ok(chain) => {
                         let store = data.store().clone();
-                        tokio::task::spawn_blocking(move || store.repair_content(&content, &chain)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
+                        let (keys, rewrite, volume) = (keys.clone(), rewrite.clone(), volume.to_string());
+                        tokio::task::spawn_blocking(move || store.repair_content(&volume, &content, &chain, &keys, &rewrite)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
                     }
                     Err(e) => Err(e),
                 };

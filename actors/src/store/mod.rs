@@ -97,7 +97,7 @@ pub use self::error::{is_no_space, StoreError};
 pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
 pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
-pub use self::scrub::{RepairNeeds, RpScrub, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
+pub use self::scrub::{RepairNeeds, RpScrub, ScrubKeys, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
 
 /// Flag bits of a blob (how the source encoded the payload).
@@ -681,6 +681,13 @@ impl Store {
     /// A delta's base must be in the store or in the batch, and `depth` must be base depth + 1.
     /// Blobs put (and their bases) are pinned for `session`.
     pub fn put_blobs(&self, session: u64, blobs: &[EncodedBlob]) -> Result<u64, StoreError> {
+        self.put_blobs_rewriting(session, blobs, &HashSet::new())
+    }
+
+    /// [`Store::put_blobs`], rewriting the existing files of the ids in
+    /// `rewrite` even where they read back intact (a repair of a blob whose
+    /// AES-GCM tag failed).
+    pub(crate) fn put_blobs_rewriting(&self, session: u64, blobs: &[EncodedBlob], rewrite: &HashSet<BlobId>) -> Result<u64, StoreError> {
         self.guard("stored blobs", || {
             if blobs.is_empty() {
                 return Ok(0);
@@ -741,13 +748,17 @@ impl Store {
                         // payload may differ, e.g. another encryption nonce, and still be valid).
                         Ok(existing)
                             if (existing.content, existing.base, existing.depth)
-                                == (blob.content, blob.base, blob.depth) =>
+                                == (blob.content, blob.base, blob.depth)
+                                && !rewrite.contains(&blob.id) =>
                         {
                             on_disk.push((
                                 existing.flags.0,
                                 (blob_file::HEADER_BYTES + existing.payload.len()) as u64,
                             ));
                             continue;
+                        }
+                        Ok(_) if rewrite.contains(&blob.id) => {
+                            tracing::warn!(blob = %blob.id, "store: rewriting a blob file that failed its tag check")
                         }
                         Ok(_) => {
                             tracing::warn!(blob = %blob.id, "store: existing blob file disagrees with the one put; rewriting")

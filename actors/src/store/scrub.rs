@@ -3,6 +3,10 @@
 //!
 //! - **Blobs**: each file's header and payload checksum, and that the header
 //!   agrees with the catalog row; read by several threads (each blob once).
+//!   Where the node holds a policy's key ([`ScrubKeys`]), an encrypted blob's
+//!   AES-GCM tag is checked too (which also catches a payload altered together
+//!   with its checksum); a blob used by a volume whose key is held and that no
+//!   held key authenticates is bad.
 //!   A sampled scrub reads the blobs whose id falls in a window of the id
 //!   space that is `share` of it wide, starting where the previous sampled
 //!   scrub stopped: ids are blake3 hashes, so that is the share of the blobs
@@ -26,7 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::rebuild::Finding;
-use super::{blob_file, lock, now_unix_ms, Store, StoreError};
+use super::{blob_file, lock, now_unix_ms, BlobFlags, EncodedBlob, Store, StoreError};
+use crate::codec::BlockCodec;
 use crate::content::{BlobId, ContentId, MerkleBuilder};
 
 /// Row format version of the `scrubs` table (a version byte, then JSON).
@@ -36,8 +41,62 @@ const BATCH: usize = 4096;
 /// Most problems listed in a report; the rest are counted.
 pub const MAX_PROBLEMS: usize = 100;
 
+/// The policy keys a node holds, for checking encrypted blobs' AES-GCM tags
+/// in a scrub and blobs fetched to repair one. Holds codecs, never prints a key.
+#[derive(Clone, Default)]
+pub struct ScrubKeys {
+    codecs: Vec<BlockCodec>,
+    /// Volume → index in `codecs`.
+    volumes: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for ScrubKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScrubKeys").field("keys", &self.codecs.len()).field("volumes", &self.volumes.len()).finish()
+    }
+}
+
+impl ScrubKeys {
+    /// Adds a policy's codec and the volumes it covers; a codec that does not
+    /// encrypt is left out (its blobs have no tag).
+    pub fn add_policy(&mut self, codec: BlockCodec, volumes: impl IntoIterator<Item = String>) {
+        if !codec.encrypts() {
+            return;
+        }
+        let index = self.codecs.len();
+        self.codecs.push(codec);
+        for v in volumes {
+            self.volumes.insert(v, index);
+        }
+    }
+
+    /// Whether no key is held (the scrub checks checksums only).
+    pub fn is_empty(&self) -> bool {
+        self.codecs.is_empty()
+    }
+
+    /// The codec of `volume`'s policy, if its key is held.
+    pub fn of_volume(&self, volume: &str) -> Option<&BlockCodec> {
+        self.volumes.get(volume).and_then(|i| self.codecs.get(*i))
+    }
+
+    /// Whether some held key authenticates `blob` (trying `hint` first and
+    /// leaving there the one that did).
+    fn authenticate(&self, blob: &EncodedBlob, scratch: &mut Vec<u8>, hint: &mut usize) -> bool {
+        let n = self.codecs.len();
+        for k in 0..n {
+            let i = (*hint + k) % n;
+            if self.codecs[i].authenticate(blob, scratch).is_ok() {
+                *hint = i;
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// What to scrub.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct ScrubOptions {
     /// Share of the blobs to read, in (0, 1]; 1 reads them all.
     pub share: f64,
@@ -46,11 +105,13 @@ pub struct ScrubOptions {
     /// Whether the reader threads run at idle I/O priority and nice 10 (a
     /// node's scrubs give way to its cycles, restores and drills).
     pub low_priority: bool,
+    /// The policy keys the node holds: encrypted blobs' tags are checked with them.
+    pub keys: ScrubKeys,
 }
 
 impl Default for ScrubOptions {
     fn default() -> Self {
-        ScrubOptions { share: 1.0, threads: 2, low_priority: false }
+        ScrubOptions { share: 1.0, threads: 2, low_priority: false, keys: ScrubKeys::default() }
     }
 }
 
@@ -95,8 +156,14 @@ pub struct ScrubReport {
     pub blobs_read: u64,
     /// Bytes of the blob files read (headers included).
     pub bytes_read: u64,
-    /// Blobs that failed (damaged, missing, or disagreeing with their row).
+    /// Blobs that failed (damaged, missing, disagreeing with their row, or
+    /// failing the AES-GCM tag check under the key of a volume that uses them).
     pub blobs_bad: u64,
+    /// Encrypted blobs whose AES-GCM tag a held key checked and found sound.
+    pub blobs_authenticated: u64,
+    /// Encrypted blobs read whose tag could not be checked: no key held here
+    /// authenticates them and no volume whose key is held uses them.
+    pub blobs_without_key: u64,
     /// RPs checked, and those found damaged.
     pub rps_checked: u64,
     /// RPs found damaged.
@@ -164,6 +231,10 @@ impl Store {
 
         // Blob pass: batches of ids from the catalog, read by `threads` workers.
         let bad: Mutex<HashSet<BlobId>> = Mutex::new(HashSet::new());
+        // Encrypted blobs no held key authenticates (bad if a keyed volume uses them).
+        let unauthenticated: Mutex<HashSet<BlobId>> = Mutex::new(HashSet::new());
+        let authenticated = AtomicU64::new(0);
+        let keys = &options.keys;
         let (blobs_read, bytes_read, blobs_total) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         let blob_started = Instant::now();
         let mut after: Option<[u8; 32]> = None;
@@ -200,6 +271,7 @@ impl Store {
                             lower_thread_priority();
                         }
                         let mut buffer = Vec::new();
+                        let (mut scratch, mut hint) = (Vec::new(), 0usize);
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                             let Some((id, meta)) = chosen.get(i) else { break };
@@ -213,6 +285,12 @@ impl Store {
                                     if (blob.content, blob.base, blob.depth) != (meta.content, meta.base, meta.depth) {
                                         lock(&bad).insert(*id);
                                         note(id.to_hex(), "the blob file's header disagrees with its catalog row".into());
+                                    } else if blob.flags.has(BlobFlags::ENCRYPTED) && !keys.is_empty() {
+                                        if keys.authenticate(&blob, &mut scratch, &mut hint) {
+                                            authenticated.fetch_add(1, Ordering::Relaxed);
+                                        } else {
+                                            lock(&unauthenticated).insert(*id);
+                                        }
                                     }
                                     buffer = blob.payload;
                                 }
@@ -237,15 +315,23 @@ impl Store {
         report.bytes_read = bytes_read.into_inner();
         report.bytes_per_sec = if blob_secs > 0.0 { (report.bytes_read as f64 / blob_secs) as u64 } else { 0 };
         progress(report.blobs_read, report.bytes_read);
-        let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
-        report.blobs_bad = bad.len() as u64;
+        let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+        let unauthenticated = unauthenticated.into_inner().unwrap_or_else(|p| p.into_inner());
+        report.blobs_authenticated = authenticated.into_inner();
         if !all && !stop.load(Ordering::Relaxed) {
             self.scrub_cursor.store(start.wrapping_add(width), Ordering::Relaxed);
         }
 
         // RP pass: every block map against its Merkle root; blocks whose blob failed.
         let finished = now_unix_ms();
-        let (verdicts, unsound) = self.guard("scrubbed RPs", || self.scrub_rps(&bad, share, finished))?;
+        let (verdicts, unsound, failed_tags) = self.guard("scrubbed RPs", || self.scrub_rps(&bad, &unauthenticated, keys, share, finished))?;
+        for id in &failed_tags {
+            tracing::error!(blob = %id, "scrub: blob failed its AES-GCM tag check under the policy key of a volume that uses it");
+            note(id.to_hex(), "fails the AES-GCM tag check under the policy key of a volume that uses it (altered with its checksum, or written with another key)".into());
+            bad.insert(*id);
+        }
+        report.blobs_bad = bad.len() as u64;
+        report.blobs_without_key = (unauthenticated.len() - failed_tags.len()) as u64;
         for v in &verdicts {
             if !v.ok {
                 note(v.rp.clone(), v.problem.clone().unwrap_or_default());
@@ -264,9 +350,19 @@ impl Store {
     }
 
     /// The RP pass of [`Store::scrub`]: one read snapshot, each volume in seq
-    /// order. Also returns each content a damaged RP cannot materialize.
+    /// order. A volume whose key is held in `keys` also counts the blobs of
+    /// `unauthenticated` as bad. Returns the verdicts, each content a damaged
+    /// RP cannot materialize, and the blobs of `unauthenticated` some such
+    /// volume uses (their tag failed under its key).
     #[allow(clippy::type_complexity)]
-    fn scrub_rps(&self, bad_blobs: &HashSet<BlobId>, share: f64, finished: u64) -> Result<(Vec<RpScrub>, Vec<(String, u64, ContentId)>), StoreError> {
+    fn scrub_rps(
+        &self,
+        bad_blobs: &HashSet<BlobId>,
+        unauthenticated: &HashSet<BlobId>,
+        keys: &ScrubKeys,
+        share: f64,
+        finished: u64,
+    ) -> Result<(Vec<RpScrub>, Vec<(String, u64, ContentId)>, HashSet<BlobId>), StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
         let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
         let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
@@ -274,23 +370,29 @@ impl Store {
         let changes = tx.open_table(RP_CHANGES).map_err(|e| self.ce("open table rp_changes", e))?;
         let ctab = tx.open_table(CONTENTS).map_err(|e| self.ce("open table contents", e))?;
         let btab = tx.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
-        // Whether a content's blob chain is whole and none of it failed (cached).
-        let mut sound: HashMap<ContentId, bool> = HashMap::new();
-        let mut is_sound = |c: &ContentId| -> Result<bool, StoreError> {
+        // Whether a content's blob chain is whole and none of it failed, for a
+        // volume whose key is held (`keyed`) or not (cached per kind).
+        let mut sound: HashMap<(ContentId, bool), bool> = HashMap::new();
+        let mut failed_tags: HashSet<BlobId> = HashSet::new();
+        let mut is_sound = |c: &ContentId, keyed: bool| -> Result<bool, StoreError> {
             if c.is_zero() {
                 return Ok(true);
             }
-            if let Some(s) = sound.get(c) {
+            if let Some(s) = sound.get(&(*c, keyed)) {
                 return Ok(*s);
             }
             let s = match ctab.get(c.0).map_err(|e| self.ce("read contents", e))? {
                 Some(blob) => match super::chain_of(&btab, &ContentId(blob.value())).map_err(|e| self.ce("read blobs", e))? {
-                    Some(chain) => !chain.iter().any(|b| bad_blobs.contains(b)),
+                    Some(chain) => {
+                        let untagged: Vec<&BlobId> = if keyed { chain.iter().filter(|b| unauthenticated.contains(b)).collect() } else { Vec::new() };
+                        failed_tags.extend(untagged.iter().copied());
+                        untagged.is_empty() && !chain.iter().any(|b| bad_blobs.contains(b))
+                    }
                     None => false,
                 },
                 None => false,
             };
-            sound.insert(*c, s);
+            sound.insert((*c, keyed), s);
             Ok(s)
         };
         let mut out = Vec::new();
@@ -299,6 +401,7 @@ impl Store {
         for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
             let (name, vid) = row.map_err(|e| self.ce("read volumes", e))?;
             let (volume, vid) = (name.value().to_string(), vid.value());
+            let keyed = keys.of_volume(&volume).is_some();
             let mut map: Vec<ContentId> = Vec::new();
             for row in rps.range((vid, 0u64)..=(vid, u64::MAX)).map_err(|e| self.ce("read rps", e))? {
                 let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
@@ -324,7 +427,7 @@ impl Store {
                 let mut first_bad = None;
                 for (index, c) in map[..count].iter().enumerate() {
                     merkle.push(c);
-                    if !is_sound(c)? {
+                    if !is_sound(c, keyed)? {
                         damaged_blocks += 1;
                         first_bad.get_or_insert(index);
                         if listed.insert(*c) {
@@ -341,22 +444,37 @@ impl Store {
                 out.push(RpScrub { rp: meta.name(), finished_unix_ms: finished, ok: problem.is_none(), damaged_blocks, share, problem });
             }
         }
-        Ok((out, unsound))
+        drop(is_sound);
+        Ok((out, unsound, failed_tags))
     }
 
-    /// Stores `chain` (head first, as another holder sent it) as the way to
-    /// materialize `content`: the blobs are written (a damaged file of the same
-    /// id is rewritten) and `content` points at the head from then on.
-    pub fn repair_content(&self, content: &ContentId, chain: &[super::EncodedBlob]) -> Result<(), StoreError> {
+    /// Stores `chain` (head first, as another holder sent it for `volume`) as
+    /// the way to materialize `content`: the blobs are written (a file of the
+    /// same id that is damaged, or listed in `rewrite`, is rewritten) and
+    /// `content` points at the head from then on. Where `keys` holds the
+    /// volume's key, every encrypted blob of the chain must pass its AES-GCM
+    /// tag check first; nothing is stored otherwise.
+    pub fn repair_content(&self, volume: &str, content: &ContentId, chain: &[EncodedBlob], keys: &ScrubKeys, rewrite: &HashSet<BlobId>) -> Result<(), StoreError> {
         let Some(head) = chain.first() else {
             return Err(StoreError::InvalidBlob { blob: content.to_hex(), cause: "the holder sent no blob".into() });
         };
         if head.content != *content {
             return Err(StoreError::InvalidBlob { blob: head.id.to_hex(), cause: format!("sent for content {} but it makes {}", content.to_hex(), head.content.to_hex()) });
         }
+        if let Some(codec) = keys.of_volume(volume) {
+            let mut scratch = Vec::new();
+            for blob in chain {
+                if codec.authenticate(blob, &mut scratch).is_err() {
+                    return Err(StoreError::InvalidBlob {
+                        blob: blob.id.to_hex(),
+                        cause: format!("the holder sent a blob that fails the AES-GCM tag check under {volume}'s policy key; nothing stored"),
+                    });
+                }
+            }
+        }
         // Bases first is not needed: put_blobs takes a chain's blobs in one batch.
         const REPAIR_SESSION: u64 = u64::MAX - 1;
-        let result = self.put_blobs(REPAIR_SESSION, chain).and_then(|_| {
+        let result = self.put_blobs_rewriting(REPAIR_SESSION, chain, rewrite).and_then(|_| {
             self.guard("repaired a content", || {
                 let _w = lock(&self.writer);
                 let tx = self.begin_write("begin write")?;
@@ -372,10 +490,19 @@ impl Store {
     }
 
     /// After repairs: the blobs of `bad` are read again (a rewritten one is sound
-    /// now), every RP is checked again and the verdicts kept. Returns them.
-    pub fn recheck_rps(&self, bad: &HashSet<BlobId>, share: f64) -> Result<Vec<RpScrub>, StoreError> {
-        let still_bad: HashSet<BlobId> = bad.iter().filter(|id| blob_file::read(&self.blobs_dir, id).is_err()).copied().collect();
-        let (verdicts, _) = self.guard("scrubbed RPs", || self.scrub_rps(&still_bad, share, now_unix_ms()))?;
+    /// now; an encrypted one must pass its tag check under a held key, when
+    /// `keys` holds any), every RP is checked again and the verdicts kept. Returns them.
+    pub fn recheck_rps(&self, bad: &HashSet<BlobId>, keys: &ScrubKeys, share: f64) -> Result<Vec<RpScrub>, StoreError> {
+        let (mut scratch, mut hint) = (Vec::new(), 0usize);
+        let still_bad: HashSet<BlobId> = bad
+            .iter()
+            .filter(|id| match blob_file::read(&self.blobs_dir, id) {
+                Ok(blob) => blob.flags.has(BlobFlags::ENCRYPTED) && !keys.is_empty() && !keys.authenticate(&blob, &mut scratch, &mut hint),
+                Err(_) => true,
+            })
+            .copied()
+            .collect();
+        let (verdicts, _, _) = self.guard("scrubbed RPs", || self.scrub_rps(&still_bad, &HashSet::new(), keys, share, now_unix_ms()))?;
         self.record_scrubs(&verdicts)?;
         Ok(verdicts)
     }
