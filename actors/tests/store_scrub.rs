@@ -203,7 +203,7 @@ fn tags_are_checked_where_the_key_is_held() {
     let err = store.repair_content("secret", &victim.content, &[forged], &keys, &rewrite).unwrap_err();
     assert!(err.to_string().contains("AES-GCM"), "{err}");
     assert!(store.recheck_rps(&rewrite, &keys, 1.0).unwrap().iter().any(|v| v.rp == "secret@1" && !v.ok));
-    store.repair_content("secret", &victim.content, &[victim.clone()], &keys, &rewrite).unwrap();
+    store.repair_content("secret", &victim.content, std::slice::from_ref(&victim), &keys, &rewrite).unwrap();
     let verdicts = store.recheck_rps(&rewrite, &keys, 1.0).unwrap();
     assert!(verdicts.iter().all(|v| v.ok), "{verdicts:?}");
     let r = store.scrub(with_keys, &stop, &|_, _| {}).unwrap();

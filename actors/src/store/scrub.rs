@@ -444,7 +444,6 @@ impl Store {
                 out.push(RpScrub { rp: meta.name(), finished_unix_ms: finished, ok: problem.is_none(), damaged_blocks, share, problem });
             }
         }
-        drop(is_sound);
         Ok((out, unsound, failed_tags))
     }
 
