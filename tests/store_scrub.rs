@@ -49,6 +49,14 @@ fn scheduled_and_asked_scrubs_find_a_damaged_blob() {
     assert_eq!(rows.len(), 3, "{scrubs}");
     assert!(rows.iter().all(|r| r["ok"] == true), "{scrubs}");
     assert!(mesh.node("dst").log_text().contains("why=\"scheduled\"") || mesh.node("dst").log_text().contains("scheduled"), "the log says it was scheduled");
+    // The verdicts reach the source by gossip: each of dst's RPs sound, and when.
+    let scrub_of = |rp: &str| -> Option<serde_json::Value> {
+        let catalog = mesh.ctl_data("src", &["catalog", "vol"]).ok()?;
+        catalog["rps"].as_array()?.iter().find(|r| r["holder"] == "dst" && format!("vol@{}", r["seq"]) == rp).map(|r| r["scrub"].clone()).filter(|s| !s.is_null())
+    };
+    wait_until("the source sees dst's scrub verdicts", Duration::from_secs(30), || seqs.iter().all(|s| scrub_of(&format!("vol@{s}")).is_some_and(|v| v["sound"] == true)));
+    let table = output_text(&mesh.ctl("src", &["catalog", "vol"]));
+    assert!(table.contains("SCRUB (UTC)") && table.contains("sound 20"), "{table}");
 
     // Damage the blob of the newest RP's last block (only the newest RP uses it).
     let newest = format!("vol@{}", seqs[2]);
@@ -79,11 +87,20 @@ fn scheduled_and_asked_scrubs_find_a_damaged_blob() {
     assert!(!damaged.is_empty() && damaged.len() < 3, "one blob's damage marks the RPs using it, not all: {scrubs}");
     let table = output_text(&mesh.ctl("dst", &["scrubs"]));
     assert!(table.contains("DAMAGED") && table.contains("sound"), "{table}");
+    // The source learns which of dst's RPs the scrub found damaged, and that the others are sound.
+    wait_until("the source sees the damaged verdicts", Duration::from_secs(30), || {
+        seqs.iter().all(|s| {
+            let rp = format!("vol@{s}");
+            scrub_of(&rp).is_some_and(|v| (v["sound"] == false) == damaged.contains(&rp.as_str()))
+        })
+    });
+    let catalog_table = output_text(&mesh.ctl("src", &["catalog", "vol"]));
+    assert!(catalog_table.contains("DAMAGED 20"), "{catalog_table}");
     for rp in &damaged {
         let out = mesh.verify("dst", rp, None);
         assert!(!out.status.success() && output_text(&out).contains(&victim_id), "verify {rp} must fail on the damaged blob: {}", output_text(&out));
     }
-    eprintln!("scrub named {victim_id}; damaged: {damaged:?} (newest {newest})\n$ drmesh ctl scrub\n{text}$ drmesh ctl scrubs\n{table}");
+    eprintln!("scrub named {victim_id}; damaged: {damaged:?} (newest {newest})\n$ drmesh ctl scrub\n{text}$ drmesh ctl scrubs\n{table}\n$ drmesh ctl catalog vol (src)\n{catalog_table}");
 
     // A sampled scrub says what share it read; bad shares are refused with the rule.
     let out = mesh.ctl("dst", &["scrub", "--sample", "10%"]);

@@ -336,9 +336,21 @@ fn catalog_volumes_table(data: &Value) -> Table {
 fn catalog_rps_table(data: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(vec!["RECOVERY POINT", "HOLDER", "TIME (UTC)", "SIZE", "CONSISTENCY", "DRILL", "MERKLE ROOT", "LEARNED"]);
+    table.set_header(vec!["RECOVERY POINT", "HOLDER", "TIME (UTC)", "SIZE", "CONSISTENCY", "DRILL", "SCRUB (UTC)", "MERKLE ROOT", "LEARNED"]);
     for r in data["rps"].as_array().into_iter().flatten() {
         let drill = drill_state(&r["drill"]);
+        let scrub = &r["scrub"];
+        let scrub = if scrub.is_null() {
+            "never scrubbed".to_string()
+        } else {
+            let percent = scrub["sample_percent"].as_u64().unwrap_or(100);
+            format!(
+                "{}{} {}",
+                if scrub["sound"] == true { "sound" } else { "DAMAGED" },
+                if percent < 100 { format!(" ({percent}% read)") } else { String::new() },
+                time_ms(scrub["finished_unix_ms"].as_u64().unwrap_or(0))
+            )
+        };
         table.add_row(vec![
             format!("{}@{}", s(&r["volume"]), s(&r["seq"])),
             s(&r["holder"]),
@@ -346,6 +358,7 @@ fn catalog_rps_table(data: &Value) -> Table {
             bytes(r["size_bytes"].as_u64().unwrap_or(0)),
             s(&r["consistency"]),
             drill,
+            scrub,
             s(&r["merkle_root"]),
             ago(&r["learned_secs"]),
         ]);

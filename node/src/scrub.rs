@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
-use drmesh_actors::actor::gossip::{GossipActor, PublishDrill};
+use drmesh_actors::actor::gossip::{GossipActor, PublishDrill, PublishScrub};
+use drmesh_actors::proto::gossip::catalog::ScrubResult;
 use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::actor::mesh::{GetConnection, MeshActor};
 use drmesh_actors::content::ContentId;
@@ -96,6 +97,7 @@ pub async fn scrub_and_repair(
         }
     }
     publish_damage(&data, &gossip, &report, started_ms).await;
+    publish_results(&gossip, &report);
     if report.rps_damaged > 0 || report.blobs_bad > 0 {
         tracing::error!(
             blobs_read = report.blobs_read,
@@ -165,6 +167,34 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
             tracing::error!(rp = %drill.rp(), "scrub: RP damaged beyond repair here; published as a failed scrub check");
         }
         gossip.do_send(PublishDrill(drill));
+    }
+}
+
+/// Publishes what the scrub found, one result per volume (the range of seqs
+/// it checked and the damaged ones): every node's catalog then shows each RP
+/// of this holder sound or damaged by the scrub, and when.
+fn publish_results(gossip: &Addr<GossipActor>, report: &ScrubReport) {
+    let mut by_volume: BTreeMap<&str, ScrubResult> = BTreeMap::new();
+    let sample_percent = (report.share * 100.0).round().clamp(1.0, 100.0) as u8;
+    for v in &report.rps {
+        let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol, s.parse::<u64>().ok()?))) else { continue };
+        let r = by_volume.entry(volume).or_insert(ScrubResult {
+            finished_unix_ms: v.finished_unix_ms,
+            sample_percent,
+            first_seq: seq,
+            last_seq: seq,
+            damaged: Vec::new(),
+            damaged_cut: false,
+        });
+        r.first_seq = r.first_seq.min(seq);
+        r.last_seq = r.last_seq.max(seq);
+        r.finished_unix_ms = r.finished_unix_ms.max(v.finished_unix_ms);
+        if !v.ok {
+            r.damaged.push(seq);
+        }
+    }
+    for (volume, result) in by_volume {
+        gossip.do_send(PublishScrub { volume: volume.to_string(), result });
     }
 }
 

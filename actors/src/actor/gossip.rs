@@ -30,7 +30,7 @@ use crate::actor::applier::DataPlane;
 use crate::actor::mesh::{DatagramService, MeshActor, SendDatagrams, SetDatagramService, SOFTWARE_VERSION};
 use crate::proto::bandwidth::Demand;
 use crate::drill::{verification, DrillReport, Verification};
-use crate::proto::gossip::catalog::{Consistency, DrillResult, ItemKey, NodeStatus, RpInfo};
+use crate::proto::gossip::catalog::{Consistency, DrillResult, ItemKey, NodeStatus, RpInfo, ScrubResult, ScrubVerdict};
 use crate::proto::gossip::{GossipConfig, GossipEvent, GossipNode, MemberState, Millis};
 use crate::store::RpMeta;
 
@@ -569,6 +569,31 @@ impl Handler<Expired> for GossipActor {
 #[rtype(result = "()")]
 pub struct PublishDrill(pub DrillReport);
 
+/// A scrub here checked the RPs of a volume: its result is published (one
+/// item per volume), so every node's catalog shows each RP's scrub verdict.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PublishScrub {
+    /// The volume.
+    pub volume: String,
+    /// What the scrub found.
+    pub result: ScrubResult,
+}
+
+impl Handler<PublishScrub> for GossipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishScrub, ctx: &mut Context<Self>) {
+        let now = self.now();
+        if let Err(e) = self.node.handle_scrub(now, &msg.volume, msg.result) {
+            tracing::warn!(volume = %msg.volume, error = %e, "cannot publish a scrub result");
+            return;
+        }
+        self.dirty = true;
+        self.flush(ctx);
+    }
+}
+
 impl Handler<PublishDrill> for GossipActor {
     type Result = ();
 
@@ -854,6 +879,8 @@ pub struct CatalogRp {
     pub drill_passed: Option<bool>,
     /// Last drill: when, every check's verdict, verified or not.
     pub drill: Option<DrillResult>,
+    /// The holder's newest scrub of it: when, the share of blobs read, sound or not.
+    pub scrub: Option<ScrubVerdict>,
     /// Seconds since this node learned the entry (freshness).
     pub learned_secs: f64,
 }
@@ -937,6 +964,7 @@ impl Handler<GetCatalog> for GossipActor {
                 },
                 drill_passed: r.info.drill.as_ref().map(|d| d.passed),
                 drill: r.info.drill.clone(),
+                scrub: r.scrub,
                 learned_secs: secs(now.since(r.learned_at)),
             })
             .collect();

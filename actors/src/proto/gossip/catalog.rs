@@ -153,6 +153,9 @@ pub enum ItemKey {
     /// What the holder's running transfers want from its site's uplink
     /// (a variant of its own, after the others, so saved replicas still load).
     Demand,
+    /// The newest scrub of a volume's RPs on the holder (after the others, so
+    /// saved replicas still load).
+    Scrub(VolumeName),
 }
 
 /// Value of one item.
@@ -173,6 +176,58 @@ pub enum ItemValue {
     Lwm(u64),
     /// Under [`ItemKey::Demand`].
     Demand(Demand),
+    /// Under [`ItemKey::Scrub`].
+    Scrub(ScrubResult),
+}
+
+/// Most damaged RPs a [`ScrubResult`] lists; beyond them it says only that there were more.
+pub const SCRUB_DAMAGED_MAX: usize = 64;
+
+/// The newest scrub of one volume's RPs on the holder: every RP the holder
+/// held with `first_seq <= seq <= last_seq` was checked then, and is sound
+/// unless listed in `damaged`. One item per (holder, volume), whatever the
+/// number of RPs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubResult {
+    /// When the scrub finished, Unix milliseconds.
+    pub finished_unix_ms: u64,
+    /// Share of the blobs it read, percent (1–100).
+    pub sample_percent: u8,
+    /// Lowest seq it checked.
+    pub first_seq: u64,
+    /// Highest seq it checked.
+    pub last_seq: u64,
+    /// The seqs it found damaged, ascending (at most [`SCRUB_DAMAGED_MAX`]).
+    pub damaged: Vec<u64>,
+    /// Whether more were damaged than `damaged` lists.
+    pub damaged_cut: bool,
+}
+
+/// What a [`ScrubResult`] says of one RP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubVerdict {
+    /// When the scrub finished, Unix milliseconds.
+    pub finished_unix_ms: u64,
+    /// Share of the blobs it read, percent.
+    pub sample_percent: u8,
+    /// Whether the RP was found sound (every block's blob read back whole, the
+    /// block map with its Merkle root).
+    pub sound: bool,
+}
+
+impl ScrubResult {
+    /// The verdict on RP `seq`, if this scrub checked it and says which
+    /// (a seq beyond a cut list of damaged RPs has none).
+    pub fn verdict(&self, seq: u64) -> Option<ScrubVerdict> {
+        if seq < self.first_seq || seq > self.last_seq {
+            return None;
+        }
+        let damaged = self.damaged.binary_search(&seq).is_ok();
+        if !damaged && self.damaged_cut && self.damaged.last().is_none_or(|last| seq > *last) {
+            return None;
+        }
+        Some(ScrubVerdict { finished_unix_ms: self.finished_unix_ms, sample_percent: self.sample_percent, sound: !damaged })
+    }
 }
 
 impl ItemValue {
@@ -184,6 +239,7 @@ impl ItemValue {
                 | (ItemKey::Rp(..), ItemValue::Rp(_) | ItemValue::RpGone { .. })
                 | (ItemKey::Lwm(_), ItemValue::Lwm(_))
                 | (ItemKey::Demand, ItemValue::Demand(_))
+                | (ItemKey::Scrub(_), ItemValue::Scrub(_))
         )
     }
 }

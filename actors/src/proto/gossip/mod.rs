@@ -34,8 +34,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use catalog::{
-    cut_text, prefix_of, Catalog, Item, ItemKey, ItemValue, Merge, NodeStatus, RpInfo, VolumeHealth,
-    VolumeName, BUCKETS, DRILL_CHECKS_MAX, VOLUME_NAME_BYTES_MAX,
+    cut_text, prefix_of, Catalog, Item, ItemKey, ItemValue, Merge, NodeStatus, RpInfo, ScrubResult, ScrubVerdict, VolumeHealth,
+    VolumeName, BUCKETS, DRILL_CHECKS_MAX, SCRUB_DAMAGED_MAX, VOLUME_NAME_BYTES_MAX,
 };
 use crate::proto::bandwidth::Demand;
 use wire::{encode_sync, Delta, DeltaKey, DetailEntry, SyncMsg, DATAGRAM_BYTES_MAX, TAG_FOCA, TAG_SYNC};
@@ -232,6 +232,8 @@ pub struct RpView {
     pub seq: u64,
     /// What is known about it.
     pub info: RpInfo,
+    /// What the holder's newest scrub said of it, if it checked it.
+    pub scrub: Option<ScrubVerdict>,
     /// When this node learned the current value (freshness).
     pub learned_at: Millis,
 }
@@ -606,6 +608,21 @@ impl GossipNode {
         self.write_local(now, ItemKey::Demand, ItemValue::Demand(demand));
     }
 
+    /// A scrub of this node's store checked `volume`'s RPs; publish its result
+    /// (its list of damaged RPs sorted and cut to [`SCRUB_DAMAGED_MAX`]).
+    pub fn handle_scrub(&mut self, now: Millis, volume: &str, mut result: ScrubResult) -> Result<(), GossipError> {
+        Self::check_volume(volume)?;
+        result.damaged.sort_unstable();
+        result.damaged.dedup();
+        if result.damaged.len() > SCRUB_DAMAGED_MAX {
+            result.damaged.truncate(SCRUB_DAMAGED_MAX);
+            result.damaged_cut = true;
+        }
+        result.sample_percent = result.sample_percent.clamp(1, 100);
+        self.write_local(now, ItemKey::Scrub(volume.to_string()), ItemValue::Scrub(result));
+        Ok(())
+    }
+
     /// A cycle of `volume` (sourced here) ended; publish its health.
     pub fn handle_volume_health(&mut self, now: Millis, volume: &str, mut health: VolumeHealth) -> Result<(), GossipError> {
         Self::check_volume(volume)?;
@@ -696,11 +713,16 @@ impl GossipNode {
         for (holder, state) in &catalog.holders {
             for (key, stored) in state.items.iter() {
                 if let (ItemKey::Rp(volume, seq), ItemValue::Rp(info)) = (key, &stored.value) {
+                    let scrub = match state.items.get(&ItemKey::Scrub(volume.clone())).map(|s| &s.value) {
+                        Some(ItemValue::Scrub(result)) => result.verdict(*seq),
+                        _ => None,
+                    };
                     out.push(RpView {
                         holder: *holder,
                         volume: volume.clone(),
                         seq: *seq,
                         info: info.clone(),
+                        scrub,
                         learned_at: stored.learned_at,
                     });
                 }

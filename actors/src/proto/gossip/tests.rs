@@ -210,3 +210,49 @@ fn drill_result_replaces_the_rp_entry_everywhere_and_is_cut_to_size() {
         assert!(d.detail.len() <= super::catalog::TEXT_BYTES_MAX && d.software_version.len() <= super::catalog::TEXT_BYTES_MAX);
     }
 }
+
+#[test]
+fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
+    use super::catalog::{ScrubResult, SCRUB_DAMAGED_MAX};
+    let mut mesh = Mesh::new(4);
+    mesh.run_until(Millis(5_000));
+    for seq in [3, 4, 5, 9] {
+        mesh.node(1).handle_local_rp(Millis(5_000), "db", seq, info(seq)).unwrap();
+    }
+    mesh.node(2).handle_local_rp(Millis(5_000), "db", 4, info(4)).unwrap();
+    let result = ScrubResult { finished_unix_ms: 77, sample_percent: 10, first_seq: 3, last_seq: 5, damaged: vec![4], damaged_cut: false };
+    mesh.node(1).handle_scrub(Millis(5_000), "db", result).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(10_000));
+    for n in 0..4 {
+        let verdicts: Vec<(u64, Option<(bool, u8, u64)>)> = mesh
+            .node(n)
+            .rps()
+            .into_iter()
+            .filter(|r| r.holder == id(1))
+            .map(|r| (r.seq, r.scrub.map(|v| (v.sound, v.sample_percent, v.finished_unix_ms))))
+            .collect();
+        // seq 9 came after the scrub: no verdict; the other holder's RP has none either.
+        assert_eq!(verdicts, vec![(3, Some((true, 10, 77))), (4, Some((false, 10, 77))), (5, Some((true, 10, 77))), (9, None)], "node {n}");
+        assert!(mesh.node(n).rps().iter().filter(|r| r.holder == id(2)).all(|r| r.scrub.is_none()), "node {n}");
+    }
+    // A newer scrub replaces the older one; a long damaged list is cut and says so.
+    let many = ScrubResult { finished_unix_ms: 88, sample_percent: 100, first_seq: 1, last_seq: 1000, damaged: (1..=200).rev().collect(), damaged_cut: false };
+    mesh.node(1).handle_scrub(Millis(10_000), "db", many).unwrap();
+    mesh.drain();
+    mesh.run_until(Millis(15_000));
+    let rps = mesh.node(3).rps();
+    let of = |seq: u64| rps.iter().find(|r| r.holder == id(1) && r.seq == seq).and_then(|r| r.scrub);
+    assert_eq!(of(3).map(|v| (v.sound, v.finished_unix_ms)), Some((false, 88)));
+    // Seq 9 is listed damaged (within the first SCRUB_DAMAGED_MAX); beyond the cut nothing is claimed.
+    assert_eq!(of(9).map(|v| v.sound), Some(false));
+    let cut = ScrubResult { finished_unix_ms: 1, sample_percent: 100, first_seq: 1, last_seq: 1000, damaged: (1..=SCRUB_DAMAGED_MAX as u64).collect(), damaged_cut: true };
+    assert_eq!(cut.verdict(SCRUB_DAMAGED_MAX as u64 + 1), None);
+    assert_eq!(cut.verdict(2).map(|v| v.sound), Some(false));
+    assert_eq!(cut.verdict(1001), None);
+    // Bad volume names are refused; saved replicas keep the item.
+    assert!(mesh.node(1).handle_scrub(Millis(15_000), "", cut.clone()).is_err());
+    let snap = mesh.node(0).snapshot();
+    let restored = GossipNode::restore(Millis(0), id(0), 2, GossipConfig::for_cluster(4), 9, &snap).unwrap();
+    assert_eq!(restored.rps().iter().find(|r| r.holder == id(1) && r.seq == 5).and_then(|r| r.scrub).map(|v| v.sound), Some(false));
+}
