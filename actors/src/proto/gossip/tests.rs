@@ -225,7 +225,8 @@ fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
     mesh.drain();
     mesh.run_until(Millis(10_000));
     for n in 0..4 {
-        let verdicts: Vec<(u64, Option<(bool, u8, u64)>)> = mesh
+        type Seen = (u64, Option<(bool, u8, u64)>);
+        let verdicts: Vec<Seen> = mesh
             .node(n)
             .rps()
             .into_iter()
