@@ -131,6 +131,9 @@ fn open_checked(blobs_dir: &Path, id: &BlobId) -> Result<(File, Header), StoreEr
 /// that the payload length agrees with `file_len`, and that it names blob
 /// `id`. The error says which check failed.
 pub fn parse_header(h: &[u8; HEADER_BYTES], file_len: u64, id: &BlobId) -> Result<Header, String> {
+    if file_len < HEADER_BYTES as u64 {
+        return Err(format!("file is {file_len} bytes, shorter than the {HEADER_BYTES}-byte header"));
+    }
     if h[0..8] != MAGIC {
         return Err("bad magic".into());
     }
@@ -144,7 +147,7 @@ pub fn parse_header(h: &[u8; HEADER_BYTES], file_len: u64, id: &BlobId) -> Resul
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&h[16..24]);
     let payload_len = u64::from_le_bytes(len8);
-    let actual = file_len.saturating_sub(HEADER_BYTES as u64);
+    let actual = file_len - HEADER_BYTES as u64;
     if actual != payload_len {
         return Err(format!("payload is {actual} bytes, header says {payload_len}"));
     }
@@ -280,6 +283,19 @@ pub fn for_each_file(
 mod tests {
     use super::*;
 
+    /// A header written by a real node (`drmesh demo`), kept as the fuzz seed
+    /// (header, file length, id): version 1 headers must always parse.
+    #[test]
+    fn a_header_of_a_real_store_still_parses() {
+        let seed = include_bytes!("../../fuzz/corpus/blob_header/small-v1");
+        let mut h = [0u8; HEADER_BYTES];
+        h.copy_from_slice(&seed[..HEADER_BYTES]);
+        let file_len = u64::from_le_bytes(seed[HEADER_BYTES..HEADER_BYTES + 8].try_into().expect("8 bytes"));
+        let id = ContentId(seed[HEADER_BYTES + 8..].try_into().expect("32 bytes"));
+        let parsed = parse_header(&h, file_len, &id).expect("a real header parses");
+        assert_eq!(parsed.payload_len, file_len - HEADER_BYTES as u64);
+    }
+
     /// Every flipped bit and seeded random overwrites of a real header: refused
     /// with a reason or decoded, never a panic; a decoded one is the original.
     #[test]
@@ -293,6 +309,14 @@ mod tests {
         assert_eq!((decoded.content, decoded.payload_len, decoded.plain_len), (id, 1000, 4096));
         assert!(parse_header(&good, file_len + 1, &id).unwrap_err().contains("payload is 1001 bytes"));
         assert!(parse_header(&good, 10, &id).is_err());
+        // Found by the fuzzer: a header that says "no payload" with a file
+        // shorter than the header itself was taken for a valid one.
+        let empty = EncodedBlob { payload: Vec::new(), ..blob.clone() };
+        let empty_header = encode_header(&empty);
+        assert!(parse_header(&empty_header, HEADER_BYTES as u64, &id).is_ok());
+        for short in [0, 1, HEADER_BYTES as u64 - 1] {
+            assert!(parse_header(&empty_header, short, &id).unwrap_err().contains("shorter than the 256-byte header"), "file of {short} bytes");
+        }
         assert!(parse_header(&good, file_len, &ContentId([4; 32])).unwrap_err().contains("header names blob"));
         for at in 0..HEADER_CHECK_END {
             for bit in 0..8 {
