@@ -100,6 +100,13 @@ pub use self::retention::{iso_week_index, select_keep, Retention};
 pub use self::scrub::{RepairNeeds, RpScrub, ScrubKeys, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
 
+/// Page cache of each catalog (and staging) database redb keeps in memory.
+/// redb's default is 1 GiB, which a big catalog fills (its integrity check at
+/// open reads every page): a node's memory would grow with its catalog.
+/// 64 MiB holds the hot pages (the newest block maps, the blob index's upper
+/// levels); `scripts/bench-store` shows the peaks at several sizes.
+pub const CATALOG_CACHE_BYTES: usize = 64 << 20;
+
 /// Flag bits of a blob (how the source encoded the payload).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BlobFlags(pub u8);
@@ -375,6 +382,7 @@ impl Store {
         // before anything relies on it (a plain open may panic on it later).
         let db = Builder::new()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_cache_size(CATALOG_CACHE_BYTES)
             .set_check_integrity_on_open(true)
             .create(&catalog_path)
             .map_err(|e| open_error(&catalog_path, e))?;
@@ -386,7 +394,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_error("remove staging file", &staging_path, e)),
         }
-        let staging = Database::create(&staging_path).map_err(|e| open_error(&staging_path, e))?;
+        let staging = Builder::new().set_cache_size(CATALOG_CACHE_BYTES).create(&staging_path).map_err(|e| open_error(&staging_path, e))?;
         {
             let tx = staging.begin_write().map_err(|e| catalog_error("begin staging", &staging_path, e))?;
             tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", &staging_path, e))?;
@@ -461,7 +469,7 @@ impl Store {
             }
             Err(e) => return Err(io_error("open catalog", &catalog_path, e)),
         }
-        let db = match Builder::new().set_concurrency_mode(ConcurrencyMode::SingleWriter).open_read_only(&catalog_path) {
+        let db = match Builder::new().set_concurrency_mode(ConcurrencyMode::SingleWriter).set_cache_size(CATALOG_CACHE_BYTES).open_read_only(&catalog_path) {
             Ok(db) => Catalog::Reader(db),
             // The node crashed or was killed and none runs now: its catalog needs the
             // repair redb makes at a writer's open. Make it on a private copy.
@@ -508,6 +516,7 @@ impl Store {
         std::io::copy(&mut original, &mut copy).map_err(|e| io_error("copy catalog", catalog_path, e))?;
         let backend = redb::backends::FileBackend::new(copy).map_err(|e| open_error(catalog_path, e))?;
         Builder::new()
+            .set_cache_size(CATALOG_CACHE_BYTES)
             .set_check_integrity_on_open(check_integrity)
             .create_with_backend(backend)
             .map_err(|e| open_error(catalog_path, e))

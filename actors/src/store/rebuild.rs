@@ -103,6 +103,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
     }
     let db = Builder::new()
         .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+        .set_cache_size(super::CATALOG_CACHE_BYTES)
         .create(&new_path)
         .map_err(|e| open_error(&new_path, e))?;
     let ce = |op: &str, e: redb::Error| catalog_error(op, &new_path, e);
