@@ -178,6 +178,8 @@ pub struct CycleReport {
     pub stats: CycleStats,
     /// Wall time in seconds.
     pub duration_secs: f64,
+    /// The RP's snapshot instant (its time in the catalog), Unix milliseconds.
+    pub snapshot_unix_ms: u64,
     /// Merkle root of the RP.
     pub merkle_root: String,
     /// Where the wall time went: seconds from the start of the cycle.
@@ -574,6 +576,7 @@ async fn run_cycle_on(
         full_offer,
         stats: session.stats().clone(),
         duration_secs: started.elapsed().as_secs_f64(),
+        snapshot_unix_ms: snapshot_ms,
         merkle_root: merkle_root.iter().map(|b| format!("{b:02x}")).collect(),
         timeline,
     })

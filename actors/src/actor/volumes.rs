@@ -47,6 +47,8 @@ type Key = (String, String);
 struct Plan {
     rpo: Duration,
     next_due: Instant,
+    /// When the running cycle started (the RPO counts from there).
+    started_at: Option<Instant>,
     running: bool,
     again: bool,
     waiters: Vec<oneshot::Sender<Result<CycleReport, String>>>,
@@ -344,6 +346,7 @@ impl VolumeScheduler {
                         rpo,
                         // The first cycle waits briefly so connections can come up.
                         next_due: Instant::now() + if at_startup { Duration::from_secs(2) } else { Duration::ZERO },
+                        started_at: None,
                         running: false,
                         again: false,
                         waiters: Vec::new(),
@@ -397,6 +400,7 @@ impl VolumeScheduler {
     fn start(&mut self, key: Key, ctx: &mut Context<Self>) {
         let Some(plan) = self.plans.get_mut(&key) else { return };
         plan.running = true;
+        plan.started_at = Some(Instant::now());
         plan.again = false;
         let (cancel_tx, cancel_rx) = oneshot::channel();
         plan.cancel = Some(cancel_tx);
@@ -441,6 +445,18 @@ impl VolumeScheduler {
         for key in due {
             self.start(key, ctx);
         }
+    }
+}
+
+/// When the next cycle is due after one that started at `started` and ended
+/// at `finished`: `rpo` after the start, so that RPs come `rpo` apart (a cycle
+/// that took longer than `rpo` is followed at once); after a failure, a retry
+/// [`RETRY_AFTER_FAILURE`] after the end (at most `rpo`).
+fn next_due(started: Instant, finished: Instant, rpo: Duration, ok: bool) -> Instant {
+    if ok {
+        (started + rpo).max(finished)
+    } else {
+        finished + RETRY_AFTER_FAILURE.min(rpo)
     }
 }
 
@@ -503,17 +519,18 @@ impl Handler<CycleDone> for VolumeScheduler {
                 );
                 plan.last_ok = Some((now_ms(), report.clone()));
                 plan.last_error = None;
-                plan.next_due = now + plan.rpo;
             }
             Err(reason) => {
                 tracing::warn!(volume = %msg.key.0, target = %msg.key.1, %reason, "cycle failed; the baseline is unchanged");
                 plan.last_error = Some((now_ms(), reason.clone()));
-                plan.next_due = now + RETRY_AFTER_FAILURE.min(plan.rpo);
             }
         }
+        plan.next_due = next_due(plan.started_at.take().unwrap_or(now), now, plan.rpo, msg.result.is_ok());
+        // Started when due, not at the next look: RPs come `rpo` apart.
+        ctx.run_later(plan.next_due.saturating_duration_since(now), |act, ctx| act.tick(ctx));
         if let Some(gossip) = &self.gossip {
             let health = VolumeHealth {
-                last_rp_unix_ms: plan.last_ok.as_ref().map(|(at, _)| *at),
+                last_rp_unix_ms: plan.last_ok.as_ref().map(|(_, report)| report.snapshot_unix_ms),
                 rpo_ms: u64::try_from(plan.rpo.as_millis()).unwrap_or(u64::MAX),
                 last_cycle_unix_ms: Some(now_ms()),
                 last_error: msg.result.as_ref().err().map(|e| format!("to {}: {e}", msg.key.1)),
@@ -830,6 +847,20 @@ mod tests {
     use super::*;
     use drmesh_topology::Weekday;
     use jiff::tz::{Offset, TimeZone};
+
+    #[test]
+    fn the_next_cycle_is_due_rpo_after_the_start_of_the_last() {
+        let t0 = Instant::now();
+        let rpo = Duration::from_secs(5);
+        // A 1.2 s cycle: the next one starts 5 s after this one started, not after it ended.
+        assert_eq!(next_due(t0, t0 + Duration::from_millis(1200), rpo, true), t0 + rpo);
+        // A cycle longer than the RPO: the next one at once.
+        let late = t0 + Duration::from_secs(7);
+        assert_eq!(next_due(t0, late, rpo, true), late);
+        // A failure: a retry 10 s after the end, or sooner when the RPO is shorter.
+        assert_eq!(next_due(t0, t0 + Duration::from_secs(1), Duration::from_secs(60), false), t0 + Duration::from_secs(11));
+        assert_eq!(next_due(t0, t0 + Duration::from_secs(1), rpo, false), t0 + Duration::from_secs(6));
+    }
 
     #[test]
     fn local_time_is_the_zone_wall_clock() {
