@@ -112,15 +112,14 @@ fn scheduled_and_asked_scrubs_find_a_damaged_blob() {
     assert!(mesh.node_mut("dst").is_running());
 }
 
-#[test]
-fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
-    let mut rng = Rng::new(0x5c2b_0002);
-    let mut image = vec![0u8; 4 * MIB];
+/// A source and two targets of volume `vol` (a random image of `mib` MiB at
+/// the returned path) under `policy`, started and connected.
+fn two_targets(rng: &mut Rng, mib: usize, policy: PolicySpec) -> (TestMesh, Vec<u8>, std::path::PathBuf) {
+    let mut image = vec![0u8; mib * MIB];
     rng.fill(&mut image);
     let mut mesh = TestMesh::new(&["src", "t1", "t2"]);
     let image_path = mesh.dir.path().join("disk.img");
     write_image_atomic(&image_path, &image);
-    let policy = PolicySpec::new("p", "256KiB");
     let vol = VolumeSpec::new("vol", "src", &["t1", "t2"], &image_path, &policy.name);
     let text = mesh.replication_topology(1, &["src", "t1", "t2"], &[vol], &[policy]);
     mesh.write_file("topology.toml", &text);
@@ -129,6 +128,13 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
     }
     mesh.wait_connected("src", &["t1", "t2"]);
     mesh.wait_connected("t1", &["t2"]);
+    (mesh, image, image_path)
+}
+
+#[test]
+fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
+    let mut rng = Rng::new(0x5c2b_0002);
+    let (mesh, mut image, image_path) = two_targets(&mut rng, 4, PolicySpec::new("p", "256KiB"));
     let mut hashes = Vec::new();
     for cycle in 0..2 {
         if cycle > 0 {
@@ -208,22 +214,11 @@ fn a_blob_damaged_on_one_target_is_repaired_from_the_other() {
 #[test]
 fn a_blob_altered_with_its_checksums_fails_its_tag_and_is_repaired() {
     let mut rng = Rng::new(0x5c2b_0003);
-    let mut image = vec![0u8; 3 * MIB];
-    rng.fill(&mut image);
-    let mut mesh = TestMesh::new(&["src", "t1", "t2"]);
-    let image_path = mesh.dir.path().join("disk.img");
-    write_image_atomic(&image_path, &image);
-    let key = mesh.dir.path().join("policy.key");
+    let keys = tempfile::tempdir().expect("key folder");
+    let key = keys.path().join("policy.key");
     drmesh_tests::write_key_file(&key, &mut rng);
     let policy = PolicySpec { encryption_key_file: Some(key), ..PolicySpec::new("p", "256KiB") };
-    let vol = VolumeSpec::new("vol", "src", &["t1", "t2"], &image_path, &policy.name);
-    let text = mesh.replication_topology(1, &["src", "t1", "t2"], &[vol], &[policy]);
-    mesh.write_file("topology.toml", &text);
-    for n in ["t1", "t2", "src"] {
-        mesh.start(n, "topology.toml");
-    }
-    mesh.wait_connected("src", &["t1", "t2"]);
-    mesh.wait_connected("t1", &["t2"]);
+    let (mesh, image, _) = two_targets(&mut rng, 3, policy);
     let seq = mesh.sync_ok("src", "vol")["reports"][0]["seq"].as_u64().expect("seq");
     let hash = drmesh_tests::hash_hex(&image);
 
