@@ -719,6 +719,8 @@ fn volumes_table(list: &Value) -> Table {
             format!("paused {} ago{running}", duration(now.saturating_sub(since) / 1000))
         } else if v["running"] == true {
             "cycle running".to_string()
+        } else if v["queued"] == true {
+            "queued (node's cycle memory budget)".to_string()
         } else {
             format!("next in {}", duration(v["next_in_secs"].as_f64().unwrap_or(0.0) as u64))
         };

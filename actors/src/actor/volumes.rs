@@ -41,6 +41,34 @@ use crate::source::kmod::{device_report, KmodDeviceReport, KmodSpec};
 const TICK: Duration = Duration::from_millis(500);
 /// Retry delay after a failed cycle (capped by the RPO).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// Memory the cycles of this node may hold at once, by the bound of each
+/// ([`cycle_bound`]); due cycles beyond it wait their turn, oldest due first.
+/// One cycle always runs, whatever its bound.
+pub const CYCLE_MEMORY_BUDGET: u64 = 320 << 20;
+/// Most a cycle holds, whatever its volume: the reader's batch and read-ahead
+/// and the blobs offered, compressed and in flight to the target.
+const CYCLE_WINDOW_BYTES: u64 = 256 << 20;
+/// What every cycle holds beyond its data (its reader thread, session, buffers).
+const CYCLE_FIXED_BYTES: u64 = 4 << 20;
+
+/// The memory a cycle of a volume of `volume_bytes` (None: not known) can
+/// hold: its data windows never exceed the volume, nor [`CYCLE_WINDOW_BYTES`].
+fn cycle_bound(volume_bytes: Option<u64>) -> u64 {
+    volume_bytes.unwrap_or(CYCLE_WINDOW_BYTES).min(CYCLE_WINDOW_BYTES) + CYCLE_FIXED_BYTES
+}
+
+/// Frees the pooled read buffers and gives the memory glibc's allocator keeps
+/// after `free` back to the system (a node that ran 200 cycles at once
+/// otherwise idles near the peak's size). Called when no cycle runs.
+fn give_back_freed_memory() {
+    crate::source::file::release_pooled_buffers();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim only releases free pages of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 type Key = (String, String);
 
@@ -71,6 +99,9 @@ pub struct ReplicationStatus {
     pub rpo_secs: u64,
     /// Whether a cycle is running now.
     pub running: bool,
+    /// Whether a cycle is due but waits for running ones to end (the node's
+    /// cycle memory budget, [`CYCLE_MEMORY_BUDGET`], is taken).
+    pub queued: bool,
     /// Seconds until the next scheduled cycle.
     pub next_in_secs: f64,
     /// Last successful cycle and when it ended (Unix ms).
@@ -175,6 +206,9 @@ pub struct VolumeScheduler {
     limits: Limits,
     /// Paused volumes and since when (Unix ms); mirrors the baseline database.
     paused: BTreeMap<String, u64>,
+    /// Memory budget held by the running cycles (sum of their [`cycle_bound`]s;
+    /// a cycle of a plan the topology dropped holds its share until it ends).
+    reserved: u64,
 }
 
 fn now_ms() -> u64 {
@@ -219,7 +253,7 @@ impl VolumeScheduler {
             tracing::error!(error = %e, "cannot read the paused volumes; every volume runs");
             BTreeMap::new()
         });
-        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits, paused };
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits, paused, reserved: 0 };
         s.replan(true);
         s.update_limits();
         for (volume, since) in &s.paused {
@@ -397,16 +431,32 @@ impl VolumeScheduler {
         })
     }
 
-    fn start(&mut self, key: Key, ctx: &mut Context<Self>) {
-        let Some(plan) = self.plans.get_mut(&key) else { return };
+    /// Starts a cycle of `key` if the node's cycle memory budget has room for
+    /// it (or no cycle runs); otherwise it stays due and starts when running
+    /// cycles end, in the order the queued ones fell due. Returns whether it started.
+    fn start(&mut self, key: Key, ctx: &mut Context<Self>) -> bool {
+        if !self.plans.contains_key(&key) {
+            return false;
+        }
+        self.update_limits();
+        let config = self.cycle_config(&key.0, &key.1);
+        let bound = cycle_bound(config.as_ref().ok().and_then(|c| regular_file_bytes(&c.path)));
+        let Some(plan) = self.plans.get_mut(&key) else { return false };
+        if self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET {
+            let now = Instant::now();
+            if plan.next_due > now {
+                plan.next_due = now;
+            }
+            tracing::debug!(volume = %key.0, target = %key.1, bound, reserved = self.reserved, "cycle queued: the node's cycle memory budget is taken");
+            return false;
+        }
         plan.running = true;
         plan.started_at = Some(Instant::now());
         plan.again = false;
+        self.reserved += bound;
         let (cancel_tx, cancel_rx) = oneshot::channel();
         plan.cancel = Some(cancel_tx);
-        self.update_limits();
-        let config = self.cycle_config(&key.0, &key.1);
-        if let (Some(plan), Ok(c)) = (self.plans.get_mut(&key), &config) {
+        if let Ok(c) = &config {
             plan.progress = Some(c.pacing.sent_payload_bytes.clone());
         }
         let (mesh, baselines, me) = (self.mesh.clone(), self.baselines.clone(), ctx.address());
@@ -429,21 +479,27 @@ impl VolumeScheduler {
                 }
             }
             .await;
-            me.do_send(CycleDone { key, result });
+            me.do_send(CycleDone { key, result, reserved: bound });
         });
+        true
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.update_limits();
         let now = Instant::now();
-        let due: Vec<Key> = self
+        let mut due: Vec<(Instant, Key)> = self
             .plans
             .iter()
             .filter(|((volume, _), p)| !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume))
-            .map(|(k, _)| k.clone())
+            .map(|(k, p)| (p.next_due, k.clone()))
             .collect();
-        for key in due {
-            self.start(key, ctx);
+        // Oldest due first; one that the memory budget cannot take yet holds
+        // the ones behind it (no cycle is passed over for ever by smaller ones).
+        due.sort();
+        for (_, key) in due {
+            if !self.start(key, ctx) {
+                break;
+            }
         }
     }
 }
@@ -499,12 +555,15 @@ impl Actor for VolumeScheduler {
 struct CycleDone {
     key: Key,
     result: Result<CycleReport, String>,
+    /// The memory budget the cycle held (given back even if its plan is gone).
+    reserved: u64,
 }
 
 impl Handler<CycleDone> for VolumeScheduler {
     type Result = ();
 
     fn handle(&mut self, msg: CycleDone, ctx: &mut Context<Self>) {
+        self.reserved = self.reserved.saturating_sub(msg.reserved);
         let Some(plan) = self.plans.get_mut(&msg.key) else { return };
         plan.running = false;
         plan.progress = None;
@@ -547,8 +606,21 @@ impl Handler<CycleDone> for VolumeScheduler {
                 let _ = w.send(msg.result.clone());
             }
         }
+        // Queued cycles take the budget this one gave back.
+        self.tick(ctx);
+        if self.reserved == 0 {
+            actix_rt::spawn(async {
+                let _ = tokio::task::spawn_blocking(give_back_freed_memory).await;
+            });
+        }
         self.update_limits();
     }
+}
+
+/// The size of `path` when it is a regular file (a file volume); None for a
+/// block device or what cannot be read (the cycle's bound is then its largest).
+fn regular_file_bytes(path: &std::path::Path) -> Option<u64> {
+    std::fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len())
 }
 
 /// Where cycle outcomes and uplink demands are published, and where site
@@ -665,6 +737,7 @@ impl Handler<GetReplications> for VolumeScheduler {
                     target: target.clone(),
                     rpo_secs: p.rpo.as_secs(),
                     running: p.running,
+                    queued: !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume) && self.reserved > 0,
                     next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
@@ -847,6 +920,16 @@ mod tests {
     use super::*;
     use drmesh_topology::Weekday;
     use jiff::tz::{Offset, TimeZone};
+
+    #[test]
+    fn a_cycle_is_bounded_by_its_volume_and_the_windows() {
+        assert_eq!(cycle_bound(Some(16 << 20)), (16 << 20) + CYCLE_FIXED_BYTES);
+        assert_eq!(cycle_bound(Some(8 << 30)), CYCLE_WINDOW_BYTES + CYCLE_FIXED_BYTES);
+        assert_eq!(cycle_bound(None), CYCLE_WINDOW_BYTES + CYCLE_FIXED_BYTES);
+        // The budget takes one cycle of any size, and many small ones.
+        assert!(cycle_bound(None) <= CYCLE_MEMORY_BUDGET);
+        assert!(CYCLE_MEMORY_BUDGET / cycle_bound(Some(16 << 20)) >= 10);
+    }
 
     #[test]
     fn the_next_cycle_is_due_rpo_after_the_start_of_the_last() {

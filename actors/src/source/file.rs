@@ -112,6 +112,14 @@ static BUFFER_POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::
 /// Buffers kept for reuse at most.
 const POOL_BUFFERS: usize = 112;
 
+/// Frees the recycled read buffers (up to [`POOL_BUFFERS`] blocks' worth):
+/// the node calls it when no cycle runs, so an idle node does not keep the
+/// buffers of its last busy moment.
+pub fn release_pooled_buffers() {
+    let freed = std::mem::take(&mut *BUFFER_POOL.lock().unwrap_or_else(|p| p.into_inner()));
+    drop(freed);
+}
+
 /// The bytes of one block, in a pooled buffer aligned for O_DIRECT.
 pub struct BlockData {
     raw: Vec<u8>,
