@@ -1,25 +1,29 @@
-//! The actors of a drmesh node and the protocol cores they drive.
+//! The I/O side of a drmesh node: the store, the change sources, restore,
+//! export and recovery, and the actix actors that drive the protocol cores.
 //!
-//! - [`proto`] holds protocol logic as plain state machines (sans-IO): inputs and
-//!   `now` go in, actions come out. They never read a clock, touch a socket or
-//!   spawn a task, so they are tested without sockets and, later, driven by
-//!   `simnet` under virtual time.
-//! - [`actor`] holds the actix actors that feed those cores real time, real
-//!   QUIC connections and topology updates, and carry out their actions.
+//! - [`proto`], [`codec`], [`content`], [`blob`], [`drill`] are the crate
+//!   `drmesh-proto` (actors/proto/), re-exported under the paths this crate's
+//!   code uses: plain state machines and value types (sans-IO) that never read
+//!   a clock, touch a socket or spawn a task, so they are tested without
+//!   sockets and driven by `simnet` under virtual time.
+//! - [`actor`] holds the actors that feed those cores real time, real QUIC
+//!   connections and topology updates, and carry out their actions; [`store`],
+//!   [`source`], [`restore`], [`export`], [`adapt`], [`vm`] do the I/O.
 //!
-//! The data actors (block-reader, compressor, sender, applier), the change
-//! sources and the store arrive with the data-plane work; this crate's
-//! foundation is the mesh: which peers to keep connected and how.
+//! See docs/development.md, "Layers".
 
 pub mod actor;
-pub mod proto;
-pub mod content;
 pub mod store;
 pub mod source;
-pub mod codec;
 pub mod cpu_pool;
 pub mod restore;
 pub mod adapt;
 pub mod export;
 pub mod vm;
-pub mod drill;
+
+/// The sans-IO protocol cores (crate `drmesh-proto`), under the paths the
+/// actors have always used.
+pub mod proto {
+    pub use drmesh_proto::{bandwidth, drill, gossip, nbd, peers, session, time};
+}
+pub use drmesh_proto::{blob, codec, content, drill_report as drill};

@@ -12,6 +12,11 @@
 //! up in the [`Report`]: convergence of every committed RP to every live node,
 //! resurrections of expired RPs, failure-detection times, traffic.
 //!
+//! [`replication`] is a second world: the replication session cores of one
+//! source and one target, cycle after cycle, with an in-memory store under
+//! seeded faults (latency, failed and torn writes, crashes, GC racing the
+//! cycles) and checkers for promises 1, 2, 3 and 6.
+//!
 //! Besides the simulator, [`link`] models one direction of a WAN link (delay,
 //! jitter, loss, rate, drop-tail queue) as a sans-IO state machine, and
 //! [`relay`] puts that model between two real UDP endpoints (the
@@ -19,6 +24,7 @@
 
 pub mod link;
 pub mod relay;
+pub mod replication;
 pub mod scenario;
 mod sim;
 

@@ -89,6 +89,22 @@ enum Command {
     /// socket, and replies come back through the reverse link. "up" is client
     /// to --forward, "down" is the way back.
     Relay(RelayArgs),
+    /// Run the replication world (session cores, in-memory store, seeded
+    /// faults, promise checkers) over many seeds and print what the checkers found.
+    Replication(ReplicationArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct ReplicationArgs {
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Number of seeds, from --seed on.
+    #[arg(long, default_value_t = 100_000)]
+    seeds: u64,
+    /// Make the target acknowledge blobs before they are durable (the checkers must object).
+    #[arg(long)]
+    broken_applier: bool,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -291,6 +307,9 @@ fn main() -> ExitCode {
     if let Some(Command::Relay(r)) = &args.command {
         return run_relay(r);
     }
+    if let Some(Command::Replication(r)) = &args.command {
+        return run_replication(r);
+    }
     if args.bench {
         for nodes in [1_000, 10_000] {
             println!("== {nodes} nodes, steady, 600 s simulated, seed {}, loss {}", args.seed, args.loss);
@@ -304,4 +323,36 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+fn run_replication(args: &ReplicationArgs) -> ExitCode {
+    use drmesh_simnet::replication::{run, ReplConfig};
+    let started = Instant::now();
+    let (mut committed, mut failed, mut crashes, mut gcs, mut bad_seeds) = (0usize, 0usize, 0usize, 0usize, 0u64);
+    for seed in args.seed..args.seed.saturating_add(args.seeds) {
+        let r = run(ReplConfig { broken_applier: args.broken_applier, ..ReplConfig::swarm(seed) });
+        committed += r.committed;
+        failed += r.failed;
+        crashes += r.crashes;
+        gcs += r.gc_runs;
+        if !r.violations.is_empty() {
+            bad_seeds += 1;
+            if bad_seeds <= 10 {
+                for v in &r.violations {
+                    println!("{v}");
+                }
+            }
+        }
+    }
+    println!(
+        "replication: seeds {}..{}: {committed} cycles committed, {failed} failed, {crashes} crashes, {gcs} GC runs; {bad_seeds} seeds with violations; {:.1} s",
+        args.seed,
+        args.seed.saturating_add(args.seeds),
+        started.elapsed().as_secs_f64()
+    );
+    if bad_seeds == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

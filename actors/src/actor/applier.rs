@@ -1,11 +1,13 @@
 //! The applier: the target side of replication sessions.
 //!
 //! Each replication stream a peer opens is served by one task that drives a
-//! [`TargetSession`] and does the store work it implies: lookups (which pin
-//! what was reported present, promise 6), staging block-map changes, durable
-//! blob writes in batches (a separate writer task, so reading the stream goes
-//! on while a batch is synced), and the one-transaction commit (promise 1).
-//! Only the volume's source node may replicate it, and only to its targets.
+//! [`TargetSession`] (the core decides who may replicate what, what to ask
+//! for, batching, and the order of `Stored`, commit, retention and
+//! `Committed`) and does the store work it asks for: lookups that pin what
+//! they report present (promise 6), staging block-map changes, durable blob
+//! writes in batches (one writer task, so the stream is read on while a batch
+//! syncs, with at most two batches queued), the one-transaction commit
+//! (promise 1) and retention.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -14,22 +16,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use drmesh_topology::{NodeId, Topology};
 use drmesh_transport::endpoint::{self, MessageReader};
 use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::actor::fetch;
 use crate::actor::gossip::RpNews;
 use crate::actor::mesh::StreamService;
 use crate::actor::replicate::LinkPacers;
-use crate::proto::session::{SourceMsg, TargetMsg, TargetSession};
+use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
+use crate::proto::time::Millis;
 use crate::store::{EncodedBlob, Retention, Store, StoreError};
-
-/// Blobs gathered before one durable write (below the source's credit window,
-/// so a full window always fills a batch).
-const BATCH_BLOBS: usize = 32;
-/// A partial batch is written when the stream has been quiet this long.
-const BATCH_IDLE: Duration = Duration::from_millis(3);
-/// Payload bytes gathered before one durable write.
-const BATCH_BYTES: usize = 32 << 20;
 
 /// What the node serves to peers: replication sessions into its store and fetches out of it.
 pub struct DataPlane {
@@ -103,18 +98,8 @@ impl StreamService for Arc<DataPlane> {
 }
 
 /// The topology's retention of a policy, in the store's terms.
-pub fn retention_of(policy: &drmesh_topology::Policy) -> Retention {
-    Retention {
-        keep_last: policy.retention.keep_last,
-        hourly: policy.retention.hourly,
-        daily: policy.retention.daily,
-        weekly: policy.retention.weekly,
-    }
-}
-
-enum WriterCmd {
-    Batch(Vec<EncodedBlob>),
-    Flush(oneshot::Sender<Result<u64, String>>),
+pub fn retention_of(r: &drmesh_topology::Retention) -> Retention {
+    Retention { keep_last: r.keep_last, hourly: r.hourly, daily: r.daily, weekly: r.weekly }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
@@ -129,10 +114,15 @@ fn describe(e: &StoreError) -> String {
     }
 }
 
+/// A store call on the blocking pool, its error put in words.
+async fn store_call<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, String> {
+    blocking(f).await?.map_err(|e| describe(&e))
+}
+
 async fn serve_replication(plane: Arc<DataPlane>, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream) {
     let session = plane.next_session.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<TargetMsg>(64);
-    let writer_task = actix_rt::spawn(async move {
+    let sender = actix_rt::spawn(async move {
         let mut send = send;
         while let Some(msg) = out_rx.recv().await {
             if endpoint::send_frame(&mut send, &msg).await.is_err() {
@@ -141,198 +131,135 @@ async fn serve_replication(plane: Arc<DataPlane>, peer: NodeId, send: quinn::Sen
         }
         let _ = send.finish();
     });
-    let result = run_session(&plane, peer, session, recv, &out_tx).await;
-    if let Err(reason) = &result {
-        tracing::warn!(peer = %peer.short(), %reason, "replication session failed; nothing committed");
-        let _ = out_tx.send(TargetMsg::Failed { reason: reason.clone() }).await;
-    }
+    run_session(&plane, peer, session, recv, &out_tx).await;
     let store = plane.store.clone();
     let _ = blocking(move || store.release_session(session)).await;
     drop(out_tx);
-    let _ = writer_task.await;
+    let _ = sender.await;
 }
 
-async fn run_session(
-    plane: &Arc<DataPlane>,
-    peer: NodeId,
-    session: u64,
-    recv: quinn::RecvStream,
-    out: &mpsc::Sender<TargetMsg>,
-) -> Result<(), String> {
+/// Drives one session's core until it finished and no batch write is out.
+async fn run_session(plane: &Arc<DataPlane>, peer: NodeId, session: u64, recv: quinn::RecvStream, out: &mpsc::Sender<TargetMsg>) {
     // Read unordered: a lossy long path leaves more holes in this stream than
     // quinn keeps per stream (see `MessageReader::unordered`); 1 byte (the
     // stream kind) was read before.
     let mut reader = MessageReader::unordered(recv, MAX_DATA_FRAME_BYTES, 1);
-    let reply = |m: TargetMsg| async move { out.send(m).await.map_err(|_| "stream closed".to_string()) };
-    let Some(SourceMsg::Open { volume, base, encrypted }) = reader.next_frame::<SourceMsg>().await.map_err(|e| e.to_string())? else {
-        return Err("the session did not start with Open".into());
-    };
-    let topology = plane.topology();
-    let peer_name = topology.node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_else(|| peer.short());
-    let local_name = topology.node_by_id(&plane.local).map(|n| n.name.clone()).unwrap_or_default();
-    let Some(vol) = topology.volumes.iter().find(|v| v.name == volume) else {
-        return Err(format!("volume {volume:?} is not in this node's topology"));
-    };
-    if vol.source != peer_name {
-        return Err(format!("node {peer_name} is not the source of volume {volume:?} (the topology says {})", vol.source));
-    }
-    if !vol.targets.contains(&local_name) {
-        return Err(format!("this node ({local_name}) is not a target of volume {volume:?}"));
-    }
-    let retention = topology.policies.get(&vol.policy).map(retention_of);
-    let mut core = TargetSession::new();
+    let mut core = TargetSession::new(plane.topology(), plane.local, peer);
+    let origin = Instant::now();
+    let now = || Millis(u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX));
+    // The durable writer: batches in order, at most two queued (the stream
+    // waits beyond that), results back to this loop.
+    let (batch_tx, mut batch_rx) = mpsc::channel::<(u64, Vec<EncodedBlob>)>(2);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<u64, String>)>();
     let store = plane.store.clone();
-    let v = volume.clone();
-    let newest = blocking(move || store.latest_rp(&v)).await?.map_err(|e| describe(&e))?;
-    reply(core.handle_open(base, newest.as_ref().map(|m| (m.seq, m.merkle_root)))).await?;
-    tracing::info!(%volume, source = %peer_name, session, "replication session opened");
-
-    // The durable writer: batches arrive over a short channel, so the stream is read while a batch syncs.
-    let (batch_tx, mut batch_rx) = mpsc::channel::<WriterCmd>(2);
-    let store = plane.store.clone();
-    let stored_out = out.clone();
-    // Batches queued or being written; a partial batch is only sent to an idle
-    // writer, so batches grow while the disk is busy (fewer syncs per byte).
-    let writing = Arc::new(AtomicU64::new(0));
-    let writing_done = writing.clone();
     let writer = actix_rt::spawn(async move {
-        let mut written = 0u64;
-        let mut failure: Option<String> = None;
-        while let Some(cmd) = batch_rx.recv().await {
-            match cmd {
-                WriterCmd::Batch(blobs) if failure.is_none() => {
-                    let ids: Vec<_> = blobs.iter().map(|b| b.id).collect();
-                    let s = store.clone();
-                    let count = blobs.len();
-                    let started = std::time::Instant::now();
-                    match blocking(move || s.put_blobs(session, &blobs)).await {
-                        Ok(Ok(bytes)) => {
-                            tracing::debug!(count, bytes, ms = started.elapsed().as_millis() as u64, "blob batch durable");
-                            written += bytes;
-                            let _ = stored_out.send(TargetMsg::Stored { blobs: ids }).await;
-                        }
-                        Ok(Err(e)) => failure = Some(describe(&e)),
-                        Err(e) => failure = Some(e),
-                    }
-                    // Tell the source at once: it may be waiting for exactly these acks.
-                    if let Some(reason) = &failure {
-                        tracing::warn!(%reason, "writing blobs failed; ending the session");
-                        let _ = stored_out.send(TargetMsg::Failed { reason: reason.clone() }).await;
-                    }
-                    writing_done.fetch_sub(1, Ordering::SeqCst);
-                }
-                WriterCmd::Batch(_) => {
-                    writing_done.fetch_sub(1, Ordering::SeqCst);
-                }
-                WriterCmd::Flush(done) => {
-                    let _ = done.send(match &failure {
-                        Some(f) => Err(f.clone()),
-                        None => Ok(written),
-                    });
-                }
+        while let Some((batch, blobs)) = batch_rx.recv().await {
+            let (s, count, started) = (store.clone(), blobs.len(), Instant::now());
+            let result = store_call(move || s.put_blobs(session, &blobs)).await;
+            if let Ok(bytes) = &result {
+                tracing::debug!(count, bytes, ms = started.elapsed().as_millis() as u64, "blob batch durable");
+            }
+            if done_tx.send((batch, result)).is_err() {
+                break;
             }
         }
     });
-    let flush = |batch_tx: mpsc::Sender<WriterCmd>| async move {
-        let (tx, rx) = oneshot::channel();
-        batch_tx.send(WriterCmd::Flush(tx)).await.map_err(|_| "writer stopped".to_string())?;
-        rx.await.map_err(|_| "writer stopped".to_string())?
-    };
-
-    let mut batch: Vec<EncodedBlob> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let result: Result<(), String> = async {
-        loop {
-            // A partial batch goes to disk as soon as the source pauses: it may be
-            // waiting for exactly these acknowledgements to send more.
-            let writer_idle = writing.load(Ordering::SeqCst) == 0;
-            let next = tokio::select! {
-                biased;
-                next = reader.next_frame::<SourceMsg>() => next,
-                _ = tokio::time::sleep(BATCH_IDLE), if !batch.is_empty() && writer_idle => {
-                    writing.fetch_add(1, Ordering::SeqCst);
-                    batch_tx.send(WriterCmd::Batch(std::mem::take(&mut batch))).await.map_err(|_| "writer stopped".to_string())?;
-                    batch_bytes = 0;
-                    continue;
-                }
-                // The writer finished: look again (an idle flush may now be due).
-                _ = tokio::time::sleep(BATCH_IDLE), if !batch.is_empty() && !writer_idle => continue,
-            };
-            let msg = match next {
-                Ok(Some(m)) => m,
-                Ok(None) => return Err("source closed the session before committing".into()),
-                Err(e) => return Err(format!("session stream: {e}")),
-            };
-            match msg {
-                SourceMsg::Offer { entries } => {
-                    let contents: Vec<_> = entries.iter().map(|e| e.content).collect();
-                    let bases: Vec<_> = entries.iter().map(|e| e.base.unwrap_or(crate::content::ContentId::ZERO)).collect();
-                    let changes: Vec<_> = entries.iter().map(|e| (e.index, e.content)).collect();
-                    let (store, v) = (plane.store.clone(), volume.clone());
-                    let (present, base_locs) = blocking(move || -> Result<_, StoreError> {
-                        let present = store.lookup_and_pin(session, &contents)?;
-                        let bases = store.lookup_and_pin(session, &bases)?;
-                        store.stage(session, &v, &changes)?;
-                        Ok((present, bases))
-                    })
-                    .await?
-                    .map_err(|e| describe(&e))?;
-                    let wants = core.handle_offer(&entries, &present, &base_locs).map_err(|e| e.to_string())?;
-                    reply(TargetMsg::Answer { wants }).await?;
-                }
-                SourceMsg::Blob(wire) => {
-                    let blob: EncodedBlob = wire.into();
-                    core.handle_blob(&blob).map_err(|e| e.to_string())?;
-                    batch_bytes += blob.payload.len();
-                    batch.push(blob);
-                    if batch.len() >= BATCH_BLOBS || batch_bytes >= BATCH_BYTES {
-                        writing.fetch_add(1, Ordering::SeqCst);
-                        batch_tx.send(WriterCmd::Batch(std::mem::take(&mut batch))).await.map_err(|_| "writer stopped".to_string())?;
-                        batch_bytes = 0;
+    let mut writes_out = 0usize;
+    loop {
+        while let Some(event) = core.poll_event() {
+            match event {
+                TargetEvent::Write { batch, blobs } => {
+                    writes_out += 1;
+                    if batch_tx.send((batch, blobs)).await.is_err() {
+                        core.handle_written(batch, Err("the blob writer stopped".into()));
                     }
                 }
-                SourceMsg::Commit { mut meta } => {
-                    if !batch.is_empty() {
-                        writing.fetch_add(1, Ordering::SeqCst);
-                        batch_tx.send(WriterCmd::Batch(std::mem::take(&mut batch))).await.map_err(|_| "writer stopped".to_string())?;
-                    }
-                    let written = flush(batch_tx.clone()).await?;
-                    core.handle_commit().map_err(|e| e.to_string())?;
-                    meta.volume = volume.clone();
-                    meta.source_node = peer_name.clone();
-                    meta.bytes_stored = written;
-                    meta.encrypted = encrypted;
-                    let seq = meta.seq;
-                    let store = plane.store.clone();
-                    let m = meta.clone();
-                    blocking(move || store.commit_rp(session, &m)).await?.map_err(|e| describe(&e))?;
-                    tracing::info!(rp = %meta.name(), changed = meta.changed_blocks, bytes_stored = written, "recovery point committed");
-                    // Retention runs before the source hears `Committed`, so a finished
-                    // cycle leaves the catalog as the policy says, not a moment later.
-                    let mut pruned = Vec::new();
-                    if let Some(retention) = retention {
-                        let store = plane.store.clone();
-                        let v = volume.clone();
-                        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
-                        match blocking(move || store.prune(&v, &retention, now)).await? {
-                            Ok(p) => pruned = p,
-                            Err(e) => tracing::warn!(%volume, error = %e, "retention failed"),
-                        }
-                    }
-                    reply(TargetMsg::Committed { seq }).await?;
-                    plane.announce(RpNews::Committed(meta.clone()));
-                    if !pruned.is_empty() {
-                        tracing::info!(%volume, ?pruned, "retention expired recovery points");
-                        plane.announce(RpNews::Pruned { volume: volume.clone(), pruned });
-                    }
-                    return Ok(());
-                }
-                SourceMsg::Open { .. } => return Err("a second Open in one session".into()),
+                event => carry_out(plane, peer, session, &mut core, event).await,
             }
         }
+        while let Some(msg) = core.poll_transmit() {
+            if out.send(msg).await.is_err() {
+                core.handle_disconnect("the stream to the source closed");
+            }
+        }
+        if core.is_finished() && writes_out == 0 {
+            break;
+        }
+        let timeout = core.poll_timeout().map(|due| due.0.saturating_sub(now().0));
+        tokio::select! {
+            biased;
+            Some((batch, result)) = done_rx.recv() => {
+                writes_out -= 1;
+                core.handle_written(batch, result);
+            }
+            frame = reader.next_frame::<crate::proto::session::SourceMsg>(), if !core.is_finished() => match frame {
+                Ok(Some(msg)) => core.handle_message(now(), msg),
+                Ok(None) => core.handle_disconnect("the source closed the stream"),
+                Err(e) => core.handle_disconnect(&format!("session stream: {e}")),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(0))), if timeout.is_some() => core.handle_timeout(now()),
+        }
     }
-    .await;
     drop(batch_tx);
     let _ = writer.await;
-    result
+}
+
+/// Does one piece of store work (or news) the core asked for and reports back.
+async fn carry_out(plane: &Arc<DataPlane>, peer: NodeId, session: u64, core: &mut TargetSession, event: TargetEvent) {
+    let store = plane.store.clone();
+    match event {
+        TargetEvent::Newest { volume } => {
+            let newest = store_call(move || store.latest_rp(&volume)).await;
+            core.handle_newest(newest.map(|m| m.map(|m| (m.seq, m.merkle_root))));
+            if let Some(volume) = core.volume().filter(|_| !core.is_finished()) {
+                tracing::info!(%volume, source = %peer_label(plane, peer), session, "replication session opened");
+            }
+        }
+        TargetEvent::Lookup { contents, bases, changes } => {
+            let volume = core.volume().unwrap_or_default().to_string();
+            let result = store_call(move || {
+                let present = store.lookup_and_pin(session, &contents)?;
+                let bases = store.lookup_and_pin(session, &bases)?;
+                store.stage(session, &volume, &changes)?;
+                Ok((present, bases))
+            })
+            .await;
+            core.handle_lookup(result);
+        }
+        TargetEvent::Commit { meta } => {
+            let m = meta.clone();
+            let result = store_call(move || store.commit_rp(session, &m)).await;
+            if result.is_ok() {
+                tracing::info!(rp = %meta.name(), changed = meta.changed_blocks, bytes_stored = meta.bytes_stored, "recovery point committed");
+            }
+            core.handle_committed(result);
+        }
+        TargetEvent::Prune { volume, retention } => {
+            let retention = retention_of(&retention);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
+            let v = volume.clone();
+            match store_call(move || store.prune(&v, &retention, now)).await {
+                Ok(pruned) => core.handle_pruned(pruned),
+                Err(error) => {
+                    tracing::warn!(%volume, %error, "retention failed");
+                    core.handle_pruned(Vec::new());
+                }
+            }
+        }
+        TargetEvent::Announce(Announcement::Committed(meta)) => plane.announce(RpNews::Committed(meta)),
+        TargetEvent::Announce(Announcement::Pruned { volume, seqs }) => {
+            let pruned = seqs.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            tracing::info!(%volume, %pruned, "retention expired recovery points");
+            plane.announce(RpNews::Pruned { volume, pruned: seqs });
+        }
+        TargetEvent::Finished { outcome: Err(reason) } => {
+            tracing::warn!(peer = %peer_label(plane, peer), %reason, "replication session failed; nothing committed");
+        }
+        TargetEvent::Finished { outcome: Ok(_) } | TargetEvent::Write { .. } => {}
+    }
+}
+
+/// The peer's name in the topology, else its short id.
+fn peer_label(plane: &DataPlane, peer: NodeId) -> String {
+    plane.topology().node_by_id(&peer).map_or_else(|| peer.short(), |n| n.name.clone())
 }

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use drmesh_topology::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::bandwidth::Demand;
+use crate::bandwidth::Demand;
 
 use super::Millis;
 
@@ -48,7 +48,7 @@ pub enum Consistency {
 }
 
 /// Outcome of a disaster-recovery drill run on an RP (the summary of a
-/// [`crate::drill::DrillReport`]; the holder keeps the whole report).
+/// [`crate::drill_report::DrillReport`]; the holder keeps the whole report).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrillResult {
     /// When the drill finished, Unix milliseconds.
@@ -81,7 +81,7 @@ pub struct CheckVerdict {
 
 impl DrillResult {
     /// The gossiped summary of a full report.
-    pub fn of(report: &crate::drill::DrillReport) -> DrillResult {
+    pub fn of(report: &crate::drill_report::DrillReport) -> DrillResult {
         DrillResult {
             finished_unix_ms: report.finished_unix_ms,
             passed: report.passed,

@@ -1,7 +1,7 @@
 //! What a drill proved about a recovery point: one [`DrillReport`] per drill,
 //! one [`CheckReport`] per check it ran. The node that ran it keeps the whole
 //! report in its store (with the output tails); gossip carries the
-//! [`crate::proto::gossip::DrillResult`] summary to every node's catalog.
+//! [`crate::gossip::DrillResult`] summary to every node's catalog.
 
 use serde::{Deserialize, Serialize};
 

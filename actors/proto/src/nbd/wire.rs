@@ -181,7 +181,7 @@ pub(crate) fn put_chunk_header(out: &mut BytesMut, flags: u16, kind: u16, cookie
 
 /// A final `REPLY_TYPE_ERROR` chunk carrying `errno` and a message for people.
 pub(crate) fn put_error_chunk(out: &mut BytesMut, cookie: u64, errno: u32, message: &str) {
-    let message = cut_str(message, crate::proto::nbd::MAX_STRING_BYTES);
+    let message = cut_str(message, crate::nbd::MAX_STRING_BYTES);
     put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + message.len());
     out.put_u32(errno);
     // `cut_str` keeps it within 4096 bytes.

@@ -37,25 +37,10 @@ use catalog::{
     cut_text, prefix_of, Catalog, Item, ItemKey, ItemValue, Merge, NodeStatus, RpInfo, ScrubResult, ScrubVerdict, VolumeHealth,
     VolumeName, BUCKETS, DRILL_CHECKS_MAX, SCRUB_DAMAGED_MAX, VOLUME_NAME_BYTES_MAX,
 };
-use crate::proto::bandwidth::Demand;
+use crate::bandwidth::Demand;
 use wire::{encode_sync, Delta, DeltaKey, DetailEntry, SyncMsg, DATAGRAM_BYTES_MAX, TAG_FOCA, TAG_SYNC};
 
-/// A point in time for gossip: milliseconds since an origin the driver picks
-/// (process start for the node, zero for simnet). Only differences matter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Millis(pub u64);
-
-impl Millis {
-    /// `self + d`, saturating.
-    pub fn after(self, d: Duration) -> Millis {
-        Millis(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
-    }
-
-    /// Time from `earlier` to `self` (zero if `earlier` is later).
-    pub fn since(self, earlier: Millis) -> Duration {
-        Duration::from_millis(self.0.saturating_sub(earlier.0))
-    }
-}
+pub use crate::time::Millis;
 
 /// A node as foca sees it: the node id plus a generation that grows at each
 /// restart (and at each automatic rejoin after being declared down), so a

@@ -282,6 +282,8 @@ impl PeerTable {
 }
 
 #[cfg(test)]
+// The tests start their virtual time at a real instant (Instant has no other constructor).
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -19,7 +19,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 pub use crate::content::{page_hashes, PAGE_BYTES, PAGE_HASH_BYTES};
 use crate::content::{BlobId, ContentId, IdScheme};
-use crate::store::{BlobFlags, EncodedBlob};
+use crate::blob::{BlobFlags, EncodedBlob};
 
 /// Longest delta chain a target accepts; beyond it the source sends a full block.
 pub const MAX_DELTA_DEPTH: u8 = 8;

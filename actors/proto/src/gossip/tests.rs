@@ -167,7 +167,7 @@ fn garbage_is_rejected_without_panic() {
 
 #[test]
 fn uplink_demands_spread_and_follow_changes() {
-    use crate::proto::bandwidth::Demand;
+    use crate::bandwidth::Demand;
     let mut mesh = Mesh::new(3);
     mesh.run_until(Millis(3_000));
     mesh.node(1).handle_demand(Millis(3_000), Demand::Unlimited);

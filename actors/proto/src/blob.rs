@@ -1,0 +1,89 @@
+//! The value types of blobs and recovery points that protocol cores, codec
+//! and store all speak of: plain data, below every one of them (no I/O).
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::{BlobId, ContentId};
+
+/// Flag bits of a blob (how the source encoded the payload).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlobFlags(pub u8);
+
+impl BlobFlags {
+    /// The payload is zstd-compressed.
+    pub const COMPRESSED: u8 = 1;
+    /// The payload is encrypted.
+    pub const ENCRYPTED: u8 = 2;
+    /// The payload is a delta against `base`.
+    pub const DELTA: u8 = 4;
+
+    /// Whether every bit of `bits` is set.
+    pub fn has(&self, bits: u8) -> bool {
+        self.0 & bits == bits
+    }
+}
+
+/// One blob as the source encoded it. For a full block `id == content`; for a delta
+/// `id` is the delta's own id, `content` the block it produces, `base` the blob it applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedBlob {
+    /// The blob's id (its file name).
+    pub id: BlobId,
+    /// The block content it materializes.
+    pub content: ContentId,
+    /// How the payload is encoded.
+    pub flags: BlobFlags,
+    /// Length of the block it produces.
+    pub plain_len: u32,
+    /// The blob a delta applies to.
+    pub base: Option<BlobId>,
+    /// 0 for a full block, base depth + 1 for a delta.
+    pub depth: u8,
+    /// Opaque encoded bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Where a content can be materialized from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLoc {
+    /// The blob to read (a full block or the head of a delta chain).
+    pub blob: BlobId,
+    /// Its delta depth (0 = full block).
+    pub depth: u8,
+}
+
+/// A committed recovery point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpMeta {
+    /// Volume name.
+    pub volume: String,
+    /// Sequence number, increasing per volume.
+    pub seq: u64,
+    /// Snapshot instant.
+    pub time_unix_ms: u64,
+    /// Source node id (printable).
+    pub source_node: String,
+    /// Volume size.
+    pub volume_bytes: u64,
+    /// Block size.
+    pub block_bytes: u32,
+    /// Number of blocks.
+    pub block_count: u64,
+    /// Blocks changed since the previous RP.
+    pub changed_blocks: u64,
+    /// Blob bytes this RP added on the target.
+    pub bytes_stored: u64,
+    /// blake3 over the block ids in index order (see `content::MerkleBuilder`).
+    pub merkle_root: [u8; 32],
+    /// Whether the blobs are encrypted.
+    pub encrypted: bool,
+    /// Consistency level ("crash", "fs-frozen", "app").
+    pub consistency: String,
+}
+
+impl RpMeta {
+    /// `volume@seq`, for messages.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.volume, self.seq)
+    }
+}

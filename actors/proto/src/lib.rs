@@ -1,0 +1,25 @@
+//! drmesh's protocol cores and the value types they share, as plain state
+//! machines (sans-IO): inputs and `now` go in, actions come out. Nothing in
+//! this crate reads a clock, touches a socket or a file, or spawns a task;
+//! the actors of `drmesh-actors` drive these cores with real time and real
+//! connections, `simnet` drives them under virtual time. The crate's
+//! dependencies keep it so: no async runtime, actor system, transport or
+//! database (checked by `tests/layering.rs`).
+//!
+//! - [`content`], [`blob`]: ids, hashes and the blob and RP value types;
+//! - [`codec`]: how a block becomes a blob (zstd, AES-256-GCM, deltas);
+//! - [`session`]: a replication session's source and target sides;
+//! - [`gossip`], [`peers`], [`bandwidth`], [`drill`], [`nbd`]: the other cores;
+//! - [`drill_report`]: what a drill proved, as stored and gossiped.
+
+pub mod bandwidth;
+pub mod blob;
+pub mod codec;
+pub mod content;
+pub mod drill;
+pub mod drill_report;
+pub mod gossip;
+pub mod nbd;
+pub mod peers;
+pub mod session;
+pub mod time;
