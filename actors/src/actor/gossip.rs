@@ -72,7 +72,11 @@ impl GossipDb {
     }
 
     fn open(path: &Path) -> Result<GossipDb, GossipStoreError> {
-        let db = Database::create(path)
+        // The replica is a few values rewritten whole; redb's default page cache
+        // (1 GiB) would let it grow with the catalog. 8 MiB holds it.
+        let db = redb::Builder::new()
+            .set_cache_size(8 << 20)
+            .create(path)
             .map_err(|e| GossipStoreError { path: path.display().to_string(), op: "open", reason: e.to_string() })?;
         let this = GossipDb { db, path: path.to_path_buf() };
         let tx = this.db.begin_write().map_err(|e| this.err("begin write", e))?;

@@ -108,6 +108,11 @@ pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
 /// levels); `scripts/bench-store` shows the peaks at several sizes.
 pub const CATALOG_CACHE_BYTES: usize = 64 << 20;
 
+/// Page cache of the staging database (the rows of sessions in flight, read
+/// once at their commit): small, so a target's memory does not grow with the
+/// size of the volumes it receives.
+pub const STAGING_CACHE_BYTES: usize = 16 << 20;
+
 /// What one GC run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
@@ -312,7 +317,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_error("remove staging file", &staging_path, e)),
         }
-        let staging = Builder::new().set_cache_size(CATALOG_CACHE_BYTES).create(&staging_path).map_err(|e| open_error(&staging_path, e))?;
+        let staging = Builder::new().set_cache_size(STAGING_CACHE_BYTES).create(&staging_path).map_err(|e| open_error(&staging_path, e))?;
         {
             let tx = staging.begin_write().map_err(|e| catalog_error("begin staging", &staging_path, e))?;
             tx.open_table(STAGED).map_err(|e| catalog_error("open table staged", &staging_path, e))?;
