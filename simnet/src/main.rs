@@ -88,7 +88,7 @@ enum Command {
     /// rate, drop-tail queue), NAT-style: each client gets its own upstream
     /// socket, and replies come back through the reverse link. "up" is client
     /// to --forward, "down" is the way back.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Run the replication world (session cores, in-memory store, seeded
     /// faults, promise checkers) over many seeds and print what the checkers found.
     Replication(ReplicationArgs),

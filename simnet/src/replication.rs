@@ -3,8 +3,9 @@
 //! virtual time with seeded faults, and checkers that watch from outside.
 //!
 //! The source is a volume of 4 KiB blocks that changes between cycles and a
-//! baseline (what it believes the target committed). The target is an
-//! in-memory store with the real store's rules: a lookup pins what it reports
+//! baseline (what it believes the target committed). The target's store is
+//! the in-memory backend ([`MemoryStore`]) driven through the same
+//! [`SessionStore`] seam the applier uses: a lookup pins what it reports
 //! present for the session, blobs become durable only when their batch write
 //! completes, a crash loses everything not durable (writes in progress, staged
 //! block-map rows, pins), GC deletes every blob that no committed RP references
@@ -30,14 +31,15 @@
 //! as soon as it is handed out, before it is durable (the bug promise 1 rules
 //! out); the checkers must catch it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
-use drmesh_actors::blob::{BlobLoc, EncodedBlob, RpMeta};
+use drmesh_actors::blob::{EncodedBlob, RpMeta};
 use drmesh_actors::codec::BlockCodec;
 use drmesh_actors::content::{ContentId, MerkleBuilder};
 use drmesh_actors::proto::session::{OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetEvent, TargetMsg, TargetSession};
 use drmesh_actors::proto::time::Millis;
+use drmesh_actors::store::{MemoryStore, SessionStore};
 use drmesh_topology::{NodeId, Topology};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -131,36 +133,12 @@ fn topology() -> Arc<Topology> {
     }
 }
 
-/// A committed RP as the target holds it.
+/// The source's baseline: the RP it believes the target committed.
 #[derive(Debug, Clone)]
 struct Rp {
     seq: u64,
     root: [u8; 32],
     map: Vec<ContentId>,
-}
-
-/// The target's in-memory store.
-#[derive(Debug, Default)]
-struct Store {
-    /// Durable blobs by content.
-    durable: HashMap<ContentId, BlobLoc>,
-    rps: Vec<Rp>,
-    /// Block-map rows staged by the live session (lost at a crash).
-    staged: BTreeMap<u64, ContentId>,
-    /// What the live session pinned (told present) or wrote.
-    pinned: HashSet<ContentId>,
-    /// Contents the live session was told are present (promise 6's watch list).
-    told_present: HashSet<ContentId>,
-}
-
-impl Store {
-    fn newest(&self) -> Option<&Rp> {
-        self.rps.last()
-    }
-
-    fn referenced(&self) -> HashSet<ContentId> {
-        self.rps.iter().flat_map(|r| r.map.iter().copied()).filter(|c| !c.is_zero()).collect()
-    }
 }
 
 struct Write {
@@ -189,7 +167,11 @@ pub struct ReplWorld {
     volume: Vec<Vec<u8>>,
     /// The source's baseline: (seq, root, map), moved only on `Committed`.
     baseline: Option<Rp>,
-    store: Store,
+    store: MemoryStore,
+    /// Contents the live session was told are present (promise 6's watch list).
+    told_present: HashSet<ContentId>,
+    /// The live session's id in the store.
+    session: u64,
     report: ReplReport,
     trace: blake3::Hasher,
 }
@@ -228,7 +210,9 @@ impl ReplWorld {
             topology: topology(),
             volume,
             baseline: None,
-            store: Store::default(),
+            store: MemoryStore::new(),
+            told_present: HashSet::new(),
+            session: 0,
             report: ReplReport { seed: cfg.seed, ..ReplReport::default() },
             trace: blake3::Hasher::new(),
             cfg,
@@ -249,8 +233,9 @@ impl ReplWorld {
         }
         // After the fault-free cycle the target holds the source's data exactly.
         let map: Vec<ContentId> = self.volume.iter().map(|b| self.codec.ids().content_id(b)).collect();
-        match (&self.baseline, self.store.newest()) {
-            (Some(b), Some(n)) if b.map == map && n.map == map => {}
+        let newest = self.newest().map(|(seq, _)| seq).and_then(|seq| self.store.block_map("vol", seq));
+        match (&self.baseline, newest) {
+            (Some(b), Some(n)) if b.map == map && n == map => {}
             _ => self.violation("2: after a fault-free cycle the target's newest RP is not the source's data"),
         }
         self.report.trace_hash = self.trace.finalize().to_hex()[..16].to_string();
@@ -272,8 +257,8 @@ impl ReplWorld {
         let snapshot = self.volume.clone();
         let map: Vec<ContentId> = snapshot.iter().map(|b| self.codec.ids().content_id(b)).collect();
         let base = self.baseline.as_ref().map(|b| (b.seq, b.root));
-        let referenced = self.store.referenced();
-        let held_at_start = self.store.durable.keys().copied().filter(|c| referenced.contains(c)).collect();
+        self.session += 1;
+        let held_at_start = self.store.referenced().into_iter().filter(|c| self.store.has_content(c)).collect();
         let mut c = Cycle {
             src: SourceSession::new("vol", base, false, BLOCK as u32),
             tgt: TargetSession::new(self.topology.clone(), node(2), node(1)),
@@ -329,9 +314,12 @@ impl ReplWorld {
             _ => self.report.failed += 1,
         }
         // The session is over: its pins and staged rows go.
-        self.store.pinned.clear();
-        self.store.told_present.clear();
-        self.store.staged.clear();
+        self.store.release_session(self.session);
+        self.told_present.clear();
+    }
+
+    fn newest(&self) -> Option<(u64, [u8; 32])> {
+        self.store.newest_rp("vol").ok().flatten().map(|m| (m.seq, m.merkle_root))
     }
 
     /// Lets both sides act until neither has anything more to do at this instant.
@@ -352,9 +340,8 @@ impl ReplWorld {
         c.target_alive = false;
         // Everything not durable is lost: writes in progress, staged rows, pins.
         c.writes.clear();
-        self.store.staged.clear();
-        self.store.pinned.clear();
-        self.store.told_present.clear();
+        self.store.release_session(self.session);
+        self.told_present.clear();
         c.to_src.clear();
         c.to_tgt.clear();
         c.src.handle_disconnect("connection reset".into());
@@ -363,26 +350,19 @@ impl ReplWorld {
     fn gc(&mut self) {
         self.report.gc_runs += 1;
         self.trace.update(b"gc");
-        let keep: HashSet<ContentId> = self.store.referenced().union(&self.store.pinned).copied().collect();
-        self.store.durable.retain(|c, _| keep.contains(c));
+        self.store.gc();
         // Promise 6 from outside.
-        let gone: Vec<_> = self.store.told_present.iter().filter(|c| !self.store.durable.contains_key(c)).copied().collect();
-        if !gone.is_empty() {
+        if self.told_present.iter().any(|c| !self.store.has_content(c)) {
             self.violation("6: GC deleted a blob a running session was told is present");
         }
-        self.check_rps("6: GC deleted a blob a committed RP references");
-    }
-
-    fn check_rps(&mut self, what: &str) {
-        let lost = self.store.rps.iter().any(|r| r.map.iter().any(|c| !c.is_zero() && !self.store.durable.contains_key(c)));
-        if lost {
-            self.violation(what);
+        if self.store.referenced().iter().any(|c| !self.store.has_content(c)) {
+            self.violation("6: GC deleted a blob a committed RP references");
         }
     }
 
     fn check_baseline(&mut self) {
         if let Some(b) = &self.baseline {
-            let matches = self.store.rps.iter().any(|r| r.seq == b.seq && r.map == b.map && r.root == b.root);
+            let matches = self.store.block_map("vol", b.seq).is_some_and(|map| map == b.map && root_of(&map) == b.root);
             if !matches {
                 let what = format!("2: the source's baseline (RP {}) is not an RP the target committed with that block map", b.seq);
                 self.violation(&what);
@@ -456,36 +436,25 @@ impl ReplWorld {
             self.trace.update(event_tag(&e).as_bytes());
             match e {
                 TargetEvent::Newest { .. } => {
-                    let newest = self.store.newest().map(|r| (r.seq, r.root));
+                    let newest = self.newest();
                     c.tgt.handle_newest(Ok(newest));
                 }
                 TargetEvent::Lookup { contents, bases, changes } => {
-                    let mut look = |ids: &[ContentId], told: bool| -> Vec<Option<BlobLoc>> {
-                        ids.iter()
-                            .map(|id| {
-                                let found = self.store.durable.get(id).copied();
-                                if found.is_some() {
-                                    self.store.pinned.insert(*id);
-                                    if told {
-                                        self.store.told_present.insert(*id);
-                                    }
-                                }
-                                found
-                            })
-                            .collect()
-                    };
-                    let present = look(&contents, true);
-                    let bases = look(&bases, false);
-                    self.store.staged.extend(changes);
-                    c.tgt.handle_lookup(Ok((present, bases)));
+                    let session = self.session;
+                    let result = self.store.lookup_and_pin(session, &contents).and_then(|present| {
+                        let bases = self.store.lookup_and_pin(session, &bases)?;
+                        self.store.stage(session, "vol", &changes)?;
+                        Ok((present, bases))
+                    });
+                    if let Ok((present, _)) = &result {
+                        self.told_present.extend(contents.iter().zip(present).filter(|(_, p)| p.is_some()).map(|(c, _)| *c));
+                    }
+                    c.tgt.handle_lookup(result.map_err(|e| e.to_string()));
                 }
                 TargetEvent::Write { batch, blobs } => {
                     let due = Millis(self.now.0 + self.rng.random_range(0..=self.cfg.max_write_ms));
                     let fail = c.faults && self.rng.random_bool(self.cfg.p_write_fail);
                     let torn = (c.faults && !fail && self.rng.random_bool(self.cfg.p_torn)).then(|| self.rng.random_range(0..blobs.len()));
-                    for b in &blobs {
-                        self.store.pinned.insert(b.content);
-                    }
                     if self.cfg.broken_applier {
                         // The bug: acknowledged before it is durable.
                         c.tgt.handle_written(batch, Ok(blobs.iter().map(|b| b.payload.len() as u64).sum()));
@@ -493,23 +462,15 @@ impl ReplWorld {
                     c.writes.push(Write { due, batch, blobs, torn, fail });
                 }
                 TargetEvent::Commit { meta } => {
-                    // The new RP's map: the newest RP's with the staged rows applied.
-                    let mut map = self.store.newest().map(|r| r.map.clone()).unwrap_or_default();
-                    map.resize(meta.block_count as usize, ContentId::ZERO);
-                    for (&i, &content) in &self.store.staged {
-                        if let Some(slot) = map.get_mut(i as usize) {
-                            *slot = content;
-                        }
+                    // Promise 1 from outside, before the store is asked: every block durable.
+                    if c.map.iter().any(|m| !m.is_zero() && !self.store.has_content(m)) {
+                        self.violation("1: a commit was asked for while a block's blob is not durable");
                     }
-                    if map != c.map || root_of(&map) != meta.merkle_root {
+                    let result = self.store.commit_rp(self.session, &meta);
+                    if result.is_ok() && self.store.block_map("vol", meta.seq).as_ref() != Some(&c.map) {
                         self.violation("1: a committed RP's block map is not the source's data at the snapshot");
                     }
-                    if map.iter().any(|m| !m.is_zero() && !self.store.durable.contains_key(m)) {
-                        self.violation("1: an RP was committed that references a blob not durable");
-                    }
-                    self.store.rps.push(Rp { seq: meta.seq, root: meta.merkle_root, map });
-                    self.store.staged.clear();
-                    c.tgt.handle_committed(Ok(()));
+                    c.tgt.handle_committed(result.map_err(|e| e.to_string()));
                 }
                 TargetEvent::Prune { .. } => c.tgt.handle_pruned(Vec::new()),
                 TargetEvent::Announce(_) => {}
@@ -534,10 +495,10 @@ impl ReplWorld {
         if let Some(i) = c.writes.iter().position(|w| w.due <= self.now) {
             let w = c.writes.remove(i);
             let landed = if w.fail { 0 } else { w.torn.unwrap_or(w.blobs.len()) };
-            for b in &w.blobs[..landed] {
-                self.store.durable.insert(b.content, BlobLoc { blob: b.id, depth: b.depth });
-            }
-            let result = if w.fail {
+            let stored = self.store.put_blobs(self.session, &w.blobs[..landed]);
+            let result = if let Err(e) = stored {
+                Err(e.to_string())
+            } else if w.fail {
                 Err("target disk full".to_string())
             } else if w.torn.is_some() {
                 Err("write torn: input/output error".to_string())

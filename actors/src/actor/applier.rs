@@ -24,7 +24,7 @@ use crate::actor::mesh::StreamService;
 use crate::actor::replicate::LinkPacers;
 use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
 use crate::proto::time::Millis;
-use crate::store::{EncodedBlob, Retention, Store, StoreError};
+use crate::store::{EncodedBlob, Retention, SessionStore, Store, StoreError};
 
 /// What the node serves to peers: replication sessions into its store and fetches out of it.
 pub struct DataPlane {
@@ -145,16 +145,18 @@ async fn run_session(plane: &Arc<DataPlane>, peer: NodeId, session: u64, recv: q
     // stream kind) was read before.
     let mut reader = MessageReader::unordered(recv, MAX_DATA_FRAME_BYTES, 1);
     let mut core = TargetSession::new(plane.topology(), plane.local, peer);
+    // The session sees the store through the backend seam only.
+    let store: Arc<dyn SessionStore> = plane.store.clone();
     let origin = Instant::now();
     let now = || Millis(u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX));
     // The durable writer: batches in order, at most two queued (the stream
     // waits beyond that), results back to this loop.
     let (batch_tx, mut batch_rx) = mpsc::channel::<(u64, Vec<EncodedBlob>)>(2);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<u64, String>)>();
-    let store = plane.store.clone();
+    let writer_store = store.clone();
     let writer = actix_rt::spawn(async move {
         while let Some((batch, blobs)) = batch_rx.recv().await {
-            let (s, count, started) = (store.clone(), blobs.len(), Instant::now());
+            let (s, count, started) = (writer_store.clone(), blobs.len(), Instant::now());
             let result = store_call(move || s.put_blobs(session, &blobs)).await;
             if let Ok(bytes) = &result {
                 tracing::debug!(count, bytes, ms = started.elapsed().as_millis() as u64, "blob batch durable");
@@ -174,7 +176,7 @@ async fn run_session(plane: &Arc<DataPlane>, peer: NodeId, session: u64, recv: q
                         core.handle_written(batch, Err("the blob writer stopped".into()));
                     }
                 }
-                event => carry_out(plane, peer, session, &mut core, event).await,
+                event => carry_out(plane, &store, peer, session, &mut core, event).await,
             }
         }
         while let Some(msg) = core.poll_transmit() {
@@ -205,11 +207,11 @@ async fn run_session(plane: &Arc<DataPlane>, peer: NodeId, session: u64, recv: q
 }
 
 /// Does one piece of store work (or news) the core asked for and reports back.
-async fn carry_out(plane: &Arc<DataPlane>, peer: NodeId, session: u64, core: &mut TargetSession, event: TargetEvent) {
-    let store = plane.store.clone();
+async fn carry_out(plane: &Arc<DataPlane>, store: &Arc<dyn SessionStore>, peer: NodeId, session: u64, core: &mut TargetSession, event: TargetEvent) {
+    let store = store.clone();
     match event {
         TargetEvent::Newest { volume } => {
-            let newest = store_call(move || store.latest_rp(&volume)).await;
+            let newest = store_call(move || store.newest_rp(&volume)).await;
             core.handle_newest(newest.map(|m| m.map(|m| (m.seq, m.merkle_root))));
             if let Some(volume) = core.volume().filter(|_| !core.is_finished()) {
                 tracing::info!(%volume, source = %peer_label(plane, peer), session, "replication session opened");

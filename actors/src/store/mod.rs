@@ -70,6 +70,7 @@
 //! every content in its own write transaction, so it can never reference a swept blob.
 //! Files without catalog rows (a crash between rename and catalog commit) are swept too.
 
+mod backend;
 mod blob_file;
 mod catalog;
 mod drills;
@@ -93,6 +94,7 @@ use serde::{Deserialize, Serialize};
 pub use self::blob_file::{encode_header as encode_blob_header, parse_header as parse_blob_header, Header as BlobHeader, HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
 use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, SCRUBS, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
+pub use self::backend::{MemoryStore, SessionStore};
 pub use self::error::{is_no_space, StoreError};
 pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
 pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
