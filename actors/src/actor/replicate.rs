@@ -16,7 +16,6 @@
 //! was acknowledged, or when the cycle failed (its changes stay pending).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,7 +31,7 @@ use crate::proto::bandwidth::Pacer;
 use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetMsg, Want};
 use crate::source::baseline::{BaselineMeta, Baselines};
 use crate::source::file::{FileSource, ScanStats, ScannedBlock, Scanner};
-use crate::source::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
+use crate::source::change::{ChangeSource, Changes, PointInTime};
 use crate::store::{EncodedBlob, RpMeta};
 
 /// Baseline entries staged per write.
@@ -47,10 +46,8 @@ pub struct CycleConfig {
     pub target: String,
     /// This node's name.
     pub source_node: String,
-    /// Image file or block device (kind `file`; for `kmod` the tracked device).
-    pub path: PathBuf,
-    /// Kind `kmod`: the device, its COW store and the volume's targets.
-    pub kmod: Option<KmodSpec>,
+    /// Where the volume's blocks and changes come from (its kind).
+    pub source: Arc<dyn ChangeSource>,
     /// Policy block size.
     pub block_bytes: u32,
     /// Policy codec (compression, encryption, id scheme).
@@ -250,33 +247,31 @@ pub async fn run_cycle(
     baselines: Arc<Baselines>,
     cancel: &mut oneshot::Receiver<String>,
 ) -> Result<CycleReport, CycleError> {
-    let Some(spec) = cfg.kmod.clone() else {
-        return run_cycle_on(conn, cfg, baselines, cancel, None).await;
+    // Views that may not overlap (one snapshot per device) take turns, each
+    // from open to release. A pause while waiting for the turn ends the wait.
+    let _turn = match cfg.source.turn() {
+        None => None,
+        Some(lock) => Some(tokio::select! {
+            turn = lock.clone().lock_owned() => turn,
+            reason = &mut *cancel => match reason {
+                Ok(reason) => return Err(CycleError::Session(reason)),
+                Err(_) => {
+                    // Nobody can cancel any more; a receiver whose sender is gone
+                    // tells the session loop so once.
+                    *cancel = oneshot::channel().1;
+                    lock.lock_owned().await
+                }
+            },
+        }),
     };
-    // One snapshot per disk: cycles of the device take turns, each from
-    // snapshot to release. A pause while waiting for the turn ends the wait.
-    let lock = device_lock(&spec.device);
-    let _turn = tokio::select! {
-        turn = lock.clone().lock_owned() => turn,
-        reason = &mut *cancel => match reason {
-            Ok(reason) => return Err(CycleError::Session(reason)),
-            Err(_) => {
-                // Nobody can cancel any more; a receiver whose sender is gone
-                // tells the session loop so once.
-                *cancel = oneshot::channel().1;
-                lock.lock_owned().await
-            }
-        },
-    };
-    let (b, v, t, bb) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
-    let kmod = tokio::task::spawn_blocking(move || KmodCycle::prepare(&b, &v, &t, &spec, bb))
+    let (source, b, v, t, bb) = (cfg.source.clone(), baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
+    let view: Arc<dyn PointInTime> = tokio::task::spawn_blocking(move || source.open(&b, &v, &t, bb))
         .await
-        .map_err(|e| CycleError::Session(e.to_string()))??;
-    let kmod = Arc::new(kmod);
-    let result = run_cycle_on(conn, cfg, baselines, cancel, Some(kmod.clone())).await;
+        .map_err(|e| CycleError::Session(e.to_string()))??
+        .into();
+    let result = run_cycle_on(conn, cfg, baselines, cancel, view.clone()).await;
     // Released before the turn ends (the reader thread may still hold a reference).
-    let k = kmod.clone();
-    match tokio::task::spawn_blocking(move || k.release()).await {
+    match tokio::task::spawn_blocking(move || view.release()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot release the snapshot"),
         Err(e) => tracing::warn!(error = %e, "cannot release the snapshot"),
@@ -285,27 +280,25 @@ pub async fn run_cycle(
 }
 
 /// What a cycle reads: every block (`None`) or a set, and how to say so.
-/// `plan` is the kmod snapshot's plan; `None` for a file volume.
-fn read_set(plan: Option<&ReadPlan>, full_offer: bool, base_volume_bytes: Option<u64>, volume_bytes: u64, block_count: u64) -> (Option<Arc<crate::source::BlockMask>>, String) {
-    let Some(plan) = plan else {
-        return (None, "full scan (file)".into());
-    };
-    match plan {
-        ReadPlan::Everything(reason) => (None, format!("everything (kmod): {reason}")),
-        _ if full_offer => (None, "everything (kmod): the target has no usable baseline".into()),
-        ReadPlan::Changed(_) if base_volume_bytes != Some(volume_bytes) => (None, "everything (kmod): the volume's size changed".into()),
-        ReadPlan::Changed(mask) if mask.len() != block_count => (None, "everything (kmod): the change set's geometry changed".into()),
-        ReadPlan::Changed(mask) => (Some(mask.clone()), format!("changed blocks (kmod): {} of {block_count}", mask.count())),
+/// `changes` is what the view of a source of kind `kind` knows.
+fn read_set(kind: &str, changes: &Changes, full_offer: bool, base_volume_bytes: Option<u64>, volume_bytes: u64, block_count: u64) -> (Option<Arc<crate::source::BlockMask>>, String) {
+    match changes {
+        Changes::Unknown => (None, format!("full scan ({kind})")),
+        Changes::Everything(reason) => (None, format!("everything ({kind}): {reason}")),
+        _ if full_offer => (None, format!("everything ({kind}): the target has no usable baseline")),
+        Changes::Blocks(_) if base_volume_bytes != Some(volume_bytes) => (None, format!("everything ({kind}): the volume's size changed")),
+        Changes::Blocks(mask) if mask.len() != block_count => (None, format!("everything ({kind}): the change set's geometry changed")),
+        Changes::Blocks(mask) => (Some(mask.clone()), format!("changed blocks ({kind}): {} of {block_count}", mask.count())),
     }
 }
 
-/// [`run_cycle`] reading `cfg.path`, or `kmod`'s snapshot.
+/// [`run_cycle`] reading the source's point-in-time `view`.
 async fn run_cycle_on(
     conn: quinn::Connection,
     cfg: CycleConfig,
     baselines: Arc<Baselines>,
     cancel: &mut oneshot::Receiver<String>,
-    kmod: Option<Arc<KmodCycle>>,
+    view: Arc<dyn PointInTime>,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let snapshot_ms = now_ms();
@@ -389,14 +382,13 @@ async fn run_cycle_on(
                 SourceEvent::Start { full_offer: full, .. } => {
                     full_offer = full;
                     timeline.started = since(started);
-                    let path = kmod.as_ref().map_or(cfg.path.as_path(), |k| k.snapshot_path());
-                    let source = FileSource::open(path, cfg.block_bytes)?;
+                    let source = FileSource::open(view.path(), cfg.block_bytes)?;
                     volume_bytes = source.volume_bytes();
                     block_count = source.block_count();
                     let only;
-                    (only, read_plan) = read_set(kmod.as_deref().map(KmodCycle::plan), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
+                    (only, read_plan) = read_set(cfg.source.kind(), &view.changes(), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
                     let (b, v, t, ids, tx) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.codec.ids().clone(), block_tx.clone());
-                    let snapshot = kmod.clone();
+                    let snapshot = view.clone();
                     reader_running = true;
                     tokio::task::spawn_blocking(move || {
                         let mut scanner = Scanner::new(&source, &b, &v, &t, ids, full).with_read_set(only);
@@ -424,7 +416,7 @@ async fn run_cycle_on(
                         let (root, stats) = scanner.finish();
                         // Reads of an invalidated snapshot fail, but one invalidated
                         // as the last read finished must fail the cycle too.
-                        if let Some(Err(e)) = snapshot.as_ref().map(|k| k.check_snapshot()) {
+                        if let Err(e) = snapshot.check() {
                             let _ = tx.blocking_send(ReaderItem::Failed(e.to_string()));
                             return;
                         }
@@ -556,15 +548,13 @@ async fn run_cycle_on(
     })
     .await
     .map_err(|e| session_err(&e))??;
-    if let Some(k) = kmod {
-        // Only now may the target's pending changes go (promise 2).
-        let b = baselines.clone();
-        match tokio::task::spawn_blocking(move || k.committed(&b)).await {
-            Ok(Ok(())) => {}
-            // The changes stay pending: the next cycle reads them again, nothing is lost.
-            Ok(Err(e)) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
-            Err(e) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
-        }
+    // Only now may the source's pending changes go (promise 2).
+    let b = baselines.clone();
+    match tokio::task::spawn_blocking(move || view.committed(&b)).await {
+        Ok(Ok(())) => {}
+        // The changes stay pending: the next cycle reads them again, nothing is lost.
+        Ok(Err(e)) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
+        Err(e) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
     }
     Ok(CycleReport {
         volume: cfg.volume,
@@ -587,17 +577,17 @@ mod tests {
     use super::*;
     use crate::source::BlockMask;
 
-    fn changed(len: u64, blocks: &[u64]) -> ReadPlan {
+    fn changed(len: u64, blocks: &[u64]) -> Changes {
         let mut mask = BlockMask::new(len);
         for &b in blocks {
             mask.insert(b);
         }
-        ReadPlan::Changed(Arc::new(mask))
+        Changes::Blocks(Arc::new(mask))
     }
 
     #[test]
     fn a_file_volume_reads_every_block() {
-        let (only, why) = read_set(None, false, Some(1 << 20), 1 << 20, 4);
+        let (only, why) = read_set("file", &Changes::Unknown, false, Some(1 << 20), 1 << 20, 4);
         assert!(only.is_none());
         assert_eq!(why, "full scan (file)");
     }
@@ -605,7 +595,7 @@ mod tests {
     #[test]
     fn the_module_change_set_is_read_when_the_baseline_matches() {
         let plan = changed(4, &[1, 3]);
-        let (only, why) = read_set(Some(&plan), false, Some(4 << 20), 4 << 20, 4);
+        let (only, why) = read_set("kmod", &plan, false, Some(4 << 20), 4 << 20, 4);
         let only = only.expect("a read set");
         assert!(only.contains(1) && only.contains(3) && !only.contains(0) && !only.contains(2));
         assert_eq!(why, "changed blocks (kmod): 2 of 4");
@@ -616,18 +606,18 @@ mod tests {
         let plan = changed(4, &[1]);
         // Each case falls back to reading everything, and says why.
         let cases = [
-            (Some(&plan), true, Some(4 << 20), 4 << 20, 4, "the target has no usable baseline"),
-            (Some(&plan), false, None, 4 << 20, 4, "the volume's size changed"),
-            (Some(&plan), false, Some(3 << 20), 4 << 20, 4, "the volume's size changed"),
-            (Some(&plan), false, Some(5 << 20), 5 << 20, 5, "the change set's geometry changed"),
+            (&plan, true, Some(4 << 20), 4 << 20, 4, "the target has no usable baseline"),
+            (&plan, false, None, 4 << 20, 4, "the volume's size changed"),
+            (&plan, false, Some(3 << 20), 4 << 20, 4, "the volume's size changed"),
+            (&plan, false, Some(5 << 20), 5 << 20, 5, "the change set's geometry changed"),
         ];
         for (plan, full_offer, base, bytes, blocks, reason) in cases {
-            let (only, why) = read_set(plan, full_offer, base, bytes, blocks);
+            let (only, why) = read_set("kmod", plan, full_offer, base, bytes, blocks);
             assert!(only.is_none(), "{reason}: read only a set");
             assert_eq!(why, format!("everything (kmod): {reason}"));
         }
-        let everything = ReadPlan::Everything("the module lost track (overflow)".into());
-        let (only, why) = read_set(Some(&everything), false, Some(4 << 20), 4 << 20, 4);
+        let everything = Changes::Everything("the module lost track (overflow)".into());
+        let (only, why) = read_set("kmod", &everything, false, Some(4 << 20), 4 << 20, 4);
         assert!(only.is_none());
         assert_eq!(why, "everything (kmod): the module lost track (overflow)");
     }

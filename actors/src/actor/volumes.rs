@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use drmesh_topology::{Compression, SourceKind, Topology};
+use drmesh_topology::{Compression, Topology};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -414,17 +414,12 @@ impl VolumeScheduler {
     fn cycle_config(&self, volume: &str, target: &str) -> Result<CycleConfig, String> {
         let v = self.topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume:?} is not in the topology"))?;
         let policy = self.topology.policies.get(&v.policy).ok_or_else(|| format!("policy {:?} is not in the topology", v.policy))?;
-        let (path, kmod) = match &v.kind {
-            SourceKind::File { path } => (path.clone(), None),
-            SourceKind::Kmod { device, .. } => (device.clone(), KmodSpec::of(v)),
-            other => return Err(format!("volume {volume:?}: source kind {:?} is not supported by this build yet", other.name())),
-        };
+        let source = crate::source::change::of_volume(v)?;
         Ok(CycleConfig {
             volume: volume.to_string(),
             target: target.to_string(),
             source_node: self.local_name(),
-            path,
-            kmod,
+            source,
             block_bytes: u32::try_from(policy.block_bytes).map_err(|_| "block size too large".to_string())?,
             codec: policy_codec(policy)?,
             pacing: self.pacing(&v.policy, target),
@@ -440,7 +435,7 @@ impl VolumeScheduler {
         }
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
-        let bound = cycle_bound(config.as_ref().ok().and_then(|c| regular_file_bytes(&c.path)));
+        let bound = cycle_bound(config.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path())));
         let Some(plan) = self.plans.get_mut(&key) else { return false };
         if self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET {
             let now = Instant::now();

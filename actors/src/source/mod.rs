@@ -8,8 +8,11 @@
 //!   full at cycle time and compared block by block with the baseline.
 //! - [`kmod`]: the `kmod` source kind: a block device tracked by drmesh's kernel
 //!   module; each cycle reads only the changed blocks, from a snapshot.
+//! - [`change`]: the seam a cycle sees every kind through ([`change::ChangeSource`],
+//!   [`change::PointInTime`]).
 
 pub mod baseline;
+pub mod change;
 pub mod file;
 pub mod kmod;
 

@@ -1,0 +1,164 @@
+//! The change-source seam: how a cycle gets a point-in-time view of a volume
+//! and learns what changed since the target's last commit, whatever the
+//! volume is. A kind implements [`ChangeSource`] (open a view for one cycle)
+//! and its view [`PointInTime`] (where to read, what changed, commit or
+//! release); the cycle driver knows nothing else of it. Kinds today: `file`
+//! ([`FileKind`]: an image or device read whole, compared with the baseline)
+//! and `kmod` ([`KmodKind`]: a snapshot of a device the kernel module tracks,
+//! only its changed blocks read). Hypervisor bitmaps, EBS and RBD are the next
+//! kinds; each is one implementation of these two traits.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use drmesh_topology::{SourceKind, Volume};
+
+use super::baseline::Baselines;
+use super::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
+use super::{BlockMask, SourceError};
+
+/// What a view knows of the changes since the baseline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Nothing: the cycle reads every block and compares it with the baseline.
+    Unknown,
+    /// Every block must be read, and why.
+    Everything(String),
+    /// Exactly these blocks may have changed; the others did not.
+    Blocks(Arc<BlockMask>),
+}
+
+/// A kind of change source, for one volume.
+pub trait ChangeSource: Send + Sync + 'static {
+    /// The kind's name, as in topology files (`file`, `kmod`).
+    fn kind(&self) -> &'static str;
+    /// The image or device the volume is, outside any cycle.
+    fn volume_path(&self) -> &Path;
+    /// A lock the cycles of this volume's views take turns on, when two views
+    /// may not exist at once (one snapshot per device).
+    fn turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        None
+    }
+    /// Opens a point-in-time view for one cycle towards `target`. Blocking (a
+    /// snapshot may take a moment); an error fails the cycle, nothing changed.
+    fn open(&self, baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError>;
+}
+
+impl fmt::Debug for dyn ChangeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} source of {}", self.kind(), self.volume_path().display())
+    }
+}
+
+/// One cycle's view of a volume, from `open` until `release`.
+pub trait PointInTime: Send + Sync {
+    /// Where this view's blocks are read (the image, the snapshot device).
+    fn path(&self) -> &Path;
+    /// What changed since the baseline.
+    fn changes(&self) -> Changes;
+    /// Whether what was read is still the point in time (a snapshot can be
+    /// invalidated while it is read); an error fails the cycle.
+    fn check(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// The target committed the cycle and the baseline moved: the changes the
+    /// view handed over are consumed (promise 2: not before). Blocking.
+    fn committed(&self, _baselines: &Baselines) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Lets the view go (called once the cycle ended, committed or not).
+    /// Changes not committed stay for the next cycle. Blocking.
+    fn release(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+/// The change source of `volume`, or why this build has none for its kind.
+pub fn of_volume(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
+    match &volume.kind {
+        SourceKind::File { path } => Ok(Arc::new(FileKind { path: path.clone() })),
+        SourceKind::Kmod { device, cow_store, state_store } => Ok(Arc::new(KmodKind {
+            spec: KmodSpec { device: device.clone(), cow_store: cow_store.clone(), state_store: state_store.clone(), targets: volume.targets.clone() },
+        })),
+        other => Err(format!("volume \"{}\": source kind {} is not supported by this build yet", volume.name, other.name())),
+    }
+}
+
+/// Kind `file`: an image file or block device read whole at cycle time (no
+/// snapshot: what a cycle reads of a volume in use is crash-consistent only
+/// per block; see docs/replication.md).
+#[derive(Debug, Clone)]
+pub struct FileKind {
+    /// The image or device.
+    pub path: PathBuf,
+}
+
+struct FileView {
+    path: PathBuf,
+}
+
+impl PointInTime for FileView {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn changes(&self) -> Changes {
+        Changes::Unknown
+    }
+}
+
+impl ChangeSource for FileKind {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+    fn volume_path(&self) -> &Path {
+        &self.path
+    }
+    fn open(&self, _baselines: &Baselines, _volume: &str, _target: &str, _block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
+        Ok(Box::new(FileView { path: self.path.clone() }))
+    }
+}
+
+/// Kind `kmod`: a block device tracked by drmesh's kernel module; each cycle
+/// reads a snapshot, only the blocks changed since the target's last commit.
+#[derive(Debug, Clone)]
+pub struct KmodKind {
+    /// The device, its COW store, the volume's targets.
+    pub spec: KmodSpec,
+}
+
+impl ChangeSource for KmodKind {
+    fn kind(&self) -> &'static str {
+        "kmod"
+    }
+    fn volume_path(&self) -> &Path {
+        &self.spec.device
+    }
+    fn turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        Some(device_lock(&self.spec.device))
+    }
+    fn open(&self, baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
+        Ok(Box::new(KmodCycle::prepare(baselines, volume, target, &self.spec, block_bytes)?))
+    }
+}
+
+impl PointInTime for KmodCycle {
+    fn path(&self) -> &Path {
+        self.snapshot_path()
+    }
+    fn changes(&self) -> Changes {
+        match self.plan() {
+            ReadPlan::Everything(reason) => Changes::Everything(reason.clone()),
+            ReadPlan::Changed(mask) => Changes::Blocks(mask.clone()),
+        }
+    }
+    fn check(&self) -> Result<(), SourceError> {
+        self.check_snapshot()
+    }
+    fn committed(&self, baselines: &Baselines) -> Result<(), SourceError> {
+        KmodCycle::committed(self, baselines)
+    }
+    fn release(&self) -> Result<(), SourceError> {
+        KmodCycle::release(self)
+    }
+}
