@@ -1,19 +1,13 @@
-//! The source side of one cycle: block-reader, compressor and sender.
+//! The source side of one cycle: the driver of a [`SourceSession`] and the
+//! three workers it feeds ([`block_reader`](super::block_reader),
+//! [`compressor`](super::compressor), [`sender`](super::sender)).
 //!
-//! - block-reader: a blocking task that scans the volume ([`Scanner`]) and hands
-//!   changed blocks over a short channel; it only gets to read ahead while the
-//!   session grants credit, so memory is bounded by the window, not the volume.
-//! - compressor: wanted blocks are encoded (zstd, AES-GCM, or a delta) on the
-//!   encode pool ([`crate::cpu_pool`]), which spans both cores, off the async threads.
-//! - sender: this task, which drives the [`SourceSession`], writes frames to the
-//!   QUIC stream and reads the target's answers.
-//!
-//! The baseline advances only after the target's `Committed` (promise 2); a
-//! failed cycle leaves it where it was, so the next scan finds the same changes.
-//!
-//! A `kmod` volume's cycle first takes a snapshot ([`KmodCycle`]) and reads
-//! only the changed blocks from it; the snapshot is released after the commit
-//! was acknowledged, or when the cycle failed (its changes stay pending).
+//! The driver opens the source's point-in-time view ([`ChangeSource`]), starts
+//! the workers, and moves what they produce into the session and what the
+//! session asks for out to them; it stages the baseline entries of changed
+//! blocks as they pass. The baseline advances only after the target's
+//! `Committed` (promise 2); a failed cycle leaves it where it was, so the next
+//! scan finds the same changes, and the view keeps its changes pending.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,11 +22,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
 use crate::proto::bandwidth::Pacer;
-use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetMsg, Want};
+use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceSession, TargetMsg};
 use crate::source::baseline::{BaselineMeta, Baselines};
-use crate::source::file::{FileSource, ScanStats, ScannedBlock, Scanner};
+use crate::source::file::{FileSource, ScanStats, ScannedBlock};
+use super::block_reader::{self, ReadJob, ReaderItem};
+use super::compressor::Compressor;
 use crate::source::change::{ChangeSource, Changes, PointInTime};
-use crate::store::{EncodedBlob, RpMeta};
+use crate::store::RpMeta;
 
 /// Baseline entries staged per write.
 const STAGE_BATCH: usize = 256;
@@ -217,17 +213,6 @@ pub enum CycleError {
     Unanswered(String),
 }
 
-/// Blocks handed from the reader to the session loop at once: one wake-up per
-/// batch rather than per block (long runs of zero blocks are cheap to read and
-/// would otherwise be paced by the hand-over).
-const HANDOVER_BLOCKS: usize = 16;
-
-enum ReaderItem {
-    Blocks(Vec<ScannedBlock>),
-    Done([u8; 32], ScanStats),
-    Failed(String),
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -292,6 +277,110 @@ fn read_set(kind: &str, changes: &Changes, full_offer: bool, base_volume_bytes: 
     }
 }
 
+/// The baseline of `cfg`'s volume towards its target, with what an earlier
+/// cycle staged dropped; none (a full offer) when the block size changed.
+async fn baseline_for(baselines: &Arc<Baselines>, cfg: &CycleConfig) -> Result<Option<BaselineMeta>, CycleError> {
+    let (b, volume, target, block_bytes) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
+    tokio::task::spawn_blocking(move || -> Result<Option<BaselineMeta>, crate::source::SourceError> {
+        b.clear_staged(&volume, &target)?;
+        Ok(match b.meta(&volume, &target)? {
+            Some(m) if m.block_bytes != block_bytes => {
+                b.reset(&volume, &target)?;
+                None
+            }
+            other => other,
+        })
+    })
+    .await
+    .map_err(|e| CycleError::Session(e.to_string()))?
+    .map_err(CycleError::from)
+}
+
+/// The RP a finished scan offers to commit (the target fills in seq and what it stored).
+fn rp_meta(cfg: &CycleConfig, snapshot_ms: u64, volume_bytes: u64, block_count: u64, changed_blocks: u64, root: [u8; 32]) -> RpMeta {
+    RpMeta {
+        volume: cfg.volume.clone(),
+        seq: 0,
+        time_unix_ms: snapshot_ms,
+        source_node: cfg.source_node.clone(),
+        volume_bytes,
+        block_bytes: cfg.block_bytes,
+        block_count,
+        changed_blocks,
+        bytes_stored: 0,
+        merkle_root: root,
+        encrypted: cfg.codec.encrypts(),
+        consistency: "crash".into(),
+    }
+}
+
+/// Baseline entries of changed blocks, staged (not durable) in batches off
+/// the driver's loop and in order, so the pipeline never waits on redb.
+struct Stager {
+    buf: Vec<(u64, ContentId, Vec<u8>)>,
+    tx: mpsc::Sender<Vec<(u64, ContentId, Vec<u8>)>>,
+    task: actix_rt::task::JoinHandle<Result<(), String>>,
+}
+
+impl Stager {
+    fn start(baselines: Arc<Baselines>, volume: &str, target: &str) -> Stager {
+        let (tx, mut rx) = mpsc::channel::<Vec<(u64, ContentId, Vec<u8>)>>(4);
+        let (v, t) = (volume.to_string(), target.to_string());
+        let task = actix_rt::spawn(async move {
+            while let Some(entries) = rx.recv().await {
+                let (b, v, t) = (baselines.clone(), v.clone(), t.clone());
+                match tokio::task::spawn_blocking(move || b.stage(&v, &t, &entries)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(())
+        });
+        Stager { buf: Vec::new(), tx, task }
+    }
+
+    fn push(&mut self, entry: (u64, ContentId, Vec<u8>)) {
+        self.buf.push(entry);
+    }
+
+    /// Hands a full batch over; false when staging stopped (a baseline error).
+    async fn flush_when_full(&mut self) -> bool {
+        self.buf.len() < STAGE_BATCH || self.tx.send(std::mem::take(&mut self.buf)).await.is_ok()
+    }
+
+    /// Waits for the staged batches; returns the entries not yet handed over.
+    async fn finish(self) -> Result<Vec<(u64, ContentId, Vec<u8>)>, CycleError> {
+        drop(self.tx);
+        match self.task.await {
+            Ok(Ok(())) => Ok(self.buf),
+            Ok(Err(reason)) => Err(CycleError::Session(reason)),
+            Err(e) => Err(CycleError::Session(e.to_string())),
+        }
+    }
+}
+
+/// The target committed `meta`: stages the last entries and promotes them in
+/// one durable transaction, then lets the view consume its changes.
+async fn advance_baseline(baselines: &Arc<Baselines>, cfg: &CycleConfig, view: Arc<dyn PointInTime>, meta: BaselineMeta, rest: Vec<(u64, ContentId, Vec<u8>)>) -> Result<(), CycleError> {
+    let (b, v, t) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone());
+    tokio::task::spawn_blocking(move || -> Result<u64, crate::source::SourceError> {
+        b.stage(&v, &t, &rest)?;
+        b.promote(&v, &t, &meta)
+    })
+    .await
+    .map_err(|e| CycleError::Session(e.to_string()))??;
+    // Only now may the source's pending changes go (promise 2).
+    let b = baselines.clone();
+    match tokio::task::spawn_blocking(move || view.committed(&b)).await {
+        Ok(Ok(())) => {}
+        // The changes stay pending: the next cycle reads them again, nothing is lost.
+        Ok(Err(e)) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
+        Err(e) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
+    }
+    Ok(())
+}
+
 /// [`run_cycle`] reading the source's point-in-time `view`.
 async fn run_cycle_on(
     conn: quinn::Connection,
@@ -303,61 +392,22 @@ async fn run_cycle_on(
     let started = Instant::now();
     let snapshot_ms = now_ms();
     let session_err = |e: &dyn std::fmt::Display| CycleError::Session(e.to_string());
-    let (volume, target) = (cfg.volume.clone(), cfg.target.clone());
-    let b = baselines.clone();
-    let base_meta = tokio::task::spawn_blocking(move || -> Result<Option<BaselineMeta>, crate::source::SourceError> {
-        b.clear_staged(&volume, &target)?;
-        let meta = b.meta(&volume, &target)?;
-        Ok(match meta {
-            Some(m) if m.block_bytes != cfg.block_bytes => {
-                b.reset(&volume, &target)?;
-                None
-            }
-            other => other,
-        })
-    })
-    .await
-    .map_err(|e| session_err(&e))??;
+    let base_meta = baseline_for(&baselines, &cfg).await?;
 
     // A connection that is already gone never carried anything of this cycle.
-    let (mut send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| match conn.close_reason() {
+    let (send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| match conn.close_reason() {
         Some(_) => CycleError::Unanswered(format!("connection to target lost: {e}")),
         None => session_err(&e),
     })?;
     let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
-    let (out_tx, mut out_rx) = mpsc::channel::<SourceMsg>(8);
-    let pacing = cfg.pacing.clone();
-    let sender = actix_rt::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
-            if let SourceMsg::Blob(blob) = &msg {
-                pacing.pace(blob.payload.len() as u64).await;
-            }
-            if let Err(e) = endpoint::send_frame(&mut send, &msg).await {
-                return Err(e.to_string());
-            }
-        }
-        let _ = send.finish();
-        Ok(())
-    });
+    let (out_tx, sender) = super::sender::start(send, cfg.pacing.clone());
 
     let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts(), cfg.block_bytes);
-    let (block_tx, mut block_rx) = mpsc::channel::<ReaderItem>(1);
-    let (enc_tx, mut enc_rx) = mpsc::unbounded_channel::<(u64, Result<EncodedBlob, String>)>();
+    // Until the session says Start, the reader's channel is one that never yields.
+    let (_idle_tx, mut block_rx) = mpsc::channel::<ReaderItem>(1);
+    let (compressor, mut enc_rx) = Compressor::new(cfg.codec.clone());
     let mut held: HashMap<u64, Arc<ScannedBlock>> = HashMap::new();
-    let mut stage_buf: Vec<(u64, ContentId, Vec<u8>)> = Vec::new();
-    let (stage_tx, mut stage_rx) = mpsc::channel::<Vec<(u64, ContentId, Vec<u8>)>>(4);
-    let (b, v, t) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone());
-    let stager = actix_rt::spawn(async move {
-        while let Some(entries) = stage_rx.recv().await {
-            let (b, v, t) = (b.clone(), v.clone(), t.clone());
-            match tokio::task::spawn_blocking(move || b.stage(&v, &t, &entries)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Ok(())
-    });
+    let mut stager = Stager::start(baselines.clone(), &cfg.volume, &cfg.target);
     let mut reader_running = false;
     let mut reader_finished = false;
     let mut full_offer = false;
@@ -387,40 +437,16 @@ async fn run_cycle_on(
                     block_count = source.block_count();
                     let only;
                     (only, read_plan) = read_set(cfg.source.kind(), &view.changes(), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
-                    let (b, v, t, ids, tx) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.codec.ids().clone(), block_tx.clone());
-                    let snapshot = view.clone();
                     reader_running = true;
-                    tokio::task::spawn_blocking(move || {
-                        let mut scanner = Scanner::new(&source, &b, &v, &t, ids, full).with_read_set(only);
-                        let mut batch = Vec::with_capacity(HANDOVER_BLOCKS);
-                        loop {
-                            match scanner.next_changed() {
-                                Ok(Some(block)) => {
-                                    batch.push(block);
-                                    if batch.len() >= HANDOVER_BLOCKS && tx.blocking_send(ReaderItem::Blocks(std::mem::take(&mut batch))).is_err() {
-                                        return;
-                                    }
-                                }
-                                Ok(None) => {
-                                    if !batch.is_empty() && tx.blocking_send(ReaderItem::Blocks(batch)).is_err() {
-                                        return;
-                                    }
-                                    break;
-                                }
-                                Err(e) => {
-                                    let _ = tx.blocking_send(ReaderItem::Failed(e.to_string()));
-                                    return;
-                                }
-                            }
-                        }
-                        let (root, stats) = scanner.finish();
-                        // Reads of an invalidated snapshot fail, but one invalidated
-                        // as the last read finished must fail the cycle too.
-                        if let Err(e) = snapshot.check() {
-                            let _ = tx.blocking_send(ReaderItem::Failed(e.to_string()));
-                            return;
-                        }
-                        let _ = tx.blocking_send(ReaderItem::Done(root, stats));
+                    block_rx = block_reader::start(ReadJob {
+                        source,
+                        view: view.clone(),
+                        baselines: baselines.clone(),
+                        volume: cfg.volume.clone(),
+                        target: cfg.target.clone(),
+                        ids: cfg.codec.ids().clone(),
+                        full_offer: full,
+                        only,
                     });
                 }
                 SourceEvent::Encode { index, want } => {
@@ -428,16 +454,7 @@ async fn run_cycle_on(
                         session.handle_encode_failed(format!("block {index} was asked for but is not held"));
                         continue;
                     };
-                    let (codec, tx) = (cfg.codec.clone(), enc_tx.clone());
-                    crate::cpu_pool::encode_pool().spawn(move || {
-                        let blob = match (want, &block.base) {
-                            (Want::Delta { base, depth }, Some(b)) => codec
-                                .encode_delta(block.content, &block.data, &block.page_hashes, base, depth, &b.page_hashes)
-                                .unwrap_or_else(|| codec.encode_full(block.content, &block.data)),
-                            _ => codec.encode_full(block.content, &block.data),
-                        };
-                        let _ = tx.send((index, Ok(blob)));
-                    });
+                    compressor.encode(index, block, want);
                 }
                 SourceEvent::Release { index } => {
                     held.remove(&index);
@@ -452,11 +469,8 @@ async fn run_cycle_on(
         if let Some(done) = finished {
             break done;
         }
-        if stage_buf.len() >= STAGE_BATCH {
-            // Staged off the session loop, in order, so the pipeline never waits on redb.
-            if stage_tx.send(std::mem::take(&mut stage_buf)).await.is_err() {
-                session.handle_encode_failed("baseline staging stopped".into());
-            }
+        if !stager.flush_when_full().await {
+            session.handle_encode_failed("baseline staging stopped".into());
         }
         let want_blocks = reader_running && !reader_finished && session.wants_block();
         tokio::select! {
@@ -481,7 +495,7 @@ async fn run_cycle_on(
                     // The whole batch is taken: the window may overshoot by less than
                     // one hand-over batch, which the memory bound allows for.
                     for block in blocks {
-                        stage_buf.push((block.index, block.content, block.page_hashes.clone()));
+                        stager.push((block.index, block.content, block.page_hashes.clone()));
                         let base = block.base.as_ref().map(|b| b.content).filter(|c| !c.is_zero());
                         let entry = OfferEntry { index: block.index, content: block.content, base };
                         let len = block.data.len() as u64;
@@ -497,20 +511,7 @@ async fn run_cycle_on(
                     timeline.read_done = since(started);
                     merkle_root = root;
                     scan_stats = stats;
-                    session.handle_reader_done(RpMeta {
-                        volume: cfg.volume.clone(),
-                        seq: 0,
-                        time_unix_ms: snapshot_ms,
-                        source_node: cfg.source_node.clone(),
-                        volume_bytes,
-                        block_bytes: cfg.block_bytes,
-                        block_count,
-                        changed_blocks: scan_stats.changed_blocks,
-                        bytes_stored: 0,
-                        merkle_root: root,
-                        encrypted: cfg.codec.encrypts(),
-                        consistency: "crash".into(),
-                    });
+                    session.handle_reader_done(rp_meta(&cfg, snapshot_ms, volume_bytes, block_count, scan_stats.changed_blocks, root));
                 }
                 Some(ReaderItem::Failed(reason)) => session.handle_encode_failed(format!("reading the source: {reason}")),
                 None => session.handle_encode_failed("block reader stopped".into()),
@@ -525,9 +526,8 @@ async fn run_cycle_on(
         }
     };
     drop(out_tx);
-    drop(stage_tx);
     let _ = sender.await;
-    let staged = stager.await.map_err(|e| session_err(&e)).and_then(|r| r.map_err(CycleError::Session));
+    let staged = stager.finish().await;
     // Lost with the connection before the target said anything (and not
     // cancelled, so `cancel` is still pending): the caller may start again.
     let result = match result {
@@ -537,25 +537,10 @@ async fn run_cycle_on(
         other => other,
     };
     let seq = result?;
-    staged?;
-
+    let rest = staged?;
     // Committed on the target: only now does the baseline move (promise 2).
     let meta = BaselineMeta { seq, merkle_root, block_bytes: cfg.block_bytes, block_count, volume_bytes, time_unix_ms: snapshot_ms };
-    let (b, v, t) = (baselines.clone(), cfg.volume.clone(), cfg.target.clone());
-    tokio::task::spawn_blocking(move || -> Result<u64, crate::source::SourceError> {
-        b.stage(&v, &t, &stage_buf)?;
-        b.promote(&v, &t, &meta)
-    })
-    .await
-    .map_err(|e| session_err(&e))??;
-    // Only now may the source's pending changes go (promise 2).
-    let b = baselines.clone();
-    match tokio::task::spawn_blocking(move || view.committed(&b)).await {
-        Ok(Ok(())) => {}
-        // The changes stay pending: the next cycle reads them again, nothing is lost.
-        Ok(Err(e)) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
-        Err(e) => tracing::warn!(volume = %cfg.volume, error = %e, "cannot clear the committed changes or release the snapshot"),
-    }
+    advance_baseline(&baselines, &cfg, view, meta, rest).await?;
     Ok(CycleReport {
         volume: cfg.volume,
         target: cfg.target,
