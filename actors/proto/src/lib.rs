@@ -8,7 +8,8 @@
 //!
 //! - [`content`], [`blob`]: ids, hashes and the blob and RP value types;
 //! - [`codec`]: how a block becomes a blob (zstd, AES-256-GCM, deltas);
-//! - [`session`]: a replication session's source and target sides;
+//! - [`session`]: a replication session's source and target sides; [`fetch`]:
+//!   the messages of a fetch stream;
 //! - [`gossip`], [`peers`], [`bandwidth`], [`drill`], [`nbd`]: the other cores;
 //! - [`drill_report`]: what a drill proved, as stored and gossiped.
 
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod content;
 pub mod drill;
 pub mod drill_report;
+pub mod fetch;
 pub mod gossip;
 pub mod nbd;
 pub mod peers;

@@ -19,12 +19,26 @@ use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
 use tokio::sync::mpsc;
 
 use crate::actor::fetch;
-use crate::actor::gossip::RpNews;
 use crate::actor::mesh::StreamService;
-use crate::actor::replicate::LinkPacers;
+use crate::actor::pacing::LinkPacers;
 use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
 use crate::proto::time::Millis;
-use crate::store::{EncodedBlob, Retention, SessionStore, Store, StoreError};
+use crate::store::{EncodedBlob, Retention, RpMeta, SessionStore, Store, StoreError};
+
+/// News from the applier about this node's store.
+#[derive(actix::Message, Debug)]
+#[rtype(result = "()")]
+pub enum RpNews {
+    /// An RP was committed here.
+    Committed(RpMeta),
+    /// Retention deleted these seqs of `volume`.
+    Pruned {
+        /// Volume.
+        volume: String,
+        /// Deleted seqs.
+        pruned: Vec<u64>,
+    },
+}
 
 /// What the node serves to peers: replication sessions into its store and fetches out of it.
 pub struct DataPlane {

@@ -12,54 +12,18 @@ use std::sync::Arc;
 use drmesh_topology::{NodeId, Topology};
 use drmesh_transport::endpoint::{self, MessageReader};
 use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
-use serde::{Deserialize, Serialize};
 
-use crate::actor::replicate::LinkPacers;
+use crate::actor::pacing::LinkPacers;
 use crate::content::ContentId;
 use crate::proto::session::WireBlob;
 use crate::store::{EncodedBlob, RpMeta, Store};
 
 /// Largest fetch reply: a delta chain of full depth over the largest block.
 pub const MAX_REPLY_BYTES: usize = MAX_DATA_FRAME_BYTES * 10;
-/// Block ids per `Blocks` request.
-pub const IDS_PER_REQUEST: u64 = 4096;
-
-/// Client → server.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum FetchRequest {
-    /// The metadata of `volume@seq` (the newest RP when `seq` is None).
-    Rp {
-        /// Volume name.
-        volume: String,
-        /// Sequence number.
-        seq: Option<u64>,
-    },
-    /// Block ids of the RP named in the last `Rp` request.
-    Blocks {
-        /// First block index.
-        start: u64,
-        /// How many.
-        count: u64,
-    },
-    /// The blobs that materialize `content`: the head blob, then its delta bases down to a full block.
-    Content(ContentId),
-}
-
-/// Server → client.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum FetchReply {
-    /// RP metadata.
-    Rp(RpMeta),
-    /// Block ids.
-    Blocks(Vec<ContentId>),
-    /// A blob chain, head first.
-    Chain(Vec<WireBlob>),
-    /// The request failed; the stream goes on.
-    Error(String),
-}
+pub use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 
 fn chain(store: &Store, content: &ContentId) -> Result<Vec<WireBlob>, String> {
-    crate::restore::blob_chain(store, content).map(|blobs| blobs.into_iter().map(Into::into).collect())
+    crate::store::blob_chain(store, content).map(|blobs| blobs.into_iter().map(Into::into).collect())
 }
 
 /// Requests a server reads ahead and works on at once (their replies still go

@@ -26,6 +26,7 @@ use drmesh_topology::{NodeId, Topology};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Serialize;
 
+pub use crate::actor::applier::RpNews;
 use crate::actor::applier::DataPlane;
 use crate::actor::mesh::{DatagramService, MeshActor, SendDatagrams, SetDatagramService, SOFTWARE_VERSION};
 use crate::proto::bandwidth::Demand;
@@ -122,21 +123,6 @@ impl GossipDb {
         }
         tx.commit().map_err(|e| self.err("commit", e))
     }
-}
-
-/// News from the applier about this node's store.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub enum RpNews {
-    /// An RP was committed here.
-    Committed(RpMeta),
-    /// Retention deleted these seqs of `volume`.
-    Pruned {
-        /// Volume.
-        volume: String,
-        /// Deleted seqs.
-        pruned: Vec<u64>,
-    },
 }
 
 /// The gossip actor.

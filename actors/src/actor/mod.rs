@@ -6,6 +6,7 @@ pub mod compressor;
 pub mod fetch;
 pub mod gossip;
 pub mod mesh;
+pub mod pacing;
 pub mod replicate;
 pub mod sender;
 pub mod volumes;

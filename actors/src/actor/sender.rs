@@ -9,7 +9,7 @@
 use drmesh_transport::endpoint;
 use tokio::sync::mpsc;
 
-use crate::actor::replicate::Pacing;
+use crate::actor::pacing::Pacing;
 use crate::proto::session::SourceMsg;
 
 /// Messages queued for the stream before the driver waits.

@@ -32,7 +32,8 @@ use crate::actor::gossip::{DemandNews, GossipActor, SetDemandSink, SiteDemands, 
 use crate::actor::mesh::{GetConnection, MeshActor};
 use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
-use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport, LinkPacers, Pacing};
+use crate::actor::pacing::{LinkPacers, Pacing};
+use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport};
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
 use crate::source::kmod::{device_report, KmodDeviceReport, KmodSpec};

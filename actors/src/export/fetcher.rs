@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest};
+use crate::actor::fetch::FetchClient;
+use crate::proto::fetch::{FetchReply, FetchRequest};
 use crate::content::ContentId;
 use crate::store::{EncodedBlob, RpMeta};
 

@@ -104,7 +104,7 @@ impl RpImage {
         let mut merkle = MerkleBuilder::new();
         let mut start = 0;
         while start < meta.block_count {
-            let count = (meta.block_count - start).min(crate::actor::fetch::IDS_PER_REQUEST);
+            let count = (meta.block_count - start).min(crate::proto::fetch::IDS_PER_REQUEST);
             for id in source.block_ids(&meta, start, count).await? {
                 merkle.push(&id);
                 ids.push(id);

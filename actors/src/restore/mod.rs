@@ -31,7 +31,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest, IDS_PER_REQUEST};
+use crate::actor::fetch::FetchClient;
+use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
 use crate::store::{EncodedBlob, RpMeta, Store, StoreError};
@@ -258,28 +259,7 @@ impl RpSource {
     }
 }
 
-/// The blobs that materialize `content` in `store`: the head blob, then its
-/// delta bases down to a full block.
-pub fn blob_chain(store: &Store, content: &ContentId) -> Result<Vec<EncodedBlob>, String> {
-    blob_chain_into(store, content, Vec::new())
-}
-
-/// [`blob_chain`], reading the head blob's payload into `buffer` (reused capacity).
-pub fn blob_chain_into(store: &Store, content: &ContentId, buffer: Vec<u8>) -> Result<Vec<EncodedBlob>, String> {
-    let loc = store.locate(content).map_err(|e| e.to_string())?.ok_or("no blob holds this block (missing from the store)")?;
-    let mut out = Vec::new();
-    let mut next = Some(loc.blob);
-    let mut buffer = Some(buffer);
-    while let Some(id) = next {
-        let blob = store.read_blob_into(&id, buffer.take().unwrap_or_default()).map_err(|e| e.to_string())?;
-        next = blob.base;
-        out.push(blob);
-        if out.len() > 64 {
-            return Err("delta chain does not end".into());
-        }
-    }
-    Ok(out)
-}
+pub use crate::store::{blob_chain, blob_chain_into};
 
 thread_local! {
     /// Plaintext of delta blobs being applied (restore's delta path), reused per thread.

@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 
 use super::dest::{Destination, DIRECT_ALIGN};
 use super::{blob_chain_into, blocking, decode_into, unexpected, Progress, RestoreError, RpSource};
-use crate::actor::fetch::{FetchClient, FetchReply, FetchRequest, IDS_PER_REQUEST};
+use crate::actor::fetch::FetchClient;
+use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
 use crate::store::{EncodedBlob, RpMeta, Store};

@@ -72,6 +72,7 @@
 
 mod backend;
 mod blob_file;
+mod chain;
 mod catalog;
 mod drills;
 mod error;
@@ -95,6 +96,7 @@ pub use self::blob_file::{encode_header as encode_blob_header, parse_header as p
 use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, SCRUBS, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
 pub use self::backend::{MemoryStore, SessionStore};
+pub use self::chain::{blob_chain, blob_chain_into};
 pub use self::error::{is_no_space, StoreError};
 pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
 pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
