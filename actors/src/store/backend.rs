@@ -112,12 +112,9 @@ impl MemoryStore {
     /// Deletes every blob no RP references and no session pinned; returns how many.
     pub fn gc(&self) -> usize {
         let mut m = self.lock();
+        let referenced: HashSet<ContentId> = m.rps.values().flat_map(BTreeMap::values).flat_map(|(_, map)| map.iter().copied()).collect();
         let mut keep: HashSet<BlobId> = m.pins.values().flatten().copied().collect();
-        for (content, blob) in &m.contents {
-            if m.rps.values().flat_map(BTreeMap::values).any(|(_, map)| map.contains(content)) {
-                keep.insert(*blob);
-            }
-        }
+        keep.extend(m.contents.iter().filter(|(c, _)| referenced.contains(c)).map(|(_, blob)| *blob));
         // A kept delta keeps its base chain.
         let mut todo: Vec<BlobId> = keep.iter().copied().collect();
         while let Some(id) = todo.pop() {

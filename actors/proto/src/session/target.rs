@@ -394,6 +394,10 @@ impl TargetSession {
                     let Some(msg) = self.inbox.pop_front() else { return };
                     self.streaming(msg);
                 }
+                // The store is committing (or applying retention): the RP is whole
+                // whatever the source says now; what it sent after `Commit` is
+                // dropped with the session rather than failing a commit in flight.
+                (State::Committing | State::Pruning, Some(_)) => return,
                 (_, Some(msg)) => {
                     let what = kind(msg);
                     return self.fail(SessionError::Protocol(format!("{what} after Commit")));

@@ -350,3 +350,38 @@ fn a_partial_batch_is_written_when_the_stream_goes_quiet() {
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Write { batch: 0, .. })));
     assert_eq!(tgt.poll_timeout(), None);
 }
+
+/// A message after `Commit` fails the session while its batches are still
+/// being written, but not once the store is committing: the RP is whole and
+/// is announced.
+#[test]
+fn a_message_after_commit_does_not_fail_a_commit_in_flight() {
+    let mut tgt = TargetSession::new(topology(24), node(2), node(1));
+    open(&mut tgt, None, None);
+    let mut m = meta("vol");
+    m.seq = 1;
+    tgt.handle_message(Millis(0), SourceMsg::Commit { meta: m.clone() });
+    assert!(matches!(tgt.poll_event(), Some(TargetEvent::Commit { .. })));
+    tgt.handle_message(Millis(1), SourceMsg::Offer { entries: vec![] });
+    assert_eq!(tgt.poll_transmit(), None, "no failure while the store commits");
+    tgt.handle_committed(Ok(()));
+    assert!(matches!(tgt.poll_event(), Some(TargetEvent::Prune { .. })));
+    tgt.handle_pruned(vec![]);
+    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Committed { seq: 1 }));
+    assert!(std::iter::from_fn(|| tgt.poll_event()).any(|e| matches!(e, TargetEvent::Announce(Announcement::Committed(_)))));
+
+    // Before the commit is asked for (a batch still being written), it is a protocol error.
+    let codec = BlockCodec::new(None, None);
+    let data = vec![6u8; 4096];
+    let id = codec.ids().content_id(&data);
+    let mut tgt = TargetSession::new(topology(24), node(2), node(1));
+    open(&mut tgt, None, None);
+    tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: id, base: None }] });
+    let _ = tgt.poll_event();
+    tgt.handle_lookup(Ok((vec![None], vec![None])));
+    let _answer = tgt.poll_transmit();
+    tgt.handle_message(Millis(0), SourceMsg::Blob(codec.encode_full(id, &data).into()));
+    tgt.handle_message(Millis(0), SourceMsg::Commit { meta: m });
+    tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![] });
+    assert!(matches!(tgt.poll_transmit(), Some(TargetMsg::Failed { reason }) if reason.contains("Offer after Commit")));
+}
