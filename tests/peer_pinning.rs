@@ -5,6 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drmesh_tests::{wait_until, Entry, TestMesh};
+use drmesh_proto::fetch::FetchReply;
+use drmesh_proto::session::TargetMsg;
+use drmesh_proto::version;
+use drmesh_transport::endpoint::{self, MessageReader};
+use drmesh_transport::wire::{StreamHeader, StreamKind};
 use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint, NodeId};
 
 #[test]
@@ -107,4 +112,60 @@ fn malformed_frames_close_the_connection_not_the_node() {
     assert!(mesh.node_mut("a").is_running());
     assert_eq!(mesh.peer_state("a", "b").as_deref(), Some("connected"));
     assert!(mesh.ctl_json("a", "status").is_some());
+}
+
+/// A listed peer of another release opens replication and fetch streams whose
+/// headers name message versions this node does not speak: each is refused
+/// with the refusal message of its kind, naming both versions, before any
+/// message is read; the connection and the node carry on.
+#[test]
+fn data_streams_of_another_version_are_refused_in_words() {
+    let mut mesh = TestMesh::new(&["a", "b", "rogue"]);
+    mesh.write_file("topology.toml", &mesh.standard_topology(1, &["a", "b", "rogue"]));
+    mesh.start("a", "topology.toml");
+    mesh.start("b", "topology.toml");
+    mesh.wait_connected("a", &["b"]);
+
+    let rogue = Arc::new(Identity::load(&mesh.node("rogue").state_dir).unwrap());
+    let a_id: NodeId = mesh.node("a").id.parse().unwrap();
+    let a_addr = mesh.node("a").address().parse().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let newer = version::REPLICATION + 1;
+    let (replication, fetch, open) = runtime.block_on(async {
+        let allowed = AllowedPeers::new([a_id, rogue.node_id()]);
+        let endpoint = MeshEndpoint::bind(rogue.clone(), "127.0.0.1:0".parse().unwrap(), allowed).unwrap();
+        let conn = endpoint.connect(a_addr, a_id).await.expect("listed peer connects");
+        let read = |kind, v| {
+            let conn = conn.clone();
+            async move {
+                let (_send, recv) = endpoint::open_stream(&conn, StreamHeader::data(kind, v)).await.unwrap();
+                (MessageReader::new(recv), conn)
+            }
+        };
+        let (mut r, _c) = read(StreamKind::Replication, newer).await;
+        let replication = tokio::time::timeout(Duration::from_secs(10), r.next_frame::<TargetMsg>()).await.expect("an answer");
+        let (mut f, _c) = read(StreamKind::Fetch, 0).await;
+        let fetch = tokio::time::timeout(Duration::from_secs(10), f.next_frame::<FetchReply>()).await.expect("an answer");
+        (replication, fetch, conn.close_reason().is_none())
+    });
+    match replication {
+        Ok(Some(TargetMsg::Failed { reason })) => {
+            assert!(reason.contains(&format!("replication messages of version {newer}")), "{reason}");
+            assert!(reason.contains(&format!("speaks version {}", version::REPLICATION)), "{reason}");
+        }
+        other => panic!("replication stream answered {other:?}"),
+    }
+    match fetch {
+        Ok(Some(FetchReply::Error(reason))) => {
+            assert!(reason.contains("fetch messages of version 0") && reason.contains(&format!("speaks version {}", version::FETCH)), "{reason}");
+        }
+        other => panic!("fetch stream answered {other:?}"),
+    }
+    assert!(open, "a refused stream does not close the connection");
+    wait_until("a logs the refusals", Duration::from_secs(5), || {
+        let log = mesh.node("a").log_text();
+        log.contains("refusing a replication stream") && log.contains("refusing a fetch stream")
+    });
+    assert!(mesh.node_mut("a").is_running());
+    assert_eq!(mesh.peer_state("a", "b").as_deref(), Some("connected"));
 }

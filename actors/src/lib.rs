@@ -24,6 +24,6 @@ pub mod vm;
 /// The sans-IO protocol cores (crate `drmesh-proto`), under the paths the
 /// actors have always used.
 pub mod proto {
-    pub use drmesh_proto::{bandwidth, drill, fetch, gossip, nbd, peers, session, time};
+    pub use drmesh_proto::{bandwidth, drill, fetch, gossip, nbd, peers, session, time, version};
 }
 pub use drmesh_proto::{blob, codec, content, drill_report as drill};

@@ -325,8 +325,9 @@ impl MessageReader {
 
     /// Wraps a bulk stream whose frames may be up to `max` bytes, read
     /// unordered and put back in order here (see [`Reassembler`] for why);
-    /// `already_read` bytes were read from it before (1 after
-    /// [`read_stream_kind`], 0 on a stream this side opened).
+    /// `already_read` bytes were read from it before
+    /// ([`wire::StreamHeader::DATA_BYTES`] after [`read_stream_header`] of a
+    /// data stream, 0 on a stream this side opened).
     pub fn unordered(recv: quinn::RecvStream, max: usize, already_read: u64) -> Self {
         MessageReader { recv, decoder: FrameDecoder::with_limit(max), reassembler: Some(Reassembler::new(already_read)) }
     }
@@ -381,21 +382,33 @@ pub async fn send_frame_with_limit<T: serde::Serialize>(send: &mut quinn::SendSt
     Ok(())
 }
 
-/// Opens a stream of `kind` (its first byte says which).
-pub async fn open_stream(connection: &quinn::Connection, kind: wire::StreamKind) -> Result<(quinn::SendStream, quinn::RecvStream), StreamError> {
+/// Opens a stream whose first bytes are `header`.
+pub async fn open_stream(connection: &quinn::Connection, header: wire::StreamHeader) -> Result<(quinn::SendStream, quinn::RecvStream), StreamError> {
     let (mut send, recv) = connection.open_bi().await.map_err(|e| StreamError::Write(quinn::WriteError::ConnectionLost(e)))?;
-    send.write_all(&[kind as u8]).await?;
+    send.write_all(&header.encode()).await?;
     Ok((send, recv))
 }
 
-/// Reads the kind byte of a stream the peer opened.
-pub async fn read_stream_kind(recv: &mut quinn::RecvStream) -> Result<Option<wire::StreamKind>, StreamError> {
+/// Reads the header of a stream the peer opened: `None` when its first byte
+/// names no stream kind.
+pub async fn read_stream_header(recv: &mut quinn::RecvStream) -> Result<Option<wire::StreamHeader>, StreamError> {
+    async fn exact(recv: &mut quinn::RecvStream, buf: &mut [u8], buffered: usize) -> Result<(), StreamError> {
+        recv.read_exact(buf).await.map_err(|e| match e {
+            quinn::ReadExactError::ReadError(e) => StreamError::Read(e),
+            quinn::ReadExactError::FinishedEarly(_) => StreamError::Wire(WireError::Truncated { buffered }),
+        })
+    }
     let mut byte = [0u8; 1];
-    recv.read_exact(&mut byte).await.map_err(|e| match e {
-        quinn::ReadExactError::ReadError(e) => StreamError::Read(e),
-        quinn::ReadExactError::FinishedEarly(_) => StreamError::Wire(WireError::Truncated { buffered: 0 }),
-    })?;
-    Ok(wire::StreamKind::from_byte(byte[0]))
+    exact(recv, &mut byte, 0).await?;
+    let Some(kind) = wire::StreamKind::from_byte(byte[0]) else {
+        return Ok(None);
+    };
+    if kind == wire::StreamKind::Control {
+        return Ok(Some(wire::StreamHeader::control()));
+    }
+    let mut version = [0u8; 2];
+    exact(recv, &mut version, 1).await?;
+    Ok(Some(wire::StreamHeader::data(kind, u16::from_be_bytes(version))))
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@ use bytes::{Buf, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Version of the mesh protocol; bumped on any incompatible change to [`Message`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the mesh protocol; bumped on any incompatible change to
+/// [`Message`] or to the stream headers ([`StreamHeader`]). Version 2: data
+/// streams carry the version of their messages.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body accepted on the control stream, in bytes.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest frame body accepted on data streams: a 16 MiB block plus its envelope.
@@ -45,6 +47,46 @@ impl StreamKind {
         }
     }
 }
+/// What a stream carries and in which version of its messages: the stream's
+/// first bytes, before any frame. The control stream's header is its kind
+/// byte alone (its version travels in [`Hello`]); a data stream's adds the
+/// version of its message set (u16, big-endian), so the receiver refuses a
+/// stream it cannot read with a message that names both versions instead of
+/// misreading its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// What the stream carries.
+    pub kind: StreamKind,
+    /// Version of its messages ([`PROTOCOL_VERSION`] for the control stream).
+    pub version: u16,
+}
+
+impl StreamHeader {
+    /// Bytes of a data stream's header (kind and version).
+    pub const DATA_BYTES: u64 = 3;
+
+    /// The control stream's header.
+    pub fn control() -> StreamHeader {
+        StreamHeader { kind: StreamKind::Control, version: PROTOCOL_VERSION }
+    }
+
+    /// A data stream of `kind` carrying messages of `version`.
+    pub fn data(kind: StreamKind, version: u16) -> StreamHeader {
+        StreamHeader { kind, version }
+    }
+
+    /// The header's bytes on the stream.
+    pub fn encode(&self) -> Vec<u8> {
+        match self.kind {
+            StreamKind::Control => vec![self.kind as u8],
+            _ => {
+                let [hi, lo] = self.version.to_be_bytes();
+                vec![self.kind as u8, hi, lo]
+            }
+        }
+    }
+}
+
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
 

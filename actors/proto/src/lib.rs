@@ -11,7 +11,8 @@
 //! - [`session`]: a replication session's source and target sides; [`fetch`]:
 //!   the messages of a fetch stream;
 //! - [`gossip`], [`peers`], [`bandwidth`], [`drill`], [`nbd`]: the other cores;
-//! - [`drill_report`]: what a drill proved, as stored and gossiped.
+//! - [`drill_report`]: what a drill proved, as stored and gossiped;
+//! - [`version`]: the versions of the data streams' message sets.
 
 pub mod bandwidth;
 pub mod blob;
@@ -25,3 +26,4 @@ pub mod nbd;
 pub mod peers;
 pub mod session;
 pub mod time;
+pub mod version;

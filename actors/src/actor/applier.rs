@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drmesh_topology::{NodeId, Topology};
 use drmesh_transport::endpoint::{self, MessageReader};
-use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
+use drmesh_transport::wire::{StreamHeader, StreamKind, MAX_DATA_FRAME_BYTES};
 use tokio::sync::mpsc;
 
 use crate::actor::fetch;
@@ -23,6 +23,7 @@ use crate::actor::mesh::StreamService;
 use crate::actor::pacing::LinkPacers;
 use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
 use crate::proto::time::Millis;
+use crate::proto::version;
 use crate::store::{EncodedBlob, Retention, RpMeta, SessionStore, Store, StoreError};
 
 /// News from the applier about this node's store.
@@ -99,15 +100,41 @@ impl DataPlane {
 }
 
 impl StreamService for Arc<DataPlane> {
-    fn serve(&self, kind: StreamKind, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream) {
+    fn serve(&self, header: StreamHeader, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream) {
         let plane = self.clone();
         actix_rt::spawn(async move {
-            match kind {
+            let (stream, ours) = match header.kind {
+                StreamKind::Replication => ("replication", version::REPLICATION),
+                StreamKind::Fetch => ("fetch", version::FETCH),
+                StreamKind::Control => return,
+            };
+            if let Err(mismatch) = version::check(stream, header.version, ours) {
+                let peer_name = plane.topology().node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_default();
+                tracing::warn!(peer = %peer_name, error = %mismatch, "refusing a {stream} stream");
+                refuse(header.kind, send, mismatch.to_string()).await;
+                return;
+            }
+            match header.kind {
                 StreamKind::Replication => serve_replication(plane, peer, send, recv).await,
                 StreamKind::Fetch => fetch::serve(plane.store.clone(), plane.topology(), plane.link_pacers.clone(), peer, send, recv).await,
                 StreamKind::Control => {}
             }
         });
+    }
+}
+
+/// Answers a data stream this node will not read with the refusal of its
+/// message set (whose encoding every version keeps), then ends it.
+async fn refuse(kind: StreamKind, mut send: quinn::SendStream, reason: String) {
+    let sent = match kind {
+        StreamKind::Replication => endpoint::send_frame(&mut send, &TargetMsg::Failed { reason }).await,
+        _ => endpoint::send_frame(&mut send, &fetch::FetchReply::Error(reason)).await,
+    };
+    if sent.is_ok() {
+        let _ = send.finish();
+        // Let the refusal reach the peer before the stream is dropped (a peer
+        // that never reads it does not hold the task for long).
+        let _ = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
     }
 }
 
@@ -155,9 +182,9 @@ async fn serve_replication(plane: Arc<DataPlane>, peer: NodeId, send: quinn::Sen
 /// Drives one session's core until it finished and no batch write is out.
 async fn run_session(plane: &Arc<DataPlane>, peer: NodeId, session: u64, recv: quinn::RecvStream, out: &mpsc::Sender<TargetMsg>) {
     // Read unordered: a lossy long path leaves more holes in this stream than
-    // quinn keeps per stream (see `MessageReader::unordered`); 1 byte (the
-    // stream kind) was read before.
-    let mut reader = MessageReader::unordered(recv, MAX_DATA_FRAME_BYTES, 1);
+    // quinn keeps per stream (see `MessageReader::unordered`); the stream's
+    // header was read before.
+    let mut reader = MessageReader::unordered(recv, MAX_DATA_FRAME_BYTES, StreamHeader::DATA_BYTES);
     let mut core = TargetSession::new(plane.topology(), plane.local, peer);
     // The session sees the store through the backend seam only.
     let store: Arc<dyn SessionStore> = plane.store.clone();

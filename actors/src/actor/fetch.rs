@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use drmesh_topology::{NodeId, Topology};
 use drmesh_transport::endpoint::{self, MessageReader};
-use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
+use drmesh_transport::wire::{StreamHeader, StreamKind, MAX_DATA_FRAME_BYTES};
 
 use crate::actor::pacing::LinkPacers;
 use crate::content::ContentId;
@@ -165,7 +165,7 @@ pub struct FetchClient {
 impl FetchClient {
     /// Opens a fetch stream on `conn`.
     pub async fn open(conn: &quinn::Connection) -> Result<Self, String> {
-        let (send, recv) = endpoint::open_stream(conn, StreamKind::Fetch).await.map_err(|e| e.to_string())?;
+        let (send, recv) = endpoint::open_stream(conn, StreamHeader::data(StreamKind::Fetch, crate::proto::version::FETCH)).await.map_err(|e| e.to_string())?;
         // Replies carry blobs and can fill a window of many round trips: read
         // them unordered, like the replication stream, so a lossy WAN cannot
         // reach quinn's limit of 1024 holes in an ordered stream.

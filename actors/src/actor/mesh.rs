@@ -14,7 +14,7 @@ use actix::prelude::*;
 use drmesh_topology::{NodeId, Topology};
 use drmesh_transport::congestion::closing;
 use drmesh_transport::endpoint::{self, peer_id, MessageReader, StreamError, CLOSE_NORMAL, CLOSE_PROTOCOL};
-use drmesh_transport::wire::{Hello, Message, StreamKind, PROTOCOL_VERSION};
+use drmesh_transport::wire::{Hello, Message, StreamHeader, StreamKind, PROTOCOL_VERSION};
 use drmesh_transport::{AllowedPeers, Identity, MeshEndpoint, TransportError};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -50,8 +50,9 @@ pub enum MeshError {
 /// Serves the data streams peers open (replication sessions, fetches). The mesh
 /// actor hands each accepted stream over after reading its kind byte.
 pub trait StreamService: Send + Sync + 'static {
-    /// Takes over a stream of `kind` opened by `peer`; must not block (spawn the work).
-    fn serve(&self, kind: StreamKind, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream);
+    /// Takes over a data stream opened by `peer` whose header (read) is
+    /// `header`; must not block (spawn the work).
+    fn serve(&self, header: StreamHeader, peer: NodeId, send: quinn::SendStream, recv: quinn::RecvStream);
 }
 
 /// Receives the gossip datagrams peers send on their authenticated QUIC
@@ -291,15 +292,17 @@ async fn accept_streams(
             std::future::pending::<()>().await;
             return Ok(());
         };
-        let kind = endpoint::read_stream_kind(&mut recv).await.map_err(|e| format!("stream header: {e}"))?;
-        match (kind, control.take(), &service) {
+        let header = endpoint::read_stream_header(&mut recv).await.map_err(|e| format!("stream header: {e}"))?;
+        match (header.map(|h| h.kind), control.take(), &service) {
             (Some(StreamKind::Control), Some(tx), _) => {
                 let _ = tx.send((send, recv));
             }
             (Some(StreamKind::Control), None, _) => return Err("a second control stream".into()),
-            (Some(kind), c, Some(service)) => {
+            (Some(_), c, Some(service)) => {
                 control = c;
-                service.serve(kind, peer, send, recv);
+                if let Some(header) = header {
+                    service.serve(header, peer, send, recv);
+                }
             }
             (Some(kind), c, None) => {
                 control = c;
@@ -323,7 +326,7 @@ async fn control_stream(
     accepted: tokio::sync::oneshot::Receiver<StreamPair>,
 ) -> Result<(), String> {
     let (mut send, recv) = match direction {
-        Direction::Outbound => endpoint::open_stream(conn, StreamKind::Control).await.map_err(|e| format!("control stream: {e}"))?,
+        Direction::Outbound => endpoint::open_stream(conn, StreamHeader::control()).await.map_err(|e| format!("control stream: {e}"))?,
         Direction::Inbound => accepted.await.map_err(|_| "connection ended before its control stream".to_string())?,
     };
     if endpoint::send_message(&mut send, &hello).await.is_err() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use drmesh_transport::endpoint::{self, MessageReader};
-use drmesh_transport::wire::{StreamKind, MAX_DATA_FRAME_BYTES};
+use drmesh_transport::wire::{StreamHeader, StreamKind, MAX_DATA_FRAME_BYTES};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -297,7 +297,7 @@ async fn run_cycle_on(
     let base_meta = baseline_for(&baselines, &cfg).await?;
 
     // A connection that is already gone never carried anything of this cycle.
-    let (send, recv) = endpoint::open_stream(&conn, StreamKind::Replication).await.map_err(|e| match conn.close_reason() {
+    let (send, recv) = endpoint::open_stream(&conn, StreamHeader::data(StreamKind::Replication, crate::proto::version::REPLICATION)).await.map_err(|e| match conn.close_reason() {
         Some(_) => CycleError::Unanswered(format!("connection to target lost: {e}")),
         None => session_err(&e),
     })?;
