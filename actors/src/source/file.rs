@@ -282,6 +282,9 @@ pub struct ScanStats {
     pub skipped_blocks: u64,
 }
 
+/// Bytes the tail prober reads at a time (at least one block).
+const PROBE_BYTES: u64 = 4 << 20;
+
 /// Batches the read-ahead thread may run ahead of the hashing. Batches of zero
 /// blocks hold no memory, so through empty regions it runs far ahead.
 const READ_AHEAD_BATCHES: usize = 64;
@@ -296,6 +299,9 @@ struct ReadCredit {
     held: std::sync::Mutex<u64>,
     /// Blocks read so far (the read-ahead's position; tests watch it).
     read_to: std::sync::atomic::AtomicU64,
+    /// Every block from here to the end is known to be zero (the tail prober's
+    /// finding; the block count while nothing is known).
+    zero_from: std::sync::atomic::AtomicU64,
     freed: std::sync::Condvar,
     stop: std::sync::atomic::AtomicBool,
 }
@@ -317,9 +323,18 @@ impl ReadAhead {
         let credit = std::sync::Arc::new(ReadCredit {
             held: std::sync::Mutex::new(0),
             read_to: std::sync::atomic::AtomicU64::new(from),
+            zero_from: std::sync::atomic::AtomicU64::new(source.block_count()),
             freed: std::sync::Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
+        // A read set comes from a change source that knows what changed: no tail to find.
+        if only.is_none() {
+            let (prober, probe_credit) = (source.try_clone()?, credit.clone());
+            std::thread::Builder::new()
+                .name("drmesh-probe".into())
+                .spawn(move || Self::probe_tail(&prober, &probe_credit))
+                .map_err(io("starting a reader thread for", &path))?;
+        }
         let thread_credit = credit.clone();
         std::thread::Builder::new()
             .name("drmesh-read".into())
@@ -328,58 +343,52 @@ impl ReadAhead {
         Ok(ReadAhead { batches, credit })
     }
 
+    /// Reads the volume backwards from its end, [`PROBE_BYTES`] at a time,
+    /// while the read-ahead works forwards, for as long as every block is
+    /// zero, and records where that empty tail begins: the read-ahead then
+    /// hands those blocks over as zero without reading them. The free tail of
+    /// a disk is so read while the encoders work on the data before it, not
+    /// after. Stops at the first batch with data (on a full disk it reads one
+    /// small batch the scan reads again), on a read error (the scan reports
+    /// its own), when it meets the read-ahead, or when the scan ends.
+    fn probe_tail(source: &FileSource, credit: &ReadCredit) {
+        use std::sync::atomic::Ordering;
+        let step = (PROBE_BYTES / u64::from(source.block_bytes.max(1))).max(1);
+        let mut end = source.block_count();
+        while end > 0 && !credit.stop.load(Ordering::Relaxed) {
+            let start = end.saturating_sub(step);
+            if start < credit.read_to.load(Ordering::Relaxed) {
+                return;
+            }
+            match source.read_run(start, (end - start) as usize) {
+                Ok(datas) if datas.iter().all(|d| crate::content::is_all_zero(d)) => {
+                    credit.zero_from.store(start, Ordering::Relaxed);
+                    end = start;
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// Reads batches in order and hands each over once its non-zero bytes fit
-    /// the credit. While the oldest batch waits for credit the thread reads on
-    /// as long as everything behind it is zero, so a long empty region after
-    /// the last data (the free tail of a disk) is read while the encoders still
-    /// work on that data. Beyond its credit it holds at most two batches of
-    /// data: the one waiting and one read behind it.
+    /// the credit (zero blocks take none); blocks of the known-empty tail
+    /// ([`ReadAhead::probe_tail`]) are handed over as zero without a read.
     fn run(source: &FileSource, from: u64, only: Option<&BlockMask>, tx: &std::sync::mpsc::SyncSender<ReadBatch>, credit: &ReadCredit) {
         use std::sync::atomic::Ordering;
         let batch_blocks = (BATCH_BYTES / u64::from(source.block_bytes.max(1))).max(1);
         let mut start = from;
-        // Batches read and not handed over, each with its bytes of non-zero blocks.
-        let mut waiting: VecDeque<(ReadBatch, u64)> = VecDeque::new();
-        loop {
-            if credit.stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let may_read = start < source.block_count()
-                && waiting.len() < READ_AHEAD_BATCHES
-                && !waiting.iter().any(|(batch, _)| batch.is_err())
-                && !waiting.iter().skip(1).any(|(_, bytes)| *bytes > 0);
-            let Some(&(_, bytes)) = waiting.front() else {
-                if !may_read {
-                    return;
-                }
-                let count = (source.block_count() - start).min(batch_blocks);
-                waiting.push_back(Self::read_batch(source, start, count, only));
-                start += count;
-                credit.read_to.store(start, Ordering::Relaxed);
-                continue;
-            };
+        while start < source.block_count() && !credit.stop.load(Ordering::Relaxed) {
+            let count = (source.block_count() - start).min(batch_blocks);
+            let (batch, bytes) = Self::read_batch(source, start, count, only, credit.zero_from.load(Ordering::Relaxed));
+            start += count;
+            credit.read_to.store(start, Ordering::Relaxed);
             {
                 let mut held = credit.held.lock().unwrap_or_else(|p| p.into_inner());
-                let fits = |held: u64| held == 0 || held + bytes <= READ_AHEAD_DATA_BYTES;
-                if !fits(*held) {
-                    if may_read {
-                        drop(held);
-                        let count = (source.block_count() - start).min(batch_blocks);
-                        waiting.push_back(Self::read_batch(source, start, count, only));
-                        start += count;
-                        credit.read_to.store(start, Ordering::Relaxed);
-                        continue;
-                    }
-                    while !fits(*held) && !credit.stop.load(Ordering::Relaxed) {
-                        held = credit.freed.wait(held).unwrap_or_else(|p| p.into_inner());
-                    }
-                    if credit.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
+                while *held > 0 && *held + bytes > READ_AHEAD_DATA_BYTES && !credit.stop.load(Ordering::Relaxed) {
+                    held = credit.freed.wait(held).unwrap_or_else(|p| p.into_inner());
                 }
                 *held += bytes;
             }
-            let Some((batch, _)) = waiting.pop_front() else { return };
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
                 return;
@@ -390,14 +399,14 @@ impl ReadAhead {
     /// Reads the batch of `count` blocks from `start` (the read set's blocks
     /// only); all-zero blocks become [`BlockData::zeros`] at once. Returns the
     /// batch and its bytes of non-zero data.
-    fn read_batch(source: &FileSource, start: u64, count: u64, only: Option<&BlockMask>) -> (ReadBatch, u64) {
-        match Self::read_blocks(source, start, count, only) {
+    fn read_batch(source: &FileSource, start: u64, count: u64, only: Option<&BlockMask>, zero_from: u64) -> (ReadBatch, u64) {
+        match Self::read_blocks(source, start, count, only, zero_from) {
             Ok((datas, bytes)) => (Ok((start, datas)), bytes),
             Err(e) => (Err(e), 0),
         }
     }
 
-    fn read_blocks(source: &FileSource, start: u64, count: u64, only: Option<&BlockMask>) -> Result<(Vec<Option<BlockData>>, u64), SourceError> {
+    fn read_blocks(source: &FileSource, start: u64, count: u64, only: Option<&BlockMask>, zero_from: u64) -> Result<(Vec<Option<BlockData>>, u64), SourceError> {
         let mut datas = Vec::with_capacity(count as usize);
         let mut data_bytes = 0u64;
         let mut i = 0;
@@ -407,9 +416,12 @@ impl ReadAhead {
                 i += 1;
                 continue;
             }
-            // The run of blocks in the read set from here, read at once.
+            // The run of blocks in the read set from here, read at once; the
+            // part of it in the known-empty tail is not read at all.
             let run = (i..count).take_while(|&j| only.is_none_or(|m| m.contains(start + j))).count();
-            for data in source.read_run(start + i, run)? {
+            let unknown = zero_from.saturating_sub(start + i).min(run as u64) as usize;
+            let known_zero = (start + i + unknown as u64..start + i + run as u64).map(|b| BlockData::zeros(source.block_len(b)));
+            for data in source.read_run(start + i, unknown)?.into_iter().chain(known_zero) {
                 if crate::content::is_all_zero(&data) {
                     datas.push(Some(BlockData::zeros(data.len())));
                 } else {
@@ -600,31 +612,63 @@ mod tests {
         assert_eq!(&tail[0][..], &bytes[140 * block as usize..141 * block as usize]);
     }
 
-    /// The empty tail behind the last data is read while that data waits for
-    /// the scan: the read-ahead does not stop at the first batch it cannot hand over.
+    /// The tail prober finds where the empty tail begins, reading backwards
+    /// only through zeros, and leaves a tail with data alone.
     #[test]
-    fn the_read_ahead_reads_an_empty_tail_past_waiting_data() {
+    fn the_tail_prober_finds_the_empty_tail_and_stops_at_data() {
+        use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vol.img");
         let block = 1u32 << 20;
-        // Two batches of data (more than the read-ahead's credit of one), then 64 MiB of zeros.
-        let mut bytes = vec![0u8; 96 << 20];
-        for (i, b) in bytes[..32 << 20].iter_mut().enumerate() {
-            *b = (i % 251) as u8 | 1;
-        }
+        let credit = |source: &FileSource| ReadCredit {
+            held: std::sync::Mutex::new(0),
+            read_to: std::sync::atomic::AtomicU64::new(0),
+            zero_from: std::sync::atomic::AtomicU64::new(source.block_count()),
+            freed: std::sync::Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        };
+        // 21 blocks of data (one byte in block 20), then 27 zero blocks.
+        let path = dir.path().join("tail.img");
+        let mut bytes = vec![0u8; 48 << 20];
+        bytes[20 * (1 << 20) + 5] = 1;
+        bytes[3] = 7;
         std::fs::write(&path, &bytes).unwrap();
         let source = FileSource::open(&path, block).unwrap();
+        let found = credit(&source);
+        ReadAhead::probe_tail(&source, &found);
+        // Probed 4 blocks at a time from the end: 48..44, .., 24..28 are zero, 20..24 is not.
+        assert_eq!(found.zero_from.load(Ordering::Relaxed), 24);
+        // The scan hands over the same blocks with or without the finding.
         let ahead = ReadAhead::start(&source, 0, None).unwrap();
-        // Nothing is taken: the first batch fills the credit, the second waits
-        // for it, and the thread reads on through every zero batch behind it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while ahead.credit.read_to.load(std::sync::atomic::Ordering::Relaxed) < source.block_count() {
-            assert!(std::time::Instant::now() < deadline, "the read-ahead stopped at block {}", ahead.credit.read_to.load(std::sync::atomic::Ordering::Relaxed));
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        let mut nonzero = Vec::new();
+        while let Some(batch) = ahead.next() {
+            let (start, datas) = batch.unwrap();
+            for (i, d) in datas.iter().enumerate() {
+                let d = d.as_ref().unwrap();
+                assert_eq!(&d[..], &bytes[(start as usize + i) << 20..(start as usize + i + 1) << 20]);
+                if !d.is_zeros() {
+                    nonzero.push(start + i as u64);
+                }
+            }
         }
-        // Still in order: the data batches come first, then the zero ones.
-        let starts: Vec<u64> = std::iter::from_fn(|| ahead.next()).map(|b| b.unwrap().0).collect();
-        assert_eq!(starts, (0..6).map(|i| i * 16).collect::<Vec<_>>());
+        assert_eq!(nonzero, [0, 20]);
+
+        // Data in the last block: nothing is known, only one probe was read.
+        let path = dir.path().join("full.img");
+        let mut bytes = vec![0u8; 8 << 20];
+        bytes[(8 << 20) - 1] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let source = FileSource::open(&path, block).unwrap();
+        let found = credit(&source);
+        ReadAhead::probe_tail(&source, &found);
+        assert_eq!(found.zero_from.load(Ordering::Relaxed), 8);
+        // It stops where the read-ahead already is.
+        let path = dir.path().join("empty.img");
+        std::fs::write(&path, vec![0u8; 8 << 20]).unwrap();
+        let source = FileSource::open(&path, block).unwrap();
+        let found = credit(&source);
+        found.read_to.store(6, Ordering::Relaxed);
+        ReadAhead::probe_tail(&source, &found);
+        assert_eq!(found.zero_from.load(Ordering::Relaxed), 8, "the probe 4..8 starts before block 6");
     }
 
     #[test]
