@@ -283,6 +283,147 @@ async fn advance_baseline(baselines: &Arc<Baselines>, cfg: &CycleConfig, view: A
     Ok(())
 }
 
+/// What the driver of one cycle keeps besides the session: the blocks the
+/// session holds, the reader's channel, the staged baseline entries and the
+/// figures of the report.
+struct Cycle<'a> {
+    cfg: &'a CycleConfig,
+    baselines: &'a Arc<Baselines>,
+    view: &'a Arc<dyn PointInTime>,
+    base_meta: Option<BaselineMeta>,
+    started: Instant,
+    snapshot_ms: u64,
+    compressor: Compressor,
+    held: HashMap<u64, Arc<ScannedBlock>>,
+    /// Until the session says Start, a channel that never yields.
+    blocks: mpsc::Receiver<ReaderItem>,
+    stager: Stager,
+    reader_running: bool,
+    reader_finished: bool,
+    full_offer: bool,
+    scan_stats: ScanStats,
+    merkle_root: [u8; 32],
+    volume_bytes: u64,
+    block_count: u64,
+    read_plan: String,
+    timeline: CycleTimeline,
+}
+
+impl<'a> Cycle<'a> {
+    fn new(
+        cfg: &'a CycleConfig,
+        baselines: &'a Arc<Baselines>,
+        view: &'a Arc<dyn PointInTime>,
+        base_meta: Option<BaselineMeta>,
+        (started, snapshot_ms): (Instant, u64),
+        compressor: Compressor,
+    ) -> Self {
+        Cycle {
+            cfg,
+            baselines,
+            view,
+            base_meta,
+            started,
+            snapshot_ms,
+            compressor,
+            held: HashMap::new(),
+            blocks: mpsc::channel::<ReaderItem>(1).1,
+            stager: Stager::start(baselines.clone(), &cfg.volume, &cfg.target),
+            reader_running: false,
+            reader_finished: false,
+            full_offer: false,
+            scan_stats: ScanStats::default(),
+            merkle_root: [0u8; 32],
+            volume_bytes: 0,
+            block_count: 0,
+            read_plan: String::new(),
+            timeline: CycleTimeline::default(),
+        }
+    }
+
+    fn since(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Carries out one session event; `Some` once the cycle has ended.
+    fn on_event(&mut self, session: &mut SourceSession, event: SourceEvent) -> Result<Option<Result<u64, CycleError>>, CycleError> {
+        match event {
+            SourceEvent::Start { full_offer } => self.start_reader(full_offer)?,
+            SourceEvent::Encode { index, want } => match self.held.get(&index) {
+                Some(block) => self.compressor.encode(index, block.clone(), want),
+                None => session.handle_encode_failed(format!("block {index} was asked for but is not held")),
+            },
+            SourceEvent::Release { index } => {
+                self.held.remove(&index);
+            }
+            SourceEvent::Committed { seq } => {
+                self.timeline.committed = self.since();
+                return Ok(Some(Ok(seq)));
+            }
+            SourceEvent::Failed { reason } => return Ok(Some(Err(CycleError::Session(reason)))),
+        }
+        Ok(None)
+    }
+
+    /// The session may start: opens the view's blocks and starts the reader
+    /// on what this cycle reads.
+    fn start_reader(&mut self, full_offer: bool) -> Result<(), CycleError> {
+        self.full_offer = full_offer;
+        self.timeline.started = self.since();
+        let source = FileSource::open(self.view.path(), self.cfg.block_bytes)?;
+        (self.volume_bytes, self.block_count) = (source.volume_bytes(), source.block_count());
+        let base_bytes = self.base_meta.as_ref().map(|m| m.volume_bytes);
+        let only;
+        (only, self.read_plan) = read_set(self.cfg.source.kind(), &self.view.changes(), full_offer, base_bytes, self.volume_bytes, self.block_count);
+        self.reader_running = true;
+        self.blocks = block_reader::start(ReadJob {
+            source,
+            view: self.view.clone(),
+            baselines: self.baselines.clone(),
+            volume: self.cfg.volume.clone(),
+            target: self.cfg.target.clone(),
+            ids: self.cfg.codec.ids().clone(),
+            full_offer,
+            only,
+        });
+        Ok(())
+    }
+
+    /// Hands what the reader produced to the session.
+    fn on_reader(&mut self, session: &mut SourceSession, item: Option<ReaderItem>) {
+        match item {
+            Some(ReaderItem::Blocks(blocks)) => {
+                if self.timeline.first_block == 0.0 {
+                    self.timeline.first_block = self.since();
+                }
+                // The whole batch is taken: the window may overshoot by less than
+                // one hand-over batch, which the memory bound allows for.
+                for block in blocks {
+                    self.stager.push((block.index, block.content, block.page_hashes.clone()));
+                    let base = block.base.as_ref().map(|b| b.content).filter(|c| !c.is_zero());
+                    let entry = OfferEntry { index: block.index, content: block.content, base };
+                    let len = block.data.len() as u64;
+                    // A zero block is never encoded: its buffer goes back to the pool now.
+                    if !block.content.is_zero() {
+                        self.held.insert(block.index, Arc::new(block));
+                    }
+                    session.handle_block(entry, len);
+                }
+            }
+            Some(ReaderItem::Done(root, stats)) => {
+                self.reader_finished = true;
+                self.timeline.read_done = self.since();
+                self.merkle_root = root;
+                self.scan_stats = stats;
+                let meta = rp_meta(self.cfg, self.snapshot_ms, self.volume_bytes, self.block_count, self.scan_stats.changed_blocks, root);
+                session.handle_reader_done(meta);
+            }
+            Some(ReaderItem::Failed(reason)) => session.handle_encode_failed(format!("reading the source: {reason}")),
+            None => session.handle_encode_failed("block reader stopped".into()),
+        }
+    }
+}
+
 /// [`run_cycle`] reading the source's point-in-time `view`.
 async fn run_cycle_on(
     conn: quinn::Connection,
@@ -291,37 +432,20 @@ async fn run_cycle_on(
     cancel: &mut oneshot::Receiver<String>,
     view: Arc<dyn PointInTime>,
 ) -> Result<CycleReport, CycleError> {
-    let started = Instant::now();
-    let snapshot_ms = now_ms();
-    let session_err = |e: &dyn std::fmt::Display| CycleError::Session(e.to_string());
+    let (started, snapshot_ms) = (Instant::now(), now_ms());
     let base_meta = baseline_for(&baselines, &cfg).await?;
-
     // A connection that is already gone never carried anything of this cycle.
-    let (send, recv) = endpoint::open_stream(&conn, StreamHeader::data(StreamKind::Replication, crate::proto::version::REPLICATION)).await.map_err(|e| match conn.close_reason() {
+    let header = StreamHeader::data(StreamKind::Replication, crate::proto::version::REPLICATION);
+    let (send, recv) = endpoint::open_stream(&conn, header).await.map_err(|e| match conn.close_reason() {
         Some(_) => CycleError::Unanswered(format!("connection to target lost: {e}")),
-        None => session_err(&e),
+        None => CycleError::Session(e.to_string()),
     })?;
     let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
     let (out_tx, sender) = super::sender::start(send, cfg.pacing.clone());
-
     let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts(), cfg.block_bytes);
-    // Until the session says Start, the reader's channel is one that never yields.
-    let (_idle_tx, mut block_rx) = mpsc::channel::<ReaderItem>(1);
     let (compressor, mut enc_rx) = Compressor::new(cfg.codec.clone());
-    let mut held: HashMap<u64, Arc<ScannedBlock>> = HashMap::new();
-    let mut stager = Stager::start(baselines.clone(), &cfg.volume, &cfg.target);
-    let mut reader_running = false;
-    let mut reader_finished = false;
-    let mut full_offer = false;
-    let mut scan_stats = ScanStats::default();
-    let mut merkle_root = [0u8; 32];
-    let mut volume_bytes = 0u64;
-    let mut block_count = 0u64;
-    let mut timeline = CycleTimeline::default();
-    let mut read_plan = String::new();
-    let since = |t: Instant| t.elapsed().as_secs_f64();
+    let mut cycle = Cycle::new(&cfg, &baselines, &view, base_meta, (started, snapshot_ms), compressor);
     let mut cancel_seen = false;
-
     let result: Result<u64, CycleError> = loop {
         while let Some(msg) = session.poll_transmit() {
             if out_tx.send(msg).await.is_err() {
@@ -330,51 +454,15 @@ async fn run_cycle_on(
         }
         let mut finished = None;
         while let Some(event) = session.poll_event() {
-            match event {
-                SourceEvent::Start { full_offer: full, .. } => {
-                    full_offer = full;
-                    timeline.started = since(started);
-                    let source = FileSource::open(view.path(), cfg.block_bytes)?;
-                    volume_bytes = source.volume_bytes();
-                    block_count = source.block_count();
-                    let only;
-                    (only, read_plan) = read_set(cfg.source.kind(), &view.changes(), full, base_meta.as_ref().map(|m| m.volume_bytes), volume_bytes, block_count);
-                    reader_running = true;
-                    block_rx = block_reader::start(ReadJob {
-                        source,
-                        view: view.clone(),
-                        baselines: baselines.clone(),
-                        volume: cfg.volume.clone(),
-                        target: cfg.target.clone(),
-                        ids: cfg.codec.ids().clone(),
-                        full_offer: full,
-                        only,
-                    });
-                }
-                SourceEvent::Encode { index, want } => {
-                    let Some(block) = held.get(&index).cloned() else {
-                        session.handle_encode_failed(format!("block {index} was asked for but is not held"));
-                        continue;
-                    };
-                    compressor.encode(index, block, want);
-                }
-                SourceEvent::Release { index } => {
-                    held.remove(&index);
-                }
-                SourceEvent::Committed { seq } => {
-                    timeline.committed = since(started);
-                    finished = Some(Ok(seq))
-                }
-                SourceEvent::Failed { reason } => finished = Some(Err(CycleError::Session(reason))),
-            }
+            finished = finished.or(cycle.on_event(&mut session, event)?);
         }
         if let Some(done) = finished {
             break done;
         }
-        if !stager.flush_when_full().await {
+        if !cycle.stager.flush_when_full().await {
             session.handle_encode_failed("baseline staging stopped".into());
         }
-        let want_blocks = reader_running && !reader_finished && session.wants_block();
+        let want_blocks = cycle.reader_running && !cycle.reader_finished && session.wants_block();
         tokio::select! {
             reason = &mut *cancel, if !cancel_seen => {
                 cancel_seen = true;
@@ -389,38 +477,10 @@ async fn run_cycle_on(
                 Ok(None) => session.handle_disconnect("target closed the session".into()),
                 Err(e) => session.handle_disconnect(e.to_string()),
             },
-            item = block_rx.recv(), if want_blocks => match item {
-                Some(ReaderItem::Blocks(blocks)) => {
-                    if timeline.first_block == 0.0 {
-                        timeline.first_block = since(started);
-                    }
-                    // The whole batch is taken: the window may overshoot by less than
-                    // one hand-over batch, which the memory bound allows for.
-                    for block in blocks {
-                        stager.push((block.index, block.content, block.page_hashes.clone()));
-                        let base = block.base.as_ref().map(|b| b.content).filter(|c| !c.is_zero());
-                        let entry = OfferEntry { index: block.index, content: block.content, base };
-                        let len = block.data.len() as u64;
-                        // A zero block is never encoded: its buffer goes back to the pool now.
-                        if !block.content.is_zero() {
-                            held.insert(block.index, Arc::new(block));
-                        }
-                        session.handle_block(entry, len);
-                    }
-                }
-                Some(ReaderItem::Done(root, stats)) => {
-                    reader_finished = true;
-                    timeline.read_done = since(started);
-                    merkle_root = root;
-                    scan_stats = stats;
-                    session.handle_reader_done(rp_meta(&cfg, snapshot_ms, volume_bytes, block_count, scan_stats.changed_blocks, root));
-                }
-                Some(ReaderItem::Failed(reason)) => session.handle_encode_failed(format!("reading the source: {reason}")),
-                None => session.handle_encode_failed("block reader stopped".into()),
-            },
+            item = cycle.blocks.recv(), if want_blocks => cycle.on_reader(&mut session, item),
             Some((index, blob)) = enc_rx.recv() => match blob {
                 Ok(blob) => {
-                    timeline.last_encoded = since(started);
+                    cycle.timeline.last_encoded = cycle.since();
                     session.handle_encoded(index, blob)
                 }
                 Err(reason) => session.handle_encode_failed(reason),
@@ -429,6 +489,7 @@ async fn run_cycle_on(
     };
     drop(out_tx);
     let _ = sender.await;
+    let Cycle { stager, merkle_root, block_count, volume_bytes, scan_stats, read_plan, full_offer, timeline, .. } = cycle;
     let staged = stager.finish().await;
     // Lost with the connection before the target said anything (and not
     // cancelled, so `cancel` is still pending): the caller may start again.
