@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder};
+use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
 use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, Store, StoreError};
 
 fn full(data: &[u8]) -> EncodedBlob {
@@ -20,16 +20,16 @@ fn full(data: &[u8]) -> EncodedBlob {
 }
 
 fn meta(seq: u64) -> RpMeta {
-    meta_with_root(seq, [0; 32])
+    meta_with_root(seq, MerkleRoot([0; 32]))
 }
 
-fn root_of(map: &[ContentId]) -> [u8; 32] {
+fn root_of(map: &[ContentId]) -> MerkleRoot {
     let mut merkle = MerkleBuilder::new();
     map.iter().for_each(|c| merkle.push(c));
     merkle.finish()
 }
 
-fn meta_with_root(seq: u64, merkle_root: [u8; 32]) -> RpMeta {
+fn meta_with_root(seq: u64, merkle_root: MerkleRoot) -> RpMeta {
     RpMeta {
         volume: "vol".into(),
         seq,

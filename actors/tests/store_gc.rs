@@ -45,7 +45,7 @@ fn meta(volume: &str, seq: u64, block_count: u64) -> RpMeta {
         block_count,
         changed_blocks: 0,
         bytes_stored: 0,
-        merkle_root: [0; 32],
+        merkle_root: drmesh_actors::content::MerkleRoot([0; 32]),
         encrypted: false,
         consistency: "crash".into(),
     }

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder};
+use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
 use std::collections::HashSet;
 
 use drmesh_actors::codec::BlockCodec;
@@ -19,7 +19,7 @@ fn full(data: &[u8]) -> EncodedBlob {
     EncodedBlob { id, content: id, flags: BlobFlags(0), plain_len: data.len() as u32, base: None, depth: 0, payload: data.to_vec() }
 }
 
-fn root_of(map: &[ContentId]) -> [u8; 32] {
+fn root_of(map: &[ContentId]) -> MerkleRoot {
     let mut merkle = MerkleBuilder::new();
     map.iter().for_each(|c| merkle.push(c));
     merkle.finish()

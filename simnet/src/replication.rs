@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use drmesh_actors::blob::{EncodedBlob, RpMeta};
 use drmesh_actors::codec::BlockCodec;
-use drmesh_actors::content::{ContentId, MerkleBuilder};
+use drmesh_actors::content::{ContentId, MerkleBuilder, MerkleRoot};
 use drmesh_actors::proto::session::{OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetEvent, TargetMsg, TargetSession};
 use drmesh_actors::proto::time::Millis;
 use drmesh_actors::store::{MemoryStore, SessionStore};
@@ -137,7 +137,7 @@ fn topology() -> Arc<Topology> {
 #[derive(Debug, Clone)]
 struct Rp {
     seq: u64,
-    root: [u8; 32],
+    root: MerkleRoot,
     map: Vec<ContentId>,
 }
 
@@ -149,7 +149,7 @@ struct Write {
     fail: bool,
 }
 
-fn root_of(map: &[ContentId]) -> [u8; 32] {
+fn root_of(map: &[ContentId]) -> MerkleRoot {
     let mut m = MerkleBuilder::new();
     for c in map {
         m.push(c);
@@ -318,7 +318,7 @@ impl ReplWorld {
         self.told_present.clear();
     }
 
-    fn newest(&self) -> Option<(u64, [u8; 32])> {
+    fn newest(&self) -> Option<(u64, MerkleRoot)> {
         self.store.newest_rp("vol").ok().flatten().map(|m| (m.seq, m.merkle_root))
     }
 
@@ -541,7 +541,7 @@ fn meta() -> RpMeta {
         block_count: 0,
         changed_blocks: 0,
         bytes_stored: 0,
-        merkle_root: [0; 32],
+        merkle_root: MerkleRoot([0; 32]),
         encrypted: false,
         consistency: "crash".into(),
     }

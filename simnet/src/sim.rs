@@ -421,7 +421,7 @@ impl Simulator {
                 let info = RpInfo {
                     snapshot_unix_ms: now.0,
                     size_bytes: 1 << 30,
-                    merkle_root: *blake3::hash(format!("{node}/{volume}/{seq}").as_bytes()).as_bytes(),
+                    merkle_root: drmesh_actors::content::MerkleRoot(*blake3::hash(format!("{node}/{volume}/{seq}").as_bytes()).as_bytes()),
                     consistency: Consistency::Crash,
                     drill: None,
                 };

@@ -74,7 +74,7 @@ pub struct RpMeta {
     /// Blob bytes this RP added on the target.
     pub bytes_stored: u64,
     /// blake3 over the block ids in index order (see `content::MerkleBuilder`).
-    pub merkle_root: [u8; 32],
+    pub merkle_root: crate::content::MerkleRoot,
     /// Whether the blobs are encrypted.
     pub encrypted: bool,
     /// Consistency level ("crash", "fs-frozen", "app").

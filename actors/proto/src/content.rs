@@ -199,7 +199,33 @@ impl IdScheme {
     }
 }
 
-/// Merkle root of an RP: blake3 over the content ids of all its blocks in index order.
+/// The Merkle root of an RP: blake3 over the content ids of all its blocks in
+/// index order and their count ([`MerkleBuilder`]). Two RPs with the same root
+/// hold the same data; a source and a target agree on a baseline by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MerkleRoot(pub [u8; 32]);
+
+impl MerkleRoot {
+    /// Lowercase hex, as shown to people.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for MerkleRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MerkleRoot({})", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for MerkleRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Builds the [`MerkleRoot`] of an RP, block by block in index order.
 #[derive(Default)]
 pub struct MerkleBuilder {
     hasher: blake3::Hasher,
@@ -219,10 +245,10 @@ impl MerkleBuilder {
     }
 
     /// The root over everything pushed (block count included, so truncation changes it).
-    pub fn finish(&self) -> [u8; 32] {
+    pub fn finish(&self) -> MerkleRoot {
         let mut h = self.hasher.clone();
         h.update(&self.blocks.to_le_bytes());
-        *h.finalize().as_bytes()
+        MerkleRoot(*h.finalize().as_bytes())
     }
 }
 

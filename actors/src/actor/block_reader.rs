@@ -29,7 +29,7 @@ pub enum ReaderItem {
     /// Changed blocks, in index order.
     Blocks(Vec<ScannedBlock>),
     /// The scan finished: the Merkle root of the whole volume and the figures.
-    Done([u8; 32], ScanStats),
+    Done(crate::content::MerkleRoot, ScanStats),
     /// Reading failed (or the view was invalidated while read): the cycle fails.
     Failed(String),
 }

@@ -946,7 +946,7 @@ impl Handler<GetCatalog> for GossipActor {
                 seq: r.seq,
                 snapshot_unix_ms: r.info.snapshot_unix_ms,
                 size_bytes: r.info.size_bytes,
-                merkle_root: hex(&r.info.merkle_root[..6]),
+                merkle_root: hex(&r.info.merkle_root.0[..6]),
                 consistency: match r.info.consistency {
                     Consistency::Crash => "crash",
                     Consistency::FileSystem => "fs-frozen",

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::BlockCodec;
-use crate::content::ContentId;
+use crate::content::{ContentId, MerkleRoot};
 use crate::proto::session::{CycleStats, OfferEntry, SourceEvent, SourceSession, TargetMsg};
 use crate::source::baseline::{BaselineMeta, Baselines};
 use crate::source::file::{FileSource, ScanStats, ScannedBlock};
@@ -199,7 +199,7 @@ async fn baseline_for(baselines: &Arc<Baselines>, cfg: &CycleConfig) -> Result<O
 }
 
 /// The RP a finished scan offers to commit (the target fills in seq and what it stored).
-fn rp_meta(cfg: &CycleConfig, snapshot_ms: u64, volume_bytes: u64, block_count: u64, changed_blocks: u64, root: [u8; 32]) -> RpMeta {
+fn rp_meta(cfg: &CycleConfig, snapshot_ms: u64, volume_bytes: u64, block_count: u64, changed_blocks: u64, root: MerkleRoot) -> RpMeta {
     RpMeta {
         volume: cfg.volume.clone(),
         seq: 0,
@@ -302,7 +302,7 @@ struct Cycle<'a> {
     reader_finished: bool,
     full_offer: bool,
     scan_stats: ScanStats,
-    merkle_root: [u8; 32],
+    merkle_root: MerkleRoot,
     volume_bytes: u64,
     block_count: u64,
     read_plan: String,
@@ -333,7 +333,7 @@ impl<'a> Cycle<'a> {
             reader_finished: false,
             full_offer: false,
             scan_stats: ScanStats::default(),
-            merkle_root: [0u8; 32],
+            merkle_root: MerkleRoot::default(),
             volume_bytes: 0,
             block_count: 0,
             read_plan: String::new(),
@@ -515,7 +515,7 @@ async fn run_cycle_on(
         stats: session.stats().clone(),
         duration_secs: started.elapsed().as_secs_f64(),
         snapshot_unix_ms: snapshot_ms,
-        merkle_root: merkle_root.iter().map(|b| format!("{b:02x}")).collect(),
+        merkle_root: merkle_root.to_hex(),
         timeline,
     })
 }

@@ -113,8 +113,7 @@ impl RpImage {
         }
         let root = merkle.finish();
         if root != meta.merkle_root {
-            let hex = |b: &[u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-            return Err(RestoreError::Merkle { rp: meta.name(), expected: hex(&meta.merkle_root), actual: hex(&root) });
+            return Err(RestoreError::Merkle { rp: meta.name(), expected: meta.merkle_root.to_hex(), actual: root.to_hex() });
         }
         let blocks = match (source, failover) {
             (RpSource::Local(store), _) => Blocks::Local(store),

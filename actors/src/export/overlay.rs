@@ -109,7 +109,7 @@ fn header(meta: &RpMeta) -> Result<[u8; HEADER_BYTES as usize], String> {
     h[12..16].copy_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
     h[16..24].copy_from_slice(&meta.volume_bytes.to_le_bytes());
     h[24..32].copy_from_slice(&meta.seq.to_le_bytes());
-    h[32..64].copy_from_slice(&meta.merkle_root);
+    h[32..64].copy_from_slice(&meta.merkle_root.0);
     h[64..66].copy_from_slice(&(name.len() as u16).to_le_bytes());
     h[66..66 + name.len()].copy_from_slice(name);
     h[321..329].copy_from_slice(&DATA_OFFSET.to_le_bytes());
@@ -322,7 +322,7 @@ mod tests {
             block_count: volume_bytes.div_ceil(1 << 20),
             changed_blocks: 0,
             bytes_stored: 0,
-            merkle_root: [3; 32],
+            merkle_root: crate::content::MerkleRoot([3; 32]),
             encrypted: false,
             consistency: "crash".into(),
         }

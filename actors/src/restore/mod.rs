@@ -193,10 +193,6 @@ impl Progress {
     }
 }
 
-fn hex(b: &[u8; 32]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, RestoreError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| RestoreError::Fetch(format!("worker thread failed: {e}")))
 }
@@ -311,7 +307,7 @@ async fn check_block_map(source: &mut RpSource, meta: &RpMeta, progress: &Progre
     }
     let root = merkle.finish();
     if root != meta.merkle_root {
-        return Err(RestoreError::Merkle { rp: meta.name(), expected: hex(&meta.merkle_root), actual: hex(&root) });
+        return Err(RestoreError::Merkle { rp: meta.name(), expected: meta.merkle_root.to_hex(), actual: root.to_hex() });
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ pub struct BaselineMeta {
     /// RP sequence number on the target.
     pub seq: u64,
     /// Its Merkle root.
-    pub merkle_root: [u8; 32],
+    pub merkle_root: crate::content::MerkleRoot,
     /// Block size of the volume then.
     pub block_bytes: u32,
     /// Blocks in the volume then.
@@ -267,7 +267,7 @@ mod tests {
     use super::*;
 
     fn meta(seq: u64, count: u64) -> BaselineMeta {
-        BaselineMeta { seq, merkle_root: [seq as u8; 32], block_bytes: 4096, block_count: count, volume_bytes: count * 4096, time_unix_ms: seq }
+        BaselineMeta { seq, merkle_root: crate::content::MerkleRoot([seq as u8; 32]), block_bytes: 4096, block_count: count, volume_bytes: count * 4096, time_unix_ms: seq }
     }
 
     #[test]

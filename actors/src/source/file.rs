@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::baseline::{BaseBlock, Baselines};
 use super::{BlockMask, SourceError};
-use crate::content::{ContentId, IdScheme, MerkleBuilder};
+use crate::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
 
 /// Bytes read per batch (then hashed in parallel); at least one block.
 const BATCH_BYTES: u64 = 16 << 20;
@@ -575,7 +575,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The Merkle root over every block and the counters; call after `next_changed` returned `None`.
-    pub fn finish(self) -> ([u8; 32], ScanStats) {
+    pub fn finish(self) -> (MerkleRoot, ScanStats) {
         debug_assert_eq!(self.next_index, self.source.block_count(), "scan finished early");
         (self.merkle.finish(), self.stats)
     }

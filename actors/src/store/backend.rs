@@ -238,7 +238,7 @@ mod tests {
             block_count: blocks,
             changed_blocks: blocks,
             bytes_stored: 0,
-            merkle_root: [0; 32],
+            merkle_root: crate::content::MerkleRoot([0; 32]),
             encrypted: false,
             consistency: "crash".into(),
         }

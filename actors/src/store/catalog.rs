@@ -109,7 +109,7 @@ pub fn encode_rp(meta: &RpMeta) -> Vec<u8> {
     for v in [meta.block_count, meta.changed_blocks, meta.bytes_stored] {
         b.extend_from_slice(&v.to_le_bytes());
     }
-    b.extend_from_slice(&meta.merkle_root);
+    b.extend_from_slice(&meta.merkle_root.0);
     b.push(u8::from(meta.encrypted));
     for s in [&meta.volume, &meta.source_node, &meta.consistency] {
         b.extend_from_slice(&(s.len() as u32).to_le_bytes());
@@ -150,7 +150,7 @@ pub fn decode_rp(b: &[u8]) -> Option<RpMeta> {
     let (seq, time_unix_ms, volume_bytes) = (c.u64()?, c.u64()?, c.u64()?);
     let block_bytes = c.u32()?;
     let (block_count, changed_blocks, bytes_stored) = (c.u64()?, c.u64()?, c.u64()?);
-    let merkle_root: [u8; 32] = c.take(32)?.try_into().ok()?;
+    let merkle_root = crate::content::MerkleRoot(c.take(32)?.try_into().ok()?);
     let encrypted = c.take(1)?[0] != 0;
     let (volume, source_node, consistency) = (c.string()?, c.string()?, c.string()?);
     Some(RpMeta {
@@ -185,7 +185,7 @@ mod tests {
             block_count: 10,
             changed_blocks: 3,
             bytes_stored: 12345,
-            merkle_root: [9; 32],
+            merkle_root: crate::content::MerkleRoot([9; 32]),
             encrypted: true,
             consistency: "crash".into(),
         };

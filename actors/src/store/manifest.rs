@@ -172,7 +172,7 @@ impl Manifest {
         ] {
             w.write_all(&v.to_le_bytes())?;
         }
-        w.write_all(&m.merkle_root)?;
+        w.write_all(&m.merkle_root.0)?;
         w.write_all(&(self.changes.len() as u64).to_le_bytes())?;
         for s in [&m.volume, &m.source_node, &m.consistency] {
             write_text(&mut w, s)?;
@@ -218,7 +218,7 @@ impl Manifest {
         let block_bytes = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes"));
         let (seq, base, time_unix_ms, volume_bytes) = (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
         let (block_count, changed_blocks, bytes_stored) = (u64_at(48), u64_at(56), u64_at(64));
-        let merkle_root: [u8; 32] = fixed[72..104].try_into().expect("32 bytes");
+        let merkle_root = crate::content::MerkleRoot(fixed[72..104].try_into().expect("32 bytes"));
         let count = u64_at(104);
         let base_seq = if flags & FLAG_HAS_BASE != 0 {
             if base >= seq {
@@ -452,7 +452,7 @@ mod tests {
                 block_count: 1024,
                 changed_blocks: changes as u64,
                 bytes_stored: 12345,
-                merkle_root: [9; 32],
+                merkle_root: crate::content::MerkleRoot([9; 32]),
                 encrypted: true,
                 consistency: "fs-frozen".into(),
             },

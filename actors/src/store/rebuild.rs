@@ -262,7 +262,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
                 }
                 listed.insert(m.meta.seq);
                 accepted.push((volume.clone(), m.meta.seq));
-                report.rps.push(RebuiltRp { rp: object, merkle_root: hex(&root), missing_blocks });
+                report.rps.push(RebuiltRp { rp: object, merkle_root: root.to_hex(), missing_blocks });
             }
             progress(&format!("{volume}: {} RPs listed", listed.len()));
         }
@@ -329,9 +329,6 @@ fn any_blob(blobs_dir: &Path) -> Result<bool, StoreError> {
     Ok(found)
 }
 
-fn hex(bytes: &[u8; 32]) -> String {
-    ContentId(*bytes).to_hex()
-}
 
 /// A drill report row: volume, seq, finished unix ms, row bytes.
 type DrillRow = (String, u64, u64, Vec<u8>);

@@ -106,7 +106,7 @@ pub struct RpInfo {
     /// Logical size of the volume image, bytes.
     pub size_bytes: u64,
     /// Merkle root (blake3 over the block ids).
-    pub merkle_root: [u8; 32],
+    pub merkle_root: crate::content::MerkleRoot,
     /// Consistency level reached when the snapshot was taken.
     pub consistency: Consistency,
     /// Last drill result, if a drill ran.
@@ -565,7 +565,7 @@ mod tests {
             value: ItemValue::Rp(RpInfo {
                 snapshot_unix_ms: seq,
                 size_bytes: 1,
-                merkle_root: [0; 32],
+                merkle_root: crate::content::MerkleRoot([0; 32]),
                 consistency: Consistency::Crash,
                 drill: None,
             }),

@@ -10,7 +10,7 @@ fn id(n: u8) -> NodeId {
 }
 
 fn info(seq: u64) -> RpInfo {
-    RpInfo { snapshot_unix_ms: seq, size_bytes: 10, merkle_root: [7; 32], consistency: Consistency::Crash, drill: None }
+    RpInfo { snapshot_unix_ms: seq, size_bytes: 10, merkle_root: crate::content::MerkleRoot([7; 32]), consistency: Consistency::Crash, drill: None }
 }
 
 /// Nodes, pending deliveries and timers; perfect links with 10 ms latency.

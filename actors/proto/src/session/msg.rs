@@ -86,7 +86,7 @@ pub enum SourceMsg {
         /// Volume name.
         volume: String,
         /// The RP the source's change set is relative to, with its Merkle root.
-        base: Option<(u64, [u8; 32])>,
+        base: Option<(u64, crate::content::MerkleRoot)>,
         /// Whether the policy encrypts (recorded on the RP).
         encrypted: bool,
     },

@@ -52,7 +52,7 @@ pub fn meta(volume: &str) -> RpMeta {
         block_count: 0,
         changed_blocks: 0,
         bytes_stored: 0,
-        merkle_root: [0; 32],
+        merkle_root: crate::content::MerkleRoot([0; 32]),
         encrypted: false,
         consistency: "crash".into(),
     }

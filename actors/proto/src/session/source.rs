@@ -106,7 +106,7 @@ impl SourceSession {
     /// With no base the cycle offers every block whatever the target
     /// answers, so it starts at once (`Start` is the first event) instead of
     /// after `Opened`'s round trip.
-    pub fn new(volume: &str, base: Option<(u64, [u8; 32])>, encrypted: bool, block_bytes: u32) -> Self {
+    pub fn new(volume: &str, base: Option<(u64, crate::content::MerkleRoot)>, encrypted: bool, block_bytes: u32) -> Self {
         let mut outbox = VecDeque::new();
         outbox.push_back(SourceMsg::Open { volume: volume.to_string(), base, encrypted });
         let mut events = VecDeque::new();

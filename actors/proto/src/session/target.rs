@@ -249,7 +249,7 @@ impl TargetSession {
     }
 
     /// The newest RP of the volume here (seq and Merkle root), or the store's error.
-    pub fn handle_newest(&mut self, newest: Result<Option<(u64, [u8; 32])>, String>) {
+    pub fn handle_newest(&mut self, newest: Result<Option<(u64, crate::content::MerkleRoot)>, String>) {
         if self.state != State::Opening {
             return;
         }

@@ -2,7 +2,7 @@ use super::pair::{meta, node, topology, Faults, Pair};
 use super::*;
 use crate::blob::{BlobFlags, BlobLoc, EncodedBlob};
 use crate::codec::{page_hashes, BlockCodec};
-use crate::content::ContentId;
+use crate::content::{ContentId, MerkleRoot};
 use crate::time::Millis;
 
 #[test]
@@ -34,7 +34,7 @@ fn session_frames_from_peers_decode_or_fail_cleanly() {
     let data = vec![7u8; 8192];
     let id = codec.ids().content_id(&data);
     let samples = vec![
-        SourceMsg::Open { volume: "v".into(), base: Some((3, [1; 32])), encrypted: true },
+        SourceMsg::Open { volume: "v".into(), base: Some((3, MerkleRoot([1; 32]))), encrypted: true },
         SourceMsg::Offer { entries: vec![OfferEntry { index: 9, content: id, base: Some(ContentId([2; 32])) }; 5] },
         SourceMsg::Blob(codec.encode_full(id, &data).into()),
         SourceMsg::Commit { meta: meta("v") },
@@ -109,7 +109,7 @@ fn an_initial_sync_saves_the_round_trips_it_can() {
 
 #[test]
 fn source_fails_cleanly_on_disconnect_and_bad_answers() {
-    let mut src = SourceSession::new("v", Some((1, [1; 32])), false, 1 << 20);
+    let mut src = SourceSession::new("v", Some((1, MerkleRoot([1; 32]))), false, 1 << 20);
     src.poll_transmit();
     src.handle_message(TargetMsg::Answer { wants: vec![] });
     assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer before Opened");
@@ -129,7 +129,7 @@ fn source_fails_cleanly_on_disconnect_and_bad_answers() {
 #[test]
 fn a_connection_lost_before_the_target_answered_can_be_retried() {
     // With a base (Opening) and without one (streaming at once, offers out).
-    for base in [Some((1, [1; 32])), None] {
+    for base in [Some((1, MerkleRoot([1; 32]))), None] {
         let mut src = SourceSession::new("v", base, false, 4096);
         while src.poll_transmit().is_some() {}
         while src.poll_event().is_some() {}
@@ -138,12 +138,12 @@ fn a_connection_lost_before_the_target_answered_can_be_retried() {
         assert!(src.lost_before_answer(), "base {base:?}");
     }
     // A failure for another reason first, then the loss: not a lost connection's failure.
-    let mut src = SourceSession::new("v", Some((1, [1; 32])), false, 4096);
+    let mut src = SourceSession::new("v", Some((1, MerkleRoot([1; 32]))), false, 4096);
     assert!(src.handle_cancel("paused".into()));
     src.handle_disconnect("reset".into());
     assert!(!src.lost_before_answer());
     // The target answered, then the connection went: the cycle is not started over.
-    let mut src = SourceSession::new("v", Some((1, [1; 32])), false, 4096);
+    let mut src = SourceSession::new("v", Some((1, MerkleRoot([1; 32]))), false, 4096);
     src.handle_message(TargetMsg::Opened { seq: 2, base_ok: true });
     src.handle_disconnect("reset".into());
     assert!(!src.lost_before_answer());
@@ -214,7 +214,7 @@ fn retention_runs_before_committed_and_is_announced() {
     assert!(second.announced.contains(&Announcement::Pruned { volume: "vol".into(), seqs: vec![1] }), "{:?}", second.announced);
 }
 
-fn open(tgt: &mut TargetSession, base: Option<(u64, [u8; 32])>, newest: Option<(u64, [u8; 32])>) -> TargetMsg {
+fn open(tgt: &mut TargetSession, base: Option<(u64, MerkleRoot)>, newest: Option<(u64, MerkleRoot)>) -> TargetMsg {
     tgt.handle_message(Millis(0), SourceMsg::Open { volume: "vol".into(), base, encrypted: false });
     assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: "vol".into() }));
     tgt.handle_newest(Ok(newest));
@@ -251,7 +251,7 @@ fn offers_behind_open_wait_for_the_newest_rp() {
     tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: ContentId([1; 32]), base: None }] });
     assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: "vol".into() }));
     assert_eq!(tgt.poll_event(), None, "no lookup before Opened");
-    tgt.handle_newest(Ok(Some((4, [2; 32]))));
+    tgt.handle_newest(Ok(Some((4, MerkleRoot([2; 32])))));
     assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Opened { seq: 5, base_ok: false }));
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Lookup { contents, .. }) if contents == vec![ContentId([1; 32])]));
     tgt.handle_lookup(Ok((vec![None], vec![None])));
@@ -271,7 +271,7 @@ fn target_asks_for_deltas_and_checks_what_arrives() {
     let delta = codec.encode_delta(new_id, &new, &nh, old_id, 0, &oh).expect("a delta");
     let session = || {
         let mut tgt = TargetSession::new(topology(24), node(2), node(1));
-        assert_eq!(open(&mut tgt, Some((3, [1; 32])), Some((3, [1; 32]))), TargetMsg::Opened { seq: 4, base_ok: true });
+        assert_eq!(open(&mut tgt, Some((3, MerkleRoot([1; 32]))), Some((3, MerkleRoot([1; 32])))), TargetMsg::Opened { seq: 4, base_ok: true });
         tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: new_id, base: Some(old_id) }] });
         assert!(matches!(tgt.poll_event(), Some(TargetEvent::Lookup { bases, .. }) if bases == vec![old_id]));
         tgt.handle_lookup(Ok((vec![None], vec![Some(BlobLoc { blob: old_id, depth: 0 })])));
@@ -313,7 +313,7 @@ fn target_asks_for_deltas_and_checks_what_arrives() {
 #[test]
 fn commit_is_refused_until_every_wanted_block_arrived() {
     let mut tgt = TargetSession::new(topology(24), node(2), node(1));
-    open(&mut tgt, None, Some((9, [0; 32])));
+    open(&mut tgt, None, Some((9, MerkleRoot([0; 32]))));
     tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: ContentId([3; 32]), base: None }] });
     let _lookup = tgt.poll_event();
     tgt.handle_lookup(Ok((vec![None], vec![None])));
