@@ -72,20 +72,33 @@ fn listed_node_answering_at_another_nodes_address_is_refused() {
     assert!(b["last_error"].as_str().unwrap().contains(&mesh.node("c").id), "{b}");
 }
 
-/// A listed peer (this test process, with a listed identity) sends an oversized
-/// frame and then garbage: the node closes that connection with the reason and
-/// keeps serving everyone else.
-#[test]
-fn malformed_frames_close_the_connection_not_the_node() {
+/// A listed peer that this test process plays, with its identity and a's address.
+struct Rogue {
+    identity: Arc<Identity>,
+    a_id: NodeId,
+    a_addr: std::net::SocketAddr,
+}
+
+/// Nodes a and b running and connected, and node "rogue" listed in their
+/// topology but not started: the test process speaks as it.
+fn a_b_and_a_rogue() -> (TestMesh, Rogue) {
     let mut mesh = TestMesh::new(&["a", "b", "rogue"]);
     mesh.write_file("topology.toml", &mesh.standard_topology(1, &["a", "b", "rogue"]));
     mesh.start("a", "topology.toml");
     mesh.start("b", "topology.toml");
     mesh.wait_connected("a", &["b"]);
-
-    let rogue = Arc::new(Identity::load(&mesh.node("rogue").state_dir).unwrap());
-    let a_id: NodeId = mesh.node("a").id.parse().unwrap();
+    let identity = Arc::new(Identity::load(&mesh.node("rogue").state_dir).unwrap());
+    let a_id = mesh.node("a").id.parse().unwrap();
     let a_addr = mesh.node("a").address().parse().unwrap();
+    (mesh, Rogue { identity, a_id, a_addr })
+}
+
+/// A listed peer (this test process, with a listed identity) sends an oversized
+/// frame and then garbage: the node closes that connection with the reason and
+/// keeps serving everyone else.
+#[test]
+fn malformed_frames_close_the_connection_not_the_node() {
+    let (mut mesh, Rogue { identity: rogue, a_id, a_addr }) = a_b_and_a_rogue();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for (label, payload) in [
         // The first byte of a stream names its kind; 0 is the control stream.
@@ -120,15 +133,7 @@ fn malformed_frames_close_the_connection_not_the_node() {
 /// message is read; the connection and the node carry on.
 #[test]
 fn data_streams_of_another_version_are_refused_in_words() {
-    let mut mesh = TestMesh::new(&["a", "b", "rogue"]);
-    mesh.write_file("topology.toml", &mesh.standard_topology(1, &["a", "b", "rogue"]));
-    mesh.start("a", "topology.toml");
-    mesh.start("b", "topology.toml");
-    mesh.wait_connected("a", &["b"]);
-
-    let rogue = Arc::new(Identity::load(&mesh.node("rogue").state_dir).unwrap());
-    let a_id: NodeId = mesh.node("a").id.parse().unwrap();
-    let a_addr = mesh.node("a").address().parse().unwrap();
+    let (mut mesh, Rogue { identity: rogue, a_id, a_addr }) = a_b_and_a_rogue();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let newer = version::REPLICATION + 1;
     let (replication, fetch, open) = runtime.block_on(async {
