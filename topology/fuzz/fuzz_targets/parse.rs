@@ -2,8 +2,9 @@
 //! topology or diagnostics with sane positions, at most `MAX_DIAGNOSTICS` of
 //! them kept, never a panic.
 //!
-//! Run from `topology/`: `cargo +nightly fuzz run parse`. Seed the corpus with
-//! the examples: `mkdir -p fuzz/corpus/parse && cp ../examples/*.toml fuzz/corpus/parse/`.
+//! Run with the others by `scripts/fuzz` (stable toolchain, 20 s per target),
+//! or alone from `topology/`: `RUSTC_BOOTSTRAP=1 cargo fuzz run -s none parse`. Seed
+//! the corpus with the examples: `mkdir -p fuzz/corpus/parse && cp ../examples/*.toml fuzz/corpus/parse/`.
 
 #![no_main]
 
