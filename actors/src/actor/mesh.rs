@@ -48,7 +48,7 @@ pub enum MeshError {
 }
 
 /// Serves the data streams peers open (replication sessions, fetches). The mesh
-/// actor hands each accepted stream over after reading its kind byte.
+/// actor hands each accepted stream over after reading its header.
 pub trait StreamService: Send + Sync + 'static {
     /// Takes over a data stream opened by `peer` whose header (read) is
     /// `header`; must not block (spawn the work).
@@ -293,18 +293,16 @@ async fn accept_streams(
             return Ok(());
         };
         let header = endpoint::read_stream_header(&mut recv).await.map_err(|e| format!("stream header: {e}"))?;
-        match (header.map(|h| h.kind), control.take(), &service) {
-            (Some(StreamKind::Control), Some(tx), _) => {
+        match (header, control.take(), &service) {
+            (Some(StreamHeader { kind: StreamKind::Control, .. }), Some(tx), _) => {
                 let _ = tx.send((send, recv));
             }
-            (Some(StreamKind::Control), None, _) => return Err("a second control stream".into()),
-            (Some(_), c, Some(service)) => {
+            (Some(StreamHeader { kind: StreamKind::Control, .. }), None, _) => return Err("a second control stream".into()),
+            (Some(header), c, Some(service)) => {
                 control = c;
-                if let Some(header) = header {
-                    service.serve(header, peer, send, recv);
-                }
+                service.serve(header, peer, send, recv);
             }
-            (Some(kind), c, None) => {
+            (Some(StreamHeader { kind, .. }), c, None) => {
                 control = c;
                 tracing::debug!(?kind, "refusing a data stream: this node serves none");
             }
