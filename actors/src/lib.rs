@@ -16,6 +16,7 @@ pub mod actor;
 pub mod store;
 pub mod source;
 pub mod cpu_pool;
+pub mod memory;
 pub mod restore;
 pub mod adapt;
 pub mod export;

@@ -90,6 +90,7 @@ enum TopologyCommand {
 }
 
 fn main() -> ExitCode {
+    drmesh_actors::memory::tune_allocator();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
         restore_sigpipe();

@@ -208,18 +208,9 @@ impl Reloader {
 /// Gives memory freed by a rejected parse back to the system. A file just
 /// under the size limit takes a few hundred MB to parse, in many small
 /// allocations that glibc's malloc would otherwise keep in the node for good.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks glibc's own heap under its locks; it takes
-    // no pointer from us and is safe to call from any thread at any time.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    drmesh_actors::memory::give_back_freed();
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
 
 /// The first `LOGGED_LINES` of `lines` on one line (`" | ..."` when there are more).
 fn head(lines: &[String]) -> String {

@@ -9,7 +9,7 @@
 //! syncs, with at most two batches queued), the one-transaction commit
 //! (promise 1) and retention.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +47,8 @@ pub struct DataPlane {
     topology: RwLock<Arc<Topology>>,
     local: NodeId,
     next_session: AtomicU64,
+    /// Replication sessions being served; the last to end gives freed memory back.
+    serving: AtomicUsize,
     gossip: OnceLock<actix::Recipient<RpNews>>,
     link_pacers: Arc<LinkPacers>,
 }
@@ -58,7 +60,7 @@ impl DataPlane {
         // every session's leftovers when it opens.
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
         let link_pacers = Arc::new(LinkPacers::new(Instant::now()));
-        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed), gossip: OnceLock::new(), link_pacers }
+        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed), serving: AtomicUsize::new(0), gossip: OnceLock::new(), link_pacers }
     }
 
     /// The pacers of this node's `[[link]]` caps: the scheduler sets their
@@ -172,11 +174,16 @@ async fn serve_replication(plane: Arc<DataPlane>, peer: NodeId, send: quinn::Sen
         }
         let _ = send.finish();
     });
+    plane.serving.fetch_add(1, Ordering::Relaxed);
     run_session(&plane, peer, session, recv, &out_tx).await;
     let store = plane.store.clone();
     let _ = blocking(move || store.release_session(session)).await;
     drop(out_tx);
     let _ = sender.await;
+    // A target that just received a sync would otherwise idle near its peak.
+    if plane.serving.fetch_sub(1, Ordering::Relaxed) == 1 {
+        let _ = blocking(crate::memory::give_back_freed).await;
+    }
 }
 
 /// Drives one session's core until it finished and no batch write is out.

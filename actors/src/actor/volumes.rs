@@ -63,12 +63,7 @@ fn cycle_bound(volume_bytes: Option<u64>) -> u64 {
 /// otherwise idles near the peak's size). Called when no cycle runs.
 fn give_back_freed_memory() {
     crate::source::file::release_pooled_buffers();
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)]
-    // SAFETY: malloc_trim only releases free pages of the allocator's own heaps.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::memory::give_back_freed();
 }
 
 type Key = (String, String);
