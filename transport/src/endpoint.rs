@@ -40,7 +40,7 @@ pub const BDP_BYTES_MAX: u64 = 32 << 20;
 ///
 /// These are credit, not buffers: memory is used only by bytes actually in
 /// flight or waiting to be read, which the replication session already bounds
-/// (`MAX_INFLIGHT_BYTES` of encoded blobs sent and not yet durable).
+/// (`session::inflight_window`: encoded blobs sent and not yet durable).
 pub const STREAM_WINDOW_BYTES: u64 = 2 * BDP_BYTES_MAX;
 
 /// Connection-wide receive window: one stream's window plus room for the

@@ -443,6 +443,9 @@ async fn run_cycle_on(
     let mut reader = MessageReader::with_limit(recv, MAX_DATA_FRAME_BYTES);
     let (out_tx, sender) = super::sender::start(send, cfg.pacing.clone());
     let mut session = SourceSession::new(&cfg.volume, base_meta.as_ref().map(|m| (m.seq, m.merkle_root)), cfg.codec.encrypts(), cfg.block_bytes);
+    // The window of bytes not yet durable follows the path's round trip,
+    // measured again with every answer of the target.
+    session.handle_round_trip(conn.rtt());
     let (compressor, mut enc_rx) = Compressor::new(cfg.codec.clone());
     let mut cycle = Cycle::new(&cfg, &baselines, &view, base_meta, (started, snapshot_ms), compressor);
     let mut cancel_seen = false;
@@ -473,7 +476,10 @@ async fn run_cycle_on(
                 }
             }
             msg = reader.next_frame::<TargetMsg>() => match msg {
-                Ok(Some(msg)) => session.handle_message(msg),
+                Ok(Some(msg)) => {
+                    session.handle_round_trip(conn.rtt());
+                    session.handle_message(msg)
+                }
                 Ok(None) => session.handle_disconnect("target closed the session".into()),
                 Err(e) => session.handle_disconnect(e.to_string()),
             },

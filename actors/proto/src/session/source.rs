@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::msg::{OfferEntry, SourceMsg, TargetMsg, Want};
-use super::{MAX_INFLIGHT_BYTES, MAX_PENDING_BYTES, MIN_PENDING_BLOCKS, OFFER_BATCH};
+use super::{inflight_window, MAX_PENDING_BYTES, MIN_INFLIGHT_BYTES, MIN_PENDING_BLOCKS, OFFER_BATCH};
 use crate::blob::{BlobFlags, EncodedBlob, RpMeta};
 use crate::codec::MAX_DELTA_DEPTH;
 use crate::content::BlobId;
@@ -89,6 +89,8 @@ pub struct SourceSession {
     /// Window: blocks the driver may hold at once.
     max_pending: usize,
     inflight_bytes: u64,
+    /// Window: encoded bytes that may be sent and not yet durable (see [`inflight_window`]).
+    inflight_limit: u64,
     reader_done: Option<RpMeta>,
     outbox: VecDeque<SourceMsg>,
     events: VecDeque<SourceEvent>,
@@ -126,6 +128,7 @@ impl SourceSession {
             encoding: 0,
             max_pending: usize::try_from(MAX_PENDING_BYTES / u64::from(block_bytes.max(1))).unwrap_or(usize::MAX).max(MIN_PENDING_BLOCKS),
             inflight_bytes: 0,
+            inflight_limit: MIN_INFLIGHT_BYTES,
             reader_done: None,
             outbox,
             events,
@@ -147,7 +150,20 @@ impl SourceSession {
         self.state == SourceState::Streaming
             && self.reader_done.is_none()
             && self.held.len() < self.max_pending
-            && self.inflight_bytes < MAX_INFLIGHT_BYTES
+            && self.inflight_bytes < self.inflight_limit
+    }
+
+    /// The path's round trip as the transport measures it: sizes the window of
+    /// encoded bytes sent and not yet durable ([`inflight_window`]; until the
+    /// first call, the window of a path with no delay). Takes effect for the
+    /// next block; bytes already sent stay sent.
+    pub fn handle_round_trip(&mut self, rtt: std::time::Duration) {
+        self.inflight_limit = inflight_window(rtt);
+    }
+
+    /// The window of encoded bytes sent and not yet durable, as last sized.
+    pub fn inflight_limit(&self) -> u64 {
+        self.inflight_limit
     }
 
     /// A changed block was read; the driver keeps its data until `Release` or `Stored`.

@@ -2,7 +2,7 @@ use super::pair::{meta, node, topology, Faults, Pair};
 use super::*;
 use crate::blob::{BlobFlags, BlobLoc, EncodedBlob};
 use crate::codec::{page_hashes, BlockCodec};
-use crate::content::{ContentId, MerkleRoot};
+use crate::content::{BlobId, ContentId, MerkleRoot};
 use crate::time::Millis;
 
 #[test]
@@ -384,4 +384,55 @@ fn a_message_after_commit_does_not_fail_a_commit_in_flight() {
     tgt.handle_message(Millis(0), SourceMsg::Commit { meta: m });
     tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![] });
     assert!(matches!(tgt.poll_transmit(), Some(TargetMsg::Failed { reason }) if reason.contains("Offer after Commit")));
+}
+
+#[test]
+fn the_window_of_bytes_not_yet_durable_follows_the_round_trip() {
+    use std::time::Duration;
+    assert_eq!(inflight_window(Duration::ZERO), MIN_INFLIGHT_BYTES);
+    let (lan, wan, far) = (inflight_window(Duration::from_millis(1)), inflight_window(Duration::from_millis(150)), inflight_window(Duration::from_millis(250)));
+    assert!(MIN_INFLIGHT_BYTES < lan && lan < MIN_INFLIGHT_BYTES + (1 << 20), "a LAN's round trip adds under 1 MiB: {lan}");
+    assert_eq!(wan, MIN_INFLIGHT_BYTES + 3 * 18_750_000, "three bandwidth-delay products at 1 Gbit/s and 150 ms");
+    assert!(wan < far && far < MAX_INFLIGHT_BYTES);
+    assert_eq!(inflight_window(Duration::from_secs(3600)), MAX_INFLIGHT_BYTES);
+
+    // A core stops asking for blocks once its window of encoded bytes is sent
+    // and not yet durable, and asks again when the round trip widens it or
+    // `Stored` frees it. Uncompressed 1 MiB blocks: each blob is 1 MiB.
+    let codec = BlockCodec::new(None, None);
+    let mut src = SourceSession::new("vol", None, false, 1 << 20);
+    assert_eq!(src.inflight_limit(), MIN_INFLIGHT_BYTES, "until told, the window of a path with no delay");
+    let data_of = |index: u64| vec![(index % 250) as u8 + 1; 1 << 20];
+    let mut sent: Vec<BlobId> = Vec::new();
+    let mut next = 0u64;
+    let mut send_while_wanted = |src: &mut SourceSession, sent: &mut Vec<BlobId>| {
+        while src.wants_block() {
+            src.handle_block(OfferEntry { index: next, content: codec.ids().content_id(&data_of(next)), base: None }, 1 << 20);
+            next += 1;
+            while let Some(msg) = src.poll_transmit() {
+                if let SourceMsg::Offer { entries } = msg {
+                    src.handle_message(TargetMsg::Answer { wants: vec![Want::Full; entries.len()] });
+                }
+            }
+            while let Some(event) = src.poll_event() {
+                if let SourceEvent::Encode { index, .. } = event {
+                    let data = data_of(index);
+                    let blob = codec.encode_full(codec.ids().content_id(&data), &data);
+                    sent.push(blob.id);
+                    src.handle_encoded(index, blob);
+                }
+            }
+        }
+    };
+    send_while_wanted(&mut src, &mut sent);
+    let blob_bytes = 1u64 << 20;
+    let at_min = sent.len() as u64;
+    assert!(at_min * blob_bytes >= MIN_INFLIGHT_BYTES && (at_min - 1) * blob_bytes < MIN_INFLIGHT_BYTES, "{at_min} blobs of 1 MiB in a 32 MiB window");
+    src.handle_round_trip(Duration::from_millis(5));
+    send_while_wanted(&mut src, &mut sent);
+    let widened = sent.len() as u64;
+    assert!(widened * blob_bytes >= inflight_window(Duration::from_millis(5)) && widened > at_min, "a wider window sends more: {widened}");
+    assert!(!src.wants_block());
+    src.handle_message(TargetMsg::Stored { blobs: sent[..sent.len() - 30].to_vec() });
+    assert!(src.wants_block(), "durable blobs free their bytes (30 MiB left in flight)");
 }
