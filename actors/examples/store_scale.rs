@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder};
-use drmesh_actors::store::{self, BlobFlags, EncodedBlob, RpMeta, ScrubOptions, Store};
+use drmesh_actors::store::{self, BlobFlags, EncodedBlob, RpMeta, RpSeq, ScrubOptions, Store};
 
 const BLOCK: u64 = 64;
 
@@ -48,7 +48,7 @@ fn meta(seq: u64, blocks: u64, changed: u64, map: &[ContentId]) -> RpMeta {
     map.iter().for_each(|c| merkle.push(c));
     RpMeta {
         volume: "vol".into(),
-        seq,
+        seq: RpSeq(seq),
         time_unix_ms: 1_700_000_000_000 + seq,
         source_node: "scale".into(),
         volume_bytes: blocks * BLOCK,

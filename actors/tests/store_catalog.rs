@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder};
-use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, Store, StoreError};
+use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, RpSeq, Store, StoreError};
 use proptest::prelude::*;
 
 fn full(data: &[u8]) -> EncodedBlob {
@@ -23,7 +23,7 @@ fn full(data: &[u8]) -> EncodedBlob {
 fn meta(volume: &str, seq: u64, block_count: u64, time_unix_ms: u64) -> RpMeta {
     RpMeta {
         volume: volume.into(),
-        seq,
+        seq: RpSeq(seq),
         time_unix_ms,
         source_node: "src".into(),
         volume_bytes: block_count * 4096,
@@ -38,12 +38,12 @@ fn meta(volume: &str, seq: u64, block_count: u64, time_unix_ms: u64) -> RpMeta {
 }
 
 fn map(store: &Store, volume: &str, seq: u64) -> Vec<ContentId> {
-    let count = store.rp(volume, seq).unwrap().unwrap().block_count;
+    let count = store.rp(volume, RpSeq(seq)).unwrap().unwrap().block_count;
     // Page in small chunks to exercise the paging API.
     let mut out = Vec::new();
     let mut start = 0;
     while start < count {
-        out.extend(store.block_ids(volume, seq, start, 3).unwrap());
+        out.extend(store.block_ids(volume, RpSeq(seq), start, 3).unwrap());
         start += 3;
     }
     out
@@ -71,13 +71,13 @@ fn store_block_maps_inherit_across_rps() {
     assert_eq!(store.volumes().unwrap(), vec!["vol".to_string()]);
     assert_eq!(
         store.rps("vol").unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(),
-        vec![1, 2, 5]
+        [1, 2, 5].map(RpSeq)
     );
-    assert_eq!(store.latest_rp("vol").unwrap().unwrap().seq, 5);
-    assert_eq!(store.rp("vol", 2).unwrap().unwrap(), meta("vol", 2, 5, 20));
-    assert!(store.rp("vol", 3).unwrap().is_none());
+    assert_eq!(store.latest_rp("vol").unwrap().unwrap().seq, RpSeq(5));
+    assert_eq!(store.rp("vol", RpSeq(2)).unwrap().unwrap(), meta("vol", 2, 5, 20));
+    assert!(store.rp("vol", RpSeq(3)).unwrap().is_none());
     assert!(matches!(
-        store.block_ids("vol", 3, 0, 1).unwrap_err(),
+        store.block_ids("vol", RpSeq(3), 0, 1).unwrap_err(),
         StoreError::RpNotFound { .. }
     ));
     assert!(store.latest_rp("other").unwrap().is_none());
@@ -101,13 +101,13 @@ fn store_commit_refusals_change_nothing() {
         err.to_string().contains("vol@4") && err.to_string().contains(&missing.to_hex()),
         "{err}"
     );
-    assert!(store.rp("vol", 4).unwrap().is_none());
+    assert!(store.rp("vol", RpSeq(4)).unwrap().is_none());
     assert_eq!(map(&store, "vol", 3), vec![a.id, ContentId::ZERO]);
 
     // Not newer, and exists.
     store.release_session(1);
     let err = store.commit_rp(2, &meta("vol", 2, 2, 0)).unwrap_err();
-    assert!(matches!(err, StoreError::SeqNotNewer { newest: 3, .. }), "{err}");
+    assert!(matches!(err, StoreError::SeqNotNewer { newest: RpSeq(3), .. }), "{err}");
     assert!(matches!(
         store.commit_rp(2, &meta("vol", 3, 2, 0)).unwrap_err(),
         StoreError::RpExists { .. }
@@ -206,14 +206,14 @@ proptest! {
                 Op::Prune { keep_last, hourly } => {
                     let deleted = store.prune("v", &Retention { keep_last, hourly, daily: 0, weekly: 0 }, time).unwrap();
                     for d in deleted {
-                        prop_assert!(model.remove(&d).is_some());
+                        prop_assert!(model.remove(&d.0).is_some());
                     }
                 }
             }
             let rps = store.rps("v").unwrap();
             prop_assert_eq!(rps.len(), model.len());
             for rp in rps {
-                prop_assert_eq!(&store.block_ids("v", rp.seq, 0, 8).unwrap(), &model[&rp.seq], "seq {}", rp.seq);
+                prop_assert_eq!(&store.block_ids("v", rp.seq, 0, 8).unwrap(), &model[&rp.seq.0], "seq {}", rp.seq);
             }
         }
         // The manifests agree with the catalog, and alone (catalog deleted) make the same RPs.
@@ -233,7 +233,7 @@ proptest! {
         let store = Store::open(dir.path()).unwrap();
         prop_assert_eq!(&store.rps("v").unwrap(), &before);
         for rp in before {
-            prop_assert_eq!(&store.block_ids("v", rp.seq, 0, 8).unwrap(), &model[&rp.seq], "rebuilt seq {}", rp.seq);
+            prop_assert_eq!(&store.block_ids("v", rp.seq, 0, 8).unwrap(), &model[&rp.seq.0], "rebuilt seq {}", rp.seq);
         }
     }
 }

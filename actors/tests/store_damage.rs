@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
-use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, Store, StoreError};
+use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, RpSeq, Store, StoreError};
 
 fn full(data: &[u8]) -> EncodedBlob {
     let id = IdScheme::plain().content_id(data);
@@ -32,7 +32,7 @@ fn root_of(map: &[ContentId]) -> MerkleRoot {
 fn meta_with_root(seq: u64, merkle_root: MerkleRoot) -> RpMeta {
     RpMeta {
         volume: "vol".into(),
-        seq,
+        seq: RpSeq(seq),
         time_unix_ms: 1_700_000_000_000 + seq,
         source_node: "src".into(),
         volume_bytes: 2000 * 4096,
@@ -78,13 +78,13 @@ fn rebuild_and_compare(round: usize, dir: &Path, maps: &[Vec<ContentId>]) {
     let store = Store::open(dir).unwrap_or_else(|e| panic!("round {round}: the rebuilt catalog does not open: {e}"));
     let rps = store.rps("vol").unwrap();
     for rp in &rps {
-        let map = &maps[rp.seq as usize - 1];
+        let map = &maps[rp.seq.0 as usize - 1];
         assert_eq!(&store.block_ids("vol", rp.seq, 0, 2000).unwrap(), map, "round {round}: vol@{} after rebuild", rp.seq);
     }
     // The round's own commit (vol@21) and prune (keep 15) may have worked on a handle that still trusted the catalog.
-    let newest = rps.last().map(|r| r.seq).unwrap_or(0);
-    assert!(newest >= 20, "round {round}: newest RP after rebuild is vol@{newest}");
-    for seq in newest - 14..=newest {
+    let newest = rps.last().map(|r| r.seq).unwrap_or(RpSeq(0));
+    assert!(newest >= RpSeq(20), "round {round}: newest RP after rebuild is vol@{newest}");
+    for seq in (newest.0 - 14..=newest.0).map(RpSeq) {
         assert!(rps.iter().any(|r| r.seq == seq), "round {round}: vol@{seq} is missing after rebuild");
     }
 }
@@ -137,7 +137,7 @@ fn exercise(store: &Store, blocks: &[EncodedBlob]) -> Vec<StoreError> {
     };
     note(store.volumes().map(drop));
     note(store.rps("vol").map(drop));
-    for seq in [1, 10, 20] {
+    for seq in [1, 10, 20].map(RpSeq) {
         note(store.block_ids("vol", seq, 0, 2000).map(drop));
     }
     note(store.lookup_and_pin(2, &blocks[..200].iter().map(|b| b.content).collect::<Vec<_>>()).map(drop));

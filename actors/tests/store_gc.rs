@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drmesh_actors::content::{ContentId, IdScheme};
-use drmesh_actors::store::{BlobFlags, EncodedBlob, Retention, RpMeta, Store, BLOB_HEADER_BYTES};
+use drmesh_actors::store::{BLOB_HEADER_BYTES, BlobFlags, EncodedBlob, Retention, RpMeta, RpSeq, Store};
 
 fn full(data: &[u8]) -> EncodedBlob {
     let id = IdScheme::plain().content_id(data);
@@ -37,7 +37,7 @@ fn delta(base: &EncodedBlob, produces: &[u8], payload: &[u8]) -> EncodedBlob {
 fn meta(volume: &str, seq: u64, block_count: u64) -> RpMeta {
     RpMeta {
         volume: volume.into(),
-        seq,
+        seq: RpSeq(seq),
         time_unix_ms: 1_700_000_000_000 + seq,
         source_node: "src".into(),
         volume_bytes: block_count * 4096,
@@ -68,7 +68,7 @@ fn store_gc_deletes_unreferenced_and_keeps_rps_and_chains() {
     store.stage(1, "vol", &[(0, d2.content), (1, ContentId::ZERO)]).unwrap();
     store.commit_rp(1, &meta("vol", 2, 2)).unwrap();
     store.release_session(1);
-    assert_eq!(store.prune("vol", &Retention::default(), u64::MAX).unwrap(), vec![1]);
+    assert_eq!(store.prune("vol", &Retention::default(), u64::MAX).unwrap(), vec![RpSeq(1)]);
 
     let report = store.gc(Duration::ZERO).unwrap();
     assert_eq!(report.blobs_scanned, 5);
@@ -236,7 +236,7 @@ fn drill(volume: &str, seq: u64, at: u64, verified: bool) -> drmesh_actors::dril
     use drmesh_actors::drill::{CheckReport, DrillReport};
     let mut r = DrillReport {
         volume: volume.into(),
-        seq,
+        seq: RpSeq(seq),
         node: "dst".into(),
         started_unix_ms: at - 1,
         finished_unix_ms: at,
@@ -268,25 +268,25 @@ fn store_retention_keeps_the_newest_verified_rp_and_drops_reports_with_their_rp(
     store.record_drill(&drill("vol", 3, 200, true)).unwrap();
     store.record_drill(&drill("vol", 3, 300, false)).unwrap();
     store.record_drill(&drill("vol", 5, 400, false)).unwrap();
-    assert_eq!(store.verified_seq("vol").unwrap(), Some(2));
+    assert_eq!(store.verified_seq("vol").unwrap(), Some(RpSeq(2)));
     assert_eq!(store.drills(Some("vol")).unwrap().len(), 4);
     // A report for an RP that is not here is refused, nothing stored.
     assert!(store.record_drill(&drill("vol", 9, 500, true)).is_err());
     assert!(store.record_drill(&drill("other", 1, 500, true)).is_err());
 
     let keep_two = Retention { keep_last: 2, ..Default::default() };
-    assert_eq!(store.prune("vol", &keep_two, u64::MAX).unwrap(), vec![1, 3, 4]);
-    let left: Vec<u64> = store.rps("vol").unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(store.prune("vol", &keep_two, u64::MAX).unwrap(), vec![RpSeq(1), RpSeq(3), RpSeq(4)]);
+    let left: Vec<u64> = store.rps("vol").unwrap().iter().map(|m| m.seq.0).collect();
     assert_eq!(left, vec![2, 5, 6], "the verified RP 2 stays beside the newest two");
-    let reports: Vec<(u64, u64)> = store.drills(Some("vol")).unwrap().iter().map(|r| (r.seq, r.finished_unix_ms)).collect();
+    let reports: Vec<(u64, u64)> = store.drills(Some("vol")).unwrap().iter().map(|r| (r.seq.0, r.finished_unix_ms)).collect();
     assert_eq!(reports, vec![(2, 100), (5, 400)], "reports of pruned RPs went with them");
     // The RP kept for its drill still restores: its block map is whole.
-    assert_eq!(store.block_ids("vol", 2, 0, 1).unwrap(), vec![block.content]);
+    assert_eq!(store.block_ids("vol", RpSeq(2), 0, 1).unwrap(), vec![block.content]);
 
     // Once a newer RP is verified, the old one is pruned like any other.
     store.record_drill(&drill("vol", 6, 600, true)).unwrap();
-    assert_eq!(store.prune("vol", &keep_two, u64::MAX).unwrap(), vec![2]);
-    assert_eq!(store.verified_seq("vol").unwrap(), Some(6));
+    assert_eq!(store.prune("vol", &keep_two, u64::MAX).unwrap(), vec![RpSeq(2)]);
+    assert_eq!(store.verified_seq("vol").unwrap(), Some(RpSeq(6)));
     // Reports survive a reopen; a read-only handle reads them.
     drop(store);
     let ro = Store::open_read_only(dir.path()).unwrap();

@@ -12,7 +12,7 @@ use drmesh_actors::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
 use std::collections::HashSet;
 
 use drmesh_actors::codec::BlockCodec;
-use drmesh_actors::store::{encode_blob_header, BlobFlags, EncodedBlob, RpMeta, ScrubKeys, ScrubOptions, Store, BLOB_HEADER_BYTES};
+use drmesh_actors::store::{encode_blob_header, BLOB_HEADER_BYTES, BlobFlags, EncodedBlob, RpMeta, RpSeq, ScrubKeys, ScrubOptions, Store};
 
 fn full(data: &[u8]) -> EncodedBlob {
     let id = IdScheme::plain().content_id(data);
@@ -49,7 +49,7 @@ fn scrubs_read_what_they_say_and_find_damage() {
         store.stage(1, "vol", &changes).unwrap();
         let meta = RpMeta {
             volume: "vol".into(),
-            seq,
+            seq: RpSeq(seq),
             time_unix_ms: 1_700_000_000_000 + seq,
             source_node: "src".into(),
             volume_bytes: 4000 * 8192,
@@ -96,13 +96,13 @@ fn scrubs_read_what_they_say_and_find_damage() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[5000] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    let users: Vec<u64> = (1..=4).filter(|seq| store.block_ids("vol", *seq, 0, 4000).unwrap().contains(&victim.content)).collect();
+    let users: Vec<RpSeq> = (1..=4).map(RpSeq).filter(|seq| store.block_ids("vol", *seq, 0, 4000).unwrap().contains(&victim.content)).collect();
     assert!(!users.is_empty(), "the victim must be used by some RP");
     let r = store.scrub(ScrubOptions::default(), &stop, &|_, _| {}).unwrap();
     assert_eq!(r.blobs_bad, 1, "{r:?}");
     assert!(r.problems.iter().any(|p| p.object == victim.id.to_hex() && p.problem.contains("payload checksum mismatch")), "{:?}", r.problems);
     for v in store.scrubs(Some("vol")).unwrap() {
-        let seq: u64 = v.rp.trim_start_matches("vol@").parse().unwrap();
+        let seq: RpSeq = v.rp.trim_start_matches("vol@").parse().unwrap();
         assert_eq!(!v.ok, users.contains(&seq), "{v:?} (users {users:?})");
         if !v.ok {
             assert_eq!(v.damaged_blocks, 1, "{v:?}");
@@ -119,7 +119,7 @@ fn commit_volume(store: &Store, volume: &str, blobs: &[EncodedBlob], encrypted: 
     store.stage(7, volume, &changes).unwrap();
     let meta = RpMeta {
         volume: volume.into(),
-        seq: 1,
+        seq: RpSeq(1),
         time_unix_ms: 1_700_000_000_000,
         source_node: "src".into(),
         volume_bytes: blobs.len() as u64 * 65536,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use actix::Addr;
 use anyhow::{bail, Context as _};
 use drmesh_actors::actor::mesh::{GetStatus, MeshActor};
+use drmesh_actors::blob::RpSeq;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -82,7 +83,7 @@ pub enum Request {
         volume: String,
         /// Sequence number; newest when absent.
         #[serde(default)]
-        seq: Option<u64>,
+        seq: Option<RpSeq>,
         /// Absolute path of the image to write.
         to: PathBuf,
         /// Node to read the RP from; this node's store, then the volume's targets, when absent.
@@ -98,7 +99,7 @@ pub enum Request {
         volume: String,
         /// Sequence number; newest when absent.
         #[serde(default)]
-        seq: Option<u64>,
+        seq: Option<RpSeq>,
         /// Node to read the RP from, as for restore.
         #[serde(default)]
         from: Option<String>,
@@ -125,7 +126,7 @@ pub enum Request {
         volume: String,
         /// Sequence number; newest when absent.
         #[serde(default)]
-        seq: Option<u64>,
+        seq: Option<RpSeq>,
         /// Node to read the RP from, as for restore.
         #[serde(default)]
         from: Option<String>,
@@ -152,7 +153,7 @@ pub enum Request {
         volume: String,
         /// Sequence number; newest held when absent.
         #[serde(default)]
-        seq: Option<u64>,
+        seq: Option<RpSeq>,
         /// Check names; the policy's when empty.
         #[serde(default)]
         checks: Vec<String>,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
 use drmesh_actors::actor::mesh::GetConnection;
 use drmesh_actors::actor::volumes::{policy_codec, GetAgentStatus, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::codec::BlockCodec;
 use drmesh_actors::export::fetcher::Connect;
 use drmesh_actors::export::{open_disk, start as start_export};
@@ -151,7 +152,7 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// RP (and no other node was named), else the first reachable of the named node
 /// or the volume's other targets. For a remote source, the holder's name and a
 /// connector to the others (for an export that must survive a holder's loss).
-async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<u64>, from: Option<String>) -> Result<(RpSource, Option<(String, Connect)>), String> {
+async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<RpSeq>, from: Option<String>) -> Result<(RpSource, Option<(String, Connect)>), String> {
     let topology = ctx.data.topology();
     let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
     let me = topology.node_by_id(&ctx.data.local()).map(|n| n.name.clone()).unwrap_or_default();
@@ -212,7 +213,7 @@ async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<u64>, from: Opt
 
 /// Asks a holder for the RP on a fresh fetch stream; `Err` says why it cannot
 /// serve it. The restore or export asks again on the same stream.
-async fn ask_for_rp(client: &mut FetchClient, volume: &str, seq: Option<u64>) -> Result<(), String> {
+async fn ask_for_rp(client: &mut FetchClient, volume: &str, seq: Option<RpSeq>) -> Result<(), String> {
     client.request(&FetchRequest::Rp { volume: volume.to_string(), seq }).await?;
     match client.reply().await? {
         FetchReply::Rp(_) => Ok(()),
@@ -238,7 +239,7 @@ enum LocalHoldings {
     /// The RP asked for.
     Rp,
     /// Other RPs of the volume, seqs `first..=last`, but not the one asked for.
-    Others { first: u64, last: u64 },
+    Others { first: RpSeq, last: RpSeq },
     /// No RP of the volume at all.
     Nothing,
 }
@@ -300,7 +301,7 @@ fn volume_codec(ctx: &AdminContext, volume: &str) -> Result<BlockCodec, String> 
 async fn read_rp(
     ctx: &AdminContext,
     volume: &str,
-    seq: Option<u64>,
+    seq: Option<RpSeq>,
     from: Option<String>,
     target: Option<&Target>,
     progress: mpsc::Sender<Value>,
@@ -362,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_missing_seq_on_a_holder_is_said_plainly_without_naming_the_node() {
-        let held = LocalHoldings::Others { first: 1, last: 7 };
+        let held = LocalHoldings::Others { first: RpSeq(1), last: RpSeq(7) };
         let down = vec![tried("b1", "not connected", false)];
         let lacking = vec![tried("b1", "no such recovery point there", true)];
         let cases = [
@@ -379,7 +380,7 @@ mod tests {
             (no_source_message("v2@999", "v2", "b2", &held, Some("b2"), &[]), vec!["no such RP here"]),
             // A tried list that somehow names this node still does not show it.
             (no_source_message("v2@999", "v2", "b2", &held, None, &[tried("b2", "not connected", false)]), vec!["no such RP here", "no other node holds v2"]),
-            (no_source_message("v2@3", "v2", "b2", &LocalHoldings::Others { first: 4, last: 4 }, None, &[]), vec!["this node holds v2@4 only"]),
+            (no_source_message("v2@3", "v2", "b2", &LocalHoldings::Others { first: RpSeq(4), last: RpSeq(4) }, None, &[]), vec!["this node holds v2@4 only"]),
             (no_source_message("v2@latest", "v2", "b2", &LocalHoldings::Nothing, None, &down), vec!["this node holds no RP of v2", "no other holder can serve it: b1 (not connected)"]),
             (no_source_message("v2@5", "v2", "b2", &LocalHoldings::Rp, Some("b1"), &down), vec!["b1 (named by --from) cannot serve it: not connected", "leave out --from"]),
         ];

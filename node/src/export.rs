@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::export::{open_disk, start, Endpoint, ExportDisk, OverlayChoice};
 use drmesh_actors::restore::RpSource;
 use drmesh_actors::store::Store;
@@ -49,7 +50,7 @@ pub struct ExportRequest {
     /// Volume name.
     pub volume: String,
     /// Sequence number; newest when None.
-    pub seq: Option<u64>,
+    pub seq: Option<RpSeq>,
     /// Node to read from.
     pub from: Option<String>,
     /// Unix socket path.

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use drmesh_actors::actor::volumes::policy_codec;
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::codec::BlockCodec;
 use drmesh_actors::restore::dest::StagedFile;
 use drmesh_actors::restore::{restore as run_restore, Journal, Progress, ProgressSnapshot, RestoreReport, RpSource, Rules, Target};
@@ -75,7 +76,7 @@ pub struct RestoreArgs {
 }
 
 /// Splits VOLUME@SEQ.
-pub fn parse_rp(text: &str) -> anyhow::Result<(String, Option<u64>)> {
+pub fn parse_rp(text: &str) -> anyhow::Result<(String, Option<RpSeq>)> {
     match text.split_once('@') {
         None => Ok((text.to_string(), None)),
         Some((v, "latest")) => Ok((v.to_string(), None)),
@@ -264,7 +265,7 @@ pub(crate) fn local_rules(state_dir: &Path, topology: Option<&Topology>, force: 
 /// block map checked against the Merkle root, every block verified as served)
 /// and `qemu-img convert` reads it into a private folder beside the
 /// destination; the file gets mode 0600 and its name only when qemu-img succeeded.
-fn restore_qcow2(args: &RpArgs, volume: &str, seq: Option<u64>, to: &Path, force: bool, view: &mut ProgressView) -> anyhow::Result<Value> {
+fn restore_qcow2(args: &RpArgs, volume: &str, seq: Option<RpSeq>, to: &Path, force: bool, view: &mut ProgressView) -> anyhow::Result<Value> {
     let started = Instant::now();
     let rules = local_rules(&args.state_dir, offline_topology(args).ok().flatten().as_ref(), force);
     let journal = Journal::new(&args.state_dir);
@@ -318,7 +319,7 @@ fn restore_qcow2(args: &RpArgs, volume: &str, seq: Option<u64>, to: &Path, force
 }
 
 /// Restores (`to` Some) or verifies straight from the state dir's store.
-fn offline(args: &RpArgs, volume: &str, seq: Option<u64>, to: Option<(PathBuf, bool)>, view: &mut ProgressView) -> anyhow::Result<Value> {
+fn offline(args: &RpArgs, volume: &str, seq: Option<RpSeq>, to: Option<(PathBuf, bool)>, view: &mut ProgressView) -> anyhow::Result<Value> {
     let store = Arc::new(Store::open_read_only(&args.state_dir.join("store"))?);
     let topology = offline_topology(args)?;
     let encrypted = match seq {

@@ -16,6 +16,7 @@ use actix::Addr;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
 use drmesh_actors::actor::gossip::{GossipActor, PublishDrill, PublishScrub};
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::proto::gossip::catalog::ScrubResult;
 use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::actor::mesh::{GetConnection, MeshActor};
@@ -130,7 +131,7 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
     let reports = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         for v in verdicts {
-            let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol.to_string(), s.parse::<u64>().ok()?))) else { continue };
+            let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol.to_string(), s.parse::<RpSeq>().ok()?))) else { continue };
             let summary = v.problem.clone().unwrap_or_else(|| "every blob of the RP read again and sound".into());
             let newest = store.latest_drills(&volume).ok().and_then(|d| d.get(&seq).cloned());
             let scrub_failed = newest.as_ref().is_some_and(|r| r.trigger == "scrub" && !r.passed);
@@ -177,7 +178,7 @@ fn publish_results(gossip: &Addr<GossipActor>, report: &ScrubReport) {
     let mut by_volume: BTreeMap<&str, ScrubResult> = BTreeMap::new();
     let sample_percent = (report.share * 100.0).round().clamp(1.0, 100.0) as u8;
     for v in &report.rps {
-        let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol, s.parse::<u64>().ok()?))) else { continue };
+        let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol, s.parse::<RpSeq>().ok()?))) else { continue };
         let r = by_volume.entry(volume).or_insert(ScrubResult {
             finished_unix_ms: v.finished_unix_ms,
             sample_percent,

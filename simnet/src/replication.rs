@@ -34,7 +34,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
-use drmesh_actors::blob::{EncodedBlob, RpMeta};
+use drmesh_actors::blob::{EncodedBlob, RpMeta, RpSeq};
 use drmesh_actors::codec::BlockCodec;
 use drmesh_actors::content::{ContentId, MerkleBuilder, MerkleRoot};
 use drmesh_actors::proto::session::{OfferEntry, SourceEvent, SourceMsg, SourceSession, TargetEvent, TargetMsg, TargetSession};
@@ -136,7 +136,7 @@ fn topology() -> Arc<Topology> {
 /// The source's baseline: the RP it believes the target committed.
 #[derive(Debug, Clone)]
 struct Rp {
-    seq: u64,
+    seq: RpSeq,
     root: MerkleRoot,
     map: Vec<ContentId>,
 }
@@ -191,8 +191,8 @@ struct Cycle {
     writes: Vec<Write>,
     /// Content durable and referenced when the cycle started (promise 3).
     held_at_start: HashSet<ContentId>,
-    source_end: Option<Result<u64, String>>,
-    target_end: Option<Result<u64, String>>,
+    source_end: Option<Result<RpSeq, String>>,
+    target_end: Option<Result<RpSeq, String>>,
     target_alive: bool,
     /// Whether this cycle draws faults (the last one does not).
     faults: bool,
@@ -318,7 +318,7 @@ impl ReplWorld {
         self.told_present.clear();
     }
 
-    fn newest(&self) -> Option<(u64, MerkleRoot)> {
+    fn newest(&self) -> Option<(RpSeq, MerkleRoot)> {
         self.store.newest_rp("vol").ok().flatten().map(|m| (m.seq, m.merkle_root))
     }
 
@@ -533,7 +533,7 @@ impl ReplWorld {
 fn meta() -> RpMeta {
     RpMeta {
         volume: "vol".into(),
-        seq: 0,
+        seq: RpSeq(0),
         time_unix_ms: 1,
         source_node: "src".into(),
         volume_bytes: 0,

@@ -1,5 +1,6 @@
 //! Scenarios as data: timed operations applied to the simulated mesh.
 
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::proto::gossip::Millis;
 
 /// One operation of a scenario.
@@ -19,7 +20,7 @@ pub enum Op {
         /// Volume name.
         volume: String,
         /// First seq kept.
-        below: u64,
+        below: RpSeq,
     },
     /// Node `node` deletes RP `volume@seq` out of order (tombstone).
     ExpireOne {
@@ -28,7 +29,7 @@ pub enum Op {
         /// Volume name.
         volume: String,
         /// Deleted seq.
-        seq: u64,
+        seq: RpSeq,
     },
     /// Site `site` loses every link to the other sites.
     PartitionSite {
@@ -141,8 +142,8 @@ impl Scenario {
         let heal = cut + partition_s * 1000;
         ops.push((Millis(cut), Op::PartitionSite { site: site1 }));
         for &h in &holders {
-            ops.push((Millis(cut + 10_000), Op::ExpireBelow { node: h, volume: volume_of(h), below: 4 }));
-            ops.push((Millis(cut + 20_000), Op::ExpireOne { node: h, volume: volume_of(h), seq: 5 }));
+            ops.push((Millis(cut + 10_000), Op::ExpireBelow { node: h, volume: volume_of(h), below: RpSeq(4) }));
+            ops.push((Millis(cut + 20_000), Op::ExpireOne { node: h, volume: volume_of(h), seq: RpSeq(5) }));
             ops.push((Millis(cut + 30_000), Op::CommitRp { node: h, volume: volume_of(h) }));
         }
         // Background commits elsewhere, so gossip has ongoing traffic.

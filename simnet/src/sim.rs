@@ -3,6 +3,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::proto::gossip::catalog::{Consistency, ItemKey, NodeStatus, RpInfo};
 use drmesh_actors::proto::gossip::{GossipConfig, GossipEvent, GossipNode, GossipTimer, MemberState, Millis};
 use drmesh_topology::NodeId;
@@ -223,7 +224,7 @@ struct SimNode {
     saved: Option<Vec<u8>>,
     egress_free_us: u64,
     up_since: Millis,
-    next_seq: BTreeMap<String, u64>,
+    next_seq: BTreeMap<String, RpSeq>,
 }
 
 const NEVER: u32 = u32::MAX;
@@ -231,7 +232,7 @@ const NEVER: u32 = u32::MAX;
 struct RpTrack {
     holder: u32,
     volume: String,
-    seq: u64,
+    seq: RpSeq,
     committed_at: Millis,
     /// Committed while some partition was in place.
     during_partition: bool,
@@ -262,7 +263,7 @@ pub struct Simulator {
     cut_sites: BTreeSet<usize>,
     last_heal: Millis,
     rps: Vec<RpTrack>,
-    rp_index: BTreeMap<(u32, String, u64), usize>,
+    rp_index: BTreeMap<(u32, String, RpSeq), usize>,
     crashes: BTreeMap<u32, CrashTrack>,
     trace: blake3::Hasher,
     report: Report,
@@ -415,8 +416,8 @@ impl Simulator {
             Op::CommitRp { node, volume } => {
                 let Some(n) = self.nodes.get_mut(node) else { return };
                 let Some(g) = n.gossip.as_mut() else { return };
-                let seq = n.next_seq.entry(volume.clone()).or_insert(0);
-                *seq += 1;
+                let seq = n.next_seq.entry(volume.clone()).or_insert(RpSeq(0));
+                *seq = seq.next();
                 let seq = *seq;
                 let info = RpInfo {
                     snapshot_unix_ms: now.0,

@@ -52,13 +52,48 @@ pub struct BlobLoc {
     pub depth: u8,
 }
 
+/// The sequence number of one of a volume's recovery points: 1 for the
+/// volume's first, one more for each after it on the same target; a number is
+/// never given to two RPs of a volume there. Travels and is stored as its
+/// number (catalogs, gossip, the wire and JSON reports are the same as a bare
+/// `u64`); shown as the number (`vol@7`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RpSeq(pub u64);
+
+impl RpSeq {
+    /// The seq of a volume's first RP.
+    pub const FIRST: RpSeq = RpSeq(1);
+
+    /// The seq that follows this one.
+    pub fn next(self) -> RpSeq {
+        RpSeq(self.0.saturating_add(1))
+    }
+}
+
+impl std::fmt::Display for RpSeq {
+    /// The number, with the formatter's width and fill (`{seq:020}` pads it).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for RpSeq {
+    type Err = std::num::ParseIntError;
+
+    /// A seq as people write it: its number (`7` of `vol@7`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(RpSeq)
+    }
+}
+
 /// A committed recovery point.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RpMeta {
     /// Volume name.
     pub volume: String,
     /// Sequence number, increasing per volume.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// Snapshot instant.
     pub time_unix_ms: u64,
     /// Source node id (printable).

@@ -20,6 +20,8 @@ use drmesh_topology::{DrillCheck, DrillSchedule, Weekday};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan as _};
 
+use crate::blob::RpSeq;
+
 /// One volume this node drills, as the topology says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrillPlan {
@@ -58,7 +60,7 @@ pub struct DrillJob {
     /// Volume name.
     pub volume: String,
     /// The RP; `None`: the newest this node holds when it starts.
-    pub seq: Option<u64>,
+    pub seq: Option<RpSeq>,
     /// Checks to run.
     pub checks: Vec<DrillCheck>,
     /// Why.
@@ -162,11 +164,11 @@ impl DrillQueue {
     }
 
     /// An operator asks for a drill; returns its ticket. It waits its turn like any other.
-    pub fn handle_request(&mut self, now_unix_ms: u64, volume: &str, seq: Option<u64>, checks: Vec<DrillCheck>) -> u64 {
+    pub fn handle_request(&mut self, now_unix_ms: u64, volume: &str, seq: Option<RpSeq>, checks: Vec<DrillCheck>) -> u64 {
         self.push(now_unix_ms, volume, seq, checks, Trigger::Request)
     }
 
-    fn push(&mut self, now_unix_ms: u64, volume: &str, seq: Option<u64>, checks: Vec<DrillCheck>, trigger: Trigger) -> u64 {
+    fn push(&mut self, now_unix_ms: u64, volume: &str, seq: Option<RpSeq>, checks: Vec<DrillCheck>, trigger: Trigger) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.waiting.push_back(DrillJob { ticket, volume: volume.to_string(), seq, checks, trigger, queued_unix_ms: now_unix_ms });
@@ -279,7 +281,7 @@ mod tests {
         assert_eq!(waiting.iter().filter(|j| j.volume == first.volume).count(), 1);
         assert_eq!(waiting.iter().filter(|j| j.volume != first.volume).count(), 1);
         // A request for the running volume waits; the other volume goes next.
-        let t = q.handle_request(3 * MIN, &first.volume, Some(7), vec![DrillCheck::Boot]);
+        let t = q.handle_request(3 * MIN, &first.volume, Some(RpSeq(7)), vec![DrillCheck::Boot]);
         q.handle_finished(first.ticket);
         let second = q.poll_start().expect("next");
         assert_ne!(second.volume, first.volume, "the other volume had waited longer");
@@ -289,14 +291,14 @@ mod tests {
         assert_eq!(q.position(t), Some(0));
         q.handle_finished(third.ticket);
         let fourth = q.poll_start().expect("the request");
-        assert_eq!((fourth.ticket, fourth.seq, fourth.trigger), (t, Some(7), Trigger::Request));
+        assert_eq!((fourth.ticket, fourth.seq, fourth.trigger), (t, Some(RpSeq(7)), Trigger::Request));
     }
 
     #[test]
     fn two_slots_run_two_volumes_never_one_volume_twice() {
         let mut q = DrillQueue::new(2, TimeZone::UTC);
         q.handle_request(0, "a", None, vec![DrillCheck::Fsck]);
-        q.handle_request(0, "a", Some(1), vec![DrillCheck::Fsck]);
+        q.handle_request(0, "a", Some(RpSeq(1)), vec![DrillCheck::Fsck]);
         q.handle_request(0, "b", None, vec![DrillCheck::Fsck]);
         let x = q.poll_start().unwrap();
         let y = q.poll_start().unwrap();

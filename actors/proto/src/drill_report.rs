@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::RpSeq;
+
 /// Longest output tail kept per check, in bytes (the end of the output).
 pub const OUTPUT_TAIL_BYTES: usize = 8 << 10;
 
@@ -30,7 +32,7 @@ pub struct DrillReport {
     /// Volume name.
     pub volume: String,
     /// The RP's sequence number.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// Name of the node that ran the drill.
     pub node: String,
     /// When the drill started, Unix milliseconds.
@@ -90,7 +92,7 @@ impl DrillReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verification {
     /// Newest RP whose newest drill (by any holder) verified it.
-    pub verified_seq: Option<u64>,
+    pub verified_seq: Option<RpSeq>,
     /// Its snapshot instant, Unix milliseconds.
     pub verified_unix_ms: Option<u64>,
     /// How long the volume has gone unverified: since the newest verified
@@ -105,7 +107,7 @@ pub struct Verification {
 }
 
 /// One RP of a volume as the catalog has it: (seq, snapshot ms, drill verified?, drill failure summary).
-pub type CatalogRpDrill<'a> = (u64, u64, Option<(bool, &'a str)>);
+pub type CatalogRpDrill<'a> = (RpSeq, u64, Option<(bool, &'a str)>);
 
 /// Computes [`Verification`] for one volume from its live RPs on every holder;
 /// `first_seen_unix_ms` is the snapshot time of the oldest RP of the volume
@@ -151,7 +153,7 @@ mod tests {
     fn report(checks: Vec<CheckReport>) -> DrillReport {
         DrillReport {
             volume: "db".into(),
-            seq: 3,
+            seq: RpSeq(3),
             node: "dr".into(),
             started_unix_ms: 1,
             finished_unix_ms: 2,
@@ -188,19 +190,19 @@ mod tests {
     fn dead_mans_switch_counts_from_the_newest_verified_rp() {
         let min = 60_000;
         // Never drilled: counted from the oldest RP.
-        let v = verification(&[(1, 0, None), (2, 10 * min, None)], None, 20 * min, 15 * 60);
+        let v = verification(&[(RpSeq(1), 0, None), (RpSeq(2), 10 * min, None)], None, 20 * min, 15 * 60);
         assert_eq!((v.verified_seq, v.unverified_secs, v.overdue), (None, Some(20 * 60), true));
         // RP 2 verified at snapshot 10 min, RP 3 failed: 10 min unverified, within 15.
-        let rps = [(1, 0, None), (2, 10 * min, Some((true, ""))), (3, 12 * min, Some((false, "boot: panic")))];
+        let rps = [(RpSeq(1), 0, None), (RpSeq(2), 10 * min, Some((true, ""))), (RpSeq(3), 12 * min, Some((false, "boot: panic")))];
         let v = verification(&rps, None, 20 * min, 15 * 60);
-        assert_eq!((v.verified_seq, v.unverified_secs, v.overdue), (Some(2), Some(10 * 60), false));
+        assert_eq!((v.verified_seq, v.unverified_secs, v.overdue), (Some(RpSeq(2)), Some(10 * 60), false));
         assert_eq!(v.last_failure.as_deref(), Some("@3: boot: panic"));
         let v = verification(&rps, None, 26 * min, 15 * 60);
         assert!(v.overdue, "drills stopped: the switch fires");
         // No RP at all: nothing to verify (the RPO check says so).
         assert!(!verification(&[], Some(0), 26 * min, 1).overdue);
         // Never verified while retention prunes the old RPs: counted from the first RP ever seen.
-        let v = verification(&[(15, 24 * min, None), (16, 25 * min, None)], Some(2 * min), 26 * min, 15 * 60);
+        let v = verification(&[(RpSeq(15), 24 * min, None), (RpSeq(16), 25 * min, None)], Some(2 * min), 26 * min, 15 * 60);
         assert_eq!((v.unverified_secs, v.overdue), (Some(24 * 60), true));
     }
 

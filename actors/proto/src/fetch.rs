@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::blob::RpMeta;
+use crate::blob::{RpMeta, RpSeq};
 use crate::content::ContentId;
 use crate::session::WireBlob;
 
@@ -19,7 +19,7 @@ pub enum FetchRequest {
         /// Volume name.
         volume: String,
         /// Sequence number.
-        seq: Option<u64>,
+        seq: Option<RpSeq>,
     },
     /// Block ids of the RP named in the last `Rp` request.
     Blocks {

@@ -24,7 +24,7 @@ use crate::actor::pacing::LinkPacers;
 use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
 use crate::proto::time::Millis;
 use crate::proto::version;
-use crate::store::{EncodedBlob, Retention, RpMeta, SessionStore, Store, StoreError};
+use crate::store::{EncodedBlob, Retention, RpMeta, RpSeq, SessionStore, Store, StoreError};
 
 /// News from the applier about this node's store.
 #[derive(actix::Message, Debug)]
@@ -37,7 +37,7 @@ pub enum RpNews {
         /// Volume.
         volume: String,
         /// Deleted seqs.
-        pruned: Vec<u64>,
+        pruned: Vec<RpSeq>,
     },
 }
 
@@ -298,7 +298,7 @@ async fn carry_out(plane: &Arc<DataPlane>, store: &Arc<dyn SessionStore>, peer: 
         }
         TargetEvent::Announce(Announcement::Committed(meta)) => plane.announce(RpNews::Committed(meta)),
         TargetEvent::Announce(Announcement::Pruned { volume, seqs }) => {
-            let pruned = seqs.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            let pruned = seqs.iter().map(RpSeq::to_string).collect::<Vec<_>>().join(", ");
             tracing::info!(%volume, %pruned, "retention expired recovery points");
             plane.announce(RpNews::Pruned { volume, pruned: seqs });
         }

@@ -33,7 +33,7 @@ use crate::proto::bandwidth::Demand;
 use crate::drill::{verification, DrillReport, Verification};
 use crate::proto::gossip::catalog::{Consistency, DrillResult, ItemKey, NodeStatus, RpInfo, ScrubResult, ScrubVerdict};
 use crate::proto::gossip::{GossipConfig, GossipEvent, GossipNode, MemberState, Millis};
-use crate::store::RpMeta;
+use crate::store::{RpMeta, RpSeq};
 
 /// File name of the gossip state inside the state directory.
 pub const GOSSIP_FILE: &str = "gossip.redb";
@@ -165,7 +165,7 @@ fn status_of(me: &NodeId, topology: &Topology) -> NodeStatus {
 }
 
 /// One volume of the store as reconciliation reads it: name, RPs, newest drill per seq.
-type StoreVolume = (String, Vec<RpMeta>, BTreeMap<u64, DrillReport>);
+type StoreVolume = (String, Vec<RpMeta>, BTreeMap<RpSeq, DrillReport>);
 
 /// What the gossip catalog says about an RP held here, with its newest drill.
 pub fn rp_info(meta: &RpMeta, drill: Option<&DrillReport>) -> RpInfo {
@@ -370,7 +370,7 @@ impl GossipActor {
     }
 
     /// [`Verification`] of `volume` from its RPs' (seq, snapshot, drill), if its policy drills.
-    fn verification_of(&self, volume: &str, rps: &[(u64, u64, Option<&DrillResult>)], now_unix_ms: u64) -> Option<Verification> {
+    fn verification_of(&self, volume: &str, rps: &[(RpSeq, u64, Option<&DrillResult>)], now_unix_ms: u64) -> Option<Verification> {
         let vol = self.topology.volume_by_name(volume)?;
         let drill = self.topology.policies.get(&vol.policy)?.drill.as_ref()?;
         let rps: Vec<_> = rps.iter().map(|(seq, t, d)| (*seq, *t, d.map(|d| (d.verified, d.detail.as_str())))).collect();
@@ -384,7 +384,7 @@ impl GossipActor {
         let all = self.node.rps();
         let volumes: Vec<String> = self.topology.volumes.iter().map(|v| v.name.clone()).collect();
         for volume in volumes {
-            let rps: Vec<(u64, u64, Option<&DrillResult>)> = all.iter().filter(|r| r.volume == volume).map(|r| (r.seq, r.info.snapshot_unix_ms, r.info.drill.as_ref())).collect();
+            let rps: Vec<(RpSeq, u64, Option<&DrillResult>)> = all.iter().filter(|r| r.volume == volume).map(|r| (r.seq, r.info.snapshot_unix_ms, r.info.drill.as_ref())).collect();
             if let Some(oldest) = rps.iter().map(|r| r.1).min() {
                 if self.first_seen.get(&volume).is_none_or(|first| oldest < *first) {
                     self.first_seen.insert(volume.clone(), oldest);
@@ -415,7 +415,7 @@ impl GossipActor {
     /// committed or pruned while the replica was not saved).
     fn reconcile(&mut self, store_rps: Vec<StoreVolume>, ctx: &mut Context<Self>) {
         let now = self.now();
-        let mine: Vec<(String, u64)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
+        let mine: Vec<(String, RpSeq)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
         for (volume, rps, drills) in &store_rps {
             for meta in rps {
                 if !self.node.has_rp(&self.me, volume, meta.seq) {
@@ -434,10 +434,10 @@ impl GossipActor {
             let result = match held.first() {
                 Some(first) if seq > first.seq => self.node.handle_rp_expired(now, &volume, seq, expired_ms),
                 Some(first) => self.node.handle_rps_expired_below(now, &volume, first.seq),
-                None => self.node.handle_rps_expired_below(now, &volume, seq + 1),
+                None => self.node.handle_rps_expired_below(now, &volume, seq.next()),
             };
             if let Err(e) = result {
-                tracing::warn!(%volume, seq, error = %e, "cannot publish an expired recovery point");
+                tracing::warn!(%volume, %seq, error = %e, "cannot publish an expired recovery point");
             }
         }
         self.flush(ctx);
@@ -529,8 +529,8 @@ impl Handler<PeerConnected> for GossipActor {
 #[rtype(result = "()")]
 struct Expired {
     volume: String,
-    pruned: Vec<u64>,
-    first_kept: Option<u64>,
+    pruned: Vec<RpSeq>,
+    first_kept: Option<RpSeq>,
 }
 
 impl Handler<Expired> for GossipActor {
@@ -538,7 +538,7 @@ impl Handler<Expired> for GossipActor {
 
     fn handle(&mut self, msg: Expired, ctx: &mut Context<Self>) {
         let now = self.now();
-        let below = msg.first_kept.unwrap_or_else(|| msg.pruned.iter().max().map_or(0, |m| m + 1));
+        let below = msg.first_kept.unwrap_or_else(|| msg.pruned.iter().max().map_or(RpSeq(0), |m| m.next()));
         if let Err(e) = self.node.handle_rps_expired_below(now, &msg.volume, below) {
             tracing::warn!(volume = %msg.volume, error = %e, "cannot publish expired recovery points");
         }
@@ -546,7 +546,7 @@ impl Handler<Expired> for GossipActor {
         let expired_ms = unix_ms();
         for seq in msg.pruned.into_iter().filter(|s| *s >= below) {
             if let Err(e) = self.node.handle_rp_expired(now, &msg.volume, seq, expired_ms) {
-                tracing::warn!(volume = %msg.volume, seq, error = %e, "cannot publish an expired recovery point");
+                tracing::warn!(volume = %msg.volume, %seq, error = %e, "cannot publish an expired recovery point");
             }
         }
         self.flush(ctx);
@@ -852,7 +852,7 @@ pub struct CatalogRp {
     /// Volume.
     pub volume: String,
     /// Sequence number.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// Holder's name in this node's topology (its short id if not listed).
     pub holder: String,
     /// Holder's full node id.
@@ -885,7 +885,7 @@ pub struct CatalogVolume {
     /// The policy's RPO, seconds (from this node's topology, else the source's health).
     pub rpo_secs: Option<u64>,
     /// Newest RP anywhere in the mesh: seq.
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<RpSeq>,
     /// Holders of that newest RP.
     pub last_holders: Vec<String>,
     /// Its snapshot instant, Unix milliseconds.

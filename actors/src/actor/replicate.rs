@@ -27,7 +27,7 @@ use super::block_reader::{self, ReadJob, ReaderItem};
 use super::compressor::Compressor;
 use crate::source::change::{ChangeSource, Changes, PointInTime};
 pub use super::pacing::{LinkPacers, Pacing};
-use crate::store::RpMeta;
+use crate::store::{RpMeta, RpSeq};
 
 /// Baseline entries staged per write.
 const STAGE_BATCH: usize = 256;
@@ -59,7 +59,7 @@ pub struct CycleReport {
     /// Target node name.
     pub target: String,
     /// Sequence number of the committed RP.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// Volume size.
     pub volume_bytes: u64,
     /// Bytes read from the source.
@@ -202,7 +202,7 @@ async fn baseline_for(baselines: &Arc<Baselines>, cfg: &CycleConfig) -> Result<O
 fn rp_meta(cfg: &CycleConfig, snapshot_ms: u64, volume_bytes: u64, block_count: u64, changed_blocks: u64, root: MerkleRoot) -> RpMeta {
     RpMeta {
         volume: cfg.volume.clone(),
-        seq: 0,
+        seq: RpSeq(0),
         time_unix_ms: snapshot_ms,
         source_node: cfg.source_node.clone(),
         volume_bytes,
@@ -346,7 +346,7 @@ impl<'a> Cycle<'a> {
     }
 
     /// Carries out one session event; `Some` once the cycle has ended.
-    fn on_event(&mut self, session: &mut SourceSession, event: SourceEvent) -> Result<Option<Result<u64, CycleError>>, CycleError> {
+    fn on_event(&mut self, session: &mut SourceSession, event: SourceEvent) -> Result<Option<Result<RpSeq, CycleError>>, CycleError> {
         match event {
             SourceEvent::Start { full_offer } => self.start_reader(full_offer)?,
             SourceEvent::Encode { index, want } => match self.held.get(&index) {
@@ -449,7 +449,7 @@ async fn run_cycle_on(
     let (compressor, mut enc_rx) = Compressor::new(cfg.codec.clone());
     let mut cycle = Cycle::new(&cfg, &baselines, &view, base_meta, (started, snapshot_ms), compressor);
     let mut cancel_seen = false;
-    let result: Result<u64, CycleError> = loop {
+    let result: Result<RpSeq, CycleError> = loop {
         while let Some(msg) = session.poll_transmit() {
             if out_tx.send(msg).await.is_err() {
                 session.handle_disconnect("stream writer stopped".into());

@@ -563,7 +563,7 @@ impl Handler<CycleDone> for VolumeScheduler {
         match &msg.result {
             Ok(report) => {
                 tracing::info!(
-                    volume = %report.volume, target = %report.target, seq = report.seq,
+                    volume = %report.volume, target = %report.target, seq = %report.seq,
                     offered = report.stats.offered_blocks, sent_bytes = report.stats.sent_payload_bytes,
                     secs = format!("{:.2}", report.duration_secs), "cycle committed"
                 );

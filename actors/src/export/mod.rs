@@ -26,6 +26,7 @@ use self::image::RpImage;
 use self::overlay::{Overlay, OverlayError, PAGE_BYTES};
 use std::os::unix::fs::DirBuilderExt;
 use crate::proto::nbd::{Extent, NbdErrno};
+use crate::store::RpSeq;
 
 /// Why an export could not start. Nothing was left behind: no socket, no overlay
 /// file (an overlay given with `--overlay` is kept as it was).
@@ -226,7 +227,7 @@ pub enum OverlayChoice {
 pub async fn open_disk(
     source: crate::restore::RpSource,
     volume: &str,
-    seq: Option<u64>,
+    seq: Option<RpSeq>,
     codec: crate::codec::BlockCodec,
     overlay: &OverlayChoice,
     failover: Option<(String, fetcher::Connect)>,

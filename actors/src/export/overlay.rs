@@ -108,7 +108,7 @@ fn header(meta: &RpMeta) -> Result<[u8; HEADER_BYTES as usize], String> {
     h[8..10].copy_from_slice(&VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
     h[16..24].copy_from_slice(&meta.volume_bytes.to_le_bytes());
-    h[24..32].copy_from_slice(&meta.seq.to_le_bytes());
+    h[24..32].copy_from_slice(&meta.seq.0.to_le_bytes());
     h[32..64].copy_from_slice(&meta.merkle_root.0);
     h[64..66].copy_from_slice(&(name.len() as u16).to_le_bytes());
     h[66..66 + name.len()].copy_from_slice(name);
@@ -310,11 +310,12 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::RpSeq;
 
     fn meta(volume_bytes: u64) -> RpMeta {
         RpMeta {
             volume: "web".into(),
-            seq: 7,
+            seq: RpSeq(7),
             time_unix_ms: 0,
             source_node: "a".into(),
             volume_bytes,
@@ -347,7 +348,7 @@ mod tests {
         assert!(buf.iter().all(|b| *b == 7));
         // Another RP's overlay is refused, and so is a damaged one.
         let mut other = m.clone();
-        other.seq = 8;
+        other.seq = RpSeq(8);
         assert!(Overlay::open(&path, &other).unwrap_err().to_string().contains("belongs to web@7"));
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff], map_offset(m.volume_bytes)).unwrap();

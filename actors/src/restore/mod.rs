@@ -35,7 +35,7 @@ use crate::actor::fetch::FetchClient;
 use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
-use crate::store::{EncodedBlob, RpMeta, Store, StoreError};
+use crate::store::{EncodedBlob, RpMeta, RpSeq, Store, StoreError};
 
 pub use self::dest::{Protected, Rules};
 pub use self::journal::Journal;
@@ -209,7 +209,7 @@ fn unexpected(reply: &FetchReply) -> RestoreError {
 
 impl RpSource {
     /// The metadata of `volume@seq` (the newest when `seq` is None).
-    pub(crate) async fn rp(&mut self, volume: &str, seq: Option<u64>) -> Result<RpMeta, RestoreError> {
+    pub(crate) async fn rp(&mut self, volume: &str, seq: Option<RpSeq>) -> Result<RpMeta, RestoreError> {
         let name = format!("{volume}@{}", seq.map_or("latest".to_string(), |s| s.to_string()));
         match self {
             RpSource::Local(store) => {
@@ -317,7 +317,7 @@ async fn check_block_map(source: &mut RpSource, meta: &RpMeta, progress: &Progre
 pub async fn restore(
     source: &mut RpSource,
     volume: &str,
-    seq: Option<u64>,
+    seq: Option<RpSeq>,
     codec: &BlockCodec,
     target: Option<&Target>,
     progress: &Arc<Progress>,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::SourceError;
 use crate::content::ContentId;
+use crate::store::RpSeq;
 
 /// (volume, target) -> postcard(BaselineMeta).
 const META: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("baseline_meta");
@@ -31,7 +32,7 @@ const SOURCE_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaselineMeta {
     /// RP sequence number on the target.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// Its Merkle root.
     pub merkle_root: crate::content::MerkleRoot,
     /// Block size of the volume then.
@@ -267,7 +268,7 @@ mod tests {
     use super::*;
 
     fn meta(seq: u64, count: u64) -> BaselineMeta {
-        BaselineMeta { seq, merkle_root: crate::content::MerkleRoot([seq as u8; 32]), block_bytes: 4096, block_count: count, volume_bytes: count * 4096, time_unix_ms: seq }
+        BaselineMeta { seq: RpSeq(seq), merkle_root: crate::content::MerkleRoot([seq as u8; 32]), block_bytes: 4096, block_count: count, volume_bytes: count * 4096, time_unix_ms: seq }
     }
 
     #[test]
@@ -304,7 +305,7 @@ mod tests {
             b.promote("v", "t", &meta(5, 2)).unwrap();
         }
         let b = Baselines::open(&path).unwrap();
-        assert_eq!(b.meta("v", "t").unwrap().unwrap().seq, 5);
+        assert_eq!(b.meta("v", "t").unwrap().unwrap().seq, RpSeq(5));
         assert!(b.blocks("v", "t", 1, 1).unwrap()[0].is_some());
     }
 

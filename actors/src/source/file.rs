@@ -585,6 +585,7 @@ impl<'a> Scanner<'a> {
 mod tests {
     use super::*;
     use crate::source::baseline::BaselineMeta;
+    use crate::store::RpSeq;
 
     /// Vectored runs read exactly what block-by-block reads do, across run
     /// boundaries and up to a short last block.
@@ -696,7 +697,7 @@ mod tests {
         assert_eq!(stats.changed_blocks, 10, "all but the zero block");
         baselines.stage("v", "t", &staged).unwrap();
         baselines
-            .promote("v", "t", &BaselineMeta { seq: 1, merkle_root: root1, block_bytes: block, block_count: 11, volume_bytes: data.len() as u64, time_unix_ms: 0 })
+            .promote("v", "t", &BaselineMeta { seq: RpSeq(1), merkle_root: root1, block_bytes: block, block_count: 11, volume_bytes: data.len() as u64, time_unix_ms: 0 })
             .unwrap();
 
         // Change one byte in block 2, zero block 7, write into block 4.
@@ -742,7 +743,7 @@ mod tests {
         let (root1, _) = scan.finish();
         baselines.stage("v", "t", &staged).unwrap();
         baselines
-            .promote("v", "t", &BaselineMeta { seq: 1, merkle_root: root1, block_bytes: block, block_count: 64, volume_bytes: data.len() as u64, time_unix_ms: 0 })
+            .promote("v", "t", &BaselineMeta { seq: RpSeq(1), merkle_root: root1, block_bytes: block, block_count: 64, volume_bytes: data.len() as u64, time_unix_ms: 0 })
             .unwrap();
 
         // Blocks 3 and 40 change, block 50 becomes zero; the read set names them and block 7 (rewritten, same bytes).

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::retention::select_keep;
-use super::{BlobId, BlobLoc, ContentId, EncodedBlob, Retention, RpMeta, Store, StoreError};
+use super::{BlobId, BlobLoc, ContentId, EncodedBlob, Retention, RpMeta, RpSeq, Store, StoreError};
 
 /// What a replication session does to a store, in the order the target's core
 /// asks for it. Every call either does all it says or nothing, and says why.
@@ -30,7 +30,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// is past `block_count`.
     fn commit_rp(&self, session: u64, meta: &RpMeta) -> Result<(), StoreError>;
     /// Applies `retention` to `volume` at `now_unix_ms`; returns the deleted seqs.
-    fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError>;
+    fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<RpSeq>, StoreError>;
     /// Drops `session`'s pins and staged changes.
     fn release_session(&self, session: u64);
 }
@@ -51,7 +51,7 @@ impl SessionStore for Store {
     fn commit_rp(&self, session: u64, meta: &RpMeta) -> Result<(), StoreError> {
         Store::commit_rp(self, session, meta)
     }
-    fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
+    fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<RpSeq>, StoreError> {
         Store::prune(self, volume, retention, now_unix_ms)
     }
     fn release_session(&self, session: u64) {
@@ -65,7 +65,7 @@ struct Memory {
     /// content -> the blob that materializes it.
     contents: HashMap<ContentId, BlobId>,
     /// volume -> seq -> (RP, block map).
-    rps: BTreeMap<String, BTreeMap<u64, (RpMeta, Vec<ContentId>)>>,
+    rps: BTreeMap<String, BTreeMap<RpSeq, (RpMeta, Vec<ContentId>)>>,
     staged: HashMap<(u64, String), BTreeMap<u64, ContentId>>,
     pins: HashMap<u64, HashSet<BlobId>>,
 }
@@ -89,7 +89,7 @@ impl MemoryStore {
     }
 
     /// The block map of `volume@seq` (content per block), if that RP exists.
-    pub fn block_map(&self, volume: &str, seq: u64) -> Option<Vec<ContentId>> {
+    pub fn block_map(&self, volume: &str, seq: RpSeq) -> Option<Vec<ContentId>> {
         self.lock().rps.get(volume)?.get(&seq).map(|(_, map)| map.clone())
     }
 
@@ -203,12 +203,12 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
+    fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<RpSeq>, StoreError> {
         let mut m = self.lock();
         let Some(rps) = m.rps.get_mut(volume) else { return Ok(Vec::new()) };
-        let all: Vec<(u64, u64)> = rps.values().map(|(meta, _)| (meta.seq, meta.time_unix_ms)).collect();
+        let all: Vec<(RpSeq, u64)> = rps.values().map(|(meta, _)| (meta.seq, meta.time_unix_ms)).collect();
         let keep = select_keep(&all, retention, now_unix_ms);
-        let deleted: Vec<u64> = all.iter().map(|(s, _)| *s).filter(|s| !keep.contains(s)).collect();
+        let deleted: Vec<RpSeq> = all.iter().map(|(s, _)| *s).filter(|s| !keep.contains(s)).collect();
         rps.retain(|s, _| keep.contains(s));
         Ok(deleted)
     }
@@ -230,7 +230,7 @@ mod tests {
     fn meta(seq: u64, blocks: u64, time: u64) -> RpMeta {
         RpMeta {
             volume: "vol".into(),
-            seq,
+            seq: RpSeq(seq),
             time_unix_ms: time,
             source_node: "src".into(),
             volume_bytes: blocks * 4096,
@@ -244,7 +244,7 @@ mod tests {
         }
     }
 
-    fn contract(store: &dyn SessionStore, block_map: &dyn Fn(u64) -> Option<Vec<ContentId>>) {
+    fn contract(store: &dyn SessionStore, block_map: &dyn Fn(RpSeq) -> Option<Vec<ContentId>>) {
         let codec = BlockCodec::new(Some(1), None);
         let data: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 4096]).collect();
         let ids: Vec<ContentId> = data.iter().map(|d| codec.ids().content_id(d)).collect();
@@ -262,8 +262,8 @@ mod tests {
         assert!(written > 0);
         store.commit_rp(1, &meta(1, 2, 1_000)).expect("commit");
         store.release_session(1);
-        assert_eq!(store.newest_rp("vol").expect("newest").map(|m| m.seq), Some(1));
-        assert_eq!(block_map(1), Some(vec![ids[0], ContentId::ZERO]));
+        assert_eq!(store.newest_rp("vol").expect("newest").map(|m| m.seq), Some(RpSeq(1)));
+        assert_eq!(block_map(RpSeq(1)), Some(vec![ids[0], ContentId::ZERO]));
 
         // A second session: block 1 changes, block 0 is present (pinned), the map carries over.
         let found = store.lookup_and_pin(2, &[ids[0], ids[1]]).expect("lookup");
@@ -275,7 +275,7 @@ mod tests {
         store.commit_rp(2, &meta(2, 2, 2_000)).expect("commit");
         assert!(matches!(store.commit_rp(2, &meta(2, 2, 2_000)), Err(StoreError::RpExists { .. })));
         store.release_session(2);
-        assert_eq!(block_map(2), Some(vec![ids[0], ids[1]]));
+        assert_eq!(block_map(RpSeq(2)), Some(vec![ids[0], ids[1]]));
 
         // Past the end of the volume: refused.
         store.put_blobs(3, &[codec.encode_full(ids[2], &data[2])]).expect("put");
@@ -285,9 +285,9 @@ mod tests {
 
         // Retention keep_last 1: RP 1 goes, RP 2 stays.
         let keep_one = Retention { keep_last: 1, hourly: 0, daily: 0, weekly: 0 };
-        assert_eq!(store.prune("vol", &keep_one, 10_000).expect("prune"), vec![1]);
-        assert_eq!(store.newest_rp("vol").expect("newest").map(|m| m.seq), Some(2));
-        assert_eq!(store.prune("other", &keep_one, 10_000).expect("prune of no volume"), Vec::<u64>::new());
+        assert_eq!(store.prune("vol", &keep_one, 10_000).expect("prune"), vec![RpSeq(1)]);
+        assert_eq!(store.newest_rp("vol").expect("newest").map(|m| m.seq), Some(RpSeq(2)));
+        assert_eq!(store.prune("other", &keep_one, 10_000).expect("prune of no volume"), Vec::<RpSeq>::new());
     }
 
     #[test]

@@ -18,7 +18,7 @@
 
 use redb::TableDefinition;
 
-use super::RpMeta;
+use super::{RpMeta, RpSeq};
 use crate::content::{BlobId, ContentId};
 
 /// Counters.
@@ -102,7 +102,7 @@ const RP_META_VERSION: u8 = 1;
 pub fn encode_rp(meta: &RpMeta) -> Vec<u8> {
     let mut b = Vec::with_capacity(128 + meta.volume.len() + meta.source_node.len() + meta.consistency.len());
     b.push(RP_META_VERSION);
-    for v in [meta.seq, meta.time_unix_ms, meta.volume_bytes] {
+    for v in [meta.seq.0, meta.time_unix_ms, meta.volume_bytes] {
         b.extend_from_slice(&v.to_le_bytes());
     }
     b.extend_from_slice(&meta.block_bytes.to_le_bytes());
@@ -155,7 +155,7 @@ pub fn decode_rp(b: &[u8]) -> Option<RpMeta> {
     let (volume, source_node, consistency) = (c.string()?, c.string()?, c.string()?);
     Some(RpMeta {
         volume,
-        seq,
+        seq: RpSeq(seq),
         time_unix_ms,
         source_node,
         volume_bytes,
@@ -177,7 +177,7 @@ mod tests {
     fn rows_round_trip() {
         let meta = RpMeta {
             volume: "db-1".into(),
-            seq: 7,
+            seq: RpSeq(7),
             time_unix_ms: 1_700_000_000_123,
             source_node: "node-a".into(),
             volume_bytes: 10 << 20,

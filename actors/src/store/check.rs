@@ -20,7 +20,7 @@ use super::catalog::{decode_rp, BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANG
 use super::error::{catalog_error, io_error};
 use super::manifest;
 use super::rebuild::Finding;
-use super::{blob_file, catch_engine, StoreError};
+use super::{blob_file, catch_engine, RpSeq, StoreError};
 use crate::content::ContentId;
 
 /// Most findings listed one by one; the rest are counted.
@@ -72,7 +72,7 @@ pub fn check(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<CheckReport, 
     let mut report = CheckReport::default();
     let manifests = manifest::list(&manifests_dir, false)?;
     report.manifests = manifests.len() as u64;
-    let mut manifest_paths: BTreeMap<(String, u64), std::path::PathBuf> =
+    let mut manifest_paths: BTreeMap<(String, RpSeq), std::path::PathBuf> =
         manifests.into_iter().map(|(v, s, p)| ((v, s), p)).collect();
 
     let catalog = match std::fs::symlink_metadata(&catalog_path) {
@@ -111,7 +111,7 @@ pub fn check(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<CheckReport, 
     if let Some(c) = &catalog {
         report.rps = c.rps.len() as u64;
         // Manifests against the catalog.
-        let mut previous: HashMap<&str, u64> = HashMap::new();
+        let mut previous: HashMap<&str, RpSeq> = HashMap::new();
         for ((volume, seq), (meta, changes)) in &c.rps {
             let name = format!("{volume}@{seq}");
             let base = previous.insert(volume.as_str(), *seq);
@@ -193,10 +193,10 @@ type RpRows = (super::RpMeta, Vec<(u64, ContentId)>);
 /// The catalog rows `check` compares.
 struct CatalogView {
     /// (volume, seq) → the RP's rows.
-    rps: BTreeMap<(String, u64), RpRows>,
+    rps: BTreeMap<(String, RpSeq), RpRows>,
     blobs: HashMap<ContentId, BlobMeta>,
     /// Block-map entries whose content has no blob: (volume, seq, index, content).
-    unmaterializable: Vec<(String, u64, u64, ContentId)>,
+    unmaterializable: Vec<(String, RpSeq, u64, ContentId)>,
 }
 
 fn read_catalog(db: &redb::Database, path: &Path) -> Result<CatalogView, StoreError> {
@@ -246,15 +246,15 @@ fn read_catalog(db: &redb::Database, path: &Path) -> Result<CatalogView, StoreEr
                         }
                     };
                     if !ok {
-                        view.unmaterializable.push((volume.clone(), seq, index, content));
+                        view.unmaterializable.push((volume.clone(), RpSeq(seq), index, content));
                     }
                 }
                 list.push((index, content));
             }
-            if meta.volume != volume || meta.seq != seq {
+            if meta.volume != volume || meta.seq != RpSeq(seq) {
                 return Err(corrupt(format!("RP row {volume}@{seq} (it names {})", meta.name())));
             }
-            view.rps.insert((volume.clone(), seq), (meta, list));
+            view.rps.insert((volume.clone(), RpSeq(seq)), (meta, list));
         }
     }
     Ok(view)

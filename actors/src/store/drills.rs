@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use redb::ReadableTable as _;
 
 use super::catalog::{DRILLS, RPS, VOLUMES};
-use super::{lock, Store, StoreError};
+use super::{lock, RpSeq, Store, StoreError};
 use crate::drill::DrillReport;
 
 /// Row format version (a version byte, then the report as JSON).
@@ -49,21 +49,21 @@ impl Store {
                 let vid = vols.get(report.volume.as_str()).map_err(|e| self.ce("read volumes", e))?.map(|g| g.value());
                 let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
                 let held = match vid {
-                    Some(vid) => rps.get((vid, report.seq)).map_err(|e| self.ce("read rps", e))?.is_some(),
+                    Some(vid) => rps.get((vid, report.seq.0)).map_err(|e| self.ce("read rps", e))?.is_some(),
                     None => false,
                 };
                 let (Some(vid), true) = (vid, held) else {
                     return Err(StoreError::RpNotFound { rp: report.rp() });
                 };
                 let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
-                let mut key = (vid, report.seq, report.finished_unix_ms);
+                let mut key = (vid, report.seq.0, report.finished_unix_ms);
                 // Two reports finished in the same millisecond both stay.
                 while drills.get(key).map_err(|e| self.ce("read drills", e))?.is_some() {
                     key.2 += 1;
                 }
                 drills.insert(key, encode(report).as_slice()).map_err(|e| self.ce("write drill report", e))?;
                 let mut older = Vec::new();
-                for row in drills.range((vid, report.seq, 0)..=(vid, report.seq, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+                for row in drills.range((vid, report.seq.0, 0)..=(vid, report.seq.0, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
                     older.push(row.map_err(|e| self.ce("read drills", e))?.0.value());
                 }
                 if older.len() > DRILLS_PER_RP_MAX {
@@ -112,7 +112,7 @@ impl Store {
     }
 
     /// The newest report of each RP of `volume`, by seq.
-    pub fn latest_drills(&self, volume: &str) -> Result<BTreeMap<u64, DrillReport>, StoreError> {
+    pub fn latest_drills(&self, volume: &str) -> Result<BTreeMap<RpSeq, DrillReport>, StoreError> {
         let mut out = BTreeMap::new();
         for r in self.drills(Some(volume))? {
             out.insert(r.seq, r);
@@ -122,7 +122,7 @@ impl Store {
 
     /// The newest RP of `volume` whose newest drill verified it (every check
     /// of its policy passed): the last known-good point retention keeps.
-    pub fn verified_seq(&self, volume: &str) -> Result<Option<u64>, StoreError> {
+    pub fn verified_seq(&self, volume: &str) -> Result<Option<RpSeq>, StoreError> {
         Ok(self.latest_drills(volume)?.into_iter().rev().find(|(_, r)| r.verified).map(|(seq, _)| seq))
     }
 }

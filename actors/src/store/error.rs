@@ -3,6 +3,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::RpSeq;
+
 /// What went wrong in the store, on which object, and why.
 ///
 /// Unless a variant says otherwise, a failed call changed nothing that a later
@@ -98,7 +100,7 @@ pub enum StoreError {
         /// `volume@seq`.
         rp: String,
         /// The volume's newest seq.
-        newest: u64,
+        newest: RpSeq,
     },
     /// An RP's metadata is inconsistent (e.g. a staged block index beyond `block_count`). Nothing changed.
     #[error("invalid RP {rp}: {cause}")]

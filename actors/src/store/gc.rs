@@ -11,7 +11,7 @@ use redb::ReadableTable;
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::error::{io_error, StoreError};
 use super::retention::{select_keep, Retention};
-use super::{blob_file, lock, manifest, now_unix_ms, GcReport, Store};
+use super::{blob_file, lock, manifest, now_unix_ms, GcReport, RpSeq, Store};
 use crate::content::{BlobId, ContentId};
 
 /// Resets the GC flag and its extra pins however the run ends.
@@ -57,7 +57,7 @@ impl Store {
     /// and the newest verified one (its newest drill passed every check of its policy).
     /// One durable transaction; O(changed blocks of the deleted RPs). The block-map rule is
     /// in the module doc of [`super`]. Blobs are freed later by [`Store::gc`].
-    pub fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<u64>, StoreError> {
+    pub fn prune(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<Vec<RpSeq>, StoreError> {
         self.guard("applied retention", || {
             let _w = lock(&self.writer);
             let tx = self.begin_write("begin write")?;
@@ -80,7 +80,7 @@ impl Store {
                 {
                     let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
                     let seq = k.value().1;
-                    let meta = self.decode_rp_row(volume, seq, v.value())?;
+                    let meta = self.decode_rp_row(volume, RpSeq(seq), v.value())?;
                     all.push((seq, meta.time_unix_ms));
                 }
                 let mut keep = select_keep(&all, retention, now_unix_ms);
@@ -159,10 +159,10 @@ impl Store {
                 for n in inheritors {
                     let row = rps.get((vid, n)).map_err(|e| self.ce("read rps", e))?;
                     let Some(row) = row else { continue };
-                    let meta = self.decode_rp_row(volume, n, row.value())?;
+                    let meta = self.decode_rp_row(volume, RpSeq(n), row.value())?;
                     drop(row);
                     let base = keep.range(..n).next_back().copied();
-                    let m = self.manifest_from_catalog(&blocks, &changes, vid, &meta, base)?;
+                    let m = self.manifest_from_catalog(&blocks, &changes, vid, &meta, base.map(RpSeq))?;
                     // The same changes made from the manifests alone (the newest change
                     // of each block over the deleted RPs and `n`): a catalog that says
                     // otherwise is damaged, and nothing is pruned.
@@ -184,7 +184,7 @@ impl Store {
             // removed at the next open).
             if !deleted.is_empty() && manifest::valid_volume_name(volume) {
                 for d in &deleted {
-                    manifest::remove(&self.manifests_dir, volume, *d)?;
+                    manifest::remove(&self.manifests_dir, volume, RpSeq(*d))?;
                 }
                 manifest::sync_dir(&manifest::volume_dir(&self.manifests_dir, volume))?;
             }
@@ -194,7 +194,7 @@ impl Store {
             if !deleted.is_empty() {
                 tracing::info!(volume, deleted = ?deleted, "store: pruned RPs");
             }
-            Ok(deleted)
+            Ok(deleted.into_iter().map(RpSeq).collect())
         })
     }
 
@@ -203,7 +203,7 @@ impl Store {
     fn merged_changes(&self, volume: &str, seqs: &[u64]) -> Option<Vec<(u64, ContentId)>> {
         let mut merged = BTreeMap::new();
         for seq in seqs {
-            match manifest::read(&manifest::path(&self.manifests_dir, volume, *seq)) {
+            match manifest::read(&manifest::path(&self.manifests_dir, volume, RpSeq(*seq))) {
                 Ok(m) => merged.extend(m.changes),
                 Err(e) => {
                     tracing::warn!(error = %e, "store: a manifest could not be read to cross-check a prune; the catalog's block map is taken as it is");

@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{io_error, StoreError};
-use super::RpMeta;
+use super::{RpMeta, RpSeq};
 use crate::content::ContentId;
 
 /// Magic at the start of every manifest.
@@ -70,7 +70,7 @@ pub struct Manifest {
     /// The RP's catalog row fields.
     pub meta: RpMeta,
     /// The RP the changes are against (`None`: against an all-zero volume).
-    pub base_seq: Option<u64>,
+    pub base_seq: Option<RpSeq>,
     /// Block-map changes against the base: (block index, content), ascending
     /// unique indexes, ZERO meaning the block is zero.
     pub changes: Vec<(u64, ContentId)>,
@@ -106,17 +106,17 @@ pub fn volume_dir(manifests_dir: &Path, volume: &str) -> PathBuf {
 }
 
 /// The path of `volume@seq`'s manifest under `manifests_dir`.
-pub fn path(manifests_dir: &Path, volume: &str, seq: u64) -> PathBuf {
+pub fn path(manifests_dir: &Path, volume: &str, seq: RpSeq) -> PathBuf {
     volume_dir(manifests_dir, volume).join(format!("{seq:020}{SUFFIX}"))
 }
 
 /// The seq a manifest file name stands for (`None` for any other name).
-pub fn seq_of_name(name: &str) -> Option<u64> {
+pub fn seq_of_name(name: &str) -> Option<RpSeq> {
     let digits = name.strip_suffix(SUFFIX)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    digits.parse().ok().map(RpSeq)
 }
 
 /// Hashes everything written through it.
@@ -162,8 +162,8 @@ impl Manifest {
         w.write_all(&flags.to_le_bytes())?;
         w.write_all(&m.block_bytes.to_le_bytes())?;
         for v in [
-            m.seq,
-            self.base_seq.unwrap_or(0),
+            m.seq.0,
+            self.base_seq.map_or(0, |s| s.0),
             m.time_unix_ms,
             m.volume_bytes,
             m.block_count,
@@ -224,7 +224,7 @@ impl Manifest {
             if base >= seq {
                 return invalid(format!("base seq {base} is not older than seq {seq}"));
             }
-            Some(base)
+            Some(RpSeq(base))
         } else {
             if base != 0 {
                 return invalid("base seq set without the has-base flag");
@@ -272,7 +272,7 @@ impl Manifest {
         Ok(Manifest {
             meta: RpMeta {
                 volume,
-                seq,
+                seq: RpSeq(seq),
                 time_unix_ms,
                 source_node,
                 volume_bytes,
@@ -387,7 +387,7 @@ pub fn write(manifests_dir: &Path, manifest: &Manifest) -> Result<PathBuf, Store
 }
 
 /// Removes `volume@seq`'s manifest (a missing one is fine); the caller syncs the folder.
-pub fn remove(manifests_dir: &Path, volume: &str, seq: u64) -> Result<(), StoreError> {
+pub fn remove(manifests_dir: &Path, volume: &str, seq: RpSeq) -> Result<(), StoreError> {
     let p = path(manifests_dir, volume, seq);
     match fs::remove_file(&p) {
         Ok(()) => Ok(()),
@@ -406,7 +406,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// Every manifest file under `manifests_dir`: (volume, seq, path), by volume then seq.
 /// Other files are skipped; temp files of interrupted writes are removed when
 /// `remove_temp` is set.
-pub fn list(manifests_dir: &Path, remove_temp: bool) -> Result<Vec<(String, u64, PathBuf)>, StoreError> {
+pub fn list(manifests_dir: &Path, remove_temp: bool) -> Result<Vec<(String, RpSeq, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     let volumes = match fs::read_dir(manifests_dir) {
         Ok(r) => r,
@@ -444,7 +444,7 @@ mod tests {
         Manifest {
             meta: RpMeta {
                 volume: "db-1".into(),
-                seq: 7,
+                seq: RpSeq(7),
                 time_unix_ms: 1_700_000_000_123,
                 source_node: "branch-a".into(),
                 volume_bytes: 1 << 30,
@@ -456,7 +456,7 @@ mod tests {
                 encrypted: true,
                 consistency: "fs-frozen".into(),
             },
-            base_seq: Some(5),
+            base_seq: Some(RpSeq(5)),
             changes: (0..changes).map(|i| (i as u64 * 3, ContentId([(i % 250) as u8 + 1; 32]))).collect(),
         }
     }
@@ -550,7 +550,7 @@ mod tests {
         m.changes[1].0 = 5000;
         assert!(Manifest::decode(&m.encode()).unwrap_err().to_string().contains("beyond the block count"));
         let mut m = sample(0);
-        m.base_seq = Some(7);
+        m.base_seq = Some(RpSeq(7));
         assert!(Manifest::decode(&m.encode()).unwrap_err().to_string().contains("not older"));
         let mut m = sample(0);
         m.meta.volume = "../etc".into();
@@ -562,21 +562,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = sample(4);
         let p = write(dir.path(), &m).unwrap();
-        assert_eq!(p, path(dir.path(), "db-1", 7));
+        assert_eq!(p, path(dir.path(), "db-1", RpSeq(7)));
         assert_eq!(read(&p).unwrap(), m);
         // A planted temp file is removed by a listing that cleans; a symlink at a temp name is never followed.
         let vdir = volume_dir(dir.path(), "db-1");
         std::os::unix::fs::symlink("/etc/passwd", vdir.join(".tmp-8-1-1")).unwrap();
         fs::write(vdir.join("notes.txt"), b"x").unwrap();
-        assert_eq!(list(dir.path(), true).unwrap(), vec![("db-1".to_string(), 7, p.clone())]);
+        assert_eq!(list(dir.path(), true).unwrap(), vec![("db-1".to_string(), RpSeq(7), p.clone())]);
         assert!(!vdir.join(".tmp-8-1-1").exists());
         // A manifest renamed to another seq is refused.
-        fs::copy(&p, path(dir.path(), "db-1", 8)).unwrap();
-        assert!(read(&path(dir.path(), "db-1", 8)).unwrap_err().to_string().contains("named for another seq"));
-        remove(dir.path(), "db-1", 7).unwrap();
-        remove(dir.path(), "db-1", 7).unwrap();
+        fs::copy(&p, path(dir.path(), "db-1", RpSeq(8))).unwrap();
+        assert!(read(&path(dir.path(), "db-1", RpSeq(8))).unwrap_err().to_string().contains("named for another seq"));
+        remove(dir.path(), "db-1", RpSeq(7)).unwrap();
+        remove(dir.path(), "db-1", RpSeq(7)).unwrap();
         assert_eq!(list(dir.path(), false).unwrap().len(), 1);
-        assert_eq!(seq_of_name("00000000000000000007.rpm"), Some(7));
+        assert_eq!(seq_of_name("00000000000000000007.rpm"), Some(RpSeq(7)));
         assert_eq!(seq_of_name("7.rpm"), None);
     }
 }

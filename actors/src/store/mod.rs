@@ -103,7 +103,7 @@ pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
 pub use self::scrub::{RepairNeeds, RpScrub, ScrubKeys, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
-pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
+pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq};
 
 /// Page cache of each catalog (and staging) database redb keeps in memory.
 /// redb's default is 1 GiB, which a big catalog fills (its integrity check at
@@ -247,7 +247,7 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn rp_name(volume: &str, seq: u64) -> String {
+fn rp_name(volume: &str, seq: RpSeq) -> String {
     format!("{volume}@{seq}")
 }
 
@@ -815,7 +815,7 @@ impl Store {
                     }
                 };
                 let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-                if rps.get((vid, meta.seq)).map_err(|e| self.ce("read rps", e))?.is_some() {
+                if rps.get((vid, meta.seq.0)).map_err(|e| self.ce("read rps", e))?.is_some() {
                     return Err(StoreError::RpExists { rp: name });
                 }
                 let newest = match rps
@@ -823,7 +823,7 @@ impl Store {
                     .map_err(|e| self.ce("read rps", e))?
                     .next_back()
                 {
-                    Some(row) => Some(row.map_err(|e| self.ce("read rps", e))?.0.value().1),
+                    Some(row) => Some(RpSeq(row.map_err(|e| self.ce("read rps", e))?.0.value().1)),
                     None => None,
                 };
                 if let Some(newest) = newest.filter(|n| *n >= meta.seq) {
@@ -868,15 +868,15 @@ impl Store {
                         referenced.extend(chain);
                     }
                     blocks
-                        .insert((vid, index, meta.seq), content.0)
+                        .insert((vid, index, meta.seq.0), content.0)
                         .map_err(|e| self.ce("write block map", e))?;
                     changes
-                        .insert((vid, meta.seq, index), ())
+                        .insert((vid, meta.seq.0, index), ())
                         .map_err(|e| self.ce("write block map", e))?;
                     indexes.push(index);
                     manifest_changes.push((index, content));
                 }
-                rps.insert((vid, meta.seq), catalog::encode_rp(meta).as_slice())
+                rps.insert((vid, meta.seq.0), catalog::encode_rp(meta).as_slice())
                     .map_err(|e| self.ce("write rp", e))?;
             }
             {
@@ -924,16 +924,16 @@ impl Store {
         changes: &impl ReadableTable<(u32, u64, u64), ()>,
         vid: u32,
         meta: &RpMeta,
-        base_seq: Option<u64>,
+        base_seq: Option<RpSeq>,
     ) -> Result<manifest::Manifest, StoreError> {
         let mut out = Vec::new();
         for row in changes
-            .range((vid, meta.seq, 0u64)..=(vid, meta.seq, u64::MAX))
+            .range((vid, meta.seq.0, 0u64)..=(vid, meta.seq.0, u64::MAX))
             .map_err(|e| self.ce("read rp_changes", e))?
         {
             let index = row.map_err(|e| self.ce("read rp_changes", e))?.0.value().2;
             let content = blocks
-                .get((vid, index, meta.seq))
+                .get((vid, index, meta.seq.0))
                 .map_err(|e| self.ce("read block map", e))?
                 .ok_or_else(|| StoreError::CorruptRow { what: format!("block {index} of {}'s block map (listed but absent)", meta.name()) })?
                 .value();
@@ -950,7 +950,7 @@ impl Store {
     /// told it committed and sends it again), older it was left by a prune
     /// interrupted after its commit.
     fn sync_manifests(&self) -> Result<(), StoreError> {
-        let mut on_disk: HashMap<String, HashSet<u64>> = HashMap::new();
+        let mut on_disk: HashMap<String, HashSet<RpSeq>> = HashMap::new();
         for (volume, seq, _) in manifest::list(&self.manifests_dir, true)? {
             on_disk.entry(volume).or_default().insert(seq);
         }
@@ -967,7 +967,7 @@ impl Store {
             let mut base = None;
             for row in rps.range((vid, 0u64)..=(vid, u64::MAX)).map_err(|e| self.ce("read rps", e))? {
                 let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-                let seq = k.value().1;
+                let seq = RpSeq(k.value().1);
                 if !files.remove(&seq) && manifest::valid_volume_name(&volume) {
                     let meta = self.decode_rp_row(&volume, seq, v.value())?;
                     let m = self.manifest_from_catalog(&blocks, &changes, vid, &meta, base)?;
@@ -1011,7 +1011,7 @@ impl Store {
             .map(|g| g.value()))
     }
 
-    fn decode_rp_row(&self, volume: &str, seq: u64, bytes: &[u8]) -> Result<RpMeta, StoreError> {
+    fn decode_rp_row(&self, volume: &str, seq: RpSeq, bytes: &[u8]) -> Result<RpMeta, StoreError> {
         catalog::decode_rp(bytes).ok_or_else(|| StoreError::CorruptRow {
             what: format!("RP row {}", rp_name(volume, seq)),
         })
@@ -1044,21 +1044,21 @@ impl Store {
                 .map_err(|e| self.ce("read rps", e))?
             {
                 let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-                out.push(self.decode_rp_row(volume, k.value().1, v.value())?);
+                out.push(self.decode_rp_row(volume, RpSeq(k.value().1), v.value())?);
             }
             Ok(out)
         })
     }
 
     /// `volume@seq`, if committed and not pruned.
-    pub fn rp(&self, volume: &str, seq: u64) -> Result<Option<RpMeta>, StoreError> {
+    pub fn rp(&self, volume: &str, seq: RpSeq) -> Result<Option<RpMeta>, StoreError> {
         self.guard("read an RP", || {
             let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
             let Some(vid) = self.volume_id(&tx, volume)? else {
                 return Ok(None);
             };
             let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-            let row = rps.get((vid, seq)).map_err(|e| self.ce("read rps", e))?;
+            let row = rps.get((vid, seq.0)).map_err(|e| self.ce("read rps", e))?;
             row.map(|v| self.decode_rp_row(volume, seq, v.value())).transpose()
         })
     }
@@ -1079,7 +1079,7 @@ impl Store {
                 None => Ok(None),
                 Some(row) => {
                     let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-                    self.decode_rp_row(volume, k.value().1, v.value()).map(Some)
+                    self.decode_rp_row(volume, RpSeq(k.value().1), v.value()).map(Some)
                 }
             }
         })
@@ -1090,7 +1090,7 @@ impl Store {
     /// blocks never written or zero. Memory is O(count) whatever the volume size; each block
     /// is one O(log n) reverse range lookup in one read snapshot. Restore walks a volume by
     /// calling it with successive `start`s (e.g. 4096 blocks a page).
-    pub fn block_ids(&self, volume: &str, seq: u64, start: u64, count: u64) -> Result<Vec<ContentId>, StoreError> {
+    pub fn block_ids(&self, volume: &str, seq: RpSeq, start: u64, count: u64) -> Result<Vec<ContentId>, StoreError> {
         self.guard("read a block map", || {
             let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
             let not_found = || StoreError::RpNotFound {
@@ -1099,7 +1099,7 @@ impl Store {
             let vid = self.volume_id(&tx, volume)?.ok_or_else(not_found)?;
             let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
             let row = rps
-                .get((vid, seq))
+                .get((vid, seq.0))
                 .map_err(|e| self.ce("read rps", e))?
                 .ok_or_else(not_found)?;
             let meta = self.decode_rp_row(volume, seq, row.value())?;
@@ -1108,7 +1108,7 @@ impl Store {
             let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
             for index in start..end {
                 let entry = blocks
-                    .range((vid, index, 0u64)..=(vid, index, seq))
+                    .range((vid, index, 0u64)..=(vid, index, seq.0))
                     .map_err(|e| self.ce("read block map", e))?
                     .next_back();
                 out.push(match entry {

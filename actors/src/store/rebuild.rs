@@ -26,7 +26,7 @@ use serde::Serialize;
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, VOLUMES};
 use super::error::{catalog_error, io_error, open_error};
 use super::manifest::{self, Manifest};
-use super::{blob_file, catch_engine, now_unix_ms, Store, StoreError};
+use super::{blob_file, catch_engine, now_unix_ms, RpSeq, Store, StoreError};
 use crate::content::{BlobId, ContentId, MerkleBuilder};
 
 /// One thing a check or rebuild found wrong, for people.
@@ -166,7 +166,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
     }
 
     // 2. Manifests, per volume in seq order.
-    let mut by_volume: BTreeMap<String, Vec<(u64, PathBuf)>> = BTreeMap::new();
+    let mut by_volume: BTreeMap<String, Vec<(RpSeq, PathBuf)>> = BTreeMap::new();
     for (volume, seq, path) in manifest::list(&manifests_dir, true)? {
         by_volume.entry(volume).or_default().push((seq, path));
     }
@@ -178,7 +178,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
         };
         report.refused.push(Finding { object, problem });
     };
-    let mut accepted: Vec<(String, u64)> = Vec::new();
+    let mut accepted: Vec<(String, RpSeq)> = Vec::new();
     {
         let ctab = tx.open_table(CONTENTS).map_err(|e| ce("open table contents", e.into()))?;
         let mut vols = tx.open_table(VOLUMES).map_err(|e| ce("open table volumes", e.into()))?;
@@ -192,7 +192,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
             // never shrunk, of which an RP sees its first block_count blocks.
             let mut map: Vec<ContentId> = Vec::new();
             let mut missing: HashMap<ContentId, bool> = HashMap::new();
-            let mut listed: HashSet<u64> = HashSet::new();
+            let mut listed: HashSet<RpSeq> = HashSet::new();
             let mut vid = None;
             for (seq, path) in files {
                 let object = format!("{volume}@{seq}");
@@ -254,11 +254,11 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
                     next_vid - 1
                 });
                 vols.insert(volume.as_str(), vid).map_err(|e| ce("write volumes", e.into()))?;
-                rps.insert((vid, m.meta.seq), super::catalog::encode_rp(&m.meta).as_slice())
+                rps.insert((vid, m.meta.seq.0), super::catalog::encode_rp(&m.meta).as_slice())
                     .map_err(|e| ce("write rp", e.into()))?;
                 for (index, content) in &m.changes {
-                    blocks.insert((vid, *index, m.meta.seq), content.0).map_err(|e| ce("write block map", e.into()))?;
-                    changes.insert((vid, m.meta.seq, *index), ()).map_err(|e| ce("write block map", e.into()))?;
+                    blocks.insert((vid, *index, m.meta.seq.0), content.0).map_err(|e| ce("write block map", e.into()))?;
+                    changes.insert((vid, m.meta.seq.0, *index), ()).map_err(|e| ce("write block map", e.into()))?;
                 }
                 listed.insert(m.meta.seq);
                 accepted.push((volume.clone(), m.meta.seq));
@@ -278,11 +278,11 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
             let (k, v) = row.map_err(|e| ce("read volumes", e.into()))?;
             new_vid.insert(k.value().to_string(), v.value());
         }
-        let wanted: HashSet<(String, u64)> = accepted.into_iter().collect();
+        let wanted: HashSet<(String, RpSeq)> = accepted.into_iter().collect();
         match old_drill_reports(&catalog_path) {
             Ok(rows) => {
                 for (volume, seq, finished, bytes) in rows {
-                    let Some(vid) = new_vid.get(&volume).filter(|_| wanted.contains(&(volume.clone(), seq))) else { continue };
+                    let Some(vid) = new_vid.get(&volume).filter(|_| wanted.contains(&(volume.clone(), RpSeq(seq)))) else { continue };
                     drills.insert((*vid, seq, finished), bytes.as_slice()).map_err(|e| ce("write drill report", e.into()))?;
                     report.drill_reports += 1;
                 }

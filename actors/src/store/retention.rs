@@ -32,9 +32,10 @@ pub fn iso_week_index(time_unix_ms: u64) -> u64 {
     (time_unix_ms / DAY_MS + 3) / 7
 }
 
-/// Returns the seqs to keep among `rps` (pairs of seq and time in unix ms, any order).
-pub fn select_keep(rps: &[(u64, u64)], retention: &Retention, now_unix_ms: u64) -> BTreeSet<u64> {
-    let mut newest_first: Vec<(u64, u64)> = rps.to_vec();
+/// Returns the seqs to keep among `rps` (pairs of seq and time in unix ms, any
+/// order; the seq is an [`super::RpSeq`], or any ordered key in tests).
+pub fn select_keep<S: Copy + Ord>(rps: &[(S, u64)], retention: &Retention, now_unix_ms: u64) -> BTreeSet<S> {
+    let mut newest_first: Vec<(S, u64)> = rps.to_vec();
     newest_first.sort_unstable_by_key(|rp| std::cmp::Reverse(rp.0));
     let mut keep = BTreeSet::new();
     if let Some((seq, _)) = newest_first.first() {
@@ -105,7 +106,7 @@ mod tests {
     fn keeps_newest_when_all_zero() {
         let rps = [(1, 0), (2, 10), (3, 20)];
         assert_eq!(select_keep(&rps, &Retention::default(), 100), BTreeSet::from([3]));
-        assert!(select_keep(&[], &Retention::default(), 100).is_empty());
+        assert!(select_keep::<u64>(&[], &Retention::default(), 100).is_empty());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::rebuild::Finding;
-use super::{blob_file, lock, now_unix_ms, BlobFlags, EncodedBlob, Store, StoreError};
+use super::{blob_file, lock, now_unix_ms, BlobFlags, EncodedBlob, RpSeq, Store, StoreError};
 use crate::codec::BlockCodec;
 use crate::content::{BlobId, ContentId, MerkleBuilder};
 
@@ -406,7 +406,7 @@ impl Store {
             for row in rps.range((vid, 0u64)..=(vid, u64::MAX)).map_err(|e| self.ce("read rps", e))? {
                 let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
                 let seq = k.value().1;
-                let meta = self.decode_rp_row(&volume, seq, v.value())?;
+                let meta = self.decode_rp_row(&volume, RpSeq(seq), v.value())?;
                 let count = usize::try_from(meta.block_count).unwrap_or(usize::MAX).min(1 << 36);
                 if map.len() < count {
                     map.resize(count, ContentId::ZERO);

@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::drill::{tail, CheckReport, DrillReport, OUTPUT_TAIL_BYTES};
 use drmesh_topology::{Drill, DrillBoot, DrillCheck, DrillSchedule, Topology};
 use serde_json::{json, Value};
@@ -114,7 +115,7 @@ pub struct Plan<'a> {
     /// Volume name.
     pub volume: &'a str,
     /// The RP.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// The policy's drill settings.
     pub drill: &'a Drill,
     /// When every check must be over.
@@ -217,7 +218,7 @@ impl Drop for RunDir {
 
 /// `STATE_DIR/drills/VOLUME@SEQ-PID`, made private, after cleaning up runs
 /// whose process is gone.
-fn make_run_dir(state_dir: &Path, volume: &str, seq: u64) -> anyhow::Result<RunDir> {
+fn make_run_dir(state_dir: &Path, volume: &str, seq: RpSeq) -> anyhow::Result<RunDir> {
     let runs = state_dir.join(RUNS_DIR);
     private_dir(&runs).with_context(|| format!("making {}", runs.display()))?;
     for dir in cleanup::clean_stale_runs(&runs) {

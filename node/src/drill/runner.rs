@@ -12,6 +12,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::gossip::{GossipActor, PublishDrill};
+use drmesh_actors::blob::RpSeq;
 use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::proto::drill::{DrillJob, DrillPlan, DrillQueue, Trigger};
 use drmesh_topology::{DrillCheck, Topology};
@@ -143,7 +144,7 @@ async fn run_job(data: Arc<DataPlane>, state_dir: PathBuf, job: DrillJob, progre
     let drill = settings_of(Some(&topology), &job.volume);
     let store = data.store().clone();
     let (volume, wanted) = (job.volume.clone(), job.seq);
-    let picked = tokio::task::spawn_blocking(move || -> Result<Option<(u64, bool)>, String> {
+    let picked = tokio::task::spawn_blocking(move || -> Result<Option<(RpSeq, bool)>, String> {
         let seq = match wanted {
             Some(s) => s,
             None => match store.latest_rp(&volume).map_err(|e| e.to_string())? {
@@ -264,7 +265,7 @@ pub struct RequestDrill {
     /// Volume name.
     pub volume: String,
     /// Sequence number.
-    pub seq: Option<u64>,
+    pub seq: Option<RpSeq>,
     /// Check names.
     pub checks: Vec<String>,
     /// Where progress goes.

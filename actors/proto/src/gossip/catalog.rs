@@ -25,6 +25,7 @@ use drmesh_topology::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::bandwidth::Demand;
+use crate::blob::RpSeq;
 
 use super::Millis;
 
@@ -147,7 +148,7 @@ pub enum ItemKey {
     /// [`VolumeHealth`] of a volume whose source is the holder.
     Health(VolumeName),
     /// RP `volume@seq` held by the holder (live or tombstone).
-    Rp(VolumeName, u64),
+    Rp(VolumeName, RpSeq),
     /// Low-water mark of a volume on the holder.
     Lwm(VolumeName),
     /// What the holder's running transfers want from its site's uplink
@@ -173,7 +174,7 @@ pub enum ItemValue {
         expired_unix_ms: u64,
     },
     /// Under [`ItemKey::Lwm`]: every seq below this is gone.
-    Lwm(u64),
+    Lwm(RpSeq),
     /// Under [`ItemKey::Demand`].
     Demand(Demand),
     /// Under [`ItemKey::Scrub`].
@@ -194,11 +195,11 @@ pub struct ScrubResult {
     /// Share of the blobs it read, percent (1–100).
     pub sample_percent: u8,
     /// Lowest seq it checked.
-    pub first_seq: u64,
+    pub first_seq: RpSeq,
     /// Highest seq it checked.
-    pub last_seq: u64,
+    pub last_seq: RpSeq,
     /// The seqs it found damaged, ascending (at most [`SCRUB_DAMAGED_MAX`]).
-    pub damaged: Vec<u64>,
+    pub damaged: Vec<RpSeq>,
     /// Whether more were damaged than `damaged` lists.
     pub damaged_cut: bool,
 }
@@ -218,7 +219,7 @@ pub struct ScrubVerdict {
 impl ScrubResult {
     /// The verdict on RP `seq`, if this scrub checked it and says which
     /// (a seq beyond a cut list of damaged RPs has none).
-    pub fn verdict(&self, seq: u64) -> Option<ScrubVerdict> {
+    pub fn verdict(&self, seq: RpSeq) -> Option<ScrubVerdict> {
         if seq < self.first_seq || seq > self.last_seq {
             return None;
         }
@@ -530,11 +531,11 @@ impl Catalog {
     }
 
     /// Live low-water mark of `volume` on `holder` (0 when none).
-    pub(crate) fn lwm(&self, holder: &NodeId, volume: &str) -> u64 {
+    pub(crate) fn lwm(&self, holder: &NodeId, volume: &str) -> RpSeq {
         self.holders
             .get(holder)
             .and_then(|h| h.items.get(&ItemKey::Lwm(volume.to_string())))
-            .map_or(0, |s| if let ItemValue::Lwm(b) = s.value { b } else { 0 })
+            .map_or(RpSeq(0), |s| if let ItemValue::Lwm(b) = s.value { b } else { RpSeq(0) })
     }
 }
 
@@ -558,12 +559,12 @@ mod tests {
         NodeId::from_bytes([n; 32])
     }
 
-    fn rp(vol: &str, seq: u64, version: u64) -> Item {
+    fn rp(vol: &str, seq: RpSeq, version: u64) -> Item {
         Item {
             key: ItemKey::Rp(vol.into(), seq),
             version,
             value: ItemValue::Rp(RpInfo {
-                snapshot_unix_ms: seq,
+                snapshot_unix_ms: seq.0,
                 size_bytes: 1,
                 merkle_root: crate::content::MerkleRoot([0; 32]),
                 consistency: Consistency::Crash,
@@ -572,11 +573,11 @@ mod tests {
         }
     }
 
-    fn gone(vol: &str, seq: u64, version: u64) -> Item {
+    fn gone(vol: &str, seq: RpSeq, version: u64) -> Item {
         Item { key: ItemKey::Rp(vol.into(), seq), version, value: ItemValue::RpGone { expired_unix_ms: 0 } }
     }
 
-    fn lwm(vol: &str, below: u64, version: u64) -> Item {
+    fn lwm(vol: &str, below: RpSeq, version: u64) -> Item {
         Item { key: ItemKey::Lwm(vol.into()), version, value: ItemValue::Lwm(below) }
     }
 
@@ -589,7 +590,7 @@ mod tests {
 
     #[test]
     fn merge_order_does_not_matter() {
-        let items = vec![rp("a", 1, 1), rp("a", 2, 2), gone("a", 2, 3), rp("a", 3, 4), lwm("a", 2, 5), rp("b", 9, 6)];
+        let items = vec![rp("a", RpSeq(1), 1), rp("a", RpSeq(2), 2), gone("a", RpSeq(2), 3), rp("a", RpSeq(3), 4), lwm("a", RpSeq(2), 5), rp("b", RpSeq(9), 6)];
         let mut reference = None;
         // every rotation and the reverse
         for r in 0..items.len() {
@@ -605,7 +606,7 @@ mod tests {
                     c.merge(id(1), it); // idempotent
                 }
                 let fp = fingerprint(&c);
-                assert!(!fp.iter().any(|(_, k, _)| *k == ItemKey::Rp("a".into(), 1)), "below lwm");
+                assert!(!fp.iter().any(|(_, k, _)| *k == ItemKey::Rp("a".into(), RpSeq(1))), "below lwm");
                 match &reference {
                     None => reference = Some(fp),
                     Some(r) => assert_eq!(r, &fp),
@@ -617,26 +618,26 @@ mod tests {
     #[test]
     fn tombstone_beats_live_and_lwm_blocks_return() {
         let mut c = Catalog::new(id(0));
-        c.merge(id(1), gone("a", 5, 2));
-        assert_eq!(c.merge(id(1), rp("a", 5, 9)), Merge::Stale);
-        c.merge(id(1), lwm("a", 10, 3));
-        assert_eq!(c.merge(id(1), rp("a", 7, 1)), Merge::Stale);
+        c.merge(id(1), gone("a", RpSeq(5), 2));
+        assert_eq!(c.merge(id(1), rp("a", RpSeq(5), 9)), Merge::Stale);
+        c.merge(id(1), lwm("a", RpSeq(10), 3));
+        assert_eq!(c.merge(id(1), rp("a", RpSeq(7), 1)), Merge::Stale);
         assert_eq!(c.sweep(Millis(0), 0), 0, "tombstone below the mark was already dropped");
     }
 
     #[test]
     fn contig_fills_forward() {
         let mut c = Catalog::new(id(0));
-        c.merge(id(1), rp("a", 1, 2));
+        c.merge(id(1), rp("a", RpSeq(1), 2));
         assert_eq!(c.holders[&id(1)].contig, 0);
-        c.merge(id(1), rp("a", 2, 1));
+        c.merge(id(1), rp("a", RpSeq(2), 1));
         assert_eq!(c.holders[&id(1)].contig, 2);
     }
 
     #[test]
     fn tombstones_expire() {
         let mut c = Catalog::new(id(0));
-        c.merge(id(1), gone("a", 5, 1));
+        c.merge(id(1), gone("a", RpSeq(5), 1));
         assert_eq!(c.sweep(Millis(10), 100), 0);
         assert_eq!(c.sweep(Millis(100), 100), 1);
     }

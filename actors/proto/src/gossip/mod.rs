@@ -38,6 +38,7 @@ use catalog::{
     VolumeName, BUCKETS, DRILL_CHECKS_MAX, SCRUB_DAMAGED_MAX, VOLUME_NAME_BYTES_MAX,
 };
 use crate::bandwidth::Demand;
+use crate::blob::RpSeq;
 use wire::{encode_sync, Delta, DeltaKey, DetailEntry, SyncMsg, DATAGRAM_BYTES_MAX, TAG_FOCA, TAG_SYNC};
 
 pub use crate::time::Millis;
@@ -214,7 +215,7 @@ pub struct RpView {
     /// Volume.
     pub volume: VolumeName,
     /// Sequence number.
-    pub seq: u64,
+    pub seq: RpSeq,
     /// What is known about it.
     pub info: RpInfo,
     /// What the holder's newest scrub said of it, if it checked it.
@@ -544,7 +545,7 @@ impl GossipNode {
     }
 
     /// This node committed (or updated, e.g. a drill result) RP `volume@seq`.
-    pub fn handle_local_rp(&mut self, now: Millis, volume: &str, seq: u64, mut info: RpInfo) -> Result<(), GossipError> {
+    pub fn handle_local_rp(&mut self, now: Millis, volume: &str, seq: RpSeq, mut info: RpInfo) -> Result<(), GossipError> {
         Self::check_volume(volume)?;
         if let Some(d) = info.drill.as_mut() {
             d.detail = cut_text(&d.detail);
@@ -561,7 +562,7 @@ impl GossipNode {
     /// This node deleted RP `volume@seq` out of order (a tombstone is gossiped).
     /// Prefer [`GossipNode::handle_rps_expired_below`] when retention removes
     /// the oldest RPs: it needs no tombstone.
-    pub fn handle_rp_expired(&mut self, now: Millis, volume: &str, seq: u64, expired_unix_ms: u64) -> Result<(), GossipError> {
+    pub fn handle_rp_expired(&mut self, now: Millis, volume: &str, seq: RpSeq, expired_unix_ms: u64) -> Result<(), GossipError> {
         Self::check_volume(volume)?;
         if seq < lock(&self.shared).lwm(&self.me, volume) {
             return Ok(());
@@ -571,7 +572,7 @@ impl GossipNode {
     }
 
     /// Every RP of `volume` on this node with `seq < below` is gone (retention).
-    pub fn handle_rps_expired_below(&mut self, now: Millis, volume: &str, below: u64) -> Result<(), GossipError> {
+    pub fn handle_rps_expired_below(&mut self, now: Millis, volume: &str, below: RpSeq) -> Result<(), GossipError> {
         Self::check_volume(volume)?;
         if below <= lock(&self.shared).lwm(&self.me, volume) {
             return Ok(());
@@ -717,7 +718,7 @@ impl GossipNode {
     }
 
     /// Whether the replica holds RP `volume@seq` of `holder` as live.
-    pub fn has_rp(&self, holder: &NodeId, volume: &str, seq: u64) -> bool {
+    pub fn has_rp(&self, holder: &NodeId, volume: &str, seq: RpSeq) -> bool {
         lock(&self.shared).holders.get(holder).is_some_and(|h| {
             matches!(h.items.get(&ItemKey::Rp(volume.to_string(), seq)), Some(s) if matches!(s.value, ItemValue::Rp(_)))
         })

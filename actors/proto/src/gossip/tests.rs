@@ -9,8 +9,8 @@ fn id(n: u8) -> NodeId {
     NodeId::from_bytes([n; 32])
 }
 
-fn info(seq: u64) -> RpInfo {
-    RpInfo { snapshot_unix_ms: seq, size_bytes: 10, merkle_root: crate::content::MerkleRoot([7; 32]), consistency: Consistency::Crash, drill: None }
+fn info(seq: RpSeq) -> RpInfo {
+    RpInfo { snapshot_unix_ms: seq.0, size_bytes: 10, merkle_root: crate::content::MerkleRoot([7; 32]), consistency: Consistency::Crash, drill: None }
 }
 
 /// Nodes, pending deliveries and timers; perfect links with 10 ms latency.
@@ -98,20 +98,20 @@ fn gossip_rp_reaches_everyone_and_expiry_sticks() {
     for n in 0..8 {
         assert_eq!(mesh.node(n).active_members(), 7, "node {n} membership");
     }
-    mesh.node(3).handle_local_rp(Millis(10_000), "db", 1, info(1)).unwrap();
-    mesh.node(3).handle_local_rp(Millis(10_000), "db", 2, info(2)).unwrap();
+    mesh.node(3).handle_local_rp(Millis(10_000), "db", RpSeq(1), info(RpSeq(1))).unwrap();
+    mesh.node(3).handle_local_rp(Millis(10_000), "db", RpSeq(2), info(RpSeq(2))).unwrap();
     mesh.drain();
     mesh.run_until(Millis(20_000));
     for n in 0..8 {
-        assert!(mesh.node(n).has_rp(&id(3), "db", 1), "node {n} lacks db@1");
+        assert!(mesh.node(n).has_rp(&id(3), "db", RpSeq(1)), "node {n} lacks db@1");
     }
-    mesh.node(3).handle_rps_expired_below(Millis(20_000), "db", 2).unwrap();
-    mesh.node(3).handle_rp_expired(Millis(20_000), "db", 2, 5).unwrap();
+    mesh.node(3).handle_rps_expired_below(Millis(20_000), "db", RpSeq(2)).unwrap();
+    mesh.node(3).handle_rp_expired(Millis(20_000), "db", RpSeq(2), 5).unwrap();
     mesh.drain();
     mesh.run_until(Millis(30_000));
     for n in 0..8 {
-        assert!(!mesh.node(n).has_rp(&id(3), "db", 1));
-        assert!(!mesh.node(n).has_rp(&id(3), "db", 2));
+        assert!(!mesh.node(n).has_rp(&id(3), "db", RpSeq(1)));
+        assert!(!mesh.node(n).has_rp(&id(3), "db", RpSeq(2)));
     }
 }
 
@@ -120,7 +120,7 @@ fn anti_entropy_heals_a_partition() {
     let mut mesh = Mesh::new(6);
     mesh.run_until(Millis(5_000));
     mesh.cut = vec![id(4), id(5)];
-    mesh.node(1).handle_local_rp(Millis(5_000), "v", 1, info(1)).unwrap();
+    mesh.node(1).handle_local_rp(Millis(5_000), "v", RpSeq(1), info(RpSeq(1))).unwrap();
     mesh.node(4).handle_status(
         Millis(5_000),
         NodeStatus { site: "branch".into(), software_version: "0.1".into(), topology_version: 3, topology_hash: [1; 32] },
@@ -128,11 +128,11 @@ fn anti_entropy_heals_a_partition() {
     mesh.drain();
     // Long enough for piggybacked broadcasts to be exhausted.
     mesh.run_until(Millis(600_000));
-    assert!(!mesh.node(5).has_rp(&id(1), "v", 1));
+    assert!(!mesh.node(5).has_rp(&id(1), "v", RpSeq(1)));
     mesh.cut.clear();
     mesh.run_until(Millis(900_000));
     for n in 0..6 {
-        assert!(mesh.node(n).has_rp(&id(1), "v", 1), "node {n}");
+        assert!(mesh.node(n).has_rp(&id(1), "v", RpSeq(1)), "node {n}");
         let members = mesh.node(n).members();
         if n != 4 {
             let m4 = members.iter().find(|m| m.node == id(4)).expect("member 4 known");
@@ -144,12 +144,12 @@ fn anti_entropy_heals_a_partition() {
 #[test]
 fn snapshot_round_trips() {
     let mut mesh = Mesh::new(3);
-    mesh.node(1).handle_local_rp(Millis(0), "v", 4, info(4)).unwrap();
+    mesh.node(1).handle_local_rp(Millis(0), "v", RpSeq(4), info(RpSeq(4))).unwrap();
     mesh.drain();
     mesh.run_until(Millis(5_000));
     let snap = mesh.node(2).snapshot();
     let restored = GossipNode::restore(Millis(0), id(2), 2, GossipConfig::for_cluster(3), 9, &snap).unwrap();
-    assert!(restored.has_rp(&id(1), "v", 4));
+    assert!(restored.has_rp(&id(1), "v", RpSeq(4)));
     assert!(GossipNode::restore(Millis(0), id(1), 2, GossipConfig::for_cluster(3), 9, &snap).is_err());
     assert!(GossipNode::restore(Millis(0), id(2), 2, GossipConfig::for_cluster(3), 9, b"nope").is_err());
 }
@@ -162,7 +162,7 @@ fn garbage_is_rejected_without_panic() {
     assert!(node.handle_datagram(Millis(1), id(1), &[TAG_SYNC, 0xff, 0xff]).is_err());
     let _ = node.handle_datagram(Millis(1), id(1), &[TAG_FOCA, 1, 2, 3]);
     assert!(node.handle_datagram(Millis(1), id(1), &vec![TAG_FOCA; 1300]).is_err());
-    assert!(node.handle_local_rp(Millis(1), "", 1, info(1)).is_err());
+    assert!(node.handle_local_rp(Millis(1), "", RpSeq(1), info(RpSeq(1))).is_err());
 }
 
 #[test]
@@ -192,19 +192,19 @@ fn drill_result_replaces_the_rp_entry_everywhere_and_is_cut_to_size() {
     use super::catalog::{CheckVerdict, DrillResult};
     let mut mesh = Mesh::new(5);
     mesh.run_until(Millis(5_000));
-    mesh.node(2).handle_local_rp(Millis(5_000), "db", 4, info(4)).unwrap();
+    mesh.node(2).handle_local_rp(Millis(5_000), "db", RpSeq(4), info(RpSeq(4))).unwrap();
     mesh.drain();
     mesh.run_until(Millis(10_000));
     let long = "x".repeat(5000);
     let checks = (0..20).map(|i| CheckVerdict { check: format!("check-{i}-{long}"), passed: i != 3, duration_ms: i }).collect();
-    let mut drilled = info(4);
+    let mut drilled = info(RpSeq(4));
     drilled.drill = Some(DrillResult { finished_unix_ms: 9, passed: false, verified: false, checks, software_version: long.clone(), detail: long });
-    mesh.node(2).handle_local_rp(Millis(10_000), "db", 4, drilled).unwrap();
+    mesh.node(2).handle_local_rp(Millis(10_000), "db", RpSeq(4), drilled).unwrap();
     mesh.drain();
     mesh.run_until(Millis(20_000));
     for n in 0..5 {
         let rps = mesh.node(n).rps();
-        let rp = rps.iter().find(|r| r.volume == "db" && r.seq == 4).expect("db@4 known");
+        let rp = rps.iter().find(|r| r.volume == "db" && r.seq == RpSeq(4)).expect("db@4 known");
         let d = rp.info.drill.as_ref().unwrap_or_else(|| panic!("node {n} lacks the drill result"));
         assert!(!d.passed && d.checks.len() == super::catalog::DRILL_CHECKS_MAX && d.checks[3].check.len() == 32);
         assert!(d.detail.len() <= super::catalog::TEXT_BYTES_MAX && d.software_version.len() <= super::catalog::TEXT_BYTES_MAX);
@@ -216,16 +216,16 @@ fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
     use super::catalog::{ScrubResult, SCRUB_DAMAGED_MAX};
     let mut mesh = Mesh::new(4);
     mesh.run_until(Millis(5_000));
-    for seq in [3, 4, 5, 9] {
+    for seq in [3, 4, 5, 9].map(RpSeq) {
         mesh.node(1).handle_local_rp(Millis(5_000), "db", seq, info(seq)).unwrap();
     }
-    mesh.node(2).handle_local_rp(Millis(5_000), "db", 4, info(4)).unwrap();
-    let result = ScrubResult { finished_unix_ms: 77, sample_percent: 10, first_seq: 3, last_seq: 5, damaged: vec![4], damaged_cut: false };
+    mesh.node(2).handle_local_rp(Millis(5_000), "db", RpSeq(4), info(RpSeq(4))).unwrap();
+    let result = ScrubResult { finished_unix_ms: 77, sample_percent: 10, first_seq: RpSeq(3), last_seq: RpSeq(5), damaged: vec![RpSeq(4)], damaged_cut: false };
     mesh.node(1).handle_scrub(Millis(5_000), "db", result).unwrap();
     mesh.drain();
     mesh.run_until(Millis(10_000));
     for n in 0..4 {
-        type Seen = (u64, Option<(bool, u8, u64)>);
+        type Seen = (RpSeq, Option<(bool, u8, u64)>);
         let verdicts: Vec<Seen> = mesh
             .node(n)
             .rps()
@@ -234,26 +234,26 @@ fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
             .map(|r| (r.seq, r.scrub.map(|v| (v.sound, v.sample_percent, v.finished_unix_ms))))
             .collect();
         // seq 9 came after the scrub: no verdict; the other holder's RP has none either.
-        assert_eq!(verdicts, vec![(3, Some((true, 10, 77))), (4, Some((false, 10, 77))), (5, Some((true, 10, 77))), (9, None)], "node {n}");
+        assert_eq!(verdicts, vec![(RpSeq(3), Some((true, 10, 77))), (RpSeq(4), Some((false, 10, 77))), (RpSeq(5), Some((true, 10, 77))), (RpSeq(9), None)], "node {n}");
         assert!(mesh.node(n).rps().iter().filter(|r| r.holder == id(2)).all(|r| r.scrub.is_none()), "node {n}");
     }
     // A newer scrub replaces the older one; a long damaged list is cut and says so.
-    let many = ScrubResult { finished_unix_ms: 88, sample_percent: 100, first_seq: 1, last_seq: 1000, damaged: (1..=200).rev().collect(), damaged_cut: false };
+    let many = ScrubResult { finished_unix_ms: 88, sample_percent: 100, first_seq: RpSeq(1), last_seq: RpSeq(1000), damaged: (1..=200).rev().map(RpSeq).collect(), damaged_cut: false };
     mesh.node(1).handle_scrub(Millis(10_000), "db", many).unwrap();
     mesh.drain();
     mesh.run_until(Millis(15_000));
     let rps = mesh.node(3).rps();
-    let of = |seq: u64| rps.iter().find(|r| r.holder == id(1) && r.seq == seq).and_then(|r| r.scrub);
-    assert_eq!(of(3).map(|v| (v.sound, v.finished_unix_ms)), Some((false, 88)));
+    let of = |seq: RpSeq| rps.iter().find(|r| r.holder == id(1) && r.seq == seq).and_then(|r| r.scrub);
+    assert_eq!(of(RpSeq(3)).map(|v| (v.sound, v.finished_unix_ms)), Some((false, 88)));
     // Seq 9 is listed damaged (within the first SCRUB_DAMAGED_MAX); beyond the cut nothing is claimed.
-    assert_eq!(of(9).map(|v| v.sound), Some(false));
-    let cut = ScrubResult { finished_unix_ms: 1, sample_percent: 100, first_seq: 1, last_seq: 1000, damaged: (1..=SCRUB_DAMAGED_MAX as u64).collect(), damaged_cut: true };
-    assert_eq!(cut.verdict(SCRUB_DAMAGED_MAX as u64 + 1), None);
-    assert_eq!(cut.verdict(2).map(|v| v.sound), Some(false));
-    assert_eq!(cut.verdict(1001), None);
+    assert_eq!(of(RpSeq(9)).map(|v| v.sound), Some(false));
+    let cut = ScrubResult { finished_unix_ms: 1, sample_percent: 100, first_seq: RpSeq(1), last_seq: RpSeq(1000), damaged: (1..=SCRUB_DAMAGED_MAX as u64).map(RpSeq).collect(), damaged_cut: true };
+    assert_eq!(cut.verdict(RpSeq(SCRUB_DAMAGED_MAX as u64 + 1)), None);
+    assert_eq!(cut.verdict(RpSeq(2)).map(|v| v.sound), Some(false));
+    assert_eq!(cut.verdict(RpSeq(1001)), None);
     // Bad volume names are refused; saved replicas keep the item.
     assert!(mesh.node(1).handle_scrub(Millis(15_000), "", cut.clone()).is_err());
     let snap = mesh.node(0).snapshot();
     let restored = GossipNode::restore(Millis(0), id(0), 2, GossipConfig::for_cluster(4), 9, &snap).unwrap();
-    assert_eq!(restored.rps().iter().find(|r| r.holder == id(1) && r.seq == 5).and_then(|r| r.scrub).map(|v| v.sound), Some(false));
+    assert_eq!(restored.rps().iter().find(|r| r.holder == id(1) && r.seq == RpSeq(5)).and_then(|r| r.scrub).map(|v| v.sound), Some(false));
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::blob::{BlobFlags, EncodedBlob, RpMeta};
+use crate::blob::{BlobFlags, EncodedBlob, RpMeta, RpSeq};
 use crate::content::{BlobId, ContentId};
 
 /// A changed block offered to the target.
@@ -86,7 +86,7 @@ pub enum SourceMsg {
         /// Volume name.
         volume: String,
         /// The RP the source's change set is relative to, with its Merkle root.
-        base: Option<(u64, crate::content::MerkleRoot)>,
+        base: Option<(RpSeq, crate::content::MerkleRoot)>,
         /// Whether the policy encrypts (recorded on the RP).
         encrypted: bool,
     },
@@ -110,7 +110,7 @@ pub enum TargetMsg {
     /// The cycle may start.
     Opened {
         /// Sequence number of the RP this cycle will commit.
-        seq: u64,
+        seq: RpSeq,
         /// Whether the target's newest RP is the source's base; if not, the
         /// source must offer every block, not only the changed ones.
         base_ok: bool,
@@ -128,7 +128,7 @@ pub enum TargetMsg {
     /// The RP is committed.
     Committed {
         /// Its sequence number.
-        seq: u64,
+        seq: RpSeq,
     },
     /// The cycle failed on the target; nothing was committed.
     Failed {

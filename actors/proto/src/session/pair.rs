@@ -13,7 +13,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::blob::{BlobLoc, EncodedBlob, RpMeta};
+use crate::blob::{BlobLoc, EncodedBlob, RpMeta, RpSeq};
 use crate::codec::{page_hashes, BlockCodec};
 use crate::content::{BlobId, ContentId};
 use crate::time::Millis;
@@ -44,7 +44,7 @@ pub fn topology(keep_last: u32) -> Arc<Topology> {
 pub fn meta(volume: &str) -> RpMeta {
     RpMeta {
         volume: volume.into(),
-        seq: 0,
+        seq: RpSeq(0),
         time_unix_ms: 1,
         source_node: "src".into(),
         volume_bytes: 0,
@@ -109,9 +109,9 @@ pub struct Pair {
     /// Blobs that crossed the wire.
     pub blobs_sent: usize,
     /// How the source ended: `Ok(seq)` or `Err(reason)`.
-    pub source_end: Option<Result<u64, String>>,
+    pub source_end: Option<Result<RpSeq, String>>,
     /// How the target ended.
-    pub target_end: Option<Result<u64, String>>,
+    pub target_end: Option<Result<RpSeq, String>>,
     /// What the target announced.
     pub announced: Vec<Announcement>,
     /// Violations seen from outside (empty when every promise held).
@@ -267,7 +267,7 @@ impl Pair {
                 TargetEvent::Prune { retention, .. } => {
                     let keep = retention.keep_last.max(1) as usize;
                     let n = self.store.rps.len();
-                    let pruned: Vec<u64> = self.store.rps.drain(..n.saturating_sub(keep)).map(|(m, _)| m.seq).collect();
+                    let pruned: Vec<RpSeq> = self.store.rps.drain(..n.saturating_sub(keep)).map(|(m, _)| m.seq).collect();
                     self.tgt.handle_pruned(pruned);
                 }
                 TargetEvent::Announce(a) => self.announced.push(a),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::msg::{OfferEntry, SourceMsg, TargetMsg, Want};
 use super::{inflight_window, MAX_PENDING_BYTES, MIN_INFLIGHT_BYTES, MIN_PENDING_BLOCKS, OFFER_BATCH};
-use crate::blob::{BlobFlags, EncodedBlob, RpMeta};
+use crate::blob::{BlobFlags, EncodedBlob, RpMeta, RpSeq};
 use crate::codec::MAX_DELTA_DEPTH;
 use crate::content::BlobId;
 
@@ -35,7 +35,7 @@ pub enum SourceEvent {
     /// The RP is committed: advance the baseline.
     Committed {
         /// Its sequence number.
-        seq: u64,
+        seq: RpSeq,
     },
     /// The cycle failed; keep the old baseline.
     Failed {
@@ -77,7 +77,7 @@ enum SourceState {
 pub struct SourceSession {
     state: SourceState,
     /// The sequence number `Opened` assigned (`None` until it arrives).
-    seq: Option<u64>,
+    seq: Option<RpSeq>,
     batch: Vec<OfferEntry>,
     unanswered: VecDeque<Vec<OfferEntry>>,
     /// Blocks held by the driver: read and not yet released or stored.
@@ -108,7 +108,7 @@ impl SourceSession {
     /// With no base the cycle offers every block whatever the target
     /// answers, so it starts at once (`Start` is the first event) instead of
     /// after `Opened`'s round trip.
-    pub fn new(volume: &str, base: Option<(u64, crate::content::MerkleRoot)>, encrypted: bool, block_bytes: u32) -> Self {
+    pub fn new(volume: &str, base: Option<(RpSeq, crate::content::MerkleRoot)>, encrypted: bool, block_bytes: u32) -> Self {
         let mut outbox = VecDeque::new();
         outbox.push_back(SourceMsg::Open { volume: volume.to_string(), base, encrypted });
         let mut events = VecDeque::new();

@@ -16,7 +16,7 @@ use std::time::Duration;
 use drmesh_topology::{NodeId, Retention, Topology};
 
 use super::msg::{OfferEntry, SourceMsg, TargetMsg, Want};
-use crate::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta};
+use crate::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq};
 use crate::codec::MAX_DELTA_DEPTH;
 use crate::content::{BlobId, ContentId};
 use crate::time::Millis;
@@ -55,7 +55,7 @@ pub enum Announcement {
         /// The volume.
         volume: String,
         /// Their sequence numbers.
-        seqs: Vec<u64>,
+        seqs: Vec<RpSeq>,
     },
 }
 
@@ -106,7 +106,7 @@ pub enum TargetEvent {
     /// committed, `Err(reason)` when not (nothing of it was committed).
     Finished {
         /// The outcome.
-        outcome: Result<u64, String>,
+        outcome: Result<RpSeq, String>,
     },
 }
 
@@ -135,7 +135,7 @@ struct Opened {
     source_name: String,
     encrypted: bool,
     retention: Option<Retention>,
-    seq: u64,
+    seq: RpSeq,
 }
 
 /// Target half of a session.
@@ -161,7 +161,7 @@ pub struct TargetSession {
     written_bytes: u64,
     last_input: Millis,
     commit: Option<RpMeta>,
-    pruned: Vec<u64>,
+    pruned: Vec<RpSeq>,
     outbox: VecDeque<TargetMsg>,
     events: VecDeque<TargetEvent>,
 }
@@ -249,7 +249,7 @@ impl TargetSession {
     }
 
     /// The newest RP of the volume here (seq and Merkle root), or the store's error.
-    pub fn handle_newest(&mut self, newest: Result<Option<(u64, crate::content::MerkleRoot)>, String>) {
+    pub fn handle_newest(&mut self, newest: Result<Option<(RpSeq, crate::content::MerkleRoot)>, String>) {
         if self.state != State::Opening {
             return;
         }
@@ -260,7 +260,7 @@ impl TargetSession {
         let Some(SourceMsg::Open { base, .. }) = self.inbox.pop_front() else {
             return self.end(Err("internal: Open lost".into()), true);
         };
-        let seq = newest.map_or(1, |(s, _)| s + 1);
+        let seq = newest.map_or(RpSeq::FIRST, |(s, _)| s.next());
         if let Some(o) = self.opened.as_mut() {
             o.seq = seq;
         }
@@ -329,7 +329,7 @@ impl TargetSession {
 
     /// Retention ran and expired these RPs. (A failed retention is the
     /// driver's to log; it reports none pruned: the commit stands.)
-    pub fn handle_pruned(&mut self, seqs: Vec<u64>) {
+    pub fn handle_pruned(&mut self, seqs: Vec<RpSeq>) {
         if self.state != State::Pruning {
             return;
         }
@@ -353,7 +353,7 @@ impl TargetSession {
     }
 
     /// Ends the session; with `tell`, the source hears why.
-    fn end(&mut self, outcome: Result<u64, String>, tell: bool) {
+    fn end(&mut self, outcome: Result<RpSeq, String>, tell: bool) {
         if self.is_finished() {
             return;
         }
@@ -497,7 +497,7 @@ impl TargetSession {
             source_name: peer_name,
             encrypted,
             retention: t.policies.get(&vol.policy).map(|p| p.retention),
-            seq: 0,
+            seq: RpSeq(0),
         })
     }
 

@@ -1,6 +1,6 @@
 use super::pair::{meta, node, topology, Faults, Pair};
 use super::*;
-use crate::blob::{BlobFlags, BlobLoc, EncodedBlob};
+use crate::blob::{BlobFlags, BlobLoc, EncodedBlob, RpSeq};
 use crate::codec::{page_hashes, BlockCodec};
 use crate::content::{BlobId, ContentId, MerkleRoot};
 use crate::time::Millis;
@@ -8,21 +8,21 @@ use crate::time::Millis;
 #[test]
 fn cancel_fails_a_streaming_cycle_but_not_a_committing_one() {
     let mut src = SourceSession::new("vol", None, false, 4096);
-    src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+    src.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     while src.poll_event().is_some() {}
     assert!(src.handle_cancel("paused".into()));
     assert_eq!(src.poll_event(), Some(SourceEvent::Failed { reason: "paused".into() }));
 
     // Nothing changed: the commit goes out at once; a cancel after that is refused.
     let mut src = SourceSession::new("vol", None, false, 4096);
-    src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+    src.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     src.handle_reader_done(meta("vol"));
     while src.poll_transmit().is_some() {}
     while src.poll_event().is_some() {}
     assert!(!src.handle_cancel("paused".into()));
     assert_eq!(src.poll_event(), None);
-    src.handle_message(TargetMsg::Committed { seq: 1 });
-    assert_eq!(src.poll_event(), Some(SourceEvent::Committed { seq: 1 }));
+    src.handle_message(TargetMsg::Committed { seq: RpSeq(1) });
+    assert_eq!(src.poll_event(), Some(SourceEvent::Committed { seq: RpSeq(1) }));
 }
 
 /// A target decodes whatever a (listed but buggy or hostile) source sends:
@@ -34,7 +34,7 @@ fn session_frames_from_peers_decode_or_fail_cleanly() {
     let data = vec![7u8; 8192];
     let id = codec.ids().content_id(&data);
     let samples = vec![
-        SourceMsg::Open { volume: "v".into(), base: Some((3, MerkleRoot([1; 32]))), encrypted: true },
+        SourceMsg::Open { volume: "v".into(), base: Some((RpSeq(3), MerkleRoot([1; 32]))), encrypted: true },
         SourceMsg::Offer { entries: vec![OfferEntry { index: 9, content: id, base: Some(ContentId([2; 32])) }; 5] },
         SourceMsg::Blob(codec.encode_full(id, &data).into()),
         SourceMsg::Commit { meta: meta("v") },
@@ -91,25 +91,25 @@ fn an_initial_sync_saves_the_round_trips_it_can() {
     src.handle_encoded(0, blob);
     assert!(matches!(src.poll_transmit(), Some(SourceMsg::Blob(_))));
     assert_eq!(src.poll_transmit(), None, "no commit before Opened gave the seq");
-    src.handle_message(TargetMsg::Opened { seq: 9, base_ok: false });
-    assert!(matches!(src.poll_transmit(), Some(SourceMsg::Commit { meta }) if meta.seq == 9), "commit before Stored");
+    src.handle_message(TargetMsg::Opened { seq: RpSeq(9), base_ok: false });
+    assert!(matches!(src.poll_transmit(), Some(SourceMsg::Commit { meta }) if meta.seq == RpSeq(9)), "commit before Stored");
     let mut early = SourceSession::new("vol", None, false, 4096);
-    early.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+    early.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     early.handle_block(OfferEntry { index: 0, content, base: None }, 4096);
     early.handle_reader_done(meta("vol"));
     early.handle_message(TargetMsg::Answer { wants: vec![Want::Full] });
     early.handle_encoded(0, codec.encode_full(content, &data));
-    early.handle_message(TargetMsg::Committed { seq: 1 });
+    early.handle_message(TargetMsg::Committed { seq: RpSeq(1) });
     assert!(early.is_finished());
     assert!(std::iter::from_fn(|| early.poll_event()).any(|e| matches!(e, SourceEvent::Failed { reason } if reason.contains("without acknowledging"))));
     src.handle_message(TargetMsg::Stored { blobs: vec![id] });
-    src.handle_message(TargetMsg::Committed { seq: 9 });
-    assert!(std::iter::from_fn(|| src.poll_event()).any(|e| e == SourceEvent::Committed { seq: 9 }));
+    src.handle_message(TargetMsg::Committed { seq: RpSeq(9) });
+    assert!(std::iter::from_fn(|| src.poll_event()).any(|e| e == SourceEvent::Committed { seq: RpSeq(9) }));
 }
 
 #[test]
 fn source_fails_cleanly_on_disconnect_and_bad_answers() {
-    let mut src = SourceSession::new("v", Some((1, MerkleRoot([1; 32]))), false, 1 << 20);
+    let mut src = SourceSession::new("v", Some((RpSeq(1), MerkleRoot([1; 32]))), false, 1 << 20);
     src.poll_transmit();
     src.handle_message(TargetMsg::Answer { wants: vec![] });
     assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer before Opened");
@@ -118,7 +118,7 @@ fn source_fails_cleanly_on_disconnect_and_bad_answers() {
     assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));
     assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer to no offer");
     let mut src = SourceSession::new("v", None, false, 1 << 20);
-    src.handle_message(TargetMsg::Opened { seq: 1, base_ok: false });
+    src.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     src.handle_disconnect("reset".into());
     assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));
     assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { reason }) if reason.contains("reset")));
@@ -129,7 +129,7 @@ fn source_fails_cleanly_on_disconnect_and_bad_answers() {
 #[test]
 fn a_connection_lost_before_the_target_answered_can_be_retried() {
     // With a base (Opening) and without one (streaming at once, offers out).
-    for base in [Some((1, MerkleRoot([1; 32]))), None] {
+    for base in [Some((RpSeq(1), MerkleRoot([1; 32]))), None] {
         let mut src = SourceSession::new("v", base, false, 4096);
         while src.poll_transmit().is_some() {}
         while src.poll_event().is_some() {}
@@ -138,13 +138,13 @@ fn a_connection_lost_before_the_target_answered_can_be_retried() {
         assert!(src.lost_before_answer(), "base {base:?}");
     }
     // A failure for another reason first, then the loss: not a lost connection's failure.
-    let mut src = SourceSession::new("v", Some((1, MerkleRoot([1; 32]))), false, 4096);
+    let mut src = SourceSession::new("v", Some((RpSeq(1), MerkleRoot([1; 32]))), false, 4096);
     assert!(src.handle_cancel("paused".into()));
     src.handle_disconnect("reset".into());
     assert!(!src.lost_before_answer());
     // The target answered, then the connection went: the cycle is not started over.
-    let mut src = SourceSession::new("v", Some((1, MerkleRoot([1; 32]))), false, 4096);
-    src.handle_message(TargetMsg::Opened { seq: 2, base_ok: true });
+    let mut src = SourceSession::new("v", Some((RpSeq(1), MerkleRoot([1; 32]))), false, 4096);
+    src.handle_message(TargetMsg::Opened { seq: RpSeq(2), base_ok: true });
     src.handle_disconnect("reset".into());
     assert!(!src.lost_before_answer());
 }
@@ -158,14 +158,14 @@ fn only_missing_blocks_travel_and_commit_follows_durable_acks() {
     let mut pair = Pair::new(1, blocks, &stored, Faults { max_latency_ms: 5, max_write_ms: 4, ..Faults::default() }, topology(24));
     pair.run();
     assert_eq!(pair.check(), Vec::<String>::new());
-    assert_eq!(pair.source_end, Some(Ok(1)));
+    assert_eq!(pair.source_end, Some(Ok(RpSeq(1))));
     assert_eq!(pair.blobs_sent, 150);
     assert_eq!(pair.src.stats().offered_blocks, 300);
     assert_eq!(pair.src.stats().full_blocks, 150);
     let (rp, map) = &pair.store.rps[0];
     assert_eq!((rp.volume.as_str(), rp.source_node.as_str(), map.len()), ("vol", "src", 300));
     assert!(rp.bytes_stored > 0, "bytes_stored is what the batches wrote");
-    assert!(matches!(&pair.announced[..], [Announcement::Committed(m)] if m.seq == 1));
+    assert!(matches!(&pair.announced[..], [Announcement::Committed(m)] if m.seq == RpSeq(1)));
 }
 
 /// Many seeds of latency and write timing, some with a failed batch write or a
@@ -204,17 +204,17 @@ fn retention_runs_before_committed_and_is_announced() {
     let block = vec![vec![9u8; 4096]];
     let mut first = Pair::new(3, block.clone(), &[], Faults::default(), topo.clone());
     first.run();
-    assert_eq!(first.source_end, Some(Ok(1)), "{:?} {:?}", first.target_end, first.store.rps);
+    assert_eq!(first.source_end, Some(Ok(RpSeq(1))), "{:?} {:?}", first.target_end, first.store.rps);
     // A second session on the same store: RP 2 commits, RP 1 expires (keep_last 1).
     let mut second = Pair::new(4, vec![vec![8u8; 4096]], &[], Faults::default(), topo);
     second.store = std::mem::take(&mut first.store);
     second.run();
-    assert_eq!(second.source_end, Some(Ok(2)));
-    assert_eq!(second.store.rps.iter().map(|(m, _)| m.seq).collect::<Vec<_>>(), vec![2]);
-    assert!(second.announced.contains(&Announcement::Pruned { volume: "vol".into(), seqs: vec![1] }), "{:?}", second.announced);
+    assert_eq!(second.source_end, Some(Ok(RpSeq(2))));
+    assert_eq!(second.store.rps.iter().map(|(m, _)| m.seq).collect::<Vec<_>>(), vec![RpSeq(2)]);
+    assert!(second.announced.contains(&Announcement::Pruned { volume: "vol".into(), seqs: vec![RpSeq(1)] }), "{:?}", second.announced);
 }
 
-fn open(tgt: &mut TargetSession, base: Option<(u64, MerkleRoot)>, newest: Option<(u64, MerkleRoot)>) -> TargetMsg {
+fn open(tgt: &mut TargetSession, base: Option<(RpSeq, MerkleRoot)>, newest: Option<(RpSeq, MerkleRoot)>) -> TargetMsg {
     tgt.handle_message(Millis(0), SourceMsg::Open { volume: "vol".into(), base, encrypted: false });
     assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: "vol".into() }));
     tgt.handle_newest(Ok(newest));
@@ -251,8 +251,8 @@ fn offers_behind_open_wait_for_the_newest_rp() {
     tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: ContentId([1; 32]), base: None }] });
     assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: "vol".into() }));
     assert_eq!(tgt.poll_event(), None, "no lookup before Opened");
-    tgt.handle_newest(Ok(Some((4, MerkleRoot([2; 32])))));
-    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Opened { seq: 5, base_ok: false }));
+    tgt.handle_newest(Ok(Some((RpSeq(4), MerkleRoot([2; 32])))));
+    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Opened { seq: RpSeq(5), base_ok: false }));
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Lookup { contents, .. }) if contents == vec![ContentId([1; 32])]));
     tgt.handle_lookup(Ok((vec![None], vec![None])));
     assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Answer { wants: vec![Want::Full] }));
@@ -271,7 +271,7 @@ fn target_asks_for_deltas_and_checks_what_arrives() {
     let delta = codec.encode_delta(new_id, &new, &nh, old_id, 0, &oh).expect("a delta");
     let session = || {
         let mut tgt = TargetSession::new(topology(24), node(2), node(1));
-        assert_eq!(open(&mut tgt, Some((3, MerkleRoot([1; 32]))), Some((3, MerkleRoot([1; 32])))), TargetMsg::Opened { seq: 4, base_ok: true });
+        assert_eq!(open(&mut tgt, Some((RpSeq(3), MerkleRoot([1; 32]))), Some((RpSeq(3), MerkleRoot([1; 32])))), TargetMsg::Opened { seq: RpSeq(4), base_ok: true });
         tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: new_id, base: Some(old_id) }] });
         assert!(matches!(tgt.poll_event(), Some(TargetEvent::Lookup { bases, .. }) if bases == vec![old_id]));
         tgt.handle_lookup(Ok((vec![None], vec![Some(BlobLoc { blob: old_id, depth: 0 })])));
@@ -294,31 +294,31 @@ fn target_asks_for_deltas_and_checks_what_arrives() {
     tgt.handle_message(Millis(1), SourceMsg::Blob(delta.clone().into()));
     assert_eq!(tgt.poll_timeout(), Some(Millis(1).after(BATCH_IDLE)));
     let mut m = meta("ignored");
-    m.seq = 4;
+    m.seq = RpSeq(4);
     tgt.handle_message(Millis(2), SourceMsg::Commit { meta: m });
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Write { batch: 0, blobs }) if blobs == vec![delta.clone()]));
     assert_eq!(tgt.poll_event(), None, "no commit before the batch is durable");
     tgt.handle_written(0, Ok(100));
     assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Stored { blobs: vec![delta.id] }));
     let Some(TargetEvent::Commit { meta }) = tgt.poll_event() else { panic!("commit asked for") };
-    assert_eq!((meta.volume.as_str(), meta.source_node.as_str(), meta.bytes_stored, meta.seq), ("vol", "src", 100, 4));
+    assert_eq!((meta.volume.as_str(), meta.source_node.as_str(), meta.bytes_stored, meta.seq), ("vol", "src", 100, RpSeq(4)));
     assert_eq!(tgt.poll_transmit(), None, "Committed only after the store committed");
     tgt.handle_committed(Ok(()));
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Prune { .. })));
     assert_eq!(tgt.poll_transmit(), None, "Committed only after retention");
     tgt.handle_pruned(vec![]);
-    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Committed { seq: 4 }));
+    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Committed { seq: RpSeq(4) }));
 }
 
 #[test]
 fn commit_is_refused_until_every_wanted_block_arrived() {
     let mut tgt = TargetSession::new(topology(24), node(2), node(1));
-    open(&mut tgt, None, Some((9, MerkleRoot([0; 32]))));
+    open(&mut tgt, None, Some((RpSeq(9), MerkleRoot([0; 32]))));
     tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: ContentId([3; 32]), base: None }] });
     let _lookup = tgt.poll_event();
     tgt.handle_lookup(Ok((vec![None], vec![None])));
     let mut m = meta("vol");
-    m.seq = 10;
+    m.seq = RpSeq(10);
     tgt.handle_message(Millis(0), SourceMsg::Commit { meta: m });
     let _answer = tgt.poll_transmit();
     assert!(matches!(tgt.poll_transmit(), Some(TargetMsg::Failed { reason }) if reason.contains("1 wanted blocks never arrived")));
@@ -359,7 +359,7 @@ fn a_message_after_commit_does_not_fail_a_commit_in_flight() {
     let mut tgt = TargetSession::new(topology(24), node(2), node(1));
     open(&mut tgt, None, None);
     let mut m = meta("vol");
-    m.seq = 1;
+    m.seq = RpSeq(1);
     tgt.handle_message(Millis(0), SourceMsg::Commit { meta: m.clone() });
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Commit { .. })));
     tgt.handle_message(Millis(1), SourceMsg::Offer { entries: vec![] });
@@ -367,7 +367,7 @@ fn a_message_after_commit_does_not_fail_a_commit_in_flight() {
     tgt.handle_committed(Ok(()));
     assert!(matches!(tgt.poll_event(), Some(TargetEvent::Prune { .. })));
     tgt.handle_pruned(vec![]);
-    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Committed { seq: 1 }));
+    assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Committed { seq: RpSeq(1) }));
     assert!(std::iter::from_fn(|| tgt.poll_event()).any(|e| matches!(e, TargetEvent::Announce(Announcement::Committed(_)))));
 
     // Before the commit is asked for (a batch still being written), it is a protocol error.
