@@ -8,8 +8,8 @@
 //! others, so every arena ends up holding part of a sync's peak. With two
 //! arenas, `scripts/bench-sizes` measured a 16 GiB volume's target at 162 MiB
 //! peak and 126 MiB idle instead of 218 and 181, and the source at 213 MiB
-//! instead of 244, with no loss of throughput (docs/performance.md, "Memory at
-//! volume sizes").
+//! instead of 244, with sync times within the machine's run-to-run spread
+//! (docs/performance.md, "Memory at volume sizes").
 
 /// Arenas glibc may create when the environment does not say otherwise.
 pub const MALLOC_ARENAS: i32 = 2;
