@@ -16,13 +16,13 @@ use drmesh_transport::wire::{StreamHeader, StreamKind, MAX_DATA_FRAME_BYTES};
 use crate::actor::pacing::LinkPacers;
 use crate::content::ContentId;
 use crate::proto::session::WireBlob;
-use crate::store::{EncodedBlob, RpMeta, Store};
+use crate::store::{EncodedBlob, ReadStore, RpMeta, StoreError};
 
 /// Largest fetch reply: a delta chain of full depth over the largest block.
 pub const MAX_REPLY_BYTES: usize = MAX_DATA_FRAME_BYTES * 10;
 pub use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 
-fn chain(store: &Store, content: &ContentId) -> Result<Vec<WireBlob>, String> {
+fn chain(store: &dyn ReadStore, content: &ContentId) -> Result<Vec<WireBlob>, StoreError> {
     crate::store::blob_chain(store, content).map(|blobs| blobs.into_iter().map(Into::into).collect())
 }
 
@@ -39,7 +39,7 @@ enum Pending {
 /// Serves one fetch stream opened by `peer`; blob chains are sent no faster
 /// than `links` lets this node send to `peer`. Up to [`SERVE_AHEAD`] requests
 /// are read from the store at once, so disk reads overlap the sending.
-pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPacers>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+pub async fn serve(store: Arc<dyn ReadStore>, topology: Arc<Topology>, links: Arc<LinkPacers>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let peer_name = topology.node_by_id(&peer).map(|n| n.name.clone()).unwrap_or_default();
     let (req_tx, mut req_rx) = tokio::sync::mpsc::channel::<FetchRequest>(SERVE_AHEAD);
     // Frames are read by a task of their own: a read is never cancelled half-way.
@@ -86,7 +86,7 @@ pub async fn serve(store: Arc<Store>, topology: Arc<Topology>, links: Arc<LinkPa
 
 /// Starts the reply to `request`: an RP lookup is done at once (later requests
 /// depend on it), block ids and blob chains are read on the blocking pool.
-async fn start_reply(request: FetchRequest, store: &Arc<Store>, topology: &Topology, peer_name: &str, current: &mut Option<RpMeta>) -> Pending {
+async fn start_reply(request: FetchRequest, store: &Arc<dyn ReadStore>, topology: &Topology, peer_name: &str, current: &mut Option<RpMeta>) -> Pending {
     let store2 = store.clone();
     match request {
         FetchRequest::Rp { volume, seq } => {
@@ -123,9 +123,9 @@ async fn start_reply(request: FetchRequest, store: &Arc<Store>, topology: &Topol
             if current.is_none() {
                 Pending::Ready(FetchReply::Error("ask for an RP first".into()))
             } else {
-                Pending::Reading(tokio::task::spawn_blocking(move || match chain(&store2, &content) {
+                Pending::Reading(tokio::task::spawn_blocking(move || match chain(store2.as_ref(), &content) {
                     Ok(c) => FetchReply::Chain(c),
-                    Err(e) => FetchReply::Error(e),
+                    Err(e) => FetchReply::Error(e.to_string()),
                 }))
             }
         }

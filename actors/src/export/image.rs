@@ -18,7 +18,7 @@ use super::fetcher::{Connect, Fetcher};
 use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
 use crate::restore::{blob_chain, decode_into, RestoreError, RpSource};
-use crate::store::{RpMeta, RpSeq, Store};
+use crate::store::{ReadStore, RpMeta, RpSeq};
 
 /// Decoded blocks kept by default.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
@@ -41,7 +41,7 @@ pub struct BlockFault {
 
 /// Where blocks come from.
 enum Blocks {
-    Local(Arc<Store>),
+    Local(Arc<dyn ReadStore>),
     Remote(Fetcher),
 }
 
@@ -191,7 +191,7 @@ impl RpImage {
         let chain = match &self.blocks {
             Blocks::Local(store) => {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || blob_chain(&store, &content)).await.map_err(|e| fault(e.to_string()))?
+                tokio::task::spawn_blocking(move || blob_chain(store.as_ref(), &content).map_err(|e| e.to_string())).await.map_err(|e| fault(e.to_string()))?
             }
             Blocks::Remote(fetcher) => fetcher.chain(content).await,
         }

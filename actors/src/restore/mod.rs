@@ -35,7 +35,7 @@ use crate::actor::fetch::FetchClient;
 use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
-use crate::store::{EncodedBlob, RpMeta, RpSeq, Store, StoreError};
+use crate::store::{EncodedBlob, ReadStore, RpMeta, RpSeq, StoreError};
 
 pub use self::dest::{Protected, Rules};
 pub use self::journal::Journal;
@@ -105,7 +105,7 @@ pub enum RestoreError {
 /// Where the RP's blocks come from.
 pub enum RpSource {
     /// A store on this machine: the node's own, or one opened read-only.
-    Local(Arc<Store>),
+    Local(Arc<dyn ReadStore>),
     /// A peer, over a fetch stream.
     Remote(FetchClient),
 }
@@ -376,5 +376,88 @@ fn incomplete(destination: Option<&dest::Destination>, cause: RestoreError) -> R
     match destination {
         Some(d) if d.is_device() => RestoreError::Incomplete { path: d.path().to_path_buf(), cause: Box::new(cause) },
         _ => cause,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Restore reads through the store seam: an RP held by the in-memory store
+    //! restores and verifies like one held by the local store.
+
+    use super::*;
+    use crate::content::page_hashes;
+    use crate::store::{MemoryStore, SessionStore};
+
+    const BLOCK: usize = 16384;
+
+    fn meta(block_count: u64, merkle_root: crate::content::MerkleRoot) -> RpMeta {
+        RpMeta {
+            volume: "vol".into(),
+            seq: RpSeq(1),
+            time_unix_ms: 1,
+            source_node: "src".into(),
+            volume_bytes: block_count * BLOCK as u64,
+            block_bytes: BLOCK as u32,
+            block_count,
+            changed_blocks: block_count,
+            bytes_stored: 0,
+            merkle_root,
+            encrypted: false,
+            consistency: "crash".into(),
+        }
+    }
+
+    /// A memory store holding `vol@1`: a full block, a zero block, and a delta
+    /// over the first. Returns the store and the image the RP is.
+    fn memory_rp(codec: &BlockCodec, merkle_root: Option<crate::content::MerkleRoot>) -> (MemoryStore, Vec<u8>) {
+        let first: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8).collect();
+        let mut third = first.clone();
+        third[5000..5100].fill(7);
+        let (c1, c3) = (codec.ids().content_id(&first), codec.ids().content_id(&third));
+        let full = codec.encode_full(c1, &first);
+        let (mut pages1, mut pages3) = (Vec::new(), Vec::new());
+        page_hashes(&first, &mut pages1);
+        page_hashes(&third, &mut pages3);
+        let delta = codec.encode_delta(c3, &third, &pages3, full.id, full.depth, &pages1).expect("one changed page makes a delta");
+        let store = MemoryStore::new();
+        store.put_blobs(1, &[full, delta]).expect("put");
+        store.stage(1, "vol", &[(0, c1), (1, ContentId::ZERO), (2, c3)]).expect("stage");
+        let mut merkle = MerkleBuilder::new();
+        for c in [c1, ContentId::ZERO, c3] {
+            merkle.push(&c);
+        }
+        store.commit_rp(1, &meta(3, merkle_root.unwrap_or_else(|| merkle.finish()))).expect("commit");
+        store.release_session(1);
+        (store, [first, vec![0; BLOCK], third].concat())
+    }
+
+    #[tokio::test]
+    async fn an_rp_in_the_memory_store_restores_and_verifies() {
+        let codec = BlockCodec::new(Some(1), None);
+        let (store, image) = memory_rp(&codec, None);
+        let mut source = RpSource::Local(Arc::new(store));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = Target { path: dir.path().join("vol.img"), rules: Rules::default(), journal: None };
+        let progress = Arc::new(Progress::default());
+        let report = restore(&mut source, "vol", None, &codec, Some(&target), &progress).await.expect("restore");
+        assert_eq!(std::fs::read(&target.path).expect("read the image"), image);
+        assert_eq!((report.blocks, report.zero_blocks, report.blobs_read), (3, 1, 3), "the delta's chain is read with its base");
+        assert_eq!(progress.snapshot().phase, "done");
+        let verified = restore(&mut source, "vol", Some(RpSeq(1)), &codec, None, &progress).await.expect("verify");
+        assert_eq!(verified.output, None);
+        let missing = restore(&mut source, "vol", Some(RpSeq(2)), &codec, None, &progress).await.expect_err("no RP 2");
+        assert!(matches!(missing, RestoreError::NoSuchRp(_)), "{missing}");
+    }
+
+    #[tokio::test]
+    async fn a_block_map_that_does_not_match_its_root_is_refused_before_any_write() {
+        let codec = BlockCodec::new(Some(1), None);
+        let (store, _) = memory_rp(&codec, Some(crate::content::MerkleRoot([9; 32])));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = Target { path: dir.path().join("vol.img"), rules: Rules::default(), journal: None };
+        let refused = restore(&mut RpSource::Local(Arc::new(store)), "vol", None, &codec, Some(&target), &Arc::new(Progress::default())).await.expect_err("wrong root");
+        assert!(matches!(refused, RestoreError::Merkle { .. }), "{refused}");
+        assert!(!target.path.exists(), "nothing is left at the destination");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0, "no temporary file is left either");
     }
 }

@@ -23,7 +23,7 @@ use crate::actor::fetch::FetchClient;
 use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::ContentId;
-use crate::store::{EncodedBlob, RpMeta, Store};
+use crate::store::{EncodedBlob, ReadStore, RpMeta};
 
 /// Blob-chain requests a remote restore keeps in flight.
 const FETCH_WINDOW: usize = 32;
@@ -78,7 +78,7 @@ pub struct Counts {
 struct Shared {
     meta: RpMeta,
     codec: BlockCodec,
-    store: Option<Arc<Store>>,
+    store: Option<Arc<dyn ReadStore>>,
     destination: Option<Arc<Destination>>,
     progress: Arc<Progress>,
     failed: AtomicBool,
@@ -104,7 +104,7 @@ impl Shared {
     fn decode(&self, index: u64, content: ContentId, fetched: Option<Result<Vec<EncodedBlob>, String>>, mut buf: AlignedBuf, payload: &mut Vec<u8>) -> Result<Write, (RestoreError, AlignedBuf)> {
         let chain = match (fetched, &self.store) {
             (Some(chain), _) => chain,
-            (None, Some(store)) => blob_chain_into(store, &content, std::mem::take(payload)),
+            (None, Some(store)) => blob_chain_into(store.as_ref(), &content, std::mem::take(payload)).map_err(|e| e.to_string()),
             (None, None) => Err("no local store".into()),
         };
         let mut chain = match chain {
@@ -277,7 +277,7 @@ fn stopped() -> RestoreError {
     RestoreError::Fetch("the restore workers stopped".into())
 }
 
-async fn produce_local(store: Arc<Store>, meta: &RpMeta, tx: &mpsc::Sender<Job>) -> Result<(), RestoreError> {
+async fn produce_local(store: Arc<dyn ReadStore>, meta: &RpMeta, tx: &mpsc::Sender<Job>) -> Result<(), RestoreError> {
     let mut start = 0;
     while start < meta.block_count {
         let count = (meta.block_count - start).min(IDS_PER_REQUEST);

@@ -110,6 +110,20 @@ pub enum StoreError {
         /// What is wrong.
         cause: String,
     },
+    /// No blob here materializes a content an RP references (read side; nothing changed).
+    #[error("no blob holds content {content} (missing from the store: run `drmesh store check`)")]
+    ContentNotFound {
+        /// Hex content id.
+        content: String,
+    },
+    /// A delta chain is longer than any the store writes: its blobs are inconsistent.
+    #[error("the delta chain of content {content} does not end after {blobs} blobs (run `drmesh store check`)")]
+    ChainTooLong {
+        /// Hex content id.
+        content: String,
+        /// Blobs read before giving up.
+        blobs: usize,
+    },
     /// No such RP.
     #[error("no RP {rp}")]
     RpNotFound {

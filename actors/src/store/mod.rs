@@ -95,7 +95,7 @@ use serde::{Deserialize, Serialize};
 pub use self::blob_file::{encode_header as encode_blob_header, parse_header as parse_blob_header, Header as BlobHeader, HEADER_BYTES as BLOB_HEADER_BYTES, MAGIC as BLOB_MAGIC};
 use self::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, SCRUBS, STAGED, VOLUMES};
 use self::error::{catalog_error, io_error, open_error};
-pub use self::backend::{MemoryStore, SessionStore};
+pub use self::backend::{MemoryStore, ReadStore, SessionStore};
 pub use self::chain::{blob_chain, blob_chain_into};
 pub use self::error::{is_no_space, StoreError};
 pub use self::check::{check, CheckReport, MAX_FINDINGS as CHECK_MAX_FINDINGS};
