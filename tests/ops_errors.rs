@@ -1,6 +1,7 @@
 //! Story: an operator makes the usual mistakes and gets clear errors that say
 //! what and where, and nothing already set up is lost.
 
+use std::io::{BufRead, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -204,4 +205,19 @@ fn verify_of_an_rp_that_does_not_exist_says_what_this_node_holds() {
     // --from naming the node itself: only its own store is looked at.
     let err = restore_result(&mesh.verify("b2", "v2@999", Some("b2"))).expect_err("verify --from b2 of an RP that does not exist succeeded");
     assert!(err.contains("no such RP here") && !err.contains("b2") && !err.contains("b1"), "{err}");
+
+    // A volume name outside the rule is refused where it comes in, saying the rule:
+    // by `drmesh ctl` before it asks the node, and by the admin socket itself.
+    let out = mesh.ctl("src", &["sync-now", "../v2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("bad volume name \"../v2\": '.' at character 1; expected lower-case letters"), "{}", stderr(&out));
+    let mut socket = std::os::unix::net::UnixStream::connect(mesh.node("src").socket()).expect("connect to the admin socket");
+    socket.write_all(b"{\"cmd\":\"sync-now\",\"volume\":\"v2/../../etc\"}\n").expect("send");
+    let mut line = String::new();
+    std::io::BufReader::new(&socket).read_line(&mut line).expect("answer");
+    let answer: serde_json::Value = serde_json::from_str(&line).expect("a JSON answer");
+    assert_eq!(answer["ok"], false, "{line}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("bad request: bad volume name \"v2/../../etc\": '/' at character 3"), "{error}");
+    assert!(mesh.node_mut("src").is_running());
 }

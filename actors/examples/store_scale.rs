@@ -47,7 +47,7 @@ fn meta(seq: u64, blocks: u64, changed: u64, map: &[ContentId]) -> RpMeta {
     let mut merkle = MerkleBuilder::new();
     map.iter().for_each(|c| merkle.push(c));
     RpMeta {
-        volume: "vol".into(),
+        volume: drmesh_topology::VolumeName::from_static("vol"),
         seq: RpSeq(seq),
         time_unix_ms: 1_700_000_000_000 + seq,
         source_node: "scale".into(),

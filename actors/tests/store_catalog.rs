@@ -22,7 +22,7 @@ fn full(data: &[u8]) -> EncodedBlob {
 
 fn meta(volume: &str, seq: u64, block_count: u64, time_unix_ms: u64) -> RpMeta {
     RpMeta {
-        volume: volume.into(),
+        volume: drmesh_actors::store::VolumeName::new(volume).expect("a test volume name"),
         seq: RpSeq(seq),
         time_unix_ms,
         source_node: "src".into(),

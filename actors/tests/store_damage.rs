@@ -31,7 +31,7 @@ fn root_of(map: &[ContentId]) -> MerkleRoot {
 
 fn meta_with_root(seq: u64, merkle_root: MerkleRoot) -> RpMeta {
     RpMeta {
-        volume: "vol".into(),
+        volume: drmesh_topology::VolumeName::from_static("vol"),
         seq: RpSeq(seq),
         time_unix_ms: 1_700_000_000_000 + seq,
         source_node: "src".into(),

@@ -36,7 +36,7 @@ fn delta(base: &EncodedBlob, produces: &[u8], payload: &[u8]) -> EncodedBlob {
 
 fn meta(volume: &str, seq: u64, block_count: u64) -> RpMeta {
     RpMeta {
-        volume: volume.into(),
+        volume: drmesh_actors::store::VolumeName::new(volume).expect("a test volume name"),
         seq: RpSeq(seq),
         time_unix_ms: 1_700_000_000_000 + seq,
         source_node: "src".into(),
@@ -235,7 +235,7 @@ fn store_concurrent_gc_loses_nothing() {
 fn drill(volume: &str, seq: u64, at: u64, verified: bool) -> drmesh_actors::drill::DrillReport {
     use drmesh_actors::drill::{CheckReport, DrillReport};
     let mut r = DrillReport {
-        volume: volume.into(),
+        volume: drmesh_actors::store::VolumeName::new(volume).expect("a test volume name"),
         seq: RpSeq(seq),
         node: "dst".into(),
         started_unix_ms: at - 1,

@@ -48,7 +48,7 @@ fn scrubs_read_what_they_say_and_find_damage() {
         }
         store.stage(1, "vol", &changes).unwrap();
         let meta = RpMeta {
-            volume: "vol".into(),
+            volume: drmesh_topology::VolumeName::from_static("vol"),
             seq: RpSeq(seq),
             time_unix_ms: 1_700_000_000_000 + seq,
             source_node: "src".into(),
@@ -118,7 +118,7 @@ fn commit_volume(store: &Store, volume: &str, blobs: &[EncodedBlob], encrypted: 
     let map: Vec<ContentId> = blobs.iter().map(|b| b.content).collect();
     store.stage(7, volume, &changes).unwrap();
     let meta = RpMeta {
-        volume: volume.into(),
+        volume: drmesh_actors::store::VolumeName::new(volume).expect("a test volume name"),
         seq: RpSeq(1),
         time_unix_ms: 1_700_000_000_000,
         source_node: "src".into(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use actix::Addr;
 use anyhow::{bail, Context as _};
 use drmesh_actors::actor::mesh::{GetStatus, MeshActor};
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -43,7 +43,7 @@ pub enum Request {
     /// Run a replication cycle of a volume now (this node must be its source).
     SyncNow {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
     },
     /// Replication status of the volumes this node is the source of.
     Volumes,
@@ -51,7 +51,7 @@ pub enum Request {
     Pause {
         /// Volume names.
         #[serde(default)]
-        volumes: Vec<String>,
+        volumes: Vec<VolumeName>,
         /// Every volume this node is the source of.
         #[serde(default)]
         all: bool,
@@ -60,7 +60,7 @@ pub enum Request {
     Resume {
         /// Volume names.
         #[serde(default)]
-        volumes: Vec<String>,
+        volumes: Vec<VolumeName>,
         /// Every volume this node is the source of.
         #[serde(default)]
         all: bool,
@@ -69,7 +69,7 @@ pub enum Request {
     Rps {
         /// Only this volume.
         #[serde(default)]
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
     /// Run garbage collection of the store now.
     Gc {
@@ -80,7 +80,7 @@ pub enum Request {
     /// Restore a recovery point to an image file (progress lines precede the answer).
     Restore {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// Sequence number; newest when absent.
         #[serde(default)]
         seq: Option<RpSeq>,
@@ -96,7 +96,7 @@ pub enum Request {
     /// Re-read and check every blob of a recovery point (progress lines precede the answer).
     Verify {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// Sequence number; newest when absent.
         #[serde(default)]
         seq: Option<RpSeq>,
@@ -117,13 +117,13 @@ pub enum Request {
     Scrubs {
         /// Only this volume.
         #[serde(default)]
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
     /// Serve a recovery point over NBD until the client of this request hangs up
     /// (a progress line says where, before it waits).
     Export {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// Sequence number; newest when absent.
         #[serde(default)]
         seq: Option<RpSeq>,
@@ -150,7 +150,7 @@ pub enum Request {
     /// drills; progress lines precede the report).
     Drill {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// Sequence number; newest held when absent.
         #[serde(default)]
         seq: Option<RpSeq>,
@@ -162,7 +162,7 @@ pub enum Request {
     Drills {
         /// Only this volume.
         #[serde(default)]
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
 }
 
@@ -176,7 +176,7 @@ pub enum GossipRequest {
     Catalog {
         /// Only this volume.
         #[serde(default)]
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
 }
 

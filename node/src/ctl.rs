@@ -10,6 +10,8 @@ use anyhow::{bail, Context as _};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use serde_json::Value;
 
+use drmesh_actors::blob::VolumeName;
+
 use crate::admin::{GossipRequest, Request, Response, SOCKET_FILE};
 
 /// Arguments of `drmesh ctl`.
@@ -39,7 +41,7 @@ enum CtlCommand {
     /// Replicate a volume now (on its source node) and print what the cycle did.
     SyncNow {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
     },
     /// Replication status of the volumes this node is the source of.
     Volumes,
@@ -47,7 +49,7 @@ enum CtlCommand {
     Pause {
         /// Volume names (this node must be their source).
         #[arg(required_unless_present = "all", conflicts_with = "all")]
-        volumes: Vec<String>,
+        volumes: Vec<VolumeName>,
         /// Every volume this node is the source of.
         #[arg(long)]
         all: bool,
@@ -56,7 +58,7 @@ enum CtlCommand {
     Resume {
         /// Volume names (this node must be their source).
         #[arg(required_unless_present = "all", conflicts_with = "all")]
-        volumes: Vec<String>,
+        volumes: Vec<VolumeName>,
         /// Every volume this node is the source of.
         #[arg(long)]
         all: bool,
@@ -64,7 +66,7 @@ enum CtlCommand {
     /// Recovery points held by this node.
     Rps {
         /// Only this volume.
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
     /// Garbage-collect blobs no retained recovery point needs.
     Gc {
@@ -85,7 +87,7 @@ enum CtlCommand {
     /// The newest scrub verdict of each recovery point of this node.
     Scrubs {
         /// Only this volume.
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
     /// The kernel module's view of this node's `kmod` volumes: attached devices,
     /// bitmap size, COW store use, changes not yet committed per target.
@@ -94,14 +96,14 @@ enum CtlCommand {
     /// last), drills running and waiting, when the next scheduled ones are due.
     Drills {
         /// Only this volume.
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
     /// Every node of the mesh as gossip sees it: alive/suspect/down, last heard, site, version, topology.
     Mesh,
     /// The mesh-wide recovery-point catalog (local replica): holders, freshness, RPO per volume.
     Catalog {
         /// Only this volume.
-        volume: Option<String>,
+        volume: Option<VolumeName>,
     },
 }
 

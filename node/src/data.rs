@@ -6,7 +6,7 @@ use std::time::Duration;
 use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
 use drmesh_actors::actor::mesh::GetConnection;
 use drmesh_actors::actor::volumes::{policy_codec, GetAgentStatus, GetReplications, Pause, Resume, SyncNow, VolumeSelection};
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::codec::BlockCodec;
 use drmesh_actors::export::fetcher::Connect;
 use drmesh_actors::export::{open_disk, start as start_export};
@@ -136,7 +136,7 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
 }
 
 /// The volumes of a pause or resume: named ones, or `all`, not both.
-fn selection(volumes: Vec<String>, all: bool) -> Result<VolumeSelection, String> {
+fn selection(volumes: Vec<VolumeName>, all: bool) -> Result<VolumeSelection, String> {
     match (all, volumes.is_empty()) {
         (true, true) => Ok(VolumeSelection::All),
         (true, false) => Err("give volume names or `all`, not both".into()),
@@ -152,9 +152,9 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// RP (and no other node was named), else the first reachable of the named node
 /// or the volume's other targets. For a remote source, the holder's name and a
 /// connector to the others (for an export that must survive a holder's loss).
-async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<RpSeq>, from: Option<String>) -> Result<(RpSource, Option<(String, Connect)>), String> {
+async fn rp_source(ctx: &AdminContext, volume: &VolumeName, seq: Option<RpSeq>, from: Option<String>) -> Result<(RpSource, Option<(String, Connect)>), String> {
     let topology = ctx.data.topology();
-    let vol = topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
+    let vol = topology.volumes.iter().find(|v| v.name == *volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
     let me = topology.node_by_id(&ctx.data.local()).map(|n| n.name.clone()).unwrap_or_default();
     let store = ctx.data.store().clone();
     let (v, s) = (volume.to_string(), seq);
@@ -213,8 +213,8 @@ async fn rp_source(ctx: &AdminContext, volume: &str, seq: Option<RpSeq>, from: O
 
 /// Asks a holder for the RP on a fresh fetch stream; `Err` says why it cannot
 /// serve it. The restore or export asks again on the same stream.
-async fn ask_for_rp(client: &mut FetchClient, volume: &str, seq: Option<RpSeq>) -> Result<(), String> {
-    client.request(&FetchRequest::Rp { volume: volume.to_string(), seq }).await?;
+async fn ask_for_rp(client: &mut FetchClient, volume: &VolumeName, seq: Option<RpSeq>) -> Result<(), String> {
+    client.request(&FetchRequest::Rp { volume: volume.clone(), seq }).await?;
     match client.reply().await? {
         FetchReply::Rp(_) => Ok(()),
         FetchReply::Error(e) => Err(e),
@@ -300,7 +300,7 @@ fn volume_codec(ctx: &AdminContext, volume: &str) -> Result<BlockCodec, String> 
 /// Restores or verifies an RP from this node's store or from a peer that holds it.
 async fn read_rp(
     ctx: &AdminContext,
-    volume: &str,
+    volume: &VolumeName,
     seq: Option<RpSeq>,
     from: Option<String>,
     target: Option<&Target>,

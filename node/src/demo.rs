@@ -268,7 +268,7 @@ fn demo(root: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let mut reports: Vec<Value> = Vec::new();
     for round in 0..4 {
         let what = if round == 0 { "initial full sync".to_string() } else { format!("changed files: {}", change_image(&image, round, &files)?) };
-        let response = ctl::request(&nodes[0].socket(), &Request::SyncNow { volume: "branch-server".into() })?;
+        let response = ctl::request(&nodes[0].socket(), &Request::SyncNow { volume: drmesh_actors::blob::VolumeName::from_static("branch-server") })?;
         if !response.ok {
             bail!("cycle {round} failed: {}", response.error.unwrap_or_default());
         }
@@ -282,7 +282,7 @@ fn demo(root: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let restored = root.join("restored.img");
     let response = ctl::request(
         &nodes[1].socket(),
-        &Request::Restore { volume: "branch-server".into(), seq: None, to: restored.clone(), from: None, force: false },
+        &Request::Restore { volume: drmesh_actors::blob::VolumeName::from_static("branch-server"), seq: None, to: restored.clone(), from: None, force: false },
     )?;
     if !response.ok {
         bail!("restore failed: {}", response.error.unwrap_or_default());

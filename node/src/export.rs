@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::export::{open_disk, start, Endpoint, ExportDisk, OverlayChoice};
 use drmesh_actors::restore::RpSource;
 use drmesh_actors::store::Store;
@@ -48,7 +48,7 @@ pub struct ExportArgs {
 #[derive(Debug, Clone)]
 pub struct ExportRequest {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Sequence number; newest when None.
     pub seq: Option<RpSeq>,
     /// Node to read from.

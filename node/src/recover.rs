@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use drmesh_actors::actor::volumes::policy_codec;
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::codec::BlockCodec;
 use drmesh_actors::restore::dest::StagedFile;
 use drmesh_actors::restore::{restore as run_restore, Journal, Progress, ProgressSnapshot, RestoreReport, RpSource, Rules, Target};
@@ -76,15 +76,14 @@ pub struct RestoreArgs {
 }
 
 /// Splits VOLUME@SEQ.
-pub fn parse_rp(text: &str) -> anyhow::Result<(String, Option<RpSeq>)> {
-    match text.split_once('@') {
-        None => Ok((text.to_string(), None)),
-        Some((v, "latest")) => Ok((v.to_string(), None)),
-        Some((v, seq)) => {
-            let seq = seq.parse().with_context(|| format!("{text}: the part after @ must be a sequence number (or \"latest\")"))?;
-            Ok((v.to_string(), Some(seq)))
-        }
-    }
+pub fn parse_rp(text: &str) -> anyhow::Result<(VolumeName, Option<RpSeq>)> {
+    let (volume, seq) = match text.split_once('@') {
+        None => (text, None),
+        Some((v, "latest")) => (v, None),
+        Some((v, seq)) => (v, Some(seq.parse().with_context(|| format!("{text}: the part after @ must be a sequence number (or \"latest\")"))?)),
+    };
+    let volume = VolumeName::new(volume).with_context(|| format!("{text}: expected VOLUME, VOLUME@SEQ or VOLUME@latest"))?;
+    Ok((volume, seq))
 }
 
 /// Notes in `state_dir` which topology file the node runs with (best effort).
@@ -265,13 +264,13 @@ pub(crate) fn local_rules(state_dir: &Path, topology: Option<&Topology>, force: 
 /// block map checked against the Merkle root, every block verified as served)
 /// and `qemu-img convert` reads it into a private folder beside the
 /// destination; the file gets mode 0600 and its name only when qemu-img succeeded.
-fn restore_qcow2(args: &RpArgs, volume: &str, seq: Option<RpSeq>, to: &Path, force: bool, view: &mut ProgressView) -> anyhow::Result<Value> {
+fn restore_qcow2(args: &RpArgs, volume: &VolumeName, seq: Option<RpSeq>, to: &Path, force: bool, view: &mut ProgressView) -> anyhow::Result<Value> {
     let started = Instant::now();
     let rules = local_rules(&args.state_dir, offline_topology(args).ok().flatten().as_ref(), force);
     let journal = Journal::new(&args.state_dir);
     journal.clean();
     let staged = StagedFile::new(to, &rules, Some(&journal))?;
-    let request = crate::export::ExportRequest { volume: volume.to_string(), seq, from: args.from.clone(), socket: None, listen: None, overlay: None, read_only: true };
+    let request = crate::export::ExportRequest { volume: volume.clone(), seq, from: args.from.clone(), socket: None, listen: None, overlay: None, read_only: true };
     let served = crate::export::serve(args, &request)?;
     let info = served.info().clone();
     let size = info["size_bytes"].as_u64().unwrap_or(0);
@@ -319,7 +318,7 @@ fn restore_qcow2(args: &RpArgs, volume: &str, seq: Option<RpSeq>, to: &Path, for
 }
 
 /// Restores (`to` Some) or verifies straight from the state dir's store.
-fn offline(args: &RpArgs, volume: &str, seq: Option<RpSeq>, to: Option<(PathBuf, bool)>, view: &mut ProgressView) -> anyhow::Result<Value> {
+fn offline(args: &RpArgs, volume: &VolumeName, seq: Option<RpSeq>, to: Option<(PathBuf, bool)>, view: &mut ProgressView) -> anyhow::Result<Value> {
     let store = Arc::new(Store::open_read_only(&args.state_dir.join("store"))?);
     let topology = offline_topology(args)?;
     let encrypted = match seq {

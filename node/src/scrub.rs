@@ -16,7 +16,7 @@ use actix::Addr;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::fetch::{FetchClient, FetchReply, FetchRequest};
 use drmesh_actors::actor::gossip::{GossipActor, PublishDrill, PublishScrub};
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::proto::gossip::catalog::ScrubResult;
 use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::actor::mesh::{GetConnection, MeshActor};
@@ -35,7 +35,7 @@ pub fn held_keys(topology: &drmesh_topology::Topology) -> ScrubKeys {
         }
         match drmesh_actors::actor::volumes::policy_codec(policy) {
             Ok(codec) => {
-                let volumes = topology.volumes.iter().filter(|v| v.policy == *name).map(|v| v.name.clone());
+                let volumes = topology.volumes.iter().filter(|v| v.policy == *name).map(|v| v.name.to_string());
                 keys.add_policy(codec, volumes);
             }
             Err(e) => tracing::debug!(policy = %name, error = %e, "scrub: this policy's key is not held here; its blobs' tags are not checked"),
@@ -131,7 +131,7 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
     let reports = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         for v in verdicts {
-            let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol.to_string(), s.parse::<RpSeq>().ok()?))) else { continue };
+            let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((VolumeName::new(vol).ok()?, s.parse::<RpSeq>().ok()?))) else { continue };
             let summary = v.problem.clone().unwrap_or_else(|| "every blob of the RP read again and sound".into());
             let newest = store.latest_drills(&volume).ok().and_then(|d| d.get(&seq).cloned());
             let scrub_failed = newest.as_ref().is_some_and(|r| r.trigger == "scrub" && !r.passed);
@@ -175,10 +175,10 @@ async fn publish_damage(data: &Arc<DataPlane>, gossip: &Addr<GossipActor>, repor
 /// it checked and the damaged ones): every node's catalog then shows each RP
 /// of this holder sound or damaged by the scrub, and when.
 fn publish_results(gossip: &Addr<GossipActor>, report: &ScrubReport) {
-    let mut by_volume: BTreeMap<&str, ScrubResult> = BTreeMap::new();
+    let mut by_volume: BTreeMap<VolumeName, ScrubResult> = BTreeMap::new();
     let sample_percent = (report.share * 100.0).round().clamp(1.0, 100.0) as u8;
     for v in &report.rps {
-        let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((vol, s.parse::<RpSeq>().ok()?))) else { continue };
+        let Some((volume, seq)) = v.rp.rsplit_once('@').and_then(|(vol, s)| Some((VolumeName::new(vol).ok()?, s.parse::<RpSeq>().ok()?))) else { continue };
         let r = by_volume.entry(volume).or_insert(ScrubResult {
             finished_unix_ms: v.finished_unix_ms,
             sample_percent,
@@ -195,7 +195,7 @@ fn publish_results(gossip: &Addr<GossipActor>, report: &ScrubReport) {
         }
     }
     for (volume, result) in by_volume {
-        gossip.do_send(PublishScrub { volume: volume.to_string(), result });
+        gossip.do_send(PublishScrub { volume, result });
     }
 }
 
@@ -204,9 +204,11 @@ fn publish_results(gossip: &Addr<GossipActor>, report: &ScrubReport) {
 async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNeeds, keys: &ScrubKeys) -> (u64, u64) {
     let topology = data.topology();
     let me = topology.node_by_id(&data.local()).map(|n| n.name.clone()).unwrap_or_default();
-    let mut by_volume: BTreeMap<&str, Vec<ContentId>> = BTreeMap::new();
+    let mut by_volume: BTreeMap<VolumeName, Vec<ContentId>> = BTreeMap::new();
     for (volume, _, content) in &needs.contents {
-        by_volume.entry(volume.as_str()).or_default().push(*content);
+        // The store's names keep the rule; a damaged row's cannot be asked for.
+        let Ok(volume) = VolumeName::new(volume.as_str()) else { continue };
+        by_volume.entry(volume).or_default().push(*content);
     }
     let (mut repaired, mut unrepairable) = (0, 0);
     // Files to rewrite even where they read back intact (a failed tag check).
@@ -231,11 +233,11 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
                 }
             };
             // The holder serves contents to a target of a volume it holds.
-            let asked = client.request(&FetchRequest::Rp { volume: volume.to_string(), seq: None }).await;
+            let asked = client.request(&FetchRequest::Rp { volume: volume.clone(), seq: None }).await;
             match (asked, client.reply().await) {
                 (Ok(()), Ok(FetchReply::Rp(_))) => {}
                 (_, Ok(FetchReply::Error(e))) | (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(holder = %holder, volume, error = %e, "repair: holder cannot serve the volume");
+                    tracing::warn!(holder = %holder, %volume, error = %e, "repair: holder cannot serve the volume");
                     continue;
                 }
                 (_, Ok(_)) => continue,
@@ -256,7 +258,7 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
                 };
                 match stored {
                     Ok(()) => {
-                        tracing::info!(content = %content, holder = %holder, volume, "repair: content fetched again and stored");
+                        tracing::info!(content = %content, holder = %holder, %volume, "repair: content fetched again and stored");
                         repaired += 1;
                     }
                     Err(e) => {
@@ -268,7 +270,7 @@ async fn repair(data: &Arc<DataPlane>, mesh: &Addr<MeshActor>, needs: &RepairNee
             remaining = left;
         }
         for content in &remaining {
-            tracing::error!(content = %content, volume, holders = ?holders, "repair: no other holder could give the content; the RPs that use it stay damaged");
+            tracing::error!(content = %content, %volume, holders = ?holders, "repair: no other holder could give the content; the RPs that use it stay damaged");
         }
         unrepairable += remaining.len() as u64;
     }

@@ -260,7 +260,7 @@ impl ReplWorld {
         self.session += 1;
         let held_at_start = self.store.referenced().into_iter().filter(|c| self.store.has_content(c)).collect();
         let mut c = Cycle {
-            src: SourceSession::new("vol", base, false, BLOCK as u32),
+            src: SourceSession::new(&drmesh_topology::VolumeName::from_static("vol"), base, false, BLOCK as u32),
             tgt: TargetSession::new(self.topology.clone(), node(2), node(1)),
             snapshot,
             map,
@@ -532,7 +532,7 @@ impl ReplWorld {
 
 fn meta() -> RpMeta {
     RpMeta {
-        volume: "vol".into(),
+        volume: drmesh_topology::VolumeName::from_static("vol"),
         seq: RpSeq(0),
         time_unix_ms: 1,
         source_node: "src".into(),

@@ -1,6 +1,6 @@
 //! Scenarios as data: timed operations applied to the simulated mesh.
 
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::proto::gossip::Millis;
 
 /// One operation of a scenario.
@@ -11,14 +11,14 @@ pub enum Op {
         /// Index of the committing (holding) node.
         node: usize,
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
     },
     /// Node `node` expires every RP of `volume` with `seq < below` (low-water mark).
     ExpireBelow {
         /// Holder index.
         node: usize,
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// First seq kept.
         below: RpSeq,
     },
@@ -27,7 +27,7 @@ pub enum Op {
         /// Holder index.
         node: usize,
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// Deleted seq.
         seq: RpSeq,
     },
@@ -64,8 +64,9 @@ pub struct Scenario {
 /// Time for membership to settle before the measured part starts.
 pub const WARMUP_MS: u64 = 30_000;
 
-fn volume_of(node: usize) -> String {
-    format!("vol-{node}")
+fn volume_of(node: usize) -> VolumeName {
+    // Always within the name rule: "vol-" and digits.
+    VolumeName::new(format!("vol-{node}")).unwrap_or_else(|e| unreachable!("{e}"))
 }
 
 /// Spreads `count` commits over `[from, to)` on nodes picked by a simple

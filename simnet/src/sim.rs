@@ -3,7 +3,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::proto::gossip::catalog::{Consistency, ItemKey, NodeStatus, RpInfo};
 use drmesh_actors::proto::gossip::{GossipConfig, GossipEvent, GossipNode, GossipTimer, MemberState, Millis};
 use drmesh_topology::NodeId;
@@ -224,14 +224,14 @@ struct SimNode {
     saved: Option<Vec<u8>>,
     egress_free_us: u64,
     up_since: Millis,
-    next_seq: BTreeMap<String, RpSeq>,
+    next_seq: BTreeMap<VolumeName, RpSeq>,
 }
 
 const NEVER: u32 = u32::MAX;
 
 struct RpTrack {
     holder: u32,
-    volume: String,
+    volume: VolumeName,
     seq: RpSeq,
     committed_at: Millis,
     /// Committed while some partition was in place.
@@ -263,7 +263,7 @@ pub struct Simulator {
     cut_sites: BTreeSet<usize>,
     last_heal: Millis,
     rps: Vec<RpTrack>,
-    rp_index: BTreeMap<(u32, String, RpSeq), usize>,
+    rp_index: BTreeMap<(u32, VolumeName, RpSeq), usize>,
     crashes: BTreeMap<u32, CrashTrack>,
     trace: blake3::Hasher,
     report: Report,

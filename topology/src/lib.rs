@@ -3,7 +3,8 @@
 //! This crate owns the schema (`[mesh]`, `[[site]]`, `[[node]]`, `[[volume]]`,
 //! `[policy.NAME]`), parsing with source spans, validation that reports every
 //! error with `file:line:column`, and diffing two topologies for hot reload. It
-//! also owns [`NodeId`], the form in which node ids are written in topology files.
+//! also owns [`NodeId`], the form in which node ids are written in topology files,
+//! and [`VolumeName`], the one rule for volume names.
 //!
 //! ```no_run
 //! use drmesh_topology::{Topology, TopologyDiff};
@@ -35,6 +36,7 @@ pub mod schema;
 mod syntax;
 pub mod units;
 mod validate;
+pub mod volume_name;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,7 @@ pub use diagnostic::{Diagnostic, Diagnostics, MAX_DIAGNOSTICS};
 pub use diff::TopologyDiff;
 pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
+pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
     Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, Link, Mesh, NbdAddress, Node, Policy,
     Retention, Site, SourceKind, TimeOfDay, Volume, Weekday,

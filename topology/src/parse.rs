@@ -17,6 +17,7 @@ use toml::Spanned;
 use crate::diagnostic::Sink;
 use crate::keyfile::read_key_file;
 use crate::node_id::NodeId;
+use crate::volume_name::VolumeName;
 use crate::schema::*;
 use crate::units::{self, DURATION_EXAMPLES, SIZE_EXAMPLES};
 
@@ -580,12 +581,13 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
     f.check_keys(sink, &["name", "source", "kind", "targets", "policy"], &all_settings);
     let mut ok = true;
     let name = f.text(sink, "name", true);
-    if let Some(n) = &name {
-        if let Err(e) = check_name("volume", &n.value) {
-            sink.error(n.span.clone(), e);
-            ok = false;
+    let checked = name.as_ref().and_then(|n| match VolumeName::new(n.value.clone()) {
+        Ok(checked) => Some(checked),
+        Err(e) => {
+            sink.error(n.span.clone(), e.to_string());
+            None
         }
-    }
+    });
     let source = f.text(sink, "source", true);
     let policy = f.text(sink, "policy", true);
     let mut targets = Vec::new();
@@ -631,9 +633,9 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
             settings
         }
     });
-    let volume = match (&name, &source, &policy, kind, ok) {
-        (Some(n), Some(s), Some(p), Some(kind), true) => Some(Volume {
-            name: n.value.clone(),
+    let volume = match (checked, &source, &policy, kind, ok) {
+        (Some(name), Some(s), Some(p), Some(kind), true) => Some(Volume {
+            name,
             source: s.value.clone(),
             kind,
             targets: targets.iter().map(|t| t.value.clone()).collect(),

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::node_id::NodeId;
+use crate::volume_name::VolumeName;
 
 /// The `[mesh]` table: which mesh this file describes and which edit it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +83,7 @@ pub const DEFAULT_SCRUB_EVERY: std::time::Duration = std::time::Duration::from_s
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
     /// Unique volume name; recovery points are named `NAME@SEQ`.
-    pub name: String,
+    pub name: VolumeName,
     /// Name of the node that reads the volume.
     pub source: String,
     /// How blocks and changes are read, with the kind's settings.

@@ -393,6 +393,15 @@ fn bad_node_id_character() {
 }
 
 #[test]
+fn bad_volume_names() {
+    assert_one(&edit(18, "name = \"../etc\""), 18, 8, "bad volume name \"../etc\": '.' at character 1; expected lower-case letters, digits");
+    assert_one(&edit(18, "name = \"db/1\""), 18, 8, "bad volume name \"db/1\": '/' at character 3");
+    // One rule for every place a name goes (gossip items, manifest folders): at most 128 bytes.
+    assert_one(&edit(18, &format!("name = \"{}\"", "v".repeat(129))), 18, 8, "volume name of 129 bytes is longer than 128");
+    Topology::parse(&edit(18, &format!("name = \"{}\"", "v".repeat(128))), Path::new("t.toml")).unwrap();
+}
+
+#[test]
 fn bad_node_name() {
     let errs = errors(&edit(12, "name = \"Web 1\""));
     assert_eq!(errs.len(), 2, "{errs:#?}");

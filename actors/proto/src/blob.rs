@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::content::{BlobId, ContentId};
+pub use drmesh_topology::VolumeName;
 
 /// Flag bits of a blob (how the source encoded the payload).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -91,7 +92,7 @@ impl std::str::FromStr for RpSeq {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RpMeta {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Sequence number, increasing per volume.
     pub seq: RpSeq,
     /// Snapshot instant.

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use drmesh_topology::{DrillCheck, DrillSchedule, Weekday};
+use drmesh_topology::{DrillCheck, DrillSchedule, VolumeName, Weekday};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan as _};
 
@@ -26,7 +26,7 @@ use crate::blob::RpSeq;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrillPlan {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// When its drills run.
     pub schedule: DrillSchedule,
     /// The policy's checks.
@@ -58,7 +58,7 @@ pub struct DrillJob {
     /// Identifies the job in [`DrillQueue::handle_finished`].
     pub ticket: u64,
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// The RP; `None`: the newest this node holds when it starts.
     pub seq: Option<RpSeq>,
     /// Checks to run.
@@ -132,7 +132,7 @@ struct PlanState {
 pub struct DrillQueue {
     max_running: usize,
     tz: TimeZone,
-    plans: BTreeMap<String, PlanState>,
+    plans: BTreeMap<VolumeName, PlanState>,
     waiting: VecDeque<DrillJob>,
     running: BTreeMap<u64, DrillJob>,
     next_ticket: u64,
@@ -164,14 +164,14 @@ impl DrillQueue {
     }
 
     /// An operator asks for a drill; returns its ticket. It waits its turn like any other.
-    pub fn handle_request(&mut self, now_unix_ms: u64, volume: &str, seq: Option<RpSeq>, checks: Vec<DrillCheck>) -> u64 {
+    pub fn handle_request(&mut self, now_unix_ms: u64, volume: &VolumeName, seq: Option<RpSeq>, checks: Vec<DrillCheck>) -> u64 {
         self.push(now_unix_ms, volume, seq, checks, Trigger::Request)
     }
 
-    fn push(&mut self, now_unix_ms: u64, volume: &str, seq: Option<RpSeq>, checks: Vec<DrillCheck>, trigger: Trigger) -> u64 {
+    fn push(&mut self, now_unix_ms: u64, volume: &VolumeName, seq: Option<RpSeq>, checks: Vec<DrillCheck>, trigger: Trigger) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.waiting.push_back(DrillJob { ticket, volume: volume.to_string(), seq, checks, trigger, queued_unix_ms: now_unix_ms });
+        self.waiting.push_back(DrillJob { ticket, volume: volume.clone(), seq, checks, trigger, queued_unix_ms: now_unix_ms });
         ticket
     }
 
@@ -234,8 +234,8 @@ mod tests {
 
     const MIN: u64 = 60_000;
 
-    fn plan(volume: &str, every_min: u64) -> DrillPlan {
-        DrillPlan { volume: volume.into(), schedule: DrillSchedule::Every(Duration::from_secs(every_min * 60)), checks: vec![DrillCheck::Fsck] }
+    fn plan(volume: &'static str, every_min: u64) -> DrillPlan {
+        DrillPlan { volume: VolumeName::from_static(volume), schedule: DrillSchedule::Every(Duration::from_secs(every_min * 60)), checks: vec![DrillCheck::Fsck] }
     }
 
     #[test]
@@ -297,9 +297,9 @@ mod tests {
     #[test]
     fn two_slots_run_two_volumes_never_one_volume_twice() {
         let mut q = DrillQueue::new(2, TimeZone::UTC);
-        q.handle_request(0, "a", None, vec![DrillCheck::Fsck]);
-        q.handle_request(0, "a", Some(RpSeq(1)), vec![DrillCheck::Fsck]);
-        q.handle_request(0, "b", None, vec![DrillCheck::Fsck]);
+        q.handle_request(0, &crate::blob::VolumeName::from_static("a"), None, vec![DrillCheck::Fsck]);
+        q.handle_request(0, &crate::blob::VolumeName::from_static("a"), Some(RpSeq(1)), vec![DrillCheck::Fsck]);
+        q.handle_request(0, &crate::blob::VolumeName::from_static("b"), None, vec![DrillCheck::Fsck]);
         let x = q.poll_start().unwrap();
         let y = q.poll_start().unwrap();
         assert_eq!((x.volume.as_str(), y.volume.as_str()), ("a", "b"));
@@ -311,7 +311,7 @@ mod tests {
         let mut q = DrillQueue::new(1, TimeZone::UTC);
         q.handle_plans(0, vec![plan("a", 10), plan("b", 10)], 1);
         q.handle_tick(10 * MIN);
-        q.handle_request(10 * MIN, "b", None, vec![]);
+        q.handle_request(10 * MIN, &crate::blob::VolumeName::from_static("b"), None, vec![]);
         q.handle_plans(11 * MIN, vec![plan("a", 10)], 1);
         let (_, waiting) = q.jobs();
         let left: Vec<(&str, Trigger)> = waiting.iter().map(|j| (j.volume.as_str(), j.trigger)).collect();

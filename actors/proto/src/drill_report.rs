@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::blob::RpSeq;
+use crate::blob::{RpSeq, VolumeName};
 
 /// Longest output tail kept per check, in bytes (the end of the output).
 pub const OUTPUT_TAIL_BYTES: usize = 8 << 10;
@@ -30,7 +30,7 @@ pub struct CheckReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrillReport {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// The RP's sequence number.
     pub seq: RpSeq,
     /// Name of the node that ran the drill.
@@ -152,7 +152,7 @@ mod tests {
 
     fn report(checks: Vec<CheckReport>) -> DrillReport {
         DrillReport {
-            volume: "db".into(),
+            volume: crate::blob::VolumeName::from_static("db"),
             seq: RpSeq(3),
             node: "dr".into(),
             started_unix_ms: 1,

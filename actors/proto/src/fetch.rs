@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::blob::{RpMeta, RpSeq};
+use crate::blob::{RpMeta, RpSeq, VolumeName};
 use crate::content::ContentId;
 use crate::session::WireBlob;
 
@@ -17,7 +17,7 @@ pub enum FetchRequest {
     /// The metadata of `volume@seq` (the newest RP when `seq` is None).
     Rp {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// Sequence number.
         seq: Option<RpSeq>,
     },

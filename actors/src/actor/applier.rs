@@ -24,7 +24,7 @@ use crate::actor::pacing::LinkPacers;
 use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
 use crate::proto::time::Millis;
 use crate::proto::version;
-use crate::store::{EncodedBlob, Retention, RpMeta, RpSeq, SessionStore, Store, StoreError};
+use crate::store::{EncodedBlob, Retention, RpMeta, RpSeq, SessionStore, Store, StoreError, VolumeName};
 
 /// News from the applier about this node's store.
 #[derive(actix::Message, Debug)]
@@ -35,7 +35,7 @@ pub enum RpNews {
     /// Retention deleted these seqs of `volume`.
     Pruned {
         /// Volume.
-        volume: String,
+        volume: VolumeName,
         /// Deleted seqs.
         pruned: Vec<RpSeq>,
     },

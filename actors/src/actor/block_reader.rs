@@ -18,6 +18,7 @@ use crate::source::baseline::Baselines;
 use crate::source::change::PointInTime;
 use crate::source::file::{FileSource, ScanStats, ScannedBlock, Scanner};
 use crate::source::BlockMask;
+use crate::store::VolumeName;
 
 /// Blocks handed from the reader to the driver at once: one wake-up per
 /// batch rather than per block (long runs of zero blocks are cheap to read and
@@ -43,7 +44,7 @@ pub struct ReadJob {
     /// The baseline the blocks are compared with.
     pub baselines: Arc<Baselines>,
     /// Volume and target of the baseline.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Target node name.
     pub target: String,
     /// Content ids of the policy.

@@ -33,7 +33,7 @@ use crate::proto::bandwidth::Demand;
 use crate::drill::{verification, DrillReport, Verification};
 use crate::proto::gossip::catalog::{Consistency, DrillResult, ItemKey, NodeStatus, RpInfo, ScrubResult, ScrubVerdict};
 use crate::proto::gossip::{GossipConfig, GossipEvent, GossipNode, MemberState, Millis};
-use crate::store::{RpMeta, RpSeq};
+use crate::store::{RpMeta, RpSeq, VolumeName};
 
 /// File name of the gossip state inside the state directory.
 pub const GOSSIP_FILE: &str = "gossip.redb";
@@ -142,7 +142,7 @@ pub struct GossipActor {
     status: (NodeStatus, Millis),
     demand_sink: Option<Recipient<SiteDemands>>,
     /// Volumes whose verification is overdue (dead-man's switch), as last logged.
-    overdue: BTreeMap<String, bool>,
+    overdue: BTreeMap<VolumeName, bool>,
     last_verification: Instant,
     /// Snapshot time of the oldest RP of each volume this node ever saw (persisted).
     first_seen: BTreeMap<String, u64>,
@@ -165,7 +165,7 @@ fn status_of(me: &NodeId, topology: &Topology) -> NodeStatus {
 }
 
 /// One volume of the store as reconciliation reads it: name, RPs, newest drill per seq.
-type StoreVolume = (String, Vec<RpMeta>, BTreeMap<RpSeq, DrillReport>);
+type StoreVolume = (VolumeName, Vec<RpMeta>, BTreeMap<RpSeq, DrillReport>);
 
 /// What the gossip catalog says about an RP held here, with its newest drill.
 pub fn rp_info(meta: &RpMeta, drill: Option<&DrillReport>) -> RpInfo {
@@ -382,12 +382,12 @@ impl GossipActor {
     fn check_verification(&mut self) {
         let now_unix = unix_ms();
         let all = self.node.rps();
-        let volumes: Vec<String> = self.topology.volumes.iter().map(|v| v.name.clone()).collect();
+        let volumes: Vec<VolumeName> = self.topology.volumes.iter().map(|v| v.name.clone()).collect();
         for volume in volumes {
             let rps: Vec<(RpSeq, u64, Option<&DrillResult>)> = all.iter().filter(|r| r.volume == volume).map(|r| (r.seq, r.info.snapshot_unix_ms, r.info.drill.as_ref())).collect();
             if let Some(oldest) = rps.iter().map(|r| r.1).min() {
-                if self.first_seen.get(&volume).is_none_or(|first| oldest < *first) {
-                    self.first_seen.insert(volume.clone(), oldest);
+                if self.first_seen.get(volume.as_str()).is_none_or(|first| oldest < *first) {
+                    self.first_seen.insert(volume.to_string(), oldest);
                     self.dirty = true;
                 }
             }
@@ -415,7 +415,7 @@ impl GossipActor {
     /// committed or pruned while the replica was not saved).
     fn reconcile(&mut self, store_rps: Vec<StoreVolume>, ctx: &mut Context<Self>) {
         let now = self.now();
-        let mine: Vec<(String, RpSeq)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
+        let mine: Vec<(VolumeName, RpSeq)> = self.node.rps().into_iter().filter(|r| r.holder == self.me).map(|r| (r.volume, r.seq)).collect();
         for (volume, rps, drills) in &store_rps {
             for meta in rps {
                 if !self.node.has_rp(&self.me, volume, meta.seq) {
@@ -528,7 +528,7 @@ impl Handler<PeerConnected> for GossipActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Expired {
-    volume: String,
+    volume: VolumeName,
     pruned: Vec<RpSeq>,
     first_kept: Option<RpSeq>,
 }
@@ -565,7 +565,7 @@ pub struct PublishDrill(pub DrillReport);
 #[rtype(result = "()")]
 pub struct PublishScrub {
     /// The volume.
-    pub volume: String,
+    pub volume: VolumeName,
     /// What the scrub found.
     pub result: ScrubResult,
 }
@@ -644,7 +644,7 @@ impl Handler<RpNews> for GossipActor {
 #[rtype(result = "()")]
 pub struct VolumeNews {
     /// Volume.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Its health now.
     pub health: crate::proto::gossip::catalog::VolumeHealth,
 }
@@ -850,7 +850,7 @@ impl Handler<GetMesh> for GossipActor {
 #[derive(Debug, Clone, Serialize)]
 pub struct CatalogRp {
     /// Volume.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Sequence number.
     pub seq: RpSeq,
     /// Holder's name in this node's topology (its short id if not listed).
@@ -879,7 +879,7 @@ pub struct CatalogRp {
 #[derive(Debug, Clone, Serialize)]
 pub struct CatalogVolume {
     /// Volume.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Source node (from the topology).
     pub source: Option<String>,
     /// The policy's RPO, seconds (from this node's topology, else the source's health).
@@ -925,7 +925,7 @@ pub struct CatalogView {
 /// Asks for a [`CatalogView`], optionally of one volume.
 #[derive(Message)]
 #[rtype(result = "CatalogView")]
-pub struct GetCatalog(pub Option<String>);
+pub struct GetCatalog(pub Option<VolumeName>);
 
 impl Handler<GetCatalog> for GossipActor {
     type Result = MessageResult<GetCatalog>;
@@ -960,7 +960,7 @@ impl Handler<GetCatalog> for GossipActor {
             .collect();
         rps.sort_by(|a, b| (&a.volume, a.seq, &a.holder).cmp(&(&b.volume, b.seq, &b.holder)));
         let health = self.node.volume_health();
-        let mut names: Vec<String> = self.topology.volumes.iter().map(|v| v.name.clone()).chain(rps.iter().map(|r| r.volume.clone())).filter(|v| wanted(v)).collect();
+        let mut names: Vec<VolumeName> = self.topology.volumes.iter().map(|v| v.name.clone()).chain(rps.iter().map(|r| r.volume.clone())).filter(|v| wanted(v)).collect();
         names.sort();
         names.dedup();
         let volumes = names

@@ -27,7 +27,7 @@ use super::block_reader::{self, ReadJob, ReaderItem};
 use super::compressor::Compressor;
 use crate::source::change::{ChangeSource, Changes, PointInTime};
 pub use super::pacing::{LinkPacers, Pacing};
-use crate::store::{RpMeta, RpSeq};
+use crate::store::{RpMeta, RpSeq, VolumeName};
 
 /// Baseline entries staged per write.
 const STAGE_BATCH: usize = 256;
@@ -36,7 +36,7 @@ const STAGE_BATCH: usize = 256;
 #[derive(Debug, Clone)]
 pub struct CycleConfig {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Target node name.
     pub target: String,
     /// This node's name.
@@ -55,7 +55,7 @@ pub struct CycleConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct CycleReport {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Target node name.
     pub target: String,
     /// Sequence number of the committed RP.

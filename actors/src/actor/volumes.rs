@@ -34,6 +34,7 @@ use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, Loc
 use crate::proto::gossip::catalog::VolumeHealth;
 use crate::actor::pacing::{LinkPacers, Pacing};
 use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport};
+use crate::store::VolumeName;
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
 use crate::source::kmod::{device_report, KmodDeviceReport, KmodSpec};
@@ -66,7 +67,7 @@ fn give_back_freed_memory() {
     crate::memory::give_back_freed();
 }
 
-type Key = (String, String);
+type Key = (VolumeName, String);
 
 struct Plan {
     rpo: Duration,
@@ -88,7 +89,7 @@ struct Plan {
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplicationStatus {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Target node.
     pub target: String,
     /// Policy RPO in seconds.
@@ -166,7 +167,7 @@ struct Limits {
 #[derive(Debug, Clone, Serialize)]
 pub struct PauseOutcome {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// When the volume was paused (Unix ms); the first pause's time if it already was.
     pub paused_since_unix_ms: u64,
     /// Whether it was paused already.
@@ -181,7 +182,7 @@ pub struct PauseOutcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct ResumeOutcome {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Whether it was paused (a resume of a running volume changes nothing).
     pub was_paused: bool,
     /// When it had been paused (Unix ms).
@@ -350,7 +351,7 @@ impl VolumeScheduler {
     }
 
     /// Every volume this node is the source of.
-    fn own_volumes(&self) -> Vec<String> {
+    fn own_volumes(&self) -> Vec<VolumeName> {
         let me = self.local_name();
         self.topology.volumes.iter().filter(|v| v.source == me).map(|v| v.name.clone()).collect()
     }
@@ -397,7 +398,7 @@ impl VolumeScheduler {
         self.plans = plans;
         // A volume that is no longer replicated from here forgets its pause.
         let own = self.own_volumes();
-        let gone: Vec<String> = self.paused.keys().filter(|v| !own.contains(v)).cloned().collect();
+        let gone: Vec<String> = self.paused.keys().filter(|v| !own.iter().any(|o| o == *v)).cloned().collect();
         for volume in gone {
             if let Err(e) = self.baselines.set_paused(&volume, None) {
                 tracing::warn!(%volume, error = %e, "cannot forget the pause of a removed volume");
@@ -407,12 +408,12 @@ impl VolumeScheduler {
         }
     }
 
-    fn cycle_config(&self, volume: &str, target: &str) -> Result<CycleConfig, String> {
-        let v = self.topology.volumes.iter().find(|v| v.name == volume).ok_or_else(|| format!("volume {volume:?} is not in the topology"))?;
+    fn cycle_config(&self, volume: &VolumeName, target: &str) -> Result<CycleConfig, String> {
+        let v = self.topology.volumes.iter().find(|v| v.name == *volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
         let policy = self.topology.policies.get(&v.policy).ok_or_else(|| format!("policy {:?} is not in the topology", v.policy))?;
         let source = crate::source::change::of_volume(v)?;
         Ok(CycleConfig {
-            volume: volume.to_string(),
+            volume: volume.clone(),
             target: target.to_string(),
             source_node: self.local_name(),
             source,
@@ -481,7 +482,7 @@ impl VolumeScheduler {
         let mut due: Vec<(Instant, Key)> = self
             .plans
             .iter()
-            .filter(|((volume, _), p)| !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume))
+            .filter(|((volume, _), p)| !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume.as_str()))
             .map(|(k, p)| (p.next_due, k.clone()))
             .collect();
         // Oldest due first; one that the memory budget cannot take yet holds
@@ -589,7 +590,7 @@ impl Handler<CycleDone> for VolumeScheduler {
         }
         // Waiters that arrived while this cycle ran asked for a fresh one.
         let waiters = std::mem::take(&mut plan.waiters);
-        if plan.again && !self.paused.contains_key(&msg.key.0) {
+        if plan.again && !self.paused.contains_key(msg.key.0.as_str()) {
             plan.waiters = waiters;
             self.start(msg.key, ctx);
         } else {
@@ -658,7 +659,7 @@ impl Handler<SetTopology> for VolumeScheduler {
 /// Runs a cycle of `volume` to every target now; answers with each target's outcome.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Result<CycleReport, String>>, String>")]
-pub struct SyncNow(pub String);
+pub struct SyncNow(pub VolumeName);
 
 impl Handler<SyncNow> for VolumeScheduler {
     type Result = ResponseFuture<Result<Vec<Result<CycleReport, String>>, String>>;
@@ -673,7 +674,7 @@ impl Handler<SyncNow> for VolumeScheduler {
             };
             return Box::pin(async move { Err(reason) });
         }
-        if let Some(since) = self.paused.get(&msg.0) {
+        if let Some(since) = self.paused.get(msg.0.as_str()) {
             let reason = format!(
                 "volume {:?} is paused (since {} UTC); `drmesh ctl resume {}` starts a cycle",
                 msg.0,
@@ -728,13 +729,13 @@ impl Handler<GetReplications> for VolumeScheduler {
                     target: target.clone(),
                     rpo_secs: p.rpo.as_secs(),
                     running: p.running,
-                    queued: !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume) && self.reserved > 0,
+                    queued: !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume.as_str()) && self.reserved > 0,
                     next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
                     bandwidth: self.bandwidth_status(volume, target),
                     running_sent_payload_bytes: p.progress.as_ref().map(|b| b.load(Ordering::Relaxed)),
-                    paused_since_unix_ms: self.paused.get(volume).copied(),
+                    paused_since_unix_ms: self.paused.get(volume.as_str()).copied(),
                 })
                 .collect(),
         )
@@ -753,7 +754,7 @@ impl Handler<GetAgentStatus> for VolumeScheduler {
 
     fn handle(&mut self, _msg: GetAgentStatus, _ctx: &mut Context<Self>) -> Self::Result {
         let me = self.local_name();
-        let specs: Vec<(String, KmodSpec)> = self
+        let specs: Vec<(VolumeName, KmodSpec)> = self
             .topology
             .volumes
             .iter()
@@ -781,13 +782,13 @@ fn utc_text(unix_ms: u64) -> String {
 #[derive(Debug, Clone)]
 pub enum VolumeSelection {
     /// These volumes (this node must be the source of each).
-    Named(Vec<String>),
+    Named(Vec<VolumeName>),
     /// Every volume this node is the source of.
     All,
 }
 
 impl VolumeScheduler {
-    fn select(&self, selection: VolumeSelection) -> Result<Vec<String>, String> {
+    fn select(&self, selection: VolumeSelection) -> Result<Vec<VolumeName>, String> {
         match selection {
             VolumeSelection::All => Ok(self.own_volumes()),
             VolumeSelection::Named(names) => {
@@ -822,14 +823,14 @@ impl Handler<Pause> for VolumeScheduler {
         let now = now_ms();
         let mut pending = Vec::new();
         for volume in volumes {
-            let already = self.paused.get(&volume).copied();
+            let already = self.paused.get(volume.as_str()).copied();
             let since = already.unwrap_or(now);
             if already.is_none() {
                 if let Err(e) = self.baselines.set_paused(&volume, Some(since)) {
                     let reason = format!("cannot record the pause of {volume}: {e}");
                     return Box::pin(async move { Err(reason) });
                 }
-                self.paused.insert(volume.clone(), since);
+                self.paused.insert(volume.to_string(), since);
                 tracing::info!(%volume, "volume paused");
             }
             let mut running = Vec::new();
@@ -883,10 +884,10 @@ impl Handler<Resume> for VolumeScheduler {
         let volumes = self.select(msg.0)?;
         let mut out = Vec::new();
         for volume in volumes {
-            let since = self.paused.get(&volume).copied();
+            let since = self.paused.get(volume.as_str()).copied();
             if since.is_some() {
                 self.baselines.set_paused(&volume, None).map_err(|e| format!("cannot record the resume of {volume}: {e}"))?;
-                self.paused.remove(&volume);
+                self.paused.remove(volume.as_str());
                 tracing::info!(%volume, "volume resumed");
                 let keys: Vec<Key> = self.plans.keys().filter(|(v, _)| *v == volume).cloned().collect();
                 for key in keys {

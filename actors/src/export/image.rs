@@ -18,7 +18,7 @@ use super::fetcher::{Connect, Fetcher};
 use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
 use crate::restore::{blob_chain, decode_into, RestoreError, RpSource};
-use crate::store::{ReadStore, RpMeta, RpSeq};
+use crate::store::{ReadStore, RpMeta, RpSeq, VolumeName};
 
 /// Decoded blocks kept by default.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
@@ -98,7 +98,7 @@ impl RpImage {
     /// block id and checks them against the RP's Merkle root. A remote source's
     /// stream (from the holder named in `failover`) keeps serving blocks, and
     /// `failover`'s connector opens other holders when it fails.
-    pub async fn open(mut source: RpSource, volume: &str, seq: Option<RpSeq>, codec: BlockCodec, cache_bytes: u64, failover: Option<(String, Connect)>) -> Result<RpImage, RestoreError> {
+    pub async fn open(mut source: RpSource, volume: &VolumeName, seq: Option<RpSeq>, codec: BlockCodec, cache_bytes: u64, failover: Option<(String, Connect)>) -> Result<RpImage, RestoreError> {
         let meta = source.rp(volume, seq).await?;
         let mut ids = Vec::with_capacity(usize::try_from(meta.block_count).unwrap_or(0));
         let mut merkle = MerkleBuilder::new();

@@ -26,7 +26,7 @@ use self::image::RpImage;
 use self::overlay::{Overlay, OverlayError, PAGE_BYTES};
 use std::os::unix::fs::DirBuilderExt;
 use crate::proto::nbd::{Extent, NbdErrno};
-use crate::store::RpSeq;
+use crate::store::{RpSeq, VolumeName};
 
 /// Why an export could not start. Nothing was left behind: no socket, no overlay
 /// file (an overlay given with `--overlay` is kept as it was).
@@ -226,7 +226,7 @@ pub enum OverlayChoice {
 /// overlay (see [`RpImage::open`] for `failover`).
 pub async fn open_disk(
     source: crate::restore::RpSource,
-    volume: &str,
+    volume: &VolumeName,
     seq: Option<RpSeq>,
     codec: crate::codec::BlockCodec,
     overlay: &OverlayChoice,

@@ -314,7 +314,7 @@ mod tests {
 
     fn meta(volume_bytes: u64) -> RpMeta {
         RpMeta {
-            volume: "web".into(),
+            volume: crate::store::VolumeName::from_static("web"),
             seq: RpSeq(7),
             time_unix_ms: 0,
             source_node: "a".into(),

@@ -37,6 +37,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use super::journal::{Journal, JournalEntry, TEMP_MARK};
 use super::probe::{probe, PROBE_BYTES};
 use super::RestoreError;
+use crate::store::VolumeName;
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT`: a multiple of every
 /// logical block size in use (512 and 4096).
@@ -46,7 +47,7 @@ pub const DIRECT_ALIGN: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct Protected {
     /// The volume's name (for the message).
-    pub volume: String,
+    pub volume: VolumeName,
     /// Its source path: an image file or a block device.
     pub path: PathBuf,
 }

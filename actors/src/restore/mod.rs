@@ -35,7 +35,7 @@ use crate::actor::fetch::FetchClient;
 use crate::proto::fetch::{FetchReply, FetchRequest, IDS_PER_REQUEST};
 use crate::codec::BlockCodec;
 use crate::content::{ContentId, MerkleBuilder};
-use crate::store::{EncodedBlob, ReadStore, RpMeta, RpSeq, StoreError};
+use crate::store::{EncodedBlob, ReadStore, RpMeta, RpSeq, StoreError, VolumeName};
 
 pub use self::dest::{Protected, Rules};
 pub use self::journal::Journal;
@@ -209,7 +209,7 @@ fn unexpected(reply: &FetchReply) -> RestoreError {
 
 impl RpSource {
     /// The metadata of `volume@seq` (the newest when `seq` is None).
-    pub(crate) async fn rp(&mut self, volume: &str, seq: Option<RpSeq>) -> Result<RpMeta, RestoreError> {
+    pub(crate) async fn rp(&mut self, volume: &VolumeName, seq: Option<RpSeq>) -> Result<RpMeta, RestoreError> {
         let name = format!("{volume}@{}", seq.map_or("latest".to_string(), |s| s.to_string()));
         match self {
             RpSource::Local(store) => {
@@ -222,7 +222,7 @@ impl RpSource {
                 found.ok_or(RestoreError::NoSuchRp(name))
             }
             RpSource::Remote(client) => {
-                client.request(&FetchRequest::Rp { volume: volume.to_string(), seq }).await.map_err(RestoreError::Fetch)?;
+                client.request(&FetchRequest::Rp { volume: volume.clone(), seq }).await.map_err(RestoreError::Fetch)?;
                 match client.reply().await.map_err(RestoreError::Fetch)? {
                     FetchReply::Rp(meta) => Ok(meta),
                     FetchReply::Error(e) => Err(RestoreError::Fetch(format!("{name}: {e}"))),
@@ -316,7 +316,7 @@ async fn check_block_map(source: &mut RpSource, meta: &RpMeta, progress: &Progre
 /// it when `target` is None, reporting to `progress` as it goes.
 pub async fn restore(
     source: &mut RpSource,
-    volume: &str,
+    volume: &VolumeName,
     seq: Option<RpSeq>,
     codec: &BlockCodec,
     target: Option<&Target>,
@@ -392,7 +392,7 @@ mod tests {
 
     fn meta(block_count: u64, merkle_root: crate::content::MerkleRoot) -> RpMeta {
         RpMeta {
-            volume: "vol".into(),
+            volume: crate::store::VolumeName::from_static("vol"),
             seq: RpSeq(1),
             time_unix_ms: 1,
             source_node: "src".into(),
@@ -439,13 +439,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target { path: dir.path().join("vol.img"), rules: Rules::default(), journal: None };
         let progress = Arc::new(Progress::default());
-        let report = restore(&mut source, "vol", None, &codec, Some(&target), &progress).await.expect("restore");
+        let report = restore(&mut source, &crate::store::VolumeName::from_static("vol"), None, &codec, Some(&target), &progress).await.expect("restore");
         assert_eq!(std::fs::read(&target.path).expect("read the image"), image);
         assert_eq!((report.blocks, report.zero_blocks, report.blobs_read), (3, 1, 3), "the delta's chain is read with its base");
         assert_eq!(progress.snapshot().phase, "done");
-        let verified = restore(&mut source, "vol", Some(RpSeq(1)), &codec, None, &progress).await.expect("verify");
+        let verified = restore(&mut source, &crate::store::VolumeName::from_static("vol"), Some(RpSeq(1)), &codec, None, &progress).await.expect("verify");
         assert_eq!(verified.output, None);
-        let missing = restore(&mut source, "vol", Some(RpSeq(2)), &codec, None, &progress).await.expect_err("no RP 2");
+        let missing = restore(&mut source, &crate::store::VolumeName::from_static("vol"), Some(RpSeq(2)), &codec, None, &progress).await.expect_err("no RP 2");
         assert!(matches!(missing, RestoreError::NoSuchRp(_)), "{missing}");
     }
 
@@ -455,7 +455,7 @@ mod tests {
         let (store, _) = memory_rp(&codec, Some(crate::content::MerkleRoot([9; 32])));
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target { path: dir.path().join("vol.img"), rules: Rules::default(), journal: None };
-        let refused = restore(&mut RpSource::Local(Arc::new(store)), "vol", None, &codec, Some(&target), &Arc::new(Progress::default())).await.expect_err("wrong root");
+        let refused = restore(&mut RpSource::Local(Arc::new(store)), &crate::store::VolumeName::from_static("vol"), None, &codec, Some(&target), &Arc::new(Progress::default())).await.expect_err("wrong root");
         assert!(matches!(refused, RestoreError::Merkle { .. }), "{refused}");
         assert!(!target.path.exists(), "nothing is left at the destination");
         assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0, "no temporary file is left either");

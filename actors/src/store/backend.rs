@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::retention::select_keep;
-use super::{BlobId, BlobLoc, ContentId, EncodedBlob, Retention, RpMeta, RpSeq, Store, StoreError};
+use super::{BlobId, BlobLoc, ContentId, EncodedBlob, Retention, RpMeta, RpSeq, Store, StoreError, VolumeName};
 
 /// What a replication session does to a store, in the order the target's core
 /// asks for it. Every call either does all it says or nothing, and says why.
@@ -103,7 +103,7 @@ struct Memory {
     /// content -> the blob that materializes it.
     contents: HashMap<ContentId, BlobId>,
     /// volume -> seq -> (RP, block map).
-    rps: BTreeMap<String, BTreeMap<RpSeq, (RpMeta, Vec<ContentId>)>>,
+    rps: BTreeMap<VolumeName, BTreeMap<RpSeq, (RpMeta, Vec<ContentId>)>>,
     staged: HashMap<(u64, String), BTreeMap<u64, ContentId>>,
     pins: HashMap<u64, HashSet<BlobId>>,
 }
@@ -226,7 +226,7 @@ impl SessionStore for MemoryStore {
         }
         let mut map = newest.map(|(_, map)| map).unwrap_or_default();
         map.resize(usize::try_from(meta.block_count).unwrap_or(usize::MAX), ContentId::ZERO);
-        let staged = m.staged.get(&(session, meta.volume.clone())).cloned().unwrap_or_default();
+        let staged = m.staged.get(&(session, meta.volume.to_string())).cloned().unwrap_or_default();
         for (&index, content) in &staged {
             if index >= meta.block_count {
                 return Err(StoreError::InvalidRp { rp, cause: format!("staged block {index} is past the RP's {} blocks", meta.block_count) });
@@ -236,7 +236,7 @@ impl SessionStore for MemoryStore {
             }
             map[index as usize] = *content;
         }
-        m.staged.remove(&(session, meta.volume.clone()));
+        m.staged.remove(&(session, meta.volume.to_string()));
         m.rps.entry(meta.volume.clone()).or_default().insert(meta.seq, (meta.clone(), map));
         Ok(())
     }
@@ -297,7 +297,7 @@ mod tests {
 
     fn meta(seq: u64, blocks: u64, time: u64) -> RpMeta {
         RpMeta {
-            volume: "vol".into(),
+            volume: crate::store::VolumeName::from_static("vol"),
             seq: RpSeq(seq),
             time_unix_ms: time,
             source_node: "src".into(),

@@ -18,7 +18,7 @@
 
 use redb::TableDefinition;
 
-use super::{RpMeta, RpSeq};
+use super::{RpMeta, RpSeq, VolumeName};
 use crate::content::{BlobId, ContentId};
 
 /// Counters.
@@ -111,7 +111,7 @@ pub fn encode_rp(meta: &RpMeta) -> Vec<u8> {
     }
     b.extend_from_slice(&meta.merkle_root.0);
     b.push(u8::from(meta.encrypted));
-    for s in [&meta.volume, &meta.source_node, &meta.consistency] {
+    for s in [meta.volume.as_str(), meta.source_node.as_str(), meta.consistency.as_str()] {
         b.extend_from_slice(&(s.len() as u32).to_le_bytes());
         b.extend_from_slice(s.as_bytes());
     }
@@ -154,7 +154,7 @@ pub fn decode_rp(b: &[u8]) -> Option<RpMeta> {
     let encrypted = c.take(1)?[0] != 0;
     let (volume, source_node, consistency) = (c.string()?, c.string()?, c.string()?);
     Some(RpMeta {
-        volume,
+        volume: VolumeName::new(volume).ok()?,
         seq: RpSeq(seq),
         time_unix_ms,
         source_node,
@@ -176,7 +176,7 @@ mod tests {
     #[test]
     fn rows_round_trip() {
         let meta = RpMeta {
-            volume: "db-1".into(),
+            volume: crate::store::VolumeName::from_static("db-1"),
             seq: RpSeq(7),
             time_unix_ms: 1_700_000_000_123,
             source_node: "node-a".into(),

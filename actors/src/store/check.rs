@@ -73,7 +73,7 @@ pub fn check(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<CheckReport, 
     let manifests = manifest::list(&manifests_dir, false)?;
     report.manifests = manifests.len() as u64;
     let mut manifest_paths: BTreeMap<(String, RpSeq), std::path::PathBuf> =
-        manifests.into_iter().map(|(v, s, p)| ((v, s), p)).collect();
+        manifests.into_iter().map(|(v, s, p)| ((v.into_string(), s), p)).collect();
 
     let catalog = match std::fs::symlink_metadata(&catalog_path) {
         Ok(m) if m.is_file() => catch_engine(&catalog_path, "checked the catalog", || {

@@ -11,7 +11,7 @@ use redb::ReadableTable;
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::error::{io_error, StoreError};
 use super::retention::{select_keep, Retention};
-use super::{blob_file, lock, manifest, now_unix_ms, GcReport, RpSeq, Store};
+use super::{blob_file, lock, manifest, now_unix_ms, GcReport, RpSeq, Store, VolumeName};
 use crate::content::{BlobId, ContentId};
 
 /// Resets the GC flag and its extra pins however the run ends.
@@ -182,7 +182,7 @@ impl Store {
                 .map_err(|e| self.ce(&format!("commit prune of {volume}"), e))?;
             // Committed: the deleted RPs' manifests go (one left by a crash here is
             // removed at the next open).
-            if !deleted.is_empty() && manifest::valid_volume_name(volume) {
+            if !deleted.is_empty() && VolumeName::new(volume).is_ok() {
                 for d in &deleted {
                     manifest::remove(&self.manifests_dir, volume, RpSeq(*d))?;
                 }

@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{io_error, StoreError};
-use super::{RpMeta, RpSeq};
+use super::{RpMeta, RpSeq, VolumeName};
 use crate::content::ContentId;
 
 /// Magic at the start of every manifest.
@@ -89,15 +89,6 @@ pub enum ManifestError {
 
 fn invalid<T>(what: impl Into<String>) -> Result<T, ManifestError> {
     Err(ManifestError::Invalid(what.into()))
-}
-
-/// Whether `volume` can name a manifest folder: the topology's name rule
-/// (`[a-z0-9][a-z0-9-_.]*`), at most 200 bytes.
-pub fn valid_volume_name(volume: &str) -> bool {
-    let mut chars = volume.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
-        && volume.len() <= 200
 }
 
 /// The folder of `volume`'s manifests under `manifests_dir`.
@@ -174,7 +165,7 @@ impl Manifest {
         }
         w.write_all(&m.merkle_root.0)?;
         w.write_all(&(self.changes.len() as u64).to_le_bytes())?;
-        for s in [&m.volume, &m.source_node, &m.consistency] {
+        for s in [m.volume.as_str(), m.source_node.as_str(), m.consistency.as_str()] {
             write_text(&mut w, s)?;
         }
         for (index, content) in &self.changes {
@@ -240,9 +231,10 @@ impl Manifest {
         let volume = read_text(&mut r, "volume name")?;
         let source_node = read_text(&mut r, "source node")?;
         let consistency = read_text(&mut r, "consistency")?;
-        if !valid_volume_name(&volume) {
-            return invalid(format!("volume name {volume:?} is not a valid volume name"));
-        }
+        let volume = match VolumeName::new(volume) {
+            Ok(volume) => volume,
+            Err(e) => return invalid(e.to_string()),
+        };
         // Grow with what is read, never with what the header claims.
         let mut changes = Vec::with_capacity(count.min(1 << 16) as usize);
         let mut last: Option<u64> = None;
@@ -345,13 +337,8 @@ pub fn read(path: &Path) -> Result<Manifest, StoreError> {
 /// folder. Afterwards the manifest survives a crash; before, the old one (if
 /// any) is intact. Returns the file's path.
 pub fn write(manifests_dir: &Path, manifest: &Manifest) -> Result<PathBuf, StoreError> {
+    // A volume name is one path component (`VolumeName`'s rule).
     let volume = &manifest.meta.volume;
-    if !valid_volume_name(volume) {
-        return Err(StoreError::InvalidRp {
-            rp: manifest.meta.name(),
-            cause: "the volume name does not follow the topology's rule ([a-z0-9][a-z0-9-_.]*, at most 200 bytes)".into(),
-        });
-    }
     let dir = volume_dir(manifests_dir, volume);
     fs::create_dir_all(&dir).map_err(|e| io_error("create manifest folder", &dir, e))?;
     let final_path = path(manifests_dir, volume, manifest.meta.seq);
@@ -406,7 +393,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// Every manifest file under `manifests_dir`: (volume, seq, path), by volume then seq.
 /// Other files are skipped; temp files of interrupted writes are removed when
 /// `remove_temp` is set.
-pub fn list(manifests_dir: &Path, remove_temp: bool) -> Result<Vec<(String, RpSeq, PathBuf)>, StoreError> {
+pub fn list(manifests_dir: &Path, remove_temp: bool) -> Result<Vec<(VolumeName, RpSeq, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     let volumes = match fs::read_dir(manifests_dir) {
         Ok(r) => r,
@@ -415,8 +402,8 @@ pub fn list(manifests_dir: &Path, remove_temp: bool) -> Result<Vec<(String, RpSe
     };
     for entry in volumes {
         let entry = entry.map_err(|e| io_error("list manifests", manifests_dir, e))?;
-        let Some(volume) = entry.file_name().to_str().map(str::to_string) else { continue };
-        if !valid_volume_name(&volume) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        let Some(volume) = entry.file_name().to_str().and_then(|name| VolumeName::new(name).ok()) else { continue };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let dir = entry.path();
@@ -443,7 +430,7 @@ mod tests {
     fn sample(changes: usize) -> Manifest {
         Manifest {
             meta: RpMeta {
-                volume: "db-1".into(),
+                volume: crate::store::VolumeName::from_static("db-1"),
                 seq: RpSeq(7),
                 time_unix_ms: 1_700_000_000_123,
                 source_node: "branch-a".into(),
@@ -552,9 +539,10 @@ mod tests {
         let mut m = sample(0);
         m.base_seq = Some(RpSeq(7));
         assert!(Manifest::decode(&m.encode()).unwrap_err().to_string().contains("not older"));
-        let mut m = sample(0);
-        m.meta.volume = "../etc".into();
-        assert!(Manifest::decode(&m.encode()).unwrap_err().to_string().contains("not a valid volume name"));
+        let mut bytes = sample(0).encode();
+        let at = bytes.windows(4).position(|w| w == b"db-1").expect("the name is in the manifest");
+        bytes[at..at + 4].copy_from_slice(b"../x");
+        assert!(Manifest::decode(&bytes).unwrap_err().to_string().contains("bad volume name \"../x\""));
     }
 
     #[test]
@@ -568,7 +556,7 @@ mod tests {
         let vdir = volume_dir(dir.path(), "db-1");
         std::os::unix::fs::symlink("/etc/passwd", vdir.join(".tmp-8-1-1")).unwrap();
         fs::write(vdir.join("notes.txt"), b"x").unwrap();
-        assert_eq!(list(dir.path(), true).unwrap(), vec![("db-1".to_string(), RpSeq(7), p.clone())]);
+        assert_eq!(list(dir.path(), true).unwrap(), vec![(VolumeName::from_static("db-1"), RpSeq(7), p.clone())]);
         assert!(!vdir.join(".tmp-8-1-1").exists());
         // A manifest renamed to another seq is refused.
         fs::copy(&p, path(dir.path(), "db-1", RpSeq(8))).unwrap();

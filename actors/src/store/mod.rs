@@ -103,7 +103,7 @@ pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
 pub use self::scrub::{RepairNeeds, RpScrub, ScrubKeys, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
-pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq};
+pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq, VolumeName};
 
 /// Page cache of each catalog (and staging) database redb keeps in memory.
 /// redb's default is 1 GiB, which a big catalog fills (its integrity check at
@@ -950,7 +950,7 @@ impl Store {
     /// told it committed and sends it again), older it was left by a prune
     /// interrupted after its commit.
     fn sync_manifests(&self) -> Result<(), StoreError> {
-        let mut on_disk: HashMap<String, HashSet<RpSeq>> = HashMap::new();
+        let mut on_disk: HashMap<VolumeName, HashSet<RpSeq>> = HashMap::new();
         for (volume, seq, _) in manifest::list(&self.manifests_dir, true)? {
             on_disk.entry(volume).or_default().insert(seq);
         }
@@ -963,12 +963,14 @@ impl Store {
         for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
             let (name, vid) = row.map_err(|e| self.ce("read volumes", e))?;
             let (volume, vid) = (name.value().to_string(), vid.value());
-            let mut files = on_disk.remove(&volume).unwrap_or_default();
+            let mut files = on_disk.remove(volume.as_str()).unwrap_or_default();
+            // A name outside the rule (a damaged row) gets no manifest folder.
+            let valid = VolumeName::new(volume.as_str()).is_ok();
             let mut base = None;
             for row in rps.range((vid, 0u64)..=(vid, u64::MAX)).map_err(|e| self.ce("read rps", e))? {
                 let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
                 let seq = RpSeq(k.value().1);
-                if !files.remove(&seq) && manifest::valid_volume_name(&volume) {
+                if !files.remove(&seq) && valid {
                     let meta = self.decode_rp_row(&volume, seq, v.value())?;
                     let m = self.manifest_from_catalog(&blocks, &changes, vid, &meta, base)?;
                     manifest::write(&self.manifests_dir, &m)?;
@@ -1018,13 +1020,15 @@ impl Store {
     }
 
     /// Volumes with RPs, by name.
-    pub fn volumes(&self) -> Result<Vec<String>, StoreError> {
+    pub fn volumes(&self) -> Result<Vec<VolumeName>, StoreError> {
         self.guard("listed volumes", || {
             let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
             let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
             let mut out = Vec::new();
             for row in vols.iter().map_err(|e| self.ce("read volumes", e))? {
-                out.push(row.map_err(|e| self.ce("read volumes", e))?.0.value().to_string());
+                let row = row.map_err(|e| self.ce("read volumes", e))?;
+                let name = VolumeName::new(row.0.value()).map_err(|e| StoreError::CorruptRow { what: format!("volume row: {e}") })?;
+                out.push(name);
             }
             Ok(out)
         })

@@ -26,7 +26,7 @@ use serde::Serialize;
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, META, NEXT_VOLUME_ID, RPS, RP_CHANGES, VOLUMES};
 use super::error::{catalog_error, io_error, open_error};
 use super::manifest::{self, Manifest};
-use super::{blob_file, catch_engine, now_unix_ms, RpSeq, Store, StoreError};
+use super::{blob_file, catch_engine, now_unix_ms, RpSeq, Store, StoreError, VolumeName};
 use crate::content::{BlobId, ContentId, MerkleBuilder};
 
 /// One thing a check or rebuild found wrong, for people.
@@ -166,7 +166,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
     }
 
     // 2. Manifests, per volume in seq order.
-    let mut by_volume: BTreeMap<String, Vec<(RpSeq, PathBuf)>> = BTreeMap::new();
+    let mut by_volume: BTreeMap<VolumeName, Vec<(RpSeq, PathBuf)>> = BTreeMap::new();
     for (volume, seq, path) in manifest::list(&manifests_dir, true)? {
         by_volume.entry(volume).or_default().push((seq, path));
     }
@@ -178,7 +178,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
         };
         report.refused.push(Finding { object, problem });
     };
-    let mut accepted: Vec<(String, RpSeq)> = Vec::new();
+    let mut accepted: Vec<(VolumeName, RpSeq)> = Vec::new();
     {
         let ctab = tx.open_table(CONTENTS).map_err(|e| ce("open table contents", e.into()))?;
         let mut vols = tx.open_table(VOLUMES).map_err(|e| ce("open table volumes", e.into()))?;
@@ -278,7 +278,7 @@ pub fn rebuild(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<RebuildRepo
             let (k, v) = row.map_err(|e| ce("read volumes", e.into()))?;
             new_vid.insert(k.value().to_string(), v.value());
         }
-        let wanted: HashSet<(String, RpSeq)> = accepted.into_iter().collect();
+        let wanted: HashSet<(String, RpSeq)> = accepted.into_iter().map(|(v, s)| (v.into_string(), s)).collect();
         match old_drill_reports(&catalog_path) {
             Ok(rows) => {
                 for (volume, seq, finished, bytes) in rows {

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::drill::{tail, CheckReport, DrillReport, OUTPUT_TAIL_BYTES};
 use drmesh_topology::{Drill, DrillBoot, DrillCheck, DrillSchedule, Topology};
 use serde_json::{json, Value};
@@ -113,7 +113,7 @@ pub struct Plan<'a> {
     /// How the RP is reached (state dir, node or store, keys).
     pub args: &'a RpArgs,
     /// Volume name.
-    pub volume: &'a str,
+    pub volume: &'a VolumeName,
     /// The RP.
     pub seq: RpSeq,
     /// The policy's drill settings.
@@ -129,7 +129,7 @@ fn one_check(plan: &Plan<'_>, check: DrillCheck, dir: &Path) -> checks::Outcome 
     if let Err(e) = private_dir(dir) {
         return failed(format!("cannot make the drill's folder {}: {e}", dir.display()));
     }
-    let request = ExportRequest { volume: volume.to_string(), seq: Some(seq), from: None, socket: Some(dir.join("nbd.sock")), listen: None, overlay: None, read_only: false };
+    let request = ExportRequest { volume: volume.clone(), seq: Some(seq), from: None, socket: Some(dir.join("nbd.sock")), listen: None, overlay: None, read_only: false };
     let served = match serve(args, &request) {
         Ok(s) => s,
         Err(e) => return failed(format!("cannot export {volume}@{seq}: {e:#}")),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use drmesh_actors::actor::applier::DataPlane;
 use drmesh_actors::actor::gossip::{GossipActor, PublishDrill};
-use drmesh_actors::blob::RpSeq;
+use drmesh_actors::blob::{RpSeq, VolumeName};
 use drmesh_actors::drill::{CheckReport, DrillReport};
 use drmesh_actors::proto::drill::{DrillJob, DrillPlan, DrillQueue, Trigger};
 use drmesh_topology::{DrillCheck, Topology};
@@ -263,7 +263,7 @@ async fn run_job(data: Arc<DataPlane>, state_dir: PathBuf, job: DrillJob, progre
 #[rtype(result = "Result<(usize, oneshot::Receiver<Result<DrillReport, String>>), String>")]
 pub struct RequestDrill {
     /// Volume name.
-    pub volume: String,
+    pub volume: VolumeName,
     /// Sequence number.
     pub seq: Option<RpSeq>,
     /// Check names.
@@ -301,7 +301,7 @@ impl Handler<RequestDrill> for DrillRunner {
 /// Drill history and queue of this node, for `ctl drills`.
 #[derive(Message)]
 #[rtype(result = "Result<Value, String>")]
-pub struct GetDrills(pub Option<String>);
+pub struct GetDrills(pub Option<VolumeName>);
 
 impl Handler<GetDrills> for DrillRunner {
     type Result = ResponseFuture<Result<Value, String>>;

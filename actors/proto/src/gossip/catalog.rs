@@ -29,11 +29,7 @@ use crate::blob::RpSeq;
 
 use super::Millis;
 
-/// Name of a volume as written in the topology file.
-pub type VolumeName = String;
-
-/// Longest volume name accepted in the catalog, in bytes (keeps items small).
-pub const VOLUME_NAME_BYTES_MAX: usize = 128;
+pub use drmesh_topology::{VolumeName, VOLUME_NAME_BYTES_MAX};
 /// Longest free-text field (error, drill detail, site, version), in bytes; longer text is cut.
 pub const TEXT_BYTES_MAX: usize = 256;
 
@@ -531,10 +527,10 @@ impl Catalog {
     }
 
     /// Live low-water mark of `volume` on `holder` (0 when none).
-    pub(crate) fn lwm(&self, holder: &NodeId, volume: &str) -> RpSeq {
+    pub(crate) fn lwm(&self, holder: &NodeId, volume: &VolumeName) -> RpSeq {
         self.holders
             .get(holder)
-            .and_then(|h| h.items.get(&ItemKey::Lwm(volume.to_string())))
+            .and_then(|h| h.items.get(&ItemKey::Lwm(volume.clone())))
             .map_or(RpSeq(0), |s| if let ItemValue::Lwm(b) = s.value { b } else { RpSeq(0) })
     }
 }
@@ -559,9 +555,9 @@ mod tests {
         NodeId::from_bytes([n; 32])
     }
 
-    fn rp(vol: &str, seq: RpSeq, version: u64) -> Item {
+    fn rp(vol: &'static str, seq: RpSeq, version: u64) -> Item {
         Item {
-            key: ItemKey::Rp(vol.into(), seq),
+            key: ItemKey::Rp(VolumeName::from_static(vol), seq),
             version,
             value: ItemValue::Rp(RpInfo {
                 snapshot_unix_ms: seq.0,
@@ -573,12 +569,12 @@ mod tests {
         }
     }
 
-    fn gone(vol: &str, seq: RpSeq, version: u64) -> Item {
-        Item { key: ItemKey::Rp(vol.into(), seq), version, value: ItemValue::RpGone { expired_unix_ms: 0 } }
+    fn gone(vol: &'static str, seq: RpSeq, version: u64) -> Item {
+        Item { key: ItemKey::Rp(VolumeName::from_static(vol), seq), version, value: ItemValue::RpGone { expired_unix_ms: 0 } }
     }
 
-    fn lwm(vol: &str, below: RpSeq, version: u64) -> Item {
-        Item { key: ItemKey::Lwm(vol.into()), version, value: ItemValue::Lwm(below) }
+    fn lwm(vol: &'static str, below: RpSeq, version: u64) -> Item {
+        Item { key: ItemKey::Lwm(VolumeName::from_static(vol)), version, value: ItemValue::Lwm(below) }
     }
 
     fn fingerprint(c: &Catalog) -> Vec<(NodeId, ItemKey, u64)> {
@@ -606,7 +602,7 @@ mod tests {
                     c.merge(id(1), it); // idempotent
                 }
                 let fp = fingerprint(&c);
-                assert!(!fp.iter().any(|(_, k, _)| *k == ItemKey::Rp("a".into(), RpSeq(1))), "below lwm");
+                assert!(!fp.iter().any(|(_, k, _)| *k == ItemKey::Rp(crate::blob::VolumeName::from_static("a"), RpSeq(1))), "below lwm");
                 match &reference {
                     None => reference = Some(fp),
                     Some(r) => assert_eq!(r, &fp),

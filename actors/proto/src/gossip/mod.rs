@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use catalog::{
     cut_text, prefix_of, Catalog, Item, ItemKey, ItemValue, Merge, NodeStatus, RpInfo, ScrubResult, ScrubVerdict, VolumeHealth,
-    VolumeName, BUCKETS, DRILL_CHECKS_MAX, SCRUB_DAMAGED_MAX, VOLUME_NAME_BYTES_MAX,
+    VolumeName, BUCKETS, DRILL_CHECKS_MAX, SCRUB_DAMAGED_MAX,
 };
 use crate::bandwidth::Demand;
 use crate::blob::RpSeq;
@@ -255,9 +255,6 @@ pub enum GossipError {
     /// An anti-entropy message did not decode; dropped.
     #[error("anti-entropy message does not decode: {0}")]
     Sync(#[from] postcard::Error),
-    /// A volume name that is empty or too long; nothing was recorded.
-    #[error("volume name of {0} bytes (must be 1..={VOLUME_NAME_BYTES_MAX})")]
-    VolumeName(usize),
     /// A replica snapshot that is not ours or not this version; nothing restored.
     #[error("replica snapshot has a bad magic or version")]
     SnapshotHeader,
@@ -537,16 +534,8 @@ impl GossipNode {
         self.finish();
     }
 
-    fn check_volume(volume: &str) -> Result<(), GossipError> {
-        if volume.is_empty() || volume.len() > VOLUME_NAME_BYTES_MAX {
-            return Err(GossipError::VolumeName(volume.len()));
-        }
-        Ok(())
-    }
-
     /// This node committed (or updated, e.g. a drill result) RP `volume@seq`.
-    pub fn handle_local_rp(&mut self, now: Millis, volume: &str, seq: RpSeq, mut info: RpInfo) -> Result<(), GossipError> {
-        Self::check_volume(volume)?;
+    pub fn handle_local_rp(&mut self, now: Millis, volume: &VolumeName, seq: RpSeq, mut info: RpInfo) -> Result<(), GossipError> {
         if let Some(d) = info.drill.as_mut() {
             d.detail = cut_text(&d.detail);
             d.software_version = cut_text(&d.software_version);
@@ -555,29 +544,27 @@ impl GossipNode {
                 c.check = c.check.chars().take(32).collect();
             }
         }
-        self.write_local(now, ItemKey::Rp(volume.to_string(), seq), ItemValue::Rp(info));
+        self.write_local(now, ItemKey::Rp(volume.clone(), seq), ItemValue::Rp(info));
         Ok(())
     }
 
     /// This node deleted RP `volume@seq` out of order (a tombstone is gossiped).
     /// Prefer [`GossipNode::handle_rps_expired_below`] when retention removes
     /// the oldest RPs: it needs no tombstone.
-    pub fn handle_rp_expired(&mut self, now: Millis, volume: &str, seq: RpSeq, expired_unix_ms: u64) -> Result<(), GossipError> {
-        Self::check_volume(volume)?;
+    pub fn handle_rp_expired(&mut self, now: Millis, volume: &VolumeName, seq: RpSeq, expired_unix_ms: u64) -> Result<(), GossipError> {
         if seq < lock(&self.shared).lwm(&self.me, volume) {
             return Ok(());
         }
-        self.write_local(now, ItemKey::Rp(volume.to_string(), seq), ItemValue::RpGone { expired_unix_ms });
+        self.write_local(now, ItemKey::Rp(volume.clone(), seq), ItemValue::RpGone { expired_unix_ms });
         Ok(())
     }
 
     /// Every RP of `volume` on this node with `seq < below` is gone (retention).
-    pub fn handle_rps_expired_below(&mut self, now: Millis, volume: &str, below: RpSeq) -> Result<(), GossipError> {
-        Self::check_volume(volume)?;
+    pub fn handle_rps_expired_below(&mut self, now: Millis, volume: &VolumeName, below: RpSeq) -> Result<(), GossipError> {
         if below <= lock(&self.shared).lwm(&self.me, volume) {
             return Ok(());
         }
-        self.write_local(now, ItemKey::Lwm(volume.to_string()), ItemValue::Lwm(below));
+        self.write_local(now, ItemKey::Lwm(volume.clone()), ItemValue::Lwm(below));
         Ok(())
     }
 
@@ -596,8 +583,7 @@ impl GossipNode {
 
     /// A scrub of this node's store checked `volume`'s RPs; publish its result
     /// (its list of damaged RPs sorted and cut to [`SCRUB_DAMAGED_MAX`]).
-    pub fn handle_scrub(&mut self, now: Millis, volume: &str, mut result: ScrubResult) -> Result<(), GossipError> {
-        Self::check_volume(volume)?;
+    pub fn handle_scrub(&mut self, now: Millis, volume: &VolumeName, mut result: ScrubResult) -> Result<(), GossipError> {
         result.damaged.sort_unstable();
         result.damaged.dedup();
         if result.damaged.len() > SCRUB_DAMAGED_MAX {
@@ -605,15 +591,14 @@ impl GossipNode {
             result.damaged_cut = true;
         }
         result.sample_percent = result.sample_percent.clamp(1, 100);
-        self.write_local(now, ItemKey::Scrub(volume.to_string()), ItemValue::Scrub(result));
+        self.write_local(now, ItemKey::Scrub(volume.clone()), ItemValue::Scrub(result));
         Ok(())
     }
 
     /// A cycle of `volume` (sourced here) ended; publish its health.
-    pub fn handle_volume_health(&mut self, now: Millis, volume: &str, mut health: VolumeHealth) -> Result<(), GossipError> {
-        Self::check_volume(volume)?;
+    pub fn handle_volume_health(&mut self, now: Millis, volume: &VolumeName, mut health: VolumeHealth) -> Result<(), GossipError> {
         health.last_error = health.last_error.as_deref().map(cut_text);
-        self.write_local(now, ItemKey::Health(volume.to_string()), ItemValue::Health(health));
+        self.write_local(now, ItemKey::Health(volume.clone()), ItemValue::Health(health));
         Ok(())
     }
 
@@ -718,9 +703,9 @@ impl GossipNode {
     }
 
     /// Whether the replica holds RP `volume@seq` of `holder` as live.
-    pub fn has_rp(&self, holder: &NodeId, volume: &str, seq: RpSeq) -> bool {
+    pub fn has_rp(&self, holder: &NodeId, volume: &VolumeName, seq: RpSeq) -> bool {
         lock(&self.shared).holders.get(holder).is_some_and(|h| {
-            matches!(h.items.get(&ItemKey::Rp(volume.to_string(), seq)), Some(s) if matches!(s.value, ItemValue::Rp(_)))
+            matches!(h.items.get(&ItemKey::Rp(volume.clone(), seq)), Some(s) if matches!(s.value, ItemValue::Rp(_)))
         })
     }
 

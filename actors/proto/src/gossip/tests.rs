@@ -98,20 +98,20 @@ fn gossip_rp_reaches_everyone_and_expiry_sticks() {
     for n in 0..8 {
         assert_eq!(mesh.node(n).active_members(), 7, "node {n} membership");
     }
-    mesh.node(3).handle_local_rp(Millis(10_000), "db", RpSeq(1), info(RpSeq(1))).unwrap();
-    mesh.node(3).handle_local_rp(Millis(10_000), "db", RpSeq(2), info(RpSeq(2))).unwrap();
+    mesh.node(3).handle_local_rp(Millis(10_000), &VolumeName::from_static("db"), RpSeq(1), info(RpSeq(1))).unwrap();
+    mesh.node(3).handle_local_rp(Millis(10_000), &VolumeName::from_static("db"), RpSeq(2), info(RpSeq(2))).unwrap();
     mesh.drain();
     mesh.run_until(Millis(20_000));
     for n in 0..8 {
-        assert!(mesh.node(n).has_rp(&id(3), "db", RpSeq(1)), "node {n} lacks db@1");
+        assert!(mesh.node(n).has_rp(&id(3), &VolumeName::from_static("db"), RpSeq(1)), "node {n} lacks db@1");
     }
-    mesh.node(3).handle_rps_expired_below(Millis(20_000), "db", RpSeq(2)).unwrap();
-    mesh.node(3).handle_rp_expired(Millis(20_000), "db", RpSeq(2), 5).unwrap();
+    mesh.node(3).handle_rps_expired_below(Millis(20_000), &VolumeName::from_static("db"), RpSeq(2)).unwrap();
+    mesh.node(3).handle_rp_expired(Millis(20_000), &VolumeName::from_static("db"), RpSeq(2), 5).unwrap();
     mesh.drain();
     mesh.run_until(Millis(30_000));
     for n in 0..8 {
-        assert!(!mesh.node(n).has_rp(&id(3), "db", RpSeq(1)));
-        assert!(!mesh.node(n).has_rp(&id(3), "db", RpSeq(2)));
+        assert!(!mesh.node(n).has_rp(&id(3), &VolumeName::from_static("db"), RpSeq(1)));
+        assert!(!mesh.node(n).has_rp(&id(3), &VolumeName::from_static("db"), RpSeq(2)));
     }
 }
 
@@ -120,7 +120,7 @@ fn anti_entropy_heals_a_partition() {
     let mut mesh = Mesh::new(6);
     mesh.run_until(Millis(5_000));
     mesh.cut = vec![id(4), id(5)];
-    mesh.node(1).handle_local_rp(Millis(5_000), "v", RpSeq(1), info(RpSeq(1))).unwrap();
+    mesh.node(1).handle_local_rp(Millis(5_000), &VolumeName::from_static("v"), RpSeq(1), info(RpSeq(1))).unwrap();
     mesh.node(4).handle_status(
         Millis(5_000),
         NodeStatus { site: "branch".into(), software_version: "0.1".into(), topology_version: 3, topology_hash: [1; 32] },
@@ -128,11 +128,11 @@ fn anti_entropy_heals_a_partition() {
     mesh.drain();
     // Long enough for piggybacked broadcasts to be exhausted.
     mesh.run_until(Millis(600_000));
-    assert!(!mesh.node(5).has_rp(&id(1), "v", RpSeq(1)));
+    assert!(!mesh.node(5).has_rp(&id(1), &VolumeName::from_static("v"), RpSeq(1)));
     mesh.cut.clear();
     mesh.run_until(Millis(900_000));
     for n in 0..6 {
-        assert!(mesh.node(n).has_rp(&id(1), "v", RpSeq(1)), "node {n}");
+        assert!(mesh.node(n).has_rp(&id(1), &VolumeName::from_static("v"), RpSeq(1)), "node {n}");
         let members = mesh.node(n).members();
         if n != 4 {
             let m4 = members.iter().find(|m| m.node == id(4)).expect("member 4 known");
@@ -144,12 +144,12 @@ fn anti_entropy_heals_a_partition() {
 #[test]
 fn snapshot_round_trips() {
     let mut mesh = Mesh::new(3);
-    mesh.node(1).handle_local_rp(Millis(0), "v", RpSeq(4), info(RpSeq(4))).unwrap();
+    mesh.node(1).handle_local_rp(Millis(0), &VolumeName::from_static("v"), RpSeq(4), info(RpSeq(4))).unwrap();
     mesh.drain();
     mesh.run_until(Millis(5_000));
     let snap = mesh.node(2).snapshot();
     let restored = GossipNode::restore(Millis(0), id(2), 2, GossipConfig::for_cluster(3), 9, &snap).unwrap();
-    assert!(restored.has_rp(&id(1), "v", RpSeq(4)));
+    assert!(restored.has_rp(&id(1), &VolumeName::from_static("v"), RpSeq(4)));
     assert!(GossipNode::restore(Millis(0), id(1), 2, GossipConfig::for_cluster(3), 9, &snap).is_err());
     assert!(GossipNode::restore(Millis(0), id(2), 2, GossipConfig::for_cluster(3), 9, b"nope").is_err());
 }
@@ -162,7 +162,15 @@ fn garbage_is_rejected_without_panic() {
     assert!(node.handle_datagram(Millis(1), id(1), &[TAG_SYNC, 0xff, 0xff]).is_err());
     let _ = node.handle_datagram(Millis(1), id(1), &[TAG_FOCA, 1, 2, 3]);
     assert!(node.handle_datagram(Millis(1), id(1), &vec![TAG_FOCA; 1300]).is_err());
-    assert!(node.handle_local_rp(Millis(1), "", RpSeq(1), info(RpSeq(1))).is_err());
+    // A peer's item naming a volume outside the name rule does not decode: dropped, nothing recorded.
+    let item = Item { key: ItemKey::Rp(VolumeName::from_static("zzzzzzzz"), RpSeq(1)), version: 1, value: ItemValue::Rp(info(RpSeq(1))) };
+    let good = encode_sync(&SyncMsg::Items { holder: id(1), from: 0, upto: 1, items: vec![item] });
+    let at = good.windows(8).position(|w| w == b"zzzzzzzz").expect("the name is in the datagram");
+    let mut bad = good.clone();
+    bad[at..at + 8].copy_from_slice(b"../../..");
+    assert!(matches!(node.handle_datagram(Millis(1), id(1), &bad), Err(GossipError::Sync(_))));
+    assert!(node.rps().is_empty());
+    assert!(node.handle_datagram(Millis(1), id(1), &good).is_ok(), "the same datagram with a good name decodes");
 }
 
 #[test]
@@ -192,14 +200,14 @@ fn drill_result_replaces_the_rp_entry_everywhere_and_is_cut_to_size() {
     use super::catalog::{CheckVerdict, DrillResult};
     let mut mesh = Mesh::new(5);
     mesh.run_until(Millis(5_000));
-    mesh.node(2).handle_local_rp(Millis(5_000), "db", RpSeq(4), info(RpSeq(4))).unwrap();
+    mesh.node(2).handle_local_rp(Millis(5_000), &VolumeName::from_static("db"), RpSeq(4), info(RpSeq(4))).unwrap();
     mesh.drain();
     mesh.run_until(Millis(10_000));
     let long = "x".repeat(5000);
     let checks = (0..20).map(|i| CheckVerdict { check: format!("check-{i}-{long}"), passed: i != 3, duration_ms: i }).collect();
     let mut drilled = info(RpSeq(4));
     drilled.drill = Some(DrillResult { finished_unix_ms: 9, passed: false, verified: false, checks, software_version: long.clone(), detail: long });
-    mesh.node(2).handle_local_rp(Millis(10_000), "db", RpSeq(4), drilled).unwrap();
+    mesh.node(2).handle_local_rp(Millis(10_000), &VolumeName::from_static("db"), RpSeq(4), drilled).unwrap();
     mesh.drain();
     mesh.run_until(Millis(20_000));
     for n in 0..5 {
@@ -217,11 +225,11 @@ fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
     let mut mesh = Mesh::new(4);
     mesh.run_until(Millis(5_000));
     for seq in [3, 4, 5, 9].map(RpSeq) {
-        mesh.node(1).handle_local_rp(Millis(5_000), "db", seq, info(seq)).unwrap();
+        mesh.node(1).handle_local_rp(Millis(5_000), &VolumeName::from_static("db"), seq, info(seq)).unwrap();
     }
-    mesh.node(2).handle_local_rp(Millis(5_000), "db", RpSeq(4), info(RpSeq(4))).unwrap();
+    mesh.node(2).handle_local_rp(Millis(5_000), &VolumeName::from_static("db"), RpSeq(4), info(RpSeq(4))).unwrap();
     let result = ScrubResult { finished_unix_ms: 77, sample_percent: 10, first_seq: RpSeq(3), last_seq: RpSeq(5), damaged: vec![RpSeq(4)], damaged_cut: false };
-    mesh.node(1).handle_scrub(Millis(5_000), "db", result).unwrap();
+    mesh.node(1).handle_scrub(Millis(5_000), &VolumeName::from_static("db"), result).unwrap();
     mesh.drain();
     mesh.run_until(Millis(10_000));
     for n in 0..4 {
@@ -239,7 +247,7 @@ fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
     }
     // A newer scrub replaces the older one; a long damaged list is cut and says so.
     let many = ScrubResult { finished_unix_ms: 88, sample_percent: 100, first_seq: RpSeq(1), last_seq: RpSeq(1000), damaged: (1..=200).rev().map(RpSeq).collect(), damaged_cut: false };
-    mesh.node(1).handle_scrub(Millis(10_000), "db", many).unwrap();
+    mesh.node(1).handle_scrub(Millis(10_000), &VolumeName::from_static("db"), many).unwrap();
     mesh.drain();
     mesh.run_until(Millis(15_000));
     let rps = mesh.node(3).rps();
@@ -251,8 +259,7 @@ fn scrub_results_give_each_rp_of_the_holder_a_verdict_everywhere() {
     assert_eq!(cut.verdict(RpSeq(SCRUB_DAMAGED_MAX as u64 + 1)), None);
     assert_eq!(cut.verdict(RpSeq(2)).map(|v| v.sound), Some(false));
     assert_eq!(cut.verdict(RpSeq(1001)), None);
-    // Bad volume names are refused; saved replicas keep the item.
-    assert!(mesh.node(1).handle_scrub(Millis(15_000), "", cut.clone()).is_err());
+    // Saved replicas keep the item.
     let snap = mesh.node(0).snapshot();
     let restored = GossipNode::restore(Millis(0), id(0), 2, GossipConfig::for_cluster(4), 9, &snap).unwrap();
     assert_eq!(restored.rps().iter().find(|r| r.holder == id(1) && r.seq == RpSeq(5)).and_then(|r| r.scrub).map(|v| v.sound), Some(false));

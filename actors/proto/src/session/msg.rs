@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::blob::{BlobFlags, EncodedBlob, RpMeta, RpSeq};
+use crate::blob::{BlobFlags, EncodedBlob, RpMeta, RpSeq, VolumeName};
 use crate::content::{BlobId, ContentId};
 
 /// A changed block offered to the target.
@@ -84,7 +84,7 @@ pub enum SourceMsg {
     /// Starts a cycle.
     Open {
         /// Volume name.
-        volume: String,
+        volume: VolumeName,
         /// The RP the source's change set is relative to, with its Merkle root.
         base: Option<(RpSeq, crate::content::MerkleRoot)>,
         /// Whether the policy encrypts (recorded on the RP).

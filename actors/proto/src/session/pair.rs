@@ -41,9 +41,9 @@ pub fn topology(keep_last: u32) -> Arc<Topology> {
 }
 
 /// An RP's metadata as a source reader fills it in.
-pub fn meta(volume: &str) -> RpMeta {
+pub fn meta(volume: &'static str) -> RpMeta {
     RpMeta {
-        volume: volume.into(),
+        volume: crate::blob::VolumeName::from_static(volume),
         seq: RpSeq(0),
         time_unix_ms: 1,
         source_node: "src".into(),
@@ -136,7 +136,7 @@ impl Pair {
             codec,
             blocks,
             next_block: 0,
-            src: SourceSession::new("vol", None, false, 4096),
+            src: SourceSession::new(&crate::blob::VolumeName::from_static("vol"), None, false, 4096),
             tgt: TargetSession::new(topology, node(2), node(1)),
             to_tgt: VecDeque::new(),
             to_src: VecDeque::new(),

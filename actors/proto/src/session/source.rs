@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::msg::{OfferEntry, SourceMsg, TargetMsg, Want};
 use super::{inflight_window, MAX_PENDING_BYTES, MIN_INFLIGHT_BYTES, MIN_PENDING_BLOCKS, OFFER_BATCH};
-use crate::blob::{BlobFlags, EncodedBlob, RpMeta, RpSeq};
+use crate::blob::{BlobFlags, EncodedBlob, RpMeta, RpSeq, VolumeName};
 use crate::codec::MAX_DELTA_DEPTH;
 use crate::content::BlobId;
 
@@ -108,9 +108,9 @@ impl SourceSession {
     /// With no base the cycle offers every block whatever the target
     /// answers, so it starts at once (`Start` is the first event) instead of
     /// after `Opened`'s round trip.
-    pub fn new(volume: &str, base: Option<(RpSeq, crate::content::MerkleRoot)>, encrypted: bool, block_bytes: u32) -> Self {
+    pub fn new(volume: &VolumeName, base: Option<(RpSeq, crate::content::MerkleRoot)>, encrypted: bool, block_bytes: u32) -> Self {
         let mut outbox = VecDeque::new();
-        outbox.push_back(SourceMsg::Open { volume: volume.to_string(), base, encrypted });
+        outbox.push_back(SourceMsg::Open { volume: volume.clone(), base, encrypted });
         let mut events = VecDeque::new();
         let state = if base.is_none() {
             events.push_back(SourceEvent::Start { full_offer: true });

@@ -16,7 +16,7 @@ use std::time::Duration;
 use drmesh_topology::{NodeId, Retention, Topology};
 
 use super::msg::{OfferEntry, SourceMsg, TargetMsg, Want};
-use crate::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq};
+use crate::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq, VolumeName};
 use crate::codec::MAX_DELTA_DEPTH;
 use crate::content::{BlobId, ContentId};
 use crate::time::Millis;
@@ -53,7 +53,7 @@ pub enum Announcement {
     /// Retention expired these RPs of `volume`.
     Pruned {
         /// The volume.
-        volume: String,
+        volume: VolumeName,
         /// Their sequence numbers.
         seqs: Vec<RpSeq>,
     },
@@ -66,7 +66,7 @@ pub enum TargetEvent {
     /// Find the newest RP of `volume` here: [`TargetSession::handle_newest`].
     Newest {
         /// The volume.
-        volume: String,
+        volume: VolumeName,
     },
     /// Look up where each content and each base is stored, pinning what is found
     /// for this session; stage the block-map changes `(index, content)`:
@@ -96,7 +96,7 @@ pub enum TargetEvent {
     /// Apply the policy's retention to `volume`: [`TargetSession::handle_pruned`].
     Prune {
         /// The volume.
-        volume: String,
+        volume: VolumeName,
         /// The policy's retention.
         retention: Retention,
     },
@@ -131,7 +131,7 @@ enum State {
 /// The volume as the topology in force at `Open` allows it.
 #[derive(Debug, Clone)]
 struct Opened {
-    volume: String,
+    volume: VolumeName,
     source_name: String,
     encrypted: bool,
     retention: Option<Retention>,
@@ -476,11 +476,11 @@ impl TargetSession {
     }
 
     /// Only the volume's source node may replicate it, and only to its targets.
-    fn admit(&self, volume: &str, encrypted: bool) -> Result<Opened, SessionError> {
+    fn admit(&self, volume: &VolumeName, encrypted: bool) -> Result<Opened, SessionError> {
         let t = &self.topology;
         let peer_name = t.node_by_id(&self.peer).map(|n| n.name.clone()).unwrap_or_else(|| self.peer.short());
         let local_name = t.node_by_id(&self.local).map(|n| n.name.clone()).unwrap_or_default();
-        let Some(vol) = t.volumes.iter().find(|v| v.name == volume) else {
+        let Some(vol) = t.volumes.iter().find(|v| v.name == *volume) else {
             return Err(SessionError::Refused(format!("volume \"{volume}\" is not in this node's topology")));
         };
         if vol.source != peer_name {
@@ -493,7 +493,7 @@ impl TargetSession {
             return Err(SessionError::Refused(format!("this node ({local_name}) is not a target of volume \"{volume}\"")));
         }
         Ok(Opened {
-            volume: volume.to_string(),
+            volume: volume.clone(),
             source_name: peer_name,
             encrypted,
             retention: t.policies.get(&vol.policy).map(|p| p.retention),

@@ -7,14 +7,14 @@ use crate::time::Millis;
 
 #[test]
 fn cancel_fails_a_streaming_cycle_but_not_a_committing_one() {
-    let mut src = SourceSession::new("vol", None, false, 4096);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("vol"), None, false, 4096);
     src.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     while src.poll_event().is_some() {}
     assert!(src.handle_cancel("paused".into()));
     assert_eq!(src.poll_event(), Some(SourceEvent::Failed { reason: "paused".into() }));
 
     // Nothing changed: the commit goes out at once; a cancel after that is refused.
-    let mut src = SourceSession::new("vol", None, false, 4096);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("vol"), None, false, 4096);
     src.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     src.handle_reader_done(meta("vol"));
     while src.poll_transmit().is_some() {}
@@ -34,7 +34,7 @@ fn session_frames_from_peers_decode_or_fail_cleanly() {
     let data = vec![7u8; 8192];
     let id = codec.ids().content_id(&data);
     let samples = vec![
-        SourceMsg::Open { volume: "v".into(), base: Some((RpSeq(3), MerkleRoot([1; 32]))), encrypted: true },
+        SourceMsg::Open { volume: crate::blob::VolumeName::from_static("v"), base: Some((RpSeq(3), MerkleRoot([1; 32]))), encrypted: true },
         SourceMsg::Offer { entries: vec![OfferEntry { index: 9, content: id, base: Some(ContentId([2; 32])) }; 5] },
         SourceMsg::Blob(codec.encode_full(id, &data).into()),
         SourceMsg::Commit { meta: meta("v") },
@@ -78,7 +78,7 @@ fn an_initial_sync_saves_the_round_trips_it_can() {
     let codec = BlockCodec::new(Some(1), None);
     let data = vec![7u8; 4096];
     let content = codec.ids().content_id(&data);
-    let mut src = SourceSession::new("vol", None, false, 4096);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("vol"), None, false, 4096);
     assert_eq!(src.poll_event(), Some(SourceEvent::Start { full_offer: true }), "starts before Opened");
     src.handle_block(OfferEntry { index: 0, content, base: None }, 4096);
     src.handle_reader_done(meta("vol"));
@@ -93,7 +93,7 @@ fn an_initial_sync_saves_the_round_trips_it_can() {
     assert_eq!(src.poll_transmit(), None, "no commit before Opened gave the seq");
     src.handle_message(TargetMsg::Opened { seq: RpSeq(9), base_ok: false });
     assert!(matches!(src.poll_transmit(), Some(SourceMsg::Commit { meta }) if meta.seq == RpSeq(9)), "commit before Stored");
-    let mut early = SourceSession::new("vol", None, false, 4096);
+    let mut early = SourceSession::new(&crate::blob::VolumeName::from_static("vol"), None, false, 4096);
     early.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     early.handle_block(OfferEntry { index: 0, content, base: None }, 4096);
     early.handle_reader_done(meta("vol"));
@@ -109,15 +109,15 @@ fn an_initial_sync_saves_the_round_trips_it_can() {
 
 #[test]
 fn source_fails_cleanly_on_disconnect_and_bad_answers() {
-    let mut src = SourceSession::new("v", Some((RpSeq(1), MerkleRoot([1; 32]))), false, 1 << 20);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("v"), Some((RpSeq(1), MerkleRoot([1; 32]))), false, 1 << 20);
     src.poll_transmit();
     src.handle_message(TargetMsg::Answer { wants: vec![] });
     assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer before Opened");
-    let mut src = SourceSession::new("v", None, false, 1 << 20);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("v"), None, false, 1 << 20);
     src.handle_message(TargetMsg::Answer { wants: vec![] });
     assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));
     assert!(matches!(src.poll_event(), Some(SourceEvent::Failed { .. })), "an answer to no offer");
-    let mut src = SourceSession::new("v", None, false, 1 << 20);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("v"), None, false, 1 << 20);
     src.handle_message(TargetMsg::Opened { seq: RpSeq(1), base_ok: false });
     src.handle_disconnect("reset".into());
     assert!(matches!(src.poll_event(), Some(SourceEvent::Start { .. })));
@@ -130,7 +130,7 @@ fn source_fails_cleanly_on_disconnect_and_bad_answers() {
 fn a_connection_lost_before_the_target_answered_can_be_retried() {
     // With a base (Opening) and without one (streaming at once, offers out).
     for base in [Some((RpSeq(1), MerkleRoot([1; 32]))), None] {
-        let mut src = SourceSession::new("v", base, false, 4096);
+        let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("v"), base, false, 4096);
         while src.poll_transmit().is_some() {}
         while src.poll_event().is_some() {}
         src.handle_disconnect("stream failed: connection lost: reset by peer".into());
@@ -138,12 +138,12 @@ fn a_connection_lost_before_the_target_answered_can_be_retried() {
         assert!(src.lost_before_answer(), "base {base:?}");
     }
     // A failure for another reason first, then the loss: not a lost connection's failure.
-    let mut src = SourceSession::new("v", Some((RpSeq(1), MerkleRoot([1; 32]))), false, 4096);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("v"), Some((RpSeq(1), MerkleRoot([1; 32]))), false, 4096);
     assert!(src.handle_cancel("paused".into()));
     src.handle_disconnect("reset".into());
     assert!(!src.lost_before_answer());
     // The target answered, then the connection went: the cycle is not started over.
-    let mut src = SourceSession::new("v", Some((RpSeq(1), MerkleRoot([1; 32]))), false, 4096);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("v"), Some((RpSeq(1), MerkleRoot([1; 32]))), false, 4096);
     src.handle_message(TargetMsg::Opened { seq: RpSeq(2), base_ok: true });
     src.handle_disconnect("reset".into());
     assert!(!src.lost_before_answer());
@@ -211,12 +211,12 @@ fn retention_runs_before_committed_and_is_announced() {
     second.run();
     assert_eq!(second.source_end, Some(Ok(RpSeq(2))));
     assert_eq!(second.store.rps.iter().map(|(m, _)| m.seq).collect::<Vec<_>>(), vec![RpSeq(2)]);
-    assert!(second.announced.contains(&Announcement::Pruned { volume: "vol".into(), seqs: vec![RpSeq(1)] }), "{:?}", second.announced);
+    assert!(second.announced.contains(&Announcement::Pruned { volume: crate::blob::VolumeName::from_static("vol"), seqs: vec![RpSeq(1)] }), "{:?}", second.announced);
 }
 
 fn open(tgt: &mut TargetSession, base: Option<(RpSeq, MerkleRoot)>, newest: Option<(RpSeq, MerkleRoot)>) -> TargetMsg {
-    tgt.handle_message(Millis(0), SourceMsg::Open { volume: "vol".into(), base, encrypted: false });
-    assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: "vol".into() }));
+    tgt.handle_message(Millis(0), SourceMsg::Open { volume: crate::blob::VolumeName::from_static("vol"), base, encrypted: false });
+    assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: crate::blob::VolumeName::from_static("vol") }));
     tgt.handle_newest(Ok(newest));
     tgt.poll_transmit().expect("Opened")
 }
@@ -232,7 +232,7 @@ fn target_admits_only_the_source_to_its_targets() {
     ];
     for (peer, local, volume, why) in cases {
         let mut tgt = TargetSession::new(topo.clone(), local, peer);
-        tgt.handle_message(Millis(0), SourceMsg::Open { volume: volume.into(), base: None, encrypted: false });
+        tgt.handle_message(Millis(0), SourceMsg::Open { volume: crate::blob::VolumeName::from_static(volume), base: None, encrypted: false });
         assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Failed { reason: why.into() }));
         assert_eq!(tgt.poll_event(), Some(TargetEvent::Finished { outcome: Err(why.into()) }));
         assert!(tgt.is_finished());
@@ -247,9 +247,9 @@ fn target_admits_only_the_source_to_its_targets() {
 #[test]
 fn offers_behind_open_wait_for_the_newest_rp() {
     let mut tgt = TargetSession::new(topology(24), node(2), node(1));
-    tgt.handle_message(Millis(0), SourceMsg::Open { volume: "vol".into(), base: None, encrypted: false });
+    tgt.handle_message(Millis(0), SourceMsg::Open { volume: crate::blob::VolumeName::from_static("vol"), base: None, encrypted: false });
     tgt.handle_message(Millis(0), SourceMsg::Offer { entries: vec![OfferEntry { index: 0, content: ContentId([1; 32]), base: None }] });
-    assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: "vol".into() }));
+    assert_eq!(tgt.poll_event(), Some(TargetEvent::Newest { volume: crate::blob::VolumeName::from_static("vol") }));
     assert_eq!(tgt.poll_event(), None, "no lookup before Opened");
     tgt.handle_newest(Ok(Some((RpSeq(4), MerkleRoot([2; 32])))));
     assert_eq!(tgt.poll_transmit(), Some(TargetMsg::Opened { seq: RpSeq(5), base_ok: false }));
@@ -400,7 +400,7 @@ fn the_window_of_bytes_not_yet_durable_follows_the_round_trip() {
     // and not yet durable, and asks again when the round trip widens it or
     // `Stored` frees it. Uncompressed 1 MiB blocks: each blob is 1 MiB.
     let codec = BlockCodec::new(None, None);
-    let mut src = SourceSession::new("vol", None, false, 1 << 20);
+    let mut src = SourceSession::new(&crate::blob::VolumeName::from_static("vol"), None, false, 1 << 20);
     assert_eq!(src.inflight_limit(), MIN_INFLIGHT_BYTES, "until told, the window of a path with no delay");
     let data_of = |index: u64| vec![(index % 250) as u8 + 1; 1 << 20];
     let mut sent: Vec<BlobId> = Vec::new();
