@@ -91,6 +91,8 @@ pub struct SourceSession {
     inflight_bytes: u64,
     /// Window: encoded bytes that may be sent and not yet durable (see [`inflight_window`]).
     inflight_limit: u64,
+    /// The smallest round trip measured this session (None: none yet).
+    base_rtt: Option<std::time::Duration>,
     reader_done: Option<RpMeta>,
     outbox: VecDeque<SourceMsg>,
     events: VecDeque<SourceEvent>,
@@ -129,6 +131,7 @@ impl SourceSession {
             max_pending: usize::try_from(MAX_PENDING_BYTES / u64::from(block_bytes.max(1))).unwrap_or(usize::MAX).max(MIN_PENDING_BLOCKS),
             inflight_bytes: 0,
             inflight_limit: MIN_INFLIGHT_BYTES,
+            base_rtt: None,
             reader_done: None,
             outbox,
             events,
@@ -153,12 +156,17 @@ impl SourceSession {
             && self.inflight_bytes < self.inflight_limit
     }
 
-    /// The path's round trip as the transport measures it: sizes the window of
+    /// The path's round trip as the transport measures it. The smallest one
+    /// of the session is taken as the path's delay and sizes the window of
     /// encoded bytes sent and not yet durable ([`inflight_window`]; until the
-    /// first call, the window of a path with no delay). Takes effect for the
-    /// next block; bytes already sent stay sent.
+    /// first call, the window of a path with no delay): a round trip that grows
+    /// while the session runs grows by queues (a target whose disk falls
+    /// behind, a loaded CPU), which a wider window would only fill. Takes
+    /// effect for the next block; bytes already sent stay sent.
     pub fn handle_round_trip(&mut self, rtt: std::time::Duration) {
-        self.inflight_limit = inflight_window(rtt);
+        let base = self.base_rtt.map_or(rtt, |base| base.min(rtt));
+        self.base_rtt = Some(base);
+        self.inflight_limit = inflight_window(base);
     }
 
     /// The window of encoded bytes sent and not yet durable, as last sized.

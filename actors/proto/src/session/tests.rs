@@ -433,6 +433,12 @@ fn the_window_of_bytes_not_yet_durable_follows_the_round_trip() {
     let widened = sent.len() as u64;
     assert!(widened * blob_bytes >= inflight_window(Duration::from_millis(5)) && widened > at_min, "a wider window sends more: {widened}");
     assert!(!src.wants_block());
+    // A round trip that grows during the session is queueing, not the path: the window stays.
+    src.handle_round_trip(Duration::from_millis(200));
+    assert_eq!(src.inflight_limit(), inflight_window(Duration::from_millis(5)));
+    assert!(!src.wants_block());
+    src.handle_round_trip(Duration::from_millis(2));
+    assert_eq!(src.inflight_limit(), inflight_window(Duration::from_millis(2)), "a shorter one is the path's delay");
     src.handle_message(TargetMsg::Stored { blobs: sent[..sent.len() - 30].to_vec() });
     assert!(src.wants_block(), "durable blobs free their bytes (30 MiB left in flight)");
 }
