@@ -370,7 +370,7 @@ impl<'a> Cycle<'a> {
     fn start_reader(&mut self, full_offer: bool) -> Result<(), CycleError> {
         self.full_offer = full_offer;
         self.timeline.started = self.since();
-        let source = FileSource::open(self.view.path(), self.cfg.block_bytes)?;
+        let source = FileSource::on(self.view.device()?, self.cfg.block_bytes);
         (self.volume_bytes, self.block_count) = (source.volume_bytes(), source.block_count());
         let base_bytes = self.base_meta.as_ref().map(|m| m.volume_bytes);
         let only;

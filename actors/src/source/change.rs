@@ -1,8 +1,8 @@
 //! The change-source seam: how a cycle gets a point-in-time view of a volume
 //! and learns what changed since the target's last commit, whatever the
 //! volume is. A kind implements [`ChangeSource`] (open a view for one cycle)
-//! and its view [`PointInTime`] (where to read, what changed, commit or
-//! release); the cycle driver knows nothing else of it. Kinds today: `file`
+//! and its view [`PointInTime`] (the [`BlockDevice`] its blocks are read from,
+//! what changed, commit or release); the cycle driver knows nothing else of it. Kinds today: `file`
 //! ([`FileKind`]: an image or device read whole, compared with the baseline)
 //! and `kmod` ([`KmodKind`]: a snapshot of a device the kernel module tracks,
 //! only its changed blocks read). Hypervisor bitmaps, EBS and RBD are the next
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use drmesh_topology::{SourceKind, Volume};
 
 use super::baseline::Baselines;
+use super::device::{BlockDevice, LocalDevice};
 use super::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
 use super::{BlockMask, SourceError};
 
@@ -53,8 +54,10 @@ impl fmt::Debug for dyn ChangeSource {
 
 /// One cycle's view of a volume, from `open` until `release`.
 pub trait PointInTime: Send + Sync {
-    /// Where this view's blocks are read (the image, the snapshot device).
-    fn path(&self) -> &Path;
+    /// Where this view's blocks are read (the image, the snapshot device; a
+    /// kind reading through an API hands over its own [`BlockDevice`]).
+    /// Blocking; an error fails the cycle.
+    fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError>;
     /// What changed since the baseline.
     fn changes(&self) -> Changes;
     /// Whether what was read is still the point in time (a snapshot can be
@@ -99,8 +102,8 @@ struct FileView {
 }
 
 impl PointInTime for FileView {
-    fn path(&self) -> &Path {
-        &self.path
+    fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
+        Ok(Arc::new(LocalDevice::open(&self.path)?))
     }
     fn changes(&self) -> Changes {
         Changes::Unknown
@@ -143,8 +146,8 @@ impl ChangeSource for KmodKind {
 }
 
 impl PointInTime for KmodCycle {
-    fn path(&self) -> &Path {
-        self.snapshot_path()
+    fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
+        Ok(Arc::new(LocalDevice::open(self.snapshot_path())?))
     }
     fn changes(&self) -> Changes {
         match self.plan() {

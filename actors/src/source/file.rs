@@ -6,58 +6,50 @@
 //! block's page hashes with the baseline: unchanged blocks cost a read and a
 //! hash, changed blocks are handed on with their new content id.
 //!
-//! Reads bypass the page cache (O_DIRECT) where the filesystem allows it, which
-//! costs far less CPU than buffered reads and leaves the cache to the workload;
+//! Blocks are read from the view's [`BlockDevice`] (an image or device of this
+//! machine reads bypass the page cache where the filesystem allows it, which
+//! costs far less CPU than buffered reads and leaves the cache to the workload);
 //! hashing runs on [`crate::cpu_pool::hash_pool`], which spans both cores.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::baseline::{BaseBlock, Baselines};
+use super::device::{BlockDevice, LocalDevice, DIRECT_ALIGN};
 use super::{BlockMask, SourceError};
 use crate::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
 
 /// Bytes read per batch (then hashed in parallel); at least one block.
 const BATCH_BYTES: u64 = 16 << 20;
-/// Alignment O_DIRECT needs for buffers, offsets and lengths.
-const DIRECT_ALIGN: usize = 4096;
-
-/// An open image file or block device.
+/// A volume read in blocks, from any [`BlockDevice`].
+#[derive(Clone)]
 pub struct FileSource {
-    path: PathBuf,
-    file: File,
-    direct: bool,
+    device: Arc<dyn BlockDevice>,
     volume_bytes: u64,
     block_bytes: u32,
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SourceError + 'a {
-    move |source| SourceError::Io { op, path: path.display().to_string(), source }
+fn io<'a>(op: &'static str, device: &'a dyn BlockDevice) -> impl FnOnce(std::io::Error) -> SourceError + 'a {
+    move |source| SourceError::Io { op, path: device.describe().to_string(), source }
 }
 
 impl FileSource {
-    /// Opens `path` for reading in blocks of `block_bytes`.
+    /// Opens the image or device at `path` for reading in blocks of `block_bytes`.
     pub fn open(path: &Path, block_bytes: u32) -> Result<Self, SourceError> {
-        let direct = OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_DIRECT.bits()).open(path);
-        let (mut file, direct) = match direct {
-            Ok(f) => (f, true),
-            Err(_) => (File::open(path).map_err(io("opening", path))?, false),
-        };
-        // Block devices report size 0 in metadata; seeking to the end works for both.
-        let volume_bytes = file.seek(SeekFrom::End(0)).map_err(io("sizing", path))?;
-        Ok(FileSource { path: path.to_path_buf(), file, direct, volume_bytes, block_bytes })
+        Ok(FileSource::on(Arc::new(LocalDevice::open(path)?), block_bytes))
     }
 
-    /// A second handle on the same file, for a read-ahead thread.
+    /// Reads `device` in blocks of `block_bytes`.
+    pub fn on(device: Arc<dyn BlockDevice>, block_bytes: u32) -> FileSource {
+        FileSource { volume_bytes: device.size(), device, block_bytes }
+    }
+
+    /// A second handle on the same device, for a read-ahead thread.
     fn try_clone(&self) -> Result<FileSource, SourceError> {
-        let file = self.file.try_clone().map_err(io("opening", &self.path))?;
-        Ok(FileSource { path: self.path.clone(), file, ..*self })
+        Ok(self.clone())
     }
 
     /// Size of the volume in bytes.
@@ -84,22 +76,20 @@ impl FileSource {
         let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         let mut data = BlockData::with_capacity(padded);
         let shift = data.shift;
-        let window = &mut data.raw[shift..shift + padded];
-        if self.direct {
-            let mut done = 0;
-            while done < len {
-                let n = self.file.read_at(&mut window[done..], offset + done as u64).map_err(io("reading", &self.path))?;
-                if n == 0 {
-                    return Err(SourceError::Io {
-                        op: "reading",
-                        path: self.path.display().to_string(),
-                        source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "volume shrank during the cycle"),
-                    });
-                }
-                done += n;
+        // An aligned device reads whole pages; any other exactly the block.
+        let span = if self.device.aligned() { padded } else { len };
+        let window = &mut data.raw[shift..shift + span];
+        let mut done = 0;
+        while done < len {
+            let n = self.device.read_at(&mut window[done..], offset + done as u64).map_err(io("reading", self.device.as_ref()))?;
+            if n == 0 {
+                return Err(SourceError::Io {
+                    op: "reading",
+                    path: self.device.describe().to_string(),
+                    source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "volume shrank during the cycle"),
+                });
             }
-        } else {
-            self.file.read_exact_at(&mut window[..len], offset).map_err(io("reading", &self.path))?;
+            done += n;
         }
         data.len = len;
         Ok(data)
@@ -138,7 +128,7 @@ impl FileSource {
             })
             .collect();
         let want: usize = datas.iter().map(|d| d.len).sum();
-        let direct = self.direct;
+        let direct = self.device.aligned();
         let got = {
             let mut slices: Vec<std::io::IoSliceMut<'_>> = datas
                 .iter_mut()
@@ -148,8 +138,7 @@ impl FileSource {
                     std::io::IoSliceMut::new(&mut d.raw[d.shift..d.shift + span])
                 })
                 .collect();
-            let offset = (first * u64::from(self.block_bytes)) as libc::off_t;
-            nix::sys::uio::preadv(&self.file, &mut slices, offset)
+            self.device.read_vectored_at(&mut slices, first * u64::from(self.block_bytes))
         };
         match got {
             Ok(n) if n >= want => Ok(datas),
@@ -318,7 +307,7 @@ struct ReadAhead {
 impl ReadAhead {
     fn start(source: &FileSource, from: u64, only: Option<Arc<BlockMask>>) -> Result<ReadAhead, SourceError> {
         let source = source.try_clone()?;
-        let path = source.path.clone();
+        let device = source.device.clone();
         let (tx, batches) = std::sync::mpsc::sync_channel::<ReadBatch>(READ_AHEAD_BATCHES);
         let credit = std::sync::Arc::new(ReadCredit {
             held: std::sync::Mutex::new(0),
@@ -333,13 +322,13 @@ impl ReadAhead {
             std::thread::Builder::new()
                 .name("drmesh-probe".into())
                 .spawn(move || Self::probe_tail(&prober, &probe_credit))
-                .map_err(io("starting a reader thread for", &path))?;
+                .map_err(io("starting a reader thread for", device.as_ref()))?;
         }
         let thread_credit = credit.clone();
         std::thread::Builder::new()
             .name("drmesh-read".into())
             .spawn(move || Self::run(&source, from, only.as_deref(), &tx, &thread_credit))
-            .map_err(io("starting a reader thread for", &path))?;
+            .map_err(io("starting a reader thread for", device.as_ref()))?;
         Ok(ReadAhead { batches, credit })
     }
 
@@ -456,7 +445,7 @@ impl Drop for ReadAhead {
 }
 
 fn read_ahead_gone(source: &FileSource) -> SourceError {
-    SourceError::Io { op: "reading", path: source.path.display().to_string(), source: std::io::Error::other("the read-ahead thread stopped") }
+    SourceError::Io { op: "reading", path: source.device.describe().to_string(), source: std::io::Error::other("the read-ahead thread stopped") }
 }
 
 /// Walks a volume in index order, yielding changed blocks and building the Merkle root.
@@ -771,5 +760,69 @@ mod tests {
         let (root_full, full_stats) = full.finish();
         assert_eq!(root_partial, root_full);
         assert_eq!(full_stats.scanned_bytes, 64 * 4096);
+    }
+
+    /// A device of no file: bytes in memory, read at most `chunk` bytes a call
+    /// (as an API that answers in pieces would).
+    struct MemoryDevice {
+        bytes: Vec<u8>,
+        chunk: usize,
+        reads: std::sync::atomic::AtomicU64,
+    }
+
+    impl BlockDevice for MemoryDevice {
+        fn describe(&self) -> &str {
+            "memory"
+        }
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn aligned(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let from = usize::try_from(offset).unwrap().min(self.bytes.len());
+            let n = buf.len().min(self.chunk).min(self.bytes.len() - from);
+            buf[..n].copy_from_slice(&self.bytes[from..from + n]);
+            Ok(n)
+        }
+    }
+
+    /// The cycle's reader reads any block device, not only files: a scan of a
+    /// device that answers in short pieces finds the same blocks and the same
+    /// root as a scan of the same bytes in an image file, and a device that
+    /// shrinks mid-read fails with an error that names it.
+    #[test]
+    fn any_block_device_scans_like_an_image_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let block = 16 * 1024u32;
+        let mut data: Vec<u8> = (0..100 * block as usize + 3000).map(|i| (i as u64).wrapping_mul(2654435761).to_le_bytes()[2]).collect();
+        data[10 * block as usize..60 * block as usize].fill(0);
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, &data).unwrap();
+        let ids = IdScheme::plain();
+        let scan_all = |src: &FileSource, baselines: &Baselines| {
+            let mut scan = Scanner::new(src, baselines, "v", "t", ids.clone(), false);
+            let mut changed = Vec::new();
+            while let Some(b) = scan.next_changed().unwrap() {
+                assert_eq!(&b.data[..], &data[(b.index * u64::from(block)) as usize..][..b.data.len()], "block {}", b.index);
+                changed.push((b.index, b.content));
+            }
+            (changed, scan.finish().0)
+        };
+        let from_file = scan_all(&FileSource::open(&image, block).unwrap(), &Baselines::open(&dir.path().join("f.redb")).unwrap());
+        let device = Arc::new(MemoryDevice { bytes: data.clone(), chunk: 5000, reads: 0.into() });
+        let src = FileSource::on(device.clone(), block);
+        assert_eq!((src.volume_bytes(), src.block_count(), src.block_len(100)), (data.len() as u64, 101, 3000));
+        let from_device = scan_all(&src, &Baselines::open(&dir.path().join("d.redb")).unwrap());
+        assert_eq!(from_device, from_file);
+        assert_eq!(from_device.0.len(), 51, "the 50 zero blocks are not changes");
+        assert!(device.reads.load(std::sync::atomic::Ordering::Relaxed) > 101, "short reads were read again");
+
+        let shrunk = FileSource::on(Arc::new(MemoryDevice { bytes: data[..data.len() - 4000].to_vec(), chunk: 1 << 20, reads: 0.into() }), block);
+        let honest = FileSource { volume_bytes: data.len() as u64, ..shrunk };
+        let e = honest.read_block(100).unwrap_err().to_string();
+        assert!(e.contains("memory") && e.contains("volume shrank during the cycle"), "{e}");
     }
 }

@@ -9,10 +9,12 @@
 //! - [`kmod`]: the `kmod` source kind: a block device tracked by drmesh's kernel
 //!   module; each cycle reads only the changed blocks, from a snapshot.
 //! - [`change`]: the seam a cycle sees every kind through ([`change::ChangeSource`],
-//!   [`change::PointInTime`]).
+//!   [`change::PointInTime`]), and [`device`]: where a view's blocks are read
+//!   ([`device::BlockDevice`]).
 
 pub mod baseline;
 pub mod change;
+pub mod device;
 pub mod file;
 pub mod kmod;
 
