@@ -158,6 +158,12 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                     humantime::format_duration(drill.max_unverified_age)
                 );
             }
+            // Parsed and checked, but no reader in this build: say so, a node will not replicate them.
+            for v in &t.volumes {
+                if let Err(why) = drmesh_actors::source::change::of_volume(v) {
+                    println!("NOT BUILT: {why}; node {} will not replicate it (its cycles fail with this reason)", v.source);
+                }
+            }
             // Scrubs matter on the nodes that hold RPs: the volumes' targets.
             let mut scrubbed: Vec<String> = Vec::new();
             for n in t.nodes.iter().filter(|n| t.volumes.iter().any(|v| v.targets.contains(&n.name))) {
