@@ -99,6 +99,14 @@ fn ctl_says_when_no_node_runs() {
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let out = drmesh(&["ctl", "--socket", socket.to_str().unwrap(), "peers"]);
     assert!(stderr(&out).contains("stale"), "{}", stderr(&out));
+    // The node's flags go before or after the command alike.
+    let out = drmesh(&["ctl", "peers", "--socket", socket.to_str().unwrap()]);
+    assert!(stderr(&out).contains("stale"), "{}", stderr(&out));
+    let out = drmesh(&["ctl", "status", "--state-dir", dir.path().to_str().unwrap(), "--json"]);
+    assert!(stderr(&out).contains("stale"), "{}", stderr(&out));
+    let out = Command::new(drmesh_bin()).args(["ctl", "status"]).env_remove("DRMESH_STATE_DIR").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("which node? give --state-dir DIR (or set DRMESH_STATE_DIR) or --socket PATH"), "{}", stderr(&out));
 }
 
 #[test]

@@ -18,10 +18,10 @@ use crate::admin::{GossipRequest, Request, Response, SOCKET_FILE};
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
     /// State directory of the node to talk to (its admin socket is STATE_DIR/admin.sock).
-    #[arg(long, env = "DRMESH_STATE_DIR", required_unless_present = "socket")]
+    #[arg(long, env = "DRMESH_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
     /// Path of the admin socket, instead of --state-dir.
-    #[arg(long)]
+    #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long, global = true)]
@@ -169,7 +169,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let socket = match (&args.socket, &args.state_dir) {
         (Some(s), _) => s.clone(),
         (None, Some(dir)) => dir.join(SOCKET_FILE),
-        (None, None) => bail!("give --state-dir or --socket"),
+        (None, None) => {
+            // A bad command line, as clap's own refusals: exit 2.
+            eprintln!("error: which node? give --state-dir DIR (or set DRMESH_STATE_DIR) or --socket PATH, before or after the command");
+            return Ok(ExitCode::from(2));
+        }
     };
     let req = match args.command {
         CtlCommand::Status => Request::Status,
