@@ -84,7 +84,7 @@ fn attach(state_dir: PathBuf, topology: PathBuf, json: bool) -> anyhow::Result<E
         }
     }
     if !any {
-        println!("node {me:?} is the source of no volume of kind \"kmod\"");
+        println!("node \"{me}\" is the source of no volume of kind \"kmod\"");
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

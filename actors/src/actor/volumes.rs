@@ -338,15 +338,15 @@ impl VolumeScheduler {
     }
 
     /// Checks that this node is the source of `volume`; the error names it.
-    fn check_source(&self, volume: &str) -> Result<(), String> {
+    fn check_source(&self, volume: &VolumeName) -> Result<(), String> {
         let me = self.local_name();
-        match self.topology.volumes.iter().find(|v| v.name == volume) {
+        match self.topology.volumes.iter().find(|v| v.name == *volume) {
             Some(v) if v.source == me => Ok(()),
             Some(v) => Err(format!(
-                "volume {volume:?} is replicated by node {}, not by this node ({me}); pause and resume act on the source node",
+                "volume \"{volume}\" is replicated by node {}, not by this node ({me}); pause and resume act on the source node",
                 v.source
             )),
-            None => Err(format!("volume {volume:?} is not in the topology")),
+            None => Err(format!("volume \"{volume}\" is not in the topology")),
         }
     }
 
@@ -669,14 +669,14 @@ impl Handler<SyncNow> for VolumeScheduler {
         if keys.is_empty() {
             let me = self.local_name();
             let reason = match self.topology.volumes.iter().find(|v| v.name == msg.0) {
-                Some(v) => format!("volume {:?} is replicated by node {}, not by this node ({me})", msg.0, v.source),
-                None => format!("volume {:?} is not in the topology", msg.0),
+                Some(v) => format!("volume \"{}\" is replicated by node {}, not by this node ({me})", msg.0, v.source),
+                None => format!("volume \"{}\" is not in the topology", msg.0),
             };
             return Box::pin(async move { Err(reason) });
         }
         if let Some(since) = self.paused.get(msg.0.as_str()) {
             let reason = format!(
-                "volume {:?} is paused (since {} UTC); `drmesh ctl resume {}` starts a cycle",
+                "volume \"{}\" is paused (since {} UTC); `drmesh ctl resume {}` starts a cycle",
                 msg.0,
                 utc_text(*since),
                 msg.0

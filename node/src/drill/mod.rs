@@ -67,7 +67,7 @@ pub fn parse_checks(names: &[String], default: &[DrillCheck]) -> anyhow::Result<
     }
     let mut out = Vec::new();
     for n in names {
-        let Some(c) = DrillCheck::parse(n.trim()) else { bail!("unknown check {:?}; expected fsck, boot, postgres or script", n.trim()) };
+        let Some(c) = DrillCheck::parse(n.trim()) else { bail!("unknown check \"{}\"; expected fsck, boot, postgres or script", n.trim().escape_debug()) };
         if !out.contains(&c) {
             out.push(c);
         }

@@ -278,7 +278,7 @@ impl Handler<RequestDrill> for DrillRunner {
     fn handle(&mut self, msg: RequestDrill, ctx: &mut Context<Self>) -> Self::Result {
         let topology = self.data.topology();
         let Some(volume) = topology.volume_by_name(&msg.volume) else {
-            return Err(format!("no volume {:?} in the topology", msg.volume));
+            return Err(format!("no volume \"{}\" in the topology", msg.volume));
         };
         let me = self.me(&topology).unwrap_or_default();
         if !volume.targets.contains(&me) {
