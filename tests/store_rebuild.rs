@@ -175,7 +175,7 @@ fn a_running_target_survives_damage_and_manifests_alone_rebuild_its_catalog() {
         mesh.rps("dst", "vol")
             .iter()
             .map(|r| {
-                let root: String = r["merkle_root"].as_array().expect("merkle_root bytes").iter().map(|b| format!("{:02x}", b.as_u64().expect("byte"))).collect();
+                let root = r["merkle_root"].as_str().expect("merkle_root in hex, as the rebuild report has it").to_string();
                 (r["seq"].as_u64().expect("seq"), root)
             })
             .collect()

@@ -600,7 +600,7 @@ fn rps_table(rps: &Value) -> Table {
     table.load_preset(UTF8_BORDERS_ONLY);
     table.set_header(vec!["RECOVERY POINT", "TIME (UTC)", "SIZE", "CHANGED", "STORED", "SOURCE", "ENCRYPTED", "DRILL", "MERKLE ROOT"]);
     for r in rps.as_array().into_iter().flatten() {
-        let root: String = r["merkle_root"].as_array().into_iter().flatten().take(6).map(|b| format!("{:02x}", b.as_u64().unwrap_or(0))).collect();
+        let root: String = r["merkle_root"].as_str().unwrap_or_default().chars().take(12).collect();
         let mut drill = drill_state(&r["drill"]);
         if r["last_known_good"] == true {
             drill.push_str(", last known-good: kept by retention");

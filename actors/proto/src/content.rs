@@ -202,14 +202,51 @@ impl IdScheme {
 /// The Merkle root of an RP: blake3 over the content ids of all its blocks in
 /// index order and their count ([`MerkleBuilder`]). Two RPs with the same root
 /// hold the same data; a source and a target agree on a baseline by it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(transparent)]
+///
+/// Encoded as its 32 bytes in binary formats (the wire, replicas: unchanged
+/// from a plain `[u8; 32]`) and as lower-case hex in text formats (JSON of the
+/// admin socket and `--json`), which also accept the 32 numbers older
+/// versions printed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MerkleRoot(pub [u8; 32]);
 
 impl MerkleRoot {
     /// Lowercase hex, as shown to people.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`MerkleRoot::to_hex`] output.
+    pub fn from_hex(text: &str) -> Option<MerkleRoot> {
+        ContentId::from_hex(text).map(|c| MerkleRoot(c.0))
+    }
+}
+
+impl Serialize for MerkleRoot {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.to_hex())
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MerkleRoot {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<MerkleRoot, D::Error> {
+        if !deserializer.is_human_readable() {
+            return <[u8; 32]>::deserialize(deserializer).map(MerkleRoot);
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Hex(String),
+            Bytes([u8; 32]),
+        }
+        match Text::deserialize(deserializer)? {
+            Text::Hex(hex) => MerkleRoot::from_hex(&hex).ok_or_else(|| serde::de::Error::custom(format!("a Merkle root is 64 hex digits, not \"{}\"", hex.escape_debug()))),
+            Text::Bytes(bytes) => Ok(MerkleRoot(bytes)),
+        }
     }
 }
 
@@ -331,5 +368,18 @@ mod tests {
         let mut m3 = MerkleBuilder::new();
         m3.push(&x);
         assert_ne!(m1.finish(), m3.finish());
+    }
+
+    #[test]
+    fn merkle_roots_are_bytes_on_the_wire_and_hex_in_json() {
+        let root = MerkleRoot(std::array::from_fn(|i| i as u8 * 7));
+        assert_eq!(postcard::to_allocvec(&root).unwrap(), postcard::to_allocvec(&root.0).unwrap(), "the wire is unchanged");
+        assert_eq!(postcard::from_bytes::<MerkleRoot>(&postcard::to_allocvec(&root.0).unwrap()).unwrap(), root);
+        let json = serde_json::to_string(&root).unwrap();
+        assert_eq!(json, format!("\"{}\"", root.to_hex()));
+        assert_eq!(serde_json::from_str::<MerkleRoot>(&json).unwrap(), root);
+        let numbers = serde_json::to_string(&root.0).unwrap();
+        assert_eq!(serde_json::from_str::<MerkleRoot>(&numbers).unwrap(), root, "what older versions printed");
+        assert!(serde_json::from_str::<MerkleRoot>("\"abc\"").is_err());
     }
 }
