@@ -84,7 +84,7 @@ fn paused_seed_survives_restarts_and_resumes_without_resending() {
     assert!(status["paused_since_unix_ms"].as_u64().is_some(), "{status}");
     if mid_cycle {
         assert!(mesh.rp_seqs("dst", "vol").is_empty(), "a stopped seed committed an RP");
-        let error = status["last_error"][1].as_str().unwrap_or_default();
+        let error = status["last_error"]["reason"].as_str().unwrap_or_default();
         assert!(error.contains("paused"), "last_error should say paused: {status}");
         assert!(status["last_ok"].is_null(), "{status}");
     }
@@ -133,11 +133,11 @@ fn paused_seed_survives_restarts_and_resumes_without_resending() {
     assert_eq!(resumed[0]["was_paused"], true, "{resumed}");
     let expected_seq = rps_before.last().copied().unwrap_or(0) + 1;
     wait_until("the resumed cycle commits", Duration::from_secs(300), || {
-        replication(&mesh)["last_ok"][1]["seq"].as_u64() == Some(expected_seq)
+        replication(&mesh)["last_ok"]["report"]["seq"].as_u64() == Some(expected_seq)
     });
     let status = replication(&mesh);
     assert!(status["paused_since_unix_ms"].is_null(), "{status}");
-    let report = &status["last_ok"][1];
+    let report = &status["last_ok"]["report"];
     let sent = report["stats"]["sent_payload_bytes"].as_u64().expect("sent_payload_bytes");
     let present = report["stats"]["present_blocks"].as_u64().expect("present_blocks");
     eprintln!("resumed cycle: {report}");
@@ -159,8 +159,8 @@ fn paused_seed_survives_restarts_and_resumes_without_resending() {
     assert!(out.status.success() && human.starts_with("vol: resumed after"), "ctl resume --all printed:\n{human}");
     assert!(!human.contains("back"), "resume --all touched a volume whose source is dst:\n{human}");
     wait_until("the cycle after resume --all commits", Duration::from_secs(120), || {
-        replication(&mesh)["last_ok"][1]["seq"].as_u64() == Some(expected_seq + 1)
+        replication(&mesh)["last_ok"]["report"]["seq"].as_u64() == Some(expected_seq + 1)
     });
-    let report = replication(&mesh)["last_ok"][1].clone();
+    let report = replication(&mesh)["last_ok"]["report"].clone();
     assert_eq!(report["stats"]["sent_payload_bytes"], 0, "an unchanged volume resent data: {report}");
 }

@@ -716,8 +716,8 @@ fn volumes_table(list: &Value) -> Table {
     table.set_header(vec!["VOLUME", "TARGET", "RPO", "LAST RP", "STATE", "BANDWIDTH", "LAST ERROR"]);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     for v in list.as_array().into_iter().flatten() {
-        let last = match v["last_ok"].as_array() {
-            Some(pair) => format!("@{} ({} ago)", s(&pair[1]["seq"]), duration(now.saturating_sub(pair[0].as_u64().unwrap_or(0)) / 1000)),
+        let last = match v["last_ok"].as_object() {
+            Some(last) => format!("@{} ({} ago)", s(&last["report"]["seq"]), duration(now.saturating_sub(last["finished_unix_ms"].as_u64().unwrap_or(0)) / 1000)),
             None => "-".into(),
         };
         let state = if let Some(since) = v["paused_since_unix_ms"].as_u64() {
@@ -730,7 +730,7 @@ fn volumes_table(list: &Value) -> Table {
         } else {
             format!("next in {}", duration(v["next_in_secs"].as_f64().unwrap_or(0.0) as u64))
         };
-        let error = v["last_error"].as_array().map(|p| s(&p[1]).chars().take(60).collect()).unwrap_or_else(|| "-".into());
+        let error = v["last_error"]["reason"].as_str().map(|e| e.chars().take(60).collect()).unwrap_or_else(|| "-".into());
         let bandwidth = v["bandwidth"]["reason"].as_str().unwrap_or("-").to_string();
         table.add_row(vec![s(&v["volume"]), s(&v["target"]), duration(v["rpo_secs"].as_u64().unwrap_or(0)), last, state, bandwidth, error]);
     }
@@ -786,4 +786,25 @@ fn scrubs_table(data: &Value) -> Table {
         ]);
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The volumes table reads the documented shape of `volumes` (named fields).
+    #[test]
+    fn the_volumes_table_shows_the_last_rp_and_the_last_error() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let list = serde_json::json!([{
+            "volume": "db", "target": "hq", "rpo_secs": 300, "running": false, "queued": false, "next_in_secs": 42.0,
+            "last_ok": { "finished_unix_ms": now - 90_000, "report": { "seq": 7 } },
+            "last_error": { "at_unix_ms": now, "reason": "target hq is not connected" },
+            "bandwidth": { "reason": "unlimited" }, "paused_since_unix_ms": null,
+        }]);
+        let text = volumes_table(&list).to_string();
+        assert!(text.contains("@7 (1m30s ago)") || text.contains("@7 (1m31s ago)"), "{text}");
+        assert!(text.contains("target hq is not connected"), "{text}");
+        assert!(text.contains("next in 42s"), "{text}");
+    }
 }

@@ -79,8 +79,8 @@ struct Plan {
     waiters: Vec<oneshot::Sender<Result<CycleReport, String>>>,
     /// Stops the running cycle (see [`run_cycle`]).
     cancel: Option<oneshot::Sender<String>>,
-    last_ok: Option<(u64, CycleReport)>,
-    last_error: Option<(u64, String)>,
+    last_ok: Option<LastCycle>,
+    last_error: Option<LastFailure>,
     /// Payload bytes sent by the running cycle so far.
     progress: Option<Arc<AtomicU64>>,
 }
@@ -101,16 +101,43 @@ pub struct ReplicationStatus {
     pub queued: bool,
     /// Seconds until the next scheduled cycle.
     pub next_in_secs: f64,
-    /// Last successful cycle and when it ended (Unix ms).
-    pub last_ok: Option<(u64, CycleReport)>,
-    /// Last failure and when (Unix ms), if after the last success.
-    pub last_error: Option<(u64, String)>,
+    /// Last successful cycle and when it ended.
+    pub last_ok: Option<LastCycle>,
+    /// Last failure and when, if after the last success.
+    pub last_error: Option<LastFailure>,
     /// The bandwidth cap the volume's transfers run under now.
     pub bandwidth: BandwidthStatus,
     /// Blob payload bytes the running cycle has sent so far (`None`: no cycle running).
     pub running_sent_payload_bytes: Option<u64>,
     /// When the volume was paused (Unix ms); null when it is not paused.
     pub paused_since_unix_ms: Option<u64>,
+}
+
+/// The last cycle of a (volume, target) that committed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastCycle {
+    /// When it ended (Unix ms).
+    pub finished_unix_ms: u64,
+    /// What it did.
+    pub report: CycleReport,
+}
+
+/// The last failed cycle of a (volume, target).
+#[derive(Debug, Clone, Serialize)]
+pub struct LastFailure {
+    /// When it failed (Unix ms).
+    pub at_unix_ms: u64,
+    /// Why, as logged.
+    pub reason: String,
+}
+
+/// A node's share of its site's uplink (bits per second).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SiteShare {
+    /// This node's share now.
+    pub share_bps: u64,
+    /// The site's uplink.
+    pub uplink_bps: u64,
 }
 
 /// The cap a replication runs under now, for `drmesh ctl volumes`.
@@ -123,9 +150,9 @@ pub struct BandwidthStatus {
     pub reason: String,
     /// The policy's cap alone, bits per second; `None`: unlimited.
     pub policy_cap_bps: Option<u64>,
-    /// This node's share of its site uplink and the uplink, bits per second,
-    /// if the site declares an uplink.
-    pub site_share_bps: Option<(u64, u64)>,
+    /// This node's share of its site uplink and the uplink, if the site
+    /// declares an uplink.
+    pub site_share: Option<SiteShare>,
     /// The cap of the `[[link]]` to the target, bits per second, if one is
     /// declared and limits now (shared by every transfer to that target).
     pub link_cap_bps: Option<u64>,
@@ -332,7 +359,7 @@ impl VolumeScheduler {
             cap_bps: effective.bps,
             reason: effective.to_string(),
             policy_cap_bps: cap.bps,
-            site_share_bps: self.limits.site_share,
+            site_share: self.limits.site_share.map(|(share_bps, uplink_bps)| SiteShare { share_bps, uplink_bps }),
             link_cap_bps: link.bps,
         }
     }
@@ -568,12 +595,12 @@ impl Handler<CycleDone> for VolumeScheduler {
                     offered = report.stats.offered_blocks, sent_bytes = report.stats.sent_payload_bytes,
                     secs = format!("{:.2}", report.duration_secs), "cycle committed"
                 );
-                plan.last_ok = Some((now_ms(), report.clone()));
+                plan.last_ok = Some(LastCycle { finished_unix_ms: now_ms(), report: report.clone() });
                 plan.last_error = None;
             }
             Err(reason) => {
                 tracing::warn!(volume = %msg.key.0, target = %msg.key.1, %reason, "cycle failed; the baseline is unchanged");
-                plan.last_error = Some((now_ms(), reason.clone()));
+                plan.last_error = Some(LastFailure { at_unix_ms: now_ms(), reason: reason.clone() });
             }
         }
         plan.next_due = next_due(plan.started_at.take().unwrap_or(now), now, plan.rpo, msg.result.is_ok());
@@ -581,7 +608,7 @@ impl Handler<CycleDone> for VolumeScheduler {
         ctx.run_later(plan.next_due.saturating_duration_since(now), |act, ctx| act.tick(ctx));
         if let Some(gossip) = &self.gossip {
             let health = VolumeHealth {
-                last_rp_unix_ms: plan.last_ok.as_ref().map(|(_, report)| report.snapshot_unix_ms),
+                last_rp_unix_ms: plan.last_ok.as_ref().map(|last| last.report.snapshot_unix_ms),
                 rpo_ms: u64::try_from(plan.rpo.as_millis()).unwrap_or(u64::MAX),
                 last_cycle_unix_ms: Some(now_ms()),
                 last_error: msg.result.as_ref().err().map(|e| format!("to {}: {e}", msg.key.1)),
