@@ -31,10 +31,10 @@ use clap::{Parser, Subcommand};
 #[command(name = "drmesh", version, propagate_version = true)]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text, help_heading = "Logging (any command)")]
     log_format: logging::LogFormat,
     /// Log filter, RUST_LOG syntax (e.g. "info", "drmesh_actors=debug"); RUST_LOG wins if set.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info", help_heading = "Logging (any command)")]
     log: String,
     #[command(subcommand)]
     command: Command,
