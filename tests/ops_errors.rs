@@ -28,6 +28,8 @@ fn init_makes_private_files_and_refuses_to_overwrite() {
     std::fs::write(&topology, format!("[mesh]\nname = \"m\"\nversion = 1\n\n{block}")).unwrap();
     let check = drmesh(&["topology", "check", topology.to_str().unwrap()]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    // What to do next, on stderr (stdout stays pasteable).
+    assert!(stderr(&out).contains(&format!("drmesh run --state-dir {s} --topology FILE")) && stderr(&out).contains("drmesh topology check FILE"), "{}", stderr(&out));
 
     for f in ["node.key", "node.crt"] {
         assert_eq!(std::fs::metadata(state.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");

@@ -40,11 +40,21 @@ pub fn node_block(name: &str, id: &str, addresses: &[String], site: &str) -> Str
 pub fn run(args: InitArgs) -> anyhow::Result<ExitCode> {
     let identity = Identity::create(&args.state_dir, &args.name, args.force)?;
     let id = identity.node_id().to_string();
-    println!("Created the identity of node {:?} in {}", args.name, args.state_dir.display());
+    println!("Created the identity of node \"{}\" in {}", args.name, args.state_dir.display());
     println!("node id: {id}");
     println!();
     println!("Add this block to the topology file of every node:");
     println!();
     print!("{}", node_block(&args.name, &id, &args.addresses, &args.site));
+    // What to do next goes to stderr: stdout stays the id and a block to paste.
+    let dir = args.state_dir.display();
+    eprintln!();
+    eprintln!("Next:");
+    eprintln!("  1. put the block above in the topology file, the same file on every node");
+    eprintln!("     (a first file: examples/two-nodes.toml; every table: docs/topology.md)");
+    eprintln!("  2. add a [[volume]] this node reads or keeps, and its [policy.NAME]");
+    eprintln!("  3. drmesh topology check FILE");
+    eprintln!("  4. drmesh run --state-dir {dir} --topology FILE");
+    eprintln!("  5. drmesh ctl --state-dir {dir} status");
     Ok(ExitCode::SUCCESS)
 }
