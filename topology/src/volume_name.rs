@@ -100,12 +100,6 @@ impl AsRef<str> for VolumeName {
     }
 }
 
-impl AsRef<std::path::Path> for VolumeName {
-    fn as_ref(&self) -> &std::path::Path {
-        std::path::Path::new(&self.0)
-    }
-}
-
 impl Borrow<str> for VolumeName {
     fn borrow(&self) -> &str {
         &self.0

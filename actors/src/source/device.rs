@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSliceMut, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::SourceError;
 
@@ -51,7 +51,6 @@ pub trait BlockDevice: Send + Sync {
 /// stays the workload's).
 #[derive(Debug)]
 pub struct LocalDevice {
-    path: PathBuf,
     shown: String,
     file: File,
     direct: bool,
@@ -69,12 +68,7 @@ impl LocalDevice {
             Err(_) => (File::open(path).map_err(io("opening"))?, false),
         };
         let size = file.seek(SeekFrom::End(0)).map_err(io("sizing"))?;
-        Ok(LocalDevice { path: path.to_path_buf(), shown: path.display().to_string(), file, direct, size })
-    }
-
-    /// The path it was opened at.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(LocalDevice { shown: path.display().to_string(), file, direct, size })
     }
 }
 

@@ -47,11 +47,6 @@ impl FileSource {
         FileSource { volume_bytes: device.size(), device, block_bytes }
     }
 
-    /// A second handle on the same device, for a read-ahead thread.
-    fn try_clone(&self) -> Result<FileSource, SourceError> {
-        Ok(self.clone())
-    }
-
     /// Size of the volume in bytes.
     pub fn volume_bytes(&self) -> u64 {
         self.volume_bytes
@@ -306,7 +301,7 @@ struct ReadAhead {
 
 impl ReadAhead {
     fn start(source: &FileSource, from: u64, only: Option<Arc<BlockMask>>) -> Result<ReadAhead, SourceError> {
-        let source = source.try_clone()?;
+        let source = source.clone();
         let device = source.device.clone();
         let (tx, batches) = std::sync::mpsc::sync_channel::<ReadBatch>(READ_AHEAD_BATCHES);
         let credit = std::sync::Arc::new(ReadCredit {
@@ -318,7 +313,7 @@ impl ReadAhead {
         });
         // A read set comes from a change source that knows what changed: no tail to find.
         if only.is_none() {
-            let (prober, probe_credit) = (source.try_clone()?, credit.clone());
+            let (prober, probe_credit) = (source.clone(), credit.clone());
             std::thread::Builder::new()
                 .name("drmesh-probe".into())
                 .spawn(move || Self::probe_tail(&prober, &probe_credit))

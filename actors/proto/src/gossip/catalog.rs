@@ -29,7 +29,7 @@ use crate::blob::RpSeq;
 
 use super::Millis;
 
-pub use drmesh_topology::{VolumeName, VOLUME_NAME_BYTES_MAX};
+pub use drmesh_topology::VolumeName;
 /// Longest free-text field (error, drill detail, site, version), in bytes; longer text is cut.
 pub const TEXT_BYTES_MAX: usize = 256;
 
