@@ -5,53 +5,13 @@
 //!
 //! Needs root (loop-mounted ext4 as the target's state dir); skipped otherwise.
 
-use std::path::{Path, PathBuf};
 use std::io::Read as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use drmesh_tests::{hash_hex, is_root, parse_ctl_json, report_seq, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
+use drmesh_tests::{hash_hex, is_root, run_ok, LoopFs, parse_ctl_json, report_seq, write_image_atomic, PolicySpec, Rng, TestMesh, VolumeSpec};
 
 const MIB: usize = 1 << 20;
-
-/// A small ext4 file system, loop-mounted; unmounted (and its image removed) on drop.
-struct LoopFs {
-    dir: tempfile::TempDir,
-    mountpoint: PathBuf,
-}
-
-impl LoopFs {
-    fn new(mib: u64) -> LoopFs {
-        let dir = tempfile::Builder::new().prefix("drmesh-diskfull-").tempdir().expect("tempdir");
-        let image = dir.path().join("fs.img");
-        let mountpoint = dir.path().join("mnt");
-        std::fs::create_dir(&mountpoint).unwrap();
-        std::fs::File::create(&image).unwrap().set_len(mib << 20).unwrap();
-        run(Command::new("mkfs.ext4").arg("-q").arg("-F").arg(&image));
-        run(Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&mountpoint));
-        LoopFs { dir, mountpoint }
-    }
-
-    fn path(&self) -> &Path {
-        &self.mountpoint
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.mountpoint).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            // Something still holds it open: detach lazily so the loop device goes away later.
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-        }
-        let _ = &self.dir;
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// `sync-now vol` on src that must answer within `timeout`: a cycle must fail, not hang.
 fn sync_bounded(mesh: &TestMesh, timeout: Duration) -> Result<serde_json::Value, String> {
@@ -87,7 +47,7 @@ fn full_target_disk_fails_the_cycle_not_the_catalog() {
     // Move dst's state dir (identity made by `drmesh init`) onto the small file system.
     let old = mesh.node("dst").state_dir.clone();
     let new = fs.path().join("dst");
-    run(Command::new("cp").arg("-a").arg(&old).arg(&new));
+    run_ok(Command::new("cp").arg("-a").arg(&old).arg(&new));
     std::fs::remove_dir_all(&old).unwrap();
     mesh.node_mut("dst").state_dir = new.clone();
     // A filler file to delete later to make room.
@@ -96,7 +56,7 @@ fn full_target_disk_fails_the_cycle_not_the_catalog() {
     let mut fill = vec![0u8; 8 * MIB];
     rng.fill(&mut fill);
     std::fs::write(&filler, &fill).unwrap();
-    run(&mut Command::new("sync"));
+    run_ok(&mut Command::new("sync"));
 
     let image_path = mesh.dir.path().join("disk.img");
     let mut image = vec![0u8; 10 * MIB];

@@ -17,6 +17,7 @@ pub mod store;
 pub mod source;
 pub mod cpu_pool;
 pub mod memory;
+pub mod mounts;
 pub mod restore;
 pub mod adapt;
 pub mod export;

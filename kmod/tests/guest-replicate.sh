@@ -13,7 +13,9 @@
 # - the first cycle after attach reads everything, later ones only changed blocks;
 # - a cycle that fails (the host stops the target mid-cycle, on request) loses
 #   nothing: its changes stay pending and the next cycle sends them;
-# - `drmesh ctl agent-status` shows the attached device.
+# - `drmesh ctl agent-status` shows the attached device;
+# - the RPs' consistency labels: `fs-frozen` for snapshots of the mounted disk,
+#   `crash` once it is unmounted, `inconsistent` for the live read of kind file.
 # After the writer stopped and the disk was unmounted, a last cycle; the guest
 # reports ("HOST-CHECK:") the writer's file count, the last RP and the quiet
 # disk's sha256, and the host checks every RP against them (a consistent cut
@@ -120,7 +122,8 @@ sync_now() {
     plan=$(str read_plan /t/sync.json)
     volume_bytes=$(num volume_bytes /t/sync.json)
     secs=$(num duration_secs /t/sync.json)
-    echo "cycle $1@$seq: read $read_bytes of $volume_bytes bytes in $secs s; $plan"
+    consistency=$(str consistency /t/sync.json)
+    echo "cycle $1@$seq: read $read_bytes of $volume_bytes bytes in $secs s; $plan; $consistency ($(str view /t/sync.json))"
 }
 
 # rewrite_bench: rewrites the B files in place with fresh random data
@@ -189,12 +192,16 @@ while [ $cycle -lt 4 ]; do
     *) fail "an incremental cycle read: $plan" ;;
     esac
     [ "$read_bytes" -lt $((volume_bytes / 8)) ] || fail "an incremental cycle read $read_bytes of $volume_bytes bytes"
+    # The module froze the mounted ext4 while it took the snapshot.
+    [ "$consistency" = fs-frozen ] || fail "a snapshot of the mounted disk is labelled $consistency"
     kmod_read=$read_bytes
     kmod_plan=$plan
     cycle=$((cycle + 1))
 done
 sync_now data-file
 file_read=$read_bytes
+# A block device read live, while the writer runs.
+[ "$consistency" = inconsistent ] || fail "a live read of /dev/vda is labelled $consistency"
 echo "bench: kmod incremental cycle read $kmod_read bytes ($kmod_plan); file full scan read $file_read bytes of the same $volume_bytes-byte disk; ratio $((file_read / (kmod_read + 1)))x"
 
 step "a cycle whose target stops mid-cycle loses nothing"
@@ -235,6 +242,8 @@ case "$plan" in
 "changed blocks (kmod):"* | "everything (kmod):"*) ;;
 *) fail "the last cycle read: $plan" ;;
 esac
+# Nothing mounted on the device: nothing to freeze.
+[ "$consistency" = crash ] || fail "a snapshot of the unmounted disk is labelled $consistency"
 echo "HOST-CHECK: files $F"
 echo "HOST-CHECK: last-rp $seq"
 echo "HOST-CHECK: vda-sha256 $(sha256sum /dev/vda | cut -d' ' -f1)"

@@ -226,7 +226,12 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 println!("failed: {}", s(e));
             }
         }
-        Request::Volumes => println!("{}", volumes_table(&data)),
+        Request::Volumes => {
+            println!("{}", volumes_table(&data));
+            for note in view_notes(&data) {
+                println!("{note}");
+            }
+        }
         Request::Pause { .. } => print_pause(&data),
         Request::Resume { .. } => print_resume(&data),
         Request::Rps { .. } => println!("{}", rps_table(&data)),
@@ -710,6 +715,18 @@ fn print_resume(list: &Value) {
     }
 }
 
+/// A line per volume whose last RP is not from a point-in-time view, with why.
+fn view_notes(list: &Value) -> Vec<String> {
+    let mut notes = Vec::new();
+    for v in list.as_array().into_iter().flatten() {
+        let report = &v["last_ok"]["report"];
+        if report["consistency"] == "inconsistent" {
+            notes.push(format!("{}@{} to {} is inconsistent: {}", s(&v["volume"]), s(&report["seq"]), s(&v["target"]), s(&report["view"])));
+        }
+    }
+    notes
+}
+
 fn volumes_table(list: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
@@ -717,7 +734,12 @@ fn volumes_table(list: &Value) -> Table {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     for v in list.as_array().into_iter().flatten() {
         let last = match v["last_ok"].as_object() {
-            Some(last) => format!("@{} ({} ago)", s(&last["report"]["seq"]), duration(now.saturating_sub(last["finished_unix_ms"].as_u64().unwrap_or(0)) / 1000)),
+            Some(last) => format!(
+                "@{} ({} ago, {})",
+                s(&last["report"]["seq"]),
+                duration(now.saturating_sub(last["finished_unix_ms"].as_u64().unwrap_or(0)) / 1000),
+                s(&last["report"]["consistency"])
+            ),
             None => "-".into(),
         };
         let state = if let Some(since) = v["paused_since_unix_ms"].as_u64() {
@@ -798,13 +820,14 @@ mod tests {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let list = serde_json::json!([{
             "volume": "db", "target": "hq", "rpo_secs": 300, "running": false, "queued": false, "next_in_secs": 42.0,
-            "last_ok": { "finished_unix_ms": now - 90_000, "report": { "seq": 7 } },
+            "last_ok": { "finished_unix_ms": now - 90_000, "report": { "seq": 7, "consistency": "inconsistent", "view": "live read, no point-in-time view: /dev/sdb is not a regular file" } },
             "last_error": { "at_unix_ms": now, "reason": "target hq is not connected" },
             "bandwidth": { "reason": "unlimited" }, "paused_since_unix_ms": null,
         }]);
         let text = volumes_table(&list).to_string();
-        assert!(text.contains("@7 (1m30s ago)") || text.contains("@7 (1m31s ago)"), "{text}");
+        assert!(text.contains("@7 (1m30s ago, inconsistent)") || text.contains("@7 (1m31s ago, inconsistent)"), "{text}");
         assert!(text.contains("target hq is not connected"), "{text}");
         assert!(text.contains("next in 42s"), "{text}");
+        assert_eq!(view_notes(&list), vec!["db@7 to hq is inconsistent: live read, no point-in-time view: /dev/sdb is not a regular file".to_string()]);
     }
 }

@@ -779,3 +779,46 @@ pub fn debian_image() -> Option<(PathBuf, Vec<(String, String)>)> {
 pub fn manifest_get<'a>(m: &'a [(String, String)], key: &str) -> &'a str {
     m.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_default()
 }
+
+/// A small file system in an image file, loop-mounted; unmounted (and its
+/// image removed) on drop. Needs root.
+pub struct LoopFs {
+    dir: tempfile::TempDir,
+    mountpoint: PathBuf,
+}
+
+impl LoopFs {
+    /// An ext4 file system of `mib` MiB.
+    pub fn new(mib: u64) -> LoopFs {
+        LoopFs::with_mkfs(mib, &["mkfs.ext4", "-q", "-F"])
+    }
+
+    /// A file system of `mib` MiB made by `mkfs` (program and options; the
+    /// image's path is added last), e.g. `["mkfs.xfs", "-q", "-m", "reflink=1"]`.
+    pub fn with_mkfs(mib: u64, mkfs: &[&str]) -> LoopFs {
+        let dir = tempfile::Builder::new().prefix("drmesh-loopfs-").tempdir().expect("tempdir");
+        let image = dir.path().join("fs.img");
+        let mountpoint = dir.path().join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(mib << 20).unwrap();
+        run_ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image));
+        run_ok(Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&mountpoint));
+        LoopFs { dir, mountpoint }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.mountpoint).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            // Something still holds it open: detach lazily so the loop device goes away later.
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+        let _ = &self.dir;
+    }
+}

@@ -113,7 +113,7 @@ pub struct RpMeta {
     pub merkle_root: crate::content::MerkleRoot,
     /// Whether the blobs are encrypted.
     pub encrypted: bool,
-    /// Consistency level ("crash", "fs-frozen", "app").
+    /// Consistency level: a [`crate::gossip::catalog::Consistency`] label ("inconsistent", "crash", "fs-frozen", "app").
     pub consistency: String,
 }
 

@@ -173,11 +173,8 @@ pub fn rp_info(meta: &RpMeta, drill: Option<&DrillReport>) -> RpInfo {
         snapshot_unix_ms: meta.time_unix_ms,
         size_bytes: meta.volume_bytes,
         merkle_root: meta.merkle_root,
-        consistency: match meta.consistency.as_str() {
-            "fs-frozen" => Consistency::FileSystem,
-            "app" => Consistency::Application,
-            _ => Consistency::Crash,
-        },
+        // A label this release does not know promises nothing.
+        consistency: Consistency::from_label(&meta.consistency).unwrap_or(Consistency::Inconsistent),
         drill: drill.map(DrillResult::of),
     }
 }
@@ -947,11 +944,7 @@ impl Handler<GetCatalog> for GossipActor {
                 snapshot_unix_ms: r.info.snapshot_unix_ms,
                 size_bytes: r.info.size_bytes,
                 merkle_root: hex(&r.info.merkle_root.0[..6]),
-                consistency: match r.info.consistency {
-                    Consistency::Crash => "crash",
-                    Consistency::FileSystem => "fs-frozen",
-                    Consistency::Application => "app",
-                },
+                consistency: r.info.consistency.label(),
                 drill_passed: r.info.drill.as_ref().map(|d| d.passed),
                 drill: r.info.drill.clone(),
                 scrub: r.scrub,

@@ -77,6 +77,10 @@ pub struct CycleReport {
     pub snapshot_unix_ms: u64,
     /// Merkle root of the RP.
     pub merkle_root: String,
+    /// The RP's consistency label (`inconsistent`, `crash`, `fs-frozen`, `app`).
+    pub consistency: String,
+    /// How the point-in-time view was taken, or why there was none.
+    pub view: String,
     /// Where the wall time went: seconds from the start of the cycle.
     pub timeline: CycleTimeline,
 }
@@ -199,7 +203,7 @@ async fn baseline_for(baselines: &Arc<Baselines>, cfg: &CycleConfig) -> Result<O
 }
 
 /// The RP a finished scan offers to commit (the target fills in seq and what it stored).
-fn rp_meta(cfg: &CycleConfig, snapshot_ms: u64, volume_bytes: u64, block_count: u64, changed_blocks: u64, root: MerkleRoot) -> RpMeta {
+fn rp_meta(cfg: &CycleConfig, view: &dyn PointInTime, snapshot_ms: u64, volume_bytes: u64, block_count: u64, changed_blocks: u64, root: MerkleRoot) -> RpMeta {
     RpMeta {
         volume: cfg.volume.clone(),
         seq: RpSeq(0),
@@ -212,7 +216,7 @@ fn rp_meta(cfg: &CycleConfig, snapshot_ms: u64, volume_bytes: u64, block_count: 
         bytes_stored: 0,
         merkle_root: root,
         encrypted: cfg.codec.encrypts(),
-        consistency: "crash".into(),
+        consistency: view.quality().consistency.label().into(),
     }
 }
 
@@ -415,7 +419,7 @@ impl<'a> Cycle<'a> {
                 self.timeline.read_done = self.since();
                 self.merkle_root = root;
                 self.scan_stats = stats;
-                let meta = rp_meta(self.cfg, self.snapshot_ms, self.volume_bytes, self.block_count, self.scan_stats.changed_blocks, root);
+                let meta = rp_meta(self.cfg, self.view.as_ref(), self.snapshot_ms, self.volume_bytes, self.block_count, self.scan_stats.changed_blocks, root);
                 session.handle_reader_done(meta);
             }
             Some(ReaderItem::Failed(reason)) => session.handle_encode_failed(format!("reading the source: {reason}")),
@@ -509,6 +513,7 @@ async fn run_cycle_on(
     let rest = staged?;
     // Committed on the target: only now does the baseline move (promise 2).
     let meta = BaselineMeta { seq, merkle_root, block_bytes: cfg.block_bytes, block_count, volume_bytes, time_unix_ms: snapshot_ms };
+    let quality = view.quality();
     advance_baseline(&baselines, &cfg, view, meta, rest).await?;
     Ok(CycleReport {
         volume: cfg.volume,
@@ -522,6 +527,8 @@ async fn run_cycle_on(
         duration_secs: started.elapsed().as_secs_f64(),
         snapshot_unix_ms: snapshot_ms,
         merkle_root: merkle_root.to_hex(),
+        consistency: quality.consistency.label().into(),
+        view: quality.how,
         timeline,
     })
 }

@@ -161,7 +161,7 @@ fn with_partitions(rdev: u64) -> Vec<u64> {
     for e in entries.flatten() {
         let p = e.path();
         if p.join("partition").exists() {
-            if let Some(dev) = fs::read_to_string(p.join("dev")).ok().and_then(|t| parse_dev(t.trim())) {
+            if let Some(dev) = fs::read_to_string(p.join("dev")).ok().and_then(|t| crate::mounts::parse_dev(t.trim())) {
                 out.push(dev);
             }
         }
@@ -169,25 +169,13 @@ fn with_partitions(rdev: u64) -> Vec<u64> {
     out
 }
 
-fn parse_dev(text: &str) -> Option<u64> {
-    let (ma, mi) = text.split_once(':')?;
-    Some(nix::sys::stat::makedev(ma.parse().ok()?, mi.parse().ok()?))
-}
-
 /// Why the device (or a partition of it) is in use, if it is: mounted, swap,
 /// or held by another block device (device-mapper, md, ...).
 fn device_in_use(rdev: u64) -> Option<String> {
     let devs = with_partitions(rdev);
     let same = |path: &str| fs::metadata(path).map(|m| m.file_type().is_block_device() && devs.contains(&m.rdev())).unwrap_or(false);
-    if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
-        for line in mounts.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let (Some(dev), Some(point)) = (fields.get(2), fields.get(4)) else { continue };
-            let source = line.split(" - ").nth(1).and_then(|rest| rest.split(' ').nth(1)).unwrap_or("");
-            if parse_dev(dev).is_some_and(|d| devs.contains(&d)) || (source.starts_with('/') && same(source)) {
-                return Some(format!("it is mounted at {} (unmount it first)", point.replace("\\040", " ")));
-            }
-        }
+    if let Some(m) = crate::mounts::mounted(&devs) {
+        return Some(format!("it is mounted at {} (unmount it first)", m.point.display()));
     }
     if let Ok(swaps) = fs::read_to_string("/proc/swaps") {
         for line in swaps.lines().skip(1) {

@@ -16,6 +16,8 @@ use drmesh_topology::{SourceKind, Volume};
 
 use super::baseline::Baselines;
 use super::device::{BlockDevice, LocalDevice};
+use super::reflink::clone_image;
+use crate::proto::gossip::catalog::Consistency;
 use super::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
 use super::{BlockMask, SourceError};
 
@@ -52,8 +54,20 @@ impl fmt::Debug for dyn ChangeSource {
     }
 }
 
+/// How consistent a view's blocks are with one instant, and how the view was
+/// taken: the RP's label, and what `ctl volumes` says of the last cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewQuality {
+    /// The level the RP is labelled with.
+    pub consistency: Consistency,
+    /// How the view was taken, or why there was none, for people.
+    pub how: String,
+}
+
 /// One cycle's view of a volume, from `open` until `release`.
 pub trait PointInTime: Send + Sync {
+    /// How consistent the view is and how it was taken.
+    fn quality(&self) -> ViewQuality;
     /// Where this view's blocks are read (the image, the snapshot device; a
     /// kind reading through an API hands over its own [`BlockDevice`]).
     /// Blocking; an error fails the cycle.
@@ -88,22 +102,29 @@ pub fn of_volume(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
     }
 }
 
-/// Kind `file`: an image file or block device read whole at cycle time (no
-/// snapshot: what a cycle reads of a volume in use is crash-consistent only
-/// per block; see docs/replication.md).
+/// Kind `file`: an image file or block device read whole at cycle time. An
+/// image on a filesystem that clones files (XFS, btrfs) is read from a
+/// reflink clone taken when the cycle starts (crash consistent); anything
+/// else is read live, block after block, and its RPs are labelled
+/// `inconsistent` (see docs/consistency.md).
 #[derive(Debug, Clone)]
 pub struct FileKind {
     /// The image or device.
     pub path: PathBuf,
 }
 
+/// A `file` volume's view: its reflink clone, or the live image.
 struct FileView {
-    path: PathBuf,
+    device: Arc<LocalDevice>,
+    quality: ViewQuality,
 }
 
 impl PointInTime for FileView {
+    fn quality(&self) -> ViewQuality {
+        self.quality.clone()
+    }
     fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
-        Ok(Arc::new(LocalDevice::open(&self.path)?))
+        Ok(self.device.clone())
     }
     fn changes(&self) -> Changes {
         Changes::Unknown
@@ -117,8 +138,23 @@ impl ChangeSource for FileKind {
     fn volume_path(&self) -> &Path {
         &self.path
     }
-    fn open(&self, _baselines: &Baselines, _volume: &str, _target: &str, _block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
-        Ok(Box::new(FileView { path: self.path.clone() }))
+    fn open(&self, _baselines: &Baselines, volume: &str, _target: &str, _block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
+        let shown = self.path.display();
+        let io = |source| SourceError::Io { op: "opening", path: shown.to_string(), source };
+        let why_live = if std::fs::metadata(&self.path).map_err(io)?.is_file() {
+            match clone_image(&self.path) {
+                Ok(clone) => {
+                    let quality = ViewQuality { consistency: Consistency::Crash, how: format!("reflink clone of {shown}") };
+                    return Ok(Box::new(FileView { device: Arc::new(clone), quality }));
+                }
+                Err(e) => e.reason,
+            }
+        } else {
+            format!("{shown} is not a regular file, and this build takes no snapshot of a block device")
+        };
+        tracing::info!(volume, reason = %why_live, "reading the live volume: its RP will be labelled inconsistent");
+        let quality = ViewQuality { consistency: Consistency::Inconsistent, how: format!("live read, no point-in-time view: {why_live}") };
+        Ok(Box::new(FileView { device: Arc::new(LocalDevice::open(&self.path)?), quality }))
     }
 }
 
@@ -146,6 +182,15 @@ impl ChangeSource for KmodKind {
 }
 
 impl PointInTime for KmodCycle {
+    fn quality(&self) -> ViewQuality {
+        match self.frozen() {
+            Some(m) => ViewQuality {
+                consistency: Consistency::FileSystem,
+                how: format!("kmod snapshot of {}, its {} filesystem (mounted at {}) frozen at the instant", self.device().display(), m.fs_type, m.point.display()),
+            },
+            None => ViewQuality { consistency: Consistency::Crash, how: format!("kmod snapshot of {} (no filesystem mounted on it to freeze)", self.device().display()) },
+        }
+    }
     fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
         Ok(Arc::new(LocalDevice::open(self.snapshot_path())?))
     }

@@ -70,6 +70,14 @@ impl LocalDevice {
         let size = file.seek(SeekFrom::End(0)).map_err(io("sizing"))?;
         Ok(LocalDevice { shown: path.display().to_string(), file, direct, size })
     }
+
+    /// Reads an open file (one without a name, such as a clone made with
+    /// `O_TMPFILE`), shown as `shown`; `direct` says it was opened with
+    /// O_DIRECT.
+    pub fn from_file(mut file: File, shown: String, direct: bool) -> Result<LocalDevice, SourceError> {
+        let size = file.seek(SeekFrom::End(0)).map_err(|source| SourceError::Io { op: "sizing", path: shown.clone(), source })?;
+        Ok(LocalDevice { shown, file, direct, size })
+    }
 }
 
 impl BlockDevice for LocalDevice {

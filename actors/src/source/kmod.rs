@@ -205,6 +205,8 @@ pub struct KmodCycle {
     generation: u64,
     plan: ReadPlan,
     released: AtomicBool,
+    device: PathBuf,
+    frozen: Option<crate::mounts::Mount>,
 }
 
 impl std::fmt::Debug for KmodCycle {
@@ -288,6 +290,8 @@ impl KmodCycle {
         }
         let record: Option<TrackRecord> = decode(baselines, volume, TRACK_KEY)?;
         let lost = continuity_lost(record.as_ref(), dev, &status);
+        // The module freezes a filesystem mounted on the device while it takes the snapshot.
+        let frozen = crate::mounts::mounted(&[nix::sys::stat::makedev(dev.major.into(), dev.minor.into())]);
         let snapshot = ctl.snapshot(dev, &spec.cow_store).map_err(kmod_err(volume, device, "snapshot"))?;
         let taken = Self::after_snapshot(&ctl, dev, volume, device);
         let after = match taken {
@@ -359,11 +363,24 @@ impl KmodCycle {
             generation,
             plan,
             released: AtomicBool::new(false),
+            device: device.to_path_buf(),
+            frozen,
         })
     }
 
     fn after_snapshot(ctl: &Control, dev: DevId, volume: &str, device: &Path) -> Result<DeviceStatus, SourceError> {
         ctl.status(dev).map_err(kmod_err(volume, device, "status"))
+    }
+
+    /// The tracked device.
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// The filesystem that was mounted on the device, and so frozen while
+    /// the snapshot was taken, if one was.
+    pub fn frozen(&self) -> Option<&crate::mounts::Mount> {
+        self.frozen.as_ref()
     }
 
     /// The snapshot device to read.

@@ -11,12 +11,15 @@
 //! - [`change`]: the seam a cycle sees every kind through ([`change::ChangeSource`],
 //!   [`change::PointInTime`]), and [`device`]: where a view's blocks are read
 //!   ([`device::BlockDevice`]).
+//! - [`reflink`]: the `file` kind's point-in-time view of an image file on a
+//!   filesystem that clones files.
 
 pub mod baseline;
 pub mod change;
 pub mod device;
 pub mod file;
 pub mod kmod;
+pub mod reflink;
 
 /// A set of block indices of a volume (the blocks a cycle reads).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -42,6 +42,29 @@ pub enum Consistency {
     FileSystem,
     /// Applications were quiesced by hooks around the snapshot.
     Application,
+    /// No point-in-time view: the blocks were read from the live volume one
+    /// after another, so blocks written meanwhile may come from different
+    /// instants (a `file` volume on a filesystem that cannot clone files).
+    /// Encoded after the others: a replica saved by an earlier release loads.
+    Inconsistent,
+}
+
+impl Consistency {
+    /// The label RP metadata, `ctl` and the docs use: `inconsistent`,
+    /// `crash`, `fs-frozen`, `app`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Consistency::Inconsistent => "inconsistent",
+            Consistency::Crash => "crash",
+            Consistency::FileSystem => "fs-frozen",
+            Consistency::Application => "app",
+        }
+    }
+
+    /// The level a label names, or `None` for a label this release does not know.
+    pub fn from_label(label: &str) -> Option<Consistency> {
+        [Consistency::Inconsistent, Consistency::Crash, Consistency::FileSystem, Consistency::Application].into_iter().find(|c| c.label() == label)
+    }
 }
 
 /// Outcome of a disaster-recovery drill run on an RP (the summary of a
