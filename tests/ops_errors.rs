@@ -141,6 +141,10 @@ fn topology_check_lists_every_error_with_its_position() {
     assert!(out.status.success(), "{stdout}");
     let not_built: Vec<&str> = stdout.lines().filter(|l| l.starts_with("NOT BUILT: ")).collect();
     assert_eq!(not_built, ["NOT BUILT: volume \"web1-root\": source kind ebs is not supported by this build yet; node cloud-web1 will not replicate it (its cycles fail with this reason)"], "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "hooks of app1-disk (run on node branch-app1 around each cycle's view): pre /usr/local/bin/app1-quiesce, post /usr/local/bin/app1-resume, timeout 30s"),
+        "{stdout}"
+    );
 
     // Drills: the check says what runs where; a drill check without its settings, or
     // drill nodes that hold none of a volume's RPs, are errors with their place.

@@ -181,3 +181,66 @@ fn a_clone_gives_one_instant_and_a_live_read_says_inconsistent() {
     assert!(table.contains("@2 (") && table.contains("crash)") && table.contains("inconsistent)"), "{table}");
     assert!(table.contains("live@2 to dst is inconsistent: live read, no point-in-time view: the filesystem of"), "{table}");
 }
+
+/// Story: a database volume has hooks that quiesce it around each view. With
+/// a `pre` that succeeds, the RP is `app` and both hooks ran once, in order,
+/// with the volume and target in their environment. An operator's edit breaks
+/// `pre` (it now fails and prints why); after `ctl reload` the next cycle
+/// still commits, labelled with the view's own level and the hook's reason,
+/// and `post` still ran to undo whatever `pre` did.
+#[test]
+fn hooks_make_app_rps_and_a_failing_pre_says_why() {
+    if !is_root() {
+        eprintln!("SKIPPED hooks_make_app_rps_and_a_failing_pre_says_why: needs root to loop-mount XFS (CI runs it as root)");
+        return;
+    }
+    let xfs = LoopFs::with_mkfs(320, &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]);
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    let image = xfs.path().join("db.img");
+    zeros(&image);
+    let log = mesh.dir.path().join("hooks.log");
+    let base = mesh.replication_topology(1, &["src", "dst"], &[VolumeSpec::new("db", "src", &["dst"], &image, "p")], &[PolicySpec::new("p", "1MiB")]);
+    let topology = |pre: &str, version: u64| {
+        let mut text = base.replacen("version = 1", &format!("version = {version}"), 1);
+        // Appended after the policy table, `[volume.hooks]` would land in the policy: insert it after the volume.
+        let hooks = format!(
+            "[volume.hooks]\npre = [\"/bin/sh\", \"-c\", {pre:?}]\npost = [\"/bin/sh\", \"-c\", \"echo post $DRMESH_PRE_RESULT >> {}\"]\ntimeout = \"30s\"\n",
+            log.display()
+        );
+        let at = text.find("\n[policy.").expect("policy table");
+        text.insert_str(at + 1, &hooks);
+        text
+    };
+    let good = format!("echo \"pre $DRMESH_VOLUME $DRMESH_TARGET $DRMESH_VOLUME_PATH\" >> {}", log.display());
+    mesh.write_file("topology.toml", &topology(&good, 1));
+    mesh.start("dst", "topology.toml");
+    mesh.start("src", "topology.toml");
+    mesh.wait_connected("src", &["dst"]);
+    // The scheduler's own first cycle may run the hooks too: count from here.
+    wait_until("the first cycle is committed", std::time::Duration::from_secs(60), || !mesh.rp_seqs("dst", "db").is_empty());
+    std::fs::write(&log, "").expect("truncate hook log");
+
+    let report = mesh.sync_ok("src", "db")["reports"][0].clone();
+    assert_eq!(report["consistency"], "app", "{report}");
+    let view = report["view"].as_str().unwrap_or_default();
+    eprintln!("app: {view}");
+    assert!(view.starts_with("reflink clone of") && view.contains("pre hook `/bin/sh -c echo") && view.contains("exited 0") && view.contains("the application was quiet"), "{view}");
+    assert!(view.contains("post hook `/bin/sh -c echo post"), "{view}");
+    assert_eq!(std::fs::read_to_string(&log).expect("hook log"), format!("pre db dst {}\npost ok\n", image.display()));
+
+    // The operator breaks `pre`; the cycle goes on without it.
+    std::fs::write(&log, "").expect("truncate hook log");
+    mesh.write_file("topology.toml", &topology("echo 'pg_ctl: server is not running' >&2; exit 4", 2));
+    let out = mesh.ctl("src", &["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    let report = mesh.sync_ok("src", "db")["reports"][0].clone();
+    assert_eq!(report["consistency"], "crash", "{report}");
+    let view = report["view"].as_str().unwrap_or_default();
+    eprintln!("crash: {view}");
+    assert!(view.contains("failed with exit status 4") && view.contains("(pg_ctl: server is not running), so the RP is labelled crash"), "{view}");
+    assert_eq!(std::fs::read_to_string(&log).expect("hook log"), "post failed\n");
+    let rps = mesh.rps("dst", "db");
+    assert_eq!(rps.last().map(|r| r["consistency"].clone()), Some(Value::from("crash")), "{rps:?}");
+    assert!(rps.iter().any(|r| r["consistency"] == "app"), "{rps:?}");
+    assert!(mesh.node("src").log_text().contains("pg_ctl: server is not running"), "the hook's output is not in the log");
+}

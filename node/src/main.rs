@@ -158,6 +158,18 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                     humantime::format_duration(drill.max_unverified_age)
                 );
             }
+            for v in &t.volumes {
+                let Some(hooks) = &v.hooks else { continue };
+                let command = |c: &Option<Vec<String>>| c.as_ref().map_or("none".to_string(), |c| c.join(" "));
+                println!(
+                    "hooks of {} (run on node {} around each cycle's view): pre {}, post {}, timeout {}",
+                    v.name,
+                    v.source,
+                    command(&hooks.pre),
+                    command(&hooks.post),
+                    humantime::format_duration(hooks.timeout)
+                );
+            }
             // Parsed and checked, but no reader in this build: say so, a node will not replicate them.
             for v in &t.volumes {
                 if let Err(why) = drmesh_actors::source::change::of_volume(v) {

@@ -48,7 +48,7 @@ pub use node_id::{NodeId, NodeIdError};
 pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
     Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, Link, Mesh, NbdAddress, Node, Policy,
-    Retention, Site, SourceKind, TimeOfDay, Volume, Weekday,
+    Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday,
 };
 
 use diagnostic::Sink;

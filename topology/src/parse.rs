@@ -578,7 +578,7 @@ const KIND_SETTINGS: &[(&str, &[&str])] = &[
 
 fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
     let all_settings: Vec<&str> = KIND_SETTINGS.iter().flat_map(|(_, s)| s.iter().copied()).collect();
-    f.check_keys(sink, &["name", "source", "kind", "targets", "policy"], &all_settings);
+    f.check_keys(sink, &["name", "source", "kind", "targets", "policy", "hooks"], &all_settings);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     let checked = name.as_ref().and_then(|n| match VolumeName::new(n.value.clone()) {
@@ -633,17 +633,79 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
             settings
         }
     });
-    let volume = match (checked, &source, &policy, kind, ok) {
-        (Some(name), Some(s), Some(p), Some(kind), true) => Some(Volume {
+    let hooks = match f.table(sink, "hooks") {
+        Some(t) => read_hooks(&t, sink).map(Some),
+        None if f.get("hooks").is_some() => None,
+        None => Some(None),
+    };
+    let volume = match (checked, &source, &policy, kind, hooks, ok) {
+        (Some(name), Some(s), Some(p), Some(kind), Some(hooks), true) => Some(Volume {
             name,
             source: s.value.clone(),
             kind,
             targets: targets.iter().map(|t| t.value.clone()).collect(),
             policy: p.value.clone(),
+            hooks,
         }),
         _ => None,
     };
     VolumeDraft { name, source, targets, policy, kmod_paths, volume }
+}
+
+/// Longest time limit of a volume hook.
+const HOOK_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `[volume.hooks]`: `pre` and `post` commands (at least one) and `timeout`.
+fn read_hooks(t: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<VolumeHooks> {
+    t.check_keys(sink, &["pre", "post", "timeout"], &[]);
+    let mut ok = true;
+    let mut command = |key: &str| -> Option<Vec<String>> {
+        match t.string_list(sink, key) {
+            None => None,
+            Some(Err(())) => {
+                ok = false;
+                None
+            }
+            Some(Ok((span, list))) => match list.first() {
+                None => {
+                    sink.error(span, format!("`{key}` in {} is empty; expected the program and its arguments", t.what));
+                    ok = false;
+                    None
+                }
+                Some(program) if !Path::new(&program.value).is_absolute() => {
+                    sink.error(
+                        program.span.clone(),
+                        format!("the program of `{key}` in {} must be an absolute path (a node's PATH may be short), found {:?}", t.what, program.value),
+                    );
+                    ok = false;
+                    None
+                }
+                Some(_) => Some(list.into_iter().map(|c| c.value).collect()),
+            },
+        }
+    };
+    let (pre, post) = (command("pre"), command("post"));
+    if ok && pre.is_none() && post.is_none() {
+        sink.error(t.header.clone(), format!("{} has neither `pre` nor `post`; expected a command in at least one, such as pre = [\"/usr/local/bin/quiesce-db\"]", t.what));
+        ok = false;
+    }
+    let mut timeout = std::time::Duration::from_secs(60);
+    if let Some(s) = t.string(sink, "timeout", false) {
+        match units::parse_duration(&s.value) {
+            Ok(d) if d < std::time::Duration::from_secs(1) || d > HOOK_TIMEOUT_MAX => {
+                sink.error(s.span, format!("`timeout` in {} must be from 1s to 1h, found {:?}", t.what, s.value));
+                ok = false;
+            }
+            Ok(d) => timeout = d,
+            Err(e) => {
+                sink.error(s.span, format!("`timeout` in {}: {e}", t.what));
+                ok = false;
+            }
+        }
+    } else if t.get("timeout").is_some() {
+        ok = false;
+    }
+    ok.then_some(VolumeHooks { pre, post, timeout })
 }
 
 /// An absolute `/dev/...` path setting with the span of its value.

@@ -92,6 +92,24 @@ pub struct Volume {
     pub targets: Vec<String>,
     /// Name of the policy in `[policy.NAME]`.
     pub policy: String,
+    /// `[volume.hooks]`: commands run around each cycle's point-in-time view.
+    pub hooks: Option<VolumeHooks>,
+}
+
+/// `[volume.hooks]`: commands the source node runs around each cycle's
+/// point-in-time view to quiesce an application (see docs/consistency.md).
+/// At least one of `pre` and `post` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeHooks {
+    /// Program (an absolute path) and arguments, no shell: run before the view
+    /// is taken; exit status 0 says the application is quiet.
+    pub pre: Option<Vec<String>>,
+    /// Program and arguments: run once the view no longer needs the
+    /// application quiet, also after a `pre` that failed.
+    pub post: Option<Vec<String>>,
+    /// Time limit of each command (1 s to 1 h, default 60 s); at the limit
+    /// its process group is killed.
+    pub timeout: std::time::Duration,
 }
 
 /// How a volume's blocks and changes are read (the `kind` key and its settings).

@@ -159,7 +159,7 @@ fn unknown_key_in_volume() {
         &edit(23, "policy = \"p\"\nschedule = \"x\""),
         24,
         1,
-        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, path, device, cow_store, state_store, nbd",
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, path, device, cow_store, state_store, nbd",
     );
 }
 
@@ -790,4 +790,36 @@ fn second_link_between_the_same_pair() {
         9,
         "already defined on line 28",
     );
+}
+
+// ---- volume hooks -------------------------------------------------------
+
+/// `GOOD` with `[volume.hooks]` holding `lines` after the volume (line 24 on).
+fn with_hooks(lines: &str) -> String {
+    edit(23, &format!("policy = \"p\"\n[volume.hooks]\n{lines}"))
+}
+
+#[test]
+fn volume_hooks_are_read() {
+    let t = Topology::parse(&with_hooks("pre = [\"/usr/local/bin/quiesce\", \"--db\", \"main\"]\npost = [\"/usr/local/bin/resume\"]\ntimeout = \"2m\""), Path::new("t.toml")).unwrap();
+    let hooks = t.volumes[0].hooks.clone().unwrap();
+    assert_eq!(hooks.pre.unwrap(), vec!["/usr/local/bin/quiesce", "--db", "main"]);
+    assert_eq!(hooks.post.unwrap(), vec!["/usr/local/bin/resume"]);
+    assert_eq!(hooks.timeout, std::time::Duration::from_secs(120));
+    let t = Topology::parse(&with_hooks("post = [\"/bin/sync\"]"), Path::new("t.toml")).unwrap();
+    let hooks = t.volumes[0].hooks.clone().unwrap();
+    assert_eq!((hooks.pre, hooks.timeout), (None, std::time::Duration::from_secs(60)));
+    assert_eq!(Topology::parse(&expand(GOOD), Path::new("t.toml")).unwrap().volumes[0].hooks, None);
+}
+
+#[test]
+fn bad_volume_hooks() {
+    assert_one(&with_hooks("pre = [\"quiesce.sh\"]"), 25, 8, "the program of `pre` in `hooks` of [[volume]] must be an absolute path");
+    assert_one(&with_hooks("post = []"), 25, 8, "`post` in `hooks` of [[volume]] is empty");
+    assert_one(&with_hooks("pre = \"/bin/true\""), 25, 7, "a list of strings");
+    assert_one(&with_hooks("timeout = \"1m\""), 24, 1, "has neither `pre` nor `post`");
+    assert_one(&with_hooks("pre = [\"/bin/true\"]\ntimeout = \"2h\""), 26, 11, "`timeout` in `hooks` of [[volume]] must be from 1s to 1h");
+    assert_one(&with_hooks("pre = [\"/bin/true\"]\ntimeout = \"soon\""), 26, 11, "`timeout` in `hooks` of [[volume]]");
+    assert_one(&with_hooks("pre = [\"/bin/true\"]\nbefore = [\"/bin/true\"]"), 26, 1, "before");
+    assert_one(&edit(23, "policy = \"p\"\nhooks = \"/bin/true\""), 24, 9, "a table");
 }

@@ -93,6 +93,15 @@ pub trait PointInTime: Send + Sync {
 
 /// The change source of `volume`, or why this build has none for its kind.
 pub fn of_volume(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
+    let kind = kind_of(volume)?;
+    Ok(match &volume.hooks {
+        Some(hooks) => Arc::new(super::hooks::Hooked::new(kind, hooks.clone())),
+        None => kind,
+    })
+}
+
+/// The change source of `volume`'s kind, without its hooks.
+fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
     match &volume.kind {
         SourceKind::File { path } => Ok(Arc::new(FileKind { path: path.clone() })),
         SourceKind::Kmod { device, cow_store, state_store } => Ok(Arc::new(KmodKind {

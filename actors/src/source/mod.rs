@@ -11,6 +11,8 @@
 //! - [`change`]: the seam a cycle sees every kind through ([`change::ChangeSource`],
 //!   [`change::PointInTime`]), and [`device`]: where a view's blocks are read
 //!   ([`device::BlockDevice`]).
+//! - [`hooks`]: the operator's commands run around any kind's view
+//!   (`[volume.hooks]`), for application-consistent RPs.
 //! - [`reflink`]: the `file` kind's point-in-time view of an image file on a
 //!   filesystem that clones files.
 
@@ -18,6 +20,7 @@ pub mod baseline;
 pub mod change;
 pub mod device;
 pub mod file;
+pub mod hooks;
 pub mod kmod;
 pub mod reflink;
 
