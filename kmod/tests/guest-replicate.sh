@@ -5,9 +5,11 @@
 # node "src", the topology, and the mode ("test" or "bench").
 #
 # Node "src" runs here, the source of volume "data" (kind kmod: /dev/vda, the
-# mounted ext4 disk, COW store /dev/vdb) and of volume "data-file" (kind file,
-# the same disk, for the bytes-read comparison); node "tgt" runs on the host and
-# keeps the recovery points; src dials it at 10.0.2.2 through qemu's NAT.
+# mounted ext4 disk, COW store /dev/vdb), of volume "data-file" (kind file,
+# the same disk, for the bytes-read comparison) and of volume "data-lvm" (kind
+# file: a mounted ext4 logical volume on /dev/vdd, read from an LVM snapshot);
+# node "tgt" runs on the host and keeps the recovery points; src dials it at
+# 10.0.2.2 through qemu's NAT.
 #
 # test: a writer rewrites files in place while cycles run. Checks here:
 # - the first cycle after attach reads everything, later ones only changed blocks;
@@ -15,7 +17,11 @@
 #   nothing: its changes stay pending and the next cycle sends them;
 # - `drmesh ctl agent-status` shows the attached device;
 # - the RPs' consistency labels: `fs-frozen` for snapshots of the mounted disk,
-#   `crash` once it is unmounted, `inconsistent` for the live read of kind file.
+#   `crash` once it is unmounted, `inconsistent` for the live read of kind file;
+# - data-lvm's cycles under a writer of their own read LVM snapshots
+#   (`fs-frozen`), which are gone after each cycle; a snapshot a killed node
+#   left is removed, a look-alike logical volume of its name is not (that
+#   cycle reads live, `inconsistent`, and says why).
 # After the writer stopped and the disk was unmounted, a last cycle; the guest
 # reports ("HOST-CHECK:") the writer's file count, the last RP and the quiet
 # disk's sha256, and the host checks every RP against them (a consistent cut
@@ -46,17 +52,28 @@ mount -t tmpfs -o size=300m tmpfs /t
 # that background writer would otherwise show up in the cycles' changed blocks.
 mount -t ext4 -o noinit_itable /dev/vda /mnt/src
 mkdir -p /mnt/src/w
+# data-lvm: a logical volume on vdd, mounted. No udev here: lvm makes the
+# device nodes itself; no dmeventd either.
+mkdir -p /run/lock /etc/lvm /mnt/lv
+printf 'activation {\n udev_sync = 0\n udev_rules = 0\n monitoring = 0\n}\n' >/etc/lvm/lvm.conf
+export LVM_SUPPRESS_FD_WARNINGS=1
+lvm pvcreate -q /dev/vdd && lvm vgcreate -q vgd /dev/vdd && lvm lvcreate -q -n lvd -L 64M vgd || fail "cannot make the logical volume"
+mkfs.ext4 -q /dev/vgd/lvd && mount -t ext4 /dev/vgd/lvd /mnt/lv || fail "cannot make or mount ext4 on the logical volume"
+mkdir -p /mnt/lv/w
 
-# tag_file K: 64 KiB of the 16-byte line "%015d\n" of K, in /t/tag
-tag_file() { yes "$(printf '%015d' "$1")" | head -c 65536 >/t/tag; }
-# write_tag K: rewrites file K % F in place with one 64 KiB write of tag K
+# tag_file K FILE: 64 KiB of the 16-byte line "%015d\n" of K, in FILE
+tag_file() { yes "$(printf '%015d' "$1")" | head -c 65536 >"$2"; }
+# write_tag K [DIR]: rewrites file K % F of DIR (default /mnt/src/w) in place
+# with one 64 KiB write of tag K
 write_tag() {
-    tag_file "$1"
-    dd if=/t/tag of=/mnt/src/w/f$(($1 % F)) bs=65536 count=1 conv=notrunc 2>/dev/null
+    local dir=${2:-/mnt/src/w} tag=/t/tag${2:+-lv}
+    tag_file "$1" "$tag"
+    dd if="$tag" of="$dir/f$(($1 % F))" bs=65536 count=1 conv=notrunc 2>/dev/null
 }
 k=0
 while [ $k -lt $F ]; do
     write_tag $k
+    write_tag $k /mnt/lv/w
     k=$((k + 1))
 done
 if [ "$mode" = bench ]; then
@@ -84,15 +101,15 @@ done
 
 step "the first cycle after attach reads everything"
 # The scheduler starts each volume's first cycle on its own shortly after start.
-# Both read the whole disk: minutes for the benchmark's large one under TCG.
+# All read the whole disk: minutes for the benchmark's large one under TCG.
 first_wait_secs=500
 [ "$mode" = bench ] && first_wait_secs=3000
 n=0
 until drmesh ctl --state-dir /t/src volumes --json >/t/vol.json 2>/dev/null &&
     grep -q '"read_plan": "everything (kmod): first cycle after attach"' /t/vol.json &&
-    [ "$(grep -c '"read_plan"' /t/vol.json)" -ge 2 ]; do
+    [ "$(grep -c '"read_plan"' /t/vol.json)" -ge 3 ]; do
     n=$((n + 1))
-    [ $n -lt $first_wait_secs ] || fail "no first cycle of both volumes: $(cat /t/vol.json)"
+    [ $n -lt $first_wait_secs ] || fail "no first cycle of every volume: $(cat /t/vol.json)"
     kill -0 $pid_src || fail "node src stopped"
     if [ $((n % 20)) -eq 0 ]; then
         drmesh ctl --state-dir /t/src volumes || true
@@ -202,6 +219,50 @@ sync_now data-file
 file_read=$read_bytes
 # A block device read live, while the writer runs.
 [ "$consistency" = inconsistent ] || fail "a live read of /dev/vda is labelled $consistency"
+
+step "a logical volume under write load: each cycle reads an LVM snapshot"
+lv_writer() {
+    k=$F
+    while [ ! -e /t/stop-lv ]; do
+        write_tag $k /mnt/lv/w
+        k=$((k + 1))
+    done
+    echo $k >/t/writes-lv
+}
+lv_writer &
+lvpid=$!
+# As if a node had been killed mid-cycle: its snapshot is still there.
+lvm lvcreate -q -s -n drmesh-data-lvm-tgt -L 8M vgd/lvd || fail "cannot make the stale snapshot"
+cycle=0
+while [ $cycle -lt 2 ]; do
+    sleep 1
+    sync_now data-lvm
+    [ "$consistency" = fs-frozen ] || fail "an LVM snapshot of the mounted logical volume is labelled $consistency"
+    case "$(str view /t/sync.json)" in
+    "LVM snapshot vgd/drmesh-data-lvm-tgt of vgd/lvd, its ext4 filesystem (mounted at /mnt/lv) frozen at the instant") ;;
+    *) fail "data-lvm's view: $(str view /t/sync.json)" ;;
+    esac
+    lvs_now=$(lvm lvs --noheadings -o lv_name vgd | tr -d ' ' | tr '\n' ' ')
+    [ "$lvs_now" = "lvd " ] || fail "the snapshot is left after the cycle: $lvs_now"
+    cycle=$((cycle + 1))
+done
+touch /t/stop-lv
+wait $lvpid
+echo "lv writer did $(($(cat /t/writes-lv) - F)) rewrites"
+grep -q "removing a snapshot an earlier run left behind" /t/src.log || fail "the stale snapshot was not said to be removed"
+# A logical volume of the snapshot's name that is not a snapshot of lvd is
+# never touched: the cycle reads live and says why.
+sync
+umount /mnt/lv
+lvm lvcreate -q -n drmesh-data-lvm-tgt -L 8M vgd || fail "cannot make the look-alike logical volume"
+sync_now data-lvm
+[ "$consistency" = inconsistent ] || fail "a cycle next to a look-alike logical volume is labelled $consistency"
+case "$(str view /t/sync.json)" in
+*"a logical volume vgd/drmesh-data-lvm-tgt exists and is not drmesh's snapshot of vgd/lvd"*) ;;
+*) fail "data-lvm's view next to the look-alike: $(str view /t/sync.json)" ;;
+esac
+lvm lvs vgd/drmesh-data-lvm-tgt >/dev/null || fail "the look-alike logical volume was removed"
+echo "HOST-CHECK: lvm-last-rp $seq"
 echo "bench: kmod incremental cycle read $kmod_read bytes ($kmod_plan); file full scan read $file_read bytes of the same $volume_bytes-byte disk; ratio $((file_read / (kmod_read + 1)))x"
 
 step "a cycle whose target stops mid-cycle loses nothing"

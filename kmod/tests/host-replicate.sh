@@ -16,9 +16,10 @@
 #
 # The test: the guest runs the cycles and asks for the target to be stopped
 # mid-cycle and started again ("HOST-ACTION:" console lines, acted on here);
-# then, on the host, every RP of volume "data" restores (restore checks the
-# Merkle root), `e2fsck -n -f` accepts it, and its files (read with debugfs)
-# are a consistent cut of the guest writer's sequence; the last RP's sha256
+# then, on the host, every RP of volumes "data" (kmod snapshots) and
+# "data-lvm" (LVM snapshots) restores (restore checks the Merkle root),
+# `e2fsck -n -f` accepts it, and its files (read with debugfs) are a
+# consistent cut of the guest writer's sequence; data's last RP's sha256
 # equals the guest's quiet disk ("HOST-CHECK:" lines).
 #
 # --bench: vda is a 4 GiB ext4 disk; the guest rewrites about 1% of it (40 MiB
@@ -109,6 +110,14 @@ path = "/dev/vda"
 targets = ["tgt"]
 policy = "p"
 
+[[volume]]
+name = "data-lvm"
+source = "src"
+kind = "file"
+path = "/dev/vgd/lvd"
+targets = ["tgt"]
+policy = "p"
+
 [policy.p]
 rpo = "24h"
 block_size = "64KiB"
@@ -181,48 +190,59 @@ last=$(report last-rp)
 vda_sum=$(report vda-sha256)
 [ -n "$F" ] && [ -n "$last" ] && [ -n "$vda_sum" ] || fail "the guest did not report files, last-rp and vda-sha256"
 
-"$drmesh" ctl --state-dir "$w/tgt" rps data --json >"$w/rps.json"
-seqs=$(sed -n 's/.*"seq": \([0-9][0-9]*\).*/\1/p' "$w/rps.json" | sort -n -u)
-echo "RPs of data on the host: $(echo $seqs)"
-[ "$(echo $seqs | wc -w)" -ge 6 ] || fail "expected at least 6 RPs of data"
-compared=
-for s in $seqs; do
-    rm -rf "$w/r.img" "$w/r"
-    "$drmesh" restore "data@$s" --to "$w/r.img" --state-dir "$w/tgt" >"$w/restore.log" 2>&1 || {
-        cat "$w/restore.log"
-        fail "restore data@$s failed"
-    }
-    e2fsck -n -f "$w/r.img" >"$w/fsck.log" 2>&1 || {
-        cat "$w/fsck.log"
-        fail "e2fsck rejects data@$s"
-    }
-    # The writer's files, copied out without mounting (no loop device needed).
-    mkdir "$w/r"
-    debugfs -R "rdump /w $w/r" "$w/r.img" >"$w/debugfs.log" 2>&1
-    # The newest tag K: every file f must hold K - ((K - f) mod F); a file
-    # holding two tags was torn.
-    K=0
-    declare -A tag=()
-    for ((f = 0; f < F; f++)); do
-        [ -f "$w/r/w/f$f" ] || fail "data@$s: no file w/f$f ($(cat "$w/debugfs.log"))"
-        lines=$(sort -u "$w/r/w/f$f" | wc -l)
-        [ "$lines" -eq 1 ] || fail "data@$s: file f$f mixes $lines tags (torn write)"
-        t=$(head -n 1 "$w/r/w/f$f")
-        t=$((10#$t))
-        tag[$f]=$t
-        ((t > K)) && K=$t
+# check_rps VOLUME MIN: VOLUME has at least MIN RPs on the host; every one
+# restores, e2fsck accepts it and its writer's files are a consistent cut.
+# The data disk's last RP must also equal the guest's quiet disk.
+check_rps() {
+    local vol=$1 min=$2 s seqs compared=
+    "$drmesh" ctl --state-dir "$w/tgt" rps "$vol" --json >"$w/rps.json"
+    seqs=$(sed -n 's/.*"seq": \([0-9][0-9]*\).*/\1/p' "$w/rps.json" | sort -n -u)
+    echo "RPs of $vol on the host: $(echo $seqs)"
+    [ "$(echo $seqs | wc -w)" -ge "$min" ] || fail "expected at least $min RPs of $vol"
+    for s in $seqs; do
+        rm -rf "$w/r.img" "$w/r"
+        "$drmesh" restore "$vol@$s" --to "$w/r.img" --state-dir "$w/tgt" >"$w/restore.log" 2>&1 || {
+            cat "$w/restore.log"
+            fail "restore $vol@$s failed"
+        }
+        e2fsck -n -f "$w/r.img" >"$w/fsck.log" 2>&1 || {
+            cat "$w/fsck.log"
+            fail "e2fsck rejects $vol@$s"
+        }
+        # The writer's files, copied out without mounting (no loop device needed).
+        mkdir "$w/r"
+        debugfs -R "rdump /w $w/r" "$w/r.img" >"$w/debugfs.log" 2>&1
+        # The newest tag K: every file f must hold K - ((K - f) mod F); a file
+        # holding two tags was torn.
+        K=0
+        declare -A tag=()
+        for ((f = 0; f < F; f++)); do
+            [ -f "$w/r/w/f$f" ] || fail "$vol@$s: no file w/f$f ($(cat "$w/debugfs.log"))"
+            lines=$(sort -u "$w/r/w/f$f" | wc -l)
+            [ "$lines" -eq 1 ] || fail "$vol@$s: file f$f mixes $lines tags (torn write)"
+            t=$(head -n 1 "$w/r/w/f$f")
+            t=$((10#$t))
+            tag[$f]=$t
+            ((t > K)) && K=$t
+        done
+        for ((f = 0; f < F; f++)); do
+            want=$((K - (K - f) % F))
+            [ "${tag[$f]}" -eq "$want" ] || fail "$vol@$s: file f$f holds write ${tag[$f]}, but the instant of write $K implies $want"
+        done
+        echo "$vol@$s: e2fsck clean, files are the cut after write $K"
+        if [ "$vol" = data ] && [ "$s" -eq "$last" ]; then
+            sum=$(sha256sum "$w/r.img" | cut -d' ' -f1)
+            [ "$sum" = "$vda_sum" ] || fail "the last RP data@$last (sha256 $sum) differs from the guest's quiet disk ($vda_sum)"
+            echo "data@$last equals the guest's /dev/vda byte for byte (sha256 $sum)"
+            compared=yes
+        fi
     done
-    for ((f = 0; f < F; f++)); do
-        want=$((K - (K - f) % F))
-        [ "${tag[$f]}" -eq "$want" ] || fail "data@$s: file f$f holds write ${tag[$f]}, but the instant of write $K implies $want"
-    done
-    echo "data@$s: e2fsck clean, files are the cut after write $K"
-    if [ "$s" -eq "$last" ]; then
-        sum=$(sha256sum "$w/r.img" | cut -d' ' -f1)
-        [ "$sum" = "$vda_sum" ] || fail "the last RP data@$last (sha256 $sum) differs from the guest's quiet disk ($vda_sum)"
-        echo "data@$last equals the guest's /dev/vda byte for byte (sha256 $sum)"
-        compared=yes
-    fi
-done
-[ "$compared" = yes ] || fail "the host's target does not list the last RP data@$last"
+    [ "$vol" != data ] || [ "$compared" = yes ] || fail "the host's target does not list the last RP data@$last"
+}
+check_rps data 6
+# data-lvm: the scheduler's first cycle, two under the writer, one of the
+# unmounted volume next to a look-alike.
+lvm_last=$(report lvm-last-rp)
+[ -n "$lvm_last" ] || fail "the guest did not report lvm-last-rp"
+check_rps data-lvm 4
 echo "host-replicate: PASS"

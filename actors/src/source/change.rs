@@ -9,6 +9,7 @@
 //! kinds; each is one implementation of these two traits.
 
 use std::fmt;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use drmesh_topology::{SourceKind, Volume};
 
 use super::baseline::Baselines;
 use super::device::{BlockDevice, LocalDevice};
+use super::lvm::{is_logical_volume, LvmSnapshot};
 use super::reflink::clone_image;
 use crate::proto::gossip::catalog::Consistency;
 use super::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
@@ -113,9 +115,10 @@ fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
 
 /// Kind `file`: an image file or block device read whole at cycle time. An
 /// image on a filesystem that clones files (XFS, btrfs) is read from a
-/// reflink clone taken when the cycle starts (crash consistent); anything
-/// else is read live, block after block, and its RPs are labelled
-/// `inconsistent` (see docs/consistency.md).
+/// reflink clone taken when the cycle starts (crash consistent), an LVM
+/// logical volume from an LVM snapshot (crash consistent, its mounted
+/// filesystem frozen at the instant); anything else is read live, block after
+/// block, and its RPs are labelled `inconsistent` (see docs/consistency.md).
 #[derive(Debug, Clone)]
 pub struct FileKind {
     /// The image or device.
@@ -147,10 +150,11 @@ impl ChangeSource for FileKind {
     fn volume_path(&self) -> &Path {
         &self.path
     }
-    fn open(&self, _baselines: &Baselines, volume: &str, _target: &str, _block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
+    fn open(&self, _baselines: &Baselines, volume: &str, target: &str, _block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
         let shown = self.path.display();
         let io = |source| SourceError::Io { op: "opening", path: shown.to_string(), source };
-        let why_live = if std::fs::metadata(&self.path).map_err(io)?.is_file() {
+        let meta = std::fs::metadata(&self.path).map_err(io)?;
+        let why_live = if meta.is_file() {
             match clone_image(&self.path) {
                 Ok(clone) => {
                     let quality = ViewQuality { consistency: Consistency::Crash, how: format!("reflink clone of {shown}") };
@@ -158,12 +162,47 @@ impl ChangeSource for FileKind {
                 }
                 Err(e) => e.reason,
             }
+        } else if meta.file_type().is_block_device() && is_logical_volume(meta.rdev()) {
+            match LvmSnapshot::take(&self.path, volume, target) {
+                Ok(snapshot) => return Ok(Box::new(LvmView { volume: volume.to_string(), snapshot })),
+                Err(e) => e.reason,
+            }
+        } else if meta.file_type().is_block_device() {
+            format!("{shown} is a block device but not an LVM logical volume; this build snapshots logical volumes only (kind kmod snapshots any block device)")
         } else {
-            format!("{shown} is not a regular file, and this build takes no snapshot of a block device")
+            format!("{shown} is neither a regular file nor a block device")
         };
         tracing::info!(volume, reason = %why_live, "reading the live volume: its RP will be labelled inconsistent");
         let quality = ViewQuality { consistency: Consistency::Inconsistent, how: format!("live read, no point-in-time view: {why_live}") };
         Ok(Box::new(FileView { device: Arc::new(LocalDevice::open(&self.path)?), quality }))
+    }
+}
+
+/// A `file` volume's view when it is an LVM logical volume: its snapshot.
+struct LvmView {
+    volume: String,
+    snapshot: LvmSnapshot,
+}
+
+impl PointInTime for LvmView {
+    fn quality(&self) -> ViewQuality {
+        let consistency = if self.snapshot.frozen().is_some() { Consistency::FileSystem } else { Consistency::Crash };
+        ViewQuality { consistency, how: self.snapshot.describe() }
+    }
+    fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
+        match self.snapshot.device() {
+            Some(d) => Ok(d),
+            None => Err(SourceError::Snapshot { volume: self.volume.clone(), reason: format!("{} was released", self.snapshot.describe()) }),
+        }
+    }
+    fn changes(&self) -> Changes {
+        Changes::Unknown
+    }
+    fn check(&self) -> Result<(), SourceError> {
+        self.snapshot.check().map_err(|reason| SourceError::SnapshotInvalid { volume: self.volume.clone(), reason })
+    }
+    fn release(&self) -> Result<(), SourceError> {
+        self.snapshot.remove().map_err(|reason| SourceError::Snapshot { volume: self.volume.clone(), reason })
     }
 }
 

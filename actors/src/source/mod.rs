@@ -13,6 +13,7 @@
 //!   ([`device::BlockDevice`]).
 //! - [`hooks`]: the operator's commands run around any kind's view
 //!   (`[volume.hooks]`), for application-consistent RPs.
+//! - [`lvm`]: the `file` kind's point-in-time view of an LVM logical volume.
 //! - [`reflink`]: the `file` kind's point-in-time view of an image file on a
 //!   filesystem that clones files.
 
@@ -22,6 +23,7 @@ pub mod device;
 pub mod file;
 pub mod hooks;
 pub mod kmod;
+pub mod lvm;
 pub mod reflink;
 
 /// A set of block indices of a volume (the blocks a cycle reads).
@@ -106,6 +108,14 @@ pub enum SourceError {
         /// Volume name.
         volume: String,
         /// Why.
+        reason: String,
+    },
+    /// A snapshot could not be released (it stays until the volume's next cycle).
+    #[error("volume {volume}: {reason}")]
+    Snapshot {
+        /// Volume name.
+        volume: String,
+        /// What failed.
         reason: String,
     },
     /// The volume's block size changed since the baseline; a full offer follows.
