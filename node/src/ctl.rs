@@ -105,6 +105,13 @@ enum CtlCommand {
         /// Only this volume.
         volume: Option<VolumeName>,
     },
+    /// One verdict for monitoring (Nagios plugin convention): exit 0 OK, 1
+    /// WARNING (a failed cycle, no RP yet, drills overdue, a node down), 2
+    /// CRITICAL (an RPO missed), 3 UNKNOWN (the node cannot be asked).
+    Check {
+        /// Only this volume.
+        volume: Option<VolumeName>,
+    },
 }
 
 /// Sends one request to the admin socket at `socket` and returns the answer.
@@ -192,6 +199,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Drills { volume } => Request::Drills { volume },
         CtlCommand::Mesh => return run_gossip(&socket, args.json, GossipRequest::Mesh),
         CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
+        CtlCommand::Check { volume } => return Ok(run_check(&socket, args.json, volume)),
     };
     let show_progress = !args.json && matches!(req, Request::Scrub { .. });
     let response = request_with_progress(&socket, &req, |p| {
@@ -257,6 +265,27 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Drill { .. } => crate::drill::print_report(&data),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `drmesh ctl check`: the verdict on stdout (text or JSON), its exit status.
+fn run_check(socket: &Path, json: bool, volume: Option<VolumeName>) -> ExitCode {
+    let ask = |req: GossipRequest| -> Result<Value, String> {
+        let response = request_with_progress(socket, &req, |_| {}).map_err(|e| e.to_string())?;
+        match response.ok {
+            true => Ok(response.data.unwrap_or(Value::Null)),
+            false => Err(format!("the node refused: {}", response.error.as_deref().unwrap_or("unknown error"))),
+        }
+    };
+    let verdict = match (ask(GossipRequest::Catalog { volume }), ask(GossipRequest::Mesh)) {
+        (Ok(catalog), Ok(mesh)) => crate::check::evaluate(&catalog, &mesh),
+        (Err(e), _) | (_, Err(e)) => crate::check::unknown(&e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verdict).unwrap_or_default());
+    } else {
+        print!("{}", crate::check::render(&verdict));
+    }
+    ExitCode::from(verdict.exit_code)
 }
 
 /// `drmesh ctl mesh` and `drmesh ctl catalog`.

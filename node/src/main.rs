@@ -9,6 +9,7 @@ mod agent;
 mod ctl;
 mod data;
 mod boot;
+mod check;
 mod demo;
 mod drill;
 mod export;

@@ -83,6 +83,21 @@ struct Plan {
     last_error: Option<LastFailure>,
     /// Payload bytes sent by the running cycle so far.
     progress: Option<Arc<AtomicU64>>,
+    /// Snapshot instant of the newest RP the target committed, Unix ms (from
+    /// the baseline at start, then from each committed cycle).
+    newest_rp_unix_ms: Option<u64>,
+    /// When this plan began, Unix ms (a volume without an RP counts from here).
+    since_unix_ms: u64,
+    /// Whether the RPO was missed at the last look (`None`: not looked yet).
+    rpo_missed: Option<bool>,
+}
+
+/// Whether the RPO of a replication is missed at `now_ms`: its newest RP is
+/// older than `rpo`, or it has none and began more than `rpo` ago. Also how
+/// old that is, in ms.
+fn rpo_missed(newest_rp_unix_ms: Option<u64>, since_unix_ms: u64, rpo: Duration, now_ms: u64) -> (bool, u64) {
+    let age = now_ms.saturating_sub(newest_rp_unix_ms.unwrap_or(since_unix_ms));
+    (age > u64::try_from(rpo.as_millis()).unwrap_or(u64::MAX), age)
 }
 
 /// Status of one (volume, target) replication, for `drmesh ctl volumes`.
@@ -412,6 +427,9 @@ impl VolumeScheduler {
                         last_ok: None,
                         last_error: None,
                         progress: None,
+                        newest_rp_unix_ms: self.baselines.meta(&volume.name, target).ok().flatten().map(|m| m.time_unix_ms),
+                        since_unix_ms: now_ms(),
+                        rpo_missed: None,
                     },
                 };
                 plans.insert(key, plan);
@@ -503,8 +521,30 @@ impl VolumeScheduler {
         true
     }
 
+    /// Logs once when a replication starts missing its RPO (WARN) and once
+    /// when it meets it again (INFO).
+    fn watch_rpo(&mut self) {
+        let now = now_ms();
+        for ((volume, target), plan) in &mut self.plans {
+            let (missed, age_ms) = rpo_missed(plan.newest_rp_unix_ms, plan.since_unix_ms, plan.rpo, now);
+            // Tenths of a second: "10s 400ms old, the RPO is 10s", not "10s old".
+            let (age, rpo) = (humantime::format_duration(Duration::from_millis(age_ms / 100 * 100)), humantime::format_duration(plan.rpo));
+            let paused = if self.paused.contains_key(volume.as_str()) { " (the volume is paused)" } else { "" };
+            match (plan.rpo_missed, missed) {
+                (Some(false) | None, true) => match plan.newest_rp_unix_ms {
+                    Some(_) => tracing::warn!(%volume, %target, "RPO missed: the newest RP on {target} is {age} old, the RPO is {rpo}{paused}"),
+                    None => tracing::warn!(%volume, %target, "RPO missed: no RP on {target} yet after {age}, the RPO is {rpo}{paused}"),
+                },
+                (Some(true), false) => tracing::info!(%volume, %target, "RPO met again: the newest RP on {target} is {age} old, the RPO is {rpo}"),
+                _ => {}
+            }
+            plan.rpo_missed = Some(missed);
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.update_limits();
+        self.watch_rpo();
         let now = Instant::now();
         let mut due: Vec<(Instant, Key)> = self
             .plans
@@ -524,15 +564,28 @@ impl VolumeScheduler {
 }
 
 /// When the next cycle is due after one that started at `started` and ended
-/// at `finished`: `rpo` after the start, so that RPs come `rpo` apart (a cycle
-/// that took longer than `rpo` is followed at once); after a failure, a retry
-/// [`RETRY_AFTER_FAILURE`] after the end (at most `rpo`).
+/// at `finished`. An RP shows the instant its cycle started and exists once
+/// its cycle ends, so the newest RP is as old as `rpo` plus the next cycle's
+/// length just before that cycle commits: the next cycle starts early by
+/// [`rpo_lead`] of this one's length, so the newest RP stays within `rpo` while
+/// cycles keep their pace (a cycle that took longer than that is followed at
+/// once). After a failure, a retry [`RETRY_AFTER_FAILURE`] after the end (at
+/// most `rpo`).
 fn next_due(started: Instant, finished: Instant, rpo: Duration, ok: bool) -> Instant {
     if ok {
-        (started + rpo).max(finished)
+        (started + rpo - rpo_lead(finished.saturating_duration_since(started), rpo)).max(finished)
     } else {
         finished + RETRY_AFTER_FAILURE.min(rpo)
     }
+}
+
+/// How much earlier than `rpo` after the last start the next cycle starts,
+/// for a last cycle of length `took`: its length plus a quarter and a second
+/// (the next may be a little slower, and the target's catalog and gossip
+/// learn of the RP a moment later), at most half the RPO (so RPs never come
+/// more often than twice per RPO).
+fn rpo_lead(took: Duration, rpo: Duration) -> Duration {
+    (took + took / 4 + Duration::from_secs(1)).min(rpo / 2)
 }
 
 /// How long a cycle waits for its target's connection before it fails. Covers a
@@ -596,6 +649,7 @@ impl Handler<CycleDone> for VolumeScheduler {
                     secs = format!("{:.2}", report.duration_secs), "cycle committed"
                 );
                 plan.last_ok = Some(LastCycle { finished_unix_ms: now_ms(), report: report.clone() });
+                plan.newest_rp_unix_ms = Some(report.snapshot_unix_ms);
                 plan.last_error = None;
             }
             Err(reason) => {
@@ -951,11 +1005,28 @@ mod tests {
     }
 
     #[test]
-    fn the_next_cycle_is_due_rpo_after_the_start_of_the_last() {
+    fn the_rpo_is_missed_when_the_newest_rp_is_older_than_it() {
+        let rpo = Duration::from_secs(60);
+        assert_eq!(rpo_missed(Some(1_000_000), 0, rpo, 1_060_000), (false, 60_000));
+        assert_eq!(rpo_missed(Some(1_000_000), 0, rpo, 1_060_001), (true, 60_001));
+        // No RP yet: counted from when the replication began.
+        assert_eq!(rpo_missed(None, 1_000_000, rpo, 1_030_000), (false, 30_000));
+        assert_eq!(rpo_missed(None, 1_000_000, rpo, 1_090_000), (true, 90_000));
+        // A clock that went back: not missed.
+        assert_eq!(rpo_missed(Some(2_000_000), 0, rpo, 1_000_000), (false, 0));
+    }
+
+    #[test]
+    fn the_next_cycle_starts_early_enough_to_keep_the_newest_rp_within_the_rpo() {
         let t0 = Instant::now();
+        let rpo = Duration::from_secs(60);
+        // A 4 s cycle: the next one starts 60 - (4 + 1 + 1) = 54 s after this one
+        // started, so its RP exists ~58 s after this one's instant, within the RPO.
+        assert_eq!(next_due(t0, t0 + Duration::from_secs(4), rpo, true), t0 + Duration::from_secs(54));
+        // A short RPO: never sooner than half the RPO after the start.
         let rpo = Duration::from_secs(5);
-        // A 1.2 s cycle: the next one starts 5 s after this one started, not after it ended.
-        assert_eq!(next_due(t0, t0 + Duration::from_millis(1200), rpo, true), t0 + rpo);
+        assert_eq!(next_due(t0, t0 + Duration::from_millis(1200), rpo, true), t0 + Duration::from_millis(2500));
+        assert_eq!(next_due(t0, t0 + Duration::from_millis(100), rpo, true), t0 + Duration::from_millis(5000 - 1125));
         // A cycle longer than the RPO: the next one at once.
         let late = t0 + Duration::from_secs(7);
         assert_eq!(next_due(t0, late, rpo, true), late);
