@@ -70,7 +70,17 @@ fn store_gc_deletes_unreferenced_and_keeps_rps_and_chains() {
     store.release_session(1);
     assert_eq!(store.prune("vol", &Retention::default(), u64::MAX).unwrap(), vec![RpSeq(1)]);
 
+    // A dry run says what would go and changes nothing.
+    let dry = store.gc_dry_run(Duration::ZERO).unwrap();
+    assert!(dry.dry_run);
+    assert_eq!((dry.blobs_scanned, dry.blobs_deleted), (5, 2), "{dry:?}");
+    assert_eq!(dry.bytes_freed, (2 * BLOB_HEADER_BYTES + orphan.payload.len() + old.payload.len()) as u64);
+    assert!(store.blob_path(&old.id).exists());
+    assert!(store.locate(&orphan.content).unwrap().is_some());
+    assert_eq!(store.stats().unwrap().blob_count, 5);
+
     let report = store.gc(Duration::ZERO).unwrap();
+    assert!(!report.dry_run);
     assert_eq!(report.blobs_scanned, 5);
     assert_eq!(report.blobs_deleted, 2, "{report:?}");
     assert_eq!(

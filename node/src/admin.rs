@@ -76,6 +76,9 @@ pub enum Request {
         /// Blobs younger than this are kept (seconds).
         #[serde(default)]
         grace_secs: Option<u64>,
+        /// Only say what would be deleted.
+        #[serde(default)]
+        dry_run: bool,
     },
     /// Restore a recovery point to an image file (progress lines precede the answer).
     Restore {

@@ -68,11 +68,15 @@ enum CtlCommand {
         /// Only this volume.
         volume: Option<VolumeName>,
     },
-    /// Garbage-collect blobs no retained recovery point needs.
+    /// Garbage-collect blobs no retained recovery point needs (also run on
+    /// the node's own schedule, `gc_every`).
     Gc {
         /// Keep blobs younger than this many seconds.
         #[arg(long, default_value_t = 60)]
         grace_secs: u64,
+        /// Only say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Store figures.
     Store,
@@ -191,7 +195,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Pause { volumes, all } => Request::Pause { volumes, all },
         CtlCommand::Resume { volumes, all } => Request::Resume { volumes, all },
         CtlCommand::Rps { volume } => Request::Rps { volume },
-        CtlCommand::Gc { grace_secs } => Request::Gc { grace_secs: Some(grace_secs) },
+        CtlCommand::Gc { grace_secs, dry_run } => Request::Gc { grace_secs: Some(grace_secs), dry_run },
         CtlCommand::Store => Request::Store,
         CtlCommand::Scrub { sample } => Request::Scrub { sample_percent: sample },
         CtlCommand::Scrubs { volume } => Request::Scrubs { volume },
@@ -244,8 +248,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Resume { .. } => print_resume(&data),
         Request::Rps { .. } => println!("{}", rps_table(&data)),
         Request::Gc { .. } => println!(
-            "scanned {} blobs, deleted {} ({}), kept {} pinned by running cycles and {} within the grace window, in {} ms",
+            "scanned {} blobs, {} {} ({}), kept {} pinned by running cycles and {} within the grace window, in {} ms",
             s(&data["blobs_scanned"]),
+            if data["dry_run"] == true { "would delete (dry run, nothing deleted)" } else { "deleted" },
             s(&data["blobs_deleted"]),
             bytes(data["bytes_freed"].as_u64().unwrap_or(0)),
             s(&data["blobs_kept_pinned"]),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::admin::{AdminContext, Request};
 
 /// Default grace window of `ctl gc`: blobs younger than this are kept.
-const DEFAULT_GC_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_GC_GRACE: Duration = Duration::from_secs(60);
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
@@ -87,8 +87,12 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             .await??;
             Ok(serde_json::to_value(rps).map_err(|e| e.to_string())?)
         }
-        Request::Gc { grace_secs } => {
+        Request::Gc { grace_secs, dry_run } => {
             let grace = grace_secs.map_or(DEFAULT_GC_GRACE, Duration::from_secs);
+            if dry_run {
+                let report = blocking(move || store.gc_dry_run(grace)).await?.map_err(|e| e.to_string())?;
+                return serde_json::to_value(report).map_err(|e| e.to_string());
+            }
             let report = blocking(move || store.gc(grace)).await?.map_err(|e| e.to_string())?;
             tracing::info!(deleted = report.blobs_deleted, freed = report.bytes_freed, "garbage collection done");
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)

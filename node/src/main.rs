@@ -13,6 +13,7 @@ mod check;
 mod demo;
 mod drill;
 mod export;
+mod gc;
 mod init;
 mod logging;
 mod mounts;
@@ -187,6 +188,18 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
             }
             if !scrubbed.is_empty() {
                 println!("store scrubs: {}", scrubbed.join("; "));
+            }
+            let collected: Vec<String> = t
+                .nodes
+                .iter()
+                .filter(|n| t.volumes.iter().any(|v| v.targets.contains(&n.name)))
+                .map(|n| match n.gc_every {
+                    Some(every) => format!("{} every {}", n.name, humantime::format_duration(every)),
+                    None => format!("{} off (only `drmesh ctl gc`)", n.name),
+                })
+                .collect();
+            if !collected.is_empty() {
+                println!("store garbage collection: {}", collected.join("; "));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -85,6 +85,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let reloader =
             Reloader::new(topology_path.clone(), identity.node_id(), topology.clone(), mesh.clone(), scheduler.clone(), data.clone()).start();
         crate::scrub::start(data.clone(), mesh.clone(), gossip.clone());
+        crate::gc::start(data.clone());
         let drills = crate::drill::runner::DrillRunner::new(data.clone(), gossip.clone(), args.state_dir.clone()).start();
         actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone(), state_dir: args.state_dir.clone(), drills }));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -429,7 +429,7 @@ fn read_site(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> SiteDraft {
 }
 
 fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
-    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "scrub_every", "scrub_sample"], &[]);
+    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "scrub_every", "scrub_sample", "gc_every"], &[]);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     if let Some(n) = &name {
@@ -510,26 +510,10 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
             None => ok = false,
         }
     }
-    let mut scrub_every = Some(crate::schema::DEFAULT_SCRUB_EVERY);
-    if let Some(s) = f.string(sink, "scrub_every", false) {
-        if s.value == "off" {
-            scrub_every = None;
-        } else {
-            match units::parse_duration(&s.value) {
-                Ok(d) if d.is_zero() => {
-                    sink.error(s.span, format!("`scrub_every` in {} is zero; expected a duration such as \"7d\" or \"12h\", or \"off\"", f.what));
-                    ok = false;
-                }
-                Ok(d) => scrub_every = Some(d),
-                Err(e) => {
-                    sink.error(s.span, format!("`scrub_every` in {}: {e}, or \"off\"", f.what));
-                    ok = false;
-                }
-            }
-        }
-    } else if f.get("scrub_every").is_some() {
-        ok = false;
-    }
+    let scrub_every = every_or_off(f, sink, "scrub_every", crate::schema::DEFAULT_SCRUB_EVERY);
+    let gc_every = every_or_off(f, sink, "gc_every", crate::schema::DEFAULT_GC_EVERY);
+    ok &= scrub_every.is_some() && gc_every.is_some();
+    let (scrub_every, gc_every) = (scrub_every.flatten(), gc_every.flatten());
     let mut scrub_sample_percent = 100;
     if let Some(s) = f.string(sink, "scrub_sample", false) {
         match units::parse_percent(&s.value) {
@@ -547,6 +531,7 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
             max_drills,
             scrub_every,
             scrub_sample_percent,
+            gc_every,
             name: n.value.clone(),
             id: i.value,
             addresses: addresses.iter().map(|(a, _)| a.value.clone()).collect(),
@@ -557,6 +542,28 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
         _ => None,
     };
     NodeDraft { name, id, addresses, site, node }
+}
+
+/// A node's "how often" key: a duration, or `"off"` (`Some(None)`), or
+/// `default` when absent; `None` when it was reported as wrong.
+fn every_or_off(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, default: std::time::Duration) -> Option<Option<std::time::Duration>> {
+    let Some(s) = f.string(sink, key, false) else {
+        return if f.get(key).is_some() { None } else { Some(Some(default)) };
+    };
+    if s.value == "off" {
+        return Some(None);
+    }
+    match units::parse_duration(&s.value) {
+        Ok(d) if d.is_zero() => {
+            sink.error(s.span, format!("`{key}` in {} is zero; expected a duration such as \"7d\" or \"12h\", or \"off\"", f.what));
+            None
+        }
+        Ok(d) => Some(Some(d)),
+        Err(e) => {
+            sink.error(s.span, format!("`{key}` in {}: {e}, or \"off\"", f.what));
+            None
+        }
+    }
 }
 
 /// Default `listen` for a node whose first address is `first` (already checked).

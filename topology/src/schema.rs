@@ -74,10 +74,16 @@ pub struct Node {
     /// Percent of the blobs a scheduled scrub reads (`scrub_sample`, "1%" to
     /// "100%", default all); successive sampled scrubs cover the store in turn.
     pub scrub_sample_percent: u32,
+    /// How often the node collects the garbage of its store: blobs no kept
+    /// RP needs (`gc_every`, default 1 day; `"off"`: only `drmesh ctl gc`).
+    pub gc_every: Option<std::time::Duration>,
 }
 
 /// How often a node scrubs its store when the topology does not say.
 pub const DEFAULT_SCRUB_EVERY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// How often a node collects its store's garbage when the topology does not say.
+pub const DEFAULT_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A `[[volume]]` table: one protected disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -823,3 +823,17 @@ fn bad_volume_hooks() {
     assert_one(&with_hooks("pre = [\"/bin/true\"]\nbefore = [\"/bin/true\"]"), 26, 1, "before");
     assert_one(&edit(23, "policy = \"p\"\nhooks = \"/bin/true\""), 24, 9, "a table");
 }
+
+// ---- node schedules ------------------------------------------------------
+
+#[test]
+fn gc_and_scrub_schedules() {
+    let t = Topology::parse(&expand(GOOD), Path::new("t.toml")).unwrap();
+    assert_eq!(t.nodes[0].gc_every, Some(std::time::Duration::from_secs(24 * 3600)));
+    assert_eq!(t.nodes[0].scrub_every, Some(std::time::Duration::from_secs(7 * 24 * 3600)));
+    let t = Topology::parse(&edit(9, "site = \"s\"\ngc_every = \"off\"\nscrub_every = \"12h\""), Path::new("t.toml")).unwrap();
+    assert_eq!((t.nodes[0].gc_every, t.nodes[0].scrub_every), (None, Some(std::time::Duration::from_secs(12 * 3600))));
+    assert_one(&edit(9, "site = \"s\"\ngc_every = \"0s\""), 10, 12, "`gc_every` in [[node]] is zero; expected a duration such as \"7d\" or \"12h\", or \"off\"");
+    assert_one(&edit(9, "site = \"s\"\ngc_every = \"never\""), 10, 12, "`gc_every` in [[node]]:");
+    assert_one(&edit(9, "site = \"s\"\ngc_every = 3"), 10, 12, "a string");
+}

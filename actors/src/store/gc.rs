@@ -219,10 +219,20 @@ impl Store {
     /// chains) and blobs younger than `grace`. Safe while sessions run; see the module doc.
     /// The mark set is held in memory (32 bytes per live blob).
     pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
+        self.collect(grace, false)
+    }
+
+    /// What [`Self::gc`] would delete now, deleting nothing (`dry_run` set in
+    /// the report; `blobs_deleted` and `bytes_freed` are what it would free).
+    pub fn gc_dry_run(&self, grace: Duration) -> Result<GcReport, StoreError> {
+        self.collect(grace, true)
+    }
+
+    fn collect(&self, grace: Duration, dry_run: bool) -> Result<GcReport, StoreError> {
         self.guard("collected garbage", || {
             let started = Instant::now();
             let _one = lock(&self.gc_lock);
-            let mut report = GcReport::default();
+            let mut report = GcReport { dry_run, ..GcReport::default() };
 
             // Mark, from a snapshot taken under the writer lock together with raising the flag.
             let (_running, snapshot) = {
@@ -347,6 +357,11 @@ impl Store {
                         report.blobs_kept_grace += 1;
                         continue;
                     }
+                    if dry_run {
+                        report.blobs_deleted += 1;
+                        report.bytes_freed += c.file_bytes.unwrap_or(0);
+                        continue;
+                    }
                     let meta = btab
                         .remove(id.0)
                         .map_err(|e| self.ce("delete blob row", e))?
@@ -364,7 +379,12 @@ impl Store {
                     doomed.push(c);
                 }
             }
-            tx.commit().map_err(|e| self.ce("commit gc", e))?;
+            if dry_run {
+                // Nothing was changed: the transaction is dropped, not committed.
+                drop(tx);
+            } else {
+                tx.commit().map_err(|e| self.ce("commit gc", e))?;
+            }
             for c in doomed {
                 match fs::remove_file(&c.path) {
                     Ok(()) => {

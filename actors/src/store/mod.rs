@@ -132,6 +132,10 @@ pub struct GcReport {
     pub blobs_kept_grace: u64,
     /// Wall time of the run.
     pub duration_ms: u64,
+    /// A dry run: nothing was deleted; `blobs_deleted` and `bytes_freed` say
+    /// what a GC would delete now.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// Store figures for `drmesh ctl`.
