@@ -247,3 +247,66 @@ fn verify_of_an_rp_that_does_not_exist_says_what_this_node_holds() {
     assert!(error.starts_with("bad request: bad volume name \"v2/../../etc\": '/' at character 3"), "{error}");
     assert!(mesh.node_mut("src").is_running());
 }
+
+/// `drmesh topology init` writes a file `topology check` accepts, with this
+/// node; uncommented, its examples are valid too (they teach real keys). It
+/// never writes over a file or through a symlink, and says why.
+#[test]
+fn topology_init_writes_a_valid_skeleton_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = drmesh(&["init", "--state-dir", state.to_str().unwrap(), "--name", "edge1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = String::from_utf8_lossy(&out.stdout).lines().find_map(|l| l.strip_prefix("node id: ")).unwrap().to_string();
+    let file = dir.path().join("topology.toml");
+    let args = ["topology", "init", file.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "--name", "edge1", "--mesh", "acme", "--site", "branch", "--address", "10.0.0.5:7400"];
+    let out = drmesh(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("wrote {}: mesh \"acme\", node \"edge1\"", file.display())));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(&format!("id = \"{id}\"")), "{text}");
+    let out = drmesh(&["topology", "check", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (mesh \"acme\" version 1, 1 nodes, 0 volumes, 1 policies"));
+
+    // Every commented example, uncommented, with its placeholders filled.
+    let key = dir.path().join("default.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let hq = drmesh_topology::NodeId::from_public_key(&[9; 32]).to_string();
+    let full: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            // Keys and tables, not prose: "# name = ...", "# [[site]]".
+            Some(rest) if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest.to_string(),
+            _ => l.to_string(),
+        })
+        .map(|l| l.replace("id = \"...\"", &format!("id = \"{hq}\"")).replace("\"NODE\"", "\"edge1\"").replace("/etc/drmesh/keys/default.key", key.to_str().unwrap()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let uncommented = dir.path().join("full.toml");
+    std::fs::write(&uncommented, &full).unwrap();
+    let out = drmesh(&["topology", "check", uncommented.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{full}");
+    assert!(stdout.contains("2 nodes, 1 volumes, 1 policies"), "{stdout}");
+    assert!(stdout.contains("hooks of server1-root"), "{stdout}");
+
+    // Never over a file, never through a symlink; nothing changed.
+    let out = drmesh(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("exists; topology init never overwrites a file"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.path().join("link.toml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = drmesh(&["topology", "init", link.to_str().unwrap(), "--state-dir", state.to_str().unwrap(), "--name", "edge1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    // No identity yet: says which command makes one.
+    let out = drmesh(&["topology", "init", dir.path().join("x.toml").to_str().unwrap(), "--state-dir", dir.path().join("none").to_str().unwrap(), "--name", "edge1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("run `drmesh init --state-dir"), "{}", stderr(&out));
+    assert!(!dir.path().join("x.toml").exists());
+}

@@ -89,6 +89,9 @@ enum TopologyCommand {
         /// The topology file.
         file: PathBuf,
     },
+    /// Write a first topology file: this node (from `drmesh init`), a policy,
+    /// and every other table commented out with what it is for.
+    Init(init::TopologyInitArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Topology { command: TopologyCommand::Check { file } } => check_topology(&file),
+        Command::Topology { command: TopologyCommand::Init(args) } => init::topology_init(args),
         Command::Restore(args) => recover::restore(args),
         Command::Verify(args) => recover::verify(args),
         Command::Export(args) => export::run(args),
