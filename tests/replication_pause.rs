@@ -64,6 +64,17 @@ fn paused_seed_survives_restarts_and_resumes_without_resending() {
     // The scheduler starts the seed on its own shortly after start-up; pause it as
     // soon as the target holds some of its blobs.
     wait_until("the seed has stored blobs on the target", Duration::from_secs(120), || blob_count(&mesh) >= 24);
+    // `ctl volumes` says how far the seed is.
+    let r = replication(&mesh);
+    if r["running"] == true {
+        let p = &r["running_progress"];
+        assert_eq!(p["volume_bytes"].as_u64(), Some((IMAGE_MIB * MIB) as u64), "{r}");
+        let (position, percent) = (p["position_bytes"].as_u64().unwrap_or(0), p["percent"].as_f64().unwrap_or(-1.0));
+        assert!(position > 0 && position <= (IMAGE_MIB * MIB) as u64 && (0.0..=100.0).contains(&percent), "{r}");
+        assert!(p["sent_payload_bytes"].as_u64().unwrap_or(0) > 0, "{r}");
+        let table = String::from_utf8_lossy(&mesh.ctl("src", &["volumes"]).stdout).into_owned();
+        assert!(table.contains("cycle running: read "), "{table}");
+    }
     let asked = std::time::Instant::now();
     let paused = mesh.ctl_data("src", &["pause", "vol"]).unwrap_or_else(|e| panic!("pause failed: {e}"));
     eprintln!("pause answered after {:?}: {paused}", asked.elapsed());

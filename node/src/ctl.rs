@@ -761,6 +761,21 @@ fn view_notes(list: &Value) -> Vec<String> {
     notes
 }
 
+/// "cycle running: read 25% of 2.0 GiB, sent 120 MiB, 30s left" (what is known so far).
+fn running_text(p: &Value) -> String {
+    let total = p["volume_bytes"].as_u64().unwrap_or(0);
+    if total == 0 {
+        return "cycle running: opening the volume".into();
+    }
+    let left = p["eta_secs"].as_f64().map(|s| format!(", {} left", duration(s.round() as u64))).unwrap_or_default();
+    format!(
+        "cycle running: read {:.0}% of {}, sent {}{left}",
+        p["percent"].as_f64().unwrap_or(0.0),
+        bytes(total),
+        bytes(p["sent_payload_bytes"].as_u64().unwrap_or(0))
+    )
+}
+
 fn volumes_table(list: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
@@ -780,7 +795,7 @@ fn volumes_table(list: &Value) -> Table {
             let running = if v["running"] == true { ", cycle stopping" } else { "" };
             format!("paused {} ago{running}", duration(now.saturating_sub(since) / 1000))
         } else if v["running"] == true {
-            "cycle running".to_string()
+            running_text(&v["running_progress"])
         } else if v["queued"] == true {
             "queued (node's cycle memory budget)".to_string()
         } else {
@@ -863,5 +878,8 @@ mod tests {
         assert!(text.contains("target hq is not connected"), "{text}");
         assert!(text.contains("next in 42s"), "{text}");
         assert_eq!(view_notes(&list), vec!["db@7 to hq is inconsistent: live read, no point-in-time view: /dev/sdb is not a regular file".to_string()]);
+        let progress = serde_json::json!({ "volume_bytes": 2u64 << 30, "percent": 25.0, "sent_payload_bytes": 120u64 << 20, "eta_secs": 30.2 });
+        assert_eq!(running_text(&progress), format!("cycle running: read 25% of {}, sent {}, 30s left", bytes(2 << 30), bytes(120 << 20)));
+        assert_eq!(running_text(&serde_json::json!({ "volume_bytes": 0 })), "cycle running: opening the volume");
     }
 }

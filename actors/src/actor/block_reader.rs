@@ -53,6 +53,8 @@ pub struct ReadJob {
     pub full_offer: bool,
     /// Only these blocks (`None`: all).
     pub only: Option<Arc<BlockMask>>,
+    /// Where the reader says how far it is.
+    pub progress: Arc<super::replicate::ReadProgress>,
 }
 
 /// Starts the reader; its batches arrive on the returned channel (capacity one batch).
@@ -62,7 +64,9 @@ pub fn start(job: ReadJob) -> mpsc::Receiver<ReaderItem> {
         let mut scanner = Scanner::new(&job.source, &job.baselines, &job.volume, &job.target, job.ids, job.full_offer).with_read_set(job.only);
         let mut batch = Vec::with_capacity(HANDOVER_BLOCKS);
         loop {
-            match scanner.next_changed() {
+            let next = scanner.next_changed();
+            job.progress.blocks_done.store(scanner.position(), std::sync::atomic::Ordering::Relaxed);
+            match next {
                 Ok(Some(block)) => {
                     batch.push(block);
                     if batch.len() >= HANDOVER_BLOCKS && tx.blocking_send(ReaderItem::Blocks(std::mem::take(&mut batch))).is_err() {

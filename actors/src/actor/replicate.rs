@@ -49,6 +49,20 @@ pub struct CycleConfig {
     pub codec: BlockCodec,
     /// Bandwidth limits the blob frames keep to.
     pub pacing: Pacing,
+    /// How far the cycle's reader is, for status.
+    pub progress: Arc<ReadProgress>,
+}
+
+/// How far a running cycle's reader is through the volume, for `ctl volumes`:
+/// written by the reader, read by the scheduler.
+#[derive(Debug, Default)]
+pub struct ReadProgress {
+    /// Blocks the reader has gone past (read, or skipped as unchanged).
+    pub blocks_done: std::sync::atomic::AtomicU64,
+    /// Blocks of the volume (0 until the view is open).
+    pub block_count: std::sync::atomic::AtomicU64,
+    /// Block size of the cycle, bytes.
+    pub block_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What one cycle did, for logs, status and the demo table.
@@ -376,6 +390,9 @@ impl<'a> Cycle<'a> {
         self.timeline.started = self.since();
         let source = FileSource::on(self.view.device()?, self.cfg.block_bytes);
         (self.volume_bytes, self.block_count) = (source.volume_bytes(), source.block_count());
+        let progress = &self.cfg.progress;
+        progress.block_bytes.store(u64::from(self.cfg.block_bytes), std::sync::atomic::Ordering::Relaxed);
+        progress.block_count.store(self.block_count, std::sync::atomic::Ordering::Relaxed);
         let base_bytes = self.base_meta.as_ref().map(|m| m.volume_bytes);
         let only;
         (only, self.read_plan) = read_set(self.cfg.source.kind(), &self.view.changes(), full_offer, base_bytes, self.volume_bytes, self.block_count);
@@ -389,6 +406,7 @@ impl<'a> Cycle<'a> {
             ids: self.cfg.codec.ids().clone(),
             full_offer,
             only,
+            progress: self.cfg.progress.clone(),
         });
         Ok(())
     }

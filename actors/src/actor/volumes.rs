@@ -33,7 +33,7 @@ use crate::actor::mesh::{GetConnection, MeshActor};
 use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
 use crate::actor::pacing::{LinkPacers, Pacing};
-use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport};
+use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport, ReadProgress};
 use crate::store::VolumeName;
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
@@ -81,8 +81,8 @@ struct Plan {
     cancel: Option<oneshot::Sender<String>>,
     last_ok: Option<LastCycle>,
     last_error: Option<LastFailure>,
-    /// Payload bytes sent by the running cycle so far.
-    progress: Option<Arc<AtomicU64>>,
+    /// The running cycle's payload bytes sent so far and its reader's position.
+    progress: Option<(Arc<AtomicU64>, Arc<ReadProgress>)>,
     /// Snapshot instant of the newest RP the target committed, Unix ms (from
     /// the baseline at start, then from each committed cycle).
     newest_rp_unix_ms: Option<u64>,
@@ -124,8 +124,47 @@ pub struct ReplicationStatus {
     pub bandwidth: BandwidthStatus,
     /// Blob payload bytes the running cycle has sent so far (`None`: no cycle running).
     pub running_sent_payload_bytes: Option<u64>,
+    /// How far the running cycle is (`None`: no cycle running).
+    pub running_progress: Option<RunningProgress>,
     /// When the volume was paused (Unix ms); null when it is not paused.
     pub paused_since_unix_ms: Option<u64>,
+}
+
+/// How far a running cycle is.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunningProgress {
+    /// Seconds since it started.
+    pub elapsed_secs: f64,
+    /// Bytes of the volume the reader has gone past (read, or skipped as unchanged).
+    pub position_bytes: u64,
+    /// The volume's size (0 until the view is open).
+    pub volume_bytes: u64,
+    /// `position_bytes` of `volume_bytes`, percent.
+    pub percent: f64,
+    /// Blob payload bytes sent so far.
+    pub sent_payload_bytes: u64,
+    /// Seconds until the reader is through the volume at the pace so far
+    /// (`None` before 1% or 1 s); the commit follows once the target has
+    /// stored what is still on the way.
+    pub eta_secs: Option<f64>,
+}
+
+impl RunningProgress {
+    /// The progress of a cycle `elapsed` in, from its counters.
+    fn of(elapsed: Duration, sent: u64, read: &ReadProgress) -> RunningProgress {
+        let (done, count, block) = (read.blocks_done.load(Ordering::Relaxed), read.block_count.load(Ordering::Relaxed), read.block_bytes.load(Ordering::Relaxed));
+        let fraction = if count == 0 { 0.0 } else { done.min(count) as f64 / count as f64 };
+        let elapsed_secs = elapsed.as_secs_f64();
+        let eta_secs = (fraction >= 0.01 && elapsed_secs >= 1.0).then(|| elapsed_secs * (1.0 - fraction) / fraction);
+        RunningProgress {
+            elapsed_secs,
+            position_bytes: done.min(count).saturating_mul(block),
+            volume_bytes: count.saturating_mul(block),
+            percent: fraction * 100.0,
+            sent_payload_bytes: sent,
+            eta_secs,
+        }
+    }
 }
 
 /// The last cycle of a (volume, target) that committed.
@@ -465,6 +504,7 @@ impl VolumeScheduler {
             block_bytes: u32::try_from(policy.block_bytes).map_err(|_| "block size too large".to_string())?,
             codec: policy_codec(policy)?,
             pacing: self.pacing(&v.policy, target),
+            progress: Arc::default(),
         })
     }
 
@@ -494,7 +534,7 @@ impl VolumeScheduler {
         let (cancel_tx, cancel_rx) = oneshot::channel();
         plan.cancel = Some(cancel_tx);
         if let Ok(c) = &config {
-            plan.progress = Some(c.pacing.sent_payload_bytes.clone());
+            plan.progress = Some((c.pacing.sent_payload_bytes.clone(), c.progress.clone()));
         }
         let (mesh, baselines, me) = (self.mesh.clone(), self.baselines.clone(), ctx.address());
         actix_rt::spawn(async move {
@@ -815,7 +855,10 @@ impl Handler<GetReplications> for VolumeScheduler {
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
                     bandwidth: self.bandwidth_status(volume, target),
-                    running_sent_payload_bytes: p.progress.as_ref().map(|b| b.load(Ordering::Relaxed)),
+                    running_sent_payload_bytes: p.progress.as_ref().map(|(sent, _)| sent.load(Ordering::Relaxed)),
+                    running_progress: p.progress.as_ref().map(|(sent, read)| {
+                        RunningProgress::of(p.started_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)), sent.load(Ordering::Relaxed), read)
+                    }),
                     paused_since_unix_ms: self.paused.get(volume.as_str()).copied(),
                 })
                 .collect(),
@@ -1002,6 +1045,22 @@ mod tests {
         // The budget takes one cycle of any size, and many small ones.
         assert!(cycle_bound(None) <= CYCLE_MEMORY_BUDGET);
         assert!(CYCLE_MEMORY_BUDGET / cycle_bound(Some(16 << 20)) >= 10);
+    }
+
+    #[test]
+    fn progress_says_how_far_and_how_long_still() {
+        let read = ReadProgress::default();
+        // Before the view is open.
+        let p = RunningProgress::of(Duration::from_secs(3), 0, &read);
+        assert_eq!((p.volume_bytes, p.percent, p.eta_secs), (0, 0.0, None));
+        read.block_bytes.store(1 << 20, Ordering::Relaxed);
+        read.block_count.store(2048, Ordering::Relaxed);
+        read.blocks_done.store(512, Ordering::Relaxed);
+        let p = RunningProgress::of(Duration::from_secs(10), 123, &read);
+        assert_eq!((p.position_bytes, p.volume_bytes, p.percent, p.sent_payload_bytes), (512 << 20, 2048 << 20, 25.0, 123));
+        assert_eq!(p.eta_secs, Some(30.0));
+        // Too early to say.
+        assert_eq!(RunningProgress::of(Duration::from_millis(500), 0, &read).eta_secs, None);
     }
 
     #[test]

@@ -488,6 +488,11 @@ impl<'a> Scanner<'a> {
         self
     }
 
+    /// How many blocks of the volume the scan has gone past.
+    pub fn position(&self) -> u64 {
+        self.next_index
+    }
+
     /// The next block to offer, or `None` when the whole volume is scanned.
     pub fn next_changed(&mut self) -> Result<Option<ScannedBlock>, SourceError> {
         while self.ready.is_empty() && self.next_index < self.source.block_count() {
