@@ -174,4 +174,12 @@ fn paused_seed_survives_restarts_and_resumes_without_resending() {
     });
     let report = replication(&mesh)["last_ok"]["report"].clone();
     assert_eq!(report["stats"]["sent_payload_bytes"], 0, "an unchanged volume resent data: {report}");
+
+    // `ctl sync-now` says how far its cycle is while it runs (plain lines on
+    // stderr when that is not a terminal), then prints the report.
+    let out = mesh.ctl("src", &["sync-now", "vol"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("sync vol to dst: ")), "no progress line: {stderr}");
+    assert!(stdout.contains("vol to dst: read full scan (file)"), "{stdout}");
 }

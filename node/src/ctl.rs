@@ -205,14 +205,19 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
         CtlCommand::Check { volume } => return Ok(run_check(&socket, args.json, volume)),
     };
-    let show_progress = !args.json && matches!(req, Request::Scrub { .. });
+    let show_progress = !args.json && matches!(req, Request::Scrub { .. } | Request::SyncNow { .. });
+    let mut sync_line = SyncProgressLine::new();
     let response = request_with_progress(&socket, &req, |p| {
         if show_progress {
             if let Some(sc) = p.get("scrub") {
                 eprintln!("scrub: {} of {} blobs read ({})", s(&sc["blobs_read"]), s(&sc["blobs_total"]), bytes(sc["bytes_read"].as_u64().unwrap_or(0)));
             }
+            if let Some(sync) = p.get("sync") {
+                sync_line.show(sync);
+            }
         }
     })?;
+    sync_line.finish();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
@@ -759,6 +764,45 @@ fn view_notes(list: &Value) -> Vec<String> {
         }
     }
     notes
+}
+
+/// How `ctl sync-now` shows its cycles' progress on stderr: one line
+/// rewritten in place on a terminal; elsewhere (a log, a pipe) a plain line
+/// every 10 seconds.
+struct SyncProgressLine {
+    terminal: bool,
+    shown: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl SyncProgressLine {
+    fn new() -> SyncProgressLine {
+        SyncProgressLine { terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()), shown: false, last: None }
+    }
+
+    fn show(&mut self, sync: &Value) {
+        let parts: Vec<String> = sync["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| format!("to {}: {}", s(&t["target"]), running_text(&t["progress"]).trim_start_matches("cycle running: ")))
+            .collect();
+        let line = format!("sync {} {}", s(&sync["volume"]), parts.join("; "));
+        if self.terminal {
+            // Back to the line's start, the line, the rest of the old one cleared.
+            eprint!("\r{line}\x1b[K");
+            self.shown = true;
+        } else if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            eprintln!("{line}");
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+
+    fn finish(&self) {
+        if self.shown {
+            eprintln!();
+        }
+    }
 }
 
 /// "cycle running: read 25% of 2.0 GiB, sent 120 MiB, 30s left" (what is known so far).

@@ -30,7 +30,26 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
     let store = ctx.data.store().clone();
     match request {
         Request::SyncNow { volume } => {
-            let results = ctx.scheduler.send(SyncNow(volume.clone())).await.map_err(|e| e.to_string())??;
+            // Progress lines, once a second, while the cycles run.
+            let cycles = ctx.scheduler.send(SyncNow(volume.clone()));
+            tokio::pin!(cycles);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let results = loop {
+                tokio::select! {
+                    r = &mut cycles => break r.map_err(|e| e.to_string())??,
+                    _ = tick.tick() => {
+                        let Ok(list) = ctx.scheduler.send(GetReplications).await else { continue };
+                        let running: Vec<Value> = list
+                            .into_iter()
+                            .filter(|r| r.volume == volume)
+                            .filter_map(|r| r.running_progress.map(|p| json!({ "target": r.target, "progress": p })))
+                            .collect();
+                        if !running.is_empty() {
+                            let _ = progress.try_send(json!({ "sync": { "volume": volume, "targets": running } }));
+                        }
+                    }
+                }
+            };
             let mut reports = Vec::new();
             let mut errors = Vec::new();
             for r in results {
