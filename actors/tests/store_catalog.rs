@@ -204,7 +204,7 @@ proptest! {
                     model.insert(seq, current.clone());
                 }
                 Op::Prune { keep_last, hourly } => {
-                    let deleted = store.prune("v", &Retention { keep_last, hourly, daily: 0, weekly: 0 }, time).unwrap();
+                    let deleted = store.prune("v", &Retention { keep_last, hourly, ..Default::default() }, time).unwrap();
                     for d in deleted {
                         prop_assert!(model.remove(&d.0).is_some());
                     }

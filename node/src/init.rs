@@ -135,7 +135,7 @@ rpo = "15m"
 # block_size = "1MiB"
 # compression = "zstd:3"
 # encryption_key_file = "/etc/drmesh/keys/default.key"   # 32 random bytes, mode 0600
-# retention = {{ keep_last = 24, daily = 7, weekly = 4 }}
+# retention = {{ keep_last = 24, daily = 7, weekly = 4, coalesce_unchanged = true }}
 # bandwidth = {{ limit = "50Mbit" }}
 #
 # [policy.default.drill]     # prove the recovery points recover

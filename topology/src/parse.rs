@@ -893,7 +893,7 @@ fn read_policy(
 
     let mut retention = Retention::default();
     if let Some(t) = f.table(sink, "retention") {
-        t.check_keys(sink, &["keep_last", "hourly", "daily", "weekly"], &[]);
+        t.check_keys(sink, &["keep_last", "hourly", "daily", "weekly", "coalesce_unchanged"], &[]);
         let max = i128::from(u32::MAX);
         let mut field = |key: &str, min: i128, slot: &mut u32| {
             if t.get(key).is_some() {
@@ -907,6 +907,15 @@ fn read_policy(
         field("hourly", 0, &mut retention.hourly);
         field("daily", 0, &mut retention.daily);
         field("weekly", 0, &mut retention.weekly);
+        if let Some(v) = t.get("coalesce_unchanged") {
+            match v.get_ref().as_bool() {
+                Some(b) => retention.coalesce_unchanged = b,
+                None => {
+                    t.wrong_type(sink, "coalesce_unchanged", v, "true or false");
+                    ok = false;
+                }
+            }
+        }
     } else if f.get("retention").is_some() {
         ok = false;
     }

@@ -223,11 +223,15 @@ pub struct Retention {
     pub daily: u32,
     /// Keep the newest point of each of the last N weeks.
     pub weekly: u32,
+    /// Drop an RP when the next one holds the same volume (nothing changed
+    /// between them), so the rules above count distinct states
+    /// (`coalesce_unchanged`, default false).
+    pub coalesce_unchanged: bool,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { keep_last: DEFAULT_KEEP_LAST, hourly: 0, daily: 0, weekly: 0 }
+        Retention { keep_last: DEFAULT_KEEP_LAST, hourly: 0, daily: 0, weekly: 0, coalesce_unchanged: false }
     }
 }
 

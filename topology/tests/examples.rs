@@ -56,7 +56,7 @@ fn branch_office_example_loads() {
     assert_eq!(office.rpo, Duration::from_secs(15 * 60));
     assert_eq!(office.block_bytes, 1 << 20);
     assert_eq!(office.compression, Compression::Zstd { level: 3 });
-    assert_eq!(office.retention, Retention { keep_last: 48, hourly: 24, daily: 14, weekly: 12 });
+    assert_eq!(office.retention, Retention { keep_last: 48, hourly: 24, daily: 14, weekly: 12, coalesce_unchanged: false });
     let key_path = office.encryption_key_file.as_ref().unwrap();
     assert_eq!(key_path, &dir.path().join("keys/hq.key"));
     assert_eq!(read_key_file(key_path).unwrap().as_bytes(), &[0x5a; 32]);
@@ -73,7 +73,7 @@ fn branch_office_example_loads() {
     let cloud = &topo.policies["cloud"];
     assert_eq!(cloud.encryption_key_file, None);
     assert_eq!(cloud.compression, Compression::Zstd { level: 1 });
-    assert_eq!(cloud.retention, Retention { keep_last: 24, hourly: 0, daily: 7, weekly: 0 });
+    assert_eq!(cloud.retention, Retention { keep_last: 24, hourly: 0, daily: 7, weekly: 0, coalesce_unchanged: false });
 
     let text = fs::read(&path).unwrap();
     assert_eq!(topo.hash(), *blake3::hash(&text).as_bytes());

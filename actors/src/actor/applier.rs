@@ -142,7 +142,7 @@ async fn refuse(kind: StreamKind, mut send: quinn::SendStream, reason: String) {
 
 /// The topology's retention of a policy, in the store's terms.
 pub fn retention_of(r: &drmesh_topology::Retention) -> Retention {
-    Retention { keep_last: r.keep_last, hourly: r.hourly, daily: r.daily, weekly: r.weekly }
+    Retention { keep_last: r.keep_last, hourly: r.hourly, daily: r.daily, weekly: r.weekly, coalesce_unchanged: r.coalesce_unchanged }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {

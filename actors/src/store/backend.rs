@@ -10,7 +10,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::retention::select_keep;
+use super::retention::{select_keep, unchanged_predecessors};
+use crate::content::MerkleRoot;
 use super::{BlobId, BlobLoc, ContentId, EncodedBlob, Retention, RpMeta, RpSeq, Store, StoreError, VolumeName};
 
 /// What a replication session does to a store, in the order the target's core
@@ -245,7 +246,10 @@ impl SessionStore for MemoryStore {
         let mut m = self.lock();
         let Some(rps) = m.rps.get_mut(volume) else { return Ok(Vec::new()) };
         let all: Vec<(RpSeq, u64)> = rps.values().map(|(meta, _)| (meta.seq, meta.time_unix_ms)).collect();
-        let keep = select_keep(&all, retention, now_unix_ms);
+        let roots: Vec<(RpSeq, MerkleRoot)> = rps.values().map(|(meta, _)| (meta.seq, meta.merkle_root)).collect();
+        let unchanged = if retention.coalesce_unchanged { unchanged_predecessors(&roots) } else { Default::default() };
+        let distinct: Vec<(RpSeq, u64)> = all.iter().copied().filter(|(s, _)| !unchanged.contains(s)).collect();
+        let keep = select_keep(&distinct, retention, now_unix_ms);
         let deleted: Vec<RpSeq> = all.iter().map(|(s, _)| *s).filter(|s| !keep.contains(s)).collect();
         rps.retain(|s, _| keep.contains(s));
         Ok(deleted)
@@ -353,7 +357,7 @@ mod tests {
         store.release_session(3);
 
         // Retention keep_last 1: RP 1 goes, RP 2 stays.
-        let keep_one = Retention { keep_last: 1, hourly: 0, daily: 0, weekly: 0 };
+        let keep_one = Retention { keep_last: 1, ..Retention::default() };
         assert_eq!(store.prune("vol", &keep_one, 10_000).expect("prune"), vec![RpSeq(1)]);
         assert_eq!(store.newest_rp("vol").expect("newest").map(|m| m.seq), Some(RpSeq(2)));
         assert_eq!(store.prune("other", &keep_one, 10_000).expect("prune of no volume"), Vec::<RpSeq>::new());

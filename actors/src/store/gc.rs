@@ -10,7 +10,7 @@ use redb::ReadableTable;
 
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::error::{io_error, StoreError};
-use super::retention::{select_keep, Retention};
+use super::retention::{select_keep, unchanged_predecessors, Retention};
 use super::{blob_file, lock, manifest, now_unix_ms, GcReport, RpSeq, Store, VolumeName};
 use crate::content::{BlobId, ContentId};
 
@@ -74,6 +74,7 @@ impl Store {
                 };
                 let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
                 let mut all = Vec::new();
+                let mut roots = Vec::new();
                 for row in rps
                     .range((vid, 0u64)..=(vid, u64::MAX))
                     .map_err(|e| self.ce("read rps", e))?
@@ -82,8 +83,12 @@ impl Store {
                     let seq = k.value().1;
                     let meta = self.decode_rp_row(volume, RpSeq(seq), v.value())?;
                     all.push((seq, meta.time_unix_ms));
+                    roots.push((seq, meta.merkle_root));
                 }
-                let mut keep = select_keep(&all, retention, now_unix_ms);
+                // Unchanged predecessors are not candidates: the rules count distinct states.
+                let unchanged = if retention.coalesce_unchanged { unchanged_predecessors(&roots) } else { Default::default() };
+                let distinct: Vec<(u64, u64)> = all.iter().copied().filter(|(s, _)| !unchanged.contains(s)).collect();
+                let mut keep = select_keep(&distinct, retention, now_unix_ms);
                 // The newest verified RP is the last known-good point: never pruned.
                 let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
                 let mut scrubs = tx.open_table(SCRUBS).map_err(|e| self.ce("open table scrubs", e))?;

@@ -20,6 +20,17 @@ pub struct Retention {
     pub daily: u32,
     /// Keep the newest RP of each of the newest N ISO weeks (UTC) that have RPs.
     pub weekly: u32,
+    /// An RP whose next newer RP holds the same volume (same Merkle root) is
+    /// not kept, and the rules above count distinct states: history is then
+    /// measured in changes, not cycles. The caller leaves such RPs out of
+    /// what it hands to [`select_keep`] (see [`unchanged_predecessors`]).
+    pub coalesce_unchanged: bool,
+}
+
+/// Among `rps` (seq and Merkle root, ascending by seq), the seqs whose next
+/// newer RP has the same root: the volume did not change between them.
+pub fn unchanged_predecessors<S: Copy + Ord, R: PartialEq>(rps: &[(S, R)]) -> BTreeSet<S> {
+    rps.windows(2).filter(|w| w[0].1 == w[1].1).map(|w| w[0].0).collect()
 }
 
 const HOUR_MS: u64 = 3_600_000;
@@ -125,6 +136,15 @@ mod tests {
         assert_eq!(select_keep(&rps, &r, 10 * h), BTreeSet::from([2, 4, 5]));
     }
 
+    #[test]
+    fn unchanged_predecessors_are_those_followed_by_the_same_root() {
+        let rps = [(1, 'a'), (2, 'a'), (3, 'b'), (4, 'b'), (5, 'a'), (6, 'c')];
+        assert_eq!(unchanged_predecessors(&rps), BTreeSet::from([1, 3]));
+        assert_eq!(unchanged_predecessors::<u64, char>(&[]), BTreeSet::new());
+        // The newest is never one: nothing follows it.
+        assert_eq!(unchanged_predecessors(&[(1, 'a'), (2, 'a'), (3, 'a')]), BTreeSet::from([1, 2]));
+    }
+
     proptest! {
         #[test]
         fn selection_matches_model(
@@ -136,7 +156,7 @@ mod tests {
             let mut t = 1_700_000_000_000u64;
             let rps: Vec<(u64, u64)> = gaps.iter().enumerate().map(|(i, g)| { t += g; (i as u64 * 3 + 1, t) }).collect();
             let now = t.saturating_sub(now_back);
-            let r = Retention { keep_last, hourly, daily, weekly };
+            let r = Retention { keep_last, hourly, daily, weekly, coalesce_unchanged: false };
             prop_assert_eq!(select_keep(&rps, &r, now), model(&rps, &r, now));
         }
     }
