@@ -267,7 +267,7 @@ fn topology_init_writes_a_valid_skeleton_and_never_overwrites() {
     assert!(text.contains(&format!("id = \"{id}\"")), "{text}");
     let out = drmesh(&["topology", "check", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (mesh \"acme\" version 1, 1 nodes, 0 volumes, 1 policies"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (mesh \"acme\" version 1, 1 node, 0 volumes, 1 policy"));
 
     // Every commented example, uncommented, with its placeholders filled.
     let key = dir.path().join("default.key");
@@ -289,7 +289,7 @@ fn topology_init_writes_a_valid_skeleton_and_never_overwrites() {
     let out = drmesh(&["topology", "check", uncommented.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{full}");
-    assert!(stdout.contains("2 nodes, 1 volumes, 1 policies"), "{stdout}");
+    assert!(stdout.contains("2 nodes, 1 volume, 1 policy"), "{stdout}");
     assert!(stdout.contains("hooks of server1-root"), "{stdout}");
 
     // Never over a file, never through a symlink; nothing changed.

@@ -73,12 +73,12 @@ pub struct Verdict {
     pub ages: Vec<(String, Option<u64>, Option<u64>)>,
 }
 
-/// "1 volume", "3 volumes".
-fn count(n: usize, what: &str) -> String {
+/// "1 volume", "3 volumes", "2 policies": `n` and the word for that many.
+pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
     if n == 1 {
-        format!("1 {what}")
+        format!("1 {one}")
     } else {
-        format!("{n} {what}s")
+        format!("{n} {many}")
     }
 }
 
@@ -119,13 +119,13 @@ pub fn evaluate(catalog: &Value, mesh: &Value) -> Verdict {
     let status = problems.first().map_or(Status::Ok, |p| p.status);
     let alive = members.iter().filter(|m| m["state"] == "alive").count();
     let summary = match status {
-        Status::Ok => format!("{} within RPO, {alive} of {} alive", count(volumes.len(), "volume"), count(members.len(), "node")),
+        Status::Ok => format!("{} within RPO, {alive} of {} alive", count(volumes.len(), "volume", "volumes"), count(members.len(), "node", "nodes")),
         _ => {
             let missed = problems.iter().filter(|p| p.status == Status::Critical).count();
             let head = match missed {
-                0 => count(problems.len(), "warning"),
-                1 => format!("1 of {} misses its RPO", count(volumes.len(), "volume")),
-                n => format!("{n} of {} miss their RPO", count(volumes.len(), "volume")),
+                0 => count(problems.len(), "warning", "warnings"),
+                1 => format!("1 of {} misses its RPO", count(volumes.len(), "volume", "volumes")),
+                n => format!("{n} of {} miss their RPO", count(volumes.len(), "volume", "volumes")),
             };
             format!("{head}: {}", problems[0].text)
         }

@@ -141,13 +141,13 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     match drmesh_topology::Topology::load(file) {
         Ok(t) => {
             println!(
-                "{}: ok (mesh {:?} version {}, {} nodes, {} volumes, {} policies, hash {})",
+                "{}: ok (mesh {:?} version {}, {}, {}, {}, hash {})",
                 file.display(),
                 t.mesh.name,
                 t.mesh.version,
-                t.nodes.len(),
-                t.volumes.len(),
-                t.policies.len(),
+                check::count(t.nodes.len(), "node", "nodes"),
+                check::count(t.volumes.len(), "volume", "volumes"),
+                check::count(t.policies.len(), "policy", "policies"),
                 t.hash_short()
             );
             for v in &t.volumes {
