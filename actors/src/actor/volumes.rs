@@ -698,7 +698,7 @@ impl Handler<CycleDone> for VolumeScheduler {
             }
         }
         plan.next_due = next_due(plan.started_at.take().unwrap_or(now), now, plan.rpo, msg.result.is_ok());
-        // Started when due, not at the next look: RPs come `rpo` apart.
+        // Started when due, not at the next look (see `next_due`).
         ctx.run_later(plan.next_due.saturating_duration_since(now), |act, ctx| act.tick(ctx));
         if let Some(gossip) = &self.gossip {
             let health = VolumeHealth {

@@ -95,7 +95,9 @@ impl Run {
     }
 }
 
-fn tail(mut pipe: impl Read) -> Vec<u8> {
+/// Reads `pipe` to its end and returns its last `keep` bytes (holding at most
+/// twice that meanwhile).
+pub(crate) fn tail(mut pipe: impl Read, keep: usize) -> Vec<u8> {
     let mut kept = Vec::new();
     let mut buf = [0u8; 8192];
     while let Ok(n) = pipe.read(&mut buf) {
@@ -103,12 +105,12 @@ fn tail(mut pipe: impl Read) -> Vec<u8> {
             break;
         }
         kept.extend_from_slice(&buf[..n]);
-        if kept.len() > 2 * OUTPUT_TAIL_BYTES {
-            kept.drain(..kept.len() - OUTPUT_TAIL_BYTES);
+        if kept.len() > 2 * keep {
+            kept.drain(..kept.len() - keep);
         }
     }
-    if kept.len() > OUTPUT_TAIL_BYTES {
-        kept.drain(..kept.len() - OUTPUT_TAIL_BYTES);
+    if kept.len() > keep {
+        kept.drain(..kept.len() - keep);
     }
     kept
 }
@@ -136,7 +138,7 @@ pub fn run_in_image(root: &Path, argv: &[&str], with_sys: bool, timeout: Duratio
     let readers: Vec<thread::JoinHandle<Vec<u8>>> = [child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)]
         .into_iter()
         .flatten()
-        .map(|p| thread::spawn(move || tail(p)))
+        .map(|p| thread::spawn(move || tail(p, OUTPUT_TAIL_BYTES)))
         .collect();
     let mut timed_out = false;
     let status = loop {

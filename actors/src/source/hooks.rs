@@ -13,7 +13,6 @@
 //! and the log. `post` runs whenever `pre` ran (so it can undo a half-done
 //! quiesce), and also when opening the view failed.
 
-use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
@@ -100,7 +99,7 @@ pub fn run_hook(phase: &'static str, command: &[String], env: &[(&str, String)],
     let Some((program, args)) = command.split_first() else {
         return ended(HookEnd::CannotRun("no command".into()), String::new());
     };
-    let (mut reader, writer) = match std::io::pipe() {
+    let (reader, writer) = match std::io::pipe() {
         Ok(p) => p,
         Err(e) => return ended(HookEnd::CannotRun(format!("cannot make a pipe: {e}")), String::new()),
     };
@@ -122,18 +121,7 @@ pub fn run_hook(phase: &'static str, command: &[String], env: &[(&str, String)],
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut tail = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            tail.extend_from_slice(&buf[..n]);
-            if tail.len() > 2 * HOOK_OUTPUT_BYTES {
-                tail.drain(..tail.len() - HOOK_OUTPUT_BYTES);
-            }
-        }
-        let _ = tx.send(tail);
+        let _ = tx.send(crate::adapt::sandbox::tail(reader, HOOK_OUTPUT_BYTES));
     });
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let deadline = started + timeout;
@@ -156,10 +144,7 @@ pub fn run_hook(phase: &'static str, command: &[String], env: &[(&str, String)],
         std::thread::sleep(step.min(deadline.saturating_duration_since(Instant::now())));
         step = (step * 2).min(Duration::from_millis(100));
     };
-    let mut tail = rx.recv_timeout(OUTPUT_GRACE).unwrap_or_default();
-    if tail.len() > HOOK_OUTPUT_BYTES {
-        tail.drain(..tail.len() - HOOK_OUTPUT_BYTES);
-    }
+    let tail = rx.recv_timeout(OUTPUT_GRACE).unwrap_or_default();
     ended(end, String::from_utf8_lossy(&tail).into_owned())
 }
 
