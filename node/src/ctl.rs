@@ -424,7 +424,8 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn duration(secs: u64) -> String {
+/// A span of seconds for people: 42s, 3m05s, 2h10m, 4d03h.
+pub fn duration(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),

@@ -101,6 +101,8 @@ version = 1
 {node}# max_drills = 1          # drills at once on this node
 # scrub_every = "7d"       # re-read every blob of the store, repair from other holders
 # gc_every = "1d"          # delete blobs no kept recovery point needs
+# metrics = "127.0.0.1:9720"      # Prometheus metrics at http://ADDRESS/metrics (off by default)
+# status_page = "127.0.0.1:9721"  # read-only status page (loopback only; off by default)
 
 # [[node]]
 # name = "hq"

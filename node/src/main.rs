@@ -14,13 +14,16 @@ mod demo;
 mod drill;
 mod export;
 mod gc;
+mod http;
 mod init;
 mod logging;
+mod metrics;
 mod mounts;
 mod recover;
 mod reload;
 mod run;
 mod scrub;
+mod status_page;
 mod store;
 
 use std::path::PathBuf;
@@ -204,6 +207,14 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                 .collect();
             if !collected.is_empty() {
                 println!("store garbage collection: {}", collected.join("; "));
+            }
+            for n in &t.nodes {
+                if let Some(addr) = n.metrics {
+                    println!("metrics of {}: http://{addr}/metrics", n.name);
+                }
+                if let Some(addr) = n.status_page {
+                    println!("status page of {}: http://{addr}/", n.name);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

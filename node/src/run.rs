@@ -87,7 +87,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         crate::scrub::start(data.clone(), mesh.clone(), gossip.clone());
         crate::gc::start(data.clone());
         let drills = crate::drill::runner::DrillRunner::new(data.clone(), gossip.clone(), args.state_dir.clone()).start();
-        actix_rt::spawn(admin::serve(listener, AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone(), state_dir: args.state_dir.clone(), drills }));
+        let admin_ctx = AdminContext { mesh: mesh.clone(), reloader, scheduler, data: data.clone(), gossip: gossip.clone(), state_dir: args.state_dir.clone(), drills };
+        crate::http::start(admin_ctx.clone());
+        actix_rt::spawn(admin::serve(listener, admin_ctx));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         actix_rt::spawn(async move {

@@ -429,7 +429,7 @@ fn read_site(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> SiteDraft {
 }
 
 fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
-    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "scrub_every", "scrub_sample", "gc_every"], &[]);
+    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "scrub_every", "scrub_sample", "gc_every", "metrics", "status_page"], &[]);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     if let Some(n) = &name {
@@ -526,9 +526,15 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
     } else if f.get("scrub_sample").is_some() {
         ok = false;
     }
+    let metrics = http_address(f, sink, "metrics", false);
+    let status_page = http_address(f, sink, "status_page", true);
+    ok &= metrics.is_some() && status_page.is_some();
+    let (metrics, status_page) = (metrics.flatten(), status_page.flatten());
     let node = match (&name, &id, &site, ok) {
         (Some(n), Some(i), Some(s), true) => Some(Node {
             max_drills,
+            metrics,
+            status_page,
             scrub_every,
             scrub_sample_percent,
             gc_every,
@@ -561,6 +567,36 @@ fn every_or_off(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, default: std
         Ok(d) => Some(Some(d)),
         Err(e) => {
             sink.error(s.span, format!("`{key}` in {}: {e}, or \"off\"", f.what));
+            None
+        }
+    }
+}
+
+/// An optional HTTP listen address of a `[[node]]` (`metrics`, `status_page`):
+/// `Some(None)` when absent, `None` after reporting an error. A
+/// `loopback_only` address must be 127.0.0.0/8 or ::1.
+fn http_address(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str, loopback_only: bool) -> Option<Option<SocketAddr>> {
+    let Some(s) = f.string(sink, key, false) else {
+        return if f.get(key).is_some() { None } else { Some(None) };
+    };
+    match s.value.trim().parse::<SocketAddr>() {
+        Ok(addr) if addr.port() == 0 => {
+            sink.error(s.span, format!("`{key}` in {} has port 0; give the port to serve on, like \"127.0.0.1:9720\"", f.what));
+            None
+        }
+        Ok(addr) if loopback_only && !addr.ip().is_loopback() => {
+            sink.error(
+                s.span,
+                format!(
+                    "`{key}` in {} must be a loopback address such as \"127.0.0.1:9720\" or \"[::1]:9720\": the page has no login; reach it from elsewhere through an SSH tunnel or a proxy that authenticates",
+                    f.what
+                ),
+            );
+            None
+        }
+        Ok(addr) => Some(Some(addr)),
+        Err(_) => {
+            sink.error(s.span, format!("bad `{key}` in {}: expected an IP socket address like \"127.0.0.1:9720\" or \"[::1]:9720\"", f.what));
             None
         }
     }

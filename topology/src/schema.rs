@@ -77,6 +77,12 @@ pub struct Node {
     /// How often the node collects the garbage of its store: blobs no kept
     /// RP needs (`gc_every`, default 1 day; `"off"`: only `drmesh ctl gc`).
     pub gc_every: Option<std::time::Duration>,
+    /// Where the node serves Prometheus metrics over HTTP at `/metrics`
+    /// (`metrics`, off when absent).
+    pub metrics: Option<SocketAddr>,
+    /// Where the node serves its read-only status page over HTTP (`status_page`,
+    /// off when absent); always a loopback address (the page has no login).
+    pub status_page: Option<SocketAddr>,
 }
 
 /// How often a node scrubs its store when the topology does not say.

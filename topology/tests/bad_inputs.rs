@@ -837,3 +837,18 @@ fn gc_and_scrub_schedules() {
     assert_one(&edit(9, "site = \"s\"\ngc_every = \"never\""), 10, 12, "`gc_every` in [[node]]:");
     assert_one(&edit(9, "site = \"s\"\ngc_every = 3"), 10, 12, "a string");
 }
+
+// ---- node HTTP endpoints -----------------------------------------------------
+
+#[test]
+fn metrics_and_status_page_addresses() {
+    let t = Topology::parse(&expand(GOOD), Path::new("t.toml")).unwrap();
+    assert_eq!((t.nodes[0].metrics, t.nodes[0].status_page), (None, None));
+    let t = Topology::parse(&edit(9, "site = \"s\"\nmetrics = \"0.0.0.0:9720\"\nstatus_page = \"[::1]:9721\""), Path::new("t.toml")).unwrap();
+    assert_eq!(t.nodes[0].metrics, Some("0.0.0.0:9720".parse().unwrap()));
+    assert_eq!(t.nodes[0].status_page, Some("[::1]:9721".parse().unwrap()));
+    assert_one(&edit(9, "site = \"s\"\nstatus_page = \"0.0.0.0:9721\""), 10, 15, "`status_page` in [[node]] must be a loopback address");
+    assert_one(&edit(9, "site = \"s\"\nmetrics = \"localhost:9720\""), 10, 11, "bad `metrics` in [[node]]: expected an IP socket address");
+    assert_one(&edit(9, "site = \"s\"\nmetrics = \"127.0.0.1:0\""), 10, 11, "has port 0");
+    assert_one(&edit(9, "site = \"s\"\nstatus_page = 9721"), 10, 15, "a string");
+}

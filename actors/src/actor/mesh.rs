@@ -86,6 +86,8 @@ pub struct MeshActor {
     started: Instant,
     service: Option<Arc<dyn StreamService>>,
     datagrams: Arc<OnceLock<Arc<dyn DatagramService>>>,
+    /// UDP bytes (sent, received) of each peer's ended connections.
+    ended_traffic: HashMap<NodeId, (u64, u64)>,
 }
 
 fn peer_specs(local: NodeId, topology: &Topology) -> Vec<PeerSpec> {
@@ -135,6 +137,7 @@ impl MeshActor {
             started: Instant::now(),
             service,
             datagrams: Arc::new(OnceLock::new()),
+            ended_traffic: HashMap::new(),
         }
         .start())
     }
@@ -470,7 +473,12 @@ impl Handler<Closed> for MeshActor {
     type Result = ();
 
     fn handle(&mut self, msg: Closed, ctx: &mut Context<Self>) {
-        self.connections.remove(&msg.conn_id);
+        if let Some(ended) = self.connections.remove(&msg.conn_id) {
+            let stats = ended.conn.stats();
+            let total = self.ended_traffic.entry(ended.peer).or_default();
+            total.0 += stats.udp_tx.bytes;
+            total.1 += stats.udp_rx.bytes;
+        }
         let current = matches!(self.table.get(&msg.peer).map(|e| &e.state), Some(LinkState::Connected { conn, .. }) if *conn == msg.conn_id);
         if current {
             tracing::info!(peer = %self.peer_name(&msg.peer), reason = %msg.reason, "peer disconnected");
@@ -559,6 +567,10 @@ pub struct PeerStatus {
     pub retry_in_secs: Option<f64>,
     /// Connections established so far.
     pub connect_count: u64,
+    /// UDP bytes sent to the peer since this node started (all connections).
+    pub sent_bytes: u64,
+    /// UDP bytes received from the peer since this node started.
+    pub received_bytes: u64,
     /// Last dial or connection error.
     pub last_error: Option<String>,
     /// The peer's drmesh version, from its hello.
@@ -615,6 +627,12 @@ impl Handler<GetStatus> for MeshActor {
             .peers()
             .map(|entry| {
                 let hello = self.hellos.get(&entry.spec.id);
+                let (mut sent_bytes, mut received_bytes) = self.ended_traffic.get(&entry.spec.id).copied().unwrap_or_default();
+                for c in self.connections.values().filter(|c| c.peer == entry.spec.id) {
+                    let stats = c.conn.stats();
+                    sent_bytes += stats.udp_tx.bytes;
+                    received_bytes += stats.udp_rx.bytes;
+                }
                 let mut status = PeerStatus {
                     name: entry.spec.name.clone(),
                     id: entry.spec.id.to_string(),
@@ -625,6 +643,8 @@ impl Handler<GetStatus> for MeshActor {
                     connected_secs: None,
                     retry_in_secs: None,
                     connect_count: entry.connect_count,
+                    sent_bytes,
+                    received_bytes,
                     last_error: entry.last_error.clone(),
                     software_version: hello.map(|h| h.software_version.clone()),
                     topology_version: hello.map(|h| h.topology_version),

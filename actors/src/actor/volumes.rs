@@ -90,6 +90,22 @@ struct Plan {
     since_unix_ms: u64,
     /// Whether the RPO was missed at the last look (`None`: not looked yet).
     rpo_missed: Option<bool>,
+    /// What its cycles did since the node started.
+    totals: ReplicationTotals,
+}
+
+/// What the cycles of one (volume, target) replication did since the node
+/// started (monotonic while it runs: the counters of the metrics endpoint).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ReplicationTotals {
+    /// Cycles that committed an RP.
+    pub cycles_ok: u64,
+    /// Cycles that failed.
+    pub cycles_failed: u64,
+    /// Bytes read from the source by committed cycles.
+    pub read_bytes: u64,
+    /// Blob payload bytes sent to the target, by all cycles (failed ones too).
+    pub sent_payload_bytes: u64,
 }
 
 /// Whether the RPO of a replication is missed at `now_ms`: its newest RP is
@@ -128,6 +144,8 @@ pub struct ReplicationStatus {
     pub running_progress: Option<RunningProgress>,
     /// When the volume was paused (Unix ms); null when it is not paused.
     pub paused_since_unix_ms: Option<u64>,
+    /// What its cycles did since the node started.
+    pub totals: ReplicationTotals,
 }
 
 /// How far a running cycle is.
@@ -469,6 +487,7 @@ impl VolumeScheduler {
                         newest_rp_unix_ms: self.baselines.meta(&volume.name, target).ok().flatten().map(|m| m.time_unix_ms),
                         since_unix_ms: now_ms(),
                         rpo_missed: None,
+                        totals: ReplicationTotals::default(),
                     },
                 };
                 plans.insert(key, plan);
@@ -678,6 +697,17 @@ impl Handler<CycleDone> for VolumeScheduler {
         self.reserved = self.reserved.saturating_sub(msg.reserved);
         let Some(plan) = self.plans.get_mut(&msg.key) else { return };
         plan.running = false;
+        match &msg.result {
+            Ok(report) => {
+                plan.totals.cycles_ok += 1;
+                plan.totals.read_bytes += report.scanned_bytes;
+                plan.totals.sent_payload_bytes += report.stats.sent_payload_bytes;
+            }
+            Err(_) => {
+                plan.totals.cycles_failed += 1;
+                plan.totals.sent_payload_bytes += plan.progress.as_ref().map_or(0, |(sent, _)| sent.load(Ordering::Relaxed));
+            }
+        }
         plan.progress = None;
         plan.cancel = None;
         let now = Instant::now();
@@ -860,6 +890,7 @@ impl Handler<GetReplications> for VolumeScheduler {
                         RunningProgress::of(p.started_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)), sent.load(Ordering::Relaxed), read)
                     }),
                     paused_since_unix_ms: self.paused.get(volume.as_str()).copied(),
+                    totals: p.totals,
                 })
                 .collect(),
         )

@@ -224,7 +224,18 @@ impl Store {
     /// chains) and blobs younger than `grace`. Safe while sessions run; see the module doc.
     /// The mark set is held in memory (32 bytes per live blob).
     pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
-        self.collect(grace, false)
+        let result = self.collect(grace, false);
+        let mut totals = lock(&self.gc_totals);
+        match &result {
+            Ok(report) => totals.add(report),
+            Err(_) => totals.failed_runs += 1,
+        }
+        result
+    }
+
+    /// What the GCs of this process did so far (dry runs not counted).
+    pub fn gc_totals(&self) -> super::GcTotals {
+        *lock(&self.gc_totals)
     }
 
     /// What [`Self::gc`] would delete now, deleting nothing (`dry_run` set in

@@ -138,6 +138,37 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
+/// What the GCs of one store handle did since it was opened (for metrics:
+/// monotonic while the process runs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcTotals {
+    /// GC runs that finished.
+    pub runs: u64,
+    /// GC runs that failed.
+    pub failed_runs: u64,
+    /// Blobs they deleted.
+    pub blobs_deleted: u64,
+    /// Bytes they freed.
+    pub bytes_freed: u64,
+    /// When the last finished run ended, Unix ms.
+    pub last_run_unix_ms: Option<u64>,
+    /// How long the last finished run took, ms.
+    pub last_duration_ms: u64,
+}
+
+impl GcTotals {
+    fn add(&mut self, report: &GcReport) {
+        self.runs += 1;
+        self.blobs_deleted += report.blobs_deleted;
+        self.bytes_freed += report.bytes_freed;
+        self.last_duration_ms = report.duration_ms;
+        self.last_run_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
+    }
+}
+
 /// Store figures for `drmesh ctl`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStats {
@@ -194,6 +225,8 @@ pub struct Store {
     pins: Mutex<PinState>,
     /// One GC at a time.
     gc_lock: Mutex<()>,
+    /// What the GCs of this handle did.
+    gc_totals: Mutex<GcTotals>,
     /// Set when the storage engine failed on the catalog: what failed (writes are refused from then on).
     damaged: Mutex<Option<(String, String)>>,
     /// Where the next sampled scrub's window of the blob id space starts.
@@ -343,6 +376,7 @@ impl Store {
             damaged: Mutex::new(None),
             scrub_cursor: std::sync::atomic::AtomicU64::new(0),
             scrub_lock: Mutex::new(()),
+            gc_totals: Mutex::new(GcTotals::default()),
         };
         {
             let _w = lock(&store.writer);
@@ -419,6 +453,7 @@ impl Store {
             damaged: Mutex::new(None),
             scrub_cursor: std::sync::atomic::AtomicU64::new(0),
             scrub_lock: Mutex::new(()),
+            gc_totals: Mutex::new(GcTotals::default()),
         })
     }
 
