@@ -1,6 +1,6 @@
 //! The admin socket: `<state-dir>/admin.sock`, a Unix socket of mode 0600 that
 //! speaks JSON lines. Each request line `{"cmd": "..."}` gets one response line
-//! `{"ok": true, "data": ...}` or `{"ok": false, "error": "...", "details": [...]}`.
+//! `{"ok": true, "api_version": 1, "data": ...}` or `{"ok": false, "api_version": 1, "error": "...", "details": [...]}`.
 //! docs/admin-socket.md documents every command.
 
 use std::io::ErrorKind;
@@ -183,11 +183,19 @@ pub enum GossipRequest {
     },
 }
 
-/// A response line.
+/// The version of the JSON shape of the answers (`api_version` of every
+/// envelope, docs/admin-socket.md): raised when a field is renamed or removed
+/// or changes meaning; new fields may appear within one version.
+pub const API_VERSION: u32 = 1;
+
+/// A response line, and the envelope every `--json` output prints.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Response {
     /// Whether the command succeeded.
     pub ok: bool,
+    /// [`API_VERSION`] of the node that answered (0: a node older than the field).
+    #[serde(default)]
+    pub api_version: u32,
     /// The command's result when `ok`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
@@ -200,15 +208,22 @@ pub struct Response {
 }
 
 impl Response {
-    fn data(value: impl Serialize) -> Response {
+    /// A success with `value` as its data.
+    pub fn data(value: impl Serialize) -> Response {
         match serde_json::to_value(value) {
-            Ok(v) => Response { ok: true, data: Some(v), error: None, details: vec![] },
+            Ok(v) => Response { ok: true, api_version: API_VERSION, data: Some(v), error: None, details: vec![] },
             Err(e) => Response::error(format!("cannot encode the answer: {e}"), vec![]),
         }
     }
 
-    fn error(error: String, details: Vec<String>) -> Response {
-        Response { ok: false, data: None, error: Some(error), details }
+    /// A failure saying what went wrong.
+    pub fn error(error: String, details: Vec<String>) -> Response {
+        Response { ok: false, api_version: API_VERSION, data: None, error: Some(error), details }
+    }
+
+    /// The envelope as one JSON line.
+    pub fn line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"ok\":false,\"api_version\":{API_VERSION},\"error\":\"cannot encode the answer: {e}\"}}"))
     }
 }
 
@@ -341,7 +356,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
 }
 
 fn encode(response: &Response) -> String {
-    let mut text = serde_json::to_string(response).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"encoding: {e}\"}}"));
+    let mut text = response.line();
     text.push('\n');
     text
 }

@@ -229,7 +229,7 @@ pub fn run(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             if args.rp.json {
-                println!("{}", json!({ "ok": false, "error": e.to_string() }));
+                println!("{}", crate::admin::Response::error(e.to_string(), vec![]).line());
             }
             vm.stop(Duration::from_secs(5));
             drop(served);
@@ -239,12 +239,12 @@ pub fn run(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     if args.until_booted {
         vm.stop(Duration::from_secs(10));
         if args.rp.json {
-            println!("{}", json!({ "ok": true, "data": result }));
+            println!("{}", crate::admin::Response::data(&result).line());
         }
         return Ok(ExitCode::SUCCESS);
     }
     if args.rp.json {
-        println!("{}", json!({ "ok": true, "data": result }));
+        println!("{}", crate::admin::Response::data(&result).line());
     }
     say("the VM runs until it powers off or this command is stopped (Ctrl-C)".into());
     let _ = vm.wait();

@@ -216,8 +216,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 sync_line.show(sync);
             }
         }
-    })?;
+    });
     sync_line.finish();
+    let response = match response {
+        Ok(response) => response,
+        Err(e) if args.json => return Ok(print_json_failure(&e)),
+        Err(e) => return Err(e),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
@@ -298,9 +303,22 @@ fn run_check(socket: &Path, json: bool, volume: Option<VolumeName>) -> ExitCode 
     ExitCode::from(verdict.exit_code)
 }
 
+/// Under `--json`, a node that cannot be asked still gets an envelope on
+/// stdout (`ok: false` with the reason), and the reason on stderr: exit 1.
+fn print_json_failure(e: &anyhow::Error) -> ExitCode {
+    let text = crate::error_chain(e);
+    println!("{}", serde_json::to_string_pretty(&Response::error(text.clone(), vec![])).unwrap_or_default());
+    eprintln!("error: {text}");
+    ExitCode::FAILURE
+}
+
 /// `drmesh ctl mesh` and `drmesh ctl catalog`.
 fn run_gossip(socket: &Path, json: bool, req: GossipRequest) -> anyhow::Result<ExitCode> {
-    let response = request_with_progress(socket, &req, |_| {})?;
+    let response = match request_with_progress(socket, &req, |_| {}) {
+        Ok(response) => response,
+        Err(e) if json => return Ok(print_json_failure(&e)),
+        Err(e) => return Err(e),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });

@@ -152,12 +152,12 @@ fn conclude(view: ProgressView, verb: &str, rp: &str, result: anyhow::Result<Val
     view.bar.finish_and_clear();
     match (result, view.json) {
         (Ok(data), true) => {
-            println!("{}", json!({ "ok": true, "data": data }));
+            println!("{}", crate::admin::Response::data(&data).line());
             Ok(ExitCode::SUCCESS)
         }
         (Err(e), true) => {
             let text = crate::error_chain(&e);
-            println!("{}", json!({ "ok": false, "error": text }));
+            println!("{}", crate::admin::Response::error(text.clone(), vec![]).line());
             eprintln!("error: {verb} {rp} failed: {text}");
             Ok(ExitCode::FAILURE)
         }
@@ -347,9 +347,9 @@ fn offline(args: &RpArgs, volume: &VolumeName, seq: Option<RpSeq>, to: Option<(P
 }
 
 fn run(args: &RpArgs, to: Option<(PathBuf, bool)>, verb: &'static str) -> anyhow::Result<ExitCode> {
-    let (volume, seq) = parse_rp(&args.rp)?;
     let mut view = ProgressView::new(args.json, verb, &args.rp);
     let result = (|| {
+        let (volume, seq) = parse_rp(&args.rp)?;
         if args.offline || !node_running(&args.state_dir)? {
             if args.from.is_some() {
                 bail!("--from reads over the mesh and needs a node running on {}", args.state_dir.display());

@@ -63,8 +63,8 @@ pub struct ReloadFailure {
 /// The last reload attempt, as shown by `drmesh ctl status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct LastReload {
-    /// When, in seconds since the Unix epoch.
-    pub at_unix_secs: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
     /// What asked for it.
     pub trigger: ReloadTrigger,
     /// Whether it was applied (or the file was unchanged).
@@ -104,7 +104,7 @@ impl Reloader {
 
     fn reload(&mut self, trigger: ReloadTrigger) -> Result<ReloadOutcome, ReloadFailure> {
         let result = self.try_reload();
-        let at_unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let at_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok()).unwrap_or(0);
         match &result {
             Ok(outcome) if outcome.changed => {
                 let (count, first_changes) = (outcome.summary.len(), head(&outcome.summary));
@@ -124,13 +124,13 @@ impl Reloader {
         if !matches!((&result, trigger), (Ok(o), ReloadTrigger::File) if !o.changed) {
             self.last = Some(match &result {
                 Ok(o) => LastReload {
-                    at_unix_secs,
+                    at_unix_ms,
                     trigger,
                     ok: true,
                     message: if o.changed { format!("applied version {}", o.topology_version) } else { "unchanged".into() },
                     details: capped(&o.summary, "changes"),
                 },
-                Err(f) => LastReload { at_unix_secs, trigger, ok: false, message: f.error.clone(), details: capped(&f.details, "errors") },
+                Err(f) => LastReload { at_unix_ms, trigger, ok: false, message: f.error.clone(), details: capped(&f.details, "errors") },
             });
         }
         result

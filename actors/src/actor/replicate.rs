@@ -104,15 +104,15 @@ pub struct CycleReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CycleTimeline {
     /// The target answered the session start (baseline agreed).
-    pub started: f64,
+    pub started_secs: f64,
     /// The first block came out of the reader.
-    pub first_block: f64,
+    pub first_block_secs: f64,
     /// The reader finished the scan.
-    pub read_done: f64,
+    pub read_done_secs: f64,
     /// The last blob came out of the compressors.
-    pub last_encoded: f64,
+    pub last_encoded_secs: f64,
     /// The target acknowledged the commit.
-    pub committed: f64,
+    pub committed_secs: f64,
 }
 
 /// Why a cycle failed. The baseline is unchanged; the next cycle retries.
@@ -375,7 +375,7 @@ impl<'a> Cycle<'a> {
                 self.held.remove(&index);
             }
             SourceEvent::Committed { seq } => {
-                self.timeline.committed = self.since();
+                self.timeline.committed_secs = self.since();
                 return Ok(Some(Ok(seq)));
             }
             SourceEvent::Failed { reason } => return Ok(Some(Err(CycleError::Session(reason)))),
@@ -387,7 +387,7 @@ impl<'a> Cycle<'a> {
     /// on what this cycle reads.
     fn start_reader(&mut self, full_offer: bool) -> Result<(), CycleError> {
         self.full_offer = full_offer;
-        self.timeline.started = self.since();
+        self.timeline.started_secs = self.since();
         let source = FileSource::on(self.view.device()?, self.cfg.block_bytes);
         (self.volume_bytes, self.block_count) = (source.volume_bytes(), source.block_count());
         let progress = &self.cfg.progress;
@@ -415,8 +415,8 @@ impl<'a> Cycle<'a> {
     fn on_reader(&mut self, session: &mut SourceSession, item: Option<ReaderItem>) {
         match item {
             Some(ReaderItem::Blocks(blocks)) => {
-                if self.timeline.first_block == 0.0 {
-                    self.timeline.first_block = self.since();
+                if self.timeline.first_block_secs == 0.0 {
+                    self.timeline.first_block_secs = self.since();
                 }
                 // The whole batch is taken: the window may overshoot by less than
                 // one hand-over batch, which the memory bound allows for.
@@ -434,7 +434,7 @@ impl<'a> Cycle<'a> {
             }
             Some(ReaderItem::Done(root, stats)) => {
                 self.reader_finished = true;
-                self.timeline.read_done = self.since();
+                self.timeline.read_done_secs = self.since();
                 self.merkle_root = root;
                 self.scan_stats = stats;
                 let meta = rp_meta(self.cfg, self.view.as_ref(), self.snapshot_ms, self.volume_bytes, self.block_count, self.scan_stats.changed_blocks, root);
@@ -508,7 +508,7 @@ async fn run_cycle_on(
             item = cycle.blocks.recv(), if want_blocks => cycle.on_reader(&mut session, item),
             Some((index, blob)) = enc_rx.recv() => match blob {
                 Ok(blob) => {
-                    cycle.timeline.last_encoded = cycle.since();
+                    cycle.timeline.last_encoded_secs = cycle.since();
                     session.handle_encoded(index, blob)
                 }
                 Err(reason) => session.handle_encode_failed(reason),

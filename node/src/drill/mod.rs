@@ -245,7 +245,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let _ = std::io::stdout().flush();
     });
     drop(run);
-    println!("{}", json!({ "ok": true, "data": { "checks": reports } }));
+    println!("{}", crate::admin::Response::data(json!({ "checks": reports })).line());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -368,7 +368,9 @@ pub fn run(args: DrillArgs) -> anyhow::Result<ExitCode> {
     report.settle(&required);
     let value = serde_json::to_value(&report)?;
     if json_out {
-        println!("{}", json!({ "ok": true, "data": value, "recorded": false }));
+        let mut envelope = serde_json::to_value(crate::admin::Response::data(value))?;
+        envelope["recorded"] = false.into();
+        println!("{envelope}");
     } else {
         print_report(&value);
         println!("(not recorded: no node runs on {})", args.rp.state_dir.display());
