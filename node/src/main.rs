@@ -18,8 +18,10 @@ mod http;
 mod init;
 mod logging;
 mod metrics;
+mod manpages;
 mod mounts;
 mod recover;
+mod readiness;
 mod reload;
 mod run;
 mod scrub;
@@ -83,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: store::StoreCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, ...) on stdout.
+    Completions(manpages::CompletionsArgs),
+    /// Write the manual pages (drmesh.1 and one per subcommand) into a folder.
+    #[command(hide = true)]
+    Man(manpages::ManArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +127,8 @@ fn main() -> ExitCode {
         Command::DrillWorker(args) => drill::worker(args),
         Command::Demo(args) => demo::run(args),
         Command::Store { command } => store::run(command),
+        Command::Completions(args) => manpages::completions(args),
+        Command::Man(args) => manpages::man(args),
     };
     match result {
         Ok(code) => code,

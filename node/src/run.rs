@@ -98,11 +98,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 _ = int.recv() => "SIGINT",
             };
             tracing::info!(signal = which, "stopping");
+            crate::readiness::stopping();
             let _ = gossip.send(GossipShutdown).await;
             let _ = mesh.send(Shutdown).await;
             actix::System::current().stop();
         });
         tracing::info!(socket = %socket_path.display(), "admin socket ready");
+        crate::readiness::ready(&format!("node {} serving; admin socket {}", name.as_deref().unwrap_or("?"), socket_path.display()));
         anyhow::Ok(socket_path)
     })?;
     let result = system.run();
