@@ -170,6 +170,7 @@ fn documented_json_fields_exist_and_follow_the_units_rule() {
         ("rps", "dst", &["rps"]),
         ("gc", "dst", &["gc", "--dry-run"]),
         ("store", "dst", &["store"]),
+        ("retention", "dst", &["retention"]),
         ("scrub", "dst", &["scrub"]),
         ("scrubs", "dst", &["scrubs"]),
         ("drills", "dst", &["drills"]),

@@ -182,4 +182,12 @@ fn paused_seed_survives_restarts_and_resumes_without_resending() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.lines().any(|l| l.starts_with("sync vol to dst: ")), "no progress line: {stderr}");
     assert!(stdout.contains("vol to dst: read full scan (file)"), "{stdout}");
+    // With --json: progress events as JSON lines on stderr, the envelope alone on stdout.
+    let out = mesh.ctl("src", &["sync-now", "vol", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let event: serde_json::Value = serde_json::from_str(stderr.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("no JSON progress event ({e}): {stderr}"));
+    assert_eq!(event["progress"]["sync"]["volume"], "vol", "{event}");
+    let envelope: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one envelope on stdout");
+    assert_eq!((envelope["ok"].as_bool(), envelope["api_version"].as_u64()), (Some(true), Some(1)), "{envelope}");
 }

@@ -107,6 +107,17 @@ pub enum Request {
         #[serde(default)]
         from: Option<String>,
     },
+    /// What retention keeps and would delete now, per volume held here,
+    /// deleting nothing (a dry run).
+    Retention {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<VolumeName>,
+        /// Judge with the policies of this topology file (absolute path)
+        /// instead of the one in force: a preview of an edit.
+        #[serde(default)]
+        topology: Option<PathBuf>,
+    },
     /// Store figures: blobs, bytes, RPs.
     Store,
     /// Scrub the store now: read its blobs again (all, or a share) and check

@@ -78,6 +78,16 @@ enum CtlCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// What retention keeps and would delete now, per volume held here (a dry
+    /// run: nothing is deleted; retention itself runs after each commit).
+    Retention {
+        /// Only this volume.
+        volume: Option<VolumeName>,
+        /// Judge by the policies of this topology file instead of the one in
+        /// force: what an edit of `retention` would delete.
+        #[arg(long)]
+        topology: Option<PathBuf>,
+    },
     /// Store figures.
     Store,
     /// Scrub the store now: read every blob again (or a sample) and check
@@ -196,6 +206,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Resume { volumes, all } => Request::Resume { volumes, all },
         CtlCommand::Rps { volume } => Request::Rps { volume },
         CtlCommand::Gc { grace_secs, dry_run } => Request::Gc { grace_secs: Some(grace_secs), dry_run },
+        CtlCommand::Retention { volume, topology } => Request::Retention {
+            volume,
+            topology: match topology.map(|t| std::path::absolute(&t).map_err(|e| (t, e))).transpose() {
+                Ok(t) => t,
+                Err((t, e)) => anyhow::bail!("cannot resolve {}: {e}", t.display()),
+            },
+        },
         CtlCommand::Store => Request::Store,
         CtlCommand::Scrub { sample } => Request::Scrub { sample_percent: sample },
         CtlCommand::Scrubs { volume } => Request::Scrubs { volume },
@@ -207,7 +224,15 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     };
     let show_progress = !args.json && matches!(req, Request::Scrub { .. } | Request::SyncNow { .. });
     let mut sync_line = SyncProgressLine::new();
+    // Under --json, progress events as JSON lines on stderr (stdout keeps the
+    // one envelope): each one on a terminal, one per 10 s into a pipe or file.
+    let stderr_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_event: Option<std::time::Instant> = None;
     let response = request_with_progress(&socket, &req, |p| {
+        if args.json && (stderr_terminal || last_event.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))) {
+            eprintln!("{}", serde_json::json!({ "progress": p }));
+            last_event = Some(std::time::Instant::now());
+        }
         if show_progress {
             if let Some(sc) = p.get("scrub") {
                 eprintln!("scrub: {} of {} blobs read ({})", s(&sc["blobs_read"]), s(&sc["blobs_total"]), bytes(sc["bytes_read"].as_u64().unwrap_or(0)));
@@ -268,6 +293,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             s(&data["duration_ms"])
         ),
         Request::Scrub { .. } => print_scrub(&data),
+        Request::Retention { .. } => print_retention(&data),
         Request::Scrubs { .. } => println!("{}", scrubs_table(&data)),
         Request::Store => {
             for (k, v) in data.as_object().into_iter().flatten() {
@@ -301,6 +327,47 @@ fn run_check(socket: &Path, json: bool, volume: Option<VolumeName>) -> ExitCode 
         print!("{}", crate::check::render(&verdict));
     }
     ExitCode::from(verdict.exit_code)
+}
+
+/// `drmesh ctl retention`: per volume, the rules and what they keep and would delete.
+fn print_retention(list: &Value) {
+    let seqs = |v: &Value| -> String {
+        let list: Vec<String> = v.as_array().into_iter().flatten().map(|s| format!("@{}", s)).collect();
+        if list.is_empty() {
+            "none".to_string()
+        } else {
+            list.join(" ")
+        }
+    };
+    let rows = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if rows.is_empty() {
+        println!("no recovery points held here");
+    }
+    for r in rows {
+        let volume = s(&r["volume"]);
+        if r["policy"].is_null() {
+            println!("{volume}: no volume of this name in the topology: all kept ({})", seqs(&r["kept"]));
+            continue;
+        }
+        let mut rules = vec![format!("keep_last {}", s(&r["keep_last"]))];
+        for key in ["hourly", "daily", "weekly"] {
+            if r[key].as_u64().unwrap_or(0) > 0 {
+                rules.push(format!("{key} {}", s(&r[key])));
+            }
+        }
+        if r["coalesce_unchanged"] == true {
+            rules.push("coalesce_unchanged".into());
+        }
+        println!("{volume} (policy {}: {})", s(&r["policy"]), rules.join(", "));
+        println!("  keeps         {}", seqs(&r["kept"]));
+        if let Some(good) = r["kept_as_last_known_good"].as_u64() {
+            println!("                (@{good} only as the newest verified RP, the last known-good)");
+        }
+        println!("  would delete  {}", seqs(&r["would_delete"]));
+    }
+    if !rows.is_empty() {
+        println!("(dry run: nothing was deleted; retention runs after each committed RP)");
+    }
 }
 
 /// Under `--json`, a node that cannot be asked still gets an envelope on

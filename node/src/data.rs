@@ -1,5 +1,6 @@
 //! Admin commands of the data plane: sync-now, volumes, rps, gc, restore, verify, store.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +126,7 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
         Request::Scrubs { volume } => Ok(serde_json::to_value(blocking(move || store.scrubs(volume.as_deref())).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
+        Request::Retention { volume, topology } => retention_plan(ctx, volume, topology).await,
         Request::Store => Ok(serde_json::to_value(blocking(move || store.stats()).await?.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?),
         Request::Restore { volume, seq, to, from, force } => {
             if !to.is_absolute() {
@@ -416,4 +418,80 @@ mod tests {
         }
         assert!(!no_source_message("v2@999", "v2", "b2", &held, None, &lacking).contains("ctl peers"), "every holder answered: no link to look at");
     }
+}
+
+/// One volume's retention dry run, as `drmesh ctl retention` shows it.
+#[derive(serde::Serialize)]
+struct VolumeRetention {
+    volume: VolumeName,
+    /// The policy judged by, or null when the topology has no such volume
+    /// (its RPs are then kept: retention runs only at a commit).
+    policy: Option<String>,
+    keep_last: Option<u32>,
+    hourly: Option<u32>,
+    daily: Option<u32>,
+    weekly: Option<u32>,
+    coalesce_unchanged: Option<bool>,
+    #[serde(flatten)]
+    plan: drmesh_actors::store::RetentionPlan,
+}
+
+/// `retention`: for each volume held here (or one), the seqs retention keeps
+/// and would delete now under the topology in force or the given file.
+async fn retention_plan(ctx: &AdminContext, volume: Option<VolumeName>, topology: Option<PathBuf>) -> Result<Value, String> {
+    let topology = match topology {
+        None => ctx.data.topology(),
+        Some(path) if !path.is_absolute() => return Err(format!("topology file {} must be an absolute path", path.display())),
+        Some(path) => {
+            let loaded = blocking(move || drmesh_topology::Topology::load(&path).map_err(|d| (path, d))).await?;
+            match loaded {
+                Ok(t) => Arc::new(t),
+                Err((path, diagnostics)) => {
+                    let lines = diagnostics.lines();
+                    let first = lines.first().cloned().unwrap_or_default();
+                    return Err(format!("{} is not a valid topology ({} errors; `drmesh topology check` lists them): {first}", path.display(), diagnostics.len()));
+                }
+            }
+        }
+    };
+    let store = ctx.data.store().clone();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    blocking(move || {
+        let held = store.volumes().map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for name in held.into_iter().filter(|v| volume.as_ref().is_none_or(|w| w == v)) {
+            let policy = topology.volumes.iter().find(|v| v.name == name).and_then(|v| topology.policies.get(&v.policy).map(|p| (v.policy.clone(), p.retention)));
+            let row = match policy {
+                Some((policy, r)) => {
+                    let plan = store.prune_dry_run(&name, &drmesh_actors::actor::applier::retention_of(&r), now).map_err(|e| e.to_string())?;
+                    VolumeRetention {
+                        volume: name,
+                        policy: Some(policy),
+                        keep_last: Some(r.keep_last),
+                        hourly: Some(r.hourly),
+                        daily: Some(r.daily),
+                        weekly: Some(r.weekly),
+                        coalesce_unchanged: Some(r.coalesce_unchanged),
+                        plan,
+                    }
+                }
+                None => {
+                    let kept = store.rps(&name).map_err(|e| e.to_string())?.iter().map(|m| m.seq).collect();
+                    VolumeRetention {
+                        volume: name,
+                        policy: None,
+                        keep_last: None,
+                        hourly: None,
+                        daily: None,
+                        weekly: None,
+                        coalesce_unchanged: None,
+                        plan: drmesh_actors::store::RetentionPlan { kept, would_delete: vec![], kept_as_last_known_good: None },
+                    }
+                }
+            };
+            out.push(row);
+        }
+        serde_json::to_value(out).map_err(|e| e.to_string())
+    })
+    .await?
 }

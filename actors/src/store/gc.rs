@@ -45,6 +45,27 @@ fn close_over_bases(
     Ok(())
 }
 
+/// The outcome of [`Store::select_retained`].
+struct Selection {
+    /// Every RP of the volume: (seq, time in Unix ms), ascending.
+    all: Vec<(u64, u64)>,
+    /// The seqs kept.
+    keep: std::collections::BTreeSet<u64>,
+    /// The newest verified RP, when only that rule keeps it.
+    verified_beyond: Option<u64>,
+}
+
+/// What retention would do to one volume now ([`Store::prune_dry_run`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionPlan {
+    /// RPs it keeps, ascending.
+    pub kept: Vec<RpSeq>,
+    /// RPs it would delete, ascending.
+    pub would_delete: Vec<RpSeq>,
+    /// The newest verified RP, kept beyond the rules as the last known-good.
+    pub kept_as_last_known_good: Option<RpSeq>,
+}
+
 struct Candidate {
     path: PathBuf,
     file_bytes: Option<u64>,
@@ -62,7 +83,7 @@ impl Store {
             let _w = lock(&self.writer);
             let tx = self.begin_write("begin write")?;
             let mut deleted = Vec::new();
-            let mut verified = None;
+            let verified;
             {
                 let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
                 let Some(vid) = vols
@@ -73,37 +94,11 @@ impl Store {
                     return Ok(Vec::new());
                 };
                 let mut rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
-                let mut all = Vec::new();
-                let mut roots = Vec::new();
-                for row in rps
-                    .range((vid, 0u64)..=(vid, u64::MAX))
-                    .map_err(|e| self.ce("read rps", e))?
-                {
-                    let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
-                    let seq = k.value().1;
-                    let meta = self.decode_rp_row(volume, RpSeq(seq), v.value())?;
-                    all.push((seq, meta.time_unix_ms));
-                    roots.push((seq, meta.merkle_root));
-                }
-                // Unchanged predecessors are not candidates: the rules count distinct states.
-                let unchanged = if retention.coalesce_unchanged { unchanged_predecessors(&roots) } else { Default::default() };
-                let distinct: Vec<(u64, u64)> = all.iter().copied().filter(|(s, _)| !unchanged.contains(s)).collect();
-                let mut keep = select_keep(&distinct, retention, now_unix_ms);
-                // The newest verified RP is the last known-good point: never pruned.
                 let mut drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
                 let mut scrubs = tx.open_table(SCRUBS).map_err(|e| self.ce("open table scrubs", e))?;
-                let mut latest: BTreeMap<u64, bool> = BTreeMap::new();
-                for row in drills.range((vid, 0u64, 0u64)..=(vid, u64::MAX, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
-                    let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
-                    let (_, seq, _) = k.value();
-                    // Rows are in finish order per seq: the last one is the newest report.
-                    latest.insert(seq, super::drills::row_verified(v.value()));
-                }
-                if let Some((&seq, _)) = latest.iter().rev().find(|(_, v)| **v) {
-                    if all.iter().any(|(s, _)| *s == seq) && keep.insert(seq) {
-                        verified = Some(seq);
-                    }
-                }
+                let selection = self.select_retained(volume, vid, &rps, &drills, retention, now_unix_ms)?;
+                let (all, keep) = (selection.all, selection.keep);
+                verified = selection.verified_beyond;
                 let mut blocks = tx.open_table(BLOCKS).map_err(|e| self.ce("open table blocks", e))?;
                 let mut changes = tx
                     .open_table(RP_CHANGES)
@@ -217,6 +212,64 @@ impl Store {
             }
         }
         Some(merged.into_iter().collect())
+    }
+
+    /// What [`Self::prune`] would delete from `volume` now under `retention`,
+    /// deleting nothing: the seqs it keeps and those it would delete
+    /// (ascending), and the newest verified RP if it is kept beyond the rules.
+    pub fn prune_dry_run(&self, volume: &str, retention: &Retention, now_unix_ms: u64) -> Result<RetentionPlan, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+        let vols = tx.open_table(VOLUMES).map_err(|e| self.ce("open table volumes", e))?;
+        let Some(vid) = vols.get(volume).map_err(|e| self.ce("read volumes", e))?.map(|g| g.value()) else {
+            return Ok(RetentionPlan::default());
+        };
+        let rps = tx.open_table(RPS).map_err(|e| self.ce("open table rps", e))?;
+        let drills = tx.open_table(DRILLS).map_err(|e| self.ce("open table drills", e))?;
+        let selection = self.select_retained(volume, vid, &rps, &drills, retention, now_unix_ms)?;
+        let (kept, would_delete) = selection.all.iter().map(|(s, _)| RpSeq(*s)).partition(|s| selection.keep.contains(&s.0));
+        Ok(RetentionPlan { kept, would_delete, kept_as_last_known_good: selection.verified_beyond.map(RpSeq) })
+    }
+
+    /// The retention selection of `volume` (id `vid`), shared by [`Self::prune`]
+    /// and [`Self::prune_dry_run`]: every RP (seq, time) and the seqs kept
+    /// (the rules on distinct states, plus the newest verified RP).
+    fn select_retained(
+        &self,
+        volume: &str,
+        vid: u32,
+        rps: &impl ReadableTable<(u32, u64), &'static [u8]>,
+        drills: &impl ReadableTable<(u32, u64, u64), &'static [u8]>,
+        retention: &Retention,
+        now_unix_ms: u64,
+    ) -> Result<Selection, StoreError> {
+        let mut all = Vec::new();
+        let mut roots = Vec::new();
+        for row in rps.range((vid, 0u64)..=(vid, u64::MAX)).map_err(|e| self.ce("read rps", e))? {
+            let (k, v) = row.map_err(|e| self.ce("read rps", e))?;
+            let seq = k.value().1;
+            let meta = self.decode_rp_row(volume, RpSeq(seq), v.value())?;
+            all.push((seq, meta.time_unix_ms));
+            roots.push((seq, meta.merkle_root));
+        }
+        // Unchanged predecessors are not candidates: the rules count distinct states.
+        let unchanged = if retention.coalesce_unchanged { unchanged_predecessors(&roots) } else { Default::default() };
+        let distinct: Vec<(u64, u64)> = all.iter().copied().filter(|(s, _)| !unchanged.contains(s)).collect();
+        let mut keep = select_keep(&distinct, retention, now_unix_ms);
+        // The newest verified RP is the last known-good point: never pruned.
+        let mut latest: BTreeMap<u64, bool> = BTreeMap::new();
+        for row in drills.range((vid, 0u64, 0u64)..=(vid, u64::MAX, u64::MAX)).map_err(|e| self.ce("read drills", e))? {
+            let (k, v) = row.map_err(|e| self.ce("read drills", e))?;
+            let (_, seq, _) = k.value();
+            // Rows are in finish order per seq: the last one is the newest report.
+            latest.insert(seq, super::drills::row_verified(v.value()));
+        }
+        let mut verified_beyond = None;
+        if let Some((&seq, _)) = latest.iter().rev().find(|(_, v)| **v) {
+            if all.iter().any(|(s, _)| *s == seq) && keep.insert(seq) {
+                verified_beyond = Some(seq);
+            }
+        }
+        Ok(Selection { all, keep, verified_beyond })
     }
 
     /// Mark-and-sweep GC: deletes blobs not reachable from any retained RP's block map
