@@ -52,6 +52,8 @@ fn gc_dry_run_frees_nothing_and_the_schedule_collects_old_blocks() {
     let out = mesh.ctl("dst", &["gc", "--dry-run", "--grace-secs", "0"]);
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.lines().any(|l| l.starts_with("gc: marking 0 of ")), "no progress line: {stderr}");
     assert!(text.contains(&format!("would delete (dry run, nothing deleted) {would} (")), "{text}");
 
     // On its own schedule (a 60 s grace window first: the blobs are younger).

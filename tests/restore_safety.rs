@@ -108,6 +108,12 @@ fn restore_to_files_refuses_what_it_must_and_leaves_nothing() {
     assert!(!progress.is_empty(), "--json prints progress events");
     assert!(progress.iter().all(|p| p["total_bytes"].is_u64() && p["phase"].is_string()), "{progress:?}");
     assert_eq!(dir_names(&dir), vec!["web.img"], "nothing but the image in its folder");
+    // Without --json and with stderr not a terminal: plain progress lines, no bar.
+    let plain = drmesh(&["verify", &f.rp, "--state-dir", mesh.node("dst").state_dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(plain.status.success(), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("verify: ") && l.contains(" of 24.0 MiB (")), "no plain progress line: {stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains("\u{1b}["), "terminal control codes into a pipe: {stderr:?}");
 
     // An existing file is kept without --force (the bytes stay), replaced with it.
     std::fs::write(&to, b"precious").unwrap();

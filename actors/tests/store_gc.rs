@@ -79,7 +79,12 @@ fn store_gc_deletes_unreferenced_and_keeps_rps_and_chains() {
     assert!(store.locate(&orphan.content).unwrap().is_some());
     assert_eq!(store.stats().unwrap().blob_count, 5);
 
-    let report = store.gc(Duration::ZERO).unwrap();
+    let mut events = Vec::new();
+    let report = store.gc_with_progress(Duration::ZERO, false, &mut |p| events.push(p)).unwrap();
+    // Each phase reports its start with its size (the catalog's blob count for the files).
+    let phases: Vec<(&str, u64, u64)> = events.iter().map(|p| (p.phase, p.done, p.total)).collect();
+    assert_eq!(phases, vec![("marking", 0, 2), ("scanning blob files", 0, 5), ("deleting", 0, 2)], "{events:?}");
+    assert_eq!(store.gc_totals().runs, 1);
     assert!(!report.dry_run);
     assert_eq!(report.blobs_scanned, 5);
     assert_eq!(report.blobs_deleted, 2, "{report:?}");

@@ -222,7 +222,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Catalog { volume } => return run_gossip(&socket, args.json, GossipRequest::Catalog { volume }),
         CtlCommand::Check { volume } => return Ok(run_check(&socket, args.json, volume)),
     };
-    let show_progress = !args.json && matches!(req, Request::Scrub { .. } | Request::SyncNow { .. });
+    let show_progress = !args.json && matches!(req, Request::Scrub { .. } | Request::SyncNow { .. } | Request::Gc { .. });
     let mut sync_line = SyncProgressLine::new();
     // Under --json, progress events as JSON lines on stderr (stdout keeps the
     // one envelope): each one on a terminal, one per 10 s into a pipe or file.
@@ -236,6 +236,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         if show_progress {
             if let Some(sc) = p.get("scrub") {
                 eprintln!("scrub: {} of {} blobs read ({})", s(&sc["blobs_read"]), s(&sc["blobs_total"]), bytes(sc["bytes_read"].as_u64().unwrap_or(0)));
+            }
+            if let Some(gc) = p.get("gc") {
+                eprintln!("gc: {} {} of {}", s(&gc["phase"]), s(&gc["done"]), s(&gc["total"]));
             }
             if let Some(sync) = p.get("sync") {
                 sync_line.show(sync);

@@ -109,12 +109,22 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
         }
         Request::Gc { grace_secs, dry_run } => {
             let grace = grace_secs.map_or(DEFAULT_GC_GRACE, Duration::from_secs);
-            if dry_run {
-                let report = blocking(move || store.gc_dry_run(grace)).await?.map_err(|e| e.to_string())?;
-                return serde_json::to_value(report).map_err(|e| e.to_string());
+            // Progress lines `{"gc": {phase, done, total}}`, at most one a second.
+            let tx = progress.clone();
+            let report = blocking(move || {
+                let mut last: Option<std::time::Instant> = None;
+                store.gc_with_progress(grace, dry_run, &mut |p| {
+                    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last = Some(std::time::Instant::now());
+                        let _ = tx.try_send(json!({ "gc": p }));
+                    }
+                })
+            })
+            .await?
+            .map_err(|e| e.to_string())?;
+            if !dry_run {
+                tracing::info!(deleted = report.blobs_deleted, freed = report.bytes_freed, "garbage collection done");
             }
-            let report = blocking(move || store.gc(grace)).await?.map_err(|e| e.to_string())?;
-            tracing::info!(deleted = report.blobs_deleted, freed = report.bytes_freed, "garbage collection done");
             Ok(serde_json::to_value(report).map_err(|e| e.to_string())?)
         }
         Request::Scrub { sample_percent } => {

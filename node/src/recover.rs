@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use drmesh_actors::actor::volumes::policy_codec;
@@ -94,13 +94,17 @@ pub fn remember_topology_path(state_dir: &Path, topology: &Path) {
     }
 }
 
-/// Shows progress: a bar for people, JSON lines with `--json`.
+/// Shows progress: a bar on a terminal, a plain line every 10 s on stderr
+/// when it is not one (a log, a pipe), JSON lines with `--json`.
 struct ProgressView {
     json: bool,
     bar: ProgressBar,
     phase: &'static str,
     phase_started: Instant,
     verb: &'static str,
+    /// Plain lines instead of the bar: stderr is not a terminal.
+    plain: bool,
+    last_line: Option<Instant>,
 }
 
 impl ProgressView {
@@ -112,7 +116,8 @@ impl ProgressView {
                 .progress_chars("=> "),
         );
         bar.set_message(format!("{verb} {rp}"));
-        ProgressView { json, bar, phase: "", phase_started: Instant::now(), verb }
+        let plain = !json && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        ProgressView { json, bar, phase: "", phase_started: Instant::now(), verb, plain, last_line: None }
     }
 
     fn update(&mut self, p: ProgressSnapshot) {
@@ -125,10 +130,22 @@ impl ProgressView {
         }
         self.bar.set_length(p.total_bytes);
         self.bar.set_position(p.done_bytes);
+        let secs = self.phase_started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { p.done_bytes as f64 / secs } else { 0.0 };
+        let eta = if rate > 0.0 { Some((p.total_bytes.saturating_sub(p.done_bytes)) as f64 / rate) } else { None };
+        if self.plain && p.total_bytes > 0 && self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10) || (p.done_bytes == p.total_bytes && secs > 10.0)) {
+            let label = if p.phase == "restoring" { self.verb } else { p.phase };
+            let left = eta.map_or_else(String::new, |e| format!(", {} left", crate::ctl::duration(e.ceil() as u64)));
+            eprintln!(
+                "{label}: {} of {} ({:.0}%), {}/s{left}",
+                crate::ctl::bytes(p.done_bytes),
+                crate::ctl::bytes(p.total_bytes),
+                p.done_bytes as f64 * 100.0 / p.total_bytes as f64,
+                crate::ctl::bytes(rate as u64)
+            );
+            self.last_line = Some(Instant::now());
+        }
         if self.json {
-            let secs = self.phase_started.elapsed().as_secs_f64();
-            let rate = if secs > 0.0 { p.done_bytes as f64 / secs } else { 0.0 };
-            let eta = if rate > 0.0 { Some((p.total_bytes.saturating_sub(p.done_bytes)) as f64 / rate) } else { None };
             let line = json!({ "progress": { "phase": p.phase, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes, "rate_bytes_per_sec": rate.round(), "eta_secs": eta.map(|e| e.ceil()) } });
             println!("{line}");
             let _ = std::io::stdout().flush();

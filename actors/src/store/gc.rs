@@ -6,7 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::catalog::{BlobMeta, BLOBS, BLOCKS, CONTENTS, DRILLS, RPS, RP_CHANGES, SCRUBS, VOLUMES};
 use super::error::{io_error, StoreError};
@@ -43,6 +43,20 @@ fn close_over_bases(
         }
     }
     Ok(())
+}
+
+/// How often (in items of a phase) a GC reports its progress.
+const PROGRESS_EVERY: usize = 4096;
+
+/// How far a garbage collection is ([`Store::gc_with_progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GcProgress {
+    /// `marking` (the block maps of kept RPs), `scanning blob files`, `deleting`.
+    pub phase: &'static str,
+    /// Items of the phase done.
+    pub done: u64,
+    /// Items of the phase in all (the catalog's count for the blob files).
+    pub total: u64,
 }
 
 /// The outcome of [`Store::select_retained`].
@@ -277,7 +291,16 @@ impl Store {
     /// chains) and blobs younger than `grace`. Safe while sessions run; see the module doc.
     /// The mark set is held in memory (32 bytes per live blob).
     pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
-        let result = self.collect(grace, false);
+        self.gc_with_progress(grace, false, &mut |_| {})
+    }
+
+    /// [`Self::gc`] (or, with `dry_run`, [`Self::gc_dry_run`]) telling
+    /// `progress` how far it is, at most every 4096 items of a phase.
+    pub fn gc_with_progress(&self, grace: Duration, dry_run: bool, progress: &mut dyn FnMut(GcProgress)) -> Result<GcReport, StoreError> {
+        if dry_run {
+            return self.collect(grace, true, progress);
+        }
+        let result = self.collect(grace, false, progress);
         let mut totals = lock(&self.gc_totals);
         match &result {
             Ok(report) => totals.add(report),
@@ -294,10 +317,10 @@ impl Store {
     /// What [`Self::gc`] would delete now, deleting nothing (`dry_run` set in
     /// the report; `blobs_deleted` and `bytes_freed` are what it would free).
     pub fn gc_dry_run(&self, grace: Duration) -> Result<GcReport, StoreError> {
-        self.collect(grace, true)
+        self.collect(grace, true, &mut |_| {})
     }
 
-    fn collect(&self, grace: Duration, dry_run: bool) -> Result<GcReport, StoreError> {
+    fn collect(&self, grace: Duration, dry_run: bool, progress: &mut dyn FnMut(GcProgress)) -> Result<GcReport, StoreError> {
         self.guard("collected garbage", || {
             let started = Instant::now();
             let _one = lock(&self.gc_lock);
@@ -324,7 +347,11 @@ impl Store {
                     .map_err(|e| self.ce("open table contents", e))?;
                 let btab = snapshot.open_table(BLOBS).map_err(|e| self.ce("open table blobs", e))?;
                 let mut contents: HashSet<ContentId> = HashSet::new();
-                for row in blocks.iter().map_err(|e| self.ce("read block map", e))? {
+                let total = blocks.len().map_err(|e| self.ce("read block map", e))?;
+                for (n, row) in blocks.iter().map_err(|e| self.ce("read block map", e))?.enumerate() {
+                    if n.is_multiple_of(PROGRESS_EVERY) {
+                        progress(GcProgress { phase: "marking", done: n as u64, total });
+                    }
                     let content = ContentId(row.map_err(|e| self.ce("read block map", e))?.1.value());
                     if !content.is_zero() {
                         contents.insert(content);
@@ -343,10 +370,17 @@ impl Store {
             let now = SystemTime::now();
             let mut candidates: HashMap<BlobId, Candidate> = HashMap::new();
             let mut scanned: HashSet<BlobId> = HashSet::new();
+            let blob_rows = {
+                let tx = self.db.begin_read().map_err(|e| self.ce("begin read", e))?;
+                tx.open_table(BLOBS).and_then(|t| Ok(t.len()?)).map_err(|e| self.ce("read blobs", e))?
+            };
             blob_file::for_each_file(&self.blobs_dir, &mut |path, name| {
                 let Some(id) = ContentId::from_hex(name) else {
                     return Ok(());
                 };
+                if scanned.len().is_multiple_of(PROGRESS_EVERY) {
+                    progress(GcProgress { phase: "scanning blob files", done: scanned.len() as u64, total: blob_rows.max(scanned.len() as u64) });
+                }
                 scanned.insert(id);
                 if marked.contains(&id) {
                     return Ok(());
@@ -454,7 +488,11 @@ impl Store {
             } else {
                 tx.commit().map_err(|e| self.ce("commit gc", e))?;
             }
-            for c in doomed {
+            let doomed_total = doomed.len() as u64;
+            for (n, c) in doomed.into_iter().enumerate() {
+                if n.is_multiple_of(PROGRESS_EVERY) {
+                    progress(GcProgress { phase: "deleting", done: n as u64, total: doomed_total });
+                }
                 match fs::remove_file(&c.path) {
                     Ok(()) => {
                         report.blobs_deleted += 1;

@@ -77,7 +77,7 @@ mod catalog;
 mod drills;
 mod error;
 mod gc;
-pub use self::gc::RetentionPlan;
+pub use self::gc::{GcProgress, RetentionPlan};
 pub mod manifest;
 mod check;
 mod rebuild;
