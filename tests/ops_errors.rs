@@ -30,6 +30,15 @@ fn init_makes_private_files_and_refuses_to_overwrite() {
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
     // What to do next, on stderr (stdout stays pasteable).
     assert!(stderr(&out).contains(&format!("drmesh run --state-dir {s} --topology FILE")) && stderr(&out).contains("drmesh topology check FILE"), "{}", stderr(&out));
+    // The suggested `topology init` runs as printed and writes a file that checks.
+    let hint = stderr(&out).lines().find_map(|l| l.trim().strip_prefix("drmesh topology init ")).expect("a topology init hint").to_string();
+    let first = dir.path().join("first.toml");
+    let args: Vec<String> = ["topology", "init"].iter().map(|a| a.to_string()).chain(hint.split_whitespace().map(|w| if w == "FILE" { first.to_str().unwrap().to_string() } else { w.to_string() })).collect();
+    let made = drmesh(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(made.status.success(), "{}", stderr(&made));
+    let check = drmesh(&["topology", "check", first.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    assert!(std::fs::read_to_string(&first).unwrap().contains("addresses = [\"10.1.2.3:7400\"]"));
 
     for f in ["node.key", "node.crt"] {
         assert_eq!(std::fs::metadata(state.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");

@@ -53,8 +53,14 @@ pub fn run(args: InitArgs) -> anyhow::Result<ExitCode> {
     let dir = args.state_dir.display();
     eprintln!();
     eprintln!("Next:");
-    eprintln!("  1. put the block above in the topology file, the same file on every node");
-    eprintln!("     (a first file: examples/two-nodes.toml; every table: docs/topology.md)");
+    eprintln!("  1. a first topology file with this node in it, every other table commented:");
+    let mut hint = format!("drmesh topology init FILE --state-dir {dir} --name {}", args.name);
+    for a in &args.addresses {
+        hint.push_str(&format!(" --address {a}"));
+    }
+    hint.push_str(&format!(" --site {}", args.site));
+    eprintln!("       {hint}");
+    eprintln!("     (or put the block above in your file: the same file on every node; docs/topology.md)");
     eprintln!("  2. add a [[volume]] this node reads or keeps, and its [policy.NAME]");
     eprintln!("  3. drmesh topology check FILE");
     eprintln!("  4. drmesh run --state-dir {dir} --topology FILE");
