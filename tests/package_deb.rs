@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drmesh_tests::{debian_image, drmesh_bin, manifest_get as get, run_ok, LoopDevice, Mount};
@@ -147,17 +147,7 @@ fn prepare_disk(image: &Path, disk: &Path, deb: &Path, manifest: &[(String, Stri
 /// Boots the disk until the script's last line; returns the console text.
 fn boot(disk: &Path, log: &Path) -> String {
     let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-user-config"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", disk.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu");
+    let mut qemu = drmesh_tests::spawn_qemu_ide(disk, false, log);
     let deadline = Instant::now() + Duration::from_secs(900);
     let text = loop {
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).replace('\r', "");

@@ -57,17 +57,7 @@ fn recover(mesh: &TestMesh, rp: &str, extra: &[&str]) -> Value {
 /// Boots a disk directly with qemu (IDE, read-only snapshot) to the boot marker; returns the seconds.
 fn boot_device(dev: &Path, log: &Path) -> f64 {
     let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-user-config"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide,snapshot=on", dev.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu");
+    let mut qemu = drmesh_tests::spawn_qemu_ide(dev, true, log);
     let deadline = Instant::now() + Duration::from_secs(420);
     loop {
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).to_string();

@@ -822,3 +822,20 @@ impl Drop for LoopFs {
         let _ = &self.dir;
     }
 }
+
+/// Starts qemu (TCG, 1 GiB, 2 CPUs, no display) on a raw disk as IDE, its
+/// serial console written to `serial_log`; `snapshot`: the VM's writes go
+/// to a temporary overlay, never to `disk`.
+pub fn spawn_qemu_ide(disk: &Path, snapshot: bool, serial_log: &Path) -> Child {
+    Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-user-config"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide{}", disk.display(), if snapshot { ",snapshot=on" } else { "" }))
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64")
+}
