@@ -224,3 +224,23 @@ fn metrics_and_status_page_follow_the_mesh() {
     let log = mesh.node("src").log_text();
     assert!(log.contains(&format!("http://127.0.0.1:{moved_port}/metrics")), "{log}");
 }
+
+/// A metrics address another program holds: the node says so in one WARN
+/// line, keeps running without it, and serves it once the address is free.
+#[test]
+fn a_taken_metrics_address_is_reported_and_the_node_runs_on() {
+    let mut mesh = TestMesh::new(&["a"]);
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let id = mesh.node("a").id.clone();
+    let text = mesh.standard_topology(1, &["a"]).replacen(&format!("id = \"{id}\"\n"), &format!("id = \"{id}\"\nmetrics = \"127.0.0.1:{port}\"\n"), 1);
+    mesh.write_file("topology.toml", &text);
+    mesh.start("a", "topology.toml");
+    wait_until("the node reports the taken address", Duration::from_secs(20), || mesh.node("a").log_text().contains("cannot serve HTTP on this address"));
+    let log = mesh.node("a").log_text();
+    assert!(log.contains(&format!("address=127.0.0.1:{port}")) && log.contains("trying again in 60 s"), "{log}");
+    assert!(mesh.ctl("a", &["status"]).status.success(), "the node runs on");
+    assert_eq!(log.matches("cannot serve HTTP on this address").count(), 1, "one line, not one a second: {log}");
+    drop(holder);
+    wait_until("metrics once the address is free", Duration::from_secs(90), || http(port, "GET", "/metrics", "127.0.0.1").is_some_and(|r| r.0 == 200));
+}
