@@ -154,6 +154,8 @@ fn topology_check_lists_every_error_with_its_position() {
         stdout.lines().any(|l| l == "hooks of app1-disk (run on node branch-app1 around each cycle's view): pre /usr/local/bin/app1-quiesce, post /usr/local/bin/app1-resume, timeout 30s"),
         "{stdout}"
     );
+    assert!(stdout.lines().any(|l| l == "metrics of hq-gw: http://10.0.0.10:9720/metrics"), "{stdout}");
+    assert!(stdout.lines().any(|l| l == "status page of hq-gw: http://127.0.0.1:9721/"), "{stdout}");
 
     // Drills: the check says what runs where; a drill check without its settings, or
     // drill nodes that hold none of a volume's RPs, are errors with their place.
