@@ -138,6 +138,16 @@ pub fn encode(view: &NodeView) -> String {
         let verified = sheet.gauge("volume_last_verified_timestamp", "When a drill last proved an RP of the volume recovers (Unix time)", Some(Unit::Seconds));
         let overdue = sheet.gauge("volume_verification_overdue", "1 when the volume's policy asks for drills and none proved an RP within its max_unverified_age", None);
         let drills = sheet.gauge("volume_drilled_recovery_points", "RPs of the volume with a drill result, by result", None);
+        // RPs with a drill verdict per volume, (passed, failed), in one pass.
+        let mut drilled: std::collections::HashMap<&str, (u64, u64)> = std::collections::HashMap::new();
+        for rp in &catalog.rps {
+            let entry = drilled.entry(rp.volume.as_str()).or_default();
+            match rp.drill_passed {
+                Some(true) => entry.0 += 1,
+                Some(false) => entry.1 += 1,
+                None => {}
+            }
+        }
         for v in &catalog.volumes {
             let labels = || vec![("volume", v.volume.to_string())];
             if let Some(s) = v.rpo_secs {
@@ -157,15 +167,7 @@ pub fn encode(view: &NodeView) -> String {
                 set(&verified, labels(), float(ms) / 1000.0);
             }
             set(&overdue, labels(), flag(v.verification.as_ref().is_some_and(|ver| ver.overdue)));
-            let mut passed = 0;
-            let mut failed = 0;
-            for rp in catalog.rps.iter().filter(|rp| rp.volume == v.volume) {
-                match rp.drill_passed {
-                    Some(true) => passed += 1,
-                    Some(false) => failed += 1,
-                    None => {}
-                }
-            }
+            let (passed, failed) = drilled.get(v.volume.as_str()).copied().unwrap_or_default();
             set(&drills, vec![("volume", v.volume.to_string()), ("result", "passed".into())], float(passed));
             set(&drills, vec![("volume", v.volume.to_string()), ("result", "failed".into())], float(failed));
         }
