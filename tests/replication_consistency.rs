@@ -247,3 +247,78 @@ fn hooks_make_app_rps_and_a_failing_pre_says_why() {
     assert!(rps.iter().any(|r| r["consistency"] == "app"), "{rps:?}");
     assert!(mesh.node("src").log_text().contains("pg_ctl: server is not running"), "the hook's output is not in the log");
 }
+
+/// Story: a VM host keeps a disk image on XFS and has its ext4 filesystem
+/// loop-mounted (a file server's data disk as an image). While a writer
+/// creates and renames files in it, each cycle freezes that filesystem for
+/// the instant of the reflink clone: the RPs are labelled `fs-frozen`, say
+/// where the filesystem was mounted, and each restores to an ext4 that
+/// `e2fsck -fn` finds clean (no journal to replay, no error), with the
+/// files the writer had synced. The freeze ends with the clone: the writer
+/// goes on.
+#[test]
+fn a_loop_mounted_filesystem_is_frozen_for_the_clone() {
+    if !is_root() {
+        eprintln!("SKIPPED a_loop_mounted_filesystem_is_frozen_for_the_clone: needs root to loop-mount XFS and ext4 (CI runs it as root)");
+        return;
+    }
+    let xfs = LoopFs::with_mkfs(320, &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]);
+    let image = xfs.path().join("data.img");
+    std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+    drmesh_tests::run_ok(std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+    let inner_dir = tempfile::tempdir().unwrap();
+    let inner = drmesh_tests::LoopMount::new(&image, inner_dir.path());
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    let text = mesh.replication_topology(1, &["src", "dst"], &[VolumeSpec::new("data", "src", &["dst"], &image, "p")], &[PolicySpec::new("p", "1MiB")]);
+    mesh.write_file("topology.toml", &text);
+    mesh.start("dst", "topology.toml");
+    mesh.start("src", "topology.toml");
+    mesh.wait_connected("src", &["dst"]);
+
+    // The writer: files written, some synced, renamed into place, old ones deleted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (root, stop_writer) = (inner.path().to_path_buf(), stop.clone());
+    let writer: JoinHandle<u64> = std::thread::spawn(move || {
+        let mut rng = Rng::new(0xf5ee_0001);
+        let mut n = 0u64;
+        while !stop_writer.load(Ordering::Relaxed) {
+            let mut data = vec![0u8; 4096 * (1 + rng.below(16) as usize)];
+            rng.fill(&mut data);
+            let tmp = root.join(format!("f{n}.tmp"));
+            std::fs::write(&tmp, &data).unwrap();
+            if n.is_multiple_of(8) {
+                std::fs::File::open(&tmp).unwrap().sync_all().unwrap();
+            }
+            std::fs::rename(&tmp, root.join(format!("f{}", n % 200))).unwrap();
+            n += 1;
+        }
+        n
+    });
+    let mut seqs = Vec::new();
+    for round in 0..2 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let sync = mesh.sync_ok("src", "data");
+        let report = &sync["reports"][0];
+        eprintln!("round {round}: {} ({})", report["consistency"], report["view"]);
+        assert_eq!(report["consistency"], "fs-frozen", "{report}");
+        let view = report["view"].as_str().unwrap_or_default();
+        assert!(view.contains("reflink clone of") && view.contains(&format!("ext4 filesystem (loop-mounted at {})", inner.path().display())) && view.contains("frozen at the instant"), "{view}");
+        seqs.push(report_seq(&sync));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().expect("the writer went on after each freeze");
+    assert!(writes > 100, "the writer made only {writes} writes: was the filesystem left frozen?");
+
+    for seq in seqs {
+        let to = mesh.dir.path().join(format!("data-{seq}.img"));
+        let out = mesh.restore("dst", &format!("data@{seq}"), &to, None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let fsck = std::process::Command::new("e2fsck").args(["-fn"]).arg(&to).output().expect("e2fsck");
+        let said = format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+        eprintln!("data@{seq}: e2fsck -fn exit {:?}\n{said}", fsck.status.code());
+        assert_eq!(fsck.status.code(), Some(0), "a frozen clone must be a clean filesystem: {said}");
+        std::fs::remove_file(&to).unwrap();
+    }
+    drop(mesh);
+    drop(inner);
+}

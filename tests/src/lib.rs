@@ -780,11 +780,41 @@ pub fn manifest_get<'a>(m: &'a [(String, String)], key: &str) -> &'a str {
     m.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_default()
 }
 
+/// A file system image mounted through a loop device (`mount -o loop`);
+/// unmounted on drop (lazily if something still holds it). Needs root.
+pub struct LoopMount {
+    mountpoint: PathBuf,
+}
+
+impl LoopMount {
+    /// Mounts the file system in `image` at `mountpoint` (an existing directory).
+    pub fn new(image: &Path, mountpoint: &Path) -> LoopMount {
+        run_ok(Command::new("mount").arg("-o").arg("loop").arg(image).arg(mountpoint));
+        LoopMount { mountpoint: mountpoint.to_path_buf() }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.mountpoint).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            // Something still holds it open: detach lazily so the loop device goes away later.
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+    }
+}
+
 /// A small file system in an image file, loop-mounted; unmounted (and its
 /// image removed) on drop. Needs root.
 pub struct LoopFs {
-    dir: tempfile::TempDir,
-    mountpoint: PathBuf,
+    // Unmounted before the folder holding its image goes.
+    mount: LoopMount,
+    _dir: tempfile::TempDir,
 }
 
 impl LoopFs {
@@ -802,24 +832,12 @@ impl LoopFs {
         std::fs::create_dir(&mountpoint).unwrap();
         std::fs::File::create(&image).unwrap().set_len(mib << 20).unwrap();
         run_ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image));
-        run_ok(Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&mountpoint));
-        LoopFs { dir, mountpoint }
+        LoopFs { mount: LoopMount::new(&image, &mountpoint), _dir: dir }
     }
 
     /// Where it is mounted.
     pub fn path(&self) -> &Path {
-        &self.mountpoint
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.mountpoint).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            // Something still holds it open: detach lazily so the loop device goes away later.
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-        }
-        let _ = &self.dir;
+        self.mount.path()
     }
 }
 

@@ -18,6 +18,7 @@ use drmesh_topology::{SourceKind, Volume};
 use super::baseline::Baselines;
 use super::device::{BlockDevice, LocalDevice};
 use super::lvm::{is_logical_volume, LvmSnapshot};
+use super::freeze::{freeze, loop_mounted, FREEZE_LIMIT};
 use super::reflink::clone_image;
 use crate::proto::gossip::catalog::Consistency;
 use super::kmod::{device_lock, KmodCycle, KmodSpec, ReadPlan};
@@ -155,9 +156,24 @@ impl ChangeSource for FileKind {
         let io = |source| SourceError::Io { op: "opening", path: shown.to_string(), source };
         let meta = std::fs::metadata(&self.path).map_err(io)?;
         let why_live = if meta.is_file() {
-            match clone_image(&self.path) {
+            // An image whose filesystem is loop-mounted here: frozen for the clone's instant.
+            let inner = loop_mounted(&self.path);
+            let frozen = inner.as_ref().map(|m| freeze(m, FREEZE_LIMIT));
+            let cloned = clone_image(&self.path);
+            let frozen = frozen.map(|f| f.map(drop));
+            match cloned {
                 Ok(clone) => {
-                    let quality = ViewQuality { consistency: Consistency::Crash, how: format!("reflink clone of {shown}") };
+                    let quality = match (inner, frozen) {
+                        (Some(m), Some(Ok(()))) => ViewQuality {
+                            consistency: Consistency::FileSystem,
+                            how: format!("reflink clone of {shown}, its {} filesystem (loop-mounted at {}) frozen at the instant", m.fs_type, m.point.display()),
+                        },
+                        (Some(m), Some(Err(why))) => {
+                            tracing::warn!(volume, reason = %why, "the filesystem in the image could not be frozen: the RP is crash consistent");
+                            ViewQuality { consistency: Consistency::Crash, how: format!("reflink clone of {shown}; its {} filesystem (loop-mounted at {}) was not frozen: {why}", m.fs_type, m.point.display()) }
+                        }
+                        _ => ViewQuality { consistency: Consistency::Crash, how: format!("reflink clone of {shown}") },
+                    };
                     return Ok(Box::new(FileView { device: Arc::new(clone), quality }));
                 }
                 Err(e) => e.reason,

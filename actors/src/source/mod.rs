@@ -21,6 +21,7 @@ pub mod baseline;
 pub mod change;
 pub mod device;
 pub mod file;
+pub mod freeze;
 pub mod hooks;
 pub mod kmod;
 pub mod lvm;
