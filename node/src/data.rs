@@ -465,7 +465,7 @@ async fn retention_plan(ctx: &AdminContext, volume: Option<VolumeName>, topology
         }
     };
     let store = ctx.data.store().clone();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now = crate::drill::unix_ms();
     blocking(move || {
         let held = store.volumes().map_err(|e| e.to_string())?;
         let mut out = Vec::new();

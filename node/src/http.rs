@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use drmesh_actors::actor::gossip::{CatalogView, GetCatalog, GetMesh, MeshView};
@@ -240,7 +240,7 @@ impl NodeView {
             Err(_) => None,
         };
         NodeView {
-            now_unix_ms: unix_ms(),
+            now_unix_ms: crate::drill::unix_ms(),
             mesh: mesh.ok(),
             members: members.ok(),
             catalog: catalog.ok(),
@@ -249,10 +249,6 @@ impl NodeView {
             gc,
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

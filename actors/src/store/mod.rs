@@ -163,10 +163,7 @@ impl GcTotals {
         self.blobs_deleted += report.blobs_deleted;
         self.bytes_freed += report.bytes_freed;
         self.last_duration_ms = report.duration_ms;
-        self.last_run_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        self.last_run_unix_ms = Some(now_unix_ms());
     }
 }
 
