@@ -337,7 +337,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                     let mut watch_eof = matches!(request, Request::Export { .. });
                     let handling = handle(request, &ctx, progress_tx);
                     tokio::pin!(handling);
-                    loop {
+                    let response = loop {
                         tokio::select! {
                             response = &mut handling => break response,
                             Some(p) = progress_rx.recv() => {
@@ -351,7 +351,14 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                                 Ok(_) => watch_eof = false,
                             },
                         }
+                    };
+                    // Progress sent just before the answer still goes out, before it.
+                    while let Ok(p) = progress_rx.try_recv() {
+                        let mut text = serde_json::json!({ "progress": p }).to_string();
+                        text.push('\n');
+                        write.write_all(text.as_bytes()).await?;
                     }
+                    response
                 }
                 Err(e) => Response::error(
                     format!(
