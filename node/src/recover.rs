@@ -94,7 +94,7 @@ pub fn remember_topology_path(state_dir: &Path, topology: &Path) {
     }
 }
 
-/// Shows progress: a bar on a terminal, a plain line every 10 s on stderr
+/// Shows progress: a bar on a terminal, a plain line when a phase begins and every 10 s on stderr
 /// when it is not one (a log, a pipe), JSON lines with `--json`.
 struct ProgressView {
     json: bool,
@@ -124,6 +124,8 @@ impl ProgressView {
         if p.phase != self.phase {
             self.phase = p.phase;
             self.phase_started = Instant::now();
+            // Each phase gets its first plain line when it begins.
+            self.last_line = None;
             self.bar.reset();
             let label = if p.phase == "restoring" { self.verb } else { p.phase };
             self.bar.set_message(label.to_string());
@@ -133,7 +135,7 @@ impl ProgressView {
         let secs = self.phase_started.elapsed().as_secs_f64();
         let rate = if secs > 0.0 { p.done_bytes as f64 / secs } else { 0.0 };
         let eta = if rate > 0.0 { Some((p.total_bytes.saturating_sub(p.done_bytes)) as f64 / rate) } else { None };
-        if self.plain && p.total_bytes > 0 && self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10) || (p.done_bytes == p.total_bytes && secs > 10.0)) {
+        if self.plain && p.total_bytes > 0 && p.phase != "done" && self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10) || (p.done_bytes == p.total_bytes && secs > 10.0)) {
             let label = if p.phase == "restoring" { self.verb } else { p.phase };
             let left = eta.map_or_else(String::new, |e| format!(", {} left", crate::ctl::duration(e.ceil() as u64)));
             eprintln!(
