@@ -252,9 +252,10 @@ fn hooks_make_app_rps_and_a_failing_pre_says_why() {
 /// loop-mounted (a file server's data disk as an image). While a writer
 /// creates and renames files in it, each cycle freezes that filesystem for
 /// the instant of the reflink clone: the RPs are labelled `fs-frozen`, say
-/// where the filesystem was mounted, and each restores to an ext4 that
-/// `e2fsck -fn` finds clean (no journal to replay, no error), with the
-/// files the writer had synced. The freeze ends with the clone: the writer
+/// where the filesystem was mounted, its free space skipped (freezing
+/// flushed the journal, so the bitmaps are trusted), and each restores to an
+/// ext4 that `e2fsck -fn` finds clean (no journal to replay, no error), with
+/// the files the writer had synced. The freeze ends with the clone: the writer
 /// goes on.
 #[test]
 fn a_loop_mounted_filesystem_is_frozen_for_the_clone() {
@@ -303,6 +304,9 @@ fn a_loop_mounted_filesystem_is_frozen_for_the_clone() {
         assert_eq!(report["consistency"], "fs-frozen", "{report}");
         let view = report["view"].as_str().unwrap_or_default();
         assert!(view.contains("reflink clone of") && view.contains(&format!("ext4 filesystem (loop-mounted at {})", inner.path().display())) && view.contains("frozen at the instant"), "{view}");
+        // Freezing flushed the journal: the clone's bitmaps are trusted, its free space skipped.
+        let free = report["free_space"].as_str().unwrap_or_default();
+        assert!(free.starts_with("skipped: ext4 on the whole disk"), "{free}");
         seqs.push(report_seq(&sync));
     }
     stop.store(true, Ordering::Relaxed);

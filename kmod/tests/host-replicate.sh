@@ -101,6 +101,8 @@ device = "/dev/vda"
 cow_store = "/dev/vdb"
 targets = ["tgt"]
 policy = "p"
+# The last RP is compared with the whole disk, free blocks too.
+free_space = "read"
 
 [[volume]]
 name = "data-file"

@@ -271,6 +271,10 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             println!("{}", cycles_table(data["reports"].as_array().map(Vec::as_slice).unwrap_or_default()));
             for r in data["reports"].as_array().into_iter().flatten().filter(|r| r["read_plan"].is_string()) {
                 println!("{} to {}: read {}", s(&r["volume"]), s(&r["target"]), s(&r["read_plan"]));
+                match r["free_skipped_bytes"].as_u64() {
+                    Some(n) if n > 0 => println!("{} to {}: free space {} ({} not read or zeroed)", s(&r["volume"]), s(&r["target"]), s(&r["free_space"]), bytes(n)),
+                    _ => println!("{} to {}: free space {}", s(&r["volume"]), s(&r["target"]), s(&r["free_space"])),
+                }
             }
             for e in data["errors"].as_array().into_iter().flatten() {
                 println!("failed: {}", s(e));

@@ -215,7 +215,9 @@ fn demo(root: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         format!(
             "# drmesh demo: a branch server's disk replicated to the DR site\n[mesh]\nname = \"demo\"\nversion = 1\n{blocks}\n\
              [policy.demo]\nrpo = \"1h\"\nblock_size = \"1MiB\"\ncompression = \"zstd:1\"\nencryption_key_file = \"{}\"\n\n\
-             [[volume]]\nname = \"branch-server\"\nsource = \"branch\"\nkind = \"file\"\npath = \"{}\"\ntargets = [\"dr\"]\npolicy = \"demo\"\n",
+             [[volume]]\nname = \"branch-server\"\nsource = \"branch\"\nkind = \"file\"\npath = \"{}\"\ntargets = [\"dr\"]\npolicy = \"demo\"\n\
+             # The demo checks the restore bit for bit, deleted files' blocks too, so it reads free space.\n\
+             free_space = \"read\"\n",
             key.display(),
             image.display()
         ),

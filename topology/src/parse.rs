@@ -621,7 +621,7 @@ const KIND_SETTINGS: &[(&str, &[&str])] = &[
 
 fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
     let all_settings: Vec<&str> = KIND_SETTINGS.iter().flat_map(|(_, s)| s.iter().copied()).collect();
-    f.check_keys(sink, &["name", "source", "kind", "targets", "policy", "hooks"], &all_settings);
+    f.check_keys(sink, &["name", "source", "kind", "targets", "policy", "hooks", "free_space"], &all_settings);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     let checked = name.as_ref().and_then(|n| match VolumeName::new(n.value.clone()) {
@@ -681,14 +681,27 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
         None if f.get("hooks").is_some() => None,
         None => Some(None),
     };
-    let volume = match (checked, &source, &policy, kind, hooks, ok) {
-        (Some(name), Some(s), Some(p), Some(kind), Some(hooks), true) => Some(Volume {
+    let free_space = match f.string(sink, "free_space", false) {
+        None if f.get("free_space").is_some() => None,
+        None => Some(FreeSpace::Skip),
+        Some(v) => match v.value.as_str() {
+            "skip" => Some(FreeSpace::Skip),
+            "read" => Some(FreeSpace::Read),
+            other => {
+                sink.error(v.span, format!("`free_space` is {other:?}; expected \"skip\" (the default: free blocks of the volume's filesystem are not read) or \"read\""));
+                None
+            }
+        },
+    };
+    let volume = match (checked, &source, &policy, kind, hooks, free_space, ok) {
+        (Some(name), Some(s), Some(p), Some(kind), Some(hooks), Some(free_space), true) => Some(Volume {
             name,
             source: s.value.clone(),
             kind,
             targets: targets.iter().map(|t| t.value.clone()).collect(),
             policy: p.value.clone(),
             hooks,
+            free_space,
         }),
         _ => None,
     };

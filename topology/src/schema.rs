@@ -106,6 +106,21 @@ pub struct Volume {
     pub policy: String,
     /// `[volume.hooks]`: commands run around each cycle's point-in-time view.
     pub hooks: Option<VolumeHooks>,
+    /// `free_space`: whether reads skip the free blocks of the filesystem in
+    /// the volume (default) or read them like any other.
+    pub free_space: FreeSpace,
+}
+
+/// `free_space` of a `[[volume]]`: what a cycle does with the blocks the
+/// filesystem in the volume does not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FreeSpace {
+    /// `"skip"` (default): not read, zeros in the RP, where the filesystem's
+    /// allocation bitmaps can be trusted (see docs/consistency.md).
+    #[default]
+    Skip,
+    /// `"read"`: every block is read, free or not.
+    Read,
 }
 
 /// `[volume.hooks]`: commands the source node runs around each cycle's

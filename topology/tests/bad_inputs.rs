@@ -159,7 +159,7 @@ fn unknown_key_in_volume() {
         &edit(23, "policy = \"p\"\nschedule = \"x\""),
         24,
         1,
-        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, path, device, cow_store, state_store, nbd",
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, free_space, path, device, cow_store, state_store, nbd",
     );
 }
 
@@ -851,4 +851,16 @@ fn metrics_and_status_page_addresses() {
     assert_one(&edit(9, "site = \"s\"\nmetrics = \"localhost:9720\""), 10, 11, "bad `metrics` in [[node]]: expected an IP socket address");
     assert_one(&edit(9, "site = \"s\"\nmetrics = \"127.0.0.1:0\""), 10, 11, "has port 0");
     assert_one(&edit(9, "site = \"s\"\nstatus_page = 9721"), 10, 15, "a string");
+}
+
+// ---- volume free space ---------------------------------------------------
+
+#[test]
+fn volume_free_space_is_skip_by_default_read_on_request_and_checked() {
+    use drmesh_topology::FreeSpace;
+    assert_eq!(Topology::parse(&expand(GOOD), Path::new("t.toml")).unwrap().volumes[0].free_space, FreeSpace::Skip);
+    let read = Topology::parse(&edit(23, "policy = \"p\"\nfree_space = \"read\""), Path::new("t.toml")).unwrap();
+    assert_eq!(read.volumes[0].free_space, FreeSpace::Read);
+    assert_one(&edit(23, "policy = \"p\"\nfree_space = \"zero\""), 24, 14, "`free_space` is \"zero\"; expected \"skip\"");
+    assert_one(&edit(23, "policy = \"p\"\nfree_space = false"), 24, 14, "a string");
 }

@@ -51,6 +51,8 @@ pub struct CycleConfig {
     pub pacing: Pacing,
     /// How far the cycle's reader is, for status.
     pub progress: Arc<ReadProgress>,
+    /// The volume's `free_space` setting.
+    pub free_space: drmesh_topology::FreeSpace,
 }
 
 /// How far a running cycle's reader is through the volume, for `ctl volumes`:
@@ -95,6 +97,11 @@ pub struct CycleReport {
     pub consistency: String,
     /// How the point-in-time view was taken, or why there was none.
     pub view: String,
+    /// What the reader did with the free blocks of the volume's filesystem:
+    /// "skipped: ext4 on ... (F of S MiB free)" or "read: why".
+    pub free_space: String,
+    /// Bytes of free filesystem space not read or zeroed (zeros in the RP).
+    pub free_skipped_bytes: u64,
     /// Where the wall time went: seconds from the start of the cycle.
     pub timeline: CycleTimeline,
 }
@@ -324,6 +331,8 @@ struct Cycle<'a> {
     volume_bytes: u64,
     block_count: u64,
     read_plan: String,
+    /// How free space is read, and the reader's source (for its tally).
+    free_space: (String, Option<FileSource>),
     timeline: CycleTimeline,
 }
 
@@ -355,6 +364,7 @@ impl<'a> Cycle<'a> {
             volume_bytes: 0,
             block_count: 0,
             read_plan: String::new(),
+            free_space: (String::new(), None),
             timeline: CycleTimeline::default(),
         }
     }
@@ -388,7 +398,13 @@ impl<'a> Cycle<'a> {
     fn start_reader(&mut self, full_offer: bool) -> Result<(), CycleError> {
         self.full_offer = full_offer;
         self.timeline.started_secs = self.since();
-        let source = FileSource::on(self.view.device()?, self.cfg.block_bytes);
+        let device = self.view.device()?;
+        let free = crate::source::free_space::plan(self.cfg.free_space, self.view.quality().consistency, &device);
+        let mut source = FileSource::on(device, self.cfg.block_bytes);
+        if let Some(map) = free.free {
+            source = source.with_free_space(map);
+        }
+        self.free_space = (free.how, Some(source.clone()));
         (self.volume_bytes, self.block_count) = (source.volume_bytes(), source.block_count());
         let progress = &self.cfg.progress;
         progress.block_bytes.store(u64::from(self.cfg.block_bytes), std::sync::atomic::Ordering::Relaxed);
@@ -517,7 +533,7 @@ async fn run_cycle_on(
     };
     drop(out_tx);
     let _ = sender.await;
-    let Cycle { stager, merkle_root, block_count, volume_bytes, scan_stats, read_plan, full_offer, timeline, .. } = cycle;
+    let Cycle { stager, merkle_root, block_count, volume_bytes, scan_stats, read_plan, full_offer, timeline, free_space, .. } = cycle;
     let staged = stager.finish().await;
     // Lost with the connection before the target said anything (and not
     // cancelled, so `cancel` is still pending): the caller may start again.
@@ -547,6 +563,8 @@ async fn run_cycle_on(
         merkle_root: merkle_root.to_hex(),
         consistency: quality.consistency.label().into(),
         view: quality.how,
+        free_skipped_bytes: free_space.1.as_ref().map_or(0, FileSource::free_skipped),
+        free_space: free_space.0,
         timeline,
     })
 }

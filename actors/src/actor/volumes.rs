@@ -524,6 +524,7 @@ impl VolumeScheduler {
             codec: policy_codec(policy)?,
             pacing: self.pacing(&v.policy, target),
             progress: Arc::default(),
+            free_space: v.free_space,
         })
     }
 

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::baseline::{BaseBlock, Baselines};
 use super::device::{BlockDevice, LocalDevice, DIRECT_ALIGN};
+use super::free_space::FreeSpace;
 use super::{BlockMask, SourceError};
 use crate::content::{ContentId, IdScheme, MerkleBuilder, MerkleRoot};
 
@@ -30,6 +31,10 @@ pub struct FileSource {
     device: Arc<dyn BlockDevice>,
     volume_bytes: u64,
     block_bytes: u32,
+    /// The filesystem's free blocks, not read (zeros), when trusted.
+    free: Option<Arc<FreeSpace>>,
+    /// Bytes of free space not read or zeroed so far.
+    free_skipped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn io<'a>(op: &'static str, device: &'a dyn BlockDevice) -> impl FnOnce(std::io::Error) -> SourceError + 'a {
@@ -44,7 +49,20 @@ impl FileSource {
 
     /// Reads `device` in blocks of `block_bytes`.
     pub fn on(device: Arc<dyn BlockDevice>, block_bytes: u32) -> FileSource {
-        FileSource { volume_bytes: device.size(), device, block_bytes }
+        FileSource { volume_bytes: device.size(), device, block_bytes, free: None, free_skipped: Default::default() }
+    }
+
+    /// Reads the free blocks of `free` (the filesystem on this view) as
+    /// zeros: a block wholly free is not read, the free parts of one partly
+    /// used are zeroed.
+    pub fn with_free_space(mut self, free: Arc<FreeSpace>) -> FileSource {
+        self.free = Some(free);
+        self
+    }
+
+    /// Bytes of free filesystem space this source did not read or zeroed.
+    pub fn free_skipped(&self) -> u64 {
+        self.free_skipped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Size of the volume in bytes.
@@ -102,15 +120,45 @@ impl FileSource {
     /// falls back to [`FileSource::read_block`] for that run, whose error says
     /// which read failed.
     pub fn read_run(&self, first: u64, count: usize) -> Result<Vec<BlockData>, SourceError> {
-        let mut out = Vec::with_capacity(count);
-        let mut at = first;
-        let end = first + count as u64;
-        while at < end {
-            let n = (end - at).min(RUN_BLOCKS as u64);
-            out.extend(self.read_vectored(at, n as usize)?);
-            at += n;
-        }
+        let (out, free) = self.read_run_untallied(first, count)?;
+        self.free_skipped.fetch_add(free, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// [`FileSource::read_run`], returning the bytes of free space it did
+    /// not read or zeroed instead of counting them.
+    fn read_run_untallied(&self, first: u64, count: usize) -> Result<(Vec<BlockData>, u64), SourceError> {
+        let mut out = Vec::with_capacity(count);
+        let end = first + count as u64;
+        let bs = u64::from(self.block_bytes);
+        let free: Vec<Vec<std::ops::Range<usize>>> = match &self.free {
+            Some(f) => (first..end).map(|b| f.free_in(b * bs, self.block_len(b))).collect(),
+            None => Vec::new(),
+        };
+        let wholly_free = |b: u64| free.get((b - first) as usize).is_some_and(|r| r.len() == 1 && r[0] == (0..self.block_len(b)));
+        let mut skipped = 0u64;
+        let mut at = first;
+        while at < end {
+            if wholly_free(at) {
+                out.push(BlockData::zeros(self.block_len(at)));
+                skipped += self.block_len(at) as u64;
+                at += 1;
+                continue;
+            }
+            let n = (at..end).take(RUN_BLOCKS).take_while(|&b| !wholly_free(b)).count();
+            out.extend(self.read_vectored(at, n)?);
+            at += n as u64;
+        }
+        for (data, ranges) in out.iter_mut().zip(&free) {
+            if data.is_zeros() {
+                continue;
+            }
+            for r in ranges {
+                skipped += r.len() as u64;
+                data.zero(r.clone());
+            }
+        }
+        Ok((out, skipped))
     }
 
     fn read_vectored(&self, first: u64, count: usize) -> Result<Vec<BlockData>, SourceError> {
@@ -182,6 +230,14 @@ impl BlockData {
     /// encoded, so the scan frees their memory at once.
     pub fn zeros(len: usize) -> BlockData {
         BlockData { raw: Vec::new(), shift: 0, len }
+    }
+
+    /// Sets `range` of the block's bytes to zero.
+    fn zero(&mut self, range: std::ops::Range<usize>) {
+        let end = range.end.min(self.len);
+        if range.start < end {
+            self.raw[self.shift + range.start..self.shift + end].fill(0);
+        }
     }
 
     /// Whether this is a [`BlockData::zeros`] block.
@@ -344,8 +400,10 @@ impl ReadAhead {
             if start < credit.read_to.load(Ordering::Relaxed) {
                 return;
             }
-            match source.read_run(start, (end - start) as usize) {
-                Ok(datas) if datas.iter().all(|d| crate::content::is_all_zero(d)) => {
+            // Free space is counted only where the scan will not read it again.
+            match source.read_run_untallied(start, (end - start) as usize) {
+                Ok((datas, free)) if datas.iter().all(|d| crate::content::is_all_zero(d)) => {
+                    source.free_skipped.fetch_add(free, Ordering::Relaxed);
                     credit.zero_from.store(start, Ordering::Relaxed);
                     end = start;
                 }

@@ -16,11 +16,14 @@
 //! - [`lvm`]: the `file` kind's point-in-time view of an LVM logical volume.
 //! - [`reflink`]: the `file` kind's point-in-time view of an image file on a
 //!   filesystem that clones files.
+//! - [`free_space`]: the free blocks of the filesystem in a view, which a
+//!   read skips (zeros in the RP).
 
 pub mod baseline;
 pub mod change;
 pub mod device;
 pub mod file;
+pub mod free_space;
 pub mod freeze;
 pub mod hooks;
 pub mod kmod;

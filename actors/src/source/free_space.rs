@@ -1,0 +1,747 @@
+//! Free space of the filesystem in a volume: the blocks a full read may skip.
+//!
+//! A filesystem's free blocks hold whatever deleted files left there; reading
+//! and sending them costs bytes and restores nothing anyone needs. When a
+//! cycle's point-in-time view holds a filesystem this module reads, the reader
+//! skips the blocks its allocation bitmaps say are free (a volume block wholly
+//! free is not read; the free parts of one partly used are zeroed), and the
+//! RP holds zeros there: a restore writes zeros to free space.
+//!
+//! Trust comes first: a skipped block that was in use would be data lost from
+//! every RP after it. The bitmaps are used only when the filesystem on the
+//! view says they are complete: ext4 without a journal to replay (a snapshot
+//! of a frozen or unmounted filesystem; a crash-consistent snapshot of a
+//! mounted one still needs its journal, so it is read whole), no error
+//! recorded, checksums right where the filesystem keeps them, a layout this
+//! reader knows. Anything else is read whole, with the reason given. A group
+//! whose bitmap cannot be read or fails its checksum is read whole.
+//!
+//! Filesystems read today: ext4 (and ext2/ext3) on the whole volume or in an
+//! MBR or GPT partition of it. XFS, NTFS, filesystems in LVM logical volumes
+//! inside the volume and swap are read whole (their readers are to come).
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use super::device::{BlockDevice, DIRECT_ALIGN};
+use crate::proto::gossip::catalog::Consistency;
+use crate::adapt::layout::{list_volumes, Place, ReadAt};
+use crate::adapt::superblock::FsKind;
+
+/// Why the free space of a volume's filesystem is not used. The volume is
+/// read whole; nothing else changes.
+#[derive(Debug, thiserror::Error)]
+pub enum FreeSpaceError {
+    /// An ext4 filesystem whose bitmaps may not say what is in use.
+    #[error("ext4 filesystem on {device}: {reason}; its free blocks are read")]
+    Ext4Untrusted {
+        /// The view's device.
+        device: String,
+        /// What the superblock or the group descriptors say.
+        reason: String,
+    },
+    /// The filesystem's metadata could not be read.
+    #[error("reading the filesystem metadata of {device} at byte {offset}: {source}; its free blocks are read")]
+    Io {
+        /// The view's device.
+        device: String,
+        /// Where the read started.
+        offset: u64,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// The free space of the filesystems in one view, read group by group as
+/// the scan goes (a few bitmaps in memory, not the whole volume's).
+pub struct FreeSpace {
+    device: Arc<dyn BlockDevice>,
+    /// The filesystems whose bitmaps are used, in disk order.
+    parts: Vec<Ext4Part>,
+    /// Groups read whole because their bitmap failed (read error, checksum).
+    unusable_groups: std::sync::atomic::AtomicU64,
+}
+
+/// What a probe of a view found.
+pub struct Probe {
+    /// The free space to skip, when at least one filesystem's is trusted.
+    pub free: Option<FreeSpace>,
+    /// Filesystems found whose free space is read, and why (for people).
+    pub not_used: Vec<String>,
+}
+
+/// One ext4 filesystem of the view: where it is and its layout.
+struct Ext4Part {
+    /// Its first byte in the view.
+    start: u64,
+    /// Where it is, for people: "the whole disk", "partition 1 (GPT type ...)".
+    place: String,
+    layout: Ext4Layout,
+    /// Recently used groups' bitmaps, newest last.
+    cache: Mutex<Vec<(u64, Arc<GroupBits>)>>,
+}
+
+/// Groups' bitmaps kept at once per filesystem (the scan and the tail prober each use one).
+const CACHED_GROUPS: usize = 4;
+
+/// One group's allocation.
+enum GroupBits {
+    /// Every block counts as used (uninitialized or unusable bitmap).
+    AllUsed,
+    /// Bit `i` set: the group's block `i` is in use.
+    Bits(Vec<u8>),
+}
+
+/// The view as a disk for the partition-table reader.
+struct ViewDisk<'a>(&'a dyn BlockDevice);
+
+impl ReadAt for ViewDisk<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let bytes = read_span(self.0, offset, buf.len() as u64)?;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.0.size()
+    }
+}
+
+impl FreeSpace {
+    /// Looks for filesystems this module reads in `device`: on the whole
+    /// device or in its MBR/GPT partitions. An I/O error reading the
+    /// partition table or a superblock leaves that part read whole.
+    pub fn probe(device: Arc<dyn BlockDevice>) -> Probe {
+        let mut not_used = Vec::new();
+        let layout = match list_volumes(&ViewDisk(device.as_ref())) {
+            Ok(layout) => layout,
+            Err(e) => return Probe { free: None, not_used: vec![format!("the partition table of {} could not be read: {e}", device.describe())] },
+        };
+        let mut parts = Vec::new();
+        for v in &layout.volumes {
+            let ext = matches!(v.filesystem.as_ref().map(|f| f.kind), Some(FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4));
+            if !ext || matches!(v.place, Place::LogicalVolume { .. }) {
+                if let Some(fs) = &v.filesystem {
+                    if !matches!(fs.kind, FsKind::LvmPv | FsKind::Swap) {
+                        not_used.push(format!("{}: drmesh does not read the free space of {} yet", v.place_text(), fs.kind.name()));
+                    }
+                }
+                continue;
+            }
+            match Ext4Part::probe(device.as_ref(), v.start_bytes, v.size_bytes) {
+                Ok(layout) => parts.push(Ext4Part { start: v.start_bytes, place: v.place_text(), layout, cache: Mutex::new(Vec::new()) }),
+                Err(e) => not_used.push(format!("{}: {e}", v.place_text())),
+            }
+        }
+        let free = (!parts.is_empty()).then(|| FreeSpace { device, parts, unusable_groups: Default::default() });
+        Probe { free, not_used }
+    }
+
+    /// For people: what was found and how much of it is free.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|p| {
+                let sb = &p.layout.sb;
+                format!("ext4 on {} ({} of {} MiB free)", p.place, sb.free_blocks.saturating_mul(sb.block_bytes) >> 20, sb.fs_bytes() >> 20)
+            })
+            .collect();
+        parts.join(", ")
+    }
+
+    /// Groups read whole so far because their bitmap could not be read or
+    /// failed its checksum.
+    pub fn unusable_groups(&self) -> u64 {
+        self.unusable_groups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The free byte ranges inside `[start, start + len)` of the view, in
+    /// order, relative to `start`: whole filesystem blocks the bitmaps say
+    /// are free. Anything this module cannot vouch for is not in them.
+    pub fn free_in(&self, start: u64, len: usize) -> Vec<Range<usize>> {
+        let end = start + len as u64;
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for part in &self.parts {
+            let bs = part.layout.sb.block_bytes;
+            let (from, to) = (start.max(part.start), end.min(part.start + part.layout.sb.fs_bytes()));
+            if from >= to {
+                continue;
+            }
+            let mut block = (from - part.start).div_ceil(bs);
+            while part.start + (block + 1) * bs <= to {
+                if part.is_free(block, self) {
+                    let at = (part.start + block * bs - start) as usize;
+                    match out.last_mut() {
+                        Some(last) if last.end == at => last.end = at + bs as usize,
+                        _ => out.push(at..at + bs as usize),
+                    }
+                }
+                block += 1;
+            }
+        }
+        out
+    }
+}
+
+impl Ext4Part {
+    /// Reads and checks the superblock and group descriptors of the ext4
+    /// filesystem at `start` (at most `size` bytes).
+    fn probe(device: &dyn BlockDevice, start: u64, size: u64) -> Result<Ext4Layout, FreeSpaceError> {
+        let shown = device.describe().to_string();
+        let untrusted = |reason: String| FreeSpaceError::Ext4Untrusted { device: shown.clone(), reason };
+        let head = read_exact(device, start + 1024, 1024)?;
+        let sb = match Ext4Superblock::parse(&head) {
+            Ok(Some(sb)) => sb,
+            Ok(None) => return Err(untrusted("its superblock is not ext2/3/4's".into())),
+            Err(reason) => return Err(untrusted(reason)),
+        };
+        if sb.fs_bytes() > size {
+            return Err(untrusted(format!("the filesystem says {} bytes, its place holds {size}", sb.fs_bytes())));
+        }
+        let table_at = start + (u64::from(sb.first_data_block) + 1) * sb.block_bytes;
+        let table = read_exact(device, table_at, sb.groups() * u64::from(sb.desc_bytes))?;
+        Ext4Layout::new(sb, &table).map_err(untrusted)
+    }
+
+    /// Whether block `block` of this filesystem is free.
+    fn is_free(&self, block: u64, owner: &FreeSpace) -> bool {
+        let sb = &self.layout.sb;
+        if block < u64::from(sb.first_data_block) || block >= sb.blocks {
+            return false;
+        }
+        let rel = block - u64::from(sb.first_data_block);
+        let (group, bit) = (rel / u64::from(sb.blocks_per_group), rel % u64::from(sb.blocks_per_group));
+        match &*self.group(group, owner) {
+            GroupBits::AllUsed => false,
+            GroupBits::Bits(bits) => bits.get((bit / 8) as usize).is_some_and(|b| b & (1 << (bit % 8)) == 0),
+        }
+    }
+
+    fn group(&self, group: u64, owner: &FreeSpace) -> Arc<GroupBits> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = cache.iter().position(|(g, _)| *g == group) {
+            let hit = cache.remove(i);
+            let bits = hit.1.clone();
+            cache.push(hit);
+            return bits;
+        }
+        let bits = Arc::new(self.load(group, owner));
+        if cache.len() >= CACHED_GROUPS {
+            cache.remove(0);
+        }
+        cache.push((group, bits.clone()));
+        bits
+    }
+
+    fn load(&self, group: u64, owner: &FreeSpace) -> GroupBits {
+        let Some(desc) = self.layout.groups.get(group as usize) else { return GroupBits::AllUsed };
+        if desc.block_uninit {
+            return GroupBits::AllUsed;
+        }
+        let sb = &self.layout.sb;
+        let loaded = read_exact(owner.device.as_ref(), self.start + desc.bitmap_block * sb.block_bytes, sb.block_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|block| {
+                let bits = block[..sb.bitmap_bytes()].to_vec();
+                match desc.bitmap_csum {
+                    Some((want, wide)) if !sb.bitmap_csum_ok(&bits, want, wide) => Err(format!("the block bitmap of group {group} of the ext4 filesystem on {} fails its checksum", self.place)),
+                    _ => Ok(bits),
+                }
+            });
+        match loaded {
+            Ok(bits) => GroupBits::Bits(bits),
+            Err(reason) => {
+                owner.unusable_groups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(device = owner.device.describe(), %reason, "this group's blocks are read whole");
+                GroupBits::AllUsed
+            }
+        }
+    }
+}
+
+/// What a cycle does with free space: the map to skip by, if any, and why.
+pub struct FreeSpacePlan {
+    /// The free space the reader skips; `None`: every block is read.
+    pub free: Option<Arc<FreeSpace>>,
+    /// For people, in the cycle report: "skipped: ext4 on ...", "read: why".
+    pub how: String,
+}
+
+/// Decides, for one cycle, whether its reader skips free space: the volume's
+/// setting says it may, the view is a point in time (a live read's bitmaps
+/// could change under the reader), and a filesystem on it is trusted.
+/// Blocking (reads the partition table and filesystem metadata).
+pub fn plan(setting: drmesh_topology::FreeSpace, consistency: Consistency, device: &Arc<dyn BlockDevice>) -> FreeSpacePlan {
+    let read = |how: String| FreeSpacePlan { free: None, how: format!("read: {how}") };
+    if setting == drmesh_topology::FreeSpace::Read {
+        return read("the volume has free_space = \"read\"".into());
+    }
+    if consistency == Consistency::Inconsistent {
+        return read("a live read has no point in time at which the filesystem's bitmaps hold".into());
+    }
+    let probe = FreeSpace::probe(device.clone());
+    match probe.free {
+        Some(free) => {
+            let mut how = format!("skipped: {}", free.describe());
+            if !probe.not_used.is_empty() {
+                how.push_str(&format!("; read: {}", probe.not_used.join("; ")));
+            }
+            FreeSpacePlan { free: Some(Arc::new(free)), how }
+        }
+        None if probe.not_used.is_empty() => read("no filesystem found whose free space drmesh reads (ext2, ext3, ext4)".into()),
+        None => read(probe.not_used.join("; ")),
+    }
+}
+
+/// Reads `len` bytes at `offset` through an aligned window (a device read
+/// with O_DIRECT takes only aligned buffers, offsets and lengths).
+fn read_exact(device: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<u8>, FreeSpaceError> {
+    read_span(device, offset, len).map_err(|source| FreeSpaceError::Io { device: device.describe().to_string(), offset, source })
+}
+
+fn read_span(device: &dyn BlockDevice, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    if len > 64 << 20 {
+        return Err(std::io::Error::other("more than 64 MiB of filesystem metadata at once"));
+    }
+    let align = DIRECT_ALIGN as u64;
+    let end = offset.checked_add(len).ok_or_else(|| std::io::Error::other("offset out of range"))?;
+    let (from, to) = (offset / align * align, end.div_ceil(align) * align);
+    let span = (to - from) as usize;
+    let mut raw = vec![0u8; span + DIRECT_ALIGN];
+    let shift = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+    let window = &mut raw[shift..shift + span];
+    let mut done = 0;
+    while done < span {
+        match device.read_at(&mut window[done..], from + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => return Err(e),
+        }
+    }
+    let (skip, want) = ((offset - from) as usize, len as usize);
+    if done < skip + want {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the end of the volume"));
+    }
+    Ok(window[skip..skip + want].to_vec())
+}
+
+// ---- ext4 on-disk format (superblock at byte 1024, little-endian) ----
+
+const EXT4_MAGIC: u16 = 0xEF53;
+const STATE_ERRORS: u16 = 0x0002;
+const INCOMPAT_RECOVER: u32 = 0x0004;
+const INCOMPAT_JOURNAL_DEV: u32 = 0x0008;
+const INCOMPAT_META_BG: u32 = 0x0010;
+const INCOMPAT_64BIT: u32 = 0x0080;
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
+const RO_COMPAT_BIGALLOC: u32 = 0x0200;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x0400;
+const BG_BLOCK_UNINIT: u16 = 0x0002;
+/// Descriptor size from which the bitmap checksum has its high 16 bits.
+const DESC_CSUM_HI_END: u16 = 0x3A;
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// ext4's crc32c: the Castagnoli polynomial without the final inversion,
+/// continued from `seed` as the kernel's `ext4_chksum` does.
+fn ext4_crc(seed: u32, data: &[u8]) -> u32 {
+    !crc32c::crc32c_append(!seed, data)
+}
+
+/// What the reader needs of an ext4 superblock, checked.
+#[derive(Debug, Clone)]
+struct Ext4Superblock {
+    block_bytes: u64,
+    first_data_block: u32,
+    blocks_per_group: u32,
+    blocks: u64,
+    free_blocks: u64,
+    desc_bytes: u16,
+    /// Seed of metadata checksums; `None` without `metadata_csum`.
+    csum_seed: Option<u32>,
+}
+
+impl Ext4Superblock {
+    /// Parses the 1024 bytes at byte 1024. `Ok(None)`: not ext2/3/4;
+    /// `Err`: ext4 whose bitmaps may not be trusted, and why.
+    fn parse(b: &[u8]) -> Result<Option<Ext4Superblock>, String> {
+        if b.len() < 1024 || u16_at(b, 0x38) != EXT4_MAGIC {
+            return Ok(None);
+        }
+        let (incompat, ro_compat) = (u32_at(b, 0x60), u32_at(b, 0x64));
+        let csum_seed = if ro_compat & RO_COMPAT_METADATA_CSUM != 0 {
+            let stored = u32_at(b, 0x3FC);
+            if ext4_crc(!0, &b[..0x3FC]) != stored {
+                return Err("the superblock fails its checksum".into());
+            }
+            Some(if incompat & INCOMPAT_CSUM_SEED != 0 { u32_at(b, 0x270) } else { ext4_crc(!0, &b[0x68..0x78]) })
+        } else {
+            None
+        };
+        if incompat & INCOMPAT_RECOVER != 0 {
+            return Err("its journal has not been replayed (mounted, or not unmounted cleanly, and not frozen)".into());
+        }
+        if u16_at(b, 0x3A) & STATE_ERRORS != 0 {
+            return Err("it has errors recorded (run e2fsck)".into());
+        }
+        if incompat & INCOMPAT_JOURNAL_DEV != 0 {
+            return Err("it is an external journal device".into());
+        }
+        if incompat & INCOMPAT_META_BG != 0 {
+            return Err("its group descriptors are in meta block groups (meta_bg), which this reader does not follow".into());
+        }
+        if ro_compat & RO_COMPAT_BIGALLOC != 0 {
+            return Err("it allocates in clusters (bigalloc), which this reader does not follow".into());
+        }
+        let log = u32_at(b, 0x18);
+        if log > 6 {
+            return Err(format!("its block size 1024 << {log} is out of range"));
+        }
+        let block_bytes = 1024u64 << log;
+        let first_data_block = u32_at(b, 0x14);
+        let blocks_per_group = u32_at(b, 0x20);
+        if blocks_per_group == 0 || u64::from(blocks_per_group) > block_bytes * 8 || !blocks_per_group.is_multiple_of(8) {
+            return Err(format!("{blocks_per_group} blocks per group does not fit its {block_bytes}-byte bitmaps"));
+        }
+        if first_data_block != u32::from(block_bytes == 1024) {
+            return Err(format!("its first data block {first_data_block} does not match its block size"));
+        }
+        let wide = incompat & INCOMPAT_64BIT != 0;
+        let blocks = u64::from(u32_at(b, 0x04)) | if wide { u64::from(u32_at(b, 0x150)) << 32 } else { 0 };
+        let free_blocks = u64::from(u32_at(b, 0x0C)) | if wide { u64::from(u32_at(b, 0x158)) << 32 } else { 0 };
+        let desc_bytes = if wide { u16_at(b, 0xFE) } else { 32 };
+        if !(32..=1024).contains(&desc_bytes) || !desc_bytes.is_power_of_two() {
+            return Err(format!("its group descriptor size {desc_bytes} is out of range"));
+        }
+        if blocks <= u64::from(first_data_block) || blocks.checked_mul(block_bytes).is_none() {
+            return Err(format!("its block count {blocks} is out of range"));
+        }
+        Ok(Some(Ext4Superblock { block_bytes, first_data_block, blocks_per_group, blocks, free_blocks, desc_bytes, csum_seed }))
+    }
+
+    fn fs_bytes(&self) -> u64 {
+        self.blocks * self.block_bytes
+    }
+
+    fn groups(&self) -> u64 {
+        (self.blocks - u64::from(self.first_data_block)).div_ceil(u64::from(self.blocks_per_group))
+    }
+
+    /// Bytes of a group's bitmap the checksum covers (and the reader uses).
+    fn bitmap_bytes(&self) -> usize {
+        self.blocks_per_group as usize / 8
+    }
+
+    fn bitmap_csum_ok(&self, bits: &[u8], want: u32, wide: bool) -> bool {
+        let Some(seed) = self.csum_seed else { return true };
+        let got = ext4_crc(seed, bits);
+        if wide {
+            got == want
+        } else {
+            got & 0xFFFF == want
+        }
+    }
+}
+
+/// One group's descriptor, as far as the reader needs it.
+#[derive(Debug, Clone)]
+struct GroupDesc {
+    bitmap_block: u64,
+    block_uninit: bool,
+    /// The stored bitmap checksum and whether it has all 32 bits.
+    bitmap_csum: Option<(u32, bool)>,
+}
+
+/// A checked ext4 layout: superblock and every group's descriptor.
+struct Ext4Layout {
+    sb: Ext4Superblock,
+    groups: Vec<GroupDesc>,
+}
+
+impl Ext4Layout {
+    fn new(sb: Ext4Superblock, table: &[u8]) -> Result<Ext4Layout, String> {
+        let size = usize::from(sb.desc_bytes);
+        let wide = sb.desc_bytes >= 64;
+        let mut groups = Vec::with_capacity(table.len() / size);
+        for (g, d) in table.chunks_exact(size).enumerate() {
+            let bitmap_block = u64::from(u32_at(d, 0x00)) | if wide { u64::from(u32_at(d, 0x20)) << 32 } else { 0 };
+            let block_uninit = u16_at(d, 0x12) & BG_BLOCK_UNINIT != 0;
+            if !block_uninit && (bitmap_block < u64::from(sb.first_data_block) || bitmap_block >= sb.blocks) {
+                return Err(format!("group {g}'s block bitmap is at block {bitmap_block}, outside the filesystem"));
+            }
+            let bitmap_csum = sb.csum_seed.map(|_| {
+                let full = sb.desc_bytes >= DESC_CSUM_HI_END;
+                let lo = u32::from(u16_at(d, 0x18));
+                (if full { lo | u32::from(u16_at(d, 0x38)) << 16 } else { lo }, full)
+            });
+            groups.push(GroupDesc { bitmap_block, block_uninit, bitmap_csum });
+        }
+        if (groups.len() as u64) < sb.groups() {
+            return Err("its group descriptor table is cut short".into());
+        }
+        Ok(Ext4Layout { sb, groups })
+    }
+}
+
+/// For fuzzing: probes `image` as a volume and asks for the free ranges of
+/// every `step` bytes; never panics, whatever the bytes.
+pub fn probe_bytes(image: Vec<u8>, step: usize) -> usize {
+    struct Mem(Vec<u8>);
+    impl BlockDevice for Mem {
+        fn describe(&self) -> &str {
+            "memory"
+        }
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn aligned(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            let at = usize::try_from(offset).unwrap_or(usize::MAX).min(self.0.len());
+            let n = buf.len().min(self.0.len() - at);
+            buf[..n].copy_from_slice(&self.0[at..at + n]);
+            Ok(n)
+        }
+    }
+    let len = image.len() as u64;
+    let Some(free) = FreeSpace::probe(Arc::new(Mem(image))).free else { return 0 };
+    let step = step.clamp(1024, 1 << 20);
+    let mut ranges = 0;
+    let mut at = 0;
+    while at < len {
+        ranges += free.free_in(at, step.min((len - at) as usize)).len();
+        at += step as u64;
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::*;
+    use crate::source::device::LocalDevice;
+    use crate::source::file::FileSource;
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/install-deps installs it)"));
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// An image of `mib` MiB full of a nonzero pattern (what deleted files leave).
+    fn garbage_image(path: &Path, mib: u64) {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..mib << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state as u8) | 1
+            })
+            .collect();
+        std::fs::write(path, data).unwrap();
+    }
+
+    /// A folder of files for `mkfs.ext4 -d`: 3 MiB in a few files.
+    fn some_files(dir: &Path) {
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/hostname"), b"web1\n").unwrap();
+        std::fs::write(dir.join("big.bin"), vec![0x5a; 2 << 20]).unwrap();
+        std::fs::write(dir.join("etc/config"), vec![0xa5; 1 << 20]).unwrap();
+    }
+
+    /// Free blocks as `dumpe2fs` lists them ("Free blocks: a-b, c").
+    fn dumpe2fs_free(image: &Path, offset: Option<u64>) -> BTreeSet<u64> {
+        let mut cmd = Command::new("dumpe2fs");
+        match offset {
+            Some(o) => cmd.arg(format!("{}?offset={o}", image.display())),
+            None => cmd.arg(image),
+        };
+        let text = run(&mut cmd);
+        let mut free = BTreeSet::new();
+        for line in text.lines().filter_map(|l| l.strip_prefix("  Free blocks: ")) {
+            for r in line.split(", ").filter(|r| !r.is_empty()) {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                free.extend(a.parse::<u64>().unwrap()..=b.parse::<u64>().unwrap());
+            }
+        }
+        free
+    }
+
+    fn device(path: &Path) -> Arc<dyn BlockDevice> {
+        Arc::new(LocalDevice::open(path).unwrap())
+    }
+
+    /// Every filesystem block the reader calls free, against dumpe2fs.
+    fn check_against_dumpe2fs(image: &Path, offset: u64, block: u64, fs_bytes: u64) -> u64 {
+        let probe = FreeSpace::probe(device(image));
+        let free = probe.free.unwrap_or_else(|| panic!("no free space found: {:?}", probe.not_used));
+        let want = dumpe2fs_free(image, (offset > 0).then_some(offset));
+        assert!(want.len() > 100, "the filesystem should be mostly free");
+        let mut ours = BTreeSet::new();
+        for b in 0..fs_bytes / block {
+            let ranges = free.free_in(offset + b * block, block as usize);
+            if !ranges.is_empty() {
+                assert_eq!(ranges, vec![0..block as usize]);
+                ours.insert(b);
+            }
+        }
+        // Never a used block called free; free blocks read only in groups
+        // whose bitmap is not initialized (read whole, on purpose).
+        let extra: Vec<_> = ours.difference(&want).take(10).collect();
+        assert!(extra.is_empty(), "blocks dumpe2fs says are used are called free: {extra:?}");
+        let part = &free.parts[0];
+        let sb = &part.layout.sb;
+        let uninit = |b: u64| part.layout.groups[((b - u64::from(sb.first_data_block)) / u64::from(sb.blocks_per_group)) as usize].block_uninit;
+        let missing: Vec<_> = want.difference(&ours).filter(|&&b| !uninit(b)).take(10).collect();
+        assert!(missing.is_empty(), "free blocks dumpe2fs lists, outside uninitialized groups, are read: {missing:?}");
+        assert_eq!(free.unusable_groups(), 0);
+        ours.len() as u64
+    }
+
+    #[test]
+    fn free_blocks_match_dumpe2fs_for_ext4_ext2_and_small_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("files");
+        some_files(&files);
+        for (name, mkfs, block) in [
+            ("default", vec!["mkfs.ext4", "-b", "4096"], 4096),
+            ("1k-blocks", vec!["mkfs.ext4", "-b", "1024"], 1024),
+            ("no-csum-32bit", vec!["mkfs.ext4", "-b", "4096", "-O", "^metadata_csum,^64bit"], 4096),
+            ("ext2", vec!["mkfs.ext2", "-b", "4096"], 4096),
+        ] {
+            let image = dir.path().join(format!("{name}.img"));
+            garbage_image(&image, 48);
+            run(Command::new(mkfs[0]).args(&mkfs[1..]).args(["-q", "-F", "-E", "nodiscard", "-d"]).arg(&files).arg(&image));
+            let free = check_against_dumpe2fs(&image, 0, block, 48 << 20);
+            eprintln!("{name}: {free} free blocks of {block} bytes, as dumpe2fs says");
+        }
+    }
+
+    #[test]
+    fn a_partitioned_disk_skips_the_free_space_of_its_ext4_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        garbage_image(&image, 64);
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(&image).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let mut child = sfdisk.spawn().expect("sfdisk (scripts/install-deps installs it)");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"label: gpt\nstart=2048, size=65536, type=L\n").unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        let files = dir.path().join("files");
+        some_files(&files);
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard,offset=1048576", "-d"]).arg(&files).arg(&image).arg("32M"));
+        check_against_dumpe2fs(&image, 1 << 20, 4096, 32 << 20);
+        let free = FreeSpace::probe(device(&image)).free.unwrap();
+        assert!(free.describe().starts_with("ext4 on partition 1 (GPT"), "{}", free.describe());
+        // Nothing outside the partition is free: the partition table, the disk's tail.
+        assert!(free.free_in(0, 1 << 20).is_empty());
+        assert!(free.free_in(33 << 20, 31 << 20).is_empty());
+    }
+
+    #[test]
+    fn a_scan_reads_free_blocks_as_zeros_and_used_blocks_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        garbage_image(&image, 32);
+        let files = dir.path().join("files");
+        some_files(&files);
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"]).arg(&files).arg(&image));
+        let raw = std::fs::read(&image).unwrap();
+        let free_blocks = dumpe2fs_free(&image, None);
+        let probe = FreeSpace::probe(device(&image));
+        let source = FileSource::on(device(&image), 1 << 20).with_free_space(Arc::new(probe.free.unwrap()));
+        let blocks = source.read_run(0, source.block_count() as usize).unwrap();
+        let read: Vec<u8> = blocks.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(read.len(), raw.len());
+        for (i, (got, was)) in read.chunks(4096).zip(raw.chunks(4096)).enumerate() {
+            if free_blocks.contains(&(i as u64)) {
+                assert!(got.iter().all(|&b| b == 0), "free block {i} not zero");
+            } else {
+                assert_eq!(got, was, "used block {i} changed");
+            }
+        }
+        assert_eq!(source.free_skipped(), free_blocks.len() as u64 * 4096);
+        assert!(blocks.iter().filter(|b| b.is_zeros()).count() > 20, "wholly free volume blocks are not read");
+        // The filesystem in what was read is whole: e2fsck finds nothing to fix.
+        let copy = dir.path().join("read.img");
+        std::fs::write(&copy, &read).unwrap();
+        run(Command::new("e2fsck").arg("-fn").arg(&copy));
+        let dumped = Command::new("debugfs").args(["-R", "cat /etc/config"]).arg(&copy).output().unwrap();
+        assert!(dumped.stdout == vec![0xa5u8; 1 << 20], "the file read back differs");
+    }
+
+    #[test]
+    fn untrusted_filesystems_are_read_whole_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("files");
+        some_files(&files);
+        let fresh = |name: &str| {
+            let image = dir.path().join(name);
+            garbage_image(&image, 16);
+            run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"]).arg(&files).arg(&image));
+            image
+        };
+        // A journal to replay: a crash-consistent snapshot of a mounted filesystem.
+        let image = fresh("recover.img");
+        run(Command::new("debugfs").args(["-w", "-R", "feature needs_recovery"]).arg(&image));
+        let probe = FreeSpace::probe(device(&image));
+        assert!(probe.free.is_none());
+        assert!(probe.not_used.iter().any(|r| r.contains("journal has not been replayed")), "{:?}", probe.not_used);
+        // Errors recorded.
+        let image = fresh("errors.img");
+        run(Command::new("debugfs").args(["-w", "-R", "ssv state 3"]).arg(&image));
+        assert!(FreeSpace::probe(device(&image)).not_used.iter().any(|r| r.contains("errors recorded")));
+        // A superblock changed behind its checksum.
+        let image = fresh("sb.img");
+        let mut bytes = std::fs::read(&image).unwrap();
+        bytes[1024 + 0x0C] ^= 0x40;
+        std::fs::write(&image, &bytes).unwrap();
+        assert!(FreeSpace::probe(device(&image)).not_used.iter().any(|r| r.contains("fails its checksum")));
+        // A block bitmap changed behind its checksum: that group is read whole, the others are not.
+        let image = fresh("bitmap.img");
+        let free = FreeSpace::probe(device(&image)).free.unwrap();
+        let bitmap = free.parts[0].layout.groups[0].bitmap_block * 4096;
+        let mut bytes = std::fs::read(&image).unwrap();
+        bytes[bitmap as usize + 1000] ^= 0xff;
+        std::fs::write(&image, &bytes).unwrap();
+        let free = FreeSpace::probe(device(&image)).free.unwrap();
+        assert!(free.free_in(0, 16 << 20).is_empty(), "group 0 holds the whole 16 MiB filesystem and is read whole");
+        assert_eq!(free.unusable_groups(), 1);
+        // Not a filesystem at all.
+        let image = dir.path().join("raw.img");
+        garbage_image(&image, 4);
+        let probe = FreeSpace::probe(device(&image));
+        assert!(probe.free.is_none() && probe.not_used.is_empty(), "{:?}", probe.not_used);
+    }
+
+    #[test]
+    fn any_bytes_are_probed_without_panic() {
+        let mut image = vec![0u8; 256 << 10];
+        image[1024 + 0x38] = 0x53;
+        image[1024 + 0x39] = 0xEF;
+        for seed in 0..2000u64 {
+            let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for i in (1024..1024 + 0x200).step_by(3) {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if s % 5 == 0 && i != 1024 + 0x38 && i != 1024 + 0x39 {
+                    image[i] = s as u8;
+                }
+            }
+            let _ = probe_bytes(image.clone(), 4096);
+        }
+    }
+}
