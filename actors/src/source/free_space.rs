@@ -13,11 +13,13 @@
 //! of a frozen or unmounted filesystem; a crash-consistent snapshot of a
 //! mounted one still needs its journal, so it is read whole), no error
 //! recorded, checksums right where the filesystem keeps them, a layout this
-//! reader knows. Anything else is read whole, with the reason given. A group
-//! whose bitmap cannot be read or fails its checksum is read whole.
+//! reader knows; NTFS not marked dirty, its `$LogFile` empty or clean
+//! (`drmesh_winagent::ntfs`). Anything else is read whole, with the reason
+//! given. A group whose bitmap cannot be read or fails its checksum is read
+//! whole.
 //!
-//! Filesystems read today: ext4 (and ext2/ext3) on the whole volume or in an
-//! MBR or GPT partition of it. XFS, NTFS, filesystems in LVM logical volumes
+//! Filesystems read today: ext2/3/4 and NTFS, on the whole volume or in an
+//! MBR or GPT partition of it. XFS, btrfs, filesystems in LVM logical volumes
 //! inside the volume and swap are read whole (their readers are to come).
 
 use std::ops::Range;
@@ -27,6 +29,7 @@ use super::device::{BlockDevice, DIRECT_ALIGN};
 use crate::proto::gossip::catalog::Consistency;
 use crate::adapt::layout::{list_volumes, Place, ReadAt};
 use crate::adapt::superblock::FsKind;
+use drmesh_winagent::ntfs::{Disk, NtfsError, NtfsVolume};
 
 /// Why the free space of a volume's filesystem is not used. The volume is
 /// read whole; nothing else changes.
@@ -57,7 +60,7 @@ pub enum FreeSpaceError {
 pub struct FreeSpace {
     device: Arc<dyn BlockDevice>,
     /// The filesystems whose bitmaps are used, in disk order.
-    parts: Vec<Ext4Part>,
+    parts: Vec<Part>,
     /// Groups read whole because their bitmap failed (read error, checksum).
     unusable_groups: std::sync::atomic::AtomicU64,
 }
@@ -70,15 +73,54 @@ pub struct Probe {
     pub not_used: Vec<String>,
 }
 
-/// One ext4 filesystem of the view: where it is and its layout.
-struct Ext4Part {
+/// One filesystem of the view whose bitmaps are used: where it is and its layout.
+struct Part {
     /// Its first byte in the view.
     start: u64,
     /// Where it is, for people: "the whole disk", "partition 1 (GPT type ...)".
     place: String,
-    layout: Ext4Layout,
+    fs: Fs,
     /// Recently used groups' bitmaps, newest last.
     cache: Mutex<Vec<(u64, Arc<GroupBits>)>>,
+}
+
+/// A filesystem the reader knows, checked.
+enum Fs {
+    /// ext2/3/4: block groups, each with its block bitmap.
+    Ext4(Ext4Layout),
+    /// NTFS: one `$Bitmap`, read [`NTFS_GROUP_BYTES`] at a time.
+    Ntfs(NtfsVolume),
+}
+
+/// Bytes of NTFS's `$Bitmap` read at a time (32,768 clusters: 128 MiB at 4 KiB).
+const NTFS_GROUP_BYTES: u64 = 4096;
+
+/// Allocation units of a filesystem, as the reader walks them.
+struct Geometry {
+    /// Bytes per unit (block, cluster).
+    unit: u64,
+    /// The first unit the bitmaps cover.
+    first: u64,
+    /// Units of the filesystem.
+    units: u64,
+    /// Units per group (per bitmap piece).
+    per_group: u64,
+}
+
+impl Fs {
+    fn geometry(&self) -> Geometry {
+        match self {
+            Fs::Ext4(l) => Geometry { unit: l.sb.block_bytes, first: u64::from(l.sb.first_data_block), units: l.sb.blocks, per_group: u64::from(l.sb.blocks_per_group) },
+            Fs::Ntfs(v) => Geometry { unit: v.cluster_bytes(), first: 0, units: v.clusters(), per_group: NTFS_GROUP_BYTES * 8 },
+        }
+    }
+}
+
+/// The view as a disk for the NTFS reader.
+impl Disk for ViewDisk<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        ReadAt::read_at(self, buf, offset)
+    }
 }
 
 /// Groups' bitmaps kept at once per filesystem (the scan and the tail prober each use one).
@@ -117,19 +159,38 @@ impl FreeSpace {
             Err(e) => return Probe { free: None, not_used: vec![format!("the partition table of {} could not be read: {e}", device.describe())] },
         };
         let mut parts = Vec::new();
-        for v in &layout.volumes {
-            let ext = matches!(v.filesystem.as_ref().map(|f| f.kind), Some(FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4));
-            if !ext || matches!(v.place, Place::LogicalVolume { .. }) {
+        let disk = ViewDisk(device.as_ref());
+        let part = |start: u64, place: String, fs: Fs| Part { start, place, fs, cache: Mutex::new(Vec::new()) };
+        // An NTFS boot sector at the start also looks like an MBR: it is the whole disk.
+        let volumes = match NtfsVolume::open(&disk, 0, device.size()) {
+            Err(NtfsError::NotNtfs) => layout.volumes,
+            whole => {
+                match whole {
+                    Ok(v) => parts.push(part(0, "the whole disk".into(), Fs::Ntfs(v))),
+                    Err(e) => not_used.push(format!("the whole disk: NTFS filesystem on {}: {e}; its free clusters are read", device.describe())),
+                }
+                Vec::new()
+            }
+        };
+        for v in &volumes {
+            if matches!(v.place, Place::LogicalVolume { .. }) {
                 if let Some(fs) = &v.filesystem {
-                    if !matches!(fs.kind, FsKind::LvmPv | FsKind::Swap) {
-                        not_used.push(format!("{}: drmesh does not read the free space of {} yet", v.place_text(), fs.kind.name()));
-                    }
+                    not_used.push(format!("{}: drmesh does not read the free space of {} in a logical volume yet", v.place_text(), fs.kind.name()));
                 }
                 continue;
             }
-            match Ext4Part::probe(device.as_ref(), v.start_bytes, v.size_bytes) {
-                Ok(layout) => parts.push(Ext4Part { start: v.start_bytes, place: v.place_text(), layout, cache: Mutex::new(Vec::new()) }),
-                Err(e) => not_used.push(format!("{}: {e}", v.place_text())),
+            match v.filesystem.as_ref().map(|f| f.kind) {
+                Some(FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4) => match Part::probe_ext4(device.as_ref(), v.start_bytes, v.size_bytes) {
+                    Ok(layout) => parts.push(part(v.start_bytes, v.place_text(), Fs::Ext4(layout))),
+                    Err(e) => not_used.push(format!("{}: {e}", v.place_text())),
+                },
+                None => match NtfsVolume::open(&disk, v.start_bytes, v.size_bytes) {
+                    Ok(ntfs) => parts.push(part(v.start_bytes, v.place_text(), Fs::Ntfs(ntfs))),
+                    Err(NtfsError::NotNtfs) => {}
+                    Err(e) => not_used.push(format!("{}: NTFS filesystem on {}: {e}; its free clusters are read", v.place_text(), device.describe())),
+                },
+                Some(FsKind::LvmPv | FsKind::Swap) => {}
+                Some(other) => not_used.push(format!("{}: drmesh does not read the free space of {} yet", v.place_text(), other.name())),
             }
         }
         let free = (!parts.is_empty()).then(|| FreeSpace { device, parts, unusable_groups: Default::default() });
@@ -141,9 +202,9 @@ impl FreeSpace {
         let parts: Vec<String> = self
             .parts
             .iter()
-            .map(|p| {
-                let sb = &p.layout.sb;
-                format!("ext4 on {} ({} of {} MiB free)", p.place, sb.free_blocks.saturating_mul(sb.block_bytes) >> 20, sb.fs_bytes() >> 20)
+            .map(|p| match &p.fs {
+                Fs::Ext4(l) => format!("ext4 on {} ({} of {} MiB free)", p.place, l.sb.free_blocks.saturating_mul(l.sb.block_bytes) >> 20, l.sb.fs_bytes() >> 20),
+                Fs::Ntfs(v) => format!("NTFS on {} ({} MiB, {}-byte clusters)", p.place, v.clusters().saturating_mul(v.cluster_bytes()) >> 20, v.cluster_bytes()),
             })
             .collect();
         parts.join(", ")
@@ -162,14 +223,15 @@ impl FreeSpace {
         let end = start + len as u64;
         let mut out: Vec<Range<usize>> = Vec::new();
         for part in &self.parts {
-            let bs = part.layout.sb.block_bytes;
-            let (from, to) = (start.max(part.start), end.min(part.start + part.layout.sb.fs_bytes()));
+            let g = part.fs.geometry();
+            let bs = g.unit;
+            let (from, to) = (start.max(part.start), end.min(part.start + g.units * g.unit));
             if from >= to {
                 continue;
             }
             let mut block = (from - part.start).div_ceil(bs);
             while part.start + (block + 1) * bs <= to {
-                if part.is_free(block, self) {
+                if part.is_free(block, &g, self) {
                     let at = (part.start + block * bs - start) as usize;
                     match out.last_mut() {
                         Some(last) if last.end == at => last.end = at + bs as usize,
@@ -183,10 +245,10 @@ impl FreeSpace {
     }
 }
 
-impl Ext4Part {
+impl Part {
     /// Reads and checks the superblock and group descriptors of the ext4
     /// filesystem at `start` (at most `size` bytes).
-    fn probe(device: &dyn BlockDevice, start: u64, size: u64) -> Result<Ext4Layout, FreeSpaceError> {
+    fn probe_ext4(device: &dyn BlockDevice, start: u64, size: u64) -> Result<Ext4Layout, FreeSpaceError> {
         let shown = device.describe().to_string();
         let untrusted = |reason: String| FreeSpaceError::Ext4Untrusted { device: shown.clone(), reason };
         let head = read_exact(device, start + 1024, 1024)?;
@@ -203,14 +265,13 @@ impl Ext4Part {
         Ext4Layout::new(sb, &table).map_err(untrusted)
     }
 
-    /// Whether block `block` of this filesystem is free.
-    fn is_free(&self, block: u64, owner: &FreeSpace) -> bool {
-        let sb = &self.layout.sb;
-        if block < u64::from(sb.first_data_block) || block >= sb.blocks {
+    /// Whether unit `block` of this filesystem is free.
+    fn is_free(&self, block: u64, g: &Geometry, owner: &FreeSpace) -> bool {
+        if block < g.first || block >= g.units {
             return false;
         }
-        let rel = block - u64::from(sb.first_data_block);
-        let (group, bit) = (rel / u64::from(sb.blocks_per_group), rel % u64::from(sb.blocks_per_group));
+        let rel = block - g.first;
+        let (group, bit) = (rel / g.per_group, rel % g.per_group);
         match &*self.group(group, owner) {
             GroupBits::AllUsed => false,
             GroupBits::Bits(bits) => bits.get((bit / 8) as usize).is_some_and(|b| b & (1 << (bit % 8)) == 0),
@@ -234,20 +295,23 @@ impl Ext4Part {
     }
 
     fn load(&self, group: u64, owner: &FreeSpace) -> GroupBits {
-        let Some(desc) = self.layout.groups.get(group as usize) else { return GroupBits::AllUsed };
-        if desc.block_uninit {
-            return GroupBits::AllUsed;
-        }
-        let sb = &self.layout.sb;
-        let loaded = read_exact(owner.device.as_ref(), self.start + desc.bitmap_block * sb.block_bytes, sb.block_bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|block| {
-                let bits = block[..sb.bitmap_bytes()].to_vec();
-                match desc.bitmap_csum {
-                    Some((want, wide)) if !sb.bitmap_csum_ok(&bits, want, wide) => Err(format!("the block bitmap of group {group} of the ext4 filesystem on {} fails its checksum", self.place)),
-                    _ => Ok(bits),
+        let loaded = match &self.fs {
+            Fs::Ext4(layout) => {
+                let Some(desc) = layout.groups.get(group as usize) else { return GroupBits::AllUsed };
+                if desc.block_uninit {
+                    return GroupBits::AllUsed;
                 }
-            });
+                let sb = &layout.sb;
+                read_exact(owner.device.as_ref(), self.start + desc.bitmap_block * sb.block_bytes, sb.block_bytes).map_err(|e| e.to_string()).and_then(|block| {
+                    let bits = block[..sb.bitmap_bytes()].to_vec();
+                    match desc.bitmap_csum {
+                        Some((want, wide)) if !sb.bitmap_csum_ok(&bits, want, wide) => Err(format!("the block bitmap of group {group} of the ext4 filesystem on {} fails its checksum", self.place)),
+                        _ => Ok(bits),
+                    }
+                })
+            }
+            Fs::Ntfs(v) => v.bitmap(&ViewDisk(owner.device.as_ref()), group * NTFS_GROUP_BYTES, NTFS_GROUP_BYTES as usize).map_err(|e| format!("$Bitmap of the NTFS filesystem on {}: {e}", self.place)),
+        };
         match loaded {
             Ok(bits) => GroupBits::Bits(bits),
             Err(reason) => {
@@ -288,7 +352,7 @@ pub fn plan(setting: drmesh_topology::FreeSpace, consistency: Consistency, devic
             }
             FreeSpacePlan { free: Some(Arc::new(free)), how }
         }
-        None if probe.not_used.is_empty() => read("no filesystem found whose free space drmesh reads (ext2, ext3, ext4)".into()),
+        None if probe.not_used.is_empty() => read("no filesystem found whose free space drmesh reads (ext2, ext3, ext4, NTFS)".into()),
         None => read(probe.not_used.join("; ")),
     }
 }
@@ -600,9 +664,9 @@ mod tests {
         // whose bitmap is not initialized (read whole, on purpose).
         let extra: Vec<_> = ours.difference(&want).take(10).collect();
         assert!(extra.is_empty(), "blocks dumpe2fs says are used are called free: {extra:?}");
-        let part = &free.parts[0];
-        let sb = &part.layout.sb;
-        let uninit = |b: u64| part.layout.groups[((b - u64::from(sb.first_data_block)) / u64::from(sb.blocks_per_group)) as usize].block_uninit;
+        let Fs::Ext4(layout) = &free.parts[0].fs else { panic!("not ext4") };
+        let sb = &layout.sb;
+        let uninit = |b: u64| layout.groups[((b - u64::from(sb.first_data_block)) / u64::from(sb.blocks_per_group)) as usize].block_uninit;
         let missing: Vec<_> = want.difference(&ours).filter(|&&b| !uninit(b)).take(10).collect();
         assert!(missing.is_empty(), "free blocks dumpe2fs lists, outside uninitialized groups, are read: {missing:?}");
         assert_eq!(free.unusable_groups(), 0);
@@ -712,7 +776,8 @@ mod tests {
         // A block bitmap changed behind its checksum: that group is read whole, the others are not.
         let image = fresh("bitmap.img");
         let free = FreeSpace::probe(device(&image)).free.unwrap();
-        let bitmap = free.parts[0].layout.groups[0].bitmap_block * 4096;
+        let Fs::Ext4(layout) = &free.parts[0].fs else { panic!("not ext4") };
+        let bitmap = layout.groups[0].bitmap_block * 4096;
         let mut bytes = std::fs::read(&image).unwrap();
         bytes[bitmap as usize + 1000] ^= 0xff;
         std::fs::write(&image, &bytes).unwrap();
@@ -728,20 +793,73 @@ mod tests {
 
     #[test]
     fn any_bytes_are_probed_without_panic() {
-        let mut image = vec![0u8; 256 << 10];
-        image[1024 + 0x38] = 0x53;
-        image[1024 + 0x39] = 0xEF;
-        for seed in 0..2000u64 {
-            let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            for i in (1024..1024 + 0x200).step_by(3) {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                if s % 5 == 0 && i != 1024 + 0x38 && i != 1024 + 0x39 {
-                    image[i] = s as u8;
-                }
+        // A real small ext4 without checksums (so corruptions reach past the
+        // superblock), its metadata overwritten at seeded random places.
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("small.img");
+        std::fs::write(&image, vec![0u8; 2 << 20]).unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "1024", "-O", "^metadata_csum,^64bit"]).arg(&image));
+        let pristine = std::fs::read(&image).unwrap();
+        assert!(probe_bytes(pristine.clone(), 4096) > 0, "the pristine image has free ranges");
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2000 {
+            let mut bytes = pristine.clone();
+            for _ in 0..1 + next() % 8 {
+                let at = 1024 + (next() % 8192) as usize;
+                bytes[at] = next() as u8;
             }
-            let _ = probe_bytes(image.clone(), 4096);
+            let _ = probe_bytes(bytes, 4096);
         }
+    }
+
+    #[test]
+    fn ntfs_free_clusters_are_read_as_zeros_on_the_whole_disk_and_in_a_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let ntfs = dir.path().join("ntfs.img");
+        garbage_image(&ntfs, 32);
+        run(Command::new("mkntfs").args(["-F", "-Q", "-q", "-c", "4096"]).arg(&ntfs));
+        let file = dir.path().join("report.bin");
+        std::fs::write(&file, (0..3u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+        run(Command::new("ntfscp").arg(&ntfs).arg(&file).arg("/report.bin"));
+        let volume = std::fs::read(&ntfs).unwrap();
+
+        // The whole disk.
+        let free = FreeSpace::probe(device(&ntfs)).free.expect("NTFS found");
+        assert!(free.describe().starts_with("NTFS on the whole disk (31 MiB, 4096-byte clusters)"), "{}", free.describe());
+
+        // Partition 1 of a GPT disk.
+        let disk = dir.path().join("disk.img");
+        garbage_image(&disk, 64);
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(&disk).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let mut child = sfdisk.spawn().expect("sfdisk (scripts/install-deps installs it)");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"label: gpt\nstart=2048, size=65536, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n").unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        let mut bytes = std::fs::read(&disk).unwrap();
+        bytes[1 << 20..(1 << 20) + volume.len()].copy_from_slice(&volume);
+        std::fs::write(&disk, &bytes).unwrap();
+        let probe = FreeSpace::probe(device(&disk));
+        let free = Arc::new(probe.free.unwrap_or_else(|| panic!("no NTFS found: {:?}", probe.not_used)));
+        assert!(free.describe().starts_with("NTFS on partition 1 (GPT"), "{}", free.describe());
+        let source = FileSource::on(device(&disk), 1 << 20).with_free_space(free.clone());
+        let read: Vec<u8> = source.read_run(0, source.block_count() as usize).unwrap().iter().flat_map(|b| b.to_vec()).collect();
+        assert!(source.free_skipped() > 20 << 20, "most of the volume is free: {}", source.free_skipped());
+        assert_eq!(&read[..1 << 20], &bytes[..1 << 20], "the partition table is read as it is");
+        assert_eq!(&read[33 << 20..], &bytes[33 << 20..], "past the partition nothing is skipped");
+        // The volume as read: ntfs-3g reads the file back whole, and free clusters are zero.
+        let back = dir.path().join("back.img");
+        std::fs::write(&back, &read[1 << 20..(1 << 20) + volume.len()]).unwrap();
+        let out = Command::new("ntfscat").arg(&back).arg("/report.bin").output().unwrap();
+        assert!(out.status.success() && out.stdout == std::fs::read(&file).unwrap(), "the file read back differs");
+        let zeroed = read[1 << 20..(1 << 20) + volume.len()].chunks(4096).filter(|c| c.iter().all(|&b| b == 0)).count() as u64;
+        assert!(zeroed * 4096 >= source.free_skipped(), "every free cluster reads as zeros");
+        run(Command::new("ntfsinfo").arg("-m").arg(&back));
     }
 }
