@@ -693,6 +693,18 @@ mod tests {
         std::fs::write(path, data).unwrap();
     }
 
+    /// A 64 MiB image of old data with a GPT whose partition 1 (type `kind`)
+    /// spans bytes 1 MiB to 33 MiB.
+    fn gpt_disk(path: &Path, kind: &str) {
+        garbage_image(path, 64);
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(path).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let mut child = sfdisk.spawn().expect("sfdisk (scripts/install-deps installs it)");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), format!("label: gpt\nstart=2048, size=65536, type={kind}\n").as_bytes()).unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "sfdisk failed");
+    }
+
     /// A folder of files for `mkfs.ext4 -d`: 3 MiB in a few files.
     fn some_files(dir: &Path) {
         std::fs::create_dir_all(dir.join("etc")).unwrap();
@@ -776,13 +788,7 @@ mod tests {
     fn a_partitioned_disk_skips_the_free_space_of_its_ext4_partition() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
-        garbage_image(&image, 64);
-        let mut sfdisk = Command::new("sfdisk");
-        sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(&image).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
-        let mut child = sfdisk.spawn().expect("sfdisk (scripts/install-deps installs it)");
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"label: gpt\nstart=2048, size=65536, type=L\n").unwrap();
-        drop(child.stdin.take());
-        assert!(child.wait().unwrap().success());
+        gpt_disk(&image, "L");
         let files = dir.path().join("files");
         some_files(&files);
         run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard,offset=1048576", "-d"]).arg(&files).arg(&image).arg("32M"));
@@ -915,13 +921,7 @@ mod tests {
 
         // Partition 1 of a GPT disk.
         let disk = dir.path().join("disk.img");
-        garbage_image(&disk, 64);
-        let mut sfdisk = Command::new("sfdisk");
-        sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(&disk).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
-        let mut child = sfdisk.spawn().expect("sfdisk (scripts/install-deps installs it)");
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"label: gpt\nstart=2048, size=65536, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n").unwrap();
-        drop(child.stdin.take());
-        assert!(child.wait().unwrap().success());
+        gpt_disk(&disk, "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7");
         let mut bytes = std::fs::read(&disk).unwrap();
         bytes[1 << 20..(1 << 20) + volume.len()].copy_from_slice(&volume);
         std::fs::write(&disk, &bytes).unwrap();
