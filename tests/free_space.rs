@@ -66,12 +66,12 @@ fn report(sync: &Value) -> Value {
     sync["reports"][0].clone()
 }
 
-/// Blob payload bytes sent by every cycle of `volume` so far (`ctl volumes`).
-fn sent_total(mesh: &TestMesh, volume: &str) -> u64 {
+/// A total of every cycle of `volume` so far (`ctl volumes`): `sent_payload_bytes`, `free_skipped_bytes`.
+fn total(mesh: &TestMesh, volume: &str, what: &str) -> u64 {
     let data = mesh.ctl_data("src", &["volumes"]).unwrap();
     let rows = data.as_array().cloned().unwrap_or_default();
     let row = rows.iter().find(|r| r["volume"] == volume).unwrap_or_else(|| panic!("no replication of {volume}: {data}"));
-    row["totals"]["sent_payload_bytes"].as_u64().unwrap()
+    row["totals"][what].as_u64().unwrap_or_else(|| panic!("no total {what}: {row}"))
 }
 
 /// `debugfs -R "cat PATH"` of `image`.
@@ -143,7 +143,9 @@ fn free_blocks_are_not_read_sent_or_restored() {
     assert_eq!(read["free_skipped_bytes"], 0);
     // Totals over every cycle of each replication: the node's first scheduled
     // cycle may have run before the asked one, which then sent nothing new.
-    let (skip_sent, read_sent) = (sent_total(&mesh, "disk"), sent_total(&mesh, "full"));
+    let (skip_sent, read_sent) = (total(&mesh, "disk", "sent_payload_bytes"), total(&mesh, "full", "sent_payload_bytes"));
+    assert!(total(&mesh, "disk", "free_skipped_bytes") >= free_bytes, "the totals count the skipped free space");
+    assert_eq!(total(&mesh, "full", "free_skipped_bytes"), 0);
     eprintln!(
         "bench: 96 MiB image, {:.0}% of it free space holding old data: skip sent {:.1} MiB, read sent {:.1} MiB ({:.2}x); free space skipped {:.1} MiB",
         free_bytes as f64 * 100.0 / (96 * MIB) as f64,

@@ -149,6 +149,8 @@ fn metrics_and_status_page_follow_the_mesh() {
     // The first cycle read and sent the whole 4 MiB of incompressible data.
     assert!(sample(&text, "drmesh_replication_read_bytes_total{volume=\"db\",target=\"dst\"}").is_some_and(|b| b >= 4.0 * 1048576.0), "{text}");
     assert!(sample(&text, "drmesh_replication_sent_payload_bytes_total{volume=\"db\",target=\"dst\"}").is_some_and(|b| b >= 4.0 * 1048576.0), "{text}");
+    // Random bytes, no filesystem: nothing skipped, and the counter says so.
+    assert_eq!(sample(&text, "drmesh_replication_free_space_skipped_bytes_total{volume=\"db\",target=\"dst\"}"), Some(0.0), "{text}");
     assert_eq!(sample(&text, "drmesh_peer_connected{peer=\"dst\"}"), Some(1.0), "{text}");
     assert!(sample(&text, "drmesh_peer_sent_bytes_total{peer=\"dst\"}").is_some_and(|b| b >= 4.0 * 1048576.0), "{text}");
     assert!(sample(&text, "drmesh_peer_rtt_seconds{peer=\"dst\"}").is_some_and(|s| s > 0.0 && s < 1.0), "{text}");

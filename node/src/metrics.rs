@@ -177,6 +177,7 @@ pub fn encode(view: &NodeView) -> String {
         let cycles = sheet.counter("replication_cycles", "Replication cycles that ended, by result (ok: an RP was committed)", None);
         let read = sheet.counter("replication_read", "Bytes read from the source by committed cycles", Some(Unit::Bytes));
         let sent = sheet.counter("replication_sent_payload", "Blob payload bytes sent to the target (compressed, before encryption)", Some(Unit::Bytes));
+        let free = sheet.counter("replication_free_space_skipped", "Bytes of free filesystem space committed cycles did not read or zeroed", Some(Unit::Bytes));
         let success = sheet.gauge("replication_last_cycle_success", "1 when the last cycle committed an RP, 0 when it failed", None);
         let duration = sheet.gauge("replication_last_cycle_duration", "Wall time of the last committed cycle", Some(Unit::Seconds));
         let last_sent = sheet.gauge("replication_last_cycle_sent_payload", "Payload bytes the last committed cycle sent", Some(Unit::Bytes));
@@ -191,6 +192,7 @@ pub fn encode(view: &NodeView) -> String {
             count(&cycles, with_result("failed"), r.totals.cycles_failed);
             count(&read, labels(), r.totals.read_bytes);
             count(&sent, labels(), r.totals.sent_payload_bytes);
+            count(&free, labels(), r.totals.free_skipped_bytes);
             if r.last_error.is_some() {
                 set(&success, labels(), 0.0);
             } else if r.last_ok.is_some() {

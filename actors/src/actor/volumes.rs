@@ -106,6 +106,8 @@ pub struct ReplicationTotals {
     pub read_bytes: u64,
     /// Blob payload bytes sent to the target, by all cycles (failed ones too).
     pub sent_payload_bytes: u64,
+    /// Bytes of free filesystem space committed cycles did not read or zeroed.
+    pub free_skipped_bytes: u64,
 }
 
 /// Whether the RPO of a replication is missed at `now_ms`: its newest RP is
@@ -703,6 +705,7 @@ impl Handler<CycleDone> for VolumeScheduler {
                 plan.totals.cycles_ok += 1;
                 plan.totals.read_bytes += report.scanned_bytes;
                 plan.totals.sent_payload_bytes += report.stats.sent_payload_bytes;
+                plan.totals.free_skipped_bytes += report.free_skipped_bytes;
             }
             Err(_) => {
                 plan.totals.cycles_failed += 1;
