@@ -18,8 +18,12 @@
 //! given. A group whose bitmap cannot be read or fails its checksum is read
 //! whole.
 //!
-//! Filesystems read today: ext2/3/4 and NTFS, on the whole volume or in an
-//! MBR or GPT partition of it. XFS, btrfs, filesystems in LVM logical volumes
+//! XFS is trusted when its log needs nothing replayed but the superblock (a
+//! cleanly unmounted filesystem, or one frozen when the view was taken), its
+//! free blocks read from each group's free-space tree ([`xfs`]).
+//!
+//! Filesystems read today: ext2/3/4, XFS and NTFS, on the whole volume or in
+//! an MBR or GPT partition of it. btrfs, filesystems in LVM logical volumes
 //! inside the volume and swap are read whole (their readers are to come).
 
 use std::ops::Range;
@@ -30,6 +34,9 @@ use crate::proto::gossip::catalog::Consistency;
 use crate::adapt::layout::{list_volumes, Place, ReadAt};
 use crate::adapt::superblock::FsKind;
 use drmesh_winagent::ntfs::{Disk, NtfsError, NtfsVolume};
+use xfs::{LogState, XfsError, XfsLayout};
+
+pub mod xfs;
 
 /// Why the free space of a volume's filesystem is not used. The volume is
 /// read whole; nothing else changes.
@@ -42,6 +49,14 @@ pub enum FreeSpaceError {
         device: String,
         /// What the superblock or the group descriptors say.
         reason: String,
+    },
+    /// An XFS filesystem whose free-space trees may not say what is in use.
+    #[error("XFS filesystem on {device}: {source}; its free blocks are read")]
+    XfsUntrusted {
+        /// The view's device.
+        device: String,
+        /// What was found.
+        source: XfsError,
     },
     /// The filesystem's metadata could not be read.
     #[error("reading the filesystem metadata of {device} at byte {offset}: {source}; its free blocks are read")]
@@ -90,7 +105,13 @@ enum Fs {
     Ext4(Ext4Layout),
     /// NTFS: one `$Bitmap`, read [`NTFS_GROUP_BYTES`] at a time.
     Ntfs(NtfsVolume),
+    /// XFS: allocation groups with free-space trees, read [`XFS_GROUP_BLOCKS`] blocks at a time.
+    Xfs(XfsLayout),
 }
+
+/// Blocks of an XFS filesystem whose allocation is looked up at a time (a
+/// 4 KiB map; 128 MiB at 4 KiB blocks).
+const XFS_GROUP_BLOCKS: u64 = 32768;
 
 /// Bytes of NTFS's `$Bitmap` read at a time (32,768 clusters: 128 MiB at 4 KiB).
 const NTFS_GROUP_BYTES: u64 = 4096;
@@ -112,6 +133,7 @@ impl Fs {
         match self {
             Fs::Ext4(l) => Geometry { unit: l.sb.block_bytes, first: u64::from(l.sb.first_data_block), units: l.sb.blocks, per_group: u64::from(l.sb.blocks_per_group) },
             Fs::Ntfs(v) => Geometry { unit: v.cluster_bytes(), first: 0, units: v.clusters(), per_group: NTFS_GROUP_BYTES * 8 },
+            Fs::Xfs(x) => Geometry { unit: x.block_bytes(), first: 0, units: x.blocks(), per_group: XFS_GROUP_BLOCKS },
         }
     }
 }
@@ -189,6 +211,10 @@ impl FreeSpace {
                     Err(NtfsError::NotNtfs) => {}
                     Err(e) => not_used.push(format!("{}: NTFS filesystem on {}: {e}; its free clusters are read", v.place_text(), device.describe())),
                 },
+                Some(FsKind::Xfs) => match XfsLayout::open(&disk, v.start_bytes, v.size_bytes) {
+                    Ok(layout) => parts.push(part(v.start_bytes, v.place_text(), Fs::Xfs(layout))),
+                    Err(source) => not_used.push(format!("{}: {}", v.place_text(), FreeSpaceError::XfsUntrusted { device: device.describe().to_string(), source })),
+                },
                 Some(FsKind::LvmPv | FsKind::Swap) => {}
                 Some(other) => not_used.push(format!("{}: drmesh does not read the free space of {} yet", v.place_text(), other.name())),
             }
@@ -205,6 +231,13 @@ impl FreeSpace {
             .map(|p| match &p.fs {
                 Fs::Ext4(l) => format!("ext4 on {} ({} of {} MiB free)", p.place, l.sb.free_blocks.saturating_mul(l.sb.block_bytes) >> 20, l.sb.fs_bytes() >> 20),
                 Fs::Ntfs(v) => format!("NTFS on {} ({} MiB, {}-byte clusters)", p.place, v.clusters().saturating_mul(v.cluster_bytes()) >> 20, v.cluster_bytes()),
+                Fs::Xfs(x) => {
+                    let log = match x.log_state() {
+                        LogState::Unmounted => "unmounted cleanly",
+                        LogState::Covered => "frozen",
+                    };
+                    format!("XFS on {} ({} of {} MiB free, {log})", p.place, x.free_blocks().saturating_mul(x.block_bytes()) >> 20, x.blocks().saturating_mul(x.block_bytes()) >> 20)
+                }
             })
             .collect();
         parts.join(", ")
@@ -311,6 +344,15 @@ impl Part {
                 })
             }
             Fs::Ntfs(v) => v.bitmap(&ViewDisk(owner.device.as_ref()), group * NTFS_GROUP_BYTES, NTFS_GROUP_BYTES as usize).map_err(|e| format!("$Bitmap of the NTFS filesystem on {}: {e}", self.place)),
+            Fs::Xfs(x) => match x.used_bits(&ViewDisk(owner.device.as_ref()), group * XFS_GROUP_BLOCKS, XFS_GROUP_BLOCKS) {
+                // The groups whose tree failed are marked used; the others' free blocks stay.
+                (bits, Some(e)) => {
+                    owner.unusable_groups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(device = owner.device.describe(), reason = %format!("the XFS filesystem on {}: {e}", self.place), "this group's blocks are read whole");
+                    Ok(bits)
+                }
+                (bits, None) => Ok(bits),
+            },
         };
         match loaded {
             Ok(bits) => GroupBits::Bits(bits),
@@ -352,7 +394,7 @@ pub fn plan(setting: drmesh_topology::FreeSpace, consistency: Consistency, devic
             }
             FreeSpacePlan { free: Some(Arc::new(free)), how }
         }
-        None if probe.not_used.is_empty() => read("no filesystem found whose free space drmesh reads (ext2, ext3, ext4, NTFS)".into()),
+        None if probe.not_used.is_empty() => read("no filesystem found whose free space drmesh reads (ext2, ext3, ext4, XFS, NTFS)".into()),
         None => read(probe.not_used.join("; ")),
     }
 }
@@ -942,4 +984,235 @@ mod tests {
         assert!(zeroed * 4096 >= source.free_skipped(), "every free cluster reads as zeros");
         run(Command::new("ntfsinfo").arg("-m").arg(&back));
     }
+
+    /// An XFS image of `mib` MiB (at least 320, the smallest mkfs.xfs
+    /// makes; old data in its first 48 MiB), formatted with `args`.
+    fn xfs_image(path: &Path, mib: u64, args: &[&str]) {
+        garbage_image(path, 48);
+        std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(mib << 20).unwrap();
+        run(Command::new("mkfs.xfs").args(["-q", "-f", "-K"]).args(args).arg(path));
+    }
+
+    /// `image` mounted on a loop device for `f`, unmounted after it (also when `f` panics).
+    fn with_mounted(image: &Path, f: impl FnOnce(&Path)) {
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir.path()));
+        let guard = Unmount(dir.path().to_path_buf());
+        f(dir.path());
+        drop(guard);
+    }
+
+    /// Files written, some deleted: free space between used blocks.
+    fn busy_files(root: &Path) {
+        some_files(root);
+        for i in 0..200u32 {
+            std::fs::write(root.join(format!("f{i}")), vec![i as u8 | 1; 4096 * (1 + i as usize % 13)]).unwrap();
+        }
+        for i in (0..200u32).step_by(3) {
+            std::fs::remove_file(root.join(format!("f{i}"))).unwrap();
+        }
+    }
+
+    /// Blocks (counted from the start of the filesystem) the by-block
+    /// free-space trees list, as `xfs_db` says: its free extents less the
+    /// groups' free lists, which it counts as free and the trees do not.
+    fn xfs_db_free(image: &Path) -> BTreeSet<u64> {
+        let db = |cmds: &[&str]| {
+            let mut cmd = Command::new("xfs_db");
+            cmd.arg("-r");
+            for c in cmds {
+                cmd.args(["-c", c]);
+            }
+            run(cmd.arg(image))
+        };
+        let geometry = db(&["sb 0", "p agblocks agcount"]);
+        let field = |name: &str| geometry.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(" = ")?.trim().parse::<u64>().ok()).unwrap();
+        let (agblocks, agcount) = (field("agblocks"), field("agcount"));
+        let mut free = BTreeSet::new();
+        for line in db(&["freesp -d"]).lines() {
+            let n: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            if n.len() == 3 && line.split_whitespace().count() == 3 {
+                free.extend((0..n[2]).map(|i| n[0] * agblocks + n[1] + i));
+            }
+        }
+        for ag in 0..agcount {
+            for token in db(&[&format!("agfl {ag}"), "p bno"]).split_whitespace() {
+                if let Some(b) = token.split_once(':').and_then(|(_, b)| b.parse::<u64>().ok()) {
+                    free.remove(&(ag * agblocks + b));
+                }
+            }
+        }
+        free
+    }
+
+    /// Every block the reader calls free, against `xfs_db`; the number of free blocks.
+    fn check_against_xfs_db(image: &Path) -> u64 {
+        let probe = FreeSpace::probe(device(image));
+        let free = probe.free.unwrap_or_else(|| panic!("no free space found: {:?}", probe.not_used));
+        let Fs::Xfs(layout) = &free.parts[0].fs else { panic!("not XFS") };
+        let block = layout.block_bytes();
+        let want = xfs_db_free(image);
+        assert!(want.len() > 1000, "the filesystem should be mostly free");
+        let mut ours = BTreeSet::new();
+        for b in 0..layout.blocks() {
+            let ranges = free.free_in(b * block, block as usize);
+            if !ranges.is_empty() {
+                assert_eq!(ranges, vec![0..block as usize]);
+                ours.insert(b);
+            }
+        }
+        let extra: Vec<_> = ours.difference(&want).take(10).collect();
+        assert!(extra.is_empty(), "blocks xfs_db says are used are called free: {extra:?}");
+        let missing: Vec<_> = want.difference(&ours).take(10).collect();
+        assert!(missing.is_empty(), "free blocks xfs_db lists are read: {missing:?}");
+        assert_eq!(free.unusable_groups(), 0);
+        ours.len() as u64
+    }
+
+    #[test]
+    fn xfs_free_blocks_match_xfs_db() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, mib, args, mount) in [
+            ("v5-4k", 320, vec!["-b", "size=4096"], true),
+            ("v5-1k-reflink-rmap", 320, vec!["-b", "size=1024", "-m", "reflink=1,rmapbt=1"], true),
+            ("many-groups", 1280, vec!["-d", "agcount=16"], true),
+            // Version 4 (no checksums): kernels may not mount it; mkfs's own metadata.
+            ("v4", 320, vec!["-m", "crc=0"], false),
+        ] {
+            let image = dir.path().join(format!("{name}.img"));
+            xfs_image(&image, mib, &args);
+            if mount {
+                with_mounted(&image, busy_files);
+            }
+            let free = FreeSpace::probe(device(&image)).free.unwrap();
+            assert!(free.describe().starts_with("XFS on the whole disk (") && free.describe().ends_with("unmounted cleanly)"), "{}", free.describe());
+            let n = check_against_xfs_db(&image);
+            eprintln!("{name}: {n} free blocks, as xfs_db says");
+        }
+    }
+
+    #[test]
+    fn a_frozen_xfs_is_trusted_and_what_is_read_of_it_mounts_with_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, copy) = (dir.path().join("live.img"), dir.path().join("frozen.img"));
+        xfs_image(&image, 320, &[]);
+        with_mounted(&image, |root| {
+            busy_files(root);
+            std::fs::write(root.join("report.bin"), (0..3u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+            run(Command::new("xfs_freeze").arg("-f").arg(root));
+            let copied = std::fs::copy(&image, &copy);
+            run(Command::new("xfs_freeze").arg("-u").arg(root));
+            copied.unwrap();
+        });
+        let free = Arc::new(FreeSpace::probe(device(&copy)).free.expect("a frozen XFS is trusted"));
+        assert!(free.describe().ends_with("frozen)"), "{}", free.describe());
+        let n = check_against_xfs_db(&copy);
+        let source = FileSource::on(device(&copy), 1 << 20).with_free_space(free);
+        let read: Vec<u8> = source.read_run(0, source.block_count() as usize).unwrap().iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(source.free_skipped(), n * 4096);
+        let back = dir.path().join("read.img");
+        std::fs::write(&back, &read).unwrap();
+        // Mounting replays the log (the superblock only); every file is there.
+        with_mounted(&back, |root| {
+            assert_eq!(std::fs::read(root.join("report.bin")).unwrap(), (0..3u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+            assert_eq!(std::fs::read(root.join("etc/config")).unwrap(), vec![0xa5; 1 << 20]);
+            for i in (0..200u32).filter(|i| i % 3 != 0) {
+                assert_eq!(std::fs::read(root.join(format!("f{i}"))).unwrap(), vec![i as u8 | 1; 4096 * (1 + i as usize % 13)]);
+            }
+        });
+        run(Command::new("xfs_repair").arg("-n").arg(&back));
+    }
+
+    #[test]
+    fn an_xfs_with_a_log_to_replay_or_damaged_metadata_is_read_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        // A filesystem shut down with its log written but not checkpointed:
+        // what a crash snapshot of a busy filesystem holds.
+        let image = dir.path().join("crash.img");
+        xfs_image(&image, 320, &[]);
+        with_mounted(&image, |root| {
+            busy_files(root);
+            run(Command::new("xfs_io").args(["-x", "-c", "shutdown -f"]).arg(root));
+        });
+        let probe = FreeSpace::probe(device(&image));
+        eprintln!("{}", probe.not_used.join("\n"));
+        assert!(probe.free.is_none(), "a log to replay is not trusted");
+        assert!(probe.not_used.iter().any(|r| r.contains("log has changes to replay") && r.contains("its free blocks are read")), "{:?}", probe.not_used);
+
+        let clean = dir.path().join("clean.img");
+        xfs_image(&clean, 320, &["-d", "agcount=4"]);
+        with_mounted(&clean, busy_files);
+        let pristine = std::fs::read(&clean).unwrap();
+        let agblocks = u32::from_be_bytes(pristine[84..88].try_into().unwrap()) as usize;
+        // The AGF of group 1 changed behind its checksum.
+        let mut bytes = pristine.clone();
+        bytes[agblocks * 4096 + 512 + 52] ^= 1;
+        std::fs::write(&image, &bytes).unwrap();
+        let probe = FreeSpace::probe(device(&image));
+        assert!(probe.not_used.iter().any(|r| r.contains("the AGF of group 1") && r.contains("fails its checksum")), "{:?}", probe.not_used);
+        // The superblock.
+        let mut bytes = pristine.clone();
+        bytes[8] ^= 1;
+        std::fs::write(&image, &bytes).unwrap();
+        assert!(FreeSpace::probe(device(&image)).not_used.iter().any(|r| r.contains("the superblock") && r.contains("checksum")));
+        // A free-space tree block: its group's blocks are read, the others' are not.
+        let mut bytes = pristine.clone();
+        let root = u32::from_be_bytes(bytes[agblocks * 4096 + 512 + 16..][..4].try_into().unwrap()) as usize;
+        bytes[(agblocks + root) * 4096 + 100] ^= 0xff;
+        std::fs::write(&image, &bytes).unwrap();
+        let free = FreeSpace::probe(device(&image)).free.expect("the other groups are trusted");
+        let group = (agblocks * 4096) as u64;
+        assert!(free.free_in(group, group as usize).is_empty(), "group 1 is read whole");
+        assert!(!free.free_in(2 * group, group as usize).is_empty(), "group 2 is skipped");
+        assert!(free.unusable_groups() > 0);
+        // A log with no unmount record after its last changes.
+        let mut bytes = pristine.clone();
+        let logstart = u64::from_be_bytes(bytes[48..56].try_into().unwrap());
+        let agblklog = bytes[124];
+        let log = (((logstart >> agblklog) as usize) * agblocks + (logstart & ((1 << agblklog) - 1)) as usize) * 4096;
+        bytes[log..log + (1 << 20)].fill(0);
+        std::fs::write(&image, &bytes).unwrap();
+        let probe = FreeSpace::probe(device(&image));
+        eprintln!("{}", probe.not_used.join("\n"));
+        assert!(probe.free.is_none() && probe.not_used.iter().any(|r| r.contains("the log")), "a zeroed log is not trusted");
+    }
+
+    #[test]
+    fn any_xfs_metadata_is_probed_without_panic() {
+        // A small XFS (one group), its metadata overwritten at seeded random
+        // places: superblock, group headers, trees, log.
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("small.img");
+        std::fs::write(&image, vec![0u8; 16 << 20]).unwrap();
+        run(Command::new("mkfs.xfs").args(["-q", "-f", "-K", "--unsupported", "-m", "crc=0"]).arg(&image));
+        let pristine = std::fs::read(&image).unwrap();
+        assert!(probe_bytes(pristine.clone(), 1 << 20) > 0, "the pristine image has free ranges");
+        let logstart = u64::from_be_bytes(pristine[48..56].try_into().unwrap()) as usize * 4096;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..300 {
+            let mut bytes = pristine.clone();
+            for _ in 0..1 + next() % 6 {
+                let at = match next() % 3 {
+                    0 => (next() % 2048) as usize,
+                    1 => 4096 + (next() % 16384) as usize,
+                    _ => logstart + (next() % 4096) as usize,
+                };
+                bytes[at] = next() as u8;
+            }
+            let _ = probe_bytes(bytes, 1 << 20);
+        }
+    }
+
 }
