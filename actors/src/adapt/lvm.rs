@@ -479,7 +479,7 @@ pub fn place_lvs(pv: &PhysicalVolume) -> Vec<(String, LvPlace)> {
             }
             [seg] if seg.kind == "striped" => LvPlace::Unsupported(format!("it is striped over {} physical volumes", seg.stripe_count)),
             [seg] => LvPlace::Unsupported(format!("its segment type is {} (thin, RAID, mirror, cache and snapshot LVs need LVM itself)", seg.kind)),
-            segs => LvPlace::Unsupported(format!("it is made of {} segments, not one linear range; activate the volume group with LVM inside the VM instead", segs.len())),
+            segs => LvPlace::Unsupported(format!("it is made of {} segments, not one linear range (LVM itself maps it)", segs.len())),
         };
         out.push((lv.name.clone(), place));
     }

@@ -22,16 +22,17 @@
 //! cleanly unmounted filesystem, or one frozen when the view was taken), its
 //! free blocks read from each group's free-space tree ([`xfs`]).
 //!
-//! Filesystems read today: ext2/3/4, XFS and NTFS, on the whole volume or in
-//! an MBR or GPT partition of it. btrfs, filesystems in LVM logical volumes
-//! inside the volume and swap are read whole (their readers are to come).
+//! Filesystems read today: ext2/3/4, XFS and NTFS, on the whole volume, in an
+//! MBR or GPT partition of it, or in a linear LVM logical volume (one
+//! segment) on it. btrfs, swap and logical volumes of several segments are
+//! read whole (their readers are to come).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use super::device::{BlockDevice, DIRECT_ALIGN};
 use crate::proto::gossip::catalog::Consistency;
-use crate::adapt::layout::{list_volumes, Place, ReadAt};
+use crate::adapt::layout::{list_volumes, ReadAt};
 use crate::adapt::superblock::FsKind;
 use drmesh_winagent::ntfs::{Disk, NtfsError, NtfsVolume};
 use xfs::{LogState, XfsError, XfsLayout};
@@ -184,6 +185,11 @@ impl FreeSpace {
         let disk = ViewDisk(device.as_ref());
         let part = |start: u64, place: String, fs: Fs| Part { start, place, fs, cache: Mutex::new(Vec::new()) };
         // An NTFS boot sector at the start also looks like an MBR: it is the whole disk.
+        // Logical volumes the layout reader could not place (more than one
+        // segment, on another disk): read whole, with the reason.
+        for s in layout.skipped.iter().filter(|s| s.what.starts_with("logical volume")) {
+            not_used.push(format!("{}: {}; its free space is read", s.what, s.reason));
+        }
         let volumes = match NtfsVolume::open(&disk, 0, device.size()) {
             Err(NtfsError::NotNtfs) => layout.volumes,
             whole => {
@@ -195,12 +201,6 @@ impl FreeSpace {
             }
         };
         for v in &volumes {
-            if matches!(v.place, Place::LogicalVolume { .. }) {
-                if let Some(fs) = &v.filesystem {
-                    not_used.push(format!("{}: drmesh does not read the free space of {} in a logical volume yet", v.place_text(), fs.kind.name()));
-                }
-                continue;
-            }
             match v.filesystem.as_ref().map(|f| f.kind) {
                 Some(FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4) => match Part::probe_ext4(device.as_ref(), v.start_bytes, v.size_bytes) {
                     Ok(layout) => parts.push(part(v.start_bytes, v.place_text(), Fs::Ext4(layout))),
@@ -1213,6 +1213,54 @@ mod tests {
             }
             let _ = probe_bytes(bytes, 1 << 20);
         }
+    }
+
+
+    /// Runs the LVM tool `args[0]` on metadata only: nothing activated
+    /// (this kernel may have no device-mapper), no backup copies kept.
+    fn lvm(args: &[&str]) -> String {
+        run(Command::new(args[0]).args(["--config", "global{activation=0} backup{backup=0 archive=0}"]).args(&args[1..]))
+    }
+
+    #[test]
+    fn a_filesystem_in_a_linear_logical_volume_skips_its_free_space() {
+        // A disk that is one LVM physical volume, made by the real tools on a
+        // loop device: `data` is linear, `split` has two segments.
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("pv.img");
+        garbage_image(&image, 96);
+        let vg = format!("drmeshfs{}", std::process::id());
+        let loop_dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&image)).trim().to_string();
+        struct Detach(String);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = Command::new("losetup").args(["-d", &self.0]).status();
+            }
+        }
+        let detach = Detach(loop_dev.clone());
+        lvm(&["pvcreate", "-q", "-ff", "-y", &loop_dev]);
+        lvm(&["vgcreate", "-q", "-s", "4m", &vg, &loop_dev]);
+        for (lv, size) in [("data", "32m"), ("split", "8m"), ("gap", "4m")] {
+            lvm(&["lvcreate", "-q", "-y", "-an", "-Wn", "-Zn", "-n", lv, "-L", size, &vg]);
+        }
+        lvm(&["lvextend", "-q", "-L", "+8m", &format!("{vg}/split")]);
+        let pe_start: u64 = lvm(&["pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", &loop_dev]).trim().parse().unwrap();
+        drop(detach);
+        // ext4 in `data` (extents 0-7) and in the first segment of `split` (8-9).
+        let files = dir.path().join("files");
+        some_files(&files);
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E"]).arg(format!("nodiscard,offset={pe_start}")).arg("-d").arg(&files).arg(&image).arg("32M"));
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E"]).arg(format!("nodiscard,offset={}", pe_start + (32 << 20))).arg(&image).arg("8M"));
+
+        let probe = FreeSpace::probe(device(&image));
+        let free = probe.free.as_ref().unwrap_or_else(|| panic!("no free space found: {:?}", probe.not_used));
+        assert!(free.describe().starts_with(&format!("ext4 on logical volume {vg}/data (")), "{}", free.describe());
+        assert!(probe.not_used.iter().any(|r| r.starts_with(&format!("logical volume {vg}/split: ")) && r.contains("segments")), "{:?}", probe.not_used);
+        let n = check_against_dumpe2fs(&image, pe_start, 4096, 32 << 20);
+        eprintln!("{n} free blocks in {vg}/data; {}", probe.not_used.join("; "));
+        // Nothing outside `data` is free: the PV's label and metadata, the other LVs.
+        assert!(free.free_in(0, pe_start as usize).is_empty());
+        assert!(free.free_in(pe_start + (32 << 20), 64 << 20).is_empty());
     }
 
 }
