@@ -267,6 +267,8 @@ pub struct PvEntry {
     pub id: String,
     /// Where its extents start, in 512-byte sectors.
     pub pe_start: u64,
+    /// How many extents it has (0 when the metadata does not say).
+    pub pe_count: u64,
 }
 
 /// What the metadata text says about a volume group.
@@ -306,6 +308,7 @@ pub fn volume_group(tree: &[(String, Node)]) -> Result<VolumeGroup, String> {
             name: pv_name.clone(),
             id: string(pv, "id").unwrap_or_default().replace('-', ""),
             pe_start: uint(pv, "pe_start", pv_name)?,
+            pe_count: int(pv, "pe_count").and_then(|i| u64::try_from(i).ok()).unwrap_or(0),
         });
     }
     let mut lvs = Vec::new();
@@ -452,6 +455,44 @@ pub enum LvPlace {
     Unsupported(String),
 }
 
+/// Segment types whose data lies in other (hidden) LVs, never directly on
+/// a PV, or nowhere.
+const SEGMENTS_WITHOUT_EXTENTS: &[&str] = &["snapshot", "thin", "thin-pool", "error", "zero"];
+
+/// Which extents of `pv` the volume group allocates to some LV (visible or
+/// hidden): entry `i` is true when extent `i` is. An error, and nothing
+/// called unallocated, when the metadata does not say how many extents the
+/// PV has, or holds a segment type that may place data on PVs some other
+/// way (mirrors, RAID, caches, a pvmove in progress) or extents past the PV.
+pub fn allocated_extents(pv: &PhysicalVolume) -> Result<(PvEntry, Vec<bool>), String> {
+    let vg = &pv.vg;
+    let me = vg.pvs.iter().find(|p| p.id == pv.id).ok_or("the volume group's metadata does not list this physical volume")?;
+    if me.pe_count == 0 {
+        return Err("its metadata does not say how many extents it has".into());
+    }
+    let count = usize::try_from(me.pe_count).map_err(|_| "too many extents")?;
+    if count > 1 << 28 {
+        return Err(format!("{count} extents"));
+    }
+    let mut used = vec![false; count];
+    for lv in &vg.lvs {
+        for seg in &lv.segments {
+            if SEGMENTS_WITHOUT_EXTENTS.contains(&seg.kind.as_str()) {
+                continue;
+            }
+            if seg.kind != "striped" || seg.stripe_count == 0 || seg.stripes.len() as u64 != seg.stripe_count || seg.extent_count % seg.stripe_count != 0 {
+                return Err(format!("logical volume {} has a segment of type {} drmesh does not map", lv.name, seg.kind));
+            }
+            let per_stripe = seg.extent_count / seg.stripe_count;
+            for (_, first) in seg.stripes.iter().filter(|(name, _)| *name == me.name) {
+                let end = first.checked_add(per_stripe).filter(|&e| e <= me.pe_count).ok_or_else(|| format!("logical volume {} has extents past the end of the physical volume", lv.name))?;
+                used[*first as usize..end as usize].fill(true);
+            }
+        }
+    }
+    Ok((me.clone(), used))
+}
+
 /// Where each visible LV of `pv`'s volume group is, seen from this PV.
 pub fn place_lvs(pv: &PhysicalVolume) -> Vec<(String, LvPlace)> {
     let vg = &pv.vg;
@@ -584,7 +625,7 @@ creation_time = 1700000000	# Tue Dec  5 00:00:00 2023
         let vg = volume_group(&parse_text(TEXT).unwrap()).unwrap();
         assert_eq!(vg.name, "vg0");
         assert_eq!(vg.extent_sectors, 8192);
-        assert_eq!(vg.pvs, vec![PvEntry { name: "pv0".into(), id: "AbCdEf0123456789abcdefghijklmnop".into(), pe_start: 2048 }]);
+        assert_eq!(vg.pvs, vec![PvEntry { name: "pv0".into(), id: "AbCdEf0123456789abcdefghijklmnop".into(), pe_start: 2048, pe_count: 5119 }]);
         let pv = PhysicalVolume { id: "AbCdEf0123456789abcdefghijklmnop".into(), vg };
         let places = place_lvs(&pv);
         assert_eq!(places.len(), 3, "the hidden pool_tmeta is not listed: {places:?}");
@@ -593,6 +634,28 @@ creation_time = 1700000000	# Tue Dec  5 00:00:00 2023
         assert!(matches!(&places[2], (n, LvPlace::Unsupported(r)) if n == "thin" && r.contains("thin")));
         let other = PhysicalVolume { id: "someoneelse".into(), vg: pv.vg.clone() };
         assert_eq!(place_lvs(&other)[0].1, LvPlace::OnOtherPv("pv0".into()));
+    }
+
+    #[test]
+    fn allocated_extents_cover_every_lv_hidden_ones_too() {
+        let vg = volume_group(&parse_text(TEXT).unwrap()).unwrap();
+        let pv = PhysicalVolume { id: "AbCdEf0123456789abcdefghijklmnop".into(), vg };
+        let (entry, used) = allocated_extents(&pv).unwrap();
+        assert_eq!((entry.pe_count, used.len()), (5119, 5119));
+        let held: Vec<usize> = (0..used.len()).filter(|&i| used[i]).collect();
+        let want: Vec<usize> = (0..2560).chain(2560..2660).chain(3000..3100).chain([4000]).collect();
+        assert_eq!(held, want, "root, both segments of home, the hidden pool_tmeta; thin holds none");
+        // A RAID or mirror segment may place data some other way: nothing is called unallocated.
+        let raid = TEXT.replace(r#"type = "thin" thin_pool = "pool""#, r#"type = "raid1" raids = ["a_rmeta_0", "a_rimage_0"]"#);
+        let pv = PhysicalVolume { id: pv.id.clone(), vg: volume_group(&parse_text(&raid).unwrap()).unwrap() };
+        assert!(allocated_extents(&pv).unwrap_err().contains("type raid1"));
+        // Extents past the PV's end, and a PV whose extent count is missing.
+        let past = TEXT.replace(r#"stripes = ["pv0", 4000]"#, r#"stripes = ["pv0", 5119]"#);
+        let pv = PhysicalVolume { id: pv.id.clone(), vg: volume_group(&parse_text(&past).unwrap()).unwrap() };
+        assert!(allocated_extents(&pv).unwrap_err().contains("past the end"));
+        let uncounted = TEXT.replace("pe_count = 5119", "");
+        let pv = PhysicalVolume { id: pv.id.clone(), vg: volume_group(&parse_text(&uncounted).unwrap()).unwrap() };
+        assert!(allocated_extents(&pv).is_err());
     }
 
     #[test]

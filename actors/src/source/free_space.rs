@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use super::device::{BlockDevice, DIRECT_ALIGN};
 use crate::proto::gossip::catalog::Consistency;
 use crate::adapt::layout::{list_volumes, ReadAt};
+use crate::adapt::lvm;
 use crate::adapt::superblock::FsKind;
 use drmesh_winagent::ntfs::{Disk, NtfsError, NtfsVolume};
 use xfs::{LogState, XfsError, XfsLayout};
@@ -100,7 +101,8 @@ struct Part {
     cache: Mutex<Vec<(u64, Arc<GroupBits>)>>,
 }
 
-/// A filesystem the reader knows, checked.
+/// An allocation map the reader knows, checked: a filesystem's, or the
+/// extents of an LVM physical volume no logical volume holds.
 enum Fs {
     /// ext2/3/4: block groups, each with its block bitmap.
     Ext4(Ext4Layout),
@@ -108,6 +110,35 @@ enum Fs {
     Ntfs(NtfsVolume),
     /// XFS: allocation groups with free-space trees, read [`XFS_GROUP_BLOCKS`] blocks at a time.
     Xfs(XfsLayout),
+    /// An LVM physical volume's data area: its extents no logical volume holds.
+    LvmPv(PvExtents),
+}
+
+/// The extents of an LVM physical volume, in units small enough for any
+/// volume block (a whole 4 MiB extent would not fit in a 1 MiB block).
+struct PvExtents {
+    /// Bytes per unit (4096, or 512 when extents or their start are not 4 KiB-aligned).
+    unit: u64,
+    /// Bytes per extent.
+    extent_bytes: u64,
+    /// Entry `i`: extent `i` is held by a logical volume.
+    allocated: Vec<bool>,
+}
+
+impl PvExtents {
+    /// Units per group of the reader's cache.
+    const GROUP_UNITS: u64 = 32768;
+
+    fn bits(&self, group: u64) -> Vec<u8> {
+        let mut bits = vec![0u8; (Self::GROUP_UNITS / 8) as usize];
+        for i in 0..Self::GROUP_UNITS {
+            let extent = ((group * Self::GROUP_UNITS + i) * self.unit / self.extent_bytes) as usize;
+            if self.allocated.get(extent).copied().unwrap_or(true) {
+                bits[(i / 8) as usize] |= 1 << (i % 8);
+            }
+        }
+        bits
+    }
 }
 
 /// Blocks of an XFS filesystem whose allocation is looked up at a time (a
@@ -135,6 +166,7 @@ impl Fs {
             Fs::Ext4(l) => Geometry { unit: l.sb.block_bytes, first: u64::from(l.sb.first_data_block), units: l.sb.blocks, per_group: u64::from(l.sb.blocks_per_group) },
             Fs::Ntfs(v) => Geometry { unit: v.cluster_bytes(), first: 0, units: v.clusters(), per_group: NTFS_GROUP_BYTES * 8 },
             Fs::Xfs(x) => Geometry { unit: x.block_bytes(), first: 0, units: x.blocks(), per_group: XFS_GROUP_BLOCKS },
+            Fs::LvmPv(p) => Geometry { unit: p.unit, first: 0, units: p.allocated.len() as u64 * p.extent_bytes / p.unit, per_group: PvExtents::GROUP_UNITS },
         }
     }
 }
@@ -215,7 +247,21 @@ impl FreeSpace {
                     Ok(layout) => parts.push(part(v.start_bytes, v.place_text(), Fs::Xfs(layout))),
                     Err(source) => not_used.push(format!("{}: {}", v.place_text(), FreeSpaceError::XfsUntrusted { device: device.describe().to_string(), source })),
                 },
-                Some(FsKind::LvmPv | FsKind::Swap) => {}
+                Some(FsKind::LvmPv) => match lvm::read_pv(&disk, v.start_bytes, v.size_bytes).and_then(|pv| Ok((lvm::allocated_extents(&pv)?, pv.vg.extent_sectors * 512))) {
+                    Ok(((entry, allocated), extent_bytes)) if allocated.contains(&false) => {
+                        let start = v.start_bytes + entry.pe_start * 512;
+                        let unit = if extent_bytes % 4096 == 0 && start % 4096 == 0 { 4096 } else { 512 };
+                        let inside = allocated.len() as u64 * extent_bytes <= v.size_bytes.saturating_sub(entry.pe_start * 512);
+                        if inside && extent_bytes % unit == 0 {
+                            parts.push(part(start, format!("LVM physical volume on {}", v.place_text()), Fs::LvmPv(PvExtents { unit, extent_bytes, allocated })));
+                        } else {
+                            not_used.push(format!("{}: LVM physical volume whose extents do not fit it; its unallocated extents are read", v.place_text()));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(reason) => not_used.push(format!("{}: LVM physical volume: {reason}; its unallocated extents are read", v.place_text())),
+                },
+                Some(FsKind::Swap) => {}
                 Some(other) => not_used.push(format!("{}: drmesh does not read the free space of {} yet", v.place_text(), other.name())),
             }
         }
@@ -237,6 +283,10 @@ impl FreeSpace {
                         LogState::Covered => "frozen",
                     };
                     format!("XFS on {} ({} of {} MiB free, {log})", p.place, x.free_blocks().saturating_mul(x.block_bytes()) >> 20, x.blocks().saturating_mul(x.block_bytes()) >> 20)
+                }
+                Fs::LvmPv(e) => {
+                    let free = e.allocated.iter().filter(|a| !**a).count() as u64;
+                    format!("unallocated extents of the {} ({} of {} MiB)", p.place, free.saturating_mul(e.extent_bytes) >> 20, (e.allocated.len() as u64).saturating_mul(e.extent_bytes) >> 20)
                 }
             })
             .collect();
@@ -274,7 +324,17 @@ impl FreeSpace {
                 block += 1;
             }
         }
-        out
+        // Parts are in disk order but may interleave (a physical volume's
+        // unallocated extents around its logical volumes): sort and merge.
+        out.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<usize>> = Vec::with_capacity(out.len());
+        for r in out {
+            match merged.last_mut() {
+                Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        merged
     }
 }
 
@@ -353,6 +413,7 @@ impl Part {
                 }
                 (bits, None) => Ok(bits),
             },
+            Fs::LvmPv(e) => Ok(e.bits(group)),
         };
         match loaded {
             Ok(bits) => GroupBits::Bits(bits),
@@ -796,7 +857,7 @@ mod tests {
         assert!(extra.is_empty(), "blocks dumpe2fs says are used are called free: {extra:?}");
         let missing: Vec<_> = want.difference(&ours).take(10).collect();
         assert!(missing.is_empty(), "free blocks dumpe2fs lists are read: {missing:?}");
-        let Fs::Ext4(layout) = &free.parts[0].fs else { panic!("not ext4") };
+        let Some(Fs::Ext4(layout)) = free.parts.iter().map(|p| &p.fs).find(|fs| matches!(fs, Fs::Ext4(_))) else { panic!("no ext4") };
         let uninit = layout.groups.iter().filter(|g| g.block_uninit).count();
         eprintln!("{uninit} of {} groups uninitialized", layout.groups.len());
         assert_eq!(free.unusable_groups(), 0);
@@ -1254,13 +1315,25 @@ mod tests {
 
         let probe = FreeSpace::probe(device(&image));
         let free = probe.free.as_ref().unwrap_or_else(|| panic!("no free space found: {:?}", probe.not_used));
-        assert!(free.describe().starts_with(&format!("ext4 on logical volume {vg}/data (")), "{}", free.describe());
+        assert!(free.describe().contains(&format!("ext4 on logical volume {vg}/data (")), "{}", free.describe());
         assert!(probe.not_used.iter().any(|r| r.starts_with(&format!("logical volume {vg}/split: ")) && r.contains("segments")), "{:?}", probe.not_used);
-        let n = check_against_dumpe2fs(&image, pe_start, 4096, 32 << 20);
-        eprintln!("{n} free blocks in {vg}/data; {}", probe.not_used.join("; "));
-        // Nothing outside `data` is free: the PV's label and metadata, the other LVs.
+        eprintln!("{}; {}", free.describe(), probe.not_used.join("; "));
+        // Extents 0-12 are held (data 0-7, split 8-9 and 11-12, gap 10); the
+        // physical volume's other extents are unallocated: not read.
+        let ext = 4u64 << 20;
+        let unallocated_from = pe_start + 13 * ext;
+        let unallocated = free.free_in(unallocated_from, (96 << 20) - unallocated_from as usize);
+        assert_eq!(unallocated.first().map(|r| r.start), Some(0), "{unallocated:?}");
+        assert!(unallocated[0].end as u64 >= 9 * ext, "{unallocated:?}");
+        assert!(free.describe().contains(&format!("unallocated extents of the LVM physical volume on the whole disk ({} of", unallocated[0].end >> 20)), "{}", free.describe());
+        // Nothing else is free but `data`'s free blocks: the PV's label and
+        // metadata, the other LVs, the end of the disk past the last extent.
         assert!(free.free_in(0, pe_start as usize).is_empty());
-        assert!(free.free_in(pe_start + (32 << 20), 64 << 20).is_empty());
+        assert!(free.free_in(pe_start + (32 << 20), 5 * ext as usize).is_empty());
+        let after = unallocated_from + unallocated[0].end as u64;
+        assert!(free.free_in(after, ((96 << 20) - after) as usize).is_empty());
+        let n = check_against_dumpe2fs(&image, pe_start, 4096, 32 << 20);
+        eprintln!("{n} free blocks in {vg}/data");
     }
 
 }
