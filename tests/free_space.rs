@@ -141,6 +141,11 @@ fn free_blocks_are_not_read_sent_or_restored() {
     assert_eq!(skip["free_skipped_bytes"].as_u64().unwrap(), free_bytes, "every free block, and only those, skipped");
     assert_eq!(read["free_space"], "read: the volume has free_space = \"read\"");
     assert_eq!(read["free_skipped_bytes"], 0);
+    // Bytes read: every byte when free space is read; with skip, not the
+    // volume blocks wholly free (partly used ones are read, then zeroed).
+    let (volume, skip_read) = (source.len() as u64, skip["scanned_bytes"].as_u64().unwrap());
+    assert_eq!(read["scanned_bytes"].as_u64(), Some(volume));
+    assert!(skip_read < volume && skip_read >= volume - free_bytes, "skip read {skip_read} of {volume} bytes, {free_bytes} free");
     // Totals over every cycle of each replication: the node's first scheduled
     // cycle may have run before the asked one, which then sent nothing new.
     let (skip_sent, read_sent) = (total(&mesh, "disk", "sent_payload_bytes"), total(&mesh, "full", "sent_payload_bytes"));

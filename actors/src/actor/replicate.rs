@@ -78,7 +78,8 @@ pub struct CycleReport {
     pub seq: RpSeq,
     /// Volume size.
     pub volume_bytes: u64,
-    /// Bytes read from the source.
+    /// Bytes read from the source (volume blocks of wholly free space,
+    /// which were not read, are not counted).
     pub scanned_bytes: u64,
     /// What the block-reader read and why: "full scan (file)", "changed
     /// blocks (kmod): N of M", "everything (kmod): REASON".
@@ -554,7 +555,8 @@ async fn run_cycle_on(
         target: cfg.target,
         seq,
         volume_bytes,
-        scanned_bytes: scan_stats.scanned_bytes,
+        // The scan handled every block of its read set; free blocks it did not read are not "read".
+        scanned_bytes: scan_stats.scanned_bytes.saturating_sub(free_space.1.as_ref().map_or(0, FileSource::free_unread)),
         read_plan,
         full_offer,
         stats: session.stats().clone(),

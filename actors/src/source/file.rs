@@ -35,6 +35,8 @@ pub struct FileSource {
     free: Option<Arc<FreeSpace>>,
     /// Bytes of free space not read or zeroed so far.
     free_skipped: Arc<std::sync::atomic::AtomicU64>,
+    /// Of those, the bytes of blocks wholly free, not read at all.
+    free_unread: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn io<'a>(op: &'static str, device: &'a dyn BlockDevice) -> impl FnOnce(std::io::Error) -> SourceError + 'a {
@@ -49,7 +51,7 @@ impl FileSource {
 
     /// Reads `device` in blocks of `block_bytes`.
     pub fn on(device: Arc<dyn BlockDevice>, block_bytes: u32) -> FileSource {
-        FileSource { volume_bytes: device.size(), device, block_bytes, free: None, free_skipped: Default::default() }
+        FileSource { volume_bytes: device.size(), device, block_bytes, free: None, free_skipped: Default::default(), free_unread: Default::default() }
     }
 
     /// Reads the free blocks of `free` (the filesystem on this view) as
@@ -63,6 +65,12 @@ impl FileSource {
     /// Bytes of free filesystem space this source did not read or zeroed.
     pub fn free_skipped(&self) -> u64 {
         self.free_skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of volume blocks wholly free, which this source did not read
+    /// (part of [`FileSource::free_skipped`]).
+    pub fn free_unread(&self) -> u64 {
+        self.free_unread.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Size of the volume in bytes.
@@ -121,13 +129,20 @@ impl FileSource {
     /// which read failed.
     pub fn read_run(&self, first: u64, count: usize) -> Result<Vec<BlockData>, SourceError> {
         let (out, free) = self.read_run_untallied(first, count)?;
-        self.free_skipped.fetch_add(free, std::sync::atomic::Ordering::Relaxed);
+        self.tally(free);
         Ok(out)
     }
 
+    /// Counts free space a read kept: `(not read or zeroed, not read)`.
+    fn tally(&self, (skipped, unread): (u64, u64)) {
+        self.free_skipped.fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
+        self.free_unread.fetch_add(unread, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// [`FileSource::read_run`], returning the bytes of free space it did
-    /// not read or zeroed instead of counting them.
-    fn read_run_untallied(&self, first: u64, count: usize) -> Result<(Vec<BlockData>, u64), SourceError> {
+    /// not read or zeroed, and of those the bytes not read, instead of
+    /// counting them.
+    fn read_run_untallied(&self, first: u64, count: usize) -> Result<(Vec<BlockData>, (u64, u64)), SourceError> {
         let mut out = Vec::with_capacity(count);
         let end = first + count as u64;
         let bs = u64::from(self.block_bytes);
@@ -136,12 +151,13 @@ impl FileSource {
             None => Vec::new(),
         };
         let wholly_free = |b: u64| free.get((b - first) as usize).is_some_and(|r| r.len() == 1 && r[0] == (0..self.block_len(b)));
-        let mut skipped = 0u64;
+        let (mut skipped, mut unread) = (0u64, 0u64);
         let mut at = first;
         while at < end {
             if wholly_free(at) {
                 out.push(BlockData::zeros(self.block_len(at)));
                 skipped += self.block_len(at) as u64;
+                unread += self.block_len(at) as u64;
                 at += 1;
                 continue;
             }
@@ -158,7 +174,7 @@ impl FileSource {
                 data.zero(r.clone());
             }
         }
-        Ok((out, skipped))
+        Ok((out, (skipped, unread)))
     }
 
     fn read_vectored(&self, first: u64, count: usize) -> Result<Vec<BlockData>, SourceError> {
@@ -403,7 +419,7 @@ impl ReadAhead {
             // Free space is counted only where the scan will not read it again.
             match source.read_run_untallied(start, (end - start) as usize) {
                 Ok((datas, free)) if datas.iter().all(|d| crate::content::is_all_zero(d)) => {
-                    source.free_skipped.fetch_add(free, Ordering::Relaxed);
+                    source.tally(free);
                     credit.zero_from.store(start, Ordering::Relaxed);
                     end = start;
                 }
