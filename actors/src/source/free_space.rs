@@ -24,8 +24,9 @@
 //!
 //! Filesystems read today: ext2/3/4, XFS and NTFS, on the whole volume, in an
 //! MBR or GPT partition of it, or in a linear LVM logical volume (one
-//! segment) on it. btrfs, swap and logical volumes of several segments are
-//! read whole (their readers are to come).
+//! segment) on it; besides them, the extents of an LVM physical volume no
+//! logical volume holds, and swap areas past their header. btrfs and logical
+//! volumes of several segments are read whole (their readers are to come).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -112,6 +113,13 @@ enum Fs {
     Xfs(XfsLayout),
     /// An LVM physical volume's data area: its extents no logical volume holds.
     LvmPv(PvExtents),
+    /// A swap area past its header page: every page, as a booting system
+    /// never reads what a swap area held before (a hibernation image changes
+    /// the signature, and such an area is not this).
+    Swap {
+        /// Pages of 4 KiB after the header.
+        pages: u64,
+    },
 }
 
 /// The extents of an LVM physical volume, in units small enough for any
@@ -167,6 +175,7 @@ impl Fs {
             Fs::Ntfs(v) => Geometry { unit: v.cluster_bytes(), first: 0, units: v.clusters(), per_group: NTFS_GROUP_BYTES * 8 },
             Fs::Xfs(x) => Geometry { unit: x.block_bytes(), first: 0, units: x.blocks(), per_group: XFS_GROUP_BLOCKS },
             Fs::LvmPv(p) => Geometry { unit: p.unit, first: 0, units: p.allocated.len() as u64 * p.extent_bytes / p.unit, per_group: PvExtents::GROUP_UNITS },
+            Fs::Swap { pages } => Geometry { unit: 4096, first: 0, units: *pages, per_group: 32768 },
         }
     }
 }
@@ -261,7 +270,10 @@ impl FreeSpace {
                     Ok(_) => {}
                     Err(reason) => not_used.push(format!("{}: LVM physical volume: {reason}; its unallocated extents are read", v.place_text())),
                 },
-                Some(FsKind::Swap) => {}
+                Some(FsKind::Swap) => match swap_header(device.as_ref(), v.start_bytes, v.size_bytes) {
+                    Ok(header) => parts.push(part(v.start_bytes + header, v.place_text(), Fs::Swap { pages: (v.size_bytes - header) / 4096 })),
+                    Err(reason) => not_used.push(format!("{}: swap area: {reason}; it is read", v.place_text())),
+                },
                 Some(other) => not_used.push(format!("{}: drmesh does not read the free space of {} yet", v.place_text(), other.name())),
             }
         }
@@ -284,6 +296,7 @@ impl FreeSpace {
                     };
                     format!("XFS on {} ({} of {} MiB free, {log})", p.place, x.free_blocks().saturating_mul(x.block_bytes()) >> 20, x.blocks().saturating_mul(x.block_bytes()) >> 20)
                 }
+                Fs::Swap { pages } => format!("swap on {} ({} MiB)", p.place, pages.saturating_mul(4096) >> 20),
                 Fs::LvmPv(e) => {
                     let free = e.allocated.iter().filter(|a| !**a).count() as u64;
                     format!("unallocated extents of the {} ({} of {} MiB)", p.place, free.saturating_mul(e.extent_bytes) >> 20, (e.allocated.len() as u64).saturating_mul(e.extent_bytes) >> 20)
@@ -414,6 +427,7 @@ impl Part {
                 (bits, None) => Ok(bits),
             },
             Fs::LvmPv(e) => Ok(e.bits(group)),
+            Fs::Swap { .. } => Ok(vec![0u8; 32768 / 8]),
         };
         match loaded {
             Ok(bits) => GroupBits::Bits(bits),
@@ -424,6 +438,18 @@ impl Part {
             }
         }
     }
+}
+
+/// The bytes of the header of the swap area at `start` (its first page,
+/// where the signature, the UUID and the bad-page list are), when the area
+/// is a Linux swap area of version 1 with its signature intact.
+fn swap_header(device: &dyn BlockDevice, start: u64, size: u64) -> Result<u64, String> {
+    let head = read_exact(device, start, (64 << 10).min(size)).map_err(|e| e.to_string())?;
+    let page = [4096usize, 8192, 16384, 65536].into_iter().find(|&p| head.get(p - 10..p) == Some(b"SWAPSPACE2".as_slice())).ok_or("no SWAPSPACE2 signature")?;
+    if u32_at(&head, 1024) != 1 {
+        return Err(format!("its header has version {}, not 1", u32_at(&head, 1024)));
+    }
+    Ok(page as u64)
 }
 
 /// What a cycle does with free space: the map to skip by, if any, and why.
@@ -455,7 +481,7 @@ pub fn plan(setting: drmesh_topology::FreeSpace, consistency: Consistency, devic
             }
             FreeSpacePlan { free: Some(Arc::new(free)), how }
         }
-        None if probe.not_used.is_empty() => read("no filesystem found whose free space drmesh reads (ext2, ext3, ext4, XFS, NTFS)".into()),
+        None if probe.not_used.is_empty() => read("nothing found whose free space drmesh reads (ext2, ext3, ext4, XFS, NTFS, swap, LVM)".into()),
         None => read(probe.not_used.join("; ")),
     }
 }
@@ -1334,6 +1360,56 @@ mod tests {
         assert!(free.free_in(after, ((96 << 20) - after) as usize).is_empty());
         let n = check_against_dumpe2fs(&image, pe_start, 4096, 32 << 20);
         eprintln!("{n} free blocks in {vg}/data");
+    }
+
+
+    #[test]
+    fn a_swap_area_is_skipped_past_its_header_unless_it_holds_a_hibernation_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let swap = dir.path().join("swap.img");
+        garbage_image(&swap, 16);
+        run(Command::new("mkswap").arg("-q").arg(&swap));
+        let area = std::fs::read(&swap).unwrap();
+        // Partition 2 of a GPT disk holds the swap area.
+        let disk = dir.path().join("disk.img");
+        garbage_image(&disk, 64);
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(&disk).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let mut child = sfdisk.spawn().expect("sfdisk (scripts/install-deps installs it)");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"label: gpt\nstart=2048, size=32768, type=L\nstart=34816, size=32768, type=S\n").unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "sfdisk failed");
+        let mut bytes = std::fs::read(&disk).unwrap();
+        let at = 34816 * 512;
+        bytes[at..at + area.len()].copy_from_slice(&area);
+        std::fs::write(&disk, &bytes).unwrap();
+        let probe = FreeSpace::probe(device(&disk));
+        let free = probe.free.unwrap_or_else(|| panic!("no swap found: {:?}", probe.not_used));
+        assert_eq!(free.describe(), "swap on partition 2 (GPT type Linux swap) (15 MiB)");
+        // All of it but the header page; nothing before or after.
+        assert_eq!(free.free_in(at as u64, 16 << 20), vec![4096..16 << 20]);
+        assert!(free.free_in(0, at).is_empty());
+        assert!(free.free_in((at + (16 << 20)) as u64, (64 << 20) - at - (16 << 20)).is_empty());
+        // What is read of it is still a swap area: its header, as mkswap wrote it.
+        let source = FileSource::on(device(&disk), 1 << 20).with_free_space(Arc::new(free));
+        let read: Vec<u8> = source.read_run(0, source.block_count() as usize).unwrap().iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(&read[at..at + 4096], &area[..4096]);
+        assert!(read[at + 4096..at + (16 << 20)].iter().all(|&b| b == 0));
+        let back = dir.path().join("back.img");
+        std::fs::write(&back, &read[at..at + (16 << 20)]).unwrap();
+        let said = run(Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE"]).arg(&back));
+        assert_eq!(said.trim(), "swap");
+
+        // A swap area holding a hibernation image has another signature: read.
+        let mut hibernated = area.clone();
+        hibernated[4086..4096].copy_from_slice(b"S1SUSPEND\0");
+        std::fs::write(&swap, &hibernated).unwrap();
+        let probe = FreeSpace::probe(device(&swap));
+        assert!(probe.free.is_none(), "a hibernation image is never skipped");
+        // The whole disk a swap area.
+        std::fs::write(&swap, &area).unwrap();
+        let free = FreeSpace::probe(device(&swap)).free.unwrap();
+        assert_eq!(free.describe(), "swap on the whole disk (15 MiB)");
     }
 
 }
