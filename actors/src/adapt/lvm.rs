@@ -480,7 +480,7 @@ pub fn allocated_extents(pv: &PhysicalVolume) -> Result<(PvEntry, Vec<bool>), St
             if SEGMENTS_WITHOUT_EXTENTS.contains(&seg.kind.as_str()) {
                 continue;
             }
-            if seg.kind != "striped" || seg.stripe_count == 0 || seg.stripes.len() as u64 != seg.stripe_count || seg.extent_count % seg.stripe_count != 0 {
+            if seg.kind != "striped" || seg.stripe_count == 0 || seg.stripes.len() as u64 != seg.stripe_count || !seg.extent_count.is_multiple_of(seg.stripe_count) {
                 return Err(format!("logical volume {} has a segment of type {} drmesh does not map", lv.name, seg.kind));
             }
             let per_stripe = seg.extent_count / seg.stripe_count;

@@ -28,6 +28,7 @@ pub mod freeze;
 pub mod hooks;
 pub mod kmod;
 pub mod lvm;
+pub mod nbd;
 pub mod reflink;
 
 /// A set of block indices of a volume (the blocks a cycle reads).

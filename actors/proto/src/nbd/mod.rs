@@ -40,6 +40,7 @@
 //!
 //! Nothing here reads a clock, does I/O or spawns, and no input makes it panic.
 
+pub mod client;
 pub mod wire;
 
 use std::collections::{BTreeMap, VecDeque};

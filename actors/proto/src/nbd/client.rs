@@ -1,0 +1,781 @@
+//! NBD client core (sans-IO): one connection to an NBD server, client side,
+//! as a proxy node reads a VM's disk from qemu (or qemu-storage-daemon,
+//! qemu-nbd) without an agent in the VM.
+//!
+//! - **Handshake**: fixed newstyle. `STRUCTURED_REPLY` (a server without
+//!   them is still read, with simple replies, but offers no block status),
+//!   then `SET_META_CONTEXT` with the contexts asked for (`base:allocation`,
+//!   `qemu:dirty-bitmap:NAME`), then `GO` for the export. A refused export or
+//!   context request closes the connection with the server's message.
+//! - **Transmission**: `READ` (simple or structured replies: data and hole
+//!   chunks must cover the request exactly once), `BLOCK_STATUS` (the
+//!   server describes every granted context; the one asked for is kept),
+//!   `DISC`. Requests may be pipelined; replies are matched
+//!   by cookie in any order.
+//!
+//! Driving it: write [`NbdClient::poll_transmit`] to the socket after every
+//! call; feed what the socket reads to [`NbdClient::handle_input`] (any
+//! split) and its end to [`NbdClient::handle_eof`]; drain
+//! [`NbdClient::poll_event`]. A server that breaks the protocol closes the
+//! connection with an [`NbdClientError`] that says what it sent; no input
+//! makes the core panic, and it buffers at most one reply chunk (a read's
+//! data is at most [`MAX_READ_BYTES`]).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use super::wire::*;
+
+/// Largest read asked for at once (the common server limit).
+pub const MAX_READ_BYTES: u32 = 32 << 20;
+/// Largest option reply accepted during the handshake.
+const MAX_OPTION_REPLY_BYTES: u32 = 64 << 10;
+/// Largest reply chunk accepted: a read's data and its offset, or block
+/// status descriptors (the spec recommends at most 2^20 of them).
+const MAX_CHUNK_BYTES: u32 = MAX_READ_BYTES + 64 + (1 << 23);
+/// `NBD_REPLY_TYPE_ERROR_OFFSET`.
+const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+/// Why a connection ended or a call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NbdClientError {
+    /// The server sent something the protocol does not allow.
+    #[error("the NBD server broke the protocol: {0}")]
+    Protocol(String),
+    /// The server refused an option of the handshake.
+    #[error("the NBD server refused {what}: {message}")]
+    Refused {
+        /// What was asked ("export \"vm1\"", "meta context qemu:dirty-bitmap:b0").
+        what: String,
+        /// The server's reason (its message, or the reply type).
+        message: String,
+    },
+    /// The server closed the connection.
+    #[error("the NBD server closed the connection {0}")]
+    Closed(&'static str),
+    /// A call that does not fit the connection's state or the export.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A request's number, to match its [`ClientEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// A request the server answered with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// The NBD error number (5 = EIO, 22 = EINVAL...).
+    pub errno: u32,
+    /// The server's message, if it sent one.
+    pub message: String,
+}
+
+/// A run of bytes with the same status in one meta context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    /// Its first byte.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The context's flags: for `base:allocation` [`STATE_HOLE`] and
+    /// [`STATE_ZERO`], for `qemu:dirty-bitmap:NAME` 1 when dirty.
+    pub flags: u32,
+}
+
+/// What the connection has to say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The handshake is done: the export is open.
+    Ready {
+        /// Its size in bytes.
+        size: u64,
+        /// Whether the server refuses writes to it.
+        read_only: bool,
+        /// The meta contexts the server granted, of those asked for.
+        contexts: Vec<String>,
+    },
+    /// A read finished.
+    Read {
+        /// Which.
+        id: RequestId,
+        /// The bytes, exactly as many as asked for.
+        result: Result<Vec<u8>, RequestError>,
+    },
+    /// A block status request finished.
+    BlockStatus {
+        /// Which.
+        id: RequestId,
+        /// The extents from the request's offset on, in order (the server
+        /// may describe less than asked, never nothing).
+        result: Result<Vec<StatusExtent>, RequestError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for the server's greeting.
+    Greeting,
+    /// Waiting for the reply to `STRUCTURED_REPLY`.
+    Structured,
+    /// Waiting for the replies to `SET_META_CONTEXT`.
+    MetaContext,
+    /// Waiting for the replies to `GO`.
+    Go,
+    /// Requests may be sent.
+    Transmission,
+    /// `DISC` sent, or the connection broke.
+    Closed,
+}
+
+enum Pending {
+    Read { offset: u64, data: Vec<u8>, covered: u64, error: Option<RequestError> },
+    Status { offset: u64, context: u32, extents: Vec<StatusExtent>, error: Option<RequestError> },
+}
+
+/// One client connection.
+pub struct NbdClient {
+    state: State,
+    export: String,
+    wanted: Vec<String>,
+    granted: Vec<(u32, String)>,
+    structured: bool,
+    size: u64,
+    read_only: bool,
+    inbuf: BytesMut,
+    out: BytesMut,
+    events: VecDeque<ClientEvent>,
+    next_cookie: u64,
+    pending: BTreeMap<u64, Pending>,
+    error: Option<NbdClientError>,
+}
+
+impl NbdClient {
+    /// A connection that will open `export` and ask for `contexts`; the
+    /// server speaks first.
+    pub fn new(export: &str, contexts: &[&str]) -> NbdClient {
+        NbdClient {
+            state: State::Greeting,
+            export: export.to_string(),
+            wanted: contexts.iter().map(|c| c.to_string()).collect(),
+            granted: Vec::new(),
+            structured: false,
+            size: 0,
+            read_only: true,
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            events: VecDeque::new(),
+            next_cookie: 1,
+            pending: BTreeMap::new(),
+            error: None,
+        }
+    }
+
+    /// Bytes to send to the server, if any.
+    pub fn poll_transmit(&mut self) -> Option<bytes::Bytes> {
+        (!self.out.is_empty()).then(|| self.out.split().freeze())
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Whether the connection is over (after `DISC` or an error).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Why the connection ended, if it broke.
+    pub fn close_error(&self) -> Option<&NbdClientError> {
+        self.error.as_ref()
+    }
+
+    /// Requests sent and not answered yet.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The export's size, once [`ClientEvent::Ready`] was reported.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The socket ended.
+    pub fn handle_eof(&mut self) {
+        if self.state != State::Closed {
+            let when = if self.state == State::Transmission { "with requests unanswered" } else { "during the handshake" };
+            if self.state != State::Transmission || !self.pending.is_empty() {
+                self.fail(NbdClientError::Closed(when));
+            } else {
+                self.state = State::Closed;
+            }
+        }
+    }
+
+    /// Bytes the socket read, in any split.
+    pub fn handle_input(&mut self, input: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.inbuf.extend_from_slice(input);
+        while self.state != State::Closed {
+            let step = match self.state {
+                State::Greeting => self.greeting(),
+                State::Structured | State::MetaContext | State::Go => self.option_reply(),
+                State::Transmission => self.reply(),
+                State::Closed => break,
+            };
+            match step {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    /// Asks for `len` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, len: u32) -> Result<RequestId, NbdClientError> {
+        self.check_request(offset, u64::from(len))?;
+        if len > MAX_READ_BYTES {
+            return Err(NbdClientError::Usage(format!("a read of {len} bytes is more than {MAX_READ_BYTES} at once")));
+        }
+        let cookie = self.request(CMD_READ, 0, offset, len);
+        self.pending.insert(cookie, Pending::Read { offset, data: vec![0; len as usize], covered: 0, error: None });
+        Ok(RequestId(cookie))
+    }
+
+    /// Asks for the status of `len` bytes at `offset` in the granted meta
+    /// context `context`.
+    pub fn block_status(&mut self, offset: u64, len: u32, context: &str) -> Result<RequestId, NbdClientError> {
+        self.check_request(offset, u64::from(len))?;
+        let Some(&(id, _)) = self.granted.iter().find(|(_, name)| name == context) else {
+            return Err(NbdClientError::Usage(format!("the meta context {context} was not granted by the server")));
+        };
+        if len == 0 {
+            return Err(NbdClientError::Usage("a block status of 0 bytes".into()));
+        }
+        let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len);
+        self.pending.insert(cookie, Pending::Status { offset, context: id, extents: Vec::new(), error: None });
+        Ok(RequestId(cookie))
+    }
+
+    /// Ends the connection politely (`DISC`); requests still pending get no answer.
+    pub fn disconnect(&mut self) {
+        if self.state == State::Transmission {
+            self.request(CMD_DISC, 0, 0, 0);
+        }
+        self.state = State::Closed;
+    }
+
+    fn check_request(&self, offset: u64, len: u64) -> Result<(), NbdClientError> {
+        if self.state != State::Transmission {
+            return Err(NbdClientError::Usage("the connection is not open for requests".into()));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(NbdClientError::Usage(format!("bytes {offset}+{len} lie past the end of the {}-byte export", self.size)));
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> u64 {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        self.out.put_u32(REQUEST_MAGIC);
+        self.out.put_u16(flags);
+        self.out.put_u16(kind);
+        self.out.put_u64(cookie);
+        self.out.put_u64(offset);
+        self.out.put_u32(len);
+        cookie
+    }
+
+    fn fail(&mut self, e: NbdClientError) {
+        self.state = State::Closed;
+        self.pending.clear();
+        self.inbuf.clear();
+        self.error.get_or_insert(e);
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        self.out.put_u64(OPTION_MAGIC);
+        self.out.put_u32(option);
+        self.out.put_u32(data.len() as u32);
+        self.out.put_slice(data);
+    }
+
+    fn greeting(&mut self) -> Result<bool, NbdClientError> {
+        if self.inbuf.len() < 18 {
+            return Ok(false);
+        }
+        let (init, opt, flags) = (self.inbuf.get_u64(), self.inbuf.get_u64(), self.inbuf.get_u16());
+        if init != INIT_MAGIC || opt != OPTION_MAGIC {
+            return Err(NbdClientError::Protocol("its greeting is not a newstyle NBD server's".into()));
+        }
+        if flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(NbdClientError::Protocol("it does not speak fixed newstyle".into()));
+        }
+        let mut client = FLAG_C_FIXED_NEWSTYLE;
+        if flags & FLAG_NO_ZEROES != 0 {
+            client |= FLAG_C_NO_ZEROES;
+        }
+        self.out.put_u32(client);
+        self.option(OPT_STRUCTURED_REPLY, &[]);
+        self.state = State::Structured;
+        Ok(true)
+    }
+
+    /// One option reply, when all of it is here.
+    fn option_reply(&mut self) -> Result<bool, NbdClientError> {
+        if self.inbuf.len() < 20 {
+            return Ok(false);
+        }
+        let head = &self.inbuf[..20];
+        let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+        let option = u32::from_be_bytes(head[8..12].try_into().expect("4 bytes"));
+        let kind = u32::from_be_bytes(head[12..16].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(NbdClientError::Protocol("an option reply without its magic number".into()));
+        }
+        if len > MAX_OPTION_REPLY_BYTES {
+            return Err(NbdClientError::Protocol(format!("an option reply of {len} bytes")));
+        }
+        if self.inbuf.len() < 20 + len as usize {
+            return Ok(false);
+        }
+        self.inbuf.advance(20);
+        let data = self.inbuf.split_to(len as usize);
+        let asked = match self.state {
+            State::Structured => OPT_STRUCTURED_REPLY,
+            State::MetaContext => OPT_SET_META_CONTEXT,
+            _ => OPT_GO,
+        };
+        if option != asked {
+            return Err(NbdClientError::Protocol(format!("a reply to option {option} while option {asked} was asked")));
+        }
+        let message = || String::from_utf8_lossy(&data).into_owned();
+        if kind & (1 << 31) != 0 {
+            let what = match self.state {
+                State::Structured => {
+                    // Simple replies still read; block status needs structured ones.
+                    self.structured = false;
+                    return self.after_structured();
+                }
+                State::MetaContext => format!("the meta contexts {}", self.wanted.join(", ")),
+                _ => format!("export {:?}", self.export),
+            };
+            let reason = if data.is_empty() { format!("reply type {kind:#x}") } else { message() };
+            return Err(NbdClientError::Refused { what, message: reason });
+        }
+        match (self.state, kind) {
+            (State::Structured, REP_ACK) => {
+                self.structured = true;
+                self.after_structured()
+            }
+            (State::MetaContext, REP_META_CONTEXT) => {
+                if data.len() < 4 {
+                    return Err(NbdClientError::Protocol("a meta context reply without its id".into()));
+                }
+                let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+                let name = String::from_utf8_lossy(&data[4..]).into_owned();
+                if !self.wanted.contains(&name) || self.granted.iter().any(|(i, _)| *i == id) {
+                    return Err(NbdClientError::Protocol(format!("it granted meta context {name:?} (id {id}), not asked for or twice")));
+                }
+                self.granted.push((id, name));
+                Ok(true)
+            }
+            (State::MetaContext, REP_ACK) => {
+                self.go();
+                Ok(true)
+            }
+            (State::Go, REP_INFO) => {
+                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
+                    self.size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
+                    let flags = u16::from_be_bytes([data[10], data[11]]);
+                    self.read_only = flags & FLAG_READ_ONLY != 0;
+                }
+                Ok(true)
+            }
+            (State::Go, REP_ACK) => {
+                self.state = State::Transmission;
+                let contexts = self.granted.iter().map(|(_, n)| n.clone()).collect();
+                self.events.push_back(ClientEvent::Ready { size: self.size, read_only: self.read_only, contexts });
+                Ok(true)
+            }
+            (_, kind) => Err(NbdClientError::Protocol(format!("an option reply of type {kind} where it has no place"))),
+        }
+    }
+
+    fn after_structured(&mut self) -> Result<bool, NbdClientError> {
+        if self.wanted.is_empty() {
+            self.go();
+        } else if !self.structured {
+            return Err(NbdClientError::Refused { what: "structured replies".into(), message: "block status (meta contexts) needs them".into() });
+        } else {
+            let mut data = BytesMut::new();
+            data.put_u32(self.export.len() as u32);
+            data.put_slice(self.export.as_bytes());
+            data.put_u32(self.wanted.len() as u32);
+            for w in &self.wanted {
+                data.put_u32(w.len() as u32);
+                data.put_slice(w.as_bytes());
+            }
+            self.option(OPT_SET_META_CONTEXT, &data);
+            self.state = State::MetaContext;
+        }
+        Ok(true)
+    }
+
+    fn go(&mut self) {
+        let mut data = BytesMut::new();
+        data.put_u32(self.export.len() as u32);
+        data.put_slice(self.export.as_bytes());
+        data.put_u16(0);
+        self.option(OPT_GO, &data);
+        self.state = State::Go;
+    }
+
+    /// One simple reply or structured reply chunk, when all of it is here.
+    fn reply(&mut self) -> Result<bool, NbdClientError> {
+        if self.inbuf.len() < 4 {
+            return Ok(false);
+        }
+        match u32::from_be_bytes(self.inbuf[..4].try_into().expect("4 bytes")) {
+            SIMPLE_REPLY_MAGIC => self.simple_reply(),
+            STRUCTURED_REPLY_MAGIC => self.chunk(),
+            other => Err(NbdClientError::Protocol(format!("a reply with magic number {other:#x}"))),
+        }
+    }
+
+    fn simple_reply(&mut self) -> Result<bool, NbdClientError> {
+        if self.inbuf.len() < 16 {
+            return Ok(false);
+        }
+        let errno = u32::from_be_bytes(self.inbuf[4..8].try_into().expect("4 bytes"));
+        let cookie = u64::from_be_bytes(self.inbuf[8..16].try_into().expect("8 bytes"));
+        let data_len = match self.pending.get(&cookie) {
+            Some(Pending::Read { data, .. }) if errno == 0 => data.len(),
+            Some(Pending::Read { .. }) => 0,
+            Some(Pending::Status { .. }) => return Err(NbdClientError::Protocol("a simple reply to a block status request".into())),
+            None => return Err(NbdClientError::Protocol(format!("a reply to request {cookie}, which is not pending"))),
+        };
+        if self.inbuf.len() < 16 + data_len {
+            return Ok(false);
+        }
+        self.inbuf.advance(16);
+        let bytes = self.inbuf.split_to(data_len);
+        let Some(Pending::Read { .. }) = self.pending.remove(&cookie) else { unreachable!("checked above") };
+        let result = if errno == 0 { Ok(bytes.to_vec()) } else { Err(RequestError { errno, message: String::new() }) };
+        self.events.push_back(ClientEvent::Read { id: RequestId(cookie), result });
+        Ok(true)
+    }
+
+    fn chunk(&mut self) -> Result<bool, NbdClientError> {
+        if self.inbuf.len() < 20 {
+            return Ok(false);
+        }
+        let flags = u16::from_be_bytes([self.inbuf[4], self.inbuf[5]]);
+        let kind = u16::from_be_bytes([self.inbuf[6], self.inbuf[7]]);
+        let cookie = u64::from_be_bytes(self.inbuf[8..16].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(self.inbuf[16..20].try_into().expect("4 bytes"));
+        if !self.structured {
+            return Err(NbdClientError::Protocol("a structured reply, which was not negotiated".into()));
+        }
+        if len > MAX_CHUNK_BYTES {
+            return Err(NbdClientError::Protocol(format!("a reply chunk of {len} bytes")));
+        }
+        if self.inbuf.len() < 20 + len as usize {
+            return Ok(false);
+        }
+        self.inbuf.advance(20);
+        let body = self.inbuf.split_to(len as usize);
+        let Some(pending) = self.pending.get_mut(&cookie) else {
+            return Err(NbdClientError::Protocol(format!("a reply to request {cookie}, which is not pending")));
+        };
+        let bad = |what: &str| Err(NbdClientError::Protocol(format!("{what} in the reply to request {cookie}")));
+        if kind & (1 << 15) != 0 {
+            if body.len() < 6 {
+                return bad("an error chunk too short");
+            }
+            let errno = u32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+            let message_len = usize::from(u16::from_be_bytes([body[4], body[5]]));
+            let extra = if kind == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
+            if (kind != REPLY_TYPE_ERROR && kind != REPLY_TYPE_ERROR_OFFSET) || body.len() != 6 + message_len + extra || errno == 0 {
+                return bad("an error chunk that is not well formed");
+            }
+            let error = RequestError { errno, message: String::from_utf8_lossy(&body[6..6 + message_len]).into_owned() };
+            match pending {
+                Pending::Read { error: e, .. } | Pending::Status { error: e, .. } => {
+                    e.get_or_insert(error);
+                }
+            }
+        } else {
+            match (pending, kind) {
+                (_, REPLY_TYPE_NONE) if body.is_empty() => {}
+                (Pending::Read { offset, data, covered, .. }, REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE) => {
+                    if body.len() < 8 {
+                        return bad("a read chunk too short");
+                    }
+                    let at = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+                    let n = if kind == REPLY_TYPE_OFFSET_DATA {
+                        (body.len() - 8) as u64
+                    } else if body.len() == 12 {
+                        u64::from(u32::from_be_bytes(body[8..12].try_into().expect("4 bytes")))
+                    } else {
+                        return bad("a hole chunk that is not 12 bytes");
+                    };
+                    let start = at.checked_sub(*offset).filter(|s| s + n <= data.len() as u64 && n > 0);
+                    let Some(start) = start else { return bad("a read chunk outside the request") };
+                    let range = start as usize..(start + n) as usize;
+                    if kind == REPLY_TYPE_OFFSET_DATA {
+                        data[range].copy_from_slice(&body[8..]);
+                    } else {
+                        data[range].fill(0);
+                    }
+                    *covered += n;
+                }
+                (Pending::Status { offset, context, extents, .. }, REPLY_TYPE_BLOCK_STATUS) => {
+                    if body.len() < 12 || !(body.len() - 4).is_multiple_of(8) {
+                        return bad("a block status chunk that is not well formed");
+                    }
+                    // The server describes every context it granted; only the asked one is kept.
+                    let id = u32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+                    if !self.granted.iter().any(|(g, _)| *g == id) {
+                        return bad(&format!("block status of context {id}, which was not granted"));
+                    }
+                    if id != *context {
+                        return self.done(flags, cookie);
+                    }
+                    if !extents.is_empty() {
+                        return bad("block status of one context twice");
+                    }
+                    let mut at = *offset;
+                    for d in body[4..].chunks_exact(8) {
+                        let len = u64::from(u32::from_be_bytes(d[..4].try_into().expect("4 bytes")));
+                        if len == 0 {
+                            return bad("a block status extent of 0 bytes");
+                        }
+                        extents.push(StatusExtent { offset: at, len, flags: u32::from_be_bytes(d[4..].try_into().expect("4 bytes")) });
+                        at += len;
+                    }
+                }
+                (_, kind) => return bad(&format!("a chunk of type {kind}")),
+            }
+        }
+        self.done(flags, cookie)
+    }
+
+    /// After a chunk of request `cookie`: reports it when the chunk was its last.
+    fn done(&mut self, flags: u16, cookie: u64) -> Result<bool, NbdClientError> {
+        let bad = |what: &str| Err(NbdClientError::Protocol(format!("{what} in the reply to request {cookie}")));
+        if flags & REPLY_FLAG_DONE != 0 {
+            let done = self.pending.remove(&cookie).expect("pending, looked up above");
+            let id = RequestId(cookie);
+            let event = match done {
+                Pending::Read { error: Some(e), .. } => ClientEvent::Read { id, result: Err(e) },
+                Pending::Read { data, covered, .. } if covered == data.len() as u64 => ClientEvent::Read { id, result: Ok(data) },
+                Pending::Read { data, covered, .. } => {
+                    return Err(NbdClientError::Protocol(format!("the reply to read {cookie} covered {covered} of its {} bytes", data.len())));
+                }
+                Pending::Status { error: Some(e), .. } => ClientEvent::BlockStatus { id, result: Err(e) },
+                Pending::Status { extents, .. } if extents.is_empty() => return bad("no block status"),
+                Pending::Status { extents, .. } => ClientEvent::BlockStatus { id, result: Ok(extents) },
+            };
+            self.events.push_back(event);
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::{Export, Extent, NbdConnection, NbdErrno, NbdEvent};
+
+    /// A client and our own server core over an in-memory pipe; the server
+    /// answers from `disk` (reads), with one extent per 64 KiB for block
+    /// status (a hole where the disk is zero), and fails reads at `bad_at`.
+    struct Pair {
+        client: NbdClient,
+        server: NbdConnection,
+        disk: Vec<u8>,
+        bad_at: Option<u64>,
+        split: usize,
+    }
+
+    impl Pair {
+        fn new(contexts: &[&str], split: usize) -> Pair {
+            let disk: Vec<u8> = (0..1u32 << 20).map(|i| if (i >> 16) % 3 == 0 { 0 } else { (i % 251) as u8 }).collect();
+            let export = Export { name: "vm1".into(), size_bytes: disk.len() as u64, read_only: true, description: None };
+            Pair { client: NbdClient::new("vm1", contexts), server: NbdConnection::new(vec![export]).unwrap(), disk, bad_at: None, split }
+        }
+
+        /// Moves bytes both ways, in pieces of `split` bytes, until nothing moves.
+        fn pump(&mut self) -> Vec<ClientEvent> {
+            let mut events = Vec::new();
+            loop {
+                let mut moved = false;
+                while let Some(b) = self.client.poll_transmit() {
+                    moved = true;
+                    for piece in b.chunks(self.split) {
+                        self.server.handle_input(piece);
+                    }
+                }
+                while let Some(e) = self.server.poll_event() {
+                    moved = true;
+                    match e {
+                        NbdEvent::Read { handle, offset, len_bytes } => {
+                            let r = if self.bad_at.is_some_and(|b| b >= offset && b < offset + u64::from(len_bytes)) {
+                                Err(NbdErrno::Io)
+                            } else {
+                                Ok(self.disk[offset as usize..offset as usize + len_bytes as usize].to_vec())
+                            };
+                            self.server.reply_read(handle, r).unwrap();
+                        }
+                        NbdEvent::BlockStatus { handle, offset, len_bytes } => {
+                            let end = (offset + u64::from(len_bytes)).min(self.disk.len() as u64);
+                            let mut extents = Vec::new();
+                            let mut at = offset;
+                            while at < end {
+                                let next = ((at >> 16) + 1) << 16;
+                                let zero = self.disk[at as usize..next.min(end) as usize].iter().all(|&b| b == 0);
+                                extents.push(Extent { len_bytes: (next.min(end) - at) as u32, zero, hole: zero });
+                                at = next.min(end);
+                            }
+                            self.server.reply_block_status(handle, Ok(extents)).unwrap();
+                        }
+                        _ => {}
+                    }
+                }
+                while let Some(b) = self.server.poll_transmit() {
+                    moved = true;
+                    for piece in b.chunks(self.split) {
+                        self.client.handle_input(piece);
+                    }
+                }
+                while let Some(e) = self.client.poll_event() {
+                    moved = true;
+                    events.push(e);
+                }
+                if !moved {
+                    return events;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_and_block_status_against_our_server_in_any_split() {
+        for split in [1, 7, 4096, usize::MAX] {
+            let mut pair = Pair::new(&["base:allocation"], split);
+            let ready = pair.pump();
+            assert_eq!(ready, vec![ClientEvent::Ready { size: 1 << 20, read_only: true, contexts: vec!["base:allocation".into()] }]);
+            // Pipelined: three reads (one all zero: a hole chunk) and a block status.
+            let a = pair.client.read(0, 4096).unwrap();
+            let b = pair.client.read(70_000, 100_000).unwrap();
+            let c = pair.client.read((1 << 20) - 10, 10).unwrap();
+            let s = pair.client.block_status(0, 1 << 18, "base:allocation").unwrap();
+            let mut got = pair.pump();
+            got.sort_by_key(|e| match e {
+                ClientEvent::Read { id, .. } | ClientEvent::BlockStatus { id, .. } => *id,
+                ClientEvent::Ready { .. } => RequestId(0),
+            });
+            let disk = pair.disk.clone();
+            assert_eq!(got[0], ClientEvent::Read { id: a, result: Ok(disk[..4096].to_vec()) });
+            assert_eq!(got[1], ClientEvent::Read { id: b, result: Ok(disk[70_000..170_000].to_vec()) });
+            assert_eq!(got[2], ClientEvent::Read { id: c, result: Ok(disk[(1 << 20) - 10..].to_vec()) });
+            let ClientEvent::BlockStatus { id, result: Ok(extents) } = &got[3] else { panic!("{:?}", got[3]) };
+            assert_eq!(*id, s);
+            assert_eq!(extents[0], StatusExtent { offset: 0, len: 65536, flags: STATE_HOLE | STATE_ZERO });
+            // The server merges neighbours of the same status.
+            assert_eq!(extents[1], StatusExtent { offset: 65536, len: 131072, flags: 0 });
+            assert_eq!(extents[2], StatusExtent { offset: 196608, len: 65536, flags: STATE_HOLE | STATE_ZERO });
+            assert_eq!(pair.client.pending_requests(), 0);
+            pair.client.disconnect();
+            pair.pump();
+            assert!(pair.client.is_closed() && pair.client.close_error().is_none());
+        }
+    }
+
+    #[test]
+    fn a_failed_read_is_reported_and_the_connection_goes_on() {
+        let mut pair = Pair::new(&[], usize::MAX);
+        pair.pump();
+        pair.bad_at = Some(5000);
+        let id = pair.client.read(4096, 4096).unwrap();
+        let got = pair.pump();
+        assert!(matches!(&got[..], [ClientEvent::Read { id: i, result: Err(RequestError { errno: 5, .. }) }] if *i == id), "{got:?}");
+        pair.bad_at = None;
+        let id = pair.client.read(4096, 4096).unwrap();
+        assert!(matches!(&pair.pump()[..], [ClientEvent::Read { id: i, result: Ok(d) }] if *i == id && d.len() == 4096));
+    }
+
+    #[test]
+    fn refusals_and_misuse_say_what() {
+        // A context the server does not have: not granted; asking for its status is refused locally.
+        let mut pair = Pair::new(&["qemu:dirty-bitmap:b0"], usize::MAX);
+        let ready = pair.pump();
+        assert_eq!(ready, vec![ClientEvent::Ready { size: 1 << 20, read_only: true, contexts: vec![] }]);
+        let e = pair.client.block_status(0, 4096, "qemu:dirty-bitmap:b0").unwrap_err();
+        assert_eq!(e.to_string(), "the meta context qemu:dirty-bitmap:b0 was not granted by the server");
+        assert!(pair.client.read(1 << 20, 1).unwrap_err().to_string().contains("past the end"));
+        assert!(pair.client.read(0, MAX_READ_BYTES + 1).is_err());
+        // An export the server does not have.
+        let mut pair = Pair::new(&[], usize::MAX);
+        pair.client = NbdClient::new("nope", &[]);
+        assert!(pair.pump().is_empty());
+        let e = pair.client.close_error().unwrap().to_string();
+        assert!(e.starts_with("the NBD server refused export \"nope\""), "{e}");
+        assert!(pair.client.read(0, 1).is_err());
+    }
+
+    #[test]
+    fn any_bytes_from_a_server_never_panic() {
+        // A real handshake, then seeded garbage, and garbage from the start.
+        let mut good = Pair::new(&["base:allocation"], usize::MAX);
+        let mut transcript = Vec::new();
+        loop {
+            let mut moved = false;
+            while let Some(b) = good.client.poll_transmit() {
+                good.server.handle_input(&b);
+                moved = true;
+            }
+            while let Some(b) = good.server.poll_transmit() {
+                transcript.extend_from_slice(&b);
+                good.client.handle_input(&b);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..3000 {
+            let mut client = NbdClient::new("vm1", &["base:allocation"]);
+            let mut bytes = if round % 2 == 0 { transcript.clone() } else { Vec::new() };
+            if round % 2 == 0 {
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() % bytes.len() as u64) as usize;
+                    bytes[at] = next() as u8;
+                }
+            }
+            let extra = (next() % 64) as usize;
+            bytes.extend((0..extra).map(|_| next() as u8));
+            client.handle_input(&bytes);
+            let _ = client.read(0, 512);
+            let _ = client.block_status(0, 512, "base:allocation");
+            let reply: Vec<u8> = (0..(next() % 80) as usize).map(|_| next() as u8).collect();
+            client.handle_input(&reply);
+            client.handle_eof();
+            while client.poll_event().is_some() {}
+        }
+    }
+}

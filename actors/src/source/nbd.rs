@@ -1,0 +1,280 @@
+//! An NBD export read as a block device: the way a proxy node reads a VM's
+//! disk from qemu, qemu-storage-daemon or qemu-nbd, with its dirty bitmap
+//! as a meta context (`qemu:dirty-bitmap:NAME`). A thin blocking driver of
+//! the sans-IO client core (`drmesh_proto::nbd::client`) over a Unix socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use drmesh_proto::nbd::client::{ClientEvent, NbdClient, NbdClientError, RequestId, StatusExtent, MAX_READ_BYTES};
+
+use super::device::BlockDevice;
+
+/// How long a reply may take before the read fails (a stuck server never hangs a cycle).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why an NBD export could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdDeviceError {
+    /// The socket could not be reached or read.
+    #[error("NBD server at {socket}: {source}")]
+    Io {
+        /// The server's socket.
+        socket: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The server refused or broke the protocol.
+    #[error("NBD server at {socket}: {source}")]
+    Protocol {
+        /// The server's socket.
+        socket: PathBuf,
+        /// What happened.
+        source: NbdClientError,
+    },
+}
+
+/// One open export. Reads are served one at a time over one connection.
+pub struct NbdDevice {
+    describe: String,
+    socket: PathBuf,
+    size: u64,
+    contexts: Vec<String>,
+    conn: Mutex<Conn>,
+}
+
+struct Conn {
+    stream: UnixStream,
+    client: NbdClient,
+}
+
+impl Conn {
+    fn flush(&mut self) -> std::io::Result<()> {
+        while let Some(bytes) = self.client.poll_transmit() {
+            self.stream.write_all(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the connection until `want` says an event is the one awaited.
+    fn until<T>(&mut self, mut want: impl FnMut(ClientEvent) -> Option<T>) -> Result<T, NbdClientError> {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            self.flush().map_err(|e| NbdClientError::Usage(format!("writing to the socket: {e}")))?;
+            while let Some(event) = self.client.poll_event() {
+                if let Some(found) = want(event) {
+                    return Ok(found);
+                }
+            }
+            if let Some(e) = self.client.close_error() {
+                return Err(e.clone());
+            }
+            if self.client.is_closed() {
+                return Err(NbdClientError::Closed("before answering"));
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => self.client.handle_eof(),
+                Ok(n) => self.client.handle_input(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(NbdClientError::Usage(format!("reading from the socket: {e}"))),
+            }
+        }
+    }
+}
+
+impl NbdDevice {
+    /// Connects to the server at `socket`, opens `export` and asks for the
+    /// meta contexts `contexts` (see [`NbdDevice::contexts`] for those granted).
+    pub fn connect(socket: &Path, export: &str, contexts: &[&str]) -> Result<NbdDevice, NbdDeviceError> {
+        let io = |source| NbdDeviceError::Io { socket: socket.to_path_buf(), source };
+        let stream = UnixStream::connect(socket).map_err(io)?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        let mut conn = Conn { stream, client: NbdClient::new(export, contexts) };
+        let (size, granted) = conn
+            .until(|e| match e {
+                ClientEvent::Ready { size, contexts, .. } => Some((size, contexts)),
+                _ => None,
+            })
+            .map_err(|source| NbdDeviceError::Protocol { socket: socket.to_path_buf(), source })?;
+        Ok(NbdDevice { describe: format!("NBD export {export:?} at {}", socket.display()), socket: socket.to_path_buf(), size, contexts: granted, conn: Mutex::new(conn) })
+    }
+
+    /// The meta contexts the server granted.
+    pub fn contexts(&self) -> &[String] {
+        &self.contexts
+    }
+
+    /// The status of `len` bytes from `offset` in meta context `context`,
+    /// as extents covering exactly that range, in order.
+    pub fn block_status(&self, offset: u64, len: u64, context: &str) -> Result<Vec<StatusExtent>, NbdDeviceError> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<StatusExtent> = Vec::new();
+        let mut at = offset;
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        while at < end {
+            let ask = (end - at).min(u64::from(u32::MAX) & !0xFFF) as u32;
+            let protocol = |source| NbdDeviceError::Protocol { socket: self.socket.clone(), source };
+            let id = conn.client.block_status(at, ask, context).map_err(protocol)?;
+            let result = conn.until(|e| match e {
+                ClientEvent::BlockStatus { id: got, result } if got == id => Some(result),
+                _ => None,
+            });
+            let extents = result.map_err(protocol)?.map_err(|e| protocol(NbdClientError::Refused { what: format!("block status at byte {at}"), message: format!("error {}: {}", e.errno, e.message) }))?;
+            for mut x in extents {
+                if x.offset >= end {
+                    break;
+                }
+                x.len = x.len.min(end - x.offset);
+                at = x.offset + x.len;
+                match out.last_mut() {
+                    Some(last) if last.flags == x.flags && last.offset + last.len == x.offset => last.len += x.len,
+                    _ => out.push(x),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_once(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let len = (buf.len() as u64).min(self.size.saturating_sub(offset)).min(u64::from(MAX_READ_BYTES)) as usize;
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let id: RequestId = conn.client.read(offset, len as u32).map_err(std::io::Error::other)?;
+        let result = conn
+            .until(|e| match e {
+                ClientEvent::Read { id: got, result } if got == id => Some(result),
+                _ => None,
+            })
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", self.describe)))?;
+        let data = result.map_err(|e| std::io::Error::other(format!("{}: reading {len} bytes at {offset}: error {} {}", self.describe, e.errno, e.message)))?;
+        buf[..len].copy_from_slice(&data);
+        Ok(len)
+    }
+}
+
+impl BlockDevice for NbdDevice {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn aligned(&self) -> bool {
+        false
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.read_once(buf, offset)
+    }
+}
+
+impl Drop for NbdDevice {
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        conn.client.disconnect();
+        let _ = conn.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command};
+
+    use super::*;
+    use crate::source::file::FileSource;
+    use std::sync::Arc;
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/install-deps installs it)"));
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    struct Server(Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// qemu-nbd serving `image` read-only as export "vm1" at `socket`, with
+    /// the persistent bitmap `bitmap` as a meta context.
+    fn qemu_nbd(image: &Path, socket: &Path, bitmap: &str) -> Server {
+        let child = Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--format=qcow2", "--export-name=vm1"])
+            .arg(format!("--bitmap={bitmap}"))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(image)
+            .spawn()
+            .expect("qemu-nbd (scripts/install-deps installs qemu-utils)");
+        let server = Server(child);
+        for _ in 0..200 {
+            if socket.exists() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("qemu-nbd did not create {}", socket.display());
+    }
+
+    #[test]
+    fn a_qcow2_with_a_dirty_bitmap_is_read_through_qemu_nbd() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 2M"]).arg(&image));
+        // The bitmap records what changes from here on: the VM's writes since the last RP.
+        run(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&image).arg("b0"));
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c", "write -P 0xa5 10M 1M"]).arg(&image));
+        let socket = dir.path().join("nbd.sock");
+        let _server = qemu_nbd(&image, &socket, "b0");
+        let disk = NbdDevice::connect(&socket, "vm1", &["base:allocation", "qemu:dirty-bitmap:b0"]).unwrap();
+        assert_eq!(disk.size(), 64 << 20);
+        assert_eq!(disk.contexts(), ["base:allocation", "qemu:dirty-bitmap:b0"]);
+
+        // Dirty: exactly what was written after the bitmap was added.
+        let dirty: Vec<(u64, u64)> = disk.block_status(0, 64 << 20, "qemu:dirty-bitmap:b0").unwrap().into_iter().filter(|x| x.flags & 1 != 0).map(|x| (x.offset, x.len)).collect();
+        assert_eq!(dirty, vec![(1 << 20, 64 << 10), (10 << 20, 1 << 20)]);
+        // Allocated (not a hole): the first 2 MiB and the 1 MiB at 10 MiB.
+        let allocated: Vec<(u64, u64)> = disk.block_status(0, 64 << 20, "base:allocation").unwrap().into_iter().filter(|x| x.flags & 1 == 0).map(|x| (x.offset, x.len)).collect();
+        assert_eq!(allocated, vec![(0, 2 << 20), (10 << 20, 1 << 20)]);
+
+        // The whole disk read through the file source equals qemu-img's raw conversion.
+        let raw = dir.path().join("vm.raw");
+        drop(disk);
+        run(Command::new("qemu-img").args(["convert", "-U", "-f", "qcow2", "-O", "raw"]).arg(&image).arg(&raw));
+        let disk: Arc<dyn BlockDevice> = Arc::new(NbdDevice::connect(&socket, "vm1", &[]).unwrap());
+        let source = FileSource::on(disk, 1 << 20);
+        let read: Vec<u8> = source.read_run(0, source.block_count() as usize).unwrap().iter().flat_map(|b| b.to_vec()).collect();
+        assert!(read == std::fs::read(&raw).unwrap(), "the disk read over NBD differs from qemu-img convert's");
+        assert!(read[(1 << 20)..(1 << 20) + 65536].iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    fn a_missing_server_export_or_bitmap_says_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = NbdDevice::connect(&dir.path().join("none.sock"), "vm1", &[]).err().unwrap().to_string();
+        assert!(e.starts_with(&format!("NBD server at {}", dir.path().join("none.sock").display())), "{e}");
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+        run(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&image).arg("b0"));
+        let socket = dir.path().join("nbd.sock");
+        let _server = qemu_nbd(&image, &socket, "b0");
+        let e = NbdDevice::connect(&socket, "other", &[]).err().unwrap().to_string();
+        assert!(e.contains("refused export \"other\""), "{e}");
+        // A bitmap the server does not export is not granted.
+        let disk = NbdDevice::connect(&socket, "vm1", &["qemu:dirty-bitmap:b9"]).unwrap();
+        assert!(disk.contexts().is_empty());
+        let e = disk.block_status(0, 4096, "qemu:dirty-bitmap:b9").err().unwrap().to_string();
+        assert!(e.contains("was not granted"), "{e}");
+    }
+}
