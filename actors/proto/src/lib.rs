@@ -10,7 +10,7 @@
 //! - [`codec`]: how a block becomes a blob (zstd, AES-256-GCM, deltas);
 //! - [`session`]: a replication session's source and target sides; [`fetch`]:
 //!   the messages of a fetch stream;
-//! - [`gossip`], [`peers`], [`bandwidth`], [`drill`], [`nbd`]: the other cores;
+//! - [`gossip`], [`peers`], [`bandwidth`], [`drill`], [`nbd`], [`qmp`]: the other cores;
 //! - [`drill_report`]: what a drill proved, as stored and gossiped;
 //! - [`version`]: the versions of the data streams' message sets.
 
@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod gossip;
 pub mod nbd;
 pub mod peers;
+pub mod qmp;
 pub mod session;
 pub mod time;
 pub mod version;

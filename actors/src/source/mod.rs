@@ -29,6 +29,7 @@ pub mod hooks;
 pub mod kmod;
 pub mod lvm;
 pub mod nbd;
+pub mod qemu;
 pub mod reflink;
 
 /// A set of block indices of a volume (the blocks a cycle reads).

@@ -1,0 +1,571 @@
+//! Point-in-time views of a VM's disk through qemu, without an agent in the
+//! VM: what a proxy node does each cycle of a `qemu` volume. Talks QMP to
+//! the qemu (or qemu-storage-daemon) that has the disk open, over a monitor
+//! socket of its own (`-qmp unix:PATH,server=on,wait=off`).
+//!
+//! [`Fleece::take`], in one QMP transaction: a new persistent dirty bitmap
+//! starts recording, the current one (the changes since the last committed
+//! RP) stops, and a `blockdev-backup sync=none` job puts a copy-before-write
+//! filter in front of the disk whose old blocks go to a temporary qcow2 (the
+//! fleece) backed by the disk. The fleece, exported read-only over NBD with
+//! the stopped bitmap as the meta context `qemu:dirty-bitmap:NAME`, is the
+//! disk at that instant while the VM writes on. [`Fleece::commit`] (after the
+//! target committed: promise 2) drops the stopped bitmap; [`Fleece::abandon`]
+//! merges the new one into it and lets it record again, so a failed cycle
+//! loses no change. Either way the export, the job, the fleece node and its
+//! file go.
+//!
+//! A bitmap qemu marks inconsistent (qemu crashed while it was recording),
+//! or none at all (a new volume, a raw disk after qemu restarted), gives
+//! [`Fleece::dirty`] `None`: the cycle reads everything.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use drmesh_proto::nbd::client::StatusExtent;
+use drmesh_proto::qmp::{QmpClient, QmpError, QmpEvent};
+use serde_json::{json, Value};
+
+use super::nbd::{NbdDevice, NbdDeviceError};
+
+/// How long a QMP command or awaited event may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a qemu view could not be taken or released.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// The monitor socket could not be reached or read.
+    #[error("qemu monitor at {socket}: {source}")]
+    Io {
+        /// The monitor socket.
+        socket: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The monitor broke the protocol.
+    #[error("qemu monitor at {socket}: {source}")]
+    Protocol {
+        /// The monitor socket.
+        socket: PathBuf,
+        /// What it sent.
+        source: QmpError,
+    },
+    /// qemu refused a command.
+    #[error("qemu monitor at {socket}: {command} failed: {desc}")]
+    Command {
+        /// The monitor socket.
+        socket: PathBuf,
+        /// The command.
+        command: String,
+        /// qemu's description.
+        desc: String,
+    },
+    /// qemu does not have what the volume names.
+    #[error("qemu monitor at {socket}: {what}")]
+    Missing {
+        /// The monitor socket.
+        socket: PathBuf,
+        /// What is missing ("no block node \"disk0\"").
+        what: String,
+    },
+    /// Something awaited did not come in time.
+    #[error("qemu monitor at {socket}: no {what} within {secs} s")]
+    Timeout {
+        /// The monitor socket.
+        socket: PathBuf,
+        /// What was awaited.
+        what: String,
+        /// How long.
+        secs: u64,
+    },
+    /// The view's NBD export could not be read.
+    #[error(transparent)]
+    Nbd(#[from] NbdDeviceError),
+    /// The fleece file could not be made or removed.
+    #[error("the fleece file {path}: {source}")]
+    Fleece {
+        /// Its path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// One monitor connection (blocking).
+pub struct Qmp {
+    socket: PathBuf,
+    stream: UnixStream,
+    core: QmpClient,
+    /// Asynchronous events read while waiting for answers.
+    events: Vec<(String, Value)>,
+}
+
+impl Qmp {
+    /// Connects and negotiates.
+    pub fn connect(socket: &Path) -> Result<Qmp, QemuError> {
+        let io = |source| QemuError::Io { socket: socket.to_path_buf(), source };
+        let stream = UnixStream::connect(socket).map_err(io)?;
+        stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
+        let mut qmp = Qmp { socket: socket.to_path_buf(), stream, core: QmpClient::new(), events: Vec::new() };
+        qmp.until("the greeting", |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
+        Ok(qmp)
+    }
+
+    /// Runs the connection until `want` picks an event.
+    fn until<T>(&mut self, what: &str, mut want: impl FnMut(&QmpEvent) -> Option<T>) -> Result<T, QemuError> {
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if let Some(bytes) = self.core.poll_transmit() {
+                self.stream.write_all(&bytes).map_err(|source| QemuError::Io { socket: self.socket.clone(), source })?;
+            }
+            while let Some(e) = self.core.poll_event() {
+                if let Some(found) = want(&e) {
+                    return Ok(found);
+                }
+                if let QmpEvent::Async { name, data } = e {
+                    self.events.push((name, data));
+                }
+            }
+            if let Some(e) = self.core.error() {
+                return Err(QemuError::Protocol { socket: self.socket.clone(), source: e.clone() });
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::Timeout { socket: self.socket.clone(), what: what.to_string(), secs: QMP_TIMEOUT.as_secs() });
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(QemuError::Io { socket: self.socket.clone(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("closed while waiting for {what}")) }),
+                Ok(n) => self.core.handle_input(&buf[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                Err(source) => return Err(QemuError::Io { socket: self.socket.clone(), source }),
+            }
+        }
+    }
+
+    /// Runs command `name` and returns what it returned.
+    pub fn execute(&mut self, name: &str, arguments: Value) -> Result<Value, QemuError> {
+        let id = self.core.execute(name, arguments);
+        let answer = self.until(name, |e| match e {
+            QmpEvent::Return { id: got, value } if *got == id => Some(Ok(value.clone())),
+            QmpEvent::Failed { id: got, desc, .. } if *got == id => Some(Err(desc.clone())),
+            _ => None,
+        })?;
+        answer.map_err(|desc| QemuError::Command { socket: self.socket.clone(), command: name.to_string(), desc })
+    }
+
+    /// Waits for the asynchronous event `name` whose data `matches`.
+    pub fn wait_event(&mut self, name: &str, matches: impl Fn(&Value) -> bool) -> Result<Value, QemuError> {
+        if let Some(i) = self.events.iter().position(|(n, d)| n == name && matches(d)) {
+            return Ok(self.events.remove(i).1);
+        }
+        self.until(&format!("{name} event"), |e| match e {
+            QmpEvent::Async { name: n, data } if n == name && matches(data) => Some(data.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// A dirty bitmap of drmesh's on the disk's node, as qemu reports it.
+#[derive(Debug, Clone)]
+struct Bitmap {
+    name: String,
+    recording: bool,
+    inconsistent: bool,
+}
+
+/// The names drmesh gives its objects in qemu for one volume.
+struct Names {
+    bitmaps: [String; 2],
+    job: String,
+    fleece: String,
+    export: String,
+}
+
+impl Names {
+    fn of(volume: &str) -> Names {
+        Names {
+            bitmaps: [format!("drmesh-{volume}-a"), format!("drmesh-{volume}-b")],
+            job: format!("drmesh-{volume}-job"),
+            fleece: format!("drmesh-{volume}-fleece"),
+            export: format!("drmesh-{volume}"),
+        }
+    }
+}
+
+/// Where the VM's disk is and where drmesh may work.
+#[derive(Debug, Clone)]
+pub struct QemuDisk {
+    /// The monitor socket drmesh uses.
+    pub qmp: PathBuf,
+    /// The block node of the disk (its `node-name`, as `query-named-block-nodes` lists it).
+    pub node: String,
+    /// The Unix socket qemu's NBD server listens on (started there if it is not running).
+    pub nbd: PathBuf,
+    /// The volume's name (it names drmesh's bitmaps, job, node and export).
+    pub volume: String,
+    /// A folder on this machine for the fleece file, which qemu can open.
+    pub work_dir: PathBuf,
+}
+
+/// One cycle's point-in-time view of a VM's disk.
+pub struct Fleece {
+    disk: QemuDisk,
+    /// The bitmap that stopped at the view's instant (`None`: there was none to trust).
+    stopped: Option<String>,
+    /// The bitmap recording since the instant.
+    recording: String,
+    file: PathBuf,
+    device: Option<std::sync::Arc<NbdDevice>>,
+    dirty: Option<Vec<StatusExtent>>,
+    why_everything: Option<String>,
+    released: bool,
+}
+
+impl Fleece {
+    /// Takes the view (see the module's doc). Blocking.
+    pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
+        let names = Names::of(&disk.volume);
+        let mut qmp = Qmp::connect(&disk.qmp)?;
+        let (size, mut ours) = node_state(&mut qmp, &disk.node, &names)?;
+        // Leftovers of a cycle that was killed: its objects go; a stopped bitmap
+        // takes back what its successor recorded (nothing is lost).
+        let _ = qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" }));
+        if qmp.execute("block-job-cancel", json!({ "device": names.job, "force": true })).is_ok() {
+            qmp.wait_event("BLOCK_JOB_CANCELLED", |d| d["device"] == names.job.as_str())?;
+        }
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
+        if let [a, b] = ours.clone().as_slice() {
+            let (stopped, recording) = if a.recording { (b.clone(), a.clone()) } else { (a.clone(), b.clone()) };
+            merge_back(&mut qmp, &disk.node, &stopped.name, &recording.name)?;
+            ours = vec![Bitmap { recording: true, ..stopped }];
+        }
+        let mut why_everything = None;
+        let current = match ours.first() {
+            Some(b) if b.inconsistent => {
+                qmp.execute("block-dirty-bitmap-remove", json!({ "node": disk.node, "name": b.name }))?;
+                why_everything = Some(format!("qemu marks dirty bitmap {} inconsistent (it stopped without saving it)", b.name));
+                None
+            }
+            Some(b) => Some(b.name.clone()),
+            None => {
+                why_everything = Some("no dirty bitmap of drmesh's on the disk yet (a new volume, or qemu restarted a disk whose bitmaps do not persist)".into());
+                None
+            }
+        };
+        let recording = names.bitmaps.iter().find(|n| Some(*n) != current.as_ref()).expect("two names").clone();
+
+        // The fleece file: a qcow2 as large as the disk, backed by it in qemu.
+        std::fs::create_dir_all(&disk.work_dir).map_err(|source| QemuError::Fleece { path: disk.work_dir.clone(), source })?;
+        let file = disk.work_dir.join(format!("{}.qcow2", names.fleece));
+        let _ = std::fs::remove_file(&file);
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&file)
+            .arg(size.to_string())
+            .output()
+            .map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
+        if !made.status.success() {
+            return Err(QemuError::Fleece { path: file, source: std::io::Error::other(String::from_utf8_lossy(&made.stderr).trim().to_string()) });
+        }
+        qmp.execute("blockdev-add", json!({ "driver": "qcow2", "node-name": names.fleece, "file": { "driver": "file", "filename": file }, "backing": disk.node }))?;
+
+        // The instant.
+        let mut actions = vec![json!({ "type": "block-dirty-bitmap-add", "data": { "node": disk.node, "name": recording, "persistent": true } })];
+        if let Some(current) = &current {
+            actions.push(json!({ "type": "block-dirty-bitmap-disable", "data": { "node": disk.node, "name": current } }));
+        }
+        actions.push(json!({ "type": "blockdev-backup", "data": { "job-id": names.job, "device": disk.node, "target": names.fleece, "sync": "none" } }));
+        let mut fleece = Fleece { disk: disk.clone(), stopped: current.clone(), recording: recording.clone(), file, device: None, dirty: None, why_everything, released: false };
+        if let Err(e) = qmp.execute("transaction", json!({ "actions": actions })) {
+            let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
+            let _ = std::fs::remove_file(&fleece.file);
+            fleece.released = true;
+            return Err(e);
+        }
+        if let Err(e) = fleece.export(&mut qmp, &names) {
+            let _ = fleece.release(&mut qmp, false);
+            return Err(e);
+        }
+        Ok(fleece)
+    }
+
+    /// Exports the fleece and reads the stopped bitmap's extents.
+    fn export(&mut self, qmp: &mut Qmp, names: &Names) -> Result<(), QemuError> {
+        match qmp.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": self.disk.nbd } } })) {
+            Ok(_) => {}
+            Err(QemuError::Command { desc, .. }) if desc.contains("already running") => {}
+            Err(e) => return Err(e),
+        }
+        let bitmaps: Vec<&String> = self.stopped.iter().collect();
+        qmp.execute("block-export-add", json!({ "type": "nbd", "id": names.export, "node-name": names.fleece, "name": names.export, "writable": false, "bitmaps": bitmaps }))?;
+        let context = self.stopped.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let contexts: Vec<&str> = context.iter().map(String::as_str).collect();
+        let device = NbdDevice::connect(&self.disk.nbd, &names.export, &contexts)?;
+        if let Some(context) = &context {
+            let size = super::device::BlockDevice::size(&device);
+            let extents = device.block_status(0, size, context)?;
+            self.dirty = Some(extents.into_iter().filter(|x| x.flags & 1 != 0).collect());
+        }
+        self.device = Some(std::sync::Arc::new(device));
+        Ok(())
+    }
+
+    /// The disk at the view's instant.
+    pub fn device(&self) -> std::sync::Arc<NbdDevice> {
+        self.device.clone().expect("exported by take")
+    }
+
+    /// The byte ranges written since the last committed RP, when a bitmap
+    /// says so; `None`: read everything ([`Fleece::why_everything`] says why).
+    pub fn dirty(&self) -> Option<&[StatusExtent]> {
+        self.dirty.as_deref()
+    }
+
+    /// Why everything must be read, when it must.
+    pub fn why_everything(&self) -> Option<&str> {
+        self.why_everything.as_deref()
+    }
+
+    /// The target committed the RP of this view: the changes up to its
+    /// instant are consumed. Releases the view.
+    pub fn commit(mut self) -> Result<(), QemuError> {
+        let mut qmp = Qmp::connect(&self.disk.qmp)?;
+        self.release(&mut qmp, true)
+    }
+
+    /// The cycle failed: the changes since the last committed RP stay
+    /// recorded. Releases the view.
+    pub fn abandon(mut self) -> Result<(), QemuError> {
+        let mut qmp = Qmp::connect(&self.disk.qmp)?;
+        self.release(&mut qmp, false)
+    }
+
+    fn release(&mut self, qmp: &mut Qmp, committed: bool) -> Result<(), QemuError> {
+        let names = Names::of(&self.disk.volume);
+        self.device = None;
+        if qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" })).is_ok() {
+            qmp.wait_event("BLOCK_EXPORT_DELETED", |d| d["id"] == names.export.as_str())?;
+        }
+        if qmp.execute("block-job-cancel", json!({ "device": names.job, "force": true })).is_ok() {
+            qmp.wait_event("BLOCK_JOB_CANCELLED", |d| d["device"] == names.job.as_str())?;
+        }
+        qmp.execute("blockdev-del", json!({ "node-name": names.fleece }))?;
+        let _ = std::fs::remove_file(&self.file);
+        if let Some(stopped) = &self.stopped {
+            if committed {
+                qmp.execute("block-dirty-bitmap-remove", json!({ "node": self.disk.node, "name": stopped }))?;
+            } else {
+                merge_back(qmp, &self.disk.node, stopped, &self.recording)?;
+            }
+        } else if !committed {
+            // Nothing to fall back on: the next cycle reads everything again.
+            qmp.execute("block-dirty-bitmap-remove", json!({ "node": self.disk.node, "name": self.recording }))?;
+        }
+        self.released = true;
+        Ok(())
+    }
+}
+
+impl Drop for Fleece {
+    fn drop(&mut self) {
+        if !self.released {
+            // Neither committed nor abandoned (a panic, a lost thread): keep the changes.
+            if let Ok(mut qmp) = Qmp::connect(&self.disk.qmp) {
+                let _ = self.release(&mut qmp, false);
+            }
+        }
+    }
+}
+
+/// The stopped bitmap takes back what `recording` recorded and records
+/// again; `recording` goes.
+fn merge_back(qmp: &mut Qmp, node: &str, stopped: &str, recording: &str) -> Result<(), QemuError> {
+    qmp.execute(
+        "transaction",
+        json!({ "actions": [
+            { "type": "block-dirty-bitmap-enable", "data": { "node": node, "name": stopped } },
+            { "type": "block-dirty-bitmap-merge", "data": { "node": node, "target": stopped, "bitmaps": [recording] } },
+            { "type": "block-dirty-bitmap-remove", "data": { "node": node, "name": recording } },
+        ] }),
+    )?;
+    Ok(())
+}
+
+/// The disk node's size and drmesh's bitmaps on it.
+fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitmap>), QemuError> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    let found = nodes.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == node));
+    let Some(found) = found else {
+        return Err(QemuError::Missing { socket: qmp.socket.clone(), what: format!("no block node {node:?} (query-named-block-nodes lists the node names)") });
+    };
+    let size = found["image"]["virtual-size"].as_u64().unwrap_or(0);
+    if size == 0 {
+        return Err(QemuError::Missing { socket: qmp.socket.clone(), what: format!("block node {node:?} has no size") });
+    }
+    let bitmaps = found["dirty-bitmaps"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|b| names.bitmaps.iter().any(|n| b["name"] == n.as_str()))
+                .map(|b| Bitmap {
+                    name: b["name"].as_str().unwrap_or_default().to_string(),
+                    recording: b["recording"].as_bool().unwrap_or(false),
+                    inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((size, bitmaps))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command};
+
+    use super::*;
+    use crate::source::device::BlockDevice;
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/install-deps installs it)"));
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    struct Daemon(Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn wait_for(path: &Path) {
+        for _ in 0..400 {
+            if path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("{} did not appear", path.display());
+    }
+
+    /// The VM's writes: through a writable NBD export of the disk node, as a
+    /// guest's would go through its virtual disk.
+    fn write(nbd: &Path, pattern: u8, offset: u64, len: u64) {
+        let uri = format!("nbd+unix:///disk?socket={}", nbd.display());
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P {pattern} {offset} {len}"), &uri]));
+    }
+
+    fn read(device: &NbdDevice, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            done += device.read_at(&mut buf[done..], offset + done as u64).unwrap();
+        }
+        buf
+    }
+
+    fn spans(dirty: Option<&[StatusExtent]>) -> Vec<(u64, u64)> {
+        dirty.expect("a bitmap").iter().map(|x| (x.offset, x.len)).collect()
+    }
+
+    #[test]
+    fn views_of_a_running_disk_are_instants_and_its_bitmap_follows_commits_and_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
+        let (qmp, nbd) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
+        let daemon = Daemon(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+                .arg("--chardev")
+                .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
+                .args(["--monitor", "chardev=mon"])
+                .spawn()
+                .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)"),
+        );
+        wait_for(&qmp);
+        // The "VM": a writable export of the disk node.
+        let mut mon = Qmp::connect(&qmp).unwrap();
+        mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
+        mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
+        drop(mon);
+        write(&nbd, 0x41, 0, 1 << 20);
+        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), work_dir: dir.path().join("work") };
+
+        // 1: no bitmap yet, everything is read; the view stays the instant while the VM writes.
+        let view = Fleece::take(&disk).unwrap();
+        assert!(view.dirty().is_none());
+        assert!(view.why_everything().unwrap().contains("no dirty bitmap"), "{:?}", view.why_everything());
+        write(&nbd, 0x42, 0, 64 << 10);
+        write(&nbd, 0x43, 4 << 20, 64 << 10);
+        let device = view.device();
+        assert_eq!(device.size(), 64 << 20);
+        assert!(read(&device, 0, 1 << 20).iter().all(|&b| b == 0x41), "the view changed under the VM's writes");
+        assert!(read(&device, 4 << 20, 64 << 10).iter().all(|&b| b == 0));
+        drop(device);
+        view.commit().unwrap();
+
+        // 2: the bitmap holds exactly what the VM wrote since the first instant.
+        let view = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(view.dirty()), vec![(0, 64 << 10), (4 << 20, 64 << 10)]);
+        assert!(read(&view.device(), 0, 64 << 10).iter().all(|&b| b == 0x42));
+        write(&nbd, 0x44, 8 << 20, 64 << 10);
+        // The cycle fails: nothing recorded is lost.
+        view.abandon().unwrap();
+
+        // 3: the abandoned changes and the new ones.
+        let view = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(view.dirty()), vec![(0, 64 << 10), (4 << 20, 64 << 10), (8 << 20, 64 << 10)]);
+        assert!(read(&view.device(), 8 << 20, 64 << 10).iter().all(|&b| b == 0x44));
+        view.commit().unwrap();
+
+        // 4: a view dropped without commit or abandon (a panicking cycle) keeps the changes too.
+        write(&nbd, 0x45, 12 << 20, 64 << 10);
+        drop(Fleece::take(&disk).unwrap());
+        let view = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(view.dirty()), vec![(12 << 20, 64 << 10)]);
+        view.commit().unwrap();
+
+        // Nothing of drmesh's is left in qemu but one recording bitmap; the fleece file is gone.
+        let mut mon = Qmp::connect(&qmp).unwrap();
+        assert_eq!(mon.execute("query-block-jobs", Value::Null).unwrap(), json!([]));
+        let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
+        assert!(!nodes.to_string().contains("drmesh-vm1-fleece"), "the fleece node is left");
+        let (_, ours) = node_state(&mut mon, "disk0", &Names::of("vm1")).unwrap();
+        assert!(matches!(&ours[..], [b] if b.recording), "{ours:?}");
+        assert!(std::fs::read_dir(dir.path().join("work")).unwrap().next().is_none(), "the fleece file is left");
+        drop(mon);
+        drop(daemon);
+    }
+
+    #[test]
+    fn a_missing_node_or_monitor_says_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), work_dir: dir.path().join("work") };
+        let e = Fleece::take(&disk).err().unwrap().to_string();
+        assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+        let qmp = dir.path().join("qmp.sock");
+        let _daemon = Daemon(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+                .arg("--chardev")
+                .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
+                .args(["--monitor", "chardev=mon"])
+                .spawn()
+                .unwrap(),
+        );
+        wait_for(&qmp);
+        let disk = QemuDisk { qmp, node: "vda".into(), ..disk };
+        let e = Fleece::take(&disk).err().unwrap().to_string();
+        assert!(e.ends_with("no block node \"vda\" (query-named-block-nodes lists the node names)"), "{e}");
+    }
+}
