@@ -22,6 +22,8 @@ pub mod restore;
 pub mod adapt;
 pub mod export;
 pub mod vm;
+#[cfg(test)]
+mod test_util;
 
 /// The sans-IO protocol cores (crate `drmesh-proto`), under the paths the
 /// actors have always used.

@@ -801,12 +801,7 @@ mod tests {
     use super::*;
     use crate::source::device::LocalDevice;
     use crate::source::file::FileSource;
-
-    fn run(cmd: &mut Command) -> String {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/install-deps installs it)"));
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use crate::test_util::run;
 
     /// An image of `mib` MiB full of a nonzero pattern (what deleted files leave).
     fn garbage_image(path: &Path, mib: u64) {

@@ -186,29 +186,16 @@ impl Drop for NbdDevice {
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command};
+    use std::process::Command;
+    use std::sync::Arc;
 
     use super::*;
     use crate::source::file::FileSource;
-    use std::sync::Arc;
-
-    fn run(cmd: &mut Command) -> String {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/install-deps installs it)"));
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    struct Server(Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    use crate::test_util::{run, wait_for, Daemon};
 
     /// qemu-nbd serving `image` read-only as export "vm1" at `socket`, with
     /// the persistent bitmap `bitmap` as a meta context.
-    fn qemu_nbd(image: &Path, socket: &Path, bitmap: &str) -> Server {
+    fn qemu_nbd(image: &Path, socket: &Path, bitmap: &str) -> Daemon {
         let child = Command::new("qemu-nbd")
             .args(["--read-only", "--persistent", "--format=qcow2", "--export-name=vm1"])
             .arg(format!("--bitmap={bitmap}"))
@@ -216,14 +203,9 @@ mod tests {
             .arg(image)
             .spawn()
             .expect("qemu-nbd (scripts/install-deps installs qemu-utils)");
-        let server = Server(child);
-        for _ in 0..200 {
-            if socket.exists() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("qemu-nbd did not create {}", socket.display());
+        let server = Daemon(child);
+        wait_for(socket);
+        server
     }
 
     #[test]

@@ -422,33 +422,28 @@ fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitm
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command};
+    use std::process::Command;
 
     use super::*;
     use crate::source::device::BlockDevice;
+    use crate::test_util::{run, wait_for, Daemon};
 
-    fn run(cmd: &mut Command) -> String {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/install-deps installs it)"));
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    struct Daemon(Child);
-    impl Drop for Daemon {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn wait_for(path: &Path) {
-        for _ in 0..400 {
-            if path.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("{} did not appear", path.display());
+    /// qemu-storage-daemon with the qcow2 `image` as block node "disk0",
+    /// its monitor at `qmp`.
+    fn storage_daemon(image: &Path, qmp: &Path) -> Daemon {
+        let daemon = Daemon(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+                .arg("--chardev")
+                .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
+                .args(["--monitor", "chardev=mon"])
+                .spawn()
+                .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)"),
+        );
+        wait_for(qmp);
+        daemon
     }
 
     /// The VM's writes: through a writable NBD export of the disk node, as a
@@ -477,18 +472,7 @@ mod tests {
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
         let (qmp, nbd) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
-        let daemon = Daemon(
-            Command::new("qemu-storage-daemon")
-                .arg("--blockdev")
-                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
-                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
-                .arg("--chardev")
-                .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
-                .args(["--monitor", "chardev=mon"])
-                .spawn()
-                .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)"),
-        );
-        wait_for(&qmp);
+        let daemon = storage_daemon(&image, &qmp);
         // The "VM": a writable export of the disk node.
         let mut mon = Qmp::connect(&qmp).unwrap();
         mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
@@ -552,18 +536,7 @@ mod tests {
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
         let qmp = dir.path().join("qmp.sock");
-        let _daemon = Daemon(
-            Command::new("qemu-storage-daemon")
-                .arg("--blockdev")
-                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
-                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
-                .arg("--chardev")
-                .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
-                .args(["--monitor", "chardev=mon"])
-                .spawn()
-                .unwrap(),
-        );
-        wait_for(&qmp);
+        let _daemon = storage_daemon(&image, &qmp);
         let disk = QemuDisk { qmp, node: "vda".into(), ..disk };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.ends_with("no block node \"vda\" (query-named-block-nodes lists the node names)"), "{e}");
