@@ -49,6 +49,8 @@ pub struct NbdDevice {
 struct Conn {
     stream: UnixStream,
     client: NbdClient,
+    /// What the socket read last (kept: reads are many and alike).
+    buf: Vec<u8>,
 }
 
 impl Conn {
@@ -61,7 +63,6 @@ impl Conn {
 
     /// Runs the connection until `want` says an event is the one awaited.
     fn until<T>(&mut self, mut want: impl FnMut(ClientEvent) -> Option<T>) -> Result<T, NbdClientError> {
-        let mut buf = vec![0u8; 256 << 10];
         loop {
             self.flush().map_err(|e| NbdClientError::Usage(format!("writing to the socket: {e}")))?;
             while let Some(event) = self.client.poll_event() {
@@ -75,9 +76,9 @@ impl Conn {
             if self.client.is_closed() {
                 return Err(NbdClientError::Closed("before answering"));
             }
-            match self.stream.read(&mut buf) {
+            match self.stream.read(&mut self.buf) {
                 Ok(0) => self.client.handle_eof(),
-                Ok(n) => self.client.handle_input(&buf[..n]),
+                Ok(n) => self.client.handle_input(&self.buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(NbdClientError::Usage(format!("reading from the socket: {e}"))),
             }
@@ -93,7 +94,7 @@ impl NbdDevice {
         let stream = UnixStream::connect(socket).map_err(io)?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
-        let mut conn = Conn { stream, client: NbdClient::new(export, contexts) };
+        let mut conn = Conn { stream, client: NbdClient::new(export, contexts), buf: vec![0; 256 << 10] };
         let (size, granted) = conn
             .until(|e| match e {
                 ClientEvent::Ready { size, contexts, .. } => Some((size, contexts)),

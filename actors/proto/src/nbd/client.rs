@@ -331,12 +331,9 @@ impl NbdClient {
         if self.inbuf.len() < 20 {
             return Ok(false);
         }
-        let head = &self.inbuf[..20];
-        let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-        let option = u32::from_be_bytes(head[8..12].try_into().expect("4 bytes"));
-        let kind = u32::from_be_bytes(head[12..16].try_into().expect("4 bytes"));
-        let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
-        if magic != OPTION_REPLY_MAGIC {
+        let mut head = Reader::new(&self.inbuf[..20]);
+        let (magic, option, kind, len) = (head.u64(), head.u32(), head.u32(), head.u32().unwrap_or(0));
+        if magic != Some(OPTION_REPLY_MAGIC) {
             return Err(NbdClientError::Protocol("an option reply without its magic number".into()));
         }
         if len > MAX_OPTION_REPLY_BYTES {
@@ -352,6 +349,7 @@ impl NbdClient {
             State::MetaContext => OPT_SET_META_CONTEXT,
             _ => OPT_GO,
         };
+        let (option, kind) = (option.unwrap_or(0), kind.unwrap_or(0));
         if option != asked {
             return Err(NbdClientError::Protocol(format!("a reply to option {option} while option {asked} was asked")));
         }
@@ -375,10 +373,9 @@ impl NbdClient {
                 self.after_structured()
             }
             (State::MetaContext, REP_META_CONTEXT) => {
-                if data.len() < 4 {
+                let Some(id) = Reader::new(&data).u32() else {
                     return Err(NbdClientError::Protocol("a meta context reply without its id".into()));
-                }
-                let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+                };
                 let name = String::from_utf8_lossy(&data[4..]).into_owned();
                 if !self.wanted.contains(&name) || self.granted.iter().any(|(i, _)| *i == id) {
                     return Err(NbdClientError::Protocol(format!("it granted meta context {name:?} (id {id}), not asked for or twice")));
@@ -391,9 +388,9 @@ impl NbdClient {
                 Ok(true)
             }
             (State::Go, REP_INFO) => {
-                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-                    self.size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                    let flags = u16::from_be_bytes([data[10], data[11]]);
+                let mut info = Reader::new(&data);
+                if let (Some(INFO_EXPORT), Some(size), Some(flags)) = (info.u16(), info.u64(), info.u16()) {
+                    self.size = size;
                     self.read_only = flags & FLAG_READ_ONLY != 0;
                 }
                 Ok(true)
@@ -442,10 +439,10 @@ impl NbdClient {
         if self.inbuf.len() < 4 {
             return Ok(false);
         }
-        match u32::from_be_bytes(self.inbuf[..4].try_into().expect("4 bytes")) {
-            SIMPLE_REPLY_MAGIC => self.simple_reply(),
-            STRUCTURED_REPLY_MAGIC => self.chunk(),
-            other => Err(NbdClientError::Protocol(format!("a reply with magic number {other:#x}"))),
+        match Reader::new(&self.inbuf).u32() {
+            Some(SIMPLE_REPLY_MAGIC) => self.simple_reply(),
+            Some(STRUCTURED_REPLY_MAGIC) => self.chunk(),
+            other => Err(NbdClientError::Protocol(format!("a reply with magic number {:#x}", other.unwrap_or(0)))),
         }
     }
 
@@ -453,8 +450,8 @@ impl NbdClient {
         if self.inbuf.len() < 16 {
             return Ok(false);
         }
-        let errno = u32::from_be_bytes(self.inbuf[4..8].try_into().expect("4 bytes"));
-        let cookie = u64::from_be_bytes(self.inbuf[8..16].try_into().expect("8 bytes"));
+        let mut head = Reader::new(&self.inbuf[4..16]);
+        let (errno, cookie) = (head.u32().unwrap_or(0), head.u64().unwrap_or(0));
         let data_len = match self.pending.get(&cookie) {
             Some(Pending::Read { data, .. }) if errno == 0 => data.len(),
             Some(Pending::Read { .. }) => 0,
@@ -476,10 +473,8 @@ impl NbdClient {
         if self.inbuf.len() < 20 {
             return Ok(false);
         }
-        let flags = u16::from_be_bytes([self.inbuf[4], self.inbuf[5]]);
-        let kind = u16::from_be_bytes([self.inbuf[6], self.inbuf[7]]);
-        let cookie = u64::from_be_bytes(self.inbuf[8..16].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(self.inbuf[16..20].try_into().expect("4 bytes"));
+        let mut head = Reader::new(&self.inbuf[4..20]);
+        let (flags, kind, cookie, len) = (head.u16().unwrap_or(0), head.u16().unwrap_or(0), head.u64().unwrap_or(0), head.u32().unwrap_or(0));
         if !self.structured {
             return Err(NbdClientError::Protocol("a structured reply, which was not negotiated".into()));
         }
@@ -496,16 +491,14 @@ impl NbdClient {
         };
         let bad = |what: &str| Err(NbdClientError::Protocol(format!("{what} in the reply to request {cookie}")));
         if kind & (1 << 15) != 0 {
-            if body.len() < 6 {
-                return bad("an error chunk too short");
-            }
-            let errno = u32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
-            let message_len = usize::from(u16::from_be_bytes([body[4], body[5]]));
-            let extra = if kind == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
-            if (kind != REPLY_TYPE_ERROR && kind != REPLY_TYPE_ERROR_OFFSET) || body.len() != 6 + message_len + extra || errno == 0 {
+            let mut r = Reader::new(&body);
+            let (Some(errno), Some(message_len)) = (r.u32(), r.u16()) else { return bad("an error chunk too short") };
+            let message = r.bytes(usize::from(message_len)).unwrap_or_default();
+            let extra = if kind == REPLY_TYPE_ERROR_OFFSET { r.u64().map(|_| ()) } else { Some(()) };
+            if (kind != REPLY_TYPE_ERROR && kind != REPLY_TYPE_ERROR_OFFSET) || message.len() != usize::from(message_len) || extra.is_none() || !r.is_empty() || errno == 0 {
                 return bad("an error chunk that is not well formed");
             }
-            let error = RequestError { errno, message: String::from_utf8_lossy(&body[6..6 + message_len]).into_owned() };
+            let error = RequestError { errno, message: String::from_utf8_lossy(message).into_owned() };
             match pending {
                 Pending::Read { error: e, .. } | Pending::Status { error: e, .. } => {
                     e.get_or_insert(error);
@@ -515,16 +508,15 @@ impl NbdClient {
             match (pending, kind) {
                 (_, REPLY_TYPE_NONE) if body.is_empty() => {}
                 (Pending::Read { offset, data, covered, .. }, REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE) => {
-                    if body.len() < 8 {
-                        return bad("a read chunk too short");
-                    }
-                    let at = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+                    let mut r = Reader::new(&body);
+                    let Some(at) = r.u64() else { return bad("a read chunk too short") };
                     let n = if kind == REPLY_TYPE_OFFSET_DATA {
                         (body.len() - 8) as u64
-                    } else if body.len() == 12 {
-                        u64::from(u32::from_be_bytes(body[8..12].try_into().expect("4 bytes")))
                     } else {
-                        return bad("a hole chunk that is not 12 bytes");
+                        match (r.u32(), r.is_empty()) {
+                            (Some(n), true) => u64::from(n),
+                            _ => return bad("a hole chunk that is not 12 bytes"),
+                        }
                     };
                     let start = at.checked_sub(*offset).filter(|s| s + n <= data.len() as u64 && n > 0);
                     let Some(start) = start else { return bad("a read chunk outside the request") };
@@ -541,7 +533,8 @@ impl NbdClient {
                         return bad("a block status chunk that is not well formed");
                     }
                     // The server describes every context it granted; only the asked one is kept.
-                    let id = u32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+                    let mut r = Reader::new(&body);
+                    let id = r.u32().unwrap_or(0);
                     if !self.granted.iter().any(|(g, _)| *g == id) {
                         return bad(&format!("block status of context {id}, which was not granted"));
                     }
@@ -552,13 +545,12 @@ impl NbdClient {
                         return bad("block status of one context twice");
                     }
                     let mut at = *offset;
-                    for d in body[4..].chunks_exact(8) {
-                        let len = u64::from(u32::from_be_bytes(d[..4].try_into().expect("4 bytes")));
+                    while let (Some(len), Some(flags)) = (r.u32(), r.u32()) {
                         if len == 0 {
                             return bad("a block status extent of 0 bytes");
                         }
-                        extents.push(StatusExtent { offset: at, len, flags: u32::from_be_bytes(d[4..].try_into().expect("4 bytes")) });
-                        at += len;
+                        extents.push(StatusExtent { offset: at, len: u64::from(len), flags });
+                        at += u64::from(len);
                     }
                 }
                 (_, kind) => return bad(&format!("a chunk of type {kind}")),
