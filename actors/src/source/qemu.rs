@@ -20,6 +20,7 @@
 //! [`Fleece::dirty`] `None`: the cycle reads everything.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -205,7 +206,8 @@ pub struct QemuDisk {
     pub nbd: PathBuf,
     /// The volume's name (it names drmesh's bitmaps, job, node and export).
     pub volume: String,
-    /// A folder on this machine for the fleece file, which qemu can open.
+    /// A folder on this machine for the fleece file, which qemu can open;
+    /// made 0700 when missing, and nobody else should write in it.
     pub work_dir: PathBuf,
 }
 
@@ -257,9 +259,12 @@ impl Fleece {
         let recording = names.bitmaps.iter().find(|n| Some(*n) != current.as_ref()).expect("two names").clone();
 
         // The fleece file: a qcow2 as large as the disk, backed by it in qemu.
-        std::fs::create_dir_all(&disk.work_dir).map_err(|source| QemuError::Fleece { path: disk.work_dir.clone(), source })?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&disk.work_dir).map_err(|source| QemuError::Fleece { path: disk.work_dir.clone(), source })?;
         let file = disk.work_dir.join(format!("{}.qcow2", names.fleece));
+        // A leftover (or anything planted at the name, a symlink too) goes;
+        // the file is then made here, exclusively, before qemu-img fills it.
         let _ = std::fs::remove_file(&file);
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
         let made = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&file)
@@ -480,9 +485,15 @@ mod tests {
         drop(mon);
         write(&nbd, 0x41, 0, 1 << 20);
         let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), work_dir: dir.path().join("work") };
+        // A symlink planted at the fleece file's name is not followed.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::fs::create_dir(&disk.work_dir).unwrap();
+        std::os::unix::fs::symlink(&victim, disk.work_dir.join("drmesh-vm1-fleece.qcow2")).unwrap();
 
         // 1: no bitmap yet, everything is read; the view stays the instant while the VM writes.
         let view = Fleece::take(&disk).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
         assert!(view.dirty().is_none());
         assert!(view.why_everything().unwrap().contains("no dirty bitmap"), "{:?}", view.why_everything());
         write(&nbd, 0x42, 0, 64 << 10);
