@@ -470,9 +470,11 @@ pub fn allocated_extents(pv: &PhysicalVolume) -> Result<(PvEntry, Vec<bool>), St
     if me.pe_count == 0 {
         return Err("its metadata does not say how many extents it has".into());
     }
+    // 2^24 extents: 64 TiB at LVM's default 4 MiB; more is read whole
+    // rather than mapped (a map byte per extent).
     let count = usize::try_from(me.pe_count).map_err(|_| "too many extents")?;
-    if count > 1 << 28 {
-        return Err(format!("{count} extents"));
+    if count > 1 << 24 {
+        return Err(format!("it has {count} extents, more than drmesh maps"));
     }
     let mut used = vec![false; count];
     for lv in &vg.lvs {

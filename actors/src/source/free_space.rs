@@ -91,7 +91,7 @@ pub struct Probe {
     pub not_used: Vec<String>,
 }
 
-/// One filesystem of the view whose bitmaps are used: where it is and its layout.
+/// One allocation map of the view that is used: where it is and its layout.
 struct Part {
     /// Its first byte in the view.
     start: u64,
@@ -153,6 +153,9 @@ impl PvExtents {
 /// 4 KiB map; 128 MiB at 4 KiB blocks).
 const XFS_GROUP_BLOCKS: u64 = 32768;
 
+/// Pages of a swap area per group of the reader's cache (all free).
+const SWAP_GROUP_PAGES: u64 = 32768;
+
 /// Bytes of NTFS's `$Bitmap` read at a time (32,768 clusters: 128 MiB at 4 KiB).
 const NTFS_GROUP_BYTES: u64 = 4096;
 
@@ -175,7 +178,7 @@ impl Fs {
             Fs::Ntfs(v) => Geometry { unit: v.cluster_bytes(), first: 0, units: v.clusters(), per_group: NTFS_GROUP_BYTES * 8 },
             Fs::Xfs(x) => Geometry { unit: x.block_bytes(), first: 0, units: x.blocks(), per_group: XFS_GROUP_BLOCKS },
             Fs::LvmPv(p) => Geometry { unit: p.unit, first: 0, units: p.allocated.len() as u64 * p.extent_bytes / p.unit, per_group: PvExtents::GROUP_UNITS },
-            Fs::Swap { pages } => Geometry { unit: 4096, first: 0, units: *pages, per_group: 32768 },
+            Fs::Swap { pages } => Geometry { unit: 4096, first: 0, units: *pages, per_group: SWAP_GROUP_PAGES },
         }
     }
 }
@@ -213,9 +216,11 @@ impl ReadAt for ViewDisk<'_> {
 }
 
 impl FreeSpace {
-    /// Looks for filesystems this module reads in `device`: on the whole
-    /// device or in its MBR/GPT partitions. An I/O error reading the
-    /// partition table or a superblock leaves that part read whole.
+    /// Looks for what this module reads in `device`: filesystems on the
+    /// whole device, in its MBR/GPT partitions or in linear LVM logical
+    /// volumes, LVM physical volumes' unallocated extents, swap areas. An
+    /// I/O error reading the partition table or a superblock leaves that
+    /// part read whole.
     pub fn probe(device: Arc<dyn BlockDevice>) -> Probe {
         let mut not_used = Vec::new();
         let layout = match list_volumes(&ViewDisk(device.as_ref())) {
@@ -225,12 +230,12 @@ impl FreeSpace {
         let mut parts = Vec::new();
         let disk = ViewDisk(device.as_ref());
         let part = |start: u64, place: String, fs: Fs| Part { start, place, fs, cache: Mutex::new(Vec::new()) };
-        // An NTFS boot sector at the start also looks like an MBR: it is the whole disk.
         // Logical volumes the layout reader could not place (more than one
         // segment, on another disk): read whole, with the reason.
         for s in layout.skipped.iter().filter(|s| s.what.starts_with("logical volume")) {
             not_used.push(format!("{}: {}; its free space is read", s.what, s.reason));
         }
+        // An NTFS boot sector at the start also looks like an MBR: it is the whole disk.
         let volumes = match NtfsVolume::open(&disk, 0, device.size()) {
             Err(NtfsError::NotNtfs) => layout.volumes,
             whole => {
@@ -427,7 +432,7 @@ impl Part {
                 (bits, None) => Ok(bits),
             },
             Fs::LvmPv(e) => Ok(e.bits(group)),
-            Fs::Swap { .. } => Ok(vec![0u8; 32768 / 8]),
+            Fs::Swap { .. } => Ok(vec![0u8; (SWAP_GROUP_PAGES / 8) as usize]),
         };
         match loaded {
             Ok(bits) => GroupBits::Bits(bits),

@@ -137,6 +137,9 @@ pub struct XfsLayout {
     ags: Vec<Ag>,
     free_blocks: u64,
     log: LogState,
+    /// Groups whose tree failed once: counted as used from then on, without
+    /// walking their tree again (nor saying so again).
+    damaged: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// Reads `len` bytes at `offset` of the view.
@@ -201,7 +204,7 @@ impl XfsLayout {
         if logstart == 0 {
             return Err(XfsError::Unsupported("its log is on another device, whose state cannot be checked here".into()));
         }
-        let mut layout = XfsLayout { start, block, dblocks, agblocks, crc, ags: Vec::new(), free_blocks: 0, log: LogState::Unmounted };
+        let mut layout = XfsLayout { start, block, dblocks, agblocks, crc, ags: Vec::new(), free_blocks: 0, log: LogState::Unmounted, damaged: Default::default() };
         let log_first = (logstart >> agblklog) * agblocks + (logstart & ((1 << agblklog) - 1));
         let log_blocks = u64::from(be32(&sb, 96));
         if log_blocks == 0 || log_first + log_blocks > dblocks {
@@ -260,7 +263,7 @@ impl XfsLayout {
     /// `i / 8`, bit `i % 8`) set when block `first + i` is. Blocks the
     /// free-space trees do not list, including those past the filesystem,
     /// count as used, and so do all blocks of a group whose tree cannot be
-    /// read: the first such error is returned beside the map.
+    /// read: the first such error is returned beside the map, once per group.
     pub fn used_bits(&self, disk: &dyn ReadAt, first: u64, count: u64) -> (Vec<u8>, Option<XfsError>) {
         let mut bits = vec![0xFFu8; count.div_ceil(8) as usize];
         let mut damaged = None;
@@ -271,6 +274,10 @@ impl XfsLayout {
             let ag_first = ag * self.agblocks;
             let Some(group) = self.ags.get(ag as usize) else { break };
             let ag_end = (ag_first + u64::from(group.length)).min(end);
+            if self.damaged.lock().unwrap_or_else(|p| p.into_inner()).contains(&ag) {
+                at = ag_end.max(at + 1);
+                continue;
+            }
             let (lo, hi) = ((at - ag_first) as u32, (ag_end - ag_first) as u32);
             let mut free = Vec::new();
             match self.free_extents(disk, ag, group, lo..hi, |range| free.push(range)) {
@@ -280,7 +287,10 @@ impl XfsLayout {
                         bits[i / 8] &= !(1 << (i % 8));
                     }
                 }
-                Err(e) => damaged = damaged.or(Some(e)),
+                Err(e) => {
+                    self.damaged.lock().unwrap_or_else(|p| p.into_inner()).insert(ag);
+                    damaged = damaged.or(Some(e));
+                }
             }
             at = ag_end.max(at + 1);
         }
