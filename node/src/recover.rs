@@ -105,6 +105,8 @@ struct ProgressView {
     /// Plain lines instead of the bar: stderr is not a terminal.
     plain: bool,
     last_line: Option<Instant>,
+    /// Whether any plain line was printed.
+    printed: bool,
 }
 
 impl ProgressView {
@@ -117,7 +119,7 @@ impl ProgressView {
         );
         bar.set_message(format!("{verb} {rp}"));
         let plain = !json && !std::io::IsTerminal::is_terminal(&std::io::stderr());
-        ProgressView { json, bar, phase: "", phase_started: Instant::now(), verb, plain, last_line: None }
+        ProgressView { json, bar, phase: "", phase_started: Instant::now(), verb, plain, last_line: None, printed: false }
     }
 
     fn update(&mut self, p: ProgressSnapshot) {
@@ -146,6 +148,7 @@ impl ProgressView {
                 crate::ctl::bytes(rate as u64)
             );
             self.last_line = Some(Instant::now());
+            self.printed = true;
         }
         if self.json {
             let line = json!({ "progress": { "phase": p.phase, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes, "rate_bytes_per_sec": rate.round(), "eta_secs": eta.map(|e| e.ceil()) } });
@@ -169,6 +172,14 @@ impl ProgressView {
 /// Prints the result (or the failure) and gives the exit code.
 fn conclude(view: ProgressView, verb: &str, rp: &str, result: anyhow::Result<Value>) -> anyhow::Result<ExitCode> {
     view.bar.finish_and_clear();
+    // An operation done before the first progress report printed no plain
+    // line: one for the whole of it, in the same form.
+    if let (true, false, Ok(data)) = (view.plain, view.printed, &result) {
+        let total = data["rp"]["volume_bytes"].as_u64().unwrap_or(0);
+        if total > 0 {
+            eprintln!("{verb}: {} of {} (100%), {}/s", bytes(total), bytes(total), bytes(data["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64));
+        }
+    }
     match (result, view.json) {
         (Ok(data), true) => {
             println!("{}", crate::admin::Response::data(&data).line());
