@@ -47,7 +47,7 @@ pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
 pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
-    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Link, Mesh, NbdAddress, Node, Policy,
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Link, Mesh, Node, Policy,
     Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday,
 };
 

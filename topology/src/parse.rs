@@ -615,7 +615,7 @@ fn default_listen(first: &str) -> SocketAddr {
 const KIND_SETTINGS: &[(&str, &[&str])] = &[
     ("file", &["path"]),
     ("kmod", &["device", "cow_store", "state_store"]),
-    ("qemu", &["nbd", "export", "bitmap"]),
+    ("qemu", &["monitor", "node", "fleece_dir", "nbd"]),
     ("ebs", &["volume_id", "region", "endpoint"]),
 ];
 
@@ -831,42 +831,40 @@ fn read_abs_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<P
     Some(path)
 }
 
+/// Whether `name` is a block node name qemu accepts: a letter, then
+/// letters, digits, `-`, `.` or `_`, at most 31 bytes.
+fn block_node_name(name: &str) -> Result<(), &'static str> {
+    let mut chars = name.chars();
+    if !chars.next().is_some_and(|c| c.is_ascii_alphabetic()) {
+        return Err("a block node name starts with a letter");
+    }
+    if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')) {
+        return Err("a block node name holds only letters, digits, '-', '.' and '_'");
+    }
+    if name.len() > 31 {
+        return Err("a block node name is at most 31 bytes");
+    }
+    Ok(())
+}
+
 fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<SourceKind> {
     match kind {
         "file" => read_abs_path(f, sink, "path").map(|path| SourceKind::File { path }),
         "qemu" => {
-            let nbd = f.text(sink, "nbd", true).and_then(|s| {
-                let text = s.value.trim();
-                if let Some(path) = text.strip_prefix("unix:") {
-                    if Path::new(path).is_absolute() {
-                        return Some(NbdAddress::Unix(PathBuf::from(path)));
-                    }
-                    sink.error(
-                        s.span,
-                        format!("`nbd` {text:?}: the socket path must be absolute, like \"unix:/run/qemu/vm1.nbd\""),
-                    );
-                    return None;
-                }
-                match parse_host_port(text) {
-                    Ok(_) => Some(NbdAddress::Tcp(text.to_string())),
-                    Err(e) => {
-                        sink.error(s.span, format!("`nbd`: {e}, or \"unix:/path/to/socket\""));
-                        None
-                    }
+            let monitor = read_abs_path(f, sink, "monitor");
+            let node = f.text(sink, "node", true).and_then(|s| match block_node_name(&s.value) {
+                Ok(()) => Some(s.value),
+                Err(why) => {
+                    sink.error(s.span, format!("`node` {:?}: {why}; expected the disk's block node name as qemu's query-named-block-nodes lists it", s.value));
+                    None
                 }
             });
-            let export_ok = f.get("export").is_none();
-            let export = f.string(sink, "export", false);
-            let bitmap_ok = f.get("bitmap").is_none();
-            let bitmap = f.text(sink, "bitmap", false);
-            if (export.is_none() && !export_ok) || (bitmap.is_none() && !bitmap_ok) {
-                return None;
-            }
-            Some(SourceKind::Qemu {
-                nbd: nbd?,
-                export: export.map(|e| e.value),
-                bitmap: bitmap.map_or_else(|| "drmesh".to_string(), |b| b.value),
-            })
+            let fleece_dir = read_abs_path(f, sink, "fleece_dir");
+            let nbd = match f.get("nbd") {
+                None => fleece_dir.as_ref().map(|d| d.join("nbd.sock")),
+                Some(_) => read_abs_path(f, sink, "nbd"),
+            };
+            Some(SourceKind::Qemu { monitor: monitor?, node: node?, fleece_dir: fleece_dir?, nbd: nbd? })
         }
         "ebs" => {
             let volume_id = f.text(sink, "volume_id", true).and_then(|s| {

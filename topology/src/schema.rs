@@ -161,14 +161,20 @@ pub enum SourceKind {
         /// first cycle after a reboot reads the whole device.
         state_store: Option<PathBuf>,
     },
-    /// `kind = "qemu"`: dirty bitmaps over NBD.
+    /// `kind = "qemu"`: a VM disk that a running qemu (or
+    /// qemu-storage-daemon) has open, read without an agent in the VM:
+    /// a point-in-time view per cycle, its changes from a dirty bitmap.
     Qemu {
-        /// Where qemu's NBD server listens.
-        nbd: NbdAddress,
-        /// NBD export name; `None` uses the server's default export.
-        export: Option<String>,
-        /// Name of the dirty bitmap drmesh manages; default `"drmesh"`.
-        bitmap: String,
+        /// Absolute path of the QMP monitor socket drmesh talks to.
+        monitor: PathBuf,
+        /// The disk's block node name (`query-named-block-nodes`).
+        node: String,
+        /// Absolute path of a folder on this machine where qemu writes the
+        /// cycle's copy-before-write data (the fleece file).
+        fleece_dir: PathBuf,
+        /// Absolute path of the Unix socket of qemu's NBD server; started
+        /// there when qemu runs none. Default: `nbd.sock` in `fleece_dir`.
+        nbd: PathBuf,
     },
     /// `kind = "ebs"`: AWS EBS direct APIs.
     Ebs {
@@ -191,15 +197,6 @@ impl SourceKind {
             SourceKind::Ebs { .. } => "ebs",
         }
     }
-}
-
-/// Address of an NBD server (`nbd` setting of kind `qemu`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddress {
-    /// `unix:/path/to/socket`.
-    Unix(PathBuf),
-    /// `host:port`, as written.
-    Tcp(String),
 }
 
 /// A `[policy.NAME]` table: how often, how long and how a volume is copied.

@@ -10,7 +10,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use drmesh_topology::{NodeId, Topology};
+use drmesh_topology::{NodeId, SourceKind, Topology};
 
 fn id(n: u8) -> String {
     NodeId::from_public_key(&[n; 32]).to_string()
@@ -609,9 +609,21 @@ fn relative_file_path() {
 }
 
 #[test]
-fn qemu_needs_nbd_and_ebs_checks_volume_id() {
-    let qemu = edit(20, "kind = \"qemu\"").replace("path = \"/img\"", "export = \"disk0\"");
-    assert_one(&qemu, 17, 1, "missing required key `nbd` in [[volume]]");
+fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
+    let qemu = edit(20, "kind = \"qemu\"").replace("path = \"/img\"", "monitor = \"/run/vm1.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/var/lib/fleece\"");
+    let t = Topology::parse(&qemu, Path::new("t.toml")).unwrap();
+    assert_eq!(
+        t.volumes[0].kind,
+        SourceKind::Qemu { monitor: "/run/vm1.qmp".into(), node: "disk0".into(), fleece_dir: "/var/lib/fleece".into(), nbd: "/var/lib/fleece/nbd.sock".into() }
+    );
+    assert_one(&qemu.replace("node = \"disk0\"", "node = \"0disk\""), 22, 8, "`node` \"0disk\": a block node name starts with a letter");
+    assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk zero\""), 22, 8, "only letters, digits");
+    assert_one(&qemu.replace("\nfleece_dir = \"/var/lib/fleece\"", ""), 17, 1, "missing required key `fleece_dir` in [[volume]]");
+    assert_one(&qemu.replace("fleece_dir = \"/var/lib/fleece\"", "fleece_dir = \"/var/lib/fleece\"\nnbd = \"nbd.sock\""), 24, 7, "`nbd` in [[volume]] must be an absolute path");
+    // The settings of the first design (an NBD address and a bitmap name) are gone.
+    let errs = errors(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nbitmap = \"drmesh\""));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].2.contains("bitmap"), "{errs:#?}");
     let ebs = edit(20, "kind = \"ebs\"").replace("path = \"/img\"", "volume_id = \"i-123\"\nregion = \"eu-west-1\"");
     assert_one(&ebs, 21, 13, "bad `volume_id` \"i-123\"; expected an EBS volume id");
 }

@@ -5,8 +5,9 @@
 //! what changed, commit or release); the cycle driver knows nothing else of it. Kinds today: `file`
 //! ([`FileKind`]: an image or device read whole, compared with the baseline)
 //! and `kmod` ([`KmodKind`]: a snapshot of a device the kernel module tracks,
-//! only its changed blocks read). Hypervisor bitmaps, EBS and RBD are the next
-//! kinds; each is one implementation of these two traits.
+//! only its changed blocks read) and `qemu` (`super::qemu::QemuKind`: a VM
+//! disk through qemu, its dirty bitmap). EBS and RBD are the next kinds; each
+//! is one implementation of these two traits.
 
 use std::fmt;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
@@ -110,6 +111,7 @@ fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
         SourceKind::Kmod { device, cow_store, state_store } => Ok(Arc::new(KmodKind {
             spec: KmodSpec { device: device.clone(), cow_store: cow_store.clone(), state_store: state_store.clone(), targets: volume.targets.clone() },
         })),
+        SourceKind::Qemu { monitor, node, fleece_dir, nbd } => Ok(Arc::new(super::qemu::QemuKind { monitor: monitor.clone(), node: node.clone(), fleece_dir: fleece_dir.clone(), nbd: nbd.clone() })),
         other => Err(format!("volume \"{}\": source kind {} is not supported by this build yet", volume.name, other.name())),
     }
 }

@@ -14,6 +14,8 @@
 //! - [`hooks`]: the operator's commands run around any kind's view
 //!   (`[volume.hooks]`), for application-consistent RPs.
 //! - [`lvm`]: the `file` kind's point-in-time view of an LVM logical volume.
+//! - [`qemu`]: the `qemu` source kind: a VM disk read through qemu without
+//!   an agent in the VM (a fleece per cycle, its dirty bitmap, over [`nbd`]).
 //! - [`reflink`]: the `file` kind's point-in-time view of an image file on a
 //!   filesystem that clones files.
 //! - [`free_space`]: the free blocks of the filesystem in a view, which a
@@ -123,6 +125,15 @@ pub enum SourceError {
         volume: String,
         /// What failed.
         reason: String,
+    },
+    /// qemu refused or failed a step of a `qemu` volume's view; what was
+    /// recorded stays for the next cycle.
+    #[error("volume {volume}: {source}")]
+    Qemu {
+        /// Volume name.
+        volume: String,
+        /// What failed.
+        source: qemu::QemuError,
     },
     /// The volume's block size changed since the baseline; a full offer follows.
     #[error("volume {volume}: block size changed from {old} to {new} bytes; the baseline is reset")]

@@ -23,13 +23,20 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drmesh_proto::nbd::client::StatusExtent;
 use drmesh_proto::qmp::{QmpClient, QmpError, QmpEvent};
 use serde_json::{json, Value};
 
+use super::baseline::Baselines;
+use super::change::{ChangeSource, Changes, PointInTime, ViewQuality};
+use super::device::BlockDevice;
+use super::kmod::device_lock;
 use super::nbd::{NbdDevice, NbdDeviceError};
+use super::{BlockMask, SourceError};
+use crate::proto::gossip::catalog::Consistency;
 
 /// How long a QMP command or awaited event may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -176,7 +183,10 @@ struct Bitmap {
     inconsistent: bool,
 }
 
-/// The names drmesh gives its objects in qemu for one volume.
+/// The names drmesh gives its objects in qemu for one volume and target:
+/// its two bitmaps readable (`drmesh:VOLUME:TARGET:a`), the job, fleece node
+/// and export short (qemu allows node names of at most 31 bytes) and
+/// distinct per volume and target (a hash of both).
 struct Names {
     bitmaps: [String; 2],
     job: String,
@@ -185,12 +195,14 @@ struct Names {
 }
 
 impl Names {
-    fn of(volume: &str) -> Names {
+    fn of(volume: &str, target: &str) -> Names {
+        let hash = blake3::hash(format!("{volume}\0{target}").as_bytes()).to_hex();
+        let id = format!("drmesh-{}", &hash[..16]);
         Names {
-            bitmaps: [format!("drmesh-{volume}-a"), format!("drmesh-{volume}-b")],
-            job: format!("drmesh-{volume}-job"),
-            fleece: format!("drmesh-{volume}-fleece"),
-            export: format!("drmesh-{volume}"),
+            bitmaps: [format!("drmesh:{volume}:{target}:a"), format!("drmesh:{volume}:{target}:b")],
+            job: format!("{id}-j"),
+            fleece: format!("{id}-f"),
+            export: id,
         }
     }
 }
@@ -204,8 +216,11 @@ pub struct QemuDisk {
     pub node: String,
     /// The Unix socket qemu's NBD server listens on (started there if it is not running).
     pub nbd: PathBuf,
-    /// The volume's name (it names drmesh's bitmaps, job, node and export).
+    /// The volume's name and the target the cycle copies to: each target
+    /// has bitmaps of its own (it names drmesh's bitmaps, job, node and export).
     pub volume: String,
+    /// The target node's name.
+    pub target: String,
     /// A folder on this machine for the fleece file, which qemu can open;
     /// made 0700 when missing, and nobody else should write in it.
     pub work_dir: PathBuf,
@@ -228,7 +243,7 @@ pub struct Fleece {
 impl Fleece {
     /// Takes the view (see the module's doc). Blocking.
     pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
-        let names = Names::of(&disk.volume);
+        let names = Names::of(&disk.volume, &disk.target);
         let mut qmp = Qmp::connect(&disk.qmp)?;
         let (size, mut ours) = node_state(&mut qmp, &disk.node, &names)?;
         // Leftovers of a cycle that was killed: its objects go; a stopped bitmap
@@ -252,7 +267,7 @@ impl Fleece {
             }
             Some(b) => Some(b.name.clone()),
             None => {
-                why_everything = Some("no dirty bitmap of drmesh's on the disk yet (a new volume, or qemu restarted a disk whose bitmaps do not persist)".into());
+                why_everything = Some("no dirty bitmap of drmesh's on the disk (a new volume; or qemu stopped before it ever closed the disk cleanly, which is when it stores bitmaps; or the disk is raw, whose bitmaps do not outlive qemu)".into());
                 None
             }
         };
@@ -348,7 +363,7 @@ impl Fleece {
     }
 
     fn release(&mut self, qmp: &mut Qmp, committed: bool) -> Result<(), QemuError> {
-        let names = Names::of(&self.disk.volume);
+        let names = Names::of(&self.disk.volume, &self.disk.target);
         self.device = None;
         if qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" })).is_ok() {
             qmp.wait_event("BLOCK_EXPORT_DELETED", |d| d["id"] == names.export.as_str())?;
@@ -425,6 +440,102 @@ fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitm
     Ok((size, bitmaps))
 }
 
+/// Kind `qemu`: a VM disk a running qemu (or qemu-storage-daemon) has
+/// open, on a proxy node: each cycle reads a [`Fleece`] of it, only the
+/// blocks its dirty bitmap marks when it has one to trust.
+#[derive(Debug, Clone)]
+pub struct QemuKind {
+    /// The monitor socket.
+    pub monitor: PathBuf,
+    /// The disk's block node.
+    pub node: String,
+    /// Where qemu writes the fleece file.
+    pub fleece_dir: PathBuf,
+    /// qemu's NBD server socket.
+    pub nbd: PathBuf,
+}
+
+impl ChangeSource for QemuKind {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+    fn volume_path(&self) -> &Path {
+        &self.monitor
+    }
+    fn turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        // One view of a disk at a time, whatever the target: a second
+        // copy-before-write filter on the node would see the first's writes.
+        Some(device_lock(&self.monitor.join(&self.node)))
+    }
+    fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
+        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), work_dir: self.fleece_dir.clone() };
+        let fleece = Fleece::take(&disk).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
+        let device = fleece.device();
+        let blocks = device.size().div_ceil(u64::from(block_bytes));
+        let changes = match fleece.dirty() {
+            Some(dirty) => Changes::Blocks(Arc::new(blocks_of(dirty, block_bytes, blocks))),
+            None => Changes::Everything(fleece.why_everything().unwrap_or("no bitmap to trust").to_string()),
+        };
+        let how = format!("qemu fleece of block node {} (monitor {}) at the instant; the guest's filesystems were not frozen", self.node, self.monitor.display());
+        match &changes {
+            Changes::Blocks(mask) => tracing::info!(%volume, %target, node = %self.node, dirty_blocks = mask.count(), "took a qemu view: its bitmap marks the changed blocks"),
+            _ => tracing::info!(%volume, %target, node = %self.node, reason = fleece.why_everything().unwrap_or_default(), "took a qemu view: everything is read"),
+        }
+        Ok(Box::new(QemuView { volume: volume.to_string(), device, changes, how, fleece: Mutex::new(Some(fleece)) }))
+    }
+}
+
+/// The blocks of `block_bytes` that the byte ranges `dirty` touch.
+fn blocks_of(dirty: &[StatusExtent], block_bytes: u32, blocks: u64) -> BlockMask {
+    let bs = u64::from(block_bytes);
+    let mut mask = BlockMask::new(blocks);
+    for x in dirty.iter().filter(|x| x.len > 0 && blocks > 0) {
+        // Clamped to the disk: a server's answer never makes the loop longer than it.
+        let last = (x.offset.saturating_add(x.len - 1) / bs).min(blocks - 1);
+        for index in x.offset / bs..=last {
+            mask.insert(index);
+        }
+    }
+    mask
+}
+
+/// One cycle's view of a `qemu` volume.
+struct QemuView {
+    volume: String,
+    device: Arc<NbdDevice>,
+    changes: Changes,
+    how: String,
+    /// Until committed or released.
+    fleece: Mutex<Option<Fleece>>,
+}
+
+impl QemuView {
+    fn finish(&self, commit: bool) -> Result<(), SourceError> {
+        let fleece = self.fleece.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let Some(fleece) = fleece else { return Ok(()) };
+        let done = if commit { fleece.commit() } else { fleece.abandon() };
+        done.map_err(|source| SourceError::Qemu { volume: self.volume.clone(), source })
+    }
+}
+
+impl PointInTime for QemuView {
+    fn quality(&self) -> ViewQuality {
+        ViewQuality { consistency: Consistency::Crash, how: self.how.clone() }
+    }
+    fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
+        Ok(self.device.clone())
+    }
+    fn changes(&self) -> Changes {
+        self.changes.clone()
+    }
+    fn committed(&self, _baselines: &Baselines) -> Result<(), SourceError> {
+        self.finish(true)
+    }
+    fn release(&self) -> Result<(), SourceError> {
+        self.finish(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::Command;
@@ -484,12 +595,12 @@ mod tests {
         mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
         drop(mon);
         write(&nbd, 0x41, 0, 1 << 20);
-        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), work_dir: dir.path().join("work") };
+        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work") };
         // A symlink planted at the fleece file's name is not followed.
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
         std::fs::create_dir(&disk.work_dir).unwrap();
-        std::os::unix::fs::symlink(&victim, disk.work_dir.join("drmesh-vm1-fleece.qcow2")).unwrap();
+        std::os::unix::fs::symlink(&victim, disk.work_dir.join(format!("{}.qcow2", Names::of("vm1", "dst").fleece))).unwrap();
 
         // 1: no bitmap yet, everything is read; the view stays the instant while the VM writes.
         let view = Fleece::take(&disk).unwrap();
@@ -530,8 +641,8 @@ mod tests {
         let mut mon = Qmp::connect(&qmp).unwrap();
         assert_eq!(mon.execute("query-block-jobs", Value::Null).unwrap(), json!([]));
         let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
-        assert!(!nodes.to_string().contains("drmesh-vm1-fleece"), "the fleece node is left");
-        let (_, ours) = node_state(&mut mon, "disk0", &Names::of("vm1")).unwrap();
+        assert!(!nodes.to_string().contains(&Names::of("vm1", "dst").fleece), "the fleece node is left");
+        let (_, ours) = node_state(&mut mon, "disk0", &Names::of("vm1", "dst")).unwrap();
         assert!(matches!(&ours[..], [b] if b.recording), "{ours:?}");
         assert!(std::fs::read_dir(dir.path().join("work")).unwrap().next().is_none(), "the fleece file is left");
         drop(mon);
@@ -539,9 +650,20 @@ mod tests {
     }
 
     #[test]
+    fn dirty_ranges_mark_every_block_they_touch() {
+        let x = |offset, len| StatusExtent { offset, len, flags: 1 };
+        let mask = blocks_of(&[x(0, 1), x(3 << 20, 2 << 20), x((8 << 20) - 1, 2), x(9 << 20, 0)], 1 << 20, 10);
+        let marked: Vec<u64> = (0..10).filter(|&i| mask.contains(i)).collect();
+        assert_eq!(marked, [0, 3, 4, 7, 8]);
+        // A range past the end (a disk that grew) marks nothing outside the mask.
+        assert_eq!(blocks_of(&[x(20 << 20, 1 << 20)], 1 << 20, 10).count(), 0);
+        assert_eq!(blocks_of(&[x(0, u64::MAX)], 1 << 20, 10).count(), 10);
+    }
+
+    #[test]
     fn a_missing_node_or_monitor_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), work_dir: dir.path().join("work") };
+        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work") };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
         let image = dir.path().join("vm.qcow2");

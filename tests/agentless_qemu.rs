@@ -1,0 +1,227 @@
+//! Story: a Debian VM (the bootable image of the recovery tests, run by qemu
+//! from a qcow2 overlay) is protected without an agent in it. The proxy node
+//! `proxy` names the VM's qemu monitor and disk node in a `qemu` volume; each
+//! cycle takes a fleece of the disk at one instant, reads it over NBD, and
+//! only the blocks the dirty bitmap marks after the first.
+//!
+//! - While the VM boots (and so writes), RPs are taken one after the other:
+//!   the first reads everything (no bitmap yet), the others exactly the
+//!   blocks their bitmap marks (figures printed against a full read); every
+//!   one restores to a disk whose root filesystem e2fsck finds clean once
+//!   its journal is replayed, as after a power cut.
+//! - The VM stopped cleanly: its disk, opened by qemu-storage-daemon, is
+//!   still read by its bitmap (qemu stored it with the disk).
+//! - The VM booting again, qemu killed (kill -9) leaves the bitmap it
+//!   loaded inconsistent: the next cycle reads everything and says why; its RP
+//!   (free space read too: the journal is not replayed) is the disk byte for
+//!   byte; the bitmap made anew is trusted afterwards.
+//!
+//! Needs root (loop devices for e2fsck) and qemu; the image is built once
+//! and cached outside the repository (scripts/test builds it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drmesh_tests::{debian_image, file_hash, run_ok, wait_until, PolicySpec, TestMesh, VolumeSpec};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// Kills the child on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The VM: qemu (TCG) on the qcow2 `overlay` as block node "disk0" (IDE),
+/// its monitor at `qmp`, its serial console in `log`.
+fn start_vm(overlay: &Path, qmp: &Path, log: &Path) -> Proc {
+    let _ = std::fs::remove_file(qmp);
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-user-config"])
+        .arg("-blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", overlay.display()))
+        .args(["-blockdev", "driver=qcow2,node-name=disk0,file=file0", "-device", "ide-hd,drive=disk0,bus=ide.0"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    wait_until("the VM's monitor socket", Duration::from_secs(60), || qmp.exists());
+    Proc(child)
+}
+
+/// The stopped VM's disk opened by qemu-storage-daemon, as a proxy opens it
+/// to protect a VM that is not running: the same node name and monitor.
+fn start_storage_daemon(overlay: &Path, qmp: &Path) -> Proc {
+    let _ = std::fs::remove_file(qmp);
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", overlay.display()))
+        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+        .arg("--chardev")
+        .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
+        .args(["--monitor", "chardev=mon"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)");
+    wait_until("qemu-storage-daemon's monitor socket", Duration::from_secs(60), || qmp.exists());
+    Proc(child)
+}
+
+/// The one report of a sync-now answer.
+fn report(sync: &Value) -> &Value {
+    &sync["reports"][0]
+}
+
+/// "changed blocks (qemu): N of M" -> N.
+fn changed_blocks(plan: &str) -> u64 {
+    let rest = plan.strip_prefix("changed blocks (qemu): ").unwrap_or_else(|| panic!("not a changed-blocks read: {plan}"));
+    rest.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {plan}"))
+}
+
+/// Restores `rp` to a file and checks the root filesystem (1 MiB into the
+/// disk) as after a power cut: e2fsck replays the journal and repairs what
+/// it must (`-fy`, exit 0 or 1), then must find it clean (`-fn`, exit 0).
+fn restore_and_fsck(mesh: &TestMesh, rp: &str, start: u64, bytes: u64) -> PathBuf {
+    let to = mesh.dir.path().join(format!("{}.raw", rp.replace('@', "-")));
+    let out = mesh.restore("dst", rp, &to, None);
+    assert!(out.status.success(), "restore {rp}: {}", String::from_utf8_lossy(&out.stderr));
+    let copy = mesh.dir.path().join("fsck.img");
+    run_ok(Command::new("dd").arg(format!("if={}", to.display())).arg(format!("of={}", copy.display())).args(["bs=1M", "conv=sparse", "status=none"]).arg(format!("skip={}", start / MIB)).arg(format!("count={}", bytes / MIB)));
+    let fix = Command::new("e2fsck").args(["-fy"]).arg(&copy).output().expect("e2fsck");
+    assert!(matches!(fix.status.code(), Some(0 | 1)), "{rp}: e2fsck -fy: {}", String::from_utf8_lossy(&fix.stdout));
+    let check = Command::new("e2fsck").args(["-fn"]).arg(&copy).output().expect("e2fsck");
+    assert_eq!(check.status.code(), Some(0), "{rp}: e2fsck -fn after the replay: {}", String::from_utf8_lossy(&check.stdout));
+    std::fs::remove_file(&copy).unwrap();
+    to
+}
+
+#[test]
+fn a_running_vm_is_protected_without_an_agent() {
+    let Some((image, manifest)) = debian_image() else { return };
+    let get = |key: &str| drmesh_tests::manifest_get(&manifest, key).parse::<u64>().unwrap_or_else(|_| panic!("manifest {key}"));
+    let (part_start, part_bytes) = (get("partition_start_sector") * 512, get("partition_sectors") * 512);
+    let mut mesh = TestMesh::new(&["proxy", "dst"]);
+    let dir = mesh.dir.path().to_path_buf();
+    let overlay = dir.join("vm.qcow2");
+    run_ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&image).arg(&overlay));
+    let (qmp, log, fleece) = (dir.join("vm.qmp"), dir.join("serial.log"), dir.join("fleece"));
+
+    let policy = PolicySpec::new("p", "1MiB");
+    let vol = VolumeSpec::new("vm", "proxy", &["dst"], Path::new("/placeholder"), "p");
+    let text = mesh.replication_topology(1, &["proxy", "dst"], &[vol], &[policy]);
+    let qemu = format!("kind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk0\"\nfleece_dir = \"{}\"", qmp.display(), fleece.display());
+    let text = text.replace("kind = \"file\"\npath = \"/placeholder\"", &qemu);
+    let file = mesh.write_file("topology.toml", &text);
+    let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
+    assert!(check.status.success() && !String::from_utf8_lossy(&check.stdout).contains("NOT BUILT"), "{}", String::from_utf8_lossy(&check.stdout));
+
+    // The VM boots while the proxy protects it.
+    let vm = start_vm(&overlay, &qmp, &log);
+    let booted_at = Instant::now();
+    mesh.start("dst", "topology.toml");
+    mesh.start("proxy", "topology.toml");
+    mesh.wait_connected("proxy", &["dst"]);
+    let console = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).to_string();
+    let started = Instant::now();
+    let first = mesh.sync_ok("proxy", "vm");
+    let first = report(&first).clone();
+    let full_read = first["scanned_bytes"].as_u64().unwrap();
+    eprintln!("first RP (full read, VM booting): {} MiB read in {:.1} s; {}; free space {}", full_read / MIB, started.elapsed().as_secs_f64(), first["read_plan"], first["free_space"]);
+    assert!(first["read_plan"].as_str().unwrap().contains("no dirty bitmap of drmesh's"), "{first}");
+    assert_eq!(first["consistency"], "crash", "{first}");
+    let mut seqs = vec![first["seq"].as_u64().unwrap()];
+    let mut incrementals = Vec::new();
+    loop {
+        let booted = console().contains("DRMESH-BOOT-OK");
+        let failed = ["Kernel panic", "emergency mode", "Dropping to a shell"].iter().any(|m| console().contains(m));
+        assert!(!failed && booted_at.elapsed() < Duration::from_secs(600), "the VM did not boot:\n{}", console());
+        std::thread::sleep(Duration::from_secs(3));
+        let sync = mesh.sync_ok("proxy", "vm");
+        let r = report(&sync).clone();
+        let plan = r["read_plan"].as_str().unwrap().to_string();
+        let blocks = changed_blocks(&plan);
+        let read = r["scanned_bytes"].as_u64().unwrap();
+        // Only what the bitmap marks is read: at most its blocks, never the disk.
+        assert!(read <= blocks * MIB, "read {read} bytes for {blocks} changed blocks: {r}");
+        eprintln!("RP {}: {plan}: {:.1} MiB read ({:.2}% of the full read)", r["seq"], read as f64 / MIB as f64, read as f64 * 100.0 / full_read as f64);
+        seqs.push(r["seq"].as_u64().unwrap());
+        incrementals.push(read);
+        if booted {
+            break;
+        }
+    }
+    assert!(incrementals.iter().any(|&r| r > 0), "the booting VM wrote nothing the bitmap saw");
+    eprintln!(
+        "bench: {} incremental RPs while the VM booted read {:.1} MiB in all, {:.3}x the one full read ({} MiB)",
+        incrementals.len(),
+        incrementals.iter().sum::<u64>() as f64 / MIB as f64,
+        incrementals.iter().sum::<u64>() as f64 / full_read as f64,
+        full_read / MIB
+    );
+    // Every RP taken during the boot is a disk e2fsck accepts after a power cut:
+    // the first, one in the middle, the last (the others alike, fewer for time).
+    let picks: Vec<u64> = vec![seqs[0], seqs[seqs.len() / 2], *seqs.last().unwrap()];
+    for seq in picks {
+        let restored = restore_and_fsck(&mesh, &format!("vm@{seq}"), part_start, part_bytes);
+        std::fs::remove_file(restored).unwrap();
+    }
+
+    // The VM stops cleanly (qemu stores its bitmaps as it closes the disk);
+    // the stopped VM's disk is protected through qemu-storage-daemon: the
+    // stored bitmap is trusted, and the RP is the disk byte for byte.
+    stop(vm);
+    let daemon = start_storage_daemon(&overlay, &qmp);
+    let r = report(&mesh.sync_ok("proxy", "vm")).clone();
+    eprintln!("stopped VM through qemu-storage-daemon: {}", r["read_plan"]);
+    changed_blocks(r["read_plan"].as_str().unwrap());
+    let restored = restore_and_fsck(&mesh, &format!("vm@{}", r["seq"]), part_start, part_bytes);
+    std::fs::remove_file(restored).unwrap();
+    stop(daemon);
+
+    // The VM runs again and qemu dies (kill -9) with the bitmap it loaded
+    // marked in use: the next cycle reads everything and says why.
+    // (A bitmap drmesh made since qemu started is not stored yet: a crash
+    // then leaves none at all, which reads everything as well.)
+    let vm = start_vm(&overlay, &qmp, &log);
+    std::thread::sleep(Duration::from_secs(15));
+    drop(vm);
+    let daemon = start_storage_daemon(&overlay, &qmp);
+    let r = report(&mesh.sync_ok("proxy", "vm")).clone();
+    eprintln!("after kill -9 of qemu: {}", r["read_plan"]);
+    let plan = r["read_plan"].as_str().unwrap();
+    assert!(plan.starts_with("everything (qemu): ") && plan.contains("inconsistent"), "{r}");
+    // The filesystem has a journal to replay, so its free space is read too:
+    // the RP is the whole disk (earlier RPs may hold zeros for free blocks).
+    assert!(r["free_space"].as_str().unwrap().starts_with("read: "), "{r}");
+    let want = dir.join("disk.raw");
+    run_ok(Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&overlay).arg(&want));
+    let restored = restore_and_fsck(&mesh, &format!("vm@{}", r["seq"]), part_start, part_bytes);
+    assert_eq!(file_hash(&restored), file_hash(&want), "the RP after the crash is the disk byte for byte");
+    std::fs::remove_file(restored).unwrap();
+    // The bitmap drmesh made anew is trusted from then on.
+    let next = report(&mesh.sync_ok("proxy", "vm")).clone();
+    assert_eq!(changed_blocks(next["read_plan"].as_str().unwrap()), 0, "{next}");
+    drop(daemon);
+    // Nothing of the cycles is left in the fleece folder.
+    let left: Vec<_> = std::fs::read_dir(&fleece).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "nbd.sock").collect();
+    assert!(left.is_empty(), "left in the fleece folder: {left:?}");
+}
+
+/// SIGTERM: qemu (and qemu-storage-daemon) stop cleanly, closing the disk
+/// and storing its persistent bitmaps.
+fn stop(mut p: Proc) {
+    run_ok(Command::new("kill").arg("-TERM").arg(p.0.id().to_string()));
+    let status = p.0.wait().expect("wait");
+    assert!(status.success() || status.code().is_none(), "{status}");
+}
