@@ -39,9 +39,11 @@ impl Drop for Proc {
 }
 
 /// The VM: qemu (TCG) on the qcow2 `overlay` as block node "disk0" (IDE),
-/// its monitor at `qmp`, its serial console in `log`.
+/// its monitor at `qmp`, its serial console in `log`, the channel of its
+/// qemu-guest-agent at `qmp` with the extension `qga`.
 fn start_vm(overlay: &Path, qmp: &Path, log: &Path) -> Proc {
     let _ = std::fs::remove_file(qmp);
+    let qga = qmp.with_extension("qga");
     let child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none", "-no-user-config"])
         .arg("-blockdev")
@@ -49,6 +51,9 @@ fn start_vm(overlay: &Path, qmp: &Path, log: &Path) -> Proc {
         .args(["-blockdev", "driver=qcow2,node-name=disk0,file=file0", "-device", "ide-hd,drive=disk0,bus=ide.0"])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(["-device", "virtio-serial-pci", "-chardev"])
+        .arg(format!("socket,id=qga0,path={},server=on,wait=off", qga.display()))
+        .args(["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .stdin(Stdio::null())
@@ -92,12 +97,19 @@ fn changed_blocks(plan: &str) -> u64 {
 /// Restores `rp` to a file and checks the root filesystem (1 MiB into the
 /// disk) as after a power cut: e2fsck replays the journal and repairs what
 /// it must (`-fy`, exit 0 or 1), then must find it clean (`-fn`, exit 0).
+/// A filesystem that was frozen must be clean at once.
 fn restore_and_fsck(mesh: &TestMesh, rp: &str, start: u64, bytes: u64) -> PathBuf {
+    restore_and_fsck_as(mesh, rp, start, bytes, false)
+}
+
+fn restore_and_fsck_as(mesh: &TestMesh, rp: &str, start: u64, bytes: u64, clean: bool) -> PathBuf {
     let to = mesh.dir.path().join(format!("{}.raw", rp.replace('@', "-")));
     let out = mesh.restore("dst", rp, &to, None);
     assert!(out.status.success(), "restore {rp}: {}", String::from_utf8_lossy(&out.stderr));
     let copy = mesh.dir.path().join("fsck.img");
     run_ok(Command::new("dd").arg(format!("if={}", to.display())).arg(format!("of={}", copy.display())).args(["bs=1M", "conv=sparse", "status=none"]).arg(format!("skip={}", start / MIB)).arg(format!("count={}", bytes / MIB)));
+    let as_is = Command::new("e2fsck").args(["-fn"]).arg(&copy).output().expect("e2fsck");
+    assert!(!clean || as_is.status.success(), "{rp}: e2fsck -fn of a frozen filesystem: {}", String::from_utf8_lossy(&as_is.stdout));
     let fix = Command::new("e2fsck").args(["-fy"]).arg(&copy).output().expect("e2fsck");
     assert!(matches!(fix.status.code(), Some(0 | 1)), "{rp}: e2fsck -fy: {}", String::from_utf8_lossy(&fix.stdout));
     let check = Command::new("e2fsck").args(["-fn"]).arg(&copy).output().expect("e2fsck");
@@ -120,7 +132,12 @@ fn a_running_vm_is_protected_without_an_agent() {
     let policy = PolicySpec::new("p", "1MiB");
     let vol = VolumeSpec::new("vm", "proxy", &["dst"], Path::new("/placeholder"), "p");
     let text = mesh.replication_topology(1, &["proxy", "dst"], &[vol], &[policy]);
-    let qemu = format!("kind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk0\"\nfleece_dir = \"{}\"", qmp.display(), fleece.display());
+    let qemu = format!(
+        "kind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk0\"\nfleece_dir = \"{}\"\nguest_agent = \"{}\"",
+        qmp.display(),
+        fleece.display(),
+        qmp.with_extension("qga").display()
+    );
     let text = text.replace("kind = \"file\"\npath = \"/placeholder\"", &qemu);
     let file = mesh.write_file("topology.toml", &text);
     let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
@@ -162,6 +179,27 @@ fn a_running_vm_is_protected_without_an_agent() {
         }
     }
     assert!(incrementals.iter().any(|&r| r > 0), "the booting VM wrote nothing the bitmap saw");
+    // Once the guest agent runs (it starts late in the boot), the guest's
+    // filesystems are frozen at each instant: the RP is filesystem
+    // consistent, its ext4 needs no journal replay (so its free space is
+    // skipped) and e2fsck finds it clean as it is.
+    let mut frozen = None;
+    wait_until("an RP with the guest's filesystems frozen", Duration::from_secs(300), || {
+        let r = report(&mesh.sync_ok("proxy", "vm")).clone();
+        eprintln!("RP {}: {} ({})", r["seq"], r["consistency"], r["view"]);
+        seqs.push(r["seq"].as_u64().unwrap());
+        let done = r["consistency"] == "fs-frozen";
+        std::thread::sleep(Duration::from_secs(1));
+        if done {
+            frozen = Some(r);
+        }
+        done
+    });
+    let frozen = frozen.unwrap();
+    assert!(frozen["view"].as_str().unwrap().contains("frozen at the instant by its agent"), "{frozen}");
+    assert!(frozen["free_space"].as_str().unwrap().starts_with("skipped: ext4 on partition 1"), "{frozen}");
+    let restored = restore_and_fsck_as(&mesh, &format!("vm@{}", frozen["seq"]), part_start, part_bytes, true);
+    std::fs::remove_file(restored).unwrap();
     eprintln!(
         "bench: {} incremental RPs while the VM booted read {:.1} MiB in all, {:.3}x the one full read ({} MiB)",
         incrementals.len(),

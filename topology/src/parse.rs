@@ -615,7 +615,7 @@ fn default_listen(first: &str) -> SocketAddr {
 const KIND_SETTINGS: &[(&str, &[&str])] = &[
     ("file", &["path"]),
     ("kmod", &["device", "cow_store", "state_store"]),
-    ("qemu", &["monitor", "node", "fleece_dir", "nbd"]),
+    ("qemu", &["monitor", "node", "fleece_dir", "nbd", "guest_agent"]),
     ("ebs", &["volume_id", "region", "endpoint"]),
 ];
 
@@ -864,7 +864,11 @@ fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Op
                 None => fleece_dir.as_ref().map(|d| d.join("nbd.sock")),
                 Some(_) => read_abs_path(f, sink, "nbd"),
             };
-            Some(SourceKind::Qemu { monitor: monitor?, node: node?, fleece_dir: fleece_dir?, nbd: nbd? })
+            let guest_agent = match f.get("guest_agent") {
+                None => Some(None),
+                Some(_) => read_abs_path(f, sink, "guest_agent").map(Some),
+            };
+            Some(SourceKind::Qemu { monitor: monitor?, node: node?, fleece_dir: fleece_dir?, nbd: nbd?, guest_agent: guest_agent? })
         }
         "ebs" => {
             let volume_id = f.text(sink, "volume_id", true).and_then(|s| {

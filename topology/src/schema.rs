@@ -175,6 +175,9 @@ pub enum SourceKind {
         /// Absolute path of the Unix socket of qemu's NBD server; started
         /// there when qemu runs none. Default: `nbd.sock` in `fleece_dir`.
         nbd: PathBuf,
+        /// Absolute path of the Unix socket of the VM's qemu-guest-agent
+        /// channel: the guest's filesystems are frozen at each instant.
+        guest_agent: Option<PathBuf>,
     },
     /// `kind = "ebs"`: AWS EBS direct APIs.
     Ebs {

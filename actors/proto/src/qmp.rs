@@ -11,6 +11,12 @@
 //! to [`QmpClient::handle_input`], drain [`QmpClient::poll_event`]. A line
 //! that is not a QMP message closes it with an error naming the line; no
 //! input makes it panic, and it buffers at most [`MAX_LINE_BYTES`].
+//!
+//! The same core speaks to qemu-guest-agent ([`QmpClient::guest_agent`]),
+//! whose protocol is QMP's without a greeting: the agent may still hold
+//! answers meant for an earlier client, so the core first sends
+//! `guest-sync-delimited` with an id of the caller's choosing and skips
+//! everything up to the agent's 0xFF delimiter and that id's answer.
 
 use std::collections::VecDeque;
 
@@ -73,6 +79,8 @@ pub struct QmpClient {
     ready: bool,
     version: String,
     error: Option<QmpError>,
+    /// Guest agent: the id of the sync awaited, and whether its delimiter came.
+    agent_sync: Option<(u64, bool)>,
 }
 
 /// The id of the `qmp_capabilities` command the core sends itself.
@@ -87,7 +95,18 @@ impl Default for QmpClient {
 impl QmpClient {
     /// A connection whose server has not greeted yet.
     pub fn new() -> QmpClient {
-        QmpClient { inbuf: Vec::new(), out: Vec::new(), events: VecDeque::new(), next_id: 1, greeted: false, ready: false, version: String::new(), error: None }
+        QmpClient { inbuf: Vec::new(), out: Vec::new(), events: VecDeque::new(), next_id: 1, greeted: false, ready: false, version: String::new(), error: None, agent_sync: None }
+    }
+
+    /// A connection to qemu-guest-agent: Ready once the agent answered
+    /// `guest-sync-delimited` with `sync_id` (pick it at random, so that an
+    /// earlier client's sync is not taken for this one's).
+    pub fn guest_agent(sync_id: u64) -> QmpClient {
+        let mut c = QmpClient { greeted: true, version: "guest agent".into(), agent_sync: Some((sync_id, false)), ..QmpClient::new() };
+        let message = json!({ "execute": "guest-sync-delimited", "arguments": { "id": sync_id } });
+        c.out.extend_from_slice(message.to_string().as_bytes());
+        c.out.push(b'\n');
+        c
     }
 
     /// Bytes to send, if any.
@@ -133,6 +152,17 @@ impl QmpClient {
         if self.error.is_some() {
             return;
         }
+        let mut input = input;
+        if let Some((_, delimited @ false)) = &mut self.agent_sync {
+            // Whatever came before the delimiter was meant for someone else.
+            match input.iter().position(|&b| b == 0xff) {
+                Some(at) => {
+                    *delimited = true;
+                    input = &input[at + 1..];
+                }
+                None => return,
+            }
+        }
         self.inbuf.extend_from_slice(input);
         while let Some(end) = self.inbuf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.inbuf.drain(..=end).collect();
@@ -156,6 +186,15 @@ impl QmpClient {
         }
         let shown = || text.chars().take(120).collect::<String>();
         let message: Value = serde_json::from_str(text).map_err(|_| QmpError::Protocol(format!("a line that is not JSON: {}", shown())))?;
+        if let Some((sync_id, _)) = self.agent_sync {
+            // Until the sync's answer, lines are an earlier client's.
+            if message.get("return").and_then(Value::as_u64) == Some(sync_id) && message.get("id").is_none() {
+                self.agent_sync = None;
+                self.ready = true;
+                self.events.push_back(QmpEvent::Ready { version: self.version.clone() });
+            }
+            return Ok(());
+        }
         if let Some(greeting) = message.get("QMP") {
             if self.greeted {
                 return Err(QmpError::Protocol("a second greeting".into()));
@@ -249,6 +288,26 @@ mod tests {
         let mut c = QmpClient::new();
         c.handle_input(&vec![b'x'; MAX_LINE_BYTES + 1]);
         assert!(c.error().is_some());
+    }
+
+    #[test]
+    fn a_guest_agent_is_synced_past_what_an_earlier_client_left() {
+        let mut c = QmpClient::guest_agent(77);
+        let sent = String::from_utf8(c.poll_transmit().unwrap()).unwrap();
+        assert_eq!(sent, "{\"arguments\":{\"id\":77},\"execute\":\"guest-sync-delimited\"}\n");
+        // An earlier client's answers, then the delimiter, then an earlier sync's and ours, split anywhere.
+        let mut input = br#"{"return": {}, "id": 1}"#.to_vec();
+        input.extend_from_slice(b"\n\xff");
+        input.extend_from_slice(b"{\"return\": 5}\n{\"return\": 77}\n");
+        for (i, byte) in input.iter().enumerate() {
+            c.handle_input(&[*byte]);
+            assert_eq!(c.is_ready(), i + 1 == input.len(), "ready after byte {i}");
+        }
+        assert_eq!(c.poll_event(), Some(QmpEvent::Ready { version: "guest agent".into() }));
+        let id = c.execute("guest-fsfreeze-freeze", Value::Null);
+        c.handle_input(format!("{{\"return\": 2, \"id\": {id}}}\n").as_bytes());
+        assert_eq!(c.poll_event(), Some(QmpEvent::Return { id, value: json!(2) }));
+        assert!(c.error().is_none());
     }
 
     #[test]

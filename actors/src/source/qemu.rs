@@ -40,29 +40,38 @@ use crate::proto::gossip::catalog::Consistency;
 
 /// How long a QMP command or awaited event may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest agent may take to answer (it is not running while
+/// the guest boots: the cycle then goes on crash consistent).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a qemu view could not be taken or released.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     /// The monitor socket could not be reached or read.
-    #[error("qemu monitor at {socket}: {source}")]
+    #[error("{peer} at {socket}: {source}")]
     Io {
+        /// Who: "qemu monitor" or "qemu guest agent".
+        peer: &'static str,
         /// The monitor socket.
         socket: PathBuf,
         /// The cause.
         source: std::io::Error,
     },
     /// The monitor broke the protocol.
-    #[error("qemu monitor at {socket}: {source}")]
+    #[error("{peer} at {socket}: {source}")]
     Protocol {
+        /// Who: "qemu monitor" or "qemu guest agent".
+        peer: &'static str,
         /// The monitor socket.
         socket: PathBuf,
         /// What it sent.
         source: QmpError,
     },
     /// qemu refused a command.
-    #[error("qemu monitor at {socket}: {command} failed: {desc}")]
+    #[error("{peer} at {socket}: {command} failed: {desc}")]
     Command {
+        /// Who: "qemu monitor" or "qemu guest agent".
+        peer: &'static str,
         /// The monitor socket.
         socket: PathBuf,
         /// The command.
@@ -79,8 +88,10 @@ pub enum QemuError {
         what: String,
     },
     /// Something awaited did not come in time.
-    #[error("qemu monitor at {socket}: no {what} within {secs} s")]
+    #[error("{peer} at {socket}: no {what} within {secs} s")]
     Timeout {
+        /// Who: "qemu monitor" or "qemu guest agent".
+        peer: &'static str,
         /// The monitor socket.
         socket: PathBuf,
         /// What was awaited.
@@ -101,33 +112,49 @@ pub enum QemuError {
     },
 }
 
-/// One monitor connection (blocking).
+/// One monitor (or guest agent) connection (blocking).
 pub struct Qmp {
+    peer: &'static str,
     socket: PathBuf,
     stream: UnixStream,
     core: QmpClient,
+    /// How long a command or awaited event may take.
+    timeout: Duration,
     /// Asynchronous events read while waiting for answers.
     events: Vec<(String, Value)>,
 }
 
 impl Qmp {
-    /// Connects and negotiates.
+    /// Connects to a monitor and negotiates.
     pub fn connect(socket: &Path) -> Result<Qmp, QemuError> {
-        let io = |source| QemuError::Io { socket: socket.to_path_buf(), source };
+        Qmp::open("qemu monitor", socket, QmpClient::new(), QMP_TIMEOUT)
+    }
+
+    /// Connects to qemu-guest-agent (through the VM's virtio-serial channel
+    /// that qemu exposes as a Unix socket) and syncs with it.
+    pub fn guest_agent(socket: &Path) -> Result<Qmp, QemuError> {
+        // Any id this connection alone is likely to use.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let id = (nanos ^ u64::from(std::process::id()).rotate_left(32)) & ((1 << 53) - 1);
+        Qmp::open("qemu guest agent", socket, QmpClient::guest_agent(id), AGENT_TIMEOUT)
+    }
+
+    fn open(peer: &'static str, socket: &Path, core: QmpClient, timeout: Duration) -> Result<Qmp, QemuError> {
+        let io = |source| QemuError::Io { peer, socket: socket.to_path_buf(), source };
         let stream = UnixStream::connect(socket).map_err(io)?;
         stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
-        let mut qmp = Qmp { socket: socket.to_path_buf(), stream, core: QmpClient::new(), events: Vec::new() };
+        let mut qmp = Qmp { peer, socket: socket.to_path_buf(), stream, core, timeout, events: Vec::new() };
         qmp.until("the greeting", |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
         Ok(qmp)
     }
 
     /// Runs the connection until `want` picks an event.
     fn until<T>(&mut self, what: &str, mut want: impl FnMut(&QmpEvent) -> Option<T>) -> Result<T, QemuError> {
-        let deadline = Instant::now() + QMP_TIMEOUT;
+        let deadline = Instant::now() + self.timeout;
         let mut buf = vec![0u8; 64 << 10];
         loop {
             if let Some(bytes) = self.core.poll_transmit() {
-                self.stream.write_all(&bytes).map_err(|source| QemuError::Io { socket: self.socket.clone(), source })?;
+                self.stream.write_all(&bytes).map_err(|source| QemuError::Io { peer: self.peer, socket: self.socket.clone(), source })?;
             }
             while let Some(e) = self.core.poll_event() {
                 if let Some(found) = want(&e) {
@@ -138,16 +165,16 @@ impl Qmp {
                 }
             }
             if let Some(e) = self.core.error() {
-                return Err(QemuError::Protocol { socket: self.socket.clone(), source: e.clone() });
+                return Err(QemuError::Protocol { peer: self.peer, socket: self.socket.clone(), source: e.clone() });
             }
             if Instant::now() > deadline {
-                return Err(QemuError::Timeout { socket: self.socket.clone(), what: what.to_string(), secs: QMP_TIMEOUT.as_secs() });
+                return Err(QemuError::Timeout { peer: self.peer, socket: self.socket.clone(), what: what.to_string(), secs: self.timeout.as_secs() });
             }
             match self.stream.read(&mut buf) {
-                Ok(0) => return Err(QemuError::Io { socket: self.socket.clone(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("closed while waiting for {what}")) }),
+                Ok(0) => return Err(QemuError::Io { peer: self.peer, socket: self.socket.clone(), source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("closed while waiting for {what}")) }),
                 Ok(n) => self.core.handle_input(&buf[..n]),
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
-                Err(source) => return Err(QemuError::Io { socket: self.socket.clone(), source }),
+                Err(source) => return Err(QemuError::Io { peer: self.peer, socket: self.socket.clone(), source }),
             }
         }
     }
@@ -160,7 +187,7 @@ impl Qmp {
             QmpEvent::Failed { id: got, desc, .. } if *got == id => Some(Err(desc.clone())),
             _ => None,
         })?;
-        answer.map_err(|desc| QemuError::Command { socket: self.socket.clone(), command: name.to_string(), desc })
+        answer.map_err(|desc| QemuError::Command { peer: self.peer, socket: self.socket.clone(), command: name.to_string(), desc })
     }
 
     /// Waits for the asynchronous event `name` whose data `matches`.
@@ -224,6 +251,67 @@ pub struct QemuDisk {
     /// A folder on this machine for the fleece file, which qemu can open;
     /// made 0700 when missing, and nobody else should write in it.
     pub work_dir: PathBuf,
+    /// The Unix socket of the VM's qemu-guest-agent channel, when the
+    /// guest's filesystems are to be frozen at the instant.
+    pub guest_agent: Option<PathBuf>,
+}
+
+/// What the guest agent did around a view's instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestFreeze {
+    /// No guest agent is set for the volume.
+    NotAsked,
+    /// The agent froze this many filesystems for the instant, then thawed them.
+    Frozen(u64),
+    /// Nothing was frozen, and why: the view is crash consistent.
+    Failed(String),
+}
+
+/// Freezes the guest's filesystems through its agent at `socket`; the
+/// connection to thaw them with when they are frozen.
+fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
+    let mut agent = match Qmp::guest_agent(socket) {
+        Ok(agent) => agent,
+        Err(e) => return (None, GuestFreeze::Failed(format!("the guest agent did not answer ({e})"))),
+    };
+    // A freeze an earlier cycle left (its node killed between freeze and thaw) goes first.
+    if agent.execute("guest-fsfreeze-status", Value::Null).is_ok_and(|v| v == "frozen") {
+        tracing::warn!(agent = %socket.display(), "the guest's filesystems were left frozen by an earlier cycle: thawing them");
+        let _ = agent.execute("guest-fsfreeze-thaw", Value::Null);
+    }
+    agent.timeout = super::freeze::FREEZE_LIMIT;
+    match agent.execute("guest-fsfreeze-freeze", Value::Null) {
+        Ok(count) => match count.as_u64() {
+            Some(n) if n > 0 => (Some(agent), GuestFreeze::Frozen(n)),
+            _ => (Some(agent), GuestFreeze::Failed("the guest agent froze no filesystem".into())),
+        },
+        Err(e) => {
+            // Half-frozen or still freezing: thawed all the same.
+            thaw_guest(socket, Some(agent));
+            (None, GuestFreeze::Failed(format!("the guest agent could not freeze the filesystems ({e})")))
+        }
+    }
+}
+
+/// Thaws the guest's filesystems, on `agent` or a new connection, trying
+/// three times: a guest left frozen stops writing.
+fn thaw_guest(socket: &Path, agent: Option<Qmp>) {
+    let mut agent = agent;
+    for attempt in 1..=3 {
+        let conn = match agent.take() {
+            Some(a) => Ok(a),
+            None => Qmp::guest_agent(socket),
+        };
+        let done = conn.and_then(|mut a| {
+            a.timeout = super::freeze::FREEZE_LIMIT;
+            a.execute("guest-fsfreeze-thaw", Value::Null)
+        });
+        match done {
+            Ok(_) => return,
+            Err(e) => tracing::warn!(agent = %socket.display(), attempt, error = %e, "cannot thaw the guest's filesystems"),
+        }
+    }
+    tracing::error!(agent = %socket.display(), "the guest's filesystems may still be frozen: the next cycle thaws them, or run guest-fsfreeze-thaw through the agent");
 }
 
 /// One cycle's point-in-time view of a VM's disk.
@@ -237,6 +325,7 @@ pub struct Fleece {
     device: Option<std::sync::Arc<NbdDevice>>,
     dirty: Option<Vec<StatusExtent>>,
     why_everything: Option<String>,
+    frozen: GuestFreeze,
     released: bool,
 }
 
@@ -297,8 +386,16 @@ impl Fleece {
             actions.push(json!({ "type": "block-dirty-bitmap-disable", "data": { "node": disk.node, "name": current } }));
         }
         actions.push(json!({ "type": "blockdev-backup", "data": { "job-id": names.job, "device": disk.node, "target": names.fleece, "sync": "none" } }));
-        let mut fleece = Fleece { disk: disk.clone(), stopped: current.clone(), recording: recording.clone(), file, device: None, dirty: None, why_everything, released: false };
-        if let Err(e) = qmp.execute("transaction", json!({ "actions": actions })) {
+        let (agent, frozen) = match &disk.guest_agent {
+            Some(socket) => freeze_guest(socket),
+            None => (None, GuestFreeze::NotAsked),
+        };
+        let instant = qmp.execute("transaction", json!({ "actions": actions }));
+        if let (Some(socket), Some(agent)) = (&disk.guest_agent, agent) {
+            thaw_guest(socket, Some(agent));
+        }
+        let mut fleece = Fleece { disk: disk.clone(), stopped: current.clone(), recording: recording.clone(), file, device: None, dirty: None, why_everything, frozen, released: false };
+        if let Err(e) = instant {
             let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
             let _ = std::fs::remove_file(&fleece.file);
             fleece.released = true;
@@ -341,6 +438,11 @@ impl Fleece {
     /// says so; `None`: read everything ([`Fleece::why_everything`] says why).
     pub fn dirty(&self) -> Option<&[StatusExtent]> {
         self.dirty.as_deref()
+    }
+
+    /// What the guest agent did at the instant.
+    pub fn frozen(&self) -> &GuestFreeze {
+        &self.frozen
     }
 
     /// Why everything must be read, when it must.
@@ -453,6 +555,8 @@ pub struct QemuKind {
     pub fleece_dir: PathBuf,
     /// qemu's NBD server socket.
     pub nbd: PathBuf,
+    /// The guest agent's socket, if the guest's filesystems are frozen.
+    pub guest_agent: Option<PathBuf>,
 }
 
 impl ChangeSource for QemuKind {
@@ -468,7 +572,7 @@ impl ChangeSource for QemuKind {
         Some(device_lock(&self.monitor.join(&self.node)))
     }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
-        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), work_dir: self.fleece_dir.clone() };
+        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone() };
         let fleece = Fleece::take(&disk).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
         let device = fleece.device();
         let blocks = device.size().div_ceil(u64::from(block_bytes));
@@ -476,12 +580,20 @@ impl ChangeSource for QemuKind {
             Some(dirty) => Changes::Blocks(Arc::new(blocks_of(dirty, block_bytes, blocks))),
             None => Changes::Everything(fleece.why_everything().unwrap_or("no bitmap to trust").to_string()),
         };
-        let how = format!("qemu fleece of block node {} (monitor {}) at the instant; the guest's filesystems were not frozen", self.node, self.monitor.display());
+        let view = format!("qemu fleece of block node {} (monitor {})", self.node, self.monitor.display());
+        let (consistency, how) = match fleece.frozen() {
+            GuestFreeze::Frozen(n) => (Consistency::FileSystem, format!("{view}, the guest's {n} filesystem(s) frozen at the instant by its agent")),
+            GuestFreeze::NotAsked => (Consistency::Crash, format!("{view} at the instant (no guest agent set: its filesystems were not frozen)")),
+            GuestFreeze::Failed(why) => {
+                tracing::warn!(%volume, reason = %why, "the guest's filesystems were not frozen: the RP is crash consistent");
+                (Consistency::Crash, format!("{view} at the instant; the guest's filesystems were not frozen: {why}"))
+            }
+        };
         match &changes {
             Changes::Blocks(mask) => tracing::info!(%volume, %target, node = %self.node, dirty_blocks = mask.count(), "took a qemu view: its bitmap marks the changed blocks"),
             _ => tracing::info!(%volume, %target, node = %self.node, reason = fleece.why_everything().unwrap_or_default(), "took a qemu view: everything is read"),
         }
-        Ok(Box::new(QemuView { volume: volume.to_string(), device, changes, how, fleece: Mutex::new(Some(fleece)) }))
+        Ok(Box::new(QemuView { volume: volume.to_string(), device, changes, quality: ViewQuality { consistency, how }, fleece: Mutex::new(Some(fleece)) }))
     }
 }
 
@@ -504,7 +616,7 @@ struct QemuView {
     volume: String,
     device: Arc<NbdDevice>,
     changes: Changes,
-    how: String,
+    quality: ViewQuality,
     /// Until committed or released.
     fleece: Mutex<Option<Fleece>>,
 }
@@ -520,7 +632,7 @@ impl QemuView {
 
 impl PointInTime for QemuView {
     fn quality(&self) -> ViewQuality {
-        ViewQuality { consistency: Consistency::Crash, how: self.how.clone() }
+        self.quality.clone()
     }
     fn device(&self) -> Result<Arc<dyn BlockDevice>, SourceError> {
         Ok(self.device.clone())
@@ -595,7 +707,7 @@ mod tests {
         mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
         drop(mon);
         write(&nbd, 0x41, 0, 1 << 20);
-        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work") };
+        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None };
         // A symlink planted at the fleece file's name is not followed.
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
@@ -663,7 +775,7 @@ mod tests {
     #[test]
     fn a_missing_node_or_monitor_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work") };
+        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
         let image = dir.path().join("vm.qcow2");
