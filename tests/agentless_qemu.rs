@@ -200,6 +200,12 @@ fn a_running_vm_is_protected_without_an_agent() {
     assert!(frozen["free_space"].as_str().unwrap().starts_with("skipped: ext4 on partition 1"), "{frozen}");
     let restored = restore_and_fsck_as(&mesh, &format!("vm@{}", frozen["seq"]), part_start, part_bytes, true);
     std::fs::remove_file(restored).unwrap();
+    // What an operator sees (docs/agentless.md shows it).
+    for (node, args) in [("proxy", &["volumes"][..]), ("dst", &["rps", "vm"][..])] {
+        let out = mesh.ctl(node, args);
+        assert!(out.status.success(), "ctl {args:?} on {node}: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("$ drmesh ctl {} (on {node})\n{}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+    }
     eprintln!(
         "bench: {} incremental RPs while the VM booted read {:.1} MiB in all, {:.3}x the one full read ({} MiB)",
         incrementals.len(),

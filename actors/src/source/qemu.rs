@@ -20,7 +20,7 @@
 //! [`Fleece::dirty`] `None`: the cycle reads everything.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,14 @@ pub enum QemuError {
     /// The view's NBD export could not be read.
     #[error(transparent)]
     Nbd(#[from] NbdDeviceError),
+    /// The folder of the fleece files (`fleece_dir`) cannot be used.
+    #[error("fleece_dir {path}: {source}")]
+    FleeceDir {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The fleece file could not be made or removed.
     #[error("the fleece file {path}: {source}")]
     Fleece {
@@ -334,7 +342,7 @@ impl Fleece {
     pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
         let names = Names::of(&disk.volume, &disk.target);
         let mut qmp = Qmp::connect(&disk.qmp)?;
-        let (size, mut ours) = node_state(&mut qmp, &disk.node, &names)?;
+        let (size, mut ours, persistent) = node_state(&mut qmp, &disk.node, &names)?;
         // Leftovers of a cycle that was killed: its objects go; a stopped bitmap
         // takes back what its successor recorded (nothing is lost).
         let _ = qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" }));
@@ -363,12 +371,18 @@ impl Fleece {
         let recording = names.bitmaps.iter().find(|n| Some(*n) != current.as_ref()).expect("two names").clone();
 
         // The fleece file: a qcow2 as large as the disk, backed by it in qemu.
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&disk.work_dir).map_err(|source| QemuError::Fleece { path: disk.work_dir.clone(), source })?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
+        check_work_dir(&disk.work_dir)?;
         let file = disk.work_dir.join(format!("{}.qcow2", names.fleece));
         // A leftover (or anything planted at the name, a symlink too) goes;
         // the file is then made here, exclusively, before qemu-img fills it.
         let _ = std::fs::remove_file(&file);
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
+        let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
+        // qemu opens it as the user it runs as (the monitor socket's owner, as qemu made it).
+        if let Ok(monitor) = std::fs::metadata(&disk.qmp) {
+            std::os::unix::fs::fchown(&made, Some(monitor.uid()), Some(monitor.gid())).map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
+        }
+        drop(made);
         let made = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&file)
@@ -381,7 +395,7 @@ impl Fleece {
         qmp.execute("blockdev-add", json!({ "driver": "qcow2", "node-name": names.fleece, "file": { "driver": "file", "filename": file }, "backing": disk.node }))?;
 
         // The instant.
-        let mut actions = vec![json!({ "type": "block-dirty-bitmap-add", "data": { "node": disk.node, "name": recording, "persistent": true } })];
+        let mut actions = vec![json!({ "type": "block-dirty-bitmap-add", "data": { "node": disk.node, "name": recording, "persistent": persistent } })];
         if let Some(current) = &current {
             actions.push(json!({ "type": "block-dirty-bitmap-disable", "data": { "node": disk.node, "name": current } }));
         }
@@ -501,6 +515,20 @@ impl Drop for Fleece {
     }
 }
 
+/// The fleece folder must be a folder that only its owner may change: a
+/// file planted in it could otherwise take the fleece's place.
+fn check_work_dir(dir: &Path) -> Result<(), QemuError> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| QemuError::FleeceDir { path: dir.to_path_buf(), source })?;
+    let refuse = |why: &str| Err(QemuError::FleeceDir { path: dir.to_path_buf(), source: std::io::Error::other(why.to_string()) });
+    if !meta.is_dir() {
+        return refuse("is not a folder (fleece_dir names a folder of its own, not a symlink or a file)");
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse("is writable by other users; make it 0700 (chmod 700), or name a folder of drmesh's own");
+    }
+    Ok(())
+}
+
 /// The stopped bitmap takes back what `recording` recorded and records
 /// again; `recording` goes.
 fn merge_back(qmp: &mut Qmp, node: &str, stopped: &str, recording: &str) -> Result<(), QemuError> {
@@ -515,8 +543,9 @@ fn merge_back(qmp: &mut Qmp, node: &str, stopped: &str, recording: &str) -> Resu
     Ok(())
 }
 
-/// The disk node's size and drmesh's bitmaps on it.
-fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitmap>), QemuError> {
+/// The disk node's size, drmesh's bitmaps on it, and whether its format
+/// stores bitmaps (qcow2; a raw disk's live only as long as qemu).
+fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitmap>, bool), QemuError> {
     let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
     let found = nodes.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == node));
     let Some(found) = found else {
@@ -539,7 +568,7 @@ fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitm
                 .collect()
         })
         .unwrap_or_default();
-    Ok((size, bitmaps))
+    Ok((size, bitmaps, found["drv"] == "qcow2"))
 }
 
 /// Kind `qemu`: a VM disk a running qemu (or qemu-storage-daemon) has
@@ -656,14 +685,15 @@ mod tests {
     use crate::source::device::BlockDevice;
     use crate::test_util::{run, wait_for, Daemon};
 
-    /// qemu-storage-daemon with the qcow2 `image` as block node "disk0",
+    /// qemu-storage-daemon with the qcow2 `image` (raw if named `*.raw`) as block node "disk0",
     /// its monitor at `qmp`.
     fn storage_daemon(image: &Path, qmp: &Path) -> Daemon {
         let daemon = Daemon(
             Command::new("qemu-storage-daemon")
                 .arg("--blockdev")
                 .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
-                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+                .arg("--blockdev")
+                .arg(format!("driver={},node-name=disk0,file=file0", if image.extension().is_some_and(|e| e == "raw") { "raw" } else { "qcow2" }))
                 .arg("--chardev")
                 .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
                 .args(["--monitor", "chardev=mon"])
@@ -754,7 +784,7 @@ mod tests {
         assert_eq!(mon.execute("query-block-jobs", Value::Null).unwrap(), json!([]));
         let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
         assert!(!nodes.to_string().contains(&Names::of("vm1", "dst").fleece), "the fleece node is left");
-        let (_, ours) = node_state(&mut mon, "disk0", &Names::of("vm1", "dst")).unwrap();
+        let (_, ours, _) = node_state(&mut mon, "disk0", &Names::of("vm1", "dst")).unwrap();
         assert!(matches!(&ours[..], [b] if b.recording), "{ours:?}");
         assert!(std::fs::read_dir(dir.path().join("work")).unwrap().next().is_none(), "the fleece file is left");
         drop(mon);
@@ -770,6 +800,50 @@ mod tests {
         // A range past the end (a disk that grew) marks nothing outside the mask.
         assert_eq!(blocks_of(&[x(20 << 20, 1 << 20)], 1 << 20, 10).count(), 0);
         assert_eq!(blocks_of(&[x(0, u64::MAX)], 1 << 20, 10).count(), 10);
+    }
+
+    #[test]
+    fn a_raw_disk_has_bitmaps_while_qemu_runs_and_none_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vm.raw");
+        std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+        let (qmp, nbd) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
+        let daemon = storage_daemon(&image, &qmp);
+        let mut mon = Qmp::connect(&qmp).unwrap();
+        mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
+        mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
+        drop(mon);
+        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None };
+        Fleece::take(&disk).unwrap().commit().unwrap();
+        write(&nbd, 0x41, 1 << 20, 64 << 10);
+        let view = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(view.dirty()), vec![(1 << 20, 64 << 10)]);
+        view.commit().unwrap();
+        drop(daemon);
+        let _ = std::fs::remove_file(&qmp);
+        let _daemon = storage_daemon(&image, &qmp);
+        let view = Fleece::take(&disk).unwrap();
+        assert!(view.dirty().is_none() && view.why_everything().unwrap().contains("no dirty bitmap"), "{:?}", view.why_everything());
+        view.commit().unwrap();
+    }
+
+    #[test]
+    fn a_fleece_dir_others_may_write_or_that_is_not_a_folder_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_work_dir(&open).unwrap_err().to_string();
+        assert_eq!(e, format!("fleece_dir {}: is writable by other users; make it 0700 (chmod 700), or name a folder of drmesh's own", open.display()));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(check_work_dir(&file).unwrap_err().to_string().contains("is not a folder"));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        assert!(check_work_dir(&link).unwrap_err().to_string().contains("is not a folder"));
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_work_dir(&open).unwrap();
     }
 
     #[test]
