@@ -16,6 +16,11 @@
 //!   (free space read too: the journal is not replayed) is the disk byte for
 //!   byte; the bitmap made anew is trusted afterwards.
 //!
+//! And with a careless topology (a monitor path that is a file, a block node
+//! qemu does not have, a fleece folder anyone may write to): each cycle fails
+//! saying what and where, nothing is written, nothing of drmesh's is left in
+//! qemu, and a good volume next to them replicates.
+//!
 //! Needs root (loop devices for e2fsck) and qemu; the image is built once
 //! and cached outside the repository (scripts/test builds it).
 
@@ -268,4 +273,115 @@ fn stop(mut p: Proc) {
     run_ok(Command::new("kill").arg("-TERM").arg(p.0.id().to_string()));
     let status = p.0.wait().expect("wait");
     assert!(status.success() || status.code().is_none(), "{status}");
+}
+
+/// The answer to one QMP command on the monitor at `socket`.
+fn qmp(socket: &Path, command: &str) -> Value {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("monitor");
+    let mut lines = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    let send = |text: &str| {
+        (&stream).write_all(text.as_bytes()).unwrap();
+    };
+    lines.read_line(&mut line).unwrap();
+    send("{\"execute\":\"qmp_capabilities\"}\n");
+    send(&format!("{{\"execute\":\"{command}\",\"id\":1}}\n"));
+    loop {
+        line.clear();
+        assert!(lines.read_line(&mut line).unwrap() > 0, "the monitor closed");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == 1 {
+            return v["return"].clone();
+        }
+    }
+}
+
+/// The error text of a sync-now that must fail.
+fn sync_error(mesh: &TestMesh, volume: &str) -> String {
+    match mesh.sync_now("proxy", volume) {
+        Err(e) => e,
+        Ok(data) => {
+            let errors = data["errors"].as_array().cloned().unwrap_or_default();
+            assert!(!errors.is_empty(), "sync-now {volume} did not fail: {data}");
+            errors.iter().map(Value::to_string).collect::<Vec<_>>().join("; ")
+        }
+    }
+}
+
+#[test]
+fn wrong_settings_fail_the_cycle_saying_what_and_leave_nothing_behind() {
+    if !drmesh_tests::is_root() {
+        eprintln!("skipped: needs root (the proxy hands the fleece file to qemu's user)");
+        return;
+    }
+    let mut mesh = TestMesh::new(&["proxy", "dst"]);
+    let dir = mesh.dir.path().to_path_buf();
+    // One qemu-storage-daemon with two disks: disk0 is the good volume's.
+    let (good, other) = (dir.join("good.qcow2"), dir.join("other.qcow2"));
+    for image in [&good, &other] {
+        run_ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(image).arg("32M"));
+    }
+    // Something the VM wrote on the good disk.
+    run_ok(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M"]).arg(&good));
+    let (qmp_sock, nbd) = (dir.join("qsd.qmp"), dir.join("work/nbd.sock"));
+    let _ = std::fs::remove_file(&qmp_sock);
+    let _daemon = Proc(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=f0,filename={}", good.display()))
+            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=f0", "--blockdev"])
+            .arg(format!("driver=file,node-name=f1,filename={}", other.display()))
+            .args(["--blockdev", "driver=qcow2,node-name=disk1,file=f1", "--chardev"])
+            .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp_sock.display()))
+            .args(["--monitor", "chardev=mon"])
+            .spawn()
+            .expect("qemu-storage-daemon"),
+    );
+    wait_until("qemu-storage-daemon's monitor", Duration::from_secs(60), || qmp_sock.exists());
+
+    let not_socket = dir.join("monitor-is-a-file");
+    std::fs::write(&not_socket, b"not a socket").unwrap();
+    let open = dir.join("open-fleece");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let work = dir.join("work");
+    let volume = |name: &str, monitor: &Path, node: &str, fleece: &Path| {
+        format!(
+            "\n[[volume]]\nname = \"{name}\"\nsource = \"proxy\"\nkind = \"qemu\"\nmonitor = \"{}\"\nnode = \"{node}\"\nfleece_dir = \"{}\"\nnbd = \"{}\"\ntargets = [\"dst\"]\npolicy = \"p\"\n",
+            monitor.display(),
+            fleece.display(),
+            nbd.display()
+        )
+    };
+    let mut text = mesh.replication_topology(1, &["proxy", "dst"], &[], &[PolicySpec::new("p", "1MiB")]);
+    text.push_str(&volume("no-monitor", &not_socket, "disk0", &work));
+    text.push_str(&volume("no-node", &qmp_sock, "vda", &work));
+    text.push_str(&volume("open-dir", &qmp_sock, "disk1", &open));
+    text.push_str(&volume("good", &qmp_sock, "disk0", &work));
+    mesh.write_file("topology.toml", &text);
+    mesh.start("dst", "topology.toml");
+    mesh.start("proxy", "topology.toml");
+    mesh.wait_connected("proxy", &["dst"]);
+
+    let e = sync_error(&mesh, "no-monitor");
+    assert!(e.contains(&format!("qemu monitor at {}: ", not_socket.display())) && e.contains("refused"), "{e}");
+    let e = sync_error(&mesh, "no-node");
+    assert!(e.contains("no block node \\\"vda\\\"") || e.contains("no block node \"vda\""), "{e}");
+    let e = sync_error(&mesh, "open-dir");
+    assert!(e.contains("is writable by other users; make it 0700"), "{e}");
+    assert!(std::fs::read_dir(&open).unwrap().next().is_none(), "something was written in the refused folder");
+    assert_eq!(std::fs::read(&not_socket).unwrap(), b"not a socket");
+    // The failures left nothing of drmesh's in qemu; the good volume replicates.
+    let nodes = qmp(&qmp_sock, "query-named-block-nodes");
+    for n in nodes.as_array().unwrap() {
+        assert!(!n["node-name"].as_str().unwrap().starts_with("drmesh"), "{n}");
+        assert!(n["dirty-bitmaps"].as_array().is_none_or(|b| b.is_empty()), "{n}");
+    }
+    let r = report(&mesh.sync_ok("proxy", "good")).clone();
+    assert!(r["read_plan"].as_str().unwrap().starts_with("everything (qemu): no dirty bitmap"), "{r}");
+    let want = dir.join("good.raw");
+    run_ok(Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&good).arg(&want));
+    assert_eq!(mesh.restore_hash("dst", &format!("good@{}", r["seq"]), None), file_hash(&want));
+    assert!(mesh.node_mut("proxy").is_running(), "the proxy node stopped");
 }

@@ -48,7 +48,17 @@ fn branch_office_example_loads() {
     assert!(topo.node_by_name("nope").is_none());
 
     let kinds: Vec<&str> = topo.volumes.iter().map(|v| v.kind.name()).collect();
-    assert_eq!(kinds, ["kmod", "file", "ebs"]);
+    assert_eq!(kinds, ["kmod", "file", "qemu", "ebs"]);
+    assert_eq!(
+        topo.volumes[2].kind,
+        SourceKind::Qemu {
+            monitor: "/run/drmesh/pos.qmp".into(),
+            node: "pos-disk".into(),
+            fleece_dir: "/var/lib/drmesh/fleece".into(),
+            nbd: "/var/lib/drmesh/fleece/nbd.sock".into(),
+            guest_agent: Some("/run/drmesh/pos.qga".into()),
+        }
+    );
     assert_eq!(topo.volumes[0].kind, SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into(), state_store: Some("/dev/sdd1".into()) });
     assert_eq!(topo.volumes[0].targets, ["branch-proxy", "hq-gw"]);
 
