@@ -704,6 +704,18 @@ mod tests {
         daemon
     }
 
+    /// qemu-storage-daemon on `image` in `dir`, with "the VM": a writable
+    /// NBD export of the disk node; and volume vm1's disk to target dst.
+    fn running_disk(dir: &Path, image: &Path) -> (Daemon, QemuDisk) {
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let daemon = storage_daemon(image, &qmp);
+        let mut mon = Qmp::connect(&qmp).unwrap();
+        mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
+        mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
+        let disk = QemuDisk { qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), work_dir: dir.join("work"), guest_agent: None };
+        (daemon, disk)
+    }
+
     /// The VM's writes: through a writable NBD export of the disk node, as a
     /// guest's would go through its virtual disk.
     fn write(nbd: &Path, pattern: u8, offset: u64, len: u64) {
@@ -729,15 +741,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
-        let (qmp, nbd) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
-        let daemon = storage_daemon(&image, &qmp);
-        // The "VM": a writable export of the disk node.
-        let mut mon = Qmp::connect(&qmp).unwrap();
-        mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
-        mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
-        drop(mon);
+        let (daemon, disk) = running_disk(dir.path(), &image);
+        let (qmp, nbd) = (disk.qmp.clone(), disk.nbd.clone());
         write(&nbd, 0x41, 0, 1 << 20);
-        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None };
         // A symlink planted at the fleece file's name is not followed.
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
@@ -807,13 +813,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("vm.raw");
         std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
-        let (qmp, nbd) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
-        let daemon = storage_daemon(&image, &qmp);
-        let mut mon = Qmp::connect(&qmp).unwrap();
-        mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
-        mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
-        drop(mon);
-        let disk = QemuDisk { qmp: qmp.clone(), node: "disk0".into(), nbd: nbd.clone(), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None };
+        let (daemon, disk) = running_disk(dir.path(), &image);
+        let (qmp, nbd) = (disk.qmp.clone(), disk.nbd.clone());
         Fleece::take(&disk).unwrap().commit().unwrap();
         write(&nbd, 0x41, 1 << 20, 64 << 10);
         let view = Fleece::take(&disk).unwrap();
