@@ -383,3 +383,89 @@ fn wrong_settings_fail_the_cycle_saying_what_and_leave_nothing_behind() {
     assert_eq!(mesh.restore_hash("dst", &format!("good@{}", r["seq"]), None), file_hash(&want));
     assert!(mesh.node_mut("proxy").is_running(), "the proxy node stopped");
 }
+
+#[test]
+fn a_vm_writing_more_than_the_fleece_folder_holds_never_sees_a_failed_write() {
+    if !drmesh_tests::is_root() {
+        eprintln!("skipped: needs root (a small loop-mounted filesystem as fleece_dir)");
+        return;
+    }
+    let fleece_fs = drmesh_tests::LoopFs::new(64);
+    let fleece = fleece_fs.path().join("fleece");
+    let mut mesh = TestMesh::new(&["proxy", "dst"]);
+    let dir = mesh.dir.path().to_path_buf();
+    // The VM's disk: 64 MiB of random data (so that every overwritten block is copied).
+    let (raw, disk) = (dir.join("seed.raw"), dir.join("vm.qcow2"));
+    let mut rng = drmesh_tests::Rng::new(7);
+    let mut random = vec![0u8; 64 << 20];
+    rng.fill(&mut random);
+    std::fs::write(&raw, &random).unwrap();
+    run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk));
+    let (qmp_sock, nbd) = (dir.join("qsd.qmp"), dir.join("qsd.nbd"));
+    // qemu-storage-daemon with its own NBD server, the "VM" writing through a writable export.
+    let _daemon = Proc(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=f0,filename={}", disk.display()))
+            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=f0", "--nbd-server"])
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+            .args(["--export", "type=nbd,id=vm,node-name=disk0,name=vm,writable=on", "--chardev"])
+            .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp_sock.display()))
+            .args(["--monitor", "chardev=mon"])
+            .spawn()
+            .expect("qemu-storage-daemon"),
+    );
+    wait_until("qemu-storage-daemon's monitor", Duration::from_secs(60), || qmp_sock.exists());
+    // Right after the first view is taken (the post hook, while a marker file
+    // is there), the VM overwrites 48 MiB, 1 MiB every 50 ms: far more than
+    // the 64 MiB folder holds above its reserve.
+    let (status, marker) = (dir.join("vm-writes.status"), dir.join("write-now"));
+    std::fs::write(&marker, b"").unwrap();
+    let writes: Vec<String> = (0..48).map(|i| format!("-c 'write -P 0x77 {i}M 1M' -c 'sleep 50'")).collect();
+    let script = format!(
+        "[ -e {m} ] || exit 0; rm {m}; qemu-io -f raw {} 'nbd+unix:///vm?socket={}' >/dev/null; echo $? > {}",
+        writes.join(" "),
+        nbd.display(),
+        status.display(),
+        m = marker.display()
+    );
+    let text = mesh.replication_topology(1, &["proxy", "dst"], &[], &[PolicySpec::new("p", "1MiB")]);
+    let text = format!(
+        "{text}\n[[volume]]\nname = \"vm\"\nsource = \"proxy\"\nkind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk0\"\nfleece_dir = \"{}\"\nfleece_reserve = \"32MiB\"\nnbd = \"{}\"\ntargets = [\"dst\"]\npolicy = \"p\"\n",
+        qmp_sock.display(),
+        fleece.display(),
+        nbd.display()
+    );
+    let text = format!("{text}\n[volume.hooks]\npost = [\"/bin/sh\", \"-c\", {:?}]\ntimeout = \"120s\"\n", script);
+    mesh.write_file("topology.toml", &text);
+    mesh.start("dst", "topology.toml");
+    mesh.start("proxy", "topology.toml");
+    mesh.wait_connected("proxy", &["dst"]);
+
+    let e = sync_error(&mesh, "vm");
+    assert!(e.contains(&format!("fleece_dir {} fell to", fleece.display())) && e.contains("under its fleece_reserve of 32 MiB: the view was dropped"), "{e}");
+    assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "0", "a write of the VM failed");
+    assert!(std::fs::read_dir(&fleece).unwrap().flatten().all(|e| e.file_name() == "nbd.sock"), "the fleece file is left");
+    for n in qmp(&qmp_sock, "query-named-block-nodes").as_array().unwrap() {
+        assert!(!n["node-name"].as_str().unwrap().starts_with("drmesh"), "{n}");
+    }
+    assert!(qmp(&qmp_sock, "query-block-jobs").as_array().unwrap().is_empty());
+
+    // A folder already under its reserve: no view is taken at all.
+    let filler = fleece_fs.path().join("filler");
+    let free = nix::sys::statvfs::statvfs(fleece_fs.path()).unwrap();
+    let free = free.blocks_available() * free.fragment_size();
+    std::fs::File::create(&filler).unwrap().set_len(0).unwrap();
+    run_ok(Command::new("fallocate").arg("-l").arg((free - (16 << 20)).to_string()).arg(&filler));
+    let e = sync_error(&mesh, "vm");
+    assert!(e.contains("MiB free, under its fleece_reserve of 32 MiB: no view is taken"), "{e}");
+    std::fs::remove_file(&filler).unwrap();
+
+    // With room again and the VM quiet, the cycle goes through: the RP is the disk.
+    let r = report(&mesh.sync_ok("proxy", "vm")).clone();
+    let want = dir.join("vm.raw");
+    run_ok(Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&disk).arg(&want));
+    assert_eq!(mesh.restore_hash("dst", &format!("vm@{}", r["seq"]), None), file_hash(&want));
+    let head = std::fs::read(&want).unwrap();
+    assert!(head[..48 << 20].iter().all(|&b| b == 0x77), "the VM's writes are on its disk");
+}

@@ -615,7 +615,7 @@ fn default_listen(first: &str) -> SocketAddr {
 const KIND_SETTINGS: &[(&str, &[&str])] = &[
     ("file", &["path"]),
     ("kmod", &["device", "cow_store", "state_store"]),
-    ("qemu", &["monitor", "node", "fleece_dir", "nbd", "guest_agent"]),
+    ("qemu", &["monitor", "node", "fleece_dir", "fleece_reserve", "nbd", "guest_agent"]),
     ("ebs", &["volume_id", "region", "endpoint"]),
 ];
 
@@ -868,7 +868,25 @@ fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Op
                 None => Some(None),
                 Some(_) => read_abs_path(f, sink, "guest_agent").map(Some),
             };
-            Some(SourceKind::Qemu { monitor: monitor?, node: node?, fleece_dir: fleece_dir?, nbd: nbd?, guest_agent: guest_agent? })
+            let fleece_reserve = match f.text(sink, "fleece_reserve", false) {
+                None if f.get("fleece_reserve").is_some() => None,
+                None => Some(crate::schema::DEFAULT_FLEECE_RESERVE_BYTES),
+                Some(s) => match units::parse_size(&s.value) {
+                    Ok(bytes) => Some(bytes),
+                    Err(e) => {
+                        sink.error(s.span, format!("`fleece_reserve`: {e}"));
+                        None
+                    }
+                },
+            };
+            Some(SourceKind::Qemu {
+                monitor: monitor?,
+                node: node?,
+                fleece_dir: fleece_dir?,
+                nbd: nbd?,
+                guest_agent: guest_agent?,
+                fleece_reserve_bytes: fleece_reserve?,
+            })
         }
         "ebs" => {
             let volume_id = f.text(sink, "volume_id", true).and_then(|s| {

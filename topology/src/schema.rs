@@ -178,6 +178,10 @@ pub enum SourceKind {
         /// Absolute path of the Unix socket of the VM's qemu-guest-agent
         /// channel: the guest's filesystems are frozen at each instant.
         guest_agent: Option<PathBuf>,
+        /// Free space kept in `fleece_dir`'s filesystem: a view is not taken
+        /// with less, and is dropped as soon as the fleece would leave less
+        /// (so that the VM's writes never fail for want of space).
+        fleece_reserve_bytes: u64,
     },
     /// `kind = "ebs"`: AWS EBS direct APIs.
     Ebs {
@@ -223,6 +227,9 @@ pub struct Policy {
     /// Scheduled disaster-recovery drills.
     pub drill: Option<Drill>,
 }
+
+/// Default `fleece_reserve` of a `qemu` volume: 1 GiB.
+pub const DEFAULT_FLEECE_RESERVE_BYTES: u64 = 1 << 30;
 
 /// Default `block_size`: 1 MiB.
 pub const DEFAULT_BLOCK_BYTES: u64 = 1 << 20;

@@ -159,7 +159,7 @@ fn unknown_key_in_volume() {
         &edit(23, "policy = \"p\"\nschedule = \"x\""),
         24,
         1,
-        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, free_space, path, device, cow_store, state_store, monitor, node, fleece_dir, nbd, guest_agent",
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, free_space, path, device, cow_store, state_store, monitor, node, fleece_dir, fleece_reserve, nbd, guest_agent",
     );
 }
 
@@ -614,13 +614,14 @@ fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
     let t = Topology::parse(&qemu, Path::new("t.toml")).unwrap();
     assert_eq!(
         t.volumes[0].kind,
-        SourceKind::Qemu { monitor: "/run/vm1.qmp".into(), node: "disk0".into(), fleece_dir: "/var/lib/fleece".into(), nbd: "/var/lib/fleece/nbd.sock".into(), guest_agent: None }
+        SourceKind::Qemu { monitor: "/run/vm1.qmp".into(), node: "disk0".into(), fleece_dir: "/var/lib/fleece".into(), nbd: "/var/lib/fleece/nbd.sock".into(), guest_agent: None, fleece_reserve_bytes: 1 << 30 }
     );
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"0disk\""), 22, 8, "`node` \"0disk\": a block node name starts with a letter");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk zero\""), 22, 8, "only letters, digits");
     assert_one(&qemu.replace("\nfleece_dir = \"/var/lib/fleece\"", ""), 17, 1, "missing required key `fleece_dir` in [[volume]]");
     assert_one(&qemu.replace("fleece_dir = \"/var/lib/fleece\"", "fleece_dir = \"/var/lib/fleece\"\nnbd = \"nbd.sock\""), 24, 7, "`nbd` in [[volume]] must be an absolute path");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nguest_agent = \"qga.sock\""), 23, 15, "`guest_agent` in [[volume]] must be an absolute path");
+    assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nfleece_reserve = \"lots\""), 23, 18, "`fleece_reserve`: bad size \"lots\"");
     // The settings of the first design (an NBD address and a bitmap name) are gone.
     let errs = errors(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nbitmap = \"drmesh\""));
     assert_eq!(errs.len(), 1, "{errs:#?}");

@@ -57,6 +57,7 @@ fn branch_office_example_loads() {
             fleece_dir: "/var/lib/drmesh/fleece".into(),
             nbd: "/var/lib/drmesh/fleece/nbd.sock".into(),
             guest_agent: Some("/run/drmesh/pos.qga".into()),
+            fleece_reserve_bytes: 1 << 30,
         }
     );
     assert_eq!(topo.volumes[0].kind, SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into(), state_store: Some("/dev/sdd1".into()) });

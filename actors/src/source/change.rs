@@ -111,12 +111,13 @@ fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
         SourceKind::Kmod { device, cow_store, state_store } => Ok(Arc::new(KmodKind {
             spec: KmodSpec { device: device.clone(), cow_store: cow_store.clone(), state_store: state_store.clone(), targets: volume.targets.clone() },
         })),
-        SourceKind::Qemu { monitor, node, fleece_dir, nbd, guest_agent } => Ok(Arc::new(super::qemu::QemuKind {
+        SourceKind::Qemu { monitor, node, fleece_dir, nbd, guest_agent, fleece_reserve_bytes } => Ok(Arc::new(super::qemu::QemuKind {
             monitor: monitor.clone(),
             node: node.clone(),
             fleece_dir: fleece_dir.clone(),
             nbd: nbd.clone(),
             guest_agent: guest_agent.clone(),
+            fleece_reserve_bytes: *fleece_reserve_bytes,
         })),
         other => Err(format!("volume \"{}\": source kind {} is not supported by this build yet", volume.name, other.name())),
     }

@@ -110,6 +110,16 @@ pub enum QemuError {
         /// The cause.
         source: std::io::Error,
     },
+    /// `fleece_dir` has less free space than its reserve: no view is taken.
+    #[error("fleece_dir {path} has {free_mib} MiB free, under its fleece_reserve of {reserve_mib} MiB: no view is taken, so that the VM's writes never fail for want of space (free space there, or lower fleece_reserve)")]
+    FleeceFull {
+        /// The folder.
+        path: PathBuf,
+        /// MiB free.
+        free_mib: u64,
+        /// The reserve, in MiB.
+        reserve_mib: u64,
+    },
     /// The fleece file could not be made or removed.
     #[error("the fleece file {path}: {source}")]
     Fleece {
@@ -262,6 +272,73 @@ pub struct QemuDisk {
     /// The Unix socket of the VM's qemu-guest-agent channel, when the
     /// guest's filesystems are to be frozen at the instant.
     pub guest_agent: Option<PathBuf>,
+    /// Free bytes kept in `work_dir`'s filesystem (see [`Watchdog`]).
+    pub reserve_bytes: u64,
+}
+
+/// Bytes free for an unprivileged user in the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
+/// Watches the free space of `fleece_dir` while a view lives. qemu's
+/// copy-before-write fails the VM's own write when it cannot copy the old
+/// block to the fleece (a full disk would make the VM's writes fail or
+/// pause it), so before the fleece can take the filesystem below its
+/// reserve, the watchdog cancels the view's backup job: the VM writes on
+/// untouched, the view is no longer one instant, and the cycle fails
+/// ([`Fleece::broken`]) with its changes kept for the next one.
+struct Watchdog {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    broken: Arc<Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(disk: &QemuDisk, job: String) -> Watchdog {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let broken = Arc::new(Mutex::new(None));
+        let (s, b, disk) = (stop.clone(), broken.clone(), disk.clone());
+        let thread = std::thread::Builder::new()
+            .name("fleece-watchdog".into())
+            .spawn(move || {
+                while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let Ok(free) = free_bytes(&disk.work_dir) else { continue };
+                    if free >= disk.reserve_bytes {
+                        continue;
+                    }
+                    let mut why = format!(
+                        "fleece_dir {} fell to {} MiB free, under its fleece_reserve of {} MiB: the view was dropped so that the VM's writes never fail (the VM wrote more during the cycle than the folder holds: give it more space)",
+                        disk.work_dir.display(),
+                        free >> 20,
+                        disk.reserve_bytes >> 20
+                    );
+                    let cancelled = Qmp::connect(&disk.qmp).and_then(|mut q| q.execute("block-job-cancel", json!({ "device": job, "force": true })));
+                    if let Err(e) = cancelled {
+                        why.push_str(&format!("; cancelling its job failed: {e}"));
+                    }
+                    tracing::warn!(volume = %disk.volume, target = %disk.target, reason = %why, "dropping the qemu view");
+                    *b.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+                    return;
+                }
+            })
+            .ok();
+        Watchdog { stop, broken, thread }
+    }
+
+    /// Why the view was dropped, if it was.
+    fn broken(&self) -> Option<String> {
+        self.broken.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// What the guest agent did around a view's instant.
@@ -334,6 +411,7 @@ pub struct Fleece {
     dirty: Option<Vec<StatusExtent>>,
     why_everything: Option<String>,
     frozen: GuestFreeze,
+    watchdog: Option<Watchdog>,
     released: bool,
 }
 
@@ -373,6 +451,10 @@ impl Fleece {
         // The fleece file: a qcow2 as large as the disk, backed by it in qemu.
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
         check_work_dir(&disk.work_dir)?;
+        let free = free_bytes(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
+        if free < disk.reserve_bytes {
+            return Err(QemuError::FleeceFull { path: disk.work_dir.clone(), free_mib: free >> 20, reserve_mib: disk.reserve_bytes >> 20 });
+        }
         let file = disk.work_dir.join(format!("{}.qcow2", names.fleece));
         // A leftover (or anything planted at the name, a symlink too) goes;
         // the file is then made here, exclusively, before qemu-img fills it.
@@ -408,13 +490,14 @@ impl Fleece {
         if let (Some(socket), Some(agent)) = (&disk.guest_agent, agent) {
             thaw_guest(socket, Some(agent));
         }
-        let mut fleece = Fleece { disk: disk.clone(), stopped: current.clone(), recording: recording.clone(), file, device: None, dirty: None, why_everything, frozen, released: false };
+        let mut fleece = Fleece { disk: disk.clone(), stopped: current.clone(), recording: recording.clone(), file, device: None, dirty: None, why_everything, frozen, watchdog: None, released: false };
         if let Err(e) = instant {
             let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
             let _ = std::fs::remove_file(&fleece.file);
             fleece.released = true;
             return Err(e);
         }
+        fleece.watchdog = Some(Watchdog::start(disk, names.job.clone()));
         if let Err(e) = fleece.export(&mut qmp, &names) {
             let _ = fleece.release(&mut qmp, false);
             return Err(e);
@@ -454,6 +537,12 @@ impl Fleece {
         self.dirty.as_deref()
     }
 
+    /// Why the view is no longer its instant, if it is not (its
+    /// copy-before-write was dropped to keep `fleece_dir` from filling).
+    pub fn broken(&self) -> Option<String> {
+        self.watchdog.as_ref().and_then(Watchdog::broken)
+    }
+
     /// What the guest agent did at the instant.
     pub fn frozen(&self) -> &GuestFreeze {
         &self.frozen
@@ -480,6 +569,9 @@ impl Fleece {
 
     fn release(&mut self, qmp: &mut Qmp, committed: bool) -> Result<(), QemuError> {
         let names = Names::of(&self.disk.volume, &self.disk.target);
+        if let Some(w) = self.watchdog.as_mut() {
+            w.stop();
+        }
         self.device = None;
         if qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" })).is_ok() {
             qmp.wait_event("BLOCK_EXPORT_DELETED", |d| d["id"] == names.export.as_str())?;
@@ -586,6 +678,8 @@ pub struct QemuKind {
     pub nbd: PathBuf,
     /// The guest agent's socket, if the guest's filesystems are frozen.
     pub guest_agent: Option<PathBuf>,
+    /// Free bytes kept in `fleece_dir`'s filesystem.
+    pub fleece_reserve_bytes: u64,
 }
 
 impl ChangeSource for QemuKind {
@@ -601,7 +695,7 @@ impl ChangeSource for QemuKind {
         Some(device_lock(&self.monitor.join(&self.node)))
     }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
-        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone() };
+        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone(), reserve_bytes: self.fleece_reserve_bytes };
         let fleece = Fleece::take(&disk).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
         let device = fleece.device();
         let blocks = device.size().div_ceil(u64::from(block_bytes));
@@ -669,6 +763,13 @@ impl PointInTime for QemuView {
     fn changes(&self) -> Changes {
         self.changes.clone()
     }
+    fn check(&self) -> Result<(), SourceError> {
+        let fleece = self.fleece.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match fleece.as_ref().and_then(Fleece::broken) {
+            Some(reason) => Err(SourceError::SnapshotInvalid { volume: self.volume.clone(), reason }),
+            None => Ok(()),
+        }
+    }
     fn committed(&self, _baselines: &Baselines) -> Result<(), SourceError> {
         self.finish(true)
     }
@@ -712,7 +813,7 @@ mod tests {
         let mut mon = Qmp::connect(&qmp).unwrap();
         mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
         mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
-        let disk = QemuDisk { qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), work_dir: dir.join("work"), guest_agent: None };
+        let disk = QemuDisk { qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), work_dir: dir.join("work"), guest_agent: None, reserve_bytes: 0 };
         (daemon, disk)
     }
 
@@ -850,7 +951,7 @@ mod tests {
     #[test]
     fn a_missing_node_or_monitor_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None };
+        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
         let image = dir.path().join("vm.qcow2");
