@@ -118,6 +118,7 @@ fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
             nbd: nbd.clone(),
             guest_agent: guest_agent.clone(),
             fleece_reserve_bytes: *fleece_reserve_bytes,
+            targets: volume.targets.clone(),
         })),
         other => Err(format!("volume \"{}\": source kind {} is not supported by this build yet", volume.name, other.name())),
     }

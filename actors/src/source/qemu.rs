@@ -88,7 +88,7 @@ pub enum QemuError {
         what: String,
     },
     /// Something awaited did not come in time.
-    #[error("{peer} at {socket}: no {what} within {secs} s")]
+    #[error("{peer} at {socket}: {what} did not come within {secs} s")]
     Timeout {
         /// Who: "qemu monitor" or "qemu guest agent".
         peer: &'static str,
@@ -162,7 +162,7 @@ impl Qmp {
         let stream = UnixStream::connect(socket).map_err(io)?;
         stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
         let mut qmp = Qmp { peer, socket: socket.to_path_buf(), stream, core, timeout, events: Vec::new() };
-        qmp.until("the greeting", |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
+        qmp.until("its greeting (it serves one client at a time: is another one connected to this socket?)", |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
         Ok(qmp)
     }
 
@@ -200,7 +200,7 @@ impl Qmp {
     /// Runs command `name` and returns what it returned.
     pub fn execute(&mut self, name: &str, arguments: Value) -> Result<Value, QemuError> {
         let id = self.core.execute(name, arguments);
-        let answer = self.until(name, |e| match e {
+        let answer = self.until(&format!("the answer to {name}"), |e| match e {
             QmpEvent::Return { id: got, value } if *got == id => Some(Ok(value.clone())),
             QmpEvent::Failed { id: got, desc, .. } if *got == id => Some(Err(desc.clone())),
             _ => None,
@@ -213,7 +213,7 @@ impl Qmp {
         if let Some(i) = self.events.iter().position(|(n, d)| n == name && matches(d)) {
             return Ok(self.events.remove(i).1);
         }
-        self.until(&format!("{name} event"), |e| match e {
+        self.until(&format!("the {name} event"), |e| match e {
             QmpEvent::Async { name: n, data } if n == name && matches(data) => Some(data.clone()),
             _ => None,
         })
@@ -266,6 +266,8 @@ pub struct QemuDisk {
     pub volume: String,
     /// The target node's name.
     pub target: String,
+    /// Every target of the volume (bitmaps of other targets are removed).
+    pub targets: Vec<String>,
     /// A folder on this machine for the fleece file, which qemu can open;
     /// made 0700 when missing, and nobody else should write in it.
     pub work_dir: PathBuf,
@@ -420,7 +422,12 @@ impl Fleece {
     pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
         let names = Names::of(&disk.volume, &disk.target);
         let mut qmp = Qmp::connect(&disk.qmp)?;
-        let (size, mut ours, persistent) = node_state(&mut qmp, &disk.node, &names)?;
+        let NodeState { size, mut ours, persistent, stale } = node_state(&mut qmp, &disk.node, &names, &disk.volume, &disk.targets)?;
+        // A target the volume no longer has: its bitmaps would record forever.
+        for name in stale {
+            tracing::info!(volume = %disk.volume, bitmap = %name, "removing the dirty bitmap of a target the volume no longer has");
+            qmp.execute("block-dirty-bitmap-remove", json!({ "node": disk.node, "name": name }))?;
+        }
         // Leftovers of a cycle that was killed: its objects go; a stopped bitmap
         // takes back what its successor recorded (nothing is lost).
         let _ = qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" }));
@@ -635,9 +642,21 @@ fn merge_back(qmp: &mut Qmp, node: &str, stopped: &str, recording: &str) -> Resu
     Ok(())
 }
 
-/// The disk node's size, drmesh's bitmaps on it, and whether its format
-/// stores bitmaps (qcow2; a raw disk's live only as long as qemu).
-fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitmap>, bool), QemuError> {
+/// What a disk node holds of drmesh's.
+struct NodeState {
+    /// The disk's size in bytes.
+    size: u64,
+    /// The bitmaps of this volume and target.
+    ours: Vec<Bitmap>,
+    /// Whether its format stores bitmaps (qcow2; a raw disk's live only as long as qemu).
+    persistent: bool,
+    /// Bitmaps of this volume for targets it no longer has.
+    stale: Vec<String>,
+}
+
+/// The state of `node` for the volume and target `names` are of, the
+/// volume's targets being `targets`.
+fn node_state(qmp: &mut Qmp, node: &str, names: &Names, volume: &str, targets: &[String]) -> Result<NodeState, QemuError> {
     let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
     let found = nodes.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == node));
     let Some(found) = found else {
@@ -647,20 +666,25 @@ fn node_state(qmp: &mut Qmp, node: &str, names: &Names) -> Result<(u64, Vec<Bitm
     if size == 0 {
         return Err(QemuError::Missing { socket: qmp.socket.clone(), what: format!("block node {node:?} has no size") });
     }
-    let bitmaps = found["dirty-bitmaps"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter(|b| names.bitmaps.iter().any(|n| b["name"] == n.as_str()))
-                .map(|b| Bitmap {
-                    name: b["name"].as_str().unwrap_or_default().to_string(),
-                    recording: b["recording"].as_bool().unwrap_or(false),
-                    inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
-                })
-                .collect()
+    let all: Vec<&Value> = found["dirty-bitmaps"].as_array().map(|l| l.iter().collect()).unwrap_or_default();
+    let ours = all
+        .iter()
+        .filter(|b| names.bitmaps.iter().any(|n| b["name"] == n.as_str()))
+        .map(|b| Bitmap {
+            name: b["name"].as_str().unwrap_or_default().to_string(),
+            recording: b["recording"].as_bool().unwrap_or(false),
+            inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
         })
-        .unwrap_or_default();
-    Ok((size, bitmaps, found["drv"] == "qcow2"))
+        .collect();
+    // Volume and node names hold no ':', so "drmesh:VOLUME:TARGET:x" splits one way only.
+    let prefix = format!("drmesh:{volume}:");
+    let stale = all
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .filter(|n| n.strip_prefix(&prefix).and_then(|rest| rest.rsplit_once(':')).is_some_and(|(t, _)| !targets.iter().any(|k| k == t)))
+        .map(str::to_string)
+        .collect();
+    Ok(NodeState { size, ours, persistent: found["drv"] == "qcow2", stale })
 }
 
 /// Kind `qemu`: a VM disk a running qemu (or qemu-storage-daemon) has
@@ -680,6 +704,8 @@ pub struct QemuKind {
     pub guest_agent: Option<PathBuf>,
     /// Free bytes kept in `fleece_dir`'s filesystem.
     pub fleece_reserve_bytes: u64,
+    /// The volume's targets.
+    pub targets: Vec<String>,
 }
 
 impl ChangeSource for QemuKind {
@@ -695,7 +721,7 @@ impl ChangeSource for QemuKind {
         Some(device_lock(&self.monitor.join(&self.node)))
     }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
-        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone(), reserve_bytes: self.fleece_reserve_bytes };
+        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), targets: self.targets.clone(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone(), reserve_bytes: self.fleece_reserve_bytes };
         let fleece = Fleece::take(&disk).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
         let device = fleece.device();
         let blocks = device.size().div_ceil(u64::from(block_bytes));
@@ -813,7 +839,7 @@ mod tests {
         let mut mon = Qmp::connect(&qmp).unwrap();
         mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
         mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
-        let disk = QemuDisk { qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), work_dir: dir.join("work"), guest_agent: None, reserve_bytes: 0 };
+        let disk = QemuDisk { qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.join("work"), guest_agent: None, reserve_bytes: 0 };
         (daemon, disk)
     }
 
@@ -891,7 +917,7 @@ mod tests {
         assert_eq!(mon.execute("query-block-jobs", Value::Null).unwrap(), json!([]));
         let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
         assert!(!nodes.to_string().contains(&Names::of("vm1", "dst").fleece), "the fleece node is left");
-        let (_, ours, _) = node_state(&mut mon, "disk0", &Names::of("vm1", "dst")).unwrap();
+        let ours = node_state(&mut mon, "disk0", &Names::of("vm1", "dst"), "vm1", &["dst".into()]).unwrap().ours;
         assert!(matches!(&ours[..], [b] if b.recording), "{ours:?}");
         assert!(std::fs::read_dir(dir.path().join("work")).unwrap().next().is_none(), "the fleece file is left");
         drop(mon);
@@ -930,6 +956,38 @@ mod tests {
     }
 
     #[test]
+    fn bitmaps_of_a_target_the_volume_no_longer_has_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+        let (_daemon, disk) = running_disk(dir.path(), &image);
+        let both = vec!["dst".to_string(), "old".to_string()];
+        let old = QemuDisk { target: "old".into(), targets: both.clone(), ..disk.clone() };
+        Fleece::take(&old).unwrap().commit().unwrap();
+        Fleece::take(&QemuDisk { targets: both, ..disk.clone() }).unwrap().commit().unwrap();
+        let names = |mon: &mut Qmp| -> Vec<String> {
+            let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
+            let node = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap().clone();
+            node["dirty-bitmaps"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect()
+        };
+        let mut mon = Qmp::connect(&disk.qmp).unwrap();
+        let mut before = names(&mut mon);
+        before.sort();
+        assert_eq!(before.len(), 2, "{before:?}");
+        assert!(before[0].starts_with("drmesh:vm1:dst:") && before[1].starts_with("drmesh:vm1:old:"), "{before:?}");
+        // "old" left the volume's targets: its bitmap goes at dst's next cycle; others' stay.
+        mon.execute("block-dirty-bitmap-add", json!({ "node": "disk0", "name": "drmesh:vm10:old:a" })).unwrap();
+        mon.execute("block-dirty-bitmap-add", json!({ "node": "disk0", "name": "backup-tool" })).unwrap();
+        // (A monitor serves one client at a time.)
+        drop(mon);
+        Fleece::take(&disk).unwrap().commit().unwrap();
+        let after = names(&mut Qmp::connect(&disk.qmp).unwrap());
+        assert!(after.iter().all(|n| !n.starts_with("drmesh:vm1:old:")), "{after:?}");
+        assert!(after.iter().any(|n| n == "drmesh:vm10:old:a") && after.iter().any(|n| n == "backup-tool"), "{after:?}");
+        assert!(after.iter().any(|n| n.starts_with("drmesh:vm1:dst:")), "{after:?}");
+    }
+
+    #[test]
     fn a_fleece_dir_others_may_write_or_that_is_not_a_folder_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -951,7 +1009,7 @@ mod tests {
     #[test]
     fn a_missing_node_or_monitor_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 };
+        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
         let image = dir.path().join("vm.qcow2");
