@@ -154,6 +154,10 @@ fn topology_check_lists_every_error_with_its_position() {
         stdout.lines().any(|l| l == "hooks of app1-disk (run on node branch-app1 around each cycle's view): pre /usr/local/bin/app1-quiesce, post /usr/local/bin/app1-resume, timeout 30s"),
         "{stdout}"
     );
+    assert!(
+        stdout.lines().any(|l| l == "agentless pos-vm: node branch-proxy reads block node pos-disk through the qemu monitor /run/drmesh/pos.qmp, fleece in /var/lib/drmesh/fleece (keeping 1024 MiB free), guest agent /run/drmesh/pos.qga (filesystems frozen)"),
+        "{stdout}"
+    );
     assert!(stdout.lines().any(|l| l == "metrics of hq-gw: http://10.0.0.10:9720/metrics"), "{stdout}");
     assert!(stdout.lines().any(|l| l == "status page of hq-gw: http://127.0.0.1:9721/"), "{stdout}");
 

@@ -188,6 +188,19 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                     humantime::format_duration(hooks.timeout)
                 );
             }
+            for v in &t.volumes {
+                let drmesh_topology::SourceKind::Qemu { monitor, node, fleece_dir, fleece_reserve_bytes, guest_agent, .. } = &v.kind else { continue };
+                println!(
+                    "agentless {}: node {} reads block node {} through the qemu monitor {}, fleece in {} (keeping {} MiB free), {}",
+                    v.name,
+                    v.source,
+                    node,
+                    monitor.display(),
+                    fleece_dir.display(),
+                    fleece_reserve_bytes >> 20,
+                    guest_agent.as_ref().map_or("no guest agent (RPs crash consistent)".to_string(), |g| format!("guest agent {} (filesystems frozen)", g.display()))
+                );
+            }
             // Parsed and checked, but no reader in this build: say so, a node will not replicate them.
             for v in &t.volumes {
                 if let Err(why) = drmesh_actors::source::change::of_volume(v) {

@@ -65,6 +65,9 @@ pub(crate) struct VolumeDraft {
     /// Kind `kmod`: the device and COW store paths as written, for the check
     /// that no two volumes of a node share one.
     pub(crate) kmod_paths: Vec<Sp<PathBuf>>,
+    /// A `qemu` volume's monitor and block node, at the `node` key: one
+    /// volume per disk of a node.
+    pub(crate) qemu_disk: Option<Sp<(PathBuf, String)>>,
     /// The volume, when every field of its own table was valid.
     pub(crate) volume: Option<Volume>,
 }
@@ -659,6 +662,7 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
         known.map(|(name, _)| *name)
     });
     let mut kmod_paths = Vec::new();
+    let mut qemu_disk = None;
     let kind = kind.and_then(|kind| {
         let mut wrong = false;
         for (other, settings) in KIND_SETTINGS.iter().filter(|(k, _)| *k != kind) {
@@ -670,6 +674,9 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
             }
         }
         let settings = if kind == "kmod" { read_kmod(f, sink, &mut kmod_paths) } else { read_kind_settings(kind, f, sink) };
+        if let (Some(SourceKind::Qemu { monitor, node, .. }), Some(span)) = (&settings, f.key_span("node")) {
+            qemu_disk = Some(Sp { span, value: (monitor.clone(), node.clone()) });
+        }
         if wrong {
             None
         } else {
@@ -705,7 +712,7 @@ fn read_volume(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> VolumeDraft {
         }),
         _ => None,
     };
-    VolumeDraft { name, source, targets, policy, kmod_paths, volume }
+    VolumeDraft { name, source, targets, policy, kmod_paths, qemu_disk, volume }
 }
 
 /// Longest time limit of a volume hook.

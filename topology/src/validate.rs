@@ -139,7 +139,23 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
     // A kmod device or COW store of a node belongs to one volume: the module
     // tracks a device once and a store serves one snapshot at a time.
     let mut kmod_paths: Seen<(String, std::path::PathBuf)> = Seen::new();
+    // A VM disk is one volume of a node (two would each keep bitmaps and fleeces).
+    let mut qemu_disks: Seen<(String, std::path::PathBuf, String)> = Seen::new();
     for volume in &draft.volumes {
+        if let (Some(source), Some(disk)) = (&volume.source, &volume.qemu_disk) {
+            let (monitor, node) = &disk.value;
+            if let Some(first) = qemu_disks.check((source.value.clone(), monitor.clone(), node.clone()), &disk.span) {
+                let line = sink.line(first.start);
+                sink.error(
+                    disk.span.clone(),
+                    format!(
+                        "block node {node:?} of monitor {:?} on node {:?} is already a volume on line {line}; expected one volume per VM disk (give the volume more targets instead)",
+                        monitor.display().to_string(),
+                        source.value
+                    ),
+                );
+            }
+        }
         if let Some(source) = &volume.source {
             for path in &volume.kmod_paths {
                 if let Some(first) = kmod_paths.check((source.value.clone(), path.value.clone()), &path.span) {

@@ -622,6 +622,12 @@ fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
     assert_one(&qemu.replace("fleece_dir = \"/var/lib/fleece\"", "fleece_dir = \"/var/lib/fleece\"\nnbd = \"nbd.sock\""), 24, 7, "`nbd` in [[volume]] must be an absolute path");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nguest_agent = \"qga.sock\""), 23, 15, "`guest_agent` in [[volume]] must be an absolute path");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nfleece_reserve = \"lots\""), 23, 18, "`fleece_reserve`: bad size \"lots\"");
+    // One volume per VM disk of a node.
+    let second = "\n[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"qemu\"\nmonitor = \"/run/vm1.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/f\"\ntargets = [\"b\"]\npolicy = \"p\"\n";
+    let text = qemu.clone() + second;
+    let line = text.lines().enumerate().filter(|(_, l)| *l == "node = \"disk0\"").last().unwrap().0 + 1;
+    assert_one(&text, line, 1, "block node \"disk0\" of monitor \"/run/vm1.qmp\" on node \"a\" is already a volume on line 22");
+    Topology::parse(&(qemu.clone() + &second.replace("node = \"disk0\"", "node = \"disk1\"")), Path::new("t.toml")).unwrap();
     // The settings of the first design (an NBD address and a bitmap name) are gone.
     let errs = errors(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nbitmap = \"drmesh\""));
     assert_eq!(errs.len(), 1, "{errs:#?}");
