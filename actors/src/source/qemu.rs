@@ -18,6 +18,11 @@
 //! A bitmap qemu marks inconsistent (qemu crashed while it was recording),
 //! or none at all (a new volume, a raw disk after qemu restarted), gives
 //! [`Fleece::dirty`] `None`: the cycle reads everything.
+//!
+//! Around the instant, qemu-guest-agent may freeze the guest's filesystems
+//! ([`GuestFreeze`]); while the view lives, a watchdog keeps the fleece
+//! from filling its folder (qemu would fail the VM's writes). [`QemuKind`]
+//! is the `qemu` source kind built on all this (docs/agentless.md).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -274,7 +279,7 @@ pub struct QemuDisk {
     /// The Unix socket of the VM's qemu-guest-agent channel, when the
     /// guest's filesystems are to be frozen at the instant.
     pub guest_agent: Option<PathBuf>,
-    /// Free bytes kept in `work_dir`'s filesystem (see [`Watchdog`]).
+    /// Free bytes kept in `work_dir`'s filesystem: the view is dropped before the fleece takes them.
     pub reserve_bytes: u64,
 }
 
