@@ -17,7 +17,8 @@
 //!   byte; the bitmap made anew is trusted afterwards.
 //!
 //! And with a careless topology (a monitor path that is a file, a block node
-//! qemu does not have, a fleece folder anyone may write to): each cycle fails
+//! qemu does not have, a fleece folder anyone may write to, an NBD socket
+//! path where a disk image is): each cycle fails
 //! saying what and where, nothing is written, nothing of drmesh's is left in
 //! qemu, and a good volume next to them replicates.
 //!
@@ -357,6 +358,9 @@ fn wrong_settings_fail_the_cycle_saying_what_and_leave_nothing_behind() {
     text.push_str(&volume("no-node", &qmp_sock, "vda", &work));
     text.push_str(&volume("open-dir", &qmp_sock, "disk1", &open));
     text.push_str(&volume("good", &qmp_sock, "disk0", &work));
+    // `nbd` naming an existing file (here the other disk's image): qemu would delete it to listen there.
+    let nbd_file = volume("nbd-file", &qmp_sock, "disk2", &work).replace(&format!("nbd = \"{}\"", nbd.display()), &format!("nbd = \"{}\"", other.display()));
+    text.push_str(&nbd_file);
     mesh.write_file("topology.toml", &text);
     mesh.start("dst", "topology.toml");
     mesh.start("proxy", "topology.toml");
@@ -369,6 +373,10 @@ fn wrong_settings_fail_the_cycle_saying_what_and_leave_nothing_behind() {
     let e = sync_error(&mesh, "open-dir");
     assert!(e.contains("is writable by other users; make it 0700"), "{e}");
     assert!(std::fs::read_dir(&open).unwrap().next().is_none(), "something was written in the refused folder");
+    let other_before = file_hash(&other);
+    let e = sync_error(&mesh, "nbd-file");
+    assert!(e.contains(&format!("nbd {}: is a regular file, not a socket", other.display())), "{e}");
+    assert!(other.is_file() && file_hash(&other) == other_before, "the file at the nbd path was touched");
     assert_eq!(std::fs::read(&not_socket).unwrap(), b"not a socket");
     // The failures left nothing of drmesh's in qemu; the good volume replicates.
     let nodes = qmp(&qmp_sock, "query-named-block-nodes");

@@ -886,14 +886,28 @@ fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Op
                     }
                 },
             };
-            Some(SourceKind::Qemu {
-                monitor: monitor?,
-                node: node?,
-                fleece_dir: fleece_dir?,
-                nbd: nbd?,
-                guest_agent: guest_agent?,
-                fleece_reserve_bytes: fleece_reserve?,
-            })
+            let (monitor, nbd, guest_agent) = (monitor?, nbd?, guest_agent?);
+            // qemu's NBD server deletes what is at its path: never the monitor or the agent's socket.
+            let mut ok = true;
+            for (other, path) in [("monitor", Some(&monitor)), ("guest_agent", guest_agent.as_ref())] {
+                if path == Some(&nbd) {
+                    let key = if f.get("nbd").is_some() { "nbd" } else { other };
+                    if let Some(span) = f.key_span(key) {
+                        sink.error(span, format!("the NBD socket {:?} is also the `{other}`; qemu's NBD server would replace that socket: expected a path of its own (default: nbd.sock in fleece_dir)", nbd.display().to_string()));
+                    }
+                    ok = false;
+                }
+            }
+            if guest_agent.as_ref() == Some(&monitor) {
+                if let Some(span) = f.key_span("guest_agent") {
+                    sink.error(span, "`guest_agent` is the `monitor` socket; expected the socket of the VM's qemu-guest-agent channel");
+                }
+                ok = false;
+            }
+            if !ok {
+                return None;
+            }
+            Some(SourceKind::Qemu { monitor, node: node?, fleece_dir: fleece_dir?, nbd, guest_agent, fleece_reserve_bytes: fleece_reserve? })
         }
         "ebs" => {
             let volume_id = f.text(sink, "volume_id", true).and_then(|s| {

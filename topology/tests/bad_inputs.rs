@@ -622,6 +622,13 @@ fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
     assert_one(&qemu.replace("fleece_dir = \"/var/lib/fleece\"", "fleece_dir = \"/var/lib/fleece\"\nnbd = \"nbd.sock\""), 24, 7, "`nbd` in [[volume]] must be an absolute path");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nguest_agent = \"qga.sock\""), 23, 15, "`guest_agent` in [[volume]] must be an absolute path");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nfleece_reserve = \"lots\""), 23, 18, "`fleece_reserve`: bad size \"lots\"");
+    // qemu's NBD server deletes what is at its path: never the monitor or the agent's socket.
+    let same = qemu.replace("node = \"disk0\"", "node = \"disk0\"\nnbd = \"/run/vm1.qmp\"");
+    assert_one(&same, 23, 1, "the NBD socket \"/run/vm1.qmp\" is also the `monitor`");
+    let same = qemu.replace("monitor = \"/run/vm1.qmp\"", "monitor = \"/var/lib/fleece/nbd.sock\"");
+    assert_one(&same, 21, 1, "the NBD socket \"/var/lib/fleece/nbd.sock\" is also the `monitor`");
+    let same = qemu.replace("node = \"disk0\"", "node = \"disk0\"\nguest_agent = \"/run/vm1.qmp\"");
+    assert_one(&same, 23, 1, "`guest_agent` is the `monitor` socket");
     // One volume per VM disk of a node.
     let second = "\n[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"qemu\"\nmonitor = \"/run/vm1.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/f\"\ntargets = [\"b\"]\npolicy = \"p\"\n";
     let text = qemu.clone() + second;

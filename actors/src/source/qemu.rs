@@ -115,6 +115,15 @@ pub enum QemuError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The `nbd` path holds something that is not a socket: qemu would
+    /// delete it to listen there, so nothing is asked of qemu.
+    #[error("nbd {path}: is {what}, not a socket; qemu deletes what is at that path to listen there, so it is left alone: name a socket path of its own (default: nbd.sock in fleece_dir)")]
+    NbdPath {
+        /// The path.
+        path: PathBuf,
+        /// What is there ("a regular file").
+        what: &'static str,
+    },
     /// `fleece_dir` has less free space than its reserve: no view is taken.
     #[error("fleece_dir {path} has {free_mib} MiB free, under its fleece_reserve of {reserve_mib} MiB: no view is taken, so that the VM's writes never fail for want of space (free space there, or lower fleece_reserve)")]
     FleeceFull {
@@ -426,6 +435,7 @@ impl Fleece {
     /// Takes the view (see the module's doc). Blocking.
     pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
         let names = Names::of(&disk.volume, &disk.target);
+        check_nbd_path(&disk.nbd)?;
         let mut qmp = Qmp::connect(&disk.qmp)?;
         let NodeState { size, mut ours, persistent, stale } = node_state(&mut qmp, &disk.node, &names, &disk.volume, &disk.targets)?;
         // A target the volume no longer has: its bitmaps would record forever.
@@ -631,6 +641,28 @@ fn check_work_dir(dir: &Path) -> Result<(), QemuError> {
         return refuse("is writable by other users; make it 0700 (chmod 700), or name a folder of drmesh's own");
     }
     Ok(())
+}
+
+/// qemu's NBD server replaces whatever is at its socket path (it unlinks it
+/// first): only a socket, or nothing, may be there.
+fn check_nbd_path(path: &Path) -> Result<(), QemuError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let t = meta.file_type();
+    let what = if t.is_socket() {
+        return Ok(());
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a folder"
+    } else if t.is_symlink() {
+        "a symlink"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "a special file"
+    };
+    Err(QemuError::NbdPath { path: path.to_path_buf(), what })
 }
 
 /// The stopped bitmap takes back what `recording` recorded and records
