@@ -519,11 +519,13 @@ impl Fleece {
             fleece.released = true;
             return Err(e);
         }
-        fleece.watchdog = Some(Watchdog::start(disk, names.job.clone()));
         if let Err(e) = fleece.export(&mut qmp, &names) {
             let _ = fleece.release(&mut qmp, false);
             return Err(e);
         }
+        // Started once this thread is done with the monitor but for the
+        // moment until it returns (the watchdog takes the monitor to cancel).
+        fleece.watchdog = Some(Watchdog::start(disk, names.job.clone()));
         Ok(fleece)
     }
 
@@ -578,6 +580,7 @@ impl Fleece {
     /// The target committed the RP of this view: the changes up to its
     /// instant are consumed. Releases the view.
     pub fn commit(mut self) -> Result<(), QemuError> {
+        self.stop_watchdog();
         let mut qmp = Qmp::connect(&self.disk.qmp)?;
         self.release(&mut qmp, true)
     }
@@ -585,15 +588,23 @@ impl Fleece {
     /// The cycle failed: the changes since the last committed RP stay
     /// recorded. Releases the view.
     pub fn abandon(mut self) -> Result<(), QemuError> {
+        self.stop_watchdog();
         let mut qmp = Qmp::connect(&self.disk.qmp)?;
         self.release(&mut qmp, false)
     }
 
-    fn release(&mut self, qmp: &mut Qmp, committed: bool) -> Result<(), QemuError> {
-        let names = Names::of(&self.disk.volume, &self.disk.target);
+    /// Stops the watchdog, before this thread takes the monitor: a monitor
+    /// serves one client at a time, and a watchdog waiting for it while
+    /// this thread holds it and waits for the watchdog would stall both.
+    fn stop_watchdog(&mut self) {
         if let Some(w) = self.watchdog.as_mut() {
             w.stop();
         }
+    }
+
+    fn release(&mut self, qmp: &mut Qmp, committed: bool) -> Result<(), QemuError> {
+        let names = Names::of(&self.disk.volume, &self.disk.target);
+        self.stop_watchdog();
         self.device = None;
         if qmp.execute("block-export-del", json!({ "id": names.export, "mode": "hard" })).is_ok() {
             qmp.wait_event("BLOCK_EXPORT_DELETED", |d| d["id"] == names.export.as_str())?;
@@ -622,6 +633,7 @@ impl Drop for Fleece {
     fn drop(&mut self) {
         if !self.released {
             // Neither committed nor abandoned (a panic, a lost thread): keep the changes.
+            self.stop_watchdog();
             if let Ok(mut qmp) = Qmp::connect(&self.disk.qmp) {
                 let _ = self.release(&mut qmp, false);
             }
