@@ -74,11 +74,20 @@ fn start_vm(overlay: &Path, qmp: &Path, log: &Path) -> Proc {
 /// The stopped VM's disk opened by qemu-storage-daemon, as a proxy opens it
 /// to protect a VM that is not running: the same node name and monitor.
 fn start_storage_daemon(overlay: &Path, qmp: &Path) -> Proc {
+    storage_daemon(&[overlay], qmp, &[])
+}
+
+/// qemu-storage-daemon with the qcow2 `disks` as block nodes disk0, disk1...,
+/// its monitor at `qmp`, and `extra` arguments.
+fn storage_daemon(disks: &[&Path], qmp: &Path, extra: &[String]) -> Proc {
     let _ = std::fs::remove_file(qmp);
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!("driver=file,node-name=file0,filename={}", overlay.display()))
-        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+    let mut cmd = Command::new("qemu-storage-daemon");
+    for (i, disk) in disks.iter().enumerate() {
+        cmd.arg("--blockdev").arg(format!("driver=file,node-name=file{i},filename={}", disk.display()));
+        cmd.arg("--blockdev").arg(format!("driver=qcow2,node-name=disk{i},file=file{i}"));
+    }
+    let child = cmd
+        .args(extra)
         .arg("--chardev")
         .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
         .args(["--monitor", "chardev=mon"])
@@ -324,20 +333,7 @@ fn wrong_settings_fail_the_cycle_saying_what_and_leave_nothing_behind() {
     // Something the VM wrote on the good disk.
     run_ok(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M"]).arg(&good));
     let (qmp_sock, nbd) = (dir.join("qsd.qmp"), dir.join("work/nbd.sock"));
-    let _ = std::fs::remove_file(&qmp_sock);
-    let _daemon = Proc(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=f0,filename={}", good.display()))
-            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=f0", "--blockdev"])
-            .arg(format!("driver=file,node-name=f1,filename={}", other.display()))
-            .args(["--blockdev", "driver=qcow2,node-name=disk1,file=f1", "--chardev"])
-            .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp_sock.display()))
-            .args(["--monitor", "chardev=mon"])
-            .spawn()
-            .expect("qemu-storage-daemon"),
-    );
-    wait_until("qemu-storage-daemon's monitor", Duration::from_secs(60), || qmp_sock.exists());
+    let _daemon = storage_daemon(&[&good, &other], &qmp_sock, &[]);
 
     let not_socket = dir.join("monitor-is-a-file");
     std::fs::write(&not_socket, b"not a socket").unwrap();
@@ -411,19 +407,9 @@ fn a_vm_writing_more_than_the_fleece_folder_holds_never_sees_a_failed_write() {
     run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk));
     let (qmp_sock, nbd) = (dir.join("qsd.qmp"), dir.join("qsd.nbd"));
     // qemu-storage-daemon with its own NBD server, the "VM" writing through a writable export.
-    let _daemon = Proc(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=f0,filename={}", disk.display()))
-            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=f0", "--nbd-server"])
-            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-            .args(["--export", "type=nbd,id=vm,node-name=disk0,name=vm,writable=on", "--chardev"])
-            .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp_sock.display()))
-            .args(["--monitor", "chardev=mon"])
-            .spawn()
-            .expect("qemu-storage-daemon"),
-    );
-    wait_until("qemu-storage-daemon's monitor", Duration::from_secs(60), || qmp_sock.exists());
+    let serve = ["--nbd-server".to_string(), format!("addr.type=unix,addr.path={}", nbd.display())];
+    let export = ["--export".to_string(), "type=nbd,id=vm,node-name=disk0,name=vm,writable=on".to_string()];
+    let _daemon = storage_daemon(&[&disk], &qmp_sock, &[serve, export].concat());
     // Right after the first view is taken (the post hook, while a marker file
     // is there), the VM overwrites 48 MiB, 1 MiB every 50 ms: far more than
     // the 64 MiB folder holds above its reserve.
