@@ -202,7 +202,10 @@ impl BlockCodec {
         plain.extend_from_slice(&u32::try_from(block.len()).ok()?.to_le_bytes());
         plain.extend_from_slice(&bitmap);
         plain.extend_from_slice(&data);
-        let id = self.ids.hash(&plain);
+        // The id binds what the delta applies to and what it makes, not only its
+        // bytes: two blocks changed the same way over different bases (the same
+        // page written to two disks) are two blobs, never one id with two meanings.
+        let id = self.ids.hash_parts(&[&plain, &base.0, &content.0]);
         Some(self.seal(id, content, &plain, Some((base, base_depth)), true))
     }
 
@@ -450,6 +453,34 @@ mod tests {
             let mut other_h = Vec::new();
             page_hashes(&other, &mut other_h);
             assert!(codec.encode_delta(new_id, &other, &other_h, old_id, 0, &old_h).is_none());
+        }
+    }
+
+    /// The same pages changed the same way in two different blocks (a
+    /// counter written to two disks) make equal delta bytes over different
+    /// bases: their ids differ, so a store never takes one for the other.
+    #[test]
+    fn equal_delta_bytes_over_different_bases_have_different_ids() {
+        for secret in [None, Some([4u8; 32])] {
+            let codec = BlockCodec::new(Some(1), secret.as_ref());
+            let (a_old, b_old) = (block(1), block(2));
+            let (mut a_new, mut b_new) = (a_old.clone(), b_old.clone());
+            for new in [&mut a_new, &mut b_new] {
+                new[..PAGE_BYTES].fill(0);
+                new[..8].copy_from_slice(&42u64.to_le_bytes());
+            }
+            let hashes = |data: &[u8]| {
+                let mut h = Vec::new();
+                page_hashes(data, &mut h);
+                h
+            };
+            let ids = codec.ids();
+            let a = codec.encode_delta(ids.content_id(&a_new), &a_new, &hashes(&a_new), ids.content_id(&a_old), 0, &hashes(&a_old)).expect("a delta");
+            let b = codec.encode_delta(ids.content_id(&b_new), &b_new, &hashes(&b_new), ids.content_id(&b_old), 0, &hashes(&b_old)).expect("a delta");
+            assert_eq!(codec.open(&a).unwrap(), codec.open(&b).unwrap(), "the same delta bytes");
+            assert_ne!(a.id, b.id, "bound to their bases and contents");
+            let again = codec.encode_delta(ids.content_id(&a_new), &a_new, &hashes(&a_new), ids.content_id(&a_old), 0, &hashes(&a_old)).expect("a delta");
+            assert_eq!(again.id, a.id, "the same delta over the same base is one blob (dedupe)");
         }
     }
 

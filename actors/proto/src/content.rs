@@ -96,10 +96,19 @@ impl IdScheme {
 
     /// The id of `data` without the zero shortcut (for delta encodings and the like).
     pub fn hash(&self, data: &[u8]) -> ContentId {
-        let hash = match &self.key {
-            Some(key) => blake3::keyed_hash(key, data),
-            None => blake3::hash(data),
+        self.hash_parts(&[data])
+    }
+
+    /// The id of the concatenation of `parts` (no zero shortcut), without copying them.
+    pub fn hash_parts(&self, parts: &[&[u8]]) -> ContentId {
+        let mut hasher = match &self.key {
+            Some(key) => blake3::Hasher::new_keyed(key),
+            None => blake3::Hasher::new(),
         };
+        for part in parts {
+            hasher.update(part);
+        }
+        let hash = hasher.finalize();
         let mut id = *hash.as_bytes();
         // Keep ZERO reserved: a real hash of all zero bits is astronomically unlikely, but cheap to exclude.
         if id == [0u8; 32] {
