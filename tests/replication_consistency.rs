@@ -14,6 +14,7 @@
 //! Needs root (loop-mounted XFS and ext4); skipped otherwise.
 
 use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -384,5 +385,177 @@ fn frozen_clone_of(fs: Inner) {
         assert_eq!(check.status.code(), Some(0), "a frozen clone must be a clean filesystem: {said}");
         std::fs::remove_file(&to).unwrap();
     }
+    drop(mesh);
+}
+
+/// Story: a host's system and data disks are two image files on XFS, each
+/// holding an ext4 that is loop-mounted and written to, and they form one
+/// consistency group. A program counts: it writes each number first to the
+/// system disk, then to the data disk. Each group cycle freezes both
+/// filesystems, clones both images, thaws both: the two RPs share one
+/// instant, so the restored data disk holds the system disk's number or the
+/// one before it, never an older one (two views taken apart would let the
+/// program run on between them). Both RPs carry the group; `ctl groups` on
+/// the target lists each group RP complete and of one instant. A second
+/// group of two images nobody mounted is taken together too, but drmesh
+/// cannot hold their writes: its RPs say "not one instant" and why.
+#[test]
+fn a_group_takes_its_members_views_at_one_instant() {
+    if !is_root() {
+        eprintln!("SKIPPED a_group_takes_its_members_views_at_one_instant: needs root to loop-mount XFS and ext4 (CI runs it as root)");
+        return;
+    }
+    let xfs = LoopFs::with_mkfs(640, &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]);
+    let images: Vec<PathBuf> = ["sys.img", "data.img"].iter().map(|n| xfs.path().join(n)).collect();
+    let mut inner = Vec::new();
+    let mut inner_dirs = Vec::new();
+    for image in &images {
+        std::fs::File::create(image).unwrap().set_len(64 << 20).unwrap();
+        drmesh_tests::run_ok(std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        let dir = tempfile::tempdir().unwrap();
+        inner.push(drmesh_tests::LoopMount::new(image, dir.path()));
+        inner_dirs.push(dir);
+    }
+    let loose: Vec<PathBuf> = ["l1.img", "l2.img"].iter().map(|n| xfs.path().join(n)).collect();
+    for image in &loose {
+        std::fs::File::create(image).unwrap().set_len(8 << 20).unwrap();
+    }
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    let volumes = [
+        VolumeSpec::new("sys", "src", &["dst"], &images[0], "p"),
+        VolumeSpec::new("data", "src", &["dst"], &images[1], "p"),
+        VolumeSpec::new("l1", "src", &["dst"], &loose[0], "p"),
+        VolumeSpec::new("l2", "src", &["dst"], &loose[1], "p"),
+    ];
+    let mut text = mesh.replication_topology(1, &["src", "dst"], &volumes, &[PolicySpec::new("p", "1MiB")]);
+    text.push_str("\n[[group]]\nname = \"host\"\nvolumes = [\"sys\", \"data\"]\n\n[[group]]\nname = \"loose\"\nvolumes = [\"l1\", \"l2\"]\n");
+    let file = mesh.write_file("topology.toml", &text);
+    let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
+    let said = drmesh_tests::output_text(&check);
+    assert!(check.status.success() && said.contains("consistency group host: volumes sys, data of node src, their views taken together each cycle"), "{said}");
+    mesh.start("dst", "topology.toml");
+    mesh.start("src", "topology.toml");
+    mesh.wait_connected("src", &["dst"]);
+
+    // The counter: n to the system disk, then n to the data disk.
+    let counters: Vec<std::fs::File> = inner
+        .iter()
+        .map(|m| {
+            let path = m.path().join("counter");
+            std::fs::write(&path, vec![0u8; 4096]).unwrap();
+            std::fs::OpenOptions::new().write(true).open(path).unwrap()
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let writer: JoinHandle<u64> = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            n += 1;
+            for f in &counters {
+                f.write_all_at(&n.to_le_bytes(), 0).expect("write the counter");
+            }
+        }
+        n
+    });
+    let mut points = Vec::new();
+    for round in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Asked of one member, the cycle is the group's: both report.
+        let sync = mesh.sync_ok("src", if round % 2 == 0 { "sys" } else { "data" });
+        let reports = sync["reports"].as_array().cloned().unwrap_or_default();
+        assert_eq!(reports.len(), 2, "{sync}");
+        let of = |name: &str| reports.iter().find(|r| r["volume"] == name).cloned().unwrap_or_else(|| panic!("{name} reported: {sync}"));
+        let (sys, data) = (of("sys"), of("data"));
+        for r in [&sys, &data] {
+            assert_eq!(r["group"]["name"], "host", "{r}");
+            assert_eq!(r["group"]["one_instant"], true, "{r}");
+            assert_eq!(r["consistency"], "fs-frozen", "{r}");
+        }
+        assert!(sys["group"]["how"].as_str().unwrap_or_default().starts_with("one instant: 2 filesystem(s) of 2 volumes held frozen together"), "{sys}");
+        assert_eq!(sys["snapshot_unix_ms"], data["snapshot_unix_ms"], "one instant, one time");
+        eprintln!("round {round}: {}", sys["group"]["how"]);
+        points.push((sys["seq"].as_u64().unwrap(), data["seq"].as_u64().unwrap(), sys["snapshot_unix_ms"].as_u64().unwrap()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let counted = writer.join().expect("the writer went on after each group freeze");
+    assert!(counted > 1000, "the writer counted only to {counted}: was a filesystem left frozen?");
+    drop(inner);
+
+    // Each group RP restores together: `restore-group host@INSTANT`, one image per member.
+    let state_dir = mesh.node("dst").state_dir.to_str().unwrap().to_string();
+    for (sys_seq, data_seq, time) in &points {
+        let dir = mesh.dir.path().join(format!("host-{time}"));
+        let out = drmesh_tests::drmesh(&["restore-group", &format!("host@{time}"), "--to", dir.to_str().unwrap(), "--state-dir", &state_dir, "--json"]);
+        assert!(out.status.success(), "restore-group host@{time}: {}", drmesh_tests::output_text(&out));
+        let last: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default()).expect("a JSON summary");
+        let restored: Vec<&str> = last["data"]["restored"].as_array().unwrap().iter().map(|r| r["rp"].as_str().unwrap()).collect();
+        assert_eq!(restored, [format!("data@{data_seq}"), format!("sys@{sys_seq}")], "{last}");
+        let mut read = Vec::new();
+        for volume in ["sys", "data"] {
+            let image = dir.join(format!("{volume}.img"));
+            assert_eq!(std::fs::metadata(&image).unwrap().permissions().mode() & 0o777, 0o600, "{volume}.img is private");
+            let mnt = tempfile::tempdir().unwrap();
+            let mounted = drmesh_tests::LoopMount::new(&image, mnt.path());
+            let bytes = std::fs::read(mounted.path().join("counter")).expect("the counter is in the restored disk");
+            read.push(u64::from_le_bytes(bytes[..8].try_into().unwrap()));
+        }
+        let (sys_n, data_n) = (read[0], read[1]);
+        eprintln!("group RP sys@{sys_seq} + data@{data_seq}: the system disk counted {sys_n}, the data disk {data_n}");
+        assert!(sys_n > 0, "the counter was written before the cycle");
+        assert!(data_n == sys_n || data_n + 1 == sys_n, "not one instant: the system disk holds {sys_n}, the data disk {data_n}");
+        if *time != points[0].2 {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+    // As an operator reads it: the newest complete group RP.
+    let newest = mesh.dir.path().join("host-newest");
+    let out = drmesh_tests::drmesh(&["restore-group", "host", "--to", newest.to_str().unwrap(), "--state-dir", &state_dir]);
+    let said = drmesh_tests::output_text(&out);
+    eprintln!("$ drmesh restore-group host --to ...\n{said}");
+    assert!(out.status.success() && said.contains(&format!("group host at instant {} restored: 2 members into", points[2].2)), "{said}");
+    // Careless use: the same folder again, a symlink for a folder, an instant that is no group RP.
+    let first = mesh.dir.path().join(format!("host-{}", points[0].2));
+    let before = std::fs::read(first.join("sys.img")).unwrap();
+    let again = drmesh_tests::drmesh(&["restore-group", "host", "--to", first.to_str().unwrap(), "--state-dir", &state_dir]);
+    let said = drmesh_tests::output_text(&again);
+    assert!(!again.status.success() && said.contains("--force"), "{said}");
+    assert_eq!(std::fs::read(first.join("sys.img")).unwrap(), before, "an image already there is left alone");
+    let link = mesh.dir.path().join("host-link");
+    std::os::unix::fs::symlink(&first, &link).unwrap();
+    let out = drmesh_tests::drmesh(&["restore-group", "host", "--to", link.to_str().unwrap(), "--state-dir", &state_dir]);
+    assert!(!out.status.success() && drmesh_tests::output_text(&out).contains("is a symbolic link"), "{}", drmesh_tests::output_text(&out));
+    let out = drmesh_tests::drmesh(&["restore-group", "host@12345", "--to", mesh.dir.path().join("nowhere").to_str().unwrap(), "--state-dir", &state_dir]);
+    assert!(!out.status.success() && drmesh_tests::output_text(&out).contains("group \"host\" has no RP at instant 12345"), "{}", drmesh_tests::output_text(&out));
+    assert!(!mesh.dir.path().join("nowhere").exists(), "nothing is made for a group RP that is not there");
+
+    // What the target lists: every group RP complete and of one instant.
+    let groups = mesh.ctl_data("dst", &["groups", "host"]).expect("ctl groups");
+    let listed = groups.as_array().cloned().unwrap_or_default();
+    for (sys_seq, data_seq, time) in &points {
+        let g = listed.iter().find(|g| g["time_unix_ms"] == *time).unwrap_or_else(|| panic!("group RP at {time} listed: {groups}"));
+        assert_eq!((g["complete"].as_bool(), g["one_instant"].as_bool()), (Some(true), Some(true)), "{g}");
+        let members: Vec<String> = g["rps"].as_array().unwrap().iter().map(|r| format!("{}@{}", r["volume"].as_str().unwrap(), r["seq"])).collect();
+        assert_eq!(members, [format!("data@{data_seq}"), format!("sys@{sys_seq}")], "{g}");
+    }
+    let table = String::from_utf8_lossy(&mesh.ctl("dst", &["groups"]).stdout).into_owned();
+    eprintln!("{table}");
+    assert!(table.contains("complete, one instant") && table.contains("sys@"), "{table}");
+    let rps = String::from_utf8_lossy(&mesh.ctl("dst", &["rps", "sys"]).stdout).into_owned();
+    assert!(rps.contains("GROUP") && rps.contains("host"), "{rps}");
+
+    // The loose group: taken together, but nothing held their writes.
+    let sync = mesh.sync_ok("src", "l1");
+    let reports = sync["reports"].as_array().cloned().unwrap_or_default();
+    assert_eq!(reports.len(), 2, "{sync}");
+    for r in &reports {
+        assert_eq!(r["group"]["one_instant"], false, "{r}");
+        let how = r["group"]["how"].as_str().unwrap_or_default();
+        assert!(how.starts_with("not one instant: the views were taken one after another within ") && how.contains("l1: drmesh cannot hold its writes (kind file;"), "{how}");
+    }
+    let loose_rps = mesh.ctl_data("dst", &["groups", "loose"]).expect("ctl groups loose");
+    assert_eq!(loose_rps[0]["one_instant"], false, "{loose_rps}");
+    let table = String::from_utf8_lossy(&mesh.ctl("dst", &["groups", "loose"]).stdout).into_owned();
+    assert!(table.contains("complete, views taken one after another"), "{table}");
     drop(mesh);
 }

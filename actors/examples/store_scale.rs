@@ -59,6 +59,7 @@ fn meta(seq: u64, blocks: u64, changed: u64, map: &[ContentId]) -> RpMeta {
         merkle_root: merkle.finish(),
         encrypted: false,
         consistency: "crash".into(),
+        group: None,
     }
 }
 

@@ -34,6 +34,7 @@ fn meta(volume: &str, seq: u64, block_count: u64, time_unix_ms: u64) -> RpMeta {
         merkle_root: drmesh_actors::content::MerkleRoot([0; 32]),
         encrypted: false,
         consistency: "crash".into(),
+        group: None,
     }
 }
 

@@ -43,6 +43,7 @@ fn meta_with_root(seq: u64, merkle_root: MerkleRoot) -> RpMeta {
         merkle_root,
         encrypted: false,
         consistency: "crash".into(),
+        group: None,
     }
 }
 

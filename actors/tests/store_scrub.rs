@@ -60,6 +60,7 @@ fn scrubs_read_what_they_say_and_find_damage() {
             merkle_root: root_of(&map),
             encrypted: false,
             consistency: "crash".into(),
+            group: None,
         };
         store.commit_rp(1, &meta).unwrap();
     }
@@ -130,6 +131,7 @@ fn commit_volume(store: &Store, volume: &str, blobs: &[EncodedBlob], encrypted: 
         merkle_root: root_of(&map),
         encrypted,
         consistency: "crash".into(),
+        group: None,
     };
     store.commit_rp(7, &meta).unwrap();
     store.release_session(7);

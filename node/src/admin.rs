@@ -71,6 +71,12 @@ pub enum Request {
         #[serde(default)]
         volume: Option<VolumeName>,
     },
+    /// The consistency groups' RPs held by this node's store, newest first.
+    Groups {
+        /// Only this group.
+        #[serde(default)]
+        group: Option<String>,
+    },
     /// Run garbage collection of the store now.
     Gc {
         /// Blobs younger than this are kept (seconds).
@@ -363,7 +369,7 @@ async fn serve_connection(stream: UnixStream, ctx: AdminContext) -> anyhow::Resu
                 Err(e) => Response::error(
                     format!(
                         "bad request: {e}; expected a JSON object like {{\"cmd\": \"status\"}} \
-                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, gc, restore, verify, export, store, agent-status, drill, drills, mesh, catalog)"
+                         (commands: status, peers, reload, sync-now, volumes, pause, resume, rps, groups, gc, restore, verify, export, store, agent-status, drill, drills, mesh, catalog)"
                     ),
                     vec![],
                 ),

@@ -68,6 +68,13 @@ enum CtlCommand {
         /// Only this volume.
         volume: Option<VolumeName>,
     },
+    /// Recovery points of consistency groups held by this node: each group
+    /// RP's members (restore each `VOLUME@SEQ`), whether it is complete and
+    /// whether its members' views were of one instant.
+    Groups {
+        /// Only this group.
+        group: Option<String>,
+    },
     /// Garbage-collect blobs no retained recovery point needs (also run on
     /// the node's own schedule, `gc_every`).
     Gc {
@@ -205,6 +212,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Pause { volumes, all } => Request::Pause { volumes, all },
         CtlCommand::Resume { volumes, all } => Request::Resume { volumes, all },
         CtlCommand::Rps { volume } => Request::Rps { volume },
+        CtlCommand::Groups { group } => Request::Groups { group },
         CtlCommand::Gc { grace_secs, dry_run } => Request::Gc { grace_secs: Some(grace_secs), dry_run },
         CtlCommand::Retention { volume, topology } => Request::Retention {
             volume,
@@ -276,6 +284,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
                     _ => println!("{} to {}: free space {}", s(&r["volume"]), s(&r["target"]), s(&r["free_space"])),
                 }
             }
+            // A group's views are told once per target.
+            let mut told = std::collections::BTreeSet::new();
+            for r in data["reports"].as_array().into_iter().flatten().filter(|r| r["group"].is_object()) {
+                if told.insert((s(&r["group"]["name"]), s(&r["target"]))) {
+                    println!("group {} to {}: {}", s(&r["group"]["name"]), s(&r["target"]), s(&r["group"]["how"]));
+                }
+            }
             for e in data["errors"].as_array().into_iter().flatten() {
                 println!("failed: {}", s(e));
             }
@@ -289,6 +304,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Pause { .. } => print_pause(&data),
         Request::Resume { .. } => print_resume(&data),
         Request::Rps { .. } => println!("{}", rps_table(&data)),
+        Request::Groups { .. } => println!("{}", groups_table(&data)),
         Request::Gc { .. } => println!(
             "scanned {} blobs, {} {} ({}), kept {} pinned by running cycles and {} within the grace window, in {} ms",
             s(&data["blobs_scanned"]),
@@ -732,10 +748,27 @@ fn drill_state(d: &Value) -> String {
     }
 }
 
+fn groups_table(groups: &Value) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(vec!["GROUP RP", "INSTANT (UTC)", "MEMBERS", "STATE"]);
+    for g in groups.as_array().into_iter().flatten() {
+        let members: Vec<String> = g["rps"].as_array().into_iter().flatten().map(|r| format!("{}@{} ({})", s(&r["volume"]), s(&r["seq"]), s(&r["consistency"]))).collect();
+        let state = match (g["complete"] == true, g["one_instant"] == true) {
+            (true, true) => "complete, one instant".to_string(),
+            (true, false) => "complete, views taken one after another".to_string(),
+            (false, _) => format!("incomplete: no RP of {}", list(&g["missing"])),
+        };
+        // GROUP@INSTANT is what `drmesh restore-group` takes.
+        table.add_row(vec![format!("{}@{}", s(&g["group"]), s(&g["time_unix_ms"])), time_ms(g["time_unix_ms"].as_u64().unwrap_or(0)), members.join("\n"), state]);
+    }
+    table
+}
+
 fn rps_table(rps: &Value) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(vec!["RECOVERY POINT", "TIME (UTC)", "SIZE", "CHANGED", "STORED", "SOURCE", "ENCRYPTED", "DRILL", "MERKLE ROOT"]);
+    table.set_header(vec!["RECOVERY POINT", "TIME (UTC)", "SIZE", "CHANGED", "STORED", "SOURCE", "ENCRYPTED", "GROUP", "DRILL", "MERKLE ROOT"]);
     for r in rps.as_array().into_iter().flatten() {
         let root: String = r["merkle_root"].as_str().unwrap_or_default().chars().take(12).collect();
         let mut drill = drill_state(&r["drill"]);
@@ -750,6 +783,7 @@ fn rps_table(rps: &Value) -> Table {
             bytes(r["bytes_stored"].as_u64().unwrap_or(0)),
             s(&r["source_node"]),
             if r["encrypted"] == true { "yes".into() } else { "no".into() },
+            if r["group"].is_object() { s(&r["group"]["name"]) } else { "-".into() },
             drill,
             root,
         ]);

@@ -107,6 +107,21 @@ pub async fn handle(request: Request, ctx: &AdminContext, progress: mpsc::Sender
             .await??;
             Ok(serde_json::to_value(rps).map_err(|e| e.to_string())?)
         }
+        Request::Groups { group } => {
+            let groups = blocking(move || -> Result<Vec<_>, String> {
+                let mut rps = Vec::new();
+                for v in store.volumes().map_err(|e| e.to_string())? {
+                    rps.extend(store.rps(&v).map_err(|e| e.to_string())?.into_iter().filter(|r| r.group.is_some()));
+                }
+                let mut groups = drmesh_actors::store::group_rps(&rps);
+                if let Some(name) = &group {
+                    groups.retain(|g| g.group == *name);
+                }
+                Ok(groups)
+            })
+            .await??;
+            Ok(serde_json::to_value(groups).map_err(|e| e.to_string())?)
+        }
         Request::Gc { grace_secs, dry_run } => {
             let grace = grace_secs.map_or(DEFAULT_GC_GRACE, Duration::from_secs);
             // Progress lines `{"gc": {phase, done, total}}`, at most one a second.

@@ -21,6 +21,7 @@ mod metrics;
 mod manpages;
 mod mounts;
 mod recover;
+mod restore_group;
 mod readiness;
 mod reload;
 mod run;
@@ -64,6 +65,9 @@ enum Command {
     },
     /// Restore a recovery point to a raw image file (checks every block and the Merkle root).
     Restore(recover::RestoreArgs),
+    /// Restore every member of a consistency group's recovery point, one raw
+    /// image per member into a folder.
+    RestoreGroup(restore_group::RestoreGroupArgs),
     /// Re-read and check every block of a recovery point.
     Verify(recover::RpArgs),
     /// Serve a recovery point as a disk over NBD, writes to an overlay (instant recovery).
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
         Command::Topology { command: TopologyCommand::Check { file } } => check_topology(&file),
         Command::Topology { command: TopologyCommand::Init(args) } => init::topology_init(args),
         Command::Restore(args) => recover::restore(args),
+        Command::RestoreGroup(args) => restore_group::restore_group(args),
         Command::Verify(args) => recover::verify(args),
         Command::Export(args) => export::run(args),
         Command::Recover(args) => boot::run(args),
@@ -199,6 +204,15 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                     fleece_dir.display(),
                     fleece_reserve_bytes >> 20,
                     guest_agent.as_ref().map_or("no guest agent (RPs crash consistent)".to_string(), |g| format!("guest agent {} (filesystems frozen)", g.display()))
+                );
+            }
+            for g in &t.groups {
+                let source = t.volumes.iter().find(|v| g.volumes.first() == Some(&v.name)).map_or("?", |v| v.source.as_str());
+                println!(
+                    "consistency group {}: volumes {} of node {}, their views taken together each cycle (one instant when every member's filesystem can be frozen: a loop-mounted image file, a VM with a guest agent); `drmesh ctl groups` on a target lists its group RPs",
+                    g.name,
+                    g.volumes.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                    source
                 );
             }
             // Parsed and checked, but no reader in this build: say so, a node will not replicate them.

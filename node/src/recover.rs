@@ -75,6 +75,13 @@ pub struct RestoreArgs {
     format: Option<String>,
 }
 
+impl RestoreArgs {
+    /// Restores `rp` to the raw image file `to` (replacing one there with `force`).
+    pub(crate) fn new(rp: RpArgs, to: PathBuf, force: bool) -> RestoreArgs {
+        RestoreArgs { rp, to, force, format: Some("raw".into()) }
+    }
+}
+
 /// Splits VOLUME@SEQ.
 pub fn parse_rp(text: &str) -> anyhow::Result<(VolumeName, Option<RpSeq>)> {
     let (volume, seq) = match text.split_once('@') {

@@ -544,6 +544,7 @@ fn meta() -> RpMeta {
         merkle_root: MerkleRoot([0; 32]),
         encrypted: false,
         consistency: "crash".into(),
+        group: None,
     }
 }
 

@@ -42,6 +42,8 @@ pub struct TopologyDiff {
     pub changed_links: Vec<String>,
     /// `[[site]]` names added, removed or whose uplink changed.
     pub changed_sites: Vec<String>,
+    /// `[[group]]` names added, removed or whose member list changed.
+    pub changed_groups: Vec<String>,
 }
 
 impl TopologyDiff {
@@ -89,6 +91,9 @@ impl TopologyDiff {
             t.sites.iter().map(|site| (site.name.clone(), site.uplink_bps)).collect()
         };
         diff.changed_sites = changed_keys(&sites(old), &sites(new));
+
+        let groups = |t: &Topology| -> BTreeMap<String, Vec<crate::VolumeName>> { t.groups.iter().map(|g| (g.name.clone(), g.volumes.clone())).collect() };
+        diff.changed_groups = changed_keys(&groups(old), &groups(new));
         diff
     }
 
@@ -104,5 +109,6 @@ impl TopologyDiff {
             && self.changed_policies.is_empty()
             && self.changed_links.is_empty()
             && self.changed_sites.is_empty()
+            && self.changed_groups.is_empty()
     }
 }

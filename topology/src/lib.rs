@@ -47,11 +47,17 @@ pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
 pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
-    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Link, Mesh, Node, Policy,
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Group, Link, Mesh, Node, Policy,
     Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday,
 };
 
 use diagnostic::Sink;
+
+/// Checks a consistency group's name as `[[group]]` takes it; the error
+/// states the rule.
+pub fn check_group_name(name: &str) -> Result<(), String> {
+    parse::check_name("group", name)
+}
 use read::ReadError;
 
 /// The largest topology file (or text) accepted, in bytes: 16 MiB. A bigger one
@@ -74,6 +80,8 @@ pub struct Topology {
     pub volumes: Vec<Volume>,
     /// The `[[link]]` tables, in file order.
     pub links: Vec<Link>,
+    /// The `[[group]]` tables (consistency groups), in file order.
+    pub groups: Vec<Group>,
     /// The `[policy.NAME]` tables by name.
     pub policies: BTreeMap<String, Policy>,
     path: PathBuf,
@@ -154,6 +162,7 @@ impl Topology {
                 nodes: c.nodes,
                 volumes: c.volumes,
                 links: c.links,
+                groups: c.groups,
                 policies: c.policies,
                 path: origin.to_path_buf(),
                 hash: *blake3::hash(text.as_bytes()).as_bytes(),
@@ -166,6 +175,16 @@ impl Topology {
                 Err(sink.finish())
             }
         }
+    }
+
+    /// The consistency group named `name`.
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The consistency group `volume` is a member of, if any.
+    pub fn group_of(&self, volume: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.volumes.iter().any(|v| v == volume))
     }
 
     /// The node with id `id`.

@@ -45,6 +45,16 @@ pub(crate) struct LinkDraft {
     pub(crate) link: Option<Link>,
 }
 
+/// A `[[group]]` table as read.
+pub(crate) struct GroupDraft {
+    /// The `name`, when it was a string.
+    pub(crate) name: Option<Sp<String>>,
+    /// The `volumes` entries, when it was a list of strings.
+    pub(crate) volumes: Vec<Sp<String>>,
+    /// The group, when every field of its own table was valid.
+    pub(crate) group: Option<Group>,
+}
+
 /// A `[[node]]` table as read.
 pub(crate) struct NodeDraft {
     pub(crate) name: Option<Sp<String>>,
@@ -80,6 +90,7 @@ pub(crate) struct Draft {
     pub(crate) nodes: Vec<NodeDraft>,
     pub(crate) volumes: Vec<VolumeDraft>,
     pub(crate) links: Vec<LinkDraft>,
+    pub(crate) groups: Vec<GroupDraft>,
     /// Policies by name; `None` when the policy's table had errors.
     pub(crate) policies: BTreeMap<String, Option<Policy>>,
     /// Key files that do not exist here: (policy, span, message). Whether that is
@@ -304,7 +315,7 @@ pub(crate) fn parse_host_port(text: &str) -> Result<String, String> {
 /// Reads the whole document. `origin` names the file for relative key paths.
 pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'_>) -> Draft {
     let top = Fields::new("the top level", 0..0, root);
-    top.check_keys(sink, &["mesh", "site", "node", "volume", "link", "policy"], &[]);
+    top.check_keys(sink, &["mesh", "site", "node", "volume", "link", "group", "policy"], &[]);
     let base_dir = match origin.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -332,6 +343,9 @@ pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'
     }
     for (header, map) in array_of_tables(&top, "link", sink) {
         draft.links.push(read_link(&Fields::new("[[link]]", header, map), sink));
+    }
+    for (header, map) in array_of_tables(&top, "group", sink) {
+        draft.groups.push(read_group(&Fields::new("[[group]]", header, map), sink));
     }
     if let Some(value) = top.get("policy") {
         match value.get_ref() {
@@ -1158,6 +1172,52 @@ fn read_link(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> LinkDraft {
         _ => None,
     };
     LinkDraft { nodes, link }
+}
+
+fn read_group(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> GroupDraft {
+    f.check_keys(sink, &["name", "volumes"], &[]);
+    let mut ok = true;
+    let name = f.text(sink, "name", true);
+    if let Some(n) = &name {
+        if let Err(e) = check_name("group", &n.value) {
+            sink.error(n.span.clone(), e);
+            ok = false;
+        }
+    }
+    let mut volumes = Vec::new();
+    let mut checked = Vec::new();
+    match f.string_list(sink, "volumes") {
+        None => {
+            f.missing(sink, "volumes", "a list of at least two volume names of one source node, like [\"db-system\", \"db-data\"]");
+            ok = false;
+        }
+        Some(Err(())) => ok = false,
+        Some(Ok((span, list))) => {
+            if list.len() < 2 {
+                sink.error(span, format!("`volumes` in [[group]] lists {} volume(s); a consistency group has at least two", list.len()));
+                ok = false;
+            }
+            for v in &list {
+                match VolumeName::new(v.value.clone()) {
+                    Ok(name) if checked.contains(&name) => {
+                        sink.error(v.span.clone(), format!("volume {:?} is listed twice in the group", v.value));
+                        ok = false;
+                    }
+                    Ok(name) => checked.push(name),
+                    Err(e) => {
+                        sink.error(v.span.clone(), e.to_string());
+                        ok = false;
+                    }
+                }
+            }
+            volumes = list;
+        }
+    }
+    let group = match &name {
+        Some(n) if ok => Some(Group { name: n.value.clone(), volumes: checked }),
+        _ => None,
+    };
+    GroupDraft { name, volumes, group }
 }
 
 fn read_bandwidth(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Bandwidth> {

@@ -50,6 +50,18 @@ impl Link {
     }
 }
 
+/// A `[[group]]` table: a consistency group, volumes of one source node whose
+/// views are taken together each cycle (their filesystems held still at one
+/// instant where drmesh can), so their RPs restore together as one group RP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Unique group name.
+    pub name: String,
+    /// Its member volumes, at least two, in the order written; all have the
+    /// same source node and the same targets, none has `[volume.hooks]`.
+    pub volumes: Vec<VolumeName>,
+}
+
 /// A `[[node]]` table: one `drmesh` process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::diagnostic::Sink;
 use crate::node_id::NodeId;
 use crate::parse::{Draft, Span};
-use crate::schema::{Link, Mesh, Node, Policy, Site, Volume};
+use crate::schema::{Group, Link, Mesh, Node, Policy, Site, Volume};
 
 /// The checked sections of a file.
 pub(crate) struct Checked {
@@ -16,6 +16,7 @@ pub(crate) struct Checked {
     pub(crate) nodes: Vec<Node>,
     pub(crate) volumes: Vec<Volume>,
     pub(crate) links: Vec<Link>,
+    pub(crate) groups: Vec<Group>,
     pub(crate) policies: BTreeMap<String, Policy>,
 }
 
@@ -263,6 +264,8 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
     }
 
+    check_groups(&draft, sink);
+
     if sink.has_errors() {
         return None;
     }
@@ -276,6 +279,77 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         nodes: draft.nodes.into_iter().map(|n| n.node).collect::<Option<_>>()?,
         volumes: draft.volumes.into_iter().map(|v| v.volume).collect::<Option<_>>()?,
         links: draft.links.into_iter().map(|l| l.link).collect::<Option<_>>()?,
+        groups: draft.groups.into_iter().map(|g| g.group).collect::<Option<_>>()?,
         policies,
     })
+}
+
+/// `[[group]]` tables: unique names; every member a `[[volume]]` of the same
+/// source node with the same targets, in one group at most, without hooks
+/// (a group's views are taken together; per-volume hooks would run inside
+/// the instant).
+fn check_groups(draft: &Draft, sink: &mut Sink<'_>) {
+    let mut names: Seen<String> = Seen::new();
+    let mut member_of: HashMap<&str, (usize, &str)> = HashMap::new();
+    let volumes: HashMap<&str, &crate::parse::VolumeDraft> =
+        draft.volumes.iter().filter_map(|v| v.name.as_ref().map(|n| (n.value.as_str(), v))).collect();
+    for (index, group) in draft.groups.iter().enumerate() {
+        let Some(name) = &group.name else { continue };
+        if let Some(first) = names.check(name.value.clone(), &name.span) {
+            let line = sink.line(first.start);
+            sink.error(name.span.clone(), format!("group {:?} is already defined on line {line}", name.value));
+        }
+        let mut first: Option<(&str, Option<&str>, Vec<&str>)> = None;
+        for member in &group.volumes {
+            let Some(volume) = volumes.get(member.value.as_str()) else {
+                sink.error(member.span.clone(), format!("group {:?} lists volume {:?}, which is not a [[volume]] name", name.value, member.value));
+                continue;
+            };
+            if let Some((other_index, other)) = member_of.insert(member.value.as_str(), (index, name.value.as_str())) {
+                if other_index != index {
+                    sink.error(member.span.clone(), format!("volume {:?} is in group {other:?} already; a volume is in one group at most", member.value));
+                }
+            }
+            if volume.volume.as_ref().is_some_and(|v| v.hooks.is_some()) {
+                sink.error(
+                    member.span.clone(),
+                    format!(
+                        "volume {:?} of group {:?} has [volume.hooks]; the views of a group are taken together and per-volume hooks are not run for them (this build has no group hooks): remove the hooks or the volume from the group",
+                        member.value, name.value
+                    ),
+                );
+            }
+            let source = volume.source.as_ref().map(|s| s.value.as_str());
+            let mut targets: Vec<&str> = volume.targets.iter().map(|t| t.value.as_str()).collect();
+            targets.sort_unstable();
+            match &first {
+                None => first = Some((member.value.as_str(), source, targets)),
+                Some((lead, lead_source, lead_targets)) => {
+                    if source != *lead_source {
+                        sink.error(
+                            member.span.clone(),
+                            format!(
+                                "volume {:?} of group {:?} is read by node {}, volume {lead:?} by node {}; a group's volumes have one source node",
+                                member.value,
+                                name.value,
+                                source.unwrap_or("?"),
+                                lead_source.unwrap_or("?")
+                            ),
+                        );
+                    } else if targets != *lead_targets {
+                        sink.error(
+                            member.span.clone(),
+                            format!(
+                                "volume {:?} of group {:?} has targets {}, volume {lead:?} has {}; a group's volumes have the same targets (a group RP is complete on a target that holds every member)",
+                                member.value,
+                                name.value,
+                                plain_list(&targets),
+                                plain_list(lead_targets)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

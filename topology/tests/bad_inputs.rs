@@ -129,7 +129,7 @@ fn unknown_top_level_key() {
         &errs[1],
         25,
         2,
-        "unknown key `policies` in the top level; allowed keys: mesh, site, node, volume, link, policy",
+        "unknown key `policies` in the top level; allowed keys: mesh, site, node, volume, link, group, policy",
     );
 }
 
@@ -890,4 +890,83 @@ fn volume_free_space_is_skip_by_default_read_on_request_and_checked() {
     assert_eq!(read.volumes[0].free_space, FreeSpace::Read);
     assert_one(&edit(23, "policy = \"p\"\nfree_space = \"zero\""), 24, 14, "`free_space` is \"zero\"; expected \"skip\"");
     assert_one(&edit(23, "policy = \"p\"\nfree_space = false"), 24, 14, "a string");
+}
+
+// ---- consistency groups ----------------------------------------------------
+
+/// `GOOD` with a node `c` (lines 27-31), a volume `w` (lines 32-36) with
+/// `w_extra` lines after its `policy` (from line 37), and `groups` after that.
+fn with_group(w_extra: &str, groups: &str) -> String {
+    edit(
+        26,
+        &format!(
+            "rpo = \"15m\"\n[[node]]\nname = \"c\"\nid = \"ID3\"\naddresses = [\"10.0.0.3:7400\"]\nsite = \"s\"\n[[volume]]\nname = \"w\"\nkind = \"file\"\npath = \"/img2\"\npolicy = \"p\"\n{w_extra}\n{groups}"
+        ),
+    )
+}
+
+const W_OF_A: &str = "source = \"a\"\ntargets = [\"b\"]";
+
+#[test]
+fn a_group_of_two_volumes_of_one_node_is_read() {
+    let topo = Topology::parse(&expand(&with_group(W_OF_A, "[[group]]\nname = \"db-host\"\nvolumes = [\"w\", \"v\"]")), Path::new("t.toml")).unwrap();
+    assert_eq!(topo.groups.len(), 1);
+    assert_eq!(topo.groups[0].name, "db-host");
+    assert_eq!(topo.groups[0].volumes, ["w", "v"]);
+    assert_eq!(topo.group_of("v").map(|g| g.name.as_str()), Some("db-host"));
+    assert!(topo.group_of("x").is_none());
+}
+
+#[test]
+fn a_group_member_that_is_no_volume() {
+    // Lines: 37-38 w's source and targets, 39 [[group]], 40 name, 41 volumes.
+    assert_one(&with_group(W_OF_A, "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"x\"]"), 41, 17, "lists volume \"x\", which is not a [[volume]] name");
+}
+
+#[test]
+fn a_group_of_one_volume() {
+    assert_one(&with_group(W_OF_A, "[[group]]\nname = \"g\"\nvolumes = [\"v\"]"), 41, 11, "a consistency group has at least two");
+}
+
+#[test]
+fn a_group_lists_a_volume_twice() {
+    assert_one(&with_group(W_OF_A, "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"v\"]"), 41, 17, "listed twice in the group");
+}
+
+#[test]
+fn a_group_across_two_source_nodes() {
+    let errs = errors(&with_group("source = \"b\"\ntargets = [\"c\"]", "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"w\"]"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 41, 17, "is read by node b, volume \"v\" by node a; a group's volumes have one source node");
+}
+
+#[test]
+fn a_group_whose_volumes_have_other_targets() {
+    let errs = errors(&with_group("source = \"a\"\ntargets = [\"b\", \"c\"]", "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"w\"]"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 41, 17, "has targets b, c, volume \"v\" has b; a group's volumes have the same targets");
+}
+
+#[test]
+fn a_group_member_with_hooks() {
+    let errs = errors(&with_group(&format!("{W_OF_A}\n[volume.hooks]\npre = [\"/bin/true\"]"), "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"w\"]"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 43, 17, "has [volume.hooks]; the views of a group are taken together");
+}
+
+#[test]
+fn a_volume_in_two_groups_and_a_group_named_twice() {
+    let errs = errors(&with_group(W_OF_A, "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"w\"]\n[[group]]\nname = \"g\"\nvolumes = [\"w\", \"v\"]"));
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert_error(&errs[0], 43, 8, "group \"g\" is already defined on line 40");
+    assert_error(&errs[1], 44, 12, "volume \"w\" is in group \"g\" already");
+    assert_error(&errs[2], 44, 17, "volume \"v\" is in group \"g\" already");
+}
+
+#[test]
+fn a_group_with_an_unknown_key_or_a_bad_name() {
+    let errs = errors(&with_group(W_OF_A, "[[group]]\nname = \"DB host\"\nvolumes = [\"v\", \"w\"]\nmembers = 2"));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert_error(&errs[0], 40, 8, "group");
+    assert!(errs[1].2.contains("members"), "{errs:#?}");
 }

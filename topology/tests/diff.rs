@@ -119,3 +119,17 @@ fn site_uplink_changes_are_listed_by_site_name() {
     assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, POL)).changed_sites, ["s"], "a removed site is listed");
     assert!(TopologyDiff::between(&with, &topo(AB, VOL, &site("uplink = \"200Mbit\"\n"))).is_empty());
 }
+
+#[test]
+fn consistency_group_changes_are_listed_by_group_name() {
+    let two = format!("{VOL}[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"file\"\npath = \"/img2\"\ntargets = [\"b\"]\npolicy = \"p\"\n");
+    let group = |members: &str| format!("{POL}[[group]]\nname = \"g\"\nvolumes = [{members}]\n");
+    let none = topo(AB, &two, POL);
+    let with = topo(AB, &two, &group("\"v\", \"w\""));
+    let diff = TopologyDiff::between(&none, &with);
+    assert_eq!(diff.changed_groups, ["g"]);
+    assert!(!diff.is_empty() && diff.changed_volumes.is_empty(), "{diff:?}");
+    assert_eq!(TopologyDiff::between(&with, &none).changed_groups, ["g"], "a removed group is listed");
+    assert_eq!(TopologyDiff::between(&with, &topo(AB, &two, &group("\"w\", \"v\""))).changed_groups, ["g"], "the member order is the order views are taken");
+    assert!(TopologyDiff::between(&with, &topo(AB, &two, &group("\"v\", \"w\""))).is_empty());
+}

@@ -115,6 +115,23 @@ pub struct RpMeta {
     pub encrypted: bool,
     /// Consistency level: a [`crate::gossip::catalog::Consistency`] label ("inconsistent", "crash", "fs-frozen", "app").
     pub consistency: String,
+    /// The consistency group the RP was taken with, if its volume is in one.
+    pub group: Option<RpGroup>,
+}
+
+/// The consistency group of an RP: the RPs of a group's members that share
+/// the group's name and snapshot instant (`time_unix_ms`) form one group RP,
+/// complete on a target once every member's RP is there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpGroup {
+    /// The group's name (`[[group]]` in the topology).
+    pub name: String,
+    /// Every member volume of the group when the RP was taken, in name order.
+    pub members: Vec<VolumeName>,
+    /// Whether every member's writes were held at the instant (their
+    /// filesystems frozen together), so the members' views are of one
+    /// instant; false: the views were taken one after another.
+    pub one_instant: bool,
 }
 
 impl RpMeta {

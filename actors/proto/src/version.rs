@@ -10,10 +10,10 @@
 
 /// Version of the replication messages (`SourceMsg`, `TargetMsg`); bumped on
 /// any change to their encoding.
-pub const REPLICATION: u16 = 1;
+pub const REPLICATION: u16 = 2;
 /// Version of the fetch messages (`FetchRequest`, `FetchReply`); bumped on any
 /// change to their encoding.
-pub const FETCH: u16 = 1;
+pub const FETCH: u16 = 2;
 
 /// A stream whose messages are of a version this node does not speak.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -32,7 +32,7 @@ const SERVE_AHEAD: usize = 8;
 
 /// A reply being made.
 enum Pending {
-    Ready(FetchReply),
+    Ready(Box<FetchReply>),
     Reading(tokio::task::JoinHandle<FetchReply>),
 }
 
@@ -68,7 +68,7 @@ pub async fn serve(store: Arc<dyn ReadStore>, topology: Arc<Topology>, links: Ar
             }
         }
         let reply = match queue.pop_front() {
-            Some(Pending::Ready(reply)) => reply,
+            Some(Pending::Ready(reply)) => *reply,
             Some(Pending::Reading(handle)) => handle.await.unwrap_or_else(|e| FetchReply::Error(format!("server task failed: {e}"))),
             None => continue,
         };
@@ -92,14 +92,14 @@ async fn start_reply(request: FetchRequest, store: &Arc<dyn ReadStore>, topology
         FetchRequest::Rp { volume, seq } => {
             let allowed = topology.volumes.iter().any(|v| v.name == volume && (v.source == peer_name || v.targets.iter().any(|t| t == peer_name)));
             if !allowed {
-                return Pending::Ready(FetchReply::Error(format!("node {peer_name} may not read volume {volume} (only its source and targets may)")));
+                return Pending::Ready(Box::new(FetchReply::Error(format!("node {peer_name} may not read volume {volume} (only its source and targets may)"))));
             }
             let found = tokio::task::spawn_blocking(move || match seq {
                 Some(s) => store2.rp(&volume, s),
                 None => store2.latest_rp(&volume),
             })
             .await;
-            Pending::Ready(match found {
+            Pending::Ready(Box::new(match found {
                 Ok(Ok(Some(meta))) => {
                     *current = Some(meta.clone());
                     FetchReply::Rp(meta)
@@ -107,10 +107,10 @@ async fn start_reply(request: FetchRequest, store: &Arc<dyn ReadStore>, topology
                 Ok(Ok(None)) => FetchReply::Error("no such recovery point there".into()),
                 Ok(Err(e)) => FetchReply::Error(e.to_string()),
                 Err(e) => FetchReply::Error(format!("server task failed: {e}")),
-            })
+            }))
         }
         FetchRequest::Blocks { start, count } => match current.clone() {
-            None => Pending::Ready(FetchReply::Error("ask for an RP first".into())),
+            None => Pending::Ready(Box::new(FetchReply::Error("ask for an RP first".into()))),
             Some(meta) => {
                 let count = count.min(IDS_PER_REQUEST);
                 Pending::Reading(tokio::task::spawn_blocking(move || match store2.block_ids(&meta.volume, meta.seq, start, count) {
@@ -121,7 +121,7 @@ async fn start_reply(request: FetchRequest, store: &Arc<dyn ReadStore>, topology
         },
         FetchRequest::Content(content) => {
             if current.is_none() {
-                Pending::Ready(FetchReply::Error("ask for an RP first".into()))
+                Pending::Ready(Box::new(FetchReply::Error("ask for an RP first".into())))
             } else {
                 Pending::Reading(tokio::task::spawn_blocking(move || match chain(store2.as_ref(), &content) {
                     Ok(c) => FetchReply::Chain(c),

@@ -27,7 +27,7 @@ use super::block_reader::{self, ReadJob, ReaderItem};
 use super::compressor::Compressor;
 use crate::source::change::{ChangeSource, Changes, PointInTime};
 pub use super::pacing::{LinkPacers, Pacing};
-use crate::store::{RpMeta, RpSeq, VolumeName};
+use crate::store::{RpGroup, RpMeta, RpSeq, VolumeName};
 
 /// Baseline entries staged per write.
 const STAGE_BATCH: usize = 256;
@@ -53,6 +53,9 @@ pub struct CycleConfig {
     pub progress: Arc<ReadProgress>,
     /// The volume's `free_space` setting.
     pub free_space: drmesh_topology::FreeSpace,
+    /// The consistency group the volume's RPs are taken with (set by
+    /// [`run_group_cycle`], which also sets `one_instant`).
+    pub group: Option<RpGroup>,
 }
 
 /// How far a running cycle's reader is through the volume, for `ctl volumes`:
@@ -105,6 +108,19 @@ pub struct CycleReport {
     pub free_skipped_bytes: u64,
     /// Where the wall time went: seconds from the start of the cycle.
     pub timeline: CycleTimeline,
+    /// The consistency group the RP was taken with, and how its views were taken.
+    pub group: Option<CycleGroup>,
+}
+
+/// A group member's cycle: which group, and how the group's views were taken.
+#[derive(Debug, Clone, Serialize)]
+pub struct CycleGroup {
+    /// The group's name.
+    pub name: String,
+    /// Whether every member's writes were held at the group's instant.
+    pub one_instant: bool,
+    /// How the group's views were taken, or why they are not of one instant.
+    pub how: String,
 }
 
 /// Milestones of one cycle, in seconds since it started: they show where a
@@ -182,7 +198,7 @@ pub async fn run_cycle(
         .await
         .map_err(|e| CycleError::Session(e.to_string()))??
         .into();
-    let result = run_cycle_on(conn, cfg, baselines, cancel, view.clone()).await;
+    let result = run_cycle_on(conn, cfg, baselines, cancel, view.clone(), (now_ms(), None)).await;
     // Released before the turn ends (the reader thread may still hold a reference).
     match tokio::task::spawn_blocking(move || view.release()).await {
         Ok(Ok(())) => {}
@@ -190,6 +206,66 @@ pub async fn run_cycle(
         Err(e) => tracing::warn!(error = %e, "cannot release the snapshot"),
     }
     result
+}
+
+/// One cycle of a consistency group towards one target: the views of every
+/// member in `cfgs` (in that order) taken together
+/// ([`crate::source::group::open_together`]), then each member's cycle over
+/// its view, one after another, all with the group's instant as their RPs'
+/// time. Each member's RP commits on its own; the group RP is complete on the
+/// target once every member's has. A view that cannot be taken fails every
+/// member. Member `i` is cancelled through `cancels[i]` (see [`run_cycle`]).
+/// Returns one result per member, in order.
+pub async fn run_group_cycle(
+    conn: quinn::Connection,
+    name: &str,
+    cfgs: Vec<CycleConfig>,
+    baselines: Arc<Baselines>,
+    cancels: &mut [oneshot::Receiver<String>],
+) -> Vec<Result<CycleReport, CycleError>> {
+    // Turns in member order (a member's other targets' cycles hold its turn briefly).
+    let mut turns = Vec::new();
+    for cfg in &cfgs {
+        if let Some(lock) = cfg.source.turn() {
+            turns.push(lock.lock_owned().await);
+        }
+    }
+    let members: Vec<crate::source::group::Member> =
+        cfgs.iter().map(|c| crate::source::group::Member { volume: c.volume.to_string(), source: c.source.clone() }).collect();
+    let (b, target, block_bytes) = (baselines.clone(), cfgs[0].target.clone(), cfgs[0].block_bytes);
+    let opened = tokio::task::spawn_blocking(move || crate::source::group::open_together(&members, &b, &target, block_bytes)).await;
+    let group = match opened {
+        Ok(Ok(group)) => group,
+        Ok(Err(e)) => {
+            let reason = format!("group {name}: the views could not be taken together: {e}");
+            return cfgs.iter().map(|_| Err(CycleError::Session(reason.clone()))).collect();
+        }
+        Err(e) => return cfgs.iter().map(|_| Err(CycleError::Session(e.to_string()))).collect(),
+    };
+    if group.one_instant {
+        tracing::info!(group = name, how = %group.how, "group views taken");
+    } else {
+        tracing::warn!(group = name, how = %group.how, "group views taken, not at one instant");
+    }
+    let mut names: Vec<VolumeName> = cfgs.iter().map(|c| c.volume.clone()).collect();
+    names.sort();
+    let tag = RpGroup { name: name.to_string(), members: names, one_instant: group.one_instant };
+    let report_group = CycleGroup { name: name.to_string(), one_instant: group.one_instant, how: group.how.clone() };
+    let mut results = Vec::with_capacity(cfgs.len());
+    for ((mut cfg, view), cancel) in cfgs.into_iter().zip(group.views.iter().cloned()).zip(cancels.iter_mut()) {
+        cfg.group = Some(tag.clone());
+        let result = run_cycle_on(conn.clone(), cfg, baselines.clone(), cancel, view, (group.instant_unix_ms, Some(report_group.clone()))).await;
+        results.push(result);
+    }
+    for view in group.views {
+        match tokio::task::spawn_blocking(move || view.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(group = name, error = %e, "cannot release a group member's snapshot"),
+            Err(e) => tracing::warn!(group = name, error = %e, "cannot release a group member's snapshot"),
+        }
+    }
+    drop(turns);
+    results
 }
 
 /// What a cycle reads: every block (`None`) or a set, and how to say so.
@@ -239,6 +315,7 @@ fn rp_meta(cfg: &CycleConfig, view: &dyn PointInTime, snapshot_ms: u64, volume_b
         merkle_root: root,
         encrypted: cfg.codec.encrypts(),
         consistency: view.quality().consistency.label().into(),
+        group: cfg.group.clone(),
     }
 }
 
@@ -470,8 +547,9 @@ async fn run_cycle_on(
     baselines: Arc<Baselines>,
     cancel: &mut oneshot::Receiver<String>,
     view: Arc<dyn PointInTime>,
+    (snapshot_ms, group): (u64, Option<CycleGroup>),
 ) -> Result<CycleReport, CycleError> {
-    let (started, snapshot_ms) = (Instant::now(), now_ms());
+    let started = Instant::now();
     let base_meta = baseline_for(&baselines, &cfg).await?;
     // A connection that is already gone never carried anything of this cycle.
     let header = StreamHeader::data(StreamKind::Replication, crate::proto::version::REPLICATION);
@@ -568,6 +646,7 @@ async fn run_cycle_on(
         free_skipped_bytes: free_space.1.as_ref().map_or(0, FileSource::free_skipped),
         free_space: free_space.0,
         timeline,
+        group,
     })
 }
 

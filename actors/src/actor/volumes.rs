@@ -33,7 +33,7 @@ use crate::actor::mesh::{GetConnection, MeshActor};
 use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
 use crate::actor::pacing::{LinkPacers, Pacing};
-use crate::actor::replicate::{run_cycle, CycleConfig, CycleError, CycleReport, ReadProgress};
+use crate::actor::replicate::{run_cycle, run_group_cycle, CycleConfig, CycleError, CycleReport, ReadProgress};
 use crate::store::VolumeName;
 use crate::codec::BlockCodec;
 use crate::source::baseline::Baselines;
@@ -527,6 +527,7 @@ impl VolumeScheduler {
             pacing: self.pacing(&v.policy, target),
             progress: Arc::default(),
             free_space: v.free_space,
+            group: None,
         })
     }
 
@@ -536,6 +537,10 @@ impl VolumeScheduler {
     fn start(&mut self, key: Key, ctx: &mut Context<Self>) -> bool {
         if !self.plans.contains_key(&key) {
             return false;
+        }
+        if let Some(group) = self.topology.group_of(&key.0) {
+            let (name, members) = (group.name.clone(), group.volumes.clone());
+            return self.start_group(&name, &members, &key.1, ctx);
         }
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
@@ -583,6 +588,73 @@ impl VolumeScheduler {
         true
     }
 
+    /// Whether `key`'s volume is in a consistency group one of whose other
+    /// members runs a cycle to the same target or is paused.
+    fn group_held_back(&self, key: &Key) -> bool {
+        self.topology.group_of(&key.0).is_some_and(|g| {
+            g.volumes.iter().any(|m| self.paused.contains_key(m.as_str()) || self.plans.get(&(m.clone(), key.1.clone())).is_some_and(|p| p.running))
+        })
+    }
+
+    /// Starts a cycle of consistency group `name` (its `members`) towards
+    /// `target`: every member's plan runs in it. Not while any member's cycle
+    /// runs or any member is paused (a paused member holds the group back).
+    /// The memory budget is as for one cycle: the members' cycles run one
+    /// after another, the largest's bound is reserved.
+    fn start_group(&mut self, name: &str, members: &[VolumeName], target: &str, ctx: &mut Context<Self>) -> bool {
+        let keys: Vec<Key> = members.iter().map(|m| (m.clone(), target.to_string())).collect();
+        if keys.iter().any(|k| self.plans.get(k).is_none_or(|p| p.running) || self.paused.contains_key(k.0.as_str())) {
+            return false;
+        }
+        self.update_limits();
+        let configs: Vec<Result<CycleConfig, String>> = keys.iter().map(|k| self.cycle_config(&k.0, &k.1)).collect();
+        let bound = configs
+            .iter()
+            .map(|c| cycle_bound(c.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path()))))
+            .max()
+            .unwrap_or(0);
+        if self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET {
+            let now = Instant::now();
+            for k in &keys {
+                if let Some(plan) = self.plans.get_mut(k) {
+                    plan.next_due = plan.next_due.min(now);
+                }
+            }
+            tracing::debug!(group = name, %target, bound, reserved = self.reserved, "group cycle queued: the node's cycle memory budget is taken");
+            return false;
+        }
+        self.reserved += bound;
+        let mut cancels = Vec::with_capacity(keys.len());
+        for (k, config) in keys.iter().zip(&configs) {
+            let Some(plan) = self.plans.get_mut(k) else { continue };
+            plan.running = true;
+            plan.started_at = Some(Instant::now());
+            plan.again = false;
+            let (cancel_tx, cancel_rx) = oneshot::channel();
+            plan.cancel = Some(cancel_tx);
+            cancels.push(cancel_rx);
+            if let Ok(c) = config {
+                plan.progress = Some((c.pacing.sent_payload_bytes.clone(), c.progress.clone()));
+            }
+        }
+        let (mesh, baselines, me, name, target) = (self.mesh.clone(), self.baselines.clone(), ctx.address(), name.to_string(), target.to_string());
+        actix_rt::spawn(async move {
+            let results: Vec<Result<CycleReport, String>> = match configs.into_iter().collect::<Result<Vec<_>, String>>() {
+                Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+                Ok(configs) => match wait_for_connection(&mesh, &target).await {
+                    Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+                    Ok(conn) => run_group_cycle(conn, &name, configs, baselines, &mut cancels).await.into_iter().map(|r| r.map_err(|e| e.to_string())).collect(),
+                },
+            };
+            // The whole reservation goes back with the first member's outcome.
+            let mut reserved = bound;
+            for (key, result) in keys.into_iter().zip(results) {
+                me.do_send(CycleDone { key, result, reserved: std::mem::take(&mut reserved) });
+            }
+        });
+        true
+    }
+
     /// Logs once when a replication starts missing its RPO (WARN) and once
     /// when it meets it again (INFO).
     fn watch_rpo(&mut self) {
@@ -618,6 +690,10 @@ impl VolumeScheduler {
         // the ones behind it (no cycle is passed over for ever by smaller ones).
         due.sort();
         for (_, key) in due {
+            // Started just now with its group, or held back by a member of its group.
+            if self.plans.get(&key).is_some_and(|p| p.running) || self.group_held_back(&key) {
+                continue;
+            }
             if !self.start(key, ctx) {
                 break;
             }
@@ -838,13 +914,31 @@ impl Handler<SyncNow> for VolumeScheduler {
             );
             return Box::pin(async move { Err(reason) });
         }
+        // A group member's cycle is its group's: every member's outcome is reported.
+        let keys = match self.topology.group_of(&msg.0) {
+            None => keys,
+            Some(group) => {
+                if let Some(paused) = group.volumes.iter().find(|m| self.paused.contains_key(m.as_str())) {
+                    let reason = format!(
+                        "volume \"{}\" is in consistency group \"{}\", whose member \"{paused}\" is paused; `drmesh ctl resume {paused}` lets the group run",
+                        msg.0, group.name
+                    );
+                    return Box::pin(async move { Err(reason) });
+                }
+                self.plans.keys().filter(|(v, _)| group.volumes.contains(v)).cloned().collect()
+            }
+        };
         let mut receivers = Vec::new();
+        // Running before this call: a cycle started by this call (a group's) is the fresh one.
+        let was_running: BTreeSet<Key> = keys.iter().filter(|k| self.plans.get(*k).is_some_and(|p| p.running)).cloned().collect();
         for key in keys {
             let (tx, rx) = oneshot::channel();
             let start = {
                 let Some(plan) = self.plans.get_mut(&key) else { continue };
                 plan.waiters.push(tx);
-                if plan.running {
+                if plan.running && !was_running.contains(&key) {
+                    false
+                } else if plan.running {
                     plan.again = true;
                     false
                 } else {

@@ -326,6 +326,7 @@ mod tests {
             merkle_root: crate::content::MerkleRoot([3; 32]),
             encrypted: false,
             consistency: "crash".into(),
+            group: None,
         }
     }
 

@@ -404,6 +404,7 @@ mod tests {
             merkle_root,
             encrypted: false,
             consistency: "crash".into(),
+            group: None,
         }
     }
 

@@ -50,6 +50,12 @@ pub trait ChangeSource: Send + Sync + 'static {
     /// Opens a point-in-time view for one cycle towards `target`. Blocking (a
     /// snapshot may take a moment); an error fails the cycle, nothing changed.
     fn open(&self, baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError>;
+    /// What a consistency group can hold this volume's writes through while
+    /// the group's views are taken (see [`super::group`]); empty when drmesh
+    /// cannot hold them. Blocking (reads the mount table).
+    fn hold_points(&self) -> Vec<super::group::HoldPoint> {
+        Vec::new()
+    }
 }
 
 impl fmt::Debug for dyn ChangeSource {
@@ -160,6 +166,14 @@ impl ChangeSource for FileKind {
     }
     fn volume_path(&self) -> &Path {
         &self.path
+    }
+    fn hold_points(&self) -> Vec<super::group::HoldPoint> {
+        // The filesystem in a loop-mounted image; its view is a reflink clone
+        // taken with that filesystem frozen.
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if meta.is_file() => loop_mounted(&self.path).map(super::group::HoldPoint::Filesystem).into_iter().collect(),
+            _ => Vec::new(),
+        }
     }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, _block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
         let shown = self.path.display();

@@ -29,7 +29,8 @@ pub const FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
 /// A frozen filesystem; thawed when dropped (or by the watchdog at the limit).
 pub struct Frozen {
-    dir: Arc<File>,
+    /// `None`: held frozen by the consistency group being opened, which thaws it.
+    dir: Option<Arc<File>>,
     point: PathBuf,
     done: Option<mpsc::Sender<()>>,
     watchdog: Option<std::thread::JoinHandle<()>>,
@@ -50,9 +51,14 @@ fn ioctl(dir: &File, request: u64) -> std::io::Result<()> {
 
 /// Freezes the filesystem mounted at `mount.point` for at most `limit`.
 /// The error says why in words (not root, a filesystem without freeze
-/// support, already frozen by someone else).
+/// support, already frozen by someone else). A filesystem the consistency
+/// group being opened on this thread holds frozen is not frozen again: the
+/// guard then leaves the thaw to the group.
 pub fn freeze(mount: &Mount, limit: Duration) -> Result<Frozen, String> {
     let point = mount.point.clone();
+    if super::group::held(&point).is_some() {
+        return Ok(Frozen { dir: None, point, done: None, watchdog: None });
+    }
     let dir = File::open(&point).map_err(|e| format!("cannot open {}: {e}", point.display()))?;
     ioctl(&dir, FIFREEZE).map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM) => format!("freezing {} needs CAP_SYS_ADMIN (run the node as root): {e}", point.display()),
@@ -77,7 +83,7 @@ pub fn freeze(mount: &Mount, limit: Duration) -> Result<Frozen, String> {
             return Err(format!("cannot start the thaw watchdog for {}: {e}", point.display()));
         }
     };
-    Ok(Frozen { dir, point, done: Some(done), watchdog: Some(watchdog) })
+    Ok(Frozen { dir: Some(dir), point, done: Some(done), watchdog: Some(watchdog) })
 }
 
 impl Frozen {
@@ -93,8 +99,9 @@ impl Drop for Frozen {
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
+        let Some(dir) = &self.dir else { return };
         // EINVAL: the watchdog thawed it already.
-        if let Err(e) = ioctl(&self.dir, FITHAW) {
+        if let Err(e) = ioctl(dir, FITHAW) {
             if e.raw_os_error() != Some(libc::EINVAL) {
                 tracing::warn!(mount = %self.point.display(), error = %e, "cannot thaw the filesystem");
             }

@@ -189,6 +189,9 @@ impl ChangeSource for Hooked {
     fn turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
         self.inner.turn()
     }
+    fn hold_points(&self) -> Vec<super::group::HoldPoint> {
+        self.inner.hold_points()
+    }
     fn open(&self, baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
         let mut env = vec![
             ("DRMESH_VOLUME", volume.to_string()),

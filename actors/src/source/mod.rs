@@ -11,6 +11,8 @@
 //! - [`change`]: the seam a cycle sees every kind through ([`change::ChangeSource`],
 //!   [`change::PointInTime`]), and [`device`]: where a view's blocks are read
 //!   ([`device::BlockDevice`]).
+//! - [`group`]: the views of a consistency group's volumes taken together,
+//!   their writes held at one instant where drmesh can.
 //! - [`hooks`]: the operator's commands run around any kind's view
 //!   (`[volume.hooks]`), for application-consistent RPs.
 //! - [`lvm`]: the `file` kind's point-in-time view of an LVM logical volume.
@@ -27,6 +29,7 @@ pub mod device;
 pub mod file;
 pub mod free_space;
 pub mod freeze;
+pub mod group;
 pub mod hooks;
 pub mod kmod;
 pub mod lvm;

@@ -370,7 +370,7 @@ pub enum GuestFreeze {
 
 /// Freezes the guest's filesystems through its agent at `socket`; the
 /// connection to thaw them with when they are frozen.
-fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
+pub(crate) fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
     let mut agent = match Qmp::guest_agent(socket) {
         Ok(agent) => agent,
         Err(e) => return (None, GuestFreeze::Failed(format!("the guest agent did not answer ({e})"))),
@@ -396,7 +396,7 @@ fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
 
 /// Thaws the guest's filesystems, on `agent` or a new connection, trying
 /// three times: a guest left frozen stops writing.
-fn thaw_guest(socket: &Path, agent: Option<Qmp>) {
+pub(crate) fn thaw_guest(socket: &Path, agent: Option<Qmp>) {
     let mut agent = agent;
     for attempt in 1..=3 {
         let conn = match agent.take() {
@@ -505,7 +505,11 @@ impl Fleece {
         }
         actions.push(json!({ "type": "blockdev-backup", "data": { "job-id": names.job, "device": disk.node, "target": names.fleece, "sync": "none" } }));
         let (agent, frozen) = match &disk.guest_agent {
-            Some(socket) => freeze_guest(socket),
+            // Frozen already by the consistency group being opened (and thawed by it).
+            Some(socket) => match super::group::held(socket) {
+                Some(n) => (None, GuestFreeze::Frozen(n)),
+                None => freeze_guest(socket),
+            },
             None => (None, GuestFreeze::NotAsked),
         };
         let instant = qmp.execute("transaction", json!({ "actions": actions }));
@@ -768,6 +772,9 @@ impl ChangeSource for QemuKind {
         // One view of a disk at a time, whatever the target: a second
         // copy-before-write filter on the node would see the first's writes.
         Some(device_lock(&self.monitor.join(&self.node)))
+    }
+    fn hold_points(&self) -> Vec<super::group::HoldPoint> {
+        self.guest_agent.iter().cloned().map(super::group::HoldPoint::Guest).collect()
     }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
         let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), targets: self.targets.clone(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone(), reserve_bytes: self.fleece_reserve_bytes };

@@ -313,6 +313,7 @@ mod tests {
             merkle_root: crate::content::MerkleRoot([0; 32]),
             encrypted: false,
             consistency: "crash".into(),
+            group: None,
         }
     }
 

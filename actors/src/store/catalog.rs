@@ -96,12 +96,16 @@ impl BlobMeta {
     }
 }
 
+/// Row version of an RP without a group (what every release reads).
 const RP_META_VERSION: u8 = 1;
+/// Row version of an RP of a consistency group: version 1's fields, then the
+/// group (name, one-instant flag, member count, member names).
+const RP_META_VERSION_GROUP: u8 = 2;
 
 /// Encodes an RP row (version byte, fixed fields, then length-prefixed strings).
 pub fn encode_rp(meta: &RpMeta) -> Vec<u8> {
     let mut b = Vec::with_capacity(128 + meta.volume.len() + meta.source_node.len() + meta.consistency.len());
-    b.push(RP_META_VERSION);
+    b.push(if meta.group.is_some() { RP_META_VERSION_GROUP } else { RP_META_VERSION });
     for v in [meta.seq.0, meta.time_unix_ms, meta.volume_bytes] {
         b.extend_from_slice(&v.to_le_bytes());
     }
@@ -114,6 +118,16 @@ pub fn encode_rp(meta: &RpMeta) -> Vec<u8> {
     for s in [meta.volume.as_str(), meta.source_node.as_str(), meta.consistency.as_str()] {
         b.extend_from_slice(&(s.len() as u32).to_le_bytes());
         b.extend_from_slice(s.as_bytes());
+    }
+    if let Some(group) = &meta.group {
+        b.extend_from_slice(&(group.name.len() as u32).to_le_bytes());
+        b.extend_from_slice(group.name.as_bytes());
+        b.push(u8::from(group.one_instant));
+        b.extend_from_slice(&(group.members.len() as u32).to_le_bytes());
+        for m in &group.members {
+            b.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            b.extend_from_slice(m.as_bytes());
+        }
     }
     b
 }
@@ -144,7 +158,8 @@ impl<'a> Cursor<'a> {
 /// Decodes [`encode_rp`] output.
 pub fn decode_rp(b: &[u8]) -> Option<RpMeta> {
     let mut c = Cursor(b);
-    if c.take(1)? != [RP_META_VERSION] {
+    let version = c.take(1)?[0];
+    if version != RP_META_VERSION && version != RP_META_VERSION_GROUP {
         return None;
     }
     let (seq, time_unix_ms, volume_bytes) = (c.u64()?, c.u64()?, c.u64()?);
@@ -153,6 +168,23 @@ pub fn decode_rp(b: &[u8]) -> Option<RpMeta> {
     let merkle_root = crate::content::MerkleRoot(c.take(32)?.try_into().ok()?);
     let encrypted = c.take(1)?[0] != 0;
     let (volume, source_node, consistency) = (c.string()?, c.string()?, c.string()?);
+    let group = match version {
+        RP_META_VERSION_GROUP => {
+            let name = c.string()?;
+            let one_instant = c.take(1)?[0] != 0;
+            let count = c.u32()? as usize;
+            // Every member name takes at least its 4-byte length: a count the row cannot hold is damage.
+            if count > c.0.len() / 4 {
+                return None;
+            }
+            let members = (0..count).map(|_| c.string().and_then(|m| VolumeName::new(m).ok())).collect::<Option<Vec<_>>>()?;
+            Some(super::RpGroup { name, members, one_instant })
+        }
+        _ => None,
+    };
+    if !c.0.is_empty() {
+        return None;
+    }
     Some(RpMeta {
         volume: VolumeName::new(volume).ok()?,
         seq: RpSeq(seq),
@@ -166,6 +198,7 @@ pub fn decode_rp(b: &[u8]) -> Option<RpMeta> {
         merkle_root,
         encrypted,
         consistency,
+        group,
     })
 }
 
@@ -188,10 +221,28 @@ mod tests {
             merkle_root: crate::content::MerkleRoot([9; 32]),
             encrypted: true,
             consistency: "crash".into(),
+            group: None,
         };
         let decoded = decode_rp(&encode_rp(&meta)).expect("decodes");
         assert_eq!(format!("{decoded:?}"), format!("{meta:?}"));
         assert!(decode_rp(&encode_rp(&meta)[..20]).is_none());
+        assert_eq!(encode_rp(&meta)[0], 1, "an RP without a group keeps the first row version");
+        let grouped = RpMeta {
+            group: Some(crate::store::RpGroup {
+                name: "db-host".into(),
+                members: vec![crate::store::VolumeName::from_static("db-1"), crate::store::VolumeName::from_static("db-2")],
+                one_instant: true,
+            }),
+            ..meta
+        };
+        let row = encode_rp(&grouped);
+        assert_eq!(decode_rp(&row), Some(grouped));
+        for cut in [row.len() - 1, row.len() - 4, 120] {
+            assert!(decode_rp(&row[..cut]).is_none(), "a row cut at {cut} is refused");
+        }
+        let mut long = row.clone();
+        long.push(0);
+        assert!(decode_rp(&long).is_none(), "trailing bytes are refused");
         let blob = BlobMeta {
             content: ContentId([1; 32]),
             base: Some(ContentId([2; 32])),

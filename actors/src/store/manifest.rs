@@ -11,13 +11,15 @@
 //! gets a new manifest (written under a temp name and renamed over the old one)
 //! before the catalog commit; the deleted RPs' manifests go after it.
 //!
-//! File: `manifests/<volume>/<seq as 20 digits>.rpm`; layout (little-endian), version 1:
+//! File: `manifests/<volume>/<seq as 20 digits>.rpm`; layout (little-endian),
+//! version 1, or version 2 for an RP of a consistency group (flag bit 2 and
+//! the group's fields; an RP without a group is still written as version 1):
 //!
 //! | offset | bytes | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `DRMMANI\0` |
 //! | 8 | 2 | format version (1) |
-//! | 10 | 2 | flags: bit 0 encrypted, bit 1 has a base |
+//! | 10 | 2 | flags: bit 0 encrypted, bit 1 has a base, bit 2 has a group (version 2) |
 //! | 12 | 4 | block size |
 //! | 16 | 8 | seq |
 //! | 24 | 8 | base seq (0 when there is none) |
@@ -31,6 +33,10 @@
 //! | 112 | 2+v | volume name (u16 length, UTF-8) |
 //! | | 2+s | source node (u16 length, UTF-8) |
 //! | | 2+c | consistency (u16 length, UTF-8) |
+//! | | 2+g | group name (u16 length, UTF-8); only with flag bit 2 (version 2) |
+//! | | 1 | group: 1 when its members were held at one instant, else 0; only with flag bit 2 |
+//! | | 2 | group: member count `k` (1 to 1024); only with flag bit 2 |
+//! | | k·(2+m) | group: member volume names (u16 length, UTF-8); only with flag bit 2 |
 //! | | 40·n | changes: block index (u64), content id (32), indexes strictly ascending and below the block count |
 //! | | 32 | blake3 of every byte before it |
 //!
@@ -49,14 +55,19 @@ use crate::content::ContentId;
 
 /// Magic at the start of every manifest.
 pub const MAGIC: [u8; 8] = *b"DRMMANI\0";
-/// Current format version.
+/// Format version of a manifest without a group.
 pub const VERSION: u16 = 1;
+/// Format version of a manifest of a consistency group's RP.
+pub const VERSION_GROUP: u16 = 2;
+/// Most members a group in a manifest has.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
 /// File name suffix.
 pub const SUFFIX: &str = ".rpm";
 /// Prefix of temp file names (hidden; never a manifest name).
 const TEMP_PREFIX: &str = ".tmp-";
 const FLAG_ENCRYPTED: u16 = 1;
 const FLAG_HAS_BASE: u16 = 2;
+const FLAG_GROUP: u16 = 4;
 const FIXED_BYTES: usize = 112;
 const CHANGE_BYTES: usize = 40;
 /// Longest name or label a manifest holds (volume, source node, consistency).
@@ -148,8 +159,14 @@ impl Manifest {
         if self.base_seq.is_some() {
             flags |= FLAG_HAS_BASE;
         }
+        if let Some(group) = &m.group {
+            flags |= FLAG_GROUP;
+            if group.members.is_empty() || group.members.len() > MAX_GROUP_MEMBERS {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a group of {} members (1 to {MAX_GROUP_MEMBERS})", group.members.len())));
+            }
+        }
         w.write_all(&MAGIC)?;
-        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&if m.group.is_some() { VERSION_GROUP } else { VERSION }.to_le_bytes())?;
         w.write_all(&flags.to_le_bytes())?;
         w.write_all(&m.block_bytes.to_le_bytes())?;
         for v in [
@@ -167,6 +184,14 @@ impl Manifest {
         w.write_all(&(self.changes.len() as u64).to_le_bytes())?;
         for s in [m.volume.as_str(), m.source_node.as_str(), m.consistency.as_str()] {
             write_text(&mut w, s)?;
+        }
+        if let Some(group) = &m.group {
+            write_text(&mut w, &group.name)?;
+            w.write_all(&[u8::from(group.one_instant)])?;
+            w.write_all(&(group.members.len() as u16).to_le_bytes())?;
+            for member in &group.members {
+                write_text(&mut w, member)?;
+            }
         }
         for (index, content) in &self.changes {
             w.write_all(&index.to_le_bytes())?;
@@ -198,12 +223,16 @@ impl Manifest {
             return invalid("not a manifest (bad magic)");
         }
         let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != VERSION {
-            return invalid(format!("format version {version} (this drmesh reads version {VERSION})"));
+        if version != VERSION && version != VERSION_GROUP {
+            return invalid(format!("format version {version} (this drmesh reads versions {VERSION} and {VERSION_GROUP})"));
         }
         let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
-        if flags & !(FLAG_ENCRYPTED | FLAG_HAS_BASE) != 0 {
-            return invalid(format!("unknown flags {flags:#06x}"));
+        let known = if version == VERSION_GROUP { FLAG_ENCRYPTED | FLAG_HAS_BASE | FLAG_GROUP } else { FLAG_ENCRYPTED | FLAG_HAS_BASE };
+        if flags & !known != 0 {
+            return invalid(format!("unknown flags {flags:#06x} for format version {version}"));
+        }
+        if version == VERSION_GROUP && flags & FLAG_GROUP == 0 {
+            return invalid("format version 2 without a group");
         }
         let u64_at = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8 bytes"));
         let block_bytes = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes"));
@@ -235,6 +264,7 @@ impl Manifest {
             Ok(volume) => volume,
             Err(e) => return invalid(e.to_string()),
         };
+        let group = if flags & FLAG_GROUP != 0 { Some(read_group(&mut r)?) } else { None };
         // Grow with what is read, never with what the header claims.
         let mut changes = Vec::with_capacity(count.min(1 << 16) as usize);
         let mut last: Option<u64> = None;
@@ -275,11 +305,36 @@ impl Manifest {
                 merkle_root,
                 encrypted: flags & FLAG_ENCRYPTED != 0,
                 consistency,
+                group,
             },
             base_seq,
             changes,
         })
     }
+}
+
+/// The group fields of a version 2 manifest.
+fn read_group(r: &mut impl Read) -> Result<super::RpGroup, ManifestError> {
+    let name = read_text(r, "group name")?;
+    let mut b = [0u8; 3];
+    read_exact(r, &mut b, "group")?;
+    let one_instant = match b[0] {
+        0 => false,
+        1 => true,
+        other => return invalid(format!("group one-instant flag {other} (0 or 1)")),
+    };
+    let count = usize::from(u16::from_le_bytes([b[1], b[2]]));
+    if count == 0 || count > MAX_GROUP_MEMBERS {
+        return invalid(format!("a group of {count} members (1 to {MAX_GROUP_MEMBERS})"));
+    }
+    let mut members = Vec::with_capacity(count);
+    for _ in 0..count {
+        match VolumeName::new(read_text(r, "group member")?) {
+            Ok(m) => members.push(m),
+            Err(e) => return invalid(format!("group member: {e}")),
+        }
+    }
+    Ok(super::RpGroup { name, members, one_instant })
 }
 
 struct HashingReader<R> {
@@ -442,10 +497,59 @@ mod tests {
                 merkle_root: crate::content::MerkleRoot([9; 32]),
                 encrypted: true,
                 consistency: "fs-frozen".into(),
+                group: None,
             },
             base_seq: Some(RpSeq(5)),
             changes: (0..changes).map(|i| (i as u64 * 3, ContentId([(i % 250) as u8 + 1; 32]))).collect(),
         }
+    }
+
+    fn grouped(changes: usize) -> Manifest {
+        let mut m = sample(changes);
+        m.meta.group = Some(crate::store::RpGroup {
+            name: "db-host".into(),
+            members: vec![VolumeName::from_static("db-1"), VolumeName::from_static("db-logs")],
+            one_instant: true,
+        });
+        m
+    }
+
+    #[test]
+    fn a_group_rp_round_trips_as_version_2_and_others_stay_version_1() {
+        let m = grouped(3);
+        let bytes = m.encode();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), VERSION_GROUP);
+        assert_eq!(Manifest::decode(&bytes).expect("decodes"), m);
+        assert_eq!(u16::from_le_bytes([sample(3).encode()[8], sample(3).encode()[9]]), VERSION);
+        // A version 1 header claiming a group, or version 2 without one, is refused (checksum fixed up).
+        let resum = |mut b: Vec<u8>| {
+            let n = b.len() - 32;
+            let sum = *blake3::hash(&b[..n]).as_bytes();
+            b[n..].copy_from_slice(&sum);
+            b
+        };
+        let mut v1 = bytes.clone();
+        v1[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        assert!(Manifest::decode(&resum(v1)).unwrap_err().to_string().contains("unknown flags"));
+        let mut plain = sample(3).encode();
+        plain[8..10].copy_from_slice(&VERSION_GROUP.to_le_bytes());
+        assert!(Manifest::decode(&resum(plain)).unwrap_err().to_string().contains("without a group"));
+        for len in 0..bytes.len() {
+            assert!(Manifest::decode(&bytes[..len]).is_err(), "truncated to {len} bytes");
+        }
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(Manifest::decode(&bad).is_err(), "byte {at}");
+        }
+        let mut none = grouped(0);
+        none.meta.group.as_mut().expect("group").members.clear();
+        assert!(none.encode_to(Vec::new()).is_err(), "a group without members is not written");
+        // The fuzz seed of a version 2 manifest decodes to the same bytes again.
+        let seed = include_bytes!("../../fuzz/corpus/manifest/group-v2.rpm");
+        let decoded = Manifest::decode(seed).expect("the seed decodes");
+        assert_eq!(decoded.meta.group.as_ref().map(|g| g.name.as_str()), Some("db-host"));
+        assert_eq!(decoded.encode(), seed);
     }
 
     /// Manifests written by a real node (`drmesh demo`) and kept as fuzz seeds:
@@ -501,7 +605,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let originals = [sample(0).encode(), sample(5).encode(), Manifest { base_seq: None, ..sample(40) }.encode()];
+        let originals = [sample(0).encode(), sample(5).encode(), Manifest { base_seq: None, ..sample(40) }.encode(), grouped(2).encode()];
         for i in 0..6000 {
             let mut bytes = originals[i % originals.len()].clone();
             for _ in 0..=(next() % 4) {

@@ -77,7 +77,9 @@ mod catalog;
 mod drills;
 mod error;
 mod gc;
+mod group_rps;
 pub use self::gc::{GcProgress, RetentionPlan};
+pub use self::group_rps::{group_rps, GroupMemberRp, GroupRp};
 pub mod manifest;
 mod check;
 mod rebuild;
@@ -104,7 +106,7 @@ pub use self::rebuild::{rebuild, Finding, RebuildReport, RebuiltRp};
 pub use self::retention::{iso_week_index, select_keep, Retention};
 pub use self::scrub::{RepairNeeds, RpScrub, ScrubKeys, ScrubOptions, ScrubReport, MAX_PROBLEMS as SCRUB_MAX_PROBLEMS};
 pub use crate::content::{BlobId, ContentId};
-pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpMeta, RpSeq, VolumeName};
+pub use drmesh_proto::blob::{BlobFlags, BlobLoc, EncodedBlob, RpGroup, RpMeta, RpSeq, VolumeName};
 
 /// Page cache of each catalog (and staging) database redb keeps in memory.
 /// redb's default is 1 GiB, which a big catalog fills (its integrity check at

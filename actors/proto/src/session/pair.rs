@@ -55,6 +55,7 @@ pub fn meta(volume: &'static str) -> RpMeta {
         merkle_root: crate::content::MerkleRoot([0; 32]),
         encrypted: false,
         consistency: "crash".into(),
+        group: None,
     }
 }
 

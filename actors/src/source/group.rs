@@ -1,0 +1,237 @@
+//! Consistency groups: the views of several volumes of this node taken
+//! together, for one cycle towards one target, so their RPs are of one
+//! instant and restore together.
+//!
+//! Writes are held still across every member while the views are taken:
+//! first every filesystem drmesh can hold is frozen (a loop-mounted image's
+//! filesystem through `FIFREEZE`, a VM's filesystems through its guest
+//! agent), then each member's view is taken as its kind takes it, then all
+//! are thawed. A kind asked to freeze what the group holds finds it held and
+//! freezes nothing twice ([`held`]). Only when every member's writes were
+//! held for the whole time are the views of one instant; otherwise they were
+//! taken one after another, and the group RP says so (`one_instant` false,
+//! with the reason), never claiming more.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::baseline::Baselines;
+use super::change::{ChangeSource, PointInTime};
+use super::freeze::{freeze, Frozen, FREEZE_LIMIT};
+use super::SourceError;
+use crate::mounts::Mount;
+use crate::proto::gossip::catalog::Consistency;
+
+/// What a kind's writes can be held through while a group's views are taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldPoint {
+    /// A filesystem mounted on this machine (the one inside a loop-attached image).
+    Filesystem(Mount),
+    /// A VM's filesystems, through the qemu-guest-agent socket.
+    Guest(PathBuf),
+}
+
+impl HoldPoint {
+    fn key(&self) -> &Path {
+        match self {
+            HoldPoint::Filesystem(m) => &m.point,
+            HoldPoint::Guest(socket) => socket,
+        }
+    }
+}
+
+thread_local! {
+    /// What the group being opened on this thread holds: mount points and
+    /// guest agent sockets, with the number of filesystems a guest froze.
+    static HELD: RefCell<Vec<(PathBuf, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether the group being opened on this thread holds `point` (a mount
+/// point or a guest agent socket) frozen; for a guest, how many filesystems
+/// its agent froze. A kind's own freeze of it is then already done.
+pub fn held(point: &Path) -> Option<u64> {
+    HELD.with(|h| h.borrow().iter().find(|(p, _)| p == point).map(|(_, n)| *n))
+}
+
+/// One member of a group: its volume name and change source.
+pub struct Member {
+    /// Volume name.
+    pub volume: String,
+    /// Its change source (hooks are not allowed on members).
+    pub source: Arc<dyn ChangeSource>,
+}
+
+/// The views of a group's members, taken together.
+pub struct GroupViews {
+    /// One per member, in member order.
+    pub views: Vec<Arc<dyn PointInTime>>,
+    /// Whether every member's writes were held while every view was taken.
+    pub one_instant: bool,
+    /// How the views were taken, or why they are not of one instant.
+    pub how: String,
+    /// The group's instant, Unix ms: when its writes were held (or, when
+    /// they were not, when the first view was taken). The RPs' time.
+    pub instant_unix_ms: u64,
+}
+
+/// A hold that was taken: thawed when dropped.
+enum Taken {
+    Filesystem(#[allow(dead_code)] Frozen),
+    Guest(PathBuf, Option<Box<super::qemu::Qmp>>),
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Taken::Guest(socket, agent) = self {
+            super::qemu::thaw_guest(socket, agent.take().map(|a| *a));
+        }
+    }
+}
+
+/// Clears this thread's held list when the opening ends, however it ends.
+struct Registered;
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        HELD.with(|h| h.borrow_mut().clear());
+    }
+}
+
+/// Takes the views of `members` towards `target` together (see the module
+/// docs). Blocking. A member whose view cannot be taken fails the whole
+/// group (the views already taken are released): a group RP has every
+/// member or none started.
+pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, block_bytes: u32) -> Result<GroupViews, SourceError> {
+    let points: Vec<Vec<HoldPoint>> = members.iter().map(|m| m.source.hold_points()).collect();
+    let mut taken: Vec<Taken> = Vec::new();
+    let mut held_keys: Vec<(PathBuf, u64)> = Vec::new();
+    let mut failed: Vec<(PathBuf, String)> = Vec::new();
+    let started = Instant::now();
+    for point in points.iter().flatten() {
+        if held_keys.iter().any(|(k, _)| k == point.key()) || failed.iter().any(|(k, _)| k == point.key()) {
+            continue;
+        }
+        match point {
+            HoldPoint::Filesystem(mount) => match freeze(mount, FREEZE_LIMIT) {
+                Ok(frozen) => {
+                    held_keys.push((mount.point.clone(), 1));
+                    taken.push(Taken::Filesystem(frozen));
+                }
+                Err(why) => failed.push((mount.point.clone(), why)),
+            },
+            HoldPoint::Guest(socket) => match super::qemu::freeze_guest(socket) {
+                (agent, super::qemu::GuestFreeze::Frozen(n)) => {
+                    held_keys.push((socket.clone(), n));
+                    taken.push(Taken::Guest(socket.clone(), agent.map(Box::new)));
+                }
+                (agent, super::qemu::GuestFreeze::Failed(why)) => {
+                    if agent.is_some() {
+                        super::qemu::thaw_guest(socket, agent);
+                    }
+                    failed.push((socket.clone(), why));
+                }
+                (_, super::qemu::GuestFreeze::NotAsked) => {}
+            },
+        }
+    }
+    let held_for = started.elapsed();
+    let instant_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    HELD.with(|h| *h.borrow_mut() = held_keys.clone());
+    let registered = Registered;
+    let mut views: Vec<Arc<dyn PointInTime>> = Vec::with_capacity(members.len());
+    for m in members {
+        match m.source.open(baselines, &m.volume, target, block_bytes) {
+            Ok(view) => views.push(view.into()),
+            Err(e) => {
+                drop(registered);
+                drop(taken);
+                for v in views {
+                    if let Err(r) = v.release() {
+                        tracing::warn!(error = %r, "cannot release a group member's view");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    let spread = started.elapsed();
+    drop(registered);
+    drop(taken);
+    let frozen_ms = spread.saturating_sub(held_for);
+    let mut not_held = Vec::new();
+    for ((m, pts), view) in members.iter().zip(&points).zip(&views) {
+        let quality = view.quality();
+        if pts.is_empty() {
+            not_held.push(format!(
+                "{}: drmesh cannot hold its writes (kind {}; a group holds the filesystem of a loop-mounted image file and a VM's filesystems through its guest agent)",
+                m.volume,
+                m.source.kind()
+            ));
+        } else if let Some((point, why)) = pts.iter().find_map(|p| failed.iter().find(|(k, _)| k == p.key())) {
+            not_held.push(format!("{}: {} was not frozen: {why}", m.volume, point.display()));
+        } else if !matches!(quality.consistency, Consistency::FileSystem | Consistency::Application) {
+            not_held.push(format!("{}: its view is {} ({})", m.volume, quality.consistency.label(), quality.how));
+        }
+    }
+    let one_instant = not_held.is_empty();
+    let how = if one_instant {
+        format!(
+            "one instant: {} filesystem(s) of {} volumes held frozen together for {}",
+            held_keys.iter().map(|(_, n)| n).sum::<u64>(),
+            members.len(),
+            millis(frozen_ms + held_for)
+        )
+    } else {
+        format!("not one instant: the views were taken one after another within {}; {}", millis(spread), not_held.join("; "))
+    };
+    Ok(GroupViews { views, one_instant, how, instant_unix_ms })
+}
+
+fn millis(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::change::FileKind;
+
+    #[test]
+    fn members_drmesh_cannot_hold_are_not_one_instant_and_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let baselines = Baselines::open(&dir.path().join("b.redb")).unwrap();
+        let members: Vec<Member> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let path = dir.path().join(format!("{name}.img"));
+                std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+                Member { volume: (*name).into(), source: Arc::new(FileKind { path }) }
+            })
+            .collect();
+        let group = open_together(&members, &baselines, "t", 4096).unwrap();
+        assert_eq!(group.views.len(), 2);
+        assert!(!group.one_instant);
+        assert!(group.how.starts_with("not one instant: the views were taken one after another within "), "{}", group.how);
+        assert!(group.how.contains("a: drmesh cannot hold its writes (kind file;"), "{}", group.how);
+        for v in group.views {
+            v.release().unwrap();
+        }
+        assert!(held(dir.path()).is_none());
+    }
+
+    #[test]
+    fn a_member_that_cannot_be_opened_fails_the_group_and_releases_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let baselines = Baselines::open(&dir.path().join("b.redb")).unwrap();
+        let good = dir.path().join("good.img");
+        std::fs::write(&good, vec![1u8; 4096]).unwrap();
+        let members = vec![
+            Member { volume: "good".into(), source: Arc::new(FileKind { path: good }) },
+            Member { volume: "gone".into(), source: Arc::new(FileKind { path: dir.path().join("missing.img") }) },
+        ];
+        let err = open_together(&members, &baselines, "t", 4096).err().expect("the group fails");
+        assert!(err.to_string().contains("missing.img"), "{err}");
+    }
+}
