@@ -354,8 +354,10 @@ fn wrong_settings_fail_the_cycle_saying_what_and_leave_nothing_behind() {
     text.push_str(&volume("no-node", &qmp_sock, "vda", &work));
     text.push_str(&volume("open-dir", &qmp_sock, "disk1", &open));
     text.push_str(&volume("good", &qmp_sock, "disk0", &work));
-    // `nbd` naming an existing file (here the other disk's image): qemu would delete it to listen there.
-    let nbd_file = volume("nbd-file", &qmp_sock, "disk2", &work).replace(&format!("nbd = \"{}\"", nbd.display()), &format!("nbd = \"{}\"", other.display()));
+    // `nbd` naming an existing file (here the other disk's image): qemu would
+    // delete it to listen there. (A monitor of its own: the volumes of one
+    // monitor name one NBD socket, which topology check sees to.)
+    let nbd_file = volume("nbd-file", &dir.join("vm2.qmp"), "disk2", &work).replace(&format!("nbd = \"{}\"", nbd.display()), &format!("nbd = \"{}\"", other.display()));
     text.push_str(&nbd_file);
     mesh.write_file("topology.toml", &text);
     mesh.start("dst", "topology.toml");
@@ -462,4 +464,83 @@ fn a_vm_writing_more_than_the_fleece_folder_holds_never_sees_a_failed_write() {
     assert_eq!(mesh.restore_hash("dst", &format!("vm@{}", r["seq"]), None), file_hash(&want));
     let head = std::fs::read(&want).unwrap();
     assert!(head[..48 << 20].iter().all(|&b| b == 0x77), "the VM's writes are on its disk");
+}
+
+/// Story: a VM with two disks (qemu-storage-daemon serving both, "the VM"
+/// writing through writable exports) is one consistency group. A writer
+/// puts each number on disk 0 and then on disk 1; no guest agent freezes
+/// anything, yet each group cycle takes both fleeces in one qemu
+/// transaction: the group RP is of one instant (crash consistent as a VM),
+/// and `restore-group` brings back two disks holding the same number, or
+/// on disk 0 the one after.
+#[test]
+fn the_disks_of_one_vm_are_one_group_taken_in_one_transaction() {
+    let mut mesh = TestMesh::new(&["proxy", "dst"]);
+    let dir = mesh.dir.path().to_path_buf();
+    let disks: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("d{i}.qcow2"))).collect();
+    for d in &disks {
+        run_ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(d).arg("16M"));
+    }
+    let (qmp_sock, nbd, fleece) = (dir.join("qsd.qmp"), dir.join("qsd.nbd"), dir.join("fleece"));
+    let mut extra = vec!["--nbd-server".to_string(), format!("addr.type=unix,addr.path={}", nbd.display())];
+    for i in 0..2 {
+        extra.extend(["--export".to_string(), format!("type=nbd,id=w{i},node-name=disk{i},name=w{i},writable=on")]);
+    }
+    let _daemon = storage_daemon(&[&disks[0], &disks[1]], &qmp_sock, &extra);
+    let mut text = mesh.replication_topology(1, &["proxy", "dst"], &[], &[PolicySpec::new("p", "1MiB")]);
+    for i in 0..2 {
+        text.push_str(&format!(
+            "\n[[volume]]\nname = \"vm-d{i}\"\nsource = \"proxy\"\nkind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk{i}\"\nfleece_dir = \"{}\"\nnbd = \"{}\"\ntargets = [\"dst\"]\npolicy = \"p\"\n",
+            qmp_sock.display(),
+            fleece.display(),
+            // qemu runs one NBD server: the one "the VM" writes through.
+            nbd.display()
+        ));
+    }
+    text.push_str("\n[[group]]\nname = \"vm\"\nvolumes = [\"vm-d0\", \"vm-d1\"]\n");
+    mesh.write_file("topology.toml", &text);
+    mesh.start("dst", "topology.toml");
+    mesh.start("proxy", "topology.toml");
+    mesh.wait_connected("proxy", &["dst"]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flag, socket) = (stop.clone(), nbd.clone());
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u8;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            n = n.wrapping_add(1).max(1);
+            for i in 0..2 {
+                let uri = format!("nbd+unix:///w{i}?socket={}", socket.display());
+                run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P {n} 0 4096"), &uri]));
+            }
+        }
+    });
+    let mut instants = Vec::new();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let sync = mesh.sync_ok("proxy", "vm-d1");
+        let reports = sync["reports"].as_array().cloned().unwrap_or_default();
+        assert_eq!(reports.len(), 2, "{sync}");
+        for r in &reports {
+            assert_eq!(r["group"]["one_instant"], true, "{r}");
+            assert_eq!(r["group"]["how"], "one instant: the views of vm-d0, vm-d1 in one qemu transaction", "{r}");
+            assert_eq!(r["consistency"], "crash", "{r}");
+        }
+        eprintln!("round {round}: {}", reports[0]["group"]["how"]);
+        instants.push(reports[0]["snapshot_unix_ms"].as_u64().unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the writer");
+
+    let state_dir = mesh.node("dst").state_dir.to_str().unwrap().to_string();
+    for time in instants {
+        let to = dir.join(format!("restored-{time}"));
+        let out = drmesh_tests::drmesh(&["restore-group", &format!("vm@{time}"), "--to", to.to_str().unwrap(), "--state-dir", &state_dir]);
+        assert!(out.status.success(), "{}", drmesh_tests::output_text(&out));
+        let first = |i: usize| std::fs::read(to.join(format!("vm-d{i}.img"))).unwrap()[..4096].to_vec();
+        let (a, b) = (first(0), first(1));
+        assert!(a.iter().all(|&x| x == a[0]) && b.iter().all(|&x| x == b[0]), "whole writes");
+        eprintln!("group RP vm@{time}: disk 0 holds {}, disk 1 holds {}", a[0], b[0]);
+        assert!(a[0] > 0 && (a[0] == b[0] || a[0] == b[0].wrapping_add(1).max(1)), "not one instant: disk 0 holds {}, disk 1 holds {}", a[0], b[0]);
+    }
 }

@@ -142,7 +142,30 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
     let mut kmod_paths: Seen<(String, std::path::PathBuf)> = Seen::new();
     // A VM disk is one volume of a node (two would each keep bitmaps and fleeces).
     let mut qemu_disks: Seen<(String, std::path::PathBuf, String)> = Seen::new();
+    // qemu runs one NBD server: every volume of a monitor names its socket.
+    let mut nbd_of_monitor: HashMap<(String, std::path::PathBuf), (std::path::PathBuf, Span)> = HashMap::new();
     for volume in &draft.volumes {
+        if let (Some(source), Some(disk), Some(crate::schema::SourceKind::Qemu { nbd, .. })) = (&volume.source, &volume.qemu_disk, volume.volume.as_ref().map(|v| &v.kind)) {
+            let (monitor, _) = &disk.value;
+            match nbd_of_monitor.get(&(source.value.clone(), monitor.clone())) {
+                Some((first, span)) if first != nbd => {
+                    let line = sink.line(span.start);
+                    sink.error(
+                        disk.span.clone(),
+                        format!(
+                            "nbd {:?} differs from {:?} of the volume of the same monitor on line {line}; qemu runs one NBD server, expected every volume of monitor {:?} to name its socket",
+                            nbd.display().to_string(),
+                            first.display().to_string(),
+                            monitor.display().to_string()
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    nbd_of_monitor.insert((source.value.clone(), monitor.clone()), (nbd.clone(), disk.span.clone()));
+                }
+            }
+        }
         if let (Some(source), Some(disk)) = (&volume.source, &volume.qemu_disk) {
             let (monitor, node) = &disk.value;
             if let Some(first) = qemu_disks.check((source.value.clone(), monitor.clone(), node.clone()), &disk.span) {

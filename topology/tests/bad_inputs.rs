@@ -630,11 +630,16 @@ fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
     let same = qemu.replace("node = \"disk0\"", "node = \"disk0\"\nguest_agent = \"/run/vm1.qmp\"");
     assert_one(&same, 23, 1, "`guest_agent` is the `monitor` socket");
     // One volume per VM disk of a node.
-    let second = "\n[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"qemu\"\nmonitor = \"/run/vm1.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/f\"\ntargets = [\"b\"]\npolicy = \"p\"\n";
+    let second = "\n[[volume]]\nname = \"w\"\nsource = \"a\"\nkind = \"qemu\"\nmonitor = \"/run/vm1.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/f\"\nnbd = \"/var/lib/fleece/nbd.sock\"\ntargets = [\"b\"]\npolicy = \"p\"\n";
     let text = qemu.clone() + second;
     let line = text.lines().enumerate().filter(|(_, l)| *l == "node = \"disk0\"").last().unwrap().0 + 1;
     assert_one(&text, line, 1, "block node \"disk0\" of monitor \"/run/vm1.qmp\" on node \"a\" is already a volume on line 22");
-    Topology::parse(&(qemu.clone() + &second.replace("node = \"disk0\"", "node = \"disk1\"")), Path::new("t.toml")).unwrap();
+    // Another disk of the VM: qemu runs one NBD server, so it names the same socket.
+    let other = qemu.clone() + &second.replace("node = \"disk0\"", "node = \"disk1\"");
+    Topology::parse(&other, Path::new("t.toml")).unwrap();
+    let apart = other.replace("nbd = \"/var/lib/fleece/nbd.sock\"", "nbd = \"/f/nbd.sock\"");
+    let line = apart.lines().enumerate().filter(|(_, l)| *l == "node = \"disk1\"").last().unwrap().0 + 1;
+    assert_one(&apart, line, 1, "nbd \"/f/nbd.sock\" differs from \"/var/lib/fleece/nbd.sock\" of the volume of the same monitor on line 22; qemu runs one NBD server");
     // The settings of the first design (an NBD address and a bitmap name) are gone.
     let errs = errors(&qemu.replace("node = \"disk0\"", "node = \"disk0\"\nbitmap = \"drmesh\""));
     assert_eq!(errs.len(), 1, "{errs:#?}");

@@ -56,6 +56,11 @@ pub trait ChangeSource: Send + Sync + 'static {
     fn hold_points(&self) -> Vec<super::group::HoldPoint> {
         Vec::new()
     }
+    /// The `qemu` kind behind this source, if it is one: a consistency
+    /// group takes the views of one VM's disks in one qemu transaction.
+    fn as_qemu(&self) -> Option<&super::qemu::QemuKind> {
+        None
+    }
 }
 
 impl fmt::Debug for dyn ChangeSource {

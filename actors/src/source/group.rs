@@ -136,18 +136,39 @@ pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, bl
             },
         }
     }
-    let held_for = started.elapsed();
     let instant_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     HELD.with(|h| *h.borrow_mut() = held_keys.clone());
     let registered = Registered;
-    let mut views: Vec<Arc<dyn PointInTime>> = Vec::with_capacity(members.len());
-    for m in members {
-        match m.source.open(baselines, &m.volume, target, block_bytes) {
-            Ok(view) => views.push(view.into()),
+    // Units of members whose views are taken in one step: the disks of one
+    // qemu monitor (one transaction), else each member alone.
+    let mut units: Vec<Vec<usize>> = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        let monitor = m.source.as_qemu().map(|q| &q.monitor);
+        match units.iter_mut().find(|u| monitor.is_some() && members[u[0]].source.as_qemu().map(|q| &q.monitor) == monitor) {
+            Some(unit) => unit.push(i),
+            None => units.push(vec![i]),
+        }
+    }
+    let mut opened: Vec<Option<Arc<dyn PointInTime>>> = vec![None; members.len()];
+    for unit in &units {
+        let result = match unit.as_slice() {
+            [one] => members[*one].source.open(baselines, &members[*one].volume, target, block_bytes).map(|v| vec![v]),
+            many => {
+                let disks: Vec<(&super::qemu::QemuKind, &str)> =
+                    many.iter().filter_map(|&i| members[i].source.as_qemu().map(|q| (q, members[i].volume.as_str()))).collect();
+                super::qemu::open_together(&disks, target, block_bytes)
+            }
+        };
+        match result {
+            Ok(views) => {
+                for (&i, view) in unit.iter().zip(views) {
+                    opened[i] = Some(view.into());
+                }
+            }
             Err(e) => {
                 drop(registered);
                 drop(taken);
-                for v in views {
+                for v in opened.into_iter().flatten() {
                     if let Err(r) = v.release() {
                         tracing::warn!(error = %r, "cannot release a group member's view");
                     }
@@ -159,32 +180,52 @@ pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, bl
     let spread = started.elapsed();
     drop(registered);
     drop(taken);
-    let frozen_ms = spread.saturating_sub(held_for);
-    let mut not_held = Vec::new();
+    let views: Vec<Arc<dyn PointInTime>> = opened.into_iter().flatten().collect();
+    // Whether each member's writes were held (its filesystems frozen through
+    // every view), and why not.
+    let mut not_held: Vec<Option<String>> = Vec::with_capacity(members.len());
     for ((m, pts), view) in members.iter().zip(&points).zip(&views) {
         let quality = view.quality();
-        if pts.is_empty() {
-            not_held.push(format!(
+        not_held.push(if pts.is_empty() {
+            Some(format!(
                 "{}: drmesh cannot hold its writes (kind {}; a group holds the filesystem of a loop-mounted image file and a VM's filesystems through its guest agent)",
                 m.volume,
                 m.source.kind()
-            ));
+            ))
         } else if let Some((point, why)) = pts.iter().find_map(|p| failed.iter().find(|(k, _)| k == p.key())) {
-            not_held.push(format!("{}: {} was not frozen: {why}", m.volume, point.display()));
+            Some(format!("{}: {} was not frozen: {why}", m.volume, point.display()))
         } else if !matches!(quality.consistency, Consistency::FileSystem | Consistency::Application) {
-            not_held.push(format!("{}: its view is {} ({})", m.volume, quality.consistency.label(), quality.how));
-        }
+            Some(format!("{}: its view is {} ({})", m.volume, quality.consistency.label(), quality.how))
+        } else {
+            None
+        });
     }
-    let one_instant = not_held.is_empty();
-    let how = if one_instant {
-        format!(
-            "one instant: {} filesystem(s) of {} volumes held frozen together for {}",
-            held_keys.iter().map(|(_, n)| n).sum::<u64>(),
-            members.len(),
-            millis(frozen_ms + held_for)
-        )
-    } else {
-        format!("not one instant: the views were taken one after another within {}; {}", millis(spread), not_held.join("; "))
+    // Members held frozen did not change while any view was taken: the views
+    // are of one instant when the members not held were taken in one step
+    // (one member's own snapshot, one qemu transaction), and that step was one instant.
+    let loose: Vec<&Vec<usize>> = units.iter().filter(|u| u.iter().any(|&i| not_held[i].is_some())).collect();
+    let live = loose.iter().flat_map(|u| u.iter()).any(|&i| views[i].quality().consistency == Consistency::Inconsistent);
+    let one_instant = loose.len() <= 1 && !live;
+    let frozen = held_keys.iter().map(|(_, n)| n).sum::<u64>();
+    let held_names: Vec<&str> = members.iter().zip(&not_held).filter(|(_, n)| n.is_none()).map(|(m, _)| m.volume.as_str()).collect();
+    let how = match (one_instant, loose.first()) {
+        (true, None) => format!("one instant: {frozen} filesystem(s) of {} volumes held frozen together for {}", members.len(), millis(spread)),
+        (true, Some(unit)) => {
+            let names: Vec<&str> = unit.iter().map(|&i| members[i].volume.as_str()).collect();
+            let step = match unit.as_slice() {
+                [one] => format!("the view of {} (its own instant)", members[*one].volume),
+                _ => format!("the views of {} in one qemu transaction", names.join(", ")),
+            };
+            if held_names.is_empty() {
+                format!("one instant: {step}")
+            } else {
+                format!("one instant: {step}, taken while {frozen} filesystem(s) of {} were held frozen ({})", held_names.join(", "), millis(spread))
+            }
+        }
+        (false, _) => {
+            let why: Vec<&str> = not_held.iter().flatten().map(String::as_str).collect();
+            format!("not one instant: the views were taken one after another within {}; {}", millis(spread), why.join("; "))
+        }
     };
     Ok(GroupViews { views, one_instant, how, instant_unix_ms })
 }

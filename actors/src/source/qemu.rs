@@ -431,13 +431,24 @@ pub struct Fleece {
     released: bool,
 }
 
-impl Fleece {
-    /// Takes the view (see the module's doc). Blocking.
-    pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
+/// A disk made ready for its instant: leftovers cleared, the bitmaps
+/// chosen, the fleece node added; what remains is the transaction.
+struct Prepared {
+    disk: QemuDisk,
+    names: Names,
+    current: Option<String>,
+    recording: String,
+    file: PathBuf,
+    why_everything: Option<String>,
+    /// The transaction's actions for this disk.
+    actions: Vec<Value>,
+}
+
+impl Prepared {
+    /// Everything before the instant, on `qmp` (the disk's monitor).
+    fn of(qmp: &mut Qmp, disk: &QemuDisk) -> Result<Prepared, QemuError> {
         let names = Names::of(&disk.volume, &disk.target);
-        check_nbd_path(&disk.nbd)?;
-        let mut qmp = Qmp::connect(&disk.qmp)?;
-        let NodeState { size, mut ours, persistent, stale } = node_state(&mut qmp, &disk.node, &names, &disk.volume, &disk.targets)?;
+        let NodeState { size, mut ours, persistent, stale } = node_state(qmp, &disk.node, &names, &disk.volume, &disk.targets)?;
         // A target the volume no longer has: its bitmaps would record forever.
         for name in stale {
             tracing::info!(volume = %disk.volume, bitmap = %name, "removing the dirty bitmap of a target the volume no longer has");
@@ -452,7 +463,7 @@ impl Fleece {
         let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
         if let [a, b] = ours.clone().as_slice() {
             let (stopped, recording) = if a.recording { (b.clone(), a.clone()) } else { (a.clone(), b.clone()) };
-            merge_back(&mut qmp, &disk.node, &stopped.name, &recording.name)?;
+            merge_back(qmp, &disk.node, &stopped.name, &recording.name)?;
             ours = vec![Bitmap { recording: true, ..stopped }];
         }
         let mut why_everything = None;
@@ -498,39 +509,109 @@ impl Fleece {
         }
         qmp.execute("blockdev-add", json!({ "driver": "qcow2", "node-name": names.fleece, "file": { "driver": "file", "filename": file }, "backing": disk.node }))?;
 
-        // The instant.
         let mut actions = vec![json!({ "type": "block-dirty-bitmap-add", "data": { "node": disk.node, "name": recording, "persistent": persistent } })];
         if let Some(current) = &current {
             actions.push(json!({ "type": "block-dirty-bitmap-disable", "data": { "node": disk.node, "name": current } }));
         }
         actions.push(json!({ "type": "blockdev-backup", "data": { "job-id": names.job, "device": disk.node, "target": names.fleece, "sync": "none" } }));
-        let (agent, frozen) = match &disk.guest_agent {
+        Ok(Prepared { disk: disk.clone(), names, current, recording, file, why_everything, actions })
+    }
+
+    /// Undoes [`Prepared::of`] when the instant failed: the fleece node and file go.
+    fn undo(self, qmp: &mut Qmp) {
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": self.names.fleece }));
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+impl Fleece {
+    /// Takes the view (see the module's doc). Blocking.
+    pub fn take(disk: &QemuDisk) -> Result<Fleece, QemuError> {
+        let mut taken = Fleece::take_together(std::slice::from_ref(disk))?;
+        Ok(taken.pop().expect("one view per disk"))
+    }
+
+    /// Takes the views of `disks`, which share one monitor (one VM, or one
+    /// qemu-storage-daemon), in one transaction: one instant for all of them
+    /// (a consistency group of a VM's disks). Each guest agent named is asked
+    /// to freeze its guest once, around the transaction. Blocking. An error
+    /// leaves no view; what was recorded stays for the next cycle.
+    pub fn take_together(disks: &[QemuDisk]) -> Result<Vec<Fleece>, QemuError> {
+        let Some(first) = disks.first() else { return Ok(Vec::new()) };
+        for disk in disks {
+            check_nbd_path(&disk.nbd)?;
+        }
+        let mut qmp = Qmp::connect(&first.qmp)?;
+        let mut prepared: Vec<Prepared> = Vec::with_capacity(disks.len());
+        for disk in disks {
+            match Prepared::of(&mut qmp, disk) {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    for p in prepared {
+                        p.undo(&mut qmp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+
+        // The instant, with each guest frozen around it (once per agent).
+        let actions: Vec<Value> = prepared.iter().flat_map(|p| p.actions.iter().cloned()).collect();
+        let mut agents: Vec<(PathBuf, Option<Qmp>, GuestFreeze)> = Vec::new();
+        for socket in disks.iter().filter_map(|d| d.guest_agent.as_ref()) {
+            if agents.iter().any(|(s, _, _)| s == socket) {
+                continue;
+            }
             // Frozen already by the consistency group being opened (and thawed by it).
-            Some(socket) => match super::group::held(socket) {
+            let (agent, frozen) = match super::group::held(socket) {
                 Some(n) => (None, GuestFreeze::Frozen(n)),
                 None => freeze_guest(socket),
-            },
-            None => (None, GuestFreeze::NotAsked),
-        };
+            };
+            agents.push((socket.clone(), agent, frozen));
+        }
         let instant = qmp.execute("transaction", json!({ "actions": actions }));
-        if let (Some(socket), Some(agent)) = (&disk.guest_agent, agent) {
-            thaw_guest(socket, Some(agent));
+        let mut frozen_of = Vec::with_capacity(agents.len());
+        for (socket, agent, frozen) in agents {
+            if let Some(agent) = agent {
+                thaw_guest(&socket, Some(agent));
+            }
+            frozen_of.push((socket, frozen));
         }
-        let mut fleece = Fleece { disk: disk.clone(), stopped: current.clone(), recording: recording.clone(), file, device: None, dirty: None, why_everything, frozen, watchdog: None, released: false };
         if let Err(e) = instant {
-            let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
-            let _ = std::fs::remove_file(&fleece.file);
-            fleece.released = true;
+            for p in prepared {
+                p.undo(&mut qmp);
+            }
             return Err(e);
         }
-        if let Err(e) = fleece.export(&mut qmp, &names) {
-            let _ = fleece.release(&mut qmp, false);
+        let mut fleeces: Vec<Fleece> = Vec::with_capacity(prepared.len());
+        let mut failed = None;
+        for p in prepared {
+            let frozen = match &p.disk.guest_agent {
+                Some(socket) => frozen_of.iter().find(|(s, _)| s == socket).map_or(GuestFreeze::NotAsked, |(_, f)| f.clone()),
+                None => GuestFreeze::NotAsked,
+            };
+            let mut fleece = Fleece { disk: p.disk, stopped: p.current, recording: p.recording, file: p.file, device: None, dirty: None, why_everything: p.why_everything, frozen, watchdog: None, released: false };
+            if failed.is_none() {
+                if let Err(e) = fleece.export(&mut qmp, &p.names) {
+                    failed = Some(e);
+                }
+            }
+            // A fleece that is not exported is released below with the others.
+            fleeces.push(fleece);
+        }
+        if let Some(e) = failed {
+            for mut fleece in fleeces {
+                let _ = fleece.release(&mut qmp, false);
+            }
             return Err(e);
         }
-        // Started once this thread is done with the monitor but for the
-        // moment until it returns (the watchdog takes the monitor to cancel).
-        fleece.watchdog = Some(Watchdog::start(disk, names.job.clone()));
-        Ok(fleece)
+        drop(qmp);
+        // Started once this thread is done with the monitor (the watchdog takes the monitor to cancel).
+        for fleece in &mut fleeces {
+            let job = Names::of(&fleece.disk.volume, &fleece.disk.target).job;
+            fleece.watchdog = Some(Watchdog::start(&fleece.disk, job));
+        }
+        Ok(fleeces)
     }
 
     /// Exports the fleece and reads the stopped bitmap's extents.
@@ -776,9 +857,33 @@ impl ChangeSource for QemuKind {
     fn hold_points(&self) -> Vec<super::group::HoldPoint> {
         self.guest_agent.iter().cloned().map(super::group::HoldPoint::Guest).collect()
     }
+    fn as_qemu(&self) -> Option<&QemuKind> {
+        Some(self)
+    }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
-        let disk = QemuDisk { qmp: self.monitor.clone(), node: self.node.clone(), nbd: self.nbd.clone(), volume: volume.to_string(), target: target.to_string(), targets: self.targets.clone(), work_dir: self.fleece_dir.clone(), guest_agent: self.guest_agent.clone(), reserve_bytes: self.fleece_reserve_bytes };
-        let fleece = Fleece::take(&disk).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
+        let fleece = Fleece::take(&self.disk(volume, target)).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
+        Ok(self.view_of(fleece, volume, target, block_bytes))
+    }
+}
+
+impl QemuKind {
+    /// The disk of `volume`'s cycle towards `target`.
+    fn disk(&self, volume: &str, target: &str) -> QemuDisk {
+        QemuDisk {
+            qmp: self.monitor.clone(),
+            node: self.node.clone(),
+            nbd: self.nbd.clone(),
+            volume: volume.to_string(),
+            target: target.to_string(),
+            targets: self.targets.clone(),
+            work_dir: self.fleece_dir.clone(),
+            guest_agent: self.guest_agent.clone(),
+            reserve_bytes: self.fleece_reserve_bytes,
+        }
+    }
+
+    /// The cycle's view of `volume` through `fleece`.
+    fn view_of(&self, fleece: Fleece, volume: &str, target: &str, block_bytes: u32) -> Box<dyn PointInTime> {
         let device = fleece.device();
         let blocks = device.size().div_ceil(u64::from(block_bytes));
         let changes = match fleece.dirty() {
@@ -798,8 +903,19 @@ impl ChangeSource for QemuKind {
             Changes::Blocks(mask) => tracing::info!(%volume, %target, node = %self.node, dirty_blocks = mask.count(), "took a qemu view: its bitmap marks the changed blocks"),
             _ => tracing::info!(%volume, %target, node = %self.node, reason = fleece.why_everything().unwrap_or_default(), "took a qemu view: everything is read"),
         }
-        Ok(Box::new(QemuView { volume: volume.to_string(), device, changes, quality: ViewQuality { consistency, how }, fleece: Mutex::new(Some(fleece)) }))
+        Box::new(QemuView { volume: volume.to_string(), device, changes, quality: ViewQuality { consistency, how }, fleece: Mutex::new(Some(fleece)) })
     }
+}
+
+/// The views of several `qemu` volumes that share one monitor (`members`:
+/// each kind with its volume name), towards `target`, taken in one qemu
+/// transaction: one instant for all of them. Blocking. The error names the
+/// members; no view is left.
+pub fn open_together(members: &[(&QemuKind, &str)], target: &str, block_bytes: u32) -> Result<Vec<Box<dyn PointInTime>>, SourceError> {
+    let disks: Vec<QemuDisk> = members.iter().map(|(kind, volume)| kind.disk(volume, target)).collect();
+    let names: Vec<&str> = members.iter().map(|(_, v)| *v).collect();
+    let fleeces = Fleece::take_together(&disks).map_err(|source| SourceError::Qemu { volume: names.join(", "), source })?;
+    Ok(members.iter().zip(fleeces).map(|((kind, volume), fleece)| kind.view_of(fleece, volume, target, block_bytes)).collect())
 }
 
 /// The blocks of `block_bytes` that the byte ranges `dirty` touch.
@@ -989,6 +1105,88 @@ mod tests {
         // A range past the end (a disk that grew) marks nothing outside the mask.
         assert_eq!(blocks_of(&[x(20 << 20, 1 << 20)], 1 << 20, 10).count(), 0);
         assert_eq!(blocks_of(&[x(0, u64::MAX)], 1 << 20, 10).count(), 10);
+    }
+
+    /// Two disks of one "VM" (one qemu-storage-daemon) while a writer puts
+    /// each number first on disk 0, then on disk 1: every pair of views
+    /// taken in one transaction holds the same number on both disks, or on
+    /// disk 0 the one after; each disk's bitmap then follows its own writes.
+    #[test]
+    fn the_disks_of_one_monitor_are_taken_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (qmp, nbd) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
+        let mut args = Vec::new();
+        for i in 0..2 {
+            let image = dir.path().join(format!("d{i}.qcow2"));
+            run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+            args.extend([
+                "--blockdev".to_string(),
+                format!("driver=file,node-name=file{i},filename={}", image.display()),
+                "--blockdev".to_string(),
+                format!("driver=qcow2,node-name=disk{i},file=file{i}"),
+            ]);
+        }
+        let daemon = Daemon(
+            Command::new("qemu-storage-daemon")
+                .args(&args)
+                .arg("--chardev")
+                .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
+                .args(["--monitor", "chardev=mon"])
+                .spawn()
+                .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)"),
+        );
+        wait_for(&qmp);
+        {
+            let mut mon = Qmp::connect(&qmp).unwrap();
+            mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
+            for i in 0..2 {
+                mon.execute("block-export-add", json!({ "type": "nbd", "id": format!("w{i}"), "node-name": format!("disk{i}"), "name": format!("w{i}"), "writable": true })).unwrap();
+            }
+        }
+        let disks: Vec<QemuDisk> = (0..2)
+            .map(|i| QemuDisk { qmp: qmp.clone(), node: format!("disk{i}"), nbd: nbd.clone(), volume: format!("vm1-d{i}"), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 })
+            .collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, socket) = (stop.clone(), nbd.clone());
+        let writer = std::thread::spawn(move || {
+            let mut n = 0u8;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                n = n.wrapping_add(1).max(1);
+                for i in 0..2 {
+                    let uri = format!("nbd+unix:///w{i}?socket={}", socket.display());
+                    run(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P {n} 0 4096"), &uri]));
+                }
+            }
+            n
+        });
+        for round in 0..4 {
+            std::thread::sleep(Duration::from_millis(150));
+            let views = Fleece::take_together(&disks).unwrap();
+            assert_eq!(views.len(), 2);
+            let (a, b) = (read(&views[0].device(), 0, 1)[0], read(&views[1].device(), 0, 1)[0]);
+            eprintln!("round {round}: disk 0 holds {a}, disk 1 holds {b}");
+            assert!(a == b || a == b.wrapping_add(1).max(1), "not one instant: disk 0 holds {a}, disk 1 holds {b}");
+            if round > 0 {
+                for v in &views {
+                    // The bitmap's granularity is 64 KiB.
+                    assert_eq!(spans(v.dirty()), vec![(0, 65536)], "each disk's bitmap holds its own writes");
+                }
+            }
+            for v in views {
+                v.commit().unwrap();
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
+        // One disk that cannot be prepared leaves no view of the other.
+        let mut bad = disks.clone();
+        bad[1].node = "missing".into();
+        assert!(Fleece::take_together(&bad).is_err());
+        let mut mon = Qmp::connect(&qmp).unwrap();
+        let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
+        assert!(!nodes.to_string().contains(&Names::of("vm1-d0", "dst").fleece), "the first disk's fleece is left");
+        drop(mon);
+        drop(daemon);
     }
 
     #[test]
