@@ -429,6 +429,12 @@ fn a_group_takes_its_members_views_at_one_instant() {
     ];
     let mut text = mesh.replication_topology(1, &["src", "dst"], &volumes, &[PolicySpec::new("p", "1MiB")]);
     text.push_str("\n[[group]]\nname = \"host\"\nvolumes = [\"sys\", \"data\"]\n\n[[group]]\nname = \"loose\"\nvolumes = [\"l1\", \"l2\"]\n");
+    // The loose group's hooks: once per group cycle, around all its views.
+    let hook_log = mesh.dir.path().join("hooks.log");
+    text.push_str(&format!(
+        "[group.hooks]\npre = [\"/bin/sh\", \"-c\", \"echo pre $DRMESH_GROUP $DRMESH_VOLUMES $DRMESH_TARGET >> {log}\"]\npost = [\"/bin/sh\", \"-c\", \"echo post $DRMESH_PRE_RESULT >> {log}\"]\n",
+        log = hook_log.display()
+    ));
     let file = mesh.write_file("topology.toml", &text);
     let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
     let said = drmesh_tests::output_text(&check);
@@ -544,14 +550,23 @@ fn a_group_takes_its_members_views_at_one_instant() {
     let rps = String::from_utf8_lossy(&mesh.ctl("dst", &["rps", "sys"]).stdout).into_owned();
     assert!(rps.contains("GROUP") && rps.contains("host"), "{rps}");
 
-    // The loose group: taken together, but nothing held their writes.
+    // The loose group: taken together, but nothing held their writes; its
+    // hooks ran once per group cycle, and a good `pre` makes its RPs `app`.
     let sync = mesh.sync_ok("src", "l1");
     let reports = sync["reports"].as_array().cloned().unwrap_or_default();
     assert_eq!(reports.len(), 2, "{sync}");
     for r in &reports {
         assert_eq!(r["group"]["one_instant"], false, "{r}");
+        assert_eq!(r["consistency"], "app", "{r}");
         let how = r["group"]["how"].as_str().unwrap_or_default();
         assert!(how.starts_with("not one instant: the views were taken one after another within ") && how.contains("l1: drmesh cannot hold its writes (kind file;"), "{how}");
+        assert!(how.contains("; pre hook `/bin/sh -c echo pre") && how.contains("exited 0"), "{how}");
+    }
+    let said = std::fs::read_to_string(&hook_log).unwrap();
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(!lines.is_empty() && lines.len().is_multiple_of(2), "{said}");
+    for pair in lines.chunks(2) {
+        assert_eq!(pair, ["pre loose l1 l2 dst", "post ok"], "{said}");
     }
     let loose_rps = mesh.ctl_data("dst", &["groups", "loose"]).expect("ctl groups loose");
     assert_eq!(loose_rps[0]["one_instant"], false, "{loose_rps}");

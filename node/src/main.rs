@@ -208,8 +208,12 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
             }
             for g in &t.groups {
                 let source = t.volumes.iter().find(|v| g.volumes.first() == Some(&v.name)).map_or("?", |v| v.source.as_str());
+                let command = |c: &Option<Vec<String>>| c.as_ref().map_or("none".to_string(), |c| c.join(" "));
+                let hooks = g.hooks.as_ref().map_or(String::new(), |h| {
+                    format!(", hooks once per group cycle: pre {}, post {}, timeout {}", command(&h.pre), command(&h.post), humantime::format_duration(h.timeout))
+                });
                 println!(
-                    "consistency group {}: volumes {} of node {}, their views taken together each cycle (one instant when every member's filesystem can be frozen: a loop-mounted image file, a VM with a guest agent); `drmesh ctl groups` on a target lists its group RPs",
+                    "consistency group {}: volumes {} of node {}, their views taken together each cycle (one instant when every member's filesystem can be frozen: a loop-mounted image file, a VM with a guest agent; or for a VM's disks, one qemu transaction){hooks}; `drmesh ctl groups` on a target lists its group RPs",
                     g.name,
                     g.volumes.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
                     source

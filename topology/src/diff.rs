@@ -42,7 +42,7 @@ pub struct TopologyDiff {
     pub changed_links: Vec<String>,
     /// `[[site]]` names added, removed or whose uplink changed.
     pub changed_sites: Vec<String>,
-    /// `[[group]]` names added, removed or whose member list changed.
+    /// `[[group]]` names added, removed or whose member list or hooks changed.
     pub changed_groups: Vec<String>,
 }
 
@@ -92,7 +92,8 @@ impl TopologyDiff {
         };
         diff.changed_sites = changed_keys(&sites(old), &sites(new));
 
-        let groups = |t: &Topology| -> BTreeMap<String, Vec<crate::VolumeName>> { t.groups.iter().map(|g| (g.name.clone(), g.volumes.clone())).collect() };
+        type Members = (Vec<crate::VolumeName>, Option<crate::VolumeHooks>);
+        let groups = |t: &Topology| -> BTreeMap<String, Members> { t.groups.iter().map(|g| (g.name.clone(), (g.volumes.clone(), g.hooks.clone()))).collect() };
         diff.changed_groups = changed_keys(&groups(old), &groups(new));
         diff
     }

@@ -1175,7 +1175,7 @@ fn read_link(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> LinkDraft {
 }
 
 fn read_group(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> GroupDraft {
-    f.check_keys(sink, &["name", "volumes"], &[]);
+    f.check_keys(sink, &["name", "volumes", "hooks"], &[]);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     if let Some(n) = &name {
@@ -1213,8 +1213,13 @@ fn read_group(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> GroupDraft {
             volumes = list;
         }
     }
-    let group = match &name {
-        Some(n) if ok => Some(Group { name: n.value.clone(), volumes: checked }),
+    let hooks = match f.table(sink, "hooks") {
+        Some(t) => read_hooks(&t, sink).map(Some),
+        None if f.get("hooks").is_some() => None,
+        None => Some(None),
+    };
+    let group = match (&name, hooks) {
+        (Some(n), Some(hooks)) if ok => Some(Group { name: n.value.clone(), volumes: checked, hooks }),
         _ => None,
     };
     GroupDraft { name, volumes, group }

@@ -60,6 +60,9 @@ pub struct Group {
     /// Its member volumes, at least two, in the order written; all have the
     /// same source node and the same targets, none has `[volume.hooks]`.
     pub volumes: Vec<VolumeName>,
+    /// `[group.hooks]`: commands run once around each group cycle's views
+    /// (before anything is frozen, and after all is thawed).
+    pub hooks: Option<VolumeHooks>,
 }
 
 /// A `[[node]]` table: one `drmesh` process.

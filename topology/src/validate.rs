@@ -337,7 +337,7 @@ fn check_groups(draft: &Draft, sink: &mut Sink<'_>) {
                 sink.error(
                     member.span.clone(),
                     format!(
-                        "volume {:?} of group {:?} has [volume.hooks]; the views of a group are taken together and per-volume hooks are not run for them (this build has no group hooks): remove the hooks or the volume from the group",
+                        "volume {:?} of group {:?} has [volume.hooks]; the views of a group are taken together, so its hooks run once for the group: move them to [group.hooks] (after the group's `volumes`)",
                         member.value, name.value
                     ),
                 );

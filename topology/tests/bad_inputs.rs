@@ -920,6 +920,13 @@ fn a_group_of_two_volumes_of_one_node_is_read() {
     assert_eq!(topo.groups[0].volumes, ["w", "v"]);
     assert_eq!(topo.group_of("v").map(|g| g.name.as_str()), Some("db-host"));
     assert!(topo.group_of("x").is_none());
+    assert!(topo.groups[0].hooks.is_none());
+    let with = with_group(W_OF_A, "[[group]]\nname = \"db-host\"\nvolumes = [\"w\", \"v\"]\n[group.hooks]\npre = [\"/usr/local/bin/quiesce\", \"db\"]\ntimeout = \"20s\"");
+    let topo = Topology::parse(&expand(&with), Path::new("t.toml")).unwrap();
+    let hooks = topo.groups[0].hooks.as_ref().expect("the group's hooks");
+    assert_eq!((hooks.pre.as_deref(), hooks.timeout), (Some(&["/usr/local/bin/quiesce".to_string(), "db".to_string()][..]), std::time::Duration::from_secs(20)));
+    let bad = with.replace("/usr/local/bin/quiesce", "quiesce");
+    assert!(errors(&bad).iter().any(|e| e.2.contains("must be an absolute path")), "{:?}", errors(&bad));
 }
 
 #[test]
@@ -956,7 +963,7 @@ fn a_group_whose_volumes_have_other_targets() {
 fn a_group_member_with_hooks() {
     let errs = errors(&with_group(&format!("{W_OF_A}\n[volume.hooks]\npre = [\"/bin/true\"]"), "[[group]]\nname = \"g\"\nvolumes = [\"v\", \"w\"]"));
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert_error(&errs[0], 43, 17, "has [volume.hooks]; the views of a group are taken together");
+    assert_error(&errs[0], 43, 17, "has [volume.hooks]; the views of a group are taken together, so its hooks run once for the group: move them to [group.hooks]");
 }
 
 #[test]

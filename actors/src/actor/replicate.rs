@@ -214,11 +214,13 @@ pub async fn run_cycle(
 /// its view, one after another, all with the group's instant as their RPs'
 /// time. Each member's RP commits on its own; the group RP is complete on the
 /// target once every member's has. A view that cannot be taken fails every
-/// member. Member `i` is cancelled through `cancels[i]` (see [`run_cycle`]).
+/// member. The group's `hooks` run once, around all the views. Member `i`
+/// is cancelled through `cancels[i]` (see [`run_cycle`]).
 /// Returns one result per member, in order.
 pub async fn run_group_cycle(
     conn: quinn::Connection,
     name: &str,
+    hooks: Option<drmesh_topology::VolumeHooks>,
     cfgs: Vec<CycleConfig>,
     baselines: Arc<Baselines>,
     cancels: &mut [oneshot::Receiver<String>],
@@ -233,7 +235,8 @@ pub async fn run_group_cycle(
     let members: Vec<crate::source::group::Member> =
         cfgs.iter().map(|c| crate::source::group::Member { volume: c.volume.to_string(), source: c.source.clone() }).collect();
     let (b, target, block_bytes) = (baselines.clone(), cfgs[0].target.clone(), cfgs[0].block_bytes);
-    let opened = tokio::task::spawn_blocking(move || crate::source::group::open_together(&members, &b, &target, block_bytes)).await;
+    let group = name.to_string();
+    let opened = tokio::task::spawn_blocking(move || crate::source::group::open_together(&group, hooks.as_ref(), &members, &b, &target, block_bytes)).await;
     let group = match opened {
         Ok(Ok(group)) => group,
         Ok(Err(e)) => {

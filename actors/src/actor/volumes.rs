@@ -539,8 +539,8 @@ impl VolumeScheduler {
             return false;
         }
         if let Some(group) = self.topology.group_of(&key.0) {
-            let (name, members) = (group.name.clone(), group.volumes.clone());
-            return self.start_group(&name, &members, &key.1, ctx);
+            let group = group.clone();
+            return self.start_group(&group, &key.1, ctx);
         }
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
@@ -596,13 +596,14 @@ impl VolumeScheduler {
         })
     }
 
-    /// Starts a cycle of consistency group `name` (its `members`) towards
+    /// Starts a cycle of consistency group `group` (every member) towards
     /// `target`: every member's plan runs in it. Not while any member's cycle
     /// runs or any member is paused (a paused member holds the group back).
     /// The memory budget is as for one cycle: the members' cycles run one
     /// after another, the largest's bound is reserved.
-    fn start_group(&mut self, name: &str, members: &[VolumeName], target: &str, ctx: &mut Context<Self>) -> bool {
-        let keys: Vec<Key> = members.iter().map(|m| (m.clone(), target.to_string())).collect();
+    fn start_group(&mut self, group: &drmesh_topology::Group, target: &str, ctx: &mut Context<Self>) -> bool {
+        let name = group.name.as_str();
+        let keys: Vec<Key> = group.volumes.iter().map(|m| (m.clone(), target.to_string())).collect();
         if keys.iter().any(|k| self.plans.get(k).is_none_or(|p| p.running) || self.paused.contains_key(k.0.as_str())) {
             return false;
         }
@@ -637,13 +638,13 @@ impl VolumeScheduler {
                 plan.progress = Some((c.pacing.sent_payload_bytes.clone(), c.progress.clone()));
             }
         }
-        let (mesh, baselines, me, name, target) = (self.mesh.clone(), self.baselines.clone(), ctx.address(), name.to_string(), target.to_string());
+        let (mesh, baselines, me, name, target, hooks) = (self.mesh.clone(), self.baselines.clone(), ctx.address(), name.to_string(), target.to_string(), group.hooks.clone());
         actix_rt::spawn(async move {
             let results: Vec<Result<CycleReport, String>> = match configs.into_iter().collect::<Result<Vec<_>, String>>() {
                 Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
                 Ok(configs) => match wait_for_connection(&mesh, &target).await {
                     Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
-                    Ok(conn) => run_group_cycle(conn, &name, configs, baselines, &mut cancels).await.into_iter().map(|r| r.map_err(|e| e.to_string())).collect(),
+                    Ok(conn) => run_group_cycle(conn, &name, hooks, configs, baselines, &mut cancels).await.into_iter().map(|r| r.map_err(|e| e.to_string())).collect(),
                 },
             };
             // The whole reservation goes back with the first member's outcome.

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use super::baseline::Baselines;
 use super::change::{ChangeSource, PointInTime};
 use super::freeze::{freeze, Frozen, FREEZE_LIMIT};
+use super::hooks::{group_member_view, run_logged, HookRun, PostLater};
+use drmesh_topology::VolumeHooks;
 use super::SourceError;
 use crate::mounts::Mount;
 use crate::proto::gossip::catalog::Consistency;
@@ -67,6 +69,8 @@ pub struct Member {
 pub struct GroupViews {
     /// One per member, in member order.
     pub views: Vec<Arc<dyn PointInTime>>,
+    /// The views while [`open_together`] still wraps them (empty after).
+    boxed: Vec<Box<dyn PointInTime>>,
     /// Whether every member's writes were held while every view was taken.
     pub one_instant: bool,
     /// How the views were taken, or why they are not of one instant.
@@ -103,7 +107,55 @@ impl Drop for Registered {
 /// docs). Blocking. A member whose view cannot be taken fails the whole
 /// group (the views already taken are released): a group RP has every
 /// member or none started.
-pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, block_bytes: u32) -> Result<GroupViews, SourceError> {
+pub fn open_together(group: &str, hooks: Option<&VolumeHooks>, members: &[Member], baselines: &Baselines, target: &str, block_bytes: u32) -> Result<GroupViews, SourceError> {
+    // The group's `pre` hook, before anything is frozen (it may write).
+    let label = format!("group {group}");
+    let mut env: Vec<(&'static str, String)> = vec![
+        ("DRMESH_GROUP", group.to_string()),
+        ("DRMESH_VOLUMES", members.iter().map(|m| m.volume.as_str()).collect::<Vec<_>>().join(" ")),
+        ("DRMESH_TARGET", target.to_string()),
+    ];
+    let pre = hooks.and_then(|h| h.pre.as_ref().map(|c| run_logged("pre", c, &env, h.timeout, &label)));
+    env.push(("DRMESH_PRE_RESULT", pre.as_ref().map_or("none", |p| if p.ok() { "ok" } else { "failed" }).to_string()));
+    let run_post = |env: &[(&'static str, String)]| hooks.and_then(|h| h.post.as_ref().map(|c| run_logged("post", c, env, h.timeout, &label)));
+    let opened = open_held(members, baselines, target, block_bytes);
+    let mut group_views = match opened {
+        Ok(g) => g,
+        Err(e) => {
+            run_post(&env);
+            return Err(e);
+        }
+    };
+    let Some(hooks) = hooks else {
+        group_views.views = std::mem::take(&mut group_views.boxed).into_iter().map(Into::into).collect();
+        return Ok(group_views);
+    };
+    // After a live read the application stays quiet until the group's views are released.
+    let live = group_views.boxed.iter().any(|v| v.quality().consistency == Consistency::Inconsistent);
+    let post = if live { None } else { run_post(&env) };
+    let last = group_views.boxed.len().saturating_sub(1);
+    let boxed = std::mem::take(&mut group_views.boxed);
+    for (i, view) in boxed.into_iter().enumerate() {
+        let later = match (live && i == last, &hooks.post) {
+            (true, Some(command)) => Some(PostLater { command: command.clone(), env: env.clone(), timeout: hooks.timeout, volume: label.clone() }),
+            _ => None,
+        };
+        group_views.views.push(group_member_view(view, pre.clone(), post.clone(), later).into());
+    }
+    let said: Vec<String> = pre.iter().chain(post.iter()).map(HookRun::summary).collect();
+    if !said.is_empty() {
+        group_views.how = format!("{}; {}", group_views.how, said.join("; "));
+    }
+    if live && hooks.post.is_some() {
+        group_views.how.push_str("; post hook runs once the group's reads are done");
+    }
+    Ok(group_views)
+}
+
+/// [`open_together`] without the hooks: holds what it can, takes every
+/// view, lets go. The views are left in `boxed` for the caller to wrap when
+/// it has hooks, else moved to `views`.
+fn open_held(members: &[Member], baselines: &Baselines, target: &str, block_bytes: u32) -> Result<GroupViews, SourceError> {
     let points: Vec<Vec<HoldPoint>> = members.iter().map(|m| m.source.hold_points()).collect();
     let mut taken: Vec<Taken> = Vec::new();
     let mut held_keys: Vec<(PathBuf, u64)> = Vec::new();
@@ -149,7 +201,7 @@ pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, bl
             None => units.push(vec![i]),
         }
     }
-    let mut opened: Vec<Option<Arc<dyn PointInTime>>> = vec![None; members.len()];
+    let mut opened: Vec<Option<Box<dyn PointInTime>>> = (0..members.len()).map(|_| None).collect();
     for unit in &units {
         let result = match unit.as_slice() {
             [one] => members[*one].source.open(baselines, &members[*one].volume, target, block_bytes).map(|v| vec![v]),
@@ -162,7 +214,7 @@ pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, bl
         match result {
             Ok(views) => {
                 for (&i, view) in unit.iter().zip(views) {
-                    opened[i] = Some(view.into());
+                    opened[i] = Some(view);
                 }
             }
             Err(e) => {
@@ -180,7 +232,7 @@ pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, bl
     let spread = started.elapsed();
     drop(registered);
     drop(taken);
-    let views: Vec<Arc<dyn PointInTime>> = opened.into_iter().flatten().collect();
+    let views: Vec<Box<dyn PointInTime>> = opened.into_iter().flatten().collect();
     // Whether each member's writes were held (its filesystems frozen through
     // every view), and why not.
     let mut not_held: Vec<Option<String>> = Vec::with_capacity(members.len());
@@ -227,7 +279,7 @@ pub fn open_together(members: &[Member], baselines: &Baselines, target: &str, bl
             format!("not one instant: the views were taken one after another within {}; {}", millis(spread), why.join("; "))
         }
     };
-    Ok(GroupViews { views, one_instant, how, instant_unix_ms })
+    Ok(GroupViews { views: Vec::new(), boxed: views, one_instant, how, instant_unix_ms })
 }
 
 fn millis(d: Duration) -> String {
@@ -251,7 +303,7 @@ mod tests {
                 Member { volume: (*name).into(), source: Arc::new(FileKind { path }) }
             })
             .collect();
-        let group = open_together(&members, &baselines, "t", 4096).unwrap();
+        let group = open_together("g", None, &members, &baselines, "t", 4096).unwrap();
         assert_eq!(group.views.len(), 2);
         assert!(!group.one_instant);
         assert!(group.how.starts_with("not one instant: the views were taken one after another within "), "{}", group.how);
@@ -260,6 +312,54 @@ mod tests {
             v.release().unwrap();
         }
         assert!(held(dir.path()).is_none());
+    }
+
+    /// The group's hooks run once for all members: `pre` before the views
+    /// (every member's RP is then `app`), `post` after; after a live read
+    /// `post` waits until the group's views are released.
+    #[test]
+    fn the_group_hooks_run_once_around_all_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let baselines = Baselines::open(&dir.path().join("b.redb")).unwrap();
+        let log = dir.path().join("hooks.log");
+        let members: Vec<Member> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let path = dir.path().join(format!("{name}.img"));
+                std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+                Member { volume: (*name).into(), source: Arc::new(FileKind { path }) }
+            })
+            .collect();
+        let sh = |script: String| Some(vec!["/bin/sh".to_string(), "-c".to_string(), script]);
+        let hooks = VolumeHooks {
+            pre: sh(format!("echo \"pre $DRMESH_GROUP $DRMESH_VOLUMES $DRMESH_TARGET\" >> {}", log.display())),
+            post: sh(format!("echo \"post $DRMESH_PRE_RESULT\" >> {}", log.display())),
+            timeout: Duration::from_secs(10),
+        };
+        let group = open_together("db", Some(&hooks), &members, &baselines, "dst", 4096).unwrap();
+        for v in &group.views {
+            assert_eq!(v.quality().consistency, Consistency::Application, "{}", v.quality().how);
+        }
+        assert!(group.how.contains("pre hook `/bin/sh -c echo") && group.how.ends_with("post hook runs once the group's reads are done"), "{}", group.how);
+        // The images were read live (no reflink here): post waits for the reads.
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre db a b dst\n");
+        for v in group.views {
+            v.release().unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre db a b dst\npost ok\n");
+
+        // A failing pre: the RPs keep their views' label and say why; post still runs.
+        let failing = VolumeHooks { pre: sh("echo 'database is down' >&2; exit 3".into()), ..hooks };
+        let group = open_together("db", Some(&failing), &members, &baselines, "dst", 4096).unwrap();
+        for v in &group.views {
+            let q = v.quality();
+            assert_eq!(q.consistency, Consistency::Inconsistent);
+            assert!(q.how.contains("failed with exit status 3") && q.how.contains("database is down"), "{}", q.how);
+        }
+        for v in group.views {
+            v.release().unwrap();
+        }
+        assert!(std::fs::read_to_string(&log).unwrap().ends_with("post failed\n"));
     }
 
     #[test]
@@ -272,7 +372,7 @@ mod tests {
             Member { volume: "good".into(), source: Arc::new(FileKind { path: good }) },
             Member { volume: "gone".into(), source: Arc::new(FileKind { path: dir.path().join("missing.img") }) },
         ];
-        let err = open_together(&members, &baselines, "t", 4096).err().expect("the group fails");
+        let err = open_together("g", None, &members, &baselines, "t", 4096).err().expect("the group fails");
         assert!(err.to_string().contains("missing.img"), "{err}");
     }
 }

@@ -166,8 +166,9 @@ impl Hooked {
 }
 
 /// [`run_hook`] with `DRMESH_HOOK` set to the phase, logged with its output
-/// (at `info` when it exited 0, else at `warn`).
-fn run_logged(phase: &'static str, command: &[String], env: &[(&'static str, String)], timeout: Duration, volume: &str) -> HookRun {
+/// (at `info` when it exited 0, else at `warn`); `volume` names what it ran
+/// for in the log (a volume, or a consistency group).
+pub(crate) fn run_logged(phase: &'static str, command: &[String], env: &[(&'static str, String)], timeout: Duration, volume: &str) -> HookRun {
     let mut env = env.to_vec();
     env.push(("DRMESH_HOOK", phase.to_string()));
     let run = run_hook(phase, command, &env, timeout);
@@ -218,6 +219,23 @@ impl ChangeSource for Hooked {
     }
 }
 
+/// A view of a consistency group's member taken between the group's hooks:
+/// labelled as a hooked view is (`app` after a good `pre`), with the group's
+/// `post` as it ran, or (`later`: the command, its environment and time
+/// limit) to run when this view is released.
+pub(crate) fn group_member_view(
+    inner: Box<dyn PointInTime>,
+    pre: Option<HookRun>,
+    post: Option<HookRun>,
+    later: Option<PostLater>,
+) -> Box<dyn PointInTime> {
+    let post = match later {
+        Some(later) => Deferred::Later(Some(later)),
+        None => Deferred::Ran(post),
+    };
+    Box::new(HookedView { inner, pre, post: Mutex::new(post) })
+}
+
 /// The `post` hook of a view: ran already, or to run at release.
 enum Deferred {
     Ran(Option<HookRun>),
@@ -225,11 +243,15 @@ enum Deferred {
 }
 
 /// A `post` hook kept for the release of a live read.
-struct PostLater {
-    command: Vec<String>,
-    env: Vec<(&'static str, String)>,
-    timeout: Duration,
-    volume: String,
+pub(crate) struct PostLater {
+    /// Program and arguments.
+    pub(crate) command: Vec<String>,
+    /// Its environment.
+    pub(crate) env: Vec<(&'static str, String)>,
+    /// Its time limit.
+    pub(crate) timeout: Duration,
+    /// What it runs for, in the log (a volume, or `group NAME`).
+    pub(crate) volume: String,
 }
 
 /// A view taken between hooks.
