@@ -158,6 +158,10 @@ fn topology_check_lists_every_error_with_its_position() {
         stdout.lines().any(|l| l == "agentless pos-vm: node branch-proxy reads block node pos-disk through the qemu monitor /run/drmesh/pos.qmp, fleece in /var/lib/drmesh/fleece (keeping 1024 MiB free), guest agent /run/drmesh/pos.qga (filesystems frozen)"),
         "{stdout}"
     );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("consistency group pos: volumes pos-vm, pos-vm-data of node branch-proxy, their views taken together each cycle")),
+        "{stdout}"
+    );
     assert!(stdout.lines().any(|l| l == "metrics of hq-gw: http://10.0.0.10:9720/metrics"), "{stdout}");
     assert!(stdout.lines().any(|l| l == "status page of hq-gw: http://127.0.0.1:9721/"), "{stdout}");
 

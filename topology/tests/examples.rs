@@ -48,7 +48,9 @@ fn branch_office_example_loads() {
     assert!(topo.node_by_name("nope").is_none());
 
     let kinds: Vec<&str> = topo.volumes.iter().map(|v| v.kind.name()).collect();
-    assert_eq!(kinds, ["kmod", "file", "qemu", "ebs"]);
+    assert_eq!(kinds, ["kmod", "file", "qemu", "qemu", "ebs"]);
+    assert_eq!(topo.group_of("pos-vm-data").map(|g| g.name.as_str()), Some("pos"));
+    assert_eq!(topo.group("pos").map(|g| g.volumes.len()), Some(2));
     assert_eq!(
         topo.volumes[2].kind,
         SourceKind::Qemu {
