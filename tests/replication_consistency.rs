@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use drmesh_tests::{is_root, report_seq, wait_until, LoopFs, PolicySpec, Rng, TestMesh, VolumeSpec};
+use drmesh_tests::{file_hash, is_root, report_seq, wait_until, LoopFs, PolicySpec, Rng, TestMesh, VolumeSpec};
 use serde_json::Value;
 
 const PAGE: usize = 4096;
@@ -572,5 +572,13 @@ fn a_group_takes_its_members_views_at_one_instant() {
     assert_eq!(loose_rps[0]["one_instant"], false, "{loose_rps}");
     let table = String::from_utf8_lossy(&mesh.ctl("dst", &["groups", "loose"]).stdout).into_owned();
     assert!(table.contains("complete, views taken one after another"), "{table}");
+
+    // With no node running on the target's state dir, its store is read directly.
+    assert!(mesh.stop("dst"));
+    let offline = mesh.dir.path().join("host-offline");
+    let out = drmesh_tests::drmesh(&["restore-group", "host", "--to", offline.to_str().unwrap(), "--state-dir", &state_dir]);
+    let said = drmesh_tests::output_text(&out);
+    assert!(out.status.success() && said.contains("reading its store directly"), "{said}");
+    assert_eq!(file_hash(&offline.join("sys.img")), file_hash(&newest.join("sys.img")), "the newest complete group RP, as through the node");
     drop(mesh);
 }
