@@ -291,18 +291,23 @@ mod tests {
     use super::*;
     use crate::source::change::FileKind;
 
+    /// Members a and b: two 64 KiB image files in `dir`, nobody mounted.
+    fn two_images(dir: &Path) -> Vec<Member> {
+        ["a", "b"]
+            .iter()
+            .map(|name| {
+                let path = dir.join(format!("{name}.img"));
+                std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+                Member { volume: (*name).into(), source: Arc::new(FileKind { path }) }
+            })
+            .collect()
+    }
+
     #[test]
     fn members_drmesh_cannot_hold_are_not_one_instant_and_say_why() {
         let dir = tempfile::tempdir().unwrap();
         let baselines = Baselines::open(&dir.path().join("b.redb")).unwrap();
-        let members: Vec<Member> = ["a", "b"]
-            .iter()
-            .map(|name| {
-                let path = dir.path().join(format!("{name}.img"));
-                std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
-                Member { volume: (*name).into(), source: Arc::new(FileKind { path }) }
-            })
-            .collect();
+        let members = two_images(dir.path());
         let group = open_together("g", None, &members, &baselines, "t", 4096).unwrap();
         assert_eq!(group.views.len(), 2);
         assert!(!group.one_instant);
@@ -322,14 +327,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let baselines = Baselines::open(&dir.path().join("b.redb")).unwrap();
         let log = dir.path().join("hooks.log");
-        let members: Vec<Member> = ["a", "b"]
-            .iter()
-            .map(|name| {
-                let path = dir.path().join(format!("{name}.img"));
-                std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
-                Member { volume: (*name).into(), source: Arc::new(FileKind { path }) }
-            })
-            .collect();
+        let members = two_images(dir.path());
         let sh = |script: String| Some(vec!["/bin/sh".to_string(), "-c".to_string(), script]);
         let hooks = VolumeHooks {
             pre: sh(format!("echo \"pre $DRMESH_GROUP $DRMESH_VOLUMES $DRMESH_TARGET\" >> {}", log.display())),
