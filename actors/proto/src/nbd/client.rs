@@ -518,7 +518,8 @@ impl NbdClient {
                             _ => return bad("a hole chunk that is not 12 bytes"),
                         }
                     };
-                    let start = at.checked_sub(*offset).filter(|s| s + n <= data.len() as u64 && n > 0);
+                    // Checked: a server's offset near 2^64 must not wrap past the request.
+                    let start = at.checked_sub(*offset).filter(|s| s.checked_add(n).is_some_and(|end| end <= data.len() as u64) && n > 0);
                     let Some(start) = start else { return bad("a read chunk outside the request") };
                     let range = start as usize..(start + n) as usize;
                     if kind == REPLY_TYPE_OFFSET_DATA {
@@ -689,6 +690,30 @@ mod tests {
             pair.pump();
             assert!(pair.client.is_closed() && pair.client.close_error().is_none());
         }
+    }
+
+    /// Found by the `nbd_client` fuzz target: a read chunk whose offset is
+    /// near 2^64 made the bound check overflow (a panic); it is a protocol
+    /// error that names the request.
+    #[test]
+    fn a_read_chunk_offset_near_the_end_of_the_u64_range_is_refused() {
+        let mut pair = Pair::new(&[], usize::MAX);
+        pair.pump();
+        let id = pair.client.read(4096, 512).unwrap();
+        let mut chunk = Vec::new();
+        chunk.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        chunk.extend_from_slice(&0u16.to_be_bytes());
+        chunk.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+        chunk.extend_from_slice(&id.0.to_be_bytes());
+        // 5000 bytes at 2^64 - 904: 5000 bytes past the request's offset
+        // (4096) wrapped to 0, which an unchecked sum took for inside it.
+        chunk.extend_from_slice(&5008u32.to_be_bytes());
+        chunk.extend_from_slice(&(u64::MAX - 903).to_be_bytes());
+        chunk.extend_from_slice(&[0x7d; 5000]);
+        pair.client.handle_input(&chunk);
+        while pair.client.poll_event().is_some() {}
+        let e = pair.client.close_error().expect("a protocol error").to_string();
+        assert!(e.contains("a read chunk outside the request"), "{e}");
     }
 
     #[test]
