@@ -56,8 +56,10 @@ fn ioctl(dir: &File, request: u64) -> std::io::Result<()> {
 /// guard then leaves the thaw to the group.
 pub fn freeze(mount: &Mount, limit: Duration) -> Result<Frozen, String> {
     let point = mount.point.clone();
-    if super::group::held(&point).is_some() {
-        return Ok(Frozen { dir: None, point, done: None, watchdog: None });
+    match super::group::held(&point) {
+        Some(Ok(_)) => return Ok(Frozen { dir: None, point, done: None, watchdog: None }),
+        Some(Err(why)) => return Err(why),
+        None => {}
     }
     let dir = File::open(&point).map_err(|e| format!("cannot open {}: {e}", point.display()))?;
     ioctl(&dir, FIFREEZE).map_err(|e| match e.raw_os_error() {

@@ -45,16 +45,19 @@ impl HoldPoint {
 }
 
 thread_local! {
-    /// What the group being opened on this thread holds: mount points and
-    /// guest agent sockets, with the number of filesystems a guest froze.
-    static HELD: RefCell<Vec<(PathBuf, u64)>> = const { RefCell::new(Vec::new()) };
+    /// What the group being opened on this thread tried to hold: mount
+    /// points and guest agent sockets, with the number of filesystems frozen
+    /// (a guest's agent may freeze several) or why they could not be.
+    static HELD: RefCell<Vec<(PathBuf, Result<u64, String>)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether the group being opened on this thread holds `point` (a mount
-/// point or a guest agent socket) frozen; for a guest, how many filesystems
-/// its agent froze. A kind's own freeze of it is then already done.
-pub fn held(point: &Path) -> Option<u64> {
-    HELD.with(|h| h.borrow().iter().find(|(p, _)| p == point).map(|(_, n)| *n))
+/// Whether the group being opened on this thread tried to hold `point` (a
+/// mount point or a guest agent socket): `Ok(n)`, it holds it frozen (`n`
+/// filesystems), so a kind's own freeze of it is already done; `Err(why)`,
+/// it could not, and a kind does not try again while the group holds the
+/// others (a failing agent may take its whole time limit).
+pub fn held(point: &Path) -> Option<Result<u64, String>> {
+    HELD.with(|h| h.borrow().iter().find(|(p, _)| p == point).map(|(_, n)| n.clone()))
 }
 
 /// One member of a group: its volume name and change source.
@@ -189,7 +192,11 @@ fn open_held(members: &[Member], baselines: &Baselines, target: &str, block_byte
         }
     }
     let instant_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    HELD.with(|h| *h.borrow_mut() = held_keys.clone());
+    HELD.with(|h| {
+        let mut list: Vec<(PathBuf, Result<u64, String>)> = held_keys.iter().map(|(p, n)| (p.clone(), Ok(*n))).collect();
+        list.extend(failed.iter().map(|(p, why)| (p.clone(), Err(why.clone()))));
+        *h.borrow_mut() = list;
+    });
     let registered = Registered;
     // Units of members whose views are taken in one step: the disks of one
     // qemu monitor (one transaction), else each member alone.

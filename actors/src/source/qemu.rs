@@ -562,9 +562,10 @@ impl Fleece {
             if agents.iter().any(|(s, _, _)| s == socket) {
                 continue;
             }
-            // Frozen already by the consistency group being opened (and thawed by it).
+            // Frozen already by the consistency group being opened (and thawed by it), or not to be tried again.
             let (agent, frozen) = match super::group::held(socket) {
-                Some(n) => (None, GuestFreeze::Frozen(n)),
+                Some(Ok(n)) => (None, GuestFreeze::Frozen(n)),
+                Some(Err(why)) => (None, GuestFreeze::Failed(why)),
                 None => freeze_guest(socket),
             };
             agents.push((socket.clone(), agent, frozen));
