@@ -28,6 +28,6 @@ mod test_util;
 /// The sans-IO protocol cores (crate `drmesh-proto`), under the paths the
 /// actors have always used.
 pub mod proto {
-    pub use drmesh_proto::{bandwidth, drill, fetch, gossip, nbd, peers, qmp, session, time, version};
+    pub use drmesh_proto::{bandwidth, drill, fetch, gossip, lease, nbd, peers, qmp, session, time, version};
 }
 pub use drmesh_proto::{blob, codec, content, drill_report as drill};

@@ -967,6 +967,10 @@ fn volumes_table(list: &Value) -> Table {
             format!("paused {} ago{running}", duration(now.saturating_sub(since) / 1000))
         } else if v["running"] == true {
             running_text(&v["running_progress"])
+        } else if v["proxy"].is_object() && v["proxy"]["reads_here"] != true {
+            format!("standby: proxy {} reads it", v["proxy"]["reader"].as_str().unwrap_or("?"))
+        } else if v["proxy"].is_object() && v["proxy"]["lease_secs"].as_f64().unwrap_or(0.0) <= 0.0 {
+            format!("waiting for the lease ({})", v["proxy"]["lease_refusal"].as_str().unwrap_or("asked"))
         } else if v["queued"] == true {
             "queued (node's cycle memory budget)".to_string()
         } else {
@@ -1052,5 +1056,22 @@ mod tests {
         let progress = serde_json::json!({ "volume_bytes": 2u64 << 30, "percent": 25.0, "sent_payload_bytes": 120u64 << 20, "eta_secs": 30.2 });
         assert_eq!(running_text(&progress), format!("cycle running: read 25% of {}, sent {}, 30s left", bytes(2 << 30), bytes(120 << 20)));
         assert_eq!(running_text(&serde_json::json!({ "volume_bytes": 0 })), "cycle running: opening the volume");
+    }
+
+    /// A platform volume says which proxy reads it, or that this one waits for its lease.
+    #[test]
+    fn the_volumes_table_says_which_proxy_reads_a_platform_volume() {
+        let row = |proxy: serde_json::Value| {
+            serde_json::json!([{
+                "volume": "vm01", "target": "hq", "rpo_secs": 60, "running": false, "queued": false, "next_in_secs": 0.0,
+                "last_ok": null, "last_error": null, "bandwidth": { "reason": "unlimited" }, "paused_since_unix_ms": null, "proxy": proxy,
+            }])
+        };
+        let text = volumes_table(&row(serde_json::json!({ "platform": "hv", "reader": "p2", "reads_here": false, "lease_secs": 0.0, "lease_refusal": null }))).to_string();
+        assert!(text.contains("standby: proxy p2 reads it"), "{text}");
+        let text = volumes_table(&row(serde_json::json!({ "platform": "hv", "reader": "p1", "reads_here": true, "lease_secs": 0.0, "lease_refusal": "held by p2 for 3000 ms more" }))).to_string();
+        assert!(text.contains("waiting for the lease (held by p2 for 3000 ms more)"), "{text}");
+        let text = volumes_table(&row(serde_json::json!({ "platform": "hv", "reader": "p1", "reads_here": true, "lease_secs": 4.2, "lease_refusal": null }))).to_string();
+        assert!(text.contains("next in 0s"), "{text}");
     }
 }

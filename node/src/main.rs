@@ -193,12 +193,24 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                     humantime::format_duration(hooks.timeout)
                 );
             }
+            for p in &t.platforms {
+                println!(
+                    "platform {}: proxies {}; each of its volumes is read by one live proxy (rendezvous hashing over the proxies gossip reports alive), under a lease of {} from the volume's first target",
+                    p.name,
+                    p.proxies.join(", "),
+                    humantime::format_duration(p.lease)
+                );
+            }
             for v in &t.volumes {
                 let drmesh_topology::SourceKind::Qemu { monitor, node, fleece_dir, fleece_reserve_bytes, guest_agent, .. } = &v.kind else { continue };
+                let reader = match t.platform_of(v) {
+                    Some(p) => format!("a proxy of platform {}", p.name),
+                    None => format!("node {}", v.source),
+                };
                 println!(
-                    "agentless {}: node {} reads block node {} through the qemu monitor {}, fleece in {} (keeping {} MiB free), {}",
+                    "agentless {}: {} reads block node {} through the qemu monitor {}, fleece in {} (keeping {} MiB free), {}",
                     v.name,
-                    v.source,
+                    reader,
                     node,
                     monitor.display(),
                     fleece_dir.display(),

@@ -265,6 +265,9 @@ fn describe(diff: &TopologyDiff, old: &Topology, new: &Topology) -> Vec<String> 
     for g in &diff.changed_groups {
         lines.push(format!("consistency group changed: {g}"));
     }
+    for p in &diff.changed_platforms {
+        lines.push(format!("platform changed: {p}"));
+    }
     for site in &diff.changed_sites {
         let uplink = |t: &Topology| t.sites.iter().find(|s| &s.name == site).map(|s| s.uplink_bps);
         let show = |u: Option<Option<u64>>| match u {

@@ -44,6 +44,8 @@ pub struct TopologyDiff {
     pub changed_sites: Vec<String>,
     /// `[[group]]` names added, removed or whose member list or hooks changed.
     pub changed_groups: Vec<String>,
+    /// `[[platform]]` names added, removed or whose proxies or lease changed.
+    pub changed_platforms: Vec<String>,
 }
 
 impl TopologyDiff {
@@ -95,6 +97,10 @@ impl TopologyDiff {
         type Members = (Vec<crate::VolumeName>, Option<crate::VolumeHooks>);
         let groups = |t: &Topology| -> BTreeMap<String, Members> { t.groups.iter().map(|g| (g.name.clone(), (g.volumes.clone(), g.hooks.clone()))).collect() };
         diff.changed_groups = changed_keys(&groups(old), &groups(new));
+        let platforms = |t: &Topology| -> BTreeMap<String, (Vec<String>, std::time::Duration)> {
+            t.platforms.iter().map(|p| (p.name.clone(), (p.proxies.clone(), p.lease))).collect()
+        };
+        diff.changed_platforms = changed_keys(&platforms(old), &platforms(new));
         diff
     }
 
@@ -111,5 +117,6 @@ impl TopologyDiff {
             && self.changed_links.is_empty()
             && self.changed_sites.is_empty()
             && self.changed_groups.is_empty()
+            && self.changed_platforms.is_empty()
     }
 }

@@ -47,8 +47,8 @@ pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
 pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
-    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Group, Link, Mesh, Node, Policy,
-    Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday,
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Group, Link, Mesh, Node, Platform, Policy,
+    Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday, DEFAULT_PLATFORM_LEASE,
 };
 
 use diagnostic::Sink;
@@ -82,6 +82,8 @@ pub struct Topology {
     pub links: Vec<Link>,
     /// The `[[group]]` tables (consistency groups), in file order.
     pub groups: Vec<Group>,
+    /// The `[[platform]]` tables, in file order.
+    pub platforms: Vec<Platform>,
     /// The `[policy.NAME]` tables by name.
     pub policies: BTreeMap<String, Policy>,
     path: PathBuf,
@@ -142,8 +144,11 @@ impl Topology {
         if let Some(c) = &checked {
             let local_name = local.and_then(|id| c.nodes.iter().find(|n| n.id == *id)).map(|n| n.name.as_str());
             // The policies of the volumes this node is the source of, gathered once.
-            let local_policies: std::collections::HashSet<&str> =
-                c.volumes.iter().filter(|v| Some(v.source.as_str()) == local_name).map(|v| v.policy.as_str()).collect();
+            let reads = |v: &Volume| match c.platforms.iter().find(|p| p.name == v.source) {
+                Some(p) => local_name.is_some_and(|me| p.proxies.iter().any(|x| x == me)),
+                None => Some(v.source.as_str()) == local_name,
+            };
+            let local_policies: std::collections::HashSet<&str> = c.volumes.iter().filter(|v| reads(v)).map(|v| v.policy.as_str()).collect();
             for (policy, span, message) in missing_keys {
                 let needed = local.is_none() || local_policies.contains(policy.as_str());
                 if needed {
@@ -163,6 +168,7 @@ impl Topology {
                 volumes: c.volumes,
                 links: c.links,
                 groups: c.groups,
+                platforms: c.platforms,
                 policies: c.policies,
                 path: origin.to_path_buf(),
                 hash: *blake3::hash(text.as_bytes()).as_bytes(),
@@ -185,6 +191,30 @@ impl Topology {
     /// The consistency group `volume` is a member of, if any.
     pub fn group_of(&self, volume: &str) -> Option<&Group> {
         self.groups.iter().find(|g| g.volumes.iter().any(|v| v == volume))
+    }
+
+    /// The `[[platform]]` named `name`.
+    pub fn platform(&self, name: &str) -> Option<&Platform> {
+        self.platforms.iter().find(|p| p.name == name)
+    }
+
+    /// The platform whose proxies read `volume`, if its source is one.
+    pub fn platform_of(&self, volume: &Volume) -> Option<&Platform> {
+        self.platform(&volume.source)
+    }
+
+    /// Whether node `node` may read `volume`: it is the volume's source, or
+    /// one of the proxies of the platform that is.
+    pub fn may_read(&self, volume: &Volume, node: &str) -> bool {
+        match self.platform_of(volume) {
+            Some(p) => p.proxies.iter().any(|x| x == node),
+            None => volume.source == node,
+        }
+    }
+
+    /// The volumes node `node` may read (see [`Topology::may_read`]), in file order.
+    pub fn readable_by<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Volume> + 'a {
+        self.volumes.iter().filter(move |v| self.may_read(v, node))
     }
 
     /// The node with id `id`.

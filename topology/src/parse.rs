@@ -55,6 +55,16 @@ pub(crate) struct GroupDraft {
     pub(crate) group: Option<Group>,
 }
 
+/// A `[[platform]]` table as read.
+pub(crate) struct PlatformDraft {
+    /// The `name`, when it was a string.
+    pub(crate) name: Option<Sp<String>>,
+    /// The `proxies` entries, when it was a list of strings.
+    pub(crate) proxies: Vec<Sp<String>>,
+    /// The platform, when every field of its own table was valid.
+    pub(crate) platform: Option<Platform>,
+}
+
 /// A `[[node]]` table as read.
 pub(crate) struct NodeDraft {
     pub(crate) name: Option<Sp<String>>,
@@ -91,6 +101,7 @@ pub(crate) struct Draft {
     pub(crate) volumes: Vec<VolumeDraft>,
     pub(crate) links: Vec<LinkDraft>,
     pub(crate) groups: Vec<GroupDraft>,
+    pub(crate) platforms: Vec<PlatformDraft>,
     /// Policies by name; `None` when the policy's table had errors.
     pub(crate) policies: BTreeMap<String, Option<Policy>>,
     /// Key files that do not exist here: (policy, span, message). Whether that is
@@ -315,7 +326,7 @@ pub(crate) fn parse_host_port(text: &str) -> Result<String, String> {
 /// Reads the whole document. `origin` names the file for relative key paths.
 pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'_>) -> Draft {
     let top = Fields::new("the top level", 0..0, root);
-    top.check_keys(sink, &["mesh", "site", "node", "volume", "link", "group", "policy"], &[]);
+    top.check_keys(sink, &["mesh", "site", "node", "platform", "volume", "link", "group", "policy"], &[]);
     let base_dir = match origin.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -346,6 +357,9 @@ pub(crate) fn read_document(root: &DeTable<'_>, origin: &Path, sink: &mut Sink<'
     }
     for (header, map) in array_of_tables(&top, "group", sink) {
         draft.groups.push(read_group(&Fields::new("[[group]]", header, map), sink));
+    }
+    for (header, map) in array_of_tables(&top, "platform", sink) {
+        draft.platforms.push(read_platform(&Fields::new("[[platform]]", header, map), sink));
     }
     if let Some(value) = top.get("policy") {
         match value.get_ref() {
@@ -1223,6 +1237,63 @@ fn read_group(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> GroupDraft {
         _ => None,
     };
     GroupDraft { name, volumes, group }
+}
+
+/// Shortest and longest `lease` of a `[[platform]]`.
+const PLATFORM_LEASE_RANGE: (std::time::Duration, std::time::Duration) = (std::time::Duration::from_secs(2), std::time::Duration::from_secs(600));
+
+fn read_platform(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> PlatformDraft {
+    f.check_keys(sink, &["name", "proxies", "lease"], &[]);
+    let mut ok = true;
+    let name = f.text(sink, "name", true);
+    if let Some(n) = &name {
+        if let Err(e) = check_name("platform", &n.value) {
+            sink.error(n.span.clone(), e);
+            ok = false;
+        }
+    }
+    let mut proxies = Vec::new();
+    match f.string_list(sink, "proxies") {
+        None => {
+            f.missing(sink, "proxies", "a list of the node names that may read the platform's VMs, like [\"proxy-1\", \"proxy-2\"]");
+            ok = false;
+        }
+        Some(Err(())) => ok = false,
+        Some(Ok((span, list))) => {
+            if list.is_empty() {
+                sink.error(span, "`proxies` in [[platform]] is empty; expected at least one proxy node name");
+                ok = false;
+            }
+            for (i, p) in list.iter().enumerate() {
+                if list[..i].iter().any(|q| q.value == p.value) {
+                    sink.error(p.span.clone(), format!("proxy {:?} is listed twice", p.value));
+                    ok = false;
+                }
+            }
+            proxies = list;
+        }
+    }
+    let mut lease = crate::schema::DEFAULT_PLATFORM_LEASE;
+    if let Some(s) = f.string(sink, "lease", false) {
+        match units::parse_duration(&s.value) {
+            Ok(d) if d < PLATFORM_LEASE_RANGE.0 || d > PLATFORM_LEASE_RANGE.1 => {
+                sink.error(s.span, format!("`lease` in [[platform]] must be from 2s to 10m, found {:?}", s.value));
+                ok = false;
+            }
+            Ok(d) => lease = d,
+            Err(e) => {
+                sink.error(s.span, format!("`lease` in [[platform]]: {e}"));
+                ok = false;
+            }
+        }
+    } else if f.get("lease").is_some() {
+        ok = false;
+    }
+    let platform = match &name {
+        Some(n) if ok => Some(Platform { name: n.value.clone(), proxies: proxies.iter().map(|p| p.value.clone()).collect(), lease }),
+        _ => None,
+    };
+    PlatformDraft { name, proxies, platform }
 }
 
 fn read_bandwidth(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<Bandwidth> {

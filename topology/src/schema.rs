@@ -65,6 +65,27 @@ pub struct Group {
     pub hooks: Option<VolumeHooks>,
 }
 
+/// A `[[platform]]`: a hypervisor host whose VMs' disks several proxy nodes
+/// can reach. Each of its volumes (a `qemu` volume whose `source` names the
+/// platform) is read by one live proxy at a time, chosen by rendezvous
+/// hashing over the proxies gossip reports alive; a proxy runs a volume's
+/// cycles only under a lease from the volume's first target (docs/agentless.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// Unique name, not a node's name (volumes name it as their `source`).
+    pub name: String,
+    /// Its proxy nodes, at least one, in the order written.
+    pub proxies: Vec<String>,
+    /// How long a proxy's lease on a volume lasts without renewal (2 s to
+    /// 10 min, default 30 s): a dead proxy's volumes move after at most this
+    /// long, and a proxy cut off from the lease's target stops reading them
+    /// before it runs out.
+    pub lease: std::time::Duration,
+}
+
+/// Default `lease` of a `[[platform]]`.
+pub const DEFAULT_PLATFORM_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A `[[node]]` table: one `drmesh` process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -111,7 +132,8 @@ pub const DEFAULT_GC_EVERY: std::time::Duration = std::time::Duration::from_secs
 pub struct Volume {
     /// Unique volume name; recovery points are named `NAME@SEQ`.
     pub name: VolumeName,
-    /// Name of the node that reads the volume.
+    /// Name of the node that reads the volume, or of the `[[platform]]`
+    /// whose proxies read it (see [`crate::Topology::may_read`]).
     pub source: String,
     /// How blocks and changes are read, with the kind's settings.
     pub kind: SourceKind,

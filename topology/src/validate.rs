@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::diagnostic::Sink;
 use crate::node_id::NodeId;
 use crate::parse::{Draft, Span};
-use crate::schema::{Group, Link, Mesh, Node, Policy, Site, Volume};
+use crate::schema::{Group, Link, Mesh, Node, Platform, Policy, Site, Volume};
 
 /// The checked sections of a file.
 pub(crate) struct Checked {
@@ -17,6 +17,7 @@ pub(crate) struct Checked {
     pub(crate) volumes: Vec<Volume>,
     pub(crate) links: Vec<Link>,
     pub(crate) groups: Vec<Group>,
+    pub(crate) platforms: Vec<Platform>,
     pub(crate) policies: BTreeMap<String, Policy>,
 }
 
@@ -133,6 +134,26 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         }
     }
 
+    // Platforms: unique names that are not node names, proxies that are nodes.
+    let mut platforms: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut platform_names: Seen<String> = Seen::new();
+    for platform in &draft.platforms {
+        let Some(name) = &platform.name else { continue };
+        if let Some(first) = platform_names.check(name.value.clone(), &name.span) {
+            let line = sink.line(first.start);
+            sink.error(name.span.clone(), format!("platform {:?} is already defined on line {line}", name.value));
+        }
+        if node_names.first.contains_key(&name.value) {
+            sink.error(name.span.clone(), format!("platform name {:?} is a [[node]] name too; volumes name either as their `source`, so give the platform a name of its own", name.value));
+        }
+        for proxy in &platform.proxies {
+            if !node_names.first.contains_key(&proxy.value) {
+                sink.error(proxy.span.clone(), format!("proxy {:?} of platform {:?} is not a [[node]] name", proxy.value, name.value));
+            }
+        }
+        platforms.insert(name.value.as_str(), platform.proxies.iter().map(|p| p.value.as_str()).collect());
+    }
+
     let mut volume_names: Seen<String> = Seen::new();
     let mut known_policies: Option<String> = None;
     // Per policy with a drill table: its drill nodes, and how messages list them.
@@ -203,15 +224,34 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
                 );
             }
         }
+        let proxies = volume.source.as_ref().and_then(|s| platforms.get(s.value.as_str()));
         if let Some(source) = &volume.source {
-            if !node_names.first.contains_key(&source.value) {
-                sink.error(source.span.clone(), format!("volume source {:?} is not a [[node]] name", source.value));
+            if proxies.is_some() {
+                let kind = volume.volume.as_ref().map(|v| v.kind.name());
+                if kind.is_some_and(|k| k != "qemu") {
+                    sink.error(
+                        source.span.clone(),
+                        format!("volume source {:?} is a [[platform]], whose proxies read VM disks through qemu; expected kind \"qemu\", found {:?} (a {:?} volume is read by one node: name that node)", source.value, kind.unwrap_or("?"), kind.unwrap_or("?")),
+                    );
+                }
+            } else if !node_names.first.contains_key(&source.value) {
+                let also = if platforms.is_empty() { "" } else { " or [[platform]]" };
+                sink.error(source.span.clone(), format!("volume source {:?} is not a [[node]]{also} name", source.value));
             }
         }
         let mut targets: Seen<String> = Seen::new();
         for target in &volume.targets {
             if !node_names.first.contains_key(&target.value) {
                 sink.error(target.span.clone(), format!("target {:?} is not a [[node]] name", target.value));
+            } else if proxies.is_some_and(|p| p.contains(&target.value.as_str())) {
+                sink.error(
+                    target.span.clone(),
+                    format!(
+                        "target {:?} is a proxy of platform {:?}, which reads the volume; expected other nodes to hold its recovery points",
+                        target.value,
+                        volume.source.as_ref().map(|s| s.value.as_str()).unwrap_or("?")
+                    ),
+                );
             } else if volume.source.as_ref().is_some_and(|s| s.value == target.value) {
                 sink.error(
                     target.span.clone(),
@@ -303,6 +343,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
         volumes: draft.volumes.into_iter().map(|v| v.volume).collect::<Option<_>>()?,
         links: draft.links.into_iter().map(|l| l.link).collect::<Option<_>>()?,
         groups: draft.groups.into_iter().map(|g| g.group).collect::<Option<_>>()?,
+        platforms: draft.platforms.into_iter().map(|p| p.platform).collect::<Option<_>>()?,
         policies,
     })
 }

@@ -129,7 +129,7 @@ fn unknown_top_level_key() {
         &errs[1],
         25,
         2,
-        "unknown key `policies` in the top level; allowed keys: mesh, site, node, volume, link, group, policy",
+        "unknown key `policies` in the top level; allowed keys: mesh, site, node, platform, volume, link, group, policy",
     );
 }
 
@@ -981,4 +981,63 @@ fn a_group_with_an_unknown_key_or_a_bad_name() {
     assert_eq!(errs.len(), 2, "{errs:#?}");
     assert_error(&errs[0], 40, 8, "group");
     assert!(errs[1].2.contains("members"), "{errs:#?}");
+}
+
+// ---- platforms (proxies that share a hypervisor's VMs) ----------------------
+
+/// `GOOD` with a node `c` (lines 27-31), then `platform` from line 32, then a
+/// `qemu` volume `vm` whose source is `source` and targets are `targets`.
+fn with_platform(platform: &str, source: &str, targets: &str) -> String {
+    edit(
+        26,
+        &format!(
+            "rpo = \"15m\"\n[[node]]\nname = \"c\"\nid = \"ID3\"\naddresses = [\"10.0.0.3:7400\"]\nsite = \"s\"\n{platform}\n[[volume]]\nname = \"vm\"\nsource = \"{source}\"\nkind = \"qemu\"\nmonitor = \"/run/vm.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/var/tmp/f\"\ntargets = [{targets}]\npolicy = \"p\""
+        ),
+    )
+}
+
+const HV: &str = "[[platform]]\nname = \"hv\"\nproxies = [\"a\", \"c\"]\nlease = \"20s\"";
+
+#[test]
+fn a_platform_volume_is_read_by_any_of_its_proxies() {
+    let topo = Topology::parse(&expand(&with_platform(HV, "hv", "\"b\"")), Path::new("t.toml")).unwrap();
+    let p = topo.platform("hv").expect("the platform");
+    assert_eq!((p.proxies.as_slice(), p.lease), (&["a".to_string(), "c".to_string()][..], std::time::Duration::from_secs(20)));
+    let vm = topo.volume_by_name("vm").unwrap();
+    assert_eq!(topo.platform_of(vm).map(|p| p.name.as_str()), Some("hv"));
+    assert!(topo.may_read(vm, "a") && topo.may_read(vm, "c") && !topo.may_read(vm, "b"));
+    assert_eq!(topo.readable_by("c").map(|v| v.name.as_str()).collect::<Vec<_>>(), ["vm"]);
+    assert_eq!(topo.readable_by("a").map(|v| v.name.as_str()).collect::<Vec<_>>(), ["v", "vm"]);
+    // The lease defaults to 30 s.
+    let default = with_platform("[[platform]]\nname = \"hv\"\nproxies = [\"a\"]", "hv", "\"b\"");
+    assert_eq!(Topology::parse(&expand(&default), Path::new("t.toml")).unwrap().platforms[0].lease, drmesh_topology::DEFAULT_PLATFORM_LEASE);
+}
+
+#[test]
+fn a_platform_with_bad_proxies_or_lease() {
+    // Lines: 32 [[platform]], 33 name, 34 proxies, 35 lease.
+    assert_one(&with_platform("[[platform]]\nname = \"hv\"\nproxies = [\"a\", \"x\"]", "hv", "\"b\""), 34, 17, "proxy \"x\" of platform \"hv\" is not a [[node]] name");
+    assert_one(&with_platform("[[platform]]\nname = \"hv\"\nproxies = []", "hv", "\"b\""), 34, 11, "`proxies` in [[platform]] is empty");
+    assert_one(&with_platform("[[platform]]\nname = \"hv\"\nproxies = [\"a\", \"a\"]", "hv", "\"b\""), 34, 17, "proxy \"a\" is listed twice");
+    assert_one(&with_platform("[[platform]]\nname = \"hv\"\nproxies = [\"a\"]\nlease = \"1s\"", "hv", "\"b\""), 35, 9, "must be from 2s to 10m");
+    assert_one(&with_platform("[[platform]]\nname = \"hv\"\nlease = \"5s\"", "hv", "\"b\""), 32, 1, "proxies");
+}
+
+#[test]
+fn a_platform_named_like_a_node_or_twice() {
+    let errs = errors(&with_platform("[[platform]]\nname = \"c\"\nproxies = [\"a\"]\n[[platform]]\nname = \"c\"\nproxies = [\"a\"]", "c", "\"b\""));
+    assert!(errs.iter().any(|e| e.0 == 33 && e.2.contains("platform name \"c\" is a [[node]] name too")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.0 == 36 && e.2.contains("platform \"c\" is already defined on line 33")), "{errs:#?}");
+}
+
+#[test]
+fn a_platform_volume_that_targets_a_proxy_or_is_not_qemu() {
+    // Lines: 36 [[volume]] .. 39 kind, 43 targets.
+    assert_one(&with_platform(HV, "hv", "\"b\", \"c\""), 43, 17, "target \"c\" is a proxy of platform \"hv\", which reads the volume");
+    let file = with_platform(HV, "hv", "\"b\"").replace("kind = \"qemu\"\nmonitor = \"/run/vm.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/var/tmp/f\"", "kind = \"file\"\npath = \"/img9\"");
+    let errs = errors(&file);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_error(&errs[0], 38, 10, "is a [[platform]], whose proxies read VM disks through qemu; expected kind \"qemu\", found \"file\"");
+    // A source that is neither a node nor a platform says both.
+    assert_one(&with_platform(HV, "hx", "\"b\""), 38, 10, "volume source \"hx\" is not a [[node]] or [[platform]] name");
 }

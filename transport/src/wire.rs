@@ -34,6 +34,8 @@ pub enum StreamKind {
     Replication = 1,
     /// Reading a recovery point from the node that holds it (restore from a peer).
     Fetch = 2,
+    /// One lease request of a platform's proxy to a volume's first target.
+    Lease = 3,
 }
 
 impl StreamKind {
@@ -43,6 +45,7 @@ impl StreamKind {
             0 => Some(StreamKind::Control),
             1 => Some(StreamKind::Replication),
             2 => Some(StreamKind::Fetch),
+            3 => Some(StreamKind::Lease),
             _ => None,
         }
     }

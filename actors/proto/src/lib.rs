@@ -10,6 +10,7 @@
 //! - [`codec`]: how a block becomes a blob (zstd, AES-256-GCM, deltas);
 //! - [`session`]: a replication session's source and target sides; [`fetch`]:
 //!   the messages of a fetch stream;
+//! - [`lease`]: which proxy reads a platform's volume, and its lease;
 //! - [`gossip`], [`peers`], [`bandwidth`], [`drill`], [`nbd`], [`qmp`]: the other cores;
 //! - [`drill_report`]: what a drill proved, as stored and gossiped;
 //! - [`version`]: the versions of the data streams' message sets.
@@ -22,6 +23,7 @@ pub mod drill;
 pub mod drill_report;
 pub mod fetch;
 pub mod gossip;
+pub mod lease;
 pub mod nbd;
 pub mod peers;
 pub mod qmp;

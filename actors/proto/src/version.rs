@@ -15,6 +15,10 @@ pub const REPLICATION: u16 = 2;
 /// change to their encoding.
 pub const FETCH: u16 = 2;
 
+/// Version of the lease messages (`LeaseRequest`, `LeaseReply`); bumped on
+/// any change to their encoding.
+pub const LEASE: u16 = 1;
+
 /// A stream whose messages are of a version this node does not speak.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the peer sent {stream} messages of version {peer}, this node speaks version {ours}; run the same drmesh release on both nodes")]

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::actor::fetch;
 use crate::actor::mesh::StreamService;
 use crate::actor::pacing::LinkPacers;
+use crate::proto::lease::{Grant, LeaseReply, LeaseRequest, LeaseTable};
 use crate::proto::session::{Announcement, TargetEvent, TargetMsg, TargetSession};
 use crate::proto::time::Millis;
 use crate::proto::version;
@@ -51,6 +52,10 @@ pub struct DataPlane {
     serving: AtomicUsize,
     gossip: OnceLock<actix::Recipient<RpNews>>,
     link_pacers: Arc<LinkPacers>,
+    /// The leases of the platform volumes this node is the first target of.
+    leases: std::sync::Mutex<LeaseTable>,
+    /// The time base of `leases`.
+    origin: Instant,
 }
 
 impl DataPlane {
@@ -60,7 +65,21 @@ impl DataPlane {
         // every session's leftovers when it opens.
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
         let link_pacers = Arc::new(LinkPacers::new(Instant::now()));
-        DataPlane { store, topology: RwLock::new(topology), local, next_session: AtomicU64::new(seed), serving: AtomicUsize::new(0), gossip: OnceLock::new(), link_pacers }
+        // A restart forgets the leases granted before: none is granted until
+        // the longest one could have run out.
+        let quiet = topology.platforms.iter().map(|p| p.lease).max().unwrap_or_default();
+        let leases = std::sync::Mutex::new(LeaseTable::new(Millis(0), quiet));
+        DataPlane {
+            store,
+            topology: RwLock::new(topology),
+            local,
+            next_session: AtomicU64::new(seed),
+            serving: AtomicUsize::new(0),
+            gossip: OnceLock::new(),
+            link_pacers,
+            leases,
+            origin: Instant::now(),
+        }
     }
 
     /// The pacers of this node's `[[link]]` caps: the scheduler sets their
@@ -108,6 +127,7 @@ impl StreamService for Arc<DataPlane> {
             let (stream, ours) = match header.kind {
                 StreamKind::Replication => ("replication", version::REPLICATION),
                 StreamKind::Fetch => ("fetch", version::FETCH),
+                StreamKind::Lease => ("lease", version::LEASE),
                 StreamKind::Control => return,
             };
             if let Err(mismatch) = version::check(stream, header.version, ours) {
@@ -119,6 +139,7 @@ impl StreamService for Arc<DataPlane> {
             match header.kind {
                 StreamKind::Replication => serve_replication(plane, peer, send, recv).await,
                 StreamKind::Fetch => fetch::serve(plane.store.clone(), plane.topology(), plane.link_pacers.clone(), peer, send, recv).await,
+                StreamKind::Lease => serve_lease(&plane, peer, send, recv).await,
                 StreamKind::Control => {}
             }
         });
@@ -130,6 +151,7 @@ impl StreamService for Arc<DataPlane> {
 async fn refuse(kind: StreamKind, mut send: quinn::SendStream, reason: String) {
     let sent = match kind {
         StreamKind::Replication => endpoint::send_frame(&mut send, &TargetMsg::Failed { reason }).await,
+        StreamKind::Lease => endpoint::send_frame(&mut send, &LeaseReply::Refused(reason)).await,
         _ => endpoint::send_frame(&mut send, &fetch::FetchReply::Error(reason)).await,
     };
     if sent.is_ok() {
@@ -137,6 +159,99 @@ async fn refuse(kind: StreamKind, mut send: quinn::SendStream, reason: String) {
         // Let the refusal reach the peer before the stream is dropped (a peer
         // that never reads it does not hold the task for long).
         let _ = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
+    }
+}
+
+/// Answers one lease request of a platform's proxy (see
+/// [`crate::proto::lease`]): this node must be the volume's first target
+/// and the peer one of its platform's proxies.
+async fn serve_lease(plane: &Arc<DataPlane>, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut reader = MessageReader::with_limit(recv, 4096);
+    let request = match reader.next_frame::<LeaseRequest>().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(peer = %peer_label(plane, peer), error = %e, "lease stream");
+            return;
+        }
+    };
+    let reply = plane.lease_reply(peer, &request);
+    if endpoint::send_frame(&mut send, &reply).await.is_ok() {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
+    }
+}
+
+impl DataPlane {
+    /// The answer to `peer`'s lease `request`, the table updated.
+    fn lease_reply(&self, peer: NodeId, request: &LeaseRequest) -> LeaseReply {
+        let topology = self.topology();
+        let volume = match request {
+            LeaseRequest::Acquire { volume } | LeaseRequest::Release { volume } => volume,
+        };
+        let me = topology.node_by_id(&self.local).map(|n| n.name.clone()).unwrap_or_default();
+        let Some(peer_name) = topology.node_by_id(&peer).map(|n| n.name.clone()) else {
+            return LeaseReply::Refused(format!("node {} is not in this node's topology", peer.short()));
+        };
+        let Some(v) = topology.volume_by_name(volume) else {
+            return LeaseReply::Refused(format!("volume \"{volume}\" is not in the topology of node {me}"));
+        };
+        let Some(platform) = topology.platform_of(v) else {
+            return LeaseReply::Refused(format!("volume \"{volume}\" is read by node {}, not by a platform's proxies: it has no lease", v.source));
+        };
+        if !platform.proxies.contains(&peer_name) {
+            return LeaseReply::Refused(format!("node {peer_name} is not a proxy of platform {} (its proxies: {})", platform.name, platform.proxies.join(", ")));
+        }
+        if v.targets.first() != Some(&me) {
+            return LeaseReply::Refused(format!(
+                "node {me} does not keep the lease of volume \"{volume}\": its first target, {}, does",
+                v.targets.first().map_or("?", String::as_str)
+            ));
+        }
+        let now = Millis(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let mut table = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        table.handle_timeout(now);
+        match request {
+            LeaseRequest::Release { .. } => {
+                table.handle_release(volume, peer);
+                tracing::info!(%volume, proxy = %peer_name, "lease released");
+                LeaseReply::Released
+            }
+            LeaseRequest::Acquire { .. } => {
+                let held = table.holder(now, volume);
+                match table.handle_acquire(now, volume, peer, platform.lease) {
+                    Grant::Granted => {
+                        if held != Some(peer) {
+                            tracing::info!(%volume, proxy = %peer_name, lease = %humantime::format_duration(platform.lease), "lease granted");
+                        }
+                        LeaseReply::Granted { ttl_ms: u64::try_from(platform.lease.as_millis()).unwrap_or(u64::MAX) }
+                    }
+                    Grant::HeldBy { holder, remaining } => LeaseReply::Held {
+                        holder: topology.node_by_id(&holder).map_or_else(|| holder.short(), |n| n.name.clone()),
+                        remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+                    },
+                    Grant::Starting { remaining } => LeaseReply::Held {
+                        holder: format!("nobody yet: node {me} started less than a lease ago and may have granted leases it forgot"),
+                        remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Asks `conn`'s node (a volume's first target) for the lease on `volume`,
+/// or releases it; the reply as the target sent it, or why none came.
+pub async fn request_lease(conn: &quinn::Connection, request: &LeaseRequest) -> Result<LeaseReply, String> {
+    let (mut send, recv) = endpoint::open_stream(conn, StreamHeader::data(StreamKind::Lease, version::LEASE)).await.map_err(|e| e.to_string())?;
+    endpoint::send_frame(&mut send, request).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut reader = MessageReader::with_limit(recv, 4096);
+    match tokio::time::timeout(Duration::from_secs(10), reader.next_frame::<LeaseReply>()).await {
+        Err(_) => Err("no answer within 10 s".into()),
+        Ok(Ok(Some(reply))) => Ok(reply),
+        Ok(Ok(None)) => Err("the target closed the lease stream without an answer (a release of drmesh without leases?)".into()),
+        Ok(Err(e)) => Err(e.to_string()),
     }
 }
 

@@ -90,7 +90,7 @@ async fn start_reply(request: FetchRequest, store: &Arc<dyn ReadStore>, topology
     let store2 = store.clone();
     match request {
         FetchRequest::Rp { volume, seq } => {
-            let allowed = topology.volumes.iter().any(|v| v.name == volume && (v.source == peer_name || v.targets.iter().any(|t| t == peer_name)));
+            let allowed = topology.volumes.iter().any(|v| v.name == volume && (topology.may_read(v, peer_name) || v.targets.iter().any(|t| t == peer_name)));
             if !allowed {
                 return Pending::Ready(Box::new(FetchReply::Error(format!("node {peer_name} may not read volume {volume} (only its source and targets may)"))));
             }

@@ -843,6 +843,38 @@ impl Handler<GetMesh> for GossipActor {
     }
 }
 
+/// Who gossip counts as up, for choosing a platform volume's proxy.
+#[derive(Debug, Clone, Default)]
+pub struct LiveNodes {
+    /// Members alive or suspect (not yet declared down), this node included.
+    pub up: Vec<NodeId>,
+    /// Every member gossip has heard of, up or down.
+    pub heard: Vec<NodeId>,
+}
+
+/// Asks for the [`LiveNodes`].
+#[derive(Message)]
+#[rtype(result = "LiveNodes")]
+pub struct GetLiveNodes;
+
+impl Handler<GetLiveNodes> for GossipActor {
+    type Result = MessageResult<GetLiveNodes>;
+
+    fn handle(&mut self, _msg: GetLiveNodes, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut live = LiveNodes { up: vec![self.me], heard: vec![self.me] };
+        for m in self.node.members() {
+            if m.node == self.me {
+                continue;
+            }
+            live.heard.push(m.node);
+            if matches!(m.state, MemberState::Alive | MemberState::Suspect) {
+                live.up.push(m.node);
+            }
+        }
+        MessageResult(live)
+    }
+}
+
 /// One RP of `drmesh ctl catalog`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CatalogRp {

@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod gossip;
 pub mod mesh;
 pub mod pacing;
+pub mod platform;
 pub mod replicate;
 pub mod sender;
 pub mod volumes;

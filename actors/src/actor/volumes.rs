@@ -28,7 +28,9 @@ use drmesh_topology::{Compression, Topology};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::actor::gossip::{DemandNews, GossipActor, SetDemandSink, SiteDemands, VolumeNews};
+use crate::actor::gossip::{DemandNews, GetLiveNodes, GossipActor, SetDemandSink, SiteDemands, VolumeNews};
+use crate::actor::platform::{LeaseAction, Platforms, ProxyRole};
+use crate::proto::lease::{LeaseReply, LeaseRequest};
 use crate::actor::mesh::{GetConnection, MeshActor};
 use crate::proto::bandwidth::{effective_cap, policy_cap, site_share, Demand, LocalTime, Pacer, PolicyCap};
 use crate::proto::gossip::catalog::VolumeHealth;
@@ -148,6 +150,9 @@ pub struct ReplicationStatus {
     pub paused_since_unix_ms: Option<u64>,
     /// What its cycles did since the node started.
     pub totals: ReplicationTotals,
+    /// For a volume of a `[[platform]]`: which proxy reads it and this
+    /// node's lease (null for a volume read by one node).
+    pub proxy: Option<ProxyRole>,
 }
 
 /// How far a running cycle is.
@@ -307,6 +312,8 @@ pub struct VolumeScheduler {
     /// Memory budget held by the running cycles (sum of their [`cycle_bound`]s;
     /// a cycle of a plan the topology dropped holds its share until it ends).
     reserved: u64,
+    /// Which platform volumes this node reads now, and their leases.
+    platforms: Platforms,
 }
 
 fn now_ms() -> u64 {
@@ -351,7 +358,7 @@ impl VolumeScheduler {
             tracing::error!(error = %e, "cannot read the paused volumes; every volume runs");
             BTreeMap::new()
         });
-        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits, paused, reserved: 0 };
+        let mut s = VolumeScheduler { local, topology, mesh, baselines, plans: BTreeMap::new(), gossip: None, limits, paused, reserved: 0, platforms: Platforms::new() };
         s.replan(true);
         s.update_limits();
         for (volume, since) in &s.paused {
@@ -369,7 +376,7 @@ impl VolumeScheduler {
         let now = self.limits.link_pacers.origin().elapsed();
         let me = self.local_name();
         let mut caps = BTreeMap::new();
-        for volume in self.topology.volumes.iter().filter(|v| v.source == me) {
+        for volume in self.topology.readable_by(&me) {
             if let Some(policy) = self.topology.policies.get(&volume.policy) {
                 caps.insert(volume.policy.clone(), policy_cap(policy.bandwidth.as_ref(), local));
             }
@@ -442,7 +449,7 @@ impl VolumeScheduler {
     fn check_source(&self, volume: &VolumeName) -> Result<(), String> {
         let me = self.local_name();
         match self.topology.volumes.iter().find(|v| v.name == *volume) {
-            Some(v) if v.source == me => Ok(()),
+            Some(v) if self.topology.may_read(v, &me) => Ok(()),
             Some(v) => Err(format!(
                 "volume \"{volume}\" is replicated by node {}, not by this node ({me}); pause and resume act on the source node",
                 v.source
@@ -454,7 +461,7 @@ impl VolumeScheduler {
     /// Every volume this node is the source of.
     fn own_volumes(&self) -> Vec<VolumeName> {
         let me = self.local_name();
-        self.topology.volumes.iter().filter(|v| v.source == me).map(|v| v.name.clone()).collect()
+        self.topology.readable_by(&me).map(|v| v.name.clone()).collect()
     }
 
     fn local_name(&self) -> String {
@@ -465,7 +472,7 @@ impl VolumeScheduler {
     fn replan(&mut self, at_startup: bool) {
         let me = self.local_name();
         let mut plans = BTreeMap::new();
-        for volume in self.topology.volumes.iter().filter(|v| v.source == me) {
+        for volume in self.topology.readable_by(&me) {
             let rpo = self.topology.policies.get(&volume.policy).map_or(Duration::from_secs(3600), |p| p.rpo);
             for target in &volume.targets {
                 let key = (volume.name.clone(), target.clone());
@@ -661,6 +668,14 @@ impl VolumeScheduler {
     fn watch_rpo(&mut self) {
         let now = now_ms();
         for ((volume, target), plan) in &mut self.plans {
+            // A platform volume another proxy reads: its RPO is that proxy's
+            // to keep; here the clock starts again when it moves here.
+            if !self.platforms.reads_here(&self.topology, self.local, volume) {
+                plan.since_unix_ms = now;
+                plan.newest_rp_unix_ms = None;
+                plan.rpo_missed = None;
+                continue;
+            }
             let (missed, age_ms) = rpo_missed(plan.newest_rp_unix_ms, plan.since_unix_ms, plan.rpo, now);
             // Tenths of a second: "10s 400ms old, the RPO is 10s", not "10s old".
             let (age, rpo) = (humantime::format_duration(Duration::from_millis(age_ms / 100 * 100)), humantime::format_duration(plan.rpo));
@@ -677,14 +692,58 @@ impl VolumeScheduler {
         }
     }
 
+    /// The platform volumes' upkeep: who is up (asked of gossip for the
+    /// next look), lease requests sent, cycles of volumes that moved or whose
+    /// lease ran low stopped.
+    fn platform_upkeep(&mut self, ctx: &mut Context<Self>) {
+        if self.topology.platforms.is_empty() {
+            return;
+        }
+        if let Some(gossip) = &self.gossip {
+            gossip.send(GetLiveNodes).into_actor(self).map(|live, act, _| {
+                if let Ok(live) = live {
+                    act.platforms.set_live(live);
+                }
+            }).spawn(ctx);
+        }
+        let me = self.local_name();
+        let plans = &self.plans;
+        let running = |v: &VolumeName| plans.iter().any(|((pv, _), p)| pv == v && p.running);
+        for action in self.platforms.upkeep(&self.topology, self.local, &me, running) {
+            match action {
+                LeaseAction::Send { volume, target, request } => {
+                    let (mesh, addr) = (self.mesh.clone(), ctx.address());
+                    actix_rt::spawn(async move {
+                        let reply = match mesh.send(GetConnection(target.clone())).await {
+                            Ok(Some((_, conn))) if conn.close_reason().is_none() => crate::actor::applier::request_lease(&conn, &request).await,
+                            _ => Err(format!("target {target} is not connected")),
+                        };
+                        addr.do_send(LeaseAnswer { volume, request, reply });
+                    });
+                }
+                LeaseAction::Stop { volume, reason } => {
+                    for ((v, target), plan) in self.plans.iter_mut().filter(|((v, _), p)| *v == volume && p.running) {
+                        if let Some(cancel) = plan.cancel.take() {
+                            tracing::warn!(volume = %v, %target, %reason, "stopping the cycle");
+                            let _ = cancel.send(reason.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.update_limits();
+        self.platform_upkeep(ctx);
         self.watch_rpo();
         let now = Instant::now();
+        let (topology, me, platforms) = (&self.topology, self.local, &self.platforms);
         let mut due: Vec<(Instant, Key)> = self
             .plans
             .iter()
             .filter(|((volume, _), p)| !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume.as_str()))
+            .filter(|((volume, _), _)| platforms.held_back(topology, me, volume).is_none())
             .map(|(k, p)| (p.next_due, k.clone()))
             .collect();
         // Oldest due first; one that the memory budget cannot take yet holds
@@ -906,6 +965,9 @@ impl Handler<SyncNow> for VolumeScheduler {
             };
             return Box::pin(async move { Err(reason) });
         }
+        if let Some(reason) = self.platforms.held_back(&self.topology, self.local, &msg.0) {
+            return Box::pin(async move { Err(format!("{reason}; run sync-now on the proxy that reads it (`drmesh ctl volumes` there says so)")) });
+        }
         if let Some(since) = self.paused.get(msg.0.as_str()) {
             let reason = format!(
                 "volume \"{}\" is paused (since {} UTC); `drmesh ctl resume {}` starts a cycle",
@@ -961,6 +1023,28 @@ impl Handler<SyncNow> for VolumeScheduler {
     }
 }
 
+/// The answer to a lease request of a platform volume.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct LeaseAnswer {
+    volume: VolumeName,
+    request: LeaseRequest,
+    reply: Result<LeaseReply, String>,
+}
+
+impl Handler<LeaseAnswer> for VolumeScheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeaseAnswer, ctx: &mut Context<Self>) {
+        let waited = self.platforms.held_back(&self.topology, self.local, &msg.volume).is_some();
+        self.platforms.handle_reply(&msg.volume, &msg.request, msg.reply);
+        if waited && self.platforms.held_back(&self.topology, self.local, &msg.volume).is_none() {
+            // A volume that waited for its lease starts now, not at the next look.
+            self.tick(ctx);
+        }
+    }
+}
+
 /// Asks for every replication's status.
 #[derive(Message)]
 #[rtype(result = "Vec<ReplicationStatus>")]
@@ -990,6 +1074,7 @@ impl Handler<GetReplications> for VolumeScheduler {
                     }),
                     paused_since_unix_ms: self.paused.get(volume.as_str()).copied(),
                     totals: p.totals,
+                    proxy: self.platforms.role(&self.topology, self.local, volume),
                 })
                 .collect(),
         )

@@ -475,7 +475,8 @@ impl TargetSession {
         self.events.push_back(TargetEvent::Commit { meta });
     }
 
-    /// Only the volume's source node may replicate it, and only to its targets.
+    /// Only the volume's source node (or a proxy of its platform) may
+    /// replicate it, and only to its targets.
     fn admit(&self, volume: &VolumeName, encrypted: bool) -> Result<Opened, SessionError> {
         let t = &self.topology;
         let peer_name = t.node_by_id(&self.peer).map(|n| n.name.clone()).unwrap_or_else(|| self.peer.short());
@@ -483,11 +484,11 @@ impl TargetSession {
         let Some(vol) = t.volumes.iter().find(|v| v.name == *volume) else {
             return Err(SessionError::Refused(format!("volume \"{volume}\" is not in this node's topology")));
         };
-        if vol.source != peer_name {
-            return Err(SessionError::Refused(format!(
-                "node {peer_name} is not the source of volume \"{volume}\" (the topology says {})",
-                vol.source
-            )));
+        if !t.may_read(vol, &peer_name) {
+            return Err(SessionError::Refused(match t.platform_of(vol) {
+                Some(p) => format!("node {peer_name} is not a proxy of platform {}, which reads volume \"{volume}\" (its proxies: {})", p.name, p.proxies.join(", ")),
+                None => format!("node {peer_name} is not the source of volume \"{volume}\" (the topology says {})", vol.source),
+            }));
         }
         if !vol.targets.contains(&local_name) {
             return Err(SessionError::Refused(format!("this node ({local_name}) is not a target of volume \"{volume}\"")));
