@@ -240,6 +240,28 @@ impl DataPlane {
     }
 }
 
+impl DataPlane {
+    /// Why `peer` may not commit an RP of `volume` here: the volume is a
+    /// platform's, this node keeps its lease, and `peer` does not hold it
+    /// (its lease ran out while its cycle ran; another proxy may read the VM
+    /// now). `None`: it may.
+    fn lease_refusal(&self, peer: NodeId, volume: &VolumeName) -> Option<String> {
+        let topology = self.topology();
+        let v = topology.volume_by_name(volume)?;
+        topology.platform_of(v)?;
+        let me = topology.node_by_id(&self.local).map(|n| n.name.clone())?;
+        if v.targets.first() != Some(&me) {
+            return None;
+        }
+        let now = Millis(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let holder = self.leases.lock().unwrap_or_else(|p| p.into_inner()).holder(now, volume);
+        (holder != Some(peer)).then(|| {
+            let by = holder.map_or_else(|| "nobody".to_string(), |h| topology.node_by_id(&h).map_or_else(|| h.short(), |n| n.name.clone()));
+            format!("the proxy does not hold the lease on volume \"{volume}\" here (held by {by}): nothing committed, so that no two proxies' cycles of one VM commit")
+        })
+    }
+}
+
 /// Asks `conn`'s node (a volume's first target) for the lease on `volume`,
 /// or releases it; the reply as the target sent it, or why none came.
 pub async fn request_lease(conn: &quinn::Connection, request: &LeaseRequest) -> Result<LeaseReply, String> {
@@ -392,6 +414,10 @@ async fn carry_out(plane: &Arc<DataPlane>, store: &Arc<dyn SessionStore>, peer: 
             core.handle_lookup(result);
         }
         TargetEvent::Commit { meta } => {
+            if let Some(refusal) = plane.lease_refusal(peer, &meta.volume) {
+                core.handle_committed(Err(refusal));
+                return;
+            }
             let m = meta.clone();
             let result = store_call(move || store.commit_rp(session, &m)).await;
             if result.is_ok() {
