@@ -1,0 +1,522 @@
+//! Story: a hypervisor host (the platform `hv`) runs its VMs' disks in three
+//! qemu-storage-daemons, four small qcow2 disks each, one monitor (QMP)
+//! socket and one NBD server per daemon. Three proxy nodes `p1`, `p2`, `p3`
+//! can all reach it; the twelve disks are twelve `qemu` volumes whose
+//! `source` is the platform, replicated to one target `t1` (RPO 5 s, lease
+//! 5 s). Each volume is read by one live proxy, chosen by rendezvous hashing
+//! over the proxies gossip reports alive, under a lease from `t1`.
+//!
+//! - In a stable mesh every volume's RPs come from one proxy, and the
+//!   volumes are spread over more than one proxy (each RP records the proxy
+//!   that committed it: `source_node` in `ctl rps` on the target).
+//! - The proxy with the most volumes dies (kill -9). Gossip marks it down,
+//!   its leases run out on `t1`, and each of its volumes gets an RP
+//!   committed by one surviving proxy; the disks did not change, so that
+//!   first RP stores nothing new on `t1` (the new proxy starts from the
+//!   target's newest RP). The failover time of each volume is printed
+//!   (figures, not assertions).
+//! - The volumes of the surviving proxies never change proxy; on `t1`, every
+//!   volume's RPs have strictly increasing seqs and snapshot times (no RP
+//!   out of order, none twice).
+//! - Data written into a moved disk (through the daemon's NBD export, as the
+//!   VM would) is in the next RP, byte for byte; every volume's first RP by
+//!   its new proxy and every volume's newest RP restore to the disk as it is.
+//! - Every volume meets its RPO again afterwards.
+//! - The dead proxy comes back: its volumes move back to it (same node id,
+//!   same rendezvous scores), and its first RP of each is the disk as it is,
+//!   although its own baseline is from before its death and two disks were
+//!   written since; the other volumes still never move.
+//!
+//! Needs qemu-storage-daemon, qemu-img and qemu-io (scripts/install-deps
+//! installs qemu-utils).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use drmesh_tests::{build_image, file_hash, hash_hex, run_ok, wait_until, PolicySpec, Rng, TestMesh};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+/// Size of each VM disk.
+const DISK_MIB: usize = 16;
+const DAEMONS: usize = 3;
+const DISKS_PER_DAEMON: usize = 4;
+const PROXIES: [&str; 3] = ["p1", "p2", "p3"];
+const TARGET: &str = "t1";
+const PLATFORM: &str = "hv";
+/// The policy's RPO (a cycle of each volume every few seconds).
+const RPO: Duration = Duration::from_secs(5);
+/// The platform's lease.
+const LEASE: &str = "5s";
+
+/// Kills the child on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One VM disk: block node `disk{index}` of daemon `daemon`, the volume `volume`.
+struct Disk {
+    volume: String,
+    index: usize,
+    /// Seed of its first content ([`build_image`]).
+    seed: u64,
+    /// The daemon's monitor and NBD server sockets, and the fleece folder of its volumes.
+    qmp: PathBuf,
+    nbd: PathBuf,
+    fleece: PathBuf,
+}
+
+impl Disk {
+    /// The disk's first content: random, text-like and zero regions.
+    fn seed_image(&self) -> Vec<u8> {
+        build_image(&mut Rng::new(self.seed), DISK_MIB * MIB)
+    }
+
+    /// The daemon's writable NBD export of the disk (what "the VM" writes through).
+    fn export_uri(&self) -> String {
+        format!("nbd+unix:///w{}?socket={}", self.index, self.nbd.display())
+    }
+}
+
+/// qemu-storage-daemon with the qcow2 `disks` as block nodes disk0, disk1...,
+/// an NBD server at `nbd` exporting each writable as w0, w1..., and its
+/// monitor at `qmp`.
+fn storage_daemon(disks: &[PathBuf], qmp: &Path, nbd: &Path) -> Proc {
+    let _ = std::fs::remove_file(qmp);
+    let mut cmd = Command::new("qemu-storage-daemon");
+    for (i, disk) in disks.iter().enumerate() {
+        cmd.arg("--blockdev").arg(format!("driver=file,node-name=file{i},filename={}", disk.display()));
+        cmd.arg("--blockdev").arg(format!("driver=qcow2,node-name=disk{i},file=file{i}"));
+    }
+    // qemu runs one NBD server: the one "the VM" writes through is the one the proxies read from.
+    cmd.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+    for i in 0..disks.len() {
+        cmd.arg("--export").arg(format!("type=nbd,id=w{i},node-name=disk{i},name=w{i},writable=on"));
+    }
+    let child = cmd
+        .arg("--chardev")
+        .arg(format!("socket,id=mon,path={},server=on,wait=off", qmp.display()))
+        .args(["--monitor", "chardev=mon"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)");
+    let daemon = Proc(child);
+    wait_until("qemu-storage-daemon's monitor and NBD sockets", Duration::from_secs(60), || qmp.exists() && nbd.exists());
+    daemon
+}
+
+/// The topology: the nodes, the platform `hv` of the three proxies, a
+/// `qemu` volume per disk, and the policy.
+fn platform_topology(mesh: &TestMesh, version: u64, names: &[&str], disks: &[Disk]) -> String {
+    let mut text = mesh.standard_topology(version, names);
+    let proxies: Vec<String> = PROXIES.iter().map(|p| format!("\"{p}\"")).collect();
+    text.push_str(&format!("\n[[platform]]\nname = \"{PLATFORM}\"\nproxies = [{}]\nlease = \"{LEASE}\"\n", proxies.join(", ")));
+    for d in disks {
+        text.push_str(&format!(
+            "\n[[volume]]\nname = \"{}\"\nsource = \"{PLATFORM}\"\nkind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk{}\"\nfleece_dir = \"{}\"\nfleece_reserve = \"64MiB\"\nnbd = \"{}\"\ntargets = [\"{TARGET}\"]\npolicy = \"fast\"\n",
+            d.volume,
+            d.qmp.display(),
+            d.index,
+            d.fleece.display(),
+            d.nbd.display()
+        ));
+    }
+    let mut policy = PolicySpec::new("fast", "256KiB");
+    policy.rpo = format!("{}s", RPO.as_secs());
+    // Every RP of the run stays (the default keeps 24): the first ones by a new proxy are restored at the end.
+    policy.keep_last = Some(1000);
+    text.push_str(&policy.text());
+    text
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis()).expect("ms")
+}
+
+/// State of `peer` in `name`'s `ctl mesh` ("alive", "suspect", "down", ...).
+fn member_state(mesh: &TestMesh, name: &str, peer: &str) -> Option<String> {
+    let data = mesh.ctl_data(name, &["mesh"]).ok()?;
+    data["members"].as_array()?.iter().find(|m| m["name"] == peer).and_then(|m| m["state"].as_str().map(String::from))
+}
+
+/// What each node says, for a failure message: its status' topology
+/// version and last reload, and the tail of its log.
+fn diagnostics(mesh: &TestMesh) -> String {
+    let mut out = String::new();
+    for n in &mesh.nodes {
+        let status = mesh.ctl_json(&n.name, "status");
+        let (version, reload) = status.as_ref().map_or((Value::Null, Value::Null), |s| (s["topology_version"].clone(), s["last_reload"].clone()));
+        out.push_str(&format!("\n--- {} (topology version {version}, last reload {reload}), log tail:\n", n.name));
+        let log = n.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        out.push_str(&lines[lines.len().saturating_sub(40)..].join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
+/// Polls `check` every 500 ms until it is true; after `timeout`, panics
+/// with `what` and what the nodes say.
+fn wait_for(mesh: &TestMesh, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}{}", diagnostics(mesh));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One RP on the target, as `ctl rps --json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rp {
+    seq: u64,
+    time_ms: u64,
+    source: String,
+    bytes_stored: u64,
+    changed_blocks: u64,
+}
+
+impl Rp {
+    fn of(v: &Value) -> Rp {
+        let num = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in an RP of ctl rps: {v}"));
+        Rp {
+            seq: num("seq"),
+            time_ms: num("time_unix_ms"),
+            source: v["source_node"].as_str().unwrap_or_else(|| panic!("no source_node in an RP of ctl rps: {v}")).to_string(),
+            bytes_stored: num("bytes_stored"),
+            changed_blocks: num("changed_blocks"),
+        }
+    }
+}
+
+/// Every RP of every volume seen on the target so far (kept even if
+/// retention removed it since), by volume and seq.
+#[derive(Default)]
+struct History(BTreeMap<String, BTreeMap<u64, Rp>>);
+
+impl History {
+    /// Reads `ctl rps` on the target: each volume's list must be in seq
+    /// order with increasing snapshot times, and an RP seen before must not
+    /// have changed.
+    fn poll(&mut self, mesh: &TestMesh) {
+        let Ok(data) = mesh.ctl_data(TARGET, &["rps"]) else { return };
+        let mut lists: BTreeMap<String, Vec<Rp>> = BTreeMap::new();
+        for v in data.as_array().into_iter().flatten() {
+            let volume = v["volume"].as_str().unwrap_or_else(|| panic!("no volume in an RP of ctl rps: {v}")).to_string();
+            lists.entry(volume).or_default().push(Rp::of(v));
+        }
+        for (volume, list) in lists {
+            for pair in list.windows(2) {
+                let (a, b) = (&pair[0], &pair[1]);
+                assert!(b.seq > a.seq, "{volume}: RP seqs out of order or twice on {TARGET}: @{} then @{}: {list:?}", a.seq, b.seq);
+                assert!(b.time_ms > a.time_ms, "{volume}: {volume}@{} (by {}, at {}) is not younger than {volume}@{} (by {}, at {}): an RP out of order on {TARGET}", b.seq, b.source, b.time_ms, a.seq, a.source, a.time_ms);
+            }
+            let seen = self.0.entry(volume.clone()).or_default();
+            for rp in list {
+                if let Some(before) = seen.get(&rp.seq) {
+                    assert_eq!(before, &rp, "{volume}@{} changed on {TARGET}", rp.seq);
+                }
+                seen.insert(rp.seq, rp);
+            }
+        }
+    }
+
+    fn of(&self, volume: &str) -> Vec<&Rp> {
+        self.0.get(volume).map(|m| m.values().collect()).unwrap_or_default()
+    }
+
+    fn newest(&self, volume: &str) -> Option<&Rp> {
+        self.0.get(volume).and_then(|m| m.values().next_back())
+    }
+
+    /// The proxies that committed `volume`'s RPs, in RP order, each once per run of RPs.
+    fn sources(&self, volume: &str) -> Vec<String> {
+        let mut runs: Vec<String> = Vec::new();
+        for rp in self.of(volume) {
+            if runs.last() != Some(&rp.source) {
+                runs.push(rp.source.clone());
+            }
+        }
+        runs
+    }
+}
+
+/// Restores `volume@seq` from the target and returns the restored bytes.
+fn restore_bytes(mesh: &TestMesh, volume: &str, seq: u64) -> Vec<u8> {
+    let to = mesh.dir.path().join(format!("restored-{volume}-{seq}.raw"));
+    let _ = std::fs::remove_file(&to);
+    let out = mesh.restore(TARGET, &format!("{volume}@{seq}"), &to, None);
+    assert!(out.status.success(), "restore {volume}@{seq}: {}", drmesh_tests::output_text(&out));
+    let bytes = std::fs::read(&to).unwrap();
+    std::fs::remove_file(&to).unwrap();
+    bytes
+}
+
+/// Where two images first differ, for a failure message.
+fn first_difference(got: &[u8], want: &[u8]) -> String {
+    if got.len() != want.len() {
+        return format!("{} bytes, expected {}", got.len(), want.len());
+    }
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(at) => format!("first difference at byte {at} (block {} of 256 KiB)", at / (256 << 10)),
+        None => "identical".into(),
+    }
+}
+
+/// Waits until every volume's newest RP on the target is younger than the
+/// RPO plus some slack, and stays so for 10 s (two RPOs) in a row.
+fn wait_rpo_met(mesh: &TestMesh, history: &mut History, disks: &[Disk]) {
+    let slack = Duration::from_secs(10);
+    let mut met_since: Option<Instant> = None;
+    let what = format!("every volume's newest RP on {TARGET} is younger than the RPO ({} s) plus {} s, for 10 s in a row", RPO.as_secs(), slack.as_secs());
+    wait_for(mesh, &what, Duration::from_secs(120), || {
+        history.poll(mesh);
+        let now = unix_ms();
+        let bound = u64::try_from((RPO + slack).as_millis()).unwrap();
+        let met = disks.iter().all(|d| history.newest(&d.volume).is_some_and(|r| now.saturating_sub(r.time_ms) < bound));
+        if !met {
+            met_since = None;
+        }
+        met && met_since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(10)
+    });
+    history.poll(mesh);
+}
+
+#[test]
+fn a_dead_proxys_volumes_move_to_the_live_proxies() {
+    let names: Vec<&str> = PROXIES.iter().copied().chain([TARGET]).collect();
+    let mut mesh = TestMesh::new(&names);
+    let dir = mesh.dir.path().to_path_buf();
+
+    // Three daemons, four disks each, each disk with content of its own.
+    let mut disks: Vec<Disk> = Vec::new();
+    // Declared after the mesh: the daemons go first, before its folder.
+    let mut daemons: Vec<Proc> = Vec::new();
+    let seed_raw = dir.join("seed.raw");
+    for d in 0..DAEMONS {
+        let (qmp, nbd, fleece) = (dir.join(format!("hv{d}.qmp")), dir.join(format!("hv{d}.nbd")), dir.join(format!("fleece{d}")));
+        let mut images = Vec::new();
+        for index in 0..DISKS_PER_DAEMON {
+            let n = d * DISKS_PER_DAEMON + index;
+            let disk = Disk { volume: format!("vm{:02}", n + 1), index, seed: 0xfa11_0000 + n as u64, qmp: qmp.clone(), nbd: nbd.clone(), fleece: fleece.clone() };
+            std::fs::write(&seed_raw, disk.seed_image()).unwrap();
+            let image = dir.join(format!("{}.qcow2", disk.volume));
+            run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&seed_raw).arg(&image));
+            images.push(image);
+            disks.push(disk);
+        }
+        daemons.push(storage_daemon(&images, &qmp, &nbd));
+    }
+    std::fs::remove_file(&seed_raw).unwrap();
+    // What each volume's RPs must restore to (the disks change only where this test writes).
+    let seed_hash: BTreeMap<String, String> = disks.iter().map(|d| (d.volume.clone(), hash_hex(&d.seed_image()))).collect();
+    let mut expected = seed_hash.clone();
+
+    // The mesh first, without volumes: every proxy sees every node alive by
+    // gossip before the platform's volumes are given out (so that each proxy
+    // decides the same, from the first cycle on).
+    mesh.write_file("topology.toml", &mesh.standard_topology(1, &names));
+    for n in std::iter::once(TARGET).chain(PROXIES) {
+        mesh.start(n, "topology.toml");
+    }
+    for p in PROXIES {
+        let others: Vec<&str> = names.iter().copied().filter(|n| *n != p).collect();
+        mesh.wait_connected(p, &others);
+        for q in others {
+            let what = format!("{p} sees {q} alive by gossip");
+            wait_for(&mesh, &what, Duration::from_secs(30), || member_state(&mesh, p, q).as_deref() == Some("alive"));
+        }
+    }
+    let text = platform_topology(&mesh, 2, &names, &disks);
+    let file = mesh.write_file("platform.toml", &text);
+    let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
+    let said = drmesh_tests::output_text(&check);
+    assert!(check.status.success() && !said.contains("NOT BUILT"), "topology check of the platform:\n{said}\n{text}");
+    mesh.write_file("topology.toml", &text);
+    wait_for(&mesh, "every node runs topology version 2", Duration::from_secs(30), || {
+        names.iter().all(|n| mesh.ctl_json(n, "status").is_some_and(|s| s["topology_version"] == 2))
+    });
+    let given_at = Instant::now();
+
+    // A stable mesh: each volume is read by one proxy, the volumes by more than one.
+    let mut history = History::default();
+    wait_for(&mesh, &format!("every volume has 3 RPs on {TARGET}"), Duration::from_secs(180), || {
+        history.poll(&mesh);
+        disks.iter().all(|d| history.of(&d.volume).len() >= 3)
+    });
+    eprintln!("every volume has 3 RPs {:.1} s after the platform's volumes were given out", given_at.elapsed().as_secs_f64());
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    for d in &disks {
+        let sources = history.sources(&d.volume);
+        assert_eq!(sources.len(), 1, "{}: in a stable mesh, RPs by more than one proxy: {:?}", d.volume, history.of(&d.volume));
+        owners.insert(d.volume.clone(), sources[0].clone());
+    }
+    let volumes_of = |owners: &BTreeMap<String, String>, proxy: &str| -> Vec<String> { owners.iter().filter(|(_, p)| *p == proxy).map(|(v, _)| v.clone()).collect() };
+    for p in PROXIES {
+        eprintln!("{p} reads {:?}", volumes_of(&owners, p));
+    }
+    let used: BTreeSet<&String> = owners.values().collect();
+    assert!(used.iter().all(|p| PROXIES.contains(&p.as_str())), "RPs committed by nodes that are not proxies of {PLATFORM}: {owners:?}");
+    // (All twelve on one proxy: a chance of 3^-11 with a sound hash.)
+    assert!(used.len() > 1, "every volume is read by one proxy: {owners:?}");
+
+    // The proxy with the most volumes dies.
+    let victim = PROXIES.iter().copied().fold(PROXIES[0], |best, p| if volumes_of(&owners, p).len() > volumes_of(&owners, best).len() { p } else { best }).to_string();
+    let moved = volumes_of(&owners, &victim);
+    let survivors: Vec<&str> = PROXIES.iter().copied().filter(|p| *p != victim).collect();
+    let (kill_ms, killed_at) = (unix_ms(), Instant::now());
+    mesh.kill9(&victim);
+    eprintln!("killed {victim} (kill -9), which read {moved:?}");
+
+    let mut first_new: BTreeMap<String, (Rp, Duration)> = BTreeMap::new();
+    let mut down_after: Option<Duration> = None;
+    wait_for(&mesh, &format!("every volume of {victim} has an RP committed by another proxy"), Duration::from_secs(180), || {
+        if down_after.is_none() && member_state(&mesh, survivors[0], &victim).as_deref() == Some("down") {
+            down_after = Some(killed_at.elapsed());
+        }
+        history.poll(&mesh);
+        for v in &moved {
+            if !first_new.contains_key(v) {
+                if let Some(rp) = history.of(v).into_iter().find(|r| r.source != victim) {
+                    first_new.insert(v.clone(), (rp.clone(), killed_at.elapsed()));
+                }
+            }
+        }
+        first_new.len() == moved.len()
+    });
+    match down_after {
+        Some(t) => eprintln!("{} saw {victim} down {:.1} s after the kill", survivors[0], t.as_secs_f64()),
+        None => eprintln!("{} did not show {victim} down (yet) when the last volume had moved", survivors[0]),
+    }
+    let mut max_failover = 0u64;
+    for (v, (rp, seen)) in &first_new {
+        let failover = rp.time_ms.saturating_sub(kill_ms);
+        max_failover = max_failover.max(failover);
+        eprintln!(
+            "failover {v}: {victim} -> {}: {v}@{} taken {:.1} s after the kill (seen on {TARGET} after {:.1} s): {} changed blocks, {} bytes stored",
+            rp.source,
+            rp.seq,
+            failover as f64 / 1000.0,
+            seen.as_secs_f64(),
+            rp.changed_blocks,
+            rp.bytes_stored
+        );
+        assert!(survivors.contains(&rp.source.as_str()), "{v}@{} committed by {}, not a live proxy of {PLATFORM}", rp.seq, rp.source);
+        // The disk did not change: the new proxy sent only what the target lacked, nothing.
+        assert_eq!(rp.bytes_stored, 0, "{v}@{}, the first RP by {} after the failover, stored new blobs on {TARGET} although the disk did not change: {rp:?}", rp.seq, rp.source);
+    }
+    eprintln!("failover: the slowest volume's first RP by its new proxy was taken {:.1} s after the kill (lease {LEASE}, RPO {} s)", max_failover as f64 / 1000.0, RPO.as_secs());
+
+    // The VM writes into a moved disk; the next RP holds it.
+    let written = disks.iter().find(|d| d.volume == moved[0]).expect("a moved disk");
+    let (offset, len, pattern) = (3 * MIB + 4096, MIB, 0xa5u8);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P 0x{pattern:02x} {offset} {len}"), &written.export_uri()]));
+    let written_ms = unix_ms();
+    let mut want = written.seed_image();
+    want[offset..offset + len].fill(pattern);
+    expected.insert(written.volume.clone(), hash_hex(&want));
+    let now_raw = dir.join("disk-now.raw");
+    run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "raw", &written.export_uri()]).arg(&now_raw));
+    assert_eq!(file_hash(&now_raw), expected[&written.volume], "{}: the disk read through qemu is not the seed with the write", written.volume);
+    std::fs::remove_file(&now_raw).unwrap();
+    let mut after = None;
+    // Its snapshot instant well after the write returned.
+    wait_for(&mesh, &format!("an RP of {} taken after the write", written.volume), Duration::from_secs(120), || {
+        history.poll(&mesh);
+        after = history.of(&written.volume).into_iter().find(|r| r.time_ms > written_ms + 1000).cloned();
+        after.is_some()
+    });
+    let after = after.unwrap();
+    let got = restore_bytes(&mesh, &written.volume, after.seq);
+    assert!(got == want, "{}@{} (by {}) is not the disk with the write: {}", written.volume, after.seq, after.source, first_difference(&got, &want));
+    eprintln!("{}@{} (by {}) holds the VM's write: {} changed blocks, {} bytes stored", written.volume, after.seq, after.source, after.changed_blocks, after.bytes_stored);
+
+    // Every volume meets its RPO again, and keeps meeting it.
+    wait_rpo_met(&mesh, &mut history, &disks);
+
+    // Only the dead proxy's volumes moved, each once, to one live proxy.
+    for d in &disks {
+        let v = &d.volume;
+        let rps = history.of(v);
+        let sources = history.sources(v);
+        if moved.contains(v) {
+            let new = &first_new[v].0.source;
+            assert_eq!(&sources, &[victim.clone(), new.clone()], "{v}: moved from {victim} more than once: {rps:?}");
+            assert!(rps.iter().filter(|r| r.source == victim).all(|r| r.time_ms < kill_ms), "{v}: an RP of {victim} taken after its kill: {rps:?}");
+        } else {
+            assert_eq!(sources, [owners[v].clone()], "{v}: its proxy {} is alive, yet the volume moved: {rps:?}", owners[v]);
+        }
+        // No RP out of order over the whole run (retention may have removed some since they were listed).
+        for pair in rps.windows(2) {
+            assert!(pair[1].time_ms > pair[0].time_ms, "{v}: @{} is not younger than @{}: {rps:?}", pair[1].seq, pair[0].seq);
+        }
+        eprintln!("{v}: {} RPs, by {}", rps.len(), sources.join(" then "));
+    }
+
+    // The first RP of each new proxy, and each volume's newest RP, are the disks.
+    for (v, (rp, _)) in &first_new {
+        assert!(rp.time_ms < written_ms, "{v}@{} was taken after the write", rp.seq);
+        let got = restore_bytes(&mesh, v, rp.seq);
+        assert!(hash_hex(&got) == seed_hash[v], "{v}@{}, the first RP by {} after the failover, is not the disk: {}", rp.seq, rp.source, first_difference(&got, &disks.iter().find(|d| &d.volume == v).unwrap().seed_image()));
+    }
+    for d in &disks {
+        let newest = history.newest(&d.volume).unwrap().clone();
+        let got = restore_bytes(&mesh, &d.volume, newest.seq);
+        assert!(hash_hex(&got) == expected[&d.volume], "{}@{} (newest, by {}) is not the disk as it is", d.volume, newest.seq, newest.source);
+    }
+
+    // The dead proxy comes back: rendezvous gives it its volumes back. Its
+    // own baseline of each is from before its death, and two of the disks
+    // changed since (one written above, already in an RP of its new proxy;
+    // one written now): its first RP of each must be the disk as it is.
+    let again = disks.iter().find(|d| d.volume == moved[1]).expect("a second moved disk");
+    let (offset, len, pattern) = (9 * MIB, MIB / 2, 0x3cu8);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P 0x{pattern:02x} {offset} {len}"), &again.export_uri()]));
+    let mut want = again.seed_image();
+    want[offset..offset + len].fill(pattern);
+    expected.insert(again.volume.clone(), hash_hex(&want));
+    let (back_ms, back_at) = (unix_ms(), Instant::now());
+    mesh.start(&victim, "topology.toml");
+    let mut first_back: BTreeMap<String, (Rp, Duration)> = BTreeMap::new();
+    wait_for(&mesh, &format!("every volume {victim} read before its death is read by it again"), Duration::from_secs(120), || {
+        history.poll(&mesh);
+        for v in &moved {
+            if !first_back.contains_key(v) {
+                if let Some(rp) = history.of(v).into_iter().find(|r| r.source == victim && r.seq > first_new[v].0.seq) {
+                    first_back.insert(v.clone(), (rp.clone(), back_at.elapsed()));
+                }
+            }
+        }
+        first_back.len() == moved.len()
+    });
+    for (v, (rp, seen)) in &first_back {
+        eprintln!(
+            "back {v}: {} -> {victim}: {v}@{} taken {:.1} s after the restart (seen on {TARGET} after {:.1} s): {} changed blocks, {} bytes stored",
+            first_new[v].0.source,
+            rp.seq,
+            rp.time_ms.saturating_sub(back_ms) as f64 / 1000.0,
+            seen.as_secs_f64(),
+            rp.changed_blocks,
+            rp.bytes_stored
+        );
+        let got = restore_bytes(&mesh, v, rp.seq);
+        assert!(hash_hex(&got) == expected[v], "{v}@{}, the first RP by {victim} back from its death, is not the disk as it is (its baseline from before its death is stale)", rp.seq);
+    }
+    wait_rpo_met(&mesh, &mut history, &disks);
+    // The volumes of the proxies that stayed alive never moved, not even while the dead one came back.
+    for d in &disks {
+        let v = &d.volume;
+        let (rps, sources) = (history.of(v), history.sources(v));
+        let want = if moved.contains(v) { vec![victim.clone(), first_new[v].0.source.clone(), victim.clone()] } else { vec![owners[v].clone()] };
+        assert_eq!(sources, want, "{v}: RPs by other proxies than expected: {rps:?}");
+        eprintln!("{v}: {} RPs, by {}", rps.len(), sources.join(" then "));
+    }
+}
