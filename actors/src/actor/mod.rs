@@ -10,4 +10,5 @@ pub mod pacing;
 pub mod platform;
 pub mod replicate;
 pub mod sender;
+pub mod takeover;
 pub mod volumes;

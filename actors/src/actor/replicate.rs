@@ -193,6 +193,7 @@ pub async fn run_cycle(
             },
         }),
     };
+    adopt_if_qemu(&conn, &cfg, &baselines).await;
     let (source, b, v, t, bb) = (cfg.source.clone(), baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
     let view: Arc<dyn PointInTime> = tokio::task::spawn_blocking(move || source.open(&b, &v, &t, bb))
         .await
@@ -232,6 +233,9 @@ pub async fn run_group_cycle(
             turns.push(lock.lock_owned().await);
         }
     }
+    for cfg in &cfgs {
+        adopt_if_qemu(&conn, cfg, &baselines).await;
+    }
     let members: Vec<crate::source::group::Member> =
         cfgs.iter().map(|c| crate::source::group::Member { volume: c.volume.to_string(), source: c.source.clone() }).collect();
     let (b, target, block_bytes) = (baselines.clone(), cfgs[0].target.clone(), cfgs[0].block_bytes);
@@ -269,6 +273,18 @@ pub async fn run_group_cycle(
     }
     drop(turns);
     results
+}
+
+/// For a `qemu` volume: the target's newest RP as the baseline when the
+/// baseline is another (see [`super::takeover`]); a failure is logged, and
+/// the cycle reads everything as it would have.
+async fn adopt_if_qemu(conn: &quinn::Connection, cfg: &CycleConfig, baselines: &Arc<Baselines>) {
+    if cfg.source.as_qemu().is_none() {
+        return;
+    }
+    if let Err(error) = super::takeover::adopt_target_baseline(conn, baselines, &cfg.volume, &cfg.target, cfg.block_bytes).await {
+        tracing::warn!(volume = %cfg.volume, target = %cfg.target, %error, "cannot take the target's newest RP as the baseline; the cycle reads everything");
+    }
 }
 
 /// What a cycle reads: every block (`None`) or a set, and how to say so.
