@@ -133,3 +133,17 @@ fn consistency_group_changes_are_listed_by_group_name() {
     assert_eq!(TopologyDiff::between(&with, &topo(AB, &two, &group("\"w\", \"v\""))).changed_groups, ["g"], "the member order is the order views are taken");
     assert!(TopologyDiff::between(&with, &topo(AB, &two, &group("\"v\", \"w\""))).is_empty());
 }
+
+#[test]
+fn platform_changes_are_listed_by_platform_name() {
+    let platform = |proxies: &str, lease: &str| format!("{POL}[[platform]]\nname = \"hv\"\nproxies = [{proxies}]\n{lease}");
+    let none = topo(AB, VOL, POL);
+    let with = topo(AB, VOL, &platform("\"a\"", ""));
+    let diff = TopologyDiff::between(&none, &with);
+    assert_eq!(diff.changed_platforms, ["hv"]);
+    assert!(!diff.is_empty(), "{diff:?}");
+    assert_eq!(TopologyDiff::between(&with, &none).changed_platforms, ["hv"], "a removed platform is listed");
+    assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, &platform("\"a\", \"b\"", ""))).changed_platforms, ["hv"], "a proxy added");
+    assert_eq!(TopologyDiff::between(&with, &topo(AB, VOL, &platform("\"a\"", "lease = \"9s\"\n"))).changed_platforms, ["hv"], "the lease changed");
+    assert!(TopologyDiff::between(&with, &topo(AB, VOL, &platform("\"a\"", "lease = \"30s\"\n"))).is_empty(), "the default lease written out is no change");
+}
