@@ -72,7 +72,12 @@ pub(crate) struct Platforms {
 impl Platforms {
     /// Nothing held, nobody heard of yet.
     pub(crate) fn new() -> Platforms {
-        Platforms { origin: Instant::now(), live: None, keepers: BTreeMap::new() }
+        Platforms::started_at(Instant::now())
+    }
+
+    /// As [`Platforms::new`], for a node that started at `origin`.
+    fn started_at(origin: Instant) -> Platforms {
+        Platforms { origin, live: None, keepers: BTreeMap::new() }
     }
 
     fn now(&self) -> Millis {
@@ -103,6 +108,13 @@ impl Platforms {
             .collect();
         let key = topology.group_of(&volume.name).map_or(volume.name.as_str(), |g| g.name.as_str());
         owner(key, &up).copied()
+    }
+
+    /// The rendezvous choice for `volume` among `up` (tests).
+    #[cfg(test)]
+    fn reader_among(&self, topology: &Topology, volume: &Volume, up: &[NodeId]) -> Option<NodeId> {
+        let key = topology.group_of(&volume.name).map_or(volume.name.as_str(), |g| g.name.as_str());
+        owner(key, up).copied()
     }
 
     /// Why this node (`me`) may not start a cycle of `volume` now; `None`
@@ -216,4 +228,139 @@ impl Platforms {
 
 fn name_of(topology: &Topology, id: NodeId) -> String {
     topology.node_by_id(&id).map_or_else(|| id.short(), |n| n.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_public_key(&[n; 32])
+    }
+
+    /// Proxies a, b, c of platform hv; target t; volumes vm0..vm9 of the platform and `own` of node a.
+    fn topology() -> Topology {
+        let mut text = String::from("[mesh]\nname = \"m\"\nversion = 1\n");
+        for (i, name) in ["a", "b", "c", "t"].iter().enumerate() {
+            text += &format!("[[node]]\nname = \"{name}\"\nid = \"{}\"\naddresses = [\"10.0.0.{}:7400\"]\nsite = \"s\"\n", id(i as u8 + 1), i + 1);
+        }
+        text += "[[platform]]\nname = \"hv\"\nproxies = [\"a\", \"b\", \"c\"]\nlease = \"8s\"\n";
+        for v in 0..10 {
+            text += &format!("[[volume]]\nname = \"vm{v}\"\nsource = \"hv\"\nkind = \"qemu\"\nmonitor = \"/run/q.qmp\"\nnode = \"d{v}\"\nfleece_dir = \"/var/tmp/f\"\ntargets = [\"t\"]\npolicy = \"p\"\n");
+        }
+        text += "[[volume]]\nname = \"own\"\nsource = \"a\"\nkind = \"file\"\npath = \"/img\"\ntargets = [\"t\"]\npolicy = \"p\"\n[policy.p]\nrpo = \"1m\"\n";
+        Topology::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn vol(name: &str) -> VolumeName {
+        VolumeName::new(name.to_string()).unwrap()
+    }
+
+    /// A node that started a minute ago (past the start-up grace).
+    fn settled() -> Platforms {
+        Platforms::started_at(Instant::now().checked_sub(Duration::from_secs(60)).unwrap())
+    }
+
+    #[test]
+    fn the_proxies_gossip_counts_up_share_the_volumes_and_agree() {
+        let t = topology();
+        let (a, b, c) = (id(1), id(2), id(3));
+        let views: Vec<Platforms> = [a, b, c]
+            .iter()
+            .map(|_| {
+                let mut p = settled();
+                p.set_live(LiveNodes { up: vec![a, b, c], heard: vec![a, b, c] });
+                p
+            })
+            .collect();
+        for v in t.volumes.iter().filter(|v| v.name.starts_with("vm")) {
+            let readers: Vec<Option<NodeId>> = [a, b, c].iter().zip(&views).map(|(me, p)| p.reader(&t, *me, v)).collect();
+            assert!(readers.iter().all(|r| *r == readers[0] && r.is_some()), "{}: {readers:?}", v.name);
+        }
+        // A volume read by one node has no reader to choose and is never held back.
+        let own = t.volume_by_name("own").unwrap();
+        assert_eq!(views[0].reader(&t, a, own), None);
+        assert_eq!(views[0].held_back(&t, a, &vol("own")), None);
+        // c is down: nobody chooses it; a and b agree on the rest.
+        let mut pa = settled();
+        pa.set_live(LiveNodes { up: vec![a, b], heard: vec![a, b, c] });
+        for v in t.volumes.iter().filter(|v| v.name.starts_with("vm")) {
+            assert_ne!(pa.reader(&t, a, v), Some(c));
+        }
+    }
+
+    #[test]
+    fn in_the_start_up_grace_proxies_not_heard_of_count_up() {
+        let t = topology();
+        let (a, b, c) = (id(1), id(2), id(3));
+        let v = t.volumes.iter().find(|v| settled().reader_among(&t, v, &[a, b, c]) == Some(c)).expect("a volume c reads");
+        let mut fresh = Platforms::new();
+        fresh.set_live(LiveNodes { up: vec![a], heard: vec![a] });
+        assert_eq!(fresh.reader(&t, a, v), Some(c), "c not heard of yet: it counts");
+        let mut later = settled();
+        later.set_live(LiveNodes { up: vec![a], heard: vec![a] });
+        assert_ne!(later.reader(&t, a, v), Some(c), "after the grace only who gossip counts up");
+        // Heard of and down: not even in the grace.
+        fresh.set_live(LiveNodes { up: vec![a], heard: vec![a, c] });
+        assert_ne!(fresh.reader(&t, a, v), Some(c));
+    }
+
+    #[test]
+    fn the_reader_asks_for_the_lease_starts_with_it_and_gives_it_back_when_the_volume_moves() {
+        let t = topology();
+        let (a, b, c) = (id(1), id(2), id(3));
+        let mut p = settled();
+        p.set_live(LiveNodes { up: vec![a, b], heard: vec![a, b] });
+        let mine = t.volumes.iter().find(|v| v.name.starts_with("vm") && p.reader(&t, a, v) == Some(a)).expect("a volume a reads").name.clone();
+        assert!(p.held_back(&t, a, &mine).unwrap().contains("waits for its lease from t"));
+        let actions = p.upkeep(&t, a, "a", |_| false);
+        let asked: Vec<&VolumeName> = actions
+            .iter()
+            .filter_map(|x| match x {
+                LeaseAction::Send { volume, target, request: LeaseRequest::Acquire { .. } } if target == "t" => Some(volume),
+                _ => None,
+            })
+            .collect();
+        assert!(asked.contains(&&mine), "{actions:?}");
+        // Nothing is asked for a volume another proxy reads, nor for one read by one node.
+        assert!(asked.iter().all(|v| p.reader(&t, a, t.volume_by_name(v).unwrap()) == Some(a)));
+        p.handle_reply(&mine, &LeaseRequest::Acquire { volume: mine.clone() }, Ok(LeaseReply::Granted { ttl_ms: 8000 }));
+        assert_eq!(p.held_back(&t, a, &mine), None);
+        let role = p.role(&t, a, &mine).unwrap();
+        assert!(role.reads_here && role.lease_secs > 7.0 && role.platform == "hv", "{role:?}");
+        // No renewal yet (a quarter of the lease has not passed).
+        assert!(p.upkeep(&t, a, "a", |_| false).iter().all(|x| !matches!(x, LeaseAction::Send { volume, .. } if *volume == mine)));
+        // A volume another proxy reads, whose lease a still holds (it read it
+        // until gossip changed): stopped while running; then, not running,
+        // its lease given back.
+        let mut q = settled();
+        q.set_live(LiveNodes { up: vec![a, b, c], heard: vec![a, b, c] });
+        let vb = t.volumes.iter().find(|v| v.name.starts_with("vm") && q.reader(&t, a, v) != Some(a)).expect("a volume another proxy reads").name.clone();
+        let now = q.now();
+        let mut held = LeaseKeeper::new(Duration::from_secs(8));
+        held.poll_request(now);
+        held.handle_granted(Duration::from_secs(8));
+        q.keepers.insert(vb.clone(), held);
+        let actions = q.upkeep(&t, a, "a", |v| *v == vb);
+        assert!(actions.iter().any(|x| matches!(x, LeaseAction::Stop { volume, reason } if *volume == vb && reason.contains("moved to proxy"))), "{actions:?}");
+        let actions = q.upkeep(&t, a, "a", |_| false);
+        assert!(actions.iter().any(|x| matches!(x, LeaseAction::Send { volume, request: LeaseRequest::Release { .. }, .. } if *volume == vb)), "{actions:?}");
+        assert!(q.held_back(&t, a, &vb).unwrap().contains("is read by proxy"), "{:?}", q.held_back(&t, a, &vb));
+    }
+
+    #[test]
+    fn a_lease_held_by_another_or_refused_keeps_the_reader_waiting_and_says_why() {
+        let t = topology();
+        let a = id(1);
+        let mut p = settled();
+        p.set_live(LiveNodes { up: vec![a], heard: vec![a, id(2), id(3)] });
+        let vm = vol("vm0");
+        assert_eq!(p.reader(&t, a, t.volume_by_name(&vm).unwrap()), Some(a), "the only proxy up reads everything");
+        p.upkeep(&t, a, "a", |_| false);
+        p.handle_reply(&vm, &LeaseRequest::Acquire { volume: vm.clone() }, Ok(LeaseReply::Held { holder: "b".into(), remaining_ms: 3000 }));
+        assert!(p.held_back(&t, a, &vm).unwrap().contains("held by b for 3000 ms more"), "{:?}", p.held_back(&t, a, &vm));
+        p.handle_reply(&vm, &LeaseRequest::Acquire { volume: vm.clone() }, Err("target t is not connected".into()));
+        assert!(p.held_back(&t, a, &vm).unwrap().contains("no answer: target t is not connected"));
+    }
 }

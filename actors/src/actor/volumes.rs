@@ -549,6 +549,10 @@ impl VolumeScheduler {
             let group = group.clone();
             return self.start_group(&group, &key.1, ctx);
         }
+        // A platform's volume runs where it is read, under its lease.
+        if self.platforms.held_back(&self.topology, self.local, &key.0).is_some() {
+            return false;
+        }
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
         let bound = cycle_bound(config.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path())));
@@ -612,6 +616,10 @@ impl VolumeScheduler {
         let name = group.name.as_str();
         let keys: Vec<Key> = group.volumes.iter().map(|m| (m.clone(), target.to_string())).collect();
         if keys.iter().any(|k| self.plans.get(k).is_none_or(|p| p.running) || self.paused.contains_key(k.0.as_str())) {
+            return false;
+        }
+        // A platform's group runs when this node reads it and holds every member's lease.
+        if keys.iter().any(|k| self.platforms.held_back(&self.topology, self.local, &k.0).is_some()) {
             return false;
         }
         self.update_limits();
