@@ -972,7 +972,7 @@ fn volumes_table(list: &Value) -> Table {
         } else if v["proxy"].is_object() && v["proxy"]["lease_secs"].as_f64().unwrap_or(0.0) <= 0.0 {
             format!("waiting for the lease ({})", v["proxy"]["lease_refusal"].as_str().unwrap_or("asked"))
         } else if v["queued"] == true {
-            "queued (node's cycle memory budget)".to_string()
+            "queued (node's cycle memory budget or max_cycles)".to_string()
         } else {
             format!("next in {}", duration(v["next_in_secs"].as_f64().unwrap_or(0.0) as u64))
         };

@@ -105,6 +105,7 @@ version = 1
 
 # ---- nodes: one [[node]] per drmesh node (`drmesh init` prints its block) ----
 {node}# max_drills = 1          # drills at once on this node
+# max_cycles = 50          # replication cycles at once (a proxy's disks read at once)
 # scrub_every = "7d"       # re-read every blob of the store, repair from other holders
 # gc_every = "1d"          # delete blobs no kept recovery point needs
 # metrics = "127.0.0.1:9720"      # Prometheus metrics at http://ADDRESS/metrics (off by default)

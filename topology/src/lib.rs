@@ -48,7 +48,7 @@ pub use node_id::{NodeId, NodeIdError};
 pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
     Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Group, Link, Mesh, Node, Platform, Policy,
-    Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday, DEFAULT_PLATFORM_LEASE,
+    Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday, DEFAULT_MAX_CYCLES, DEFAULT_PLATFORM_LEASE,
 };
 
 use diagnostic::Sink;

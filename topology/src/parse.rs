@@ -460,7 +460,7 @@ fn read_site(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> SiteDraft {
 }
 
 fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
-    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "scrub_every", "scrub_sample", "gc_every", "metrics", "status_page"], &[]);
+    f.check_keys(sink, &["name", "id", "addresses", "listen", "site", "labels", "max_drills", "max_cycles", "scrub_every", "scrub_sample", "gc_every", "metrics", "status_page"], &[]);
     let mut ok = true;
     let name = f.text(sink, "name", true);
     if let Some(n) = &name {
@@ -541,6 +541,13 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
             None => ok = false,
         }
     }
+    let mut max_cycles = crate::schema::DEFAULT_MAX_CYCLES;
+    if f.get("max_cycles").is_some() {
+        match f.ranged(sink, "max_cycles", false, 1, 10_000).and_then(|v| u32::try_from(v).ok()) {
+            Some(v) => max_cycles = v,
+            None => ok = false,
+        }
+    }
     let scrub_every = every_or_off(f, sink, "scrub_every", crate::schema::DEFAULT_SCRUB_EVERY);
     let gc_every = every_or_off(f, sink, "gc_every", crate::schema::DEFAULT_GC_EVERY);
     ok &= scrub_every.is_some() && gc_every.is_some();
@@ -564,6 +571,7 @@ fn read_node(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> NodeDraft {
     let node = match (&name, &id, &site, ok) {
         (Some(n), Some(i), Some(s), true) => Some(Node {
             max_drills,
+            max_cycles,
             metrics,
             status_page,
             scrub_every,

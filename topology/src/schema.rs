@@ -104,6 +104,10 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     /// Most drills the node runs at once (`max_drills`, default 1).
     pub max_drills: u32,
+    /// Most replication cycles the node runs at once (`max_cycles`, default
+    /// [`DEFAULT_MAX_CYCLES`]): a proxy's capacity in disks read at once;
+    /// the others wait their turn, oldest due first.
+    pub max_cycles: u32,
     /// How often the node scrubs its store (`scrub_every`, default 7 days;
     /// `"off"`: never on its own, `drmesh ctl scrub` still works).
     pub scrub_every: Option<std::time::Duration>,
@@ -120,6 +124,9 @@ pub struct Node {
     /// off when absent); always a loopback address (the page has no login).
     pub status_page: Option<SocketAddr>,
 }
+
+/// `max_cycles` of a `[[node]]` that does not say.
+pub const DEFAULT_MAX_CYCLES: u32 = 50;
 
 /// How often a node scrubs its store when the topology does not say.
 pub const DEFAULT_SCRUB_EVERY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);

@@ -132,7 +132,7 @@ pub struct ReplicationStatus {
     /// Whether a cycle is running now.
     pub running: bool,
     /// Whether a cycle is due but waits for running ones to end (the node's
-    /// cycle memory budget, [`CYCLE_MEMORY_BUDGET`], is taken).
+    /// cycle memory budget, [`CYCLE_MEMORY_BUDGET`], or its `max_cycles` is taken).
     pub queued: bool,
     /// Seconds until the next scheduled cycle.
     pub next_in_secs: f64,
@@ -556,13 +556,14 @@ impl VolumeScheduler {
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
         let bound = cycle_bound(config.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path())));
+        let full = self.at_capacity(1);
         let Some(plan) = self.plans.get_mut(&key) else { return false };
-        if self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET {
+        if full || (self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET) {
             let now = Instant::now();
             if plan.next_due > now {
                 plan.next_due = now;
             }
-            tracing::debug!(volume = %key.0, target = %key.1, bound, reserved = self.reserved, "cycle queued: the node's cycle memory budget is taken");
+            tracing::debug!(volume = %key.0, target = %key.1, bound, reserved = self.reserved, "cycle queued: the node's cycle memory budget or its max_cycles is taken");
             return false;
         }
         plan.running = true;
@@ -599,6 +600,14 @@ impl VolumeScheduler {
         true
     }
 
+    /// Whether `adding` more cycles would pass the node's `max_cycles` (one
+    /// cycle, or one group, always runs when none does).
+    fn at_capacity(&self, adding: usize) -> bool {
+        let max = self.topology.node_by_id(&self.local).map_or(drmesh_topology::DEFAULT_MAX_CYCLES, |n| n.max_cycles) as usize;
+        let running = self.plans.values().filter(|p| p.running).count();
+        running > 0 && running + adding > max
+    }
+
     /// Whether `key`'s volume is in a consistency group one of whose other
     /// members runs a cycle to the same target or is paused.
     fn group_held_back(&self, key: &Key) -> bool {
@@ -629,14 +638,14 @@ impl VolumeScheduler {
             .map(|c| cycle_bound(c.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path()))))
             .max()
             .unwrap_or(0);
-        if self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET {
+        if self.at_capacity(keys.len()) || (self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET) {
             let now = Instant::now();
             for k in &keys {
                 if let Some(plan) = self.plans.get_mut(k) {
                     plan.next_due = plan.next_due.min(now);
                 }
             }
-            tracing::debug!(group = name, %target, bound, reserved = self.reserved, "group cycle queued: the node's cycle memory budget is taken");
+            tracing::debug!(group = name, %target, bound, reserved = self.reserved, "group cycle queued: the node's cycle memory budget or its max_cycles is taken");
             return false;
         }
         self.reserved += bound;
@@ -1063,6 +1072,7 @@ impl Handler<GetReplications> for VolumeScheduler {
 
     fn handle(&mut self, _msg: GetReplications, _ctx: &mut Context<Self>) -> Self::Result {
         let now = Instant::now();
+        let any_running = self.plans.values().any(|p| p.running);
         MessageResult(
             self.plans
                 .iter()
@@ -1071,7 +1081,11 @@ impl Handler<GetReplications> for VolumeScheduler {
                     target: target.clone(),
                     rpo_secs: p.rpo.as_secs(),
                     running: p.running,
-                    queued: !p.running && (p.again || p.next_due <= now) && !self.paused.contains_key(volume.as_str()) && self.reserved > 0,
+                    queued: !p.running
+                        && (p.again || p.next_due <= now)
+                        && !self.paused.contains_key(volume.as_str())
+                        && any_running
+                        && self.platforms.held_back(&self.topology, self.local, volume).is_none(),
                     next_in_secs: p.next_due.saturating_duration_since(now).as_secs_f64(),
                     last_ok: p.last_ok.clone(),
                     last_error: p.last_error.clone(),
