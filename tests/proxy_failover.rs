@@ -29,8 +29,40 @@
 //!   although its own baseline is from before its death and two disks were
 //!   written since; the other volumes still never move.
 //!
+//! Second story, fencing across a partition: the same platform with two
+//! daemons of three disks (six volumes), the same lease and RPO. In a
+//! stable mesh, the proxy with the most volumes (the victim) is cut off from
+//! every other node, alive: an nftables table drops every UDP datagram from
+//! or to its port (all nodes are on loopback), for 20 s at least.
+//!
+//! - The victim cannot renew its leases: it takes no qemu view once less
+//!   than half its lease can be left (no "took a qemu view" in its log later
+//!   than the cut plus half the lease, plus 1 s of slack, until the heal),
+//!   and every view it held lets go of qemu (its cycle ended) within the
+//!   lease after the cut (3/4 of it to notice, plus 1 s of slack).
+//! - The others see it down, and each of its volumes gets an RP committed by
+//!   one of them; the one disk of the victim written during the cut is in
+//!   that first RP, exactly its four blocks (the dirty bitmap lost nothing
+//!   to the victim's stopped views); the others' first RPs hold nothing.
+//! - No two proxies ever have a view of one volume open at once: each
+//!   proxy's log gives, per volume, the spans from "took a qemu view" to the
+//!   end of that cycle ("cycle committed" or "cycle failed", logged after
+//!   the view was released), and spans of different proxies never overlap,
+//!   over the whole run (the spans around the cut are printed).
+//! - The victim commits no RP with a snapshot instant during the cut.
+//! - The cut heals: the others see the victim alive again, its volumes come
+//!   back to it (rendezvous), the other volumes never moved; every volume's
+//!   RPs have strictly increasing seqs and snapshot times, and its newest RP
+//!   restores to the disk exactly as qemu serves it (both disks written
+//!   during the cut included).
+//!
+//! The figures (when the others saw the victim down, when the target
+//! granted each of its volumes to another proxy, when that proxy's first RP
+//! was taken, relative to the cut) are printed, not asserted.
+//!
 //! Needs qemu-storage-daemon, qemu-img and qemu-io (scripts/install-deps
-//! installs qemu-utils).
+//! installs qemu-utils); the second story also needs root and nftables
+//! (`nft`), and is skipped with a message without them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -51,7 +83,15 @@ const PLATFORM: &str = "hv";
 /// The policy's RPO (a cycle of each volume every few seconds).
 const RPO: Duration = Duration::from_secs(5);
 /// The platform's lease.
-const LEASE: &str = "5s";
+const LEASE: Duration = Duration::from_secs(5);
+/// The second story's disks: two daemons of three.
+const CUT_DAEMONS: usize = 2;
+const CUT_DISKS_PER_DAEMON: usize = 3;
+/// The victim stays cut off at least this long.
+const CUT_MIN: Duration = Duration::from_secs(20);
+/// Slack on the instants in the logs (a cycle's start to its "took a qemu
+/// view" line; a stop to the release of its view on a loaded machine).
+const SLACK_MS: u64 = 1_000;
 
 /// Kills the child on drop.
 struct Proc(Child);
@@ -119,7 +159,7 @@ fn storage_daemon(disks: &[PathBuf], qmp: &Path, nbd: &Path) -> Proc {
 fn platform_topology(mesh: &TestMesh, version: u64, names: &[&str], disks: &[Disk]) -> String {
     let mut text = mesh.standard_topology(version, names);
     let proxies: Vec<String> = PROXIES.iter().map(|p| format!("\"{p}\"")).collect();
-    text.push_str(&format!("\n[[platform]]\nname = \"{PLATFORM}\"\nproxies = [{}]\nlease = \"{LEASE}\"\n", proxies.join(", ")));
+    text.push_str(&format!("\n[[platform]]\nname = \"{PLATFORM}\"\nproxies = [{}]\nlease = \"{}s\"\n", proxies.join(", "), LEASE.as_secs()));
     for d in disks {
         text.push_str(&format!(
             "\n[[volume]]\nname = \"{}\"\nsource = \"{PLATFORM}\"\nkind = \"qemu\"\nmonitor = \"{}\"\nnode = \"disk{}\"\nfleece_dir = \"{}\"\nfleece_reserve = \"64MiB\"\nnbd = \"{}\"\ntargets = [\"{TARGET}\"]\npolicy = \"fast\"\n",
@@ -292,35 +332,38 @@ fn wait_rpo_met(mesh: &TestMesh, history: &mut History, disks: &[Disk]) {
     history.poll(mesh);
 }
 
-#[test]
-fn a_dead_proxys_volumes_move_to_the_live_proxies() {
-    let names: Vec<&str> = PROXIES.iter().copied().chain([TARGET]).collect();
-    let mut mesh = TestMesh::new(&names);
-    let dir = mesh.dir.path().to_path_buf();
+/// The nodes of both stories: the proxies and the target.
+fn lab_names() -> Vec<&'static str> {
+    PROXIES.iter().copied().chain([TARGET]).collect()
+}
 
-    // Three daemons, four disks each, each disk with content of its own.
+/// Starts `daemons` qemu-storage-daemons of `disks_per_daemon` qcow2 disks
+/// each (the volumes vm01, vm02..., the n-th disk's first content from seed
+/// `seed + n`), then the mesh without volumes until every proxy sees every
+/// node alive by gossip, then gives out the platform's volumes (topology
+/// version 2) and waits until every node runs it. Keep the daemons alive as
+/// long as the test runs.
+fn start_platform(mesh: &mut TestMesh, daemons: usize, disks_per_daemon: usize, seed: u64) -> (Vec<Disk>, Vec<Proc>) {
+    let names = lab_names();
+    let dir = mesh.dir.path().to_path_buf();
     let mut disks: Vec<Disk> = Vec::new();
-    // Declared after the mesh: the daemons go first, before its folder.
-    let mut daemons: Vec<Proc> = Vec::new();
+    let mut procs: Vec<Proc> = Vec::new();
     let seed_raw = dir.join("seed.raw");
-    for d in 0..DAEMONS {
+    for d in 0..daemons {
         let (qmp, nbd, fleece) = (dir.join(format!("hv{d}.qmp")), dir.join(format!("hv{d}.nbd")), dir.join(format!("fleece{d}")));
         let mut images = Vec::new();
-        for index in 0..DISKS_PER_DAEMON {
-            let n = d * DISKS_PER_DAEMON + index;
-            let disk = Disk { volume: format!("vm{:02}", n + 1), index, seed: 0xfa11_0000 + n as u64, qmp: qmp.clone(), nbd: nbd.clone(), fleece: fleece.clone() };
+        for index in 0..disks_per_daemon {
+            let n = d * disks_per_daemon + index;
+            let disk = Disk { volume: format!("vm{:02}", n + 1), index, seed: seed + n as u64, qmp: qmp.clone(), nbd: nbd.clone(), fleece: fleece.clone() };
             std::fs::write(&seed_raw, disk.seed_image()).unwrap();
             let image = dir.join(format!("{}.qcow2", disk.volume));
             run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&seed_raw).arg(&image));
             images.push(image);
             disks.push(disk);
         }
-        daemons.push(storage_daemon(&images, &qmp, &nbd));
+        procs.push(storage_daemon(&images, &qmp, &nbd));
     }
     std::fs::remove_file(&seed_raw).unwrap();
-    // What each volume's RPs must restore to (the disks change only where this test writes).
-    let seed_hash: BTreeMap<String, String> = disks.iter().map(|d| (d.volume.clone(), hash_hex(&d.seed_image()))).collect();
-    let mut expected = seed_hash.clone();
 
     // The mesh first, without volumes: every proxy sees every node alive by
     // gossip before the platform's volumes are given out (so that each proxy
@@ -334,44 +377,75 @@ fn a_dead_proxys_volumes_move_to_the_live_proxies() {
         mesh.wait_connected(p, &others);
         for q in others {
             let what = format!("{p} sees {q} alive by gossip");
-            wait_for(&mesh, &what, Duration::from_secs(30), || member_state(&mesh, p, q).as_deref() == Some("alive"));
+            wait_for(mesh, &what, Duration::from_secs(30), || member_state(mesh, p, q).as_deref() == Some("alive"));
         }
     }
-    let text = platform_topology(&mesh, 2, &names, &disks);
+    let text = platform_topology(mesh, 2, &names, &disks);
     let file = mesh.write_file("platform.toml", &text);
     let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
     let said = drmesh_tests::output_text(&check);
     assert!(check.status.success() && !said.contains("NOT BUILT"), "topology check of the platform:\n{said}\n{text}");
     mesh.write_file("topology.toml", &text);
-    wait_for(&mesh, "every node runs topology version 2", Duration::from_secs(30), || {
+    wait_for(mesh, "every node runs topology version 2", Duration::from_secs(30), || {
         names.iter().all(|n| mesh.ctl_json(n, "status").is_some_and(|s| s["topology_version"] == 2))
     });
-    let given_at = Instant::now();
+    (disks, procs)
+}
 
-    // A stable mesh: each volume is read by one proxy, the volumes by more than one.
-    let mut history = History::default();
-    wait_for(&mesh, &format!("every volume has 3 RPs on {TARGET}"), Duration::from_secs(180), || {
-        history.poll(&mesh);
-        disks.iter().all(|d| history.of(&d.volume).len() >= 3)
+/// Waits until every volume has `rps` RPs on the target, and returns each
+/// volume's proxy: the one that committed all of its RPs (a stable mesh),
+/// a proxy of the platform.
+fn stable_owners(mesh: &TestMesh, history: &mut History, disks: &[Disk], rps: usize, given_at: Instant) -> BTreeMap<String, String> {
+    wait_for(mesh, &format!("every volume has {rps} RPs on {TARGET}"), Duration::from_secs(180), || {
+        history.poll(mesh);
+        disks.iter().all(|d| history.of(&d.volume).len() >= rps)
     });
-    eprintln!("every volume has 3 RPs {:.1} s after the platform's volumes were given out", given_at.elapsed().as_secs_f64());
+    eprintln!("every volume has {rps} RPs {:.1} s after the platform's volumes were given out", given_at.elapsed().as_secs_f64());
     let mut owners: BTreeMap<String, String> = BTreeMap::new();
-    for d in &disks {
+    for d in disks {
         let sources = history.sources(&d.volume);
         assert_eq!(sources.len(), 1, "{}: in a stable mesh, RPs by more than one proxy: {:?}", d.volume, history.of(&d.volume));
         owners.insert(d.volume.clone(), sources[0].clone());
     }
-    let volumes_of = |owners: &BTreeMap<String, String>, proxy: &str| -> Vec<String> { owners.iter().filter(|(_, p)| *p == proxy).map(|(v, _)| v.clone()).collect() };
     for p in PROXIES {
         eprintln!("{p} reads {:?}", volumes_of(&owners, p));
     }
+    assert!(owners.values().all(|p| PROXIES.contains(&p.as_str())), "RPs committed by nodes that are not proxies of {PLATFORM}: {owners:?}");
+    owners
+}
+
+/// The volumes `proxy` reads in `owners`.
+fn volumes_of(owners: &BTreeMap<String, String>, proxy: &str) -> Vec<String> {
+    owners.iter().filter(|(_, p)| *p == proxy).map(|(v, _)| v.clone()).collect()
+}
+
+/// The proxy with the most volumes in `owners` (the first of them in PROXIES' order).
+fn most_loaded(owners: &BTreeMap<String, String>) -> String {
+    PROXIES.iter().copied().fold(PROXIES[0], |best, p| if volumes_of(owners, p).len() > volumes_of(owners, best).len() { p } else { best }).to_string()
+}
+
+#[test]
+fn a_dead_proxys_volumes_move_to_the_live_proxies() {
+    let names = lab_names();
+    let mut mesh = TestMesh::new(&names);
+    let dir = mesh.dir.path().to_path_buf();
+    // Three daemons, four disks each, each disk with content of its own.
+    // Declared after the mesh: the daemons go first, before its folder.
+    let (disks, _daemons) = start_platform(&mut mesh, DAEMONS, DISKS_PER_DAEMON, 0xfa11_0000);
+    // What each volume's RPs must restore to (the disks change only where this test writes).
+    let seed_hash: BTreeMap<String, String> = disks.iter().map(|d| (d.volume.clone(), hash_hex(&d.seed_image()))).collect();
+    let mut expected = seed_hash.clone();
+    let given_at = Instant::now();
+
+    // A stable mesh: each volume is read by one proxy, the volumes by more than one.
+    let mut history = History::default();
+    let owners = stable_owners(&mesh, &mut history, &disks, 3, given_at);
     let used: BTreeSet<&String> = owners.values().collect();
-    assert!(used.iter().all(|p| PROXIES.contains(&p.as_str())), "RPs committed by nodes that are not proxies of {PLATFORM}: {owners:?}");
     // (All twelve on one proxy: a chance of 3^-11 with a sound hash.)
     assert!(used.len() > 1, "every volume is read by one proxy: {owners:?}");
 
     // The proxy with the most volumes dies.
-    let victim = PROXIES.iter().copied().fold(PROXIES[0], |best, p| if volumes_of(&owners, p).len() > volumes_of(&owners, best).len() { p } else { best }).to_string();
+    let victim = most_loaded(&owners);
     let moved = volumes_of(&owners, &victim);
     let survivors: Vec<&str> = PROXIES.iter().copied().filter(|p| *p != victim).collect();
     let (kill_ms, killed_at) = (unix_ms(), Instant::now());
@@ -432,7 +506,7 @@ fn a_dead_proxys_volumes_move_to_the_live_proxies() {
             assert_eq!((rp.changed_blocks, rp.bytes_stored), (0, 0), "{v}@{}, the first RP by {} after the failover, read or stored blocks although the disk did not change: {rp:?}", rp.seq, rp.source);
         }
     }
-    eprintln!("failover: the slowest volume's first RP by its new proxy was taken {:.1} s after the kill (lease {LEASE}, RPO {} s)", max_failover as f64 / 1000.0, RPO.as_secs());
+    eprintln!("failover: the slowest volume's first RP by its new proxy was taken {:.1} s after the kill (lease {}s, RPO {} s)", max_failover as f64 / 1000.0, LEASE.as_secs(), RPO.as_secs());
 
     // The VM writes into a moved disk; the next RP holds it.
     let written = disks.iter().find(|d| d.volume == moved[0]).expect("a moved disk");
@@ -538,5 +612,380 @@ fn a_dead_proxys_volumes_move_to_the_live_proxies() {
         let want = if moved.contains(v) { vec![victim.clone(), first_new[v].0.source.clone(), victim.clone()] } else { vec![owners[v].clone()] };
         assert_eq!(sources, want, "{v}: RPs by other proxies than expected: {rps:?}");
         eprintln!("{v}: {} RPs, by {}", rps.len(), sources.join(" then "));
+    }
+}
+
+/// `nft`, when this process may change the host's firewall (root, nftables);
+/// `None`, with the reason printed, otherwise.
+fn nft_for_the_cut() -> Option<PathBuf> {
+    if !drmesh_tests::is_root() {
+        eprintln!("skipped: needs root (an nftables table cuts a proxy off)");
+        return None;
+    }
+    let found = ["nft", "/usr/sbin/nft", "/sbin/nft"].into_iter().map(PathBuf::from).find(|nft| {
+        Command::new(nft).args(["list", "tables"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    });
+    let Some(nft) = found else {
+        eprintln!("skipped: needs nftables (`nft list tables` fails or nft is not installed)");
+        return None;
+    };
+    // Tables of earlier runs killed before they could remove them (their process is gone).
+    let tables = Command::new(&nft).args(["list", "tables"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for name in tables.lines().filter_map(|l| l.strip_prefix("table inet ")) {
+        if let Some(pid) = name.strip_prefix(Cut::PREFIX) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = Command::new(&nft).args(["delete", "table", "inet", name]).status();
+            }
+        }
+    }
+    Some(nft)
+}
+
+/// A node cut off from every other: an nftables table of this process that
+/// drops every UDP datagram from or to the node's port on arrival (all nodes
+/// are on loopback, and each sends and receives on its one port). Dropping
+/// on input, not output, so the senders see no error: datagrams are lost,
+/// as in a partition. Removed on drop (a panic too).
+struct Cut {
+    nft: PathBuf,
+    table: String,
+}
+
+impl Cut {
+    const PREFIX: &'static str = "drmesh_cut_";
+
+    fn new(nft: &Path, port: u16) -> Cut {
+        let table = format!("{}{}", Cut::PREFIX, std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -150; policy accept;\n    udp sport {port} counter drop\n    udp dport {port} counter drop\n  }}\n}}\n"
+        );
+        let mut child = Command::new(nft).args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("nft");
+        {
+            use std::io::Write as _;
+            child.stdin.take().expect("piped").write_all(rules.as_bytes()).expect("writing nft's rules");
+        }
+        let out = child.wait_with_output().expect("nft");
+        assert!(out.status.success(), "nft -f of\n{rules}failed: {}", String::from_utf8_lossy(&out.stderr));
+        Cut { nft: nft.to_path_buf(), table }
+    }
+
+    /// Datagrams dropped so far.
+    fn dropped(&self) -> u64 {
+        let out = Command::new(&self.nft).args(["list", "table", "inet", &self.table]).output().expect("nft list table");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("packets ").skip(1).filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok()).sum()
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let ok = Command::new(&self.nft).args(["delete", "table", "inet", &self.table]).status().is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("could not delete the nftables table inet {}: delete it by hand (nft delete table inet {})", self.table, self.table);
+        }
+    }
+}
+
+/// The instant at the start of a log line (RFC 3339, UTC), in Unix ms.
+fn log_instant(line: &str) -> Option<u64> {
+    let stamp: jiff::Timestamp = line.split_whitespace().next()?.parse().ok()?;
+    u64::try_from(stamp.as_millisecond()).ok()
+}
+
+/// The value of field `key` (`key=value`, a name) in a log line.
+fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!(" {key}=");
+    let rest = &line[line.find(&pattern)? + pattern.len()..];
+    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// The lines of `log` with `message` and the instant of each.
+fn log_lines<'a>(log: &'a str, message: &'a str) -> impl Iterator<Item = (u64, &'a str)> + 'a {
+    let needle = format!(": {message}");
+    log.lines().filter(move |l| l.contains(&needle)).filter_map(|l| Some((log_instant(l)?, l)))
+}
+
+/// A view of a volume that a proxy held: from its "took a qemu view" line
+/// to the end of that cycle ("cycle committed" or "cycle failed", logged
+/// once the view was released); `to_ms` is `None` when the log shows no end.
+#[derive(Debug, Clone)]
+struct ViewSpan {
+    proxy: String,
+    volume: String,
+    from_ms: u64,
+    to_ms: Option<u64>,
+    end: &'static str,
+}
+
+impl ViewSpan {
+    fn to_or_max(&self) -> u64 {
+        self.to_ms.unwrap_or(u64::MAX)
+    }
+
+    /// The span relative to `zero_ms`, in seconds.
+    fn relative(&self, zero_ms: u64) -> String {
+        let at = |ms: u64| (ms as f64 - zero_ms as f64) / 1000.0;
+        match self.to_ms {
+            Some(to) => format!("{} {} [{:+.2} s, {:+.2} s] {}", self.proxy, self.volume, at(self.from_ms), at(to), self.end),
+            None => format!("{} {} [{:+.2} s, still open]", self.proxy, self.volume, at(self.from_ms)),
+        }
+    }
+}
+
+/// The views `proxy`'s log shows, in order.
+fn view_spans(proxy: &str, log: &str) -> Vec<ViewSpan> {
+    let mut spans: Vec<ViewSpan> = Vec::new();
+    let mut open: BTreeMap<String, usize> = BTreeMap::new();
+    for line in log.lines() {
+        let (took, committed, failed) = (line.contains(": took a qemu view"), line.contains(": cycle committed"), line.contains(": cycle failed"));
+        if !(took || committed || failed) {
+            continue;
+        }
+        let (Some(at), Some(volume)) = (log_instant(line), log_field(line, "volume")) else { continue };
+        if let Some(i) = open.remove(volume) {
+            spans[i].to_ms = Some(at);
+            spans[i].end = if took { "another view" } else if committed { "committed" } else { "failed" };
+        }
+        if took {
+            open.insert(volume.to_string(), spans.len());
+            spans.push(ViewSpan { proxy: proxy.to_string(), volume: volume.to_string(), from_ms: at, to_ms: None, end: "" });
+        }
+    }
+    spans
+}
+
+/// Reads `volume`'s disk as qemu serves it now (through its NBD export).
+fn disk_now(mesh: &TestMesh, disk: &Disk) -> Vec<u8> {
+    let to = mesh.dir.path().join(format!("now-{}.raw", disk.volume));
+    let _ = std::fs::remove_file(&to);
+    run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "raw", &disk.export_uri()]).arg(&to));
+    let bytes = std::fs::read(&to).unwrap();
+    std::fs::remove_file(&to).unwrap();
+    bytes
+}
+
+/// Writes `len` bytes of `pattern` at `offset` into `disk` through its NBD
+/// export (as the VM would) and into `image`, its expected content.
+fn vm_write(disk: &Disk, image: &mut [u8], offset: usize, len: usize, pattern: u8) {
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P 0x{pattern:02x} {offset} {len}"), &disk.export_uri()]));
+    image[offset..offset + len].fill(pattern);
+}
+
+#[test]
+fn a_proxy_cut_off_from_the_mesh_stops_reading_its_vms_before_another_takes_them() {
+    let Some(nft) = nft_for_the_cut() else { return };
+    let names = lab_names();
+    let mut mesh = TestMesh::new(&names);
+    let (disks, _daemons) = start_platform(&mut mesh, CUT_DAEMONS, CUT_DISKS_PER_DAEMON, 0xc07_0000);
+    let given_at = Instant::now();
+    let lease_ms = u64::try_from(LEASE.as_millis()).unwrap();
+    // Each disk's expected content (they change only where this test writes).
+    let mut images: BTreeMap<String, Vec<u8>> = disks.iter().map(|d| (d.volume.clone(), d.seed_image())).collect();
+    let disk = |v: &str| disks.iter().find(|d| d.volume == v).expect("a disk of the volume");
+
+    // A stable mesh: each volume is read by one proxy.
+    let mut history = History::default();
+    let owners = stable_owners(&mesh, &mut history, &disks, 2, given_at);
+    let victim = most_loaded(&owners);
+    let moved = volumes_of(&owners, &victim);
+    let survivors: Vec<&str> = PROXIES.iter().copied().filter(|p| *p != victim).collect();
+
+    // The victim is cut off from every other node, alive.
+    let cut = Cut::new(&nft, mesh.node(&victim).port);
+    let (cut_ms, cut_at) = (unix_ms(), Instant::now());
+    eprintln!("cut {victim} (port {}) off from the mesh; it read {moved:?}", mesh.node(&victim).port);
+    // The VMs write on: into one of the victim's disks, and into one of another proxy's (if any has one).
+    let dark = moved[0].clone();
+    vm_write(disk(&dark), images.get_mut(&dark).unwrap(), 5 * MIB, MIB, 0x6b);
+    let dark_ms = unix_ms();
+    let lit = owners.iter().find(|(_, p)| **p != victim).map(|(v, _)| v.clone());
+    if let Some(v) = &lit {
+        vm_write(disk(v), images.get_mut(v).unwrap(), 2 * MIB + 8192, MIB / 2, 0x93);
+    }
+    eprintln!("during the cut, wrote into {dark} (of {victim}) and {lit:?} (of another proxy)");
+
+    // The others see the victim down, and each of its volumes gets an RP by one of them.
+    let mut first_new: BTreeMap<String, (Rp, Duration)> = BTreeMap::new();
+    let mut down_after: Option<Duration> = None;
+    let mut watch = |history: &mut History, first_new: &mut BTreeMap<String, (Rp, Duration)>| {
+        if down_after.is_none() && member_state(&mesh, survivors[0], &victim).as_deref() == Some("down") {
+            down_after = Some(cut_at.elapsed());
+        }
+        history.poll(&mesh);
+        for v in &moved {
+            if !first_new.contains_key(v) {
+                if let Some(rp) = history.of(v).into_iter().find(|r| r.source != victim) {
+                    first_new.insert(v.clone(), (rp.clone(), cut_at.elapsed()));
+                }
+            }
+        }
+    };
+    wait_for(&mesh, &format!("every volume of {victim} has an RP committed by another proxy"), Duration::from_secs(120), || {
+        watch(&mut history, &mut first_new);
+        first_new.len() == moved.len()
+    });
+    while cut_at.elapsed() < CUT_MIN {
+        std::thread::sleep(Duration::from_millis(500));
+        watch(&mut history, &mut first_new);
+    }
+    let dropped = cut.dropped();
+    let (heal_ms, healed_at) = (unix_ms(), Instant::now());
+    drop(cut);
+    eprintln!("healed the cut after {:.1} s ({dropped} datagrams dropped)", (heal_ms - cut_ms) as f64 / 1000.0);
+    assert!(dropped > 0, "the nftables table dropped nothing: {victim} was not cut off");
+    match down_after {
+        Some(t) => eprintln!("{} saw {victim} down {:.1} s after the cut", survivors[0], t.as_secs_f64()),
+        None => eprintln!("{} did not show {victim} down while it was cut off", survivors[0]),
+    }
+
+    // Each of the victim's volumes moved to one live proxy, which took over
+    // from the target's newest RP and qemu's bitmap: the write during the
+    // cut is in its first RP, exactly its blocks, and nothing else is.
+    for (v, (rp, seen)) in &first_new {
+        eprintln!(
+            "failover {v}: {victim} -> {}: {v}@{} taken {:.1} s after the cut (seen on {TARGET} after {:.1} s): {} changed blocks, {} bytes stored",
+            rp.source,
+            rp.seq,
+            (rp.time_ms as f64 - cut_ms as f64) / 1000.0,
+            seen.as_secs_f64(),
+            rp.changed_blocks,
+            rp.bytes_stored
+        );
+        assert!(survivors.contains(&rp.source.as_str()), "{v}@{} committed by {}, not a live proxy of {PLATFORM}", rp.seq, rp.source);
+        let blocks = if *v == dark {
+            assert!(rp.time_ms > dark_ms, "{v}@{}, the first RP by {}, was taken before the write into the disk returned", rp.seq, rp.source);
+            (MIB / (256 << 10)) as u64
+        } else {
+            0
+        };
+        assert_eq!(rp.changed_blocks, blocks, "{v}@{}, the first RP by {} after the cut, does not hold exactly the blocks written since {victim}'s last RP: {rp:?}", rp.seq, rp.source);
+        let got = restore_bytes(&mesh, v, rp.seq);
+        let want = &images[v];
+        assert!(got == *want, "{v}@{}, the first RP by {} after the cut, is not the disk: {}", rp.seq, rp.source, first_difference(&got, want));
+    }
+
+    // The cut heals: the others see the victim alive again, and its volumes come back to it.
+    let mut alive_after: BTreeMap<&str, Duration> = BTreeMap::new();
+    let mut first_back: BTreeMap<String, (Rp, Duration)> = BTreeMap::new();
+    wait_for(&mesh, &format!("the others see {victim} alive and it reads its volumes again"), Duration::from_secs(90), || {
+        for s in &survivors {
+            if !alive_after.contains_key(s) && member_state(&mesh, s, &victim).as_deref() == Some("alive") {
+                alive_after.insert(s, healed_at.elapsed());
+            }
+        }
+        history.poll(&mesh);
+        for v in &moved {
+            if !first_back.contains_key(v) {
+                if let Some(rp) = history.of(v).into_iter().find(|r| r.source == victim && r.seq > first_new[v].0.seq) {
+                    first_back.insert(v.clone(), (rp.clone(), healed_at.elapsed()));
+                }
+            }
+        }
+        alive_after.len() == survivors.len() && first_back.len() == moved.len()
+    });
+    for (s, t) in &alive_after {
+        eprintln!("{s} saw {victim} alive again {:.1} s after the heal", t.as_secs_f64());
+    }
+    for (v, (rp, seen)) in &first_back {
+        eprintln!(
+            "back {v}: {} -> {victim}: {v}@{} taken {:.1} s after the heal (seen on {TARGET} after {:.1} s): {} changed blocks, {} bytes stored",
+            first_new[v].0.source,
+            rp.seq,
+            (rp.time_ms as f64 - heal_ms as f64) / 1000.0,
+            seen.as_secs_f64(),
+            rp.changed_blocks,
+            rp.bytes_stored
+        );
+    }
+    // Every volume's newest RP is then one taken after all of that.
+    let back_ms = unix_ms();
+    wait_for(&mesh, &format!("every volume has an RP on {TARGET} taken after its volumes came back to {victim}"), Duration::from_secs(60), || {
+        history.poll(&mesh);
+        disks.iter().all(|d| history.newest(&d.volume).is_some_and(|r| r.time_ms > back_ms))
+    });
+    eprintln!("the mesh settled {:.1} s after the heal; the test ran {:.1} s since the volumes were given out", healed_at.elapsed().as_secs_f64(), given_at.elapsed().as_secs_f64());
+
+    // Every volume's newest RP is the disk exactly as qemu serves it: no
+    // change was lost to two readers of one bitmap.
+    for d in &disks {
+        let newest = history.newest(&d.volume).unwrap().clone();
+        let now = disk_now(&mesh, d);
+        assert!(now == images[&d.volume], "{}: the disk read through qemu is not its seed with this test's writes: {}", d.volume, first_difference(&now, &images[&d.volume]));
+        let got = restore_bytes(&mesh, &d.volume, newest.seq);
+        assert!(got == now, "{}@{} (newest, by {}) is not the disk as it is: {}", d.volume, newest.seq, newest.source, first_difference(&got, &now));
+    }
+
+    // Only the victim's volumes moved, each to one proxy and back; the
+    // victim committed nothing it took during the cut.
+    for d in &disks {
+        let v = &d.volume;
+        let (rps, sources) = (history.of(v), history.sources(v));
+        let want = if moved.contains(v) { vec![victim.clone(), first_new[v].0.source.clone(), victim.clone()] } else { vec![owners[v].clone()] };
+        assert_eq!(sources, want, "{v}: RPs by other proxies than expected: {rps:?}");
+        let during: Vec<&&Rp> = rps.iter().filter(|r| r.source == victim && (cut_ms..heal_ms).contains(&r.time_ms)).collect();
+        assert!(during.is_empty(), "{v}: RPs by {victim} taken while it was cut off from {TARGET}: {during:?}");
+        eprintln!("{v}: {} RPs, by {}", rps.len(), sources.join(" then "));
+    }
+
+    // What the logs show of the qemu views.
+    let read_ms = unix_ms();
+    let mut spans: Vec<ViewSpan> = Vec::new();
+    for p in PROXIES {
+        // Views taken after the logs were read are not all in them.
+        spans.extend(view_spans(p, &mesh.node(p).log_text()).into_iter().filter(|s| s.from_ms + SLACK_MS < read_ms));
+    }
+    let t1_log = mesh.node(TARGET).log_text();
+    let grants: Vec<(u64, String, String)> = log_lines(&t1_log, "lease granted")
+        .filter_map(|(at, l)| Some((at, log_field(l, "volume")?.to_string(), log_field(l, "proxy")?.to_string())))
+        .collect();
+    let victim_log = mesh.node(&victim).log_text();
+    let stops: Vec<(u64, String)> = log_lines(&victim_log, "stopping the cycle").filter_map(|(at, l)| Some((at, log_field(l, "volume")?.to_string()))).collect();
+    let rel = |ms: u64| (ms as f64 - cut_ms as f64) / 1000.0;
+    eprintln!("around the cut (instants relative to it; lease {} s, heal at {:+.1} s):", LEASE.as_secs(), rel(heal_ms));
+    for v in &moved {
+        for s in spans.iter().filter(|s| s.volume == *v && s.to_or_max() + 6_000 > cut_ms && s.from_ms < heal_ms) {
+            eprintln!("  view {}", s.relative(cut_ms));
+        }
+        for (at, _, proxy) in grants.iter().filter(|(at, gv, _)| gv == v && *at > cut_ms && *at < heal_ms) {
+            eprintln!("  {TARGET} granted {v}'s lease to {proxy} at {:+.2} s", rel(*at));
+        }
+        for (at, _) in stops.iter().filter(|(at, sv)| sv == v && *at > cut_ms && *at < heal_ms) {
+            eprintln!("  {victim} stopped its cycle of {v} at {:+.2} s", rel(*at));
+        }
+    }
+
+    // The victim took no view once less than half its lease could be left,
+    // and let go of every view within its lease.
+    let late: Vec<String> = spans
+        .iter()
+        .filter(|s| s.proxy == victim && s.from_ms > cut_ms + lease_ms / 2 + SLACK_MS && s.from_ms < heal_ms)
+        .map(|s| s.relative(cut_ms))
+        .collect();
+    assert!(late.is_empty(), "{victim} took qemu views while cut off from {TARGET}, later than half its lease ({} ms) after the cut (+{SLACK_MS} ms): {late:?}", lease_ms / 2);
+    let held: Vec<String> = spans
+        .iter()
+        .filter(|s| s.proxy == victim && s.from_ms < heal_ms && s.to_or_max() > cut_ms + lease_ms + SLACK_MS)
+        .map(|s| s.relative(cut_ms))
+        .collect();
+    assert!(held.is_empty(), "{victim} held qemu views longer than its lease ({lease_ms} ms) after the cut (+{SLACK_MS} ms): {held:?}");
+
+    // No two proxies ever had a view of one volume open at once.
+    for d in &disks {
+        let mut of: Vec<&ViewSpan> = spans.iter().filter(|s| s.volume == d.volume).collect();
+        of.sort_by_key(|s| s.from_ms);
+        for (i, a) in of.iter().enumerate() {
+            for b in of[i + 1..].iter().take_while(|b| b.from_ms <= a.to_or_max()) {
+                assert!(
+                    a.proxy == b.proxy,
+                    "{}: two proxies had a qemu view of it open at once (relative to the cut): {} and {}",
+                    d.volume,
+                    a.relative(cut_ms),
+                    b.relative(cut_ms)
+                );
+            }
+        }
+        let count = |p: &str| of.iter().filter(|s| s.proxy == p).count();
+        eprintln!("{}: views by {}", d.volume, PROXIES.iter().map(|p| format!("{p} {}", count(p))).collect::<Vec<_>>().join(", "));
     }
 }
