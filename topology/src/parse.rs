@@ -216,6 +216,25 @@ impl<'t, 'i> Fields<'t, 'i> {
         Some(i.value)
     }
 
+    /// An optional duration in `range` (written `shown`, like "1s to 1h"):
+    /// `Some(default)` when absent, `None` when reported as wrong.
+    fn duration_in(&self, sink: &mut Sink<'_>, key: &str, range: (std::time::Duration, std::time::Duration), shown: &str, default: std::time::Duration) -> Option<std::time::Duration> {
+        let Some(s) = self.string(sink, key, false) else {
+            return if self.get(key).is_some() { None } else { Some(default) };
+        };
+        match units::parse_duration(&s.value) {
+            Ok(d) if d < range.0 || d > range.1 => {
+                sink.error(s.span, format!("`{key}` in {} must be from {shown}, found {:?}", self.what, s.value));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                sink.error(s.span, format!("`{key}` in {}: {e}", self.what));
+                None
+            }
+        }
+    }
+
     fn table(&self, sink: &mut Sink<'_>, key: &str) -> Option<Fields<'t, 'i>> {
         let value = self.get(key)?;
         match value.get_ref() {
@@ -788,22 +807,8 @@ fn read_hooks(t: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<VolumeHooks> {
         sink.error(t.header.clone(), format!("{} has neither `pre` nor `post`; expected a command in at least one, such as pre = [\"/usr/local/bin/quiesce-db\"]", t.what));
         ok = false;
     }
-    let mut timeout = std::time::Duration::from_secs(60);
-    if let Some(s) = t.string(sink, "timeout", false) {
-        match units::parse_duration(&s.value) {
-            Ok(d) if d < std::time::Duration::from_secs(1) || d > HOOK_TIMEOUT_MAX => {
-                sink.error(s.span, format!("`timeout` in {} must be from 1s to 1h, found {:?}", t.what, s.value));
-                ok = false;
-            }
-            Ok(d) => timeout = d,
-            Err(e) => {
-                sink.error(s.span, format!("`timeout` in {}: {e}", t.what));
-                ok = false;
-            }
-        }
-    } else if t.get("timeout").is_some() {
-        ok = false;
-    }
+    let timeout = t.duration_in(sink, "timeout", (std::time::Duration::from_secs(1), HOOK_TIMEOUT_MAX), "1s to 1h", std::time::Duration::from_secs(60));
+    let timeout = timeout?;
     ok.then_some(VolumeHooks { pre, post, timeout })
 }
 
@@ -1281,24 +1286,9 @@ fn read_platform(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> PlatformDraft {
             proxies = list;
         }
     }
-    let mut lease = crate::schema::DEFAULT_PLATFORM_LEASE;
-    if let Some(s) = f.string(sink, "lease", false) {
-        match units::parse_duration(&s.value) {
-            Ok(d) if d < PLATFORM_LEASE_RANGE.0 || d > PLATFORM_LEASE_RANGE.1 => {
-                sink.error(s.span, format!("`lease` in [[platform]] must be from 2s to 10m, found {:?}", s.value));
-                ok = false;
-            }
-            Ok(d) => lease = d,
-            Err(e) => {
-                sink.error(s.span, format!("`lease` in [[platform]]: {e}"));
-                ok = false;
-            }
-        }
-    } else if f.get("lease").is_some() {
-        ok = false;
-    }
-    let platform = match &name {
-        Some(n) if ok => Some(Platform { name: n.value.clone(), proxies: proxies.iter().map(|p| p.value.clone()).collect(), lease }),
+    let lease = f.duration_in(sink, "lease", PLATFORM_LEASE_RANGE, "2s to 10m", crate::schema::DEFAULT_PLATFORM_LEASE);
+    let platform = match (&name, lease) {
+        (Some(n), Some(lease)) if ok => Some(Platform { name: n.value.clone(), proxies: proxies.iter().map(|p| p.value.clone()).collect(), lease }),
         _ => None,
     };
     PlatformDraft { name, proxies, platform }
