@@ -772,6 +772,29 @@ fn vm_write(disk: &Disk, image: &mut [u8], offset: usize, len: usize, pattern: u
     image[offset..offset + len].fill(pattern);
 }
 
+/// Waits (30 s at most) until `proxy` has a cycle of one of `volumes` due
+/// in 0.3 to 0.7 s, not running, with enough of its lease left then to
+/// start; returns the volume and the seconds until then (`None`: no such
+/// moment was seen).
+fn cycle_due_soon(mesh: &TestMesh, proxy: &str, volumes: &[String]) -> Option<(String, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let half = LEASE.as_secs_f64() / 2.0;
+    while Instant::now() < deadline {
+        let list = mesh.ctl_data(proxy, &["volumes"]).ok()?;
+        let soon = list.as_array().into_iter().flatten().find_map(|v| {
+            let (volume, next) = (v["volume"].as_str()?, v["next_in_secs"].as_f64()?);
+            let lease = v["proxy"]["lease_secs"].as_f64()?;
+            let ok = volumes.iter().any(|m| m == volume) && v["running"] == false && (0.3..=0.7).contains(&next) && lease - next >= half + 0.5;
+            ok.then(|| (volume.to_string(), next))
+        });
+        if soon.is_some() {
+            return soon;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 #[test]
 fn a_proxy_cut_off_from_the_mesh_stops_reading_its_vms_before_another_takes_them() {
     let Some(nft) = nft_for_the_cut() else { return };
@@ -791,10 +814,15 @@ fn a_proxy_cut_off_from_the_mesh_stops_reading_its_vms_before_another_takes_them
     let moved = volumes_of(&owners, &victim);
     let survivors: Vec<&str> = PROXIES.iter().copied().filter(|p| *p != victim).collect();
 
-    // The victim is cut off from every other node, alive.
+    // The victim is cut off from every other node, alive, just before one
+    // of its cycles starts (with its lease, but no target to answer).
+    let due = cycle_due_soon(&mesh, &victim, &moved);
     let cut = Cut::new(&nft, mesh.node(&victim).port);
     let (cut_ms, cut_at) = (unix_ms(), Instant::now());
-    eprintln!("cut {victim} (port {}) off from the mesh; it read {moved:?}", mesh.node(&victim).port);
+    match &due {
+        Some((v, secs)) => eprintln!("cut {victim} off from the mesh {secs:.2} s before a cycle of {v} was due; it read {moved:?}"),
+        None => eprintln!("cut {victim} off from the mesh (no cycle of it due soon found); it read {moved:?}"),
+    }
     // The VMs write on: into one of the victim's disks, and into one of another proxy's (if any has one).
     let dark = moved[0].clone();
     vm_write(disk(&dark), images.get_mut(&dark).unwrap(), 5 * MIB, MIB, 0x6b);
@@ -930,6 +958,13 @@ fn a_proxy_cut_off_from_the_mesh_stops_reading_its_vms_before_another_takes_them
 
     // What the logs show of the qemu views.
     let read_ms = unix_ms();
+    if let Ok(keep) = std::env::var("KEEP_LOGS_TMP") {
+        std::fs::create_dir_all(&keep).unwrap();
+        for n in &mesh.nodes {
+            std::fs::copy(&n.log, Path::new(&keep).join(format!("{}.log", n.name))).unwrap();
+        }
+        std::fs::write(Path::new(&keep).join("cut.txt"), format!("cut_ms={cut_ms} heal_ms={heal_ms} victim={victim}\n")).unwrap();
+    }
     let mut spans: Vec<ViewSpan> = Vec::new();
     for p in PROXIES {
         // Views taken after the logs were read are not all in them.

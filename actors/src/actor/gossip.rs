@@ -992,7 +992,9 @@ impl Handler<GetCatalog> for GossipActor {
             .into_iter()
             .map(|name| {
                 let vol = self.topology.volume_by_name(&name);
-                let h = health.iter().find(|h| h.volume == name);
+                // The newest word on it: a platform's volume has its health
+                // published by each proxy that read it (the dead one's last word too).
+                let h = health.iter().filter(|h| h.volume == name).max_by_key(|h| h.health.last_cycle_unix_ms);
                 let rpo_secs = vol
                     .and_then(|v| self.topology.policies.get(&v.policy))
                     .map(|p| p.rpo.as_secs())
