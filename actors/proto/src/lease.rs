@@ -212,13 +212,27 @@ impl LeaseKeeper {
         due
     }
 
-    /// The target granted the lease for `ttl` (counted here from when the request was sent).
-    pub fn handle_granted(&mut self, ttl: Duration) {
-        if let Some(sent) = self.asking_since.take() {
-            self.ttl = ttl;
-            self.until = Some(sent.after(ttl));
-            self.last_refusal = None;
+    /// The target granted the request sent at `sent` for `ttl`: the lease is
+    /// ours until `sent + ttl` (the target read the request after `sent`, so
+    /// its lease ends later, whatever the order answers come back in).
+    pub fn handle_granted(&mut self, sent: Millis, ttl: Duration) {
+        if self.asking_since.is_some_and(|a| a <= sent) {
+            self.asking_since = None;
         }
+        self.ttl = ttl;
+        let until = sent.after(ttl);
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+        self.last_refusal = None;
+    }
+
+    /// When the lease ends (counted here), if it is held.
+    pub fn until(&self) -> Option<Millis> {
+        self.until
+    }
+
+    /// The length of the last grant (or the platform's lease before any).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Another proxy holds the lease (or the target refused): ours is gone;
@@ -353,7 +367,7 @@ mod tests {
         // One request at a time.
         assert!(!k.poll_request(Millis(100)));
         // Granted: counted from when it was sent, not from the answer.
-        k.handle_granted(ttl);
+        k.handle_granted(Millis(0), ttl);
         assert_eq!(k.remaining(Millis(1_000)), Duration::from_secs(19));
         assert!(k.may_start(Millis(1_000)));
         // No renewal before a quarter is used, then one.
@@ -371,7 +385,7 @@ mod tests {
         assert_eq!(k.last_refusal(), Some("unreachable"));
         // Held by another: gone at once.
         assert!(k.poll_request(Millis(21_000)));
-        k.handle_granted(ttl);
+        k.handle_granted(Millis(21_000), ttl);
         assert!(k.poll_request(Millis(26_000)));
         k.handle_refused(Millis(26_100), "held by p2".into(), Duration::from_secs(2));
         assert!(!k.held(Millis(26_100)));
@@ -386,8 +400,15 @@ mod tests {
         assert!(k.poll_request(Millis(0)));
         assert!(!k.poll_request(Millis(9_999)));
         assert!(k.poll_request(Millis(10_000)));
-        // A late grant of the first request counts from the second's sending.
-        k.handle_granted(ttl);
+        // A late grant of the first request counts from when the first was
+        // sent (the target may have read it at once), not from the second.
+        k.handle_granted(Millis(0), ttl);
+        assert_eq!(k.remaining(Millis(10_000)), Duration::ZERO);
+        assert!(!k.poll_request(Millis(10_500)), "the second request is still out");
+        k.handle_granted(Millis(10_000), ttl);
+        assert_eq!(k.remaining(Millis(10_000)), ttl);
+        // An answer to an older request never shortens a newer grant.
+        k.handle_granted(Millis(5_000), ttl);
         assert_eq!(k.remaining(Millis(10_000)), ttl);
     }
 

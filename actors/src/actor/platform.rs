@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::actor::gossip::LiveNodes;
 use crate::proto::lease::{owner, LeaseKeeper, LeaseReply, LeaseRequest};
 use crate::proto::time::Millis;
+use crate::source::fence::Fence;
 use crate::store::VolumeName;
 
 /// For this long after start, proxies gossip has not heard of yet count as
@@ -37,6 +38,8 @@ pub(crate) enum LeaseAction {
         target: String,
         /// Acquire (or renew) or release.
         request: LeaseRequest,
+        /// When it is sent (this node's lease counts from then).
+        sent: Millis,
     },
     /// Stop the volume's running cycles with `reason`.
     Stop {
@@ -67,6 +70,8 @@ pub(crate) struct Platforms {
     origin: Instant,
     live: Option<LiveNodes>,
     keepers: BTreeMap<VolumeName, LeaseKeeper>,
+    /// Each keeper's lease as the views of its volume see it.
+    fences: BTreeMap<VolumeName, Fence>,
 }
 
 impl Platforms {
@@ -77,7 +82,7 @@ impl Platforms {
 
     /// As [`Platforms::new`], for a node that started at `origin`.
     fn started_at(origin: Instant) -> Platforms {
-        Platforms { origin, live: None, keepers: BTreeMap::new() }
+        Platforms { origin, live: None, keepers: BTreeMap::new(), fences: BTreeMap::new() }
     }
 
     fn now(&self) -> Millis {
@@ -161,7 +166,7 @@ impl Platforms {
             seen.push(v.name.clone());
             let reader = self.reader(topology, me, v);
             let keeper = self.keepers.entry(v.name.clone()).or_insert_with(|| LeaseKeeper::new(platform.lease));
-            let send = |request| LeaseAction::Send { volume: v.name.clone(), target: first.clone(), request };
+            let send = |request| LeaseAction::Send { volume: v.name.clone(), target: first.clone(), request, sent: now };
             if reader == Some(me) {
                 if keeper.poll_request(now) {
                     actions.push(send(LeaseRequest::Acquire { volume: v.name.clone() }));
@@ -185,18 +190,44 @@ impl Platforms {
             }
         }
         self.keepers.retain(|v, _| seen.contains(v));
+        self.fences.retain(|v, _| seen.contains(v));
+        self.sync_fences();
         actions
     }
 
-    /// The answer to a lease request sent for `volume`.
-    pub(crate) fn handle_reply(&mut self, volume: &VolumeName, request: &LeaseRequest, reply: Result<LeaseReply, String>) {
+    /// The fence of platform volume `volume`'s views (`None` for a volume
+    /// read by one node): held while this node holds its lease.
+    pub(crate) fn fence(&mut self, topology: &Topology, volume: &VolumeName) -> Option<Fence> {
+        topology.volume_by_name(volume).and_then(|v| topology.platform_of(v))?;
+        let fence = self.fences.entry(volume.clone()).or_default().clone();
+        self.sync_fences();
+        Some(fence)
+    }
+
+    /// Each fence set from its keeper.
+    fn sync_fences(&self) {
+        for (volume, fence) in &self.fences {
+            match self.keepers.get(volume) {
+                Some(k) => fence.set(k.until().map(|u| self.origin + Duration::from_millis(u.0)), k.ttl()),
+                None => fence.set(None, Duration::ZERO),
+            }
+        }
+    }
+
+    /// The answer to a lease request sent for `volume` at `sent`.
+    pub(crate) fn handle_reply(&mut self, volume: &VolumeName, request: &LeaseRequest, sent: Millis, reply: Result<LeaseReply, String>) {
+        self.apply_reply(volume, request, sent, reply);
+        self.sync_fences();
+    }
+
+    fn apply_reply(&mut self, volume: &VolumeName, request: &LeaseRequest, sent: Millis, reply: Result<LeaseReply, String>) {
         if matches!(request, LeaseRequest::Release { .. }) {
             return;
         }
         let now = self.now();
         let Some(keeper) = self.keepers.get_mut(volume) else { return };
         match reply {
-            Ok(LeaseReply::Granted { ttl_ms }) => keeper.handle_granted(Duration::from_millis(ttl_ms)),
+            Ok(LeaseReply::Granted { ttl_ms }) => keeper.handle_granted(sent, Duration::from_millis(ttl_ms)),
             Ok(LeaseReply::Held { holder, remaining_ms }) => {
                 let retry = Duration::from_millis(remaining_ms).clamp(Duration::from_millis(250), Duration::from_secs(5));
                 keeper.handle_refused(now, format!("held by {holder} for {} ms more", remaining_ms), retry);
@@ -318,14 +349,22 @@ mod tests {
         let asked: Vec<&VolumeName> = actions
             .iter()
             .filter_map(|x| match x {
-                LeaseAction::Send { volume, target, request: LeaseRequest::Acquire { .. } } if target == "t" => Some(volume),
+                LeaseAction::Send { volume, target, request: LeaseRequest::Acquire { .. }, .. } if target == "t" => Some(volume),
                 _ => None,
             })
             .collect();
         assert!(asked.contains(&&mine), "{actions:?}");
         // Nothing is asked for a volume another proxy reads, nor for one read by one node.
         assert!(asked.iter().all(|v| p.reader(&t, a, t.volume_by_name(v).unwrap()) == Some(a)));
-        p.handle_reply(&mine, &LeaseRequest::Acquire { volume: mine.clone() }, Ok(LeaseReply::Granted { ttl_ms: 8000 }));
+        let sent = actions.iter().find_map(|x| match x {
+            LeaseAction::Send { volume, sent, .. } if *volume == mine => Some(*sent),
+            _ => None,
+        });
+        let fence = p.fence(&t, &mine).expect("a platform volume's fence");
+        assert!(fence.may_take().is_err(), "no lease yet");
+        p.handle_reply(&mine, &LeaseRequest::Acquire { volume: mine.clone() }, sent.unwrap(), Ok(LeaseReply::Granted { ttl_ms: 8000 }));
+        assert!(fence.may_take().is_ok() && fence.holds(), "the fence follows the lease: {fence:?}");
+        assert!(p.fence(&t, &vol("own")).is_none(), "a volume read by one node has no fence");
         assert_eq!(p.held_back(&t, a, &mine), None);
         let role = p.role(&t, a, &mine).unwrap();
         assert!(role.reads_here && role.lease_secs > 7.0 && role.platform == "hv", "{role:?}");
@@ -340,7 +379,7 @@ mod tests {
         let now = q.now();
         let mut held = LeaseKeeper::new(Duration::from_secs(8));
         held.poll_request(now);
-        held.handle_granted(Duration::from_secs(8));
+        held.handle_granted(now, Duration::from_secs(8));
         q.keepers.insert(vb.clone(), held);
         let actions = q.upkeep(&t, a, "a", |v| *v == vb);
         assert!(actions.iter().any(|x| matches!(x, LeaseAction::Stop { volume, reason } if *volume == vb && reason.contains("moved to proxy"))), "{actions:?}");
@@ -358,9 +397,9 @@ mod tests {
         let vm = vol("vm0");
         assert_eq!(p.reader(&t, a, t.volume_by_name(&vm).unwrap()), Some(a), "the only proxy up reads everything");
         p.upkeep(&t, a, "a", |_| false);
-        p.handle_reply(&vm, &LeaseRequest::Acquire { volume: vm.clone() }, Ok(LeaseReply::Held { holder: "b".into(), remaining_ms: 3000 }));
+        p.handle_reply(&vm, &LeaseRequest::Acquire { volume: vm.clone() }, p.now(), Ok(LeaseReply::Held { holder: "b".into(), remaining_ms: 3000 }));
         assert!(p.held_back(&t, a, &vm).unwrap().contains("held by b for 3000 ms more"), "{:?}", p.held_back(&t, a, &vm));
-        p.handle_reply(&vm, &LeaseRequest::Acquire { volume: vm.clone() }, Err("target t is not connected".into()));
+        p.handle_reply(&vm, &LeaseRequest::Acquire { volume: vm.clone() }, p.now(), Err("target t is not connected".into()));
         assert!(p.held_back(&t, a, &vm).unwrap().contains("no answer: target t is not connected"));
     }
 }

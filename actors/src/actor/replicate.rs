@@ -193,7 +193,14 @@ pub async fn run_cycle(
             },
         }),
     };
-    adopt_if_qemu(&conn, &cfg, &baselines).await;
+    // A cancel (a pause; the lease running low) ends the wait for the target too.
+    tokio::select! {
+        () = adopt_if_qemu(&conn, &cfg, &baselines) => {}
+        reason = &mut *cancel => match reason {
+            Ok(reason) => return Err(CycleError::Session(reason)),
+            Err(_) => *cancel = oneshot::channel().1,
+        },
+    }
     let (source, b, v, t, bb) = (cfg.source.clone(), baselines.clone(), cfg.volume.clone(), cfg.target.clone(), cfg.block_bytes);
     let view: Arc<dyn PointInTime> = tokio::task::spawn_blocking(move || source.open(&b, &v, &t, bb))
         .await
@@ -275,6 +282,9 @@ pub async fn run_group_cycle(
     results
 }
 
+/// How long a cycle waits for the target's newest RP to take it as its baseline.
+const ADOPT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// For a `qemu` volume: the target's newest RP as the baseline when the
 /// baseline is another (see [`super::takeover`]); a failure is logged, and
 /// the cycle reads everything as it would have.
@@ -282,9 +292,13 @@ async fn adopt_if_qemu(conn: &quinn::Connection, cfg: &CycleConfig, baselines: &
     if cfg.source.as_qemu().is_none() {
         return;
     }
-    if let Err(error) = super::takeover::adopt_target_baseline(conn, baselines, &cfg.volume, &cfg.target, cfg.block_bytes).await {
-        tracing::warn!(volume = %cfg.volume, target = %cfg.target, %error, "cannot take the target's newest RP as the baseline; the cycle reads everything");
-    }
+    let adopted = tokio::time::timeout(ADOPT_WAIT, super::takeover::adopt_target_baseline(conn, baselines, &cfg.volume, &cfg.target, cfg.block_bytes)).await;
+    let error = match adopted {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e,
+        Err(_) => format!("no answer from the target within {} s", ADOPT_WAIT.as_secs()),
+    };
+    tracing::warn!(volume = %cfg.volume, target = %cfg.target, %error, "cannot take the target's newest RP as the baseline; the cycle reads everything");
 }
 
 /// What a cycle reads: every block (`None`) or a set, and how to say so.

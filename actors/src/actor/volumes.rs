@@ -520,10 +520,11 @@ impl VolumeScheduler {
         }
     }
 
-    fn cycle_config(&self, volume: &VolumeName, target: &str) -> Result<CycleConfig, String> {
+    fn cycle_config(&mut self, volume: &VolumeName, target: &str) -> Result<CycleConfig, String> {
+        let fence = self.platforms.fence(&self.topology, volume);
         let v = self.topology.volumes.iter().find(|v| v.name == *volume).ok_or_else(|| format!("volume {volume} is not in the topology"))?;
         let policy = self.topology.policies.get(&v.policy).ok_or_else(|| format!("policy {:?} is not in the topology", v.policy))?;
-        let source = crate::source::change::of_volume(v)?;
+        let source = crate::source::change::of_volume_fenced(v, fence)?;
         Ok(CycleConfig {
             volume: volume.clone(),
             target: target.to_string(),
@@ -728,14 +729,14 @@ impl VolumeScheduler {
         let running = |v: &VolumeName| plans.iter().any(|((pv, _), p)| pv == v && p.running);
         for action in self.platforms.upkeep(&self.topology, self.local, &me, running) {
             match action {
-                LeaseAction::Send { volume, target, request } => {
+                LeaseAction::Send { volume, target, request, sent } => {
                     let (mesh, addr) = (self.mesh.clone(), ctx.address());
                     actix_rt::spawn(async move {
                         let reply = match mesh.send(GetConnection(target.clone())).await {
                             Ok(Some((_, conn))) if conn.close_reason().is_none() => crate::actor::applier::request_lease(&conn, &request).await,
                             _ => Err(format!("target {target} is not connected")),
                         };
-                        addr.do_send(LeaseAnswer { volume, request, reply });
+                        addr.do_send(LeaseAnswer { volume, request, sent, reply });
                     });
                 }
                 LeaseAction::Stop { volume, reason } => {
@@ -1046,6 +1047,8 @@ impl Handler<SyncNow> for VolumeScheduler {
 struct LeaseAnswer {
     volume: VolumeName,
     request: LeaseRequest,
+    /// When it was sent.
+    sent: crate::proto::time::Millis,
     reply: Result<LeaseReply, String>,
 }
 
@@ -1054,7 +1057,7 @@ impl Handler<LeaseAnswer> for VolumeScheduler {
 
     fn handle(&mut self, msg: LeaseAnswer, ctx: &mut Context<Self>) {
         let waited = self.platforms.held_back(&self.topology, self.local, &msg.volume).is_some();
-        self.platforms.handle_reply(&msg.volume, &msg.request, msg.reply);
+        self.platforms.handle_reply(&msg.volume, &msg.request, msg.sent, msg.reply);
         if waited && self.platforms.held_back(&self.topology, self.local, &msg.volume).is_none() {
             // A volume that waited for its lease starts now, not at the next look.
             self.tick(ctx);

@@ -108,7 +108,13 @@ pub trait PointInTime: Send + Sync {
 
 /// The change source of `volume`, or why this build has none for its kind.
 pub fn of_volume(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
-    let kind = kind_of(volume)?;
+    of_volume_fenced(volume, None)
+}
+
+/// As [`of_volume`], for a platform's volume: its views change qemu only
+/// while `fence` holds the volume's lease.
+pub fn of_volume_fenced(volume: &Volume, fence: Option<super::fence::Fence>) -> Result<Arc<dyn ChangeSource>, String> {
+    let kind = kind_of(volume, fence)?;
     Ok(match &volume.hooks {
         Some(hooks) => Arc::new(super::hooks::Hooked::new(kind, hooks.clone())),
         None => kind,
@@ -116,7 +122,7 @@ pub fn of_volume(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
 }
 
 /// The change source of `volume`'s kind, without its hooks.
-fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
+fn kind_of(volume: &Volume, fence: Option<super::fence::Fence>) -> Result<Arc<dyn ChangeSource>, String> {
     match &volume.kind {
         SourceKind::File { path } => Ok(Arc::new(FileKind { path: path.clone() })),
         SourceKind::Kmod { device, cow_store, state_store } => Ok(Arc::new(KmodKind {
@@ -130,6 +136,7 @@ fn kind_of(volume: &Volume) -> Result<Arc<dyn ChangeSource>, String> {
             guest_agent: guest_agent.clone(),
             fleece_reserve_bytes: *fleece_reserve_bytes,
             targets: volume.targets.clone(),
+            fence,
         })),
         other => Err(format!("volume \"{}\": source kind {} is not supported by this build yet", volume.name, other.name())),
     }

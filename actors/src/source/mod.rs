@@ -26,6 +26,7 @@
 pub mod baseline;
 pub mod change;
 pub mod device;
+pub mod fence;
 pub mod file;
 pub mod free_space;
 pub mod freeze;

@@ -38,6 +38,7 @@ use serde_json::{json, Value};
 use super::baseline::Baselines;
 use super::change::{ChangeSource, Changes, PointInTime, ViewQuality};
 use super::device::BlockDevice;
+use super::fence::Fence;
 use super::kmod::device_lock;
 use super::nbd::{NbdDevice, NbdDeviceError};
 use super::{BlockMask, SourceError};
@@ -107,6 +108,9 @@ pub enum QemuError {
     /// The view's NBD export could not be read.
     #[error(transparent)]
     Nbd(#[from] NbdDeviceError),
+    /// A platform's volume whose lease this proxy does not hold (enough of).
+    #[error("{0}")]
+    Fenced(String),
     /// The folder of the fleece files (`fleece_dir`) cannot be used.
     #[error("fleece_dir {path}: {source}")]
     FleeceDir {
@@ -290,6 +294,9 @@ pub struct QemuDisk {
     pub guest_agent: Option<PathBuf>,
     /// Free bytes kept in `work_dir`'s filesystem: the view is dropped before the fleece takes them.
     pub reserve_bytes: u64,
+    /// For a platform's volume: the lease its views change qemu under
+    /// (none: the volume has one reader, nothing to fence).
+    pub fence: Option<Fence>,
 }
 
 /// Bytes free for an unprivileged user in the filesystem of `dir`.
@@ -331,9 +338,12 @@ impl Watchdog {
                         free >> 20,
                         disk.reserve_bytes >> 20
                     );
-                    let cancelled = Qmp::connect(&disk.qmp).and_then(|mut q| q.execute("block-job-cancel", json!({ "device": job, "force": true })));
-                    if let Err(e) = cancelled {
-                        why.push_str(&format!("; cancelling its job failed: {e}"));
+                    // A view whose lease is gone leaves the job alone: it may be another proxy's now.
+                    if disk.fence.as_ref().is_none_or(Fence::holds) {
+                        let cancelled = Qmp::connect(&disk.qmp).and_then(|mut q| q.execute("block-job-cancel", json!({ "device": job, "force": true })));
+                        if let Err(e) = cancelled {
+                            why.push_str(&format!("; cancelling its job failed: {e}"));
+                        }
                     }
                     tracing::warn!(volume = %disk.volume, target = %disk.target, reason = %why, "dropping the qemu view");
                     *b.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
@@ -540,6 +550,9 @@ impl Fleece {
         let Some(first) = disks.first() else { return Ok(Vec::new()) };
         for disk in disks {
             check_nbd_path(&disk.nbd)?;
+            if let Some(fence) = &disk.fence {
+                fence.may_take().map_err(QemuError::Fenced)?;
+            }
         }
         let mut qmp = Qmp::connect(&first.qmp)?;
         let mut prepared: Vec<Prepared> = Vec::with_capacity(disks.len());
@@ -667,6 +680,9 @@ impl Fleece {
     /// instant are consumed. Releases the view.
     pub fn commit(mut self) -> Result<(), QemuError> {
         self.stop_watchdog();
+        if self.forget_if_fenced() {
+            return Ok(());
+        }
         let mut qmp = Qmp::connect(&self.disk.qmp)?;
         self.release(&mut qmp, true)
     }
@@ -675,8 +691,25 @@ impl Fleece {
     /// recorded. Releases the view.
     pub fn abandon(mut self) -> Result<(), QemuError> {
         self.stop_watchdog();
+        if self.forget_if_fenced() {
+            return Ok(());
+        }
         let mut qmp = Qmp::connect(&self.disk.qmp)?;
         self.release(&mut qmp, false)
+    }
+
+    /// A platform's view whose lease is (nearly) gone is left in qemu as
+    /// it is: another proxy may hold the lease now and have objects of the
+    /// same names there, and its next view cleans up what this one left
+    /// (as after a crash: nothing recorded is lost). Returns whether it was.
+    fn forget_if_fenced(&mut self) -> bool {
+        if self.disk.fence.as_ref().is_none_or(Fence::holds) {
+            return false;
+        }
+        tracing::warn!(volume = %self.disk.volume, target = %self.disk.target, "the volume's lease is gone: its qemu view is left for the next reader to clean up, not released from here");
+        self.device = None;
+        self.released = true;
+        true
     }
 
     /// Stops the watchdog, before this thread takes the monitor: a monitor
@@ -720,6 +753,9 @@ impl Drop for Fleece {
         if !self.released {
             // Neither committed nor abandoned (a panic, a lost thread): keep the changes.
             self.stop_watchdog();
+            if self.forget_if_fenced() {
+                return;
+            }
             if let Ok(mut qmp) = Qmp::connect(&self.disk.qmp) {
                 let _ = self.release(&mut qmp, false);
             }
@@ -841,6 +877,8 @@ pub struct QemuKind {
     pub fleece_reserve_bytes: u64,
     /// The volume's targets.
     pub targets: Vec<String>,
+    /// For a platform's volume: the lease its views change qemu under.
+    pub fence: Option<Fence>,
 }
 
 impl ChangeSource for QemuKind {
@@ -880,6 +918,7 @@ impl QemuKind {
             work_dir: self.fleece_dir.clone(),
             guest_agent: self.guest_agent.clone(),
             reserve_bytes: self.fleece_reserve_bytes,
+            fence: self.fence.clone(),
         }
     }
 
@@ -1012,7 +1051,7 @@ mod tests {
         let mut mon = Qmp::connect(&qmp).unwrap();
         mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
         mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
-        let disk = QemuDisk { qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.join("work"), guest_agent: None, reserve_bytes: 0 };
+        let disk = QemuDisk { fence: None, qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.join("work"), guest_agent: None, reserve_bytes: 0 };
         (daemon, disk)
     }
 
@@ -1097,6 +1136,41 @@ mod tests {
         drop(daemon);
     }
 
+    /// A platform's view changes qemu only under its lease: none is taken
+    /// without it, and one whose lease ran out is left in qemu as it is;
+    /// the next view (the next reader's) cleans it up and loses no change.
+    #[test]
+    fn a_fenced_view_is_taken_under_the_lease_and_left_alone_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+        let (_daemon, disk) = running_disk(dir.path(), &image);
+        Fleece::take(&disk).unwrap().commit().unwrap();
+        let fence = Fence::new();
+        let fenced = QemuDisk { fence: Some(fence.clone()), ..disk.clone() };
+        let ttl = Duration::from_secs(8);
+        let refused = Fleece::take(&fenced).err().expect("no view without the lease");
+        assert!(refused.to_string().contains("no view is taken"), "{refused}");
+        fence.set(Some(Instant::now() + ttl), ttl);
+        let view = Fleece::take(&fenced).unwrap();
+        write(&disk.nbd, 0x51, 2 << 20, 64 << 10);
+        // The lease runs out while the view lives: releasing it touches nothing in qemu.
+        fence.set(Some(Instant::now() + Duration::from_millis(500)), ttl);
+        view.abandon().unwrap();
+        let mut mon = Qmp::connect(&disk.qmp).unwrap();
+        let exports = mon.execute("query-block-exports", json!({})).unwrap();
+        let names = Names::of("vm1", "dst");
+        assert!(exports.as_array().unwrap().iter().any(|e| e["id"] == names.export.as_str()), "the view's export was removed: {exports}");
+        drop(mon);
+        // The next reader's view cleans up and still sees the write made under the old one.
+        let next = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(next.dirty()), vec![(2 << 20, 64 << 10)]);
+        next.commit().unwrap();
+        let mut mon = Qmp::connect(&disk.qmp).unwrap();
+        let exports = mon.execute("query-block-exports", json!({})).unwrap();
+        assert!(!exports.as_array().unwrap().iter().any(|e| e["id"] == names.export.as_str()), "{exports}");
+    }
+
     #[test]
     fn dirty_ranges_mark_every_block_they_touch() {
         let x = |offset, len| StatusExtent { offset, len, flags: 1 };
@@ -1145,7 +1219,7 @@ mod tests {
             }
         }
         let disks: Vec<QemuDisk> = (0..2)
-            .map(|i| QemuDisk { qmp: qmp.clone(), node: format!("disk{i}"), nbd: nbd.clone(), volume: format!("vm1-d{i}"), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 })
+            .map(|i| QemuDisk { fence: None, qmp: qmp.clone(), node: format!("disk{i}"), nbd: nbd.clone(), volume: format!("vm1-d{i}"), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 })
             .collect();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (flag, socket) = (stop.clone(), nbd.clone());
@@ -1217,9 +1291,9 @@ mod tests {
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
         let (_daemon, disk) = running_disk(dir.path(), &image);
         let both = vec!["dst".to_string(), "old".to_string()];
-        let old = QemuDisk { target: "old".into(), targets: both.clone(), ..disk.clone() };
+        let old = QemuDisk { fence: None, target: "old".into(), targets: both.clone(), ..disk.clone() };
         Fleece::take(&old).unwrap().commit().unwrap();
-        Fleece::take(&QemuDisk { targets: both, ..disk.clone() }).unwrap().commit().unwrap();
+        Fleece::take(&QemuDisk { fence: None, targets: both, ..disk.clone() }).unwrap().commit().unwrap();
         let names = |mon: &mut Qmp| -> Vec<String> {
             let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
             let node = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap().clone();
@@ -1264,14 +1338,14 @@ mod tests {
     #[test]
     fn a_missing_node_or_monitor_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = QemuDisk { qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 };
+        let disk = QemuDisk { fence: None, qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
         let qmp = dir.path().join("qmp.sock");
         let _daemon = storage_daemon(&image, &qmp);
-        let disk = QemuDisk { qmp, node: "vda".into(), ..disk };
+        let disk = QemuDisk { fence: None, qmp, node: "vda".into(), ..disk };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.ends_with("no block node \"vda\" (query-named-block-nodes lists the node names)"), "{e}");
     }
