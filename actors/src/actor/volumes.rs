@@ -556,7 +556,7 @@ impl VolumeScheduler {
         }
         self.update_limits();
         let config = self.cycle_config(&key.0, &key.1);
-        let bound = cycle_bound(config.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path())));
+        let bound = cycle_bound(config.as_ref().ok().and_then(|c| self.volume_bytes(c)));
         let full = self.at_capacity(1);
         let Some(plan) = self.plans.get_mut(&key) else { return false };
         if full || (self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET) {
@@ -601,6 +601,14 @@ impl VolumeScheduler {
         true
     }
 
+    /// The size of `config`'s volume as far as known before its view is
+    /// open: an image file's size, else the size its baseline RP had (a
+    /// block device, a VM disk behind qemu); `None` for a volume never copied.
+    fn volume_bytes(&self, config: &CycleConfig) -> Option<u64> {
+        regular_file_bytes(config.source.volume_path())
+            .or_else(|| self.baselines.meta(&config.volume, &config.target).ok().flatten().map(|m| m.volume_bytes))
+    }
+
     /// Whether `adding` more cycles would pass the node's `max_cycles` (one
     /// cycle, or one group, always runs when none does).
     fn at_capacity(&self, adding: usize) -> bool {
@@ -636,7 +644,7 @@ impl VolumeScheduler {
         let configs: Vec<Result<CycleConfig, String>> = keys.iter().map(|k| self.cycle_config(&k.0, &k.1)).collect();
         let bound = configs
             .iter()
-            .map(|c| cycle_bound(c.as_ref().ok().and_then(|c| regular_file_bytes(c.source.volume_path()))))
+            .map(|c| cycle_bound(c.as_ref().ok().and_then(|c| self.volume_bytes(c))))
             .max()
             .unwrap_or(0);
         if self.at_capacity(keys.len()) || (self.reserved > 0 && self.reserved + bound > CYCLE_MEMORY_BUDGET) {
