@@ -447,6 +447,11 @@ fn a_dead_proxys_volumes_move_to_the_live_proxies() {
     let used: BTreeSet<&String> = owners.values().collect();
     // (All twelve on one proxy: a chance of 3^-11 with a sound hash.)
     assert!(used.len() > 1, "every volume is read by one proxy: {owners:?}");
+    // Each proxy lists every volume of the platform and says who reads the ones it does not.
+    let table = drmesh_tests::output_text(&mesh.ctl(PROXIES[0], &["volumes"]));
+    eprintln!("`drmesh ctl volumes` on {}:\n{table}", PROXIES[0]);
+    assert!(disks.iter().all(|d| table.contains(&d.volume)), "{table}");
+    assert!(table.contains("standby: proxy "), "{} lists no volume another proxy reads:\n{table}", PROXIES[0]);
 
     // The proxy with the most volumes dies.
     let victim = most_loaded(&owners);
