@@ -4,8 +4,10 @@
 //! another proxy may hold it afterwards and the objects it makes in qemu
 //! carry the same names. The scheduler keeps each fence up to date from its
 //! lease keeper ([`crate::proto::lease::LeaseKeeper`]); a view checks it
-//! before each change, and a view whose lease is gone is left as it is in
-//! qemu (its next reader cleans up what it left, as after a crash).
+//! once it has the qemu monitor (which serves one client at a time, so
+//! nobody else changes qemu until it lets go) and before it changes
+//! anything, and a view whose lease is gone is left as it is in qemu (its
+//! next reader cleans up what it left, as after a crash).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};

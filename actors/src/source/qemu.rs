@@ -339,8 +339,9 @@ impl Watchdog {
                         disk.reserve_bytes >> 20
                     );
                     // A view whose lease is gone leaves the job alone: it may be another proxy's now.
-                    if disk.fence.as_ref().is_none_or(Fence::holds) {
-                        let cancelled = Qmp::connect(&disk.qmp).and_then(|mut q| q.execute("block-job-cancel", json!({ "device": job, "force": true })));
+                    let holds = || disk.fence.as_ref().is_none_or(Fence::holds);
+                    if holds() {
+                        let cancelled = Qmp::connect(&disk.qmp).and_then(|mut q| if holds() { q.execute("block-job-cancel", json!({ "device": job, "force": true })).map(drop) } else { Ok(()) });
                         if let Err(e) = cancelled {
                             why.push_str(&format!("; cancelling its job failed: {e}"));
                         }
@@ -550,11 +551,17 @@ impl Fleece {
         let Some(first) = disks.first() else { return Ok(Vec::new()) };
         for disk in disks {
             check_nbd_path(&disk.nbd)?;
-            if let Some(fence) = &disk.fence {
+        }
+        let fenced = || -> Result<(), QemuError> {
+            for fence in disks.iter().filter_map(|d| d.fence.as_ref()) {
                 fence.may_take().map_err(QemuError::Fenced)?;
             }
-        }
+            Ok(())
+        };
+        fenced()?;
         let mut qmp = Qmp::connect(&first.qmp)?;
+        // The monitor may have kept this waiting (it serves one client at a time).
+        fenced()?;
         let mut prepared: Vec<Prepared> = Vec::with_capacity(disks.len());
         for disk in disks {
             match Prepared::of(&mut qmp, disk) {
@@ -583,7 +590,7 @@ impl Fleece {
             };
             agents.push((socket.clone(), agent, frozen));
         }
-        let instant = qmp.execute("transaction", json!({ "actions": actions }));
+        let instant = fenced().and_then(|()| qmp.execute("transaction", json!({ "actions": actions })));
         let mut frozen_of = Vec::with_capacity(agents.len());
         for (socket, agent, frozen) in agents {
             if let Some(agent) = agent {
@@ -684,6 +691,10 @@ impl Fleece {
             return Ok(());
         }
         let mut qmp = Qmp::connect(&self.disk.qmp)?;
+        // The monitor may have kept this waiting (one client at a time).
+        if self.forget_if_fenced() {
+            return Ok(());
+        }
         self.release(&mut qmp, true)
     }
 
@@ -695,6 +706,10 @@ impl Fleece {
             return Ok(());
         }
         let mut qmp = Qmp::connect(&self.disk.qmp)?;
+        // The monitor may have kept this waiting (one client at a time).
+        if self.forget_if_fenced() {
+            return Ok(());
+        }
         self.release(&mut qmp, false)
     }
 
@@ -757,6 +772,9 @@ impl Drop for Fleece {
                 return;
             }
             if let Ok(mut qmp) = Qmp::connect(&self.disk.qmp) {
+                if self.forget_if_fenced() {
+                    return;
+                }
                 let _ = self.release(&mut qmp, false);
             }
         }
