@@ -83,6 +83,9 @@ case $boot in
     echo "$(val al_used "$st")" >/logs/al_used
     umount /logs
     echo "KMOD-BOOT-OK"
+    # Let the serial console send the marker before the reset cuts it off
+    # (under a loaded host, TCG's UART can still hold it when sysrq b runs).
+    sleep 2
     echo b >/proc/sysrq-trigger
     sleep 10
     fail "still running after sysrq b"
