@@ -47,8 +47,8 @@ pub use keyfile::{read_key_file, EncryptionKey};
 pub use node_id::{NodeId, NodeIdError};
 pub use volume_name::{VolumeName, VolumeNameError, VOLUME_NAME_BYTES_MAX};
 pub use schema::{
-    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FreeSpace, Group, Link, Mesh, Node, Platform, Policy,
-    Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday, DEFAULT_MAX_CYCLES, DEFAULT_PLATFORM_LEASE,
+    Bandwidth, BandwidthWindow, Compression, DaySet, Drill, DrillBoot, DrillCheck, DrillPostgres, DrillSchedule, DrillScript, FleeceGuard, FreeSpace, Group, Link, Mesh, Node, Platform,
+    Policy, QemuSocket, QemuTls, Retention, Site, SourceKind, TimeOfDay, Volume, VolumeHooks, Weekday, DEFAULT_FLEECE_MAX_BYTES, DEFAULT_MAX_CYCLES, DEFAULT_NBD_PORT, DEFAULT_PLATFORM_LEASE,
 };
 
 use diagnostic::Sink;

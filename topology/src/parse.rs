@@ -87,7 +87,7 @@ pub(crate) struct VolumeDraft {
     pub(crate) kmod_paths: Vec<Sp<PathBuf>>,
     /// A `qemu` volume's monitor and block node, at the `node` key: one
     /// volume per disk of a node.
-    pub(crate) qemu_disk: Option<Sp<(PathBuf, String)>>,
+    pub(crate) qemu_disk: Option<Sp<(crate::schema::QemuSocket, String)>>,
     /// The volume, when every field of its own table was valid.
     pub(crate) volume: Option<Volume>,
 }
@@ -673,7 +673,7 @@ fn default_listen(first: &str) -> SocketAddr {
 const KIND_SETTINGS: &[(&str, &[&str])] = &[
     ("file", &["path"]),
     ("kmod", &["device", "cow_store", "state_store"]),
-    ("qemu", &["monitor", "node", "fleece_dir", "fleece_reserve", "nbd", "guest_agent"]),
+    ("qemu", &["monitor", "node", "fleece_dir", "fleece_reserve", "fleece_max", "nbd", "guest_agent", "tls", "tls_object"]),
     ("ebs", &["volume_id", "region", "endpoint"]),
 ];
 
@@ -879,6 +879,154 @@ fn read_abs_path(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<P
     Some(path)
 }
 
+/// The settings of a `qemu` volume.
+fn read_qemu(f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<SourceKind> {
+    use crate::schema::{FleeceGuard, QemuSocket, QemuTls};
+    let monitor = read_qemu_socket(f, sink, "monitor");
+    let node = f.text(sink, "node", true).and_then(|s| match block_node_name(&s.value) {
+        Ok(()) => Some(s.value),
+        Err(why) => {
+            sink.error(s.span, format!("`node` {:?}: {why}; expected the disk's block node name as qemu's query-named-block-nodes lists it", s.value));
+            None
+        }
+    });
+    let fleece_dir = read_abs_path(f, sink, "fleece_dir");
+    let monitor = monitor?;
+    let tcp = monitor.is_tcp();
+    let nbd = match (f.get("nbd"), &monitor) {
+        (None, QemuSocket::Unix(_)) => fleece_dir.as_ref().map(|d| QemuSocket::Unix(d.join("nbd.sock"))),
+        (None, QemuSocket::Tcp { host, .. }) => Some(QemuSocket::Tcp { host: host.clone(), port: crate::schema::DEFAULT_NBD_PORT }),
+        (Some(_), _) => read_qemu_socket(f, sink, "nbd"),
+    };
+    let guest_agent = match f.get("guest_agent") {
+        None => Some(None),
+        Some(_) => read_qemu_socket(f, sink, "guest_agent").map(Some),
+    };
+    let size = |sink: &mut Sink<'_>, key: &str, default: u64| match f.text(sink, key, false) {
+        None if f.get(key).is_some() => None,
+        None => Some(default),
+        Some(s) => match units::parse_size(&s.value) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                sink.error(s.span, format!("`{key}`: {e}"));
+                None
+            }
+        },
+    };
+    let mut ok = true;
+    // A monitor on this machine: the node watches the folder's free space;
+    // over TCP it cannot, and bounds the fleece's size instead.
+    let (own, other) = if tcp { ("fleece_max", "fleece_reserve") } else { ("fleece_reserve", "fleece_max") };
+    if let Some(span) = f.key_span(other) {
+        let why = if tcp {
+            "a monitor over TCP is on another machine, whose free space this node cannot watch: `fleece_max` bounds each view's fleece instead"
+        } else {
+            "a monitor on a Unix socket is on this machine: `fleece_reserve` keeps free space in fleece_dir instead"
+        };
+        sink.error(span, format!("`{other}` is not a setting of this volume: {why}"));
+        ok = false;
+    }
+    let mut guard = if tcp { size(sink, own, crate::schema::DEFAULT_FLEECE_MAX_BYTES).map(FleeceGuard::Max) } else { size(sink, own, crate::schema::DEFAULT_FLEECE_RESERVE_BYTES).map(FleeceGuard::Reserve) };
+    if let (Some(FleeceGuard::Max(bytes)), Some(span)) = (guard, f.get("fleece_max").map(|v| v.span())) {
+        if bytes < 64 << 20 {
+            sink.error(span, format!("`fleece_max` {} is under 64 MiB: a view would be dropped at the VM's first writes; expected room for what the VM writes during one cycle", format_args!("{} MiB", bytes >> 20)));
+            guard = None;
+        }
+    }
+    let tls_dir = match f.get("tls") {
+        None => Some(None),
+        Some(_) => read_abs_path(f, sink, "tls").map(Some),
+    };
+    let tls_object = match f.text(sink, "tls_object", false) {
+        None => Some(None),
+        Some(s) => match block_node_name(&s.value) {
+            Ok(()) => Some(Some(s.value)),
+            Err(_) => {
+                sink.error(s.span, format!("`tls_object` {:?}: expected the id of qemu's tls-creds-x509 object (letters, digits, '-', '.', '_'; a letter first)", s.value));
+                None
+            }
+        },
+    };
+    let (nbd, guest_agent, tls_dir, tls_object) = (nbd?, guest_agent?, tls_dir?, tls_object?);
+    // Every socket of a VM is on the monitor's machine: all local or all over TCP.
+    for (key, socket) in [("nbd", Some(&nbd)), ("guest_agent", guest_agent.as_ref())] {
+        if socket.is_some_and(|s| s.is_tcp() != tcp) {
+            if let Some(span) = f.key_span(key) {
+                let how = if tcp { "over TCP (tcp:HOST:PORT), like the monitor" } else { "a Unix socket (an absolute path), like the monitor" };
+                sink.error(span, format!("`{key}` is on the monitor's machine: expected {how}"));
+            }
+            ok = false;
+        }
+    }
+    let tls = match (tcp, tls_dir) {
+        (true, Some(dir)) => Some(QemuTls { dir, object: tls_object }),
+        (true, None) => {
+            if let Some(span) = f.key_span("monitor") {
+                sink.error(span, "a monitor over TCP is reached with TLS only: expected `tls`, the folder of this node's client credentials (ca-cert.pem, client-cert.pem, client-key.pem)");
+            }
+            ok = false;
+            None
+        }
+        (false, dir) => {
+            for key in ["tls", "tls_object"] {
+                if let Some(span) = f.key_span(key) {
+                    sink.error(span, format!("`{key}` is for a monitor over TCP (tcp:HOST:PORT); this one is a Unix socket on this machine"));
+                    ok = false;
+                }
+            }
+            let _ = dir;
+            None
+        }
+    };
+    // qemu's NBD server deletes what is at its path: never the monitor or the agent's socket.
+    for (other, socket) in [("monitor", Some(&monitor)), ("guest_agent", guest_agent.as_ref())] {
+        if socket == Some(&nbd) {
+            let key = if f.get("nbd").is_some() { "nbd" } else { other };
+            if let Some(span) = f.key_span(key) {
+                let default = if tcp { "port 10809 of the monitor's host" } else { "nbd.sock in fleece_dir" };
+                sink.error(span, format!("the NBD socket {} is also the `{other}`; qemu's NBD server would take it over: expected one of its own (default: {default})", quoted(&nbd)));
+            }
+            ok = false;
+        }
+    }
+    if guest_agent.as_ref() == Some(&monitor) {
+        if let Some(span) = f.key_span("guest_agent") {
+            sink.error(span, "`guest_agent` is the `monitor` socket; expected the socket of the VM's qemu-guest-agent channel");
+        }
+        ok = false;
+    }
+    if !ok {
+        return None;
+    }
+    Some(SourceKind::Qemu { monitor, node: node?, fleece_dir: fleece_dir?, nbd, guest_agent, fleece_guard: guard?, tls })
+}
+
+/// `socket` in quotes, for messages.
+fn quoted(socket: &crate::schema::QemuSocket) -> String {
+    format!("{:?}", socket.to_string())
+}
+
+/// One of qemu's sockets at `key`: an absolute path, or `tcp:HOST:PORT`.
+fn read_qemu_socket(f: &Fields<'_, '_>, sink: &mut Sink<'_>, key: &str) -> Option<crate::schema::QemuSocket> {
+    let s = f.text(sink, key, true)?;
+    let text = s.value.trim();
+    let Some(address) = text.strip_prefix("tcp:") else {
+        return read_abs_path(f, sink, key).map(crate::schema::QemuSocket::Unix);
+    };
+    let parsed = match address.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:").filter(|(h, _)| h.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => address.rsplit_once(':').filter(|(h, _)| !h.contains(':')),
+    };
+    let host_ok = |h: &str| !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'));
+    match parsed.map(|(h, p)| (h, p.parse::<u16>())) {
+        Some((host, Ok(port))) if port > 0 && host_ok(host) => Some(crate::schema::QemuSocket::Tcp { host: host.to_string(), port }),
+        _ => {
+            sink.error(s.span, format!("`{key}` {:?}: expected an absolute path of a Unix socket, or tcp:HOST:PORT (an IPv6 address in brackets: tcp:[::1]:4444) with a port from 1 to 65535", s.value));
+            None
+        }
+    }
+}
+
 /// Whether `name` is a block node name qemu accepts: a letter, then
 /// letters, digits, `-`, `.` or `_`, at most 31 bytes.
 fn block_node_name(name: &str) -> Result<(), &'static str> {
@@ -898,58 +1046,7 @@ fn block_node_name(name: &str) -> Result<(), &'static str> {
 fn read_kind_settings(kind: &str, f: &Fields<'_, '_>, sink: &mut Sink<'_>) -> Option<SourceKind> {
     match kind {
         "file" => read_abs_path(f, sink, "path").map(|path| SourceKind::File { path }),
-        "qemu" => {
-            let monitor = read_abs_path(f, sink, "monitor");
-            let node = f.text(sink, "node", true).and_then(|s| match block_node_name(&s.value) {
-                Ok(()) => Some(s.value),
-                Err(why) => {
-                    sink.error(s.span, format!("`node` {:?}: {why}; expected the disk's block node name as qemu's query-named-block-nodes lists it", s.value));
-                    None
-                }
-            });
-            let fleece_dir = read_abs_path(f, sink, "fleece_dir");
-            let nbd = match f.get("nbd") {
-                None => fleece_dir.as_ref().map(|d| d.join("nbd.sock")),
-                Some(_) => read_abs_path(f, sink, "nbd"),
-            };
-            let guest_agent = match f.get("guest_agent") {
-                None => Some(None),
-                Some(_) => read_abs_path(f, sink, "guest_agent").map(Some),
-            };
-            let fleece_reserve = match f.text(sink, "fleece_reserve", false) {
-                None if f.get("fleece_reserve").is_some() => None,
-                None => Some(crate::schema::DEFAULT_FLEECE_RESERVE_BYTES),
-                Some(s) => match units::parse_size(&s.value) {
-                    Ok(bytes) => Some(bytes),
-                    Err(e) => {
-                        sink.error(s.span, format!("`fleece_reserve`: {e}"));
-                        None
-                    }
-                },
-            };
-            let (monitor, nbd, guest_agent) = (monitor?, nbd?, guest_agent?);
-            // qemu's NBD server deletes what is at its path: never the monitor or the agent's socket.
-            let mut ok = true;
-            for (other, path) in [("monitor", Some(&monitor)), ("guest_agent", guest_agent.as_ref())] {
-                if path == Some(&nbd) {
-                    let key = if f.get("nbd").is_some() { "nbd" } else { other };
-                    if let Some(span) = f.key_span(key) {
-                        sink.error(span, format!("the NBD socket {:?} is also the `{other}`; qemu's NBD server would replace that socket: expected a path of its own (default: nbd.sock in fleece_dir)", nbd.display().to_string()));
-                    }
-                    ok = false;
-                }
-            }
-            if guest_agent.as_ref() == Some(&monitor) {
-                if let Some(span) = f.key_span("guest_agent") {
-                    sink.error(span, "`guest_agent` is the `monitor` socket; expected the socket of the VM's qemu-guest-agent channel");
-                }
-                ok = false;
-            }
-            if !ok {
-                return None;
-            }
-            Some(SourceKind::Qemu { monitor, node: node?, fleece_dir: fleece_dir?, nbd, guest_agent, fleece_reserve_bytes: fleece_reserve? })
-        }
+        "qemu" => read_qemu(f, sink),
         "ebs" => {
             let volume_id = f.text(sink, "volume_id", true).and_then(|s| {
                 let ok = s.value.strip_prefix("vol-").is_some_and(|hex| {

@@ -209,23 +209,26 @@ pub enum SourceKind {
     /// qemu-storage-daemon) has open, read without an agent in the VM:
     /// a point-in-time view per cycle, its changes from a dirty bitmap.
     Qemu {
-        /// Absolute path of the QMP monitor socket drmesh talks to.
-        monitor: PathBuf,
+        /// The QMP monitor drmesh talks to: a Unix socket on this machine,
+        /// or `tcp:HOST:PORT` reached with TLS.
+        monitor: QemuSocket,
         /// The disk's block node name (`query-named-block-nodes`).
         node: String,
-        /// Absolute path of a folder on this machine where qemu writes the
-        /// cycle's copy-before-write data (the fleece file).
+        /// Absolute path of the folder where qemu writes the cycle's
+        /// copy-before-write data (the fleece file): on this machine for a
+        /// monitor on a Unix socket, on the monitor's machine for one over TCP.
         fleece_dir: PathBuf,
-        /// Absolute path of the Unix socket of qemu's NBD server; started
-        /// there when qemu runs none. Default: `nbd.sock` in `fleece_dir`.
-        nbd: PathBuf,
-        /// Absolute path of the Unix socket of the VM's qemu-guest-agent
-        /// channel: the guest's filesystems are frozen at each instant.
-        guest_agent: Option<PathBuf>,
-        /// Free space kept in `fleece_dir`'s filesystem: a view is not taken
-        /// with less, and is dropped as soon as the fleece would leave less
-        /// (so that the VM's writes never fail for want of space).
-        fleece_reserve_bytes: u64,
+        /// qemu's NBD server; started there when qemu runs none. Default:
+        /// `nbd.sock` in `fleece_dir` (Unix monitor), port 10809 on the
+        /// monitor's host (TCP monitor).
+        nbd: QemuSocket,
+        /// The VM's qemu-guest-agent channel: the guest's filesystems are
+        /// frozen at each instant.
+        guest_agent: Option<QemuSocket>,
+        /// How the fleece is kept from filling its folder.
+        fleece_guard: FleeceGuard,
+        /// TLS for sockets over TCP (`None` for Unix sockets).
+        tls: Option<QemuTls>,
     },
     /// `kind = "ebs"`: AWS EBS direct APIs.
     Ebs {
@@ -271,6 +274,68 @@ pub struct Policy {
     /// Scheduled disaster-recovery drills.
     pub drill: Option<Drill>,
 }
+
+/// Where one of qemu's sockets is (a `qemu` volume's `monitor`, `nbd`,
+/// `guest_agent`): `/abs/path` or `tcp:HOST:PORT` (`tcp:[v6]:PORT`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QemuSocket {
+    /// A Unix socket on this machine.
+    Unix(PathBuf),
+    /// A TCP address on another machine, always reached with TLS.
+    Tcp {
+        /// Host name or IP address (without brackets); the server's
+        /// certificate must name it.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+}
+
+impl QemuSocket {
+    /// Whether it is reached over TCP (with TLS).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, QemuSocket::Tcp { .. })
+    }
+}
+
+impl std::fmt::Display for QemuSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QemuSocket::Unix(path) => write!(f, "{}", path.display()),
+            QemuSocket::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            QemuSocket::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+/// How a `qemu` volume's fleece is kept from filling its folder (qemu
+/// would otherwise fail the VM's writes): the view is dropped first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleeceGuard {
+    /// `fleece_reserve` (monitor on this machine): free bytes kept in the
+    /// folder's filesystem, which the node watches itself.
+    Reserve(u64),
+    /// `fleece_max` (monitor over TCP, whose folder this node cannot see):
+    /// the most bytes one view's fleece may take, as qemu reports it.
+    Max(u64),
+}
+
+/// TLS for a `qemu` volume's sockets over TCP (`tls`, `tls_object`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuTls {
+    /// Absolute path of the folder of this node's client credentials, in
+    /// qemu's layout: `ca-cert.pem` (the CA the server's certificate is
+    /// checked against), `client-cert.pem`, `client-key.pem` (0600).
+    pub dir: PathBuf,
+    /// The id of qemu's `tls-creds-x509` object its NBD server is started
+    /// with; `None`: the one server-side object qemu has.
+    pub object: Option<String>,
+}
+
+/// Default `fleece_max` of a `qemu` volume whose monitor is over TCP: 4 GiB.
+pub const DEFAULT_FLEECE_MAX_BYTES: u64 = 4 << 30;
+/// Default TCP port of qemu's NBD server for a monitor over TCP.
+pub const DEFAULT_NBD_PORT: u16 = 10809;
 
 /// Default `fleece_reserve` of a `qemu` volume: 1 GiB.
 pub const DEFAULT_FLEECE_RESERVE_BYTES: u64 = 1 << 30;

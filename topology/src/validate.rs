@@ -162,9 +162,9 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
     // tracks a device once and a store serves one snapshot at a time.
     let mut kmod_paths: Seen<(String, std::path::PathBuf)> = Seen::new();
     // A VM disk is one volume of a node (two would each keep bitmaps and fleeces).
-    let mut qemu_disks: Seen<(String, std::path::PathBuf, String)> = Seen::new();
+    let mut qemu_disks: Seen<(String, crate::schema::QemuSocket, String)> = Seen::new();
     // qemu runs one NBD server: every volume of a monitor names its socket.
-    let mut nbd_of_monitor: HashMap<(String, std::path::PathBuf), (std::path::PathBuf, Span)> = HashMap::new();
+    let mut nbd_of_monitor: HashMap<(String, crate::schema::QemuSocket), (crate::schema::QemuSocket, Span)> = HashMap::new();
     for volume in &draft.volumes {
         if let (Some(source), Some(disk), Some(crate::schema::SourceKind::Qemu { nbd, .. })) = (&volume.source, &volume.qemu_disk, volume.volume.as_ref().map(|v| &v.kind)) {
             let (monitor, _) = &disk.value;
@@ -175,9 +175,9 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
                         disk.span.clone(),
                         format!(
                             "nbd {:?} differs from {:?} of the volume of the same monitor on line {line}; qemu runs one NBD server, expected every volume of monitor {:?} to name its socket",
-                            nbd.display().to_string(),
-                            first.display().to_string(),
-                            monitor.display().to_string()
+                            nbd.to_string(),
+                            first.to_string(),
+                            monitor.to_string()
                         ),
                     );
                 }
@@ -195,7 +195,7 @@ pub(crate) fn check(draft: Draft, sink: &mut Sink<'_>) -> Option<Checked> {
                     disk.span.clone(),
                     format!(
                         "block node {node:?} of monitor {:?} on node {:?} is already a volume on line {line}; expected one volume per VM disk (give the volume more targets instead)",
-                        monitor.display().to_string(),
+                        monitor.to_string(),
                         source.value
                     ),
                 );

@@ -10,7 +10,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use drmesh_topology::{NodeId, SourceKind, Topology};
+use drmesh_topology::{FleeceGuard, NodeId, QemuSocket, QemuTls, SourceKind, Topology};
 
 fn id(n: u8) -> String {
     NodeId::from_public_key(&[n; 32]).to_string()
@@ -159,7 +159,7 @@ fn unknown_key_in_volume() {
         &edit(23, "policy = \"p\"\nschedule = \"x\""),
         24,
         1,
-        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, free_space, path, device, cow_store, state_store, monitor, node, fleece_dir, fleece_reserve, nbd, guest_agent",
+        "unknown key `schedule` in [[volume]]; allowed keys: name, source, kind, targets, policy, hooks, free_space, path, device, cow_store, state_store, monitor, node, fleece_dir, fleece_reserve, fleece_max, nbd, guest_agent, tls, tls_object",
     );
 }
 
@@ -614,7 +614,15 @@ fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
     let t = Topology::parse(&qemu, Path::new("t.toml")).unwrap();
     assert_eq!(
         t.volumes[0].kind,
-        SourceKind::Qemu { monitor: "/run/vm1.qmp".into(), node: "disk0".into(), fleece_dir: "/var/lib/fleece".into(), nbd: "/var/lib/fleece/nbd.sock".into(), guest_agent: None, fleece_reserve_bytes: 1 << 30 }
+        SourceKind::Qemu {
+            monitor: QemuSocket::Unix("/run/vm1.qmp".into()),
+            node: "disk0".into(),
+            fleece_dir: "/var/lib/fleece".into(),
+            nbd: QemuSocket::Unix("/var/lib/fleece/nbd.sock".into()),
+            guest_agent: None,
+            fleece_guard: FleeceGuard::Reserve(1 << 30),
+            tls: None
+        }
     );
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"0disk\""), 22, 8, "`node` \"0disk\": a block node name starts with a letter");
     assert_one(&qemu.replace("node = \"disk0\"", "node = \"disk zero\""), 22, 8, "only letters, digits");
@@ -646,6 +654,54 @@ fn qemu_names_its_monitor_node_and_fleece_dir_and_ebs_checks_volume_id() {
     assert!(errs[0].2.contains("bitmap"), "{errs:#?}");
     let ebs = edit(20, "kind = \"ebs\"").replace("path = \"/img\"", "volume_id = \"i-123\"\nregion = \"eu-west-1\"");
     assert_one(&ebs, 21, 13, "bad `volume_id` \"i-123\"; expected an EBS volume id");
+}
+
+#[test]
+fn qemu_over_tcp_is_reached_with_tls_and_keeps_its_sockets_on_one_machine() {
+    let tcp = edit(20, "kind = \"qemu\"").replace("path = \"/img\"", "monitor = \"tcp:hv1.example:4444\"\nnode = \"disk0\"\nfleece_dir = \"/var/lib/fleece\"\ntls = \"/etc/drmesh/qemu-tls\"");
+    let t = Topology::parse(&tcp, Path::new("t.toml")).unwrap();
+    assert_eq!(
+        t.volumes[0].kind,
+        SourceKind::Qemu {
+            monitor: QemuSocket::Tcp { host: "hv1.example".into(), port: 4444 },
+            node: "disk0".into(),
+            fleece_dir: "/var/lib/fleece".into(),
+            nbd: QemuSocket::Tcp { host: "hv1.example".into(), port: 10809 },
+            guest_agent: None,
+            fleece_guard: FleeceGuard::Max(4 << 30),
+            tls: Some(QemuTls { dir: "/etc/drmesh/qemu-tls".into(), object: None }),
+        }
+    );
+    // IPv6 in brackets, every socket over TCP, the size bound and the qemu object named.
+    let v6 = tcp
+        .replace("tcp:hv1.example:4444", "tcp:[fd00::1]:4444")
+        .replace("node = \"disk0\"", "node = \"disk0\"\nnbd = \"tcp:[fd00::1]:10810\"\nguest_agent = \"tcp:[fd00::1]:4445\"\nfleece_max = \"2GiB\"\ntls_object = \"tls0\"");
+    let t = Topology::parse(&v6, Path::new("t.toml")).unwrap();
+    let SourceKind::Qemu { monitor, nbd, guest_agent, fleece_guard, tls, .. } = &t.volumes[0].kind else { panic!("not qemu") };
+    assert_eq!(monitor.to_string(), "tcp:[fd00::1]:4444");
+    assert_eq!(nbd, &QemuSocket::Tcp { host: "fd00::1".into(), port: 10810 });
+    assert_eq!(guest_agent, &Some(QemuSocket::Tcp { host: "fd00::1".into(), port: 4445 }));
+    assert_eq!(fleece_guard, &FleeceGuard::Max(2 << 30));
+    assert_eq!(tls.as_ref().and_then(|t| t.object.as_deref()), Some("tls0"));
+    // Never over TCP without TLS.
+    assert_one(&tcp.replace("\ntls = \"/etc/drmesh/qemu-tls\"", ""), 21, 1, "a monitor over TCP is reached with TLS only: expected `tls`");
+    // Addresses that are not one.
+    for bad in ["tcp:hv1", "tcp:hv1:0", "tcp:hv1:70000", "tcp::4444", "tcp:fd00::1:4444", "tcp:[hv1]:4444", "tcp:hv 1:4444"] {
+        let text = tcp.replace("tcp:hv1.example:4444", bad);
+        assert_one(&text, 21, 11, &format!("`monitor` {bad:?}: expected an absolute path of a Unix socket, or tcp:HOST:PORT"));
+    }
+    // A VM's sockets are all on its machine.
+    assert_one(&tcp.replace("node = \"disk0\"", "node = \"disk0\"\nnbd = \"/run/nbd.sock\""), 23, 1, "`nbd` is on the monitor's machine: expected over TCP");
+    assert_one(&tcp.replace("node = \"disk0\"", "node = \"disk0\"\nguest_agent = \"/run/qga.sock\""), 23, 1, "`guest_agent` is on the monitor's machine: expected over TCP");
+    let unix = edit(20, "kind = \"qemu\"").replace("path = \"/img\"", "monitor = \"/run/vm1.qmp\"\nnode = \"disk0\"\nfleece_dir = \"/var/lib/fleece\"");
+    assert_one(&unix.replace("node = \"disk0\"", "node = \"disk0\"\nnbd = \"tcp:localhost:10809\""), 23, 1, "`nbd` is on the monitor's machine: expected a Unix socket");
+    // Settings of the other side.
+    assert_one(&unix.replace("node = \"disk0\"", "node = \"disk0\"\ntls = \"/etc/t\""), 23, 1, "`tls` is for a monitor over TCP");
+    assert_one(&unix.replace("node = \"disk0\"", "node = \"disk0\"\nfleece_max = \"1GiB\""), 23, 1, "`fleece_max` is not a setting of this volume");
+    assert_one(&tcp.replace("node = \"disk0\"", "node = \"disk0\"\nfleece_reserve = \"1GiB\""), 23, 1, "`fleece_reserve` is not a setting of this volume: a monitor over TCP");
+    assert_one(&tcp.replace("node = \"disk0\"", "node = \"disk0\"\nfleece_max = \"1MiB\""), 23, 14, "`fleece_max` 1 MiB is under 64 MiB");
+    assert_one(&tcp.replace("node = \"disk0\"", "node = \"disk0\"\ntls_object = \"0x\""), 23, 14, "`tls_object` \"0x\": expected the id of qemu's tls-creds-x509 object");
+    assert_one(&tcp.replace("node = \"disk0\"", "node = \"disk0\"\nnbd = \"tcp:hv1.example:4444\""), 23, 1, "the NBD socket \"tcp:hv1.example:4444\" is also the `monitor`");
 }
 
 // ---- key files ----------------------------------------------------------

@@ -54,12 +54,13 @@ fn branch_office_example_loads() {
     assert_eq!(
         topo.volumes[2].kind,
         SourceKind::Qemu {
-            monitor: "/run/drmesh/pos.qmp".into(),
+            monitor: QemuSocket::Unix("/run/drmesh/pos.qmp".into()),
             node: "pos-disk".into(),
             fleece_dir: "/var/lib/drmesh/fleece".into(),
-            nbd: "/var/lib/drmesh/fleece/nbd.sock".into(),
-            guest_agent: Some("/run/drmesh/pos.qga".into()),
-            fleece_reserve_bytes: 1 << 30,
+            nbd: QemuSocket::Unix("/var/lib/drmesh/fleece/nbd.sock".into()),
+            guest_agent: Some(QemuSocket::Unix("/run/drmesh/pos.qga".into())),
+            fleece_guard: FleeceGuard::Reserve(1 << 30),
+            tls: None,
         }
     );
     assert_eq!(topo.volumes[0].kind, SourceKind::Kmod { device: "/dev/sdb".into(), cow_store: "/dev/sdc".into(), state_store: Some("/dev/sdd1".into()) });

@@ -2,11 +2,18 @@
 //! as a proxy node reads a VM's disk from qemu (or qemu-storage-daemon,
 //! qemu-nbd) without an agent in the VM.
 //!
-//! - **Handshake**: fixed newstyle. `STRUCTURED_REPLY` (a server without
+//! - **Handshake**: fixed newstyle. With [`NbdClient::new_tls`], first
+//!   `STARTTLS` and nothing else: on the server's ACK the core reports
+//!   [`ClientEvent::StartTls`] and waits for the driver to run TLS on the
+//!   same connection ([`NbdClient::handle_tls_started`]); a refusal closes
+//!   the connection (never a fallback to plaintext), and so does any
+//!   plaintext byte after the ACK (an injection). Then, with or without
+//!   TLS, `STRUCTURED_REPLY` (a server without
 //!   them is still read, with simple replies, but offers no block status),
 //!   then `SET_META_CONTEXT` with the contexts asked for (`base:allocation`,
 //!   `qemu:dirty-bitmap:NAME`), then `GO` for the export. A refused export or
-//!   context request closes the connection with the server's message.
+//!   context request closes the connection with the server's message; a
+//!   server that requires TLS (`ERR_TLS_REQD`) from a plain client too.
 //! - **Transmission**: `READ` (simple or structured replies: data and hole
 //!   chunks must cover the request exactly once), `BLOCK_STATUS` (the
 //!   server describes every granted context; the one asked for is kept),
@@ -87,6 +94,15 @@ pub struct StatusExtent {
 /// What the connection has to say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
+    /// The server agreed to `STARTTLS` (clients of [`NbdClient::new_tls`]
+    /// only): the driver must now run a TLS handshake on the same
+    /// connection as client and then call [`NbdClient::handle_tls_started`];
+    /// from then on the core's bytes go through TLS both ways. Every byte
+    /// read before this event must have gone to [`NbdClient::handle_input`]
+    /// (the core closes the connection if any followed the ACK), and TLS
+    /// starts on the bare socket: no plaintext read-ahead may be handed to
+    /// it. Until then the core sends nothing.
+    StartTls,
     /// The handshake is done: the export is open.
     Ready {
         /// Its size in bytes.
@@ -117,6 +133,11 @@ pub enum ClientEvent {
 enum State {
     /// Waiting for the server's greeting.
     Greeting,
+    /// Waiting for the reply to `STARTTLS`.
+    StartTls,
+    /// `STARTTLS` agreed: the driver runs the TLS handshake; no input is
+    /// allowed until [`NbdClient::handle_tls_started`].
+    TlsHandshake,
     /// Waiting for the reply to `STRUCTURED_REPLY`.
     Structured,
     /// Waiting for the replies to `SET_META_CONTEXT`.
@@ -134,10 +155,29 @@ enum Pending {
     Status { offset: u64, context: u32, extents: Vec<StatusExtent>, error: Option<RequestError> },
 }
 
+/// An option reply type as the spec names it.
+fn reply_name(kind: u32) -> String {
+    let name = match kind {
+        REP_ACK => "NBD_REP_ACK",
+        REP_SERVER => "NBD_REP_SERVER",
+        REP_INFO => "NBD_REP_INFO",
+        REP_META_CONTEXT => "NBD_REP_META_CONTEXT",
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP",
+        REP_ERR_POLICY => "NBD_REP_ERR_POLICY",
+        REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
+        REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
+        _ => return format!("reply type {kind:#x}"),
+    };
+    name.into()
+}
+
 /// One client connection.
 pub struct NbdClient {
     state: State,
     export: String,
+    /// Whether the connection starts with `STARTTLS`.
+    tls: bool,
     wanted: Vec<String>,
     granted: Vec<(u32, String)>,
     structured: bool,
@@ -158,6 +198,7 @@ impl NbdClient {
         NbdClient {
             state: State::Greeting,
             export: export.to_string(),
+            tls: false,
             wanted: contexts.iter().map(|c| c.to_string()).collect(),
             granted: Vec::new(),
             structured: false,
@@ -169,6 +210,33 @@ impl NbdClient {
             next_cookie: 1,
             pending: BTreeMap::new(),
             error: None,
+        }
+    }
+
+    /// Like [`NbdClient::new`], over TLS: after the greeting (and the client
+    /// flags) it sends `STARTTLS` and nothing else, reports
+    /// [`ClientEvent::StartTls`] when the server agrees, and goes on once
+    /// the driver called [`NbdClient::handle_tls_started`].
+    pub fn new_tls(export: &str, contexts: &[&str]) -> NbdClient {
+        NbdClient { tls: true, ..NbdClient::new(export, contexts) }
+    }
+
+    /// The driver finished the TLS handshake asked for by
+    /// [`ClientEvent::StartTls`]: what follows (both ways) goes through TLS,
+    /// and the handshake goes on with `STRUCTURED_REPLY`.
+    ///
+    /// Called at any other time (also before the event was taken from
+    /// [`NbdClient::poll_event`]) it is a driver bug that could leave the
+    /// two ends disagreeing on whether TLS is up: it closes the connection
+    /// with [`NbdClientError::Usage`] (nothing is sent), except on a
+    /// connection already closed, where it does nothing.
+    pub fn handle_tls_started(&mut self) {
+        match self.state {
+            State::TlsHandshake if !self.events.contains(&ClientEvent::StartTls) => self.structured_reply(),
+            State::Closed => {}
+            _ => self.fail(NbdClientError::Usage(
+                "handle_tls_started was called, but the NBD connection was not waiting for a TLS handshake (no ClientEvent::StartTls)".into(),
+            )),
         }
     }
 
@@ -223,7 +291,8 @@ impl NbdClient {
         while self.state != State::Closed {
             let step = match self.state {
                 State::Greeting => self.greeting(),
-                State::Structured | State::MetaContext | State::Go => self.option_reply(),
+                State::TlsHandshake => self.no_plaintext().map(|()| false),
+                State::StartTls | State::Structured | State::MetaContext | State::Go => self.option_reply(),
                 State::Transmission => self.reply(),
                 State::Closed => break,
             };
@@ -295,6 +364,8 @@ impl NbdClient {
         self.state = State::Closed;
         self.pending.clear();
         self.inbuf.clear();
+        // A TLS handshake not started yet must not start on a dead connection.
+        self.events.retain(|e| *e != ClientEvent::StartTls);
         self.error.get_or_insert(e);
     }
 
@@ -321,9 +392,32 @@ impl NbdClient {
             client |= FLAG_C_NO_ZEROES;
         }
         self.out.put_u32(client);
+        if self.tls {
+            self.option(OPT_STARTTLS, &[]);
+            self.state = State::StartTls;
+        } else {
+            self.structured_reply();
+        }
+        Ok(true)
+    }
+
+    fn structured_reply(&mut self) {
         self.option(OPT_STRUCTURED_REPLY, &[]);
         self.state = State::Structured;
-        Ok(true)
+    }
+
+    /// Between the server's ACK to `STARTTLS` and the end of the TLS
+    /// handshake the server sends nothing in plaintext; bytes here were
+    /// sent (or injected on the way) after the ACK and would otherwise be
+    /// taken for replies protected by TLS.
+    fn no_plaintext(&self) -> Result<(), NbdClientError> {
+        if self.inbuf.is_empty() {
+            return Ok(());
+        }
+        Err(NbdClientError::Protocol(format!(
+            "it sent {} bytes of plaintext after agreeing to TLS (NBD_OPT_STARTTLS), where only the TLS handshake may follow (an injection attempt?)",
+            self.inbuf.len()
+        )))
     }
 
     /// One option reply, when all of it is here.
@@ -345,6 +439,7 @@ impl NbdClient {
         self.inbuf.advance(20);
         let data = self.inbuf.split_to(len as usize);
         let asked = match self.state {
+            State::StartTls => OPT_STARTTLS,
             State::Structured => OPT_STRUCTURED_REPLY,
             State::MetaContext => OPT_SET_META_CONTEXT,
             _ => OPT_GO,
@@ -354,6 +449,27 @@ impl NbdClient {
             return Err(NbdClientError::Protocol(format!("a reply to option {option} while option {asked} was asked")));
         }
         let message = || String::from_utf8_lossy(&data).into_owned();
+        // The server's reply for people: its message, else the reply type.
+        let said = || if data.is_empty() { reply_name(kind) } else { format!("{:?} ({})", message(), reply_name(kind)) };
+        if self.state == State::StartTls && kind & (1 << 31) != 0 {
+            return Err(NbdClientError::Refused {
+                what: "TLS (NBD_OPT_STARTTLS)".into(),
+                message: format!(
+                    "it answered {}: the server has no TLS credentials (qemu: nbd-server-start without tls-creds); \
+                     the connection does not fall back to plaintext",
+                    said()
+                ),
+            });
+        }
+        if kind == REP_ERR_TLS_REQD {
+            if self.tls {
+                return Err(NbdClientError::Protocol(format!("it answered option {option} with {} although TLS is up", said())));
+            }
+            return Err(NbdClientError::Refused {
+                what: format!("export {:?} without TLS", self.export),
+                message: format!("it answered {}: the server requires TLS; give the volume TLS credentials", said()),
+            });
+        }
         if kind & (1 << 31) != 0 {
             let what = match self.state {
                 State::Structured => {
@@ -368,6 +484,15 @@ impl NbdClient {
             return Err(NbdClientError::Refused { what, message: reason });
         }
         match (self.state, kind) {
+            (State::StartTls, REP_ACK) if !data.is_empty() => Err(NbdClientError::Protocol("an ACK to NBD_OPT_STARTTLS with data".into())),
+            (State::StartTls, REP_ACK) => {
+                // Checked before the event: a driver must not start TLS on
+                // a connection whose plaintext was tampered with.
+                self.state = State::TlsHandshake;
+                self.no_plaintext()?;
+                self.events.push_back(ClientEvent::StartTls);
+                Ok(false)
+            }
             (State::Structured, REP_ACK) => {
                 self.structured = true;
                 self.after_structured()
@@ -596,13 +721,22 @@ mod tests {
         disk: Vec<u8>,
         bad_at: Option<u64>,
         split: usize,
+        /// The test plays the server's part of `STARTTLS` (our server core
+        /// refuses it): it takes the option away, answers ACK, and "runs
+        /// TLS" at once, so the rest of the bytes pass as if decrypted.
+        starttls: bool,
     }
 
     impl Pair {
         fn new(contexts: &[&str], split: usize) -> Pair {
             let disk: Vec<u8> = (0..1u32 << 20).map(|i| if (i >> 16) % 3 == 0 { 0 } else { (i % 251) as u8 }).collect();
             let export = Export { name: "vm1".into(), size_bytes: disk.len() as u64, read_only: true, description: None };
-            Pair { client: NbdClient::new("vm1", contexts), server: NbdConnection::new(vec![export]).unwrap(), disk, bad_at: None, split }
+            Pair { client: NbdClient::new("vm1", contexts), server: NbdConnection::new(vec![export]).unwrap(), disk, bad_at: None, split, starttls: false }
+        }
+
+        /// The same with a client of [`NbdClient::new_tls`].
+        fn new_tls(contexts: &[&str], split: usize) -> Pair {
+            Pair { client: NbdClient::new_tls("vm1", contexts), starttls: true, ..Pair::new(contexts, split) }
         }
 
         /// Moves bytes both ways, in pieces of `split` bytes, until nothing moves.
@@ -612,6 +746,17 @@ mod tests {
                 let mut moved = false;
                 while let Some(b) = self.client.poll_transmit() {
                     moved = true;
+                    if std::mem::take(&mut self.starttls) {
+                        // The client flags, then STARTTLS and nothing else.
+                        assert_eq!(&b[4..], &option_bytes(OPT_STARTTLS, &[])[..]);
+                        for piece in b[..4].chunks(self.split) {
+                            self.server.handle_input(piece);
+                        }
+                        for piece in option_reply(OPT_STARTTLS, REP_ACK, &[]).chunks(self.split) {
+                            self.client.handle_input(piece);
+                        }
+                        continue;
+                    }
                     for piece in b.chunks(self.split) {
                         self.server.handle_input(piece);
                     }
@@ -650,6 +795,10 @@ mod tests {
                 }
                 while let Some(e) = self.client.poll_event() {
                     moved = true;
+                    if e == ClientEvent::StartTls {
+                        assert_eq!(self.client.poll_transmit(), None, "nothing is sent until TLS is up");
+                        self.client.handle_tls_started();
+                    }
                     events.push(e);
                 }
                 if !moved {
@@ -659,12 +808,58 @@ mod tests {
         }
     }
 
+    /// An option as the client sends it.
+    fn option_bytes(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u64(OPTION_MAGIC);
+        b.put_u32(option);
+        b.put_u32(data.len() as u32);
+        b.put_slice(data);
+        b.to_vec()
+    }
+
+    /// An option reply as a server sends it.
+    fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        put_option_reply(&mut b, option, reply, data);
+        b.to_vec()
+    }
+
+    fn greeting_bytes() -> Vec<u8> {
+        let mut b = BytesMut::new();
+        put_greeting(&mut b);
+        b.to_vec()
+    }
+
+    /// What a TLS client sends before TLS: its flags (our greeting offers
+    /// NO_ZEROES) and STARTTLS.
+    fn starttls_bytes() -> Vec<u8> {
+        [&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()[..], &option_bytes(OPT_STARTTLS, &[])].concat()
+    }
+
+    /// Everything the client sent so far.
+    fn sent(client: &mut NbdClient) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(b) = client.poll_transmit() {
+            all.extend_from_slice(&b);
+        }
+        all
+    }
+
+    fn events(client: &mut NbdClient) -> Vec<ClientEvent> {
+        std::iter::from_fn(|| client.poll_event()).collect()
+    }
+
     #[test]
-    fn reads_and_block_status_against_our_server_in_any_split() {
-        for split in [1, 7, 4096, usize::MAX] {
-            let mut pair = Pair::new(&["base:allocation"], split);
+    fn reads_and_block_status_against_our_server_in_any_split_with_or_without_tls() {
+        for (split, tls) in [1, 7, 4096, usize::MAX].into_iter().flat_map(|s| [(s, false), (s, true)]) {
+            let mut pair = if tls { Pair::new_tls(&["base:allocation"], split) } else { Pair::new(&["base:allocation"], split) };
             let ready = pair.pump();
-            assert_eq!(ready, vec![ClientEvent::Ready { size: 1 << 20, read_only: true, contexts: vec!["base:allocation".into()] }]);
+            let mut want = vec![ClientEvent::Ready { size: 1 << 20, read_only: true, contexts: vec!["base:allocation".into()] }];
+            if tls {
+                want.insert(0, ClientEvent::StartTls);
+            }
+            assert_eq!(ready, want, "split {split}");
             // Pipelined: three reads (one all zero: a hole chunk) and a block status.
             let a = pair.client.read(0, 4096).unwrap();
             let b = pair.client.read(70_000, 100_000).unwrap();
@@ -673,7 +868,7 @@ mod tests {
             let mut got = pair.pump();
             got.sort_by_key(|e| match e {
                 ClientEvent::Read { id, .. } | ClientEvent::BlockStatus { id, .. } => *id,
-                ClientEvent::Ready { .. } => RequestId(0),
+                ClientEvent::Ready { .. } | ClientEvent::StartTls => RequestId(0),
             });
             let disk = pair.disk.clone();
             assert_eq!(got[0], ClientEvent::Read { id: a, result: Ok(disk[..4096].to_vec()) });
@@ -749,8 +944,171 @@ mod tests {
     }
 
     #[test]
+    fn starttls_is_sent_alone_and_the_core_waits_for_tls() {
+        let mut client = NbdClient::new_tls("vm1", &["base:allocation"]);
+        assert_eq!(client.poll_transmit(), None, "the server speaks first");
+        // Greeting and ACK in one read: nothing follows the ACK, so it is fine.
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, &[])].concat());
+        assert_eq!(sent(&mut client), starttls_bytes());
+        assert_eq!(events(&mut client), vec![ClientEvent::StartTls]);
+        client.handle_input(&[]);
+        assert_eq!(client.poll_transmit(), None, "nothing until TLS is up");
+        assert!(!client.is_closed());
+        client.handle_tls_started();
+        assert_eq!(sent(&mut client), option_bytes(OPT_STRUCTURED_REPLY, &[]));
+        // From here the bytes are the decrypted ones; the plain handshake goes on.
+        client.handle_input(&option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        let meta = sent(&mut client);
+        assert_eq!(&meta[8..12], &OPT_SET_META_CONTEXT.to_be_bytes()[..]);
+        assert!(!client.is_closed() && events(&mut client).is_empty());
+    }
+
+    /// The STARTTLS injection: bytes after the ACK in the plaintext stream
+    /// would be read as if TLS had protected them. However the stream is
+    /// split, the connection closes and a StartTls not yet taken is withdrawn.
+    #[test]
+    fn plaintext_after_the_starttls_ack_closes_the_connection() {
+        // A forged ACK to STRUCTURED_REPLY, as an attacker would inject.
+        let injected = option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        let stream = [greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, &[]), injected].concat();
+        for split in 1..=stream.len() {
+            let mut client = NbdClient::new_tls("vm1", &[]);
+            for piece in stream.chunks(split) {
+                client.handle_input(piece);
+            }
+            assert!(events(&mut client).is_empty(), "split {split}: no TLS handshake on a tampered connection");
+            assert_eq!(sent(&mut client), starttls_bytes(), "split {split}: nothing sent after STARTTLS");
+            let e = client.close_error().expect("closed").to_string();
+            assert!(matches!(client.close_error(), Some(NbdClientError::Protocol(_))), "{e}");
+            assert!(e.contains("plaintext after agreeing to TLS"), "{e}");
+            client.handle_tls_started();
+            assert_eq!(client.close_error().map(ToString::to_string), Some(e), "the first error stays");
+        }
+        // The driver took the event, then the socket still gave plaintext to the core.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, &[])].concat());
+        assert_eq!(events(&mut client), vec![ClientEvent::StartTls]);
+        client.handle_input(&[0]);
+        assert!(client.close_error().unwrap().to_string().contains("1 bytes of plaintext after agreeing to TLS"));
+        // An ACK with data is not an ACK.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, b"x")].concat());
+        assert!(events(&mut client).is_empty());
+        assert!(matches!(client.close_error(), Some(NbdClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_refused_starttls_closes_the_connection_without_falling_back() {
+        // Our own server core: ERR_UNSUP with a message.
+        let mut pair = Pair::new(&[], usize::MAX);
+        pair.client = NbdClient::new_tls("vm1", &[]);
+        let mut sent_bytes = Vec::new();
+        while let Some(b) = pair.server.poll_transmit() {
+            pair.client.handle_input(&b);
+        }
+        while let Some(b) = pair.client.poll_transmit() {
+            sent_bytes.extend_from_slice(&b);
+            pair.server.handle_input(&b);
+        }
+        assert!(pair.pump().is_empty());
+        sent_bytes.extend(sent(&mut pair.client));
+        assert_eq!(sent_bytes, starttls_bytes(), "no plaintext option after the refusal");
+        let Some(NbdClientError::Refused { what, message }) = pair.client.close_error() else { panic!("{:?}", pair.client.close_error()) };
+        assert_eq!(what, "TLS (NBD_OPT_STARTTLS)");
+        assert!(message.contains("does not offer TLS") && message.contains("NBD_REP_ERR_UNSUP"), "{message}");
+        assert!(message.contains("no TLS credentials") && message.contains("tls-creds"), "{message}");
+        // Any error reply, with or without a message.
+        for (kind, name) in [(REP_ERR_POLICY, "NBD_REP_ERR_POLICY"), (REP_ERR_INVALID, "NBD_REP_ERR_INVALID"), ((1 << 31) + 77, "reply type 0x8000004d")] {
+            let mut client = NbdClient::new_tls("vm1", &[]);
+            client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, kind, &[])].concat());
+            assert_eq!(sent(&mut client), starttls_bytes());
+            assert!(client.is_closed() && events(&mut client).is_empty());
+            let e = client.close_error().unwrap().to_string();
+            assert!(e.starts_with("the NBD server refused TLS (NBD_OPT_STARTTLS): it answered ") && e.contains(name), "{e}");
+            assert!(e.contains("does not fall back to plaintext"), "{e}");
+        }
+        // A reply to another option is not an answer to STARTTLS.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[])].concat());
+        assert!(matches!(client.close_error(), Some(NbdClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_server_that_requires_tls_tells_a_plain_client_so() {
+        // qemu with tls-creds answers every option before STARTTLS this way,
+        // here STRUCTURED_REPLY (which otherwise falls back to simple replies).
+        for contexts in [&[][..], &["base:allocation"][..]] {
+            let mut client = NbdClient::new("vm1", contexts);
+            let refusal = option_reply(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, b"Option 0x8 not permitted before TLS");
+            client.handle_input(&[greeting_bytes(), refusal].concat());
+            assert!(client.is_closed() && events(&mut client).is_empty());
+            let Some(NbdClientError::Refused { what, message }) = client.close_error() else { panic!("{:?}", client.close_error()) };
+            assert_eq!(what, "export \"vm1\" without TLS");
+            assert!(message.contains("not permitted before TLS") && message.contains("requires TLS") && message.contains("TLS credentials"), "{message}");
+        }
+        // A server that refuses only this export without TLS, at GO.
+        let mut client = NbdClient::new("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]), option_reply(OPT_GO, REP_ERR_TLS_REQD, &[])].concat());
+        let e = client.close_error().unwrap().to_string();
+        assert_eq!(e, "the NBD server refused export \"vm1\" without TLS: it answered NBD_REP_ERR_TLS_REQD: the server requires TLS; give the volume TLS credentials");
+        // Over TLS the same answer makes no sense.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, &[])].concat());
+        assert_eq!(events(&mut client), vec![ClientEvent::StartTls]);
+        client.handle_tls_started();
+        client.handle_input(&option_reply(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, &[]));
+        assert!(matches!(client.close_error(), Some(NbdClientError::Protocol(m)) if m.contains("although TLS is up")));
+        // Other errors to STRUCTURED_REPLY still fall back to simple replies.
+        let mut client = NbdClient::new("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[])].concat());
+        assert!(!client.is_closed());
+    }
+
+    #[test]
+    fn handle_tls_started_out_of_place_closes_the_connection_and_never_panics() {
+        let usage = |client: &NbdClient| matches!(client.close_error(), Some(NbdClientError::Usage(m)) if m.contains("not waiting for a TLS handshake"));
+        // Before the greeting, plain or TLS.
+        for mut client in [NbdClient::new("vm1", &[]), NbdClient::new_tls("vm1", &[])] {
+            client.handle_tls_started();
+            assert!(client.is_closed() && usage(&client));
+            assert_eq!(client.poll_transmit(), None);
+        }
+        // STARTTLS sent, no ACK yet: the driver must not run TLS on its own.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&greeting_bytes());
+        assert_eq!(sent(&mut client), starttls_bytes());
+        client.handle_tls_started();
+        assert!(usage(&client) && client.poll_transmit().is_none());
+        // Before the driver took the event.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, &[])].concat());
+        client.handle_tls_started();
+        assert!(usage(&client) && events(&mut client).is_empty());
+        assert_eq!(sent(&mut client), starttls_bytes());
+        // Twice.
+        let mut client = NbdClient::new_tls("vm1", &[]);
+        client.handle_input(&[greeting_bytes(), option_reply(OPT_STARTTLS, REP_ACK, &[])].concat());
+        assert_eq!(events(&mut client), vec![ClientEvent::StartTls]);
+        client.handle_tls_started();
+        assert_eq!(sent(&mut client), [starttls_bytes(), option_bytes(OPT_STRUCTURED_REPLY, &[])].concat());
+        client.handle_tls_started();
+        assert!(usage(&client) && client.poll_transmit().is_none());
+        // In transmission, on a plain connection: requests are refused afterwards.
+        let mut pair = Pair::new(&[], 7);
+        pair.pump();
+        pair.client.handle_tls_started();
+        assert!(usage(&pair.client) && pair.client.read(0, 512).is_err());
+        // Closed already: nothing changes.
+        pair.client.handle_tls_started();
+        pair.client.handle_eof();
+        assert!(usage(&pair.client));
+    }
+
+    #[test]
     fn any_bytes_from_a_server_never_panic() {
-        // A real handshake, then seeded garbage, and garbage from the start.
+        // A real handshake, then seeded garbage, and garbage from the start;
+        // plain clients and TLS ones (which start TLS whenever asked to, and
+        // now and then call handle_tls_started out of place).
         let mut good = Pair::new(&["base:allocation"], usize::MAX);
         let mut transcript = Vec::new();
         loop {
@@ -768,6 +1126,12 @@ mod tests {
                 break;
             }
         }
+        // A TLS server says the same after its greeting, but first ACKs
+        // STARTTLS; its bytes come in two reads, before and after TLS.
+        let greeting = greeting_bytes();
+        assert_eq!(&transcript[..greeting.len()], &greeting[..]);
+        let tls_transcript = [greeting.clone(), option_reply(OPT_STARTTLS, REP_ACK, &[]), transcript[greeting.len()..].to_vec()].concat();
+        let tls_cut = greeting.len() + 20;
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             state ^= state << 13;
@@ -775,9 +1139,15 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for round in 0..3000 {
-            let mut client = NbdClient::new("vm1", &["base:allocation"]);
-            let mut bytes = if round % 2 == 0 { transcript.clone() } else { Vec::new() };
+        let mut tls_rounds_up = 0;
+        for round in 0..6000 {
+            let tls = round % 4 >= 2;
+            let mut client = if tls { NbdClient::new_tls("vm1", &["base:allocation"]) } else { NbdClient::new("vm1", &["base:allocation"]) };
+            let mut bytes = match (round % 2, tls) {
+                (0, false) => transcript.clone(),
+                (0, true) => tls_transcript.clone(),
+                _ => Vec::new(),
+            };
             if round % 2 == 0 {
                 for _ in 0..1 + next() % 4 {
                     let at = (next() % bytes.len() as u64) as usize;
@@ -786,13 +1156,40 @@ mod tests {
             }
             let extra = (next() % 64) as usize;
             bytes.extend((0..extra).map(|_| next() as u8));
-            client.handle_input(&bytes);
-            let _ = client.read(0, 512);
-            let _ = client.block_status(0, 512, "base:allocation");
+            let cut = if tls && round % 2 == 0 { tls_cut } else { bytes.len() };
+            let misuse = next() % 8 == 0;
+            // What a TLS client sent before TLS: never more than its flags and STARTTLS.
+            let mut plaintext = Vec::new();
+            let mut tls_up = false;
             let reply: Vec<u8> = (0..(next() % 80) as usize).map(|_| next() as u8).collect();
-            client.handle_input(&reply);
+            for (i, input) in [&bytes[..cut], &bytes[cut..], &reply[..]].into_iter().enumerate() {
+                client.handle_input(input);
+                if misuse && next() % 3 == 0 {
+                    client.handle_tls_started();
+                }
+                while let Some(e) = client.poll_event() {
+                    if e == ClientEvent::StartTls {
+                        assert!(tls && !tls_up, "round {round}: StartTls from a plain client or twice");
+                        plaintext.extend(sent(&mut client));
+                        client.handle_tls_started();
+                        tls_up = true;
+                    }
+                }
+                if !tls_up {
+                    plaintext.extend(sent(&mut client));
+                }
+                if tls {
+                    assert!(plaintext.is_empty() || plaintext[4..] == option_bytes(OPT_STARTTLS, &[])[..], "round {round}: sent {plaintext:?} before TLS");
+                }
+                if i == 1 {
+                    let _ = client.read(0, 512);
+                    let _ = client.block_status(0, 512, "base:allocation");
+                }
+            }
+            tls_rounds_up += usize::from(tls_up);
             client.handle_eof();
             while client.poll_event().is_some() {}
         }
+        assert!(tls_rounds_up > 300, "only {tls_rounds_up} rounds got past STARTTLS");
     }
 }

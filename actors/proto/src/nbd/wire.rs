@@ -50,7 +50,7 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Option: list the exports.
 pub const OPT_LIST: u32 = 3;
-/// Option: upgrade to TLS (not offered here).
+/// Option: upgrade to TLS (the server core refuses it; the client core asks for it in `NbdClient::new_tls`).
 pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export without entering transmission.
 pub const OPT_INFO: u32 = 6;
@@ -77,6 +77,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// Option reply error: option malformed or out of place.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// Option reply error: the server talks no further until TLS is up (`OPT_STARTTLS`).
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// Option reply error: no such export.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
