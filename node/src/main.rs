@@ -202,20 +202,26 @@ fn check_topology(file: &std::path::Path) -> anyhow::Result<ExitCode> {
                 );
             }
             for v in &t.volumes {
-                let drmesh_topology::SourceKind::Qemu { monitor, node, fleece_dir, fleece_reserve_bytes, guest_agent, .. } = &v.kind else { continue };
+                let drmesh_topology::SourceKind::Qemu { monitor, node, fleece_dir, fleece_guard, guest_agent, tls, nbd } = &v.kind else { continue };
                 let reader = match t.platform_of(v) {
                     Some(p) => format!("a proxy of platform {}", p.name),
                     None => format!("node {}", v.source),
                 };
+                let fleece = match fleece_guard {
+                    drmesh_topology::FleeceGuard::Reserve(bytes) => format!("fleece in {} (keeping {} MiB free)", fleece_dir.display(), bytes >> 20),
+                    drmesh_topology::FleeceGuard::Max(bytes) => format!("fleece in {} on the monitor's machine (at most {} MiB per view)", fleece_dir.display(), bytes >> 20),
+                };
+                let over = match tls {
+                    Some(tls) => format!(", over TCP with TLS (credentials in {}), NBD at {nbd}", tls.dir.display()),
+                    None => String::new(),
+                };
                 println!(
-                    "agentless {}: {} reads block node {} through the qemu monitor {}, fleece in {} (keeping {} MiB free), {}",
+                    "agentless {}: {} reads block node {} through the qemu monitor {}{over}, {fleece}, {}",
                     v.name,
                     reader,
                     node,
-                    monitor.display(),
-                    fleece_dir.display(),
-                    fleece_reserve_bytes >> 20,
-                    guest_agent.as_ref().map_or("no guest agent (RPs crash consistent)".to_string(), |g| format!("guest agent {} (filesystems frozen)", g.display()))
+                    monitor,
+                    guest_agent.as_ref().map_or("no guest agent (RPs crash consistent)".to_string(), |g| format!("guest agent {g} (filesystems frozen)"))
                 );
             }
             for g in &t.groups {

@@ -128,13 +128,15 @@ fn kind_of(volume: &Volume, fence: Option<super::fence::Fence>) -> Result<Arc<dy
         SourceKind::Kmod { device, cow_store, state_store } => Ok(Arc::new(KmodKind {
             spec: KmodSpec { device: device.clone(), cow_store: cow_store.clone(), state_store: state_store.clone(), targets: volume.targets.clone() },
         })),
-        SourceKind::Qemu { monitor, node, fleece_dir, nbd, guest_agent, fleece_reserve_bytes } => Ok(Arc::new(super::qemu::QemuKind {
+        SourceKind::Qemu { monitor, node, fleece_dir, nbd, guest_agent, fleece_guard, tls } => Ok(Arc::new(super::qemu::QemuKind {
             monitor: monitor.clone(),
+            monitor_key: super::qemu_socket::socket_key(monitor),
             node: node.clone(),
             fleece_dir: fleece_dir.clone(),
             nbd: nbd.clone(),
             guest_agent: guest_agent.clone(),
-            fleece_reserve_bytes: *fleece_reserve_bytes,
+            fleece_guard: *fleece_guard,
+            tls: tls.clone(),
             targets: volume.targets.clone(),
             fence,
         })),

@@ -31,15 +31,15 @@ use crate::proto::gossip::catalog::Consistency;
 pub enum HoldPoint {
     /// A filesystem mounted on this machine (the one inside a loop-attached image).
     Filesystem(Mount),
-    /// A VM's filesystems, through the qemu-guest-agent socket.
-    Guest(PathBuf),
+    /// A VM's filesystems, through its qemu-guest-agent channel.
+    Guest(super::qemu::GuestAgent),
 }
 
 impl HoldPoint {
-    fn key(&self) -> &Path {
+    fn key(&self) -> PathBuf {
         match self {
-            HoldPoint::Filesystem(m) => &m.point,
-            HoldPoint::Guest(socket) => socket,
+            HoldPoint::Filesystem(m) => m.point.clone(),
+            HoldPoint::Guest(agent) => super::qemu_socket::socket_key(&agent.socket),
         }
     }
 }
@@ -86,7 +86,7 @@ pub struct GroupViews {
 /// A hold that was taken: thawed when dropped.
 enum Taken {
     Filesystem(#[allow(dead_code)] Frozen),
-    Guest(PathBuf, Option<Box<super::qemu::Qmp>>),
+    Guest(super::qemu::GuestAgent, Option<Box<super::qemu::Qmp>>),
 }
 
 impl Drop for Taken {
@@ -165,7 +165,8 @@ fn open_held(members: &[Member], baselines: &Baselines, target: &str, block_byte
     let mut failed: Vec<(PathBuf, String)> = Vec::new();
     let started = Instant::now();
     for point in points.iter().flatten() {
-        if held_keys.iter().any(|(k, _)| k == point.key()) || failed.iter().any(|(k, _)| k == point.key()) {
+        let key = point.key();
+        if held_keys.iter().any(|(k, _)| *k == key) || failed.iter().any(|(k, _)| *k == key) {
             continue;
         }
         match point {
@@ -176,16 +177,16 @@ fn open_held(members: &[Member], baselines: &Baselines, target: &str, block_byte
                 }
                 Err(why) => failed.push((mount.point.clone(), why)),
             },
-            HoldPoint::Guest(socket) => match super::qemu::freeze_guest(socket) {
+            HoldPoint::Guest(guest) => match super::qemu::freeze_guest(guest) {
                 (agent, super::qemu::GuestFreeze::Frozen(n)) => {
-                    held_keys.push((socket.clone(), n));
-                    taken.push(Taken::Guest(socket.clone(), agent.map(Box::new)));
+                    held_keys.push((key, n));
+                    taken.push(Taken::Guest(guest.clone(), agent.map(Box::new)));
                 }
                 (agent, super::qemu::GuestFreeze::Failed(why)) => {
                     if agent.is_some() {
-                        super::qemu::thaw_guest(socket, agent);
+                        super::qemu::thaw_guest(guest, agent);
                     }
-                    failed.push((socket.clone(), why));
+                    failed.push((key, why));
                 }
                 (_, super::qemu::GuestFreeze::NotAsked) => {}
             },
@@ -251,7 +252,7 @@ fn open_held(members: &[Member], baselines: &Baselines, target: &str, block_byte
                 m.volume,
                 m.source.kind()
             ))
-        } else if let Some((point, why)) = pts.iter().find_map(|p| failed.iter().find(|(k, _)| k == p.key())) {
+        } else if let Some((point, why)) = pts.iter().find_map(|p| failed.iter().find(|(k, _)| *k == p.key())) {
             Some(format!("{}: {} was not frozen: {why}", m.volume, point.display()))
         } else if !matches!(quality.consistency, Consistency::FileSystem | Consistency::Application) {
             Some(format!("{}: its view is {} ({})", m.volume, quality.consistency.label(), quality.how))

@@ -36,6 +36,7 @@ pub mod kmod;
 pub mod lvm;
 pub mod nbd;
 pub mod qemu;
+pub mod qemu_socket;
 pub mod reflink;
 
 /// A set of block indices of a volume (the blocks a cycle reads).

@@ -1,17 +1,19 @@
 //! An NBD export read as a block device: the way a proxy node reads a VM's
 //! disk from qemu, qemu-storage-daemon or qemu-nbd, with its dirty bitmap
 //! as a meta context (`qemu:dirty-bitmap:NAME`). A thin blocking driver of
-//! the sans-IO client core (`drmesh_proto::nbd::client`) over a Unix socket.
+//! the sans-IO client core (`drmesh_proto::nbd::client`) over a Unix
+//! socket, or over TCP upgraded to TLS with `NBD_OPT_STARTTLS`.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use drmesh_proto::nbd::client::{ClientEvent, NbdClient, NbdClientError, RequestId, StatusExtent, MAX_READ_BYTES};
 
+use drmesh_topology::QemuSocket;
+
 use super::device::BlockDevice;
+use super::qemu_socket::{QemuStream, QemuTlsClient};
 
 /// How long a reply may take before the read fails (a stuck server never hangs a cycle).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -23,7 +25,7 @@ pub enum NbdDeviceError {
     #[error("NBD server at {socket}: {source}")]
     Io {
         /// The server's socket.
-        socket: PathBuf,
+        socket: QemuSocket,
         /// The cause.
         source: std::io::Error,
     },
@@ -31,7 +33,7 @@ pub enum NbdDeviceError {
     #[error("NBD server at {socket}: {source}")]
     Protocol {
         /// The server's socket.
-        socket: PathBuf,
+        socket: QemuSocket,
         /// What happened.
         source: NbdClientError,
     },
@@ -40,15 +42,18 @@ pub enum NbdDeviceError {
 /// One open export. Reads are served one at a time over one connection.
 pub struct NbdDevice {
     describe: String,
-    socket: PathBuf,
+    socket: QemuSocket,
     size: u64,
     contexts: Vec<String>,
     conn: Mutex<Conn>,
 }
 
 struct Conn {
-    stream: UnixStream,
+    stream: QemuStream,
     client: NbdClient,
+    /// For a server over TCP: where, and this node's credentials, to start
+    /// TLS when the server agreed to.
+    tls: Option<(QemuSocket, QemuTlsClient)>,
     /// What the socket read last (kept: reads are many and alike).
     buf: Vec<u8>,
 }
@@ -66,6 +71,10 @@ impl Conn {
         loop {
             self.flush().map_err(|e| NbdClientError::Usage(format!("writing to the socket: {e}")))?;
             while let Some(event) = self.client.poll_event() {
+                if event == ClientEvent::StartTls {
+                    self.start_tls()?;
+                    continue;
+                }
                 if let Some(found) = want(event) {
                     return Ok(found);
                 }
@@ -86,22 +95,42 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// The server agreed to TLS: the handshake, on the same connection.
+    fn start_tls(&mut self) -> Result<(), NbdClientError> {
+        let Some((socket, tls)) = &self.tls else {
+            return Err(NbdClientError::Usage("the server started TLS on a connection that did not ask for it".into()));
+        };
+        let plain = std::mem::replace(&mut self.stream, QemuStream::Closed);
+        self.stream = plain.start_tls(socket, Some(tls)).map_err(|e| NbdClientError::Usage(e.to_string()))?;
+        self.client.handle_tls_started();
+        Ok(())
+    }
+}
+
 impl NbdDevice {
-    /// Connects to the server at `socket`, opens `export` and asks for the
-    /// meta contexts `contexts` (see [`NbdDevice::contexts`] for those granted).
-    pub fn connect(socket: &Path, export: &str, contexts: &[&str]) -> Result<NbdDevice, NbdDeviceError> {
-        let io = |source| NbdDeviceError::Io { socket: socket.to_path_buf(), source };
-        let stream = UnixStream::connect(socket).map_err(io)?;
+    /// Connects to the server at `socket` (over TCP: TLS with `tls`,
+    /// started with `NBD_OPT_STARTTLS`; never in the clear), opens `export`
+    /// and asks for the meta contexts `contexts` (see
+    /// [`NbdDevice::contexts`] for those granted).
+    pub fn connect(socket: &QemuSocket, tls: Option<&QemuTlsClient>, export: &str, contexts: &[&str]) -> Result<NbdDevice, NbdDeviceError> {
+        let io = |source| NbdDeviceError::Io { socket: socket.clone(), source };
+        let stream = QemuStream::connect_plain(socket).map_err(io)?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
-        let mut conn = Conn { stream, client: NbdClient::new(export, contexts), buf: vec![0; 256 << 10] };
+        let (client, tls) = match (socket.is_tcp(), tls) {
+            (false, _) => (NbdClient::new(export, contexts), None),
+            (true, Some(tls)) => (NbdClient::new_tls(export, contexts), Some((socket.clone(), tls.clone()))),
+            (true, None) => return Err(io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no TLS credentials for an NBD server over TCP (the volume's `tls`)"))),
+        };
+        let mut conn = Conn { stream, client, tls, buf: vec![0; 256 << 10] };
         let (size, granted) = conn
             .until(|e| match e {
                 ClientEvent::Ready { size, contexts, .. } => Some((size, contexts)),
                 _ => None,
             })
-            .map_err(|source| NbdDeviceError::Protocol { socket: socket.to_path_buf(), source })?;
-        Ok(NbdDevice { describe: format!("NBD export {export:?} at {}", socket.display()), socket: socket.to_path_buf(), size, contexts: granted, conn: Mutex::new(conn) })
+            .map_err(|source| NbdDeviceError::Protocol { socket: socket.clone(), source })?;
+        Ok(NbdDevice { describe: format!("NBD export {export:?} at {socket}"), socket: socket.clone(), size, contexts: granted, conn: Mutex::new(conn) })
     }
 
     /// The meta contexts the server granted.
@@ -190,6 +219,8 @@ mod tests {
     use std::process::Command;
     use std::sync::Arc;
 
+    use std::path::Path;
+
     use super::*;
     use crate::source::file::FileSource;
     use crate::test_util::{run, wait_for, Daemon};
@@ -220,7 +251,7 @@ mod tests {
         run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c", "write -P 0xa5 10M 1M"]).arg(&image));
         let socket = dir.path().join("nbd.sock");
         let _server = qemu_nbd(&image, &socket, "b0");
-        let disk = NbdDevice::connect(&socket, "vm1", &["base:allocation", "qemu:dirty-bitmap:b0"]).unwrap();
+        let disk = NbdDevice::connect(&QemuSocket::Unix(socket.clone()), None, "vm1", &["base:allocation", "qemu:dirty-bitmap:b0"]).unwrap();
         assert_eq!(disk.size(), 64 << 20);
         assert_eq!(disk.contexts(), ["base:allocation", "qemu:dirty-bitmap:b0"]);
 
@@ -235,7 +266,7 @@ mod tests {
         let raw = dir.path().join("vm.raw");
         drop(disk);
         run(Command::new("qemu-img").args(["convert", "-U", "-f", "qcow2", "-O", "raw"]).arg(&image).arg(&raw));
-        let disk: Arc<dyn BlockDevice> = Arc::new(NbdDevice::connect(&socket, "vm1", &[]).unwrap());
+        let disk: Arc<dyn BlockDevice> = Arc::new(NbdDevice::connect(&QemuSocket::Unix(socket.clone()), None, "vm1", &[]).unwrap());
         let source = FileSource::on(disk, 1 << 20);
         let read: Vec<u8> = source.read_run(0, source.block_count() as usize).unwrap().iter().flat_map(|b| b.to_vec()).collect();
         assert!(read == std::fs::read(&raw).unwrap(), "the disk read over NBD differs from qemu-img convert's");
@@ -245,17 +276,17 @@ mod tests {
     #[test]
     fn a_missing_server_export_or_bitmap_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let e = NbdDevice::connect(&dir.path().join("none.sock"), "vm1", &[]).err().unwrap().to_string();
+        let e = NbdDevice::connect(&QemuSocket::Unix(dir.path().join("none.sock")), None, "vm1", &[]).err().unwrap().to_string();
         assert!(e.starts_with(&format!("NBD server at {}", dir.path().join("none.sock").display())), "{e}");
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
         run(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&image).arg("b0"));
         let socket = dir.path().join("nbd.sock");
         let _server = qemu_nbd(&image, &socket, "b0");
-        let e = NbdDevice::connect(&socket, "other", &[]).err().unwrap().to_string();
+        let e = NbdDevice::connect(&QemuSocket::Unix(socket.clone()), None, "other", &[]).err().unwrap().to_string();
         assert!(e.contains("refused export \"other\""), "{e}");
         // A bitmap the server does not export is not granted.
-        let disk = NbdDevice::connect(&socket, "vm1", &["qemu:dirty-bitmap:b9"]).unwrap();
+        let disk = NbdDevice::connect(&QemuSocket::Unix(socket.clone()), None, "vm1", &["qemu:dirty-bitmap:b9"]).unwrap();
         assert!(disk.contexts().is_empty());
         let e = disk.block_status(0, 4096, "qemu:dirty-bitmap:b9").err().unwrap().to_string();
         assert!(e.contains("was not granted"), "{e}");

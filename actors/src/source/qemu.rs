@@ -26,13 +26,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drmesh_proto::nbd::client::StatusExtent;
 use drmesh_proto::qmp::{QmpClient, QmpError, QmpEvent};
+use drmesh_topology::{FleeceGuard, QemuSocket, QemuTls};
 use serde_json::{json, Value};
 
 use super::baseline::Baselines;
@@ -41,6 +41,7 @@ use super::device::BlockDevice;
 use super::fence::Fence;
 use super::kmod::device_lock;
 use super::nbd::{NbdDevice, NbdDeviceError};
+use super::qemu_socket::{socket_key, QemuStream, QemuTlsClient, QemuTlsError};
 use super::{BlockMask, SourceError};
 use crate::proto::gossip::catalog::Consistency;
 
@@ -58,8 +59,8 @@ pub enum QemuError {
     Io {
         /// Who: "qemu monitor" or "qemu guest agent".
         peer: &'static str,
-        /// The monitor socket.
-        socket: PathBuf,
+        /// The socket.
+        socket: QemuSocket,
         /// The cause.
         source: std::io::Error,
     },
@@ -68,8 +69,8 @@ pub enum QemuError {
     Protocol {
         /// Who: "qemu monitor" or "qemu guest agent".
         peer: &'static str,
-        /// The monitor socket.
-        socket: PathBuf,
+        /// The socket.
+        socket: QemuSocket,
         /// What it sent.
         source: QmpError,
     },
@@ -78,8 +79,8 @@ pub enum QemuError {
     Command {
         /// Who: "qemu monitor" or "qemu guest agent".
         peer: &'static str,
-        /// The monitor socket.
-        socket: PathBuf,
+        /// The socket.
+        socket: QemuSocket,
         /// The command.
         command: String,
         /// qemu's description.
@@ -88,8 +89,8 @@ pub enum QemuError {
     /// qemu does not have what the volume names.
     #[error("qemu monitor at {socket}: {what}")]
     Missing {
-        /// The monitor socket.
-        socket: PathBuf,
+        /// The socket.
+        socket: QemuSocket,
         /// What is missing ("no block node \"disk0\"").
         what: String,
     },
@@ -98,8 +99,8 @@ pub enum QemuError {
     Timeout {
         /// Who: "qemu monitor" or "qemu guest agent".
         peer: &'static str,
-        /// The monitor socket.
-        socket: PathBuf,
+        /// The socket.
+        socket: QemuSocket,
         /// What was awaited.
         what: String,
         /// How long.
@@ -108,6 +109,17 @@ pub enum QemuError {
     /// The view's NBD export could not be read.
     #[error(transparent)]
     Nbd(#[from] NbdDeviceError),
+    /// The TLS credentials for a monitor over TCP cannot be used.
+    #[error(transparent)]
+    Tls(#[from] QemuTlsError),
+    /// qemu has no TLS credentials object to start its NBD server with.
+    #[error("qemu monitor at {socket}: {what}")]
+    TlsObject {
+        /// The monitor.
+        socket: QemuSocket,
+        /// What is wrong ("no tls-creds-x509 object with endpoint=server").
+        what: String,
+    },
     /// A platform's volume whose lease this proxy does not hold (enough of).
     #[error("{0}")]
     Fenced(String),
@@ -151,8 +163,8 @@ pub enum QemuError {
 /// One monitor (or guest agent) connection (blocking).
 pub struct Qmp {
     peer: &'static str,
-    socket: PathBuf,
-    stream: UnixStream,
+    socket: QemuSocket,
+    stream: QemuStream,
     core: QmpClient,
     /// How long a command or awaited event may take.
     timeout: Duration,
@@ -161,25 +173,26 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects to a monitor and negotiates.
-    pub fn connect(socket: &Path) -> Result<Qmp, QemuError> {
-        Qmp::open("qemu monitor", socket, QmpClient::new(), QMP_TIMEOUT)
+    /// Connects to a monitor (over TCP with `tls`) and negotiates.
+    pub fn connect(socket: &QemuSocket, tls: Option<&QemuTlsClient>) -> Result<Qmp, QemuError> {
+        Qmp::open("qemu monitor", socket, tls, QmpClient::new(), QMP_TIMEOUT)
     }
 
     /// Connects to qemu-guest-agent (through the VM's virtio-serial channel
-    /// that qemu exposes as a Unix socket) and syncs with it.
-    pub fn guest_agent(socket: &Path) -> Result<Qmp, QemuError> {
+    /// that qemu exposes as a socket) and syncs with it.
+    pub fn guest_agent(agent: &GuestAgent) -> Result<Qmp, QemuError> {
+        let tls = agent.tls.as_ref().map(QemuTlsClient::load).transpose()?;
         // Any id this connection alone is likely to use.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let id = (nanos ^ u64::from(std::process::id()).rotate_left(32)) & ((1 << 53) - 1);
-        Qmp::open("qemu guest agent", socket, QmpClient::guest_agent(id), AGENT_TIMEOUT)
+        Qmp::open("qemu guest agent", &agent.socket, tls.as_ref(), QmpClient::guest_agent(id), AGENT_TIMEOUT)
     }
 
-    fn open(peer: &'static str, socket: &Path, core: QmpClient, timeout: Duration) -> Result<Qmp, QemuError> {
-        let io = |source| QemuError::Io { peer, socket: socket.to_path_buf(), source };
-        let stream = UnixStream::connect(socket).map_err(io)?;
+    fn open(peer: &'static str, socket: &QemuSocket, tls: Option<&QemuTlsClient>, core: QmpClient, timeout: Duration) -> Result<Qmp, QemuError> {
+        let io = |source| QemuError::Io { peer, socket: socket.clone(), source };
+        let stream = QemuStream::connect(socket, tls).map_err(io)?;
         stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
-        let mut qmp = Qmp { peer, socket: socket.to_path_buf(), stream, core, timeout, events: Vec::new() };
+        let mut qmp = Qmp { peer, socket: socket.clone(), stream, core, timeout, events: Vec::new() };
         qmp.until("its greeting (it serves one client at a time: is another one connected to this socket?)", |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
         Ok(qmp)
     }
@@ -254,6 +267,10 @@ struct Names {
     bitmaps: [String; 2],
     job: String,
     fleece: String,
+    /// The fleece file's own node, when qemu makes the file (a monitor over TCP).
+    fleece_file: String,
+    /// The job that makes (and empties) the fleece file then.
+    create: String,
     export: String,
 }
 
@@ -265,20 +282,33 @@ impl Names {
             bitmaps: [format!("drmesh:{volume}:{target}:a"), format!("drmesh:{volume}:{target}:b")],
             job: format!("{id}-j"),
             fleece: format!("{id}-f"),
+            fleece_file: format!("{id}-ff"),
+            create: format!("{id}-c"),
             export: id,
         }
     }
 }
 
+/// A VM's qemu-guest-agent channel, as qemu exposes it (a chardev socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestAgent {
+    /// The socket.
+    pub socket: QemuSocket,
+    /// TLS when it is over TCP.
+    pub tls: Option<QemuTls>,
+}
+
 /// Where the VM's disk is and where drmesh may work.
 #[derive(Debug, Clone)]
 pub struct QemuDisk {
-    /// The monitor socket drmesh uses.
-    pub qmp: PathBuf,
+    /// The monitor drmesh uses.
+    pub qmp: QemuSocket,
+    /// This node's TLS credentials, for sockets over TCP.
+    pub tls: Option<QemuTlsClient>,
     /// The block node of the disk (its `node-name`, as `query-named-block-nodes` lists it).
     pub node: String,
-    /// The Unix socket qemu's NBD server listens on (started there if it is not running).
-    pub nbd: PathBuf,
+    /// The socket qemu's NBD server listens on (started there if it is not running).
+    pub nbd: QemuSocket,
     /// The volume's name and the target the cycle copies to: each target
     /// has bitmaps of its own (it names drmesh's bitmaps, job, node and export).
     pub volume: String,
@@ -286,17 +316,26 @@ pub struct QemuDisk {
     pub target: String,
     /// Every target of the volume (bitmaps of other targets are removed).
     pub targets: Vec<String>,
-    /// A folder on this machine for the fleece file, which qemu can open;
-    /// made 0700 when missing, and nobody else should write in it.
+    /// The folder of the fleece file, which qemu can open. For a monitor
+    /// on this machine made 0700 when missing (nobody else should write in
+    /// it); for one over TCP a folder on the monitor's machine, where qemu
+    /// makes the file itself.
     pub work_dir: PathBuf,
-    /// The Unix socket of the VM's qemu-guest-agent channel, when the
-    /// guest's filesystems are to be frozen at the instant.
-    pub guest_agent: Option<PathBuf>,
-    /// Free bytes kept in `work_dir`'s filesystem: the view is dropped before the fleece takes them.
-    pub reserve_bytes: u64,
+    /// The VM's qemu-guest-agent channel, when the guest's filesystems
+    /// are to be frozen at the instant.
+    pub guest_agent: Option<GuestAgent>,
+    /// How the fleece is kept from filling `work_dir`: the view is dropped first.
+    pub guard: FleeceGuard,
     /// For a platform's volume: the lease its views change qemu under
     /// (none: the volume has one reader, nothing to fence).
     pub fence: Option<Fence>,
+}
+
+impl QemuDisk {
+    /// A connection to the disk's monitor.
+    pub fn monitor(&self) -> Result<Qmp, QemuError> {
+        Qmp::connect(&self.qmp, self.tls.as_ref())
+    }
 }
 
 /// Bytes free for an unprivileged user in the filesystem of `dir`.
@@ -305,13 +344,15 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
-/// Watches the free space of `fleece_dir` while a view lives. qemu's
-/// copy-before-write fails the VM's own write when it cannot copy the old
-/// block to the fleece (a full disk would make the VM's writes fail or
-/// pause it), so before the fleece can take the filesystem below its
-/// reserve, the watchdog cancels the view's backup job: the VM writes on
-/// untouched, the view is no longer one instant, and the cycle fails
-/// ([`Fleece::broken`]) with its changes kept for the next one.
+/// Watches a view's fleece while it lives. qemu's copy-before-write fails
+/// the VM's own write when it cannot copy the old block to the fleece (a
+/// full disk would make the VM's writes fail or pause it), so before the
+/// fleece can fill its folder the watchdog cancels the view's backup job:
+/// the VM writes on untouched, the view is no longer one instant, and the
+/// cycle fails ([`Fleece::broken`]) with its changes kept for the next one.
+/// With a monitor on this machine it watches `fleece_dir`'s free space
+/// (every 200 ms); over TCP, the fleece's size as qemu reports it (every
+/// second, on a connection of its own).
 struct Watchdog {
     stop: Arc<std::sync::atomic::AtomicBool>,
     broken: Arc<Mutex<Option<String>>>,
@@ -319,29 +360,28 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(disk: &QemuDisk, job: String) -> Watchdog {
+    fn start(disk: &QemuDisk, names: &Names) -> Watchdog {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let broken = Arc::new(Mutex::new(None));
         let (s, b, disk) = (stop.clone(), broken.clone(), disk.clone());
+        let (job, fleece) = (names.job.clone(), names.fleece.clone());
         let thread = std::thread::Builder::new()
             .name("fleece-watchdog".into())
             .spawn(move || {
+                let every = match disk.guard {
+                    FleeceGuard::Reserve(_) => Duration::from_millis(200),
+                    FleeceGuard::Max(_) => Duration::from_secs(1),
+                };
                 while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(200));
-                    let Ok(free) = free_bytes(&disk.work_dir) else { continue };
-                    if free >= disk.reserve_bytes {
-                        continue;
+                    std::thread::sleep(every);
+                    if s.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
                     }
-                    let mut why = format!(
-                        "fleece_dir {} fell to {} MiB free, under its fleece_reserve of {} MiB: the view was dropped so that the VM's writes never fail (the VM wrote more during the cycle than the folder holds: give it more space)",
-                        disk.work_dir.display(),
-                        free >> 20,
-                        disk.reserve_bytes >> 20
-                    );
+                    let Some(mut why) = over_its_bound(&disk, &fleece) else { continue };
                     // A view whose lease is gone leaves the job alone: it may be another proxy's now.
                     let holds = || disk.fence.as_ref().is_none_or(Fence::holds);
                     if holds() {
-                        let cancelled = Qmp::connect(&disk.qmp).and_then(|mut q| if holds() { q.execute("block-job-cancel", json!({ "device": job, "force": true })).map(drop) } else { Ok(()) });
+                        let cancelled = disk.monitor().and_then(|mut q| if holds() { q.execute("block-job-cancel", json!({ "device": job, "force": true })).map(drop) } else { Ok(()) });
                         if let Err(e) = cancelled {
                             why.push_str(&format!("; cancelling its job failed: {e}"));
                         }
@@ -379,16 +419,16 @@ pub enum GuestFreeze {
     Failed(String),
 }
 
-/// Freezes the guest's filesystems through its agent at `socket`; the
+/// Freezes the guest's filesystems through its agent `guest`; the
 /// connection to thaw them with when they are frozen.
-pub(crate) fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
-    let mut agent = match Qmp::guest_agent(socket) {
+pub(crate) fn freeze_guest(guest: &GuestAgent) -> (Option<Qmp>, GuestFreeze) {
+    let mut agent = match Qmp::guest_agent(guest) {
         Ok(agent) => agent,
         Err(e) => return (None, GuestFreeze::Failed(format!("the guest agent did not answer ({e})"))),
     };
     // A freeze an earlier cycle left (its node killed between freeze and thaw) goes first.
     if agent.execute("guest-fsfreeze-status", Value::Null).is_ok_and(|v| v == "frozen") {
-        tracing::warn!(agent = %socket.display(), "the guest's filesystems were left frozen by an earlier cycle: thawing them");
+        tracing::warn!(agent = %guest.socket, "the guest's filesystems were left frozen by an earlier cycle: thawing them");
         let _ = agent.execute("guest-fsfreeze-thaw", Value::Null);
     }
     agent.timeout = super::freeze::FREEZE_LIMIT;
@@ -399,7 +439,7 @@ pub(crate) fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
         },
         Err(e) => {
             // Half-frozen or still freezing: thawed all the same.
-            thaw_guest(socket, Some(agent));
+            thaw_guest(guest, Some(agent));
             (None, GuestFreeze::Failed(format!("the guest agent could not freeze the filesystems ({e})")))
         }
     }
@@ -407,12 +447,12 @@ pub(crate) fn freeze_guest(socket: &Path) -> (Option<Qmp>, GuestFreeze) {
 
 /// Thaws the guest's filesystems, on `agent` or a new connection, trying
 /// three times: a guest left frozen stops writing.
-pub(crate) fn thaw_guest(socket: &Path, agent: Option<Qmp>) {
+pub(crate) fn thaw_guest(guest: &GuestAgent, agent: Option<Qmp>) {
     let mut agent = agent;
     for attempt in 1..=3 {
         let conn = match agent.take() {
             Some(a) => Ok(a),
-            None => Qmp::guest_agent(socket),
+            None => Qmp::guest_agent(guest),
         };
         let done = conn.and_then(|mut a| {
             a.timeout = super::freeze::FREEZE_LIMIT;
@@ -420,10 +460,10 @@ pub(crate) fn thaw_guest(socket: &Path, agent: Option<Qmp>) {
         });
         match done {
             Ok(_) => return,
-            Err(e) => tracing::warn!(agent = %socket.display(), attempt, error = %e, "cannot thaw the guest's filesystems"),
+            Err(e) => tracing::warn!(agent = %guest.socket, attempt, error = %e, "cannot thaw the guest's filesystems"),
         }
     }
-    tracing::error!(agent = %socket.display(), "the guest's filesystems may still be frozen: the next cycle thaws them, or run guest-fsfreeze-thaw through the agent");
+    tracing::error!(agent = %guest.socket, "the guest's filesystems may still be frozen: the next cycle thaws them, or run guest-fsfreeze-thaw through the agent");
 }
 
 /// One cycle's point-in-time view of a VM's disk.
@@ -472,6 +512,9 @@ impl Prepared {
             qmp.wait_event("BLOCK_JOB_CANCELLED", |d| d["device"] == names.job.as_str())?;
         }
         let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece }));
+        if disk.qmp.is_tcp() {
+            let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece_file }));
+        }
         if let [a, b] = ours.clone().as_slice() {
             let (stopped, recording) = if a.recording { (b.clone(), a.clone()) } else { (a.clone(), b.clone()) };
             merge_back(qmp, &disk.node, &stopped.name, &recording.name)?;
@@ -493,32 +536,16 @@ impl Prepared {
         let recording = names.bitmaps.iter().find(|n| Some(*n) != current.as_ref()).expect("two names").clone();
 
         // The fleece file: a qcow2 as large as the disk, backed by it in qemu.
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
-        check_work_dir(&disk.work_dir)?;
-        let free = free_bytes(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
-        if free < disk.reserve_bytes {
-            return Err(QemuError::FleeceFull { path: disk.work_dir.clone(), free_mib: free >> 20, reserve_mib: disk.reserve_bytes >> 20 });
-        }
         let file = disk.work_dir.join(format!("{}.qcow2", names.fleece));
-        // A leftover (or anything planted at the name, a symlink too) goes;
-        // the file is then made here, exclusively, before qemu-img fills it.
-        let _ = std::fs::remove_file(&file);
-        let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
-        // qemu opens it as the user it runs as (the monitor socket's owner, as qemu made it).
-        if let Ok(monitor) = std::fs::metadata(&disk.qmp) {
-            std::os::unix::fs::fchown(&made, Some(monitor.uid()), Some(monitor.gid())).map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
+        match disk.guard {
+            FleeceGuard::Reserve(reserve) => make_local_fleece(disk, &file, size, reserve)?,
+            FleeceGuard::Max(_) => make_remote_fleece(qmp, &names, &file, size)?,
         }
-        drop(made);
-        let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&file)
-            .arg(size.to_string())
-            .output()
-            .map_err(|source| QemuError::Fleece { path: file.clone(), source })?;
-        if !made.status.success() {
-            return Err(QemuError::Fleece { path: file, source: std::io::Error::other(String::from_utf8_lossy(&made.stderr).trim().to_string()) });
+        let file_node = if disk.qmp.is_tcp() { json!(names.fleece_file) } else { json!({ "driver": "file", "filename": file }) };
+        if let Err(e) = qmp.execute("blockdev-add", json!({ "driver": "qcow2", "node-name": names.fleece, "file": file_node, "backing": disk.node })) {
+            drop_fleece_file(qmp, disk, &names, &file);
+            return Err(e);
         }
-        qmp.execute("blockdev-add", json!({ "driver": "qcow2", "node-name": names.fleece, "file": { "driver": "file", "filename": file }, "backing": disk.node }))?;
 
         let mut actions = vec![json!({ "type": "block-dirty-bitmap-add", "data": { "node": disk.node, "name": recording, "persistent": persistent } })];
         if let Some(current) = &current {
@@ -531,7 +558,7 @@ impl Prepared {
     /// Undoes [`Prepared::of`] when the instant failed: the fleece node and file go.
     fn undo(self, qmp: &mut Qmp) {
         let _ = qmp.execute("blockdev-del", json!({ "node-name": self.names.fleece }));
-        let _ = std::fs::remove_file(&self.file);
+        drop_fleece_file(qmp, &self.disk, &self.names, &self.file);
     }
 }
 
@@ -550,7 +577,9 @@ impl Fleece {
     pub fn take_together(disks: &[QemuDisk]) -> Result<Vec<Fleece>, QemuError> {
         let Some(first) = disks.first() else { return Ok(Vec::new()) };
         for disk in disks {
-            check_nbd_path(&disk.nbd)?;
+            if let QemuSocket::Unix(path) = &disk.nbd {
+                check_nbd_path(path)?;
+            }
         }
         let fenced = || -> Result<(), QemuError> {
             for fence in disks.iter().filter_map(|d| d.fence.as_ref()) {
@@ -559,7 +588,7 @@ impl Fleece {
             Ok(())
         };
         fenced()?;
-        let mut qmp = Qmp::connect(&first.qmp)?;
+        let mut qmp = first.monitor()?;
         // The monitor may have kept this waiting (it serves one client at a time).
         fenced()?;
         let mut prepared: Vec<Prepared> = Vec::with_capacity(disks.len());
@@ -577,26 +606,26 @@ impl Fleece {
 
         // The instant, with each guest frozen around it (once per agent).
         let actions: Vec<Value> = prepared.iter().flat_map(|p| p.actions.iter().cloned()).collect();
-        let mut agents: Vec<(PathBuf, Option<Qmp>, GuestFreeze)> = Vec::new();
-        for socket in disks.iter().filter_map(|d| d.guest_agent.as_ref()) {
-            if agents.iter().any(|(s, _, _)| s == socket) {
+        let mut agents: Vec<(GuestAgent, Option<Qmp>, GuestFreeze)> = Vec::new();
+        for guest in disks.iter().filter_map(|d| d.guest_agent.as_ref()) {
+            if agents.iter().any(|(g, _, _)| g == guest) {
                 continue;
             }
             // Frozen already by the consistency group being opened (and thawed by it), or not to be tried again.
-            let (agent, frozen) = match super::group::held(socket) {
+            let (agent, frozen) = match super::group::held(&socket_key(&guest.socket)) {
                 Some(Ok(n)) => (None, GuestFreeze::Frozen(n)),
                 Some(Err(why)) => (None, GuestFreeze::Failed(why)),
-                None => freeze_guest(socket),
+                None => freeze_guest(guest),
             };
-            agents.push((socket.clone(), agent, frozen));
+            agents.push((guest.clone(), agent, frozen));
         }
         let instant = fenced().and_then(|()| qmp.execute("transaction", json!({ "actions": actions })));
         let mut frozen_of = Vec::with_capacity(agents.len());
-        for (socket, agent, frozen) in agents {
+        for (guest, agent, frozen) in agents {
             if let Some(agent) = agent {
-                thaw_guest(&socket, Some(agent));
+                thaw_guest(&guest, Some(agent));
             }
-            frozen_of.push((socket, frozen));
+            frozen_of.push((guest, frozen));
         }
         if let Err(e) = instant {
             for p in prepared {
@@ -629,15 +658,22 @@ impl Fleece {
         drop(qmp);
         // Started once this thread is done with the monitor (the watchdog takes the monitor to cancel).
         for fleece in &mut fleeces {
-            let job = Names::of(&fleece.disk.volume, &fleece.disk.target).job;
-            fleece.watchdog = Some(Watchdog::start(&fleece.disk, job));
+            let names = Names::of(&fleece.disk.volume, &fleece.disk.target);
+            fleece.watchdog = Some(Watchdog::start(&fleece.disk, &names));
         }
         Ok(fleeces)
     }
 
     /// Exports the fleece and reads the stopped bitmap's extents.
     fn export(&mut self, qmp: &mut Qmp, names: &Names) -> Result<(), QemuError> {
-        match qmp.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": self.disk.nbd } } })) {
+        let start = match &self.disk.nbd {
+            QemuSocket::Unix(path) => json!({ "addr": { "type": "unix", "data": { "path": path } } }),
+            QemuSocket::Tcp { host, port } => {
+                let object = tls_object(qmp, self.disk.tls.as_ref())?;
+                json!({ "addr": { "type": "inet", "data": { "host": host, "port": port.to_string() } }, "tls-creds": object })
+            }
+        };
+        match qmp.execute("nbd-server-start", start) {
             Ok(_) => {}
             Err(QemuError::Command { desc, .. }) if desc.contains("already running") => {}
             Err(e) => return Err(e),
@@ -646,7 +682,7 @@ impl Fleece {
         qmp.execute("block-export-add", json!({ "type": "nbd", "id": names.export, "node-name": names.fleece, "name": names.export, "writable": false, "bitmaps": bitmaps }))?;
         let context = self.stopped.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
         let contexts: Vec<&str> = context.iter().map(String::as_str).collect();
-        let device = NbdDevice::connect(&self.disk.nbd, &names.export, &contexts)?;
+        let device = NbdDevice::connect(&self.disk.nbd, self.disk.tls.as_ref(), &names.export, &contexts)?;
         if let Some(context) = &context {
             let size = super::device::BlockDevice::size(&device);
             let extents = device.block_status(0, size, context)?;
@@ -690,7 +726,7 @@ impl Fleece {
         if self.forget_if_fenced() {
             return Ok(());
         }
-        let mut qmp = Qmp::connect(&self.disk.qmp)?;
+        let mut qmp = self.disk.monitor()?;
         // The monitor may have kept this waiting (one client at a time).
         if self.forget_if_fenced() {
             return Ok(());
@@ -705,7 +741,7 @@ impl Fleece {
         if self.forget_if_fenced() {
             return Ok(());
         }
-        let mut qmp = Qmp::connect(&self.disk.qmp)?;
+        let mut qmp = self.disk.monitor()?;
         // The monitor may have kept this waiting (one client at a time).
         if self.forget_if_fenced() {
             return Ok(());
@@ -747,7 +783,7 @@ impl Fleece {
             qmp.wait_event("BLOCK_JOB_CANCELLED", |d| d["device"] == names.job.as_str())?;
         }
         qmp.execute("blockdev-del", json!({ "node-name": names.fleece }))?;
-        let _ = std::fs::remove_file(&self.file);
+        drop_fleece_file(qmp, &self.disk, &names, &self.file);
         if let Some(stopped) = &self.stopped {
             if committed {
                 qmp.execute("block-dirty-bitmap-remove", json!({ "node": self.disk.node, "name": stopped }))?;
@@ -771,7 +807,7 @@ impl Drop for Fleece {
             if self.forget_if_fenced() {
                 return;
             }
-            if let Ok(mut qmp) = Qmp::connect(&self.disk.qmp) {
+            if let Ok(mut qmp) = self.disk.monitor() {
                 if self.forget_if_fenced() {
                     return;
                 }
@@ -793,6 +829,140 @@ fn check_work_dir(dir: &Path) -> Result<(), QemuError> {
         return refuse("is writable by other users; make it 0700 (chmod 700), or name a folder of drmesh's own");
     }
     Ok(())
+}
+
+/// Why the fleece of `disk` (its node `fleece`) must go now, if it must:
+/// its folder below its reserve, or the fleece above its maximum.
+fn over_its_bound(disk: &QemuDisk, fleece: &str) -> Option<String> {
+    match disk.guard {
+        FleeceGuard::Reserve(reserve) => {
+            let free = free_bytes(&disk.work_dir).ok()?;
+            (free < reserve).then(|| {
+                format!(
+                    "fleece_dir {} fell to {} MiB free, under its fleece_reserve of {} MiB: the view was dropped so that the VM's writes never fail (the VM wrote more during the cycle than the folder holds: give it more space)",
+                    disk.work_dir.display(),
+                    free >> 20,
+                    reserve >> 20
+                )
+            })
+        }
+        FleeceGuard::Max(max) => {
+            // A monitor busy with another client answers late; the next look catches up.
+            let taken = disk.monitor().and_then(|mut q| fleece_bytes(&mut q, fleece)).ok()??;
+            (taken > max).then(|| {
+                format!(
+                    "the fleece of block node {} took {} MiB in {} on the monitor's machine, over its fleece_max of {} MiB: the view was dropped so that the fleece never fills that folder (the VM wrote more during the cycle: raise fleece_max where the folder has room)",
+                    disk.node,
+                    taken >> 20,
+                    disk.work_dir.display(),
+                    max >> 20
+                )
+            })
+        }
+    }
+}
+
+/// The bytes the fleece node `fleece`'s file takes, as qemu reports it.
+fn fleece_bytes(qmp: &mut Qmp, fleece: &str) -> Result<Option<u64>, QemuError> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    Ok(nodes.as_array().and_then(|l| l.iter().find(|n| n["node-name"] == fleece)).and_then(|n| n["image"]["actual-size"].as_u64()))
+}
+
+/// The fleece file on this machine: made here exclusively (whatever was
+/// planted at the name goes first), owned by qemu's user, filled by qemu-img.
+fn make_local_fleece(disk: &QemuDisk, file: &Path, size: u64, reserve: u64) -> Result<(), QemuError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
+    check_work_dir(&disk.work_dir)?;
+    let free = free_bytes(&disk.work_dir).map_err(|source| QemuError::FleeceDir { path: disk.work_dir.clone(), source })?;
+    if free < reserve {
+        return Err(QemuError::FleeceFull { path: disk.work_dir.clone(), free_mib: free >> 20, reserve_mib: reserve >> 20 });
+    }
+    // A leftover (or anything planted at the name, a symlink too) goes;
+    // the file is then made here, exclusively, before qemu-img fills it.
+    let _ = std::fs::remove_file(file);
+    let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file).map_err(|source| QemuError::Fleece { path: file.to_path_buf(), source })?;
+    // qemu opens it as the user it runs as (the monitor socket's owner, as qemu made it).
+    if let QemuSocket::Unix(monitor) = &disk.qmp {
+        if let Ok(monitor) = std::fs::metadata(monitor) {
+            std::os::unix::fs::fchown(&made, Some(monitor.uid()), Some(monitor.gid())).map_err(|source| QemuError::Fleece { path: file.to_path_buf(), source })?;
+        }
+    }
+    drop(made);
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(file)
+        .arg(size.to_string())
+        .output()
+        .map_err(|source| QemuError::Fleece { path: file.to_path_buf(), source })?;
+    if !made.status.success() {
+        let _ = std::fs::remove_file(file);
+        return Err(QemuError::Fleece { path: file.to_path_buf(), source: std::io::Error::other(String::from_utf8_lossy(&made.stderr).trim().to_string()) });
+    }
+    Ok(())
+}
+
+/// The fleece file on the monitor's machine, which this node cannot
+/// reach: qemu makes it (`blockdev-create`, which empties a leftover of the
+/// same name), its file node added as `names.fleece_file`.
+fn make_remote_fleece(qmp: &mut Qmp, names: &Names, file: &Path, size: u64) -> Result<(), QemuError> {
+    create_blockdev(qmp, &names.create, json!({ "driver": "file", "filename": file, "size": 0 }))?;
+    qmp.execute("blockdev-add", json!({ "driver": "file", "node-name": names.fleece_file, "filename": file }))?;
+    if let Err(e) = create_blockdev(qmp, &names.create, json!({ "driver": "qcow2", "file": names.fleece_file, "size": size })) {
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece_file }));
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The fleece file goes once its qcow2 node is gone: removed here, or on
+/// the monitor's machine (where qemu can make files but not remove them)
+/// its node deleted and the file emptied to 0 bytes, to be made again by
+/// the next view.
+fn drop_fleece_file(qmp: &mut Qmp, disk: &QemuDisk, names: &Names, file: &Path) {
+    if !disk.qmp.is_tcp() {
+        let _ = std::fs::remove_file(file);
+        return;
+    }
+    let _ = qmp.execute("blockdev-del", json!({ "node-name": names.fleece_file }));
+    if let Err(e) = create_blockdev(qmp, &names.create, json!({ "driver": "file", "filename": file, "size": 0 })) {
+        tracing::warn!(volume = %disk.volume, file = %file.display(), error = %e, "the fleece file on the monitor's machine could not be emptied; the next view empties it");
+    }
+}
+
+/// Runs `blockdev-create` of `options` as job `job` and waits for its end.
+fn create_blockdev(qmp: &mut Qmp, job: &str, options: Value) -> Result<(), QemuError> {
+    // A job of that name a killed cycle left concluded goes first.
+    let _ = qmp.execute("job-dismiss", json!({ "id": job }));
+    qmp.execute("blockdev-create", json!({ "job-id": job, "options": options }))?;
+    qmp.wait_event("JOB_STATUS_CHANGE", |d| d["id"] == job && d["status"] == "concluded")?;
+    let jobs = qmp.execute("query-jobs", Value::Null)?;
+    let error = jobs.as_array().and_then(|l| l.iter().find(|j| j["id"] == job)).and_then(|j| j["error"].as_str().map(str::to_string));
+    qmp.execute("job-dismiss", json!({ "id": job }))?;
+    match error {
+        Some(desc) => Err(QemuError::Command { peer: qmp.peer, socket: qmp.socket.clone(), command: "blockdev-create".into(), desc }),
+        None => Ok(()),
+    }
+}
+
+/// The id of qemu's TLS credentials object for its NBD server: the one
+/// the topology names, else the one server-side `tls-creds-x509` object.
+fn tls_object(qmp: &mut Qmp, tls: Option<&QemuTlsClient>) -> Result<String, QemuError> {
+    if let Some(object) = tls.and_then(QemuTlsClient::object) {
+        return Ok(object.to_string());
+    }
+    let listed = qmp.execute("qom-list", json!({ "path": "/objects" }))?;
+    let mut servers = Vec::new();
+    for o in listed.as_array().into_iter().flatten().filter(|o| o["type"] == "child<tls-creds-x509>") {
+        let Some(id) = o["name"].as_str() else { continue };
+        if qmp.execute("qom-get", json!({ "path": format!("/objects/{id}"), "property": "endpoint" }))? == "server" {
+            servers.push(id.to_string());
+        }
+    }
+    match servers.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(QemuError::TlsObject { socket: qmp.socket.clone(), what: "qemu has no tls-creds-x509 object with endpoint=server to start its NBD server with TLS (add one with object-add, or start qemu with -object tls-creds-x509,id=...,endpoint=server,dir=...)".into() }),
+        many => Err(QemuError::TlsObject { socket: qmp.socket.clone(), what: format!("qemu has {} server-side tls-creds-x509 objects ({}): name the one for its NBD server with the volume's `tls_object`", many.len(), many.join(", ")) }),
+    }
 }
 
 /// qemu's NBD server replaces whatever is at its socket path (it unlinks it
@@ -881,18 +1051,23 @@ fn node_state(qmp: &mut Qmp, node: &str, names: &Names, volume: &str, targets: &
 /// blocks its dirty bitmap marks when it has one to trust.
 #[derive(Debug, Clone)]
 pub struct QemuKind {
-    /// The monitor socket.
-    pub monitor: PathBuf,
+    /// The monitor.
+    pub monitor: QemuSocket,
+    /// The monitor as a path (itself, or `/tcp:HOST:PORT`), for locks and
+    /// for what names the volume ([`ChangeSource::volume_path`]).
+    pub monitor_key: PathBuf,
     /// The disk's block node.
     pub node: String,
     /// Where qemu writes the fleece file.
     pub fleece_dir: PathBuf,
-    /// qemu's NBD server socket.
-    pub nbd: PathBuf,
+    /// qemu's NBD server.
+    pub nbd: QemuSocket,
     /// The guest agent's socket, if the guest's filesystems are frozen.
-    pub guest_agent: Option<PathBuf>,
-    /// Free bytes kept in `fleece_dir`'s filesystem.
-    pub fleece_reserve_bytes: u64,
+    pub guest_agent: Option<QemuSocket>,
+    /// How the fleece is kept from filling `fleece_dir`.
+    pub fleece_guard: FleeceGuard,
+    /// TLS for sockets over TCP.
+    pub tls: Option<QemuTls>,
     /// The volume's targets.
     pub targets: Vec<String>,
     /// For a platform's volume: the lease its views change qemu under.
@@ -904,40 +1079,47 @@ impl ChangeSource for QemuKind {
         "qemu"
     }
     fn volume_path(&self) -> &Path {
-        &self.monitor
+        &self.monitor_key
     }
     fn turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
         // One view of a disk at a time, whatever the target: a second
         // copy-before-write filter on the node would see the first's writes.
-        Some(device_lock(&self.monitor.join(&self.node)))
+        Some(device_lock(&self.monitor_key.join(&self.node)))
     }
     fn hold_points(&self) -> Vec<super::group::HoldPoint> {
-        self.guest_agent.iter().cloned().map(super::group::HoldPoint::Guest).collect()
+        self.guest_agent().into_iter().map(super::group::HoldPoint::Guest).collect()
     }
     fn as_qemu(&self) -> Option<&QemuKind> {
         Some(self)
     }
     fn open(&self, _baselines: &Baselines, volume: &str, target: &str, block_bytes: u32) -> Result<Box<dyn PointInTime>, SourceError> {
-        let fleece = Fleece::take(&self.disk(volume, target)).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
+        let fleece = self.disk(volume, target).and_then(|disk| Fleece::take(&disk)).map_err(|source| SourceError::Qemu { volume: volume.to_string(), source })?;
         Ok(self.view_of(fleece, volume, target, block_bytes))
     }
 }
 
 impl QemuKind {
-    /// The disk of `volume`'s cycle towards `target`.
-    fn disk(&self, volume: &str, target: &str) -> QemuDisk {
-        QemuDisk {
+    /// The disk of `volume`'s cycle towards `target` (the TLS credentials
+    /// read anew each cycle: renewed certificates are taken up).
+    fn disk(&self, volume: &str, target: &str) -> Result<QemuDisk, QemuError> {
+        Ok(QemuDisk {
             qmp: self.monitor.clone(),
+            tls: self.tls.as_ref().map(QemuTlsClient::load).transpose()?,
             node: self.node.clone(),
             nbd: self.nbd.clone(),
             volume: volume.to_string(),
             target: target.to_string(),
             targets: self.targets.clone(),
             work_dir: self.fleece_dir.clone(),
-            guest_agent: self.guest_agent.clone(),
-            reserve_bytes: self.fleece_reserve_bytes,
+            guest_agent: self.guest_agent(),
+            guard: self.fleece_guard,
             fence: self.fence.clone(),
-        }
+        })
+    }
+
+    /// The guest agent, if the guest's filesystems are frozen.
+    fn guest_agent(&self) -> Option<GuestAgent> {
+        self.guest_agent.clone().map(|socket| GuestAgent { socket, tls: self.tls.clone() })
     }
 
     /// The cycle's view of `volume` through `fleece`.
@@ -948,7 +1130,7 @@ impl QemuKind {
             Some(dirty) => Changes::Blocks(Arc::new(blocks_of(dirty, block_bytes, blocks))),
             None => Changes::Everything(fleece.why_everything().unwrap_or("no bitmap to trust").to_string()),
         };
-        let view = format!("qemu fleece of block node {} (monitor {})", self.node, self.monitor.display());
+        let view = format!("qemu fleece of block node {} (monitor {})", self.node, self.monitor);
         let (consistency, how) = match fleece.frozen() {
             GuestFreeze::Frozen(n) => (Consistency::FileSystem, format!("{view}, the guest's {n} filesystem(s) frozen at the instant by its agent")),
             GuestFreeze::NotAsked => (Consistency::Crash, format!("{view} at the instant (no guest agent set: its filesystems were not frozen)")),
@@ -970,9 +1152,9 @@ impl QemuKind {
 /// transaction: one instant for all of them. Blocking. The error names the
 /// members; no view is left.
 pub fn open_together(members: &[(&QemuKind, &str)], target: &str, block_bytes: u32) -> Result<Vec<Box<dyn PointInTime>>, SourceError> {
-    let disks: Vec<QemuDisk> = members.iter().map(|(kind, volume)| kind.disk(volume, target)).collect();
     let names: Vec<&str> = members.iter().map(|(_, v)| *v).collect();
-    let fleeces = Fleece::take_together(&disks).map_err(|source| SourceError::Qemu { volume: names.join(", "), source })?;
+    let disks: Result<Vec<QemuDisk>, QemuError> = members.iter().map(|(kind, volume)| kind.disk(volume, target)).collect();
+    let fleeces = disks.and_then(|disks| Fleece::take_together(&disks)).map_err(|source| SourceError::Qemu { volume: names.join(", "), source })?;
     Ok(members.iter().zip(fleeces).map(|((kind, volume), fleece)| kind.view_of(fleece, volume, target, block_bytes)).collect())
 }
 
@@ -1066,11 +1248,24 @@ mod tests {
     fn running_disk(dir: &Path, image: &Path) -> (Daemon, QemuDisk) {
         let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
         let daemon = storage_daemon(image, &qmp);
-        let mut mon = Qmp::connect(&qmp).unwrap();
+        let mut mon = connect(&qmp);
         mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
         mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
-        let disk = QemuDisk { fence: None, qmp, node: "disk0".into(), nbd, volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.join("work"), guest_agent: None, reserve_bytes: 0 };
+        let disk = QemuDisk { fence: None, qmp: QemuSocket::Unix(qmp), tls: None, node: "disk0".into(), nbd: QemuSocket::Unix(nbd), volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.join("work"), guest_agent: None, guard: FleeceGuard::Reserve(0) };
         (daemon, disk)
+    }
+
+    /// A monitor on a Unix socket.
+    fn connect(qmp: &Path) -> Qmp {
+        Qmp::connect(&QemuSocket::Unix(qmp.to_path_buf()), None).unwrap()
+    }
+
+    /// The path of a Unix socket.
+    fn path(socket: &QemuSocket) -> PathBuf {
+        match socket {
+            QemuSocket::Unix(path) => path.clone(),
+            tcp => panic!("{tcp} is not a Unix socket"),
+        }
     }
 
     /// The VM's writes: through a writable NBD export of the disk node, as a
@@ -1099,7 +1294,7 @@ mod tests {
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
         let (daemon, disk) = running_disk(dir.path(), &image);
-        let (qmp, nbd) = (disk.qmp.clone(), disk.nbd.clone());
+        let (qmp, nbd) = (path(&disk.qmp), path(&disk.nbd));
         write(&nbd, 0x41, 0, 1 << 20);
         // A symlink planted at the fleece file's name is not followed.
         let victim = dir.path().join("victim");
@@ -1143,7 +1338,7 @@ mod tests {
         view.commit().unwrap();
 
         // Nothing of drmesh's is left in qemu but one recording bitmap; the fleece file is gone.
-        let mut mon = Qmp::connect(&qmp).unwrap();
+        let mut mon = connect(&qmp);
         assert_eq!(mon.execute("query-block-jobs", Value::Null).unwrap(), json!([]));
         let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
         assert!(!nodes.to_string().contains(&Names::of("vm1", "dst").fleece), "the fleece node is left");
@@ -1171,11 +1366,11 @@ mod tests {
         assert!(refused.to_string().contains("no view is taken"), "{refused}");
         fence.set(Some(Instant::now() + ttl), ttl);
         let view = Fleece::take(&fenced).unwrap();
-        write(&disk.nbd, 0x51, 2 << 20, 64 << 10);
+        write(&path(&disk.nbd), 0x51, 2 << 20, 64 << 10);
         // The lease runs out while the view lives: releasing it touches nothing in qemu.
         fence.set(Some(Instant::now() + Duration::from_millis(500)), ttl);
         view.abandon().unwrap();
-        let mut mon = Qmp::connect(&disk.qmp).unwrap();
+        let mut mon = disk.monitor().unwrap();
         let exports = mon.execute("query-block-exports", json!({})).unwrap();
         let names = Names::of("vm1", "dst");
         assert!(exports.as_array().unwrap().iter().any(|e| e["id"] == names.export.as_str()), "the view's export was removed: {exports}");
@@ -1184,7 +1379,7 @@ mod tests {
         let next = Fleece::take(&disk).unwrap();
         assert_eq!(spans(next.dirty()), vec![(2 << 20, 64 << 10)]);
         next.commit().unwrap();
-        let mut mon = Qmp::connect(&disk.qmp).unwrap();
+        let mut mon = disk.monitor().unwrap();
         let exports = mon.execute("query-block-exports", json!({})).unwrap();
         assert!(!exports.as_array().unwrap().iter().any(|e| e["id"] == names.export.as_str()), "{exports}");
     }
@@ -1230,14 +1425,14 @@ mod tests {
         );
         wait_for(&qmp);
         {
-            let mut mon = Qmp::connect(&qmp).unwrap();
+            let mut mon = connect(&qmp);
             mon.execute("nbd-server-start", json!({ "addr": { "type": "unix", "data": { "path": nbd } } })).unwrap();
             for i in 0..2 {
                 mon.execute("block-export-add", json!({ "type": "nbd", "id": format!("w{i}"), "node-name": format!("disk{i}"), "name": format!("w{i}"), "writable": true })).unwrap();
             }
         }
         let disks: Vec<QemuDisk> = (0..2)
-            .map(|i| QemuDisk { fence: None, qmp: qmp.clone(), node: format!("disk{i}"), nbd: nbd.clone(), volume: format!("vm1-d{i}"), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 })
+            .map(|i| QemuDisk { fence: None, qmp: QemuSocket::Unix(qmp.clone()), tls: None, node: format!("disk{i}"), nbd: QemuSocket::Unix(nbd.clone()), volume: format!("vm1-d{i}"), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, guard: FleeceGuard::Reserve(0) })
             .collect();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (flag, socket) = (stop.clone(), nbd.clone());
@@ -1275,7 +1470,7 @@ mod tests {
         let mut bad = disks.clone();
         bad[1].node = "missing".into();
         assert!(Fleece::take_together(&bad).is_err());
-        let mut mon = Qmp::connect(&qmp).unwrap();
+        let mut mon = connect(&qmp);
         let nodes = mon.execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
         assert!(!nodes.to_string().contains(&Names::of("vm1-d0", "dst").fleece), "the first disk's fleece is left");
         drop(mon);
@@ -1288,7 +1483,7 @@ mod tests {
         let image = dir.path().join("vm.raw");
         std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
         let (daemon, disk) = running_disk(dir.path(), &image);
-        let (qmp, nbd) = (disk.qmp.clone(), disk.nbd.clone());
+        let (qmp, nbd) = (path(&disk.qmp), path(&disk.nbd));
         Fleece::take(&disk).unwrap().commit().unwrap();
         write(&nbd, 0x41, 1 << 20, 64 << 10);
         let view = Fleece::take(&disk).unwrap();
@@ -1317,7 +1512,7 @@ mod tests {
             let node = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap().clone();
             node["dirty-bitmaps"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_string()).collect()
         };
-        let mut mon = Qmp::connect(&disk.qmp).unwrap();
+        let mut mon = disk.monitor().unwrap();
         let mut before = names(&mut mon);
         before.sort();
         assert_eq!(before.len(), 2, "{before:?}");
@@ -1328,7 +1523,7 @@ mod tests {
         // (A monitor serves one client at a time.)
         drop(mon);
         Fleece::take(&disk).unwrap().commit().unwrap();
-        let after = names(&mut Qmp::connect(&disk.qmp).unwrap());
+        let after = names(&mut disk.monitor().unwrap());
         assert!(after.iter().all(|n| !n.starts_with("drmesh:vm1:old:")), "{after:?}");
         assert!(after.iter().any(|n| n == "drmesh:vm10:old:a") && after.iter().any(|n| n == "backup-tool"), "{after:?}");
         assert!(after.iter().any(|n| n.starts_with("drmesh:vm1:dst:")), "{after:?}");
@@ -1356,14 +1551,14 @@ mod tests {
     #[test]
     fn a_missing_node_or_monitor_says_what() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = QemuDisk { fence: None, qmp: dir.path().join("none.sock"), node: "disk0".into(), nbd: dir.path().join("nbd.sock"), volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, reserve_bytes: 0 };
+        let disk = QemuDisk { fence: None, qmp: QemuSocket::Unix(dir.path().join("none.sock")), tls: None, node: "disk0".into(), nbd: QemuSocket::Unix(dir.path().join("nbd.sock")), volume: "vm1".into(), target: "dst".into(), targets: vec!["dst".into()], work_dir: dir.path().join("work"), guest_agent: None, guard: FleeceGuard::Reserve(0) };
         let e = Fleece::take(&disk).err().unwrap().to_string();
-        assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp.display())), "{e}");
+        assert!(e.starts_with(&format!("qemu monitor at {}: ", disk.qmp)), "{e}");
         let image = dir.path().join("vm.qcow2");
         run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
         let qmp = dir.path().join("qmp.sock");
         let _daemon = storage_daemon(&image, &qmp);
-        let disk = QemuDisk { fence: None, qmp, node: "vda".into(), ..disk };
+        let disk = QemuDisk { fence: None, qmp: QemuSocket::Unix(qmp), node: "vda".into(), ..disk };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.ends_with("no block node \"vda\" (query-named-block-nodes lists the node names)"), "{e}");
     }
