@@ -68,12 +68,13 @@ impl Conn {
 
     /// Runs the connection until `want` says an event is the one awaited.
     fn until<T>(&mut self, mut want: impl FnMut(ClientEvent) -> Option<T>) -> Result<T, NbdClientError> {
-        loop {
+        'io: loop {
             self.flush().map_err(|e| NbdClientError::Usage(format!("writing to the socket: {e}")))?;
             while let Some(event) = self.client.poll_event() {
                 if event == ClientEvent::StartTls {
+                    // What the core sends next goes out over TLS before anything is read.
                     self.start_tls()?;
-                    continue;
+                    continue 'io;
                 }
                 if let Some(found) = want(event) {
                     return Ok(found);

@@ -193,7 +193,12 @@ impl Qmp {
         let stream = QemuStream::connect(socket, tls).map_err(io)?;
         stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
         let mut qmp = Qmp { peer, socket: socket.clone(), stream, core, timeout, events: Vec::new() };
-        qmp.until("its greeting (it serves one client at a time: is another one connected to this socket?)", |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
+        let greeting = if socket.is_tcp() {
+            "its greeting (after the TLS handshake qemu closes the connection when its CA did not sign this node's client-cert.pem; and it serves one client at a time: is another one connected?)"
+        } else {
+            "its greeting (it serves one client at a time: is another one connected to this socket?)"
+        };
+        qmp.until(greeting, |e| matches!(e, QmpEvent::Ready { .. }).then_some(()))?;
         Ok(qmp)
     }
 
@@ -1561,5 +1566,176 @@ mod tests {
         let disk = QemuDisk { fence: None, qmp: QemuSocket::Unix(qmp), node: "vda".into(), ..disk };
         let e = Fleece::take(&disk).err().unwrap().to_string();
         assert!(e.ends_with("no block node \"vda\" (query-named-block-nodes lists the node names)"), "{e}");
+    }
+
+    /// x509 credentials in qemu's layout, made by scripts/qemu-tls-creds
+    /// for 127.0.0.1: `dir/server` for qemu, `dir/client` for drmesh.
+    fn tls_creds(dir: &Path) -> PathBuf {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-tls-creds");
+        run(Command::new(script).arg(dir).arg("127.0.0.1"));
+        dir.to_path_buf()
+    }
+
+    /// A TCP port free on 127.0.0.1 now.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// qemu-storage-daemon with the qcow2 `image` as block node "disk0", its
+    /// monitor on 127.0.0.1:`port` with TLS (credentials `creds/server`,
+    /// client certificates checked against its CA).
+    fn storage_daemon_tls(image: &Path, creds: &Path, port: u16) -> Daemon {
+        let daemon = Daemon(
+            Command::new("qemu-storage-daemon")
+                .arg("--object")
+                .arg(format!("tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir={}", creds.join("server").display()))
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+                .arg("--chardev")
+                .arg(format!("socket,id=mon,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=tls0"))
+                .args(["--monitor", "chardev=mon"])
+                .spawn()
+                .expect("qemu-storage-daemon (scripts/install-deps installs qemu-utils)"),
+        );
+        for _ in 0..400 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("qemu-storage-daemon did not listen on port {port}");
+    }
+
+    /// The VM's writes through the TLS NBD server at `port` (export "disk"),
+    /// with qemu's own client (the credentials in `creds/client`).
+    fn write_tls(creds: &Path, port: u16, pattern: u8, offset: u64, len: u64) {
+        run(Command::new("qemu-io")
+            .arg("--object")
+            .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.join("client").display()))
+            .arg("--image-opts")
+            .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=disk,tls-creds=tls0"))
+            .args(["-c", &format!("write -P {pattern} {offset} {len}")]));
+    }
+
+    #[test]
+    fn a_disk_on_another_machine_is_read_over_tcp_with_mutual_tls_and_its_fleece_made_and_bounded_by_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = tls_creds(&dir.path().join("pki"));
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 64M"]).arg(&image));
+        let (qmp_port, nbd_port) = (free_port(), free_port());
+        let _daemon = storage_daemon_tls(&image, &creds, qmp_port);
+        let tls = QemuTls { dir: creds.join("client"), object: None };
+        // "The hypervisor's" folder: only qemu writes in it (this node never touches it).
+        let remote_dir = dir.path().join("hypervisor-fleece");
+        std::fs::create_dir(&remote_dir).unwrap();
+        let disk = QemuDisk {
+            fence: None,
+            qmp: QemuSocket::Tcp { host: "127.0.0.1".into(), port: qmp_port },
+            tls: Some(QemuTlsClient::load(&tls).unwrap()),
+            node: "disk0".into(),
+            nbd: QemuSocket::Tcp { host: "127.0.0.1".into(), port: nbd_port },
+            volume: "vm1".into(),
+            target: "dst".into(),
+            targets: vec!["dst".into()],
+            work_dir: remote_dir.clone(),
+            guest_agent: None,
+            guard: FleeceGuard::Max(8 << 20),
+        };
+        // The NBD server starts with qemu's one server-side TLS object; the VM writes through it.
+        let first = Fleece::take(&disk).unwrap();
+        assert!(first.dirty().is_none(), "no bitmap yet: everything is read");
+        let fleece_file = remote_dir.join(format!("{}.qcow2", Names::of("vm1", "dst").fleece));
+        assert!(fleece_file.exists(), "qemu made the fleece file on its own machine");
+        assert_eq!(read(&first.device(), 0, 4096), vec![0x11; 4096]);
+        first.commit().unwrap();
+        assert_eq!(std::fs::metadata(&fleece_file).unwrap().len(), 0, "emptied by qemu once the view was released");
+        mon_export(&disk);
+
+        // The next view reads what the bitmap marks, over TLS, at its instant.
+        write_tls(&creds, nbd_port, 0x42, 4 << 20, 64 << 10);
+        let view = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(view.dirty()), vec![(4 << 20, 64 << 10)]);
+        write_tls(&creds, nbd_port, 0x43, 4 << 20, 64 << 10);
+        assert_eq!(read(&view.device(), 4 << 20, 4096), vec![0x42; 4096], "the view is the instant, not the VM's later write");
+        view.commit().unwrap();
+
+        // A fleece that grows past fleece_max is dropped before it can fill the hypervisor's folder.
+        let view = Fleece::take(&disk).unwrap();
+        write_tls(&creds, nbd_port, 0x44, 16 << 20, 16 << 20);
+        let mut broken = None;
+        for _ in 0..100 {
+            broken = view.broken();
+            if broken.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let why = broken.expect("the watchdog dropped the view");
+        assert!(why.contains("over its fleece_max of 8 MiB: the view was dropped"), "{why}");
+        view.abandon().unwrap();
+        // Nothing recorded was lost: the next view reads both writes since the last commit.
+        let view = Fleece::take(&disk).unwrap();
+        assert_eq!(spans(view.dirty()), vec![(4 << 20, 64 << 10), (16 << 20, 16 << 20)]);
+        view.abandon().unwrap();
+
+        // Credentials that do not fit say what is wrong, and nothing is sent in the clear.
+        let other = tls_creds(&dir.path().join("other-pki"));
+        let stranger = QemuTls { dir: other.join("client"), object: None };
+        let e = Qmp::connect(&disk.qmp, Some(&QemuTlsClient::load(&stranger).unwrap())).err().unwrap().to_string();
+        assert!(e.starts_with(&format!("qemu monitor at tcp:127.0.0.1:{qmp_port}: TLS with 127.0.0.1: the server's certificate is not trusted: it is not signed by the CA this node trusts")), "{e}");
+        // This node's CA, but a certificate qemu's CA did not sign.
+        std::fs::copy(creds.join("client/ca-cert.pem"), other.join("client/ca-cert.pem")).unwrap();
+        let e = Qmp::connect(&disk.qmp, Some(&QemuTlsClient::load(&stranger).unwrap())).err().unwrap().to_string();
+        assert!(e.contains(&format!("qemu monitor at tcp:127.0.0.1:{qmp_port}: ")) && e.contains("client-cert.pem"), "{e}");
+        // A key others may read is refused before any connection.
+        std::fs::set_permissions(creds.join("client/client-key.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let e = QemuTlsClient::load(&tls).err().unwrap().to_string();
+        assert!(e.ends_with("client-key.pem: is readable by other users (mode 644); make it 0600 (chmod 600)"), "{e}");
+        std::fs::remove_file(creds.join("client/ca-cert.pem")).unwrap();
+        let e = QemuTlsClient::load(&tls).err().unwrap().to_string();
+        assert!(e.contains("ca-cert.pem: No such file"), "{e}");
+    }
+
+    /// A writable export "disk" of the VM's disk on the NBD server the views started.
+    fn mon_export(disk: &QemuDisk) {
+        let mut mon = disk.monitor().unwrap();
+        mon.execute("block-export-add", json!({ "type": "nbd", "id": "disk", "node-name": "disk0", "name": "disk", "writable": true })).unwrap();
+    }
+
+    #[test]
+    fn a_monitor_over_tcp_without_tls_is_never_spoken_to_in_the_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = tls_creds(&dir.path().join("pki"));
+        let port = free_port();
+        // A plain TCP monitor: it greets in the clear, which a TLS client takes for a broken handshake.
+        let image = dir.path().join("vm.qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+        let _daemon = Daemon(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+                .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+                .arg("--chardev")
+                .arg(format!("socket,id=mon,host=127.0.0.1,port={port},server=on,wait=off"))
+                .args(["--monitor", "chardev=mon"])
+                .spawn()
+                .unwrap(),
+        );
+        let socket = QemuSocket::Tcp { host: "127.0.0.1".into(), port };
+        let mut e = String::new();
+        for _ in 0..200 {
+            match Qmp::connect(&socket, Some(&QemuTlsClient::load(&QemuTls { dir: creds.join("client"), object: None }).unwrap())) {
+                Err(QemuError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionRefused => std::thread::sleep(Duration::from_millis(25)),
+                Err(other) => {
+                    e = other.to_string();
+                    break;
+                }
+                Ok(_) => panic!("a plain monitor was spoken to"),
+            }
+        }
+        assert!(e.starts_with(&format!("qemu monitor at tcp:127.0.0.1:{port}: TLS with 127.0.0.1: the server does not speak TLS here (it sent plain text)")), "{e}");
     }
 }

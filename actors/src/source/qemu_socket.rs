@@ -207,11 +207,19 @@ fn closed() -> std::io::Error {
 fn tls_failed(host: &str, e: std::io::Error) -> std::io::Error {
     let hint = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::InvalidCertificate(why)) => {
-            format!("the server's certificate is not trusted ({why:?}): it must be signed by ca-cert.pem of the volume's `tls` folder and name {host}")
+            let what = match why {
+                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => format!("does not name {host}"),
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => "has expired".to_string(),
+                rustls::CertificateError::NotValidYet | rustls::CertificateError::NotValidYetContext { .. } => "is not valid yet (is this machine's clock right?)".to_string(),
+                rustls::CertificateError::Revoked => "is revoked".to_string(),
+                _ => "is not signed by the CA this node trusts".to_string(),
+            };
+            format!("the server's certificate is not trusted: it {what}; it must be signed by ca-cert.pem of the volume's `tls` folder and name {host}")
         }
-        Some(rustls::Error::AlertReceived(alert)) => {
-            format!("the server refused the handshake ({alert:?}): does qemu's CA sign this node's client-cert.pem, and does the socket have tls-creds?")
+        Some(rustls::Error::AlertReceived(_)) => {
+            "the server refused the handshake: is this node's client-cert.pem signed by the CA of qemu's tls-creds object?".to_string()
         }
+        Some(rustls::Error::InvalidMessage(_)) => "the server does not speak TLS here (it sent plain text): give the socket tls-creds in qemu".to_string(),
         Some(other) => other.to_string(),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => "the server closed the connection during the handshake: is the socket set up with tls-creds?".into(),
         None if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
