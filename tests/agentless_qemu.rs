@@ -22,6 +22,9 @@
 //! saying what and where, nothing is written, nothing of drmesh's is left in
 //! qemu, and a good volume next to them replicates.
 //!
+//! And a proxy on another machine: the monitor and NBD server over TCP with
+//! mutual TLS, the fleece made by qemu in its own folder.
+//!
 //! Needs root (loop devices for e2fsck) and qemu; the image is built once
 //! and cached outside the repository (scripts/test builds it).
 
@@ -543,4 +546,104 @@ fn the_disks_of_one_vm_are_one_group_taken_in_one_transaction() {
         eprintln!("group RP vm@{time}: disk 0 holds {}, disk 1 holds {}", a[0], b[0]);
         assert!(a[0] > 0 && (a[0] == b[0] || a[0] == b[0].wrapping_add(1).max(1)), "not one instant: disk 0 holds {}, disk 1 holds {}", a[0], b[0]);
     }
+}
+
+/// Story: the proxy is on another machine than the hypervisor. qemu (here
+/// qemu-storage-daemon, "the VM" writing through a writable export) serves
+/// its monitor and its NBD server on TCP with mutual TLS (credentials made
+/// by scripts/qemu-tls-creds); the topology names `tcp:HOST:PORT` sockets
+/// and the proxy's client credentials. The first cycle reads everything,
+/// the next only what the bitmap marks; every RP is the disk byte for byte;
+/// qemu made the fleece file in its own folder, which drmesh never touches,
+/// and left it empty. A proxy whose certificate qemu's CA did not sign gets
+/// nothing: the cycle fails saying so.
+#[test]
+fn a_proxy_on_another_machine_reads_the_disk_over_tcp_with_mutual_tls() {
+    let mut mesh = TestMesh::new(&["proxy", "dst"]);
+    let dir = mesh.dir.path().to_path_buf();
+    let pki = dir.join("pki");
+    run_ok(Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-tls-creds")).arg(&pki).arg("127.0.0.1"));
+    let (raw, disk) = (dir.join("seed.raw"), dir.join("vm.qcow2"));
+    let mut random = vec![0u8; 32 << 20];
+    drmesh_tests::Rng::new(11).fill(&mut random);
+    std::fs::write(&raw, &random).unwrap();
+    run_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&disk));
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (qmp_port, nbd_port) = (port(), port());
+    let hypervisor_dir = dir.join("hypervisor-fleece");
+    std::fs::create_dir(&hypervisor_dir).unwrap();
+    let mut daemon = Command::new("qemu-storage-daemon");
+    daemon
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir={}", pki.join("server").display()))
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", disk.display()))
+        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=inet,addr.host=127.0.0.1,addr.port={nbd_port},tls-creds=tls0"))
+        .args(["--export", "type=nbd,id=vm,node-name=disk0,name=vm,writable=on"])
+        .arg("--chardev")
+        .arg(format!("socket,id=mon,host=127.0.0.1,port={qmp_port},server=on,wait=off,tls-creds=tls0"))
+        .args(["--monitor", "chardev=mon"])
+        .stdin(Stdio::null());
+    let _daemon = Proc(daemon.spawn().expect("qemu-storage-daemon"));
+    wait_until("qemu-storage-daemon's monitor port", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", qmp_port)).is_ok());
+    // The VM's writes, through qemu's own TLS client.
+    let vm_write = |pattern: u8, at_mib: u64, mib: u64| {
+        run_ok(Command::new("qemu-io")
+            .arg("--object")
+            .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", pki.join("client").display()))
+            .arg("--image-opts")
+            .arg(format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={nbd_port},export=vm,tls-creds=tls0"))
+            .args(["-c", &format!("write -P {pattern} {at_mib}M {mib}M")]));
+    };
+
+    let text = mesh.replication_topology(1, &["proxy", "dst"], &[], &[PolicySpec::new("p", "1MiB")]);
+    let volume = |tls: &Path| -> String {
+        format!(
+            "\n[[volume]]\nname = \"vm\"\nsource = \"proxy\"\nkind = \"qemu\"\nmonitor = \"tcp:127.0.0.1:{qmp_port}\"\nnode = \"disk0\"\nfleece_dir = \"{}\"\nnbd = \"tcp:127.0.0.1:{nbd_port}\"\ntls = \"{}\"\nfleece_max = \"256MiB\"\ntargets = [\"dst\"]\npolicy = \"p\"\n",
+            hypervisor_dir.display(),
+            tls.display()
+        )
+    };
+    let topology = format!("{text}{}", volume(&pki.join("client")));
+    let file = mesh.write_file("topology.toml", &topology);
+    let check = drmesh_tests::drmesh(&["topology", "check", file.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        said.contains(&format!("through the qemu monitor tcp:127.0.0.1:{qmp_port}, over TCP with TLS (credentials in {}), NBD at tcp:127.0.0.1:{nbd_port}, fleece in {} on the monitor's machine (at most 256 MiB per view)", pki.join("client").display(), hypervisor_dir.display())),
+        "{said}"
+    );
+    mesh.start("dst", "topology.toml");
+    mesh.start("proxy", "topology.toml");
+    mesh.wait_connected("proxy", &["dst"]);
+
+    let want = dir.join("want.raw");
+    let first = report(&mesh.sync_ok("proxy", "vm")).clone();
+    assert!(first["read_plan"].as_str().unwrap().contains("no dirty bitmap of drmesh's"), "{first}");
+    run_ok(Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&disk).arg(&want));
+    assert_eq!(mesh.restore_hash("dst", &format!("vm@{}", first["seq"]), None), file_hash(&want));
+
+    vm_write(0x5a, 3, 2);
+    vm_write(0xa5, 20, 1);
+    let next = report(&mesh.sync_ok("proxy", "vm")).clone();
+    assert_eq!(changed_blocks(next["read_plan"].as_str().unwrap()), 3, "{next}");
+    run_ok(Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&disk).arg(&want));
+    assert_eq!(mesh.restore_hash("dst", &format!("vm@{}", next["seq"]), None), file_hash(&want));
+    eprintln!("over TCP with TLS: the first cycle read {} MiB, the next {} MiB ({})", first["scanned_bytes"].as_u64().unwrap() / MIB, next["scanned_bytes"].as_u64().unwrap() / MIB, next["read_plan"]);
+    // qemu made the fleece in its own folder and emptied it.
+    for entry in std::fs::read_dir(&hypervisor_dir).unwrap().flatten() {
+        assert_eq!(entry.metadata().unwrap().len(), 0, "{} is not empty", entry.path().display());
+    }
+
+    // The proxy's certificate replaced by one another CA signed (the
+    // credentials are read anew each cycle): qemu refuses it; nothing is read.
+    let other = dir.join("other-pki");
+    run_ok(Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-tls-creds")).arg(&other).arg("127.0.0.1"));
+    for file in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(other.join("client").join(file), pki.join("client").join(file)).unwrap();
+    }
+    let e = sync_error(&mesh, "vm");
+    assert!(e.contains(&format!("qemu monitor at tcp:127.0.0.1:{qmp_port}")) && e.contains("client-cert.pem"), "{e}");
 }
