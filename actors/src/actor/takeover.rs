@@ -10,8 +10,10 @@
 //! lacks is the block ids of that RP (its own baseline is of an older RP,
 //! or none): it fetches them from the target and records them as its
 //! baseline, without page hashes (the first delta against such a block is a
-//! whole block). A failure leaves the baseline as it was: the cycle then
-//! reads the whole disk as before.
+//! whole block). The old baseline is forgotten before the fetch (the
+//! fetched ids are staged and promoted over an empty one), so a failure
+//! part-way leaves no baseline: the cycle then offers every block, as for a
+//! new volume, and the next cycle adopts again. Never a wrong baseline.
 
 use std::sync::Arc;
 
