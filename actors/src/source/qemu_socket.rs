@@ -66,8 +66,8 @@ impl QemuTlsClient {
         let dir = &tls.dir;
         let fail = |file: &'static str, why: String| QemuTlsError::File { dir: dir.clone(), file, why };
         let certs = |file: &'static str| -> Result<Vec<CertificateDer<'static>>, QemuTlsError> {
-            let path = dir.join(file);
-            let list: Result<Vec<_>, _> = CertificateDer::pem_file_iter(&path).map_err(|e| fail(file, pem_error(&e)))?.collect();
+            let bytes = read_small_file(&dir.join(file)).map_err(|why| fail(file, why))?;
+            let list: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
             let list = list.map_err(|e| fail(file, pem_error(&e)))?;
             if list.is_empty() {
                 return Err(fail(file, "holds no PEM certificate".into()));
@@ -84,7 +84,8 @@ impl QemuTlsClient {
         if meta.mode() & 0o077 != 0 {
             return Err(fail("client-key.pem", format!("is readable by other users (mode {:o}); make it 0600 (chmod 600)", meta.mode() & 0o777)));
         }
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| fail("client-key.pem", pem_error(&e)))?;
+        let key_bytes = read_small_file(&key_path).map_err(|why| fail("client-key.pem", why))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| fail("client-key.pem", pem_error(&e)))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -100,6 +101,30 @@ impl QemuTlsClient {
     pub fn object(&self) -> Option<&str> {
         self.object.as_deref()
     }
+}
+
+/// Largest credentials file read: PEM certificates and keys are a few KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// The bytes of a credentials file: a regular file (a symlink to one is
+/// fine) of at most [`MAX_PEM_BYTES`]; a FIFO, device or folder is refused
+/// without blocking or reading it.
+fn read_small_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("is not a regular file (a device, FIFO or folder is not read)".into());
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(format!("is {} bytes, more than a PEM file of certificates or a key ({} at most)", meta.len(), MAX_PEM_BYTES));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!("grew past {MAX_PEM_BYTES} bytes while it was read"));
+    }
+    Ok(bytes)
 }
 
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
@@ -270,5 +295,84 @@ pub fn socket_key(socket: &QemuSocket) -> PathBuf {
     match socket {
         QemuSocket::Unix(path) => path.clone(),
         tcp => Path::new("/").join(tcp.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::process::Command;
+
+    use super::*;
+    use crate::test_util::run;
+
+    /// Good credentials for 127.0.0.1 in `dir` (scripts/qemu-tls-creds); the client folder.
+    fn creds(dir: &Path) -> PathBuf {
+        run(Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-tls-creds")).arg(dir).arg("127.0.0.1"));
+        dir.join("client")
+    }
+
+    fn load(dir: &Path) -> Result<QemuTlsClient, String> {
+        QemuTlsClient::load(&QemuTls { dir: dir.to_path_buf(), object: None }).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn credentials_that_are_not_files_of_pem_are_refused_saying_which_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let client = creds(&tmp.path().join("pki"));
+        load(&client).unwrap();
+        let at = |file: &str| format!("tls {}: {file}: ", client.display());
+        let key = client.join("client-key.pem");
+        let good_key = std::fs::read(&key).unwrap();
+
+        // A FIFO where the key was: opening it would wait for a writer forever.
+        std::fs::remove_file(&key).unwrap();
+        nix::unistd::mkfifo(&key, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = load(&client).unwrap_err();
+        assert_eq!(e, format!("{}is not a regular file (a device, FIFO or folder is not read)", at("client-key.pem")));
+        std::fs::remove_file(&key).unwrap();
+        // A folder.
+        std::fs::create_dir(&key).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(load(&client).unwrap_err().starts_with(&at("client-key.pem")));
+        std::fs::remove_dir(&key).unwrap();
+        std::fs::write(&key, &good_key).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        load(&client).unwrap();
+
+        // An endless device behind a symlink is never read to its end.
+        let ca = client.join("ca-cert.pem");
+        let good_ca = std::fs::read(&ca).unwrap();
+        std::fs::remove_file(&ca).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &ca).unwrap();
+        assert_eq!(load(&client).unwrap_err(), format!("{}is not a regular file (a device, FIFO or folder is not read)", at("ca-cert.pem")));
+        std::fs::remove_file(&ca).unwrap();
+        // A huge file, an empty one, garbage.
+        std::fs::write(&ca, vec![b'A'; 2 << 20]).unwrap();
+        assert!(load(&client).unwrap_err().starts_with(&format!("{}is 2097152 bytes, more than a PEM file", at("ca-cert.pem"))));
+        std::fs::write(&ca, b"").unwrap();
+        assert_eq!(load(&client).unwrap_err(), format!("{}holds no PEM certificate", at("ca-cert.pem")));
+        std::fs::write(&ca, b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(load(&client).unwrap_err().starts_with(&format!("{}is not valid PEM", at("ca-cert.pem"))));
+        std::fs::write(&ca, &good_ca).unwrap();
+        load(&client).unwrap();
+
+        // A key that is not the certificate's.
+        let other = creds(&tmp.path().join("other"));
+        std::fs::copy(other.join("client-key.pem"), &key).unwrap();
+        assert!(load(&client).unwrap_err().starts_with(&format!("{}does not go with client-cert.pem", at("client-key.pem"))));
+        // A missing folder.
+        let e = load(&tmp.path().join("none")).unwrap_err();
+        assert!(e.starts_with(&format!("tls {}: ca-cert.pem: No such file", tmp.path().join("none").display())), "{e}");
+    }
+
+    #[test]
+    fn the_key_is_never_in_debug_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let client = load(&creds(&tmp.path().join("pki"))).unwrap();
+        let key = std::fs::read_to_string(tmp.path().join("pki/client/client-key.pem")).unwrap();
+        let shown = format!("{client:?}");
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(!shown.contains(&body[..20]), "{shown}");
     }
 }
