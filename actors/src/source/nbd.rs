@@ -205,6 +205,45 @@ impl BlockDevice for NbdDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         self.read_once(buf, offset)
     }
+
+    /// One read request per buffer, all sent before the first reply is
+    /// awaited (NBD pipelines them; a round trip per block would leave the
+    /// server and the link idle), each reply copied to its buffer as it
+    /// comes (in any order): a proxy far from the hypervisor reads at the
+    /// link's rate, not one block per round trip. Stops at the end of the
+    /// export.
+    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> std::io::Result<usize> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut asked: Vec<(RequestId, usize, usize)> = Vec::with_capacity(bufs.len());
+        let mut at = offset;
+        for (i, buf) in bufs.iter().enumerate() {
+            let len = (buf.len() as u64).min(self.size.saturating_sub(at)).min(u64::from(MAX_READ_BYTES)) as usize;
+            if len == 0 {
+                break;
+            }
+            let id = conn.client.read(at, len as u32).map_err(std::io::Error::other)?;
+            asked.push((id, i, len));
+            at += len as u64;
+            if len < buf.len() {
+                break;
+            }
+        }
+        let mut left = asked.len();
+        while left > 0 {
+            let (id, result) = conn
+                .until(|e| match e {
+                    ClientEvent::Read { id, result } => Some((id, result)),
+                    _ => None,
+                })
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", self.describe)))?;
+            // A reply to a read of an earlier call that failed part-way is not this call's.
+            let Some(&(_, i, len)) = asked.iter().find(|(want, _, _)| *want == id) else { continue };
+            let data = result.map_err(|e| std::io::Error::other(format!("{}: reading {len} bytes: error {} {}", self.describe, e.errno, e.message)))?;
+            bufs[i][..len].copy_from_slice(&data);
+            left -= 1;
+        }
+        Ok(asked.iter().map(|(_, _, len)| len).sum())
+    }
 }
 
 impl Drop for NbdDevice {
