@@ -19,9 +19,14 @@ use drmesh_tests::{free_port, wait_until, write_image_atomic, PolicySpec, Rng, T
 
 /// One HTTP/1.1 request; (status, head, body). `None` when nothing listens.
 fn http(port: u16, method: &str, path: &str, host: &str) -> Option<(u16, String, String)> {
+    http_with(port, method, path, host, "")
+}
+
+/// [`http`] with more header lines (`extra`, each ending in CRLF).
+fn http_with(port: u16, method: &str, path: &str, host: &str, extra: &str) -> Option<(u16, String, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n").ok()?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -174,7 +179,18 @@ fn metrics_and_status_page_follow_the_mesh() {
     let head_lower = head.to_ascii_lowercase();
     assert!(head_lower.contains("content-security-policy: default-src 'none'"), "{head}");
     assert!(!page.contains("<script"), "no JavaScript on the page");
-    assert_eq!(http(page_port, "GET", "/", "attacker.example:80").map(|r| r.0), Some(403), "a foreign Host header");
+    let (status, head, _) = http(page_port, "GET", "/", "attacker.example:80").unwrap();
+    assert_eq!(status, 403, "a foreign Host header");
+    assert!(head.to_ascii_lowercase().contains("cache-control: no-store"), "a refusal is not cached either: {head}");
+    // Metrics: a scraper may name the node as it likes; a browser (it sends
+    // Sec-Fetch-* headers) under a foreign name is a DNS rebinding attempt.
+    let browser = "Sec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: cors\r\n";
+    assert_eq!(http(metrics_port, "GET", "/metrics", "node1.example:9100").map(|r| r.0), Some(200), "a scrape by DNS name");
+    let (status, head, body) = http_with(metrics_port, "GET", "/metrics", "attacker.example:80", browser).unwrap();
+    assert_eq!(status, 403, "a browser under a foreign name: {body}");
+    assert!(body.starts_with("a browser gets the metrics only under localhost or an IP address"), "{body}");
+    assert!(head.to_ascii_lowercase().contains("cache-control: no-store"), "{head}");
+    assert_eq!(http_with(metrics_port, "GET", "/metrics", &format!("127.0.0.1:{metrics_port}"), browser).map(|r| r.0), Some(200), "a browser on the node's address");
     assert_eq!(http(page_port, "GET", "/", &format!("localhost:{page_port}")).map(|r| r.0), Some(200));
     assert_eq!(http(page_port, "POST", "/", "127.0.0.1").map(|r| r.0), Some(405));
     assert_eq!(http(page_port, "HEAD", "/", "127.0.0.1").map(|r| (r.0, r.2.is_empty())), Some((200, true)));

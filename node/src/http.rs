@@ -156,15 +156,37 @@ fn host_allowed(host: Option<&HeaderValue>) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
+/// Whether a request comes from a web browser: browsers send `Sec-Fetch-*`
+/// headers with every request, scrapers (Prometheus, curl) never do.
+fn from_browser(request: &Request<hyper::body::Incoming>) -> bool {
+    request.headers().keys().any(|k| k.as_str().starts_with("sec-fetch-"))
+}
+
 async fn respond(request: Request<hyper::body::Incoming>, routes: Routes, ctx: &AdminContext) -> Response<Body> {
+    let mut response = route(&request, routes, ctx).await;
+    // Refusals too: nothing this endpoint says is to be kept by a cache.
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if request.method() == Method::HEAD {
+        *response.body_mut() = Full::new(Bytes::new());
+    }
+    response
+}
+
+async fn route(request: &Request<hyper::body::Incoming>, routes: Routes, ctx: &AdminContext) -> Response<Body> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD: this endpoint is read-only");
         response.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
     let path = request.uri().path();
-    let mut response = match path {
+    match path {
         "/metrics" if routes.metrics => {
+            // Scrapers name the node as they like (a DNS name is fine); a
+            // browser fetching it under a foreign name is a DNS rebinding
+            // attempt from some web site.
+            if from_browser(request) && !host_allowed(request.headers().get(HOST)) {
+                return plain(StatusCode::FORBIDDEN, "a browser gets the metrics only under localhost or an IP address in the Host header");
+            }
             let view = NodeView::gather(ctx).await;
             let mut response = Response::new(Full::new(Bytes::from(crate::metrics::encode(&view))));
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
@@ -190,14 +212,9 @@ async fn respond(request: Request<hyper::body::Incoming>, routes: Routes, ctx: &
             if routes.metrics {
                 offered.push("/metrics");
             }
-            return plain(StatusCode::NOT_FOUND, &format!("not found: this address serves {}", offered.join(" and ")));
+            plain(StatusCode::NOT_FOUND, &format!("not found: this address serves {}", offered.join(" and ")))
         }
-    };
-    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if request.method() == Method::HEAD {
-        *response.body_mut() = Full::new(Bytes::new());
     }
-    response
 }
 
 /// What the metrics and the status page show: one look at the node's actors.
