@@ -227,3 +227,47 @@ fn kill9_during_cycles_never_lists_a_half_rp_and_resends_nothing() {
     check_new_rps(&mesh, &versions, &mut expected, ROUNDS + 1);
     assert_eq!(expected.get(&report_seq(&data)), Some(&current));
 }
+
+/// Story: a volume's hooks quiesce an application, and its view is a live
+/// read (a plain image file), so `post` waits for the whole read. The source
+/// is killed (kill -9) while it reads, after `pre` and before `post`: at its
+/// next start it runs the owed `post` before anything else, once, with
+/// `DRMESH_PRE_RESULT=interrupted`, and the application is not left quiesced
+/// until the next cycle.
+#[test]
+fn a_post_hook_owed_when_the_source_is_killed_runs_at_its_next_start() {
+    let mut mesh = TestMesh::new(&["src", "dst"]);
+    let image = mesh.dir.path().join("db.img");
+    let mut bytes = vec![0u8; 256 * MIB];
+    Rng::new(5).fill(&mut bytes);
+    std::fs::write(&image, &bytes).unwrap();
+    let log = mesh.dir.path().join("hooks.log");
+    let mut text = mesh.replication_topology(1, &["src", "dst"], &[VolumeSpec::new("db", "src", &["dst"], &image, "p")], &[PolicySpec::new("p", "1MiB")]);
+    let hooks = format!(
+        "[volume.hooks]\npre = [\"/bin/sh\", \"-c\", \"echo pre >> {0}\"]\npost = [\"/bin/sh\", \"-c\", \"echo post $DRMESH_VOLUME $DRMESH_TARGET $DRMESH_PRE_RESULT >> {0}\"]\ntimeout = \"30s\"\n",
+        log.display()
+    );
+    let at = text.find("\n[policy.").expect("policy table");
+    text.insert_str(at + 1, &hooks);
+    mesh.write_file("topology.toml", &text);
+    let hook_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // The source's own first cycle reads the 256 MiB image: killed as soon as `pre` ran.
+    mesh.start("dst", "topology.toml");
+    mesh.start("src", "topology.toml");
+    wait_until("the first cycle's pre hook", Duration::from_secs(60), || hook_log().contains("pre"));
+    mesh.kill9("src");
+    assert_eq!(hook_log(), "pre\n", "post ran before the kill: the read was too quick for this test");
+    assert!(mesh.rp_seqs("dst", "db").is_empty());
+
+    mesh.start("src", "topology.toml");
+    // Run at start-up, before any cycle: the first line after the kill is the owed post.
+    wait_until("the owed post hook", Duration::from_secs(30), || hook_log().lines().count() >= 2);
+    assert_eq!(hook_log().lines().nth(1), Some("post db dst interrupted"), "{}", hook_log());
+    // Then the cycles go on, their hooks in pairs; the owed post ran once.
+    wait_until("an RP", Duration::from_secs(120), || !mesh.rp_seqs("dst", "db").is_empty());
+    wait_until("the cycle's post hook", Duration::from_secs(30), || hook_log().ends_with("post db dst ok\n"));
+    assert_eq!(hook_log().matches("interrupted").count(), 1, "{}", hook_log());
+    let state = mesh.dir.path().join("src");
+    let owed: Vec<_> = std::fs::read_dir(state.join("owed-post-hooks")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(owed.is_empty(), "still owed: {owed:?}");
+}

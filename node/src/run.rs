@@ -59,6 +59,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let store = Arc::new(Store::open(&args.state_dir.join("store")).context("opening the store")?);
     let baselines = Arc::new(Baselines::open(&args.state_dir.join("source.redb")).context("opening the source baselines")?);
+    // A node killed between a cycle's `pre` and `post` hooks owes the `post`: run before any cycle.
+    drmesh_actors::source::hooks::OwedPosts::of(&baselines).run_all();
     let data = Arc::new(DataPlane::new(store, topology.clone(), identity.node_id()));
 
     let system = actix::System::new();

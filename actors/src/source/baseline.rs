@@ -102,6 +102,11 @@ impl Baselines {
         Ok(this)
     }
 
+    /// The database file; its folder is the node's state folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn err(&self, e: impl std::fmt::Display) -> SourceError {
         SourceError::Baseline { path: self.path.display().to_string(), reason: e.to_string() }
     }

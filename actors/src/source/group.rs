@@ -118,9 +118,14 @@ pub fn open_together(group: &str, hooks: Option<&VolumeHooks>, members: &[Member
         ("DRMESH_VOLUMES", members.iter().map(|m| m.volume.as_str()).collect::<Vec<_>>().join(" ")),
         ("DRMESH_TARGET", target.to_string()),
     ];
+    let owed = hooks.and_then(|h| h.post.as_ref().and_then(|post| super::hooks::OwedPosts::of(baselines).owe_for(&label, target, post, &env, h.timeout)));
     let pre = hooks.and_then(|h| h.pre.as_ref().map(|c| run_logged("pre", c, &env, h.timeout, &label)));
     env.push(("DRMESH_PRE_RESULT", pre.as_ref().map_or("none", |p| if p.ok() { "ok" } else { "failed" }).to_string()));
-    let run_post = |env: &[(&'static str, String)]| hooks.and_then(|h| h.post.as_ref().map(|c| run_logged("post", c, env, h.timeout, &label)));
+    let run_post = |env: &[(&'static str, String)]| {
+        let ran = hooks.and_then(|h| h.post.as_ref().map(|c| run_logged("post", c, env, h.timeout, &label)));
+        super::hooks::paid(owed.as_deref());
+        ran
+    };
     let opened = open_held(members, baselines, target, block_bytes);
     let mut group_views = match opened {
         Ok(g) => g,
@@ -140,7 +145,7 @@ pub fn open_together(group: &str, hooks: Option<&VolumeHooks>, members: &[Member
     let boxed = std::mem::take(&mut group_views.boxed);
     for (i, view) in boxed.into_iter().enumerate() {
         let later = match (live && i == last, &hooks.post) {
-            (true, Some(command)) => Some(PostLater { command: command.clone(), env: env.clone(), timeout: hooks.timeout, volume: label.clone() }),
+            (true, Some(command)) => Some(PostLater { command: command.clone(), env: env.clone(), timeout: hooks.timeout, volume: label.clone(), owed: owed.clone() }),
             _ => None,
         };
         group_views.views.push(group_member_view(view, pre.clone(), post.clone(), later).into());

@@ -12,9 +12,14 @@
 //! keeps the view's own label, and the reason is in the cycle's `view` text
 //! and the log. `post` runs whenever `pre` ran (so it can undo a half-done
 //! quiesce), and also when opening the view failed.
+//!
+//! A `post` is owed from before `pre` runs until it ran, on disk
+//! ([`OwedPosts`]): a node killed in between (during a live read, that is
+//! the whole read) runs it when it starts again, before any cycle, with
+//! `DRMESH_PRE_RESULT=interrupted`.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -148,6 +153,134 @@ pub fn run_hook(phase: &'static str, command: &[String], env: &[(&str, String)],
     ended(end, String::from_utf8_lossy(&tail).into_owned())
 }
 
+/// The `post` hooks owed on this node: one small JSON file each in the
+/// folder `owed-post-hooks` beside the baselines (0700), written durably
+/// (exclusive temporary file, fsync, rename) before `pre` runs and removed
+/// once `post` ran. Running a `post` twice must be safe (docs/consistency.md).
+pub struct OwedPosts {
+    dir: PathBuf,
+}
+
+/// What an owed `post` hook runs: the command, its environment and limit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct OwedPost {
+    what: String,
+    target: String,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    timeout_ms: u64,
+}
+
+/// Largest owed-post file read back (a command and a few variables).
+const MAX_OWED_BYTES: u64 = 256 << 10;
+
+impl OwedPosts {
+    /// The folder of the node whose baselines are `baselines`.
+    pub fn of(baselines: &Baselines) -> OwedPosts {
+        let state = baselines.path().parent().unwrap_or(Path::new("."));
+        OwedPosts { dir: state.join("owed-post-hooks") }
+    }
+
+    fn file(&self, what: &str, target: &str) -> PathBuf {
+        let hash = blake3::hash(format!("{what}\0{target}").as_bytes()).to_hex();
+        self.dir.join(format!("{}.json", &hash[..24]))
+    }
+
+    /// Records durably that `command` (with `env`) is owed for `what` (a
+    /// volume, or `group NAME`) towards `target`. An error is logged: the
+    /// cycle goes on without the record.
+    pub(crate) fn owe_for(&self, what: &str, target: &str, command: &[String], env: &[(&'static str, String)], timeout: Duration) -> Option<PathBuf> {
+        let record = OwedPost {
+            what: what.to_string(),
+            target: target.to_string(),
+            command: command.to_vec(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let file = self.file(what, target);
+        match self.write(&file, &record) {
+            Ok(()) => Some(file),
+            Err(e) => {
+                tracing::warn!(volume = what, folder = %self.dir.display(), error = %e, "cannot record the post hook as owed: a node killed before it runs will not run it at its next start");
+                None
+            }
+        }
+    }
+
+    fn write(&self, file: &Path, record: &OwedPost) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
+        let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        out.write_all(&serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, file)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Runs every owed `post` hook (with `DRMESH_PRE_RESULT=interrupted`),
+    /// one after the other, and forgets each once it ran: at a node's start,
+    /// before any cycle. Returns what ran. Unreadable records are removed
+    /// with a warning.
+    pub fn run_all(&self) -> Vec<HookRun> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut ran = Vec::new();
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|x| x != "json") {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let record = read_owed(&path);
+            let _ = match record {
+                Ok(owed) => {
+                    let mut env: Vec<(&str, String)> = owed.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                    env.retain(|(k, _)| *k != "DRMESH_PRE_RESULT" && *k != "DRMESH_HOOK");
+                    env.push(("DRMESH_PRE_RESULT", "interrupted".into()));
+                    env.push(("DRMESH_HOOK", "post".into()));
+                    let run = run_hook("post", &owed.command, &env, Duration::from_millis(owed.timeout_ms));
+                    let said = format!("{} (owed since the node stopped between pre and post)", run.summary());
+                    if run.ok() {
+                        tracing::info!(volume = %owed.what, target = %owed.target, output = %run.output.trim_end(), "{said}");
+                    } else {
+                        tracing::warn!(volume = %owed.what, target = %owed.target, output = %run.output.trim_end(), "{said}");
+                    }
+                    ran.push(run);
+                    std::fs::remove_file(&path)
+                }
+                Err(why) => {
+                    tracing::warn!(file = %path.display(), reason = %why, "an owed post hook's record cannot be read: removed, the hook is not run");
+                    std::fs::remove_file(&path)
+                }
+            };
+        }
+        ran
+    }
+}
+
+/// An owed-post record: a regular file of at most [`MAX_OWED_BYTES`] of JSON.
+fn read_owed(path: &Path) -> Result<OwedPost, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() || meta.len() > MAX_OWED_BYTES {
+        return Err("not a regular file of at most 256 KiB".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_OWED_BYTES).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("not an owed-post record ({e})"))
+}
+
+/// Forgets an owed `post` that ran (its record, if one was written).
+pub(crate) fn paid(file: Option<&Path>) {
+    if let Some(file) = file {
+        if let Err(e) = std::fs::remove_file(file) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot forget the post hook that ran: it runs again at the node's next start");
+        }
+    }
+}
+
 /// A change source whose views are taken between the volume's hooks.
 pub struct Hooked {
     inner: Arc<dyn ChangeSource>,
@@ -199,21 +332,25 @@ impl ChangeSource for Hooked {
             ("DRMESH_TARGET", target.to_string()),
             ("DRMESH_VOLUME_PATH", self.inner.volume_path().display().to_string()),
         ];
+        let owed = self.hooks.post.as_ref().and_then(|post| OwedPosts::of(baselines).owe_for(volume, target, post, &env, self.hooks.timeout));
         let pre = self.run("pre", self.hooks.pre.as_ref(), &env, volume);
         env.push(("DRMESH_PRE_RESULT", pre.as_ref().map_or("none", |p| if p.ok() { "ok" } else { "failed" }).to_string()));
         let view = match self.inner.open(baselines, volume, target, block_bytes) {
             Ok(v) => v,
             Err(e) => {
                 self.run("post", self.hooks.post.as_ref(), &env, volume);
+                paid(owed.as_deref());
                 return Err(e);
             }
         };
         // A live read needs the application quiet until it has read everything.
         let live = view.quality().consistency == Consistency::Inconsistent;
         let post = if live {
-            Deferred::Later(self.hooks.post.clone().map(|command| PostLater { command, env, timeout: self.hooks.timeout, volume: volume.to_string() }))
+            Deferred::Later(self.hooks.post.clone().map(|command| PostLater { command, env, timeout: self.hooks.timeout, volume: volume.to_string(), owed }))
         } else {
-            Deferred::Ran(self.run("post", self.hooks.post.as_ref(), &env, volume))
+            let ran = self.run("post", self.hooks.post.as_ref(), &env, volume);
+            paid(owed.as_deref());
+            Deferred::Ran(ran)
         };
         Ok(Box::new(HookedView { inner: view, pre, post: Mutex::new(post) }))
     }
@@ -252,6 +389,8 @@ pub(crate) struct PostLater {
     pub(crate) timeout: Duration,
     /// What it runs for, in the log (a volume, or `group NAME`).
     pub(crate) volume: String,
+    /// Its owed-post record, forgotten once it ran.
+    pub(crate) owed: Option<PathBuf>,
 }
 
 /// A view taken between hooks.
@@ -298,6 +437,7 @@ impl PointInTime for HookedView {
         };
         if let Some(p) = later {
             let run = run_logged("post", &p.command, &p.env, p.timeout, &p.volume);
+            paid(p.owed.as_deref());
             *self.post.lock().unwrap_or_else(|e| e.into_inner()) = Deferred::Ran(Some(run));
         }
         self.inner.release()
@@ -435,5 +575,55 @@ mod tests {
         let src = Hooked::new(Arc::new(FileKind { path: dir.path().join("missing.img") }), hooks);
         assert!(src.open(&baselines, "db", "hq", 1 << 20).is_err());
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "post\n");
+    }
+
+    /// The records owed now.
+    fn owed_files(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir.join("owed-post-hooks")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+
+    /// A node killed between `pre` and `post` (here: the view dropped
+    /// without its release, as a killed process leaves it) runs `post` at
+    /// its next start, once, with `DRMESH_PRE_RESULT=interrupted`; a cycle
+    /// that ended leaves nothing owed.
+    #[test]
+    fn a_post_owed_when_the_node_stopped_runs_at_its_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hooks.log");
+        let (src, baselines) = hooked(dir.path(), &format!("echo pre >> {}", log.display()), &format!("echo \"$DRMESH_HOOK $DRMESH_VOLUME $DRMESH_TARGET $DRMESH_PRE_RESULT\" >> {}", log.display()));
+        // A cycle that ends: post ran, nothing owed.
+        let view = src.open(&baselines, "db", "hq", 1 << 20).unwrap();
+        view.release().unwrap();
+        assert!(owed_files(dir.path()).is_empty(), "{:?}", owed_files(dir.path()));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost db hq ok\n");
+        std::fs::remove_file(&log).unwrap();
+
+        let view = src.open(&baselines, "db", "hq", 1 << 20).unwrap();
+        let live = !view.quality().how.starts_with("reflink clone");
+        std::mem::forget(view);
+        if !live {
+            // A folder that clones: post ran at once, before anything could stop the node.
+            assert!(owed_files(dir.path()).is_empty());
+            return;
+        }
+        let owed = owed_files(dir.path());
+        assert_eq!(owed.len(), 1, "the post hook is owed while the read runs");
+        assert_eq!(std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&owed[0]).unwrap()) & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\n");
+        // The next start.
+        let ran = OwedPosts::of(&baselines).run_all();
+        assert_eq!(ran.len(), 1);
+        assert!(ran[0].ok(), "{:?}", ran[0]);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost db hq interrupted\n");
+        assert!(owed_files(dir.path()).is_empty());
+        assert!(OwedPosts::of(&baselines).run_all().is_empty(), "a post runs once");
+
+        // A record that is not one (cut short, planted) is removed and runs nothing.
+        let folder = dir.path().join("owed-post-hooks");
+        std::fs::write(folder.join("0123.json"), b"{\"what\": \"db\", \"comm").unwrap();
+        std::os::unix::fs::symlink("/dev/zero", folder.join("4567.json")).unwrap();
+        assert!(OwedPosts::of(&baselines).run_all().is_empty());
+        assert!(owed_files(dir.path()).is_empty());
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost db hq interrupted\n");
     }
 }
