@@ -193,7 +193,9 @@ impl Qmp {
         let stream = QemuStream::connect(socket, tls).map_err(io)?;
         stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
         let mut qmp = Qmp { peer, socket: socket.clone(), stream, core, timeout, events: Vec::new() };
-        let greeting = if socket.is_tcp() {
+        let greeting = if peer == "qemu guest agent" {
+            "its answer to guest-sync-delimited (is qemu-guest-agent running in the guest?)"
+        } else if socket.is_tcp() {
             "its greeting (after the TLS handshake qemu closes the connection when its CA did not sign this node's client-cert.pem; and it serves one client at a time: is another one connected?)"
         } else {
             "its greeting (it serves one client at a time: is another one connected to this socket?)"
@@ -1737,5 +1739,42 @@ mod tests {
             }
         }
         assert!(e.starts_with(&format!("qemu monitor at tcp:127.0.0.1:{port}: TLS with 127.0.0.1: the server does not speak TLS here (it sent plain text)")), "{e}");
+    }
+
+    /// The guest agent's channel of a VM over TCP with TLS: a qemu whose
+    /// guest never runs (`-S`) has the channel but no agent behind it. The
+    /// proxy gets through TLS to the channel and, with no answer in its
+    /// time, freezes nothing and says so (the RP is crash consistent), as
+    /// with a guest whose agent is not running yet.
+    #[test]
+    fn a_guest_agent_channel_over_tls_without_an_agent_freezes_nothing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = tls_creds(&dir.path().join("pki"));
+        let port = free_port();
+        let _vm = Daemon(
+            Command::new("qemu-system-x86_64")
+                .args(["-S", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config", "-m", "64"])
+                .arg("-object")
+                .arg(format!("tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir={}", creds.join("server").display()))
+                .args(["-device", "virtio-serial-pci", "-chardev"])
+                .arg(format!("socket,id=qga0,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=tls0"))
+                .args(["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-system-x86_64"),
+        );
+        for _ in 0..400 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let guest = GuestAgent { socket: QemuSocket::Tcp { host: "127.0.0.1".into(), port }, tls: Some(QemuTls { dir: creds.join("client"), object: None }) };
+        let (agent, frozen) = freeze_guest(&guest);
+        assert!(agent.is_none());
+        let GuestFreeze::Failed(why) = frozen else { panic!("{frozen:?}") };
+        // Through TLS (no handshake error), then no answer from the agent.
+        assert!(why.starts_with(&format!("the guest agent did not answer (qemu guest agent at tcp:127.0.0.1:{port}: ")) && !why.contains("TLS"), "{why}");
+        assert!(why.contains("did not come within 10 s"), "{why}");
     }
 }
